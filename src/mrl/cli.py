@@ -1,0 +1,56 @@
+"""The `mrl` command line: a thin dispatcher over `mrl.commands`.
+
+Each module in `mrl.commands` defines ``NAME`` (the subcommand, e.g. ``"demo"`` or ``"index"``),
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``. Modules import heavy
+dependencies inside ``run`` so that ``mrl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from mrl import __version__, commands
+
+
+def _command_modules():
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        yield importlib.import_module(f"mrl.commands.{info.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mrl",
+        description="Matryoshka Representation Learning: train, evaluate, index and serve "
+        "nested embeddings.",
+    )
+    parser.add_argument("--version", action="version", version=f"mrl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in _command_modules():
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
+        # Bad input: one clear line, no traceback. Bugs (other exceptions) keep their traceback.
+        print(f"mrl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

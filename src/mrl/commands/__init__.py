@@ -1,0 +1,1 @@
+"""Subcommands of the `mrl` CLI, one module each (see `mrl.cli`)."""

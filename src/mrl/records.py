@@ -1,0 +1,101 @@
+"""The one result-record format of the project.
+
+Every result file (evaluations, reproductions, benchmarks) is a JSON list of flat objects with at
+least ``method``, ``prefix``, ``metric`` and ``value``, plus any context that helps (``dataset``,
+``seed``, ``k``, ...). Tables and plots read these records directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from mrl.io import atomic_write_json
+
+REQUIRED_KEYS = ("method", "prefix", "metric", "value")
+
+Record = dict[str, Any]
+
+
+def make_record(method: str, prefix: int | None, metric: str, value: float, **context: Any) -> Record:
+    """One tidy record. ``prefix`` is the prefix size in dims (None where it does not apply)."""
+    value = float(value)
+    return {
+        "method": str(method),
+        "prefix": None if prefix is None else int(prefix),
+        "metric": str(metric),
+        "value": value if math.isfinite(value) else None,
+        **context,
+    }
+
+
+def validate_records(records: Iterable[Record]) -> list[Record]:
+    records = list(records)
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise ValueError(f"records[{i}] must be an object, got {type(r).__name__}")
+        missing = [k for k in REQUIRED_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"records[{i}] lacks keys {missing}: {r!r}")
+    return records
+
+
+def load_records(path: str | os.PathLike) -> list[Record]:
+    path = Path(path)
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        data = data.get("records", data.get("results"))
+    if not isinstance(data, list):
+        raise ValueError(f"{path} is not a list of result records")
+    return validate_records(data)
+
+
+def save_records(path: str | os.PathLike, records: Iterable[Record], append: bool = False) -> None:
+    """Write records atomically; with ``append`` keep what the file already holds (seeds accumulate)."""
+    records = validate_records(records)
+    path = Path(path)
+    if append and path.exists():
+        records = load_records(path) + records
+    atomic_write_json(path, records)
+
+
+def to_markdown(records: Iterable[Record], metric: str | None = None) -> str:
+    """A table with one row per (method, metric) and one column per prefix; mean over seeds."""
+    rows: dict[tuple[str, str], dict[int | None, list[float]]] = {}
+    prefixes: set[int | None] = set()
+    for r in records:
+        if metric is not None and r["metric"] != metric:
+            continue
+        if r["value"] is None:
+            continue
+        rows.setdefault((r["method"], r["metric"]), {}).setdefault(r["prefix"], []).append(r["value"])
+        prefixes.add(r["prefix"])
+    cols = sorted(prefixes, key=lambda p: (p is None, p or 0))
+    head = "| method | metric | " + " | ".join("-" if p is None else str(p) for p in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    for (method, met), by_prefix in rows.items():
+        cells = []
+        for p in cols:
+            vals = by_prefix.get(p)
+            if not vals:
+                cells.append("")
+            elif len(vals) == 1:
+                cells.append(_fmt(vals[0]))
+            else:
+                mean = sum(vals) / len(vals)
+                std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+                cells.append(f"{_fmt(mean)} ± {_fmt(std)}")
+        lines.append(f"| {method} | {met} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    if abs(v) >= 1000:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.4f}" if abs(v) < 1 else f"{v:.3f}"
