@@ -87,8 +87,9 @@ class Nesting:
     def doubling(cls, start: int, dim: int, weights: Sequence[float] | None = None) -> Nesting:
         """Sizes ``start, 2*start, 4*start, ...`` below ``dim``, then ``dim`` itself.
 
-        ``Nesting.doubling(8, 2048)`` is the paper's nesting (8, 16, ..., 2048); for a D that is not
-        ``start`` times a power of two, D is still the last size: ``doubling(8, 384)`` ends 256, 384.
+        ``Nesting.doubling(8, 2048)`` is the paper's nesting (8, 16, ..., 2048); for a D that is
+        not ``start`` times a power of two, D is still the last size: ``doubling(8, 384)`` ends
+        256, 384.
         """
         start = _as_int("start", start)
         dim = _as_int("dim", dim)
@@ -142,7 +143,8 @@ class Nesting:
             nesting = cls(tuple(spec))
         if dim is not None and nesting.dim != dim:
             raise ValueError(
-                f"nesting {list(nesting.sizes)} ends at {nesting.dim}, but the embedding dim is {dim}"
+                f"nesting {list(nesting.sizes)} ends at {nesting.dim}, "
+                f"but the embedding dim is {dim}"
             )
         return nesting
 

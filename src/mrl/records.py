@@ -21,7 +21,9 @@ REQUIRED_KEYS = ("method", "prefix", "metric", "value")
 Record = dict[str, Any]
 
 
-def make_record(method: str, prefix: int | None, metric: str, value: float, **context: Any) -> Record:
+def make_record(
+    method: str, prefix: int | None, metric: str, value: float, **context: Any
+) -> Record:
     """One tidy record. ``prefix`` is the prefix size in dims (None where it does not apply)."""
     value = float(value)
     return {
@@ -55,7 +57,7 @@ def load_records(path: str | os.PathLike) -> list[Record]:
 
 
 def save_records(path: str | os.PathLike, records: Iterable[Record], append: bool = False) -> None:
-    """Write records atomically; with ``append`` keep what the file already holds (seeds accumulate)."""
+    """Write records atomically; ``append`` keeps what the file holds (seeds accumulate)."""
     records = validate_records(records)
     path = Path(path)
     if append and path.exists():
@@ -72,7 +74,8 @@ def to_markdown(records: Iterable[Record], metric: str | None = None) -> str:
             continue
         if r["value"] is None:
             continue
-        rows.setdefault((r["method"], r["metric"]), {}).setdefault(r["prefix"], []).append(r["value"])
+        cell = rows.setdefault((r["method"], r["metric"]), {}).setdefault(r["prefix"], [])
+        cell.append(r["value"])
         prefixes.add(r["prefix"])
     cols = sorted(prefixes, key=lambda p: (p is None, p or 0))
     head = "| method | metric | " + " | ".join("-" if p is None else str(p) for p in cols) + " |"

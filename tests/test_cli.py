@@ -1,0 +1,39 @@
+import subprocess
+import sys
+
+import pytest
+
+from mrl import cli
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "usage: mrl" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert "mrl 0.1.0" in capsys.readouterr().out
+
+
+def test_every_command_module_has_the_interface_and_help():
+    modules = list(cli._command_modules())
+    names = [m.NAME for m in modules]
+    assert len(names) == len(set(names)), f"duplicate command names: {names}"
+    for m in modules:
+        assert isinstance(m.HELP, str) and m.HELP, m.__name__
+        assert callable(m.add_arguments) and callable(m.run), m.__name__
+    parser = cli.build_parser()
+    for name in names:
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([name, "--help"])
+        assert exc.value.code == 0
+
+
+def test_console_entry_point_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "mrl.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "COMMAND" in out.stdout

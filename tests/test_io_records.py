@@ -1,0 +1,55 @@
+import json
+import os
+
+import pytest
+
+from mrl.io import atomic_open, atomic_write_json
+from mrl.records import load_records, make_record, save_records, to_markdown
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "a.json"
+    atomic_write_json(path, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_open(path, "w") as f:
+            f.write('{"v": 2')  # half-written
+            raise RuntimeError("crash mid-write")
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left
+
+
+def test_atomic_open_mode_checked(tmp_path):
+    with pytest.raises(ValueError, match="mode must be 'w' or 'wb', got 'a'"):
+        with atomic_open(tmp_path / "x", "a"):
+            pass
+
+
+def test_records_round_trip_and_append(tmp_path):
+    path = tmp_path / "r" / "results.json"
+    save_records(path, [make_record("mrl", 8, "1nn", 0.5, seed=0)])
+    save_records(path, [make_record("mrl", 8, "1nn", 0.7, seed=1)], append=True)
+    recs = load_records(path)
+    assert [r["value"] for r in recs] == [0.5, 0.7]
+    assert recs[1] == {"method": "mrl", "prefix": 8, "metric": "1nn", "value": 0.7, "seed": 1}
+    assert not any(p.name.endswith(".tmp") for p in path.parent.iterdir())
+
+
+def test_nonfinite_value_becomes_null():
+    assert make_record("x", None, "m", float("nan"))["value"] is None
+
+
+def test_validate_rejects_missing_keys(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"method": "a", "prefix": 1, "metric": "m"}]))
+    with pytest.raises(ValueError, match=r"records\[0\] lacks keys \['value'\]"):
+        load_records(path)
+    os.remove(path)
+
+
+def test_markdown_mean_and_std():
+    recs = [make_record("mrl", 8, "1nn", v, seed=s) for s, v in enumerate([0.5, 0.7])]
+    recs.append(make_record("ff", 16, "1nn", 0.9))
+    table = to_markdown(recs)
+    assert "| method | metric | 8 | 16 |" in table
+    assert "| mrl | 1nn | 0.6000 ± 0.1414 |  |" in table
+    assert "| ff | 1nn |  | 0.9000 |" in table
