@@ -1,0 +1,328 @@
+"""Matryoshka losses: every loss takes logits or embeddings (and targets) and returns a scalar.
+
+Shapes: B batch, D full dim, m prefix dim, G number of prefixes, C classes, n negatives per query,
+M shared negatives.
+
+* `nested_cross_entropy`: weighted sum over prefixes of the cross-entropy of ``[G, B, C]`` logits
+  (the paper's MRL loss is the plain sum: weights 1).
+* `MatryoshkaLoss`: wraps any embedding loss ``loss_fn(*embeddings, *targets)`` and applies it to
+  every prefix ``[..., :m]`` (re-normalised when asked), weighted sum over prefixes.
+* `contrastive_loss`: InfoNCE / multiple-negatives ranking on cosine similarity with in-batch
+  negatives (and optional hard negatives), temperature, symmetric option.
+* `matryoshka_contrastive_loss`: the same at every prefix, with the cosine scores of all prefixes
+  from one pass over D (partial dot products per chunk + running squared norms), and
+  `matryoshka_contrastive_loss_reference`, the per-prefix loop it is tested against.
+
+Non-finite inputs: the embedding losses check ``torch.isfinite`` on their embeddings (one cheap
+pass over ``[B, D]``, small next to the ``[B, B, D]`` products; on a GPU it syncs once per call;
+pass ``check_finite=False`` to skip). `nested_cross_entropy` does not check its logits: a NaN logit
+gives a NaN loss, which is visible anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mrl.heads import nested_linear
+from mrl.nesting import Nesting
+
+__all__ = [
+    "MatryoshkaLoss",
+    "contrastive_loss",
+    "matryoshka_contrastive_loss",
+    "matryoshka_contrastive_loss_reference",
+    "nested_cross_entropy",
+    "prefix_weights",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_NORM_EPS = 1e-12  # as F.normalize: x / max(||x||, eps)
+
+
+# --------------------------------------------------------------------------- validation helpers
+def prefix_weights(
+    weights: Sequence[float] | Nesting | Tensor | None, G: int, like: Tensor
+) -> Tensor:
+    """The ``[G]`` prefix weights as a tensor of ``like``'s dtype/device (None -> all ones)."""
+    if weights is None:
+        return torch.ones(G, dtype=like.dtype, device=like.device)
+    if isinstance(weights, Nesting):
+        weights = weights.weights
+    w = torch.as_tensor(weights, dtype=like.dtype, device=like.device).reshape(-1)
+    if w.numel() != G:
+        raise ValueError(f"weights must have one entry per prefix (G={G}), got {w.numel()}: "
+                         f"{w.tolist()}")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
+    return w
+
+
+def _check_label_smoothing(label_smoothing: float) -> None:
+    if not (0.0 <= label_smoothing < 1.0):
+        raise ValueError(
+            f"label_smoothing must be in [0, 1), got label_smoothing={label_smoothing}"
+        )
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got "
+                         f"temperature={temperature!r}")
+
+
+def _check_embeddings(name: str, x: Tensor, dim: int | None, check_finite: bool) -> None:
+    """``x`` is a floating ``[..., D]`` tensor with a non-empty batch and (optionally) D = dim."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[-1] != dim:
+        raise ValueError(f"{name} have dimension {x.shape[-1]} (shape {tuple(x.shape)}), but the "
+                         f"nesting expects {dim}")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contain NaN or inf values (shape {tuple(x.shape)})")
+
+
+# --------------------------------------------------------------------------- nested cross-entropy
+def nested_cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    weights: Sequence[float] | Nesting | Tensor | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """``sum_g weights[g] * CE(logits[g], targets)``: the MRL classification loss.
+
+    Args:
+        logits: ``[G, B, C]``, e.g. from `MRLHead` / `MRLEHead`.
+        targets: ``[B]`` class indices, or ``[B, C]`` class probabilities (mixup, soft labels).
+        weights: per-prefix weights: None (all 1, the paper's sum), a sequence of G numbers, or a
+            `Nesting` (its ``.weights``).
+        label_smoothing: in ``[0, 1)``, as in ``F.cross_entropy``.
+        reduction: ``"mean"`` (over the batch; per prefix, then weighted sum), ``"sum"`` or
+            ``"none"`` (the weighted sum per sample, ``[B]``).
+    """
+    if not isinstance(logits, Tensor) or logits.dim() != 3:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be 3-D [G, B, C], got {shape}")
+    G, B, C = logits.shape
+    if B == 0:
+        raise ValueError(f"logits must have a non-empty batch, got shape {tuple(logits.shape)}")
+    soft = targets.is_floating_point()
+    expected = (B, C) if soft else (B,)
+    if tuple(targets.shape) != expected:
+        kind = "class probabilities" if soft else "class indices"
+        raise ValueError(f"targets ({kind}) must have shape {list(expected)} to match logits "
+                         f"{list(logits.shape)}, got {list(targets.shape)}")
+    _check_label_smoothing(label_smoothing)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
+    w = prefix_weights(weights, G, logits)
+    # One CE call over all prefixes: [G*B, C] rows, targets repeated G times.
+    rep = targets.repeat(G, 1) if soft else targets.repeat(G)
+    per_sample = F.cross_entropy(
+        logits.reshape(G * B, C), rep, reduction="none", label_smoothing=label_smoothing
+    ).view(G, B)
+    per_sample = (w[:, None] * per_sample).sum(0)  # [B]
+    if reduction == "none":
+        return per_sample
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
+
+
+# --------------------------------------------------------------------------- any embedding loss
+class MatryoshkaLoss(nn.Module):
+    """Apply an embedding loss to every prefix and sum with the nesting's weights.
+
+    ``forward(embeddings, *targets, **kwargs)`` where ``embeddings`` is one tensor ``[..., D]`` or a
+    sequence of them (e.g. queries and positives); each is truncated to ``[..., :m]`` (and
+    L2-normalised along the last dim when ``normalize=True``), then
+    ``loss_fn(*truncated_embeddings, *targets, **kwargs)`` must return a scalar. Targets and kwargs
+    are passed unchanged.
+
+    Example:
+        >>> loss = MatryoshkaLoss(contrastive_loss, Nesting((8, 16, 32)))
+        >>> q, p = torch.randn(4, 32), torch.randn(4, 32)
+        >>> float(loss([q, p])) > 0
+        True
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., Tensor],
+        nesting: Nesting | Sequence[int],
+        normalize: bool = False,
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
+        self.loss_fn = loss_fn
+        self.nesting = nesting if isinstance(nesting, Nesting) else Nesting.parse(nesting)
+        self.normalize = normalize
+        self.check_finite = check_finite
+
+    def per_prefix(self, embeddings: Tensor | Sequence[Tensor], *targets, **kwargs) -> Tensor:
+        """The unweighted loss at every prefix, ``[G]``."""
+        embs = [embeddings] if isinstance(embeddings, Tensor) else list(embeddings)
+        if not embs:
+            raise ValueError("embeddings must be a tensor or a non-empty sequence of tensors")
+        for i, e in enumerate(embs):
+            name = "embeddings" if isinstance(embeddings, Tensor) else f"embeddings[{i}]"
+            _check_embeddings(name, e, self.nesting.dim, self.check_finite)
+        losses = []
+        for m in self.nesting.sizes:
+            cut = [e[..., :m] for e in embs]
+            if self.normalize:
+                cut = [F.normalize(e, dim=-1) for e in cut]
+            loss = self.loss_fn(*cut, *targets, **kwargs)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise ValueError(f"loss_fn must return a scalar tensor, got {shape} at prefix {m}")
+            losses.append(loss)
+        return torch.stack(losses)
+
+    def forward(self, embeddings: Tensor | Sequence[Tensor], *targets, **kwargs) -> Tensor:
+        per = self.per_prefix(embeddings, *targets, **kwargs)
+        return (prefix_weights(self.nesting, len(self.nesting), per) * per).sum()
+
+    def extra_repr(self) -> str:
+        name = getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__)
+        return f"loss_fn={name}, nesting={self.nesting!r}, normalize={self.normalize}"
+
+
+# --------------------------------------------------------------------------- contrastive
+def _candidates(
+    queries: Tensor, positives: Tensor, negatives: Tensor | None, dim: int | None,
+    check_finite: bool,
+) -> Tensor:
+    """Validate the inputs and return the candidates ``[B + extra, D]``: positives, then negatives.
+
+    Negatives ``[B, n, D]`` (hard negatives per query) are flattened and, as in
+    multiple-negatives ranking, shared by the whole batch; ``[M, D]`` negatives are shared as is.
+    """
+    _check_embeddings("queries", queries, dim, check_finite)
+    if queries.dim() != 2:
+        raise ValueError(f"queries must be 2-D [B, D], got shape {tuple(queries.shape)}")
+    _check_embeddings("positives", positives, dim, check_finite)
+    if positives.shape != queries.shape:
+        raise ValueError(f"positives must have the shape of queries {tuple(queries.shape)}, got "
+                         f"{tuple(positives.shape)}")
+    if negatives is None:
+        return positives
+    _check_embeddings("negatives", negatives, queries.shape[1], check_finite)
+    if negatives.dim() == 3:
+        if negatives.shape[0] != queries.shape[0]:
+            raise ValueError(f"negatives [B, n, D] must have B={queries.shape[0]} rows like "
+                             f"queries, got shape {tuple(negatives.shape)}")
+        negatives = negatives.reshape(-1, negatives.shape[-1])
+    elif negatives.dim() != 2:
+        raise ValueError(f"negatives must be [B, n, D] or [M, D], got shape "
+                         f"{tuple(negatives.shape)}")
+    return torch.cat([positives, negatives])
+
+
+def _infonce(cos: Tensor, B: int, temperature: float, symmetric: bool) -> Tensor:
+    """Mean InfoNCE over the leading dims of ``cos [..., B, B + extra]`` (diagonal = positives).
+
+    symmetric: also positives -> queries over the B x B block, and average the two directions.
+    """
+    target = torch.arange(B, device=cos.device)
+    logits = cos / temperature
+    lead = logits.shape[:-2]
+    flat = logits.reshape(-1, logits.shape[-1])
+    loss = F.cross_entropy(flat, target.repeat(flat.shape[0] // B), reduction="none")
+    loss = loss.view(*lead, B).mean(-1)
+    if symmetric:
+        back = logits[..., :B].transpose(-1, -2).reshape(-1, B)
+        loss_b = F.cross_entropy(back, target.repeat(back.shape[0] // B), reduction="none")
+        loss = 0.5 * (loss + loss_b.view(*lead, B).mean(-1))
+    return loss
+
+
+def contrastive_loss(
+    queries: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None = None,
+    temperature: float = 0.05,
+    symmetric: bool = False,
+    check_finite: bool = True,
+) -> Tensor:
+    """InfoNCE / multiple-negatives ranking loss on cosine similarity, in-batch negatives.
+
+    For query i the candidates are all B positives (its own is the target; the others are in-batch
+    negatives) and all the negatives; the loss is the mean over queries of
+    ``CE(cos(q_i, candidates) / temperature, i)``.
+
+    Args:
+        queries, positives: ``[B, D]``; row i of positives matches row i of queries.
+        negatives: None, hard negatives ``[B, n, D]`` (flattened and shared by the whole batch,
+            as in sentence-transformers' MultipleNegativesRankingLoss) or shared ``[M, D]``.
+        temperature: > 0; logits are ``cos / temperature`` (0.05 is a scale of 20).
+        symmetric: also rank the queries for each positive (B x B) and average both directions.
+        check_finite: raise ValueError on NaN/inf embeddings (one pass over the inputs).
+    """
+    _check_temperature(temperature)
+    cands = _candidates(queries, positives, negatives, None, check_finite)
+    cos = F.normalize(queries, dim=-1, eps=_NORM_EPS) @ F.normalize(cands, dim=-1, eps=_NORM_EPS).T
+    return _infonce(cos, queries.shape[0], temperature, symmetric)
+
+
+def _prefix_cosine(queries: Tensor, cands: Tensor, nesting: Nesting) -> Tensor:
+    """Cosine similarity at every prefix, ``[G, B, N]``, in one pass over D.
+
+    Dot products: `nested_linear` (partial products per chunk, accumulated over prefixes). Norms:
+    running squared norms, ``cumsum`` of ``x**2`` over D read at each prefix size.
+    """
+    idx = torch.tensor([m - 1 for m in nesting.sizes], device=queries.device)
+    q_norm = queries.pow(2).cumsum(-1).index_select(-1, idx).sqrt().clamp_min(_NORM_EPS)  # [B, G]
+    c_norm = cands.pow(2).cumsum(-1).index_select(-1, idx).sqrt().clamp_min(_NORM_EPS)  # [N, G]
+    dots = nested_linear(queries, cands, nesting)  # [G, B, N]
+    return dots / (q_norm.T[:, :, None] * c_norm.T[:, None, :])
+
+
+def matryoshka_contrastive_loss(
+    queries: Tensor,
+    positives: Tensor,
+    nesting: Nesting | Sequence[int],
+    negatives: Tensor | None = None,
+    temperature: float = 0.05,
+    symmetric: bool = False,
+    check_finite: bool = True,
+) -> Tensor:
+    """``sum_g w_g * contrastive_loss(queries[:, :m_g], positives[:, :m_g], ...)`` in one pass.
+
+    Each prefix is re-normalised (cosine at that prefix). The cosine scores of all prefixes come
+    from partial dot products per chunk plus running squared norms (cost about one full-size
+    score matrix, not G); see `contrastive_loss` for the arguments.
+    """
+    nesting = nesting if isinstance(nesting, Nesting) else Nesting.parse(nesting)
+    _check_temperature(temperature)
+    cands = _candidates(queries, positives, negatives, nesting.dim, check_finite)
+    cos = _prefix_cosine(queries, cands, nesting)  # [G, B, B + extra]
+    per_prefix = _infonce(cos, queries.shape[0], temperature, symmetric)  # [G]
+    return (prefix_weights(nesting, len(nesting), per_prefix) * per_prefix).sum()
+
+
+def matryoshka_contrastive_loss_reference(
+    queries: Tensor,
+    positives: Tensor,
+    nesting: Nesting | Sequence[int],
+    negatives: Tensor | None = None,
+    temperature: float = 0.05,
+    symmetric: bool = False,
+) -> Tensor:
+    """Per-prefix loop of `contrastive_loss` on truncated inputs (for tests and benchmarks)."""
+    nesting = nesting if isinstance(nesting, Nesting) else Nesting.parse(nesting)
+    total = queries.new_zeros(())
+    for m, w in zip(nesting.sizes, nesting.weights):
+        neg = None if negatives is None else negatives[..., :m]
+        total = total + w * contrastive_loss(
+            queries[:, :m], positives[:, :m], neg, temperature=temperature, symmetric=symmetric
+        )
+    return total
