@@ -1,0 +1,305 @@
+"""Evaluation metrics as pure functions over numpy arrays: per query, then the mean.
+
+Ranking metrics take what was retrieved, in rank order, as a relevance matrix ``rel [Q, K]``
+(bool or 0/1 for labelled corpora, graded gains for qrels) plus what the ranking could have found
+(``num_relevant [Q]``, or the query's judged gains for nDCG). This one input shape serves both:
+
+- labelled corpora (relevant = same label): `label_relevance` builds ``rel`` and
+  ``num_relevant`` from retrieved labels;
+- qrels ``{query: {doc: gain}}``: `qrels_relevance` builds ``gains``, ``num_relevant`` and the
+  ideal gains from retrieved indices.
+
+Every ranking metric has ``reduce="mean"`` (a float) or ``reduce="none"`` (the [Q] per-query
+values). A query with no relevant item scores 0 (as scikit-learn's ``ndcg_score`` does); drop
+such queries beforehand if you prefer to skip them.
+
+Shapes: Q queries, K retrieved per query (rank order, best first), k the cut-off (<= K).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "accuracy",
+    "average_precision_at_k",
+    "knn_accuracy",
+    "knn_predict",
+    "label_relevance",
+    "map_at_k",
+    "mrr",
+    "ndcg_at_k",
+    "precision_at_k",
+    "qrels_relevance",
+    "recall_at_k",
+]
+
+AP_NORMALIZE = ("min(k,R)", "k")
+
+
+# ----------------------------------------------------------------------------- checks
+def _array(x: Any, name: str, ndim: int) -> np.ndarray:
+    a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {a.shape}")
+    return a
+
+
+def _rel(rel: Any, k: int | None, name: str = "relevance") -> tuple[np.ndarray, int]:
+    """rel as float [Q, k] (first k columns) and k; validated."""
+    r = _array(rel, name, 2)
+    if r.dtype == bool:
+        r = r.astype(np.float64)
+    elif not np.issubdtype(r.dtype, np.number):
+        raise ValueError(f"{name} must be numeric or bool, got dtype {r.dtype}")
+    r = r.astype(np.float64)
+    if not np.isfinite(r).all():
+        raise ValueError(f"{name} must be finite, got {r[~np.isfinite(r)][0]}")
+    if (r < 0).any():
+        raise ValueError(f"{name} must be >= 0, got {r[r < 0][0]}")
+    if k is None:
+        k = r.shape[1]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got k={k!r}")
+    if k > r.shape[1]:
+        raise ValueError(
+            f"k must be <= the number of retrieved items per query ({r.shape[1]}), got k={k}"
+        )
+    return r[:, :k], int(k)
+
+
+def _num_relevant(num_relevant: Any, num_queries: int) -> np.ndarray:
+    n = _array(num_relevant, "num_relevant", 1).astype(np.float64)
+    if n.shape[0] != num_queries:
+        raise ValueError(
+            f"num_relevant must have one entry per query ({num_queries}), got {n.shape[0]}"
+        )
+    if (n < 0).any() or not np.isfinite(n).all():
+        raise ValueError(
+            f"num_relevant must be finite and >= 0, got {n[(n < 0) | ~np.isfinite(n)][0]}"
+        )
+    return n
+
+
+def _reduce(per_query: np.ndarray, reduce: str) -> float | np.ndarray:
+    if reduce == "mean":
+        return float(per_query.mean())
+    if reduce == "none":
+        return per_query
+    raise ValueError(f"reduce must be 'mean' or 'none', got reduce={reduce!r}")
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, 0 where den == 0 (a query with nothing relevant scores 0)."""
+    out = np.zeros_like(num, dtype=np.float64)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+# ----------------------------------------------------------------------------- classification
+def accuracy(pred: Any, target: Any) -> float:
+    """Fraction of ``pred [Q]`` equal to ``target [Q]``."""
+    p, t = _array(pred, "pred", 1), _array(target, "target", 1)
+    if p.shape != t.shape:
+        raise ValueError(
+            f"pred and target must have the same length, got {p.shape[0]} and {t.shape[0]}"
+        )
+    return float((p == t).mean())
+
+
+def knn_predict(neighbor_labels: Any, k: int) -> np.ndarray:
+    """Majority vote over the first ``k`` neighbour labels ``[Q, K]`` (nearest first) -> [Q].
+
+    Ties between classes go to the class whose first occurrence is nearest, so k=1 is 1-NN and
+    a tie never depends on label values.
+    """
+    lab = _array(neighbor_labels, "neighbor_labels", 2)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got k={k!r}")
+    if k > lab.shape[1]:
+        raise ValueError(f"k must be <= the number of neighbours given ({lab.shape[1]}), got k={k}")
+    lab = lab[:, :k]
+    votes = (lab[:, :, None] == lab[:, None, :]).sum(2)  # [Q, k]: votes for the label at each rank
+    # argmax returns the first (nearest) rank among those with the most votes.
+    best = votes.argmax(1)
+    return lab[np.arange(lab.shape[0]), best]
+
+
+def knn_accuracy(neighbor_labels: Any, query_labels: Any, k: int = 1) -> float:
+    """k-NN accuracy: majority vote of the ``k`` nearest labels (`knn_predict`) vs the truth."""
+    pred = knn_predict(neighbor_labels, k)
+    t = _array(query_labels, "query_labels", 1)
+    if t.shape[0] != pred.shape[0]:
+        raise ValueError(
+            f"query_labels must have one entry per query ({pred.shape[0]}), got {t.shape[0]}"
+        )
+    return accuracy(pred, t)
+
+
+# ----------------------------------------------------------------------------- ranking
+def precision_at_k(rel: Any, k: int | None = None, reduce: str = "mean") -> float | np.ndarray:
+    """P@k = (number of relevant items in the top k) / k; rel > 0 counts as relevant."""
+    r, k = _rel(rel, k)
+    return _reduce((r > 0).sum(1) / k, reduce)
+
+
+def recall_at_k(
+    rel: Any, num_relevant: Any, k: int | None = None, reduce: str = "mean"
+) -> float | np.ndarray:
+    """R@k = (number of relevant items in the top k) / (number of relevant items R); 0 if R = 0."""
+    r, k = _rel(rel, k)
+    n = _num_relevant(num_relevant, r.shape[0])
+    return _reduce(_safe_div((r > 0).sum(1).astype(np.float64), n), reduce)
+
+
+def average_precision_at_k(
+    rel: Any,
+    num_relevant: Any = None,
+    k: int | None = None,
+    normalize: str = "min(k,R)",
+) -> np.ndarray:
+    """Per-query AP@k, [Q].
+
+    ``AP@k = (1 / Z) * sum_{i=1..k} P@i * rel_i`` with ``rel_i`` in {0, 1} (rel > 0) and
+
+    - ``normalize="min(k,R)"`` (standard): ``Z = min(k, R)``, R = ``num_relevant`` of the query,
+      so a perfect ranking scores 1;
+    - ``normalize="k"`` (the MRL paper's notebooks): ``Z = k``; lower whenever R < k.
+
+    A query with R = 0 scores 0.
+    """
+    if normalize not in AP_NORMALIZE:
+        raise ValueError(f"normalize must be one of {AP_NORMALIZE}, got normalize={normalize!r}")
+    r, k = _rel(rel, k)
+    hits = (r > 0).astype(np.float64)  # [Q, k]
+    prec_at_i = hits.cumsum(1) / np.arange(1, k + 1)  # P@i, [Q, k]
+    total = (prec_at_i * hits).sum(1)
+    if normalize == "k":
+        return total / k
+    if num_relevant is None:
+        raise ValueError("num_relevant is required for normalize='min(k,R)', got None")
+    n = _num_relevant(num_relevant, r.shape[0])
+    return _safe_div(total, np.minimum(n, k))
+
+
+def map_at_k(
+    rel: Any, num_relevant: Any = None, k: int | None = None, normalize: str = "min(k,R)"
+) -> float:
+    """mAP@k: the mean over queries of `average_precision_at_k` (same formula and options)."""
+    return float(average_precision_at_k(rel, num_relevant, k, normalize).mean())
+
+
+def _dcg(gains: np.ndarray) -> np.ndarray:
+    """DCG of gains [Q, k] in rank order: sum_i g_i / log2(i + 1), i = 1..k (linear gain)."""
+    discounts = 1.0 / np.log2(np.arange(2, gains.shape[1] + 2))
+    return gains @ discounts
+
+
+def _ideal(ideal_gains: Any, num_queries: int) -> list[np.ndarray]:
+    if isinstance(ideal_gains, np.ndarray) and ideal_gains.ndim == 2:
+        rows = list(ideal_gains)
+    else:
+        rows = [np.asarray(g, dtype=np.float64).reshape(-1) for g in ideal_gains]
+    if len(rows) != num_queries:
+        raise ValueError(
+            f"ideal_gains must have one entry per query ({num_queries}), got {len(rows)}"
+        )
+    for i, g in enumerate(rows):
+        if g.size and (not np.isfinite(g).all() or (g < 0).any()):
+            raise ValueError(f"ideal_gains[{i}] must be finite and >= 0, got {g.tolist()}")
+    return rows
+
+
+def ndcg_at_k(
+    gains: Any, ideal_gains: Any, k: int | None = None, reduce: str = "mean"
+) -> float | np.ndarray:
+    """nDCG@k with graded relevance (linear gain, log2 discount, as scikit-learn's ndcg_score).
+
+    ``DCG@k = sum_{i=1..k} g_i / log2(i + 1)`` over the retrieved items' gains ``gains [Q, K]``;
+    ``IDCG@k`` is the DCG of the query's judged gains ``ideal_gains`` (one 1-D sequence per query,
+    any length, or a zero-padded [Q, M] array) sorted in decreasing order and cut at k.
+    nDCG = DCG / IDCG, 0 when IDCG = 0. For binary labels, ``ideal_gains[q]`` is R ones.
+    """
+    g, k = _rel(gains, k, "gains")
+    ideal = _ideal(ideal_gains, g.shape[0])
+    ideal_mat = np.zeros((g.shape[0], k))
+    for i, row in enumerate(ideal):
+        top = np.sort(row)[::-1][:k]
+        ideal_mat[i, : top.size] = top
+    return _reduce(_safe_div(_dcg(g), _dcg(ideal_mat)), reduce)
+
+
+def mrr(rel: Any, k: int | None = None, reduce: str = "mean") -> float | np.ndarray:
+    """Mean reciprocal rank: 1 / (rank of the first relevant item in the top k), 0 if none."""
+    r, k = _rel(rel, k)
+    hit = r > 0
+    first = hit.argmax(1)  # 0-based rank of the first hit (0 also when there is none)
+    return _reduce(np.where(hit.any(1), 1.0 / (first + 1), 0.0), reduce)
+
+
+# ----------------------------------------------------------------------------- input builders
+def label_relevance(
+    retrieved_labels: Any, query_labels: Any, db_labels: Any = None, exclude_self: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Relevance for labelled corpora: relevant = same label as the query.
+
+    Args:
+        retrieved_labels: [Q, K] labels of the retrieved items, rank order.
+        query_labels: [Q].
+        db_labels: [N] labels of the whole database, to count R per query (optional).
+        exclude_self: the queries are database items that were excluded from their own results,
+            so R is one less.
+
+    Returns:
+        (rel [Q, K] bool, num_relevant [Q] or None when ``db_labels`` is None).
+    """
+    lab = _array(retrieved_labels, "retrieved_labels", 2)
+    ql = _array(query_labels, "query_labels", 1)
+    if ql.shape[0] != lab.shape[0]:
+        raise ValueError(
+            f"query_labels must have one entry per query ({lab.shape[0]}), got {ql.shape[0]}"
+        )
+    rel = lab == ql[:, None]
+    if db_labels is None:
+        return rel, None
+    classes, counts = np.unique(_array(db_labels, "db_labels", 1), return_counts=True)
+    pos = np.searchsorted(classes, ql).clip(0, len(classes) - 1)
+    num = np.where(classes[pos] == ql, counts[pos], 0) - int(bool(exclude_self))
+    return rel, np.maximum(num, 0)
+
+
+def qrels_relevance(
+    indices: Any, qrels: Mapping[int, Mapping[int, float]], query_ids: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Relevance from graded judgements ``qrels = {query: {doc: gain}}`` (unjudged docs: gain 0).
+
+    Args:
+        indices: [Q, K] retrieved doc indices per query, rank order.
+        qrels: judgements keyed by query id, then doc index.
+        query_ids: the query id of each row of ``indices`` (default 0..Q-1).
+
+    Returns:
+        (gains [Q, K], num_relevant [Q] = number of docs with gain > 0, ideal_gains: per query the
+        array of all its judged gains) -- the inputs of `ndcg_at_k`, `recall_at_k`, `mrr`.
+    """
+    idx = _array(indices, "indices", 2)
+    ids = list(range(idx.shape[0])) if query_ids is None else list(query_ids)
+    if len(ids) != idx.shape[0]:
+        raise ValueError(
+            f"query_ids must have one entry per row of indices ({idx.shape[0]}), got {len(ids)}"
+        )
+    gains = np.zeros(idx.shape, dtype=np.float64)
+    num = np.zeros(idx.shape[0], dtype=np.float64)
+    ideal = []
+    for row, qid in enumerate(ids):
+        judged = qrels.get(qid, {})
+        gains[row] = [float(judged.get(int(d), 0.0)) for d in idx[row]]
+        values = np.asarray(list(judged.values()), dtype=np.float64)
+        num[row] = float((values > 0).sum())
+        ideal.append(values)
+    return gains, num, ideal

@@ -1,0 +1,368 @@
+"""Similarity scores at every prefix of a Matryoshka embedding, in one pass over D.
+
+The score of query q and item x at prefix m is ``<q[:m], x[:m]>`` (``metric="dot"``) or
+``<q[:m], x[:m]> / (|q[:m]| |x[:m]|)`` (``metric="cosine"``; each prefix is *re-normalised*, which
+is not the same as truncating unit-norm full-size vectors). Scoring G prefixes one by one costs
+``sum(m) / D`` full-size products (about 2x for doubling nestings). Instead we split D into the
+chunks between consecutive prefix sizes, ``[m_{g-1}, m_g)``, and accumulate
+
+    S_g = S_{g-1} + q[:, m_{g-1}:m_g] @ x[:, m_{g-1}:m_g].T        (in place: one addmm per chunk)
+    |x[:m_g]|^2 = cumsum_g |x[:, m_{g-1}:m_g]|^2                       (running squared norms)
+
+so all G prefixes cost one full-size matrix product plus G cheap elementwise passes.
+`prefix_topk` tiles this over the items (and over the queries), merging a running top-k per
+prefix, so memory stays ``O(Q_block * tile_size)`` however large N is; ``Q x N x G`` is never held.
+
+Inputs may be torch tensors or numpy arrays; outputs are the same kind as ``queries``.
+`prefix_scores_reference` / `prefix_topk_reference` are the plain per-prefix loops the fast
+paths are tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mrl.nesting import Nesting
+
+__all__ = [
+    "as_nesting",
+    "prefix_scores",
+    "prefix_scores_reference",
+    "prefix_topk",
+    "prefix_topk_reference",
+]
+
+METRICS = ("cosine", "dot")
+_EPS = 1e-12  # norms below this count as zero (as in F.normalize): a zero vector scores 0
+
+
+# ----------------------------------------------------------------------------- validation
+def as_nesting(nesting: Nesting | str | Sequence[int], dim: int) -> Nesting:
+    """A `Nesting` whose largest prefix fits an embedding of size ``dim``.
+
+    A nesting ending below ``dim`` is allowed (only the first ``nesting.dim`` columns are read);
+    one ending above ``dim`` is an error.
+    """
+    if isinstance(nesting, str):
+        text = nesting.strip()
+        if text.startswith("doubling:") or text == "full":
+            return Nesting.parse(text, dim=dim)
+    n = Nesting.parse(nesting)
+    if n.dim > dim:
+        raise ValueError(
+            f"nesting prefix {n.dim} is larger than the embedding dimension {dim} "
+            f"(nesting {list(n.sizes)})"
+        )
+    return n
+
+
+def _to_tensor(x: Any, name: str) -> torch.Tensor:
+    """A 2-D floating tensor (numpy arrays are shared, not copied)."""
+    if isinstance(x, np.ndarray):
+        t = torch.from_numpy(x)
+    elif isinstance(x, torch.Tensor):
+        t = x
+    else:
+        raise ValueError(f"{name} must be a torch tensor or numpy array, got {type(x).__name__}")
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        t = t.float()
+    return t
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """Raise naming the first non-finite entry (NaN/inf would silently poison a ranking)."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} must be finite, got {t[pos].item()} at index {pos}")
+
+
+def _prepare(
+    queries: Any,
+    items: Any,
+    nesting: Nesting | str | Sequence[int],
+    metric: str,
+    center: Any,
+) -> tuple[torch.Tensor, torch.Tensor, Nesting, torch.Tensor | None, bool]:
+    """Validate and convert; returns (q [Q,Dn], items [N,Dn], nesting, center [Dn]|None, numpy?)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got metric={metric!r}")
+    as_numpy = isinstance(queries, np.ndarray)
+    q = _to_tensor(queries, "queries")
+    x = _to_tensor(items, "items")
+    if q.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"queries and items must have the same dimension, got queries {tuple(q.shape)} "
+            f"and items {tuple(x.shape)}"
+        )
+    n = as_nesting(nesting, q.shape[1])
+    dtype = torch.promote_types(q.dtype, x.dtype)
+    q, x = q[:, : n.dim].to(dtype), x[:, : n.dim].to(dtype)
+    check_finite(q, "queries")
+    check_finite(x, "items")
+    c = None
+    if center is not None:
+        c = torch.as_tensor(center).to(dtype).reshape(-1)
+        if c.shape[0] != queries.shape[1]:
+            raise ValueError(
+                f"center must have one entry per dimension ({queries.shape[1]}), "
+                f"got shape {tuple(c.shape)}"
+            )
+        c = c[: n.dim]
+        check_finite(c, "center")
+    return q, x, n, c, as_numpy
+
+
+def _out(t: torch.Tensor, as_numpy: bool) -> Any:
+    return t.numpy() if as_numpy else t
+
+
+# ----------------------------------------------------------------------------- fast path
+def _chunk_sq_norms(x: torch.Tensor, nesting: Nesting) -> torch.Tensor:
+    """Squared norms of every prefix, [G, rows], from per-chunk sums and a cumulative sum."""
+    parts = [x[:, a:b].pow(2).sum(1) for a, b in nesting.chunks]  # G x [rows]
+    return torch.stack(parts).cumsum(0)
+
+
+def _inv_norms(sq: torch.Tensor) -> torch.Tensor:
+    return sq.sqrt().clamp_min(_EPS).reciprocal()
+
+
+def _iter_prefix_scores(
+    q: torch.Tensor, x: torch.Tensor, nesting: Nesting, metric: str, buf: torch.Tensor | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (g, scores [Q,T]) for g = 0..G-1, up to a per-query factor for cosine.
+
+    For cosine the yielded scores are ``<q_m, x_m> / |x_m|``: dividing by the query norm does not
+    change a query's ranking, so callers apply it to the k survivors only. The yielded tensor is a
+    reused buffer: copy it if you keep it.
+    """
+    acc = torch.zeros(q.shape[0], x.shape[0], dtype=q.dtype)  # running S_g [Q, T]
+    inv_x = _inv_norms(_chunk_sq_norms(x, nesting)) if metric == "cosine" else None  # [G, T]
+    out = None
+    for g, (a, b) in enumerate(nesting.chunks):
+        acc.addmm_(q[:, a:b], x[:, a:b].T)  # S_g = S_{g-1} + chunk partial product
+        if inv_x is None:
+            yield g, acc
+        else:
+            out = torch.mul(acc, inv_x[g], out=out if out is not None else buf)
+            yield g, out
+
+
+def prefix_scores(
+    queries: Any,
+    items: Any,
+    nesting: Nesting | str | Sequence[int],
+    metric: str = "cosine",
+    center: Any = None,
+) -> Any:
+    """Scores between every query and item at every prefix, one pass over D.
+
+    Args:
+        queries: [Q, D] tensor or array.
+        items: [N, D] tensor or array (same D).
+        nesting: the prefix sizes (a `Nesting`, a list of ints, or ``"doubling:8"``); its largest
+            prefix must be <= D.
+        metric: ``"cosine"`` (each prefix re-normalised) or ``"dot"``.
+        center: optional [D] vector subtracted from queries and items first (e.g. the database
+            mean: non-negative post-ReLU features search much better centred).
+
+    Returns:
+        [G, Q, N] scores, the same kind (tensor/array) as ``queries``. Holds G*Q*N numbers: for
+        large corpora use `prefix_topk`.
+    """
+    q, x, n, c, as_numpy = _prepare(queries, items, nesting, metric, center)
+    if c is not None:
+        q, x = q - c, x - c
+    out = torch.empty(len(n), q.shape[0], x.shape[0], dtype=q.dtype)  # [G, Q, N]
+    for g, s in _iter_prefix_scores(q, x, n, metric):
+        out[g] = s
+    if metric == "cosine":
+        out *= _inv_norms(_chunk_sq_norms(q, n))[:, :, None]  # divide by |q_m|, [G, Q, 1]
+    return _out(out, as_numpy)
+
+
+def _check_exclude(exclude: Any, num_queries: int, num_items: int) -> torch.Tensor | None:
+    """exclude as a [Q, E] int64 tensor (-1 = nothing), or None."""
+    if exclude is None:
+        return None
+    e = torch.as_tensor(np.asarray(exclude) if not isinstance(exclude, torch.Tensor) else exclude)
+    if e.ndim == 1:
+        e = e[:, None]
+    if e.ndim != 2 or e.shape[0] != num_queries:
+        raise ValueError(
+            f"exclude must have one row per query ({num_queries}), got shape {tuple(e.shape)}"
+        )
+    if e.is_floating_point() or e.dtype == torch.bool:
+        raise ValueError(f"exclude must hold integer item indices, got dtype {e.dtype}")
+    e = e.long()
+    if e.numel() and (int(e.max()) >= num_items or int(e.min()) < -1):
+        raise ValueError(
+            f"exclude entries must be item indices in [0, {num_items}) or -1 (none), "
+            f"got values in [{int(e.min())}, {int(e.max())}]"
+        )
+    return e
+
+
+def _check_k(k: int, num_items: int, exclude: torch.Tensor | None) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got k={k!r}")
+    available = num_items - (exclude.shape[1] if exclude is not None else 0)
+    if k > available:
+        extra = "" if exclude is None else f" minus {exclude.shape[1]} excluded per query"
+        raise ValueError(f"k must be <= number of database items ({num_items}{extra}), got k={k}")
+    return int(k)
+
+
+def _merge_topk(
+    best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, i: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the union of two candidate lists [Q, k1] and [Q, k2]."""
+    cat_s = torch.cat([best_s, s], 1)
+    top_s, pos = cat_s.topk(k, dim=1)
+    return top_s, torch.cat([best_i, i], 1).gather(1, pos)
+
+
+def prefix_topk(
+    queries: Any,
+    items: Any,
+    nesting: Nesting | str | Sequence[int],
+    k: int,
+    metric: str = "cosine",
+    tile_size: int = 4096,
+    center: Any = None,
+    exclude: Any = None,
+    query_block: int = 1024,
+) -> tuple[Any, Any]:
+    """The k best items for every query at every prefix, tiled so memory stays bounded.
+
+    Same scores as `prefix_scores`, but only ``query_block x tile_size`` scores exist at a time;
+    a running top-k per prefix is merged across item tiles.
+
+    Args:
+        queries: [Q, D]; items: [N, D]; nesting, metric, center: as in `prefix_scores`.
+        k: items returned per query and prefix (<= N minus the excluded ones).
+        tile_size: items scored at once (memory ~ 2 * query_block * tile_size numbers).
+        exclude: optional item indices a query must not retrieve, [Q] or [Q, E] ints, -1 = none
+            (``exclude=arange(Q)`` is leave-one-out when the queries are the items themselves).
+        query_block: queries scored at once.
+
+    Returns:
+        (scores [G, Q, k], indices [G, Q, k] int64), best first; tensors, or numpy arrays when
+        ``queries`` is a numpy array. Ties are broken as `torch.topk` breaks them.
+    """
+    q, x, n, c, as_numpy = _prepare(queries, items, nesting, metric, center)
+    for name, v in (("tile_size", tile_size), ("query_block", query_block)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {name}={v!r}")
+    excl = _check_exclude(exclude, q.shape[0], x.shape[0])
+    k = _check_k(k, x.shape[0], excl)
+    if c is not None:
+        q = q - c
+    scores = torch.empty(len(n), q.shape[0], k, dtype=q.dtype)  # [G, Q, k]
+    indices = torch.empty(len(n), q.shape[0], k, dtype=torch.long)
+    for q0 in range(0, q.shape[0], query_block):
+        qb = q[q0 : q0 + query_block]
+        eb = None if excl is None else excl[q0 : q0 + query_block]
+        s, i = _topk_block(qb, x, n, k, metric, tile_size, c, eb)
+        scores[:, q0 : q0 + qb.shape[0]], indices[:, q0 : q0 + qb.shape[0]] = s, i
+    return _out(scores, as_numpy), _out(indices, as_numpy)
+
+
+def _topk_block(
+    q: torch.Tensor,
+    x: torch.Tensor,
+    n: Nesting,
+    k: int,
+    metric: str,
+    tile_size: int,
+    center: torch.Tensor | None,
+    exclude: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k for one block of (already centred) queries [Qb, D] over all items: [G, Qb, k] x2."""
+    G, Qb = len(n), q.shape[0]
+    best_s = torch.full((G, Qb, k), -torch.inf, dtype=q.dtype)
+    best_i = torch.full((G, Qb, k), -1, dtype=torch.long)
+    buf = torch.empty(Qb, min(tile_size, x.shape[0]), dtype=q.dtype)  # reused score buffer
+    for t0 in range(0, x.shape[0], tile_size):
+        xt = x[t0 : t0 + tile_size]  # [T, D]
+        if center is not None:
+            xt = xt - center
+        kt = min(k, xt.shape[0])
+        rows, cols = _excluded_in_tile(exclude, t0, xt.shape[0])
+        for g, s in _iter_prefix_scores(q, xt, n, metric, buf[:, : xt.shape[0]]):
+            if rows is not None:
+                s = s.clone() if metric == "dot" else s  # never write into the running sum
+                s[rows, cols] = -torch.inf
+            ts, ti = s.topk(kt, dim=1)  # [Qb, kt]
+            best_s[g], best_i[g] = _merge_topk(best_s[g], best_i[g], ts, ti + t0, k)
+    if metric == "cosine":
+        best_s *= _inv_norms(_chunk_sq_norms(q, n))[:, :, None]  # now true cosines
+    return best_s, best_i
+
+
+def _excluded_in_tile(
+    exclude: torch.Tensor | None, t0: int, size: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(query rows, tile columns) of the excluded pairs that fall inside items [t0, t0+size)."""
+    if exclude is None:
+        return None, None
+    inside = (exclude >= t0) & (exclude < t0 + size)  # [Qb, E]
+    if not bool(inside.any()):
+        return None, None
+    rows, e = inside.nonzero(as_tuple=True)
+    return rows, exclude[rows, e] - t0
+
+
+# ----------------------------------------------------------------------------- references
+def prefix_scores_reference(
+    queries: Any,
+    items: Any,
+    nesting: Nesting | str | Sequence[int],
+    metric: str = "cosine",
+    center: Any = None,
+) -> Any:
+    """Plain loop over prefixes: truncate, re-normalise (cosine), multiply. [G, Q, N]."""
+    q, x, n, c, as_numpy = _prepare(queries, items, nesting, metric, center)
+    if c is not None:
+        q, x = q - c, x - c
+    out = []
+    for m in n.sizes:
+        qm, xm = q[:, :m], x[:, :m]
+        if metric == "cosine":
+            qm = torch.nn.functional.normalize(qm, dim=1, eps=_EPS)
+            xm = torch.nn.functional.normalize(xm, dim=1, eps=_EPS)
+        out.append(qm @ xm.T)
+    return _out(torch.stack(out), as_numpy)
+
+
+def prefix_topk_reference(
+    queries: Any,
+    items: Any,
+    nesting: Nesting | str | Sequence[int],
+    k: int,
+    metric: str = "cosine",
+    center: Any = None,
+    exclude: Any = None,
+) -> tuple[Any, Any]:
+    """Top-k of `prefix_scores_reference` (materialises [G, Q, N]; small inputs only)."""
+    as_numpy = isinstance(queries, np.ndarray)
+    s = prefix_scores_reference(
+        torch.as_tensor(queries), torch.as_tensor(items), nesting, metric, center
+    )
+    excl = _check_exclude(exclude, s.shape[1], s.shape[2])
+    k = _check_k(k, s.shape[2], excl)
+    if excl is not None:
+        rows = torch.arange(s.shape[1])[:, None].expand_as(excl)
+        keep = excl >= 0
+        s[:, rows[keep], excl[keep]] = -torch.inf
+    top_s, top_i = s.topk(k, dim=2)
+    return _out(top_s, as_numpy), _out(top_i, as_numpy)
