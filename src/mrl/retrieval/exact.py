@@ -1,0 +1,75 @@
+"""Exact (brute-force) search: the reference every faster path is checked against.
+
+Cosine similarity at a prefix ``m`` re-normalises the prefix:
+``<q[:m], x[:m]> / (|q[:m]| |x[:m]|)``.
+Ranking is by score descending, ties broken by the smaller row index, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["exact_search", "normalize_prefix", "topk_sorted", "METRICS"]
+
+METRICS = ("cosine", "dot")
+
+
+def normalize_prefix(x: np.ndarray, m: int, metric: str = "cosine") -> np.ndarray:
+    """``x[:, :m]`` as float32, divided by its row norm for cosine (zero rows stay zero)."""
+    p = np.ascontiguousarray(x[:, :m], dtype=np.float32)
+    if metric == "cosine":
+        norms = np.linalg.norm(p, axis=1, keepdims=True)
+        p = p / np.where(norms > 0, norms, 1.0)
+    return p
+
+
+def topk_sorted(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of each row of scores [Q, n]: (values [Q, k], column indices [Q, k]), best first.
+
+    argpartition (O(n)) then a sort of the k winners; ties ordered by the smaller column.
+    """
+    n = scores.shape[1]
+    if k < n:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(n), scores.shape).copy()
+    vals = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)  # primary: -score, secondary: index
+    idx = np.take_along_axis(part, order, axis=1)
+    return np.take_along_axis(vals, order, axis=1), idx
+
+
+def exact_search(
+    db: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    *,
+    dims: int | None = None,
+    metric: str = "cosine",
+    block: int = 65536,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of queries [Q, D] against db [N, D] at prefix ``dims`` (default D).
+
+    Scans the database in blocks of ``block`` rows (bounded memory; db may be a memmap) and keeps a
+    running top-k. Returns (scores [Q, k] float32, indices [Q, k] int64), best first.
+    """
+    n, d = db.shape
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {list(METRICS)}, got metric={metric!r}")
+    if queries.ndim != 2 or queries.shape[1] != d:
+        raise ValueError(f"queries must have shape [Q, {d}], got {queries.shape}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, number of database items ({n})], got k={k}")
+    m = d if dims is None else dims
+    q = normalize_prefix(queries, m, metric)  # [Q, m]
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(q), 0), np.int64)
+    for start in range(0, n, block):
+        x = normalize_prefix(db[start : start + block], m, metric)  # [b, m]
+        s = q @ x.T  # [Q, b]
+        s_top, i_top = topk_sorted(s, min(k, s.shape[1]))
+        cat_s = np.concatenate([best_s, s_top], axis=1)
+        cat_i = np.concatenate([best_i, i_top + start], axis=1)
+        best_s, pos = topk_sorted(cat_s, min(k, cat_s.shape[1]))
+        best_i = np.take_along_axis(cat_i, pos, axis=1)
+    return best_s, best_i

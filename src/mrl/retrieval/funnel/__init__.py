@@ -1,0 +1,1 @@
+"""The funnel index and its fast top-k selection."""

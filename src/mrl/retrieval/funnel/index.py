@@ -1,0 +1,639 @@
+"""`MatryoshkaIndex`: shortlist on a small prefix, then rerank on larger prefixes (the funnel).
+
+Search for queries [Q, D]:
+
+1. **shortlist**: the K best rows at prefix D_s, scanned over a contiguous, pre-normalised copy of
+   the prefix columns [N, D_s] (tiny and cache friendly compared with [N, D]). Backends:
+   ``"flat"`` (FAISS exact inner product, fused heap selection), ``"numpy"`` (BLAS matmul +
+   block-max selection), ``"hnsw"`` (FAISS HNSW graph built on the D_s prefix only: sublinear),
+   ``"torch"`` (matmul + block-max top-k on ``device``, CPU or CUDA).
+2. **rerank stages** ``[(m_1, K_1), ..., (m_S, K_S)]``: gather only the candidate rows at prefix
+   m_j, score them with cosine at m_j (per-prefix inverse norms are precomputed at build time,
+   [N, G]) and keep the best K_j. The last stage keeps k. The paper's funnel halves K and doubles
+   m at every stage (`funnel_stages`).
+
+A funnel whose shortlist is the whole database with one stage at D is exact search (tested
+against `mrl.retrieval.exact.exact_search`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrl.io import atomic_open, atomic_write_json
+from mrl.nesting import Nesting
+from mrl.retrieval.exact import METRICS
+from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
+from mrl.retrieval.store import validate_vectors
+
+__all__ = ["MatryoshkaIndex", "SearchConfig", "SearchResult", "funnel_stages", "INDEX_VERSION"]
+
+INDEX_FORMAT = "mrl-matryoshka-index"
+INDEX_VERSION = 1
+SIDECAR = "index.json"
+BACKENDS = ("flat", "numpy", "hnsw", "torch")
+VECTOR_DTYPES = ("float32", "float16")
+
+
+def funnel_stages(
+    shortlist_dim: int,
+    shortlist: int,
+    dim: int,
+    k: int,
+    nesting: Nesting,
+) -> tuple[tuple[int, int], ...]:
+    """The paper's funnel: double the prefix and halve K at each stage (K >= k), ending at D.
+
+    Only prefixes in the nesting are used. Example for D_s=16, K=200, D=128, k=10:
+    ((32, 100), (64, 50), (128, 10)).
+    """
+    stages = []
+    keep = shortlist
+    for m in nesting.sizes:
+        if m <= shortlist_dim:
+            continue
+        keep = max(k, keep // 2)
+        stages.append((m, keep))
+    if not stages or stages[-1][0] != dim:
+        stages.append((dim, k))
+    stages[-1] = (stages[-1][0], k)
+    return tuple(stages)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How a search runs; every field can be overridden per call.
+
+    Attributes:
+        shortlist_dim: D_s, the prefix (dims) scanned over the whole database.
+        shortlist: K, candidates kept by the shortlist scan.
+        stages: rerank stages ((m, keep), ...); empty = one rerank at D keeping k.
+        backend: shortlist scan: "flat", "numpy", "hnsw" or "torch".
+        ef_search: HNSW search breadth (>= shortlist); None = 2 * shortlist.
+        hnsw_m: HNSW graph degree (neighbours per node) used when building.
+        ef_construction: HNSW build breadth.
+    """
+
+    shortlist_dim: int = 16
+    shortlist: int = 200
+    stages: tuple[tuple[int, int], ...] = ()
+    backend: str = "flat"
+    ef_search: int | None = None
+    hnsw_m: int = 32
+    ef_construction: int = 80
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stages"] = [list(s) for s in self.stages]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SearchConfig:
+        d = dict(d)
+        d["stages"] = tuple(tuple(int(v) for v in s) for s in d.get("stages", ()))
+        return cls(**d)
+
+
+@dataclass
+class SearchResult:
+    """Scores and row indices [Q, k], best first; ids are the stored ids of those rows."""
+
+    scores: np.ndarray
+    indices: np.ndarray
+    ids: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _as_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {name}={value!r}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be in {rng}, got {name}={value}")
+    return int(value)
+
+
+class MatryoshkaIndex:
+    """Adaptive-retrieval index over Matryoshka embeddings (cosine similarity per prefix).
+
+    Args:
+        nesting: prefix sizes; ``nesting.dim`` = D. Shortlist and stage prefixes must be in it.
+        config: default `SearchConfig` (override any field per `search` call).
+        metric: "cosine" (re-normalise every prefix) or "dot".
+        vector_dtype: "float32" or "float16" for the stored full-size vectors (reranking).
+        device: torch device for backend "torch" ("cpu", "cuda", ...).
+        threads: worker threads for reranking and FAISS (None = all cores).
+
+    Example:
+        >>> index = MatryoshkaIndex(Nesting.doubling(8, 2048), SearchConfig(shortlist_dim=16))
+        >>> index.add(db)                                   # db: [N, 2048]
+        >>> res = index.search(queries, k=10)               # res.indices: [Q, 10]
+        >>> index.save("my.index"); MatryoshkaIndex.load("my.index")
+    """
+
+    def __init__(
+        self,
+        nesting: Nesting,
+        config: SearchConfig | None = None,
+        *,
+        metric: str = "cosine",
+        vector_dtype: str = "float32",
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> None:
+        if not isinstance(nesting, Nesting):
+            raise ValueError(f"nesting must be a mrl.Nesting, got {type(nesting).__name__}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {list(METRICS)}, got metric={metric!r}")
+        if vector_dtype not in VECTOR_DTYPES:
+            raise ValueError(
+                f"vector_dtype must be one of {list(VECTOR_DTYPES)}, "
+                f"got vector_dtype={vector_dtype!r}"
+            )
+        self.nesting = nesting
+        self.metric = metric
+        self.vector_dtype = vector_dtype
+        self.device = device
+        self.threads = threads or os.cpu_count() or 1
+        self.config = config or SearchConfig()
+        self.tuned: dict[str, Any] | None = None
+        self._check_config(self.config, k=1, n=None)
+        d, g = nesting.dim, len(nesting)
+        self._vectors = np.zeros((0, d), vector_dtype)  # [N, D] full size (raw, or memmap)
+        self._inv_norms = np.zeros((0, g), np.float32)  # [N, G] 1/|x[:m_g]| (1 for "dot")
+        self._ids = np.zeros(0, np.int64)
+        self._short: dict[int, np.ndarray] = {}  # m -> [N, m] normalised prefix, contiguous
+        self._hnsw: dict[tuple[int, int, int], Any] = {}  # (m, M, efC) -> faiss index
+        self._torch: dict[str, Any] = {}  # device copies for backend "torch"
+
+    # ------------------------------------------------------------------ building
+    @property
+    def count(self) -> int:
+        return len(self._vectors)
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._ids
+
+    def add(self, vectors: np.ndarray, ids: Sequence | np.ndarray | None = None) -> None:
+        """Add rows [n, D] (any time, also after building or loading)."""
+        x = validate_vectors(vectors, self.nesting.dim)  # [n, D] float32
+        new_ids = self._check_ids(ids, len(x))
+        inv = self._prefix_inv_norms(x)  # [n, G]
+        self._vectors = np.concatenate([np.asarray(self._vectors), x.astype(self.vector_dtype)])
+        self._inv_norms = np.concatenate([np.asarray(self._inv_norms), inv])
+        self._ids = np.concatenate([self._ids, new_ids]) if len(self._ids) else new_ids
+        for m in list(self._short):  # extend cached shortlist matrices
+            part = x[:, :m] * inv[:, self.nesting.index(m), None]
+            self._short[m] = np.ascontiguousarray(np.concatenate([self._short[m], part]))
+        for key, idx in self._hnsw.items():
+            idx.add(np.ascontiguousarray(x[:, : key[0]] * inv[:, self.nesting.index(key[0]), None]))
+        self._torch.clear()
+
+    def _check_ids(self, ids: Sequence | np.ndarray | None, n: int) -> np.ndarray:
+        if ids is None:
+            if len(self._ids) and self._ids.dtype.kind != "i":
+                raise ValueError("ids must be given: this index holds string ids")
+            start = int(self._ids.max()) + 1 if len(self._ids) else 0
+            return np.arange(start, start + n, dtype=np.int64)
+        arr = np.asarray(ids)
+        if arr.shape != (n,):
+            raise ValueError(f"ids must have one entry per vector ({n}), got shape {arr.shape}")
+        if arr.dtype.kind not in "iuUS":
+            raise ValueError(f"ids must be integers or strings, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64) if arr.dtype.kind in "iu" else arr.astype(str)
+        if len(self._ids) and (self._ids.dtype.kind == "i") != (arr.dtype.kind == "i"):
+            raise ValueError(
+                f"ids must be of the index's kind ({self._ids.dtype}), got {arr.dtype}"
+            )
+        return arr
+
+    def _prefix_inv_norms(self, x: np.ndarray) -> np.ndarray:
+        # x: [n, D] -> [n, G]: 1/|x[:, :m_g]| for every nesting size (cumulative squared sums).
+        if self.metric == "dot":
+            return np.ones((len(x), len(self.nesting)), np.float32)
+        sq = np.cumsum(np.square(x, dtype=np.float64), axis=1)  # [n, D]
+        norms = np.sqrt(sq[:, [m - 1 for m in self.nesting.sizes]])  # [n, G]
+        return np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
+
+    def shortlist_matrix(self, m: int) -> np.ndarray:
+        """The contiguous normalised prefix [N, m] (built once, then cached and saved)."""
+        if m not in self._short:
+            g = self.nesting.index(m)
+            rows = []
+            for s in range(0, self.count, 65536):  # blocks: no [N, D] float32 temporary
+                blk = np.asarray(self._vectors[s : s + 65536, :m], dtype=np.float32)
+                rows.append(blk * self._inv_norms[s : s + 65536, g, None])
+            self._short[m] = np.ascontiguousarray(
+                np.concatenate(rows) if rows else np.zeros((0, m), np.float32)
+            )
+        return self._short[m]
+
+    def _hnsw_index(self, m: int, hnsw_m: int, ef_construction: int):
+        key = (m, hnsw_m, ef_construction)
+        if key not in self._hnsw:
+            faiss = _faiss()
+            idx = faiss.IndexHNSWFlat(m, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            idx.hnsw.efConstruction = ef_construction
+            faiss.omp_set_num_threads(self.threads)
+            idx.add(self.shortlist_matrix(m))
+            self._hnsw[key] = idx
+        return self._hnsw[key]
+
+    def build(self, config: SearchConfig | None = None) -> float:
+        """Build what ``config`` (default: the index's) needs (shortlist matrix, HNSW graph).
+
+        Returns the build time in seconds. Search builds lazily too; this makes timing explicit.
+        """
+        cfg = config or self.config
+        self._check_config(cfg, k=1, n=None)
+        t = time.perf_counter()
+        self.shortlist_matrix(cfg.shortlist_dim)
+        if cfg.backend == "hnsw":
+            self._hnsw_index(cfg.shortlist_dim, cfg.hnsw_m, cfg.ef_construction)
+        if cfg.backend == "torch":
+            self._torch_arrays(cfg.shortlist_dim)
+        return time.perf_counter() - t
+
+    # ------------------------------------------------------------------ validation
+    def _check_config(self, cfg: SearchConfig, k: int, n: int | None) -> None:
+        nest = self.nesting
+        if cfg.backend not in BACKENDS:
+            raise ValueError(
+                f"backend must be one of {list(BACKENDS)}, got backend={cfg.backend!r}"
+            )
+        if cfg.shortlist_dim not in nest:
+            raise ValueError(
+                f"shortlist_dim must be a prefix size in the nesting {list(nest.sizes)}, "
+                f"got shortlist_dim={cfg.shortlist_dim}"
+            )
+        _as_int("shortlist", cfg.shortlist, 1)
+        if cfg.shortlist < k:
+            raise ValueError(f"shortlist must be >= k ({k}), got shortlist={cfg.shortlist}")
+        if n is not None and k > n:
+            raise ValueError(f"k must be <= number of database items ({n}), got k={k}")
+        prev_m, prev_keep = cfg.shortlist_dim, cfg.shortlist
+        for i, stage in enumerate(cfg.stages):
+            if len(stage) != 2:
+                raise ValueError(f"stages[{i}] must be a (dim, keep) pair, got {stage!r}")
+            m, keep = stage
+            if m not in nest:
+                raise ValueError(
+                    f"stages[{i}] dim must be a prefix size in the nesting {list(nest.sizes)}, "
+                    f"got {m}"
+                )
+            if m <= prev_m and not (i == 0 and m == prev_m):
+                raise ValueError(
+                    f"stages dims must increase, got stages[{i}] dim={m} after {prev_m}"
+                )
+            if i < len(cfg.stages) - 1 and not k <= keep <= prev_keep:
+                raise ValueError(
+                    f"stages[{i}] keep must be in [k={k}, {prev_keep}], got keep={keep}"
+                )
+            prev_m, prev_keep = m, keep
+        if cfg.ef_search is not None:
+            _as_int("ef_search", cfg.ef_search, 1)
+
+    def _check_queries(self, queries: Any) -> np.ndarray:
+        arr = np.asarray(queries)
+        d = self.nesting.dim
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.ndim != 2 or arr.shape[1] != d:
+            raise ValueError(f"queries must have shape [Q, {d}], got shape {np.shape(queries)}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"queries must be floating point, got dtype {arr.dtype}")
+        q = np.ascontiguousarray(arr, dtype=np.float32)
+        bad = ~np.isfinite(q).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"queries must be finite, query {int(np.flatnonzero(bad)[0])} has NaN or inf"
+            )
+        return q
+
+    def _norm_q(self, q: np.ndarray, m: int) -> np.ndarray:
+        p = q[:, :m]
+        if self.metric == "dot":
+            return np.ascontiguousarray(p)
+        n = np.linalg.norm(p, axis=1, keepdims=True)
+        return np.ascontiguousarray(p / np.where(n > 0, n, 1.0))
+
+    # ------------------------------------------------------------------ searching
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        batch_size: int = 1024,
+        **overrides: Any,
+    ) -> SearchResult:
+        """Top-k rows for each query [Q, D]; ``overrides`` are `SearchConfig` fields.
+
+        Returns a `SearchResult` with scores/indices/ids [Q, k] (cosine at the last stage's
+        prefix) and ``timings`` (seconds in shortlist and rerank).
+        """
+        unknown = set(overrides) - set(SearchConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown search options {sorted(unknown)}")
+        cfg = replace(self.config, **overrides)
+        if "stages" in overrides and overrides["stages"] is not None:
+            cfg = replace(cfg, stages=tuple(tuple(s) for s in overrides["stages"]))
+        k = _as_int("k", k, 1)
+        n = self.count
+        if n == 0:
+            raise ValueError("the index is empty: add vectors before searching")
+        self._check_config(cfg, k, n)
+        batch_size = _as_int("batch_size", batch_size, 1)
+        q = self._check_queries(queries)
+        shortlist = min(cfg.shortlist, n)
+        stages = cfg.stages or ((self.nesting.dim, k),)
+        stages = stages[:-1] + ((stages[-1][0], k),)
+        timings = {"shortlist": 0.0, "rerank": 0.0}
+        out_s, out_i = [], []
+        for start in range(0, len(q), batch_size):
+            qb = q[start : start + batch_size]
+            t0 = time.perf_counter()
+            cand = self._shortlist(qb, cfg, shortlist)  # [Qb, K] row indices (-1 = none)
+            t1 = time.perf_counter()
+            s, i = self._rerank(qb, cand, stages, cfg.backend)
+            timings["shortlist"] += t1 - t0
+            timings["rerank"] += time.perf_counter() - t1
+            out_s.append(s)
+            out_i.append(i)
+        scores, indices = np.concatenate(out_s), np.concatenate(out_i)
+        return SearchResult(scores, indices, self._ids[indices], timings)
+
+    def _shortlist(self, q: np.ndarray, cfg: SearchConfig, kk: int) -> np.ndarray:
+        m = cfg.shortlist_dim
+        qs = self._norm_q(q, m)  # [Q, m]
+        if cfg.backend == "torch":
+            return self._torch_shortlist(qs, m, kk)
+        if cfg.backend == "numpy" or (cfg.backend == "flat" and kk >= self.count):
+            return self._numpy_shortlist(qs, m, kk)
+        faiss = _faiss()
+        faiss.omp_set_num_threads(self.threads)
+        if cfg.backend == "flat":
+            _, idx = faiss.knn(qs, self.shortlist_matrix(m), kk, metric=faiss.METRIC_INNER_PRODUCT)
+            return idx
+        index = self._hnsw_index(m, cfg.hnsw_m, cfg.ef_construction)
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = max(kk, cfg.ef_search or 2 * kk)
+        _, idx = index.search(qs, kk, params=params)
+        return idx
+
+    def _numpy_shortlist(self, qs: np.ndarray, m: int, kk: int) -> np.ndarray:
+        xs = self.shortlist_matrix(m)  # [N, m]
+        if kk >= self.count:
+            return np.broadcast_to(np.arange(self.count), (len(qs), self.count)).copy()
+
+        def one(chunk: np.ndarray) -> np.ndarray:
+            return blockmax_topk_numpy(chunk @ xs.T, kk)[1]  # [q, N] -> [q, K]
+
+        chunks = [qs[i : i + 64] for i in range(0, len(qs), 64)]  # [64, N] scores ~ 256 MB at 1M
+        with ThreadPoolExecutor(self.threads) as pool:
+            return np.concatenate(list(pool.map(one, chunks)))
+
+    def _rerank(self, q: np.ndarray, cand: np.ndarray, stages, backend: str):
+        if backend == "torch":
+            return self._torch_rerank(q, cand, stages)
+        rows = np.array_split(np.arange(len(q)), min(self.threads, max(1, len(q) // 16)))
+        rows = [r for r in rows if len(r)]
+
+        def one(r: np.ndarray):
+            return self._rerank_rows(q[r], cand[r], stages)
+
+        if len(rows) == 1:
+            return one(rows[0])
+        with ThreadPoolExecutor(len(rows)) as pool:
+            parts = list(pool.map(one, rows))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _rerank_rows(self, q: np.ndarray, cand: np.ndarray, stages):
+        # q: [Q, D]; cand: [Q, K] row ids, -1 where the shortlist found fewer than K.
+        valid = cand >= 0
+        cand = np.where(valid, cand, 0)
+        qn, kc = cand.shape
+        scores = None
+        for m, keep in stages:
+            g = self.nesting.index(m)
+            qm = self._norm_q(q, m)  # [Q, m]
+            x = np.asarray(self._vectors[cand.ravel(), :m], dtype=np.float32)  # [Q*K, m]
+            s = np.matmul(x.reshape(qn, kc, m), qm[:, :, None])[:, :, 0]  # [Q, K]
+            s *= self._inv_norms[cand, g]
+            scores = np.where(valid, s, -np.inf).astype(np.float32)
+            scores, pos = _topk_tiebreak(scores, cand, min(keep, kc))
+            cand = np.take_along_axis(cand, pos, axis=1)
+            valid = np.take_along_axis(valid, pos, axis=1)
+            qn, kc = cand.shape
+        return scores, cand
+
+    # ------------------------------------------------------------------ torch (CPU or CUDA)
+    def _torch_arrays(self, m: int) -> dict[str, Any]:
+        import torch
+
+        key = f"short{m}"
+        if key not in self._torch:
+            dev = torch.device(self.device)
+            half = dev.type == "cuda"
+            if "vectors" not in self._torch:
+                dt = torch.float16 if (half or self.vector_dtype == "float16") else torch.float32
+                self._torch["vectors"] = torch.as_tensor(np.asarray(self._vectors)).to(dev, dt)
+                self._torch["inv"] = torch.as_tensor(np.asarray(self._inv_norms)).to(dev)
+            dt = torch.float16 if half else torch.float32
+            self._torch[key] = torch.as_tensor(self.shortlist_matrix(m)).to(dev, dt)
+        return self._torch
+
+    def _torch_shortlist(self, qs: np.ndarray, m: int, kk: int) -> np.ndarray:
+        import torch
+
+        arrs = self._torch_arrays(m)
+        xs = arrs[f"short{m}"]  # [N, m]
+        qt = torch.as_tensor(qs).to(xs.device, xs.dtype)
+        with torch.no_grad():
+            s = qt @ xs.T  # [Q, N]
+            _, idx = blockmax_topk_torch(s.float() if s.device.type == "cpu" else s, kk)
+        return idx.cpu().numpy()
+
+    def _torch_rerank(self, q: np.ndarray, cand: np.ndarray, stages):
+        import torch
+
+        arrs = self._torch_arrays(self.config.shortlist_dim)
+        vec, inv = arrs["vectors"], arrs["inv"]
+        qt = torch.as_tensor(q).to(vec.device)
+        ct = torch.as_tensor(cand).to(vec.device)
+        with torch.no_grad():
+            for m, keep in stages:
+                g = self.nesting.index(m)
+                qm = qt[:, :m]
+                if self.metric == "cosine":
+                    qm = qm / qm.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                x = vec[ct.reshape(-1), :m].reshape(ct.shape[0], ct.shape[1], m).float()
+                s = torch.bmm(x, qm.float().unsqueeze(2)).squeeze(2) * inv[ct, g]  # [Q, K]
+                keep = min(keep, ct.shape[1])
+                s, pos = torch.topk(s, keep, dim=1)
+                ct = torch.gather(ct, 1, pos)
+        return s.cpu().numpy().astype(np.float32), ct.cpu().numpy().astype(np.int64)
+
+    # ------------------------------------------------------------------ persistence
+    def memory_bytes(self, config: SearchConfig | None = None) -> int:
+        """Bytes held for search with ``config``: vectors, norms, shortlist matrix, graph."""
+        cfg = config or self.config
+        total = self._vectors.nbytes + self._inv_norms.nbytes
+        total += self.count * cfg.shortlist_dim * 4
+        if cfg.backend == "hnsw":  # links: ~ 2 * M int32 per node at level 0 (+ upper levels)
+            total += self.count * (2 * cfg.hnsw_m * 4 + 8)
+        return total
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index to folder ``path`` atomically (sidecar last; old files removed after)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(6)
+        files: dict[str, dict[str, Any]] = {}
+        arrays = {"vectors": self._vectors, "inv_norms": self._inv_norms, "ids": self._ids}
+        for m, arr in self._short.items():
+            arrays[f"short-{m}"] = arr
+        for name, arr in arrays.items():
+            fname = f"{name}-{token}.npy"
+            with atomic_open(path / fname, "wb") as f:
+                np.save(f, np.asarray(arr), allow_pickle=False)
+            files[name] = {"file": fname, "bytes": (path / fname).stat().st_size}
+        for (m, hm, efc), idx in self._hnsw.items():
+            fname = f"hnsw-{m}-{hm}-{efc}-{token}.faiss"
+            faiss = _faiss()
+            with atomic_open(path / fname, "wb") as f:
+                f.write(faiss.serialize_index(idx).tobytes())
+            files[f"hnsw-{m}-{hm}-{efc}"] = {"file": fname, "bytes": (path / fname).stat().st_size}
+        old = _read_sidecar(path) if (path / SIDECAR).exists() else None
+        meta = {
+            "format": INDEX_FORMAT,
+            "version": INDEX_VERSION,
+            "nesting": self.nesting.to_dict(),
+            "metric": self.metric,
+            "vector_dtype": self.vector_dtype,
+            "count": self.count,
+            "config": self.config.to_dict(),
+            "tuned": self.tuned,
+            "files": files,
+        }
+        atomic_write_json(path / SIDECAR, meta)
+        if old:
+            for entry in old.get("files", {}).values():
+                (path / entry["file"]).unlink(missing_ok=True)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        mmap: bool = True,
+        device: str = "cpu",
+        threads: int | None = None,
+    ) -> MatryoshkaIndex:
+        """Open a saved index; ``mmap`` keeps the full-size vectors on disk (paged on demand)."""
+        path = Path(path)
+        meta = _read_sidecar(path)
+        index = cls(
+            Nesting.from_dict(meta["nesting"]),
+            SearchConfig.from_dict(meta["config"]),
+            metric=meta["metric"],
+            vector_dtype=meta["vector_dtype"],
+            device=device,
+            threads=threads,
+        )
+        index.tuned = meta.get("tuned")
+        files = meta["files"]
+        for entry in files.values():
+            f = path / entry["file"]
+            if not f.exists():
+                raise FileNotFoundError(f"index file {f} is missing (the index is damaged)")
+            size = f.stat().st_size
+            if size != entry["bytes"]:
+                raise ValueError(
+                    f"index file {f} is truncated or damaged: expected {entry['bytes']} bytes, "
+                    f"found {size}"
+                )
+        arrays = {}
+        for name, entry in files.items():
+            if name.startswith("hnsw-"):
+                continue
+            mode = "r" if mmap and name == "vectors" else None
+            arrays[name] = np.load(path / entry["file"], mmap_mode=mode, allow_pickle=False)
+        index._vectors, index._inv_norms, index._ids = (
+            arrays["vectors"],
+            arrays["inv_norms"],
+            arrays["ids"],
+        )
+        for name, arr in arrays.items():
+            if name.startswith("short-"):
+                index._short[int(name.split("-")[1])] = arr
+        for name, entry in files.items():
+            if name.startswith("hnsw-"):
+                faiss = _faiss()
+                _, m, hm, efc = name.split("-")
+                buf = np.fromfile(path / entry["file"], dtype=np.uint8)
+                index._hnsw[(int(m), int(hm), int(efc))] = faiss.deserialize_index(buf)
+        if len(index._vectors) != meta["count"] or len(index._inv_norms) != meta["count"]:
+            raise ValueError(
+                f"index at {path} is inconsistent: count {meta['count']} does not match its arrays"
+            )
+        return index
+
+    def __repr__(self) -> str:
+        return (
+            f"MatryoshkaIndex(count={self.count}, nesting={list(self.nesting.sizes)}, "
+            f"config={self.config})"
+        )
+
+
+def _topk_tiebreak(scores: np.ndarray, cand: np.ndarray, keep: int):
+    """Positions of the best ``keep`` per row of scores [Q, K]: score desc, then row index asc."""
+    if keep < scores.shape[1]:
+        part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+    else:
+        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
+    vals = np.take_along_axis(scores, part, axis=1)
+    rows = np.take_along_axis(cand, part, axis=1)
+    order = np.lexsort((rows, -vals), axis=1)
+    pos = np.take_along_axis(part, order, axis=1)
+    return np.take_along_axis(vals, order, axis=1), pos
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    sidecar = path / SIDECAR
+    if not sidecar.exists():
+        raise FileNotFoundError(f"no MatryoshkaIndex at {path} (missing {SIDECAR})")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{sidecar} is truncated or not valid JSON ({exc})") from None
+    if meta.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{sidecar} is not a MatryoshkaIndex (format={meta.get('format')!r})")
+    if meta.get("version") != INDEX_VERSION:
+        raise ValueError(
+            f"{sidecar} has index format version {meta.get('version')!r}; this mrl "
+            f"reads version {INDEX_VERSION}"
+        )
+    return meta
+
+
+def _faiss():
+    from mrl._optional import require
+
+    return require("faiss", "faiss")
+
+
+_ = topk_numpy  # re-exported for callers that want the plain selection

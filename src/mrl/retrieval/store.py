@@ -1,0 +1,402 @@
+"""`EmbeddingStore`: full-size embeddings on disk, memory-mapped, with a JSON sidecar.
+
+Layout of a store folder::
+
+    store.json              the sidecar: format, version, nesting, dtype, normalised?, centre,
+                            count, dim and the list of segments (the only file that is rewritten)
+    seg-<token>.npy         one immutable segment of rows [n, D] (float32 / float16 / int8)
+    scale-<token>.npy       int8 only: the dequantisation scales of that segment
+    ids-<token>.npy         the ids of that segment's rows (int64 or unicode)
+
+Appending writes a *new* segment beside the old ones (fsync'ed), then atomically replaces
+``store.json`` with one that also names the new segment (`mrl.io.atomic_write_json`). A crash
+anywhere before that replace leaves the previous sidecar, which names only the previous, untouched
+segments: the store is exactly what it was. Orphan files of a failed append are removed the next
+time the store is opened for writing.
+
+int8 quantisation (``dtype="int8"``): ``x ~= q * scale`` with ``q`` in [-127, 127]. With
+``int8_scale="per-vector"`` each row has its own scale ``max|x_i| / 127`` (robust to appends, the
+default); with ``"per-dim"`` each segment has one scale per column ``max_i |x_ij| / 127`` (better
+when the leading MRL coordinates carry much more energy than the tail). Scales are float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrl.io import atomic_open, atomic_write_json
+from mrl.nesting import Nesting
+
+__all__ = ["EmbeddingStore", "STORE_FORMAT", "STORE_VERSION", "validate_vectors"]
+
+STORE_FORMAT = "mrl-embedding-store"
+STORE_VERSION = 1
+SIDECAR = "store.json"
+DTYPES = ("float32", "float16", "int8")
+INT8_SCALES = ("per-vector", "per-dim")
+
+
+def validate_vectors(x: Any, dim: int | None, name: str = "vectors") -> np.ndarray:
+    """Check a [n, D] float array (finite, right width) and return it as float32."""
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [n, D], got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{name} must hold numbers (float), got dtype {arr.dtype}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{name} must have dimension {dim}, got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+        raise ValueError(f"{name} must be finite, row {bad} has NaN or inf")
+    return arr
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """One immutable block of rows; file names are relative to the store folder."""
+
+    data: str
+    ids: str
+    count: int
+    scale: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": self.data, "ids": self.ids, "count": self.count, "scale": self.scale}
+
+
+class EmbeddingStore:
+    """Append-only, crash-safe, memory-mapped store of full-size embeddings.
+
+    Create with `EmbeddingStore.create` (or `from_array`), open with `EmbeddingStore.open`.
+    Rows are read back as float32 (int8 is dequantised), optionally only the first ``dims`` columns.
+
+    Example:
+        >>> store = EmbeddingStore.create(path, Nesting.doubling(8, 64), dtype="float16")
+        >>> store.append(vectors, ids=["a", "b"])       # vectors: [2, 64]
+        >>> store.read(dims=16).shape                     # (2, 16), float32
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path = path
+        self._meta = meta
+        self.nesting = Nesting.from_dict(meta["nesting"])
+        self.dtype: str = meta["dtype"]
+        self.int8_scale: str | None = meta.get("int8_scale")
+        self.normalized: bool = bool(meta["normalized"])
+        center = meta.get("center")
+        self.center = None if center is None else np.asarray(center, dtype=np.float32)
+        self._segments = [_Segment(**s) for s in meta["segments"]]
+        self._maps: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ creation / opening
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        nesting: Nesting,
+        *,
+        dtype: str = "float32",
+        normalize: bool = False,
+        center: np.ndarray | None = None,
+        int8_scale: str = "per-vector",
+    ) -> EmbeddingStore:
+        """A new, empty store at ``path`` (a folder that must not hold a store already).
+
+        Args:
+            nesting: the prefix sizes; ``nesting.dim`` is the row width D.
+            dtype: on-disk type, "float32", "float16" or "int8".
+            normalize: L2-normalise every row (full size) before storing it.
+            center: optional [D] vector subtracted from every row (and to be subtracted from
+                queries by whoever searches); recorded in the sidecar.
+            int8_scale: "per-vector" or "per-dim" (int8 only; see the module doc).
+        """
+        if not isinstance(nesting, Nesting):
+            raise ValueError(f"nesting must be a mrl.Nesting, got {type(nesting).__name__}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got dtype={dtype!r}")
+        if int8_scale not in INT8_SCALES:
+            raise ValueError(
+                f"int8_scale must be one of {list(INT8_SCALES)}, got int8_scale={int8_scale!r}"
+            )
+        path = Path(path)
+        if (path / SIDECAR).exists():
+            raise FileExistsError(
+                f"a store already exists at {path}; open it with EmbeddingStore.open"
+            )
+        if center is not None:
+            center = validate_vectors(np.asarray(center).reshape(1, -1), nesting.dim, "center")[0]
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "nesting": nesting.to_dict(),
+            "dtype": dtype,
+            "int8_scale": int8_scale if dtype == "int8" else None,
+            "normalized": bool(normalize),
+            "center": None if center is None else center.tolist(),
+            "dim": nesting.dim,
+            "count": 0,
+            "segments": [],
+        }
+        atomic_write_json(path / SIDECAR, meta)
+        return cls(path, meta)
+
+    @classmethod
+    def from_array(
+        cls,
+        path: str | os.PathLike,
+        vectors: np.ndarray,
+        nesting: Nesting | None = None,
+        *,
+        ids: Sequence | np.ndarray | None = None,
+        **options: Any,
+    ) -> EmbeddingStore:
+        """Create a store holding ``vectors`` [N, D] (nesting defaults to doubling from 8)."""
+        vectors = validate_vectors(vectors, None)
+        if nesting is None:
+            nesting = Nesting.doubling(min(8, vectors.shape[1]), vectors.shape[1])
+        store = cls.create(path, nesting, **options)
+        store.append(vectors, ids=ids)
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> EmbeddingStore:
+        """Open an existing store; checks the format version and every segment's size."""
+        path = Path(path)
+        sidecar = path / SIDECAR
+        if not sidecar.exists():
+            raise FileNotFoundError(f"no embedding store at {path} (missing {SIDECAR})")
+        try:
+            meta = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{sidecar} is not valid JSON ({exc})") from None
+        if meta.get("format") != STORE_FORMAT:
+            raise ValueError(
+                f"{sidecar} is not an mrl embedding store (format={meta.get('format')!r})"
+            )
+        if meta.get("version") != STORE_VERSION:
+            raise ValueError(
+                f"{sidecar} has format version {meta.get('version')!r}; this mrl reads version "
+                f"{STORE_VERSION}"
+            )
+        store = cls(path, meta)
+        for seg in store._segments:  # touch every segment now: truncation is reported at open
+            store._load(seg.data)
+        return store
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dim(self) -> int:
+        return self.nesting.dim
+
+    @property
+    def count(self) -> int:
+        return int(self._meta["count"])
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def ids(self) -> np.ndarray:
+        """All ids in row order (int64 row numbers unless ids were given)."""
+        parts = [self._load(s.ids) for s in self._segments]
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate(parts)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of vector data (and scales) on disk."""
+        total = 0
+        for s in self._segments:
+            total += self._load(s.data).nbytes + (self._load(s.scale).nbytes if s.scale else 0)
+        return total
+
+    # ------------------------------------------------------------------ writing
+    def append(self, vectors: np.ndarray, ids: Sequence | np.ndarray | None = None) -> None:
+        """Append rows [n, D] (and optional ids, unique, strings or ints) atomically."""
+        x = validate_vectors(vectors, self.dim)
+        ids_arr = self._new_ids(ids, len(x))
+        if self.center is not None:
+            x = x - self.center
+        if self.normalized:
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        self._cleanup_orphans()
+        token = secrets.token_hex(6)
+        data, scale = self._encode(x)
+        seg = _Segment(
+            data=f"seg-{token}.npy",
+            ids=f"ids-{token}.npy",
+            count=len(x),
+            scale=None if scale is None else f"scale-{token}.npy",
+        )
+        self._write_npy(seg.data, data)
+        if scale is not None:
+            self._write_npy(seg.scale, scale)
+        self._write_npy(seg.ids, ids_arr)
+        meta = dict(self._meta)
+        meta["segments"] = [s.to_dict() for s in self._segments] + [seg.to_dict()]
+        meta["count"] = self.count + len(x)
+        atomic_write_json(self.path / SIDECAR, meta)  # the commit point
+        self._meta = meta
+        self._segments.append(seg)
+
+    def _new_ids(self, ids: Sequence | np.ndarray | None, n: int) -> np.ndarray:
+        existing = self.ids
+        if ids is None:
+            if existing.dtype.kind != "i":
+                raise ValueError("ids must be given: this store holds explicit (string) ids")
+            start = int(existing.max()) + 1 if len(existing) else 0
+            return np.arange(start, start + n, dtype=np.int64)
+        arr = np.asarray(ids)
+        if arr.shape != (n,):
+            raise ValueError(f"ids must have one entry per vector ({n}), got shape {arr.shape}")
+        if arr.dtype.kind in "iu":
+            arr = arr.astype(np.int64)
+        elif arr.dtype.kind in "US":
+            arr = arr.astype(str)
+        else:
+            raise ValueError(f"ids must be integers or strings, got dtype {arr.dtype}")
+        if len(existing) and (existing.dtype.kind == "i") != (arr.dtype.kind == "i"):
+            raise ValueError(
+                f"ids must be of the same kind as the store's ({existing.dtype}), got {arr.dtype}"
+            )
+        if len(np.unique(arr)) != n:
+            raise ValueError("ids must be unique, got duplicates in the new ids")
+        if len(existing) and np.isin(arr, existing).any():
+            dup = arr[np.isin(arr, existing)][0]
+            raise ValueError(f"ids must be unique, id {dup!r} is already in the store")
+        return arr
+
+    def _encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        # x: [n, D] float32 -> on-disk array and (int8 only) float32 scales [n] or [D].
+        if self.dtype == "float32":
+            return x, None
+        if self.dtype == "float16":
+            if np.abs(x).max(initial=0.0) > 65504:
+                raise ValueError("vectors exceed the float16 range (65504); use dtype='float32'")
+            return x.astype(np.float16), None
+        axis = 1 if self.int8_scale == "per-vector" else 0
+        scale = np.abs(x).max(axis=axis) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        s = scale[:, None] if axis == 1 else scale[None, :]
+        q = np.clip(np.rint(x / s), -127, 127).astype(np.int8)
+        return q, scale
+
+    def _write_npy(self, name: str, arr: np.ndarray) -> None:
+        with atomic_open(self.path / name, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+
+    def _cleanup_orphans(self) -> None:
+        """Remove segment files that no sidecar names (left by a failed append)."""
+        named = {n for s in self._segments for n in (s.data, s.ids, s.scale) if n}
+        for p in self.path.iterdir():
+            if p.name.startswith(("seg-", "ids-", "scale-", ".seg-", ".ids-", ".scale-")):
+                if p.name not in named:
+                    p.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ reading
+    def _load(self, name: str) -> np.ndarray:
+        arr = self._maps.get(name)
+        if arr is None:
+            file = self.path / name
+            if not file.exists():
+                raise FileNotFoundError(f"store file {file} is missing (the store is damaged)")
+            try:
+                arr = np.load(file, mmap_mode="r", allow_pickle=False)
+            except ValueError as exc:
+                raise ValueError(f"store file {file} is truncated or damaged ({exc})") from None
+            self._maps[name] = arr
+        return arr
+
+    def _decode(self, seg: _Segment, rows: slice | np.ndarray, dims: int) -> np.ndarray:
+        data = self._load(seg.data)
+        out = np.asarray(data[rows, :dims], dtype=np.float32)
+        if seg.scale is not None:
+            scale = self._load(seg.scale)
+            if self.int8_scale == "per-vector":
+                out *= np.asarray(scale[rows], dtype=np.float32)[:, None]
+            else:
+                out *= np.asarray(scale[:dims], dtype=np.float32)[None, :]
+        return out
+
+    def _check_dims(self, dims: int | None) -> int:
+        if dims is None:
+            return self.dim
+        if (
+            isinstance(dims, bool)
+            or not isinstance(dims, (int, np.integer))
+            or not 1 <= dims <= self.dim
+        ):
+            raise ValueError(f"dims must be an int in [1, {self.dim}], got dims={dims!r}")
+        return int(dims)
+
+    def iter_blocks(self, block: int = 65536, dims: int | None = None) -> Iterator[np.ndarray]:
+        """Yield float32 blocks [<=block, dims] in row order (memory stays bounded)."""
+        dims = self._check_dims(dims)
+        for seg in self._segments:
+            for start in range(0, seg.count, block):
+                yield self._decode(seg, slice(start, min(start + block, seg.count)), dims)
+
+    def read(self, dims: int | None = None) -> np.ndarray:
+        """All rows as one float32 array [N, dims] (in memory)."""
+        dims = self._check_dims(dims)
+        blocks = list(self.iter_blocks(dims=dims))
+        return np.concatenate(blocks) if blocks else np.zeros((0, dims), np.float32)
+
+    def take(self, rows: np.ndarray, dims: int | None = None) -> np.ndarray:
+        """Rows by position, float32 [len(rows), dims]."""
+        dims = self._check_dims(dims)
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.count):
+            raise ValueError(f"rows must be in [0, {self.count}), got {rows.min()}..{rows.max()}")
+        out = np.empty((len(rows), dims), np.float32)
+        start = 0
+        for seg in self._segments:
+            sel = (rows >= start) & (rows < start + seg.count)
+            if sel.any():
+                out[sel] = self._decode(seg, rows[sel] - start, dims)
+            start += seg.count
+        return out
+
+    def compact(self) -> None:
+        """Rewrite all segments as one (same crash safety as `append`)."""
+        if len(self._segments) <= 1:
+            return
+        x, ids = self.read(), self.ids
+        token = secrets.token_hex(6)
+        old = list(self._segments)
+        # Data is already centred/normalised: encode directly.
+        data, scale = self._encode(x)
+        seg = _Segment(
+            f"seg-{token}.npy",
+            f"ids-{token}.npy",
+            len(x),
+            None if scale is None else f"scale-{token}.npy",
+        )
+        self._write_npy(seg.data, data)
+        if scale is not None:
+            self._write_npy(seg.scale, scale)
+        self._write_npy(seg.ids, ids)
+        meta = dict(self._meta, segments=[seg.to_dict()])
+        atomic_write_json(self.path / SIDECAR, meta)
+        self._meta, self._segments, self._maps = meta, [seg], {}
+        for s in old:
+            for n in (s.data, s.ids, s.scale):
+                if n:
+                    (self.path / n).unlink(missing_ok=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"EmbeddingStore({str(self.path)!r}, count={self.count}, dim={self.dim}, "
+            f"dtype={self.dtype!r}, segments={len(self._segments)})"
+        )

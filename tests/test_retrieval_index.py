@@ -1,0 +1,171 @@
+"""MatryoshkaIndex against the exact reference; selection; save/load; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mrl import Nesting
+from mrl.retrieval import MatryoshkaIndex, SearchConfig, exact_search, funnel_stages
+from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch
+
+NEST = Nesting((4, 8, 16, 32))
+
+
+def _data(n=400, q=30, seed=0):
+    rng = np.random.default_rng(seed)
+    scale = (np.arange(1, 33) ** -0.5).astype(np.float32)  # leading dims carry more energy
+    return (rng.standard_normal((n, 32)) * scale).astype(np.float32), (
+        rng.standard_normal((q, 32)) * scale
+    ).astype(np.float32)
+
+
+def _index(db, **cfg):
+    index = MatryoshkaIndex(NEST, SearchConfig(**cfg), threads=2)
+    index.add(db)
+    return index
+
+
+def test_exact_reference_matches_brute_force():
+    db, q = _data()
+    s, i = exact_search(db, q, 5, block=64)
+    full = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (
+        db / np.linalg.norm(db, axis=1, keepdims=True)
+    ).T
+    np.testing.assert_array_equal(i, np.argsort(-full, axis=1)[:, :5])
+    np.testing.assert_allclose(s, np.sort(full, axis=1)[:, ::-1][:, :5], rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["flat", "numpy", "torch", "hnsw"])
+def test_whole_database_shortlist_equals_exact(backend):
+    db, q = _data()
+    index = _index(db, shortlist_dim=4, shortlist=len(db), backend=backend)
+    res = index.search(q, k=10, ef_search=len(db))
+    s, i = exact_search(db, q, 10)
+    np.testing.assert_array_equal(res.indices, i)
+    np.testing.assert_allclose(res.scores, s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["flat", "numpy", "torch"])
+def test_funnel_backends_agree(backend):
+    db, q = _data()
+    stages = funnel_stages(4, 80, 32, 10, NEST)
+    ref = _index(db, shortlist_dim=4, shortlist=80, stages=stages, backend="numpy").search(q, 10)
+    res = _index(db, shortlist_dim=4, shortlist=80, stages=stages, backend=backend).search(q, 10)
+    np.testing.assert_array_equal(res.indices, ref.indices)
+    np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_funnel_stage_rerank_is_cosine_at_each_prefix():
+    db, q = _data()
+    index = _index(db, shortlist_dim=8, shortlist=len(db), stages=((16, len(db)),))
+    res = index.search(q, k=7)  # last stage = 16 dims, whole database: exact at 16
+    s, i = exact_search(db, q, 7, dims=16)
+    np.testing.assert_array_equal(res.indices, i)
+    np.testing.assert_allclose(res.scores, s, rtol=1e-5, atol=1e-6)
+
+
+def test_funnel_stages_schedule():
+    assert funnel_stages(16, 200, 128, 10, Nesting.doubling(8, 128)) == (
+        (32, 100),
+        (64, 50),
+        (128, 10),
+    )
+    assert funnel_stages(32, 40, 32, 10, NEST) == ((32, 10),)
+
+
+def test_add_after_build_and_ids():
+    db, q = _data()
+    index = _index(db[:200], shortlist_dim=4, shortlist=400)
+    index.search(q, 5)  # builds the shortlist matrix
+    index.add(db[200:])
+    res = index.search(q, 5)
+    _, i = exact_search(db, q, 5)
+    np.testing.assert_array_equal(res.indices, i)
+    np.testing.assert_array_equal(res.ids, i)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "hnsw"])
+def test_save_load_round_trip(tmp_path, backend):
+    db, q = _data()
+    index = _index(db, shortlist_dim=8, shortlist=50, backend=backend)
+    index.tuned = {"target_recall": 0.9}
+    before = index.search(q, 5)
+    index.save(tmp_path / "idx")
+    index.save(tmp_path / "idx")  # overwrite: old files removed
+    loaded = MatryoshkaIndex.load(tmp_path / "idx")
+    after = loaded.search(q, 5)
+    np.testing.assert_array_equal(before.indices, after.indices)
+    assert loaded.tuned == {"target_recall": 0.9} and loaded.config == index.config
+    assert len(list((tmp_path / "idx").glob("vectors-*.npy"))) == 1
+    loaded.add(db[:3])
+    assert loaded.count == len(db) + 3
+
+
+def test_load_rejects_version_and_truncation(tmp_path):
+    db, _ = _data()
+    _index(db).save(tmp_path / "idx")
+    vec = next((tmp_path / "idx").glob("vectors-*.npy"))
+    vec.write_bytes(vec.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated"):
+        MatryoshkaIndex.load(tmp_path / "idx")
+    side = tmp_path / "idx" / "index.json"
+    meta = json.loads(side.read_text())
+    meta["version"] = 7
+    side.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="version 7"):
+        MatryoshkaIndex.load(tmp_path / "idx")
+    side.write_text(side.read_text()[:20])
+    with pytest.raises(ValueError, match="truncated or not valid JSON"):
+        MatryoshkaIndex.load(tmp_path / "idx")
+    with pytest.raises(FileNotFoundError, match="no MatryoshkaIndex"):
+        MatryoshkaIndex.load(tmp_path / "none")
+
+
+def test_bad_input_messages():
+    db, q = _data()
+    index = _index(db)
+    with pytest.raises(ValueError, match=r"queries must have shape \[Q, 32\]"):
+        index.search(q[:, :16])
+    with pytest.raises(ValueError, match="floating point"):
+        index.search(q.astype(np.int64))
+    bad = q.copy()
+    bad[2, 0] = np.nan
+    with pytest.raises(ValueError, match="query 2 has NaN"):
+        index.search(bad)
+    with pytest.raises(ValueError, match=r"k must be <= number of database items \(400\)"):
+        index.search(q, k=500, shortlist=600)
+    with pytest.raises(ValueError, match="shortlist must be >= k"):
+        index.search(q, k=20, shortlist=10)
+    with pytest.raises(ValueError, match="shortlist_dim must be a prefix size"):
+        index.search(q, shortlist_dim=5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        index.search(q, backend="gpu")
+    with pytest.raises(ValueError, match="stages dims must increase"):
+        index.search(q, shortlist_dim=8, stages=((16, 50), (8, 10)))
+    with pytest.raises(ValueError, match="unknown search options"):
+        index.search(q, shortlst=3)
+    with pytest.raises(ValueError, match="dimension 32"):
+        index.add(np.zeros((2, 8)))
+    with pytest.raises(ValueError, match="the index is empty"):
+        MatryoshkaIndex(NEST).search(q)
+
+
+@pytest.mark.parametrize(
+    "n,k,block", [(10_000, 50, None), (1003, 7, 16), (300, 20, 8), (64, 64, 8)]
+)
+def test_blockmax_topk_matches_reference(n, k, block):
+    import torch
+
+    rng = np.random.default_rng(n)
+    s = rng.standard_normal((5, n)).astype(np.float32)
+    ref = np.sort(s, axis=1)[:, ::-1][:, :k]
+    ref_i = np.argsort(-s, axis=1)[:, :k]
+    v, i = blockmax_topk_numpy(s, k, block)
+    np.testing.assert_array_equal(v, ref)
+    np.testing.assert_array_equal(i, ref_i)
+    tv, ti = blockmax_topk_torch(torch.from_numpy(s), k, block)
+    np.testing.assert_array_equal(tv.numpy(), ref)
+    np.testing.assert_array_equal(ti.numpy(), ref_i)

@@ -1,0 +1,145 @@
+"""EmbeddingStore: round trips per dtype, append, ids, crash safety, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mrl import Nesting
+from mrl.retrieval.store import EmbeddingStore
+
+NEST = Nesting((4, 8, 16))
+
+
+def _x(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 0), ("float16", 2e-3), ("int8", 0.03)])
+@pytest.mark.parametrize("scale", ["per-vector", "per-dim"])
+def test_round_trip(tmp_path, dtype, tol, scale):
+    x = _x(50)
+    store = EmbeddingStore.from_array(tmp_path / "s", x, NEST, dtype=dtype, int8_scale=scale)
+    back = EmbeddingStore.open(tmp_path / "s").read()
+    assert back.dtype == np.float32 and back.shape == (50, 16)
+    np.testing.assert_allclose(back, x, atol=tol * np.abs(x).max() + 1e-7)
+    np.testing.assert_allclose(store.read(dims=4), back[:, :4])
+    np.testing.assert_allclose(store.take(np.array([3, 1]), dims=8), back[[3, 1], :8])
+
+
+def test_sidecar_contents(tmp_path):
+    EmbeddingStore.from_array(
+        tmp_path / "s", _x(5), NEST, dtype="float16", normalize=True, center=np.ones(16)
+    )
+    meta = json.loads((tmp_path / "s" / "store.json").read_text())
+    assert meta["nesting"] == NEST.to_dict() and meta["dtype"] == "float16"
+    assert meta["normalized"] is True and meta["count"] == 5 and meta["version"] == 1
+    assert len(meta["center"]) == 16
+
+
+def test_normalize_and_center(tmp_path):
+    x = _x(10)
+    s = EmbeddingStore.from_array(tmp_path / "s", x, NEST, normalize=True, center=x.mean(0))
+    y = (x - x.mean(0)) / np.linalg.norm(x - x.mean(0), axis=1, keepdims=True)
+    np.testing.assert_allclose(s.read(), y, atol=1e-6)
+
+
+def test_append_ids_and_compact(tmp_path):
+    s = EmbeddingStore.from_array(tmp_path / "s", _x(10), NEST)
+    s.append(_x(5, 1))
+    assert s.count == 15 and list(s.ids) == list(range(15))
+    s2 = EmbeddingStore.open(tmp_path / "s")
+    np.testing.assert_array_equal(s2.read(), np.concatenate([_x(10), _x(5, 1)]))
+    s2.compact()
+    np.testing.assert_array_equal(EmbeddingStore.open(tmp_path / "s").read(), s2.read())
+    assert len(list((tmp_path / "s").glob("seg-*.npy"))) == 1
+
+
+def test_string_ids(tmp_path):
+    s = EmbeddingStore.from_array(tmp_path / "s", _x(2), NEST, ids=["a", "b"])
+    with pytest.raises(ValueError, match="already in the store"):
+        s.append(_x(1), ids=["a"])
+    with pytest.raises(ValueError, match="ids must be given"):
+        s.append(_x(1))
+    s.append(_x(1), ids=["c"])
+    assert list(EmbeddingStore.open(tmp_path / "s").ids) == ["a", "b", "c"]
+
+
+def test_crash_mid_append_leaves_store_intact(tmp_path, monkeypatch):
+    s = EmbeddingStore.from_array(tmp_path / "s", _x(10), NEST)
+    before = s.read()
+    import mrl.retrieval.store as mod
+
+    calls = {"n": 0}
+    real = mod.np.save
+
+    def failing_save(f, arr, allow_pickle=False):  # dies after writing half of the 2nd file
+        calls["n"] += 1
+        if calls["n"] == 2:
+            f.write(b"\x93NUMPY partial")
+            raise OSError("disk full (simulated)")
+        return real(f, arr, allow_pickle=allow_pickle)
+
+    monkeypatch.setattr(mod.np, "save", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        s.append(_x(7, 2))
+    monkeypatch.setattr(mod.np, "save", real)
+    again = EmbeddingStore.open(tmp_path / "s")
+    assert again.count == 10
+    np.testing.assert_array_equal(again.read(), before)
+    again.append(_x(3, 3))  # works after the failure, orphans cleaned
+    assert EmbeddingStore.open(tmp_path / "s").count == 13
+    names = {p.name for p in (tmp_path / "s").iterdir()}
+    assert len([n for n in names if n.startswith("seg-")]) == 2
+
+
+def test_crash_before_sidecar_swap(tmp_path, monkeypatch):
+    s = EmbeddingStore.from_array(tmp_path / "s", _x(4), NEST)
+    import mrl.retrieval.store as mod
+
+    def boom(*a, **k):
+        raise OSError("crash before commit (simulated)")
+
+    monkeypatch.setattr(mod, "atomic_write_json", boom)
+    with pytest.raises(OSError, match="simulated"):
+        s.append(_x(2, 1))
+    assert EmbeddingStore.open(tmp_path / "s").count == 4
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        EmbeddingStore.create(tmp_path / "a", NEST, dtype="float64")
+    with pytest.raises(ValueError, match="int8_scale"):
+        EmbeddingStore.create(tmp_path / "a", NEST, dtype="int8", int8_scale="global")
+    s = EmbeddingStore.create(tmp_path / "b", NEST)
+    with pytest.raises(ValueError, match="dimension 16"):
+        s.append(np.zeros((2, 8)))
+    bad = _x(3)
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="row 1 has NaN"):
+        s.append(bad)
+    with pytest.raises(ValueError, match="one entry per vector"):
+        s.append(_x(3), ids=[1, 2])
+    with pytest.raises(FileExistsError, match="already exists"):
+        EmbeddingStore.create(tmp_path / "b", NEST)
+    with pytest.raises(FileNotFoundError, match="no embedding store"):
+        EmbeddingStore.open(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="dims must be"):
+        s.read(dims=99)
+
+
+def test_version_and_truncation(tmp_path):
+    EmbeddingStore.from_array(tmp_path / "s", _x(100), NEST)
+    seg = next((tmp_path / "s").glob("seg-*.npy"))
+    data = seg.read_bytes()
+    seg.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        EmbeddingStore.open(tmp_path / "s")
+    side = tmp_path / "s" / "store.json"
+    meta = json.loads(side.read_text())
+    meta["version"] = 99
+    side.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="version 99"):
+        EmbeddingStore.open(tmp_path / "s")
