@@ -1,0 +1,246 @@
+"""Evaluate cascades: accuracy against expected dims, beside fixed-feature (FF) models.
+
+The labelled evaluation set (e.g. a test set) is split at random, per seed, into a calibration part
+(thresholds are tuned on it) and a test part (everything reported is measured on it). Per seed:
+
+* the curve: cascades fitted for a sweep of tolerances below the full-size prefix's calibration
+  accuracy, each measured on the test part (accuracy, expected dims, heads, head dims);
+* the matched operating point: a cascade fitted to the reference accuracy minus ``match`` (0.5
+  points by default) on the calibration part, then measured on the test part (no test peeking);
+* the headline "N x smaller at the same accuracy": the fewest expected dims of any curve point whose
+  test accuracy is within ``match`` of the reference's test accuracy, against the smallest FF model
+  (or, without FF models, the smallest fixed MRL prefix) that is; the ratio of the two.
+
+The reference ("the full-size model") is the FF model of full size D when FF logits are given,
+otherwise the MRL model's own full-size prefix. Shapes: G prefixes, N samples, C classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mrl.cascade.core import (
+    Cascade,
+    _to_numpy,
+    cascade_costs,
+    check_labels,
+    check_scores,
+    fit_cascade,
+    oracle,
+)
+from mrl.nesting import Nesting
+from mrl.records import Record, make_record
+
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "cascade_curve",
+    "evaluate_cascade",
+    "split_calibration",
+    "summarize",
+]
+
+# Accuracy fractions below the full-size prefix's calibration accuracy (negative: above it).
+DEFAULT_TOLERANCES = (
+    -0.01, -0.005, -0.002, 0.0, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+    0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+)
+
+
+def split_calibration(n: int, fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random disjoint ``(calib_idx, test_idx)`` over ``range(n)``; ``fraction`` goes to calibration."""
+    if not 0.0 < float(fraction) < 1.0:
+        raise ValueError(f"calib_fraction must be in (0, 1), got {fraction}")
+    n_calib = int(round(n * fraction))
+    if n_calib < 1 or n_calib > n - 1:
+        raise ValueError(
+            f"calib_fraction={fraction} of {n} samples leaves an empty calibration or test part"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[:n_calib]), np.sort(perm[n_calib:])
+
+
+def cascade_curve(
+    calib_scores: Any,
+    calib_labels: Any,
+    test_scores: Any,
+    test_labels: Any,
+    nesting: Nesting,
+    tolerances: Sequence[float] = DEFAULT_TOLERANCES,
+    kind: str = "logits",
+) -> list[dict[str, Any]]:
+    """One point per tolerance: fitted on calibration, measured on test (sorted by dims)."""
+    points = []
+    for tol in tolerances:
+        cascade = fit_cascade(calib_scores, calib_labels, nesting, tolerance=tol, kind=kind)
+        point = {"tolerance": float(tol), "thresholds": list(cascade.thresholds)}
+        point.update(cascade.evaluate(test_scores, test_labels, kind=kind))
+        point["calib_accuracy"] = cascade.info["calib_accuracy"]
+        points.append(point)
+    return sorted(points, key=lambda p: (p["expected_dims"], -p["accuracy"]))
+
+
+def _accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    return float((scores.argmax(axis=-1) == labels).mean())
+
+
+def _check_ff(ff_scores: Mapping[int, Any] | None, n: int, c: int) -> dict[int, np.ndarray]:
+    """FF logits ``{m: [N, C]}`` for the same samples as the cascade's scores."""
+    out: dict[int, np.ndarray] = {}
+    for m, s in sorted((ff_scores or {}).items()):
+        arr = _to_numpy(s)
+        if arr.shape != (n, c):
+            raise ValueError(f"ff_scores[{m}] must have shape [N, C]=({n}, {c}), got {arr.shape}")
+        out[int(m)] = arr
+    return out
+
+
+def _smallest_matching(accs: Mapping[int, float], ref: float, match: float) -> int | None:
+    ok = [m for m, a in accs.items() if a >= ref - match - 1e-12]
+    return min(ok) if ok else None
+
+
+def _evaluate_seed(
+    scores: np.ndarray,
+    y: np.ndarray,
+    nesting: Nesting,
+    ff: dict[int, np.ndarray],
+    seed: int,
+    *,
+    calib_fraction: float,
+    match: float,
+    tolerances: Sequence[float],
+    kind: str,
+    context: dict[str, Any],
+) -> tuple[list[Record], dict[str, Any]]:
+    cal, tst = split_calibration(len(y), calib_fraction, seed)
+    ctx = {**context, "seed": seed, "split": "test", "calib_fraction": calib_fraction,
+           "n_calib": len(cal), "n_test": len(tst)}
+    recs: list[Record] = []
+    mrl_acc = {m: _accuracy(scores[g, tst], y[tst]) for g, m in enumerate(nesting.sizes)}
+    ff_acc = {m: _accuracy(s[tst], y[tst]) for m, s in ff.items()}
+    for m, a in mrl_acc.items():
+        recs.append(make_record("mrl", m, "accuracy", a, **ctx))
+    for m, a in ff_acc.items():
+        recs += [make_record("ff", m, "accuracy", a, **ctx),
+                 make_record("ff", m, "expected_dims", m, **ctx)]
+
+    # Reference: FF of full size if given, else the MRL full-size prefix.
+    use_ff = nesting.dim in ff
+    ref_name = f"ff-{nesting.dim}" if use_ff else f"mrl-{nesting.dim}"
+    ref_test = ff_acc[nesting.dim] if use_ff else mrl_acc[nesting.dim]
+    ref_cal = _accuracy(ff[nesting.dim][cal] if use_ff else scores[-1, cal], y[cal])
+
+    o_labels, o_used = oracle(scores[:, tst], y[tst], nesting, kind)
+    o_ctx = {**ctx, "expected_heads": float((np.searchsorted(nesting.sizes, o_used) + 1).mean())}
+    recs += [make_record("oracle", None, "accuracy", float((o_labels == y[tst]).mean()), **o_ctx),
+             make_record("oracle", None, "expected_dims", float(o_used.mean()), **o_ctx)]
+
+    curve = cascade_curve(scores[:, cal], y[cal], scores[:, tst], y[tst], nesting, tolerances, kind)
+    for p in curve:
+        pctx = {**ctx, "point": "curve", "tolerance": p["tolerance"],
+                "expected_heads": p["expected_heads"], "expected_head_dims": p["expected_head_dims"]}
+        recs += [make_record("cascade", p["max_prefix"], "accuracy", p["accuracy"], **pctx),
+                 make_record("cascade", p["max_prefix"], "expected_dims", p["expected_dims"], **pctx)]
+
+    target = min(1.0, max(0.0, ref_cal - match))
+    matched = fit_cascade(scores[:, cal], y[cal], nesting, target_accuracy=target, kind=kind)
+    mres = matched.evaluate(scores[:, tst], y[tst], kind=kind)
+    mctx = {**ctx, "point": "matched", "target": target, "match": match, "reference": ref_name,
+            "thresholds": list(matched.thresholds), "expected_heads": mres["expected_heads"],
+            "expected_head_dims": mres["expected_head_dims"]}
+    recs += [make_record("cascade", mres["max_prefix"], "accuracy", mres["accuracy"], **mctx),
+             make_record("cascade", mres["max_prefix"], "expected_dims", mres["expected_dims"],
+                         **mctx)]
+
+    # Headline from the test curve.
+    ok = [p for p in curve if p["accuracy"] >= ref_test - match - 1e-12]
+    cas_dims = min(p["expected_dims"] for p in ok) if ok else None
+    fixed_name = "ff" if ff else "mrl"
+    fixed_m = _smallest_matching(ff_acc if ff else mrl_acc, ref_test, match)
+    ratio = None if cas_dims is None or fixed_m is None else fixed_m / cas_dims
+    hctx = {**ctx, "point": "match", "match": match, "reference": ref_name}
+    if cas_dims is not None:
+        recs.append(make_record("cascade", None, "dims_to_match", cas_dims, **hctx))
+    if fixed_m is not None:
+        recs.append(make_record(fixed_name, None, "dims_to_match", fixed_m, **hctx))
+    if ratio is not None:
+        recs.append(make_record("cascade", None, "x_smaller", ratio, compared_to=fixed_name, **hctx))
+    summary = {
+        "seed": seed, "reference": ref_name, "reference_test_accuracy": ref_test,
+        "reference_calib_accuracy": ref_cal, "mrl_accuracy": mrl_acc, "ff_accuracy": ff_acc,
+        "oracle_accuracy": float((o_labels == y[tst]).mean()),
+        "oracle_expected_dims": float(o_used.mean()),
+        "matched": {**mres, "target": target, "thresholds": list(matched.thresholds)},
+        "cascade_dims_to_match": cas_dims, "fixed_name": fixed_name,
+        "fixed_dims_to_match": fixed_m, "x_smaller": ratio, "curve": curve,
+        "n_calib": len(cal), "n_test": len(tst),
+    }
+    return recs, summary
+
+
+def evaluate_cascade(
+    scores: Any,
+    labels: Any,
+    nesting: Nesting,
+    *,
+    ff_scores: Mapping[int, Any] | None = None,
+    calib_fraction: float = 0.5,
+    seeds: Sequence[int] = (0, 1, 2),
+    match: float = 0.005,
+    tolerances: Sequence[float] = DEFAULT_TOLERANCES,
+    kind: str = "logits",
+    **context: Any,
+) -> tuple[list[Record], list[dict[str, Any]]]:
+    """Records and per-seed summaries for MRL logits ``scores [G, N, C]`` with ``labels [N]``.
+
+    ``ff_scores`` maps FF size m to that model's logits ``[N, C]`` on the same samples. ``match``
+    is an accuracy fraction (0.005 = 0.5 points); ``context`` (e.g. dataset="fashion-mnist") is
+    added to every record.
+    """
+    arr = check_scores(scores, nesting)
+    y = check_labels(labels, arr.shape[1], arr.shape[2])
+    ff = _check_ff(ff_scores, arr.shape[1], arr.shape[2])
+    if not seeds:
+        raise ValueError(f"seeds must not be empty, got {list(seeds)}")
+    records: list[Record] = []
+    summaries = []
+    for seed in seeds:
+        recs, summ = _evaluate_seed(arr, y, nesting, ff, int(seed), calib_fraction=calib_fraction,
+                                    match=match, tolerances=tolerances, kind=kind, context=context)
+        records += recs
+        summaries.append(summ)
+    return records, summaries
+
+
+def summarize(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample std over seeds of the headline numbers (None where any seed has none)."""
+
+    def stat(key: str, sub: str | None = None) -> dict[str, float] | None:
+        vals = [(s[key] if sub is None else s[key][sub]) for s in summaries]
+        if any(v is None for v in vals):
+            return None
+        v = np.asarray(vals, dtype=np.float64)
+        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+    return {
+        "seeds": [s["seed"] for s in summaries],
+        "reference": summaries[0]["reference"],
+        "reference_test_accuracy": stat("reference_test_accuracy"),
+        "cascade_dims_to_match": stat("cascade_dims_to_match"),
+        "fixed_name": summaries[0]["fixed_name"],
+        "fixed_dims_to_match": stat("fixed_dims_to_match"),
+        "x_smaller": stat("x_smaller"),
+        "matched_accuracy": stat("matched", "accuracy"),
+        "matched_expected_dims": stat("matched", "expected_dims"),
+        "matched_expected_head_dims": stat("matched", "expected_head_dims"),
+        "oracle_accuracy": stat("oracle_accuracy"),
+        "oracle_expected_dims": stat("oracle_expected_dims"),
+    }
+
+
+def costs_of(cascade: Cascade, scores: Any, kind: str = "logits") -> dict[str, float]:
+    """Costs of a cascade on unlabelled data (see `mrl.cascade.core` for their definitions)."""
+    return cascade_costs(cascade.stop_index(scores, kind), cascade.nesting)

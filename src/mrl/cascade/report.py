@@ -1,0 +1,111 @@
+"""Plot and markdown for a cascade evaluation (`mrl.cascade.evaluate.evaluate_cascade`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mrl._optional import require
+
+__all__ = ["curve_table", "headline_markdown", "plot_curves"]
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def _ms(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> str:
+    if stat is None:
+        return "n/a (not reached on some seed)"
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def headline_markdown(summary: dict[str, Any], match: float = 0.005) -> str:
+    """A few sentences and a table with the headline numbers (mean ± std over seeds)."""
+    pts = 100 * match
+    fixed = summary["fixed_name"].upper()
+    lines = [
+        f"Reference (\"full-size model\"): **{summary['reference']}**, test accuracy "
+        f"{_ms(summary['reference_test_accuracy'], 100, 2)} %. Seeds (calibration/test splits): "
+        f"{summary['seeds']}.",
+        "",
+        "| quantity | value (mean ± std over seeds) |",
+        "|---|---|",
+        f"| cascade: fewest expected dims within {pts:g} points of the reference (test curve) | "
+        f"{_ms(summary['cascade_dims_to_match'])} |",
+        f"| smallest {fixed} model within {pts:g} points | "
+        f"{_ms(summary['fixed_dims_to_match'], digits=0)} |",
+        f"| **x smaller** ({fixed} dims / cascade expected dims) | "
+        f"**{_ms(summary['x_smaller'], digits=2)}** |",
+        f"| cascade fitted on calibration to reference - {pts:g} points: test accuracy (%) | "
+        f"{_ms(summary['matched_accuracy'], 100, 2)} |",
+        "| ... its expected dims (= MRL-E classifier cost) | "
+        f"{_ms(summary['matched_expected_dims'])} |",
+        "| ... its expected head dims (independent MRL heads, every head passed) | "
+        f"{_ms(summary['matched_expected_head_dims'])} |",
+        "| oracle (smallest correct prefix): accuracy (%) | "
+        f"{_ms(summary['oracle_accuracy'], 100, 2)} |",
+        f"| oracle: expected dims | {_ms(summary['oracle_expected_dims'])} |",
+    ]
+    return "\n".join(lines)
+
+
+def curve_table(summary_seed: dict[str, Any]) -> str:
+    """The accuracy-vs-dims curve of one seed as a markdown table."""
+    lines = [
+        "| tolerance (points) | calib acc (%) | test acc (%) | expected dims | expected heads | "
+        "expected head dims (MRL) | thresholds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in summary_seed["curve"]:
+        th = ", ".join(f"{t:.3f}" for t in p["thresholds"])
+        lines.append(
+            f"| {100 * p['tolerance']:g} | {_pct(p['calib_accuracy'])} | {_pct(p['accuracy'])} | "
+            f"{p['expected_dims']:.1f} | {p['expected_heads']:.2f} | "
+            f"{p['expected_head_dims']:.1f} | {th} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(
+    summaries: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "", match: float = 0.005
+) -> Path:
+    """Accuracy (%) against expected dims (log scale): cascade curves (one per seed), fixed MRL
+    prefixes, FF models, the oracle and the reference band."""
+    mpl = require("matplotlib", "vision")
+    mpl.use("Agg")
+    plt = require("matplotlib.pyplot", "vision")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, s in enumerate(summaries):
+        xs = [p["expected_dims"] for p in s["curve"]]
+        ys = [100 * p["accuracy"] for p in s["curve"]]
+        ax.plot(xs, ys, "-o", ms=3, color="C0", alpha=1.0 if i == 0 else 0.35,
+                label="MRL cascade (per seed)" if i == 0 else None)
+    s0 = summaries[0]
+    ax.plot(list(s0["mrl_accuracy"]), [100 * a for a in s0["mrl_accuracy"].values()], "s--",
+            color="C2", label="MRL, fixed prefix")
+    if s0["ff_accuracy"]:
+        ax.plot(list(s0["ff_accuracy"]), [100 * a for a in s0["ff_accuracy"].values()], "^--",
+                color="C3", label="FF-m")
+    ax.plot([s0["oracle_expected_dims"]], [100 * s0["oracle_accuracy"]], "*", ms=12, color="C1",
+            label="oracle")
+    ref = 100 * s0["reference_test_accuracy"]
+    ax.axhline(ref, color="grey", lw=0.8)
+    ax.axhline(ref - 100 * match, color="grey", lw=0.8, ls=":",
+               label=f"{s0['reference']} - {100 * match:g} pts")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("expected dims")
+    ax.set_ylabel("test accuracy (%)")
+    lo = min(min(100 * a for a in s0["mrl_accuracy"].values()), ref - 5)
+    ax.set_ylim(max(lo, ref - 15), max(ref + 1.5, 100 * s0["oracle_accuracy"] + 0.5))
+    ax.set_title(title or "Adaptive classification")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

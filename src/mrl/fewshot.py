@@ -1,0 +1,252 @@
+"""Few-shot and long-tail classification at every prefix: nearest class mean (NCM).
+
+For a prefix size m, the class mean of class c is the mean of the support embeddings' prefixes
+``x[:m]`` of that class; a query is assigned the class whose mean has the highest cosine similarity
+with the query's prefix (both re-normalised at m, as every truncated embedding must be). With
+``center=True`` the mean of the support set is subtracted first (from support and queries).
+
+Efficiency: the mean of prefixes is the prefix of the means (and so is the centre), so the class
+means are computed once at full size D, ``[C, D]``. Scores at every prefix then come from one pass
+over D: per chunk ``[m_{g-1}, m_g)`` a partial dot product ``[Q, C]`` and partial squared norms,
+accumulated with a cumulative sum into ``[G, Q, C]`` dot products and ``[G, Q]``, ``[G, C]`` norms.
+`ncm_scores_reference` slices every prefix separately and is the reference the tests compare with.
+
+Protocols (seeded; several draws; the query set is fixed):
+
+* few-shot: n examples per class (n in 1, 5, 10, ...) drawn from a labelled pool;
+* long-tail: a random subset of "tail" classes gets n examples each, the other ("head") classes get
+  ``head_shots`` each (or all they have); accuracy over all queries and over head / tail queries.
+
+Records (`mrl.records`): metric ``ncm_{n}shot`` and ``lt{n}_all`` / ``lt{n}_head`` / ``lt{n}_tail``
+(value = mean accuracy over draws; context ``std``, ``draws``, ``seed``, ``center``).
+Shapes: N pool, Q queries, D full dim, m prefix, G prefixes, C classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mrl.nesting import Nesting
+from mrl.records import Record, make_record
+
+__all__ = [
+    "class_means",
+    "few_shot_eval",
+    "long_tail_eval",
+    "ncm_accuracy",
+    "ncm_scores",
+    "ncm_scores_reference",
+    "sample_support",
+]
+
+_EPS = 1e-12
+
+
+def _as_array(x: Any, name: str, ndim: int) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(arr.shape)}")
+    return arr
+
+
+def _check_xy(x: Any, y: Any, nesting: Nesting, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings ``[N, D]`` (float64) and integer labels ``[N]``."""
+    xs = _as_array(x, name, 2).astype(np.float64, copy=False)
+    nesting.check_dim(xs.shape[1], name)
+    ys = _as_array(y, f"{name}_labels", 1)
+    if ys.shape[0] != xs.shape[0]:
+        raise ValueError(
+            f"{name}_labels must have one label per row of {name} ({xs.shape[0]}), got {ys.shape[0]}"
+        )
+    if not np.issubdtype(ys.dtype, np.integer) or (len(ys) and ys.min() < 0):
+        raise ValueError(f"{name}_labels must be non-negative integers, got dtype {ys.dtype}")
+    return xs, ys.astype(np.int64, copy=False)
+
+
+def class_means(x: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-class mean rows ``[C, D]``; every class needs at least one example."""
+    counts = np.bincount(labels, minlength=num_classes)[:num_classes]
+    if (counts == 0).any():
+        raise ValueError(
+            f"every class needs a support example, got none for classes "
+            f"{np.flatnonzero(counts == 0).tolist()}"
+        )
+    sums = np.zeros((num_classes, x.shape[1]))
+    np.add.at(sums, labels, x)  # [C, D]
+    return sums / counts[:, None]
+
+
+def ncm_scores(
+    support: Any,
+    support_labels: Any,
+    queries: Any,
+    nesting: Nesting,
+    *,
+    num_classes: int | None = None,
+    center: bool = False,
+) -> np.ndarray:
+    """Cosine scores ``[G, Q, C]`` of every query against every class mean, at every prefix."""
+    xs, ys = _check_xy(support, support_labels, nesting, "support")
+    q = _as_array(queries, "queries", 2).astype(np.float64, copy=False)
+    nesting.check_dim(q.shape[1], "queries")
+    C = int(ys.max()) + 1 if num_classes is None else int(num_classes)
+    if center:
+        mu = xs.mean(axis=0)  # [D]; the prefix of the centre is the centre of the prefix
+        xs, q = xs - mu, q - mu
+    means = class_means(xs, ys, C)  # [C, D], once for all prefixes
+    dots, qn, mn = [], [], []
+    for a, b in nesting.chunks:  # one pass over D: partial products per chunk
+        dots.append(q[:, a:b] @ means[:, a:b].T)  # [Q, C]
+        qn.append((q[:, a:b] ** 2).sum(axis=1))  # [Q]
+        mn.append((means[:, a:b] ** 2).sum(axis=1))  # [C]
+    dot = np.cumsum(np.stack(dots), axis=0)  # [G, Q, C]
+    qnorm = np.sqrt(np.cumsum(np.stack(qn), axis=0))  # [G, Q]
+    mnorm = np.sqrt(np.cumsum(np.stack(mn), axis=0))  # [G, C]
+    return dot / np.maximum(qnorm[:, :, None] * mnorm[:, None, :], _EPS)
+
+
+def ncm_scores_reference(
+    support: Any,
+    support_labels: Any,
+    queries: Any,
+    nesting: Nesting,
+    *,
+    num_classes: int | None = None,
+    center: bool = False,
+) -> np.ndarray:
+    """Reference for `ncm_scores`: slice, centre, average and re-normalise each prefix apart."""
+    xs, ys = _check_xy(support, support_labels, nesting, "support")
+    q = np.asarray(queries, dtype=np.float64)
+    C = int(ys.max()) + 1 if num_classes is None else int(num_classes)
+    out = []
+    for m in nesting.sizes:
+        s, qm = xs[:, :m], q[:, :m]
+        if center:
+            mu = s.mean(axis=0)
+            s, qm = s - mu, qm - mu
+        means = np.stack([s[ys == c].mean(axis=0) for c in range(C)])  # [C, m]
+        means = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), np.sqrt(_EPS))
+        qm = qm / np.maximum(np.linalg.norm(qm, axis=1, keepdims=True), np.sqrt(_EPS))
+        out.append(qm @ means.T)
+    return np.stack(out)
+
+
+def ncm_accuracy(scores: np.ndarray, query_labels: np.ndarray) -> np.ndarray:
+    """Accuracy per prefix ``[G]`` from scores ``[G, Q, C]``."""
+    return (scores.argmax(axis=2) == np.asarray(query_labels)[None, :]).mean(axis=1)
+
+
+def sample_support(
+    labels: np.ndarray, shots: dict[int, int | None], rng: np.random.Generator
+) -> np.ndarray:
+    """Indices into ``labels``: ``shots[c]`` examples of class c without replacement (None: all)."""
+    picked = []
+    for c, n in shots.items():
+        idx = np.flatnonzero(labels == c)
+        if n is None:
+            picked.append(idx)
+            continue
+        if n > len(idx):
+            raise ValueError(f"class {c} has {len(idx)} pool examples, fewer than shots={n}")
+        picked.append(rng.choice(idx, size=n, replace=False))
+    return np.concatenate(picked)
+
+
+def _check_shots(shots: Sequence[int], draws: int) -> None:
+    if not shots or any(isinstance(n, bool) or int(n) != n or n < 1 for n in shots):
+        raise ValueError(f"shots must be positive integers, got {list(shots)}")
+    if int(draws) < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+
+
+def _stat(accs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    a = np.stack(accs)  # [draws, G]
+    std = a.std(axis=0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1])
+    return a.mean(axis=0), std
+
+
+def few_shot_eval(
+    pool: Any,
+    pool_labels: Any,
+    queries: Any,
+    query_labels: Any,
+    nesting: Nesting,
+    *,
+    shots: Sequence[int] = (1, 5, 10),
+    draws: int = 5,
+    seed: int = 0,
+    center: bool = False,
+    method: str = "mrl",
+    **context: Any,
+) -> list[Record]:
+    """NCM accuracy with n support examples per class, mean over ``draws`` seeded draws."""
+    _check_shots(shots, draws)
+    px, py = _check_xy(pool, pool_labels, nesting, "pool")
+    qx, qy = _check_xy(queries, query_labels, nesting, "queries")
+    C = int(max(py.max(), qy.max())) + 1
+    rng = np.random.default_rng(seed)
+    records: list[Record] = []
+    for n in shots:
+        accs = []
+        for _ in range(int(draws)):
+            sup = sample_support(py, {c: int(n) for c in range(C)}, rng)
+            s = ncm_scores(px[sup], py[sup], qx, nesting, num_classes=C, center=center)
+            accs.append(ncm_accuracy(s, qy))
+        mean, std = _stat(accs)
+        for g, m in enumerate(nesting.sizes):
+            records.append(make_record(method, m, f"ncm_{n}shot", mean[g], std=float(std[g]),
+                                       draws=int(draws), seed=seed, center=center, **context))
+    return records
+
+
+def long_tail_eval(
+    pool: Any,
+    pool_labels: Any,
+    queries: Any,
+    query_labels: Any,
+    nesting: Nesting,
+    *,
+    tail_shots: Sequence[int] = (1, 5),
+    num_tail: int | None = None,
+    head_shots: int | None = 100,
+    draws: int = 5,
+    seed: int = 0,
+    center: bool = False,
+    method: str = "mrl",
+    **context: Any,
+) -> list[Record]:
+    """NCM with ``num_tail`` random tail classes (default half) of n examples each, the others
+    ``head_shots`` (None: all). Accuracy over all, head and tail queries."""
+    _check_shots(tail_shots, draws)
+    px, py = _check_xy(pool, pool_labels, nesting, "pool")
+    qx, qy = _check_xy(queries, query_labels, nesting, "queries")
+    C = int(max(py.max(), qy.max())) + 1
+    k = C // 2 if num_tail is None else int(num_tail)
+    if not 1 <= k < C:
+        raise ValueError(f"num_tail must be in [1, {C - 1}] for {C} classes, got {num_tail}")
+    rng = np.random.default_rng(seed)
+    records: list[Record] = []
+    for n in tail_shots:
+        parts: dict[str, list[np.ndarray]] = {"all": [], "head": [], "tail": []}
+        for _ in range(int(draws)):
+            tail = set(rng.choice(C, size=k, replace=False).tolist())
+            plan = {c: (int(n) if c in tail else head_shots) for c in range(C)}
+            sup = sample_support(py, plan, rng)
+            s = ncm_scores(px[sup], py[sup], qx, nesting, num_classes=C, center=center)
+            right = s.argmax(axis=2) == qy[None, :]  # [G, Q]
+            is_tail = np.isin(qy, list(tail))
+            parts["all"].append(right.mean(axis=1))
+            parts["head"].append(right[:, ~is_tail].mean(axis=1))
+            parts["tail"].append(right[:, is_tail].mean(axis=1))
+        for part, accs in parts.items():
+            mean, std = _stat(accs)
+            for g, m in enumerate(nesting.sizes):
+                records.append(make_record(
+                    method, m, f"lt{n}_{part}", mean[g], std=float(std[g]), draws=int(draws),
+                    seed=seed, center=center, num_tail=k, head_shots=head_shots, **context))
+    return records

@@ -1,0 +1,105 @@
+"""Few-shot / long-tail NCM at every prefix: one-pass scores vs reference, known answers, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mrl import Nesting
+from mrl.fewshot import (
+    class_means,
+    few_shot_eval,
+    long_tail_eval,
+    ncm_accuracy,
+    ncm_scores,
+    ncm_scores_reference,
+    sample_support,
+)
+
+NEST = Nesting((2, 4, 8))
+
+
+def separable_in_second_chunk(n_per_class: int = 20, C: int = 4, seed: int = 0):
+    """Dims 0..1 are pure noise; dims 2..5 hold a one-hot class code (+ small noise); 6..7 noise.
+    So prefix 2 is at chance, prefixes 4 (partly) and 8 separate the classes."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(C), n_per_class)
+    x = rng.normal(scale=0.05, size=(len(y), 8))
+    x[:, :2] = rng.normal(size=(len(y), 2))
+    x[np.arange(len(y)), 2 + y] += 3.0
+    return x, y
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_one_pass_scores_match_per_prefix_reference(center):
+    rng = np.random.default_rng(1)
+    xs, ys = rng.normal(size=(30, 8)) + 0.5, np.arange(30) % 5
+    q = rng.normal(size=(11, 8)) + 0.5
+    fast = ncm_scores(xs, ys, q, NEST, center=center)
+    ref = ncm_scores_reference(xs, ys, q, NEST, center=center)
+    assert fast.shape == (3, 11, 5)
+    np.testing.assert_allclose(fast, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_means_of_prefixes_are_prefixes_of_means():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(40, 8)), np.arange(40) % 4
+    full = class_means(x, y, 4)
+    for m in NEST.sizes:
+        np.testing.assert_allclose(class_means(x[:, :m], y, 4), full[:, :m])
+
+
+def test_known_answer_noise_prefix_is_at_chance_informative_prefix_is_perfect():
+    x, y = separable_in_second_chunk()
+    q, qy = separable_in_second_chunk(seed=5)
+    acc = ncm_accuracy(ncm_scores(x, y, q, NEST), qy)
+    assert acc[2] == 1.0 and acc[0] < 0.6  # 4 classes: chance is 0.25
+
+
+def test_few_shot_records_and_one_shot_is_enough_on_separable_data():
+    x, y = separable_in_second_chunk()
+    q, qy = separable_in_second_chunk(seed=5)
+    recs = few_shot_eval(x, y, q, qy, NEST, shots=(1, 5), draws=3, seed=0, dataset="toy")
+    assert {(r["metric"], r["prefix"]) for r in recs} == {
+        (f"ncm_{n}shot", m) for n in (1, 5) for m in (2, 4, 8)}
+    full = {r["metric"]: r["value"] for r in recs if r["prefix"] == 8}
+    assert full == {"ncm_1shot": 1.0, "ncm_5shot": 1.0}
+    assert all(r["draws"] == 3 and r["dataset"] == "toy" and r["method"] == "mrl" for r in recs)
+    again = few_shot_eval(x, y, q, qy, NEST, shots=(1, 5), draws=3, seed=0, dataset="toy")
+    assert again == recs  # seeded
+
+
+def test_sample_support_counts_and_errors():
+    y = np.repeat(np.arange(3), 5)
+    idx = sample_support(y, {0: 2, 1: 5, 2: None}, np.random.default_rng(0))
+    assert np.bincount(y[idx]).tolist() == [2, 5, 5] and len(set(idx.tolist())) == 12
+    with pytest.raises(ValueError, match="class 1 has 5 pool examples, fewer than shots=6"):
+        sample_support(y, {1: 6}, np.random.default_rng(0))
+
+
+def test_long_tail_head_and_tail_parts():
+    x, y = separable_in_second_chunk(n_per_class=30, C=6)
+    q, qy = separable_in_second_chunk(n_per_class=10, C=6, seed=3)
+    recs = long_tail_eval(x, y, q, qy, NEST, tail_shots=(1,), num_tail=2, head_shots=20, draws=2)
+    metrics = {r["metric"] for r in recs}
+    assert metrics == {"lt1_all", "lt1_head", "lt1_tail"}
+    by = {(r["metric"], r["prefix"]): r["value"] for r in recs}
+    assert by[("lt1_all", 8)] == 1.0
+    # all = weighted mean of head (4 classes) and tail (2 classes), equal query counts per class
+    assert by[("lt1_all", 2)] == pytest.approx((4 * by[("lt1_head", 2)] + 2 * by[("lt1_tail", 2)]) / 6)
+
+
+def test_bad_input_messages():
+    x, y = separable_in_second_chunk()
+    with pytest.raises(ValueError, match=r"shots must be positive integers, got \[0\]"):
+        few_shot_eval(x, y, x, y, NEST, shots=(0,))
+    with pytest.raises(ValueError, match="draws must be >= 1, got 0"):
+        few_shot_eval(x, y, x, y, NEST, draws=0)
+    with pytest.raises(ValueError, match=r"num_tail must be in \[1, 3\] for 4 classes, got 4"):
+        long_tail_eval(x, y, x, y, NEST, num_tail=4)
+    with pytest.raises(ValueError, match="pool have dimension 6, but the nesting"):
+        few_shot_eval(x[:, :6], y, x, y, NEST)
+    with pytest.raises(ValueError, match=r"pool_labels must have one label per row of pool \(80\)"):
+        few_shot_eval(x, y[:5], x, y, NEST)
+    with pytest.raises(ValueError, match=r"every class needs a support example, got none for classes \[3\]"):
+        ncm_scores(x[y < 3], y[y < 3], x, NEST, num_classes=4)
