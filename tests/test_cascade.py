@@ -1,4 +1,4 @@
-"""Cascade: threshold tuning on constructed cases with known answers, fast vs reference, I/O, errors."""
+"""Cascade: tuning on constructed cases with known answers, fast vs reference, I/O, errors."""
 
 from __future__ import annotations
 
@@ -146,8 +146,11 @@ def test_oracle_smallest_right_prefix_else_full_size():
 def test_cascade_costs_definitions():
     stop = np.array([0, 1, 2, 2])
     c = cascade_costs(stop, NEST)
-    assert c == {"expected_dims": (4 + 8 + 16 + 16) / 4, "expected_heads": (1 + 2 + 3 + 3) / 4,
-                 "expected_head_dims": (4 + 12 + 28 + 28) / 4}
+    assert c == {
+        "expected_dims": (4 + 8 + 16 + 16) / 4,
+        "expected_heads": (1 + 2 + 3 + 3) / 4,
+        "expected_head_dims": (4 + 12 + 28 + 28) / 4,
+    }
     assert _stop_index(np.array([[0.5], [0.5], [0.1]]), (0.6, 0.5)).tolist() == [1]
 
 
@@ -159,7 +162,9 @@ def test_save_load_roundtrip_and_other_nesting(tmp_path):
     cas.save(path)
     back = Cascade.load(path, NEST)
     assert back == cas and back.info == cas.info
-    with pytest.raises(ValueError, match=r"fitted for nesting \[4, 8, 16\].*nesting is \[4, 8, 32\]"):
+    with pytest.raises(
+        ValueError, match=r"fitted for nesting \[4, 8, 16\].*nesting is \[4, 8, 32\]"
+    ):
         Cascade.load(path, Nesting((4, 8, 32)))
     with pytest.raises(FileNotFoundError, match="cascade file not found"):
         Cascade.load(tmp_path / "missing.json")
@@ -187,7 +192,9 @@ def test_bad_calibration_data():
     probs, y = known_case()
     with pytest.raises(ValueError, match="labels are required"):
         fit_cascade(probs, None, NEST, kind="probs")
-    with pytest.raises(ValueError, match=r"labels must have shape \[N\]=\(100,\), got shape \(100, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"labels must have shape \[N\]=\(100,\), got shape \(100, 1\)"
+    ):
         fit_cascade(probs, y[:, None], NEST, kind="probs")
     with pytest.raises(ValueError, match=r"labels must be in \[0, 4\), got 7"):
         fit_cascade(probs, np.where(np.arange(100) == 3, 7, y), NEST, kind="probs")
@@ -203,7 +210,9 @@ def test_bad_calibration_data():
         fit_cascade(probs, y, NEST, tolerance=0.0, target_accuracy=0.9, kind="probs")
     with pytest.raises(ValueError, match=r"target_accuracy must be in \[0, 1\], got 95"):
         fit_cascade(probs, y, NEST, target_accuracy=95, kind="probs")
-    with pytest.raises(ValueError, match=r"budget must be >= the smallest prefix \(4 dims\), got 2"):
+    with pytest.raises(
+        ValueError, match=r"budget must be >= the smallest prefix \(4 dims\), got 2"
+    ):
         fit_cascade(probs, y, NEST, budget=2, kind="probs")
     with pytest.raises(ValueError, match="logits must be finite"):
         fit_cascade(np.full((3, 100, 4), np.nan), y, NEST)

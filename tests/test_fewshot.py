@@ -61,7 +61,8 @@ def test_few_shot_records_and_one_shot_is_enough_on_separable_data():
     q, qy = separable_in_second_chunk(seed=5)
     recs = few_shot_eval(x, y, q, qy, NEST, shots=(1, 5), draws=3, seed=0, dataset="toy")
     assert {(r["metric"], r["prefix"]) for r in recs} == {
-        (f"ncm_{n}shot", m) for n in (1, 5) for m in (2, 4, 8)}
+        (f"ncm_{n}shot", m) for n in (1, 5) for m in (2, 4, 8)
+    }
     full = {r["metric"]: r["value"] for r in recs if r["prefix"] == 8}
     assert full == {"ncm_1shot": 1.0, "ncm_5shot": 1.0}
     assert all(r["draws"] == 3 and r["dataset"] == "toy" and r["method"] == "mrl" for r in recs)
@@ -86,7 +87,9 @@ def test_long_tail_head_and_tail_parts():
     by = {(r["metric"], r["prefix"]): r["value"] for r in recs}
     assert by[("lt1_all", 8)] == 1.0
     # all = weighted mean of head (4 classes) and tail (2 classes), equal query counts per class
-    assert by[("lt1_all", 2)] == pytest.approx((4 * by[("lt1_head", 2)] + 2 * by[("lt1_tail", 2)]) / 6)
+    assert by[("lt1_all", 2)] == pytest.approx(
+        (4 * by[("lt1_head", 2)] + 2 * by[("lt1_tail", 2)]) / 6
+    )
 
 
 def test_bad_input_messages():
@@ -101,5 +104,7 @@ def test_bad_input_messages():
         few_shot_eval(x[:, :6], y, x, y, NEST)
     with pytest.raises(ValueError, match=r"pool_labels must have one label per row of pool \(80\)"):
         few_shot_eval(x, y[:5], x, y, NEST)
-    with pytest.raises(ValueError, match=r"every class needs a support example, got none for classes \[3\]"):
+    with pytest.raises(
+        ValueError, match=r"every class needs a support example, got none for classes \[3\]"
+    ):
         ncm_scores(x[y < 3], y[y < 3], x, NEST, num_classes=4)

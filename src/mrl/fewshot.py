@@ -61,7 +61,8 @@ def _check_xy(x: Any, y: Any, nesting: Nesting, name: str) -> tuple[np.ndarray, 
     ys = _as_array(y, f"{name}_labels", 1)
     if ys.shape[0] != xs.shape[0]:
         raise ValueError(
-            f"{name}_labels must have one label per row of {name} ({xs.shape[0]}), got {ys.shape[0]}"
+            f"{name}_labels must have one label per row of {name} ({xs.shape[0]}), "
+            f"got {ys.shape[0]}"
         )
     if not np.issubdtype(ys.dtype, np.integer) or (len(ys) and ys.min() < 0):
         raise ValueError(f"{name}_labels must be non-negative integers, got dtype {ys.dtype}")
@@ -199,8 +200,19 @@ def few_shot_eval(
             accs.append(ncm_accuracy(s, qy))
         mean, std = _stat(accs)
         for g, m in enumerate(nesting.sizes):
-            records.append(make_record(method, m, f"ncm_{n}shot", mean[g], std=float(std[g]),
-                                       draws=int(draws), seed=seed, center=center, **context))
+            records.append(
+                make_record(
+                    method,
+                    m,
+                    f"ncm_{n}shot",
+                    mean[g],
+                    std=float(std[g]),
+                    draws=int(draws),
+                    seed=seed,
+                    center=center,
+                    **context,
+                )
+            )
     return records
 
 
@@ -246,7 +258,19 @@ def long_tail_eval(
         for part, accs in parts.items():
             mean, std = _stat(accs)
             for g, m in enumerate(nesting.sizes):
-                records.append(make_record(
-                    method, m, f"lt{n}_{part}", mean[g], std=float(std[g]), draws=int(draws),
-                    seed=seed, center=center, num_tail=k, head_shots=head_shots, **context))
+                records.append(
+                    make_record(
+                        method,
+                        m,
+                        f"lt{n}_{part}",
+                        mean[g],
+                        std=float(std[g]),
+                        draws=int(draws),
+                        seed=seed,
+                        center=center,
+                        num_tail=k,
+                        head_shots=head_shots,
+                        **context,
+                    )
+                )
     return records

@@ -12,8 +12,8 @@ saturated to exactly 1.0 in float64 (gap of roughly 37 nats), i.e. it effectivel
 
 Thresholds are tuned greedily on a held-out calibration split, as in the paper: for each prefix in
 turn (smallest first) pick the smallest threshold that keeps calibration accuracy at or above a
-target, assuming every sample not yet answered is answered by the full-size prefix. The target is the
-full-size prefix's calibration accuracy minus a tolerance, or an absolute accuracy. A budget of
+target, assuming every sample not yet answered is answered by the full-size prefix. The target is
+the full-size prefix's calibration accuracy minus a tolerance, or an absolute accuracy. A budget of
 expected dimensions is met by fitting a sweep of targets and keeping the most accurate cascade whose
 calibration cost fits the budget.
 
@@ -112,10 +112,12 @@ def check_thresholds(thresholds: Sequence[float], nesting: Nesting) -> tuple[flo
 
 
 # ----------------------------------------------------------------------------- confidences
-def confidence(scores: Any, nesting: Nesting, kind: str = "logits") -> tuple[np.ndarray, np.ndarray]:
+def confidence(
+    scores: Any, nesting: Nesting, kind: str = "logits"
+) -> tuple[np.ndarray, np.ndarray]:
     """Max softmax probability and argmax per prefix: ``(conf [G, N], pred [G, N])``.
 
-    ``kind="logits"`` applies a numerically stable softmax in float64 (max p = 1 / sum exp(l - max l));
+    ``kind="logits"``: a numerically stable softmax in float64 (max p = 1 / sum exp(l - max l));
     ``kind="probs"`` takes probabilities as given (each row must sum to 1 within 1e-3).
     """
     if kind not in _KINDS:
@@ -403,8 +405,8 @@ def fit_cascade_reference(
     scores: Any, labels: Any, nesting: Nesting, target: float, kind: str = "logits"
 ) -> tuple[float, ...]:
     """Brute-force greedy (reference for tests): for each prefix try every candidate threshold
-    (1, the midpoints between distinct confidences of the samples reaching it, 0) and keep the smallest whose full cascade
-    (later thresholds at 1) reaches ``target`` on the calibration data."""
+    (1, the midpoints between distinct confidences of the samples reaching it, 0) and keep the
+    smallest whose full cascade (later thresholds at 1) reaches ``target`` on calibration data."""
     conf, correct, _ = _prepare(scores, labels, nesting, kind)
     G, N = conf.shape
     fixed: list[float] = []

@@ -44,13 +44,34 @@ __all__ = [
 
 # Accuracy fractions below the full-size prefix's calibration accuracy (negative: above it).
 DEFAULT_TOLERANCES = (
-    -0.01, -0.005, -0.002, 0.0, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
-    0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+    -0.01,
+    -0.005,
+    -0.002,
+    0.0,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
 )
 
 
-def split_calibration(n: int, fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random disjoint ``(calib_idx, test_idx)`` over ``range(n)``; ``fraction`` goes to calibration."""
+def split_calibration(
+    n: int, fraction: float = 0.5, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random disjoint ``(calib_idx, test_idx)`` over ``range(n)``; ``fraction`` to calibration."""
     if not 0.0 < float(fraction) < 1.0:
         raise ValueError(f"calib_fraction must be in (0, 1), got {fraction}")
     n_calib = int(round(n * fraction))
@@ -116,16 +137,24 @@ def _evaluate_seed(
     context: dict[str, Any],
 ) -> tuple[list[Record], dict[str, Any]]:
     cal, tst = split_calibration(len(y), calib_fraction, seed)
-    ctx = {**context, "seed": seed, "split": "test", "calib_fraction": calib_fraction,
-           "n_calib": len(cal), "n_test": len(tst)}
+    ctx = {
+        **context,
+        "seed": seed,
+        "split": "test",
+        "calib_fraction": calib_fraction,
+        "n_calib": len(cal),
+        "n_test": len(tst),
+    }
     recs: list[Record] = []
     mrl_acc = {m: _accuracy(scores[g, tst], y[tst]) for g, m in enumerate(nesting.sizes)}
     ff_acc = {m: _accuracy(s[tst], y[tst]) for m, s in ff.items()}
     for m, a in mrl_acc.items():
         recs.append(make_record("mrl", m, "accuracy", a, **ctx))
     for m, a in ff_acc.items():
-        recs += [make_record("ff", m, "accuracy", a, **ctx),
-                 make_record("ff", m, "expected_dims", m, **ctx)]
+        recs += [
+            make_record("ff", m, "accuracy", a, **ctx),
+            make_record("ff", m, "expected_dims", m, **ctx),
+        ]
 
     # Reference: FF of full size if given, else the MRL full-size prefix.
     use_ff = nesting.dim in ff
@@ -135,25 +164,42 @@ def _evaluate_seed(
 
     o_labels, o_used = oracle(scores[:, tst], y[tst], nesting, kind)
     o_ctx = {**ctx, "expected_heads": float((np.searchsorted(nesting.sizes, o_used) + 1).mean())}
-    recs += [make_record("oracle", None, "accuracy", float((o_labels == y[tst]).mean()), **o_ctx),
-             make_record("oracle", None, "expected_dims", float(o_used.mean()), **o_ctx)]
+    recs += [
+        make_record("oracle", None, "accuracy", float((o_labels == y[tst]).mean()), **o_ctx),
+        make_record("oracle", None, "expected_dims", float(o_used.mean()), **o_ctx),
+    ]
 
     curve = cascade_curve(scores[:, cal], y[cal], scores[:, tst], y[tst], nesting, tolerances, kind)
     for p in curve:
-        pctx = {**ctx, "point": "curve", "tolerance": p["tolerance"],
-                "expected_heads": p["expected_heads"], "expected_head_dims": p["expected_head_dims"]}
-        recs += [make_record("cascade", p["max_prefix"], "accuracy", p["accuracy"], **pctx),
-                 make_record("cascade", p["max_prefix"], "expected_dims", p["expected_dims"], **pctx)]
+        pctx = {
+            **ctx,
+            "point": "curve",
+            "tolerance": p["tolerance"],
+            "expected_heads": p["expected_heads"],
+            "expected_head_dims": p["expected_head_dims"],
+        }
+        recs += [
+            make_record("cascade", p["max_prefix"], "accuracy", p["accuracy"], **pctx),
+            make_record("cascade", p["max_prefix"], "expected_dims", p["expected_dims"], **pctx),
+        ]
 
     target = min(1.0, max(0.0, ref_cal - match))
     matched = fit_cascade(scores[:, cal], y[cal], nesting, target_accuracy=target, kind=kind)
     mres = matched.evaluate(scores[:, tst], y[tst], kind=kind)
-    mctx = {**ctx, "point": "matched", "target": target, "match": match, "reference": ref_name,
-            "thresholds": list(matched.thresholds), "expected_heads": mres["expected_heads"],
-            "expected_head_dims": mres["expected_head_dims"]}
-    recs += [make_record("cascade", mres["max_prefix"], "accuracy", mres["accuracy"], **mctx),
-             make_record("cascade", mres["max_prefix"], "expected_dims", mres["expected_dims"],
-                         **mctx)]
+    mctx = {
+        **ctx,
+        "point": "matched",
+        "target": target,
+        "match": match,
+        "reference": ref_name,
+        "thresholds": list(matched.thresholds),
+        "expected_heads": mres["expected_heads"],
+        "expected_head_dims": mres["expected_head_dims"],
+    }
+    recs += [
+        make_record("cascade", mres["max_prefix"], "accuracy", mres["accuracy"], **mctx),
+        make_record("cascade", mres["max_prefix"], "expected_dims", mres["expected_dims"], **mctx),
+    ]
 
     # Headline from the test curve.
     ok = [p for p in curve if p["accuracy"] >= ref_test - match - 1e-12]
@@ -167,16 +213,26 @@ def _evaluate_seed(
     if fixed_m is not None:
         recs.append(make_record(fixed_name, None, "dims_to_match", fixed_m, **hctx))
     if ratio is not None:
-        recs.append(make_record("cascade", None, "x_smaller", ratio, compared_to=fixed_name, **hctx))
+        recs.append(
+            make_record("cascade", None, "x_smaller", ratio, compared_to=fixed_name, **hctx)
+        )
     summary = {
-        "seed": seed, "reference": ref_name, "reference_test_accuracy": ref_test,
-        "reference_calib_accuracy": ref_cal, "mrl_accuracy": mrl_acc, "ff_accuracy": ff_acc,
+        "seed": seed,
+        "reference": ref_name,
+        "reference_test_accuracy": ref_test,
+        "reference_calib_accuracy": ref_cal,
+        "mrl_accuracy": mrl_acc,
+        "ff_accuracy": ff_acc,
         "oracle_accuracy": float((o_labels == y[tst]).mean()),
         "oracle_expected_dims": float(o_used.mean()),
         "matched": {**mres, "target": target, "thresholds": list(matched.thresholds)},
-        "cascade_dims_to_match": cas_dims, "fixed_name": fixed_name,
-        "fixed_dims_to_match": fixed_m, "x_smaller": ratio, "curve": curve,
-        "n_calib": len(cal), "n_test": len(tst),
+        "cascade_dims_to_match": cas_dims,
+        "fixed_name": fixed_name,
+        "fixed_dims_to_match": fixed_m,
+        "x_smaller": ratio,
+        "curve": curve,
+        "n_calib": len(cal),
+        "n_test": len(tst),
     }
     return recs, summary
 
@@ -208,8 +264,18 @@ def evaluate_cascade(
     records: list[Record] = []
     summaries = []
     for seed in seeds:
-        recs, summ = _evaluate_seed(arr, y, nesting, ff, int(seed), calib_fraction=calib_fraction,
-                                    match=match, tolerances=tolerances, kind=kind, context=context)
+        recs, summ = _evaluate_seed(
+            arr,
+            y,
+            nesting,
+            ff,
+            int(seed),
+            calib_fraction=calib_fraction,
+            match=match,
+            tolerances=tolerances,
+            kind=kind,
+            context=context,
+        )
         records += recs
         summaries.append(summ)
     return records, summaries

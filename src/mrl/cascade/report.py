@@ -27,7 +27,7 @@ def headline_markdown(summary: dict[str, Any], match: float = 0.005) -> str:
     pts = 100 * match
     fixed = summary["fixed_name"].upper()
     lines = [
-        f"Reference (\"full-size model\"): **{summary['reference']}**, test accuracy "
+        f'Reference ("full-size model"): **{summary["reference"]}**, test accuracy '
         f"{_ms(summary['reference_test_accuracy'], 100, 2)} %. Seeds (calibration/test splits): "
         f"{summary['seeds']}.",
         "",
@@ -70,7 +70,10 @@ def curve_table(summary_seed: dict[str, Any]) -> str:
 
 
 def plot_curves(
-    summaries: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "", match: float = 0.005
+    summaries: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    title: str = "",
+    match: float = 0.005,
 ) -> Path:
     """Accuracy (%) against expected dims (log scale): cascade curves (one per seed), fixed MRL
     prefixes, FF models, the oracle and the reference band."""
@@ -81,20 +84,48 @@ def plot_curves(
     for i, s in enumerate(summaries):
         xs = [p["expected_dims"] for p in s["curve"]]
         ys = [100 * p["accuracy"] for p in s["curve"]]
-        ax.plot(xs, ys, "-o", ms=3, color="C0", alpha=1.0 if i == 0 else 0.35,
-                label="MRL cascade (per seed)" if i == 0 else None)
+        ax.plot(
+            xs,
+            ys,
+            "-o",
+            ms=3,
+            color="C0",
+            alpha=1.0 if i == 0 else 0.35,
+            label="MRL cascade (per seed)" if i == 0 else None,
+        )
     s0 = summaries[0]
-    ax.plot(list(s0["mrl_accuracy"]), [100 * a for a in s0["mrl_accuracy"].values()], "s--",
-            color="C2", label="MRL, fixed prefix")
+    ax.plot(
+        list(s0["mrl_accuracy"]),
+        [100 * a for a in s0["mrl_accuracy"].values()],
+        "s--",
+        color="C2",
+        label="MRL, fixed prefix",
+    )
     if s0["ff_accuracy"]:
-        ax.plot(list(s0["ff_accuracy"]), [100 * a for a in s0["ff_accuracy"].values()], "^--",
-                color="C3", label="FF-m")
-    ax.plot([s0["oracle_expected_dims"]], [100 * s0["oracle_accuracy"]], "*", ms=12, color="C1",
-            label="oracle")
+        ax.plot(
+            list(s0["ff_accuracy"]),
+            [100 * a for a in s0["ff_accuracy"].values()],
+            "^--",
+            color="C3",
+            label="FF-m",
+        )
+    ax.plot(
+        [s0["oracle_expected_dims"]],
+        [100 * s0["oracle_accuracy"]],
+        "*",
+        ms=12,
+        color="C1",
+        label="oracle",
+    )
     ref = 100 * s0["reference_test_accuracy"]
     ax.axhline(ref, color="grey", lw=0.8)
-    ax.axhline(ref - 100 * match, color="grey", lw=0.8, ls=":",
-               label=f"{s0['reference']} - {100 * match:g} pts")
+    ax.axhline(
+        ref - 100 * match,
+        color="grey",
+        lw=0.8,
+        ls=":",
+        label=f"{s0['reference']} - {100 * match:g} pts",
+    )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("expected dims")
     ax.set_ylabel("test accuracy (%)")
