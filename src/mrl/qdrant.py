@@ -1,0 +1,508 @@
+"""Scale-out search on Qdrant: export an embedding store as named prefix vectors, query the funnel.
+
+Layout of a collection (`QdrantLayout`): one *named vector* per chosen prefix size, ``"d16"``
+holding ``x[:16]``, ``"d384"`` holding ``x[:384]`` ..., all with cosine (or dot) distance; Qdrant
+normalises cosine vectors on upload, which is exactly the prefix re-normalisation MRL needs.
+Point id = the row number in the store (deterministic, so re-sending a batch overwrites rather
+than duplicates); the payload holds ``{"id": <store id>, "row": <row>}``.
+
+The Matryoshka funnel is one Qdrant query: nested prefetches, the innermost a nearest-neighbour
+search on the smallest named vector with ``limit=shortlist``, each outer one rescoring the
+candidates of the one inside with a larger named vector::
+
+    QueryRequest(query=Nearest(q[:D], using="dD"), limit=k,
+                 prefetches=[Prefetch(query=Nearest(q[:m2], using="dm2"), limit=K2,
+                                      prefetches=[Prefetch(query=Nearest(q[:Ds], using="dDs"),
+                                                           limit=K)])])
+
+Two targets share that code: `EdgeTarget` (qdrant-edge-py, the Qdrant engine in-process, one shard
+in a local folder) and `ClientTarget` (qdrant-client: a server or cluster by URL, or its local
+``":memory:"`` mode).
+
+`export_qdrant` writes in batches with retries and keeps a progress marker (a JSON file, written
+atomically after each acknowledged batch); a killed export resumes from the marker, and because
+point ids are row numbers, the batch that was in flight is simply written again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from mrl._optional import require
+from mrl.io import atomic_write_json
+from mrl.nesting import Nesting
+
+__all__ = [
+    "ClientTarget",
+    "EdgeTarget",
+    "ExportReport",
+    "FunnelPlan",
+    "QdrantIndex",
+    "QdrantLayout",
+    "export_qdrant",
+    "open_target",
+]
+
+MARKER_FORMAT = "mrl-qdrant-export"
+MARKER_VERSION = 1
+DISTANCES = ("cosine", "dot")
+
+
+@dataclass(frozen=True)
+class QdrantLayout:
+    """Which prefixes a collection stores (one named vector each) and the distance."""
+
+    prefixes: tuple[int, ...]  # strictly increasing prefix sizes; the last is usually D
+    distance: str = "cosine"  # "cosine" (prefix re-normalised by Qdrant) or "dot"
+
+    def __post_init__(self) -> None:
+        Nesting(tuple(self.prefixes))  # validates: positive, strictly increasing
+        object.__setattr__(self, "prefixes", tuple(int(p) for p in self.prefixes))
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {list(DISTANCES)}, got {self.distance!r}")
+
+    @staticmethod
+    def name(m: int) -> str:
+        """Named vector holding prefix ``m``."""
+        return f"d{m}"
+
+    @property
+    def dim(self) -> int:
+        return self.prefixes[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prefixes": list(self.prefixes), "distance": self.distance}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QdrantLayout:
+        return cls(tuple(data["prefixes"]), data.get("distance", "cosine"))
+
+
+@dataclass(frozen=True)
+class FunnelPlan:
+    """A funnel: shortlist ``shortlist`` points on prefix ``shortlist_dim``, then rerank stages.
+
+    ``stages`` are ``(prefix, keep)`` pairs with growing prefixes; the last stage's ``keep`` is
+    ``k``. The default rerank is one stage at the layout's largest prefix (the paper's D_s -> D).
+    """
+
+    k: int
+    shortlist_dim: int
+    shortlist: int
+    stages: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def build(cls, layout: QdrantLayout, k: int, shortlist_dim: int | None = None,
+              shortlist: int | None = None,
+              stages: Sequence[Sequence[int]] | None = None) -> FunnelPlan:
+        """Fill defaults and validate against ``layout`` (errors name the parameter)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive int, got k={k!r}")
+        ds = layout.prefixes[0] if shortlist_dim is None else int(shortlist_dim)
+        if ds not in layout.prefixes:
+            raise ValueError(f"shortlist_dim={ds} is not stored in the collection; stored "
+                             f"prefixes: {list(layout.prefixes)}")
+        K = max(10 * k, 200) if shortlist is None else int(shortlist)
+        if K < k:
+            raise ValueError(f"shortlist must be >= k ({k}), got shortlist={K}")
+        if stages is None:
+            plan = ((layout.dim, k),) if ds != layout.dim else ()
+        else:
+            plan = tuple((int(m), int(n)) for m, n in stages)
+        prev_m, prev_n = ds, K
+        for i, (m, n) in enumerate(plan):
+            if m not in layout.prefixes:
+                raise ValueError(f"stages[{i}] prefix {m} is not stored in the collection; "
+                                 f"stored prefixes: {list(layout.prefixes)}")
+            if m <= prev_m or n > prev_n or n < 1:
+                raise ValueError(f"stages[{i}]=({m}, {n}) must grow the prefix (> {prev_m}) and "
+                                 f"keep between 1 and {prev_n} points")
+            prev_m, prev_n = m, n
+        if plan and plan[-1][1] != k:
+            plan = plan[:-1] + ((plan[-1][0], k),)  # the last stage returns k results
+        return cls(int(k), ds, K, plan)
+
+
+class Target(Protocol):
+    """One Qdrant collection, whichever engine holds it."""
+
+    def ensure(self, layout: QdrantLayout) -> None: ...
+    def count(self) -> int: ...
+    def upsert(self, rows: np.ndarray, vectors: dict[str, np.ndarray],
+               payloads: list[dict]) -> None: ...
+    def funnel(self, queries: np.ndarray, plan: FunnelPlan, layout: QdrantLayout,
+               exact: bool) -> list[list[tuple[int, float, dict]]]: ...
+    def point_ids(self) -> np.ndarray: ...
+    def layout(self) -> QdrantLayout | None: ...
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------- qdrant-edge-py
+class EdgeTarget:
+    """A collection held in-process by Qdrant Edge (one shard in folder ``path``).
+
+    The folder holds the shard (``path/shard``) and the layout (``path/layout.json``).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.qe = require("qdrant_edge", "qdrant")
+        self.path = Path(path)
+        self.shard = None
+        if (self.path / "shard").is_dir() and self._layout_file.is_file():
+            self.shard = self.qe.EdgeShard.load(str(self.path / "shard"))
+
+    @property
+    def _layout_file(self) -> Path:
+        return self.path / "layout.json"
+
+    def layout(self) -> QdrantLayout | None:
+        if not self._layout_file.is_file():
+            return None
+        return QdrantLayout.from_dict(json.loads(self._layout_file.read_text()))
+
+    def ensure(self, layout: QdrantLayout) -> None:
+        existing = self.layout()
+        if existing is not None:
+            if existing != layout:
+                raise ValueError(f"collection at {self.path} has layout {existing.to_dict()}, "
+                                 f"not {layout.to_dict()}")
+            if self.shard is None:
+                self.shard = self.qe.EdgeShard.load(str(self.path / "shard"))
+            return
+        qe = self.qe
+        dist = qe.Distance.Cosine if layout.distance == "cosine" else qe.Distance.Dot
+        vectors = {layout.name(m): qe.EdgeVectorParams(m, dist) for m in layout.prefixes}
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.shard = qe.EdgeShard.create(str(self.path / "shard"), qe.EdgeConfig(vectors=vectors))
+        atomic_write_json(self._layout_file, layout.to_dict())
+
+    def count(self) -> int:
+        return 0 if self.shard is None else int(self.shard.count(self.qe.CountRequest(exact=True)))
+
+    def upsert(self, rows: np.ndarray, vectors: dict[str, np.ndarray],
+               payloads: list[dict]) -> None:
+        qe = self.qe
+        lists = {name: v.tolist() for name, v in vectors.items()}
+        points = [qe.Point(int(r), {name: lists[name][i] for name in lists}, payloads[i])
+                  for i, r in enumerate(rows)]
+        self.shard.update(qe.UpdateOperation.upsert_points(points))
+        self.shard.flush()  # durable before the progress marker moves on
+
+    def _nearest(self, vec: np.ndarray, name: str):
+        return self.qe.Query.Nearest(vec.tolist(), using=name)
+
+    def funnel(self, queries: np.ndarray, plan: FunnelPlan, layout: QdrantLayout,
+               exact: bool) -> list[list[tuple[int, float, dict]]]:
+        qe = self.qe
+        params = qe.SearchParams(exact=exact)
+        requests = []
+        for q in queries:  # q: [D]
+            inner = qe.Prefetch(limit=plan.shortlist, params=params, query=self._nearest(
+                q[: plan.shortlist_dim], layout.name(plan.shortlist_dim)))
+            if not plan.stages:  # shortlist only: the shortlist stage is the answer
+                requests.append(qe.QueryRequest(limit=plan.k, params=params, with_payload=True,
+                                                query=inner.query))
+                continue
+            for m, keep in plan.stages[:-1]:
+                inner = qe.Prefetch(limit=keep, prefetches=[inner],
+                                    query=self._nearest(q[:m], layout.name(m)))
+            m_last = plan.stages[-1][0]
+            requests.append(qe.QueryRequest(limit=plan.k, prefetches=[inner], with_payload=True,
+                                            query=self._nearest(q[:m_last], layout.name(m_last))))
+        results = self.shard.query_batch(qe.QueryBatchRequest(requests))
+        return [[(int(p.id), float(p.score), p.payload or {}) for p in r] for r in results]
+
+    def point_ids(self) -> np.ndarray:
+        ids, offset = [], None
+        while True:
+            recs, offset = self.shard.scroll(self.qe.ScrollRequest(
+                offset=offset, limit=10_000, with_payload=False, with_vector=False))
+            ids.extend(int(r.id) for r in recs)
+            if offset is None:
+                return np.asarray(ids, dtype=np.int64)
+
+    def close(self) -> None:
+        if self.shard is not None:
+            self.shard.close()
+            self.shard = None
+
+
+# ---------------------------------------------------------------------- qdrant-client
+class ClientTarget:
+    """A collection on a Qdrant server or cluster (``url``), or qdrant-client's ``":memory:"``."""
+
+    def __init__(self, collection: str, url: str | None = None, client: Any = None,
+                 timeout_s: float = 60.0, shard_number: int | None = None,
+                 replication_factor: int | None = None) -> None:
+        qc = require("qdrant_client", "qdrant")
+        self.models = qc.models
+        self.collection = collection
+        self.shard_number, self.replication_factor = shard_number, replication_factor
+        if client is None:
+            client = qc.QdrantClient(location=":memory:") if url == ":memory:" else \
+                qc.QdrantClient(url=url, timeout=int(timeout_s))
+        self.client = client
+
+    def layout(self) -> QdrantLayout | None:
+        if not self.client.collection_exists(self.collection):
+            return None
+        info = self.client.get_collection(self.collection)
+        vectors = info.config.params.vectors
+        if not isinstance(vectors, dict):
+            raise ValueError(f"collection {self.collection!r} has no named vectors; it was not "
+                             "written by mrl export")
+        sizes = sorted(v.size for v in vectors.values())
+        dist = next(iter(vectors.values())).distance
+        return QdrantLayout(tuple(sizes), "cosine" if dist == self.models.Distance.COSINE
+                            else "dot")
+
+    def ensure(self, layout: QdrantLayout) -> None:
+        existing = self.layout()
+        if existing is not None:
+            if existing != layout:
+                raise ValueError(f"collection {self.collection!r} has layout "
+                                 f"{existing.to_dict()}, not {layout.to_dict()}")
+            return
+        m = self.models
+        dist = m.Distance.COSINE if layout.distance == "cosine" else m.Distance.DOT
+        self.client.create_collection(
+            self.collection,
+            vectors_config={layout.name(p): m.VectorParams(size=p, distance=dist)
+                            for p in layout.prefixes},
+            shard_number=self.shard_number, replication_factor=self.replication_factor)
+
+    def count(self) -> int:
+        if not self.client.collection_exists(self.collection):
+            return 0
+        return int(self.client.count(self.collection, exact=True).count)
+
+    def upsert(self, rows: np.ndarray, vectors: dict[str, np.ndarray],
+               payloads: list[dict]) -> None:
+        lists = {name: v.tolist() for name, v in vectors.items()}
+        points = [self.models.PointStruct(id=int(r), vector={n: lists[n][i] for n in lists},
+                                          payload=payloads[i]) for i, r in enumerate(rows)]
+        self.client.upsert(self.collection, points=points, wait=True)
+
+    def funnel(self, queries: np.ndarray, plan: FunnelPlan, layout: QdrantLayout,
+               exact: bool) -> list[list[tuple[int, float, dict]]]:
+        m = self.models
+        params = m.SearchParams(exact=exact)
+        requests = []
+        for q in queries:  # q: [D]
+            inner = m.Prefetch(query=q[: plan.shortlist_dim].tolist(), params=params,
+                               using=layout.name(plan.shortlist_dim), limit=plan.shortlist)
+            if not plan.stages:
+                requests.append(m.QueryRequest(query=inner.query, using=inner.using, params=params,
+                                               limit=plan.k, with_payload=True))
+                continue
+            for dim, keep in plan.stages[:-1]:
+                inner = m.Prefetch(prefetch=[inner], query=q[:dim].tolist(),
+                                   using=layout.name(dim), limit=keep)
+            dim = plan.stages[-1][0]
+            requests.append(m.QueryRequest(prefetch=[inner], query=q[:dim].tolist(),
+                                           using=layout.name(dim), limit=plan.k,
+                                           with_payload=True))
+        responses = self.client.query_batch_points(self.collection, requests=requests)
+        return [[(int(p.id), float(p.score), p.payload or {}) for p in r.points]
+                for r in responses]
+
+    def point_ids(self) -> np.ndarray:
+        ids, offset = [], None
+        while True:
+            recs, offset = self.client.scroll(self.collection, limit=10_000, offset=offset,
+                                              with_payload=False, with_vectors=False)
+            ids.extend(int(r.id) for r in recs)
+            if offset is None:
+                return np.asarray(ids, dtype=np.int64)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_target(collection: str, url: str | None = None, path: str | os.PathLike | None = None,
+                **client_options: Any) -> Target:
+    """``path``: an Edge folder (the collection lives in ``path/collection``); ``url``: a server,
+    a cluster node, or ``":memory:"``. Exactly one of the two."""
+    if (url is None) == (path is None):
+        raise ValueError(f"give exactly one of url or path, got url={url!r}, path={path!r}")
+    if not collection or "/" in collection:
+        raise ValueError(f"collection must be a non-empty name without '/', got {collection!r}")
+    if path is not None:
+        return EdgeTarget(Path(path) / collection)
+    return ClientTarget(collection, url=url, **client_options)
+
+
+# ---------------------------------------------------------------------- export
+@dataclass
+class ExportReport:
+    """What `export_qdrant` did."""
+
+    total: int  # rows in the store (= points in the collection at the end)
+    written: int  # rows sent by this call (0 when everything was already exported)
+    resumed_from: int  # first row this call wrote (0 = fresh start)
+    batches: int  # batches sent by this call
+    retries: int  # failed attempts that were retried
+    seconds: float
+
+
+def _with_retries(fn: Callable[[], None], retries: int, backoff_s: float) -> int:
+    """Run ``fn``; on an exception retry up to ``retries`` times with exponential backoff.
+
+    Returns the number of failed attempts; re-raises the last error when all attempts fail.
+    """
+    for attempt in range(retries + 1):
+        try:
+            fn()
+            return attempt
+        except Exception:
+            if attempt == retries:
+                raise
+            time.sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _fingerprint(store, layout: QdrantLayout, collection: str) -> dict[str, Any]:
+    ids = store.ids
+    first = ids[:1].tolist()
+    last = ids[-1:].tolist()
+    return {"collection": collection, "count": int(store.count), "dim": int(store.dim),
+            "layout": layout.to_dict(), "first_id": first, "last_id": last}
+
+
+def _read_marker(path: Path, fingerprint: dict) -> int:
+    """Rows already exported according to the marker (0 without one); refuses a foreign one."""
+    if not path.is_file():
+        return 0
+    data = json.loads(path.read_text())
+    if data.get("format") != MARKER_FORMAT or data.get("version") != MARKER_VERSION:
+        raise ValueError(f"progress file {path} is not an mrl export marker (v{MARKER_VERSION})")
+    if data.get("fingerprint") != fingerprint:
+        raise ValueError(f"progress file {path} belongs to another export "
+                         f"({data.get('fingerprint')}); remove it or pass another --progress")
+    return int(data["done"])
+
+
+def export_qdrant(
+    store,
+    target: Target,
+    layout: QdrantLayout,
+    progress_path: str | os.PathLike,
+    *,
+    collection: str = "",
+    batch_size: int = 1024,
+    retries: int = 5,
+    backoff_s: float = 0.5,
+    on_batch: Callable[[int, int], None] | None = None,
+    show_progress: bool = False,
+) -> ExportReport:
+    """Write every row of ``store`` (an `EmbeddingStore`) into ``target`` with ``layout``.
+
+    Resumable: the marker at ``progress_path`` records how many rows are acknowledged; a new call
+    starts there (and rewrites the batch that was in flight, harmlessly: ids are row numbers).
+    When the collection holds fewer points than the marker claims (a server lost data), the export
+    starts again from row 0. ``on_batch(done, total)`` is called after each batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    if layout.dim > store.dim:
+        raise ValueError(f"layout prefixes {list(layout.prefixes)} exceed the store's "
+                         f"dimension {store.dim}")
+    t0 = time.perf_counter()
+    progress_path = Path(progress_path)
+    fingerprint = _fingerprint(store, layout, collection)
+    done = _read_marker(progress_path, fingerprint)
+    target.ensure(layout)
+    if target.count() < done:  # marker ahead of the data: trust the data, start over
+        done = 0
+    start, total, ids = done, store.count, store.ids
+    report = ExportReport(total, 0, start, 0, 0, 0.0)
+    bar = _progress_bar(total, start, show_progress)
+    while done < total:
+        end = min(done + batch_size, total)
+        rows = np.arange(done, end, dtype=np.int64)
+        x = store.take(rows, dims=layout.dim)  # [b, D_layout] float32
+        vectors = {layout.name(m): x[:, :m] for m in layout.prefixes}
+        payloads = [{"id": _jsonable(ids[r]), "row": int(r)} for r in rows]
+        report.retries += _with_retries(
+            functools.partial(target.upsert, rows, vectors, payloads), retries, backoff_s)
+        report.batches += 1
+        report.written += end - done
+        done = end
+        atomic_write_json(progress_path, {"format": MARKER_FORMAT, "version": MARKER_VERSION,
+                                          "fingerprint": fingerprint, "done": done})
+        if bar is not None:
+            bar.update(end - rows[0])
+        if on_batch is not None:
+            on_batch(done, total)
+    if bar is not None:
+        bar.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _jsonable(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _progress_bar(total: int, initial: int, show: bool):
+    if not show:
+        return None
+    tqdm = require("tqdm", "vision").tqdm
+    return tqdm(total=total, initial=initial, unit="pt", desc="export")
+
+
+# ---------------------------------------------------------------------- search
+@dataclass
+class QdrantIndex:
+    """`MatryoshkaIndex`-like search against a Qdrant collection written by `export_qdrant`.
+
+    Example:
+        >>> index = QdrantIndex(open_target("docs", path="qdrant/"))
+        >>> scores, ids = index.search(queries, k=10, shortlist_dim=16, shortlist=200)
+    """
+
+    target: Target
+    layout: QdrantLayout = field(default=None)  # read from the collection when None
+    exact: bool = True  # exact scan of each stage (True) or Qdrant's HNSW on the shortlist prefix
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            self.layout = self.target.layout()
+            if self.layout is None:
+                raise FileNotFoundError("the Qdrant collection does not exist (export it first)")
+
+    def __len__(self) -> int:
+        return self.target.count()
+
+    def search(self, queries: np.ndarray, k: int = 10, *, shortlist_dim: int | None = None,
+               shortlist: int | None = None, stages: Sequence[Sequence[int]] | None = None):
+        """Funnel search; returns (scores [Q, k], store ids [Q, k]) like the in-process index.
+
+        ``queries`` are [Q, D] (D >= the layout's largest prefix). Rows with fewer than k hits
+        (a tiny collection) are padded with score -inf and id -1.
+        """
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] < self.layout.dim:
+            raise ValueError(f"queries must have shape [Q, >= {self.layout.dim}], got {q.shape}")
+        if not np.isfinite(q).all():
+            raise ValueError("queries must be finite (no NaN or inf)")
+        plan = FunnelPlan.build(self.layout, k, shortlist_dim, shortlist, stages)
+        hits = self.target.funnel(q, plan, self.layout, self.exact)
+        scores = np.full((len(q), k), -np.inf, dtype=np.float32)  # [Q, k]
+        ids: list[list[Any]] = [[-1] * k for _ in hits]
+        for i, row in enumerate(hits):
+            for j, (point, score, payload) in enumerate(row[:k]):
+                scores[i, j] = score
+                ids[i][j] = payload.get("id", point)
+        return scores, np.asarray(ids)  # int64 ids, or str ids for a store with string ids

@@ -1,0 +1,154 @@
+"""Micro-batching across concurrent requests.
+
+A model embeds 64 texts in far less than 64 times the time of one (one forward pass, better use of
+the matrix units), so the service collects the texts of concurrent requests for up to
+``max_wait_ms`` (or until ``max_batch_size`` texts are waiting), runs the encoder once in a worker
+thread, and hands each request its rows. `DirectRunner` is the unbatched reference: one encoder
+call per request, with the same thread and the same interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["DirectRunner", "MicroBatcher"]
+
+EncodeFn = Callable[[Sequence[str]], np.ndarray]  # texts -> [B, D]
+
+
+@dataclass
+class _Pending:
+    texts: list[str]
+    future: asyncio.Future = field(repr=False)
+
+
+class DirectRunner:
+    """No batching: each request runs the encoder on its own texts (in one worker thread)."""
+
+    def __init__(self, encode: EncodeFn) -> None:
+        self._encode = encode
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrl-encode")
+        self.batches = 0
+
+    async def start(self) -> None:  # same lifecycle as MicroBatcher
+        return None
+
+    async def stop(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, texts: Sequence[str]) -> np.ndarray:
+        self.batches += 1
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._encode, list(texts))
+
+
+class MicroBatcher:
+    """Collect texts from concurrent `submit` calls into one encoder call.
+
+    Args:
+        encode: the batch function, texts -> float32 [B, D].
+        max_batch_size: most texts per encoder call; a single larger request runs alone.
+        max_wait_ms: how long the first waiting request may wait for company.
+
+    One batch runs at a time: the encoder already uses every core, and requests that arrive while
+    it runs form the next batch, so under load batches fill up without any waiting at all.
+    Requests are served first come, first served.
+    """
+
+    def __init__(self, encode: EncodeFn, max_batch_size: int = 64, max_wait_ms: float = 2.0):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self._encode = encode
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._pending: deque[_Pending] = deque()
+        self._queued = 0  # texts waiting in _pending
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrl-batch")
+        self.batches = 0  # encoder calls made, for tests and metrics
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # texts per encoder call
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.create_task(self._run(), name="mrl-micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts`` (float32 [len(texts), D]) as part of whatever batch forms."""
+        if self._wakeup is None:
+            raise RuntimeError("MicroBatcher.start() was not called")
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(list(texts), future))
+        self._queued += len(texts)
+        self._wakeup.set()
+        return await future
+
+    async def _wait(self, timeout: float | None) -> bool:
+        """Wait for a new submission; False when ``timeout`` seconds pass first."""
+        assert self._wakeup is not None
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _collect(self) -> list[_Pending]:
+        """Wait for a request, give it up to max_wait_s to gain company, take a batch."""
+        while not self._pending:
+            await self._wait(None)
+        deadline = time.monotonic() + self.max_wait_s
+        while self._queued < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await self._wait(remaining):
+                break
+        batch = [self._pending.popleft()]  # always at least one, however large
+        size = len(batch[0].texts)
+        while self._pending and size + len(self._pending[0].texts) <= self.max_batch_size:
+            batch.append(self._pending.popleft())
+            size += len(batch[-1].texts)
+        self._queued -= size
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [p for p in await self._collect() if not p.future.done()]  # drop cancelled
+            if not batch:
+                continue
+            texts = [t for p in batch for t in p.texts]
+            try:
+                emb = await loop.run_in_executor(self._executor, self._encode, texts)  # [B, D]
+            except Exception as exc:  # the model failed: every caller in the batch gets the error
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.batch_sizes.append(len(texts))
+            start = 0
+            for p in batch:  # split rows back in submission order
+                rows = emb[start : start + len(p.texts)]
+                start += len(p.texts)
+                if not p.future.done():
+                    p.future.set_result(rows)

@@ -1,0 +1,117 @@
+"""What `/v1/search` searches: a small protocol and adapters for the in-process and Qdrant indexes.
+
+The app hands a backend float32 queries [Q, D] and the request's funnel parameters; the backend
+answers ids and scores [Q, k], the parameters it used and the time of each stage in ms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from mrl.nesting import Nesting
+
+__all__ = ["IndexBackend", "QdrantBackend", "SearchBackend", "SearchOutcome"]
+
+
+@dataclass
+class SearchOutcome:
+    ids: list[list[Any]]  # [Q][k] stored ids (int or str)
+    scores: np.ndarray  # [Q, k] float32, best first
+    params: dict[str, Any]  # the funnel actually run
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class SearchBackend(Protocol):
+    nesting: Nesting  # the index's prefix sizes (nesting.dim = D)
+    size: int  # number of indexed vectors
+    configs: dict[str, dict[str, Any]]  # named configurations a request may pick
+    defaults: dict[str, Any]  # what runs when a request names nothing
+
+    def search(self, queries: np.ndarray, k: int, *, shortlist_dim: int | None = None,
+               shortlist: int | None = None, stages: Sequence[Sequence[int]] | None = None,
+               config: str | None = None) -> SearchOutcome: ...
+
+
+def _pick(configs: dict[str, dict], name: str | None, overrides: dict[str, Any]) -> dict:
+    """A named configuration (or {}) with the request's explicit fields on top."""
+    if name is not None and name not in configs:
+        raise ValueError(f"config {name!r} is not a configuration of this index; choose one of "
+                         f"{sorted(configs)}")
+    chosen = dict(configs[name]) if name is not None else {}
+    chosen.update({k: v for k, v in overrides.items() if v is not None})
+    return chosen
+
+
+def _ids_list(ids: np.ndarray) -> list[list[Any]]:
+    return [[x.item() if isinstance(x, np.generic) else x for x in row] for row in ids]
+
+
+class IndexBackend:
+    """An in-process `mrl.retrieval.MatryoshkaIndex`.
+
+    Named configurations: ``"default"`` (the index's saved `SearchConfig`) and ``"tuned"`` (the
+    auto-tuner's choice, when the index was tuned), plus any passed in ``configs``.
+    """
+
+    def __init__(self, index, configs: dict[str, dict[str, Any]] | None = None) -> None:
+        self.index = index
+        self.nesting = index.nesting
+        cfg = index.config.to_dict()
+        self.defaults = {k: cfg[k] for k in ("shortlist_dim", "shortlist", "stages", "backend")}
+        self.configs = {"default": dict(self.defaults)}
+        tuned = getattr(index, "tuned", None)
+        if isinstance(tuned, dict):
+            tuned_cfg = tuned.get("config", tuned)
+            self.configs["tuned"] = {k: tuned_cfg[k] for k in self.defaults if k in tuned_cfg}
+        self.configs.update(configs or {})
+
+    @property
+    def size(self) -> int:
+        return int(self.index.count)
+
+    def search(self, queries: np.ndarray, k: int, *, shortlist_dim: int | None = None,
+               shortlist: int | None = None, stages: Sequence[Sequence[int]] | None = None,
+               config: str | None = None) -> SearchOutcome:
+        params = _pick(self.configs, config, {"shortlist_dim": shortlist_dim,
+                                              "shortlist": shortlist, "stages": stages})
+        if params.get("stages") is not None:
+            params["stages"] = tuple(tuple(int(v) for v in s) for s in params["stages"])
+        t = time.perf_counter()
+        res = self.index.search(queries, k, **params)
+        total = (time.perf_counter() - t) * 1e3
+        timings = {f"{name}": v * 1e3 for name, v in res.timings.items()}
+        timings["search"] = total
+        used = {**self.defaults, **params}
+        used["stages"] = [list(s) for s in used.get("stages") or ()]
+        return SearchOutcome(_ids_list(res.ids), res.scores, used, timings)
+
+
+class QdrantBackend:
+    """A Qdrant collection through `mrl.qdrant.QdrantIndex` (same funnel parameters)."""
+
+    def __init__(self, qindex, defaults: dict[str, Any] | None = None) -> None:
+        self.index = qindex
+        self.nesting = Nesting(qindex.layout.prefixes)
+        self.defaults = {"shortlist_dim": qindex.layout.prefixes[0], "shortlist": 200,
+                         "stages": None, **(defaults or {})}
+        self.configs = {"default": dict(self.defaults)}
+
+    @property
+    def size(self) -> int:
+        return len(self.index)
+
+    def search(self, queries: np.ndarray, k: int, *, shortlist_dim: int | None = None,
+               shortlist: int | None = None, stages: Sequence[Sequence[int]] | None = None,
+               config: str | None = None) -> SearchOutcome:
+        params = _pick(self.configs, config or "default", {
+            "shortlist_dim": shortlist_dim, "shortlist": shortlist, "stages": stages})
+        t = time.perf_counter()
+        scores, ids = self.index.search(queries, k, **params)
+        return SearchOutcome(_ids_list(ids), scores, params,
+                             {"qdrant": (time.perf_counter() - t) * 1e3})
