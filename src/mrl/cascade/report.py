@@ -9,7 +9,7 @@ from typing import Any
 
 from mrl._optional import require
 
-__all__ = ["curve_table", "headline_markdown", "plot_curves"]
+__all__ = ["curve_table", "headline_markdown", "plot_curves", "write_outputs"]
 
 
 def _pct(v: float | None) -> str:
@@ -140,3 +140,93 @@ def plot_curves(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _versions() -> str:
+    import numpy as np
+
+    parts = [f"numpy {np.__version__}"]
+    try:
+        import torch
+
+        parts.insert(0, f"torch {torch.__version__}")
+    except ImportError:  # pragma: no cover
+        pass
+    from mrl import __version__
+
+    return f"mrl {__version__}, " + ", ".join(parts)
+
+
+def _fixed_table(records: Sequence[dict[str, Any]]) -> str:
+    from mrl.records import to_markdown
+
+    fixed = [r for r in records if r["method"] in ("mrl", "ff") and r["metric"] == "accuracy"]
+    return to_markdown([{**r, "value": 100 * r["value"]} for r in fixed])
+
+
+def _fewshot_tables(records: Sequence[dict[str, Any]]) -> str:
+    from mrl.records import to_markdown
+
+    few = [r for r in records if r["metric"].startswith(("ncm_", "lt"))]
+    if not few:
+        return ""
+    pct = [{**r, "value": 100 * r["value"]} for r in few]
+    return (
+        "## Few-shot and long-tail (nearest class mean, accuracy %)\n\n"
+        "Support drawn from the train split (5 seeded draws, mean shown), queries: the whole "
+        "test split. `ncm_Nshot`: N examples per class. `ltN_*`: half the classes (random per "
+        "draw) get N examples, the others 100; accuracy over all / head / tail queries.\n\n"
+        + to_markdown(pct)
+        + "\n"
+    )
+
+
+def write_outputs(
+    out_dir: str | os.PathLike,
+    records: Sequence[dict[str, Any]],
+    summaries: Sequence[dict[str, Any]],
+    summary: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
+    """Write ``cascade.json`` (records), ``cascade.md`` and ``cascade.png`` into ``out_dir``."""
+    from mrl.io import atomic_write_text
+    from mrl.records import save_records
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_records(out / "cascade.json", records)
+    match = float(meta.get("match", 0.005))
+    title = f"Adaptive classification{' on ' + meta['dataset'] if meta.get('dataset') else ''}"
+    plot_curves(summaries, out / "cascade.png", title=title, match=match)
+    s0 = summaries[0]
+    text = [
+        f"# {title}",
+        "",
+        f"Source: `{meta.get('source')}`; FF runs: {meta.get('ff') or 'none'}. "
+        f"Split `{meta.get('split')}` ({s0['n_calib'] + s0['n_test']} samples) divided at random "
+        f"per seed into {s0['n_calib']} calibration / {s0['n_test']} test samples "
+        f"(calib fraction {meta.get('calib_fraction')}); seeds {meta.get('seeds')}.",
+        f"Command: `{meta.get('command')}`. Machine: {meta.get('machine')}; {_versions()}.",
+        "",
+        "## Headline",
+        "",
+        headline_markdown(summary, match),
+        "",
+        "Expected dims: mean size of the prefix that answered (also the classifier cost of "
+        "MRL-E, whose logits at a prefix extend those of the previous one). Expected head dims: "
+        "dims read by the independent-heads MRL model, which evaluates every head it passes.",
+        "",
+        "![accuracy vs expected dims](cascade.png)",
+        "",
+        "## Fixed prefixes (test accuracy %, mean ± std over seeds)",
+        "",
+        _fixed_table(records),
+        "",
+        f"## Curve (seed {s0['seed']}: thresholds fitted on calibration, measured on test)",
+        "",
+        curve_table(s0),
+        "",
+        _fewshot_tables(records),
+    ]
+    atomic_write_text(out / "cascade.md", "\n".join(text))
+    return out

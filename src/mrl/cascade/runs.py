@@ -1,0 +1,127 @@
+"""Where cascade logits come from: a logits file (``.npz``) or a trained run folder.
+
+A logits file is self-describing: ``logits [G, N, C]`` (float32), ``labels [N]`` (int64), optional
+``embeddings [N, D]`` (float32), and two JSON strings, ``nesting`` and ``meta`` (mode, ff_dim,
+dataset, split, source). `save_logits` / `load_logits` write and read it. `load_source` accepts
+either a logits file or a run folder: for a run folder it computes the logits of a split with the
+trained model (one forward pass, no gradient) and caches them as ``<run>/logits-<split>.npz``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrl.io import atomic_open
+from mrl.nesting import Nesting
+
+__all__ = ["LogitsSet", "load_logits", "load_source", "save_logits"]
+
+FORMAT = "mrl-logits"
+
+
+@dataclass
+class LogitsSet:
+    """Per-prefix logits of a model on a labelled set.
+
+    ``nesting`` names the G prefixes of ``logits``; a fixed-feature (FF-m) model has ``G = 1`` and
+    ``meta["ff_dim"] = m``. ``embeddings`` (optional) are the encoder outputs, for few-shot NCM.
+    """
+
+    logits: np.ndarray  # [G, N, C]
+    labels: np.ndarray  # [N]
+    nesting: Nesting
+    embeddings: np.ndarray | None = None  # [N, D]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.logits.ndim != 3 or self.logits.shape[0] != len(self.nesting):
+            raise ValueError(
+                f"logits must be [G, N, C] with G={len(self.nesting)}, got {self.logits.shape}"
+            )
+        if self.labels.shape != (self.logits.shape[1],):
+            raise ValueError(
+                f"labels must be [N]=({self.logits.shape[1]},), got {self.labels.shape}"
+            )
+
+    @property
+    def mode(self) -> str:
+        return str(self.meta.get("mode", "mrl"))
+
+    @property
+    def size(self) -> int:
+        """The representation size the model's classifier reads: ff_dim for FF-m, else D."""
+        return int(self.meta.get("ff_dim") or self.nesting.dim)
+
+
+def save_logits(path: str | os.PathLike, data: LogitsSet) -> None:
+    arrays = {
+        "logits": np.asarray(data.logits, dtype=np.float32),
+        "labels": np.asarray(data.labels, dtype=np.int64),
+        "nesting": np.array(data.nesting.to_json()),
+        "meta": np.array(json.dumps({"format": FORMAT, **data.meta})),
+    }
+    if data.embeddings is not None:
+        arrays["embeddings"] = np.asarray(data.embeddings, dtype=np.float32)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_logits(path: str | os.PathLike) -> LogitsSet:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"logits file not found: {path}")
+    with np.load(path, allow_pickle=False) as z:
+        missing = {"logits", "labels", "nesting"} - set(z.files)
+        if missing:
+            raise ValueError(f"{path} is not a logits file: it lacks {sorted(missing)}")
+        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        meta.pop("format", None)
+        return LogitsSet(
+            logits=z["logits"],
+            labels=z["labels"].astype(np.int64),
+            nesting=Nesting.from_json(str(z["nesting"])),
+            embeddings=z["embeddings"] if "embeddings" in z.files else None,
+            meta=meta,
+        )
+
+
+def load_source(path: str | os.PathLike, split: str = "test", refresh: bool = False) -> LogitsSet:
+    """Logits of ``split`` from a logits file, or from a run folder (computed once, then cached)."""
+    path = Path(path)
+    if path.is_file():
+        return load_logits(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no logits file or run folder at {path}")
+    cache = path / f"logits-{split}.npz"
+    if cache.is_file() and not refresh and _newer_than_checkpoint(cache, path):
+        return load_logits(cache)
+    data = _compute_from_run(path, split)
+    save_logits(cache, data)
+    return data
+
+
+def _newer_than_checkpoint(cache: Path, run_dir: Path) -> bool:
+    ckpts = list(run_dir.glob("*.pt"))
+    return all(cache.stat().st_mtime >= c.stat().st_mtime for c in ckpts)
+
+
+def _compute_from_run(run_dir: Path, split: str) -> LogitsSet:
+    """Forward the run's model over ``split`` of its dataset: logits and embeddings."""
+    try:
+        from mrl.train import load_run  # the vision engineer's API
+    except ImportError as exc:
+        raise ValueError(
+            f"{run_dir} is a folder but mrl.train.load_run is not available to read it ({exc}); "
+            "pass a logits .npz file instead"
+        ) from None
+    return _forward_run(load_run(run_dir), split, run_dir)
+
+
+def _forward_run(run: Any, split: str, run_dir: Path) -> LogitsSet:  # pragma: no cover
+    raise ValueError(f"reading run folders is not wired yet: {run_dir}")

@@ -1,0 +1,226 @@
+"""`mrl cascade fit|eval`: adaptive classification over the prefixes of a trained model.
+
+SOURCE is a trained run folder (its test-set logits are computed once and cached) or a logits
+``.npz`` file (`mrl.cascade.runs`). The split's samples are divided at random (``--seed``) into a
+calibration part, where thresholds are tuned, and a held-out part, where results are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+NAME = "cascade"
+HELP = "adaptive classification: fit confidence thresholds between prefixes, evaluate them"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    fit = sub.add_parser("fit", help="tune thresholds on a calibration split; write a cascade file")
+    fit.add_argument("source", help="run folder or logits .npz")
+    mode = fit.add_mutually_exclusive_group()
+    mode.add_argument("--tolerance", type=float, default=None,
+                      help="accuracy fraction below the full-size prefix (0.005 = 0.5 points; "
+                      "the default mode, with 0.005)")
+    mode.add_argument("--target-accuracy", type=float, default=None,
+                      help="absolute calibration accuracy to keep, in [0, 1]")
+    mode.add_argument("--budget", type=float, default=None,
+                      help="expected dims to spend at most (most accurate cascade within it)")
+    _common(fit)
+    fit.add_argument("--seed", type=int, default=0, help="seed of the calibration/held-out split")
+    fit.add_argument("--out", default=None,
+                     help="cascade file to write (default: SOURCE/cascade.json for a run "
+                     "folder, SOURCE with suffix .cascade.json for a file)")
+
+    ev = sub.add_parser("eval", help="accuracy vs expected dims, beside FF models; or evaluate a "
+                        "fitted cascade file")
+    ev.add_argument("source", help="run folder, logits .npz, or a cascade file (.json)")
+    ev.add_argument("--logits", default=None,
+                    help="with a cascade file: evaluate on all of this run folder / logits file "
+                    "(default: the held-out part of the source it was fitted on)")
+    ev.add_argument("--ff", nargs="*", default=[],
+                    help="fixed-feature runs (folders or logits files), one per size")
+    ev.add_argument("--seeds", default="0,1,2", help="calibration/test split seeds, e.g. 0,1,2")
+    ev.add_argument("--match", type=float, default=0.005,
+                    help="accuracy fraction within which the reference counts as matched")
+    ev.add_argument("--fewshot", action="store_true",
+                    help="also few-shot / long-tail NCM at every prefix (needs embeddings of "
+                    "the train split of each run)")
+    ev.add_argument("--out", default=None, help="folder for cascade.json/.md/.png "
+                    "(default: SOURCE's folder/cascade-eval)")
+    ev.add_argument("--dataset", default=None, help="dataset name added to every record")
+    _common(ev)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-fraction", type=float, default=0.5,
+                   help="fraction of the split used for calibration (default 0.5)")
+    p.add_argument("--split", default="test", help="dataset split of a run folder (default test)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "fit":
+        return _fit(args)
+    return _eval(args)
+
+
+# ----------------------------------------------------------------------------- fit
+def _fit(args: argparse.Namespace) -> int:
+    from mrl.cascade import Cascade, fit_cascade, split_calibration
+    from mrl.cascade.runs import load_source
+
+    data = load_source(args.source, args.split)
+    cal, held = split_calibration(len(data.labels), args.calib_fraction, args.seed)
+    tol = args.tolerance
+    if tol is None and args.target_accuracy is None and args.budget is None:
+        tol = 0.005
+    cas = fit_cascade(data.logits[:, cal], data.labels[cal], data.nesting, tolerance=tol,
+                      target_accuracy=args.target_accuracy, budget=args.budget)
+    held_res = cas.evaluate(data.logits[:, held], data.labels[held])
+    info = {**cas.info, "source": str(Path(args.source).resolve()), "split": args.split,
+            "seed": args.seed, "calib_fraction": args.calib_fraction,
+            "heldout": {k: held_res[k] for k in ("accuracy", "expected_dims", "expected_heads",
+                                                  "expected_head_dims")}}
+    cas = Cascade(cas.nesting, cas.thresholds, info)
+    out = Path(args.out) if args.out else _default_cascade_path(Path(args.source))
+    cas.save(out)
+    th = ", ".join(f"{t:.4f}" for t in cas.thresholds)
+    print(f"cascade for nesting {list(cas.nesting.sizes)}: thresholds [{th}]")
+    print(f"calibration ({len(cal)}): accuracy {100 * info['calib_accuracy']:.2f} % "
+          f"(full size {100 * info['calib_full_accuracy']:.2f} %), "
+          f"expected dims {info['calib_expected_dims']:.1f}")
+    print(f"held out    ({len(held)}): accuracy {100 * held_res['accuracy']:.2f} %, expected "
+          f"dims {held_res['expected_dims']:.1f}, head dims {held_res['expected_head_dims']:.1f}")
+    if info.get("reached") is False:
+        print("note: the target was not reached on calibration; the cascade answers at full size")
+    print(f"wrote {out}")
+    return 0
+
+
+def _default_cascade_path(source: Path) -> Path:
+    return source / "cascade.json" if source.is_dir() else source.with_suffix(".cascade.json")
+
+
+# ----------------------------------------------------------------------------- eval
+def _eval(args: argparse.Namespace) -> int:
+    src = Path(args.source)
+    if src.is_file() and src.suffix == ".json":
+        return _eval_file(args, src)
+    return _eval_curves(args, src)
+
+
+def _eval_file(args: argparse.Namespace, path: Path) -> int:
+    """Evaluate a fitted cascade file on its held-out part, or on all of ``--logits``."""
+    from mrl.cascade import Cascade, split_calibration
+    from mrl.cascade.runs import load_source
+
+    raw = Cascade.load(path)
+    info = raw.info
+    if args.logits:
+        data = load_source(args.logits, args.split)
+        idx = None
+    else:
+        if "source" not in info:
+            raise ValueError(f"{path} does not name its source; pass --logits RUN_OR_FILE")
+        data = load_source(info["source"], info.get("split", "test"))
+        _, idx = split_calibration(len(data.labels), info["calib_fraction"], info["seed"])
+    cas = Cascade.load(path, data.nesting)  # checks the nesting against the model's
+    logits = data.logits if idx is None else data.logits[:, idx]
+    labels = data.labels if idx is None else data.labels[idx]
+    res = cas.evaluate(logits, labels)
+    where = "all of --logits" if idx is None else "the held-out part of its source"
+    print(f"{len(labels)} samples ({where}): accuracy {100 * res['accuracy']:.2f} %, expected "
+          f"dims {res['expected_dims']:.1f}, expected heads {res['expected_heads']:.2f}, "
+          f"head dims {res['expected_head_dims']:.1f}, max prefix {res['max_prefix']}")
+    return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated ints, got {text!r}") from None
+    if not seeds:
+        raise ValueError(f"--seeds must name at least one seed, got {text!r}")
+    return seeds
+
+
+def _eval_curves(args: argparse.Namespace, src: Path) -> int:
+    import numpy as np
+
+    from mrl.cascade import evaluate_cascade, summarize
+    from mrl.cascade.report import write_outputs
+    from mrl.cascade.runs import load_source
+
+    seeds = _parse_seeds(args.seeds)
+    data = load_source(src, args.split)
+    ff = {}
+    for f in args.ff:
+        d = load_source(f, args.split)
+        if d.logits.shape[0] != 1 or not np.array_equal(d.labels, data.labels):
+            raise ValueError(f"--ff {f} must hold one prefix of logits on the same samples as "
+                             f"{src}, got logits {d.logits.shape}")
+        ff[d.size] = (f, d)
+    dataset = args.dataset or data.meta.get("dataset")
+    context = {"dataset": dataset} if dataset else {}
+    ff_scores = {m: d.logits[0] for m, (_, d) in ff.items()}  # FF-m: one prefix, [N, C]
+    records, summaries = evaluate_cascade(
+        data.logits, data.labels, data.nesting, ff_scores=ff_scores,
+        calib_fraction=args.calib_fraction, seeds=seeds, match=args.match, **context)
+    if args.fewshot:
+        records += _fewshot_records(src, data, ff, context)
+    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "cascade-eval"
+    command = _command_line(args)
+    meta = {"source": str(src), "ff": list(args.ff), "split": args.split, "seeds": seeds,
+            "calib_fraction": args.calib_fraction, "match": args.match, "command": command,
+            "machine": f"{platform.machine()} {platform.system()}, python "
+                       f"{platform.python_version()}", **context}
+    summary = summarize(summaries)
+    write_outputs(out, records, summaries, summary, meta)
+    print(json.dumps({k: summary[k] for k in ("reference", "cascade_dims_to_match",
+                                               "fixed_name", "fixed_dims_to_match",
+                                               "x_smaller")}))
+    print(f"wrote {out}/cascade.json, cascade.md, cascade.png")
+    return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    parts = ["mrl cascade eval", str(args.source)]
+    if args.ff:
+        parts += ["--ff", *map(str, args.ff)]
+    parts += ["--seeds", args.seeds, "--calib-fraction", str(args.calib_fraction),
+              "--match", str(args.match), "--split", args.split]
+    if args.fewshot:
+        parts.append("--fewshot")
+    if args.dataset:
+        parts += ["--dataset", args.dataset]
+    if args.out:
+        parts += ["--out", str(args.out)]
+    return " ".join(parts)
+
+
+def _fewshot_records(src: Path, data, ff: dict, context: dict) -> list:
+    """Few-shot and long-tail NCM records for the MRL run (every prefix) and each FF-m run."""
+    import numpy as np
+
+    from mrl import Nesting
+    from mrl.cascade.runs import load_source
+    from mrl.fewshot import few_shot_eval, long_tail_eval
+
+    runs = [("mrl", src, data, data.nesting)]
+    runs += [("ff", path, d, Nesting((m,))) for m, (path, d) in ff.items()]
+    out = []
+    for method, path, test, nesting in runs:
+        pool = load_source(path, "train")
+        if pool.embeddings is None or test.embeddings is None:
+            raise ValueError(f"--fewshot needs embeddings in {path}'s logits (train and test)")
+        m = nesting.dim
+        kw = dict(method=method, seed=0, draws=5, **context)
+        out += few_shot_eval(pool.embeddings[:, :m], pool.labels, test.embeddings[:, :m],
+                             test.labels, nesting, shots=(1, 5, 10), **kw)
+        head = int(min(100, np.bincount(pool.labels).min()))  # head classes: 100 or all
+        out += long_tail_eval(pool.embeddings[:, :m], pool.labels, test.embeddings[:, :m],
+                              test.labels, nesting, tail_shots=(1, 5), head_shots=head, **kw)
+    return out

@@ -1,0 +1,121 @@
+"""`mrl cascade fit|eval` end to end on synthetic logits files; evaluation records and headline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mrl import Nesting
+from mrl.cascade import evaluate_cascade, split_calibration, summarize
+from mrl.cascade.runs import LogitsSet, load_logits, save_logits
+from mrl.cli import main
+from mrl.records import load_records
+
+NEST = Nesting((2, 4, 8, 16))
+
+
+def synthetic(seed: int = 0, n: int = 400, c: int = 5):
+    """MRL logits whose accuracy grows with the prefix, and FF logits of each size."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    mrl = rng.normal(size=(len(NEST), n, c))
+    mrl[:, np.arange(n), y] += np.array([0.8, 1.6, 2.4, 3.2])[:, None]
+    ff = {}
+    for m, s in zip(NEST.sizes, (0.9, 1.7, 2.5, 3.2)):
+        f = rng.normal(size=(n, c))
+        f[np.arange(n), y] += s
+        ff[m] = f
+    emb = rng.normal(size=(n, 16))
+    emb[np.arange(n), y] += 2.0
+    return mrl, y, ff, emb
+
+
+@pytest.fixture
+def files(tmp_path):
+    mrl, y, ff, emb = synthetic()
+    save_logits(tmp_path / "mrl.npz", LogitsSet(mrl, y, NEST, emb, {"dataset": "toy"}))
+    paths = []
+    for m, f in ff.items():
+        p = tmp_path / f"ff{m}.npz"
+        save_logits(p, LogitsSet(f[None], y, Nesting((16,)), emb, {"mode": "ff", "ff_dim": m}))
+        paths.append(str(p))
+    return tmp_path, paths
+
+
+def test_logits_file_roundtrip(files):
+    tmp, _ = files
+    d = load_logits(tmp / "mrl.npz")
+    assert d.nesting == NEST and d.logits.shape == (4, 400, 5) and d.meta == {"dataset": "toy"}
+    assert load_logits(tmp / "ff4.npz").size == 4
+
+
+def test_fit_then_eval_file(files, capsys):
+    tmp, _ = files
+    assert main(["cascade", "fit", str(tmp / "mrl.npz"), "--tolerance", "0.01"]) == 0
+    cfile = tmp / "mrl.cascade.json"
+    info = json.loads(cfile.read_text())["info"]
+    assert info["seed"] == 0 and info["calib_fraction"] == 0.5 and info["tolerance"] == 0.01
+    assert main(["cascade", "eval", str(cfile)]) == 0
+    out = capsys.readouterr().out
+    assert f"{100 * info['heldout']['accuracy']:.2f} %" in out and "held-out part" in out
+    assert main(["cascade", "fit", str(tmp / "mrl.npz"), "--budget", "5", "--out",
+                 str(tmp / "b.json")]) == 0
+    assert json.loads((tmp / "b.json").read_text())["info"]["calib_expected_dims"] <= 5
+
+
+def test_eval_file_for_another_nesting_is_a_clear_error(files, capsys):
+    tmp, _ = files
+    main(["cascade", "fit", str(tmp / "mrl.npz")])
+    mrl, y, _, _ = synthetic(1)
+    save_logits(tmp / "other.npz", LogitsSet(mrl, y, Nesting((2, 4, 8, 32))))
+    rc = main(["cascade", "eval", str(tmp / "mrl.cascade.json"), "--logits",
+               str(tmp / "other.npz")])
+    assert rc == 2
+    assert "fitted for nesting [2, 4, 8, 16], but the model's nesting is [2, 4, 8, 32]" in (
+        capsys.readouterr().err)
+
+
+def test_eval_curves_writes_records_markdown_and_plot(files):
+    tmp, ff = files
+    out = tmp / "res"
+    rc = main(["cascade", "eval", str(tmp / "mrl.npz"), "--ff", *ff, "--seeds", "0,1",
+               "--out", str(out), "--fewshot"])
+    assert rc == 0
+    recs = load_records(out / "cascade.json")
+    methods = {(r["method"], r["metric"]) for r in recs}
+    for key in [("cascade", "accuracy"), ("cascade", "expected_dims"), ("oracle", "accuracy"),
+                ("oracle", "expected_dims"), ("ff", "accuracy"), ("ff", "expected_dims"),
+                ("mrl", "ncm_1shot"), ("ff", "lt1_tail")]:
+        assert key in methods
+    assert all(r["dataset"] == "toy" for r in recs)
+    md = (out / "cascade.md").read_text()
+    assert "x smaller" in md and "Few-shot" in md and (out / "cascade.png").stat().st_size > 0
+
+
+def test_headline_matches_a_manual_computation():
+    mrl, y, ff, _ = synthetic(2, n=1000)
+    recs, summ = evaluate_cascade(mrl, y, NEST, ff_scores=ff, seeds=(3,), match=0.005)
+    s = summ[0]
+    _, test = split_calibration(len(y), 0.5, 3)
+    ff_acc = {m: float((f[test].argmax(1) == y[test]).mean()) for m, f in ff.items()}
+    ref = ff_acc[16]
+    assert s["reference"] == "ff-16" and s["reference_test_accuracy"] == ref
+    assert s["fixed_dims_to_match"] == min(m for m, a in ff_acc.items() if a >= ref - 0.005)
+    ok = [p["expected_dims"] for p in s["curve"] if p["accuracy"] >= ref - 0.005]
+    assert s["cascade_dims_to_match"] == min(ok)
+    assert s["x_smaller"] == pytest.approx(s["fixed_dims_to_match"] / min(ok))
+    assert summarize(summ)["x_smaller"]["mean"] == pytest.approx(s["x_smaller"])
+    matched = [r for r in recs if r.get("point") == "matched"]
+    assert {r["metric"] for r in matched} == {"accuracy", "expected_dims"}
+
+
+def test_bad_eval_arguments(files, capsys):
+    tmp, _ = files
+    assert main(["cascade", "eval", str(tmp / "mrl.npz"), "--seeds", "a,b"]) == 2
+    assert "--seeds must be comma-separated ints, got 'a,b'" in capsys.readouterr().err
+    assert main(["cascade", "fit", str(tmp / "mrl.npz"), "--calib-fraction", "1.5"]) == 2
+    assert "calib_fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
+    assert main(["cascade", "fit", str(tmp / "nothing.npz")]) == 2
+    assert "no logits file or run folder" in capsys.readouterr().err
