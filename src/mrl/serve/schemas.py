@@ -29,7 +29,7 @@ __all__ = [
 class EmbeddingRequest(BaseModel):
     """OpenAI ``POST /v1/embeddings`` body."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # "8" is not a number
 
     input: str | list[str] | list[int] | list[list[int]] = Field(
         description="A text or a list of texts (token arrays are refused)."
@@ -65,7 +65,7 @@ class EmbeddingResponse(BaseModel):
 class SearchRequest(BaseModel):
     """``POST /v1/search``: adaptive retrieval over the loaded index."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     query: str | list[str] | None = Field(None, description="Query text(s), embedded by the model.")
     vector: list[float] | list[list[float]] | None = Field(
@@ -74,7 +74,7 @@ class SearchRequest(BaseModel):
     k: int = Field(10, description="Results per query.")
     shortlist_dim: int | None = Field(None, description="Prefix size D_s of the shortlist stage.")
     shortlist: int | None = Field(None, description="Shortlist size K.")
-    stages: list[tuple[int, int]] | None = Field(
+    stages: list[list[int]] | None = Field(
         None, description="Funnel rerank stages as [prefix_dim, keep] pairs."
     )
     config: str | None = Field(

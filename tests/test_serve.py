@@ -1,0 +1,388 @@
+"""The HTTP service with a fake encoder: OpenAI compatibility, batching, search, bad input.
+
+A real uvicorn server runs on a free loopback port; it is called with the official `openai` client
+and with plain HTTP (httpx).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+from mrl import Nesting  # noqa: E402
+from mrl.serve import (  # noqa: E402
+    HashEncoder,
+    IndexBackend,
+    ServeConfig,
+    create_app,
+    serving,
+    truncate_normalize,
+)
+from mrl.serve.batching import DirectRunner, MicroBatcher  # noqa: E402
+
+DIM = 32
+MODEL = "hash-encoder"
+
+
+def reference_embedding(text: str, m: int, enc: HashEncoder) -> np.ndarray:
+    """One text, encoded alone, prefix m, re-normalised by a plain loop."""
+    z = enc.encode([text])[0][:m].astype(np.float64)
+    return z / np.sqrt(sum(v * v for v in z))
+
+
+@pytest.fixture(scope="module")
+def index():
+    from mrl.retrieval import MatryoshkaIndex, SearchConfig
+
+    rng = np.random.default_rng(0)
+    db = rng.standard_normal((500, DIM)).astype(np.float32)
+    idx = MatryoshkaIndex(Nesting.doubling(8, DIM), SearchConfig(shortlist_dim=8, shortlist=50),
+                          threads=1)
+    idx.add(db, ids=np.arange(1000, 1500))
+    return idx
+
+
+@pytest.fixture(scope="module")
+def server(index):
+    enc = HashEncoder(DIM, max_tokens=64)
+    config = ServeConfig(max_inputs=16, max_request_bytes=64 * 1024, max_k=100)
+    app = create_app(enc, IndexBackend(index), config)
+    with serving(app) as url:
+        yield url, enc, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    url, _, _ = server
+    with httpx.Client(base_url=url, timeout=30) as c:
+        yield c
+
+
+# ----------------------------------------------------------------------------- pure functions
+def test_truncate_normalize_matches_loop():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    x[2] = 0.0  # a zero row stays zero instead of NaN
+    got = truncate_normalize(x, 8)
+    for i in range(5):
+        p = x[i, :8].astype(np.float64)
+        n = np.sqrt((p * p).sum())
+        np.testing.assert_allclose(got[i], p / n if n > 0 else p, rtol=1e-6, atol=1e-7)
+
+
+def test_serve_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="max_inputs must be a positive int, got max_inputs=0"):
+        ServeConfig(max_inputs=0)
+    with pytest.raises(ValueError, match="max_wait_ms must be >= 0"):
+        ServeConfig(max_wait_ms=-1)
+
+
+def test_create_app_needs_encoder_or_index():
+    with pytest.raises(ValueError, match="needs an encoder, an index, or both"):
+        create_app(None, None)
+
+
+# ----------------------------------------------------------------------------- batching
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_micro_batcher_equals_direct_and_batches_concurrent_requests():
+    enc = HashEncoder(DIM, delay_s=0.01)
+    requests = [[f"text {i} {j}" for j in range(i % 3 + 1)] for i in range(24)]
+
+    async def go(runner):
+        await runner.start()
+        try:
+            return await asyncio.gather(*(runner.submit(r) for r in requests))
+        finally:
+            await runner.stop()
+
+    batcher = MicroBatcher(enc.encode, max_batch_size=16, max_wait_ms=5)
+    batched = _run(go(batcher))
+    direct_runner = DirectRunner(enc.encode)
+    direct = _run(go(direct_runner))
+    for b, d, texts in zip(batched, direct, requests):
+        assert b.shape == (len(texts), DIM)
+        np.testing.assert_array_equal(b, d)  # each request gets exactly its own rows
+    assert direct_runner.batches == len(requests)
+    assert batcher.batches < len(requests) / 2  # concurrent requests shared encoder calls
+    assert max(batcher.batch_sizes) <= 16
+
+
+def test_micro_batcher_large_request_runs_alone_and_errors_reach_callers():
+    calls = []
+
+    def encode(texts):
+        calls.append(len(texts))
+        if "boom" in texts:
+            raise RuntimeError("model failed")
+        return np.zeros((len(texts), 4), np.float32)
+
+    async def go():
+        b = MicroBatcher(encode, max_batch_size=4, max_wait_ms=1)
+        await b.start()
+        try:
+            big = await b.submit([str(i) for i in range(10)])  # larger than max_batch_size
+            assert big.shape == (10, 4)
+            with pytest.raises(RuntimeError, match="model failed"):
+                await b.submit(["boom"])
+            ok = await b.submit(["fine"])  # the batcher survives a failed batch
+            assert ok.shape == (1, 4)
+        finally:
+            await b.stop()
+
+    _run(go())
+    assert calls[0] == 10
+
+
+def test_micro_batcher_rejects_bad_settings():
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1, got 0"):
+        MicroBatcher(lambda t: None, max_batch_size=0)
+    with pytest.raises(ValueError, match="max_wait_ms must be >= 0, got -1"):
+        MicroBatcher(lambda t: None, max_wait_ms=-1)
+
+
+# ----------------------------------------------------------------------------- OpenAI client
+def test_openai_client_float_and_base64_match_reference(server):
+    url, enc, _ = server
+    c = openai.OpenAI(base_url=url + "/v1", api_key="dummy", max_retries=0)
+    texts = ["the quick brown fox", "jumps over", "the lazy dog"]
+    for fmt in ("float", "base64"):
+        for m in (8, 16, 32):
+            res = c.embeddings.create(input=texts, model=MODEL, dimensions=m, encoding_format=fmt)
+            assert res.model == MODEL and res.object == "list"
+            assert [d.index for d in res.data] == [0, 1, 2]
+            assert res.usage.prompt_tokens == sum(len(t.split()) + 2 for t in texts)
+            for d, t in zip(res.data, texts):
+                got = d.embedding
+                if fmt == "base64":  # asked for explicitly, the client hands back the string
+                    got = np.frombuffer(base64.b64decode(got), dtype="<f4")
+                np.testing.assert_allclose(got, reference_embedding(t, m, enc),
+                                           rtol=1e-5, atol=1e-6)
+    # default: no dimensions -> full size; the client's default base64 transport decodes
+    res = c.embeddings.create(input="single text", model=MODEL)
+    assert len(res.data) == 1 and len(res.data[0].embedding) == DIM
+    np.testing.assert_allclose(np.linalg.norm(res.data[0].embedding), 1.0, rtol=1e-5)
+
+
+def test_openai_client_sees_errors(server):
+    url, _, _ = server
+    c = openai.OpenAI(base_url=url + "/v1", api_key="dummy", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="dimensions=12 is not a prefix size"):
+        c.embeddings.create(input="x", model=MODEL, dimensions=12)
+    with pytest.raises(openai.NotFoundError, match="is not served here"):
+        c.embeddings.create(input="x", model="text-embedding-3-small")
+    models = c.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+# ----------------------------------------------------------------------------- plain HTTP
+def test_http_response_schema_and_base64_layout(client, server):
+    _, enc, _ = server
+    r = client.post("/v1/embeddings", json={"input": ["a b", "c"], "model": MODEL,
+                                            "encoding_format": "base64", "dimensions": 16})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"object", "data", "model", "usage"}
+    assert body["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+    row = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(row, reference_embedding("a b", 16, enc), rtol=1e-5, atol=1e-6)
+    assert body["data"][0] == {**body["data"][0], "object": "embedding", "index": 0}
+
+
+def test_health_metadata_models_and_docs(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    meta = client.get("/v1/metadata").json()
+    assert meta["model"]["nesting"] == [8, 16, 32] and meta["model"]["dim"] == DIM
+    assert meta["index"]["size"] == 500 and meta["index"]["nesting"] == [8, 16, 32]
+    assert "default" in meta["index"]["configs"]
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/embeddings", "/v1/search", "/v1/metadata", "/health"} <= set(spec["paths"])
+    assert client.get("/docs").status_code == 200
+
+
+def _post(client, body, content_type="application/json"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return client.post("/v1/embeddings", content=data, headers={"content-type": content_type})
+
+
+BAD_REQUESTS = [
+    # (body, content type, status, param, message fragment)
+    ({"input": [], "model": MODEL}, None, 400, "input", "must not be an empty list"),
+    ({"input": "", "model": MODEL}, None, 400, "input", "input[0] is empty"),
+    ({"input": ["ok", "  "], "model": MODEL}, None, 400, "input", "input[1] is empty"),
+    ({"input": ["x"] * 17, "model": MODEL}, None, 400, "input", "17 items; at most 16"),
+    ({"input": "w " * 100, "model": MODEL}, None, 400, "input", "102 tokens; this model accepts"),
+    ({"input": [1, 2, 3], "model": MODEL}, None, 400, "input", "token arrays is not supported"),
+    ({"input": [[1, 2]], "model": MODEL}, None, 400, "input", "token arrays is not supported"),
+    ({"input": ["a", 3], "model": MODEL}, None, 400, "input", "input"),
+    ({"input": "x", "model": MODEL, "dimensions": 0}, None, 400, "dimensions", "positive integer"),
+    ({"input": "x", "model": MODEL, "dimensions": -4}, None, 400, "dimensions",
+     "positive integer, got -4"),
+    ({"input": "x", "model": MODEL, "dimensions": 64}, None, 400, "dimensions",
+     "larger than the model's embedding size 32"),
+    ({"input": "x", "model": MODEL, "dimensions": 12}, None, 400, "dimensions",
+     "choose one of [8, 16, 32]"),
+    ({"input": "x", "model": MODEL, "dimensions": "8"}, None, 400, "dimensions", "dimensions"),
+    ({"input": "x", "model": MODEL, "encoding_format": "int8"}, None, 400, "encoding_format",
+     "encoding_format"),
+    ({"input": "x"}, None, 400, "model", "model"),
+    ({"model": MODEL}, None, 400, "input", "input"),
+    ({"input": "x", "model": "other"}, None, 404, "model", "is not served here"),
+    (b'{"input": "x", "model": ', None, 400, None, "not valid JSON"),
+    (b"[1, 2", None, 400, None, "not valid JSON"),
+    (b'["not", "an", "object"]', None, 400, None, "valid dictionary"),
+    ({"input": "x", "model": MODEL}, "text/plain", 415, None, "must be application/json"),
+    ({"input": "x", "model": MODEL}, "application/x-www-form-urlencoded", 415, None,
+     "must be application/json"),
+    ({"input": "x" * 70_000, "model": MODEL}, None, 413, None, "larger than the limit"),
+]
+
+
+@pytest.mark.parametrize("body,ctype,status,param,fragment", BAD_REQUESTS)
+def test_bad_requests_get_openai_shaped_errors(client, body, ctype, status, param, fragment):
+    r = _post(client, body, ctype or "application/json")
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert fragment in err["message"]
+    if param is not None:
+        assert err["param"] == param
+    assert client.get("/health").status_code == 200  # still serving
+
+
+def test_wrong_route_and_method(client):
+    r = client.get("/v1/embeddings")
+    assert r.status_code == 405 and "error" in r.json()
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_missing_content_type_is_415(server):
+    url, _, _ = server
+    r = httpx.post(url + "/v1/embeddings", content=b'{"input": "x", "model": "hash-encoder"}',
+                   headers={"content-type": ""})
+    assert r.status_code == 415
+
+
+# ----------------------------------------------------------------------------- search
+def test_search_by_vector_equals_index(client, index):
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((3, DIM)).astype(np.float32)
+    r = client.post("/v1/search", json={"vector": q.tolist(), "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ref = index.search(q, 5)
+    assert [d["ids"] for d in body["data"]] == ref.ids.tolist()
+    np.testing.assert_allclose([d["scores"] for d in body["data"]], ref.scores, rtol=1e-5)
+    assert {"shortlist", "rerank", "search", "total"} <= set(body["timings_ms"])
+    assert body["params"]["shortlist_dim"] == 8 and body["params"]["shortlist"] == 50
+
+
+def test_search_funnel_params_and_named_config(client, index):
+    q = np.random.default_rng(6).standard_normal(DIM).astype(np.float32)
+    body = {"vector": q.tolist(), "k": 4, "shortlist_dim": 16, "shortlist": 20,
+            "stages": [[32, 4]]}
+    r = client.post("/v1/search", json=body)
+    assert r.status_code == 200, r.text
+    ref = index.search(q[None], 4, shortlist_dim=16, shortlist=20, stages=((32, 4),))
+    assert r.json()["data"][0]["ids"] == ref.ids[0].tolist()
+    r = client.post("/v1/search", json={"vector": q.tolist(), "k": 4, "config": "default"})
+    assert r.status_code == 200
+
+
+def test_search_by_text_embeds_with_the_model(client, index, server):
+    _, enc, _ = server
+    r = client.post("/v1/search", json={"query": ["hello world", "bye"], "k": 3})
+    assert r.status_code == 200, r.text
+    ref = index.search(enc.encode(["hello world", "bye"]), 3)
+    assert [d["ids"] for d in r.json()["data"]] == ref.ids.tolist()
+    assert "embed" in r.json()["timings_ms"]
+
+
+@pytest.mark.parametrize("body,param,fragment", [
+    ({"k": 3}, "query", "exactly one of query"),
+    ({"query": "x", "vector": [0.0] * DIM}, "query", "exactly one of query"),
+    ({"vector": [0.1] * 5}, "vector", "dimension 32, got 5"),
+    ({"vector": [0.1] * DIM, "k": 0}, "k", "k must be in [1, 100]"),
+    ({"vector": [0.1] * DIM, "k": 101}, "k", "k must be in [1, 100]"),
+    ({"vector": [0.1] * DIM, "shortlist_dim": 12}, "shortlist_dim", "shortlist_dim"),
+    ({"vector": [0.1] * DIM, "k": 20, "shortlist": 10}, "shortlist", "shortlist must be >= k"),
+    ({"vector": [0.1] * DIM, "config": "fastest"}, "config", "not a configuration"),
+    ({"vector": [0.1] * DIM, "stages": [[12, 5]]}, "stages", "stages"),
+    ({"vector": [0.1] * DIM, "surprise": 1}, "surprise", "Extra inputs"),
+])
+def test_search_bad_input(client, body, param, fragment):
+    r = client.post("/v1/search", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["param"] == param
+
+
+def test_search_without_index_is_404():
+    app = create_app(HashEncoder(DIM))
+    with serving(app) as url:
+        r = httpx.post(url + "/v1/search", json={"query": "x"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "index_not_loaded"
+
+
+def test_search_only_server_refuses_text(index):
+    app = create_app(None, IndexBackend(index))
+    with serving(app) as url:
+        r = httpx.post(url + "/v1/search", json={"query": "x"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_loaded"
+        r = httpx.post(url + "/v1/search", json={"vector": [0.5] * DIM, "k": 2})
+        assert r.status_code == 200
+
+
+# ----------------------------------------------------------------------------- load
+async def _load(url: str, n: int, concurrency: int, dims=(8, 16, 32)) -> dict:
+    """n embeddings requests, at most ``concurrency`` in flight; latencies and errors."""
+    sem = asyncio.Semaphore(concurrency)
+    latencies, errors = [], []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        async def one(i: int) -> None:
+            async with sem:
+                t = time.perf_counter()
+                r = await c.post("/v1/embeddings", json={
+                    "input": [f"request {i}", f"second text {i}"], "model": MODEL,
+                    "dimensions": dims[i % len(dims)]})
+                latencies.append(time.perf_counter() - t)
+                if r.status_code != 200 or len(r.json()["data"]) != 2:
+                    errors.append((i, r.status_code))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    lat = np.asarray(latencies) * 1e3
+    return {"n": n, "errors": errors, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "rps": n / wall}
+
+
+def test_load_small_zero_errors(server):
+    url, _, _ = server
+    stats = asyncio.run(_load(url, 100, 16))
+    print(f"\nload 100 @16: p50 {stats['p50_ms']:.1f} ms, p99 {stats['p99_ms']:.1f} ms, "
+          f"{stats['rps']:.0f} req/s")
+    assert stats["errors"] == []
+
+
+@pytest.mark.slow
+def test_load_2000_requests_concurrency_32(server):
+    url, _, _ = server
+    stats = asyncio.run(_load(url, 2000, 32))
+    print(f"\nload 2000 @32: p50 {stats['p50_ms']:.1f} ms, p99 {stats['p99_ms']:.1f} ms, "
+          f"{stats['rps']:.0f} req/s")
+    assert stats["errors"] == []
