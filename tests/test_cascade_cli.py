@@ -119,3 +119,25 @@ def test_bad_eval_arguments(files, capsys):
     assert "calib_fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
     assert main(["cascade", "fit", str(tmp / "nothing.npz")]) == 2
     assert "no logits file or run folder" in capsys.readouterr().err
+
+
+def test_demo_section_with_arrays_and_a_separate_calibration_set(tmp_path):
+    from types import SimpleNamespace
+
+    from mrl.cascade import demo_section
+
+    mrl, y, ff, emb = synthetic(4, n=300)
+    ctx = SimpleNamespace(out_dir=tmp_path, nesting=NEST, test_logits=mrl, test_labels=y,
+                          ff_logits=ff, train_embeddings=emb, train_labels=y,
+                          test_embeddings=emb, dataset="toy")
+    md, recs = demo_section(ctx)
+    assert "Adaptive classification" in md and "Few-shot" in md
+    assert (tmp_path / "cascade.png").exists()
+    assert {"cascade", "oracle", "ff", "mrl"} <= {r["method"] for r in recs}
+    ctx2 = SimpleNamespace(out_dir=tmp_path, nesting=NEST, test_logits=mrl[:, 150:],
+                           test_labels=y[150:], calib_logits=mrl[:, :150], calib_labels=y[:150])
+    md2, recs2 = demo_section(ctx2)
+    assert "separate calibration set" in md2
+    assert {r["n_calib"] for r in recs2} == {150} and {r["n_test"] for r in recs2} == {150}
+    with pytest.raises(ValueError, match="needs ctx.test_logits"):
+        demo_section(SimpleNamespace(out_dir=tmp_path))

@@ -118,6 +118,18 @@ def _check_ff(ff_scores: Mapping[int, Any] | None, n: int, c: int) -> dict[int, 
     return out
 
 
+def _check_calib_index(index: Any, n: int) -> np.ndarray:
+    idx = np.unique(_to_numpy(index))
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or len(idx) == 0:
+        raise ValueError(f"calib_index must be a non-empty 1-D array of ints, got {index!r}")
+    if idx[0] < 0 or idx[-1] >= n or len(idx) >= n:
+        raise ValueError(
+            f"calib_index must index a proper subset of the {n} samples, got indices in "
+            f"[{idx[0]}, {idx[-1]}] ({len(idx)} of them)"
+        )
+    return idx
+
+
 def _smallest_matching(accs: Mapping[int, float], ref: float, match: float) -> int | None:
     ok = [m for m, a in accs.items() if a >= ref - match - 1e-12]
     return min(ok) if ok else None
@@ -135,8 +147,13 @@ def _evaluate_seed(
     tolerances: Sequence[float],
     kind: str,
     context: dict[str, Any],
+    calib_index: np.ndarray | None = None,
 ) -> tuple[list[Record], dict[str, Any]]:
-    cal, tst = split_calibration(len(y), calib_fraction, seed)
+    if calib_index is None:
+        cal, tst = split_calibration(len(y), calib_fraction, seed)
+    else:  # a fixed split given by the caller
+        cal = np.asarray(calib_index)
+        tst = np.setdiff1d(np.arange(len(y)), cal)
     ctx = {
         **context,
         "seed": seed,
@@ -248,17 +265,22 @@ def evaluate_cascade(
     match: float = 0.005,
     tolerances: Sequence[float] = DEFAULT_TOLERANCES,
     kind: str = "logits",
+    calib_index: Any = None,
     **context: Any,
 ) -> tuple[list[Record], list[dict[str, Any]]]:
     """Records and per-seed summaries for MRL logits ``scores [G, N, C]`` with ``labels [N]``.
 
     ``ff_scores`` maps FF size m to that model's logits ``[N, C]`` on the same samples. ``match``
-    is an accuracy fraction (0.005 = 0.5 points); ``context`` (e.g. dataset="fashion-mnist") is
-    added to every record.
+    is an accuracy fraction (0.005 = 0.5 points). ``calib_index`` (indices into N) fixes the
+    calibration part instead of drawing it per seed (the rest is the test part); ``context``
+    (e.g. dataset="fashion-mnist") is added to every record.
     """
     arr = check_scores(scores, nesting)
     y = check_labels(labels, arr.shape[1], arr.shape[2])
     ff = _check_ff(ff_scores, arr.shape[1], arr.shape[2])
+    if calib_index is not None:
+        calib_index = _check_calib_index(calib_index, arr.shape[1])
+        seeds = tuple(seeds)[:1] or (0,)  # one fixed split: one "seed"
     if not seeds:
         raise ValueError(f"seeds must not be empty, got {list(seeds)}")
     records: list[Record] = []
@@ -275,6 +297,7 @@ def evaluate_cascade(
             tolerances=tolerances,
             kind=kind,
             context=context,
+            calib_index=calib_index,
         )
         records += recs
         summaries.append(summ)
