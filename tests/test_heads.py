@@ -1,0 +1,252 @@
+"""Nested heads: fast paths against plain per-prefix loops (values and gradients), and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mrl import Nesting
+from mrl.heads import (
+    FixedFeatureHead,
+    MRLEHead,
+    MRLHead,
+    make_head,
+    mrl_e_head_reference,
+    mrl_head_reference,
+    nested_linear,
+)
+
+# (nesting sizes): powers of two, D not a power of two with narrow (< 16) and wide chunks, G = 1.
+NESTINGS = [(8, 16, 32, 64), (3, 7, 10), (5, 13, 37, 70), (6,), (40,)]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    upstream = torch.randn(out.shape, dtype=out.dtype, generator=gen)
+    return list(torch.autograd.grad(out, inputs, upstream))
+
+
+def _close(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtype) -> None:
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, **TOL[dtype])
+
+
+# --------------------------------------------------------------------------- MRL-E
+@pytest.mark.parametrize("sizes", NESTINGS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mrl_e_matches_loop_values_and_gradients(sizes, dtype, bias):
+    torch.manual_seed(0)
+    nesting = Nesting(sizes)
+    head = MRLEHead(nesting, num_classes=11, bias=bias).to(dtype)
+    z = torch.randn(9, nesting.dim, dtype=dtype, requires_grad=True)
+    out = head(z)
+    ref = mrl_e_head_reference(z, head.weight, nesting, head.bias)
+    assert out.shape == (len(sizes), 9, 11)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    params = [z, *head.parameters()]
+    _close(_grads(out, params), _grads(ref, params), dtype)
+
+
+def test_mrl_e_each_prefix_is_the_truncated_linear():
+    torch.manual_seed(0)
+    nesting = Nesting((3, 7, 10))
+    head = MRLEHead(nesting, 4).double()
+    z = torch.randn(5, 10, dtype=torch.float64)
+    out = head(z)
+    for g, m in enumerate(nesting.sizes):
+        expected = z[:, :m] @ head.weight[:, :m].T + head.bias
+        torch.testing.assert_close(out[g], expected)
+
+
+def test_mrl_e_gradcheck():
+    torch.manual_seed(0)
+    nesting = Nesting((3, 7, 20))  # narrow and wide chunks: both backward paths
+    z = torch.randn(4, 20, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 20, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z, w, b: nested_linear(z, w, nesting, b), (z, w, b))
+
+
+@pytest.mark.parametrize("which", ["z", "params"])
+def test_mrl_e_partial_requires_grad(which):
+    torch.manual_seed(0)
+    nesting = Nesting((4, 8, 24))
+    head = MRLEHead(nesting, 6).double()
+    z = torch.randn(3, 24, dtype=torch.float64, requires_grad=which == "z")
+    inputs = [z] if which == "z" else list(head.parameters())
+    out = head(z)
+    ref = mrl_e_head_reference(z, head.weight, nesting, head.bias)
+    _close(_grads(out, inputs), _grads(ref, inputs), torch.float64)
+
+
+def test_mrl_e_non_contiguous_input_and_empty_batch():
+    torch.manual_seed(0)
+    nesting = Nesting((5, 13, 37))
+    head = MRLEHead(nesting, 7).double()
+    z = torch.randn(37, 6, dtype=torch.float64).T.requires_grad_()  # [6, 37], column-major
+    _close([head(z)], [mrl_e_head_reference(z, head.weight, nesting, head.bias)], torch.float64)
+    empty = head(torch.zeros(0, 37, dtype=torch.float64))
+    assert empty.shape == (3, 0, 7)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=5, unique=True).map(sorted),
+    batch=st.integers(1, 7),
+    classes=st.integers(1, 9),
+    bias=st.booleans(),
+)
+def test_mrl_e_random_shapes(sizes, batch, classes, bias):
+    torch.manual_seed(len(sizes) + batch)
+    nesting = Nesting(tuple(sizes))
+    head = MRLEHead(nesting, classes, bias=bias).double()
+    z = torch.randn(batch, nesting.dim, dtype=torch.float64, requires_grad=True)
+    out, ref = head(z), mrl_e_head_reference(z, head.weight, nesting, head.bias)
+    torch.testing.assert_close(out, ref)
+    params = [z, *head.parameters()]
+    _close(_grads(out, params), _grads(ref, params), torch.float64)
+
+
+# --------------------------------------------------------------------------- MRL
+@pytest.mark.parametrize("sizes", NESTINGS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mrl_fused_matches_loop_values_and_gradients(sizes, dtype, bias):
+    torch.manual_seed(0)
+    nesting = Nesting(sizes)
+    head = MRLHead(nesting, num_classes=11, bias=bias).to(dtype)
+    z = torch.randn(9, nesting.dim, dtype=dtype, requires_grad=True)
+    out = head(z)
+    biases = None if head.biases is None else list(head.biases)
+    ref = mrl_head_reference(z, list(head.weights), biases)
+    assert out.shape == (len(sizes), 9, 11)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    params = [z, *head.parameters()]
+    _close(_grads(out, params), _grads(ref, params), dtype)
+
+
+def test_mrl_heads_are_independent_and_sized_per_prefix():
+    torch.manual_seed(0)
+    nesting = Nesting((3, 7, 10))
+    head = MRLHead(nesting, 4).double()
+    assert [tuple(w.shape) for w in head.weights] == [(4, 3), (4, 7), (4, 10)]
+    z = torch.randn(5, 10, dtype=torch.float64)
+    out = head(z)
+    for g, m in enumerate(nesting.sizes):
+        torch.testing.assert_close(out[g], F.linear(z[:, :m], head.weights[g], head.biases[g]))
+    loop = MRLHead(nesting, 4, fused=False).double()
+    loop.load_state_dict(head.state_dict())
+    torch.testing.assert_close(loop(z), out)
+
+
+def test_mrl_gradcheck_and_partial_requires_grad():
+    torch.manual_seed(0)
+    nesting = Nesting((3, 7, 20))
+    head = MRLHead(nesting, 5).double()
+    z = torch.randn(4, 20, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: head(z), (z,))
+    only_first = [head.weights[0], head.biases[2]]
+    out = head(z.detach())
+    ref = mrl_head_reference(z.detach(), list(head.weights), list(head.biases))
+    _close(_grads(out, only_first), _grads(ref, only_first), torch.float64)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=5, unique=True).map(sorted),
+    batch=st.integers(1, 7),
+    classes=st.integers(1, 9),
+)
+def test_mrl_random_shapes(sizes, batch, classes):
+    torch.manual_seed(batch)
+    head = MRLHead(Nesting(tuple(sizes)), classes).double()
+    z = torch.randn(batch, sizes[-1], dtype=torch.float64, requires_grad=True)
+    out, ref = head(z), mrl_head_reference(z, list(head.weights), list(head.biases))
+    torch.testing.assert_close(out, ref)
+    params = [z, *head.parameters()]
+    _close(_grads(out, params), _grads(ref, params), torch.float64)
+
+
+# --------------------------------------------------------------------------- FF-m, plain, make_head
+def test_fixed_feature_head_reads_only_the_prefix():
+    torch.manual_seed(0)
+    head = FixedFeatureHead(dim=6, num_classes=3, in_dim=10).double()
+    z = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    out = head(z)
+    assert out.shape == (1, 4, 3) and head.nesting == Nesting((6,)) and head.in_dim == 10
+    torch.testing.assert_close(out[0], head.linear(z[:, :6]))
+    (grad,) = torch.autograd.grad(out.sum(), z)
+    assert torch.all(grad[:, 6:] == 0) and torch.any(grad[:, :6] != 0)
+
+
+@pytest.mark.parametrize(
+    "mode, ff_dim, cls, G, prefixes",
+    [
+        ("mrl", None, MRLHead, 3, (4, 8, 12)),
+        ("mrl-e", None, MRLEHead, 3, (4, 8, 12)),
+        ("ff", 8, FixedFeatureHead, 1, (8,)),
+        ("plain", None, FixedFeatureHead, 1, (12,)),
+    ],
+)
+def test_make_head_modes(mode, ff_dim, cls, G, prefixes):
+    head = make_head(mode, Nesting((4, 8, 12)), 5, ff_dim=ff_dim)
+    assert isinstance(head, cls)
+    assert head.nesting.sizes == prefixes and head.in_dim == 12
+    assert head(torch.randn(2, 12)).shape == (G, 2, 5)
+
+
+def test_make_head_accepts_a_sequence():
+    assert make_head("mrl-e", [2, 4], 3).nesting == Nesting((2, 4))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="mrle"), r"mode must be one of \[.*'plain'\], got mode='mrle'"),
+        (dict(mode="ff"), "mode='ff' needs ff_dim"),
+        (dict(mode="ff", ff_dim=13), r"dim must be <= in_dim \(12\), got dim=13"),
+        (dict(mode="ff", ff_dim=0), "dim must be a positive int, got dim=0"),
+        (dict(mode="mrl", ff_dim=4), "ff_dim is only used with mode='ff', got ff_dim=4"),
+        (dict(mode="mrl", num_classes=0), "num_classes must be a positive int, got num_classes=0"),
+    ],
+)
+def test_make_head_errors(kwargs, message):
+    kwargs = {"nesting": Nesting((4, 8, 12)), "num_classes": 5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        make_head(**kwargs)
+
+
+@pytest.mark.parametrize("head_cls", [MRLHead, MRLEHead])
+def test_heads_reject_bad_inputs(head_cls):
+    head = head_cls(Nesting((4, 8)), 3)
+    with pytest.raises(ValueError, match=r"z must be 2-D \[B, D\], got shape \(2, 3, 8\)"):
+        head(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match=r"z must have 8 features \(the head's in_dim\)"):
+        head(torch.randn(2, 9))
+    with pytest.raises(ValueError, match="dtype"):
+        head(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="z must be a torch.Tensor, got list"):
+        head([[0.0] * 8])
+
+
+def test_nested_linear_rejects_bad_weight_and_bias():
+    n = Nesting((2, 4))
+    z = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"weight must be \[C, 4\], got shape \(5, 3\)"):
+        nested_linear(z, torch.randn(5, 3), n)
+    with pytest.raises(ValueError, match=r"bias must be \[5\], got shape \(4,\)"):
+        nested_linear(z, torch.randn(5, 4), n, torch.randn(4))
+
+
+def test_heads_have_nesting_and_state_dict_roundtrip():
+    head = MRLEHead((8, 16), 4)
+    clone = MRLEHead(Nesting((8, 16)), 4)
+    clone.load_state_dict(head.state_dict())
+    z = torch.randn(3, 16)
+    torch.testing.assert_close(clone(z), head(z))
+    assert "nesting=[8, 16]" in repr(head)
