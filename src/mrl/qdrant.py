@@ -49,6 +49,7 @@ __all__ = [
     "QdrantIndex",
     "QdrantLayout",
     "export_qdrant",
+    "open_rows",
     "open_target",
 ]
 
@@ -339,6 +340,51 @@ def open_target(collection: str, url: str | None = None, path: str | os.PathLike
     if path is not None:
         return EdgeTarget(Path(path) / collection)
     return ClientTarget(collection, url=url, **client_options)
+
+
+# ---------------------------------------------------------------------- what is exported
+class _IndexRows:
+    """A `MatryoshkaIndex` seen as rows to export (count, dim, ids, take)."""
+
+    def __init__(self, index) -> None:
+        self.index = index
+        self.nesting = index.nesting
+
+    @property
+    def count(self) -> int:
+        return int(self.index.count)
+
+    @property
+    def dim(self) -> int:
+        return self.nesting.dim
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.index.ids
+
+    def take(self, rows: np.ndarray, dims: int | None = None) -> np.ndarray:
+        # The index keeps its full-size rows [N, D] (possibly a memmap); a public accessor would
+        # be nicer than the attribute (asked of the retrieval module's owner).
+        vectors = getattr(self.index, "vectors", None)
+        if vectors is None:
+            vectors = self.index._vectors
+        return np.asarray(vectors[rows, : dims or self.dim], dtype=np.float32)
+
+
+def open_rows(path: str | os.PathLike):
+    """An `EmbeddingStore` folder (``store.json``) or a `MatryoshkaIndex` folder
+    (``index.json``), as a row source with ``count``, ``dim``, ``nesting``, ``ids``, ``take``."""
+    path = Path(path)
+    if (path / "store.json").is_file():
+        from mrl.retrieval import EmbeddingStore
+
+        return EmbeddingStore.open(path)
+    if (path / "index.json").is_file():
+        from mrl.retrieval import MatryoshkaIndex
+
+        return _IndexRows(MatryoshkaIndex.load(path, mmap=True))
+    raise FileNotFoundError(f"no embedding store (store.json) or MatryoshkaIndex (index.json) "
+                            f"at {path}")
 
 
 # ---------------------------------------------------------------------- export

@@ -1,0 +1,330 @@
+"""Qdrant export and funnel search, against the real engine in-process (qdrant-edge-py) and
+qdrant-client's local mode; the in-process MatryoshkaIndex and exact search are the references."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("qdrant_edge")
+
+from mrl import Nesting  # noqa: E402
+from mrl.cli import main  # noqa: E402
+from mrl.qdrant import (  # noqa: E402
+    FunnelPlan,
+    QdrantIndex,
+    QdrantLayout,
+    export_qdrant,
+    open_rows,
+    open_target,
+)
+from mrl.retrieval import EmbeddingStore, MatryoshkaIndex, SearchConfig, exact_search  # noqa: E402
+
+N, D = 600, 32
+NEST = Nesting((8, 16, 32))
+
+
+def mrl_like(n: int, d: int, seed: int) -> np.ndarray:
+    """Gaussian rows whose variance decays with the coordinate (leading dims matter most)."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, d)) / np.sqrt(1 + np.arange(d))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def db() -> np.ndarray:
+    return mrl_like(N, D, 0)
+
+
+@pytest.fixture(scope="module")
+def queries() -> np.ndarray:
+    return mrl_like(20, D, 1)
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, db) -> Path:
+    path = tmp_path_factory.mktemp("store") / "store"
+    EmbeddingStore.from_array(path, db, NEST, ids=np.arange(N) * 10 + 7)  # ids != rows
+    return path
+
+
+@pytest.fixture(scope="module")
+def edge_index(tmp_path_factory, store_path) -> QdrantIndex:
+    root = tmp_path_factory.mktemp("edge")
+    target = open_target("docs", path=root)
+    layout = QdrantLayout((8, 16, 32))
+    export_qdrant(open_rows(store_path), target, layout, root / "docs.progress.json",
+                  collection="docs", batch_size=128)
+    return QdrantIndex(target)
+
+
+@pytest.fixture(scope="module")
+def memory_index(store_path) -> QdrantIndex:
+    pytest.importorskip("qdrant_client")
+    target = open_target("docs", url=":memory:")
+    export_qdrant(open_rows(store_path), target, QdrantLayout((8, 16, 32)),
+                  Path(store_path).parent / "mem.progress.json", collection="docs",
+                  batch_size=256)
+    return QdrantIndex(target)
+
+
+# ----------------------------------------------------------------------------- validation
+def test_layout_and_plan_validation():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        QdrantLayout((16, 8))
+    with pytest.raises(ValueError, match="distance must be one of"):
+        QdrantLayout((8,), "euclid")
+    layout = QdrantLayout((8, 16, 32))
+    assert FunnelPlan.build(layout, 10).stages == ((32, 10),)
+    assert FunnelPlan.build(layout, 10).shortlist == 200
+    with pytest.raises(ValueError, match="shortlist_dim=12 is not stored"):
+        FunnelPlan.build(layout, 10, shortlist_dim=12)
+    with pytest.raises(ValueError, match=r"shortlist must be >= k \(10\), got shortlist=5"):
+        FunnelPlan.build(layout, 10, shortlist=5)
+    with pytest.raises(ValueError, match=r"stages\[0\] prefix 24 is not stored"):
+        FunnelPlan.build(layout, 10, stages=[(24, 10)])
+    with pytest.raises(ValueError, match=r"stages\[1\]=\(16, 20\) must grow the prefix"):
+        FunnelPlan.build(layout, 10, stages=[(16, 50), (16, 20)])
+    with pytest.raises(ValueError, match="k must be a positive int, got k=0"):
+        FunnelPlan.build(layout, 0)
+
+
+def test_open_target_and_rows_errors(tmp_path):
+    with pytest.raises(ValueError, match="exactly one of url or path"):
+        open_target("c")
+    with pytest.raises(ValueError, match="collection must be a non-empty name"):
+        open_target("a/b", path=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no embedding store"):
+        open_rows(tmp_path)
+
+
+# ----------------------------------------------------------------------------- export + search
+def test_edge_export_holds_every_row_once(edge_index):
+    target = edge_index.target
+    assert target.count() == N
+    assert sorted(target.point_ids().tolist()) == list(range(N))
+    assert edge_index.layout == QdrantLayout((8, 16, 32))
+
+
+def test_edge_whole_database_shortlist_equals_exact_search(edge_index, db, queries):
+    k = 10
+    scores, ids = edge_index.search(queries, k, shortlist_dim=8, shortlist=N)
+    ref_s, ref_rows = exact_search(db, queries, k)
+    np.testing.assert_array_equal(ids, ref_rows * 10 + 7)
+    np.testing.assert_allclose(scores, ref_s, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stages", [None, [(16, 40), (32, 10)]])
+def test_edge_funnel_equals_in_process_index(edge_index, db, queries, stages):
+    index = MatryoshkaIndex(NEST, SearchConfig(shortlist_dim=8, shortlist=80), threads=1)
+    index.add(db, ids=np.arange(N) * 10 + 7)
+    ref = index.search(queries, 10, **({} if stages is None else {"stages": stages}))
+    scores, ids = edge_index.search(queries, 10, shortlist_dim=8, shortlist=80, stages=stages)
+    np.testing.assert_array_equal(ids, ref.ids)
+    np.testing.assert_allclose(scores, ref.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_shortlist_only_plan(edge_index, db, queries):
+    scores, ids = edge_index.search(queries, 5, shortlist_dim=32, shortlist=50)
+    ref_s, ref_rows = exact_search(db, queries, 5)
+    np.testing.assert_array_equal(ids, ref_rows * 10 + 7)
+
+
+def test_client_memory_mode_matches_edge(memory_index, edge_index, queries):
+    for params in ({"shortlist_dim": 8, "shortlist": 80},
+                   {"shortlist_dim": 8, "shortlist": 80, "stages": [(16, 40), (32, 10)]}):
+        s1, i1 = memory_index.search(queries, 10, **params)
+        s2, i2 = edge_index.search(queries, 10, **params)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_allclose(s1, s2, rtol=1e-4, atol=1e-5)
+    assert memory_index.layout == edge_index.layout
+    assert len(memory_index) == N
+
+
+def test_search_bad_queries(edge_index):
+    with pytest.raises(ValueError, match=r"queries must have shape \[Q, >= 32\]"):
+        edge_index.search(np.zeros((2, 8), np.float32), 5)
+    bad = np.zeros((1, D), np.float32)
+    bad[0, 3] = np.nan
+    with pytest.raises(ValueError, match="queries must be finite"):
+        edge_index.search(bad, 5)
+
+
+# ----------------------------------------------------------------------------- faults
+class _Crash(Exception):
+    pass
+
+
+def test_interrupted_export_resumes_without_duplicates(tmp_path, store_path):
+    rows = open_rows(store_path)
+    layout = QdrantLayout((8, 32))
+    marker = tmp_path / "c.progress.json"
+
+    def crash_after_two(done, total):
+        if done >= 2 * 100:
+            raise _Crash
+
+    target = open_target("c", path=tmp_path)
+    with pytest.raises(_Crash):
+        export_qdrant(rows, target, layout, marker, collection="c", batch_size=100,
+                      on_batch=crash_after_two)
+    target.close()
+    assert json.loads(marker.read_text())["done"] == 200
+    target = open_target("c", path=tmp_path)
+    report = export_qdrant(rows, target, layout, marker, collection="c", batch_size=100)
+    assert (report.resumed_from, report.written, report.batches) == (200, N - 200, 4)
+    assert target.count() == N
+    assert sorted(target.point_ids().tolist()) == list(range(N))
+    again = export_qdrant(rows, target, layout, marker, collection="c", batch_size=100)
+    assert again.written == 0  # finished: nothing to do
+    target.close()
+
+
+def test_marker_ahead_of_collection_restarts(tmp_path, store_path):
+    rows = open_rows(store_path)
+    layout = QdrantLayout((8, 32))
+    marker = tmp_path / "m.json"
+    t1 = open_target("c", url=":memory:") if _has_client() else open_target("c", path=tmp_path)
+    export_qdrant(rows, t1, layout, marker, collection="c", batch_size=300)
+    t2 = open_target("c", path=tmp_path / "fresh")  # the data is gone, the marker says done
+    report = export_qdrant(rows, t2, layout, marker, collection="c", batch_size=300)
+    assert report.resumed_from == 0 and t2.count() == N
+    t2.close()
+
+
+def _has_client() -> bool:
+    try:
+        import qdrant_client  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def test_foreign_marker_is_refused(tmp_path, store_path):
+    marker = tmp_path / "p.json"
+    marker.write_text(json.dumps({"format": "mrl-qdrant-export", "version": 1,
+                                  "fingerprint": {"collection": "other"}, "done": 5}))
+    target = open_target("c", path=tmp_path)
+    with pytest.raises(ValueError, match="belongs to another export"):
+        export_qdrant(open_rows(store_path), target, QdrantLayout((8, 32)), marker,
+                      collection="c")
+    target.close()
+
+
+class _Flaky:
+    """Wraps a target; its first ``fail`` upserts raise (a network blip)."""
+
+    def __init__(self, inner, fail: int) -> None:
+        self.inner, self.fail, self.calls = inner, fail, 0
+
+    def upsert(self, *args):
+        self.calls += 1
+        if self.calls <= self.fail:
+            raise ConnectionError(f"blip {self.calls}")
+        return self.inner.upsert(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_batches_are_retried(tmp_path, store_path):
+    flaky = _Flaky(open_target("c", path=tmp_path), fail=2)
+    report = export_qdrant(open_rows(store_path), flaky, QdrantLayout((8, 32)),
+                           tmp_path / "p.json", collection="c", batch_size=300, backoff_s=0.0)
+    assert report.retries == 2 and flaky.count() == N
+    flaky.inner.close()
+    hopeless = _Flaky(open_target("d", path=tmp_path), fail=100)
+    with pytest.raises(ConnectionError, match="blip 3"):
+        export_qdrant(open_rows(store_path), hopeless, QdrantLayout((8, 32)),
+                      tmp_path / "q.json", collection="d", retries=2, backoff_s=0.0)
+    hopeless.inner.close()
+
+
+_KILL_SCRIPT = """
+import sys, time
+from mrl.qdrant import QdrantLayout, export_qdrant, open_rows, open_target
+def slow(done, total):
+    print(done, flush=True)
+    time.sleep(0.3)
+target = open_target("k", path=sys.argv[2])
+export_qdrant(open_rows(sys.argv[1]), target, QdrantLayout((8, 32)), sys.argv[3],
+              collection="k", batch_size=50, on_batch=slow)
+"""
+
+
+def test_killed_export_process_resumes(tmp_path, store_path):
+    """SIGKILL a real export mid-way, then finish it with `mrl export qdrant`."""
+    marker = tmp_path / "k.progress.json"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(store_path), str(tmp_path),
+                             str(marker)], stdout=subprocess.PIPE, text=True)
+    try:
+        seen = 0
+        deadline = time.monotonic() + 60
+        while seen < 150 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen = int(line)
+        assert seen >= 150, "the export did not get going"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = json.loads(marker.read_text())["done"]
+    assert 150 <= done < N
+    code = main(["export", "qdrant", str(store_path), "--collection", "k", "--path",
+                 str(tmp_path), "--prefixes", "8,32", "--batch-size", "50", "--quiet"])
+    assert code == 0
+    target = open_target("k", path=tmp_path)
+    assert target.count() == N
+    assert sorted(target.point_ids().tolist()) == list(range(N))
+    target.close()
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_exports_an_index_folder(tmp_path, db, queries, capsys):
+    index = MatryoshkaIndex(NEST, SearchConfig(shortlist_dim=8, shortlist=60), threads=1)
+    index.add(db)
+    index.save(tmp_path / "idx")
+    code = main(["export", "qdrant", str(tmp_path / "idx"), "--collection", "docs", "--path",
+                 str(tmp_path / "q"), "--quiet"])
+    assert code == 0
+    assert "exported 600 points" in capsys.readouterr().out
+    q = QdrantIndex(open_target("docs", path=tmp_path / "q"))
+    assert q.layout.prefixes == (16, 32)  # default: smallest size >= 16, and D
+    ref = index.search(queries, 10, shortlist_dim=16, shortlist=60)
+    _, ids = q.search(queries, 10, shortlist_dim=16, shortlist=60)
+    np.testing.assert_array_equal(ids, ref.ids)
+    q.target.close()
+
+
+def test_cli_bad_prefixes(tmp_path, store_path, capsys):
+    code = main(["export", "qdrant", str(store_path), "--collection", "x", "--path",
+                 str(tmp_path), "--prefixes", "8,24"])
+    assert code == 2
+    assert "--prefixes [24] are not in the index's nesting [8, 16, 32]" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- served
+def test_serve_search_from_qdrant(edge_index, db, queries):
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from mrl.serve import QdrantBackend, create_app, serving
+
+    with serving(create_app(None, QdrantBackend(edge_index))) as url:
+        r = httpx.post(url + "/v1/search", json={"vector": queries[:2].tolist(), "k": 5,
+                                                 "shortlist_dim": 8, "shortlist": 80})
+        assert r.status_code == 200, r.text
+        _, ids = edge_index.search(queries[:2], 5, shortlist_dim=8, shortlist=80)
+        assert [d["ids"] for d in r.json()["data"]] == ids.tolist()
+        r = httpx.post(url + "/v1/search", json={"vector": queries[0].tolist(),
+                                                 "shortlist_dim": 12})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "shortlist_dim"
