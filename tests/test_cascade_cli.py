@@ -141,3 +141,27 @@ def test_demo_section_with_arrays_and_a_separate_calibration_set(tmp_path):
     assert {r["n_calib"] for r in recs2} == {150} and {r["n_test"] for r in recs2} == {150}
     with pytest.raises(ValueError, match="needs ctx.test_logits"):
         demo_section(SimpleNamespace(out_dir=tmp_path))
+
+
+@pytest.mark.slow
+def test_fit_and_eval_from_trained_run_folders(tmp_path):
+    """Real run folders (tiny synthetic task): logits are computed once and cached."""
+    from mrl.config import DataConfig, ModelConfig, TrainConfig
+    from mrl.train import train
+
+    runs = {}
+    for name, extra in (("mrl", {}), ("ff16", {"mode": "ff", "ff_dim": 16})):
+        cfg = TrainConfig(data=DataConfig(dataset="synthetic", train_size=128),
+                          model=ModelConfig(dim=16, nesting="4,8,16", width=4, **extra),
+                          epochs=1, batch_size=64, device="cpu")
+        train(cfg, tmp_path / name, progress=False)
+        runs[name] = tmp_path / name
+    assert main(["cascade", "fit", str(runs["mrl"])]) == 0
+    assert (runs["mrl"] / "cascade.json").is_file() and (runs["mrl"] / "logits-test.npz").is_file()
+    assert main(["cascade", "eval", str(runs["mrl"] / "cascade.json")]) == 0
+    out = tmp_path / "eval"
+    assert main(["cascade", "eval", str(runs["mrl"]), "--ff", str(runs["ff16"]), "--seeds", "0",
+                 "--out", str(out), "--fewshot"]) == 0
+    recs = load_records(out / "cascade.json")
+    assert {r["dataset"] for r in recs} == {"synthetic"}
+    assert any(r["method"] == "ff" and r["metric"] == "ncm_5shot" for r in recs)

@@ -114,7 +114,7 @@ def _newer_than_checkpoint(cache: Path, run_dir: Path) -> bool:
 def _compute_from_run(run_dir: Path, split: str) -> LogitsSet:
     """Forward the run's model over ``split`` of its dataset: logits and embeddings."""
     try:
-        from mrl.train import load_run  # the vision engineer's API
+        from mrl.train import load_run  # the training module (vision extra)
     except ImportError as exc:
         raise ValueError(
             f"{run_dir} is a folder but mrl.train.load_run is not available to read it ({exc}); "
@@ -123,5 +123,41 @@ def _compute_from_run(run_dir: Path, split: str) -> LogitsSet:
     return _forward_run(load_run(run_dir), split, run_dir)
 
 
-def _forward_run(run: Any, split: str, run_dir: Path) -> LogitsSet:  # pragma: no cover
-    raise ValueError(f"reading run folders is not wired yet: {run_dir}")
+# The few-shot pool: a seeded subset of the training images is plenty for 1..100 shots per class.
+POOL_SIZE = 10000
+
+
+def _forward_run(run: Any, split: str, run_dir: Path) -> LogitsSet:
+    """``run`` = (model, config, checkpoint) from `mrl.train.load_run`.
+
+    ``split`` is ``test`` (the task's test set) or ``train`` (a seeded subset of POOL_SIZE
+    training images, for few-shot support sets).
+    """
+    import torch
+
+    from mrl.data import load_task
+
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    model, config, saved = run
+    d = config.data
+    task = load_task(d.dataset, root=d.root, train_size=POOL_SIZE if split == "train" else 1,
+                     image_size=d.image_size, seed=config.seed)  # fmt: skip
+    data = task.db if split == "train" else task.test
+    zs, logits = [], []
+    with torch.no_grad():
+        for start in range(0, len(data), config.eval_batch_size):
+            x = data.images[start : start + config.eval_batch_size]
+            z = model.embed(x)  # [b, D]
+            zs.append(z.float())
+            logits.append(model.head(z).float())  # [G, b, C]
+    nesting = Nesting.from_dict(saved.get("head_nesting") or saved["nesting"])
+    meta = {"mode": config.model.mode, "ff_dim": config.model.ff_dim, "dataset": d.dataset,
+            "split": split, "run": str(run_dir), "epoch": int(saved.get("epoch", 0))}  # fmt: skip
+    return LogitsSet(
+        logits=torch.cat(logits, dim=1).numpy(),
+        labels=data.labels.numpy().astype(np.int64),
+        nesting=nesting,
+        embeddings=torch.cat(zs).numpy(),
+        meta=meta,
+    )
