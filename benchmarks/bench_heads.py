@@ -22,7 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from mrl.heads import MRLEHead, MRLHead, mrl_e_head_reference
-from mrl.losses import nested_cross_entropy
+from mrl.losses import (
+    contrastive_loss,
+    matryoshka_contrastive_loss,
+    matryoshka_contrastive_loss_reference,
+    nested_cross_entropy,
+)
 from mrl.nesting import Nesting
 from mrl.records import make_record, save_records
 
@@ -45,7 +50,13 @@ def _loss_step_fn(forward: Callable[[], Tensor], inputs: list[Tensor]) -> Callab
     return step
 
 
-def build_methods(B: int, D: int, C: int, start: int, seed: int = 0) -> dict[str, Callable]:
+LINEAR, LINEAR_CE, CONTRASTIVE = "linear (1 full-size head)", "linear + CE", "contrastive, full D"
+
+
+def build_methods(
+    B: int, D: int, C: int, start: int, seed: int = 0
+) -> dict[str, tuple[Callable, str]]:
+    """name -> (step, name of the baseline its ratio is taken against)."""
     torch.manual_seed(seed)
     nesting = Nesting.doubling(start, D)
     z = torch.randn(B, D, requires_grad=True)
@@ -54,26 +65,34 @@ def build_methods(B: int, D: int, C: int, start: int, seed: int = 0) -> dict[str
     mrl, mrl_loop = MRLHead(nesting, C), MRLHead(nesting, C, fused=False)
     p_lin, p_mrle = [z, *linear.parameters()], [z, *mrle.parameters()]
     ce = nn.functional.cross_entropy
+    # Contrastive: B query/positive pairs of size D, in-batch negatives.
+    q, p = torch.randn(B, D, requires_grad=True), torch.randn(B, D, requires_grad=True)
     return {
-        "linear (1 full-size head)": _step_fn(lambda: linear(z), p_lin),
-        "mrl-e fused": _step_fn(lambda: mrle(z), p_mrle),
-        "mrl-e loop reference": _step_fn(
-            lambda: mrl_e_head_reference(z, mrle.weight, nesting, mrle.bias), p_mrle),
-        "mrl fused": _step_fn(lambda: mrl(z), [z, *mrl.parameters()]),
-        "mrl loop reference": _step_fn(lambda: mrl_loop(z), [z, *mrl_loop.parameters()]),
-        "linear + CE": _loss_step_fn(lambda: ce(linear(z), y), p_lin),
-        "mrl-e fused + nested CE": _loss_step_fn(
-            lambda: nested_cross_entropy(mrle(z), y), p_mrle),
+        LINEAR: (_step_fn(lambda: linear(z), p_lin), LINEAR),
+        "mrl-e fused": (_step_fn(lambda: mrle(z), p_mrle), LINEAR),
+        "mrl-e loop reference": (_step_fn(
+            lambda: mrl_e_head_reference(z, mrle.weight, nesting, mrle.bias), p_mrle), LINEAR),
+        "mrl fused": (_step_fn(lambda: mrl(z), [z, *mrl.parameters()]), LINEAR),
+        "mrl loop reference": (_step_fn(lambda: mrl_loop(z), [z, *mrl_loop.parameters()]), LINEAR),
+        LINEAR_CE: (_loss_step_fn(lambda: ce(linear(z), y), p_lin), LINEAR_CE),
+        "mrl-e fused + nested CE": (_loss_step_fn(
+            lambda: nested_cross_entropy(mrle(z), y), p_mrle), LINEAR_CE),
+        CONTRASTIVE: (_loss_step_fn(lambda: contrastive_loss(q, p), [q, p]), CONTRASTIVE),
+        "matryoshka contrastive one-pass": (_loss_step_fn(
+            lambda: matryoshka_contrastive_loss(q, p, nesting), [q, p]), CONTRASTIVE),
+        "matryoshka contrastive loop": (_loss_step_fn(
+            lambda: matryoshka_contrastive_loss_reference(q, p, nesting), [q, p]), CONTRASTIVE),
     }
 
 
-def run(methods: dict[str, Callable], repeats: int, warmup: int) -> dict[str, list[float]]:
-    for step in methods.values():
+def run(methods: dict[str, tuple[Callable, str]], repeats: int, warmup: int
+        ) -> dict[str, list[float]]:
+    for step, _ in methods.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):  # interleaved: one of each per round
-        for name, step in methods.items():
+        for name, (step, _) in methods.items():
             t0 = time.perf_counter()
             step()
             times[name].append((time.perf_counter() - t0) * 1e3)
@@ -95,24 +114,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} "
           f"{platform.processor() or ''}; B={B} D={D} C={C} G={G} (doubling {start}..{D}), "
           f"float32, forward+backward, {repeats} interleaved rounds, medians")
-    times = run(build_methods(B, D, C, start), repeats, warmup=2)
+    methods = build_methods(B, D, C, start)
+    times = run(methods, repeats, warmup=2)
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    base = med["linear (1 full-size head)"]
-    base_ce = med["linear + CE"]
+    base = med[LINEAR]
     records = []
-    lines = ["| method | median ms | min ms | ratio vs linear |", "|---|---|---|---|"]
+    lines = ["| method | median ms | min ms | ratio vs baseline | baseline |", "|---" * 5 + "|"]
     for name, ts in times.items():
-        ref = base_ce if "CE" in name else base
-        ratio = med[name] / ref
-        lines.append(f"| {name} | {med[name]:.2f} | {min(ts):.2f} | {ratio:.2f}x |")
+        ratio = med[name] / med[methods[name][1]]
+        lines.append(f"| {name} | {med[name]:.2f} | {min(ts):.2f} | {ratio:.2f}x | "
+                     f"{methods[name][1]} |")
         ctx = dict(B=B, D=D, C=C, G=G, repeats=repeats, torch=torch.__version__,
                    threads=torch.get_num_threads())
         records += [make_record(name, None, "ms", med[name], **ctx),
-                    make_record(name, None, "ratio_vs_linear", ratio, **ctx)]
+                    make_record(name, None, "ratio_vs_baseline", ratio,
+                                baseline=methods[name][1], **ctx)]
     print(f"mrl-e fused / linear = {med['mrl-e fused'] / base:.2f}x (goal <= 1.2x); "
           f"mrl-e loop / fused = {med['mrl-e loop reference'] / med['mrl-e fused']:.2f}x; "
           f"mrl loop / fused = {med['mrl loop reference'] / med['mrl fused']:.2f}x")
-    print("(+ CE rows: ratio vs 'linear + CE')")
+    print(f"matryoshka contrastive loop / one-pass = "
+          f"{med['matryoshka contrastive loop'] / med['matryoshka contrastive one-pass']:.2f}x")
     if args.json:
         save_records(args.json, records)
     print("\n".join(lines))
