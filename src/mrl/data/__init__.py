@@ -1,0 +1,111 @@
+"""Datasets as tensors: Fashion-MNIST, the 1000-class triple task, image folders, synthetic.
+
+`load_task(name, ...)` returns a `Task`: the training source, the retrieval database (the training
+images, or fixed triples) and the test set, each ready for `mrl.train` and `mrl eval`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mrl.data.tensors import ImageTensors, TripleSource, augment, iterate_batches
+
+__all__ = [
+    "TASKS",
+    "ImageTensors",
+    "Task",
+    "TripleSource",
+    "augment",
+    "iterate_batches",
+    "load_task",
+]
+
+TASKS = ("fashion-mnist", "fashion-mnist-1k", "synthetic", "image-folder")
+
+
+@dataclass
+class Task:
+    """train: what training draws batches from; db / test: fixed labelled sets for evaluation."""
+
+    name: str
+    train: ImageTensors | TripleSource
+    db: ImageTensors
+    test: ImageTensors
+
+    @property
+    def num_classes(self) -> int:
+        return self.test.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.test.in_channels
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.test.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.test.std
+
+
+def load_task(
+    name: str,
+    *,
+    root: str | None = None,
+    train_size: int | None = None,
+    image_size: int = 64,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Task:
+    """Load a built-in task by name (see `TASKS`); ``train_size`` keeps a seeded subset.
+
+    ``root``: the data folder (Fashion-MNIST files, or the image folder); ``image_size`` and
+    ``test_fraction`` only apply to ``image-folder``.
+    """
+    if name == "fashion-mnist":
+        from mrl.data.fashion_mnist import load_fashion_mnist
+
+        train = load_fashion_mnist("train", root).subset(train_size, seed)
+        return Task(name, train, train, load_fashion_mnist("test", root))
+    if name == "fashion-mnist-1k":
+        from mrl.data.fashion_mnist_1k import load_fashion_mnist_1k
+
+        n = train_size or 60000
+        source, db, test = load_fashion_mnist_1k(root, train_triples=n, db_triples=min(50000, n))
+        return Task(name, source, db, test)
+    if name == "synthetic":
+        from mrl.data.synthetic import make_synthetic
+
+        train = make_synthetic(n=train_size or 512, seed=seed, split="train")
+        return Task(name, train, train, make_synthetic(n=128, seed=seed, split="test"))
+    if name == "image-folder":
+        return _image_folder_task(root, image_size, test_fraction, seed)
+    raise ValueError(f"dataset must be one of {TASKS}, got dataset={name!r}")
+
+
+def _image_folder_task(root: str | None, image_size: int, test_fraction: float, seed: int) -> Task:
+    import torch
+
+    from mrl.data.image_folder import ImageFolder
+
+    if root is None:
+        raise ValueError("dataset 'image-folder' needs data_root (the folder of class subfolders)")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got test_fraction={test_fraction}")
+    full = ImageFolder(root, image_size=image_size).load_tensors()
+    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, int(len(full) * test_fraction))
+
+    def part(idx: torch.Tensor, split: str) -> ImageTensors:
+        return ImageTensors(
+            full.images[idx],
+            full.labels[idx],
+            full.num_classes,
+            full.mean,
+            full.std,
+            f"{full.name}/{split}",
+        )
+
+    train = part(perm[n_test:], "train")
+    return Task("image-folder", train, train, part(perm[:n_test], "test"))

@@ -1,0 +1,190 @@
+"""Fashion-MNIST (Xiao et al., 2017): 60k train / 10k test grey 28x28 images, 10 classes.
+
+Where the files come from, in order:
+
+1. a folder given by the caller (``root``) or the ``MRL_FASHION_MNIST`` environment variable;
+2. ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``);
+3. the cache folder (``$MRL_CACHE/fashion-mnist``, default ``~/.cache/mrl/fashion-mnist``);
+4. when ``download=True``: the official files, fetched into the cache and checked against the
+   official MD5 sums before they are kept.
+
+Every file is also checked for structure (IDX magic number, shape, label range), so a truncated or
+corrupt file gives a clear error naming it instead of garbage tensors. The whole dataset is held as
+tensors (47 MB as uint8), which is what the training loop wants: no per-image Python work.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mrl.data.tensors import ImageTensors
+
+__all__ = [
+    "CLASSES",
+    "FILES",
+    "SYSTEM_DIR",
+    "cache_dir",
+    "find_fashion_mnist",
+    "load_fashion_mnist",
+    "read_idx",
+]
+
+SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+BASE_URL = "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
+CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+# split -> (images file, labels file, number of items); MD5 of the official .gz files.
+FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
+}
+MD5 = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+# Fashion-MNIST statistics of the training images (pixel values in [0, 1]).
+MEAN, STD = (0.2860,), (0.3530,)
+
+# IDX type codes -> numpy dtype (big-endian as stored).
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def cache_dir() -> Path:
+    """``$MRL_CACHE/fashion-mnist`` or ``~/.cache/mrl/fashion-mnist``."""
+    base = os.environ.get("MRL_CACHE") or Path.home() / ".cache" / "mrl"
+    return Path(base) / "fashion-mnist"
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Parse an IDX file (optionally gzip'ed) into a numpy array; clear errors on corrupt files.
+
+    Format: 2 zero bytes, a type code, the number of dims n, n big-endian uint32 sizes, the data.
+    """
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise ValueError(f"corrupt data file {path}: cannot read it ({exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"corrupt data file {path}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise ValueError(f"corrupt data file {path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(
+            f"corrupt data file {path}: header promises {expected} data bytes for shape "
+            f"{shape}, file holds {len(raw) - header}"
+        )
+    return (
+        np.frombuffer(raw, dtype=dtype, offset=header)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
+    )
+
+
+def _candidate_dirs(root: str | os.PathLike | None) -> list[Path]:
+    dirs = []
+    if root is not None:
+        dirs.append(Path(root))
+    if os.environ.get("MRL_FASHION_MNIST"):
+        dirs.append(Path(os.environ["MRL_FASHION_MNIST"]))
+    return dirs + [SYSTEM_DIR, cache_dir()]
+
+
+def _has_all(folder: Path) -> bool:
+    return all((folder / name).is_file() for pair in FILES.values() for name in pair[:2])
+
+
+def find_fashion_mnist(root: str | os.PathLike | None = None, download: bool = False) -> Path:
+    """The folder holding the four Fashion-MNIST files; downloads them when allowed and missing."""
+    searched = _candidate_dirs(root)
+    for folder in searched:
+        if _has_all(folder):
+            return folder
+    if download:
+        try:
+            return _download(cache_dir())
+        except OSError as exc:  # offline, DNS failure, HTTP error ...
+            reason = f"downloading failed ({exc})"
+    else:
+        reason = "downloading is off"
+    raise FileNotFoundError(
+        "Fashion-MNIST not found in " + ", ".join(str(d) for d in searched) + f"; {reason}. "
+        "Get it either way: (1) as root, `apt-get install dataset-fashion-mnist` (files land in "
+        f"{SYSTEM_DIR}), or (2) when online, let mrl download the official files into "
+        f"{cache_dir()} (set MRL_CACHE to change the folder)."
+    )
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(folder: Path) -> Path:
+    """Fetch the official files into ``folder``; a file is kept only if its MD5 matches."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, md5 in MD5.items():
+        target = folder / name
+        if target.is_file() and _md5(target) == md5:
+            continue
+        tmp = folder / f".{name}.part"
+        with urllib.request.urlopen(BASE_URL + name, timeout=60) as resp, open(tmp, "wb") as f:
+            while block := resp.read(1 << 20):
+                f.write(block)
+        got = _md5(tmp)
+        if got != md5:
+            tmp.unlink()
+            raise ValueError(f"downloaded {name} has MD5 {got}, expected {md5}; not kept")
+        os.replace(tmp, target)
+    return folder
+
+
+def load_fashion_mnist(
+    split: str = "train", root: str | os.PathLike | None = None, download: bool = True
+) -> ImageTensors:
+    """One split as `ImageTensors`: images uint8 ``[N, 1, 28, 28]``, labels int64 ``[N]``."""
+    if split not in FILES:
+        raise ValueError(f"split must be one of {sorted(FILES)}, got split={split!r}")
+    folder = find_fashion_mnist(root, download=download)
+    image_file, label_file, count = FILES[split]
+    images = read_idx(folder / image_file)
+    labels = read_idx(folder / label_file)
+    if images.shape != (count, 28, 28) or images.dtype != np.uint8:
+        raise ValueError(
+            f"corrupt data file {folder / image_file}: expected uint8 images of shape "
+            f"({count}, 28, 28), got {images.dtype} {images.shape}"
+        )
+    if labels.shape != (count,) or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(
+            f"corrupt data file {folder / label_file}: expected {count} labels in 0..9"
+        )
+    return ImageTensors(
+        images=torch.from_numpy(images.copy()).unsqueeze(1),
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        num_classes=10,
+        mean=MEAN,
+        std=STD,
+        name=f"fashion-mnist/{split}",
+    )

@@ -1,0 +1,210 @@
+"""Users' own images: one subfolder per class (the ImageNet layout), read with Pillow.
+
+```
+root/
+  cat/ 001.jpg 002.png ...
+  dog/ ...
+```
+
+`ImageFolder` is a map-style dataset (``ds[i] -> (image tensor, label)``) usable with a PyTorch
+`DataLoader` for large sets, and `ImageFolder.load_tensors()` decodes everything once into
+`ImageTensors` (uint8, fixed size) for the fast in-memory training loop. The transforms are small
+classes written here (no torchvision): `Resize`, `CenterCrop`, `RandomCrop`, `RandomHorizontalFlip`,
+`ToTensor` (uint8 ``[C, H, W]``), `Normalize` and `Compose`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mrl.data.tensors import ImageTensors
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "CenterCrop",
+    "Compose",
+    "ImageFolder",
+    "Normalize",
+    "RandomCrop",
+    "RandomHorizontalFlip",
+    "Resize",
+    "ToTensor",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def _pil():
+    from mrl._optional import require
+
+    return require("PIL.Image", "vision")
+
+
+class Compose:
+    """Apply transforms in order."""
+
+    def __init__(self, transforms: Sequence[Callable[[Any], Any]]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, x: Any) -> Any:
+        for t in self.transforms:
+            x = t(x)
+        return x
+
+
+class Resize:
+    """Resize a PIL image so that its shorter side is ``size`` pixels (aspect ratio kept)."""
+
+    def __init__(self, size: int) -> None:
+        if size <= 0:
+            raise ValueError(f"size must be positive, got size={size}")
+        self.size = size
+
+    def __call__(self, img: Any) -> Any:
+        w, h = img.size
+        scale = self.size / min(w, h)
+        new = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return img.resize(new, _pil().BILINEAR) if new != (w, h) else img
+
+
+class CenterCrop:
+    """Crop the central ``size x size`` square of a PIL image (zero-padded if smaller)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, img: Any) -> Any:
+        w, h = img.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        return img.crop((left, top, left + self.size, top + self.size))
+
+
+class RandomCrop:
+    """Crop a random ``size x size`` square (after zero-padding ``padding`` px per side)."""
+
+    def __init__(self, size: int, padding: int = 0, rng: random.Random | None = None) -> None:
+        self.size, self.padding = size, padding
+        self.rng = rng or random.Random()
+
+    def __call__(self, img: Any) -> Any:
+        w, h = img.size
+        p = self.padding
+        left = self.rng.randint(-p, max(-p, w + p - self.size))
+        top = self.rng.randint(-p, max(-p, h + p - self.size))
+        return img.crop((left, top, left + self.size, top + self.size))  # outside -> zeros
+
+
+class RandomHorizontalFlip:
+    """Mirror a PIL image left-right with probability ``p``."""
+
+    def __init__(self, p: float = 0.5, rng: random.Random | None = None) -> None:
+        self.p = p
+        self.rng = rng or random.Random()
+
+    def __call__(self, img: Any) -> Any:
+        if self.rng.random() < self.p:
+            return img.transpose(_pil().FLIP_LEFT_RIGHT)
+        return img
+
+
+class ToTensor:
+    """PIL image -> uint8 tensor ``[C, H, W]`` (C = 1 for mode "L", else 3 via RGB)."""
+
+    def __init__(self, channels: int = 3) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got channels={channels}")
+        self.channels = channels
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        img = img.convert("L" if self.channels == 1 else "RGB")
+        w, h = img.size
+        data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        return data.view(h, w, self.channels).permute(2, 0, 1).contiguous()
+
+
+class Normalize:
+    """uint8 or [0, 1] float ``[C, H, W]`` -> ``(x / 255 - mean) / std`` per channel (float32)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        return (x - self.mean) / self.std
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images under ``root/<class>/``; classes are the sorted subfolder names.
+
+    Args:
+        root: the folder holding one subfolder per class.
+        transform: applied to each PIL image (default: resize + centre crop to ``image_size`` and
+            `ToTensor`).
+        image_size: side of the square images produced by the default transform, in pixels.
+        channels: 1 (grey) or 3 (RGB).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable[[Any], Any] | None = None,
+        image_size: int = 64,
+        channels: int = 3,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder root={str(self.root)!r} does not exist")
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        if not self.classes:
+            raise ValueError(f"image folder root={str(self.root)!r} has no class subfolders")
+        self.samples: list[tuple[Path, int]] = []
+        for label, name in enumerate(self.classes):
+            files = sorted(
+                p for p in (self.root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            self.samples += [(p, label) for p in files]
+        if not self.samples:
+            raise ValueError(
+                f"image folder root={str(self.root)!r} has no images with extensions "
+                f"{IMAGE_EXTENSIONS} in its class subfolders"
+            )
+        self.image_size, self.channels = image_size, channels
+        self.transform = transform or Compose(
+            [Resize(image_size), CenterCrop(image_size), ToTensor(channels)]
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_image(self, i: int) -> Any:
+        path = self.samples[i][0]
+        try:
+            with _pil().open(path) as img:
+                img.load()
+                return img.copy()
+        except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, ...)
+            raise ValueError(f"unreadable image file {path}: {exc}") from None
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.transform(self.load_image(i)), self.samples[i][1]
+
+    def load_tensors(self) -> ImageTensors:
+        """Decode every image once (default transform) into `ImageTensors` with its own mean/std."""
+        to_tensor = Compose(
+            [Resize(self.image_size), CenterCrop(self.image_size), ToTensor(self.channels)]
+        )
+        images = torch.stack([to_tensor(self.load_image(i)) for i in range(len(self))])
+        labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
+        pixels = images.float().div_(255).transpose(0, 1).reshape(self.channels, -1)  # [C, N*H*W]
+        mean = tuple(pixels.mean(1).tolist())
+        std = tuple(max(s, 1e-3) for s in pixels.std(1).tolist())
+        return ImageTensors(
+            images, labels, len(self.classes), mean, std, f"folder:{self.root.name}"
+        )

@@ -1,0 +1,459 @@
+"""One training loop for every mode: ``mrl``, ``mrl-e``, ``ff`` and ``plain``.
+
+The mode only changes the head (`mrl.heads.make_head`); the encoder, data order, augmentation,
+optimizer and schedule are identical, and the encoder's initial weights depend only on the seed, so
+methods compared with the same recipe start from the same network.
+
+Each epoch is a pure function of ``(seed, epoch)`` (see `mrl.data.tensors`), and the checkpoint
+written atomically at the end of every epoch holds the model, optimizer, scheduler and RNG states.
+Resuming an interrupted run therefore ends with exactly the weights of an uninterrupted one.
+
+Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
+`DistributedDataParallel` (NCCL on CUDA, gloo on CPU); every process draws the same global batch
+and takes its slice, so the run matches one process with the same global batch (up to float
+summation order; BatchNorm statistics are per process unless ``model.norm`` is group/none).
+
+Run directory: ``checkpoint.pt`` (latest epoch), ``config.json``, ``metrics.jsonl`` (one JSON
+object per epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mrl.config import TrainConfig, config_from_dict
+from mrl.data import Task, augment, iterate_batches, load_task
+from mrl.data.tensors import ImageTensors
+from mrl.io import atomic_torch_save, atomic_write_json
+from mrl.models import MatryoshkaClassifier, Normalize, build_encoder
+from mrl.nesting import Nesting
+
+__all__ = [
+    "CHECKPOINT",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "load_run",
+    "predict",
+    "train",
+]
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT = 1
+
+
+# --------------------------------------------------------------------------- building blocks
+def build_model(
+    config: TrainConfig,
+    in_channels: int,
+    num_classes: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> MatryoshkaClassifier:
+    """Encoder (initialised from ``seed`` alone) + the mode's head (from a seed of its own)."""
+    from mrl.heads import make_head
+
+    m = config.model
+    torch.manual_seed(config.seed)
+    encoder = build_encoder(m.name, m.dim, in_channels, **m.encoder_options())
+    torch.manual_seed(config.seed + 7919)  # head init independent of the encoder's size
+    nesting = m.get_nesting()
+    head = make_head(m.mode, nesting, num_classes, ff_dim=m.ff_dim)
+    return MatryoshkaClassifier(encoder, head, Normalize(mean, std))
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW or SGD (nesterov); no weight decay on biases and norm scales (1-D parameters)."""
+    o = config.optim
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
+
+
+def lr_factor(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): warm-up, schedule."""
+    o = config.optim
+    total = config.epochs * steps_per_epoch
+    warm = int(round(o.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return (step + 1) / warm
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "step":
+        return o.gamma ** (step // (o.step_epochs * steps_per_epoch))
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(config, step, steps_per_epoch)
+    )
+
+
+def _device(config: TrainConfig, local_rank: int) -> torch.device:
+    if config.device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={config.device!r} but CUDA is not available")
+    return torch.device(config.device)
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_type: str | None = None) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and device_type != "cpu" else "gloo"
+        dist.init_process_group(backend)
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _check_compatible(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """A resumed run must have the same model (architecture, nesting, head) and dataset."""
+    old = saved["config"]
+    new = config.to_dict()
+    diffs = [
+        f"model.{k}: checkpoint {old['model'][k]!r} vs config {new['model'][k]!r}"
+        for k in new["model"]
+        if old["model"].get(k) != new["model"][k]
+    ]
+    if old["data"]["dataset"] != new["data"]["dataset"]:
+        diffs.append(
+            f"data.dataset: checkpoint {old['data']['dataset']!r} vs config "
+            f"{new['data']['dataset']!r}"
+        )
+    if diffs:
+        raise ValueError(
+            f"checkpoint {path} was trained with another model or nesting; "
+            "cannot resume: " + "; ".join(diffs)
+        )
+    if config.epochs < saved["epoch"]:
+        raise ValueError(
+            f"epochs={config.epochs} is less than the {saved['epoch']} epochs already "
+            f"done in {path}"
+        )
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by `train`; clear errors for missing or foreign files."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {str(path)!r} (train first: mrl train CONFIG --out DIR)"
+        )
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle/zip errors come in many types
+        raise ValueError(f"checkpoint {path} is unreadable or corrupt: {exc}") from None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an mrl training checkpoint (format {FORMAT})")
+    return saved
+
+
+def load_run(
+    run_dir: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[MatryoshkaClassifier, TrainConfig, dict[str, Any]]:
+    """(model in eval mode, its config, the checkpoint dict) from a run directory or checkpoint."""
+    saved = load_checkpoint(run_dir)
+    config = config_from_dict(saved["config"])
+    t = saved["task"]
+    model = build_model(
+        config, t["in_channels"], t["num_classes"], tuple(t["mean"]), tuple(t["std"])
+    )
+    _load_state(model, saved["model"], run_dir)
+    return model.to(device).eval(), config, saved
+
+
+def _load_state(model: nn.Module, state: dict[str, Any], where: Any) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[:3]
+        raise ValueError(
+            f"checkpoint {where} does not fit this model (another architecture, "
+            f"embedding size or nesting?): {' '.join(first)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- evaluation helper
+@torch.no_grad()
+def predict(
+    model: MatryoshkaClassifier,
+    data: ImageTensors,
+    batch_size: int = 1024,
+    device: torch.device | str | None = None,
+    with_logits: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Embeddings ``[N, D]`` (float32, CPU) and, optionally, predicted classes ``[G, N]``."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    zs, preds = [], []
+    for start in range(0, len(data), batch_size):
+        x = data.images[start : start + batch_size].to(device, non_blocking=True)
+        z = model.embed(x)
+        zs.append(z.float().cpu())
+        if with_logits:
+            preds.append(model.head(z).argmax(-1).cpu())  # [G, b]
+    model.train(was_training)
+    return torch.cat(zs), (torch.cat(preds, dim=1) if with_logits else None)
+
+
+# --------------------------------------------------------------------------- the loop
+def train(
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    task: Task | None = None,
+    stop_after_epochs: int | None = None,
+) -> Path:
+    """Train ``config`` into ``out_dir``; returns the checkpoint path.
+
+    ``resume``: continue from ``out_dir/checkpoint.pt`` (required to exist). Without it, an existing
+    checkpoint is an error (nothing is overwritten). ``task`` overrides loading the dataset (tests);
+    ``stop_after_epochs`` stops early as if interrupted (tests of resume).
+    """
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT
+    if resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume given but there is no checkpoint at {str(ckpt_path)!r}")
+    if not resume and ckpt_path.exists():
+        raise FileExistsError(
+            f"{str(ckpt_path)!r} exists; pass --resume to continue it or choose another --out"
+        )
+    saved = load_checkpoint(ckpt_path) if resume else None
+    if saved is not None:
+        _check_compatible(saved, config, ckpt_path)
+
+    dist_info = _init_distributed(None if config.device == "auto" else config.device.split(":")[0])
+    device = _device(config, dist_info.local_rank)
+    if task is None:
+        d = config.data
+        task = load_task(
+            d.dataset,
+            root=d.root,
+            train_size=d.train_size,
+            image_size=d.image_size,
+            seed=config.seed,
+        )
+    model = build_model(config, task.in_channels, task.num_classes, task.mean, task.std).to(device)
+    optimizer = build_optimizer(config, model)
+    steps_per_epoch = len(task.train) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch_size={config.batch_size} exceeds the {len(task.train)} training "
+            "items (an epoch would have no step)"
+        )
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+    start_epoch = 0
+    if saved is not None:
+        _load_state(model, saved["model"], ckpt_path)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if "cuda" in saved["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        start_epoch = int(saved["epoch"])
+
+    if dist_info.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", config.to_dict())
+    net: nn.Module = model
+    if dist_info.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    train_source = task.train.to(device)
+    test = task.test.to(device) if config.eval_test else None
+    head_nesting: Nesting = model.head.nesting
+    weights = config.model.get_nesting() if config.model.mode in ("mrl", "mrl-e") else None
+    last = stop_after_epochs if stop_after_epochs is not None else config.epochs
+    for epoch in range(start_epoch, min(last, config.epochs)):
+        record = _train_epoch(
+            config,
+            net,
+            model,
+            optimizer,
+            scheduler,
+            train_source,
+            epoch,
+            dist_info,
+            device,
+            weights,
+            progress,
+        )
+        if test is not None and dist_info.main:
+            _, pred = predict(model, test, config.eval_batch_size, device)
+            acc = (pred == test.labels.cpu()[None]).float().mean(1)  # [G]
+            record["test_top1"] = {
+                str(m): round(100 * a, 3) for m, a in zip(head_nesting, acc.tolist())
+            }
+        if dist_info.main:
+            _save(ckpt_path, config, model, optimizer, scheduler, epoch + 1, task, head_nesting)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if dist_info.world_size > 1:
+            torch.distributed.barrier()
+    return ckpt_path
+
+
+def _save(
+    path: Path,
+    config: TrainConfig,
+    model: MatryoshkaClassifier,
+    optimizer,
+    scheduler,
+    epoch: int,
+    task: Task,
+    head_nesting: Nesting,
+) -> None:
+    atomic_torch_save(
+        {
+            "format": FORMAT,
+            "epoch": epoch,
+            "config": config.to_dict(),
+            "nesting": config.model.get_nesting().to_dict(),  # the embedding's prefixes
+            "head_nesting": head_nesting.to_dict(),  # the prefixes of the head's G outputs
+            "task": {
+                "name": task.name,
+                "num_classes": task.num_classes,
+                "in_channels": task.in_channels,
+                "mean": list(task.mean),
+                "std": list(task.std),
+            },
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "torch_version": torch.__version__,
+        },
+        path,
+    )
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _train_epoch(
+    config: TrainConfig,
+    net: nn.Module,
+    model: MatryoshkaClassifier,
+    optimizer,
+    scheduler,
+    source,
+    epoch: int,
+    dist_info: _Dist,
+    device: torch.device,
+    weights: Nesting | None,
+    progress: bool,
+) -> dict[str, Any]:
+    from mrl.losses import nested_cross_entropy
+
+    net.train()
+    d = config.data
+    aug_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch + 500_009)
+    batches = iterate_batches(
+        source,
+        config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+    )
+    steps = len(source) // config.batch_size
+    bar = _progress(
+        batches, steps, f"epoch {epoch + 1}/{config.epochs}", progress and dist_info.main
+    )
+    G = len(model.head.nesting)
+    loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
+    correct = torch.zeros(G, device=device)
+    seen = 0
+    t0 = time.perf_counter()
+    for i, (x, y) in enumerate(bar):
+        if d.flip or d.crop_pad:
+            # Drawn for the whole global batch so every process sees the same augmentation stream.
+            x = augment(x, aug_gen, flip=d.flip, crop_pad=d.crop_pad)
+        with _autocast(config, device):
+            _, logits = net(x)  # [B, D], [G, B, C]
+            loss = nested_cross_entropy(
+                logits.float(), y, weights, label_smoothing=config.optim.label_smoothing
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach()
+        correct += (logits.detach().argmax(-1) == y[None]).sum(1)
+        seen += y.shape[0]
+        if progress and dist_info.main and i % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    elapsed = time.perf_counter() - t0
+    n_steps = max(1, steps)
+    return {
+        "epoch": epoch + 1,
+        "loss": round(loss_sum.item() / n_steps, 5),
+        "train_top1": {
+            str(m): round(100 * c / max(1, seen), 3)
+            for m, c in zip(model.head.nesting, correct.tolist())
+        },
+        "lr": optimizer.param_groups[0]["lr"],
+        "seconds": round(elapsed, 2),
+        "images_per_s": round(seen * dist_info.world_size / max(elapsed, 1e-9), 1),
+    }
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)

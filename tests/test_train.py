@@ -1,0 +1,128 @@
+"""The training loop: every mode trains, resume is exact, bad runs fail clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mrl.config import load_config
+from mrl.data import load_task
+from mrl.train import load_checkpoint, load_run, lr_factor, predict, train
+
+BASE = [
+    "data.dataset=synthetic", "data.train_size=256",
+    "model.dim=16", "model.width=4", "model.nesting=4,8,16", "epochs=3", "batch_size=64",
+    "eval_batch_size=128",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_task("synthetic", train_size=256)
+
+
+def _cfg(*extra: str):
+    return load_config(None, BASE + list(extra))
+
+
+@pytest.mark.parametrize("mode", ["mrl", "mrl-e", "ff", "plain"])
+def test_every_mode_trains_and_logs(tmp_path, task, mode):
+    extra = ["model.ff_dim=4"] if mode == "ff" else []
+    ckpt = train(_cfg(f"model.mode={mode}", "epochs=2", *extra), tmp_path, progress=False, task=task)
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    G = {"mrl": 3, "mrl-e": 3, "ff": 1, "plain": 1}[mode]
+    assert len(lines[-1]["test_top1"]) == G
+    model, config, saved = load_run(tmp_path)
+    assert saved["epoch"] == 2 and config.model.mode == mode
+    assert saved["nesting"]["sizes"] == [4, 8, 16]
+    z, pred = predict(model, task.test)
+    assert z.shape == (len(task.test), 16) and pred.shape == (G, len(task.test))
+    assert ckpt.name == "checkpoint.pt"
+
+
+def test_mrl_learns_synthetic(tmp_path, task):
+    train(_cfg("epochs=4", "optim.lr=0.01", "model.width=8"), tmp_path, progress=False, task=task)
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["test_top1"]["16"] > 60  # 4 classes: chance is 25
+
+
+def test_resume_gives_exactly_the_uninterrupted_weights(tmp_path, task):
+    # Augmentation on: its random stream must also be replayed exactly.
+    cfg = _cfg("model.mode=mrl", "optim.warmup_epochs=0.5", "data.flip=true", "data.crop_pad=1")
+    train(cfg, tmp_path / "full", progress=False, task=task)
+    train(cfg, tmp_path / "cut", progress=False, task=task, stop_after_epochs=1)
+    assert load_checkpoint(tmp_path / "cut")["epoch"] == 1
+    train(cfg, tmp_path / "cut", resume=True, progress=False, task=task)
+    a = load_checkpoint(tmp_path / "full")
+    b = load_checkpoint(tmp_path / "cut")
+    assert b["epoch"] == 3
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3]
+
+
+def test_same_encoder_init_for_every_mode(task):
+    from mrl.train import build_model
+
+    a = build_model(_cfg("model.mode=mrl"), 1, 4, (0.5,), (0.3,))
+    b = build_model(_cfg("model.mode=ff", "model.ff_dim=4"), 1, 4, (0.5,), (0.3,))
+    for (k, v), (_, w) in zip(a.encoder.state_dict().items(), b.encoder.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_resume_errors(tmp_path, task):
+    with pytest.raises(FileNotFoundError, match="--resume given but there is no checkpoint"):
+        train(_cfg(), tmp_path / "none", resume=True, progress=False, task=task)
+    train(_cfg("epochs=1"), tmp_path / "run", progress=False, task=task)
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(_cfg("epochs=1"), tmp_path / "run", progress=False, task=task)
+    with pytest.raises(ValueError, match=r"another model or nesting.*model.nesting"):
+        train(_cfg("model.nesting=8,16"), tmp_path / "run", resume=True, progress=False, task=task)
+    with pytest.raises(ValueError, match=r"model.name"):
+        train(_cfg("model.name=resnet18"), tmp_path / "run", resume=True, progress=False, task=task)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    assert load_checkpoint(tmp_path / "run")["epoch"] == 1
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before  # nothing lost
+
+
+def test_foreign_checkpoint_errors(tmp_path, task):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_run(tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable or corrupt"):
+        load_run(tmp_path)
+    torch.save({"something": 1}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="not an mrl training checkpoint"):
+        load_run(tmp_path)
+
+
+def test_state_from_another_architecture_is_a_clear_error(tmp_path, task):
+    from mrl.train import _load_state, build_model
+
+    train(_cfg("epochs=1"), tmp_path, progress=False, task=task)
+    other = build_model(_cfg("model.dim=32", "model.nesting=4,8,32"), 1, 4, (0.5,), (0.3,))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        _load_state(other, load_checkpoint(tmp_path)["model"], tmp_path)
+
+
+def test_batch_larger_than_data(tmp_path, task):
+    with pytest.raises(ValueError, match="batch_size=512 exceeds"):
+        train(_cfg("batch_size=512"), tmp_path, progress=False, task=task)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "step", "expected"),
+    [("cosine", 0, 1.0), ("cosine", 15, 0.5), ("constant", 29, 1.0), ("step", 10, 0.1)],
+)
+def test_lr_schedules(schedule, step, expected):
+    cfg = _cfg("epochs=3", f"optim.schedule={schedule}", "optim.step_epochs=1")
+    assert lr_factor(cfg, step, 10) == pytest.approx(expected)
+
+
+def test_warmup_is_linear():
+    cfg = _cfg("optim.warmup_epochs=1")
+    assert [lr_factor(cfg, s, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
