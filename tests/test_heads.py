@@ -250,3 +250,19 @@ def test_heads_have_nesting_and_state_dict_roundtrip():
     z = torch.randn(3, 16)
     torch.testing.assert_close(clone(z), head(z))
     assert "nesting=[8, 16]" in repr(head)
+
+
+@pytest.mark.parametrize("head_cls", [MRLHead, MRLEHead])
+def test_heads_follow_autocast_like_linear(head_cls):
+    torch.manual_seed(0)
+    nesting = Nesting((4, 8, 16))
+    head = head_cls(nesting, 5)
+    z = torch.randn(3, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(z)
+        expected = torch.nn.functional.linear(z[:, :4], torch.randn(5, 4))
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), head(z), rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    assert z.grad is not None and z.grad.dtype == torch.float32
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in head.parameters())

@@ -84,6 +84,14 @@ def _addmm_into_(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
         out.copy_(torch.mm(b.t(), a.t()).t())
 
 
+def _autocast_inputs(tensors: list[Tensor | None], device_type: str) -> list[Tensor | None]:
+    """Under autocast, cast the operands as ``F.linear`` would (custom Functions are not cast)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
 def _init_linear_(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
     # Same distribution as nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both.
     bound = 1.0 / math.sqrt(fan_in)
@@ -159,10 +167,13 @@ def nested_linear(
         raise ValueError(f"weight must be [C, {nesting.dim}], got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+    device_type = z.device.type
+    z, weight, bias = _autocast_inputs([z, weight, bias], device_type)
     if z.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
         raise ValueError(f"z, weight and bias must share a dtype, got z={z.dtype}, "
                          f"weight={weight.dtype}, bias={None if bias is None else bias.dtype}")
-    return _NestedLinearFn.apply(z, weight, bias, nesting.chunks)
+    with torch.autocast(device_type, enabled=False):
+        return _NestedLinearFn.apply(z, weight, bias, nesting.chunks)
 
 
 def mrl_e_head_reference(
@@ -294,10 +305,13 @@ class MRLHead(nn.Module):
         biases = [] if self.biases is None else list(self.biases)
         if not self.fused:
             return mrl_head_reference(z, weights, biases or None)
-        if any(p.dtype != z.dtype for p in weights + biases):
+        device_type = z.device.type
+        z, *params = _autocast_inputs([z, *weights, *biases], device_type)
+        if any(p.dtype != z.dtype for p in params):
             raise ValueError(f"z has dtype {z.dtype} but the head's parameters are "
-                             f"{weights[0].dtype}")
-        return _PrefixLinearsFn.apply(z, self.nesting.sizes, bool(biases), *weights, *biases)
+                             f"{params[0].dtype}")
+        with torch.autocast(device_type, enabled=False):
+            return _PrefixLinearsFn.apply(z, self.nesting.sizes, bool(biases), *params)
 
     def extra_repr(self) -> str:
         return f"nesting={list(self.nesting.sizes)}, num_classes={self.num_classes}, " \
