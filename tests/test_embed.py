@@ -1,0 +1,199 @@
+"""`mrl embed`: shards, resume after interruption, several processes, merge into one store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mrl.cli import main
+from mrl.embed import embed_corpus, merge_shards, read_corpus, shard_plan
+from mrl.retrieval import EmbeddingStore
+from mrl.serve.encoders import HashEncoder
+
+DIM = 16
+N = 53
+
+
+def write_corpus(path: Path, n: int = N, jsonl: bool = True) -> list[str]:
+    texts = [f"document number {i} about topic {i % 7}" for i in range(n)]
+    if jsonl:
+        path.write_text("".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n"
+                                for i, t in enumerate(texts)))
+    else:
+        path.write_text("\n".join(texts) + "\n")
+    return texts
+
+
+def reference(texts: list[str]) -> np.ndarray:
+    """All texts encoded in one call, each row normalised: what the store must hold."""
+    x = HashEncoder(DIM).encode(texts).astype(np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+class FailingEncoder(HashEncoder):
+    """Raises on encode call number ``fail_at`` (an interruption mid-run)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__(DIM, name="hash:16")
+        self.fail_at = fail_at
+
+    def encode(self, texts):
+        if self.calls + 1 == self.fail_at:
+            raise KeyboardInterrupt("interrupted")
+        return super().encode(texts)
+
+
+def test_read_corpus_txt_and_jsonl(tmp_path):
+    f = tmp_path / "c.txt"
+    texts = write_corpus(f, 5, jsonl=False)
+    assert list(read_corpus(f)) == list(enumerate(texts))
+    g = tmp_path / "c.jsonl"
+    g.write_text('{"text": "a"}\n{"id": 7, "text": "b"}\n{"id": "x", "body": "c", "text": "d"}\n')
+    assert list(read_corpus(g)) == [(0, "a"), (7, "b"), ("x", "d")]
+    h = tmp_path / "d.jsonl"
+    h.write_text('{"key": "k1", "body": "first"}\n{"key": "k2", "body": "second"}')  # no final \n
+    assert list(read_corpus(h, field="body", id_field="key")) == [("k1", "first"), ("k2", "second")]
+
+
+@pytest.mark.parametrize("content,name,fragment", [
+    ('{"text": "a"}\n{"text": \n', "c.jsonl", "c.jsonl line 2: not valid JSON"),
+    ('{"text": "a"}\n{"title": "b"}\n', "c.jsonl", "line 2: field 'text' must be a string"),
+    ('{"text": "a"}\n[1, 2]\n', "c.jsonl", "line 2: expected a JSON object"),
+    ('{"text": "a"}\n{"text": "  "}\n', "c.jsonl", "line 2: empty text"),
+    ('{"text": "a", "id": 1.5}\n', "c.jsonl", "line 1: 'id' must be an int or a string"),
+    ("one\n\nthree\n", "c.txt", "c.txt line 2: empty text"),
+    ("x\n", "c.csv", "must be a .txt or .jsonl file"),
+])
+def test_read_corpus_bad_lines(tmp_path, content, name, fragment):
+    f = tmp_path / name
+    f.write_text(content)
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
+        list(read_corpus(f))
+
+
+def test_shard_plan():
+    assert shard_plan(53, 10) == [0, 1, 2, 3, 4, 5]
+    assert shard_plan(53, 10, rank=1, world_size=2) == [1, 3, 5]
+    assert shard_plan(0, 10) == []
+    with pytest.raises(ValueError, match="shard_size must be >= 1, got shard_size=0"):
+        shard_plan(5, 0)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size=2\), got rank=2"):
+        shard_plan(5, 1, rank=2, world_size=2)
+
+
+def test_embed_writes_one_normalised_store(tmp_path):
+    texts = write_corpus(tmp_path / "c.jsonl")
+    report = embed_corpus(HashEncoder(DIM), tmp_path / "c.jsonl", tmp_path / "store",
+                          shard_size=10, batch_size=4, show_progress=False)
+    assert (report.rows, report.shards, report.merged) == (N, 6, True)
+    store = EmbeddingStore.open(tmp_path / "store")
+    assert store.count == N and store.nesting.sizes == (8, 16)
+    assert store.ids.tolist() == [f"doc-{i}" for i in range(N)]
+    np.testing.assert_allclose(store.read(), reference(texts), rtol=1e-5, atol=1e-6)
+    assert not (tmp_path / "store.parts").exists()  # parts removed after the merge
+
+
+def test_interrupted_run_resumes_and_skips_finished_shards(tmp_path):
+    texts = write_corpus(tmp_path / "c.txt", jsonl=False)
+    with pytest.raises(KeyboardInterrupt):  # dies while encoding the third shard
+        embed_corpus(FailingEncoder(fail_at=3), tmp_path / "c.txt", tmp_path / "store",
+                     shard_size=10, batch_size=10, show_progress=False)
+    done = sorted(p.name for p in (tmp_path / "store.parts").glob("shard-*.json"))
+    assert done == ["shard-00000.json", "shard-00001.json"]
+    again = HashEncoder(DIM, name="hash:16")
+    report = embed_corpus(again, tmp_path / "c.txt", tmp_path / "store", shard_size=10,
+                          batch_size=10, show_progress=False)
+    assert report.skipped == [0, 1] and report.encoded == [2, 3, 4, 5]
+    assert again.calls == 4  # only the unfinished shards were encoded
+    store = EmbeddingStore.open(tmp_path / "store")
+    assert store.ids.tolist() == list(range(N))
+    np.testing.assert_allclose(store.read(), reference(texts), rtol=1e-5, atol=1e-6)
+
+
+def test_interrupted_merge_resumes(tmp_path, monkeypatch):
+    texts = write_corpus(tmp_path / "c.jsonl")
+    embed_corpus(HashEncoder(DIM), tmp_path / "c.jsonl", tmp_path / "store", shard_size=10,
+                 merge=False, show_progress=False)
+    real_load = np.load
+
+    def flaky_load(path, *a, **kw):
+        if Path(path).name == "shard-00002.npy":  # vectors of the third shard
+            raise OSError("disk hiccup")
+        return real_load(path, *a, **kw)
+
+    monkeypatch.setattr(np, "load", flaky_load)
+    with pytest.raises(OSError, match="disk hiccup"):
+        merge_shards(tmp_path / "store")
+    monkeypatch.setattr(np, "load", real_load)
+    assert EmbeddingStore.open(tmp_path / "store").count == 20  # two shards merged
+    store = merge_shards(tmp_path / "store")
+    assert store.count == N and len(set(store.ids.tolist())) == N
+    np.testing.assert_allclose(store.read(), reference(texts), rtol=1e-5, atol=1e-6)
+
+
+def test_parts_of_another_run_are_refused(tmp_path):
+    write_corpus(tmp_path / "c.jsonl")
+    embed_corpus(HashEncoder(DIM), tmp_path / "c.jsonl", tmp_path / "s", shard_size=10,
+                 merge=False, show_progress=False)
+    with pytest.raises(ValueError, match=r"another run \(differs in \['shard_size'\]"):
+        embed_corpus(HashEncoder(DIM), tmp_path / "c.jsonl", tmp_path / "s", shard_size=20,
+                      show_progress=False)
+
+
+def test_existing_store_is_not_overwritten(tmp_path):
+    write_corpus(tmp_path / "c.jsonl")
+    embed_corpus(HashEncoder(DIM), tmp_path / "c.jsonl", tmp_path / "s", show_progress=False)
+    with pytest.raises(FileExistsError, match="a store already exists"):
+        embed_corpus(HashEncoder(DIM), tmp_path / "c.jsonl", tmp_path / "s", show_progress=False)
+
+
+def test_cli_embed_and_bad_input(tmp_path, capsys):
+    write_corpus(tmp_path / "c.jsonl")
+    code = main(["embed", "--model", "hash:16", "--input", str(tmp_path / "c.jsonl"), "--out",
+                 str(tmp_path / "s"), "--shard-size", "20", "--quiet"])
+    assert code == 0 and "53 texts in 3 shards: encoded 3" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
+    code = main(["embed", "--model", "hash:16", "--input", str(tmp_path / "bad.jsonl"),
+                 "--out", str(tmp_path / "t"), "--quiet"])
+    assert code == 2
+    assert "bad.jsonl line 2: field 'text' must be a string" in capsys.readouterr().err
+
+
+def test_two_processes_split_shards_and_merge(tmp_path):
+    """Two ranks (RANK/WORLD_SIZE, as torchrun sets them) produce the single-process store."""
+    texts = write_corpus(tmp_path / "c.jsonl")
+    cmd = [sys.executable, "-m", "mrl.cli", "embed", "--model", "hash:16", "--input",
+           str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "s"), "--shard-size", "10",
+           "--quiet"]
+    procs = [subprocess.Popen(cmd, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "encoded 3" in outs[0][0] and "merged" in outs[0][0]
+    assert "encoded 3" in outs[1][0] and "merged" not in outs[1][0]
+    store = EmbeddingStore.open(tmp_path / "s")
+    assert store.ids.tolist() == [f"doc-{i}" for i in range(N)]
+    np.testing.assert_allclose(store.read(), reference(texts), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    """The real launcher: `torchrun --nproc-per-node 2 -m mrl.cli embed ...`."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this python")
+    texts = write_corpus(tmp_path / "c.jsonl")
+    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "mrl.cli", "embed",
+                          "--model", "hash:16", "--input", str(tmp_path / "c.jsonl"), "--out",
+                          str(tmp_path / "s"), "--shard-size", "10", "--quiet"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    store = EmbeddingStore.open(tmp_path / "s")
+    np.testing.assert_allclose(store.read(), reference(texts), rtol=1e-5, atol=1e-6)
