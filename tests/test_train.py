@@ -30,7 +30,9 @@ def _cfg(*extra: str):
 @pytest.mark.parametrize("mode", ["mrl", "mrl-e", "ff", "plain"])
 def test_every_mode_trains_and_logs(tmp_path, task, mode):
     extra = ["model.ff_dim=4"] if mode == "ff" else []
-    ckpt = train(_cfg(f"model.mode={mode}", "epochs=2", *extra), tmp_path, progress=False, task=task)
+    ckpt = train(
+        _cfg(f"model.mode={mode}", "epochs=2", *extra), tmp_path, progress=False, task=task
+    )
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
     G = {"mrl": 3, "mrl-e": 3, "ff": 1, "plain": 1}[mode]

@@ -226,7 +226,7 @@ def predict(
     device: torch.device | str | None = None,
     with_logits: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Embeddings ``[N, D]`` (float32, CPU) and, optionally, predicted classes ``[G, N]``."""
+    """Embeddings ``[N, D]`` and, optionally, the head's logits ``[G, N, C]`` (float32, CPU)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -236,7 +236,7 @@ def predict(
         z = model.embed(x)
         zs.append(z.float().cpu())
         if with_logits:
-            preds.append(model.head(z).argmax(-1).cpu())  # [G, b]
+            preds.append(model.head(z).float().cpu())  # [G, b, C]
     model.train(was_training)
     return torch.cat(zs), (torch.cat(preds, dim=1) if with_logits else None)
 
@@ -327,8 +327,8 @@ def train(
             progress,
         )
         if test is not None and dist_info.main:
-            _, pred = predict(model, test, config.eval_batch_size, device)
-            acc = (pred == test.labels.cpu()[None]).float().mean(1)  # [G]
+            _, logits = predict(model, test, config.eval_batch_size, device)
+            acc = (logits.argmax(-1) == test.labels.cpu()[None]).float().mean(1)  # [G]
             record["test_top1"] = {
                 str(m): round(100 * a, 3) for m, a in zip(head_nesting, acc.tolist())
             }

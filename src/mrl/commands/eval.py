@@ -1,0 +1,259 @@
+"""`mrl eval RUN_DIR`: evaluate a trained run at every prefix size and write a report.
+
+Embeddings of the database (the training images, or the task's database triples) and of the test
+set are computed once; every prefix is then a slice. Per prefix:
+
+- ``top1``: the trained head's accuracy (MRL / MRL-E heads at every prefix, FF at its size); for a
+  plain model, a linear probe on the truncated features (recipe in `mrl.probe`);
+- ``1nn``, ``map@10``, ``p@10``: retrieval of test images among the database images, cosine on
+  re-normalised prefixes (``--center``: subtract the database mean first), relevant = same class;
+- plain models only: the same metrics for the PCA and random-coordinate baselines.
+
+Text models (a sentence-transformers folder, i.e. RUN_DIR holds ``modules.json``) are handed to
+`mrl.text.evaluation.eval_command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NAME = "eval"
+HELP = "evaluate a trained run (or a text model folder) at every prefix size; write a report"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "run_dir", help="run folder written by `mrl train` (or a text model folder)"
+    )
+    parser.add_argument("--out", default=None, help="report folder (default RUN_DIR/eval)")
+    parser.add_argument(
+        "--center", action="store_true", help="subtract the database mean before cosine retrieval"
+    )
+    parser.add_argument(
+        "--nesting", default=None, help="prefix sizes to evaluate (default: the run's nesting)"
+    )
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="plain models: skip the PCA / random baselines"
+    )
+    parser.add_argument(
+        "--probe-iter",
+        type=int,
+        default=200,
+        help="L-BFGS iterations of the linear probes (default 200)",
+    )
+    parser.add_argument("--device", default=None, help="device for the embeddings (default: auto)")
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="text models only: the dataset to evaluate on (see mrl.text)",
+    )
+
+
+@dataclass
+class RunEmbeddings:
+    """A run's embeddings, computed once: db [N, D], test [Q, D], test_logits [G_head, Q, C]."""
+
+    run_dir: Path
+    mode: str
+    nesting: Any  # Nesting of the embedding (last size D)
+    head_nesting: Any  # Nesting of the head's G outputs
+    num_classes: int
+    db: Any
+    db_labels: Any
+    test: Any
+    test_labels: Any
+    test_logits: Any
+    config: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def compute_embeddings(
+    run_dir: str | os.PathLike, device: str | None = None, task: Any = None
+) -> RunEmbeddings:
+    """Load the run's checkpoint and embed its task's database and test sets once."""
+    import torch
+
+    from mrl.data import load_task
+    from mrl.nesting import Nesting
+    from mrl.train import load_run, predict
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, config, saved = load_run(run_dir, dev)
+    if task is None:
+        d = config.data
+        task = load_task(
+            d.dataset,
+            root=d.root,
+            train_size=d.train_size,
+            image_size=d.image_size,
+            seed=config.seed,
+        )
+    db, _ = predict(model, task.db, config.eval_batch_size, dev, with_logits=False)
+    test, logits = predict(model, task.test, config.eval_batch_size, dev)
+    return RunEmbeddings(
+        Path(run_dir),
+        config.model.mode,
+        Nesting.from_dict(saved["nesting"]),
+        Nesting.from_dict(saved["head_nesting"]),
+        task.num_classes,
+        db,
+        task.db.labels.cpu(),
+        test,
+        task.test.labels.cpu(),
+        logits,
+        config,
+    )
+
+
+def evaluate_embeddings(
+    e: RunEmbeddings,
+    *,
+    center: bool = False,
+    nesting: Any = None,
+    baselines: bool = True,
+    probe_iter: int = 200,
+    method: str | None = None,
+    **context: Any,
+) -> list[dict[str, Any]]:
+    """Tidy records (method, prefix, metric, value, ...) for one run; see the module doc."""
+    from mrl.evaluate import evaluate_labelled
+    from mrl.nesting import Nesting
+    from mrl.probe import baseline_features, probe_top1
+    from mrl.records import make_record
+
+    method = method or e.mode
+    records: list[dict[str, Any]] = []
+    if e.mode == "ff":
+        sizes = e.head_nesting  # FF-m: the classifier and the retrieval read z[:, :m]
+        db, test = e.db[:, : sizes.dim], e.test[:, : sizes.dim]
+    else:
+        sizes = Nesting.parse(nesting, dim=e.nesting.dim) if nesting else e.nesting
+        db, test = e.db, e.test
+    if e.mode in ("mrl", "mrl-e", "ff"):
+        acc = 100.0 * (e.test_logits.argmax(-1) == e.test_labels[None]).float().mean(1)  # [G_head]
+        for m, a in zip(e.head_nesting.sizes, acc.tolist()):
+            if m in sizes:
+                records.append(make_record(method, m, "top1", a, source="head", **context))
+    else:  # plain: a probe on the truncated features
+        acc = probe_top1(
+            db, e.db_labels, test, e.test_labels, sizes, e.num_classes, max_iter=probe_iter
+        )
+        records += [
+            make_record(method, m, "top1", a, source="probe", **context)
+            for m, a in zip(sizes.sizes, acc.tolist())
+        ]
+    records += _retrieval(
+        evaluate_labelled, db, e.db_labels, test, e.test_labels, sizes, method, center, context
+    )
+    if e.mode == "plain" and baselines:
+        for kind in ("pca", "random"):
+            bdb, btest = baseline_features(db, test, kind)
+            acc = probe_top1(
+                bdb, e.db_labels, btest, e.test_labels, sizes, e.num_classes, max_iter=probe_iter
+            )
+            records += [
+                make_record(kind, m, "top1", a, source="probe", **context)
+                for m, a in zip(sizes.sizes, acc.tolist())
+            ]
+            records += _retrieval(
+                evaluate_labelled,
+                bdb,
+                e.db_labels,
+                btest,
+                e.test_labels,
+                sizes,
+                kind,
+                center,
+                context,
+            )
+    return records
+
+
+def _retrieval(fn, db, db_labels, q, q_labels, sizes, method, center, context):
+    recs = fn(
+        db.numpy(),
+        db_labels.numpy(),
+        q.numpy(),
+        q_labels.numpy(),
+        sizes,
+        method=method,
+        k=10,
+        center=center,
+    )
+    for r in recs:  # evaluate_labelled reports fractions; tables here are in percent
+        if r["value"] is not None and r["metric"] in ("1nn", "map@10", "p@10"):
+            r["value"] = 100.0 * r["value"]
+        r.update(context)
+        r.setdefault("center", center)
+    return recs
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    center: bool = False,
+    nesting: str | None = None,
+    baselines: bool = True,
+    probe_iter: int = 200,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
+    """Embed once, evaluate every prefix, write the report into ``out_dir``; returns records."""
+    from mrl.report import write_report
+
+    e = compute_embeddings(run_dir, device)
+    records = evaluate_embeddings(
+        e,
+        center=center,
+        nesting=nesting,
+        baselines=baselines,
+        probe_iter=probe_iter,
+        dataset=e.config.data.dataset,
+        seed=e.config.seed,
+    )
+    out = Path(out_dir) if out_dir else Path(run_dir) / "eval"
+    notes = (
+        f"Run {run_dir}: mode {e.mode}, model {e.config.model.name}, D={e.nesting.dim}, "
+        f"nesting {list(e.nesting.sizes)}, dataset {e.config.data.dataset}. "
+        f"Values in percent. Retrieval: database {len(e.db)} items, {len(e.test)} queries, "
+        f"cosine on re-normalised prefixes{' after centring' if center else ''}. "
+        "top1 from the trained heads, or (plain/pca/random) a linear probe: " + PROBE_RECIPE
+    )
+    write_report(records, out, title=f"mrl eval: {Path(run_dir).name}", notes=notes)
+    return records
+
+
+PROBE_RECIPE = (
+    "standardised features, multinomial logistic regression with L2 1e-4 on the "
+    "weights, full-batch L-BFGS (strong Wolfe) up to 200 iterations."
+)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if (run_dir / "modules.json").is_file():  # a sentence-transformers model folder
+        from mrl.text.evaluation import eval_command
+
+        return int(eval_command(args) or 0)
+    if args.probe_iter <= 0:
+        raise ValueError(f"--probe-iter must be positive, got {args.probe_iter}")
+    from mrl.records import to_markdown
+
+    out = Path(args.out) if args.out else run_dir / "eval"
+    records = evaluate_run(
+        run_dir,
+        out,
+        center=args.center,
+        nesting=args.nesting,
+        baselines=not args.no_baselines,
+        probe_iter=args.probe_iter,
+        device=args.device,
+    )
+    for metric in ("top1", "1nn"):
+        print(to_markdown(records, metric=metric))
+    print(f"report: {out / 'report.html'}")
+    return 0

@@ -1,0 +1,51 @@
+"""`mrl train CONFIG --out RUN_DIR [--set key=value ...] [--resume]`: train one model.
+
+CONFIG is a JSON/TOML file (see `configs/`); ``--set`` overrides dotted keys with type checks
+(``--set optim.lr=0.05 --set model.mode=mrl-e``); ``--show-config`` lists every key. Under
+``torchrun --nproc_per_node N mrl train ...`` the run is data-parallel (DDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "train"
+HELP = "train an image encoder with Matryoshka (or baseline) heads from a config file"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config", nargs="?", help="config file (.json or .toml), e.g. configs/fashion-mnist.json"
+    )
+    parser.add_argument("--out", help="run folder: checkpoint.pt, config.json, metrics.jsonl")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable), e.g. --set optim.lr=0.1",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--show-config",
+        action="store_true",
+        help="print every config key with its type, default and meaning; exit",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from mrl.config import describe, load_config
+
+    if args.show_config:
+        print(describe())
+        return 0
+    if args.config is None or args.out is None:
+        raise ValueError("mrl train needs CONFIG and --out RUN_DIR (or --show-config)")
+    config = load_config(args.config, args.overrides)
+    from mrl.train import train
+
+    ckpt = train(config, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"trained {config.model.mode} ({config.model.name}, D={config.model.dim}) -> {ckpt}")
+    return 0

@@ -1,0 +1,111 @@
+"""Linear probes and the PCA / random-coordinate baselines, at every prefix size.
+
+Recipe of `fit_linear_probe` (used for every method's "top1" that does not come from a trained
+head): features standardised with the training mean and std, multinomial logistic regression with
+an L2 penalty ``l2 / 2 * ||W||^2`` on the weights (not the bias) added to the mean cross-entropy,
+optimised full-batch with L-BFGS (strong-Wolfe line search) for up to ``max_iter`` iterations, until
+the gradient's max-norm is below ``tol``. Deterministic (zero initialisation, full batch).
+
+Baselines turn the full-size model's features ``[N, D]`` into another nested embedding ``[N, D]``
+whose first m columns are the baseline's m-dimensional features:
+
+- ``pca``: principal components of the database features (fit on the database only);
+- ``random``: a seeded random order of the D coordinates (m random coordinates at prefix m).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mrl.nesting import Nesting
+
+__all__ = ["LinearProbe", "baseline_features", "fit_linear_probe", "probe_top1"]
+
+
+@dataclass
+class LinearProbe:
+    """``predict(x) = argmax((x - mean) / std @ weight.T + bias)``; weight ``[C, m]``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.to(self.mean) - self.mean) / self.std) @ self.weight.T + self.bias  # [N, C]
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(x).argmax(-1)
+
+
+def fit_linear_probe(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    *,
+    l2: float = 1e-4,
+    max_iter: int = 200,
+    tol: float = 1e-5,
+) -> LinearProbe:
+    """Multinomial logistic regression on ``x`` [N, m] with labels ``y`` [N]."""
+    if x.dim() != 2 or y.shape != (x.shape[0],):
+        raise ValueError(f"x must be [N, m] and y [N], got {tuple(x.shape)} and {tuple(y.shape)}")
+    if l2 < 0:
+        raise ValueError(f"l2 must be >= 0, got l2={l2}")
+    if num_classes <= int(y.max()):
+        raise ValueError(f"num_classes={num_classes} but labels go up to {int(y.max())}")
+    x = x.float()
+    mean = x.mean(0)
+    std = x.std(0).clamp_min(1e-6)
+    xs = (x - mean) / std  # [N, m]
+    w = torch.zeros(num_classes, x.shape[1], requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-10,
+        history_size=20, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xs @ w.T + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return LinearProbe(w.detach(), b.detach(), mean, std)
+
+
+def probe_top1(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    nesting: Nesting,
+    num_classes: int,
+    **probe_options,
+) -> torch.Tensor:
+    """Top-1 accuracy (%) of a linear probe fit on ``train_x[:, :m]``, for every m: ``[G]``."""
+    nesting.check_dim(train_x.shape[1], "train features")
+    accs = []
+    for m in nesting.sizes:
+        probe = fit_linear_probe(train_x[:, :m], train_y, num_classes, **probe_options)
+        accs.append(100.0 * (probe.predict(test_x[:, :m]) == test_y).float().mean())
+    return torch.stack(accs)
+
+
+def baseline_features(
+    db: torch.Tensor, queries: torch.Tensor, kind: str, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(db [N, D], queries [Q, D]) re-expressed so that the first m columns are the baseline."""
+    if kind == "pca":
+        mean = db.mean(0, keepdim=True)
+        # Right singular vectors of the centred database: columns sorted by explained variance.
+        _, _, vh = torch.linalg.svd((db - mean).double(), full_matrices=False)  # vh [D, D]
+        basis = vh.T.float()  # [D, D]
+        return (db - mean) @ basis, (queries - mean) @ basis
+    if kind == "random":
+        order = torch.randperm(db.shape[1], generator=torch.Generator().manual_seed(seed))
+        return db[:, order], queries[:, order]
+    raise ValueError(f"kind must be 'pca' or 'random', got kind={kind!r}")

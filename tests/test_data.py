@@ -1,0 +1,222 @@
+"""Data: IDX parsing, Fashion-MNIST lookup errors, triples, image folders, batches, augmentation."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from mrl.data import iterate_batches, load_task
+from mrl.data import fashion_mnist as fm
+from mrl.data.fashion_mnist_1k import fixed_triples
+from mrl.data.synthetic import make_synthetic
+from mrl.data.tensors import ImageTensors, TripleSource, augment, compose_triples
+
+
+def _write_idx(path, array: np.ndarray, code: int = 0x08) -> None:
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+def _fake_fashion_mnist(folder, n_train=60000, n_test=10000):
+    rng = np.random.default_rng(0)
+    for split, (img, lab, n) in fm.FILES.items():
+        n = n_train if split == "train" else n_test
+        _write_idx(folder / img, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        _write_idx(folder / lab, (np.arange(n) % 10).astype(np.uint8))
+
+
+def test_read_idx_roundtrip(tmp_path):
+    a = np.arange(24, dtype=np.int32).reshape(2, 3, 4)
+    _write_idx(tmp_path / "a.idx", a, code=0x0C)
+    np.testing.assert_array_equal(fm.read_idx(tmp_path / "a.idx"), a)
+    b = np.arange(10, dtype=np.uint8)
+    _write_idx(tmp_path / "b.idx.gz", b)
+    np.testing.assert_array_equal(fm.read_idx(tmp_path / "b.idx.gz"), b)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x01\x02\x08\x01", "bad magic number"),
+        (b"\x00\x00\x08\x03\x00", "truncated IDX header"),
+        (b"\x00\x00\x08\x01\x00\x00\x00\x05abc", "header promises 5 data bytes"),
+    ],
+)
+def test_read_idx_corrupt(tmp_path, content, message):
+    (tmp_path / "x.idx").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        fm.read_idx(tmp_path / "x.idx")
+
+
+def test_read_idx_bad_gzip(tmp_path):
+    (tmp_path / "x.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="corrupt data file .*x.gz: cannot read it"):
+        fm.read_idx(tmp_path / "x.gz")
+
+
+def test_missing_fashion_mnist_names_both_ways(tmp_path, monkeypatch):
+    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.setenv("MRL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MRL_FASHION_MNIST", raising=False)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as info:
+        fm.load_fashion_mnist("train", download=False)
+    assert "download the official files" in str(info.value)
+    assert str(tmp_path / "cache") in str(info.value)
+
+
+def test_download_failure_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.setenv("MRL_CACHE", str(tmp_path / "cache"))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(fm.urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match="downloading failed .network is unreachable"):
+        fm.find_fashion_mnist(download=True)
+    assert not list((tmp_path / "cache" / "fashion-mnist").glob("*.gz"))  # nothing half-written
+
+
+def test_load_from_root_and_corrupt_labels(tmp_path):
+    _fake_fashion_mnist(tmp_path, n_train=10)  # only the test split is read
+    test = fm.load_fashion_mnist("test", root=tmp_path, download=False)
+    assert test.images.shape == (10000, 1, 28, 28) and test.images.dtype == torch.uint8
+    assert test.labels.dtype == torch.int64 and test.num_classes == 10
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.full(10000, 12, dtype=np.uint8))
+    with pytest.raises(ValueError, match="expected 10000 labels in 0..9"):
+        fm.load_fashion_mnist("test", root=tmp_path, download=False)
+    with pytest.raises(ValueError, match="split must be one of"):
+        fm.load_fashion_mnist("valid", root=tmp_path)
+
+
+@pytest.mark.skipif(not fm.SYSTEM_DIR.is_dir(), reason="Fashion-MNIST not installed")
+def test_real_fashion_mnist_if_installed():
+    test = fm.load_fashion_mnist("test", download=False)
+    assert test.images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+
+
+def test_synthetic_is_deterministic_and_checked():
+    a, b = make_synthetic(seed=3), make_synthetic(seed=3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, make_synthetic(seed=3, split="test").images)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        make_synthetic(num_classes=0)
+
+
+def test_triples_compose_left_to_right():
+    base = make_synthetic(n=20, num_classes=4, size=5)
+    idx = torch.tensor([[0, 1, 2], [3, 3, 4]])
+    x, y = compose_triples(base.images, base.labels, idx, 4)
+    assert x.shape == (2, 1, 5, 15)
+    assert torch.equal(x[0, :, :, 5:10], base.images[1])
+    la, lb, lc = base.labels[idx].T
+    assert torch.equal(y, la * 16 + lb * 4 + lc)
+    fixed = fixed_triples(base, 30, seed=1, name="t")
+    assert fixed.num_classes == 64 and torch.equal(
+        fixed.images, fixed_triples(base, 30, 1, "t").images
+    )
+    src = TripleSource(base, 40)
+    xb, yb = next(iterate_batches(src, 8, seed=0, epoch=0))
+    assert xb.shape == (8, 1, 5, 15) and int(yb.max()) < 64
+
+
+def test_batches_are_a_function_of_seed_and_epoch():
+    data = make_synthetic(n=100)
+    one = [y for _, y in iterate_batches(data, 32, seed=1, epoch=2)]
+    two = [y for _, y in iterate_batches(data, 32, seed=1, epoch=2)]
+    assert len(one) == 3 and all(torch.equal(a, b) for a, b in zip(one, two))
+    other = [y for _, y in iterate_batches(data, 32, seed=1, epoch=3)]
+    assert not all(torch.equal(a, b) for a, b in zip(one, other))
+
+
+def test_process_slices_make_up_the_global_batch():
+    data = make_synthetic(n=96)
+    whole = list(iterate_batches(data, 32, seed=0, epoch=0))
+    parts = [list(iterate_batches(data, 32, seed=0, epoch=0, rank=r, world_size=2)) for r in (0, 1)]
+    for i, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([parts[0][i][0], parts[1][i][0]]), x)
+    with pytest.raises(ValueError, match="batch_size must be a positive multiple"):
+        next(iterate_batches(data, 33, seed=0, epoch=0, world_size=2))
+
+
+def _augment_reference(x, flips, shifts, p):
+    """Per-image loop: flip, pad, crop at (dy, dx)."""
+    out = []
+    for i in range(x.shape[0]):
+        img = x[i].flip(-1) if flips[i] else x[i]
+        img = torch.nn.functional.pad(img, (p, p, p, p))
+        dy, dx = shifts[0, i], shifts[1, i]
+        out.append(img[:, dy : dy + x.shape[2], dx : dx + x.shape[3]])
+    return torch.stack(out)
+
+
+def test_augment_matches_per_image_reference():
+    x = make_synthetic(n=16, size=7, channels=2).images
+    g = torch.Generator().manual_seed(5)
+    flips = torch.rand(16, generator=g) < 0.5
+    shifts = torch.randint(0, 5, (2, 16), generator=g)
+    got = augment(x, torch.Generator().manual_seed(5), flip=True, crop_pad=2)
+    assert torch.equal(got, _augment_reference(x, flips, shifts, 2))
+    assert torch.equal(augment(x, g), x)  # nothing asked: unchanged
+
+
+def test_image_tensors_checks_shapes():
+    with pytest.raises(ValueError, match=r"images must be \[N, C, H, W\]"):
+        ImageTensors(torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(3), 2, (0.5,), (0.3,))
+    with pytest.raises(ValueError, match="labels must be"):
+        ImageTensors(torch.zeros(3, 1, 4, 4), torch.zeros(2), 2, (0.5,), (0.3,))
+
+
+def _make_folder(root, classes=("cat", "dog"), per_class=3, size=(20, 12)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+
+
+def test_image_folder_loads_and_transforms(tmp_path):
+    pytest.importorskip("PIL")
+    from mrl.data.image_folder import ImageFolder
+
+    _make_folder(tmp_path)
+    ds = ImageFolder(tmp_path, image_size=8)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 6
+    x, y = ds[4]
+    assert x.shape == (3, 8, 8) and x.dtype == torch.uint8 and y == 1
+    t = ds.load_tensors()
+    assert t.images.shape == (6, 3, 8, 8) and t.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    task = load_task("image-folder", root=str(tmp_path), image_size=8, test_fraction=0.34)
+    assert len(task.train) + len(task.test) == 6 and task.num_classes == 2
+
+
+def test_image_folder_errors(tmp_path):
+    pytest.importorskip("PIL")
+    from mrl.data.image_folder import ImageFolder
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolder(tmp_path / "missing")
+    with pytest.raises(ValueError, match="has no class subfolders"):
+        ImageFolder(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "notes.txt").write_text("hi")
+    with pytest.raises(ValueError, match="has no images"):
+        ImageFolder(tmp_path)
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    ds = ImageFolder(tmp_path)
+    with pytest.raises(ValueError, match="unreadable image file .*broken.png"):
+        ds[0]
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        load_task("mnist")

@@ -1,0 +1,87 @@
+"""Typed configs: shipped files load, overrides are type-checked, bad keys/values fail clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mrl.config import TrainConfig, apply_overrides, config_from_dict, describe, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert isinstance(config, TrainConfig)
+    config.model.get_nesting().check_dim(config.model.dim)
+
+
+def test_there_are_shipped_configs():
+    assert len(CONFIGS) >= 3
+
+
+def test_overrides_are_typed():
+    c = load_config(None, ["optim.lr=0.1", "epochs=7", "data.flip=true", "data.root=none",
+                           "model.nesting_weights=[1, 2, 3]", "model.nesting=4,8,256"])  # fmt: skip
+    assert c.optim.lr == 0.1 and c.epochs == 7 and c.data.flip is True and c.data.root is None
+    assert c.model.get_nesting().weights == (1.0, 2.0, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=0.1", r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
+        ("epochs=three", "epochs must be an int, got epochs='three'"),
+        ("data.flip=maybe", "data.flip must be a bool"),
+        ("epochs=0", "epochs must be positive, got epochs=0"),
+        ("model.mode=mrle", "model.mode must be one of"),
+        ("model.nesting=8,4", "model.nesting='8,4'.*strictly increasing"),
+        ("model.nesting=8,16", "ends at 16, but the embedding dim is 256"),
+        ("model.ff_dim=8", "model.ff_dim must be None unless mode is 'ff'"),
+        ("lr", "--set expects key=value"),
+        ("nope.lr=1", "unknown config key 'nope.lr'"),
+    ],
+)
+def test_bad_overrides(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_ff_needs_ff_dim():
+    with pytest.raises(ValueError, match="model.ff_dim must be in 1..model.dim=256"):
+        load_config(None, ["model.mode=ff"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "missing.json")
+    (tmp_path / "a.json").write_text(json.dumps({"optim": {"lr": "fast"}}))
+    with pytest.raises(ValueError, match="optim.lr must be a number, got optim.lr='fast'"):
+        load_config(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text(json.dumps({"modle": {}}))
+    with pytest.raises(ValueError, match="unknown config key 'modle'"):
+        load_config(tmp_path / "b.json")
+    (tmp_path / "c.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_config(tmp_path / "c.json")
+    (tmp_path / "d.yaml").write_text("")
+    with pytest.raises(ValueError, match="must end in .json or .toml"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_toml(tmp_path):
+    pytest.importorskip("tomllib")
+    (tmp_path / "a.toml").write_text('epochs = 2\n[model]\nmode = "mrl-e"\n')
+    c = load_config(tmp_path / "a.toml")
+    assert c.epochs == 2 and c.model.mode == "mrl-e"
+
+
+def test_roundtrip_and_describe():
+    c = apply_overrides(TrainConfig(), ["model.mode=ff", "model.ff_dim=8"])
+    assert config_from_dict(c.to_dict()) == c
+    text = describe()
+    assert "optim.lr (float, default 0.002): peak learning rate" in text
+    assert text.count("\n") + 1 == 7 + 6 + 9 + 9

@@ -1,0 +1,59 @@
+"""Linear probe against scikit-learn's logistic regression; PCA / random baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mrl import Nesting
+from mrl.probe import baseline_features, fit_linear_probe, probe_top1
+
+
+def _blobs(n=300, d=6, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = 2 * torch.randn(c, d, generator=g)
+    y = torch.arange(n) % c
+    return centers[y] + torch.randn(n, d, generator=g), y
+
+
+def test_probe_matches_sklearn_logistic_regression():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    x, y = _blobs()
+    l2 = 1e-2
+    probe = fit_linear_probe(x, y, 3, l2=l2, max_iter=500, tol=1e-9)
+    xs = ((x - probe.mean) / probe.std).numpy()
+    # sklearn minimises C * sum(CE) + ||W||^2 / 2  <=>  mean(CE) + l2/2 ||W||^2 with C = 1/(N l2).
+    ref = sklearn.LogisticRegression(C=1 / (len(x) * l2), tol=1e-10, max_iter=5000).fit(
+        xs, y.numpy()
+    )
+    ours = torch.softmax(probe.logits(x), -1).numpy()
+    np.testing.assert_allclose(ours, ref.predict_proba(xs), atol=2e-3)
+
+
+def test_probe_top1_per_prefix():
+    x, y = _blobs(d=8)
+    acc = probe_top1(x, y, x, y, Nesting((2, 4, 8)), 3)
+    assert acc.shape == (3,) and acc[-1] > 90
+
+
+def test_probe_errors():
+    x, y = _blobs()
+    with pytest.raises(ValueError, match="num_classes=2 but labels go up to 2"):
+        fit_linear_probe(x, y, 2)
+    with pytest.raises(ValueError, match="l2 must be >= 0"):
+        fit_linear_probe(x, y, 3, l2=-1)
+    with pytest.raises(ValueError, match="kind must be 'pca' or 'random'"):
+        baseline_features(x, x, "svd")
+
+
+def test_pca_baseline_orders_by_variance_and_random_permutes():
+    x, _ = _blobs(d=6)
+    x = x * torch.tensor([1.0, 5, 1, 1, 3, 1])
+    db, q = baseline_features(x, x[:10], "pca")
+    var = db.var(0)
+    assert torch.all(var[:-1] >= var[1:] - 1e-4)
+    assert torch.allclose(db[:10], q, atol=1e-5)
+    rdb, rq = baseline_features(x, x[:10], "random", seed=3)
+    assert sorted(rdb[0].tolist()) == sorted(x[0].tolist())
+    assert torch.equal(rdb[:10], rq)
