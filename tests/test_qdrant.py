@@ -81,7 +81,11 @@ def test_layout_and_plan_validation():
         QdrantLayout((16, 8))
     with pytest.raises(ValueError, match="distance must be one of"):
         QdrantLayout((8,), "euclid")
+    with pytest.raises(ValueError, match=r"indexed prefixes \[12\] are not among"):
+        QdrantLayout((8, 16), indexed=(12,))
     layout = QdrantLayout((8, 16, 32))
+    assert layout.indexed == (8,)  # only the shortlist prefix gets a graph by default
+    assert QdrantLayout.from_dict(layout.to_dict()) == layout
     assert FunnelPlan.build(layout, 10).stages == ((32, 10),)
     assert FunnelPlan.build(layout, 10).shortlist == 200
     with pytest.raises(ValueError, match="shortlist_dim=12 is not stored"):

@@ -60,16 +60,30 @@ DISTANCES = ("cosine", "dot")
 
 @dataclass(frozen=True)
 class QdrantLayout:
-    """Which prefixes a collection stores (one named vector each) and the distance."""
+    """Which prefixes a collection stores (one named vector each), which of them get an HNSW
+    graph, and the distance.
+
+    Only shortlist prefixes need a graph: rescoring reads the vectors of the candidates directly.
+    So by default only the smallest prefix is indexed (the others are created with ``m=0``, no
+    graph), which keeps Qdrant's optimiser from building useless graphs over the large vectors.
+    """
 
     prefixes: tuple[int, ...]  # strictly increasing prefix sizes; the last is usually D
     distance: str = "cosine"  # "cosine" (prefix re-normalised by Qdrant) or "dot"
+    indexed: tuple[int, ...] | None = None  # prefixes with an HNSW graph (None: the smallest)
 
     def __post_init__(self) -> None:
         Nesting(tuple(self.prefixes))  # validates: positive, strictly increasing
         object.__setattr__(self, "prefixes", tuple(int(p) for p in self.prefixes))
         if self.distance not in DISTANCES:
             raise ValueError(f"distance must be one of {list(DISTANCES)}, got {self.distance!r}")
+        indexed = (self.prefixes[0],) if self.indexed is None else tuple(
+            sorted(int(m) for m in self.indexed))
+        bad = [m for m in indexed if m not in self.prefixes]
+        if bad:
+            raise ValueError(f"indexed prefixes {bad} are not among the stored prefixes "
+                             f"{list(self.prefixes)}")
+        object.__setattr__(self, "indexed", indexed)
 
     @staticmethod
     def name(m: int) -> str:
@@ -81,11 +95,14 @@ class QdrantLayout:
         return self.prefixes[-1]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prefixes": list(self.prefixes), "distance": self.distance}
+        return {"prefixes": list(self.prefixes), "distance": self.distance,
+                "indexed": list(self.indexed)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QdrantLayout:
-        return cls(tuple(data["prefixes"]), data.get("distance", "cosine"))
+        indexed = data.get("indexed")
+        return cls(tuple(data["prefixes"]), data.get("distance", "cosine"),
+                   None if indexed is None else tuple(indexed))
 
 
 @dataclass(frozen=True)
@@ -181,7 +198,10 @@ class EdgeTarget:
             return
         qe = self.qe
         dist = qe.Distance.Cosine if layout.distance == "cosine" else qe.Distance.Dot
-        vectors = {layout.name(m): qe.EdgeVectorParams(m, dist) for m in layout.prefixes}
+        no_graph = qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)
+        vectors = {layout.name(m): qe.EdgeVectorParams(
+            m, dist, hnsw_config=None if m in layout.indexed else no_graph)
+            for m in layout.prefixes}
         self.path.mkdir(parents=True, exist_ok=True)
         self.shard = qe.EdgeShard.create(str(self.path / "shard"), qe.EdgeConfig(vectors=vectors))
         atomic_write_json(self._layout_file, layout.to_dict())
@@ -262,9 +282,11 @@ class ClientTarget:
             raise ValueError(f"collection {self.collection!r} has no named vectors; it was not "
                              "written by mrl export")
         sizes = sorted(v.size for v in vectors.values())
+        indexed = sorted(v.size for v in vectors.values()
+                         if v.hnsw_config is None or v.hnsw_config.m != 0)
         dist = next(iter(vectors.values())).distance
         return QdrantLayout(tuple(sizes), "cosine" if dist == self.models.Distance.COSINE
-                            else "dot")
+                            else "dot", tuple(indexed))
 
     def ensure(self, layout: QdrantLayout) -> None:
         existing = self.layout()
@@ -277,8 +299,10 @@ class ClientTarget:
         dist = m.Distance.COSINE if layout.distance == "cosine" else m.Distance.DOT
         self.client.create_collection(
             self.collection,
-            vectors_config={layout.name(p): m.VectorParams(size=p, distance=dist)
-                            for p in layout.prefixes},
+            vectors_config={layout.name(p): m.VectorParams(
+                size=p, distance=dist,
+                hnsw_config=None if p in layout.indexed else m.HnswConfigDiff(m=0))
+                for p in layout.prefixes},
             shard_number=self.shard_number, replication_factor=self.replication_factor)
 
     def count(self) -> int:

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefixes", default=None,
                    help="prefix sizes stored as named vectors, e.g. '16,64,2048' (default: the "
                         "smallest nesting size >= 16 and the full size)")
+    p.add_argument("--indexed", default=None,
+                   help="prefixes that get an HNSW graph (default: the smallest; rescoring "
+                        "vectors need none)")
     p.add_argument("--distance", choices=["cosine", "dot"], default="cosine")
     p.add_argument("--batch-size", type=int, default=1024, help="points per upsert")
     p.add_argument("--retries", type=int, default=5, help="retries per batch (exponential backoff)")
@@ -51,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--prefixes {list(bad)} are not in the index's nesting {list(sizes)}")
     else:
         prefixes = default_prefixes(sizes)
-    layout = QdrantLayout(prefixes, args.distance)
+    indexed = None if args.indexed is None else Nesting.parse(args.indexed).sizes
+    layout = QdrantLayout(prefixes, args.distance, indexed)
     if args.path:
         progress = args.progress or str(Path(args.path) / f"{args.collection}.progress.json")
         target = open_target(args.collection, path=args.path)
