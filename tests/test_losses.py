@@ -171,6 +171,17 @@ def test_matryoshka_contrastive_matches_loop(sizes, neg_shape, symmetric):
     torch.testing.assert_close(got, by_hand)
 
 
+def test_matryoshka_contrastive_zero_prefix_is_finite_like_f_normalize():
+    nesting = Nesting((4, 8, 12))
+    q, p = _rand(3, 12, seed=1, grad=False), _rand(3, 12, seed=2)
+    q[0, :8] = 0.0  # row 0 is all zeros at prefixes 4 and 8
+    q.requires_grad_()
+    got = matryoshka_contrastive_loss(q, p, nesting)
+    ref = matryoshka_contrastive_loss_reference(q, p, nesting)
+    assert torch.isfinite(got)
+    _assert_same(got, ref, [q, p])
+
+
 def test_matryoshka_contrastive_float32():
     nesting = Nesting.doubling(8, 96)
     q, p = _rand(16, 96, seed=1, dtype=torch.float32), _rand(16, 96, seed=2, dtype=torch.float32)

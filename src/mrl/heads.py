@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from mrl.nesting import Nesting
 
@@ -130,6 +131,7 @@ class _NestedLinearFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # no double backward (a clear error instead of a wrong answer)
     def backward(ctx, grad_out: Tensor):
         z, weight = ctx.saved_tensors
         need_z, need_w, need_b = ctx.needs_input_grad[:3]
@@ -235,6 +237,7 @@ class _PrefixLinearsFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # no double backward (a clear error instead of a wrong answer)
     def backward(ctx, grad_out: Tensor):
         z, *weights = ctx.saved_tensors
         sizes, G = ctx.sizes, len(ctx.sizes)

@@ -273,15 +273,27 @@ def contrastive_loss(
     return _infonce(cos, queries.shape[0], temperature, symmetric)
 
 
+def _prefix_norms(x: Tensor, nesting: Nesting) -> Tensor:
+    """L2 norm of every prefix, ``[n, G]``, clamped like ``F.normalize`` (running squared norms).
+
+    ``(x * x) @ M`` with the 0/1 matrix ``M [D, G]``, ``M[d, g] = d < m_g``: one small product
+    (``n*D*G`` flops) instead of a cumsum over D and its backward (measured ~2x faster, 1 thread).
+    """
+    D = nesting.dim
+    sizes = torch.tensor(nesting.sizes, device=x.device)
+    mask = (torch.arange(D, device=x.device)[:, None] < sizes[None, :]).to(x.dtype)  # [D, G]
+    # Clamp before the sqrt: an all-zero prefix then gets a finite gradient (sqrt'(0) = inf).
+    return ((x * x) @ mask).clamp_min(_NORM_EPS**2).sqrt()
+
+
 def _prefix_cosine(queries: Tensor, cands: Tensor, nesting: Nesting) -> Tensor:
     """Cosine similarity at every prefix, ``[G, B, N]``, in one pass over D.
 
-    Dot products: `nested_linear` (partial products per chunk, accumulated over prefixes). Norms:
-    running squared norms, ``cumsum`` of ``x**2`` over D read at each prefix size.
+    Dot products: `nested_linear` (partial products per chunk, accumulated over prefixes); norms:
+    running squared norms (`_prefix_norms`).
     """
-    idx = torch.tensor([m - 1 for m in nesting.sizes], device=queries.device)
-    q_norm = queries.pow(2).cumsum(-1).index_select(-1, idx).sqrt().clamp_min(_NORM_EPS)  # [B, G]
-    c_norm = cands.pow(2).cumsum(-1).index_select(-1, idx).sqrt().clamp_min(_NORM_EPS)  # [N, G]
+    q_norm = _prefix_norms(queries, nesting)  # [B, G]
+    c_norm = _prefix_norms(cands, nesting)  # [N, G]
     dots = nested_linear(queries, cands, nesting)  # [G, B, N]
     return dots / (q_norm.T[:, :, None] * c_norm.T[:, None, :])
 
