@@ -4,7 +4,7 @@
 PY ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,vision,faiss,text,serve
+EXTRAS ?= dev,vision,faiss,text,serve,qdrant
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
