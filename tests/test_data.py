@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mrl.data import iterate_batches, load_task
 from mrl.data import fashion_mnist as fm
+from mrl.data import iterate_batches, load_task
 from mrl.data.fashion_mnist_1k import fixed_triples
 from mrl.data.synthetic import make_synthetic
 from mrl.data.tensors import ImageTensors, TripleSource, augment, compose_triples
@@ -139,7 +139,7 @@ def test_process_slices_make_up_the_global_batch():
     data = make_synthetic(n=96)
     whole = list(iterate_batches(data, 32, seed=0, epoch=0))
     parts = [list(iterate_batches(data, 32, seed=0, epoch=0, rank=r, world_size=2)) for r in (0, 1)]
-    for i, (x, y) in enumerate(whole):
+    for i, (x, _) in enumerate(whole):
         assert torch.equal(torch.cat([parts[0][i][0], parts[1][i][0]]), x)
     with pytest.raises(ValueError, match="batch_size must be a positive multiple"):
         next(iterate_batches(data, 33, seed=0, epoch=0, world_size=2))
@@ -220,3 +220,16 @@ def test_image_folder_errors(tmp_path):
 def test_unknown_task():
     with pytest.raises(ValueError, match="dataset must be one of"):
         load_task("mnist")
+
+
+def test_augment_slices_follow_the_global_stream():
+    x = make_synthetic(n=8, size=6).images
+    whole = augment(x, torch.Generator().manual_seed(1), flip=True, crop_pad=1)
+    halves = [
+        augment(x[r * 4 : (r + 1) * 4], torch.Generator().manual_seed(1), flip=True, crop_pad=1,
+                total=8, offset=4 * r)
+        for r in (0, 1)
+    ]  # fmt: skip
+    assert torch.equal(torch.cat(halves), whole)
+    with pytest.raises(ValueError, match="offset=6 does not fit"):
+        augment(x[:4], torch.Generator(), flip=True, total=8, offset=6)

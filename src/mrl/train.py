@@ -419,7 +419,15 @@ def _train_epoch(
     for i, (x, y) in enumerate(bar):
         if d.flip or d.crop_pad:
             # Drawn for the whole global batch so every process sees the same augmentation stream.
-            x = augment(x, aug_gen, flip=d.flip, crop_pad=d.crop_pad)
+            local = x.shape[0]
+            x = augment(
+                x,
+                aug_gen,
+                flip=d.flip,
+                crop_pad=d.crop_pad,
+                total=local * dist_info.world_size,
+                offset=local * dist_info.rank,
+            )
         with _autocast(config, device):
             _, logits = net(x)  # [B, D], [G, B, C]
             loss = nested_cross_entropy(

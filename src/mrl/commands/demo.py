@@ -34,7 +34,7 @@ DEMO_RECIPE = (
     "model.nesting=2,4,8,16,32,64,128,256",
     "optim.name=adamw",
     "optim.lr=0.003",
-    "batch_size=256",
+    "batch_size=128",
 )
 
 
@@ -67,7 +67,7 @@ class DemoContext:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="mrl-demo", help="report folder (default ./mrl-demo)")
     parser.add_argument(
-        "--epochs", type=int, default=2, help="training epochs per model (default 2)"
+        "--epochs", type=int, default=1, help="training epochs per model (default 1)"
     )
     parser.add_argument(
         "--train-size",
@@ -134,7 +134,7 @@ def _train_or_reuse(config, run_dir: Path, task, progress: bool, log) -> None:
 def demo(
     out: str | Path = "mrl-demo",
     *,
-    epochs: int = 2,
+    epochs: int = 1,
     train_size: int | None = None,
     seed: int = 0,
     overrides: tuple[str, ...] = (),

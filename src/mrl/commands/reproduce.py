@@ -41,16 +41,10 @@ _SGD = ("optim.name=sgd", "optim.lr=0.2", "optim.momentum=0.9", "optim.weight_de
         "optim.warmup_epochs=1", "batch_size=512")  # fmt: skip
 RECIPES: dict[tuple[str, str], Recipe] = {
     ("fashion-mnist", "small"): Recipe(
-        (
-            "data.dataset=fashion-mnist",
-            *_CNN,
-            "optim.name=adamw",
-            "optim.lr=0.003",
-            "epochs=2",
-            "batch_size=256",
-        ),
+        ("data.dataset=fashion-mnist", *_CNN, "optim.name=adamw", "optim.lr=0.003", "epochs=1",
+         "batch_size=128"),
         (2, 4, 8, 16),
-        "small CNN (D=256), AdamW lr 3e-3 cosine, 2 epochs, batch 256 (CPU budget)",
+        "small CNN (D=256), AdamW lr 3e-3 cosine, 1 epoch, batch 128 (CPU budget)",
     ),
     ("fashion-mnist", "full"): Recipe(
         (

@@ -167,20 +167,32 @@ def _device_of(source: ImageTensors | TripleSource) -> torch.device:
 
 
 def augment(
-    x: torch.Tensor, generator: torch.Generator, *, flip: bool = False, crop_pad: int = 0
+    x: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    flip: bool = False,
+    crop_pad: int = 0,
+    total: int | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Random horizontal flips and random crops (zero-pad ``crop_pad`` pixels, crop back).
 
     ``x`` [B, C, H, W] (any dtype, any device); the random draws come from the CPU ``generator``
-    (a few numbers per image) so results do not depend on the device.
+    (a few numbers per image) so results do not depend on the device. Under DDP, ``x`` is rows
+    ``[offset, offset + B)`` of a global batch of ``total`` items: the draws are made for the whole
+    global batch and sliced, so every process follows the single-process random stream.
     """
     B, _, H, W = x.shape
+    total = B if total is None else total
+    if not 0 <= offset <= total - B:
+        raise ValueError(f"offset={offset} does not fit a slice of {B} rows in total={total}")
+    rows = slice(offset, offset + B)
     if flip:
-        mask = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+        mask = (torch.rand(total, generator=generator)[rows] < 0.5).to(x.device)
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
     if crop_pad > 0:
         p = crop_pad
-        shifts = torch.randint(0, 2 * p + 1, (2, B), generator=generator).to(x.device)
+        shifts = torch.randint(0, 2 * p + 1, (2, total), generator=generator)[:, rows].to(x.device)
         padded = torch.nn.functional.pad(x, (p, p, p, p))  # [B, C, H+2p, W+2p]
         rows = torch.arange(H, device=x.device)[None, :] + shifts[0][:, None]  # [B, H]
         cols = torch.arange(W, device=x.device)[None, :] + shifts[1][:, None]  # [B, W]

@@ -1,0 +1,94 @@
+"""Training-step time of the nested heads: MRL / MRL-E vs a plain model on the same encoder.
+
+One step = forward, nested cross-entropy, backward, optimizer step, on a fixed batch already on the
+device. Modes are timed in interleaved rounds (so a busy machine slows all of them alike) and the
+median per mode is reported; the ratio to plain is printed last. Goal: MRL <= 1.05x plain.
+
+    python benchmarks/bench_train_step.py                      # small CNN, 28x28, CPU
+    python benchmarks/bench_train_step.py --model resnet18 --dim 512 \
+        --nesting doubling:8 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mrl.config import load_config
+from mrl.losses import nested_cross_entropy
+from mrl.train import build_model, build_optimizer
+
+
+def make_step(mode: str, args: argparse.Namespace, device: torch.device):
+    sets = [f"model.name={args.model}", f"model.dim={args.dim}", f"model.mode={mode}",
+            f"model.nesting={args.nesting}", f"batch_size={args.batch}"]  # fmt: skip
+    config = load_config(None, sets)
+    model = build_model(config, 1, args.classes, (0.5,), (0.3,)).to(device)
+    opt = build_optimizer(config, model)
+    weights = config.model.get_nesting() if mode != "plain" else None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (args.batch, 1, args.size, args.size), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, args.classes, (args.batch,), generator=g)
+    x, y = x.to(device), y.to(device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+
+    def step() -> None:
+        if amp is not None:
+            with amp:
+                _, logits = model(x)
+        else:
+            _, logits = model(x)
+        loss = nested_cross_entropy(logits.float(), y, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="cnn")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--nesting", default="2,4,8,16,32,64,128,256")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="steps per mode per round")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    modes = ("plain", "mrl", "mrl-e")
+    steps = {m: make_step(m, args, device) for m in modes}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for m in modes:  # warm-up
+        for _ in range(2):
+            steps[m]()
+    for _ in range(args.rounds):
+        for m in modes:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                steps[m]()
+            sync()
+            times[m].append((time.perf_counter() - t0) / args.steps)
+    print(
+        f"# {args.model} D={args.dim} nesting={args.nesting} batch={args.batch} "
+        f"{args.size}x{args.size} on {device} (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads); median of {args.rounds} rounds x {args.steps} steps"
+    )
+    base = statistics.median(times["plain"])
+    print("| mode | ms/step | ratio to plain |")
+    print("|---|---|---|")
+    for m in modes:
+        med = statistics.median(times[m])
+        print(f"| {m} | {1000 * med:.1f} | {med / base:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

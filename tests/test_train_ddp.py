@@ -1,0 +1,46 @@
+"""DDP on CPU (gloo): two processes with the same global batch end where one process ends."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from mrl.config import load_config
+
+SETS = [
+    "data.dataset=synthetic", "data.train_size=256", "data.flip=true", "data.crop_pad=1",
+    "model.dim=16", "model.width=4", "model.norm=group", "model.nesting=4,8,16", "epochs=2",
+    "batch_size=64", "device=cpu", "eval_test=false",
+]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    from mrl.train import train
+
+    train(load_config(None, SETS), out, progress=False)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, monkeypatch):
+    from mrl.train import load_checkpoint, train
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    train(load_config(None, SETS), tmp_path / "one", progress=False)
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2)
+    a = load_checkpoint(tmp_path / "one")["model"]
+    b = load_checkpoint(tmp_path / "two")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
