@@ -112,7 +112,8 @@ def bench_embed(args) -> list[dict]:
     records = []
     rows = []
     for batching in (True, False):
-        extra = ["--model", args.model] + ([] if batching else ["--no-batching"])
+        extra = ["--model", args.model, "--threads", str(args.threads)]
+        extra += [] if batching else ["--no-batching"]
         proc, url = _start_server(extra)
         try:
             import httpx
@@ -130,7 +131,8 @@ def bench_embed(args) -> list[dict]:
             records.append(make_record(name, None, metric, stats[metric], part="embed",
                                        requests=args.requests, concurrency=args.concurrency,
                                        model=args.model))
-    print(f"\nembeddings: {args.requests} one-text requests at concurrency {args.concurrency}")
+    print(f"\nembeddings: {args.requests} one-text requests at concurrency {args.concurrency}, "
+          f"server torch threads {args.threads}, load average before {os.getloadavg()[0]:.1f}")
     print("| mode | texts/s | p50 ms | p99 ms | errors | encoder calls |")
     print("|---|---|---|---|---|---|")
     for name, s, b in rows:
@@ -153,7 +155,8 @@ def bench_search(args) -> list[dict]:
     queries = noisy_queries(db, args.queries, 1)
     index = MatryoshkaIndex(Nesting.doubling(16, args.dim),
                             SearchConfig(shortlist_dim=16, shortlist=200), threads=2)
-    index.add(db)
+    for s in range(0, args.n, 250_000):  # blocks: bounded temporaries for the prefix norms
+        index.add(db[s : s + 250_000])
     del db
     build = index.build()
     print(f"\nsearch: {args.n} x {args.dim} index built in {time.perf_counter() - t:.1f} s "
@@ -253,6 +256,7 @@ def main(argv=None) -> int:
     p.add_argument("--part", choices=["embed", "search", "qdrant", "all"], default="all")
     p.add_argument("--model", default="default")
     p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the server")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=384)
@@ -268,6 +272,7 @@ def main(argv=None) -> int:
     parts = ["embed", "search", "qdrant"] if args.part == "all" else [args.part]
     records = []
     for part in parts:
+        print(f"\n[{part}] load average {os.getloadavg()[0]:.1f} (2 cores shared with other jobs)")
         records += {"embed": bench_embed, "search": bench_search, "qdrant": bench_qdrant}[part](
             args)
     if args.json:

@@ -34,12 +34,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate", action="store_true",
                    help="let the model truncate over-long inputs (default: refuse with 400)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the model (default: torch's choice; 1 is "
+                        "often faster on a small, busy CPU)")
+
+
+def set_threads(n: int) -> None:
+    """torch's intra-op thread count (the model's forward pass)."""
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def build_app(args: argparse.Namespace):
     """The app `mrl serve` would run (tests call this with parsed arguments)."""
     from mrl.serve import IndexBackend, QdrantBackend, ServeConfig, create_app, load_encoder
 
+    if args.threads is not None:
+        set_threads(args.threads)
     encoder = None if args.model == "none" else load_encoder(args.model, args.nesting, args.name)
     backend = None
     if sum(x is not None for x in (args.index, args.qdrant_path, args.qdrant_url)) > 1:
