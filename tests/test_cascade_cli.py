@@ -165,3 +165,17 @@ def test_fit_and_eval_from_trained_run_folders(tmp_path):
     recs = load_records(out / "cascade.json")
     assert {r["dataset"] for r in recs} == {"synthetic"}
     assert any(r["method"] == "ff" and r["metric"] == "ncm_5shot" for r in recs)
+
+
+def test_evaluate_cascade_bad_input():
+    mrl, y, ff, _ = synthetic(5, n=100)
+    with pytest.raises(ValueError, match=r"ff_scores\[8\] must have shape \[N, C\]=\(100, 5\)"):
+        evaluate_cascade(mrl, y, NEST, ff_scores={8: ff[8][:50]})
+    with pytest.raises(ValueError, match="seeds must not be empty"):
+        evaluate_cascade(mrl, y, NEST, seeds=())
+    with pytest.raises(ValueError, match=r"calib_index must index a proper subset of the 100"):
+        evaluate_cascade(mrl, y, NEST, calib_index=np.arange(100))
+    with pytest.raises(ValueError, match="leaves an empty calibration or test part"):
+        split_calibration(3, 0.1)
+    cal, test = split_calibration(101, 0.3, seed=7)
+    assert len(cal) == 30 and len(np.intersect1d(cal, test)) == 0 and len(cal) + len(test) == 101
