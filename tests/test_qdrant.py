@@ -332,3 +332,14 @@ def test_serve_search_from_qdrant(edge_index, db, queries):
         r = httpx.post(url + "/v1/search", json={"vector": queries[0].tolist(),
                                                  "shortlist_dim": 12})
         assert r.status_code == 400 and r.json()["error"]["param"] == "shortlist_dim"
+
+
+def test_cluster_compose_file_is_valid():
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((Path(__file__).parents[1] / "deploy/docker-compose.yml").read_text())
+    nodes = compose["services"]
+    assert len(nodes) == 3
+    for name, node in nodes.items():
+        assert node["environment"]["QDRANT__CLUSTER__ENABLED"] == "true"
+        assert ("--bootstrap" in node["command"]) == (name != "qdrant_node1")
+    assert all(p.startswith("127.0.0.1:") for p in nodes["qdrant_node1"]["ports"])
