@@ -1,0 +1,195 @@
+"""A results folder from tidy records: JSON, markdown tables, one plot per metric, an HTML page.
+
+    write_report(records, "runs/eval", "CIFAR-10 retrieval", notes="ResNet-18, 3 seeds")
+
+writes into ``out_dir``:
+
+- ``results.json``: the records (`mrl.records.save_records`);
+- ``results.md``: the title, notes and one table per metric (`mrl.records.to_markdown`: one row
+  per method, one column per prefix, mean ± std over seeds);
+- ``<metric>.png``: the metric against prefix size (log2 x axis), one line per method, a mean ± std
+  band where a (method, prefix) has several values (seeds);
+- ``report.html``: one self-contained page (title, notes, tables, the plots embedded as base64,
+  plus extra ``sections``).
+
+Every file is written atomically (`mrl.io`). matplotlib (extra ``vision``) is imported lazily.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from mrl._optional import require
+from mrl.io import atomic_open, atomic_write_text
+from mrl.records import Record, save_records, to_markdown, validate_records
+
+__all__ = ["plot_metric", "write_report"]
+
+
+def _metrics(records: list[Record]) -> list[str]:
+    """Metric names in first-seen order."""
+    return list(dict.fromkeys(r["metric"] for r in records))
+
+
+def _safe_name(metric: str) -> str:
+    """A file name for a metric: ``map@10`` -> ``map_at_10``."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric.replace("@", "_at_"))
+    return name.strip("._") or "metric"
+
+
+def _series(records: list[Record], metric: str) -> dict[str, dict[int, list[float]]]:
+    """{method: {prefix: [values over seeds]}} for one metric (records without a prefix skipped)."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for r in records:
+        if r["metric"] == metric and r["prefix"] is not None and r["value"] is not None:
+            out.setdefault(r["method"], {}).setdefault(int(r["prefix"]), []).append(r["value"])
+    return out
+
+
+def plot_metric(records: Iterable[Record], metric: str) -> bytes | None:
+    """PNG bytes of ``metric`` vs prefix size, one line per method; None if nothing to plot."""
+    series = _series(list(records), metric)
+    if not series:
+        return None
+    require("matplotlib", "vision").use("Agg")  # headless: never open a window
+    plt = require("matplotlib.pyplot", "vision")
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    try:
+        for method, by_prefix in series.items():
+            xs = sorted(by_prefix)
+            vals = [np.asarray(by_prefix[p], dtype=float) for p in xs]
+            mean = np.array([v.mean() for v in vals])
+            (line,) = ax.plot(xs, mean, marker="o", label=method)
+            if any(len(v) > 1 for v in vals):
+                std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals])
+                ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=line.get_color())
+        prefixes = sorted({p for s in series.values() for p in s})
+        if prefixes[0] > 0:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(prefixes, [str(p) for p in prefixes])
+        ax.set_xlabel("prefix size (dims)")
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def _markdown(title: str, notes: str, records: list[Record], metrics: list[str]) -> str:
+    parts = [f"# {title}", ""]
+    if notes:
+        parts += [notes, ""]
+    for metric in metrics:
+        parts += [f"## {metric}", "", to_markdown(records, metric=metric), ""]
+    return "\n".join(parts)
+
+
+def _md_table_to_html(table: str) -> str:
+    """The pipe tables of `to_markdown` as HTML (first line header, second the separator)."""
+    rows = [
+        [html.escape(c.strip()) for c in line.strip().strip("|").split("|")]
+        for line in table.splitlines()
+    ]
+    head = "".join(f"<th>{c}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows[2:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _section_html(text: str) -> str:
+    """HTML passes through; other text is escaped and kept as preformatted markdown."""
+    if text.lstrip().startswith("<"):
+        return text
+    return f"<pre>{html.escape(text)}</pre>"
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;"
+    "text-align:right}td:first-child,td:nth-child(2){text-align:left}img{max-width:100%}"
+)
+
+
+def _html(
+    title: str,
+    notes: str,
+    records: list[Record],
+    metrics: list[str],
+    pngs: dict[str, bytes],
+    sections: Sequence[tuple[str, str]],
+) -> str:
+    t = html.escape(title)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{t}</title>"]
+    parts += [f"<style>{_CSS}</style></head><body><h1>{t}</h1>"]
+    if notes:
+        parts.append(_section_html(notes))
+    for metric in metrics:
+        parts.append(f"<h2>{html.escape(metric)}</h2>")
+        parts.append(_md_table_to_html(to_markdown(records, metric=metric)))
+        if metric in pngs:
+            b64 = base64.b64encode(pngs[metric]).decode("ascii")
+            parts.append(f"<img alt='{html.escape(metric)}' src='data:image/png;base64,{b64}'>")
+    for heading, text in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2>{_section_html(text)}")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(
+    records: Iterable[Record],
+    out_dir: str | os.PathLike,
+    title: str,
+    notes: str = "",
+    sections: Sequence[tuple[str, str]] = (),
+    plots: bool = True,
+) -> dict[str, Path]:
+    """Write results.json, results.md, one PNG per metric and report.html into ``out_dir``.
+
+    Args:
+        records: tidy result records (`mrl.records`).
+        out_dir: the folder (created if missing).
+        title: page and markdown title.
+        notes: a paragraph under the title (markdown text, or HTML starting with ``<``).
+        sections: extra ``(heading, markdown-or-html)`` pairs appended to the HTML page.
+        plots: False skips the PNGs (no matplotlib needed).
+
+    Returns:
+        ``{"json": ..., "markdown": ..., "html": ..., "<metric>": png path, ...}``.
+    """
+    records = validate_records(records)
+    if not records:
+        raise ValueError("records must not be empty, got []")
+    for i, s in enumerate(sections):
+        if not (isinstance(s, (tuple, list)) and len(s) == 2):
+            raise ValueError(f"sections[{i}] must be a (heading, text) pair, got {s!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = _metrics(records)
+    paths = {
+        "json": out / "results.json",
+        "markdown": out / "results.md",
+        "html": out / "report.html",
+    }
+    save_records(paths["json"], records)
+    atomic_write_text(paths["markdown"], _markdown(title, notes, records, metrics))
+    pngs: dict[str, bytes] = {}
+    for metric in metrics if plots else []:
+        png = plot_metric(records, metric)
+        if png is not None:
+            pngs[metric] = png
+            paths[metric] = out / f"{_safe_name(metric)}.png"
+            with atomic_open(paths[metric], "wb") as f:
+                f.write(png)
+    atomic_write_text(paths["html"], _html(title, notes, records, metrics, pngs, sections))
+    return paths
