@@ -312,7 +312,8 @@ def summarize(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if any(v is None for v in vals):
             return None
         v = np.asarray(vals, dtype=np.float64)
-        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+        std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        return {"mean": float(v.mean()), "std": std, "n": len(v)}
 
     return {
         "seeds": [s["seed"] for s in summaries],

@@ -19,6 +19,8 @@ def _pct(v: float | None) -> str:
 def _ms(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> str:
     if stat is None:
         return "n/a (not reached on some seed)"
+    if stat.get("n", 2) == 1:
+        return f"{scale * stat['mean']:.{digits}f}"
     return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
 
 

@@ -133,9 +133,8 @@ def _forward_run(run: Any, split: str, run_dir: Path) -> LogitsSet:
     ``split`` is ``test`` (the task's test set) or ``train`` (a seeded subset of POOL_SIZE
     training images, for few-shot support sets).
     """
-    import torch
-
     from mrl.data import load_task
+    from mrl.train import predict
 
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
@@ -144,20 +143,14 @@ def _forward_run(run: Any, split: str, run_dir: Path) -> LogitsSet:
     task = load_task(d.dataset, root=d.root, train_size=POOL_SIZE if split == "train" else 1,
                      image_size=d.image_size, seed=config.seed)  # fmt: skip
     data = task.db if split == "train" else task.test
-    zs, logits = [], []
-    with torch.no_grad():
-        for start in range(0, len(data), config.eval_batch_size):
-            x = data.images[start : start + config.eval_batch_size]
-            z = model.embed(x)  # [b, D]
-            zs.append(z.float())
-            logits.append(model.head(z).float())  # [G, b, C]
+    z, logits = predict(model, data, config.eval_batch_size)  # [N, D], [G, N, C] on the CPU
     nesting = Nesting.from_dict(saved.get("head_nesting") or saved["nesting"])
     meta = {"mode": config.model.mode, "ff_dim": config.model.ff_dim, "dataset": d.dataset,
             "split": split, "run": str(run_dir), "epoch": int(saved.get("epoch", 0))}  # fmt: skip
     return LogitsSet(
-        logits=torch.cat(logits, dim=1).numpy(),
-        labels=data.labels.numpy().astype(np.int64),
+        logits=logits.numpy(),
+        labels=data.labels.cpu().numpy().astype(np.int64),
         nesting=nesting,
-        embeddings=torch.cat(zs).numpy(),
+        embeddings=z.numpy(),
         meta=meta,
     )
