@@ -53,10 +53,12 @@ def validate_vectors(x: Any, dim: int | None, name: str = "vectors") -> np.ndarr
         raise ValueError(f"{name} must hold numbers (float), got dtype {arr.dtype}")
     if dim is not None and arr.shape[1] != dim:
         raise ValueError(f"{name} must have dimension {dim}, got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        bad = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
-        raise ValueError(f"{name} must be finite, row {bad} has NaN or inf")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)  # no copy when already float32
+    for s in range(0, len(arr), 65536):  # blocks: no [N, D] bool temporary for 1M rows
+        ok = np.isfinite(arr[s : s + 65536]).all(axis=1)
+        if not ok.all():
+            bad = s + int(np.flatnonzero(~ok)[0])
+            raise ValueError(f"{name} must be finite, row {bad} has NaN or inf")
     return arr
 
 

@@ -51,10 +51,12 @@ def funnel_stages(
     dim: int,
     k: int,
     nesting: Nesting,
+    min_keep: int | None = None,
 ) -> tuple[tuple[int, int], ...]:
     """The paper's funnel: double the prefix and halve K at each stage (K >= k), ending at D.
 
-    Only prefixes in the nesting are used. Example for D_s=16, K=200, D=128, k=10:
+    Intermediate stages keep at least ``min_keep`` (default k). Only prefixes in the nesting
+    are used. Example for D_s=16, K=200, D=128, k=10:
     ((32, 100), (64, 50), (128, 10)).
     """
     stages = []
@@ -62,7 +64,7 @@ def funnel_stages(
     for m in nesting.sizes:
         if m <= shortlist_dim:
             continue
-        keep = max(k, keep // 2)
+        keep = min(keep, max(min_keep or k, keep // 2))  # never more than the stage before
         stages.append((m, keep))
     if not stages or stages[-1][0] != dim:
         stages.append((dim, k))
@@ -188,13 +190,25 @@ class MatryoshkaIndex:
     def ids(self) -> np.ndarray:
         return self._ids
 
-    def add(self, vectors: np.ndarray, ids: Sequence | np.ndarray | None = None) -> None:
-        """Add rows [n, D] (any time, also after building or loading)."""
+    def add(
+        self, vectors: np.ndarray, ids: Sequence | np.ndarray | None = None, *, copy: bool = True
+    ) -> None:
+        """Add rows [n, D] (any time, also after building or loading).
+
+        ``copy=False`` lets the first `add` keep a float32 C-contiguous input as the index's own
+        storage (no second copy of a large database); the caller must not modify it afterwards.
+        """
         x = validate_vectors(vectors, self.nesting.dim)  # [n, D] float32
         new_ids = self._check_ids(ids, len(x))
         inv = self._prefix_inv_norms(x)  # [n, G]
-        self._vectors = np.concatenate([np.asarray(self._vectors), x.astype(self.vector_dtype)])
-        self._inv_norms = np.concatenate([np.asarray(self._inv_norms), inv])
+        x_store = x.astype(self.vector_dtype, copy=False)  # no copy for float32 input
+        if self.count == 0 and not copy:  # first add: keep the caller's array (1M x 2048 is 8 GB)
+            self._vectors, self._inv_norms = x_store, inv
+        elif self.count == 0:
+            self._vectors, self._inv_norms = x_store.copy() if x_store is vectors else x_store, inv
+        else:
+            self._vectors = np.concatenate([np.asarray(self._vectors), x_store])
+            self._inv_norms = np.concatenate([np.asarray(self._inv_norms), inv])
         self._ids = np.concatenate([self._ids, new_ids]) if len(self._ids) else new_ids
         for m in list(self._short):  # extend cached shortlist matrices
             part = x[:, :m] * inv[:, self.nesting.index(m), None]
@@ -223,10 +237,14 @@ class MatryoshkaIndex:
 
     def _prefix_inv_norms(self, x: np.ndarray) -> np.ndarray:
         # x: [n, D] -> [n, G]: 1/|x[:, :m_g]| for every nesting size (cumulative squared sums).
+        g = len(self.nesting)
         if self.metric == "dot":
-            return np.ones((len(x), len(self.nesting)), np.float32)
-        sq = np.cumsum(np.square(x, dtype=np.float64), axis=1)  # [n, D]
-        norms = np.sqrt(sq[:, [m - 1 for m in self.nesting.sizes]])  # [n, G]
+            return np.ones((len(x), g), np.float32)
+        sq = np.empty((len(x), g), np.float64)
+        for s in range(0, len(x), 16384):  # blocks: bounded float64 temporaries
+            for j, (a, b) in enumerate(self.nesting.chunks):  # squared norm of each chunk
+                sq[s : s + 16384, j] = np.square(x[s : s + 16384, a:b], dtype=np.float64).sum(1)
+        norms = np.sqrt(np.cumsum(sq, axis=1))  # [n, G] norms of the prefixes
         return np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
 
     def shortlist_matrix(self, m: int) -> np.ndarray:
@@ -252,6 +270,16 @@ class MatryoshkaIndex:
             idx.add(self.shortlist_matrix(m))
             self._hnsw[key] = idx
         return self._hnsw[key]
+
+    def release(self, keep: SearchConfig | None = None) -> None:
+        """Drop cached shortlist matrices / HNSW graphs unused by ``keep`` (default: config)."""
+        cfg = keep or self.config
+        self._short = {m: a for m, a in self._short.items() if m == cfg.shortlist_dim}
+        hkey = (cfg.shortlist_dim, cfg.hnsw_m, cfg.ef_construction)
+        self._hnsw = {
+            key: v for key, v in self._hnsw.items() if cfg.backend == "hnsw" and key == hkey
+        }
+        self._torch.clear()
 
     def build(self, config: SearchConfig | None = None) -> float:
         """Build what ``config`` (default: the index's) needs (shortlist matrix, HNSW graph).
@@ -280,11 +308,11 @@ class MatryoshkaIndex:
                 f"shortlist_dim must be a prefix size in the nesting {list(nest.sizes)}, "
                 f"got shortlist_dim={cfg.shortlist_dim}"
             )
+        if n is not None and k > n:
+            raise ValueError(f"k must be <= number of database items ({n}), got k={k}")
         _as_int("shortlist", cfg.shortlist, 1)
         if cfg.shortlist < k:
             raise ValueError(f"shortlist must be >= k ({k}), got shortlist={cfg.shortlist}")
-        if n is not None and k > n:
-            raise ValueError(f"k must be <= number of database items ({n}), got k={k}")
         prev_m, prev_keep = cfg.shortlist_dim, cfg.shortlist
         for i, stage in enumerate(cfg.stages):
             if len(stage) != 2:

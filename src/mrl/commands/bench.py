@@ -1,0 +1,84 @@
+"""`mrl bench retrieval`: adaptive retrieval vs exact and HNSW search (one run, table last)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "bench"
+HELP = "benchmarks: `mrl bench retrieval` (funnel vs exact FAISS vs HNSW)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="suite", metavar="SUITE", required=True)
+    r = sub.add_parser(
+        "retrieval",
+        help="adaptive retrieval benchmark",
+        description="Exact FAISS flat IP vs HNSW (M=32, full D) vs the "
+        "auto-tuned Matryoshka funnel, on MRL-like synthetic data "
+        "or your embeddings.",
+    )
+    r.add_argument("--n", type=int, default=100_000, help="database size (default 100000)")
+    r.add_argument("--dim", type=int, default=2048, help="embedding size D (default 2048)")
+    r.add_argument("--queries", type=int, default=1000, help="test queries (default 1000)")
+    r.add_argument("--k", type=int, default=10)
+    r.add_argument("--target-recall", type=float, default=0.99)
+    r.add_argument(
+        "--hnsw-n",
+        type=int,
+        default=None,
+        help="N for the HNSW comparison (default min(n, 100000); 0 skips it)",
+    )
+    r.add_argument(
+        "--embeddings",
+        default=None,
+        help="use these database embeddings (.npy or store) instead of synthetic",
+    )
+    r.add_argument(
+        "--query-embeddings",
+        default=None,
+        help="queries for --embeddings (default: 1000 rows held out from it)",
+    )
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", default=None, help="write the records here")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mrl.records import save_records
+    from mrl.retrieval.bench import bench_retrieval, environment, format_table
+
+    data, dataset = None, "mrl-like"
+    if args.embeddings:
+        from mrl.retrieval.loading import load_embeddings
+
+        db, _, _ = load_embeddings(args.embeddings, "full")
+        if args.query_embeddings:
+            q, _, _ = load_embeddings(args.query_embeddings, "full")
+        else:  # hold out rows: they leave the database, so no query finds itself
+            rows = np.random.default_rng(args.seed).permutation(len(db))
+            q, db = db[rows[: args.queries]], db[np.sort(rows[args.queries :])]
+        data, dataset = (db, q), str(args.embeddings)
+    records = bench_retrieval(
+        args.n,
+        args.dim,
+        args.queries,
+        k=args.k,
+        target_recall=args.target_recall,
+        hnsw_n=args.hnsw_n,
+        seed=args.seed,
+        data=data,
+        dataset=dataset,
+    )
+    env = environment()
+    for r in records:
+        r.update(env)
+    print(
+        f"\nmachine: {env['machine']}, {env['cpus']} CPUs; numpy {env['numpy']}, "
+        f"faiss {env['faiss']}, torch {env['torch']}"
+    )
+    print(format_table(records))
+    if args.json:
+        save_records(args.json, records)
+        print(f"records written to {args.json}")
+    return 0

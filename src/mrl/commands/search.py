@@ -1,0 +1,60 @@
+"""`mrl search INDEX QUERIES --k 10`: top-k with a MatryoshkaIndex (the funnel)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "search"
+HELP = "search a MatryoshkaIndex with query embeddings (.npy or store folder)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", help="an index folder written by `mrl index build`")
+    p.add_argument("queries", help="a .npy file [Q, D] or an EmbeddingStore folder")
+    p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--out", default=None, help="write results as JSON here")
+    p.add_argument("--shortlist", type=int, default=None, help="override K")
+    p.add_argument("--shortlist-dim", type=int, default=None, help="override D_s")
+    p.add_argument("--backend", default=None, choices=("flat", "numpy", "hnsw", "torch"))
+    p.add_argument("--device", default="cpu", help="torch device for --backend torch")
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from mrl.io import atomic_write_json
+    from mrl.retrieval import MatryoshkaIndex
+    from mrl.retrieval.loading import load_embeddings
+
+    index = MatryoshkaIndex.load(args.index, device=args.device)
+    q, _, _ = load_embeddings(args.queries, "full")
+    overrides = {
+        name: v
+        for name, v in (
+            ("shortlist", args.shortlist),
+            ("shortlist_dim", args.shortlist_dim),
+            ("backend", args.backend),
+        )
+        if v is not None
+    }
+    t = time.perf_counter()
+    res = index.search(q, args.k, **overrides)
+    elapsed = time.perf_counter() - t
+    ids = res.ids.tolist()
+    print(f"{len(q)} queries, k={args.k}: {elapsed:.3f}s ({len(q) / elapsed:.0f} queries/s)")
+    for j in range(min(3, len(q))):
+        print(f"query {j}: ids {ids[j]}")
+    if args.out:
+        atomic_write_json(
+            args.out,
+            {
+                "k": args.k,
+                "config": index.config.to_dict() | overrides,
+                "results": [
+                    {"query": j, "ids": ids[j], "scores": res.scores[j].tolist()}
+                    for j in range(len(q))
+                ],
+            },
+        )
+        print(f"results written to {args.out}")
+    return 0

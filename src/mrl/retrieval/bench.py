@@ -1,0 +1,351 @@
+"""`mrl bench retrieval`: exact vs HNSW vs the Matryoshka funnel on MRL-like data (or your own).
+
+One run; ratios printed, table last. Methods:
+
+- ``exact``: FAISS exhaustive inner product at full D (`faiss.knn`, the IndexFlatIP kernel, on the
+  caller's array without a second copy of the database); also the ground truth.
+- ``funnel``: `MatryoshkaIndex` auto-tuned (`mrl.retrieval.tune.tune`) on 200 held-out database
+  rows to the target recall@k, then measured on the test queries it never saw.
+- ``funnel-paper``: the paper's fixed configuration (D_s=16, K=200, rerank at D), for reference.
+- ``hnsw``: FAISS IndexHNSWFlat (M=32) on the full D, at the largest ``hnsw_n`` that builds in
+  reasonable time, with efSearch raised until the target recall; the funnel is rebuilt and retuned
+  at that same N for the comparison (``n`` is in every record).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from mrl.nesting import Nesting
+from mrl.records import Record, make_record
+from mrl.retrieval.funnel.index import MatryoshkaIndex, SearchConfig
+from mrl.retrieval.synthetic import mrl_like
+from mrl.retrieval.tune import flops_per_query, recall_at_k, tune
+
+__all__ = ["bench_retrieval", "format_table", "environment"]
+
+
+def environment() -> dict[str, Any]:
+    import faiss
+    import torch
+
+    import mrl
+
+    return {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": _cpus(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "faiss": faiss.__version__,
+        "torch": torch.__version__,
+        "mrl": mrl.__version__,
+    }
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def _exact(db: np.ndarray, q: np.ndarray, k: int):
+    import faiss
+
+    (_, idx), secs = _timed(lambda: faiss.knn(q, db, k, metric=faiss.METRIC_INNER_PRODUCT))
+    return idx, secs
+
+
+def _funnel(
+    db: np.ndarray,
+    q: np.ndarray,
+    truth: np.ndarray,
+    nesting: Nesting,
+    k: int,
+    target: float,
+    say,
+    backends=("flat", "hnsw"),
+    vector_dtype: str = "float16",
+) -> dict[str, Any]:
+    """Build, tune on held-out rows, then measure on the test queries."""
+    index = MatryoshkaIndex(nesting, SearchConfig(), vector_dtype=vector_dtype)
+    _, add_s = _timed(lambda: index.add(db, copy=False))
+    tuned, tune_s = _timed(
+        lambda: tune(index, target, k=k, n_queries=200, backends=backends, log=say)
+    )
+    cfg = tuned.config
+    build_s = add_s + index.build(cfg)  # HNSW graph / shortlist matrix: already built by tune
+    if cfg.backend == "hnsw":
+        build_s += _hnsw_prefix_build_s(index, cfg)
+    import faiss
+
+    faiss.cvar.hnsw_stats.reset()
+    res, secs = _timed(lambda: index.search(q, k))
+    ndis = faiss.cvar.hnsw_stats.ndis / len(q) if cfg.backend == "hnsw" else None
+    paper = SearchConfig(shortlist_dim=16 if 16 in nesting else nesting.sizes[0], shortlist=200)
+    index.build(paper)
+    pres, psecs = _timed(lambda: index.search(q, k, **paper.to_dict()))
+    return {
+        "config": cfg,
+        "recall": recall_at_k(res.indices, truth),
+        "secs": secs,
+        "flops": flops_per_query(index.count, cfg, nesting.dim, k, ndis),
+        "memory": index.memory_bytes(cfg),
+        "build_s": build_s,
+        "tune_s": tune_s,
+        "timings": res.timings,
+        "tuned_recall": tuned.recall,
+        "paper": {
+            "config": paper,
+            "recall": recall_at_k(pres.indices, truth),
+            "secs": psecs,
+            "flops": flops_per_query(index.count, paper, nesting.dim, k),
+            "memory": index.memory_bytes(paper),
+        },
+    }
+
+
+def _hnsw_prefix_build_s(index: MatryoshkaIndex, cfg: SearchConfig) -> float:
+    """Time to build the prefix HNSW graph again from scratch (tune built it once already)."""
+    key = (cfg.shortlist_dim, cfg.hnsw_m, cfg.ef_construction)
+    saved = index._hnsw.pop(key)
+    secs = index.build(cfg)
+    index._hnsw[key] = saved
+    return secs
+
+
+def _hnsw_full(
+    db: np.ndarray,
+    q: np.ndarray,
+    truth: np.ndarray,
+    k: int,
+    target: float,
+    say,
+    m: int = 32,
+    ef_construction: int = 80,
+) -> dict[str, Any]:
+    import faiss
+
+    index = faiss.IndexHNSWFlat(db.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = ef_construction
+    _, build_s = _timed(lambda: index.add(db))
+    memory = len(faiss.serialize_index(index))
+    best = None
+    for ef in (16, 32, 64, 128, 256, 512, 1024):
+        index.hnsw.efSearch = ef
+        faiss.cvar.hnsw_stats.reset()
+        (_, idx), secs = _timed(lambda: index.search(q, k))  # noqa: B023 - called at once
+        rec = recall_at_k(idx, truth)
+        ndis = faiss.cvar.hnsw_stats.ndis / len(q)
+        say(f"  hnsw full D, efSearch={ef}: recall {rec:.4f}, {len(q) / secs:.0f} q/s")
+        best = {
+            "ef": ef,
+            "recall": rec,
+            "secs": secs,
+            "flops": 2.0 * ndis * db.shape[1],
+            "memory": memory,
+            "build_s": build_s,
+        }
+        if rec >= target:
+            break
+    return best
+
+
+def bench_retrieval(
+    n: int = 100_000,
+    dim: int = 2048,
+    queries: int = 1000,
+    *,
+    k: int = 10,
+    target_recall: float = 0.99,
+    hnsw_n: int | None = None,
+    seed: int = 0,
+    data: tuple[np.ndarray, np.ndarray] | None = None,
+    dataset: str = "mrl-like",
+    log: Callable[[str], None] = print,
+) -> list[Record]:
+    """Run the benchmark and return records (see the module doc). ``data`` = (db, queries) to use
+    your own embeddings; ``hnsw_n`` = 0 skips HNSW (default min(n, 100000))."""
+    for name, v in (("n", n), ("dim", dim), ("queries", queries), ("k", k)):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1, got {name}={v}")
+    if data is None:
+        log(f"generating MRL-like data: {n} x {dim} + {queries} queries")
+        db, _ = mrl_like(n, dim, clusters=max(1, n // 100), seed=seed)
+        q, _ = mrl_like(queries, dim, clusters=max(1, n // 100), seed=seed + 1)
+    else:
+        db = np.ascontiguousarray(data[0], np.float32)
+        q = np.ascontiguousarray(data[1], np.float32)
+        n, dim = db.shape
+    if k >= n:
+        raise ValueError(f"k must be < n ({n}), got k={k}")
+    nesting = Nesting.doubling(8, dim) if dim >= 8 else Nesting.full(dim)
+    ctx = {"dataset": dataset, "n": n, "dim": dim, "queries": len(q), "k": k}
+    records: list[Record] = []
+
+    def add(method: str, prefix: int, row: dict[str, float], **extra: Any) -> None:
+        for metric, value in row.items():
+            records.append(make_record(method, prefix, metric, value, **ctx, **extra))
+
+    truth, exact_s = _exact(db, q, k)
+    exact_qps = len(q) / exact_s
+    log(f"exact (FAISS flat IP, D={dim}): {exact_qps:.1f} queries/s")
+    add(
+        "exact",
+        dim,
+        {
+            "qps": exact_qps,
+            f"recall@{k}": 1.0,
+            "speedup_vs_exact": 1.0,
+            "flops_per_query": 2.0 * n * dim,
+            "memory_bytes": db.nbytes,
+            "build_s": 0.0,
+        },
+    )
+    fun = _funnel(db, q, truth, nesting, k, target_recall, log)
+    cfg = fun["config"]
+    qps = len(q) / fun["secs"]
+    add(
+        "funnel",
+        cfg.shortlist_dim,
+        {
+            "qps": qps,
+            f"recall@{k}": fun["recall"],
+            "speedup_vs_exact": qps / exact_qps,
+            "flops_per_query": fun["flops"],
+            "memory_bytes": fun["memory"],
+            "build_s": fun["build_s"],
+        },
+        config=cfg.to_dict(),
+        tune_s=fun["tune_s"],
+    )
+    log(
+        f"funnel (tuned: {cfg.backend}, D_s={cfg.shortlist_dim}, K={cfg.shortlist}, "
+        f"ef={cfg.ef_search}, stages={list(cfg.stages) or 'rerank at D'}): recall "
+        f"{fun['recall']:.4f}, {qps:.0f} queries/s = {qps / exact_qps:.1f}x exact "
+        f"(shortlist {fun['timings']['shortlist']:.2f}s, rerank {fun['timings']['rerank']:.2f}s)"
+    )
+    p = fun["paper"]
+    pqps = len(q) / p["secs"]
+    add(
+        "funnel-paper",
+        p["config"].shortlist_dim,
+        {
+            "qps": pqps,
+            f"recall@{k}": p["recall"],
+            "speedup_vs_exact": pqps / exact_qps,
+            "flops_per_query": p["flops"],
+            "memory_bytes": p["memory"],
+        },
+        config=p["config"].to_dict(),
+    )
+    log(
+        f"funnel-paper (flat D_s=16, K=200, rerank at D): recall {p['recall']:.4f}, "
+        f"{pqps:.0f} queries/s = {pqps / exact_qps:.1f}x exact"
+    )
+    hn = min(n, 100_000) if hnsw_n is None else min(int(hnsw_n), n)
+    if hn > k:
+        records += _hnsw_comparison(db[:hn], q, nesting, k, target_recall, ctx | {"n": hn}, log)
+    return records
+
+
+def _hnsw_comparison(db, q, nesting, k, target, ctx, log) -> list[Record]:
+    out: list[Record] = []
+    n = len(db)
+    truth, exact_s = _exact(db, q, k)
+    exact_qps = len(q) / exact_s
+    log(
+        f"HNSW comparison at N={n}: exact {exact_qps:.1f} queries/s; building HNSW M=32 on "
+        f"{db.shape[1]} dims..."
+    )
+    h = _hnsw_full(db, q, truth, k, target, log)
+    hq = len(q) / h["secs"]
+    f = _funnel(db, q, truth, nesting, k, target, lambda s: None)
+    fq = len(q) / f["secs"]
+    for method, prefix, row in (
+        (
+            "exact",
+            db.shape[1],
+            {
+                "qps": exact_qps,
+                f"recall@{k}": 1.0,
+                "speedup_vs_exact": 1.0,
+                "flops_per_query": 2.0 * n * db.shape[1],
+                "memory_bytes": db.nbytes,
+                "build_s": 0.0,
+            },
+        ),
+        (
+            "hnsw",
+            db.shape[1],
+            {
+                "qps": hq,
+                f"recall@{k}": h["recall"],
+                "speedup_vs_exact": hq / exact_qps,
+                "flops_per_query": h["flops"],
+                "memory_bytes": h["memory"],
+                "build_s": h["build_s"],
+            },
+        ),
+        (
+            "funnel",
+            f["config"].shortlist_dim,
+            {
+                "qps": fq,
+                f"recall@{k}": f["recall"],
+                "speedup_vs_exact": fq / exact_qps,
+                "flops_per_query": f["flops"],
+                "memory_bytes": f["memory"],
+                "build_s": f["build_s"],
+            },
+        ),
+    ):
+        extra = (
+            {"ef_search": h["ef"]}
+            if method == "hnsw"
+            else ({"config": f["config"].to_dict()} if method == "funnel" else {})
+        )
+        for metric, value in row.items():
+            out.append(make_record(method, prefix, metric, value, **ctx, **extra))
+    log(
+        f"at N={n}: funnel {fq:.0f} q/s (recall {f['recall']:.4f}, {f['memory'] / 2**20:.0f} MiB,"
+        f" build {f['build_s']:.1f}s) vs HNSW {hq:.0f} q/s (recall {h['recall']:.4f}, "
+        f"{h['memory'] / 2**20:.0f} MiB, build {h['build_s']:.1f}s): {fq / hq:.2f}x faster, "
+        f"{f['memory'] / h['memory']:.2f}x memory, {f['build_s'] / h['build_s']:.2f}x build time"
+    )
+    return out
+
+
+def format_table(records: list[Record]) -> str:
+    """One row per (n, method): prefix, recall, qps, speedup, FLOPs/query, memory, build."""
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    for r in records:
+        row = rows.setdefault((r["n"], r["method"]), {"prefix": r["prefix"]})
+        row[r["metric"].split("@")[0]] = r["value"]
+    lines = [
+        "| N | method | prefix | recall@k | queries/s | speedup | GFLOP/query | memory MiB "
+        "| build s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (n, method), v in rows.items():
+
+        def g(key: str, fmt: str, v: dict[str, Any] = v) -> str:
+            return "" if v.get(key) is None else format(v[key], fmt)
+
+        gflop = "" if v.get("flops_per_query") is None else f"{v['flops_per_query'] / 1e9:.4f}"
+        mem = "" if v.get("memory_bytes") is None else f"{v['memory_bytes'] / 2**20:.0f}"
+        lines.append(
+            f"| {n} | {method} | {v['prefix']} | {g('recall', '.4f')} | {g('qps', '.1f')}"
+            f" | {g('speedup_vs_exact', '.1f')}x | {gflop} | {mem} | {g('build_s', '.1f')} |"
+        )
+    return "\n".join(lines)

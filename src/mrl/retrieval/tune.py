@@ -1,0 +1,269 @@
+"""Auto-tuning: the cheapest search configuration that meets a target recall@k.
+
+Recall@k is measured against exact full-size search (cosine at D) on sample queries. Without
+user queries, ``n_queries`` database rows are held out as queries: each one's own row is removed
+from both the exact answer and the index's answer, so a query never finds itself.
+
+Procedure (cheap first, measured last):
+
+1. exact full-size top-k of the sample queries (the ground truth);
+2. for every candidate shortlist prefix D_s: one exact shortlist scan at D_s gives, for every
+   shortlist size K on the grid at once, the recall of "shortlist K at D_s, rerank at D" (a
+   rerank at D of a superset of the true top-k returns exactly the true top-k);
+   the smallest K on the grid that meets the target is kept;
+3. for each kept (D_s, K): variants (flat scan; the paper's funnel of halving K / doubling the
+   prefix; HNSW on the D_s prefix with growing efSearch) are run for real; recall and queries per
+   second are measured; the fastest one meeting the target wins and is stored with the index.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from mrl.retrieval.exact import exact_search
+from mrl.retrieval.funnel.index import MatryoshkaIndex, SearchConfig, funnel_stages
+
+__all__ = ["TuneResult", "tune", "recall_at_k", "held_out_queries", "flops_per_query", "margin_for"]
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of |found_q ∩ truth_q| / k for index arrays [Q, k] (order ignored)."""
+    if found.shape[0] != truth.shape[0]:
+        raise ValueError(
+            f"found and truth must have the same number of queries, got "
+            f"{found.shape[0]} and {truth.shape[0]}"
+        )
+    k = truth.shape[1]
+    hits = [len(np.intersect1d(f, t)) for f, t in zip(found, truth)]
+    return float(np.mean(hits) / k)
+
+
+def _drop_self(indices: np.ndarray, rows: np.ndarray | None, k: int) -> np.ndarray:
+    # indices [Q, k+1] -> [Q, k] without the query's own row (else without the last).
+    if rows is None:
+        return indices[:, :k]
+    out = np.empty((len(indices), k), indices.dtype)
+    for j, (ind, r) in enumerate(zip(indices, rows)):
+        keep = ind[ind != r]
+        out[j] = keep[:k]
+    return out
+
+
+def held_out_queries(index: MatryoshkaIndex, n: int, seed: int = 0):
+    """``n`` random database rows as queries: (queries [n, D] float32, their rows [n])."""
+    if n < 1:
+        raise ValueError(f"n_queries must be >= 1, got n_queries={n}")
+    rows = np.random.default_rng(seed).choice(index.count, size=min(n, index.count), replace=False)
+    rows.sort()
+    return np.asarray(index._vectors[rows], dtype=np.float32), rows
+
+
+def flops_per_query(
+    n: int, cfg: SearchConfig, dim: int, k: int, hnsw_ndis: float | None = None
+) -> float:
+    """Multiply-adds x 2 per query: the shortlist scan (N x D_s, or HNSW distance count x D_s)
+    plus every rerank stage (candidates x prefix)."""
+    if cfg.backend == "hnsw" and hnsw_ndis is not None:
+        total = 2.0 * hnsw_ndis * cfg.shortlist_dim
+    else:
+        total = 2.0 * n * cfg.shortlist_dim
+    cands = min(cfg.shortlist, n)
+    for m, keep in cfg.stages or ((dim, k),):
+        total += 2.0 * cands * m
+        cands = min(keep, cands)
+    return total
+
+
+@dataclass
+class TuneResult:
+    """The chosen configuration, its measured recall@k and speed, and every measured candidate."""
+
+    config: SearchConfig
+    recall: float
+    qps: float
+    flops_per_query: float
+    k: int
+    target_recall: float
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "recall": self.recall,
+            "qps": self.qps,
+            "flops_per_query": self.flops_per_query,
+            "k": self.k,
+            "target_recall": self.target_recall,
+            "candidates": self.candidates,
+        }
+
+
+def _shortlist_grid(k: int, n: int) -> list[int]:
+    grid = (20, 30, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1200, 1600, 3200, 6400)
+    return sorted({min(g, n) for g in grid if g > k})
+
+
+def margin_for(target: float, n_queries: int, k: int) -> float:
+    """Safety margin: two binomial standard errors of a recall estimate over n_queries * k."""
+    return min(0.5 * (1 - target), 2.0 * float(np.sqrt(target * (1 - target) / (n_queries * k))))
+
+
+def tune(
+    index: MatryoshkaIndex,
+    target_recall: float = 0.99,
+    *,
+    k: int = 10,
+    queries: np.ndarray | None = None,
+    n_queries: int = 200,
+    shortlist_dims: tuple[int, ...] | None = None,
+    shortlists: tuple[int, ...] | None = None,
+    backends: tuple[str, ...] = ("flat", "hnsw"),
+    try_funnel: bool = True,
+    max_hnsw: int = 2,
+    margin: float | None = None,
+    apply: bool = True,
+    seed: int = 0,
+    log=None,
+) -> TuneResult:
+    """Pick the fastest configuration whose recall@k vs exact full-size search >= target_recall.
+
+    Args:
+        index: a filled `MatryoshkaIndex` (its current config supplies HNSW build parameters).
+        target_recall: in (0, 1].
+        queries: sample queries [Q, D]; None = ``n_queries`` held-out database rows.
+        shortlist_dims: D_s candidates (default: nesting sizes <= min(D / 4, 256)).
+        shortlists: K grid (default 20, 30, 50, ..., 6400, capped by N).
+        backends: which shortlist backends to try ("flat", "numpy", "hnsw", "torch").
+        try_funnel: also try a halving/doubling funnel (intermediate stages keep >= 2k).
+        max_hnsw: HNSW graphs are built only for the ``max_hnsw`` smallest D_s whose shortlist
+            is <= 100 (each graph costs a build over all N rows).
+        margin: the measured recall must reach target + margin, so the choice holds on unseen
+            queries (default: two standard errors, `margin_for`).
+        apply: store the choice as ``index.config`` and the report as ``index.tuned``, and drop
+            the cached shortlist matrices and graphs the choice does not use.
+        log: optional callable(str) for progress lines.
+    """
+    if not (isinstance(target_recall, (int, float)) and 0 < target_recall <= 1):
+        raise ValueError(f"target_recall must be in (0, 1], got target_recall={target_recall!r}")
+    if not isinstance(k, int) or not 1 <= k < index.count:
+        raise ValueError(f"k must be in [1, number of database items ({index.count})), got k={k}")
+    say = log or (lambda s: None)
+    nest, d, n = index.nesting, index.nesting.dim, index.count
+    rows = None
+    if queries is None:
+        queries, rows = held_out_queries(index, n_queries, seed)
+    else:
+        queries = index._check_queries(queries)
+    need = target_recall + (
+        margin_for(target_recall, len(queries), k) if margin is None else margin
+    )
+    need = min(need, 1.0)
+    kk = k + 1 if rows is not None else k  # room to drop the query's own row
+    _, truth = exact_search(index._vectors, queries, kk, metric=index.metric)
+    truth = _drop_self(truth, rows, k)
+    dims = (
+        shortlist_dims or tuple(m for m in nest.sizes if m <= min(d // 4, 256)) or (nest.sizes[0],)
+    )
+    for m in dims:
+        nest.index(m)
+    grid = sorted(shortlists or _shortlist_grid(kk, n))
+    feasible: list[tuple[int, int]] = []
+    for m in dims:  # step 2: recall of (D_s, K, rerank at D) for every K from one scan
+        qm = index._norm_q(queries, m)  # [Q, m] normalised prefix
+        _, short = exact_search(index.shortlist_matrix(m), qm, min(max(grid), n), metric="dot")
+        for kshort in grid:
+            if kshort < kk:
+                continue
+            r = recall_at_k_in(short[:, :kshort], truth)
+            if r >= need:
+                feasible.append((m, kshort))
+                say(f"D_s={m}: shortlist {kshort} reaches recall {r:.4f}")
+                break
+        else:
+            say(f"D_s={m}: no shortlist on the grid reaches {need:.4f}")
+        if m not in [f[0] for f in feasible]:
+            index._short.pop(m, None)  # free memory early (1M x 256 floats is 1 GB)
+    candidates: list[dict[str, Any]] = []
+    base = replace(index.config, stages=())
+    hnsw_dims = [m for m, kshort in feasible if kshort <= 100][:max_hnsw]
+    for m, kshort in feasible:  # step 3: run the variants for real
+        variants = []
+        exact_backend = next((b for b in ("flat", "numpy", "torch") if b in backends), None)
+        if exact_backend:
+            variants.append(replace(base, backend=exact_backend, shortlist_dim=m, shortlist=kshort))
+        if "hnsw" in backends and m in hnsw_dims:
+            for ef in (max(kshort, 32), max(2 * kshort, 64), max(4 * kshort, 128)):
+                cfg = replace(base, backend="hnsw", shortlist_dim=m, shortlist=kshort, ef_search=ef)
+                res = _measure(index, cfg, queries, rows, truth, k, say)
+                candidates.append(res)
+                if res["recall"] >= need:
+                    variants.append(cfg)
+                    break
+        for cfg in variants:
+            if cfg.backend != "hnsw":
+                candidates.append(_measure(index, cfg, queries, rows, truth, k, say))
+            st = funnel_stages(m, kshort, d, kk, nest, min_keep=2 * kk)
+            if try_funnel and len(st) > 1:
+                candidates.append(
+                    _measure(index, replace(cfg, stages=st), queries, rows, truth, k, say)
+                )
+    ok = [c for c in candidates if c["recall"] >= need]
+    if not ok:
+        raise ValueError(
+            f"no configuration reached target_recall={target_recall} (+ margin "
+            f"{need - target_recall:.4f}; best "
+            f"{max([c['recall'] for c in candidates], default=0):.4f}); "
+            "allow larger shortlists or shortlist dims"
+        )
+    best = max(ok, key=lambda c: c["qps"])
+    cfg = SearchConfig.from_dict(best["config"])
+    result = TuneResult(
+        cfg,
+        best["recall"],
+        best["qps"],
+        best["flops_per_query"],
+        k,
+        float(target_recall),
+        candidates,
+    )
+    if apply:
+        index.config = cfg
+        index.tuned = result.to_dict()
+        index.release(cfg)
+    return result
+
+
+def recall_at_k_in(shortlist: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of the true top-k inside each row's shortlist [Q, K] (mean over queries)."""
+    hits = [np.isin(t, s).sum() for s, t in zip(shortlist, truth)]
+    return float(np.mean(hits) / truth.shape[1])
+
+
+def _measure(index, cfg, queries, rows, truth, k, say) -> dict[str, Any]:
+    kk = k + 1 if rows is not None else k
+    index.build(cfg)  # build time is not search time
+    ndis = None
+    if cfg.backend == "hnsw":
+        faiss = __import__("faiss")
+        faiss.cvar.hnsw_stats.reset()
+    t = time.perf_counter()
+    res = index.search(queries, kk, **cfg.to_dict() | {"stages": cfg.stages})
+    elapsed = time.perf_counter() - t
+    if cfg.backend == "hnsw":
+        ndis = faiss.cvar.hnsw_stats.ndis / len(queries)
+    rec = recall_at_k(_drop_self(res.indices, rows, k), truth)
+    out = {
+        "config": cfg.to_dict(),
+        "recall": rec,
+        "qps": len(queries) / elapsed,
+        "flops_per_query": flops_per_query(index.count, cfg, index.nesting.dim, kk, ndis),
+    }
+    say(
+        f"  {cfg.backend} D_s={cfg.shortlist_dim} K={cfg.shortlist} ef={cfg.ef_search} "
+        f"stages={len(cfg.stages) or 1}: recall {rec:.4f}, {out['qps']:.0f} q/s"
+    )
+    return out

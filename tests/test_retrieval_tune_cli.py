@@ -1,0 +1,218 @@
+"""Auto-tuning, the CLI (index build / search / bench retrieval) and the demo section."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mrl import Nesting
+from mrl.cli import main
+from mrl.retrieval import EmbeddingStore, MatryoshkaIndex, SearchConfig, exact_search
+from mrl.retrieval.synthetic import mrl_like
+from mrl.retrieval.tune import recall_at_k, tune
+
+NEST = Nesting.doubling(8, 64)
+
+
+@pytest.fixture(scope="module")
+def data():
+    db, labels = mrl_like(2000, 64, clusters=20, seed=0)
+    q, qlabels = mrl_like(50, 64, clusters=20, seed=1)
+    return db, labels, q, qlabels
+
+
+def test_synthetic_prefix_is_informative(data):
+    db, _, q, _ = data
+    _, truth = exact_search(db, q, 10)
+    r8 = recall_at_k(exact_search(db, q, 10, dims=8)[1], truth)
+    r32 = recall_at_k(exact_search(db, q, 10, dims=32)[1], truth)
+    assert 0 < r8 < r32 < 1
+
+
+def test_tune_meets_target_and_is_stored(data):
+    db = data[0]
+    index = MatryoshkaIndex(NEST, SearchConfig(hnsw_m=16, ef_construction=40))
+    index.add(db)
+    res = tune(index, 0.95, k=10, n_queries=60, backends=("flat", "hnsw"))
+    assert res.recall >= 0.95 and res.qps > 0 and res.flops_per_query > 0
+    assert index.config == res.config and index.tuned["recall"] == res.recall
+    assert all(c["recall"] <= 1 for c in res.candidates)
+    # the chosen config reaches the target on fresh held-out rows too (loosely: other sample)
+    rows = np.random.default_rng(5).choice(len(db), 60, replace=False)
+    _, truth = exact_search(db, db[rows], 11)
+    found = index.search(db[rows], 11).indices
+    drop = [f[f != r][:10] for f, r in zip(found, rows)]
+    want = [t[t != r][:10] for t, r in zip(truth, rows)]
+    assert recall_at_k(np.array(drop), np.array(want)) >= 0.9
+
+
+def test_tune_with_user_queries_and_bad_input(data):
+    db, _, q, _ = data
+    index = MatryoshkaIndex(NEST)
+    index.add(db)
+    res = tune(index, 0.9, k=5, queries=q, backends=("numpy",), try_funnel=False, apply=False)
+    assert res.config.backend == "numpy" and index.tuned is None
+    with pytest.raises(ValueError, match="target_recall must be in"):
+        tune(index, 1.5)
+    with pytest.raises(ValueError, match="k must be in"):
+        tune(index, 0.9, k=5000)
+    with pytest.raises(ValueError, match="not in the nesting"):
+        tune(index, 0.9, shortlist_dims=(12,))
+
+
+def test_cli_build_search(tmp_path, data, capsys):
+    db, _, q, _ = data
+    np.save(tmp_path / "db.npy", db)
+    np.save(tmp_path / "q.npy", q)
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(tmp_path / "db.npy"),
+                "--out",
+                str(tmp_path / "idx"),
+                "--shortlist-dim",
+                "16",
+                "--shortlist",
+                "100",
+                "--funnel",
+            ]
+        )
+        == 0
+    )
+    out = tmp_path / "res.json"
+    assert (
+        main(
+            [
+                "search",
+                str(tmp_path / "idx"),
+                str(tmp_path / "q.npy"),
+                "--k",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    res = json.loads(out.read_text())
+    assert len(res["results"]) == len(q) and len(res["results"][0]["ids"]) == 5
+    _, truth = exact_search(db, q, 5)
+    assert recall_at_k(np.array([r["ids"] for r in res["results"]]), truth) > 0.8
+
+
+def test_cli_build_from_store_with_tuning(tmp_path, data, capsys):
+    db = data[0]
+    EmbeddingStore.from_array(tmp_path / "store", db, NEST, ids=[f"d{i}" for i in range(len(db))])
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(tmp_path / "store"),
+                "--out",
+                str(tmp_path / "idx"),
+                "--target-recall",
+                "0.9",
+                "--tune-queries",
+                "40",
+                "--backend",
+                "numpy",
+            ]
+        )
+        == 0
+    )
+    assert "tuned:" in capsys.readouterr().out
+    index = MatryoshkaIndex.load(tmp_path / "idx")
+    assert index.tuned["recall"] >= 0.9 and index.ids[0] == "d0"
+
+
+def test_cli_bad_input(tmp_path, data, capsys):
+    db, _, q, _ = data
+    np.save(tmp_path / "db.npy", db)
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(tmp_path / "db.npy"),
+                "--out",
+                str(tmp_path / "i"),
+                "--shortlist-dim",
+                "12",
+            ]
+        )
+        == 2
+    )
+    assert "--shortlist-dim must be a prefix size" in capsys.readouterr().err
+    assert main(["index", "build", str(tmp_path / "nope.npy"), "--out", str(tmp_path / "i")]) == 2
+    assert "not found" in capsys.readouterr().err
+    main(["index", "build", str(tmp_path / "db.npy"), "--out", str(tmp_path / "i")])
+    np.save(tmp_path / "q.npy", q[:, :32])
+    assert main(["search", str(tmp_path / "i"), str(tmp_path / "q.npy")]) == 2
+    assert "queries must have shape [Q, 64]" in capsys.readouterr().err
+    np.save(tmp_path / "q.npy", q)
+    assert main(["search", str(tmp_path / "i"), str(tmp_path / "q.npy"), "--k", "5000"]) == 2
+    assert "k must be <= number of database items (2000)" in capsys.readouterr().err
+
+
+def test_cli_bench_tiny(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert (
+        main(
+            [
+                "bench",
+                "retrieval",
+                "--n",
+                "3000",
+                "--dim",
+                "64",
+                "--queries",
+                "50",
+                "--hnsw-n",
+                "1500",
+                "--target-recall",
+                "0.9",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "| N | method |" in text.splitlines()[-2] or "| N | method |" in text
+    recs = json.loads(out.read_text())
+    methods = {r["method"] for r in recs}
+    assert {"exact", "funnel", "hnsw", "funnel-paper"} <= methods
+    metrics = {r["metric"] for r in recs}
+    assert {"qps", "recall@10", "speedup_vs_exact", "memory_bytes", "build_s"} <= metrics
+    fun = [r for r in recs if r["method"] == "funnel" and r["metric"] == "recall@10"]
+    assert all(r["value"] >= 0.8 for r in fun)
+
+
+def test_demo_section(tmp_path, data):
+    db, labels, q, qlabels = data
+    ctx = SimpleNamespace(
+        db_embeddings=db,
+        db_labels=labels,
+        query_embeddings=q,
+        query_labels=qlabels,
+        nesting=NEST,
+        out_dir=tmp_path,
+    )
+    from mrl.retrieval.demo import demo_section
+
+    md, recs = demo_section(ctx)
+    assert "| funnel | 8 |" in md and "| exact | 64 |" in md
+    exact_map = next(r["value"] for r in recs if r["method"] == "exact" and r["metric"] == "map@10")
+    f32 = next(
+        r["value"]
+        for r in recs
+        if r["method"] == "funnel" and r["prefix"] == 32 and r["metric"] == "map@10"
+    )
+    assert abs(f32 - exact_map) < 0.05
+    assert (tmp_path / "retrieval.json").exists()
