@@ -1,0 +1,121 @@
+"""A generic retrieval format for users' own data: BEIR-style JSONL + TSV.
+
+A folder holding::
+
+    corpus.jsonl     {"_id": "d1", "title": "...", "text": "..."}      one document per line
+    queries.jsonl    {"_id": "q1", "text": "..."}                       one query per line
+    qrels/test.tsv   query-id <TAB> corpus-id <TAB> score              header line, score > 0 = gain
+
+``title`` is optional. Queries without any judgment are dropped (they cannot be scored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from mrl.text.corpus import RetrievalDataset
+
+__all__ = ["load_beir", "read_jsonl", "is_beir_folder"]
+
+
+def is_beir_folder(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / "corpus.jsonl").is_file() and (p / "queries.jsonl").is_file()
+
+
+def read_jsonl(
+    path: str | os.PathLike,
+    required: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    nonempty: bool = False,
+) -> list[dict[str, Any]]:
+    """Objects of a JSONL file; a ValueError naming the file and line on bad lines.
+
+    ``required`` fields must be strings; ``optional`` ones, where present and not null, too.
+    With ``nonempty`` those strings must hold more than whitespace.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                )
+            for key in required:
+                if key not in row:
+                    raise ValueError(f"{path}:{lineno}: missing field {key!r}")
+            for key in required + optional:
+                value = row.get(key)
+                if value is None and key in optional:
+                    continue
+                if not isinstance(value, str):
+                    raise ValueError(
+                        f"{path}:{lineno}: field {key!r} must be a string, got {value!r}"
+                    )
+                if nonempty and not value.strip():
+                    raise ValueError(f"{path}:{lineno}: field {key!r} is empty")
+            rows.append(row)
+    return rows
+
+
+def _read_qrels(path: Path) -> dict[str, dict[str, float]]:
+    qrels: dict[str, dict[str, float]] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split("\t")
+            if lineno == 1 and parts[0] == "query-id":
+                continue  # header
+            if not line.strip():
+                continue
+            if len(parts) != 3:
+                raise ValueError(f"{path}:{lineno}: expected 3 tab-separated fields, got {line!r}")
+            try:
+                score = float(parts[2])
+            except ValueError:
+                raise ValueError(
+                    f"{path}:{lineno}: score must be a number, got {parts[2]!r}"
+                ) from None
+            if score > 0:
+                qrels.setdefault(parts[0], {})[parts[1]] = score
+    return qrels
+
+
+def load_beir(root: str | os.PathLike, split: str = "test") -> RetrievalDataset:
+    """A BEIR-style folder as a `RetrievalDataset` (only judged queries are kept)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"root={str(root)!r} is not a folder")
+    corpus = read_jsonl(root / "corpus.jsonl", ("_id", "text"), ("title",))
+    queries = read_jsonl(root / "queries.jsonl", ("_id", "text"))
+    qrels_path = root / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        raise FileNotFoundError(f"split={split!r}: {str(qrels_path)!r} does not exist")
+    qrels = _read_qrels(qrels_path)
+    doc_ids = [str(r["_id"]) for r in corpus]
+    known = set(doc_ids)
+    for q, docs in qrels.items():
+        unknown = [d for d in docs if d not in known]
+        if unknown:
+            raise ValueError(f"{qrels_path}: query {q!r} judges unknown corpus ids {unknown[:5]}")
+    ds = RetrievalDataset(
+        root.name,
+        doc_ids,
+        [str(r.get("title") or "") for r in corpus],
+        [r["text"] for r in corpus],
+        [str(r["_id"]) for r in queries],
+        [r["text"] for r in queries],
+        qrels,
+    )
+    return ds.judged()

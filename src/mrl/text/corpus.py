@@ -1,0 +1,121 @@
+"""The two dataset shapes of the text side.
+
+`RetrievalDataset`: documents, queries and graded relevance (Cranfield, BEIR-style folders).
+`LabelledCorpus`: documents with one class label each (BBC News).
+Both keep titles apart from bodies, so label-free training pairs (title -> body) can be built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["RetrievalDataset", "LabelledCorpus", "join_title"]
+
+
+def join_title(title: str, body: str) -> str:
+    """``title`` then ``body`` on a new line, unless the body already starts with the title."""
+    title, body = title.strip(), body.strip()
+    if not title or body.startswith(title):
+        return body
+    if not body:
+        return title
+    return f"{title}\n{body}"
+
+
+@dataclass
+class RetrievalDataset:
+    """Documents, queries and graded relevance judgments.
+
+    Attributes:
+        name: short name for records ("cranfield", a folder name, ...).
+        doc_ids / titles / bodies: one entry per document (N); titles may be "".
+        query_ids / queries: one entry per query (Q).
+        qrels: query id -> {doc id -> gain > 0}; documents not listed have gain 0.
+    """
+
+    name: str
+    doc_ids: list[str]
+    titles: list[str]
+    bodies: list[str]
+    query_ids: list[str]
+    queries: list[str]
+    qrels: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.doc_ids)
+        if not (len(self.titles) == len(self.bodies) == n):
+            raise ValueError(
+                f"doc_ids, titles and bodies must have the same length, got "
+                f"{n}, {len(self.titles)}, {len(self.bodies)}"
+            )
+        if len(self.queries) != len(self.query_ids):
+            raise ValueError(
+                f"query_ids and queries must have the same length, got "
+                f"{len(self.query_ids)} and {len(self.queries)}"
+            )
+        if len(set(self.doc_ids)) != n:
+            raise ValueError(f"doc_ids must be unique in dataset {self.name!r}")
+
+    @property
+    def documents(self) -> list[str]:
+        """The text that is encoded for each document: title and body."""
+        return [join_title(t, b) for t, b in zip(self.titles, self.bodies)]
+
+    def gain_matrix(self) -> np.ndarray:
+        """Dense gains ``[Q, N]`` (float32) in the order of ``query_ids`` and ``doc_ids``."""
+        col = {d: j for j, d in enumerate(self.doc_ids)}
+        gains = np.zeros((len(self.query_ids), len(self.doc_ids)), dtype=np.float32)
+        for i, q in enumerate(self.query_ids):
+            for d, g in self.qrels.get(q, {}).items():
+                if d in col and g > 0:
+                    gains[i, col[d]] = g
+        return gains
+
+    def judged(self) -> RetrievalDataset:
+        """Only the queries with at least one relevant document (standard IR practice)."""
+        keep = [
+            i
+            for i, q in enumerate(self.query_ids)
+            if any(g > 0 for g in self.qrels.get(q, {}).values())
+        ]
+        return RetrievalDataset(
+            self.name,
+            self.doc_ids,
+            self.titles,
+            self.bodies,
+            [self.query_ids[i] for i in keep],
+            [self.queries[i] for i in keep],
+            {self.query_ids[i]: self.qrels[self.query_ids[i]] for i in keep},
+        )
+
+
+@dataclass
+class LabelledCorpus:
+    """Documents with one integer class label each.
+
+    Attributes:
+        name: short name for records.
+        titles / bodies: one entry per document (N).
+        labels: ``[N]`` int64 class ids into ``classes``.
+        classes: the class names (C).
+    """
+
+    name: str
+    titles: list[str]
+    bodies: list[str]
+    labels: np.ndarray
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if not (len(self.titles) == len(self.bodies) == len(self.labels)):
+            raise ValueError(
+                f"titles, bodies and labels must have the same length, got "
+                f"{len(self.titles)}, {len(self.bodies)}, {len(self.labels)}"
+            )
+
+    @property
+    def documents(self) -> list[str]:
+        return [join_title(t, b) for t, b in zip(self.titles, self.bodies)]

