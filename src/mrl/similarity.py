@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 METRICS = ("cosine", "dot")
+_MERGE_EVERY = 64  # tiles of candidates kept per prefix before merging them (bounds memory)
 _EPS = 1e-12  # norms below this count as zero (as in F.normalize): a zero vector scores 0
 
 
@@ -79,6 +80,10 @@ def _to_tensor(x: Any, name: str) -> torch.Tensor:
 
 def check_finite(t: torch.Tensor, name: str) -> None:
     """Raise naming the first non-finite entry (NaN/inf would silently poison a ranking)."""
+    # Fast path: one reduction pass, no [rows, dim] temporary. NaN/inf propagate into the sum; a
+    # non-finite sum of finite values (overflow) falls through to the exact check.
+    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         pos = tuple(int(i) for i in bad.nonzero()[0])
@@ -128,32 +133,47 @@ def _out(t: torch.Tensor, as_numpy: bool) -> Any:
 # ----------------------------------------------------------------------------- fast path
 def _chunk_sq_norms(x: torch.Tensor, nesting: Nesting) -> torch.Tensor:
     """Squared norms of every prefix, [G, rows], from per-chunk sums and a cumulative sum."""
-    parts = [x[:, a:b].pow(2).sum(1) for a, b in nesting.chunks]  # G x [rows]
-    return torch.stack(parts).cumsum(0)
+    # vector_norm reads each chunk once without a [rows, m] temporary
+    parts = [torch.linalg.vector_norm(x[:, a:b], dim=1).square_() for a, b in nesting.chunks]
+    return torch.stack(parts).cumsum(0)  # G x [rows]
 
 
 def _inv_norms(sq: torch.Tensor) -> torch.Tensor:
     return sq.sqrt().clamp_min(_EPS).reciprocal()
 
 
+def _item_inv_norms(
+    x: torch.Tensor, nesting: Nesting, center: torch.Tensor | None, tile_size: int
+) -> torch.Tensor:
+    """1 / |x[:m] - c[:m]| for every prefix and item, [G, N], computed tile by tile."""
+    parts = []
+    for t0 in range(0, x.shape[0], tile_size):
+        xt = x[t0 : t0 + tile_size]
+        parts.append(_chunk_sq_norms(xt if center is None else xt - center, nesting))
+    return _inv_norms(torch.cat(parts, 1))
+
+
 def _iter_prefix_scores(
-    q: torch.Tensor, x: torch.Tensor, nesting: Nesting, metric: str, buf: torch.Tensor | None = None
+    q: torch.Tensor,
+    x: torch.Tensor,
+    nesting: Nesting,
+    inv_x: torch.Tensor | None,
+    buf: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (g, scores [Q,T]) for g = 0..G-1, up to a per-query factor for cosine.
+    """Yield (g, scores [Q,T]) for g = 0..G-1; ``inv_x`` [G, T] = 1/|x_m| for cosine, None for dot.
 
     For cosine the yielded scores are ``<q_m, x_m> / |x_m|``: dividing by the query norm does not
     change a query's ranking, so callers apply it to the k survivors only. The yielded tensor is a
     reused buffer: copy it if you keep it.
     """
     acc = torch.zeros(q.shape[0], x.shape[0], dtype=q.dtype)  # running S_g [Q, T]
-    inv_x = _inv_norms(_chunk_sq_norms(x, nesting)) if metric == "cosine" else None  # [G, T]
-    out = None
+    out = buf
     for g, (a, b) in enumerate(nesting.chunks):
-        acc.addmm_(q[:, a:b], x[:, a:b].T)  # S_g = S_{g-1} + chunk partial product
+        acc.addmm_(q[:, a:b], x[:, a:b].T)  # S_g = S_{g-1} + chunk partial product (in place)
         if inv_x is None:
             yield g, acc
         else:
-            out = torch.mul(acc, inv_x[g], out=out if out is not None else buf)
+            out = torch.mul(acc, inv_x[g], out=out)  # [Q, T] * [T]
             yield g, out
 
 
@@ -183,7 +203,8 @@ def prefix_scores(
     if c is not None:
         q, x = q - c, x - c
     out = torch.empty(len(n), q.shape[0], x.shape[0], dtype=q.dtype)  # [G, Q, N]
-    for g, s in _iter_prefix_scores(q, x, n, metric):
+    inv_x = _inv_norms(_chunk_sq_norms(x, n)) if metric == "cosine" else None  # [G, N]
+    for g, s in _iter_prefix_scores(q, x, n, inv_x):
         out[g] = s
     if metric == "cosine":
         out *= _inv_norms(_chunk_sq_norms(q, n))[:, :, None]  # divide by |q_m|, [G, Q, 1]
@@ -222,13 +243,14 @@ def _check_k(k: int, num_items: int, exclude: torch.Tensor | None) -> int:
     return int(k)
 
 
-def _merge_topk(
-    best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, i: torch.Tensor, k: int
+def _merge(
+    cands: list[tuple[torch.Tensor, torch.Tensor]], k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of the union of two candidate lists [Q, k1] and [Q, k2]."""
-    cat_s = torch.cat([best_s, s], 1)
-    top_s, pos = cat_s.topk(k, dim=1)
-    return top_s, torch.cat([best_i, i], 1).gather(1, pos)
+    """Top-k of the union of candidate lists [(scores [Q, k_i], indices [Q, k_i]), ...]."""
+    if len(cands) == 1:
+        return cands[0]
+    top_s, pos = torch.cat([c[0] for c in cands], 1).topk(k, dim=1)
+    return top_s, torch.cat([c[1] for c in cands], 1).gather(1, pos)
 
 
 def prefix_topk(
@@ -267,12 +289,14 @@ def prefix_topk(
     k = _check_k(k, x.shape[0], excl)
     if c is not None:
         q = q - c
+    # 1/|x_m| for all items and prefixes once, [G, N] (reused by every query block)
+    inv_x = _item_inv_norms(x, n, c, tile_size) if metric == "cosine" else None
     scores = torch.empty(len(n), q.shape[0], k, dtype=q.dtype)  # [G, Q, k]
     indices = torch.empty(len(n), q.shape[0], k, dtype=torch.long)
     for q0 in range(0, q.shape[0], query_block):
         qb = q[q0 : q0 + query_block]
         eb = None if excl is None else excl[q0 : q0 + query_block]
-        s, i = _topk_block(qb, x, n, k, metric, tile_size, c, eb)
+        s, i = _topk_block(qb, x, n, k, inv_x, tile_size, c, eb)
         scores[:, q0 : q0 + qb.shape[0]], indices[:, q0 : q0 + qb.shape[0]] = s, i
     return _out(scores, as_numpy), _out(indices, as_numpy)
 
@@ -282,15 +306,18 @@ def _topk_block(
     x: torch.Tensor,
     n: Nesting,
     k: int,
-    metric: str,
+    inv_x: torch.Tensor | None,
     tile_size: int,
     center: torch.Tensor | None,
     exclude: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k for one block of (already centred) queries [Qb, D] over all items: [G, Qb, k] x2."""
+    """Top-k for one block of (already centred) queries [Qb, D] over all items: [G, Qb, k] x2.
+
+    Each tile's top-k per prefix is kept as a candidate list; lists are merged (one topk over
+    their concatenation) every ``_MERGE_EVERY`` tiles and at the end, so memory stays bounded.
+    """
     G, Qb = len(n), q.shape[0]
-    best_s = torch.full((G, Qb, k), -torch.inf, dtype=q.dtype)
-    best_i = torch.full((G, Qb, k), -1, dtype=torch.long)
+    cands: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(G)]
     buf = torch.empty(Qb, min(tile_size, x.shape[0]), dtype=q.dtype)  # reused score buffer
     for t0 in range(0, x.shape[0], tile_size):
         xt = x[t0 : t0 + tile_size]  # [T, D]
@@ -298,13 +325,19 @@ def _topk_block(
             xt = xt - center
         kt = min(k, xt.shape[0])
         rows, cols = _excluded_in_tile(exclude, t0, xt.shape[0])
-        for g, s in _iter_prefix_scores(q, xt, n, metric, buf[:, : xt.shape[0]]):
+        inv_t = None if inv_x is None else inv_x[:, t0 : t0 + xt.shape[0]]
+        for g, s in _iter_prefix_scores(q, xt, n, inv_t, buf[:, : xt.shape[0]]):
             if rows is not None:
-                s = s.clone() if metric == "dot" else s  # never write into the running sum
+                s = s.clone() if inv_t is None else s  # never write into the running sum
                 s[rows, cols] = -torch.inf
             ts, ti = s.topk(kt, dim=1)  # [Qb, kt]
-            best_s[g], best_i[g] = _merge_topk(best_s[g], best_i[g], ts, ti + t0, k)
-    if metric == "cosine":
+            cands[g].append((ts, ti + t0))
+            if len(cands[g]) >= _MERGE_EVERY:
+                cands[g] = [_merge(cands[g], k)]
+    best = [_merge(c, k) for c in cands]
+    best_s = torch.stack([b[0] for b in best])  # [G, Qb, k]
+    best_i = torch.stack([b[1] for b in best])
+    if inv_x is not None:
         best_s *= _inv_norms(_chunk_sq_norms(q, n))[:, :, None]  # now true cosines
     return best_s, best_i
 
