@@ -108,9 +108,33 @@ async def _load(url: str, model: str, n: int, concurrency: int) -> dict:
             "errors": errors, "requests": n}
 
 
+def direct_throughput(model: str, threads: int, n: int = 64, batch: int = 32) -> dict:
+    """The model alone, no HTTP: texts/s one text per call vs ``batch`` texts per call."""
+    import torch
+
+    from mrl.serve.encoders import load_encoder
+
+    torch.set_num_threads(threads)
+    enc = load_encoder(model)
+    texts = [f"request number {i}: how do matryoshka embeddings nest?" for i in range(n)]
+    enc.encode(texts[:batch])  # warm-up
+    t = time.perf_counter()
+    for text in texts:
+        enc.encode([text])
+    one = n / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for i in range(0, n, batch):
+        enc.encode(texts[i : i + batch])
+    return {"one_per_call": one, "batched": n / (time.perf_counter() - t), "batch": batch}
+
+
 def bench_embed(args) -> list[dict]:
     records = []
     rows = []
+    direct = direct_throughput(args.model, args.threads)
+    for key in ("one_per_call", "batched"):
+        records.append(make_record(f"model-{key}", None, "texts_per_s", direct[key],
+                                   part="embed", model=args.model, threads=args.threads))
     for batching in (True, False):
         extra = ["--model", args.model, "--threads", str(args.threads)]
         extra += [] if batching else ["--no-batching"]
@@ -139,6 +163,8 @@ def bench_embed(args) -> list[dict]:
         print(f"| {name} | {s['texts_per_s']:.1f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | "
               f"{s['errors']} | {b} |")
     print(f"batching speed-up: {rows[0][1]['texts_per_s'] / rows[1][1]['texts_per_s']:.2f}x")
+    print(f"the model alone (no HTTP, {args.threads} thread(s)): {direct['one_per_call']:.1f} "
+          f"texts/s one per call, {direct['batched']:.1f} texts/s in calls of {direct['batch']}")
     return records
 
 
