@@ -10,7 +10,9 @@ Baselines turn the full-size model's features ``[N, D]`` into another nested emb
 whose first m columns are the baseline's m-dimensional features:
 
 - ``pca``: principal components of the database features (fit on the database only);
-- ``random``: a seeded random order of the D coordinates (m random coordinates at prefix m).
+- ``random``: a seeded random order of the D coordinates (m random coordinates at prefix m);
+
+both from `mrl.baselines`, the same transforms `mrl.evaluate` uses for its retrieval baselines.
 """
 
 from __future__ import annotations
@@ -99,13 +101,11 @@ def baseline_features(
     db: torch.Tensor, queries: torch.Tensor, kind: str, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(db [N, D], queries [Q, D]) re-expressed so that the first m columns are the baseline."""
-    if kind == "pca":
-        mean = db.mean(0, keepdim=True)
-        # Right singular vectors of the centred database: columns sorted by explained variance.
-        _, _, vh = torch.linalg.svd((db - mean).double(), full_matrices=False)  # vh [D, D]
-        basis = vh.T.float()  # [D, D]
-        return (db - mean) @ basis, (queries - mean) @ basis
+    from mrl.baselines import PCA, random_features
+
+    if kind == "pca":  # fit on the database only; components sorted by explained variance
+        pca = PCA().fit(db)
+        return pca.transform(db), pca.transform(queries)
     if kind == "random":
-        order = torch.randperm(db.shape[1], generator=torch.Generator().manual_seed(seed))
-        return db[:, order], queries[:, order]
+        return random_features(db, seed), random_features(queries, seed)
     raise ValueError(f"kind must be 'pca' or 'random', got kind={kind!r}")

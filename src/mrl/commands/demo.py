@@ -147,6 +147,7 @@ def demo(
     from mrl.commands.eval import compute_embeddings
     from mrl.config import load_config
     from mrl.data import load_task
+    from mrl.io import atomic_write_text
     from mrl.report import write_report
 
     if epochs <= 0:
@@ -188,9 +189,18 @@ def demo(
         out,
         title="mrl demo: Matryoshka representations on Fashion-MNIST",
         notes=notes,
-        sections=markdown,
+        sections=[_heading_and_body(md) for md in markdown],
     )
+    atomic_write_text(out / "demo.md", "\n\n".join([f"# mrl demo\n\n{notes}", *markdown]) + "\n")
     return ctx.records, "\n\n".join(markdown)
+
+
+def _heading_and_body(markdown: str) -> tuple[str, str]:
+    """A section's markdown -> (heading, body) for `mrl.report.write_report`."""
+    first, _, rest = markdown.strip().partition("\n")
+    if first.startswith("#"):
+        return first.lstrip("#").strip(), rest.strip()
+    return "", markdown
 
 
 def _short_table(records: list[dict[str, Any]]) -> str:

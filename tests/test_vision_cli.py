@@ -1,0 +1,134 @@
+"""End to end on tiny synthetic data: mrl train -> mrl eval, reproduce, demo (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from mrl.cli import main
+from mrl.data import load_task
+
+TINY = ["model.dim=16", "model.width=4", "model.nesting=2,4,8,16", "batch_size=64",
+        "eval_batch_size=256", "data.train_size=256", "optim.lr=0.01"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_task("synthetic", train_size=256)
+
+
+def _config(tmp_path, **extra):
+    data = {"data": {"dataset": "synthetic", "train_size": 256}, "epochs": 1, **extra}
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_train_then_eval(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    sets = [a for s in TINY for a in ("--set", s)]
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", *sets]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert "report:" in out and "| mrl | top1 |" in out
+    recs = json.loads((tmp_path / "ev" / "results.json").read_text())
+    metrics = {(r["method"], r["metric"]) for r in recs}
+    assert {("mrl", "top1"), ("mrl", "1nn"), ("mrl", "map@10")} <= metrics
+    assert sorted({r["prefix"] for r in recs}) == [2, 4, 8, 16]
+    assert (tmp_path / "ev" / "report.html").is_file()
+
+
+def test_train_errors_are_one_line(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--set", "optim.lr=-1"]) == 2
+    assert "optim.lr must be positive" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--resume"]) == 2
+    assert "--resume given but there is no checkpoint" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["train", "--show-config"]) == 0
+    assert "model.nesting" in capsys.readouterr().out
+
+
+def test_plain_eval_has_baselines(tmp_path, task):
+    from mrl.commands.eval import compute_embeddings, evaluate_embeddings
+    from mrl.config import load_config
+    from mrl.train import train
+
+    cfg = load_config(None, [*TINY, "data.dataset=synthetic", "epochs=1", "model.mode=plain"])
+    train(cfg, tmp_path, progress=False, task=task)
+    recs = evaluate_embeddings(compute_embeddings(tmp_path, task=task), nesting="2,4,16",
+                               probe_iter=20)  # fmt: skip
+    methods = {(r["method"], r["metric"], r["prefix"]) for r in recs}
+    for method in ("plain", "pca", "random"):
+        for metric in ("top1", "1nn", "map@10"):
+            assert {(method, metric, m) for m in (2, 4, 16)} <= methods
+    assert all(0 <= r["value"] <= 100 for r in recs if r["metric"] in ("top1", "1nn"))
+
+
+def test_reproduce_accumulates_seeds(tmp_path, task):
+    from mrl.commands.reproduce import reproduce
+
+    over = ("data.dataset=synthetic", *TINY)
+    logs: list[str] = []
+    for seed in (0, 1):
+        recs = reproduce("fashion-mnist", "small", tmp_path, seed=seed, overrides=over,
+                         progress=False, data_task=task, log=logs.append)  # fmt: skip
+    assert {r["seed"] for r in recs} == {0, 1}
+    assert {r["method"] for r in recs} == {"mrl", "mrl-e", "ff", "plain", "pca", "random"}
+    ff = {r["prefix"] for r in recs if r["method"] == "ff" and r["metric"] == "top1"}
+    assert ff == {2, 4, 8, 16}
+    # Rerunning a seed reuses its runs and replaces (not duplicates) its records.
+    again = reproduce("fashion-mnist", "small", tmp_path, seed=1, overrides=over, progress=False,
+                      data_task=task, log=logs.append)  # fmt: skip
+    assert len(again) == len(recs)
+    assert any("reusing" in line for line in logs)
+
+
+def test_demo_sections(tmp_path, task, capsys):
+    from mrl.commands import demo as demo_cmd
+
+    seen = []
+
+    def extra_section(ctx):
+        seen.append((ctx.nesting.sizes, ctx.test_logits.shape, ctx.train_embeddings.shape))
+        return "## Extra\n\nhello", []
+
+    sys.modules["_extra_demo_section"] = types.SimpleNamespace(section=extra_section)
+    try:
+        recs, md = demo_cmd.demo(
+            tmp_path,
+            task=task,
+            overrides=tuple(TINY),
+            progress=False,
+            log=lambda s: None,
+            sections=[*demo_cmd.SECTIONS, "_extra_demo_section:section"],
+        )
+    finally:
+        del sys.modules["_extra_demo_section"]
+    assert seen == [((2, 4, 8, 16), (4, len(task.test), 4), (len(task.train), 16))]
+    assert "## Extra" in md and "### 1nn" in md
+    assert {r["method"] for r in recs} >= {"mrl", "plain", "pca", "random"}
+    assert (tmp_path / "report.html").is_file()
+    print(demo_cmd._short_table(recs))
+    assert "| mrl | top1 |" in capsys.readouterr().out
+
+
+def test_eval_hands_text_models_to_the_text_evaluator(tmp_path, monkeypatch):
+    (tmp_path / "modules.json").write_text("[]")
+    calls = []
+    fake = types.ModuleType("mrl.text.evaluation")
+    fake.eval_command = lambda args: calls.append((args.run_dir, args.dataset)) or 0
+    monkeypatch.setitem(sys.modules, "mrl.text.evaluation", fake)
+    assert main(["eval", str(tmp_path), "--dataset", "cranfield"]) == 0
+    assert calls == [(str(tmp_path), "cranfield")]
+
+
+def test_demo_rejects_bad_epochs(tmp_path):
+    from mrl.commands.demo import demo
+
+    with pytest.raises(ValueError, match="epochs must be positive, got epochs=0"):
+        demo(tmp_path, epochs=0)
