@@ -85,7 +85,7 @@ class IndexBackend:
         t = time.perf_counter()
         res = self.index.search(queries, k, **params)
         total = (time.perf_counter() - t) * 1e3
-        timings = {f"{name}": v * 1e3 for name, v in res.timings.items()}
+        timings = {name: v * 1e3 for name, v in res.timings.items()}  # s -> ms
         timings["search"] = total
         used = {**self.defaults, **params}
         used["stages"] = [list(s) for s in used.get("stages") or ()]
