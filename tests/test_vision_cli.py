@@ -132,3 +132,15 @@ def test_demo_rejects_bad_epochs(tmp_path):
 
     with pytest.raises(ValueError, match="epochs must be positive, got epochs=0"):
         demo(tmp_path, epochs=0)
+
+
+def test_reproduce_only_some_runs(tmp_path, task):
+    from mrl.commands.reproduce import reproduce
+
+    over = ("data.dataset=synthetic", *TINY)
+    kw = dict(overrides=over, progress=False, data_task=task, log=lambda s: None)
+    with pytest.raises(ValueError, match=r"only must name runs among .*got \['ff-3'\]"):
+        reproduce("fashion-mnist", "small", tmp_path, only=("ff-3",), **kw)
+    reproduce("fashion-mnist", "small", tmp_path, only=("mrl",), **kw)
+    recs = reproduce("fashion-mnist", "small", tmp_path, only=("ff-2",), **kw)
+    assert {(r["method"], r["run"]) for r in recs} == {("mrl", "mrl"), ("ff", "ff-2")}

@@ -41,8 +41,14 @@ _SGD = ("optim.name=sgd", "optim.lr=0.2", "optim.momentum=0.9", "optim.weight_de
         "optim.warmup_epochs=1", "batch_size=512")  # fmt: skip
 RECIPES: dict[tuple[str, str], Recipe] = {
     ("fashion-mnist", "small"): Recipe(
-        ("data.dataset=fashion-mnist", *_CNN, "optim.name=adamw", "optim.lr=0.003", "epochs=1",
-         "batch_size=128"),
+        (
+            "data.dataset=fashion-mnist",
+            *_CNN,
+            "optim.name=adamw",
+            "optim.lr=0.003",
+            "epochs=1",
+            "batch_size=128",
+        ),
         (2, 4, 8, 16),
         "small CNN (D=256), AdamW lr 3e-3 cosine, 1 epoch, batch 128 (CPU budget)",
     ),
@@ -95,6 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override the shared recipe (all models)",
     )
     parser.add_argument("--center", action="store_true", help="centre before cosine retrieval")
+    parser.add_argument(
+        "--only",
+        default=None,
+        metavar="RUNS",
+        help="comma-separated runs to do now (e.g. mrl,ff-2; default all): lets "
+        "several processes or machines share one seed",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -115,6 +128,7 @@ def reproduce(
     center: bool = False,
     progress: bool = True,
     data_task: Any = None,
+    only: tuple[str, ...] | None = None,
     log=print,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every model of one seed; merge its records into ``out/results.json``."""
@@ -133,8 +147,14 @@ def reproduce(
     if data_task is None:
         d = config0.data
         data_task = load_task(d.dataset, root=d.root, train_size=d.train_size, seed=seed)
+    names = [name for name, _ in methods(recipe)]
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise ValueError(f"only must name runs among {names}, got {unknown}")
     records: list[dict[str, Any]] = []
     for name, extra in methods(recipe):
+        if only and name not in only:
+            continue
         run_dir = out / "runs" / f"seed{seed}" / name
         cached = run_dir / "records.json"
         config = load_config(None, [*base, *extra])
@@ -156,12 +176,15 @@ def reproduce(
                 dataset=task,
                 seed=seed,
                 budget=budget,
+                run=name,
             )
             save_records(cached, recs)
         records += recs
         log(f"[{name}] seed {seed}: done in {time.perf_counter() - t0:.0f} s")
     results = out / "results.json"
-    old = [r for r in load_records(results) if r.get("seed") != seed] if results.is_file() else []
+    done = {(seed, r["run"]) for r in records}
+    old = load_records(results) if results.is_file() else []
+    old = [r for r in old if (r.get("seed"), r.get("run")) not in done]
     save_records(results, old + records)
     return old + records
 
@@ -189,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         overrides=tuple(args.overrides),
         center=args.center,
         progress=not args.no_progress,
+        only=tuple(args.only.split(",")) if args.only else None,
     )
     seeds = sorted({r["seed"] for r in records})
     from mrl.commands.eval import PROBE_RECIPE
