@@ -21,6 +21,7 @@ from mrl.heads import (
 
 # (nesting sizes): powers of two, D not a power of two with narrow (< 16) and wide chunks, G = 1.
 NESTINGS = [(8, 16, 32, 64), (3, 7, 10), (5, 13, 37, 70), (6,), (40,)]
+DTYPE_BIAS = [(torch.float64, True), (torch.float64, False), (torch.float32, True)]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
 
@@ -37,8 +38,7 @@ def _close(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtype) -> 
 
 # --------------------------------------------------------------------------- MRL-E
 @pytest.mark.parametrize("sizes", NESTINGS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype, bias", DTYPE_BIAS)
 def test_mrl_e_matches_loop_values_and_gradients(sizes, dtype, bias):
     torch.manual_seed(0)
     nesting = Nesting(sizes)
@@ -114,8 +114,7 @@ def test_mrl_e_random_shapes(sizes, batch, classes, bias):
 
 # --------------------------------------------------------------------------- MRL
 @pytest.mark.parametrize("sizes", NESTINGS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype, bias", DTYPE_BIAS)
 def test_mrl_fused_matches_loop_values_and_gradients(sizes, dtype, bias):
     torch.manual_seed(0)
     nesting = Nesting(sizes)
