@@ -321,6 +321,9 @@ def test_search_by_text_embeds_with_the_model(client, index, server):
     ({"vector": [0.1] * DIM, "config": "fastest"}, "config", "not a configuration"),
     ({"vector": [0.1] * DIM, "stages": [[12, 5]]}, "stages", "stages"),
     ({"vector": [0.1] * DIM, "surprise": 1}, "surprise", "Extra inputs"),
+    ({"vector": []}, "vector", "vector must hold 1 to 256 query vectors, got 0"),
+    ({"vector": [[0.1] * DIM] * 257}, "vector", "vector must hold 1 to 256 query vectors"),
+    ({"query": [""]}, "query", "query[0] is empty"),
 ])
 def test_search_bad_input(client, body, param, fragment):
     r = client.post("/v1/search", json=body)
@@ -386,3 +389,34 @@ def test_load_2000_requests_concurrency_32(server):
     print(f"\nload 2000 @32: p50 {stats['p50_ms']:.1f} ms, p99 {stats['p99_ms']:.1f} ms, "
           f"{stats['rps']:.0f} req/s")
     assert stats["errors"] == []
+
+
+def test_mrl_serve_command_end_to_end():
+    """`mrl serve` as a user runs it: a subprocess on a free loopback port."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mrl.cli", "serve", "--model", "hash:32",
+                             "--port", str(port), "--log-level", "warning"],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="dummy", max_retries=0)
+        res = client.embeddings.create(input=["a", "b"], model="hash:32", dimensions=16)
+        assert [len(d.embedding) for d in res.data] == [16, 16]
+    finally:
+        proc.terminate()
+        proc.wait(30)

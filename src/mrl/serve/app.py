@@ -93,27 +93,27 @@ def _encode_rows(rows: np.ndarray, fmt: str) -> list:
 
 
 # ---------------------------------------------------------------------- input validation
-def _texts_from_input(value: Any, config: ServeConfig) -> list[str]:
-    """The request's ``input`` as a non-empty list of non-empty strings, or a 400."""
+def _texts_from_input(value: Any, config: ServeConfig, param: str = "input") -> list[str]:
+    """The request's ``input`` (or ``param``) as a non-empty list of non-empty strings, or 400."""
     if isinstance(value, str):
         texts = [value]
     elif isinstance(value, list) and all(isinstance(v, str) for v in value):
         texts = list(value)
     else:
         raise APIError(400, "input as token arrays is not supported by this server: send text "
-                       "(a string or a list of strings)", "input", "unsupported_input")
+                       "(a string or a list of strings)", param, "unsupported_input")
     if not texts:
-        raise APIError(400, "input must not be an empty list", "input", "empty_input")
+        raise APIError(400, f"{param} must not be an empty list", param, "empty_input")
     if len(texts) > config.max_inputs:
-        raise APIError(400, f"input has {len(texts)} items; at most {config.max_inputs} per "
-                       "request", "input", "too_many_inputs")
+        raise APIError(400, f"{param} has {len(texts)} items; at most {config.max_inputs} per "
+                       "request", param, "too_many_inputs")
     for i, t in enumerate(texts):
         if not t.strip():
-            raise APIError(400, f"input[{i}] is empty; every input must contain text",
-                           "input", "empty_input")
+            raise APIError(400, f"{param}[{i}] is empty; every input must contain text",
+                           param, "empty_input")
         if len(t) > config.max_input_chars:
-            raise APIError(400, f"input[{i}] has {len(t)} characters; at most "
-                           f"{config.max_input_chars}", "input", "context_length_exceeded")
+            raise APIError(400, f"{param}[{i}] has {len(t)} characters; at most "
+                           f"{config.max_input_chars}", param, "context_length_exceeded")
     return texts
 
 
@@ -132,12 +132,12 @@ def _check_dimensions(dimensions: Any, sizes: Sequence[int]) -> int:
     return int(dimensions)
 
 
-def _check_tokens(counts: list[int], limit: int) -> None:
+def _check_tokens(counts: list[int], limit: int, param: str) -> None:
     for i, n in enumerate(counts):
         if n > limit:
-            raise APIError(400, f"input[{i}] has {n} tokens; this model accepts at most {limit} "
+            raise APIError(400, f"{param}[{i}] has {n} tokens; this model accepts at most {limit} "
                            "(shorten it, or start the server with truncation on)",
-                           "input", "context_length_exceeded")
+                           param, "context_length_exceeded")
 
 
 # ---------------------------------------------------------------------- ASGI guard
@@ -285,15 +285,15 @@ def create_app(
                            "model", "model_not_loaded")
         return encoder
 
-    async def _embed(texts: list[str]) -> tuple[np.ndarray, int]:
+    async def _embed(texts: list[str], param: str = "input") -> tuple[np.ndarray, int]:
         """Validated texts -> (raw embeddings [B, D], prompt tokens)."""
         enc = _require_encoder()
         try:  # also validates inputs a model cannot read (e.g. an image that does not decode)
             counts = await asyncio.to_thread(enc.count_tokens, texts)
         except ValueError as exc:
-            raise APIError(400, str(exc), "input", "invalid_input") from None
+            raise APIError(400, str(exc), param, "invalid_input") from None
         if not config.truncate:
-            _check_tokens(counts, enc.max_tokens)
+            _check_tokens(counts, enc.max_tokens, param)
         emb = await state["runner"].submit(texts)
         return emb, int(sum(min(c, enc.max_tokens) for c in counts))
 
@@ -348,12 +348,12 @@ def create_app(
             raise APIError(400, "give exactly one of query (text) or vector", "query",
                            "invalid_value")
         if req.query is not None:
-            texts = _texts_from_input(req.query, config)
+            texts = _texts_from_input(req.query, config, "query")
             if len(texts) > config.max_queries:
                 raise APIError(400, f"query has {len(texts)} items; at most {config.max_queries}",
                                "query", "too_many_inputs")
             t = time.perf_counter()
-            emb, _ = await _embed(texts)
+            emb, _ = await _embed(texts, "query")
             return emb, {"embed": (time.perf_counter() - t) * 1e3}
         vec = req.vector
         rows = [vec] if vec and not isinstance(vec[0], list) else vec
