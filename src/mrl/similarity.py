@@ -37,7 +37,6 @@ __all__ = [
 ]
 
 METRICS = ("cosine", "dot")
-_MERGE_EVERY = 64  # tiles of candidates kept per prefix before merging them (bounds memory)
 _EPS = 1e-12  # norms below this count as zero (as in F.normalize): a zero vector scores 0
 
 
@@ -82,7 +81,7 @@ def check_finite(t: torch.Tensor, name: str) -> None:
     """Raise naming the first non-finite entry (NaN/inf would silently poison a ranking)."""
     # Fast path: one reduction pass, no [rows, dim] temporary. NaN/inf propagate into the sum; a
     # non-finite sum of finite values (overflow) falls through to the exact check.
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    if bool(torch.isfinite(t.sum())):
         return
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
@@ -133,9 +132,11 @@ def _out(t: torch.Tensor, as_numpy: bool) -> Any:
 # ----------------------------------------------------------------------------- fast path
 def _chunk_sq_norms(x: torch.Tensor, nesting: Nesting) -> torch.Tensor:
     """Squared norms of every prefix, [G, rows], from per-chunk sums and a cumulative sum."""
-    # vector_norm reads each chunk once without a [rows, m] temporary
-    parts = [torch.linalg.vector_norm(x[:, a:b], dim=1).square_() for a, b in nesting.chunks]
-    return torch.stack(parts).cumsum(0)  # G x [rows]
+    # One elementwise pass, then per-chunk sums as a thin product with a 0/1 chunk indicator.
+    ind = torch.zeros(x.shape[1], len(nesting), dtype=x.dtype)  # [D, G]
+    for g, (a, b) in enumerate(nesting.chunks):
+        ind[a:b, g] = 1
+    return (x.square() @ ind).T.cumsum(0)  # [G, rows]
 
 
 def _inv_norms(sq: torch.Tensor) -> torch.Tensor:
@@ -313,30 +314,24 @@ def _topk_block(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k for one block of (already centred) queries [Qb, D] over all items: [G, Qb, k] x2.
 
-    Each tile's top-k per prefix is kept as a candidate list; lists are merged (one topk over
-    their concatenation) every ``_MERGE_EVERY`` tiles and at the end, so memory stays bounded.
+    A running top-k per prefix is merged with each tile's top-k.
     """
     G, Qb = len(n), q.shape[0]
-    cands: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(G)]
+    best_s = torch.full((G, Qb, k), -torch.inf, dtype=q.dtype)  # running top-k per prefix
+    best_i = torch.full((G, Qb, k), -1, dtype=torch.long)
     buf = torch.empty(Qb, min(tile_size, x.shape[0]), dtype=q.dtype)  # reused score buffer
     for t0 in range(0, x.shape[0], tile_size):
         xt = x[t0 : t0 + tile_size]  # [T, D]
         if center is not None:
             xt = xt - center
-        kt = min(k, xt.shape[0])
         rows, cols = _excluded_in_tile(exclude, t0, xt.shape[0])
         inv_t = None if inv_x is None else inv_x[:, t0 : t0 + xt.shape[0]]
         for g, s in _iter_prefix_scores(q, xt, n, inv_t, buf[:, : xt.shape[0]]):
             if rows is not None:
                 s = s.clone() if inv_t is None else s  # never write into the running sum
                 s[rows, cols] = -torch.inf
-            ts, ti = s.topk(kt, dim=1)  # [Qb, kt]
-            cands[g].append((ts, ti + t0))
-            if len(cands[g]) >= _MERGE_EVERY:
-                cands[g] = [_merge(cands[g], k)]
-    best = [_merge(c, k) for c in cands]
-    best_s = torch.stack([b[0] for b in best])  # [G, Qb, k]
-    best_i = torch.stack([b[1] for b in best])
+            cs, ci = s.topk(min(k, s.shape[1]), dim=1)  # [Qb, kt]
+            best_s[g], best_i[g] = _merge([(best_s[g], best_i[g]), (cs, ci + t0)], k)
     if inv_x is not None:
         best_s *= _inv_norms(_chunk_sq_norms(q, n))[:, :, None]  # now true cosines
     return best_s, best_i

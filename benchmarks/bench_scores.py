@@ -1,0 +1,120 @@
+"""Scoring at every prefix in one pass vs scoring once at full size vs the per-prefix loop.
+
+    .venv/bin/python benchmarks/bench_scores.py [--quick] [--json PATH]
+
+Top-k cosine search of Q queries over N items (float32) at all G prefixes of a doubling nesting:
+
+- ``full``: one full-size matrix product + top-k (inputs pre-normalised, untimed): the cost of
+  answering at one size only, the baseline the goal is measured against;
+- ``all-prefix``: `mrl.similarity.prefix_topk` (one pass over D, tiled, re-normalising each prefix;
+  input checks included);
+- ``loop``: for each prefix, truncate, re-normalise, one matrix product + top-k.
+
+Repeats are interleaved (full, all-prefix, loop, full, ...) so machine noise hits all three alike;
+medians are reported. Ratios are relative to ``full`` measured in the same run. Table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mrl import Nesting
+from mrl.similarity import prefix_topk
+
+
+def full_once(q: torch.Tensor, x_unit: torch.Tensor, k: int) -> torch.Tensor:
+    # q [Q, D] and x_unit [N, D] already unit norm: one [Q, N] product, one top-k
+    return (q @ x_unit.T).topk(k, dim=1).indices
+
+
+def loop(q: torch.Tensor, x: torch.Tensor, nesting: Nesting, k: int) -> list[torch.Tensor]:
+    out = []
+    for m in nesting.sizes:  # G products of growing width: ~sum(m)/D full-size costs
+        qm, xm = F.normalize(q[:, :m], dim=1), F.normalize(x[:, :m], dim=1)
+        out.append((qm @ xm.T).topk(k, dim=1).indices)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (seconds), for smoke runs")
+    ap.add_argument("--queries", type=int, default=None)
+    ap.add_argument("--items", type=int, default=None)
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--tile-size", type=int, default=4096)
+    ap.add_argument("--metric", default="cosine", choices=["cosine", "dot"])
+    ap.add_argument("--json", default=None, help="also write the results as records to PATH")
+    args = ap.parse_args(argv)
+    Q = args.queries or (200 if args.quick else 1000)
+    N = args.items or (10_000 if args.quick else 100_000)
+    reps = args.repeats or (3 if args.quick else 3)
+    D, k = args.dim, args.k
+    nesting = Nesting.doubling(8, D)
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(Q, D, generator=g)
+    x = torch.relu(torch.randn(N, D, generator=g))  # post-ReLU-like features
+    q_unit, x_unit = F.normalize(q, dim=1), F.normalize(x, dim=1)
+    if args.metric == "dot":
+        q_unit, x_unit = q, x
+
+    def all_prefix() -> None:
+        prefix_topk(q, x, nesting, k, metric=args.metric, tile_size=args.tile_size)
+
+    def loop_run() -> None:
+        if args.metric == "dot":
+            for m in nesting.sizes:
+                (q[:, :m] @ x[:, :m].T).topk(k, dim=1)
+        else:
+            loop(q, x, nesting, k)
+
+    runs = {"full": lambda: full_once(q_unit, x_unit, k), "all-prefix": all_prefix, "loop": loop_run}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(reps):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+            print(f"repeat {r + 1}/{reps} {name:>10}: {times[name][-1]:.3f} s", flush=True)
+
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    sum_m = sum(nesting.sizes) / D
+    env = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "Q": Q, "N": N, "D": D, "G": len(nesting), "k": k, "repeats": reps,
+        "metric": args.metric, "tile_size": args.tile_size, "dtype": "float32",
+    }
+    goal = 1.3
+    ratio = med["all-prefix"] / med["full"]
+    print(f"\nsum(m)/D = {sum_m:.2f} (the per-prefix loop's theoretical cost ratio)")
+    print(f"goal: all-prefix <= {goal}x full -> {'met' if ratio <= goal else 'MISSED'} ({ratio:.2f}x)")
+    print(f"\nQ={Q} N={N} D={D} G={len(nesting)} top-{k} {args.metric} float32, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {reps}")
+    print("| method | median s | x full |")
+    print("|---|---|---|")
+    for name in runs:
+        print(f"| {name} | {med[name]:.3f} | {med[name] / med['full']:.2f} |")
+    result = {"env": env, "median_s": med, "times_s": times, "ratio_all_prefix": ratio,
+              "ratio_loop": med["loop"] / med["full"]}
+    if args.json:
+        from mrl.records import make_record, save_records
+
+        recs = [make_record(name, None, "seconds", med[name], ratio_to_full=med[name] / med["full"],
+                            **env) for name in runs]
+        save_records(args.json, recs)
+    return result
+
+
+if __name__ == "__main__":
+    main()
