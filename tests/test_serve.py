@@ -301,6 +301,31 @@ def test_search_funnel_params_and_named_config(client, index):
     assert r.status_code == 200
 
 
+def test_tuned_configuration_is_offered_and_used(index):
+    from mrl.retrieval.tune import tune
+
+    tuned = copy_index(index)
+    queries = np.random.default_rng(8).standard_normal((30, DIM)).astype(np.float32)
+    result = tune(tuned, 0.9, k=5, queries=queries, shortlist_dims=(8, 16),
+                  shortlists=(100, 500), backends=("flat",), try_funnel=False)
+    backend = IndexBackend(tuned)
+    assert backend.configs["tuned"]["shortlist_dim"] == result.config.shortlist_dim
+    q = np.random.default_rng(7).standard_normal((2, DIM)).astype(np.float32)
+    out = backend.search(q, 5, config="tuned")
+    ref = tuned.search(q, 5, **{k: v for k, v in result.config.to_dict().items()
+                                if k != "stages"})
+    assert out.ids == ref.ids.tolist()
+    assert out.params["shortlist"] == result.config.shortlist
+
+
+def copy_index(index):
+    from mrl.retrieval import MatryoshkaIndex
+
+    new = MatryoshkaIndex(index.nesting, index.config, threads=1)
+    new.add(np.asarray(index._vectors), ids=index.ids)
+    return new
+
+
 def test_search_by_text_embeds_with_the_model(client, index, server):
     _, enc, _ = server
     r = client.post("/v1/search", json={"query": ["hello world", "bye"], "k": 3})

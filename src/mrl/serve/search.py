@@ -62,13 +62,12 @@ class IndexBackend:
     def __init__(self, index, configs: dict[str, dict[str, Any]] | None = None) -> None:
         self.index = index
         self.nesting = index.nesting
-        cfg = index.config.to_dict()
+        cfg = index.config.to_dict()  # every SearchConfig field: backend, ef_search, ...
         self.defaults = {k: cfg[k] for k in ("shortlist_dim", "shortlist", "stages", "backend")}
-        self.configs = {"default": dict(self.defaults)}
+        self.configs = {"default": cfg}
         tuned = getattr(index, "tuned", None)
-        if isinstance(tuned, dict):
-            tuned_cfg = tuned.get("config", tuned)
-            self.configs["tuned"] = {k: tuned_cfg[k] for k in self.defaults if k in tuned_cfg}
+        if isinstance(tuned, dict) and isinstance(tuned.get("config"), dict):
+            self.configs["tuned"] = dict(tuned["config"])  # the auto-tuner's choice
         self.configs.update(configs or {})
 
     @property
