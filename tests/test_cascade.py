@@ -8,7 +8,7 @@ import torch
 
 from mrl import Nesting
 from mrl.cascade import Cascade, cascade_costs, confidence, fit_cascade, oracle
-from mrl.cascade.core import _stop_index, fit_cascade_reference
+from mrl.cascade.core import _greedy_thresholds, _stop_index, fit_cascade_reference
 
 NEST = Nesting((4, 8, 16))
 
@@ -97,11 +97,45 @@ def _random_case(seed: int, G: int = 4, N: int = 300, C: int = 5):
 def test_fast_greedy_matches_brute_force_reference(seed, tol):
     nest = Nesting((2, 4, 8, 16))
     logits, y = _random_case(seed)
-    fast = fit_cascade(logits, y, nest, tolerance=tol)
-    ref = fit_cascade_reference(logits, y, nest, fast.info["target"])
-    np.testing.assert_allclose(fast.thresholds, ref, rtol=0, atol=0)
-    if fast.info["reached"]:
-        assert fast.info["calib_accuracy"] >= fast.info["target"] - 1e-12
+    conf, pred = confidence(logits, nest)
+    correct = pred == y[None]
+    target = correct[-1].mean() - tol
+    dims = {}
+    for start in range(4):
+        fast = _greedy_thresholds(conf, correct, target, start)
+        ref = fit_cascade_reference(logits, y, nest, target, start=start)
+        np.testing.assert_allclose(fast, ref, rtol=0, atol=0)
+        stop = _stop_index(conf, fast)
+        if correct[stop, np.arange(len(y))].mean() >= target - 1e-12:
+            dims[start] = np.asarray(nest.sizes)[stop].mean()
+    cas = fit_cascade(logits, y, nest, tolerance=tol)
+    if dims:  # the fit keeps the start with the fewest expected dims that reaches the target
+        assert cas.info["calib_expected_dims"] == pytest.approx(min(dims.values()))
+        assert cas.info["reached"] and cas.info["calib_accuracy"] >= target - 1e-12
+    else:
+        assert not cas.info["reached"]
+
+
+def test_starting_later_beats_spending_the_slack_on_a_weak_first_prefix():
+    """Prefix 4 is right on 5 and confidently wrong on 5 samples; prefix 8 is confidently wrong
+    on 5 others and right on the rest. At a 95 % target the plain greedy answers 10 samples at 4
+    and can then answer nothing at 8 (14.8 dims); starting at 8 answers all there (8 dims)."""
+    n, c = 100, 4
+    y = np.arange(n) % c
+    probs = np.zeros((3, n, c))
+    for i in range(n):
+        wrong = (y[i] + 1) % c
+        probs[0, i] = (_probs_row(y[i], 0.9 - 0.001 * i) if i < 5
+                       else _probs_row(wrong, 0.9 - 0.001 * i) if i < 10
+                       else _probs_row(wrong, 0.3))
+        probs[1, i] = _probs_row(wrong, 0.95) if 10 <= i < 15 else _probs_row(y[i], 0.9)
+        probs[2, i] = _probs_row(y[i], 0.6)
+    conf, pred = confidence(probs, NEST, "probs")
+    plain = _greedy_thresholds(conf, pred == y[None], 0.95, 0)
+    assert np.asarray(NEST.sizes)[_stop_index(conf, plain)].mean() == pytest.approx(14.8)
+    cas = fit_cascade(probs, y, NEST, target_accuracy=0.95, kind="probs")
+    assert cas.thresholds == (1.0, 0.0)
+    assert cas.info["calib_expected_dims"] == 8 and cas.info["calib_accuracy"] == 0.95
 
 
 def test_predict_matches_per_sample_loop():

@@ -279,11 +279,14 @@ def _target_from(
     return "tolerance", float(correct[-1].mean()) - tol
 
 
-def _greedy_thresholds(conf: np.ndarray, correct: np.ndarray, target: float) -> list[float]:
+def _greedy_thresholds(
+    conf: np.ndarray, correct: np.ndarray, target: float, start: int = 0
+) -> list[float]:
     """The greedy fit (fast path): sort once per prefix, evaluate every cut with cumulative sums.
 
-    At prefix g with earlier thresholds fixed, let R be the samples still undecided. Stopping the
-    k most confident samples of R at g (the rest fall to the full-size prefix) gives
+    Prefixes before ``start`` are skipped (threshold 1). At prefix g with earlier thresholds
+    fixed, let R be the samples still undecided. Stopping the k most confident samples of R at g
+    (the rest fall to the full-size prefix) gives
     ``correct_before + cum(correct_g)[k] + (sum(correct_last) - cum(correct_last)[k])``
     correct answers; keep the largest k reaching ``target`` (the smallest threshold).
     """
@@ -304,6 +307,8 @@ def _greedy_thresholds(conf: np.ndarray, correct: np.ndarray, target: float) -> 
         valid = np.ones(len(p) + 1, dtype=bool)
         valid[1:-1] = p[:-1] > p[1:]
         valid[:k_min] = False
+        if g < start:
+            valid[:] = False
         ok = np.flatnonzero(valid & (n_correct >= need))
         k = int(ok.max()) if len(ok) else k_min
         t = _threshold_for_cut(p, k)
@@ -311,6 +316,29 @@ def _greedy_thresholds(conf: np.ndarray, correct: np.ndarray, target: float) -> 
         undecided[order[:k]] = False
         correct_before += int(cum_g[k])
     return thresholds
+
+
+def _best_greedy(conf: np.ndarray, correct: np.ndarray, target: float, nesting: Nesting):
+    """The greedy from every starting prefix; the one reaching ``target`` with the fewest expected
+    dims on calibration (the greedy from prefix 1 when none reaches it).
+
+    The plain greedy (start 0) spends the whole accuracy slack on the smallest prefix; when that
+    prefix is weak, starting later is cheaper, and "answer everything at prefix s" (a fixed-size
+    model) is always among the candidates, so the cascade is never worse than a fixed prefix on
+    calibration.
+    """
+    sizes = np.asarray(nesting.sizes, dtype=np.float64)
+    rows = np.arange(conf.shape[1])
+    best, best_dims = None, np.inf
+    for start in range(len(nesting)):
+        th = _greedy_thresholds(conf, correct, target, start)
+        stop = _stop_index(conf, th)
+        if correct[stop, rows].mean() < target - 1e-9:
+            continue
+        dims = float(sizes[stop].mean())
+        if dims < best_dims - 1e-12:
+            best, best_dims = th, dims
+    return best if best is not None else _greedy_thresholds(conf, correct, target, 0)
 
 
 def _threshold_for_cut(p: np.ndarray, k: int) -> float:
@@ -356,7 +384,7 @@ def fit_cascade(
             )
         return _fit_budget(conf, correct, nesting, float(budget))
     mode, target = _target_from(correct, tolerance, target_accuracy)
-    thresholds = _greedy_thresholds(conf, correct, target)
+    thresholds = _best_greedy(conf, correct, target, nesting)
     info = {"mode": mode, "target": target, "n_calib": int(conf.shape[1])}
     if mode == "tolerance":
         info["tolerance"] = 0.0 if tolerance is None else float(tolerance)
@@ -388,7 +416,7 @@ def _fit_budget(conf, correct, nesting: Nesting, budget: float) -> Cascade:
     targets = np.unique(np.concatenate([[0.0], np.linspace(accs.min(), accs.max(), 201)]))
     best: tuple[float, float, list[float]] | None = None
     for target in targets:
-        th = _greedy_thresholds(conf, correct, float(target))
+        th = _best_greedy(conf, correct, float(target), nesting)
         stop = _stop_index(conf, th)
         dims = float(sizes[stop].mean())
         if dims > budget + 1e-9:
@@ -402,11 +430,12 @@ def _fit_budget(conf, correct, nesting: Nesting, budget: float) -> Cascade:
 
 
 def fit_cascade_reference(
-    scores: Any, labels: Any, nesting: Nesting, target: float, kind: str = "logits"
+    scores: Any, labels: Any, nesting: Nesting, target: float, kind: str = "logits", start: int = 0
 ) -> tuple[float, ...]:
     """Brute-force greedy (reference for tests): for each prefix try every candidate threshold
     (1, the midpoints between distinct confidences of the samples reaching it, 0) and keep the
-    smallest whose full cascade (later thresholds at 1) reaches ``target`` on calibration data."""
+    smallest whose full cascade (later thresholds at 1) reaches ``target`` on calibration data.
+    Prefixes before ``start`` keep threshold 1."""
     conf, correct, _ = _prepare(scores, labels, nesting, kind)
     G, N = conf.shape
     fixed: list[float] = []
@@ -415,9 +444,10 @@ def fit_cascade_reference(
         for h, t in enumerate(fixed):
             undecided &= conf[h] < t
         vals = np.unique(conf[g, undecided])[::-1]  # candidates between values that reach g
-        cands = [1.0] + [_between(float(a), float(b)) for a, b in zip(vals[:-1], vals[1:])] + [0.0]
+        cands = [1.0] + [_between(float(a), float(b)) for a, b in zip(vals[:-1], vals[1:])]
+        cands += [0.0] if len(vals) else []  # nobody reaches g: keep 1 (safe on unseen data)
         chosen = 1.0
-        for t in cands:  # decreasing: the last that passes is the smallest
+        for t in cands if g >= start else []:  # decreasing: the last that passes is smallest
             th = fixed + [t] + [1.0] * (G - 2 - g)
             stop = _stop_index(conf, th)
             if correct[stop, np.arange(N)].mean() >= target - 1e-12:
