@@ -169,3 +169,21 @@ def test_blockmax_topk_matches_reference(n, k, block):
     tv, ti = blockmax_topk_torch(torch.from_numpy(s), k, block)
     np.testing.assert_array_equal(tv.numpy(), ref)
     np.testing.assert_array_equal(ti.numpy(), ref_i)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_compressed_vectors_close_to_exact(dtype, tmp_path):
+    db, q = _data()
+    index = MatryoshkaIndex(
+        NEST, SearchConfig(shortlist_dim=4, shortlist=len(db)), vector_dtype=dtype
+    )
+    index.add(db)
+    res = index.search(q, 10)
+    s, i = exact_search(db, q, 10)
+    np.testing.assert_allclose(res.scores, s, atol=0.02)
+    assert np.mean([len(np.intersect1d(a, b)) for a, b in zip(res.indices, i)]) >= 9
+    index.save(tmp_path / "i")
+    again = MatryoshkaIndex.load(tmp_path / "i").search(q, 10)
+    np.testing.assert_array_equal(again.indices, res.indices)
+    with pytest.raises(ValueError, match="needs metric='cosine'"):
+        MatryoshkaIndex(NEST, vector_dtype="int8", metric="dot")

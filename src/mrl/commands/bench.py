@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="queries for --embeddings (default: 1000 rows held out from it)",
     )
+    r.add_argument(
+        "--vector-dtype",
+        default="int8",
+        choices=("float32", "float16", "int8"),
+        help="the funnel's stored full-size vectors (default int8)",
+    )
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", default=None, help="write the records here")
 

@@ -75,7 +75,7 @@ def _funnel(
     target: float,
     say,
     backends=("flat", "hnsw"),
-    vector_dtype: str = "float16",
+    vector_dtype: str = "int8",
 ) -> dict[str, Any]:
     """Build, tune on held-out rows, then measure on the test queries."""
     index = MatryoshkaIndex(nesting, SearchConfig(), vector_dtype=vector_dtype)
@@ -169,13 +169,15 @@ def bench_retrieval(
     k: int = 10,
     target_recall: float = 0.99,
     hnsw_n: int | None = None,
+    vector_dtype: str = "int8",
     seed: int = 0,
     data: tuple[np.ndarray, np.ndarray] | None = None,
     dataset: str = "mrl-like",
     log: Callable[[str], None] = print,
 ) -> list[Record]:
     """Run the benchmark and return records (see the module doc). ``data`` = (db, queries) to use
-    your own embeddings; ``hnsw_n`` = 0 skips HNSW (default min(n, 100000))."""
+    your own embeddings; ``hnsw_n`` = 0 skips HNSW (default min(n, 100000)); ``vector_dtype`` is
+    the funnel's stored full-size vectors ("int8" default: 1/4 of float32 memory)."""
     for name, v in (("n", n), ("dim", dim), ("queries", queries), ("k", k)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {name}={v}")
@@ -212,7 +214,7 @@ def bench_retrieval(
             "build_s": 0.0,
         },
     )
-    fun = _funnel(db, q, truth, nesting, k, target_recall, log)
+    fun = _funnel(db, q, truth, nesting, k, target_recall, log, vector_dtype=vector_dtype)
     cfg = fun["config"]
     qps = len(q) / fun["secs"]
     add(
@@ -255,11 +257,13 @@ def bench_retrieval(
     )
     hn = min(n, 100_000) if hnsw_n is None else min(int(hnsw_n), n)
     if hn > k:
-        records += _hnsw_comparison(db[:hn], q, nesting, k, target_recall, ctx | {"n": hn}, log)
+        records += _hnsw_comparison(
+            db[:hn], q, nesting, k, target_recall, ctx | {"n": hn}, log, vector_dtype
+        )
     return records
 
 
-def _hnsw_comparison(db, q, nesting, k, target, ctx, log) -> list[Record]:
+def _hnsw_comparison(db, q, nesting, k, target, ctx, log, vector_dtype) -> list[Record]:
     out: list[Record] = []
     n = len(db)
     truth, exact_s = _exact(db, q, k)
@@ -270,7 +274,7 @@ def _hnsw_comparison(db, q, nesting, k, target, ctx, log) -> list[Record]:
     )
     h = _hnsw_full(db, q, truth, k, target, log)
     hq = len(q) / h["secs"]
-    f = _funnel(db, q, truth, nesting, k, target, lambda s: None)
+    f = _funnel(db, q, truth, nesting, k, target, lambda s: None, vector_dtype=vector_dtype)
     fq = len(q) / f["secs"]
     for method, prefix, row in (
         (

@@ -204,7 +204,7 @@ def tune(
                     variants.append(cfg)
                     break
         for cfg in variants:
-            if cfg.backend != "hnsw":
+            if cfg.backend != "hnsw" and (kshort <= 400 or not try_funnel):  # else funnel only
                 candidates.append(_measure(index, cfg, queries, rows, truth, k, say))
             st = funnel_stages(m, kshort, d, kk, nest, min_keep=2 * kk)
             if try_funnel and len(st) > 1:
