@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         data=data,
         dataset=dataset,
+        vector_dtype=args.vector_dtype,
     )
     env = environment()
     for r in records:
