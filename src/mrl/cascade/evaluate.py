@@ -233,8 +233,17 @@ def _evaluate_seed(
         recs.append(
             make_record("cascade", None, "x_smaller", ratio, compared_to=fixed_name, **hctx)
         )
+    # Also against the MRL model's own full-size prefix (differs from the above when FF-D is used).
+    own = mrl_acc[nesting.dim]
+    own_ok = [p["expected_dims"] for p in curve if p["accuracy"] >= own - match - 1e-12]
+    own_dims = min(own_ok) if own_ok else None
+    if own_dims is not None and use_ff:
+        recs.append(make_record("cascade", None, "dims_to_match", own_dims,
+                                **{**hctx, "reference": f"mrl-{nesting.dim}"}))  # fmt: skip
     summary = {
         "seed": seed,
+        "own_reference_test_accuracy": own,
+        "cascade_dims_to_match_own": own_dims,
         "reference": ref_name,
         "reference_test_accuracy": ref_test,
         "reference_calib_accuracy": ref_cal,
@@ -320,6 +329,8 @@ def summarize(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "reference": summaries[0]["reference"],
         "reference_test_accuracy": stat("reference_test_accuracy"),
         "cascade_dims_to_match": stat("cascade_dims_to_match"),
+        "own_reference_test_accuracy": stat("own_reference_test_accuracy"),
+        "cascade_dims_to_match_own": stat("cascade_dims_to_match_own"),
         "fixed_name": summaries[0]["fixed_name"],
         "fixed_dims_to_match": stat("fixed_dims_to_match"),
         "x_smaller": stat("x_smaller"),

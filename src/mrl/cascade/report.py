@@ -37,7 +37,10 @@ def headline_markdown(summary: dict[str, Any], match: float = 0.005) -> str:
         "|---|---|",
         f"| cascade: fewest expected dims within {pts:g} points of the reference (test curve) | "
         f"{_ms(summary['cascade_dims_to_match'])} |",
-        f"| smallest {fixed} model within {pts:g} points | "
+        f"| cascade: fewest expected dims within {pts:g} points of its own full-size prefix "
+        f"(test accuracy {_ms(summary['own_reference_test_accuracy'], 100, 2)} %) | "
+        f"{_ms(summary['cascade_dims_to_match_own'])} |",
+        f"| smallest {fixed} model within {pts:g} points of the reference | "
         f"{_ms(summary['fixed_dims_to_match'], digits=0)} |",
         f"| **x smaller** ({fixed} dims / cascade expected dims) | "
         f"**{_ms(summary['x_smaller'], digits=2)}** |",
