@@ -1,0 +1,154 @@
+"""`mrl text ...`: Matryoshka sentence embeddings by fine-tuning or after the fact.
+
+- ``mrl text finetune --model default --corpus cranfield --out DIR``: Matryoshka contrastive
+  fine-tuning on pairs from a JSONL file (``--pairs``) or made from a corpus without labels
+  (title -> body); saves a sentence-transformers folder with ``mrl.json`` (its nesting).
+- ``mrl text adapt --model default --corpus cranfield --out DIR``: a post-hoc orthogonal map
+  (PCA start, listwise ranking objective) learned on the corpus embeddings; ``--embeddings X.npy``
+  for frozen API embeddings instead of a model.
+- ``mrl text encode --model M --corpus C --out X.npy``: embeddings once, with a JSON sidecar.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "text"
+HELP = "text embeddings: Matryoshka fine-tuning, post-hoc adaptor, encoding"
+
+CORPORA = ("cranfield", "bbc")
+
+
+def _corpus_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--corpus",
+        default=None,
+        required=required,
+        help="'cranfield', 'bbc' or a BEIR-style folder (only its documents are used)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="text_command", metavar="ACTION")
+    ft = sub.add_parser("finetune", help="Matryoshka fine-tuning on pairs")
+    ft.add_argument("--model", default="default", help="sentence-transformers folder or 'default'")
+    ft.add_argument("--pairs", default=None, help='JSONL of {"query", "positive"[, "negative"]}')
+    _corpus_arg(ft)
+    ft.add_argument("--out", required=True, help="output model folder")
+    ft.add_argument("--nesting", default=None, help="prefix sizes (default doubling:8)")
+    ft.add_argument("--epochs", type=int, default=1)
+    ft.add_argument("--batch-size", type=int, default=32)
+    ft.add_argument("--lr", type=float, default=3e-5)
+    ft.add_argument("--max-seq-length", type=int, default=128)
+    ft.add_argument("--max-steps", type=int, default=None)
+    ft.add_argument("--temperature", type=float, default=0.05)
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--device", default="cpu")
+
+    ad = sub.add_parser("adapt", help="post-hoc Matryoshka map for frozen embeddings")
+    src = ad.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", default=None, help="sentence-transformers folder or 'default'")
+    src.add_argument("--embeddings", default=None, help=".npy corpus embeddings [N, D]")
+    _corpus_arg(ad)
+    ad.add_argument("--out", required=True, help="output folder (model + adaptor.pt/.npy)")
+    ad.add_argument("--nesting", default=None, help="prefix sizes (default doubling:8)")
+    ad.add_argument("--steps", type=int, default=300)
+    ad.add_argument("--neighbours", type=int, default=32)
+    ad.add_argument("--lr", type=float, default=2e-3)
+    ad.add_argument("--seed", type=int, default=0)
+
+    en = sub.add_parser("encode", help="encode a corpus once (.npy + JSON sidecar)")
+    en.add_argument("--model", default="default")
+    _corpus_arg(en, required=True)
+    en.add_argument("--out", required=True, help="output .npy file")
+    en.add_argument("--batch-size", type=int, default=32)
+
+
+def _documents(corpus: str):
+    from mrl.text.evaluation import load_text_dataset
+
+    return load_text_dataset(corpus)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from mrl.text.finetune import FinetuneConfig, finetune
+    from mrl.text.pairs import pairs_from_titles, read_pairs
+
+    if (args.pairs is None) == (args.corpus is None):
+        raise ValueError("give exactly one of --pairs FILE.jsonl or --corpus NAME")
+    config = FinetuneConfig(
+        nesting=args.nesting,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_seq_length=args.max_seq_length,
+        max_steps=args.max_steps,
+        temperature=args.temperature,
+        seed=args.seed,
+        device=args.device,
+    )
+    if args.pairs is not None:
+        pairs = read_pairs(args.pairs)
+    else:
+        ds = _documents(args.corpus)
+        pairs = pairs_from_titles(ds.titles, ds.bodies)
+    finetune(args.model, pairs, args.out, config, log=lambda s: print(s, flush=True))
+    return 0
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from mrl.text.adaptor import AdaptorConfig, OrthogonalAdaptor
+    from mrl.text.encoders import encode, load_embeddings, load_encoder
+
+    out = Path(args.out)
+    if args.embeddings is not None:
+        if args.corpus is not None:
+            raise ValueError("--corpus is for --model; --embeddings already holds the corpus")
+        x = load_embeddings(args.embeddings)
+    else:
+        if args.corpus is None:
+            raise ValueError("--model needs --corpus (the documents to fit the map on)")
+        x = encode(load_encoder(args.model), _documents(args.corpus).documents, name="documents")
+    config = AdaptorConfig(
+        nesting=args.nesting,
+        steps=args.steps,
+        neighbours=args.neighbours,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    adaptor = OrthogonalAdaptor.fit(x, config, log=lambda s: print(s, flush=True))
+    if args.model is not None:
+        adaptor.to_sentence_transformer(args.model, out)
+    adaptor.save(out / "adaptor.pt")
+    print(f"wrote {out} (adaptor.pt, adaptor.npy{', model' if args.model else ''})")
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from mrl.text.encoders import encode, load_encoder, model_nesting
+
+    encoder = load_encoder(args.model)
+    emb = encode(
+        encoder, _documents(args.corpus).documents, batch_size=args.batch_size, name="documents"
+    )
+    from mrl.text.encoders import save_embeddings
+
+    nesting = model_nesting(args.model)
+    save_embeddings(
+        args.out,
+        emb,
+        model=str(args.model),
+        corpus=str(args.corpus),
+        normalized=False,
+        nesting=None if nesting is None else nesting.to_dict(),
+    )
+    print(f"wrote {args.out} {emb.shape}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    action = getattr(args, "text_command", None)
+    if action is None:
+        raise ValueError("choose an action: mrl text finetune | adapt | encode (see --help)")
+    return {"finetune": _finetune, "adapt": _adapt, "encode": _encode}[action](args)

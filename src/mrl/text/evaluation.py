@@ -1,0 +1,205 @@
+"""Evaluate text embeddings at every prefix in one pass, and `mrl eval` for text models.
+
+Encode once (`mrl.text.encoders`), then `mrl.evaluate` scores every prefix of the nesting:
+nDCG@10, recall@100 and MRR for query sets (Cranfield, BEIR-style folders); precision@10, 1-NN
+and mAP@10 for labelled corpora (BBC News), each document a query against all the others
+(leave-one-out).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrl.nesting import Nesting
+from mrl.records import Record
+from mrl.text.corpus import LabelledCorpus, RetrievalDataset
+
+__all__ = [
+    "index_qrels",
+    "evaluate_retrieval",
+    "evaluate_corpus",
+    "load_text_dataset",
+    "eval_command",
+    "rename_method",
+]
+
+# `mrl.evaluate` calls the uncentred PCA baseline "pca_uncentered"; the text tables call it "pca"
+# (uncentred, so that it is a rotation and full-size cosines are unchanged).
+_BASELINE_NAMES = {"pca_uncentered": "pca"}
+
+
+def index_qrels(ds: RetrievalDataset) -> dict[int, dict[int, float]]:
+    """``{query index: {doc index: gain > 0}}`` for `mrl.evaluate.evaluate_ranking`."""
+    col = {d: j for j, d in enumerate(ds.doc_ids)}
+    out: dict[int, dict[int, float]] = {}
+    for i, q in enumerate(ds.query_ids):
+        judged = {col[d]: float(g) for d, g in ds.qrels.get(q, {}).items() if g > 0 and d in col}
+        if judged:
+            out[i] = judged
+    if not out:
+        raise ValueError(f"dataset {ds.name!r} has no query with a relevant document")
+    return out
+
+
+def rename_method(records: list[Record]) -> list[Record]:
+    for r in records:
+        r["method"] = _BASELINE_NAMES.get(r["method"], r["method"])
+    return records
+
+
+def evaluate_retrieval(
+    queries: np.ndarray,
+    docs: np.ndarray,
+    ds: RetrievalDataset,
+    nesting: Nesting,
+    *,
+    method: str,
+    pca: bool = False,
+    context: dict[str, Any] | None = None,
+) -> list[Record]:
+    """Records for ``queries [Q, D]`` against ``docs [N, D]`` (rows in ``ds`` order).
+
+    ``pca``: also the uncentred-PCA baseline (fitted on ``docs``), recorded as method "pca".
+    """
+    from mrl.evaluate import evaluate_ranking
+
+    if queries.shape[0] != len(ds.queries) or docs.shape[0] != len(ds.doc_ids):
+        raise ValueError(
+            f"embeddings do not match dataset {ds.name!r}: queries {queries.shape[0]} vs "
+            f"{len(ds.queries)}, docs {docs.shape[0]} vs {len(ds.doc_ids)}"
+        )
+    ks = (10, min(100, docs.shape[0]))
+    records = evaluate_ranking(
+        queries,
+        docs,
+        index_qrels(ds),
+        nesting,
+        method=method,
+        ks=tuple(sorted(set(ks))),
+        baselines=("pca_uncentered",) if pca else (),
+        context={"dataset": ds.name, **(context or {})},
+    )
+    return rename_method(records)
+
+
+def evaluate_corpus(
+    emb: np.ndarray,
+    corpus: LabelledCorpus,
+    nesting: Nesting,
+    *,
+    method: str,
+    pca: bool = False,
+    k: int = 10,
+    context: dict[str, Any] | None = None,
+) -> list[Record]:
+    """Leave-one-out ``p@k``, ``1nn``, ``map@k`` of ``emb [N, D]`` with the corpus labels."""
+    from mrl.evaluate import evaluate_labelled
+
+    if emb.shape[0] != len(corpus.labels):
+        raise ValueError(
+            f"embeddings have {emb.shape[0]} rows, corpus {corpus.name!r} has {len(corpus.labels)}"
+        )
+    records = evaluate_labelled(
+        emb,
+        corpus.labels,
+        emb,
+        corpus.labels,
+        nesting,
+        method=method,
+        k=k,
+        baselines=("pca_uncentered",) if pca else (),
+        exclude_self=True,
+        context={"dataset": corpus.name, **(context or {})},
+    )
+    return rename_method(records)
+
+
+def load_text_dataset(name: str | os.PathLike) -> RetrievalDataset | LabelledCorpus:
+    """ "cranfield", "bbc", or a BEIR-style folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)."""
+    from mrl.text.beir import is_beir_folder, load_beir
+
+    text = str(name)
+    if text == "cranfield":
+        from mrl.text.cranfield import load_cranfield
+
+        return load_cranfield()
+    if text == "bbc":
+        from mrl.text.bbc import load_bbc
+
+        return load_bbc()
+    if Path(text).is_dir() and is_beir_folder(text):
+        return load_beir(text)
+    raise ValueError(
+        f"dataset must be 'cranfield', 'bbc' or a BEIR-style folder (corpus.jsonl, "
+        f"queries.jsonl, qrels/test.tsv), got {text!r}"
+    )
+
+
+def evaluate_model(
+    model: str | os.PathLike,
+    dataset: str | os.PathLike,
+    nesting: Nesting | str | None = None,
+    *,
+    method: str | None = None,
+    pca: bool = True,
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[list[Record], Nesting]:
+    """Encode ``dataset`` with ``model`` once and evaluate every prefix (plus the PCA baseline)."""
+    from mrl.text.encoders import embedding_dim, encode_cached, load_encoder, model_nesting
+
+    encoder = load_encoder(model)
+    dim = embedding_dim(encoder)
+    recorded = model_nesting(model)
+    if nesting is None:
+        nesting = recorded or Nesting.doubling(8, dim)
+    nesting = Nesting.parse(nesting, dim=dim) if not isinstance(nesting, Nesting) else nesting
+    nesting.check_dim(dim, "the model's embeddings")
+    if method is None:
+        method = "mrl" if recorded is not None else "truncate"
+    ds = load_text_dataset(dataset)
+    ctx = {"model": str(model)}
+    docs = encode_cached(
+        model, ds.documents, cache_dir, encoder=encoder, batch_size=batch_size, name="documents"
+    )
+    if isinstance(ds, LabelledCorpus):
+        return evaluate_corpus(docs, ds, nesting, method=method, pca=pca, context=ctx), nesting
+    queries = encode_cached(
+        model, ds.queries, cache_dir, encoder=encoder, batch_size=batch_size, name="queries"
+    )
+    recs = evaluate_retrieval(queries, docs, ds, nesting, method=method, pca=pca, context=ctx)
+    return recs, nesting
+
+
+def eval_command(args: Any) -> int:
+    """`mrl eval RUN_DIR --dataset ... --out ...` for a sentence-transformers folder.
+
+    ``args``: ``run_dir`` (the model folder), ``dataset`` ("cranfield", "bbc" or a BEIR folder;
+    default "cranfield"), ``out`` (report folder; default RUN_DIR/eval-DATASET), ``nesting``
+    (spec or None: the model's recorded nesting, else doubling from 8).
+    """
+    from mrl.report import write_report
+
+    dataset = getattr(args, "dataset", None) or "cranfield"
+    out = getattr(args, "out", None) or Path(args.run_dir) / f"eval-{Path(str(dataset)).name}"
+    records, nesting = evaluate_model(args.run_dir, dataset, getattr(args, "nesting", None))
+    notes = (
+        f"Model {args.run_dir}, dataset {dataset}, nesting {list(nesting.sizes)}. Every prefix is "
+        "re-normalised (cosine). 'pca' is an uncentred PCA rotation fitted on the searched corpus."
+    )
+    write_report(
+        records, out, title=f"mrl eval: {Path(str(args.run_dir)).name} on {dataset}", notes=notes
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def summary_table(records: Sequence[Record], metric: str) -> str:
+    from mrl.records import to_markdown
+
+    return to_markdown(records, metric=metric)

