@@ -40,8 +40,8 @@ def test_every_mode_trains_and_logs(tmp_path, task, mode):
     model, config, saved = load_run(tmp_path)
     assert saved["epoch"] == 2 and config.model.mode == mode
     assert saved["nesting"]["sizes"] == [4, 8, 16]
-    z, pred = predict(model, task.test)
-    assert z.shape == (len(task.test), 16) and pred.shape == (G, len(task.test))
+    z, logits = predict(model, task.test)
+    assert z.shape == (len(task.test), 16) and logits.shape == (G, len(task.test), 4)
     assert ckpt.name == "checkpoint.pt"
 
 
