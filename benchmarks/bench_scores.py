@@ -17,7 +17,6 @@ medians are reported. Ratios are relative to ``full`` measured in the same run. 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -77,7 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             loop(q, x, nesting, k)
 
-    runs = {"full": lambda: full_once(q_unit, x_unit, k), "all-prefix": all_prefix, "loop": loop_run}
+    runs = {
+        "full": lambda: full_once(q_unit, x_unit, k),
+        "all-prefix": all_prefix,
+        "loop": loop_run,
+    }
     times: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(reps):
         for name, fn in runs.items():
@@ -92,26 +95,45 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "Q": Q, "N": N, "D": D, "G": len(nesting), "k": k, "repeats": reps,
-        "metric": args.metric, "tile_size": args.tile_size, "dtype": "float32",
+        "Q": Q,
+        "N": N,
+        "D": D,
+        "G": len(nesting),
+        "k": k,
+        "repeats": reps,
+        "similarity": args.metric,
+        "tile_size": args.tile_size,
+        "dtype": "float32",
     }
     goal = 1.3
     ratio = med["all-prefix"] / med["full"]
     print(f"\nsum(m)/D = {sum_m:.2f} (the per-prefix loop's theoretical cost ratio)")
-    print(f"goal: all-prefix <= {goal}x full -> {'met' if ratio <= goal else 'MISSED'} ({ratio:.2f}x)")
-    print(f"\nQ={Q} N={N} D={D} G={len(nesting)} top-{k} {args.metric} float32, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {reps}")
+    verdict = "met" if ratio <= goal else "MISSED"
+    print(f"goal: all-prefix <= {goal}x full -> {verdict} ({ratio:.2f}x)")
+    print(
+        f"\nQ={Q} N={N} D={D} G={len(nesting)} top-{k} {args.metric} float32, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {reps}"
+    )
     print("| method | median s | x full |")
     print("|---|---|---|")
     for name in runs:
         print(f"| {name} | {med[name]:.3f} | {med[name] / med['full']:.2f} |")
-    result = {"env": env, "median_s": med, "times_s": times, "ratio_all_prefix": ratio,
-              "ratio_loop": med["loop"] / med["full"]}
+    result = {
+        "env": env,
+        "median_s": med,
+        "times_s": times,
+        "ratio_all_prefix": ratio,
+        "ratio_loop": med["loop"] / med["full"],
+    }
     if args.json:
         from mrl.records import make_record, save_records
 
-        recs = [make_record(name, None, "seconds", med[name], ratio_to_full=med[name] / med["full"],
-                            **env) for name in runs]
+        recs = [
+            make_record(
+                name, None, "seconds", med[name], ratio_to_full=med[name] / med["full"], **env
+            )
+            for name in runs
+        ]
         save_records(args.json, recs)
     return result
 
