@@ -160,6 +160,7 @@ def _iter_prefix_scores(
     nesting: Nesting,
     inv_x: torch.Tensor | None,
     buf: torch.Tensor | None = None,
+    acc: torch.Tensor | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (g, scores [Q,T]) for g = 0..G-1; ``inv_x`` [G, T] = 1/|x_m| for cosine, None for dot.
 
@@ -167,10 +168,12 @@ def _iter_prefix_scores(
     change a query's ranking, so callers apply it to the k survivors only. The yielded tensor is a
     reused buffer: copy it if you keep it.
     """
-    acc = torch.zeros(q.shape[0], x.shape[0], dtype=q.dtype)  # running S_g [Q, T]
+    if acc is None:
+        acc = torch.empty(q.shape[0], x.shape[0], dtype=q.dtype)  # running S_g [Q, T]
     out = buf
     for g, (a, b) in enumerate(nesting.chunks):
-        acc.addmm_(q[:, a:b], x[:, a:b].T)  # S_g = S_{g-1} + chunk partial product (in place)
+        # S_g = S_{g-1} + chunk partial product, in place; beta=0 ignores acc's old content
+        acc.addmm_(q[:, a:b], x[:, a:b].T, beta=0 if g == 0 else 1)
         if inv_x is None:
             yield g, acc
         else:
@@ -320,13 +323,16 @@ def _topk_block(
     best_s = torch.full((G, Qb, k), -torch.inf, dtype=q.dtype)  # running top-k per prefix
     best_i = torch.full((G, Qb, k), -1, dtype=torch.long)
     buf = torch.empty(Qb, min(tile_size, x.shape[0]), dtype=q.dtype)  # reused score buffer
+    acc = torch.empty_like(buf)  # reused running sums (no fresh allocation per tile)
     for t0 in range(0, x.shape[0], tile_size):
         xt = x[t0 : t0 + tile_size]  # [T, D]
         if center is not None:
             xt = xt - center
         rows, cols = _excluded_in_tile(exclude, t0, xt.shape[0])
         inv_t = None if inv_x is None else inv_x[:, t0 : t0 + xt.shape[0]]
-        for g, s in _iter_prefix_scores(q, xt, n, inv_t, buf[:, : xt.shape[0]]):
+        for g, s in _iter_prefix_scores(
+            q, xt, n, inv_t, buf[:, : xt.shape[0]], acc[:, : xt.shape[0]]
+        ):
             if rows is not None:
                 s = s.clone() if inv_t is None else s  # never write into the running sum
                 s[rows, cols] = -torch.inf
