@@ -213,6 +213,8 @@ def write_outputs(
         f"(calib fraction {meta.get('calib_fraction')}); seeds {meta.get('seeds')}.",
         f"Command: `{meta.get('command')}`. Machine: {meta.get('machine')}; {_versions()}.",
         "",
+        meta.get("notes") or "",
+        "",
         "## Headline",
         "",
         headline_markdown(summary, match),

@@ -124,7 +124,7 @@ def _compute_from_run(run_dir: Path, split: str) -> LogitsSet:
 
 
 # The few-shot pool: a seeded subset of the training images is plenty for 1..100 shots per class.
-POOL_SIZE = 10000
+POOL_SIZE = 5000
 
 
 def _forward_run(run: Any, split: str, run_dir: Path) -> LogitsSet:

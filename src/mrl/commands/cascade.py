@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--out", default=None, help="folder for cascade.json/.md/.png "
                     "(default: SOURCE's folder/cascade-eval)")
     ev.add_argument("--dataset", default=None, help="dataset name added to every record")
+    ev.add_argument("--notes", default="", help="text for cascade.md (how the runs were trained)")
     _common(ev)
 
 
@@ -175,6 +176,7 @@ def _eval_curves(args: argparse.Namespace, src: Path) -> int:
     command = _command_line(args)
     meta = {"source": str(src), "ff": list(args.ff), "split": args.split, "seeds": seeds,
             "calib_fraction": args.calib_fraction, "match": args.match, "command": command,
+            "notes": args.notes,
             "machine": f"{platform.machine()} {platform.system()}, python "
                        f"{platform.python_version()}", **context}
     summary = summarize(summaries)
