@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,6 @@ class RunEmbeddings:
     test_labels: Any
     test_logits: Any
     config: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def compute_embeddings(
@@ -120,7 +119,6 @@ def evaluate_embeddings(
     **context: Any,
 ) -> list[dict[str, Any]]:
     """Tidy records (method, prefix, metric, value, ...) for one run; see the module doc."""
-    from mrl.evaluate import evaluate_labelled
     from mrl.nesting import Nesting
     from mrl.probe import baseline_features, probe_top1
     from mrl.records import make_record
@@ -146,9 +144,7 @@ def evaluate_embeddings(
             make_record(method, m, "top1", a, source="probe", **context)
             for m, a in zip(sizes.sizes, acc.tolist())
         ]
-    records += _retrieval(
-        evaluate_labelled, db, e.db_labels, test, e.test_labels, sizes, method, center, context
-    )
+    records += _retrieval(db, e.db_labels, test, e.test_labels, sizes, method, center, context)
     if e.mode == "plain" and baselines:
         for kind in ("pca", "random"):
             bdb, btest = baseline_features(db, test, kind)
@@ -160,30 +156,28 @@ def evaluate_embeddings(
                 for m, a in zip(sizes.sizes, acc.tolist())
             ]
             records += _retrieval(
-                evaluate_labelled,
-                bdb,
-                e.db_labels,
-                btest,
-                e.test_labels,
-                sizes,
-                kind,
-                center,
-                context,
+                bdb, e.db_labels, btest, e.test_labels, sizes, kind, center, context
             )
     return records
 
 
-def _retrieval(fn, db, db_labels, q, q_labels, sizes, method, center, context):
-    recs = fn(
-        db.numpy(),
-        db_labels.numpy(),
-        q.numpy(),
-        q_labels.numpy(),
-        sizes,
-        method=method,
-        k=10,
-        center=center,
-    )
+def _retrieval(
+    db: Any,
+    db_labels: Any,
+    queries: Any,
+    query_labels: Any,
+    sizes: Any,
+    method: str,
+    center: bool,
+    context: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """1nn, map@10, p@10 (in percent) of test queries [Q, D] against the database [N, D]."""
+    from mrl.evaluate import evaluate_labelled
+
+    recs = evaluate_labelled(
+        db.numpy(), db_labels.numpy(), queries.numpy(), query_labels.numpy(), sizes,
+        method=method, k=10, center=center,
+    )  # fmt: skip
     for r in recs:  # evaluate_labelled reports fractions; tables here are in percent
         if r["value"] is not None and r["metric"] in ("1nn", "map@10", "p@10"):
             r["value"] = 100.0 * r["value"]
