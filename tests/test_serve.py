@@ -175,6 +175,15 @@ def test_openai_client_float_and_base64_match_reference(server):
     np.testing.assert_allclose(np.linalg.norm(res.data[0].embedding), 1.0, rtol=1e-5)
 
 
+def test_unbatched_server_gives_the_same_embeddings(server):
+    url, enc, _ = server
+    body = {"input": ["one", "two three"], "model": MODEL, "dimensions": 16}
+    with serving(create_app(enc, config=ServeConfig(batching=False))) as plain_url:
+        plain = httpx.post(plain_url + "/v1/embeddings", json=body).json()
+    batched = httpx.post(url + "/v1/embeddings", json=body).json()
+    assert plain == batched
+
+
 def test_openai_client_sees_errors(server):
     url, _, _ = server
     c = openai.OpenAI(base_url=url + "/v1", api_key="dummy", max_retries=0)

@@ -65,3 +65,18 @@ def test_plain_model_serves_only_its_full_size_by_default(encoder):
         meta = httpx.get(base + "/v1/metadata").json()
         assert meta["model"] == {"id": "all-MiniLM-L6-v2", "dim": 384, "nesting": [384],
                                  "max_tokens": 256}
+
+
+def test_embed_corpus_with_the_real_model(encoder, tmp_path):
+    from mrl.embed import embed_corpus
+    from mrl.retrieval import EmbeddingStore
+
+    texts = [f"sentence {i} about {'cats' if i % 2 else 'dolls'}" for i in range(7)]
+    (tmp_path / "c.txt").write_text("\n".join(texts) + "\n")
+    embed_corpus(encoder, tmp_path / "c.txt", tmp_path / "store", shard_size=3, batch_size=2,
+                 show_progress=False)
+    store = EmbeddingStore.open(tmp_path / "store")
+    assert store.nesting.sizes == (64, 128, 384)
+    ref = encoder.model.encode(texts, convert_to_numpy=True)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(store.read(), ref, rtol=1e-4, atol=1e-5)

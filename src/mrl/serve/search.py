@@ -92,10 +92,17 @@ class IndexBackend:
 
 
 class QdrantBackend:
-    """A Qdrant collection through `mrl.qdrant.QdrantIndex` (same funnel parameters)."""
+    """A Qdrant collection through `mrl.qdrant.QdrantIndex` (same funnel parameters).
 
-    def __init__(self, qindex, defaults: dict[str, Any] | None = None) -> None:
+    The collection size (for validating ``k``) is re-counted at most every ``size_ttl_s``
+    seconds, not on every request.
+    """
+
+    def __init__(self, qindex, defaults: dict[str, Any] | None = None,
+                 size_ttl_s: float = 10.0) -> None:
         self.index = qindex
+        self.size_ttl_s = size_ttl_s
+        self._size: tuple[float, int] | None = None  # (monotonic time, count)
         self.nesting = Nesting(qindex.layout.prefixes)
         self.defaults = {"shortlist_dim": qindex.layout.prefixes[0], "shortlist": 200,
                          "stages": None, **(defaults or {})}
@@ -103,7 +110,10 @@ class QdrantBackend:
 
     @property
     def size(self) -> int:
-        return len(self.index)
+        now = time.monotonic()
+        if self._size is None or now - self._size[0] > self.size_ttl_s:
+            self._size = (now, len(self.index))
+        return self._size[1]
 
     def search(self, queries: np.ndarray, k: int, *, shortlist_dim: int | None = None,
                shortlist: int | None = None, stages: Sequence[Sequence[int]] | None = None,
