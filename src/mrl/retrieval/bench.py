@@ -53,6 +53,22 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def _scratch(n: int, dim: int) -> np.ndarray | None:
+    """A disk-backed [n, dim] float32 array when it would exceed 2 GiB (the 1M x 2048 database is
+    8 GB: as a memory map the OS pages it in and out instead of the process holding it); the
+    file is unlinked at once, so it disappears with the process."""
+    if n * dim * 4 <= 2**31:
+        return None
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="mrl-bench-", suffix=".f32")
+    os.close(fd)
+    arr = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, dim))
+    os.unlink(path)  # the mapping keeps the data alive
+    return arr
+
+
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t = time.perf_counter()
     out = fn()
@@ -183,7 +199,7 @@ def bench_retrieval(
             raise ValueError(f"{name} must be >= 1, got {name}={v}")
     if data is None:
         log(f"generating MRL-like data: {n} x {dim} + {queries} queries")
-        db, _ = mrl_like(n, dim, clusters=max(1, n // 100), seed=seed)
+        db, _ = mrl_like(n, dim, clusters=max(1, n // 100), seed=seed, out=_scratch(n, dim))
         q, _ = mrl_like(queries, dim, clusters=max(1, n // 100), seed=seed + 1)
     else:
         db = np.ascontiguousarray(data[0], np.float32)

@@ -47,11 +47,13 @@ def exact_search(
     dims: int | None = None,
     metric: str = "cosine",
     block: int = 65536,
+    column_scale: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of queries [Q, D] against db [N, D] at prefix ``dims`` (default D).
 
     Scans the database in blocks of ``block`` rows (bounded memory; db may be a memmap) and keeps a
-    running top-k. Returns (scores [Q, k] float32, indices [Q, k] int64), best first.
+    running top-k. ``column_scale`` [D] multiplies db columns first (int8 codes -> values).
+    Returns (scores [Q, k] float32, indices [Q, k] int64), best first.
     """
     n, d = db.shape
     if metric not in METRICS:
@@ -65,7 +67,10 @@ def exact_search(
     best_s = np.full((len(q), 0), -np.inf, np.float32)
     best_i = np.zeros((len(q), 0), np.int64)
     for start in range(0, n, block):
-        x = normalize_prefix(db[start : start + block], m, metric)  # [b, m]
+        x = np.asarray(db[start : start + block, :m], dtype=np.float32)
+        if column_scale is not None:
+            x = x * column_scale[:m]
+        x = normalize_prefix(x, m, metric)  # [b, m]
         s = q @ x.T  # [Q, b]
         s_top, i_top = topk_sorted(s, min(k, s.shape[1]))
         cat_s = np.concatenate([best_s, s_top], axis=1)

@@ -59,7 +59,7 @@ def held_out_queries(index: MatryoshkaIndex, n: int, seed: int = 0):
         raise ValueError(f"n_queries must be >= 1, got n_queries={n}")
     rows = np.random.default_rng(seed).choice(index.count, size=min(n, index.count), replace=False)
     rows.sort()
-    return np.asarray(index._vectors[rows], dtype=np.float32), rows
+    return index.vectors(rows), rows
 
 
 def flops_per_query(
@@ -163,7 +163,9 @@ def tune(
     )
     need = min(need, 1.0)
     kk = k + 1 if rows is not None else k  # room to drop the query's own row
-    _, truth = exact_search(index._vectors, queries, kk, metric=index.metric)
+    _, truth = exact_search(
+        index._vectors, queries, kk, metric=index.metric, column_scale=index._col_scale
+    )
     truth = _drop_self(truth, rows, k)
     dims = (
         shortlist_dims or tuple(m for m in nest.sizes if m <= min(d // 4, 256)) or (nest.sizes[0],)

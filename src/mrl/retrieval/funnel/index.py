@@ -133,8 +133,11 @@ class MatryoshkaIndex:
         config: default `SearchConfig` (override any field per `search` call).
         metric: "cosine" (re-normalise every prefix) or "dot".
         vector_dtype: the stored full-size vectors used for reranking: "float32", "float16" or
-            "int8" (codes ``round(127 x / max|x|)`` per row; cosine is scale-free, so the
-            per-row scale is not needed; 1/4 of the memory and faster to widen than float16).
+            "int8" (codes ``round(x_j / s_j)`` with one scale per column
+            ``s_j = max_i |x_ij| / 127`` fixed by the first `add`, later rows are clipped to it;
+            per column because MRL's leading coordinates are much larger than the tail. The
+            scale is folded into the query: ``q . (c * s) = (q * s) . c``. 1/4 of float32's
+            memory, and faster to widen than float16).
         device: torch device for backend "torch" ("cpu", "cuda", ...).
         threads: worker threads for reranking and FAISS (None = all cores).
 
@@ -176,6 +179,7 @@ class MatryoshkaIndex:
         self._check_config(self.config, k=1, n=None)
         d, g = nesting.dim, len(nesting)
         self._vectors = np.zeros((0, d), vector_dtype)  # [N, D] full size (raw, or memmap)
+        self._col_scale = np.ones(d, np.float32)  # [D] int8 dequantisation scale per column
         self._inv_norms = np.zeros((0, g), np.float32)  # [N, G] 1/|x[:m_g]| (1 for "dot")
         self._ids = np.zeros(0, np.int64)
         self._short: dict[int, np.ndarray] = {}  # m -> [N, m] normalised prefix, contiguous
@@ -205,7 +209,9 @@ class MatryoshkaIndex:
         x = validate_vectors(vectors, self.nesting.dim)  # [n, D] float32
         new_ids = self._check_ids(ids, len(x))
         if self.vector_dtype == "int8":
-            x_store = _quantize_int8(x)  # [n, D] int8 codes
+            if self.count == 0:
+                self._col_scale = _column_scale(x)
+            x_store = _quantize_int8(x, self._col_scale)  # [n, D] int8 codes
             x = x_store  # norms and shortlist prefixes come from what is stored
         else:
             x_store = x.astype(self.vector_dtype, copy=False)  # no copy for float32 input
@@ -220,11 +226,11 @@ class MatryoshkaIndex:
             self._inv_norms = np.concatenate([np.asarray(self._inv_norms), inv])
         self._ids = np.concatenate([self._ids, new_ids]) if len(self._ids) else new_ids
         for m in list(self._short):  # extend cached shortlist matrices
-            part = x[:, :m].astype(np.float32) * inv[:, self.nesting.index(m), None]
+            part = self._widen(x[:, :m]) * inv[:, self.nesting.index(m), None]
             self._short[m] = np.ascontiguousarray(np.concatenate([self._short[m], part]))
         for key, idx in self._hnsw.items():
             g = self.nesting.index(key[0])
-            idx.add(np.ascontiguousarray(x[:, : key[0]].astype(np.float32) * inv[:, g, None]))
+            idx.add(np.ascontiguousarray(self._widen(x[:, : key[0]]) * inv[:, g, None]))
         self._torch.clear()
 
     def _check_ids(self, ids: Sequence | np.ndarray | None, n: int) -> np.ndarray:
@@ -252,10 +258,23 @@ class MatryoshkaIndex:
             return np.ones((len(x), g), np.float32)
         sq = np.empty((len(x), g), np.float64)
         for s in range(0, len(x), 16384):  # blocks: bounded float64 temporaries
+            blk = self._widen(x[s : s + 16384])  # dequantised for int8
             for j, (a, b) in enumerate(self.nesting.chunks):  # squared norm of each chunk
-                sq[s : s + 16384, j] = np.square(x[s : s + 16384, a:b], dtype=np.float64).sum(1)
+                sq[s : s + 16384, j] = np.square(blk[:, a:b], dtype=np.float64).sum(1)
         norms = np.sqrt(np.cumsum(sq, axis=1))  # [n, G] norms of the prefixes
         return np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
+
+    def _widen(self, x: np.ndarray) -> np.ndarray:
+        """Stored rows [n, m] (a prefix) as float32; int8 codes are dequantised."""
+        out = np.asarray(x, dtype=np.float32)
+        if self.vector_dtype == "int8":
+            out *= self._col_scale[: out.shape[1]]
+        return out
+
+    def vectors(self, rows: np.ndarray | None = None, dims: int | None = None) -> np.ndarray:
+        """Stored full-size vectors as float32 [len(rows), dims] (dequantised for int8)."""
+        rows = np.arange(self.count) if rows is None else np.asarray(rows, dtype=np.int64)
+        return self._widen(self._vectors[rows, : dims or self.nesting.dim])
 
     def shortlist_matrix(self, m: int) -> np.ndarray:
         """The contiguous normalised prefix [N, m] (built once, then cached and saved)."""
@@ -263,7 +282,7 @@ class MatryoshkaIndex:
             g = self.nesting.index(m)
             rows = []
             for s in range(0, self.count, 65536):  # blocks: no [N, D] float32 temporary
-                blk = np.asarray(self._vectors[s : s + 65536, :m], dtype=np.float32)
+                blk = self._widen(self._vectors[s : s + 65536, :m])
                 rows.append(blk * self._inv_norms[s : s + 65536, g, None])
             self._short[m] = np.ascontiguousarray(
                 np.concatenate(rows) if rows else np.zeros((0, m), np.float32)
@@ -467,7 +486,7 @@ class MatryoshkaIndex:
         scores = None
         for m, keep in stages:
             g = self.nesting.index(m)
-            qm = self._norm_q(q, m)  # [Q, m]
+            qm = self._norm_q(q, m) * self._col_scale[:m]  # [Q, m]; int8 scale folded in
             x = np.asarray(self._vectors[cand.ravel(), :m], dtype=np.float32)  # [Q*K, m]
             s = np.matmul(x.reshape(qn, kc, m), qm[:, :, None])[:, :, 0]  # [Q, K]
             s *= self._inv_norms[cand, g]
@@ -490,6 +509,7 @@ class MatryoshkaIndex:
                 dt = torch.float16 if (half or self.vector_dtype == "float16") else torch.float32
                 self._torch["vectors"] = torch.as_tensor(np.asarray(self._vectors)).to(dev, dt)
                 self._torch["inv"] = torch.as_tensor(np.asarray(self._inv_norms)).to(dev)
+                self._torch["scale"] = torch.as_tensor(self._col_scale).to(dev)
             dt = torch.float16 if half else torch.float32
             self._torch[key] = torch.as_tensor(self.shortlist_matrix(m)).to(dev, dt)
         return self._torch
@@ -518,6 +538,7 @@ class MatryoshkaIndex:
                 qm = qt[:, :m]
                 if self.metric == "cosine":
                     qm = qm / qm.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                qm = qm * arrs["scale"][:m]  # int8: dequantisation folded into the query
                 x = vec[ct.reshape(-1), :m].reshape(ct.shape[0], ct.shape[1], m).float()
                 s = torch.bmm(x, qm.float().unsqueeze(2)).squeeze(2) * inv[ct, g]  # [Q, K]
                 keep = min(keep, ct.shape[1])
@@ -541,7 +562,12 @@ class MatryoshkaIndex:
         path.mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(6)
         files: dict[str, dict[str, Any]] = {}
-        arrays = {"vectors": self._vectors, "inv_norms": self._inv_norms, "ids": self._ids}
+        arrays = {
+            "vectors": self._vectors,
+            "inv_norms": self._inv_norms,
+            "ids": self._ids,
+            "col_scale": self._col_scale,
+        }
         for m, arr in self._short.items():
             arrays[f"short-{m}"] = arr
         for name, arr in arrays.items():
@@ -615,6 +641,7 @@ class MatryoshkaIndex:
             arrays["inv_norms"],
             arrays["ids"],
         )
+        index._col_scale = np.asarray(arrays["col_scale"], np.float32)
         for name, arr in arrays.items():
             if name.startswith("short-"):
                 index._short[int(name.split("-")[1])] = arr
@@ -637,13 +664,19 @@ class MatryoshkaIndex:
         )
 
 
-def _quantize_int8(x: np.ndarray) -> np.ndarray:
-    """Per-row symmetric int8 codes of x [n, D] float32, in blocks (bounded temporaries)."""
+def _column_scale(x: np.ndarray) -> np.ndarray:
+    """Per-column int8 scale [D]: max_i |x_ij| / 127 (1 for all-zero columns), in blocks."""
+    peak = np.zeros(x.shape[1], np.float32)
+    for s in range(0, len(x), 65536):
+        np.maximum(peak, np.abs(x[s : s + 65536]).max(axis=0), out=peak)
+    return np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+
+
+def _quantize_int8(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int8 codes round(x / scale) of x [n, D] (clipped to +-127), in blocks."""
     out = np.empty(x.shape, np.int8)
     for s in range(0, len(x), 65536):
-        blk = x[s : s + 65536]
-        scale = np.abs(blk).max(axis=1, keepdims=True) / 127.0  # [b, 1]
-        out[s : s + 65536] = np.rint(blk / np.where(scale > 0, scale, 1.0))
+        out[s : s + 65536] = np.clip(np.rint(x[s : s + 65536] / scale), -127, 127)
     return out
 
 
