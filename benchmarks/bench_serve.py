@@ -199,7 +199,7 @@ def bench_search(args) -> list[dict]:
             assert r.status_code == 200, r.text
             found.append(r.json()["data"][0]["ids"])
             server_ms.append(r.json()["timings_ms"])
-    truth = exact_search(index._vectors, queries, 10)[1]  # full-size exact top-10 (reference)
+    truth = exact_search(index.vectors(), queries, 10)[1]  # full-size exact top-10 (reference)
     rec = recall_at(np.asarray(found), index.ids[truth])
     stages = {k: float(np.median([s[k] for s in server_ms])) for k in server_ms[0]}
     print(f"/v1/search ({args.queries} sequential queries, k=10, D_s=16, K=200 -> D): "

@@ -171,14 +171,14 @@ def test_interrupted_export_resumes_without_duplicates(tmp_path, store_path):
     layout = QdrantLayout((8, 32))
     marker = tmp_path / "c.progress.json"
 
-    def crash_after_two(done, total):
-        if done >= 2 * 100:
+    def crash_after_two_commits(done, total):
+        if done >= 2 * 2 * 50:
             raise _Crash
 
     target = open_target("c", path=tmp_path)
-    with pytest.raises(_Crash):
-        export_qdrant(rows, target, layout, marker, collection="c", batch_size=100,
-                      on_batch=crash_after_two)
+    with pytest.raises(_Crash):  # commits every 2 batches of 50 rows; dies after the second
+        export_qdrant(rows, target, layout, marker, collection="c", batch_size=50,
+                      commit_every=2, on_batch=crash_after_two_commits)
     target.close()
     assert json.loads(marker.read_text())["done"] == 200
     target = open_target("c", path=tmp_path)
@@ -246,6 +246,9 @@ def test_batches_are_retried(tmp_path, store_path):
     assert report.retries == 2 and flaky.count() == N
     flaky.inner.close()
     hopeless = _Flaky(open_target("d", path=tmp_path), fail=100)
+    with pytest.raises(ValueError, match="commit_every must be >= 1, got commit_every=0"):
+        export_qdrant(open_rows(store_path), flaky, QdrantLayout((8, 32)), tmp_path / "r.json",
+                      collection="c", commit_every=0)
     with pytest.raises(ConnectionError, match="blip 3"):
         export_qdrant(open_rows(store_path), hopeless, QdrantLayout((8, 32)),
                       tmp_path / "q.json", collection="d", retries=2, backoff_s=0.0)
@@ -260,7 +263,7 @@ def slow(done, total):
     time.sleep(0.3)
 target = open_target("k", path=sys.argv[2])
 export_qdrant(open_rows(sys.argv[1]), target, QdrantLayout((8, 32)), sys.argv[3],
-              collection="k", batch_size=50, on_batch=slow)
+              collection="k", batch_size=50, commit_every=1, on_batch=slow)
 """
 
 

@@ -331,7 +331,7 @@ def copy_index(index):
     from mrl.retrieval import MatryoshkaIndex
 
     new = MatryoshkaIndex(index.nesting, index.config, threads=1)
-    new.add(np.asarray(index._vectors), ids=index.ids)
+    new.add(index.vectors(), ids=index.ids)
     return new
 
 

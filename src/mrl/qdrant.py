@@ -161,6 +161,7 @@ class Target(Protocol):
                exact: bool) -> list[list[tuple[int, float, dict]]]: ...
     def point_ids(self) -> np.ndarray: ...
     def layout(self) -> QdrantLayout | None: ...
+    def commit(self) -> None: ...
     def finish(self) -> None: ...
     def close(self) -> None: ...
 
@@ -223,7 +224,10 @@ class EdgeTarget:
         points = [qe.Point(int(r), {name: lists[name][i] for name in lists}, payloads[i])
                   for i, r in enumerate(rows)]
         self.shard.update(qe.UpdateOperation.upsert_points(points))
-        self.shard.flush()  # durable before the progress marker moves on
+
+    def commit(self) -> None:
+        """Make every upsert so far durable (before the progress marker moves past it)."""
+        self.shard.flush()
 
     def _nearest(self, vec: np.ndarray, name: str):
         return self.qe.Query.Nearest(vec.tolist(), using=name)
@@ -317,6 +321,9 @@ class ClientTarget:
             return 0
         return int(self.client.count(self.collection, exact=True).count)
 
+    def commit(self) -> None:
+        """Nothing to do: upserts use ``wait=True``, acknowledged once in the server's WAL."""
+
     def finish(self) -> None:
         """Nothing to do: a Qdrant server optimises (builds HNSW) in the background."""
 
@@ -397,12 +404,8 @@ class _IndexRows:
         return self.index.ids
 
     def take(self, rows: np.ndarray, dims: int | None = None) -> np.ndarray:
-        # The index keeps its full-size rows [N, D] (possibly a memmap); a public accessor would
-        # be nicer than the attribute (asked of the retrieval module's owner).
-        vectors = getattr(self.index, "vectors", None)
-        if vectors is None:
-            vectors = self.index._vectors
-        return np.asarray(vectors[rows, : dims or self.dim], dtype=np.float32)
+        # float32 [len(rows), dims], dequantised when the index stores int8
+        return np.asarray(self.index.vectors(rows, dims), dtype=np.float32)
 
 
 def open_rows(path: str | os.PathLike):
@@ -482,18 +485,23 @@ def export_qdrant(
     batch_size: int = 1024,
     retries: int = 5,
     backoff_s: float = 0.5,
+    commit_every: int = 8,
     on_batch: Callable[[int, int], None] | None = None,
     show_progress: bool = False,
 ) -> ExportReport:
     """Write every row of ``store`` (an `EmbeddingStore`) into ``target`` with ``layout``.
 
-    Resumable: the marker at ``progress_path`` records how many rows are acknowledged; a new call
-    starts there (and rewrites the batch that was in flight, harmlessly: ids are row numbers).
-    When the collection holds fewer points than the marker claims (a server lost data), the export
-    starts again from row 0. ``on_batch(done, total)`` is called after each batch.
+    Resumable: every ``commit_every`` batches (and at the end) the target makes the upserts
+    durable (Edge: ``flush()``, the slow part of an upload) and then the marker at
+    ``progress_path`` records the rows done; a new call starts there and rewrites the batches
+    after it, harmlessly: point ids are row numbers. When the collection holds fewer points than
+    the marker claims (a server lost data), the export starts again from row 0.
+    ``on_batch(done, total)`` is called after each marker update.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    if commit_every < 1:
+        raise ValueError(f"commit_every must be >= 1, got commit_every={commit_every}")
     if layout.dim > store.dim:
         raise ValueError(f"layout prefixes {list(layout.prefixes)} exceed the store's "
                          f"dimension {store.dim}")
@@ -518,12 +526,14 @@ def export_qdrant(
         report.batches += 1
         report.written += end - done
         done = end
-        atomic_write_json(progress_path, {"format": MARKER_FORMAT, "version": MARKER_VERSION,
-                                          "fingerprint": fingerprint, "done": done})
         if bar is not None:
             bar.update(end - rows[0])
-        if on_batch is not None:
-            on_batch(done, total)
+        if report.batches % commit_every == 0 or done == total:
+            target.commit()
+            atomic_write_json(progress_path, {"format": MARKER_FORMAT, "version": MARKER_VERSION,
+                                              "fingerprint": fingerprint, "done": done})
+            if on_batch is not None:
+                on_batch(done, total)
     if bar is not None:
         bar.close()
     t1 = time.perf_counter()

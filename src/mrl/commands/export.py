@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distance", choices=["cosine", "dot"], default="cosine")
     p.add_argument("--batch-size", type=int, default=1024, help="points per upsert")
     p.add_argument("--retries", type=int, default=5, help="retries per batch (exponential backoff)")
+    p.add_argument("--commit-every", type=int, default=8,
+                   help="batches between durable commits (Edge flush) and progress-marker updates")
     p.add_argument("--progress", default=None,
                    help="progress marker file (default: PATH/COLLECTION.progress.json with "
                         "--path, INDEX.qdrant-COLLECTION.json beside the index with --url)")
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = export_qdrant(rows, target, layout, progress, collection=args.collection,
                                batch_size=args.batch_size, retries=args.retries,
+                               commit_every=args.commit_every,
                                show_progress=not args.quiet)
         count = target.count()
     finally:
