@@ -44,6 +44,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("float32", "float16", "int8"),
         help="the funnel's stored full-size vectors (default int8)",
     )
+    r.add_argument(
+        "--max-hnsw",
+        type=int,
+        default=2,
+        help="prefix HNSW graphs the tuner may build (each is a pass over N)",
+    )
+    r.add_argument(
+        "--ef-construction",
+        type=int,
+        default=80,
+        help="build breadth of the prefix HNSW graphs (default 80)",
+    )
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", default=None, help="write the records here")
 
@@ -76,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         data=data,
         dataset=dataset,
         vector_dtype=args.vector_dtype,
+        max_hnsw=args.max_hnsw,
+        ef_construction=args.ef_construction,
     )
     env = environment()
     for r in records:

@@ -92,17 +92,29 @@ def _funnel(
     say,
     backends=("flat", "hnsw"),
     vector_dtype: str = "int8",
+    max_hnsw: int = 2,
+    ef_construction: int = 80,
 ) -> dict[str, Any]:
-    """Build, tune on held-out rows, then measure on the test queries."""
-    index = MatryoshkaIndex(nesting, SearchConfig(), vector_dtype=vector_dtype)
+    """Build, tune on held-out rows, then measure on the test queries.
+
+    Build time = add (quantise, prefix norms) + the chosen shortlist matrix + its HNSW graph
+    (timed when tuning built them; tuning itself is reported separately as tune_s)."""
+    index = MatryoshkaIndex(
+        nesting, SearchConfig(ef_construction=ef_construction), vector_dtype=vector_dtype
+    )
     _, add_s = _timed(lambda: index.add(db, copy=False))
     tuned, tune_s = _timed(
-        lambda: tune(index, target, k=k, n_queries=200, backends=backends, log=say)
+        lambda: tune(
+            index, target, k=k, n_queries=200, backends=backends, max_hnsw=max_hnsw, log=say
+        )
     )
     cfg = tuned.config
-    build_s = add_s + index.build(cfg)  # HNSW graph / shortlist matrix: already built by tune
+    index.build(cfg)
+    build_s = add_s + index.build_seconds.get(f"short-{cfg.shortlist_dim}", 0.0)
     if cfg.backend == "hnsw":
-        build_s += _hnsw_prefix_build_s(index, cfg)
+        build_s += index.build_seconds[
+            f"hnsw-{cfg.shortlist_dim}-{cfg.hnsw_m}-{cfg.ef_construction}"
+        ]
     import faiss
 
     faiss.cvar.hnsw_stats.reset()
@@ -129,15 +141,6 @@ def _funnel(
             "memory": index.memory_bytes(paper),
         },
     }
-
-
-def _hnsw_prefix_build_s(index: MatryoshkaIndex, cfg: SearchConfig) -> float:
-    """Time to build the prefix HNSW graph again from scratch (tune built it once already)."""
-    key = (cfg.shortlist_dim, cfg.hnsw_m, cfg.ef_construction)
-    saved = index._hnsw.pop(key)
-    secs = index.build(cfg)
-    index._hnsw[key] = saved
-    return secs
 
 
 def _hnsw_full(
@@ -186,6 +189,8 @@ def bench_retrieval(
     target_recall: float = 0.99,
     hnsw_n: int | None = None,
     vector_dtype: str = "int8",
+    max_hnsw: int = 2,
+    ef_construction: int = 80,
     seed: int = 0,
     data: tuple[np.ndarray, np.ndarray] | None = None,
     dataset: str = "mrl-like",
@@ -230,7 +235,8 @@ def bench_retrieval(
             "build_s": 0.0,
         },
     )
-    fun = _funnel(db, q, truth, nesting, k, target_recall, log, vector_dtype=vector_dtype)
+    opts = {"vector_dtype": vector_dtype, "max_hnsw": max_hnsw, "ef_construction": ef_construction}
+    fun = _funnel(db, q, truth, nesting, k, target_recall, log, **opts)
     cfg = fun["config"]
     qps = len(q) / fun["secs"]
     add(
@@ -274,12 +280,12 @@ def bench_retrieval(
     hn = min(n, 100_000) if hnsw_n is None else min(int(hnsw_n), n)
     if hn > k:
         records += _hnsw_comparison(
-            db[:hn], q, nesting, k, target_recall, ctx | {"n": hn}, log, vector_dtype
+            db[:hn], q, nesting, k, target_recall, ctx | {"n": hn}, log, opts
         )
     return records
 
 
-def _hnsw_comparison(db, q, nesting, k, target, ctx, log, vector_dtype) -> list[Record]:
+def _hnsw_comparison(db, q, nesting, k, target, ctx, log, opts) -> list[Record]:
     out: list[Record] = []
     n = len(db)
     truth, exact_s = _exact(db, q, k)
@@ -290,7 +296,7 @@ def _hnsw_comparison(db, q, nesting, k, target, ctx, log, vector_dtype) -> list[
     )
     h = _hnsw_full(db, q, truth, k, target, log)
     hq = len(q) / h["secs"]
-    f = _funnel(db, q, truth, nesting, k, target, lambda s: None, vector_dtype=vector_dtype)
+    f = _funnel(db, q, truth, nesting, k, target, lambda s: None, **opts)
     fq = len(q) / f["secs"]
     for method, prefix, row in (
         (

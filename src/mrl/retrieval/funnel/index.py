@@ -185,6 +185,7 @@ class MatryoshkaIndex:
         self._short: dict[int, np.ndarray] = {}  # m -> [N, m] normalised prefix, contiguous
         self._hnsw: dict[tuple[int, int, int], Any] = {}  # (m, M, efC) -> faiss index
         self._torch: dict[str, Any] = {}  # device copies for backend "torch"
+        self.build_seconds: dict[str, float] = {}  # "short-16", "hnsw-16-32-80": build times
 
     # ------------------------------------------------------------------ building
     @property
@@ -279,6 +280,7 @@ class MatryoshkaIndex:
     def shortlist_matrix(self, m: int) -> np.ndarray:
         """The contiguous normalised prefix [N, m] (built once, then cached and saved)."""
         if m not in self._short:
+            t = time.perf_counter()
             g = self.nesting.index(m)
             rows = []
             for s in range(0, self.count, 65536):  # blocks: no [N, D] float32 temporary
@@ -287,6 +289,7 @@ class MatryoshkaIndex:
             self._short[m] = np.ascontiguousarray(
                 np.concatenate(rows) if rows else np.zeros((0, m), np.float32)
             )
+            self.build_seconds[f"short-{m}"] = time.perf_counter() - t
         return self._short[m]
 
     def _hnsw_index(self, m: int, hnsw_m: int, ef_construction: int):
@@ -296,7 +299,10 @@ class MatryoshkaIndex:
             idx = faiss.IndexHNSWFlat(m, hnsw_m, faiss.METRIC_INNER_PRODUCT)
             idx.hnsw.efConstruction = ef_construction
             faiss.omp_set_num_threads(self.threads)
-            idx.add(self.shortlist_matrix(m))
+            xs = self.shortlist_matrix(m)
+            t = time.perf_counter()
+            idx.add(xs)
+            self.build_seconds[f"hnsw-{m}-{hnsw_m}-{ef_construction}"] = time.perf_counter() - t
             self._hnsw[key] = idx
         return self._hnsw[key]
 
