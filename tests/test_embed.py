@@ -146,6 +146,21 @@ def test_parts_of_another_run_are_refused(tmp_path):
                       show_progress=False)
 
 
+def test_empty_or_missing_input(tmp_path):
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(ValueError, match="is empty: nothing to embed"):
+        embed_corpus(HashEncoder(DIM), tmp_path / "e.txt", tmp_path / "s", show_progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        embed_corpus(HashEncoder(DIM), tmp_path / "nope.txt", tmp_path / "s", show_progress=False)
+
+
+def test_rank0_gives_up_waiting_for_missing_shards(tmp_path):
+    write_corpus(tmp_path / "c.jsonl")
+    with pytest.raises(TimeoutError, match=r"shards \[1, 3, 5\] are still missing"):
+        embed_corpus(HashEncoder(DIM), tmp_path / "c.jsonl", tmp_path / "s", shard_size=10,
+                     rank=0, world_size=2, wait_timeout_s=0.3, show_progress=False)
+
+
 def test_existing_store_is_not_overwritten(tmp_path):
     write_corpus(tmp_path / "c.jsonl")
     embed_corpus(HashEncoder(DIM), tmp_path / "c.jsonl", tmp_path / "s", show_progress=False)

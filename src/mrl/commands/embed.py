@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-merge", action="store_true",
                    help="only write shards (merge later with --merge-only)")
     p.add_argument("--merge-only", action="store_true", help="merge finished shards and stop")
+    p.add_argument("--wait-timeout", type=float, default=24 * 3600.0,
+                   help="rank 0: how long to wait for the other ranks' shards before merging (s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for the model (default: torch's choice; 1 is "
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     report = embed_corpus(encoder, args.input, args.out, shard_size=args.shard_size,
                           batch_size=args.batch_size, field=args.field, id_field=args.id_field,
                           merge=not args.no_merge, dtype=args.dtype,
+                          wait_timeout_s=args.wait_timeout,
                           show_progress=not args.quiet)
     print(f"{report.rows} texts in {report.shards} shards: encoded {len(report.encoded)}, "
           f"skipped {len(report.skipped)} already done, {report.seconds:.1f} s"

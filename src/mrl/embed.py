@@ -1,0 +1,309 @@
+"""Batch embedding of a large corpus into an `EmbeddingStore`, in resumable shards.
+
+A corpus (``.txt``: one text per line; ``.jsonl``: one object per line with a text field and an
+optional id field) is cut into shards of ``shard_size`` consecutive rows. Each shard is encoded and
+written to ``STORE.parts/`` as ``shard-00003.npy`` (+ ``.ids.npy``), and then its marker
+``shard-00003.json`` is written atomically: the marker is the commit point, so a shard without one
+is redone and a shard with one is skipped. After all shards exist they are appended, in order, to
+the store at ``STORE`` (one atomic append per shard, so an interrupted merge resumes too), and the
+parts folder is removed.
+
+Several processes (``torchrun --nproc-per-node 4 -m mrl.cli embed ...`` or any launcher setting
+``RANK``/``WORLD_SIZE``) split the shards round-robin: rank r encodes shards r, r + W, r + 2W...
+No process group is needed: rank 0 waits for every marker, then merges; ``merge=False`` (or
+``mrl embed --merge-only`` later) leaves merging to a separate step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrl._optional import require
+from mrl.io import atomic_open, atomic_write_json
+
+__all__ = ["EmbedReport", "embed_corpus", "merge_shards", "read_corpus", "shard_plan"]
+
+MANIFEST_FORMAT = "mrl-embed-parts"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class EmbedReport:
+    """What one `embed_corpus` call did."""
+
+    rows: int  # texts in the corpus
+    shards: int  # shards in the corpus
+    encoded: list[int]  # shards this call encoded
+    skipped: list[int]  # shards of this rank that were already done
+    merged: bool  # whether this call produced the final store
+    seconds: float
+
+
+# ---------------------------------------------------------------------- reading the corpus
+def read_corpus(path: str | os.PathLike, field: str = "text",
+                id_field: str = "id") -> Iterator[tuple[Any, str]]:
+    """Yield ``(id, text)`` per line: ids from ``id_field`` (.jsonl) or the row number.
+
+    Bad lines raise ValueError with the 1-based line number: invalid JSON, a missing or non-string
+    text field, an empty text.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"input must be a .txt or .jsonl file, got {path.name!r}")
+    with open(path, encoding="utf-8") as f:
+        for row, line in enumerate(f):
+            line = line.rstrip("\n")
+            if suffix == ".txt":
+                text, ident = line, row
+            else:
+                text, ident = _parse_jsonl(line, row + 1, field, id_field, path)
+                ident = row if ident is None else ident
+            if not text.strip():
+                raise ValueError(f"{path.name} line {row + 1}: empty text")
+            yield ident, text
+
+
+def _parse_jsonl(line: str, lineno: int, field: str, id_field: str, path: Path):
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path.name} line {lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path.name} line {lineno}: expected a JSON object")
+    text = obj.get(field)
+    if not isinstance(text, str):
+        raise ValueError(f"{path.name} line {lineno}: field {field!r} must be a string, "
+                         f"got {type(text).__name__}")
+    ident = obj.get(id_field)
+    if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (int, str))):
+        raise ValueError(f"{path.name} line {lineno}: {id_field!r} must be an int or a string")
+    return text, ident
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(buf.count(b"\n") for buf in iter(lambda: f.read(1 << 20), b"")) + (
+            1 if path.stat().st_size and not _ends_with_newline(path) else 0)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def shard_plan(rows: int, shard_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The shards rank ``rank`` of ``world_size`` encodes: r, r + W, r + 2W, ..."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got shard_size={shard_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got rank={rank}")
+    shards = -(-rows // shard_size)
+    return list(range(rank, shards, world_size))
+
+
+# ---------------------------------------------------------------------- shard files
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _shard_paths(parts: Path, s: int) -> tuple[Path, Path, Path]:
+    stem = parts / f"shard-{s:05d}"
+    return stem.with_suffix(".npy"), Path(f"{stem}.ids.npy"), stem.with_suffix(".json")
+
+
+def _shard_done(parts: Path, s: int, expected_rows: int) -> bool:
+    vec, ids, marker = _shard_paths(parts, s)
+    if not marker.is_file():
+        return False
+    meta = json.loads(marker.read_text())
+    return meta.get("count") == expected_rows and vec.is_file() and ids.is_file()
+
+
+def _write_shard(parts: Path, s: int, emb: np.ndarray, ids: list[Any]) -> None:
+    vec_path, ids_path, marker = _shard_paths(parts, s)
+    with atomic_open(vec_path, "wb") as f:
+        np.save(f, emb, allow_pickle=False)
+    with atomic_open(ids_path, "wb") as f:
+        np.save(f, np.asarray(ids), allow_pickle=False)
+    atomic_write_json(marker, {"shard": s, "count": len(emb)})  # the commit point
+
+
+def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest, or refuse parts written for another corpus/model/shard size."""
+    path = parts / "manifest.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != manifest:
+            diff = sorted(k for k in manifest if old.get(k) != manifest[k])
+            raise ValueError(f"{parts} holds shards of another run (differs in {diff}); remove "
+                             "it or use another --out")
+        return
+    parts.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, manifest)
+
+
+# ---------------------------------------------------------------------- embedding
+def _rank_from_env() -> tuple[int, int]:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return rank, world
+
+
+def embed_corpus(
+    encoder,
+    input_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    shard_size: int = 10_000,
+    batch_size: int = 64,
+    rank: int | None = None,
+    world_size: int | None = None,
+    field: str = "text",
+    id_field: str = "id",
+    merge: bool = True,
+    wait_timeout_s: float = 24 * 3600.0,
+    dtype: str = "float32",
+    show_progress: bool = True,
+) -> EmbedReport:
+    """Embed every line of ``input_path`` with ``encoder`` into the store at ``out``.
+
+    ``encoder`` has ``encode(texts) -> [B, D]``, ``name`` and ``nesting`` (the `Encoder`
+    protocol of `mrl.serve.encoders`). Rows are stored L2-normalised at full size. Rank and world
+    size default to the ``RANK``/``WORLD_SIZE`` environment variables (torchrun sets them).
+    """
+    t0 = time.perf_counter()
+    env_rank, env_world = _rank_from_env()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    input_path, out = Path(input_path), Path(out)
+    if not input_path.is_file():
+        raise FileNotFoundError(f"input file {str(input_path)!r} does not exist")
+    if (out / "store.json").is_file() and not _parts_dir(out).is_dir():
+        raise FileExistsError(f"a store already exists at {out}; choose another --out")
+    rows = _count_lines(input_path)
+    if rows == 0:
+        raise ValueError(f"input file {str(input_path)!r} is empty: nothing to embed")
+    mine = shard_plan(rows, shard_size, rank, world_size)
+    parts = _parts_dir(out)
+    _check_manifest(parts, {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+        "input": str(input_path.resolve()), "input_bytes": input_path.stat().st_size,
+        "rows": rows, "shard_size": shard_size, "model": encoder.name,
+        "dim": encoder.nesting.dim, "nesting": encoder.nesting.to_dict(), "field": field,
+        "id_field": id_field})
+    n_shards = -(-rows // shard_size)
+    size_of = lambda s: min(shard_size, rows - s * shard_size)  # noqa: E731
+    todo = [s for s in mine if not _shard_done(parts, s, size_of(s))]
+    report = EmbedReport(rows, n_shards, [], [s for s in mine if s not in todo], False, 0.0)
+    bar = _bar(sum(size_of(s) for s in todo), show_progress, f"embed rank {rank}")
+    for s, ids, texts in _shards(input_path, field, id_field, shard_size, set(todo)):
+        emb = np.concatenate([_encode(encoder, texts[i : i + batch_size], bar)
+                              for i in range(0, len(texts), batch_size)])  # [n, D]
+        _write_shard(parts, s, emb, ids)
+        report.encoded.append(s)
+    if bar is not None:
+        bar.close()
+    if merge and rank == 0:
+        _wait_for_shards(parts, rows, shard_size, wait_timeout_s)
+        merge_shards(out, dtype=dtype)
+        report.merged = True
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _encode(encoder, texts: list[str], bar) -> np.ndarray:
+    emb = np.asarray(encoder.encode(texts), dtype=np.float32)  # [b, D]
+    if bar is not None:
+        bar.update(len(texts))
+    return emb
+
+
+def _shards(path: Path, field: str, id_field: str, shard_size: int,
+            wanted: set[int]) -> Iterator[tuple[int, list[Any], list[str]]]:
+    """Yield (shard, ids, texts) for the wanted shards, streaming the file once."""
+    ids: list[Any] = []
+    texts: list[str] = []
+    current = 0
+    for row, (ident, text) in enumerate(read_corpus(path, field, id_field)):
+        s = row // shard_size
+        if s != current:
+            if current in wanted:
+                yield current, ids, texts
+            ids, texts, current = [], [], s
+        if s in wanted:
+            ids.append(ident)
+            texts.append(text)
+    if current in wanted and texts:
+        yield current, ids, texts
+
+
+def _bar(total: int, show: bool, desc: str):
+    if not show or total == 0:
+        return None
+    return require("tqdm", "text").tqdm(total=total, unit="text", desc=desc)
+
+
+def _wait_for_shards(parts: Path, rows: int, shard_size: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    n_shards = -(-rows // shard_size)
+    while True:
+        missing = [s for s in range(n_shards)
+                   if not _shard_done(parts, s, min(shard_size, rows - s * shard_size))]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"shards {missing[:10]} are still missing after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def merge_shards(out: str | os.PathLike, *, dtype: str = "float32", keep_parts: bool = False):
+    """Append every finished shard, in order, to the `EmbeddingStore` at ``out``; resumable.
+
+    Returns the store. A store that already holds the first j shards (an interrupted merge)
+    continues with shard j.
+    """
+    from mrl.nesting import Nesting
+    from mrl.retrieval import EmbeddingStore
+
+    out = Path(out)
+    parts = _parts_dir(out)
+    manifest_path = parts / "manifest.json"
+    if not manifest_path.is_file():
+        if (out / "store.json").is_file():
+            return EmbeddingStore.open(out)  # merged earlier and the parts were removed
+        raise FileNotFoundError(f"no shards to merge at {parts}")
+    manifest = json.loads(manifest_path.read_text())
+    rows, shard_size = manifest["rows"], manifest["shard_size"]
+    _wait_for_shards(parts, rows, shard_size, 0.0)
+    if (out / "store.json").is_file():
+        store = EmbeddingStore.open(out)
+    else:
+        store = EmbeddingStore.create(out, Nesting.from_dict(manifest["nesting"]), dtype=dtype,
+                                      normalize=True)
+    if store.count % shard_size and store.count != rows:
+        raise ValueError(f"store at {out} holds {store.count} rows, not a whole number of "
+                         f"shards of {shard_size}; it was not written by this merge")
+    first = -(-rows // shard_size) if store.count == rows else store.count // shard_size
+    for s in range(first, -(-rows // shard_size)):
+        vec, ids, _ = _shard_paths(parts, s)
+        store.append(np.load(vec), ids=np.load(ids))
+    if store.count != rows:
+        raise ValueError(f"merged store holds {store.count} rows, expected {rows}")
+    if not keep_parts:
+        shutil.rmtree(parts)
+    return store
