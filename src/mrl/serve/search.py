@@ -62,6 +62,8 @@ class IndexBackend:
     def __init__(self, index, configs: dict[str, dict[str, Any]] | None = None) -> None:
         self.index = index
         self.nesting = index.nesting
+        if index.count:  # build the default configuration's structures now, not on a request
+            index.build()
         cfg = index.config.to_dict()  # every SearchConfig field: backend, ef_search, ...
         self.defaults = {k: cfg[k] for k in ("shortlist_dim", "shortlist", "stages", "backend")}
         self.configs = {"default": cfg}
