@@ -214,5 +214,22 @@ def test_demo_section(tmp_path, data):
         for r in recs
         if r["method"] == "funnel" and r["prefix"] == 32 and r["metric"] == "map@10"
     )
-    assert abs(f32 - exact_map) < 0.05
+    assert abs(f32 - exact_map) < 5  # percent
     assert (tmp_path / "retrieval.json").exists()
+
+
+def test_demo_section_reads_the_demo_context_names(data):
+    import torch
+
+    db, labels, q, qlabels = data
+    ctx = SimpleNamespace(
+        train_embeddings=torch.from_numpy(db[:500]),
+        train_labels=torch.from_numpy(labels[:500]),
+        test_embeddings=torch.from_numpy(q),
+        test_labels=torch.from_numpy(qlabels),
+        nesting=NEST,
+    )
+    from mrl.retrieval.demo import demo_section
+
+    md, recs = demo_section(ctx)
+    assert "## Adaptive retrieval" in md and all(r["section"] == "retrieval" for r in recs)

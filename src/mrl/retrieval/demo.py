@@ -33,26 +33,38 @@ def label_quality(
     return {f"map@{k}": map_at_k(rel, num, k), "top1": accuracy(retrieved[:, 0], query_labels)}
 
 
+def _get(ctx: Any, *names: str) -> np.ndarray:
+    """The first attribute of ``ctx`` that exists, as numpy (torch CPU tensors included)."""
+    for name in names:
+        value = getattr(ctx, name, None)
+        if value is not None:
+            value = value.detach().cpu().numpy() if hasattr(value, "detach") else value
+            return np.asarray(value)
+    raise ValueError(f"the demo context needs one of {list(names)}")
+
+
 def demo_section(ctx: Any, k: int = 10, shortlist: int = 200) -> tuple[str, list[Record]]:
-    """(markdown, records) for `mrl demo`; ``ctx`` has db_embeddings [N, D], db_labels [N],
-    query_embeddings [Q, D], query_labels [Q], nesting and out_dir (records saved there)."""
-    db = np.ascontiguousarray(ctx.db_embeddings, np.float32)
-    q = np.ascontiguousarray(ctx.query_embeddings, np.float32)
-    db_labels, q_labels, nesting = (
-        np.asarray(ctx.db_labels),
-        np.asarray(ctx.query_labels),
-        ctx.nesting,
-    )
+    """(markdown, records) for `mrl demo`.
+
+    ``ctx`` has the database embeddings [N, D] and labels [N] (``db_embeddings`` /
+    ``db_labels``, or `mrl demo`'s ``train_embeddings`` / ``train_labels``), the queries [Q, D]
+    and labels [Q] (``query_*`` or ``test_*``), ``nesting`` and optionally ``out_dir`` (records
+    saved there as retrieval.json). mAP@10, top-1 and recall@10 are in percent, like the rest of
+    the demo's records.
+    """
+    db = np.ascontiguousarray(_get(ctx, "db_embeddings", "train_embeddings"), np.float32)
+    q = np.ascontiguousarray(_get(ctx, "query_embeddings", "test_embeddings"), np.float32)
+    db_labels = _get(ctx, "db_labels", "train_labels")
+    q_labels = _get(ctx, "query_labels", "test_labels")
+    nesting = ctx.nesting
     d = nesting.dim
     k = min(k, len(db))
     shortlist = max(k, min(shortlist, len(db)))
     records: list[Record] = []
 
     def add(method: str, prefix: int, idx: np.ndarray, secs: float, truth: np.ndarray) -> None:
-        row = label_quality(idx, db_labels, q_labels, k) | {
-            "recall@10": recall_at_k(idx, truth),
-            "qps": len(q) / max(secs, 1e-9),
-        }
+        row = {m: 100 * v for m, v in label_quality(idx, db_labels, q_labels, k).items()}
+        row |= {"recall@10": 100 * recall_at_k(idx, truth), "qps": len(q) / max(secs, 1e-9)}
         for metric, value in row.items():
             records.append(
                 make_record(
@@ -60,7 +72,7 @@ def demo_section(ctx: Any, k: int = 10, shortlist: int = 200) -> tuple[str, list
                     prefix,
                     metric,
                     value,
-                    dataset="demo",
+                    section="retrieval",
                     shortlist=shortlist if method == "funnel" else None,
                 )
             )
@@ -91,14 +103,15 @@ def _markdown(records: list[Record], shortlist: int, d: int) -> str:
         "## Adaptive retrieval",
         "",
         f"Shortlist {shortlist} on the first D_s dims, rerank at {d} (funnel), vs exact search "
-        f"at {d} and search on D_s alone. mAP@10 / top-1 on labels; recall@10 vs exact.",
+        f"at {d} and search on D_s alone. mAP@10 / top-1 of the retrieved labels and recall@10 vs "
+        "exact search, in percent; queries/s on this machine (numpy backend, one run).",
         "",
         "| method | D_s | mAP@10 | top-1 | recall@10 | queries/s |",
         "|---|---|---|---|---|---|",
     ]
     for (method, prefix), v in sorted(by.items(), key=lambda x: (x[0][1], x[0][0])):
         lines.append(
-            f"| {method} | {prefix} | {v['map@10']:.4f} | {v['top1']:.4f} | "
-            f"{v['recall@10']:.4f} | {v['qps']:.0f} |"
+            f"| {method} | {prefix} | {v['map@10']:.2f} | {v['top1']:.2f} | "
+            f"{v['recall@10']:.2f} | {v['qps']:.0f} |"
         )
     return "\n".join(lines) + "\n"
