@@ -219,3 +219,68 @@ def test_cli_finetune_pairs_and_errors(tiny_model, tmp_path, capsys):
 def test_default_model_loads_offline():
     enc = load_encoder("default")
     assert enc.encode(["wing"]).shape == (1, 384)
+
+
+def _beir(root):
+    docs = [
+        "lift of wings at high speed",
+        "heat transfer in slabs",
+        "boundary layer flow",
+        "supersonic inlet design",
+        "wing flutter tests",
+        "shock waves on cones",
+    ]
+    docs += [f"note {i} on aircraft" for i in range(6)]
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text(
+        "\n".join(json.dumps({"_id": f"d{i}", "text": t}) for i, t in enumerate(docs))
+    )
+    (root / "queries.jsonl").write_text(
+        json.dumps({"_id": "q1", "text": "wing lift"})
+        + "\n"
+        + json.dumps({"_id": "q2", "text": "heat in slabs"})
+    )
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t2\nq2\td1\t1\n")
+    return root
+
+
+def test_eval_command_on_beir_folder(tiny_model, tmp_path):
+    from types import SimpleNamespace
+
+    pytest.importorskip("mrl.report")
+    from mrl.records import load_records
+    from mrl.text.evaluation import eval_command
+
+    data = _beir(tmp_path / "mini")
+    args = SimpleNamespace(
+        run_dir=str(tiny_model), dataset=str(data), out=str(tmp_path / "ev"), nesting="8,16,32"
+    )
+    assert eval_command(args) == 0
+    recs = load_records(tmp_path / "ev" / "results.json")
+    got = {(r["method"], r["prefix"], r["metric"]) for r in recs}
+    assert ("truncate", 8, "ndcg@10") in got and ("pca", 32, "mrr") in got
+    assert ("truncate", 32, "recall@12") in got  # recall@100 is cut to the 12 documents
+    assert all(r["dataset"] == "mini" for r in recs)
+
+
+def test_compare_methods_and_relative_table(tiny_model, tmp_path):
+    from mrl.text.adaptor import AdaptorConfig
+    from mrl.text.evaluation import compare_methods, relative_table
+
+    data = _beir(tmp_path / "mini")
+    recs = compare_methods(
+        data,
+        base=tiny_model,
+        finetuned=tiny_model,
+        log=lambda s: None,
+        adaptor_config=AdaptorConfig(steps=2, neighbours=3, nesting="8,16,32"),
+    )
+    methods = {r["method"] for r in recs}
+    assert methods == {"truncate", "pca", "adapt", "finetune"}
+    full = {r["method"]: r["value"] for r in recs if r["prefix"] == 32 and r["metric"] == "ndcg@10"}
+    # Rotations leave full-size search unchanged; here "finetune" is the same model.
+    assert full["adapt"] == pytest.approx(full["truncate"]) == pytest.approx(full["pca"])
+    table = relative_table(recs, "ndcg@10")
+    assert "| adapt |" in table and "100.0%" in table
+    with pytest.raises(ValueError, match="no records with metric='p@10'"):
+        relative_table(recs, "p@10")

@@ -6,6 +6,8 @@
 - ``mrl text adapt --model default --corpus cranfield --out DIR``: a post-hoc orthogonal map
   (PCA start, listwise ranking objective) learned on the corpus embeddings; ``--embeddings X.npy``
   for frozen API embeddings instead of a model.
+- ``mrl text compare --dataset cranfield --finetuned DIR --out results/cranfield``: the
+  truncate / pca / adapt / finetune table at every prefix, written with `mrl.report`.
 - ``mrl text encode --model M --corpus C --out X.npy``: embeddings once, with a JSON sidecar.
 """
 
@@ -57,6 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ad.add_argument("--neighbours", type=int, default=32)
     ad.add_argument("--lr", type=float, default=2e-3)
     ad.add_argument("--seed", type=int, default=0)
+
+    cp = sub.add_parser("compare", help="truncate / pca / adapt / finetune table on a dataset")
+    cp.add_argument("--dataset", required=True, help="'cranfield', 'bbc' or a BEIR-style folder")
+    cp.add_argument("--model", default="default", help="the base model (truncate, pca, adapt)")
+    cp.add_argument("--finetuned", default=None, help="a model from `mrl text finetune`")
+    cp.add_argument("--out", required=True, help="report folder (results.json, tables, plots)")
+    cp.add_argument("--steps", type=int, default=300, help="adaptor steps")
+    cp.add_argument("--seed", type=int, default=0, help="adaptor seed")
+    cp.add_argument("--cache", default=None, help="folder to cache embeddings in")
 
     en = sub.add_parser("encode", help="encode a corpus once (.npy + JSON sidecar)")
     en.add_argument("--model", default="default")
@@ -147,8 +158,40 @@ def _encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from mrl.report import write_report
+    from mrl.text.adaptor import AdaptorConfig
+    from mrl.text.evaluation import compare_methods, relative_table
+
+    records = compare_methods(
+        args.dataset,
+        base=args.model,
+        finetuned=args.finetuned,
+        cache_dir=args.cache,
+        adaptor_config=AdaptorConfig(steps=args.steps, seed=args.seed),
+        log=lambda s: print(s, flush=True),
+    )
+    metric = "p@10" if any(r["metric"] == "p@10" for r in records) else "ndcg@10"
+    table = relative_table(records, metric)
+    notes = (
+        f"Base model {args.model}; fine-tuned model {args.finetuned}. Prefixes re-normalised "
+        "(cosine). pca: uncentred PCA rotation fitted on the corpus; adapt: orthogonal adaptor "
+        f"(seed {args.seed}, {args.steps} steps) fitted on the corpus documents only."
+    )
+    write_report(
+        records,
+        args.out,
+        title=f"mrl text compare: {args.dataset}",
+        notes=notes,
+        sections=[(f"{metric} relative to full size", table)],
+    )
+    print(table)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     action = getattr(args, "text_command", None)
     if action is None:
-        raise ValueError("choose an action: mrl text finetune | adapt | encode (see --help)")
-    return {"finetune": _finetune, "adapt": _adapt, "encode": _encode}[action](args)
+        raise ValueError("choose an action: mrl text finetune | adapt | compare | encode")
+    actions = {"finetune": _finetune, "adapt": _adapt, "encode": _encode, "compare": _compare}
+    return actions[action](args)

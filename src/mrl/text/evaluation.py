@@ -73,7 +73,7 @@ def evaluate_retrieval(
             f"embeddings do not match dataset {ds.name!r}: queries {queries.shape[0]} vs "
             f"{len(ds.queries)}, docs {docs.shape[0]} vs {len(ds.doc_ids)}"
         )
-    ks = (10, min(100, docs.shape[0]))
+    ks = (min(10, docs.shape[0]), min(100, docs.shape[0]))  # a tiny corpus: k = its size
     records = evaluate_ranking(
         queries,
         docs,
@@ -203,3 +203,87 @@ def summary_table(records: Sequence[Record], metric: str) -> str:
     from mrl.records import to_markdown
 
     return to_markdown(records, metric=metric)
+
+
+def _evaluate(
+    ds: RetrievalDataset | LabelledCorpus,
+    docs: np.ndarray,
+    queries: np.ndarray | None,
+    nesting: Nesting,
+    method: str,
+    pca: bool,
+    context: dict[str, Any],
+) -> list[Record]:
+    if isinstance(ds, LabelledCorpus):
+        return evaluate_corpus(docs, ds, nesting, method=method, pca=pca, context=context)
+    assert queries is not None
+    return evaluate_retrieval(queries, docs, ds, nesting, method=method, pca=pca, context=context)
+
+
+def compare_methods(
+    dataset: str | os.PathLike,
+    *,
+    base: str | os.PathLike = "default",
+    finetuned: str | os.PathLike | None = None,
+    adaptor_config: Any = None,
+    cache_dir: str | os.PathLike | None = None,
+    log: Any = print,
+) -> list[Record]:
+    """The text results table: ``truncate``, ``pca``, ``adapt`` (and ``finetune``) per prefix.
+
+    - truncate: the base model's embeddings, prefixes re-normalised;
+    - pca: uncentred PCA rotation fitted on the searched corpus (documents only);
+    - adapt: `OrthogonalAdaptor` fitted on the corpus documents (no queries, no labels);
+    - finetune: the ``finetuned`` model's own prefixes (its nesting or doubling from 8).
+    """
+    from mrl.text.adaptor import AdaptorConfig, OrthogonalAdaptor
+    from mrl.text.encoders import encode_cached
+
+    ds = load_text_dataset(dataset)
+    labelled = isinstance(ds, LabelledCorpus)
+
+    def embed(model: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+        docs = encode_cached(model, ds.documents, cache_dir, name="documents")
+        queries = None if labelled else encode_cached(model, ds.queries, cache_dir, name="queries")
+        return docs, queries
+
+    docs, queries = embed(base)
+    nesting = Nesting.doubling(8, docs.shape[1])
+    ctx = {"model": str(base)}
+    records = _evaluate(ds, docs, queries, nesting, "truncate", True, ctx)
+    config = adaptor_config or AdaptorConfig()
+    adaptor = OrthogonalAdaptor.fit(docs, config, log=log)
+    ad_q = None if queries is None else adaptor.transform(queries)
+    ctx_ad = {**ctx, "adaptor_seed": config.seed, "adaptor_steps": config.steps}
+    records += _evaluate(ds, adaptor.transform(docs), ad_q, nesting, "adapt", False, ctx_ad)
+    if finetuned is not None:
+        docs_ft, queries_ft = embed(finetuned)
+        ctx_ft = {"model": str(finetuned)}
+        records += _evaluate(ds, docs_ft, queries_ft, nesting, "finetune", False, ctx_ft)
+    return records
+
+
+def relative_table(records: Sequence[Record], metric: str) -> str:
+    """Markdown: each method's ``metric`` per prefix as a fraction of the base model's full size.
+
+    The reference is the ``truncate`` method's full-size value, except for ``finetune``, which is
+    measured against its own full size (both are stated in the header).
+    """
+    rows: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r["metric"] == metric and r["value"] is not None:
+            rows.setdefault(r["method"], {})[r["prefix"]] = r["value"]
+    if not rows:
+        raise ValueError(f"no records with metric={metric!r}")
+    prefixes = sorted({p for v in rows.values() for p in v})
+    base_full = rows.get("truncate", {}).get(prefixes[-1])
+    lines = [
+        f"| method | {' | '.join(str(p) for p in prefixes)} | reference |",
+        "|---|" + "---|" * (len(prefixes) + 1),
+    ]
+    for method, vals in rows.items():
+        ref = vals.get(prefixes[-1]) if method == "finetune" or base_full is None else base_full
+        cells = [f"{vals[p] / ref:.1%}" if p in vals and ref else "" for p in prefixes]
+        which = "own full size" if ref is not base_full else "base full size"
+        lines.append(f"| {method} | {' | '.join(cells)} | {which} ({ref:.4f}) |")
+    return "\n".join(lines)
