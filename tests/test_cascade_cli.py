@@ -92,6 +92,11 @@ def test_eval_curves_writes_records_markdown_and_plot(files):
     assert all(r["dataset"] == "toy" for r in recs)
     md = (out / "cascade.md").read_text()
     assert "x smaller" in md and "Few-shot" in md and (out / "cascade.png").stat().st_size > 0
+    assert "seeded half of the split" in md
+    rc = main(["cascade", "eval", str(tmp / "mrl.npz"), "--seeds", "0", "--out", str(out),
+               "--fewshot", "--fewshot-pool", "train"])
+    assert rc == 0
+    assert "train" in {r.get("support_from") for r in load_records(out / "cascade.json")}
 
 
 def test_headline_matches_a_manual_computation():

@@ -176,11 +176,17 @@ def _fewshot_tables(records: Sequence[dict[str, Any]]) -> str:
     if not few:
         return ""
     pct = [{**r, "value": 100 * r["value"]} for r in few]
+    where = (
+        "support drawn from a seeded subset of training images, queries: the whole split"
+        if few[0].get("support_from") == "train"
+        else "support drawn from a seeded half of the split, queries: the other half"
+    )
     return (
         "## Few-shot and long-tail (nearest class mean, accuracy %)\n\n"
-        "Support drawn from the train split (5 seeded draws, mean shown), queries: the whole "
-        "test split. `ncm_Nshot`: N examples per class. `ltN_*`: half the classes (random per "
-        "draw) get N examples, the others 100; accuracy over all / head / tail queries.\n\n"
+        f"Cosine to class means of re-normalised prefixes; {where}; 5 seeded draws, mean shown. "
+        "`ncm_Nshot`: N examples per class. `ltN_*`: half the classes (random per draw) get N "
+        "examples, the others 100; accuracy over all / head / tail queries. FF-m: its first m "
+        "features.\n\n"
         + to_markdown(pct)
         + "\n"
     )

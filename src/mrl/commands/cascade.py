@@ -46,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--match", type=float, default=0.005,
                     help="accuracy fraction within which the reference counts as matched")
     ev.add_argument("--fewshot", action="store_true",
-                    help="also few-shot / long-tail NCM at every prefix (needs embeddings of "
-                    "the train split of each run)")
+                    help="also few-shot / long-tail NCM at every prefix of every run")
+    ev.add_argument("--fewshot-pool", choices=("test", "train"), default="test",
+                    help="support set: a seeded half of the split (queries: the other half; "
+                    "default) or training images (queries: the whole split)")
     ev.add_argument("--out", default=None, help="folder for cascade.json/.md/.png "
                     "(default: SOURCE's folder/cascade-eval)")
     ev.add_argument("--dataset", default=None, help="dataset name added to every record")
@@ -171,7 +173,7 @@ def _eval_curves(args: argparse.Namespace, src: Path) -> int:
         data.logits, data.labels, data.nesting, ff_scores=ff_scores,
         calib_fraction=args.calib_fraction, seeds=seeds, match=args.match, **context)
     if args.fewshot:
-        records += _fewshot_records(src, data, ff, context)
+        records += _fewshot_records(src, data, ff, context, args.fewshot_pool)
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "cascade-eval"
     command = _command_line(args)
     meta = {"source": str(src), "ff": list(args.ff), "split": args.split, "seeds": seeds,
@@ -195,7 +197,7 @@ def _command_line(args: argparse.Namespace) -> str:
     parts += ["--seeds", args.seeds, "--calib-fraction", str(args.calib_fraction),
               "--match", str(args.match), "--split", args.split]
     if args.fewshot:
-        parts.append("--fewshot")
+        parts += ["--fewshot", "--fewshot-pool", args.fewshot_pool]
     if args.dataset:
         parts += ["--dataset", args.dataset]
     if args.out:
@@ -203,11 +205,17 @@ def _command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def _fewshot_records(src: Path, data, ff: dict, context: dict) -> list:
-    """Few-shot and long-tail NCM records for the MRL run (every prefix) and each FF-m run."""
+def _fewshot_records(src: Path, data, ff: dict, context: dict, pool_split: str) -> list:
+    """Few-shot and long-tail NCM records for the MRL run (every prefix) and each FF-m run.
+
+    ``pool_split="test"``: support drawn from a seeded half of the split, queries the other half
+    (no extra forward pass); ``"train"``: support from a seeded subset of training images (the
+    run folder's train split), queries the whole split.
+    """
     import numpy as np
 
     from mrl import Nesting
+    from mrl.cascade import split_calibration
     from mrl.cascade.runs import load_source
     from mrl.fewshot import few_shot_eval, long_tail_eval
 
@@ -215,14 +223,19 @@ def _fewshot_records(src: Path, data, ff: dict, context: dict) -> list:
     runs += [("ff", path, d, Nesting((m,))) for m, (path, d) in ff.items()]
     out = []
     for method, path, test, nesting in runs:
-        pool = load_source(path, "train")
-        if pool.embeddings is None or test.embeddings is None:
-            raise ValueError(f"--fewshot needs embeddings in {path}'s logits (train and test)")
+        if test.embeddings is None:
+            raise ValueError(f"--fewshot needs embeddings in {path}'s logits")
         m = nesting.dim
-        kw = dict(method=method, seed=0, draws=5, **context)
-        out += few_shot_eval(pool.embeddings[:, :m], pool.labels, test.embeddings[:, :m],
-                             test.labels, nesting, shots=(1, 5, 10), **kw)
-        head = int(min(100, np.bincount(pool.labels).min()))  # head classes: 100 or all
-        out += long_tail_eval(pool.embeddings[:, :m], pool.labels, test.embeddings[:, :m],
-                              test.labels, nesting, tail_shots=(1, 5), head_shots=head, **kw)
+        if pool_split == "train":
+            pool = load_source(path, "train")
+            px, py, qx, qy = pool.embeddings, pool.labels, test.embeddings, test.labels
+        else:
+            sup, qry = split_calibration(len(test.labels), 0.5, seed=0)
+            px, py = test.embeddings[sup], test.labels[sup]
+            qx, qy = test.embeddings[qry], test.labels[qry]
+        kw = dict(method=method, seed=0, draws=5, support_from=pool_split, **context)
+        out += few_shot_eval(px[:, :m], py, qx[:, :m], qy, nesting, shots=(1, 5, 10), **kw)
+        head = int(min(100, np.bincount(py).min()))  # head classes: 100 or all they have
+        out += long_tail_eval(px[:, :m], py, qx[:, :m], qy, nesting, tail_shots=(1, 5),
+                              head_shots=head, **kw)  # fmt: skip
     return out
