@@ -191,12 +191,17 @@ class EdgeTarget:
 
     def ensure(self, layout: QdrantLayout) -> None:
         existing = self.layout()
-        if existing is not None:
-            if existing != layout:
-                raise ValueError(f"collection at {self.path} has layout {existing.to_dict()}, "
-                                 f"not {layout.to_dict()}")
-            if self.shard is None:
-                self.shard = self.qe.EdgeShard.load(str(self.path / "shard"))
+        if existing is not None and existing != layout:
+            raise ValueError(f"collection at {self.path} has layout {existing.to_dict()}, "
+                             f"not {layout.to_dict()}")
+        if existing is None:  # the layout first: a crash before the shard exists is harmless
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self._layout_file, layout.to_dict())
+        if self.shard is not None:
+            return
+        shard_dir = self.path / "shard"
+        if shard_dir.is_dir() and any(shard_dir.iterdir()):
+            self.shard = self.qe.EdgeShard.load(str(shard_dir))
             return
         qe = self.qe
         dist = qe.Distance.Cosine if layout.distance == "cosine" else qe.Distance.Dot
@@ -204,9 +209,7 @@ class EdgeTarget:
         vectors = {layout.name(m): qe.EdgeVectorParams(
             m, dist, hnsw_config=None if m in layout.indexed else no_graph)
             for m in layout.prefixes}
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.shard = qe.EdgeShard.create(str(self.path / "shard"), qe.EdgeConfig(vectors=vectors))
-        atomic_write_json(self._layout_file, layout.to_dict())
+        self.shard = qe.EdgeShard.create(str(shard_dir), qe.EdgeConfig(vectors=vectors))
 
     def count(self) -> int:
         return 0 if self.shard is None else int(self.shard.count(self.qe.CountRequest(exact=True)))
