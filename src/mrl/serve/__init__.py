@@ -1,7 +1,8 @@
 """HTTP service: OpenAI-compatible Matryoshka embeddings and adaptive search (``serve`` extra).
 
 - `create_app(encoder, index=None, config=ServeConfig())`: the FastAPI app (`mrl.serve.app`).
-- `mrl.serve.encoders`: the `Encoder` protocol, `SentenceTransformerEncoder`, `HashEncoder` (fake).
+- `mrl.serve.encoders`: the `Encoder` protocol, `SentenceTransformerEncoder`, `VisionEncoder`,
+  `HashEncoder` (a deterministic fake).
 - `mrl.serve.batching`: `MicroBatcher` (batches concurrent requests) and `DirectRunner`.
 - `mrl.serve.search`: `SearchBackend`; `IndexBackend` (MatryoshkaIndex), `QdrantBackend`.
 - `mrl.serve.server`: `serving(app)` runs it in a thread; `serve_forever` in the foreground.
@@ -9,10 +10,31 @@
 fastapi/uvicorn are imported only when an app is built or served.
 """
 
-from mrl.serve.app import APIError, ServeConfig, create_app, truncate_normalize
-from mrl.serve.encoders import Encoder, HashEncoder, SentenceTransformerEncoder, load_encoder
-from mrl.serve.search import IndexBackend, QdrantBackend, SearchBackend, SearchOutcome
-from mrl.serve.server import serve_forever, serving
+from mrl.serve.encoders import (
+    Encoder,
+    HashEncoder,
+    SentenceTransformerEncoder,
+    VisionEncoder,
+    load_encoder,
+)
+
+# The app, batching, search and server parts need the ``serve`` extra (fastapi, pydantic,
+# uvicorn): they load on first use, so `mrl embed` can use the encoders without them.
+_LAZY = {
+    "APIError": "mrl.serve.app", "ServeConfig": "mrl.serve.app", "create_app": "mrl.serve.app",
+    "truncate_normalize": "mrl.serve.app", "IndexBackend": "mrl.serve.search",
+    "QdrantBackend": "mrl.serve.search", "SearchBackend": "mrl.serve.search",
+    "SearchOutcome": "mrl.serve.search", "serve_forever": "mrl.serve.server",
+    "serving": "mrl.serve.server",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mrl.serve' has no attribute {name!r}")
 
 __all__ = [
     "APIError",
@@ -24,6 +46,7 @@ __all__ = [
     "SearchOutcome",
     "SentenceTransformerEncoder",
     "ServeConfig",
+    "VisionEncoder",
     "create_app",
     "load_encoder",
     "serve_forever",
