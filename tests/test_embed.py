@@ -212,3 +212,13 @@ def test_torchrun_two_processes(tmp_path):
     assert out.returncode == 0, out.stderr
     store = EmbeddingStore.open(tmp_path / "s")
     np.testing.assert_allclose(store.read(), reference(texts), rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_needs_no_http_stack():
+    """`mrl embed` imports neither fastapi nor uvicorn (the serve extra is optional for it)."""
+    code = ("import sys, mrl.embed, mrl.serve, mrl.commands.embed\n"
+            "from mrl.serve import load_encoder\n"
+            "load_encoder('hash:8')\n"
+            "bad = [m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
