@@ -284,3 +284,15 @@ def test_compare_methods_and_relative_table(tiny_model, tmp_path):
     assert "| adapt |" in table and "100.0%" in table
     with pytest.raises(ValueError, match="no records with metric='p@10'"):
         relative_table(recs, "p@10")
+
+
+def test_compare_methods_subset_and_errors(tiny_model, tmp_path):
+    from mrl.text.evaluation import compare_methods
+
+    data = _beir(tmp_path / "mini")
+    recs = compare_methods(data, base=tiny_model, methods=["pca"], log=lambda s: None)
+    assert {r["method"] for r in recs} == {"pca"}
+    with pytest.raises(ValueError, match="methods must be a non-empty subset"):
+        compare_methods(data, base=tiny_model, methods=["svd"])
+    with pytest.raises(ValueError, match="'finetune' needs a fine-tuned model"):
+        compare_methods(data, base=tiny_model, methods=["finetune"])

@@ -68,6 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cp.add_argument("--steps", type=int, default=300, help="adaptor steps")
     cp.add_argument("--seed", type=int, default=0, help="adaptor seed")
     cp.add_argument("--cache", default=None, help="folder to cache embeddings in")
+    cp.add_argument(
+        "--methods",
+        default="truncate,pca,adapt,finetune",
+        help="comma-separated subset (finetune is skipped without --finetuned)",
+    )
+    cp.add_argument(
+        "--append",
+        action="store_true",
+        help="keep OUT/results.json records of the methods not run now",
+    )
 
     en = sub.add_parser("encode", help="encode a corpus once (.npy + JSON sidecar)")
     en.add_argument("--model", default="default")

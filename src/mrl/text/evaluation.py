@@ -31,6 +31,7 @@ __all__ = [
 # `mrl.evaluate` calls the uncentred PCA baseline "pca_uncentered"; the text tables call it "pca"
 # (uncentred, so that it is a rotation and full-size cosines are unchanged).
 _BASELINE_NAMES = {"pca_uncentered": "pca"}
+METHODS = ("truncate", "pca", "adapt", "finetune")
 
 
 def index_qrels(ds: RetrievalDataset) -> dict[int, dict[int, float]]:
@@ -227,9 +228,13 @@ def compare_methods(
     finetuned: str | os.PathLike | None = None,
     adaptor_config: Any = None,
     cache_dir: str | os.PathLike | None = None,
+    methods: Sequence[str] = METHODS,
     log: Any = print,
 ) -> list[Record]:
     """The text results table: ``truncate``, ``pca``, ``adapt`` (and ``finetune``) per prefix.
+
+    ``methods`` picks a subset (``finetune`` needs ``finetuned``); embeddings are encoded once
+    per model (cached in ``cache_dir`` when given).
 
     - truncate: the base model's embeddings, prefixes re-normalised;
     - pca: uncentred PCA rotation fitted on the searched corpus (documents only);
@@ -239,6 +244,12 @@ def compare_methods(
     from mrl.text.adaptor import AdaptorConfig, OrthogonalAdaptor
     from mrl.text.encoders import encode_cached
 
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
+    if "finetune" in methods and finetuned is None:
+        raise ValueError("method 'finetune' needs a fine-tuned model (finetuned=None)")
     ds = load_text_dataset(dataset)
     labelled = isinstance(ds, LabelledCorpus)
 
@@ -247,17 +258,24 @@ def compare_methods(
         queries = None if labelled else encode_cached(model, ds.queries, cache_dir, name="queries")
         return docs, queries
 
-    docs, queries = embed(base)
-    nesting = Nesting.doubling(8, docs.shape[1])
-    ctx = {"model": str(base)}
-    records = _evaluate(ds, docs, queries, nesting, "truncate", True, ctx)
-    config = adaptor_config or AdaptorConfig()
-    adaptor = OrthogonalAdaptor.fit(docs, config, log=log)
-    ad_q = None if queries is None else adaptor.transform(queries)
-    ctx_ad = {**ctx, "adaptor_seed": config.seed, "adaptor_steps": config.steps}
-    records += _evaluate(ds, adaptor.transform(docs), ad_q, nesting, "adapt", False, ctx_ad)
-    if finetuned is not None:
+    records: list[Record] = []
+    if {"truncate", "pca", "adapt"} & set(methods):
+        docs, queries = embed(base)
+        nesting = Nesting.doubling(8, docs.shape[1])
+        ctx = {"model": str(base)}
+        if {"truncate", "pca"} & set(methods):
+            recs = _evaluate(ds, docs, queries, nesting, "truncate", "pca" in methods, ctx)
+            records += [r for r in recs if r["method"] in methods]
+    if "adapt" in methods:
+        config = adaptor_config or AdaptorConfig()
+        adaptor = OrthogonalAdaptor.fit(docs, config, log=log)
+        ad_q = None if queries is None else adaptor.transform(queries)
+        ctx_ad = {**ctx, "adaptor_seed": config.seed, "adaptor_steps": config.steps}
+        records += _evaluate(ds, adaptor.transform(docs), ad_q, nesting, "adapt", False, ctx_ad)
+    if "finetune" in methods:
+        assert finetuned is not None
         docs_ft, queries_ft = embed(finetuned)
+        nesting = Nesting.doubling(8, docs_ft.shape[1])
         ctx_ft = {"model": str(finetuned)}
         records += _evaluate(ds, docs_ft, queries_ft, nesting, "finetune", False, ctx_ft)
     return records
