@@ -346,3 +346,25 @@ def test_cluster_compose_file_is_valid():
         assert node["environment"]["QDRANT__CLUSTER__ENABLED"] == "true"
         assert ("--bootstrap" in node["command"]) == (name != "qdrant_node1")
     assert all(p.startswith("127.0.0.1:") for p in nodes["qdrant_node1"]["ports"])
+
+
+def test_mrl_serve_builds_search_from_an_edge_collection(tmp_path, store_path, queries):
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from mrl.cli import build_parser
+    from mrl.commands.serve import build_app
+    from mrl.serve import serving
+
+    assert main(["export", "qdrant", str(store_path), "--collection", "docs", "--path",
+                 str(tmp_path), "--quiet"]) == 0
+    args = build_parser().parse_args(["serve", "--model", "none", "--qdrant-path", str(tmp_path),
+                                      "--collection", "docs"])
+    with serving(build_app(args)) as url:
+        meta = httpx.get(url + "/v1/metadata").json()
+        assert meta["index"]["size"] == N and meta["index"]["nesting"] == [16, 32]
+        r = httpx.post(url + "/v1/search", json={"vector": queries[0].tolist(), "k": 3})
+        assert r.status_code == 200 and len(r.json()["data"][0]["ids"]) == 3
+    with pytest.raises(ValueError, match="--collection is needed"):
+        build_app(build_parser().parse_args(["serve", "--model", "none", "--qdrant-path",
+                                             str(tmp_path)]))
