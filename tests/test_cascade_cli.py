@@ -143,7 +143,8 @@ def test_demo_section_with_arrays_and_a_separate_calibration_set(tmp_path):
                            test_labels=y[150:], calib_logits=mrl[:, :150], calib_labels=y[:150])
     md2, recs2 = demo_section(ctx2)
     assert "separate calibration set" in md2
-    assert {r["n_calib"] for r in recs2} == {150} and {r["n_test"] for r in recs2} == {150}
+    per_seed = [r for r in recs2 if r.get("point") != "match_mean_curve"]
+    assert {r["n_calib"] for r in per_seed} == {150} and {r["n_test"] for r in per_seed} == {150}
     with pytest.raises(ValueError, match="needs ctx.test_logits"):
         demo_section(SimpleNamespace(out_dir=tmp_path))
 
@@ -184,3 +185,20 @@ def test_evaluate_cascade_bad_input():
         split_calibration(3, 0.1)
     cal, test = split_calibration(101, 0.3, seed=7)
     assert len(cal) == 30 and len(np.intersect1d(cal, test)) == 0 and len(cal) + len(test) == 101
+
+
+def test_mean_curve_headline_matches_a_manual_computation():
+    from mrl.cascade.evaluate import mean_curve
+
+    mrl, y, ff, _ = synthetic(6, n=600)
+    recs, summ = evaluate_cascade(mrl, y, NEST, ff_scores=ff, seeds=(0, 1, 2))
+    curve = mean_curve(summ)
+    ref = np.mean([s["reference_test_accuracy"] for s in summ])
+    ok = [r["expected_dims"] for r in curve if r["accuracy"] >= ref - 0.005]
+    ff_mean = {m: np.mean([s["ff_accuracy"][m] for s in summ]) for m in ff}
+    fixed = min(m for m, a in ff_mean.items() if a >= ref - 0.005)
+    h = summarize(summ)["mean_curve_headline"]
+    assert h["cascade_dims"] == pytest.approx(min(ok)) and h["fixed_dims"] == fixed
+    assert h["x_smaller"] == pytest.approx(fixed / min(ok))
+    head = [r for r in recs if r.get("point") == "match_mean_curve" and r["metric"] == "x_smaller"]
+    assert len(head) == 1 and head[0]["value"] == pytest.approx(h["x_smaller"])

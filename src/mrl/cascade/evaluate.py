@@ -38,34 +38,16 @@ __all__ = [
     "DEFAULT_TOLERANCES",
     "cascade_curve",
     "evaluate_cascade",
+    "mean_curve",
     "split_calibration",
     "summarize",
 ]
 
 # Accuracy fractions below the full-size prefix's calibration accuracy (negative: above it).
 DEFAULT_TOLERANCES = (
-    -0.01,
-    -0.005,
-    -0.002,
-    0.0,
-    0.001,
-    0.002,
-    0.003,
-    0.005,
-    0.0075,
-    0.01,
-    0.015,
-    0.02,
-    0.03,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.5,
-    1.0,
-)
+    -0.01, -0.005, -0.002, 0.0, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.0075, 0.01, 0.0125,
+    0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+)  # fmt: skip
 
 
 def split_calibration(
@@ -242,6 +224,7 @@ def _evaluate_seed(
                                 **{**hctx, "reference": f"mrl-{nesting.dim}"}))  # fmt: skip
     summary = {
         "seed": seed,
+        "match": match,
         "own_reference_test_accuracy": own,
         "cascade_dims_to_match_own": own_dims,
         "reference": ref_name,
@@ -310,7 +293,80 @@ def evaluate_cascade(
         )
         records += recs
         summaries.append(summ)
+    records += _mean_curve_records(summarize(summaries), context)
     return records, summaries
+
+
+def _mean_curve_records(summary: dict[str, Any], context: dict[str, Any]) -> list[Record]:
+    """The headline read from the seed-averaged curve, as records (seed None)."""
+    h = summary["mean_curve_headline"]
+    ctx = {**context, "point": "match_mean_curve", "match": h["match"],
+           "reference": summary["reference"], "seeds": summary["seeds"]}  # fmt: skip
+    out = []
+    if h["cascade_dims"] is not None:
+        out.append(make_record("cascade", None, "dims_to_match", h["cascade_dims"],
+                               tolerance=h["tolerance"], test_accuracy=h["cascade_accuracy"],
+                               **ctx))  # fmt: skip
+    if h["fixed_dims"] is not None:
+        out.append(
+            make_record(summary["fixed_name"], None, "dims_to_match", h["fixed_dims"], **ctx)
+        )
+    if h["x_smaller"] is not None:
+        out.append(make_record("cascade", None, "x_smaller", h["x_smaller"],
+                               compared_to=summary["fixed_name"], **ctx))  # fmt: skip
+    return out
+
+
+_CURVE_KEYS = (
+    "accuracy",
+    "calib_accuracy",
+    "expected_dims",
+    "expected_heads",
+    "expected_head_dims",
+)
+
+
+def mean_curve(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The curve averaged over seeds, one point per tolerance (sorted by mean expected dims)."""
+    by_tol: dict[float, list[dict[str, Any]]] = {}
+    for s in summaries:
+        for p in s["curve"]:
+            by_tol.setdefault(p["tolerance"], []).append(p)
+    rows = []
+    for tol, pts in by_tol.items():
+        row: dict[str, Any] = {"tolerance": tol}
+        for k in _CURVE_KEYS:
+            v = np.asarray([p[k] for p in pts], dtype=np.float64)
+            row[k] = float(v.mean())
+            row[k + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["expected_dims"], -r["accuracy"]))
+
+
+def _mean_curve_headline(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Fewest mean expected dims within ``match`` of the mean reference accuracy, against the
+    smallest fixed model (FF, else MRL prefix) whose mean accuracy is within ``match``."""
+    match = summaries[0]["match"]
+    ref = float(np.mean([s["reference_test_accuracy"] for s in summaries]))
+    curve = mean_curve(summaries)
+    ok = [r for r in curve if r["accuracy"] >= ref - match - 1e-12]
+    best = min(ok, key=lambda r: r["expected_dims"]) if ok else None
+    fixed_key = "ff_accuracy" if summaries[0]["ff_accuracy"] else "mrl_accuracy"
+    sizes = summaries[0][fixed_key].keys()
+    fixed_acc = {m: float(np.mean([s[fixed_key][m] for s in summaries])) for m in sizes}
+    fixed = _smallest_matching(fixed_acc, ref, match)
+    dims = None if best is None else best["expected_dims"]
+    return {
+        "match": match,
+        "reference_accuracy": ref,
+        "cascade_dims": dims,
+        "cascade_dims_std": None if best is None else best["expected_dims_std"],
+        "cascade_accuracy": None if best is None else best["accuracy"],
+        "tolerance": None if best is None else best["tolerance"],
+        "fixed_accuracy": fixed_acc,
+        "fixed_dims": fixed,
+        "x_smaller": None if dims is None or fixed is None else fixed / dims,
+    }
 
 
 def summarize(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -325,6 +381,7 @@ def summarize(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {"mean": float(v.mean()), "std": std, "n": len(v)}
 
     return {
+        "mean_curve_headline": _mean_curve_headline(summaries),
         "seeds": [s["seed"] for s in summaries],
         "reference": summaries[0]["reference"],
         "reference_test_accuracy": stat("reference_test_accuracy"),

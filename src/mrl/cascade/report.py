@@ -28,22 +28,41 @@ def headline_markdown(summary: dict[str, Any], match: float = 0.005) -> str:
     """A few sentences and a table with the headline numbers (mean ± std over seeds)."""
     pts = 100 * match
     fixed = summary["fixed_name"].upper()
+    h = summary["mean_curve_headline"]
+    ratio = "n/a" if h["x_smaller"] is None else f"{h['x_smaller']:.2f}"
+    cas = (
+        "not reached"
+        if h["cascade_dims"] is None
+        else f"{h['cascade_dims']:.1f} expected dims (± {h['cascade_dims_std']:.1f} over seeds; "
+        f"test accuracy {100 * h['cascade_accuracy']:.2f} %, tolerance "
+        f"{100 * h['tolerance']:g} points)"
+    )
+    m = h["fixed_dims"]
+    fix = (
+        "none" if m is None else f"{fixed}-{m} (test accuracy {100 * h['fixed_accuracy'][m]:.2f} %)"
+    )
     lines = [
+        f"**Seed-averaged curve: the cascade matches the reference ({summary['reference']}, "
+        f"{100 * h['reference_accuracy']:.2f} %) within {pts:g} points at {cas}; the smallest "
+        f"{fixed} model that does is {fix}: {ratio} x smaller.**",
+        "",
         f'Reference ("full-size model"): **{summary["reference"]}**, test accuracy '
         f"{_ms(summary['reference_test_accuracy'], 100, 2)} %. Seeds (calibration/test splits): "
         f"{summary['seeds']}.",
         "",
         "| quantity | value (mean ± std over seeds) |",
         "|---|---|",
-        f"| cascade: fewest expected dims within {pts:g} points of the reference (test curve) | "
+        f"| per seed: cascade's fewest expected dims within {pts:g} points of the reference "
+        "(that seed's test curve) | "
         f"{_ms(summary['cascade_dims_to_match'])} |",
-        f"| cascade: fewest expected dims within {pts:g} points of its own full-size prefix "
+        f"| per seed: cascade's fewest expected dims within {pts:g} points of its own full-size "
+        "prefix "
         f"(test accuracy {_ms(summary['own_reference_test_accuracy'], 100, 2)} %) | "
         f"{_ms(summary['cascade_dims_to_match_own'])} |",
-        f"| smallest {fixed} model within {pts:g} points of the reference | "
+        f"| per seed: smallest {fixed} model within {pts:g} points of the reference | "
         f"{_ms(summary['fixed_dims_to_match'], digits=0)} |",
-        f"| **x smaller** ({fixed} dims / cascade expected dims) | "
-        f"**{_ms(summary['x_smaller'], digits=2)}** |",
+        f"| per seed: x smaller ({fixed} dims / cascade expected dims) | "
+        f"{_ms(summary['x_smaller'], digits=2)} |",
         f"| cascade fitted on calibration to reference - {pts:g} points: test accuracy (%) | "
         f"{_ms(summary['matched_accuracy'], 100, 2)} |",
         "| ... its expected dims (= MRL-E classifier cost) | "
@@ -186,9 +205,7 @@ def _fewshot_tables(records: Sequence[dict[str, Any]]) -> str:
         f"Cosine to class means of re-normalised prefixes; {where}; 5 seeded draws, mean shown. "
         "`ncm_Nshot`: N examples per class. `ltN_*`: half the classes (random per draw) get N "
         "examples, the others 100; accuracy over all / head / tail queries. FF-m: its first m "
-        "features.\n\n"
-        + to_markdown(pct)
-        + "\n"
+        "features.\n\n" + to_markdown(pct) + "\n"
     )
 
 
