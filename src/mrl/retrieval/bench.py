@@ -69,6 +69,12 @@ def _scratch(n: int, dim: int) -> np.ndarray | None:
     return arr
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm (zero rows stay zero), float32, C-contiguous."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+
+
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t = time.perf_counter()
     out = fn()
@@ -207,8 +213,9 @@ def bench_retrieval(
         db, _ = mrl_like(n, dim, clusters=max(1, n // 100), seed=seed, out=_scratch(n, dim))
         q, _ = mrl_like(queries, dim, clusters=max(1, n // 100), seed=seed + 1)
     else:
-        db = np.ascontiguousarray(data[0], np.float32)
-        q = np.ascontiguousarray(data[1], np.float32)
+        # Cosine everywhere: L2-normalise at full size, so inner-product baselines (FAISS flat,
+        # HNSW) rank by the same full-size cosine as the funnel's last stage.
+        db, q = (_unit(np.asarray(a, np.float32)) for a in data)
         n, dim = db.shape
     if k >= n:
         raise ValueError(f"k must be < n ({n}), got k={k}")
