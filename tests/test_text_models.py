@@ -296,3 +296,26 @@ def test_compare_methods_subset_and_errors(tiny_model, tmp_path):
         compare_methods(data, base=tiny_model, methods=["svd"])
     with pytest.raises(ValueError, match="'finetune' needs a fine-tuned model"):
         compare_methods(data, base=tiny_model, methods=["finetune"])
+
+
+def test_cli_compare_append(tiny_model, tmp_path):
+    pytest.importorskip("mrl.report")
+    from mrl.records import load_records
+
+    data = _beir(tmp_path / "mini")
+    out = tmp_path / "cmp"
+    base = [
+        "text",
+        "compare",
+        "--dataset",
+        str(data),
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(out),
+    ]
+    assert main(base + ["--methods", "truncate,pca"]) == 0
+    assert main(base + ["--methods", "finetune", "--finetuned", str(tiny_model), "--append"]) == 0
+    methods = {r["method"] for r in load_records(out / "results.json")}
+    assert methods == {"truncate", "pca", "finetune"}
+    assert (out / "report.html").is_file()

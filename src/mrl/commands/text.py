@@ -173,14 +173,23 @@ def _compare(args: argparse.Namespace) -> int:
     from mrl.text.adaptor import AdaptorConfig
     from mrl.text.evaluation import compare_methods, relative_table
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.finetuned is None and "finetune" in methods:
+        methods.remove("finetune")
     records = compare_methods(
         args.dataset,
         base=args.model,
         finetuned=args.finetuned,
         cache_dir=args.cache,
         adaptor_config=AdaptorConfig(steps=args.steps, seed=args.seed),
+        methods=methods,
         log=lambda s: print(s, flush=True),
     )
+    previous = Path(args.out) / "results.json"
+    if args.append and previous.is_file():
+        from mrl.records import load_records
+
+        records = [r for r in load_records(previous) if r["method"] not in methods] + records
     metric = "p@10" if any(r["metric"] == "p@10" for r in records) else "ndcg@10"
     table = relative_table(records, metric)
     notes = (
