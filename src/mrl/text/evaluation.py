@@ -129,10 +129,18 @@ def load_text_dataset(name: str | os.PathLike) -> RetrievalDataset | LabelledCor
         from mrl.text.cranfield import load_cranfield
 
         return load_cranfield()
-    if text == "bbc":
+    if text == "bbc" or text.startswith("bbc:"):
         from mrl.text.bbc import load_bbc
 
-        return load_bbc()
+        if text == "bbc":
+            return load_bbc()
+        try:
+            limit = int(text.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"dataset 'bbc:N' needs an integer N, got {text!r}") from None
+        corpus = load_bbc(limit_per_class=limit)  # the first N articles of each class
+        corpus.name = f"bbc:{limit}"
+        return corpus
     if Path(text).is_dir() and is_beir_folder(text):
         return load_beir(text)
     raise ValueError(
