@@ -246,3 +246,19 @@ def test_bench_on_unnormalised_embeddings_uses_cosine():
     )
     fun = next(r for r in recs if r["method"] == "funnel" and r["metric"] == "recall@10")
     assert fun["value"] >= 0.85  # exact truth and funnel agree on cosine, whatever the norms
+
+
+def test_tune_with_reference_counts_quantisation_error(data):
+    db = data[0]
+    index = MatryoshkaIndex(NEST, vector_dtype="int8")
+    index.add(db)
+    res = tune(index, 0.9, k=10, n_queries=40, backends=("numpy",), reference=db)
+    rows = np.random.default_rng(0).choice(len(db), 40, replace=False)
+    rows.sort()
+    _, truth = exact_search(db, db[rows], 11)  # float32 truth, as tune used
+    found = index.search(db[rows], 11).indices
+    drop = np.array([f[f != r][:10] for f, r in zip(found, rows)])
+    want = np.array([t[t != r][:10] for t, r in zip(truth, rows)])
+    assert abs(recall_at_k(drop, want) - res.recall) < 1e-9
+    with pytest.raises(ValueError, match="reference must have shape"):
+        tune(index, 0.9, reference=db[:10])

@@ -111,7 +111,14 @@ def _funnel(
     _, add_s = _timed(lambda: index.add(db, copy=False))
     tuned, tune_s = _timed(
         lambda: tune(
-            index, target, k=k, n_queries=200, backends=backends, max_hnsw=max_hnsw, log=say
+            index,
+            target,
+            k=k,
+            n_queries=200,
+            backends=backends,
+            max_hnsw=max_hnsw,
+            log=say,
+            reference=db,  # exact answers from float32, so int8 rerank error is counted
         )
     )
     cfg = tuned.config

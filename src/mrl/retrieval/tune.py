@@ -127,6 +127,7 @@ def tune(
     margin: float | None = None,
     apply: bool = True,
     seed: int = 0,
+    reference: np.ndarray | None = None,
     log=None,
 ) -> TuneResult:
     """Pick the fastest configuration whose recall@k vs exact full-size search >= target_recall.
@@ -146,6 +147,10 @@ def tune(
         apply: store the choice as ``index.config`` and the report as ``index.tuned``, and drop
             the cached shortlist matrices and graphs the choice does not use.
         log: optional callable(str) for progress lines.
+        reference: the original full-precision database [N, D] (row i = index row i). With
+            int8/float16 rerank vectors, the exact answer (and held-out queries) then come from
+            it, so the measured recall includes the quantisation error; without it, recall is
+            measured against exact search over the stored (quantised) vectors.
     """
     if not (isinstance(target_recall, (int, float)) and 0 < target_recall <= 1):
         raise ValueError(f"target_recall must be in (0, 1], got target_recall={target_recall!r}")
@@ -154,8 +159,12 @@ def tune(
     say = log or (lambda s: None)
     nest, d, n = index.nesting, index.nesting.dim, index.count
     rows = None
+    if reference is not None and np.shape(reference) != (n, d):
+        raise ValueError(f"reference must have shape ({n}, {d}), got {np.shape(reference)}")
     if queries is None:
         queries, rows = held_out_queries(index, n_queries, seed)
+        if reference is not None:
+            queries = np.asarray(reference[rows], dtype=np.float32)
     else:
         queries = index._check_queries(queries)
     need = target_recall + (
@@ -163,9 +172,12 @@ def tune(
     )
     need = min(need, 1.0)
     kk = k + 1 if rows is not None else k  # room to drop the query's own row
-    _, truth = exact_search(
-        index._vectors, queries, kk, metric=index.metric, column_scale=index._col_scale
-    )
+    if reference is not None:
+        _, truth = exact_search(reference, queries, kk, metric=index.metric)
+    else:
+        _, truth = exact_search(
+            index._vectors, queries, kk, metric=index.metric, column_scale=index._col_scale
+        )
     truth = _drop_self(truth, rows, k)
     dims = (
         shortlist_dims or tuple(m for m in nest.sizes if m <= min(d // 4, 256)) or (nest.sizes[0],)
