@@ -154,7 +154,9 @@ def count_long(encoder: Any, texts: list[str]) -> int:
     tokenizer = getattr(encoder, "tokenizer", None)
     if tokenizer is None or limit is None:
         return 0
-    lengths = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    lengths = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)[
+        "input_ids"
+    ]
     return sum(len(ids) > limit for ids in lengths)
 
 
