@@ -61,10 +61,10 @@ def test_plain_eval_has_baselines(tmp_path, task):
     cfg = load_config(None, [*TINY, "data.dataset=synthetic", "epochs=1", "model.mode=plain"])
     train(cfg, tmp_path, progress=False, task=task)
     recs = evaluate_embeddings(compute_embeddings(tmp_path, task=task), nesting="2,4,16",
-                               probe_iter=20)  # fmt: skip
+                               probe_iter=20, probe_all=True)  # fmt: skip
     methods = {(r["method"], r["metric"], r["prefix"]) for r in recs}
     for method in ("plain", "pca", "random"):
-        for metric in ("top1", "1nn", "map@10"):
+        for metric in ("top1", "probe_top1", "1nn", "map@10"):
             assert {(method, metric, m) for m in (2, 4, 16)} <= methods
     assert all(0 <= r["value"] <= 100 for r in recs if r["metric"] in ("top1", "1nn"))
 
@@ -81,6 +81,8 @@ def test_reproduce_accumulates_seeds(tmp_path, task):
     assert {r["method"] for r in recs} == {"mrl", "mrl-e", "ff", "plain", "pca", "random"}
     ff = {r["prefix"] for r in recs if r["method"] == "ff" and r["metric"] == "top1"}
     assert ff == {2, 4, 8, 16}
+    probed = {r["method"] for r in recs if r["metric"] == "probe_top1"}
+    assert probed == {"mrl", "mrl-e", "ff", "plain", "pca", "random"}
     # Rerunning a seed reuses its runs and replaces (not duplicates) its records.
     again = reproduce("fashion-mnist", "small", tmp_path, seed=1, overrides=over, progress=False,
                       data_task=task, log=logs.append)  # fmt: skip

@@ -92,10 +92,11 @@ def classification_section(ctx: DemoContext) -> tuple[str, list[dict[str, Any]]]
     from mrl.commands.eval import evaluate_embeddings
     from mrl.records import to_markdown
 
-    records = evaluate_embeddings(ctx.mrl, dataset=ctx.dataset, seed=ctx.seed)
+    records = evaluate_embeddings(ctx.mrl, dataset=ctx.dataset, seed=ctx.seed, probe_all=True)
     records += evaluate_embeddings(
         ctx.baseline,
         nesting=",".join(map(str, ctx.nesting.sizes)),
+        probe_all=True,
         dataset=ctx.dataset,
         seed=ctx.seed,
     )
@@ -105,10 +106,12 @@ def classification_section(ctx: DemoContext) -> tuple[str, list[dict[str, Any]]]
         "MRL: one network trained with a classifier at every prefix (summed losses). plain: the "
         "same network trained with one full-size classifier, its features truncated. pca / random: "
         "PCA components / random coordinates of the plain model's features. top1 of mrl comes "
-        "from its heads, of the others from a linear probe; 1nn: nearest training image (cosine "
-        "on the re-normalised prefix) has the test image's class. Values in percent.",
+        "from its heads, of the others from a linear probe; probe_top1: the same linear probe "
+        "for every method; 1nn: nearest training image (cosine on the re-normalised prefix) has "
+        "the test image's class. Values in percent.",
         "",
         "### top1", "", to_markdown(records, metric="top1"),
+        "", "### probe_top1", "", to_markdown(records, metric="probe_top1"),
         "", "### 1nn", "", to_markdown(records, metric="1nn"),
     ])  # fmt: skip
     return md, records

@@ -116,9 +116,15 @@ def evaluate_embeddings(
     baselines: bool = True,
     probe_iter: int = 200,
     method: str | None = None,
+    probe_all: bool = False,
     **context: Any,
 ) -> list[dict[str, Any]]:
-    """Tidy records (method, prefix, metric, value, ...) for one run; see the module doc."""
+    """Tidy records (method, prefix, metric, value, ...) for one run; see the module doc.
+
+    ``probe_all``: also fit the linear probe on the features of models with trained heads, so that
+    metric ``probe_top1`` compares every method with one classifier recipe (for plain, pca and
+    random, ``probe_top1`` equals their ``top1``).
+    """
     from mrl.nesting import Nesting
     from mrl.probe import baseline_features, probe_top1
     from mrl.records import make_record
@@ -136,14 +142,19 @@ def evaluate_embeddings(
         for m, a in zip(e.head_nesting.sizes, acc.tolist()):
             if m in sizes:
                 records.append(make_record(method, m, "top1", a, source="head", **context))
+        if probe_all:
+            acc = probe_top1(
+                db, e.db_labels, test, e.test_labels, sizes, e.num_classes, max_iter=probe_iter
+            )
+            records += [
+                make_record(method, m, "probe_top1", a, source="probe", **context)
+                for m, a in zip(sizes.sizes, acc.tolist())
+            ]
     else:  # plain: a probe on the truncated features
         acc = probe_top1(
             db, e.db_labels, test, e.test_labels, sizes, e.num_classes, max_iter=probe_iter
         )
-        records += [
-            make_record(method, m, "top1", a, source="probe", **context)
-            for m, a in zip(sizes.sizes, acc.tolist())
-        ]
+        records += _probe_records(method, sizes, acc, probe_all, context)
     records += _retrieval(db, e.db_labels, test, e.test_labels, sizes, method, center, context)
     if e.mode == "plain" and baselines:
         for kind in ("pca", "random"):
@@ -151,14 +162,25 @@ def evaluate_embeddings(
             acc = probe_top1(
                 bdb, e.db_labels, btest, e.test_labels, sizes, e.num_classes, max_iter=probe_iter
             )
-            records += [
-                make_record(kind, m, "top1", a, source="probe", **context)
-                for m, a in zip(sizes.sizes, acc.tolist())
-            ]
+            records += _probe_records(kind, sizes, acc, probe_all, context)
             records += _retrieval(
                 bdb, e.db_labels, btest, e.test_labels, sizes, kind, center, context
             )
     return records
+
+
+def _probe_records(
+    method: str, sizes: Any, acc: Any, probe_all: bool, context: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """top1 records of a probe (and the same values as probe_top1 when ``probe_all``)."""
+    from mrl.records import make_record
+
+    metrics = ("top1", "probe_top1") if probe_all else ("top1",)
+    return [
+        make_record(method, m, metric, a, source="probe", **context)
+        for metric in metrics
+        for m, a in zip(sizes.sizes, acc.tolist())
+    ]
 
 
 def _retrieval(

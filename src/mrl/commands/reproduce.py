@@ -177,6 +177,7 @@ def reproduce(
                 seed=seed,
                 budget=budget,
                 run=name,
+                probe_all=True,
             )
             save_records(cached, recs)
         records += recs
@@ -196,7 +197,7 @@ def write_tables(records: list[dict[str, Any]], out: Path, title: str, notes: st
 
     write_report(records, out, title=title, notes=notes)
     parts = []
-    for metric in ("top1", "1nn", "map@10"):
+    for metric in ("top1", "probe_top1", "1nn", "map@10"):
         parts.append(f"### {metric} (%)\n\n" + to_markdown(records, metric=metric))
     return "\n\n".join(parts)
 
