@@ -1,4 +1,4 @@
-"""`mrl demo`: the project's main job in one command (under 10 minutes on a 2-core CPU).
+"""`mrl demo`: the project's main job in one command (sized for 10 minutes on a 2-core CPU).
 
 Trains a Matryoshka (MRL) model and a plain model with the same recipe on Fashion-MNIST, embeds
 the training and test images once, evaluates every prefix size against the plain model's
