@@ -128,3 +128,20 @@ def test_lr_schedules(schedule, step, expected):
 def test_warmup_is_linear():
     cfg = _cfg("optim.warmup_epochs=1")
     assert [lr_factor(cfg, s, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_trains_on_triples_composed_on_the_fly(tmp_path):
+    from mrl.data import Task
+    from mrl.data.fashion_mnist_1k import fixed_triples
+    from mrl.data.synthetic import make_synthetic
+    from mrl.data.tensors import TripleSource
+
+    base = make_synthetic(n=64, num_classes=4, size=8)
+    task = Task("triples", TripleSource(base, 128), fixed_triples(base, 64, 1, "db"),
+                fixed_triples(base, 32, 2, "test"))  # fmt: skip
+    cfg = _cfg("epochs=1", "data.dataset=fashion-mnist-1k")
+    train(cfg, tmp_path, progress=False, task=task)
+    model, _, saved = load_run(tmp_path)
+    assert saved["task"]["num_classes"] == 64
+    z, logits = predict(model, task.test)
+    assert z.shape == (32, 16) and logits.shape == (3, 32, 64)
