@@ -271,6 +271,8 @@ def train(
 
     dist_info = _init_distributed(None if config.device == "auto" else config.device.split(":")[0])
     device = _device(config, dist_info.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives (barrier) use the current device
     if task is None:
         d = config.data
         task = load_task(
