@@ -40,9 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--vector-dtype",
-        default="int8",
+        default="float32",
         choices=("float32", "float16", "int8"),
-        help="the funnel's stored full-size vectors (default int8)",
+        help="the funnel's stored full-size vectors (default float32)",
     )
     r.add_argument(
         "--max-hnsw",
