@@ -271,7 +271,7 @@ def train(
 
     dist_info = _init_distributed(None if config.device == "auto" else config.device.split(":")[0])
     device = _device(config, dist_info.local_rank)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # NCCL collectives (barrier) use the current device
     if task is None:
         d = config.data
