@@ -144,6 +144,7 @@ def test_finetune_saves_nested_model(tiny_model, tmp_path):
     info = json.loads((out / "mrl.json").read_text())
     assert info["nesting"]["sizes"] == [8, 16, 32] and info["steps"] == 2
     assert model_nesting(out) == Nesting((8, 16, 32))
+    assert load_encoder(out).max_seq_length == 32  # the base's, not the training length 16
     before = encode(load_encoder(tiny_model), ["wing"])
     after = encode(load_encoder(out), ["wing"])
     assert not np.allclose(before, after)  # it trained

@@ -122,7 +122,9 @@ def finetune(
     base = resolve_model_path(model)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    encoder = load_encoder(base, device=config.device, max_seq_length=config.max_seq_length)
+    encoder = load_encoder(base, device=config.device)
+    inference_length = encoder.max_seq_length  # restored before saving: training may cut shorter
+    encoder.max_seq_length = config.max_seq_length
     dim = embedding_dim(encoder)
     nesting = (
         default_nesting(dim) if config.nesting is None else Nesting.parse(config.nesting, dim=dim)
@@ -163,6 +165,7 @@ def finetune(
             step += 1
             log(f"step {step}/{total} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     encoder.eval()
+    encoder.max_seq_length = inference_length
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     encoder.save(str(out), create_model_card=False)
