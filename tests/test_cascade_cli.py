@@ -201,4 +201,10 @@ def test_mean_curve_headline_matches_a_manual_computation():
     assert h["cascade_dims"] == pytest.approx(min(ok)) and h["fixed_dims"] == fixed
     assert h["x_smaller"] == pytest.approx(fixed / min(ok))
     head = [r for r in recs if r.get("point") == "match_mean_curve" and r["metric"] == "x_smaller"]
-    assert len(head) == 1 and head[0]["value"] == pytest.approx(h["x_smaller"])
+    by_ref = {r["reference"]: r["value"] for r in head}
+    assert by_ref["ff-16"] == pytest.approx(h["x_smaller"])
+    own = summarize(summ)["mean_curve_headline_own"]
+    own_ref = np.mean([s["own_reference_test_accuracy"] for s in summ])
+    assert own["reference_accuracy"] == pytest.approx(own_ref)
+    if own["x_smaller"] is not None:
+        assert by_ref["mrl-16"] == pytest.approx(own["x_smaller"])

@@ -293,15 +293,21 @@ def evaluate_cascade(
         )
         records += recs
         summaries.append(summ)
-    records += _mean_curve_records(summarize(summaries), context)
+    summary = summarize(summaries)
+    records += _mean_curve_records(summary["mean_curve_headline"], summary, context,
+                                   summary["reference"])  # fmt: skip
+    if ff:  # also at the accuracy of the MRL model's own full-size prefix
+        records += _mean_curve_records(summary["mean_curve_headline_own"], summary, context,
+                                       f"mrl-{nesting.dim}")  # fmt: skip
     return records, summaries
 
 
-def _mean_curve_records(summary: dict[str, Any], context: dict[str, Any]) -> list[Record]:
-    """The headline read from the seed-averaged curve, as records (seed None)."""
-    h = summary["mean_curve_headline"]
+def _mean_curve_records(
+    h: dict[str, Any], summary: dict[str, Any], context: dict[str, Any], reference: str
+) -> list[Record]:
+    """A headline read from the seed-averaged curve, as records (seed None)."""
     ctx = {**context, "point": "match_mean_curve", "match": h["match"],
-           "reference": summary["reference"], "seeds": summary["seeds"]}  # fmt: skip
+           "reference": reference, "seeds": summary["seeds"]}  # fmt: skip
     out = []
     if h["cascade_dims"] is not None:
         out.append(make_record("cascade", None, "dims_to_match", h["cascade_dims"],
@@ -343,11 +349,16 @@ def mean_curve(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["expected_dims"], -r["accuracy"]))
 
 
-def _mean_curve_headline(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _mean_curve_headline(
+    summaries: Sequence[dict[str, Any]], ref_key: str = "reference_test_accuracy"
+) -> dict[str, Any]:
     """Fewest mean expected dims within ``match`` of the mean reference accuracy, against the
-    smallest fixed model (FF, else MRL prefix) whose mean accuracy is within ``match``."""
+    smallest fixed model (FF, else MRL prefix) whose mean accuracy is within ``match``.
+
+    ``ref_key="own_reference_test_accuracy"`` uses the MRL model's own full-size accuracy as the
+    level to match (useful when the MRL model is below FF-D: the same accuracy for both sides)."""
     match = summaries[0]["match"]
-    ref = float(np.mean([s["reference_test_accuracy"] for s in summaries]))
+    ref = float(np.mean([s[ref_key] for s in summaries]))
     curve = mean_curve(summaries)
     ok = [r for r in curve if r["accuracy"] >= ref - match - 1e-12]
     best = min(ok, key=lambda r: r["expected_dims"]) if ok else None
@@ -382,6 +393,7 @@ def summarize(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     return {
         "mean_curve_headline": _mean_curve_headline(summaries),
+        "mean_curve_headline_own": _mean_curve_headline(summaries, "own_reference_test_accuracy"),
         "seeds": [s["seed"] for s in summaries],
         "reference": summaries[0]["reference"],
         "reference_test_accuracy": stat("reference_test_accuracy"),
