@@ -187,3 +187,11 @@ def test_compressed_vectors_close_to_exact(dtype, tmp_path):
     np.testing.assert_array_equal(again.indices, res.indices)
     with pytest.raises(ValueError, match="needs metric='cosine'"):
         MatryoshkaIndex(NEST, vector_dtype="int8", metric="dot")
+
+
+def test_none_override_means_index_default():
+    db, q = _data()
+    index = _index(db, shortlist_dim=8, shortlist=50)
+    a = index.search(q, k=3)
+    b = index.search(q, k=3, stages=None, shortlist=None)
+    np.testing.assert_array_equal(a.indices, b.indices)

@@ -403,7 +403,8 @@ class MatryoshkaIndex:
         batch_size: int = 1024,
         **overrides: Any,
     ) -> SearchResult:
-        """Top-k rows for each query [Q, D]; ``overrides`` are `SearchConfig` fields.
+        """Top-k rows for each query [Q, D]; ``overrides`` are `SearchConfig` fields (None = the
+        index's own value).
 
         Returns a `SearchResult` with scores/indices/ids [Q, k] (cosine at the last stage's
         prefix) and ``timings`` (seconds in shortlist and rerank).
@@ -411,8 +412,10 @@ class MatryoshkaIndex:
         unknown = set(overrides) - set(SearchConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown search options {sorted(unknown)}")
+        # An option passed as None means "the index's own setting" (callers forward optional args).
+        overrides = {name: v for name, v in overrides.items() if v is not None}
         cfg = replace(self.config, **overrides)
-        if "stages" in overrides and overrides["stages"] is not None:
+        if "stages" in overrides:
             cfg = replace(cfg, stages=tuple(tuple(s) for s in overrides["stages"]))
         k = _as_int("k", k, 1)
         n = self.count
