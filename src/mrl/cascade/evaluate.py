@@ -117,6 +117,21 @@ def _smallest_matching(accs: Mapping[int, float], ref: float, match: float) -> i
     return min(ok) if ok else None
 
 
+def _matched_point(scores, y, nesting, cal, tst, target, kind, ctx):
+    """Fit on calibration to ``target`` (clipped to [0, 1]), measure on test; records."""
+    target = min(1.0, max(0.0, target))
+    cas = fit_cascade(scores[:, cal], y[cal], nesting, target_accuracy=target, kind=kind)
+    res = cas.evaluate(scores[:, tst], y[tst], kind=kind)
+    mctx = {**ctx, "point": "matched", "target": target, "thresholds": list(cas.thresholds),
+            "expected_heads": res["expected_heads"],
+            "expected_head_dims": res["expected_head_dims"]}  # fmt: skip
+    recs = [
+        make_record("cascade", res["max_prefix"], "accuracy", res["accuracy"], **mctx),
+        make_record("cascade", res["max_prefix"], "expected_dims", res["expected_dims"], **mctx),
+    ]
+    return cas, {**res, "target": target}, recs
+
+
 def _evaluate_seed(
     scores: np.ndarray,
     y: np.ndarray,
@@ -182,23 +197,29 @@ def _evaluate_seed(
             make_record("cascade", p["max_prefix"], "expected_dims", p["expected_dims"], **pctx),
         ]
 
-    target = min(1.0, max(0.0, ref_cal - match))
-    matched = fit_cascade(scores[:, cal], y[cal], nesting, target_accuracy=target, kind=kind)
-    mres = matched.evaluate(scores[:, tst], y[tst], kind=kind)
-    mctx = {
-        **ctx,
-        "point": "matched",
-        "target": target,
-        "match": match,
-        "reference": ref_name,
-        "thresholds": list(matched.thresholds),
-        "expected_heads": mres["expected_heads"],
-        "expected_head_dims": mres["expected_head_dims"],
-    }
-    recs += [
-        make_record("cascade", mres["max_prefix"], "accuracy", mres["accuracy"], **mctx),
-        make_record("cascade", mres["max_prefix"], "expected_dims", mres["expected_dims"], **mctx),
-    ]
+    matched, mres, mrecs = _matched_point(
+        scores,
+        y,
+        nesting,
+        cal,
+        tst,
+        ref_cal - match,
+        kind,
+        {**ctx, "match": match, "reference": ref_name},
+    )
+    recs += mrecs
+    own_cal = _accuracy(scores[-1, cal], y[cal])
+    _, own_res, own_recs = _matched_point(
+        scores,
+        y,
+        nesting,
+        cal,
+        tst,
+        own_cal - match,
+        kind,
+        {**ctx, "match": match, "reference": f"mrl-{nesting.dim}"},
+    )
+    recs += own_recs if use_ff else []
 
     # Headline from the test curve.
     ok = [p for p in curve if p["accuracy"] >= ref_test - match - 1e-12]
@@ -234,7 +255,8 @@ def _evaluate_seed(
         "ff_accuracy": ff_acc,
         "oracle_accuracy": float((o_labels == y[tst]).mean()),
         "oracle_expected_dims": float(o_used.mean()),
-        "matched": {**mres, "target": target, "thresholds": list(matched.thresholds)},
+        "matched": {**mres, "thresholds": list(matched.thresholds)},
+        "matched_own": own_res,
         "cascade_dims_to_match": cas_dims,
         "fixed_name": fixed_name,
         "fixed_dims_to_match": fixed_m,
@@ -406,6 +428,9 @@ def summarize(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "matched_accuracy": stat("matched", "accuracy"),
         "matched_expected_dims": stat("matched", "expected_dims"),
         "matched_expected_head_dims": stat("matched", "expected_head_dims"),
+        "matched_own_accuracy": stat("matched_own", "accuracy"),
+        "matched_own_expected_dims": stat("matched_own", "expected_dims"),
+        "matched_own_expected_head_dims": stat("matched_own", "expected_head_dims"),
         "oracle_accuracy": stat("oracle_accuracy"),
         "oracle_expected_dims": stat("oracle_expected_dims"),
     }

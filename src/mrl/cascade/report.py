@@ -78,6 +78,12 @@ def headline_markdown(summary: dict[str, Any], match: float = 0.005) -> str:
         f"{_ms(summary['matched_expected_dims'])} |",
         "| ... its expected head dims (independent MRL heads, every head passed) | "
         f"{_ms(summary['matched_expected_head_dims'])} |",
+        f"| cascade fitted on calibration to its own full-size prefix - {pts:g} points: test "
+        f"accuracy (%) | {_ms(summary['matched_own_accuracy'], 100, 2)} |",
+        "| ... its expected dims (= MRL-E classifier cost) | "
+        f"{_ms(summary['matched_own_expected_dims'])} |",
+        "| ... its expected head dims (independent MRL heads) | "
+        f"{_ms(summary['matched_own_expected_head_dims'])} |",
         "| oracle (smallest correct prefix): accuracy (%) | "
         f"{_ms(summary['oracle_accuracy'], 100, 2)} |",
         f"| oracle: expected dims | {_ms(summary['oracle_expected_dims'])} |",
