@@ -39,6 +39,7 @@ lint: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_heads.py
 	$(BIN)/python benchmarks/bench_scores.py
+	$(BIN)/python benchmarks/bench_train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -25,6 +25,8 @@ HELP = "train an MRL model on Fashion-MNIST, compare every prefix with baselines
 # Report sections in order; each is "module:function" with function(ctx) -> (markdown, records).
 SECTIONS = [
     "mrl.commands.demo:classification_section",
+    "mrl.retrieval.demo:demo_section",
+    "mrl.cascade:demo_section",
 ]
 
 DEMO_RECIPE = (
