@@ -21,45 +21,87 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit = sub.add_parser("fit", help="tune thresholds on a calibration split; write a cascade file")
     fit.add_argument("source", help="run folder or logits .npz")
     mode = fit.add_mutually_exclusive_group()
-    mode.add_argument("--tolerance", type=float, default=None,
-                      help="accuracy fraction below the full-size prefix (0.005 = 0.5 points; "
-                      "the default mode, with 0.005)")
-    mode.add_argument("--target-accuracy", type=float, default=None,
-                      help="absolute calibration accuracy to keep, in [0, 1]")
-    mode.add_argument("--budget", type=float, default=None,
-                      help="expected dims to spend at most (most accurate cascade within it)")
+    mode.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="accuracy fraction below the full-size prefix (0.005 = 0.5 points; "
+        "the default mode, with 0.005)",
+    )
+    mode.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=None,
+        help="absolute calibration accuracy to keep, in [0, 1]",
+    )
+    mode.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="expected dims to spend at most (most accurate cascade within it)",
+    )
     _common(fit)
     fit.add_argument("--seed", type=int, default=0, help="seed of the calibration/held-out split")
-    fit.add_argument("--out", default=None,
-                     help="cascade file to write (default: SOURCE/cascade.json for a run "
-                     "folder, SOURCE with suffix .cascade.json for a file)")
+    fit.add_argument(
+        "--out",
+        default=None,
+        help="cascade file to write (default: SOURCE/cascade.json for a run "
+        "folder, SOURCE with suffix .cascade.json for a file)",
+    )
 
-    ev = sub.add_parser("eval", help="accuracy vs expected dims, beside FF models; or evaluate a "
-                        "fitted cascade file")
+    ev = sub.add_parser(
+        "eval",
+        help="accuracy vs expected dims, beside FF models; or evaluate a fitted cascade file",
+    )
     ev.add_argument("source", help="run folder, logits .npz, or a cascade file (.json)")
-    ev.add_argument("--logits", default=None,
-                    help="with a cascade file: evaluate on all of this run folder / logits file "
-                    "(default: the held-out part of the source it was fitted on)")
-    ev.add_argument("--ff", nargs="*", default=[],
-                    help="fixed-feature runs (folders or logits files), one per size")
+    ev.add_argument(
+        "--logits",
+        default=None,
+        help="with a cascade file: evaluate on all of this run folder / logits file "
+        "(default: the held-out part of the source it was fitted on)",
+    )
+    ev.add_argument(
+        "--ff",
+        nargs="*",
+        default=[],
+        help="fixed-feature runs (folders or logits files), one per size",
+    )
     ev.add_argument("--seeds", default="0,1,2", help="calibration/test split seeds, e.g. 0,1,2")
-    ev.add_argument("--match", type=float, default=0.005,
-                    help="accuracy fraction within which the reference counts as matched")
-    ev.add_argument("--fewshot", action="store_true",
-                    help="also few-shot / long-tail NCM at every prefix of every run")
-    ev.add_argument("--fewshot-pool", choices=("test", "train"), default="test",
-                    help="support set: a seeded half of the split (queries: the other half; "
-                    "default) or training images (queries: the whole split)")
-    ev.add_argument("--out", default=None, help="folder for cascade.json/.md/.png "
-                    "(default: SOURCE's folder/cascade-eval)")
+    ev.add_argument(
+        "--match",
+        type=float,
+        default=0.005,
+        help="accuracy fraction within which the reference counts as matched",
+    )
+    ev.add_argument(
+        "--fewshot",
+        action="store_true",
+        help="also few-shot / long-tail NCM at every prefix of every run",
+    )
+    ev.add_argument(
+        "--fewshot-pool",
+        choices=("test", "train"),
+        default="test",
+        help="support set: a seeded half of the split (queries: the other half; "
+        "default) or training images (queries: the whole split)",
+    )
+    ev.add_argument(
+        "--out",
+        default=None,
+        help="folder for cascade.json/.md/.png (default: SOURCE's folder/cascade-eval)",
+    )
     ev.add_argument("--dataset", default=None, help="dataset name added to every record")
     ev.add_argument("--notes", default="", help="text for cascade.md (how the runs were trained)")
     _common(ev)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib-fraction", type=float, default=0.5,
-                   help="fraction of the split used for calibration (default 0.5)")
+    p.add_argument(
+        "--calib-fraction",
+        type=float,
+        default=0.5,
+        help="fraction of the split used for calibration (default 0.5)",
+    )
     p.add_argument("--split", default="test", help="dataset split of a run folder (default test)")
 
 
@@ -79,23 +121,40 @@ def _fit(args: argparse.Namespace) -> int:
     tol = args.tolerance
     if tol is None and args.target_accuracy is None and args.budget is None:
         tol = 0.005
-    cas = fit_cascade(data.logits[:, cal], data.labels[cal], data.nesting, tolerance=tol,
-                      target_accuracy=args.target_accuracy, budget=args.budget)
+    cas = fit_cascade(
+        data.logits[:, cal],
+        data.labels[cal],
+        data.nesting,
+        tolerance=tol,
+        target_accuracy=args.target_accuracy,
+        budget=args.budget,
+    )
     held_res = cas.evaluate(data.logits[:, held], data.labels[held])
-    info = {**cas.info, "source": str(Path(args.source).resolve()), "split": args.split,
-            "seed": args.seed, "calib_fraction": args.calib_fraction,
-            "heldout": {k: held_res[k] for k in ("accuracy", "expected_dims", "expected_heads",
-                                                  "expected_head_dims")}}
+    info = {
+        **cas.info,
+        "source": str(Path(args.source).resolve()),
+        "split": args.split,
+        "seed": args.seed,
+        "calib_fraction": args.calib_fraction,
+        "heldout": {
+            k: held_res[k]
+            for k in ("accuracy", "expected_dims", "expected_heads", "expected_head_dims")
+        },
+    }
     cas = Cascade(cas.nesting, cas.thresholds, info)
     out = Path(args.out) if args.out else _default_cascade_path(Path(args.source))
     cas.save(out)
     th = ", ".join(f"{t:.4f}" for t in cas.thresholds)
     print(f"cascade for nesting {list(cas.nesting.sizes)}: thresholds [{th}]")
-    print(f"calibration ({len(cal)}): accuracy {100 * info['calib_accuracy']:.2f} % "
-          f"(full size {100 * info['calib_full_accuracy']:.2f} %), "
-          f"expected dims {info['calib_expected_dims']:.1f}")
-    print(f"held out    ({len(held)}): accuracy {100 * held_res['accuracy']:.2f} %, expected "
-          f"dims {held_res['expected_dims']:.1f}, head dims {held_res['expected_head_dims']:.1f}")
+    print(
+        f"calibration ({len(cal)}): accuracy {100 * info['calib_accuracy']:.2f} % "
+        f"(full size {100 * info['calib_full_accuracy']:.2f} %), "
+        f"expected dims {info['calib_expected_dims']:.1f}"
+    )
+    print(
+        f"held out    ({len(held)}): accuracy {100 * held_res['accuracy']:.2f} %, expected "
+        f"dims {held_res['expected_dims']:.1f}, head dims {held_res['expected_head_dims']:.1f}"
+    )
     if info.get("reached") is False:
         print("note: the target was not reached on calibration; the cascade answers at full size")
     print(f"wrote {out}")
@@ -134,9 +193,11 @@ def _eval_file(args: argparse.Namespace, path: Path) -> int:
     labels = data.labels if idx is None else data.labels[idx]
     res = cas.evaluate(logits, labels)
     where = "all of --logits" if idx is None else "the held-out part of its source"
-    print(f"{len(labels)} samples ({where}): accuracy {100 * res['accuracy']:.2f} %, expected "
-          f"dims {res['expected_dims']:.1f}, expected heads {res['expected_heads']:.2f}, "
-          f"head dims {res['expected_head_dims']:.1f}, max prefix {res['max_prefix']}")
+    print(
+        f"{len(labels)} samples ({where}): accuracy {100 * res['accuracy']:.2f} %, expected "
+        f"dims {res['expected_dims']:.1f}, expected heads {res['expected_heads']:.2f}, "
+        f"head dims {res['expected_head_dims']:.1f}, max prefix {res['max_prefix']}"
+    )
     return 0
 
 
@@ -163,29 +224,56 @@ def _eval_curves(args: argparse.Namespace, src: Path) -> int:
     for f in args.ff:
         d = load_source(f, args.split)
         if d.logits.shape[0] != 1 or not np.array_equal(d.labels, data.labels):
-            raise ValueError(f"--ff {f} must hold one prefix of logits on the same samples as "
-                             f"{src}, got logits {d.logits.shape}")
+            raise ValueError(
+                f"--ff {f} must hold one prefix of logits on the same samples as "
+                f"{src}, got logits {d.logits.shape}"
+            )
         ff[d.size] = (f, d)
     dataset = args.dataset or data.meta.get("dataset")
     context = {"dataset": dataset} if dataset else {}
     ff_scores = {m: d.logits[0] for m, (_, d) in ff.items()}  # FF-m: one prefix, [N, C]
     records, summaries = evaluate_cascade(
-        data.logits, data.labels, data.nesting, ff_scores=ff_scores,
-        calib_fraction=args.calib_fraction, seeds=seeds, match=args.match, **context)
+        data.logits,
+        data.labels,
+        data.nesting,
+        ff_scores=ff_scores,
+        calib_fraction=args.calib_fraction,
+        seeds=seeds,
+        match=args.match,
+        **context,
+    )
     if args.fewshot:
         records += _fewshot_records(src, data, ff, context, args.fewshot_pool)
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "cascade-eval"
     command = _command_line(args)
-    meta = {"source": str(src), "ff": list(args.ff), "split": args.split, "seeds": seeds,
-            "calib_fraction": args.calib_fraction, "match": args.match, "command": command,
-            "notes": args.notes,
-            "machine": f"{platform.machine()} {platform.system()}, python "
-                       f"{platform.python_version()}", **context}
+    meta = {
+        "source": str(src),
+        "ff": list(args.ff),
+        "split": args.split,
+        "seeds": seeds,
+        "calib_fraction": args.calib_fraction,
+        "match": args.match,
+        "command": command,
+        "notes": args.notes,
+        "machine": f"{platform.machine()} {platform.system()}, python {platform.python_version()}",
+        **context,
+    }
     summary = summarize(summaries)
     write_outputs(out, records, summaries, summary, meta)
-    print(json.dumps({k: summary[k] for k in ("reference", "cascade_dims_to_match",
-                                               "fixed_name", "fixed_dims_to_match",
-                                               "x_smaller")}))
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "reference",
+                    "cascade_dims_to_match",
+                    "fixed_name",
+                    "fixed_dims_to_match",
+                    "x_smaller",
+                )
+            }
+        )
+    )
     print(f"wrote {out}/cascade.json, cascade.md, cascade.png")
     return 0
 
@@ -194,8 +282,16 @@ def _command_line(args: argparse.Namespace) -> str:
     parts = ["mrl cascade eval", str(args.source)]
     if args.ff:
         parts += ["--ff", *map(str, args.ff)]
-    parts += ["--seeds", args.seeds, "--calib-fraction", str(args.calib_fraction),
-              "--match", str(args.match), "--split", args.split]
+    parts += [
+        "--seeds",
+        args.seeds,
+        "--calib-fraction",
+        str(args.calib_fraction),
+        "--match",
+        str(args.match),
+        "--split",
+        args.split,
+    ]
     if args.fewshot:
         parts += ["--fewshot", "--fewshot-pool", args.fewshot_pool]
     if args.dataset:
