@@ -9,28 +9,47 @@ HELP = "embed a corpus (.txt/.jsonl) into an embedding store, in resumable shard
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default",
-                   help="sentence-transformers folder, 'default' (all-MiniLM-L6-v2) or "
-                        "'hash:DIM' (a fake, for trying the pipeline)")
-    p.add_argument("--nesting", default=None,
-                   help="nesting recorded in the store (default: the model's, else its full size)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="sentence-transformers folder, 'default' (all-MiniLM-L6-v2) or "
+        "'hash:DIM' (a fake, for trying the pipeline)",
+    )
+    p.add_argument(
+        "--nesting",
+        default=None,
+        help="nesting recorded in the store (default: the model's, else its full size)",
+    )
     p.add_argument("--input", required=False, help="corpus: .txt (one text per line) or .jsonl")
     p.add_argument("--out", required=True, help="the EmbeddingStore folder to write")
     p.add_argument("--shard-size", type=int, default=10_000, help="texts per shard")
     p.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
     p.add_argument("--field", default="text", help=".jsonl: the text field")
     p.add_argument("--id-field", default="id", help=".jsonl: the id field (else row numbers)")
-    p.add_argument("--dtype", choices=["float32", "float16", "int8"], default="float32",
-                   help="on-disk type of the merged store")
-    p.add_argument("--no-merge", action="store_true",
-                   help="only write shards (merge later with --merge-only)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "int8"],
+        default="float32",
+        help="on-disk type of the merged store",
+    )
+    p.add_argument(
+        "--no-merge", action="store_true", help="only write shards (merge later with --merge-only)"
+    )
     p.add_argument("--merge-only", action="store_true", help="merge finished shards and stop")
-    p.add_argument("--wait-timeout", type=float, default=24 * 3600.0,
-                   help="rank 0: how long to wait for the other ranks' shards before merging (s)")
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=24 * 3600.0,
+        help="rank 0: how long to wait for the other ranks' shards before merging (s)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads for the model (default: torch's choice; 1 is "
-                        "often faster on a small, busy CPU)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads for the model (default: torch's choice; 1 is "
+        "often faster on a small, busy CPU)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,12 +68,22 @@ def run(args: argparse.Namespace) -> int:
         set_threads(args.threads)
 
     encoder = load_encoder(args.model, args.nesting)
-    report = embed_corpus(encoder, args.input, args.out, shard_size=args.shard_size,
-                          batch_size=args.batch_size, field=args.field, id_field=args.id_field,
-                          merge=not args.no_merge, dtype=args.dtype,
-                          wait_timeout_s=args.wait_timeout,
-                          show_progress=not args.quiet)
-    print(f"{report.rows} texts in {report.shards} shards: encoded {len(report.encoded)}, "
-          f"skipped {len(report.skipped)} already done, {report.seconds:.1f} s"
-          + (f"; merged into {args.out}" if report.merged else ""))
+    report = embed_corpus(
+        encoder,
+        args.input,
+        args.out,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        field=args.field,
+        id_field=args.id_field,
+        merge=not args.no_merge,
+        dtype=args.dtype,
+        wait_timeout_s=args.wait_timeout,
+        show_progress=not args.quiet,
+    )
+    print(
+        f"{report.rows} texts in {report.shards} shards: encoded {len(report.encoded)}, "
+        f"skipped {len(report.skipped)} already done, {report.seconds:.1f} s"
+        + (f"; merged into {args.out}" if report.merged else "")
+    )
     return 0

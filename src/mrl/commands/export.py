@@ -13,23 +13,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("index", help="a MatryoshkaIndex folder or an EmbeddingStore folder")
     p.add_argument("--collection", required=True, help="collection name")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--url", help="Qdrant server or cluster node, e.g. http://localhost:6333 "
-                                     "(or ':memory:')")
+    where.add_argument(
+        "--url", help="Qdrant server or cluster node, e.g. http://localhost:6333 (or ':memory:')"
+    )
     where.add_argument("--path", help="local folder for an in-process Qdrant Edge collection")
-    p.add_argument("--prefixes", default=None,
-                   help="prefix sizes stored as named vectors, e.g. '16,64,2048' (default: the "
-                        "smallest nesting size >= 16 and the full size)")
-    p.add_argument("--indexed", default=None,
-                   help="prefixes that get an HNSW graph (default: the smallest; rescoring "
-                        "vectors need none)")
+    p.add_argument(
+        "--prefixes",
+        default=None,
+        help="prefix sizes stored as named vectors, e.g. '16,64,2048' (default: the "
+        "smallest nesting size >= 16 and the full size)",
+    )
+    p.add_argument(
+        "--indexed",
+        default=None,
+        help="prefixes that get an HNSW graph (default: the smallest; rescoring vectors need none)",
+    )
     p.add_argument("--distance", choices=["cosine", "dot"], default="cosine")
     p.add_argument("--batch-size", type=int, default=1024, help="points per upsert")
     p.add_argument("--retries", type=int, default=5, help="retries per batch (exponential backoff)")
-    p.add_argument("--commit-every", type=int, default=8,
-                   help="batches between durable commits (Edge flush) and progress-marker updates")
-    p.add_argument("--progress", default=None,
-                   help="progress marker file (default: PATH/COLLECTION.progress.json with "
-                        "--path, INDEX.qdrant-COLLECTION.json beside the index with --url)")
+    p.add_argument(
+        "--commit-every",
+        type=int,
+        default=8,
+        help="batches between durable commits (Edge flush) and progress-marker updates",
+    )
+    p.add_argument(
+        "--progress",
+        default=None,
+        help="progress marker file (default: PATH/COLLECTION.progress.json with "
+        "--path, INDEX.qdrant-COLLECTION.json beside the index with --url)",
+    )
     p.add_argument("--shards", type=int, default=None, help="cluster: shard_number")
     p.add_argument("--replication", type=int, default=None, help="cluster: replication_factor")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -63,21 +76,35 @@ def run(args: argparse.Namespace) -> int:
         target = open_target(args.collection, path=args.path)
     else:
         progress = args.progress or f"{str(args.index).rstrip('/')}.qdrant-{args.collection}.json"
-        target = open_target(args.collection, url=args.url, shard_number=args.shards,
-                             replication_factor=args.replication)
+        target = open_target(
+            args.collection,
+            url=args.url,
+            shard_number=args.shards,
+            replication_factor=args.replication,
+        )
     try:
-        report = export_qdrant(rows, target, layout, progress, collection=args.collection,
-                               batch_size=args.batch_size, retries=args.retries,
-                               commit_every=args.commit_every,
-                               show_progress=not args.quiet)
+        report = export_qdrant(
+            rows,
+            target,
+            layout,
+            progress,
+            collection=args.collection,
+            batch_size=args.batch_size,
+            retries=args.retries,
+            commit_every=args.commit_every,
+            show_progress=not args.quiet,
+        )
         count = target.count()
     finally:
         target.close()
-    print(f"exported {report.total} points to collection {args.collection!r} "
-          f"(vectors {[layout.name(m) for m in prefixes]}): {report.written} written this run "
-          f"from row {report.resumed_from}, {report.batches} batches, {report.retries} retries, "
-          f"{report.seconds:.1f} s; collection holds {count} points")
+    print(
+        f"exported {report.total} points to collection {args.collection!r} "
+        f"(vectors {[layout.name(m) for m in prefixes]}): {report.written} written this run "
+        f"from row {report.resumed_from}, {report.batches} batches, {report.retries} retries, "
+        f"{report.seconds:.1f} s; collection holds {count} points"
+    )
     if count != report.total:
-        raise ValueError(f"collection holds {count} points, expected {report.total}; "
-                         "run the export again")
+        raise ValueError(
+            f"collection holds {count} points, expected {report.total}; run the export again"
+        )
     return 0

@@ -9,34 +9,60 @@ HELP = "serve embeddings (OpenAI-compatible /v1/embeddings) and adaptive search 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default",
-                   help="sentence-transformers folder, 'default' (all-MiniLM-L6-v2), "
-                        "'hash:DIM' (a fake for demos) or 'none' (search by vector only)")
-    p.add_argument("--nesting", default=None,
-                   help="prefix sizes 'dimensions' may ask for, e.g. '64,128,384' or "
-                        "'doubling:16' (default: the model's recorded nesting, else its full size)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="sentence-transformers folder, 'default' (all-MiniLM-L6-v2), "
+        "'hash:DIM' (a fake for demos) or 'none' (search by vector only)",
+    )
+    p.add_argument(
+        "--nesting",
+        default=None,
+        help="prefix sizes 'dimensions' may ask for, e.g. '64,128,384' or "
+        "'doubling:16' (default: the model's recorded nesting, else its full size)",
+    )
     p.add_argument("--name", default=None, help="model id clients send (default: folder name)")
     p.add_argument("--index", default=None, help="a MatryoshkaIndex folder to serve /v1/search")
-    p.add_argument("--qdrant-path", default=None,
-                   help="serve /v1/search from a Qdrant Edge folder (with --collection)")
-    p.add_argument("--qdrant-url", default=None,
-                   help="serve /v1/search from a Qdrant server/cluster (with --collection)")
+    p.add_argument(
+        "--qdrant-path",
+        default=None,
+        help="serve /v1/search from a Qdrant Edge folder (with --collection)",
+    )
+    p.add_argument(
+        "--qdrant-url",
+        default=None,
+        help="serve /v1/search from a Qdrant server/cluster (with --collection)",
+    )
     p.add_argument("--collection", default=None, help="Qdrant collection name")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--no-batching", action="store_true",
-                   help="one encoder call per request (default: micro-batch concurrent requests)")
+    p.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="one encoder call per request (default: micro-batch concurrent requests)",
+    )
     p.add_argument("--max-batch-size", type=int, default=64, help="texts per encoder call")
-    p.add_argument("--max-wait-ms", type=float, default=2.0,
-                   help="how long a request waits for others to batch with (ms)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=2.0,
+        help="how long a request waits for others to batch with (ms)",
+    )
     p.add_argument("--max-inputs", type=int, default=2048, help="texts per request")
     p.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024)
-    p.add_argument("--truncate", action="store_true",
-                   help="let the model truncate over-long inputs (default: refuse with 400)")
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="let the model truncate over-long inputs (default: refuse with 400)",
+    )
     p.add_argument("--log-level", default="info")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads for the model (default: torch's choice; 1 is "
-                        "often faster on a small, busy CPU)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads for the model (default: torch's choice; 1 is "
+        "often faster on a small, busy CPU)",
+    )
 
 
 def set_threads(n: int) -> None:
@@ -70,9 +96,13 @@ def build_app(args: argparse.Namespace):
         target = open_target(args.collection, url=args.qdrant_url, path=args.qdrant_path)
         backend = QdrantBackend(QdrantIndex(target))
     config = ServeConfig(
-        max_inputs=args.max_inputs, max_request_bytes=args.max_request_bytes,
-        truncate=args.truncate, batching=not args.no_batching,
-        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
+        max_inputs=args.max_inputs,
+        max_request_bytes=args.max_request_bytes,
+        truncate=args.truncate,
+        batching=not args.no_batching,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+    )
     return create_app(encoder, backend, config)
 
 
