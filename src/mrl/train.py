@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from mrl.config import TrainConfig, config_from_dict
-from mrl.data import Task, augment, iterate_batches, load_task
+from mrl.data import Task, augment, iterate_batches, load_task_for
 from mrl.data.tensors import ImageTensors
 from mrl.io import atomic_torch_save, atomic_write_json
 from mrl.models import MatryoshkaClassifier, Normalize, build_encoder
@@ -274,14 +274,7 @@ def train(
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # NCCL collectives (barrier) use the current device
     if task is None:
-        d = config.data
-        task = load_task(
-            d.dataset,
-            root=d.root,
-            train_size=d.train_size,
-            image_size=d.image_size,
-            seed=config.seed,
-        )
+        task = load_task_for(config)
     model = build_model(config, task.in_channels, task.num_classes, task.mean, task.std).to(device)
     optimizer = build_optimizer(config, model)
     steps_per_epoch = len(task.train) // config.batch_size

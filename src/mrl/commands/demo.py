@@ -151,7 +151,7 @@ def demo(
     """Run the demo into ``out``; returns (records, the report's markdown)."""
     from mrl.commands.eval import compute_embeddings
     from mrl.config import load_config
-    from mrl.data import load_task
+    from mrl.data import load_task_for
     from mrl.io import atomic_write_text
     from mrl.report import write_report
 
@@ -165,8 +165,7 @@ def demo(
     mrl_cfg = load_config(None, [*base, "model.mode=mrl"])
     plain_cfg = load_config(None, [*base, "model.mode=plain"])
     if task is None:
-        d = mrl_cfg.data
-        task = load_task(d.dataset, root=d.root, train_size=d.train_size, seed=seed)
+        task = load_task_for(mrl_cfg)
     runs = out / "runs"
     _train_or_reuse(mrl_cfg, runs / "mrl", task, progress, log)
     _train_or_reuse(plain_cfg, runs / "plain", task, progress, log)

@@ -76,21 +76,14 @@ def compute_embeddings(
     """Load the run's checkpoint and embed its task's database and test sets once."""
     import torch
 
-    from mrl.data import load_task
+    from mrl.data import load_task_for
     from mrl.nesting import Nesting
     from mrl.train import load_run, predict
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, config, saved = load_run(run_dir, dev)
     if task is None:
-        d = config.data
-        task = load_task(
-            d.dataset,
-            root=d.root,
-            train_size=d.train_size,
-            image_size=d.image_size,
-            seed=config.seed,
-        )
+        task = load_task_for(config)
     db, _ = predict(model, task.db, config.eval_batch_size, dev, with_logits=False)
     test, logits = predict(model, task.test, config.eval_batch_size, dev)
     return RunEmbeddings(

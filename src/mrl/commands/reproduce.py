@@ -134,7 +134,7 @@ def reproduce(
     """Train and evaluate every model of one seed; merge its records into ``out/results.json``."""
     from mrl.commands.eval import compute_embeddings, evaluate_embeddings
     from mrl.config import load_config
-    from mrl.data import load_task
+    from mrl.data import load_task_for
     from mrl.records import load_records, save_records
     from mrl.train import CHECKPOINT, load_checkpoint, train
 
@@ -145,8 +145,7 @@ def reproduce(
     base = (*recipe.overrides, f"seed={seed}", *overrides)
     config0 = load_config(None, list(base))
     if data_task is None:
-        d = config0.data
-        data_task = load_task(d.dataset, root=d.root, train_size=d.train_size, seed=seed)
+        data_task = load_task_for(config0)
     names = [name for name, _ in methods(recipe)]
     unknown = sorted(set(only or ()) - set(names))
     if unknown:

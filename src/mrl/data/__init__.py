@@ -7,6 +7,7 @@ images, or fixed triples) and the test set, each ready for `mrl.train` and `mrl 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from mrl.data.tensors import ImageTensors, TripleSource, augment, iterate_batches
 
@@ -17,6 +18,7 @@ __all__ = [
     "TripleSource",
     "augment",
     "iterate_batches",
+    "load_task_for",
     "load_task",
 ]
 
@@ -47,6 +49,18 @@ class Task:
     @property
     def std(self) -> tuple[float, ...]:
         return self.test.std
+
+
+def load_task_for(config: Any) -> Task:
+    """The `Task` a training config names: its ``data`` section and its seed."""
+    d = config.data
+    return load_task(
+        d.dataset,
+        root=d.root,
+        train_size=d.train_size,
+        image_size=d.image_size,
+        seed=config.seed,
+    )
 
 
 def load_task(
