@@ -198,22 +198,20 @@ def few_shot_eval(
             sup = sample_support(py, {c: int(n) for c in range(C)}, rng)
             s = ncm_scores(px[sup], py[sup], qx, nesting, num_classes=C, center=center)
             accs.append(ncm_accuracy(s, qy))
-        mean, std = _stat(accs)
-        for g, m in enumerate(nesting.sizes):
-            records.append(
-                make_record(
-                    method,
-                    m,
-                    f"ncm_{n}shot",
-                    mean[g],
-                    std=float(std[g]),
-                    draws=int(draws),
-                    seed=seed,
-                    center=center,
-                    **context,
-                )
-            )
+        ctx = dict(draws=int(draws), seed=seed, center=center, **context)
+        records += _prefix_records(method, nesting, f"ncm_{n}shot", accs, ctx)
     return records
+
+
+def _prefix_records(
+    method: str, nesting: Nesting, metric: str, accs: list[np.ndarray], context: dict[str, Any]
+) -> list[Record]:
+    """One record per prefix: the mean over draws of ``accs`` (each [G]) with its std."""
+    mean, std = _stat(accs)
+    return [
+        make_record(method, m, metric, mean[g], std=float(std[g]), **context)
+        for g, m in enumerate(nesting.sizes)
+    ]
 
 
 def long_tail_eval(
@@ -255,22 +253,8 @@ def long_tail_eval(
             parts["all"].append(right.mean(axis=1))
             parts["head"].append(right[:, ~is_tail].mean(axis=1))
             parts["tail"].append(right[:, is_tail].mean(axis=1))
+        ctx = dict(draws=int(draws), seed=seed, center=center, num_tail=k,
+                   head_shots=head_shots, **context)  # fmt: skip
         for part, accs in parts.items():
-            mean, std = _stat(accs)
-            for g, m in enumerate(nesting.sizes):
-                records.append(
-                    make_record(
-                        method,
-                        m,
-                        f"lt{n}_{part}",
-                        mean[g],
-                        std=float(std[g]),
-                        draws=int(draws),
-                        seed=seed,
-                        center=center,
-                        num_tail=k,
-                        head_shots=head_shots,
-                        **context,
-                    )
-                )
+            records += _prefix_records(method, nesting, f"lt{n}_{part}", accs, ctx)
     return records
