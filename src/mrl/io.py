@@ -51,3 +51,21 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def read_json_sidecar(folder: str | os.PathLike, name: str, what: str) -> dict[str, Any]:
+    """Read ``folder/name`` (an artifact's JSON sidecar) with clear errors.
+
+    A missing sidecar is a FileNotFoundError naming ``what`` (e.g. "embedding store"); a
+    truncated or malformed one a ValueError naming the file.
+    """
+    sidecar = Path(folder) / name
+    if not sidecar.exists():
+        raise FileNotFoundError(f"no {what} at {folder} (missing {name})")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{sidecar} is truncated or not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{sidecar} must hold a JSON object, got {type(meta).__name__}")
+    return meta

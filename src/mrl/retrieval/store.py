@@ -22,7 +22,6 @@ when the leading MRL coordinates carry much more energy than the tail). Scales a
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from collections.abc import Iterator, Sequence
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from mrl.io import atomic_open, atomic_write_json
+from mrl.io import atomic_open, atomic_write_json, read_json_sidecar
 from mrl.nesting import Nesting
 
 __all__ = ["EmbeddingStore", "STORE_FORMAT", "STORE_VERSION", "validate_vectors"]
@@ -175,12 +174,7 @@ class EmbeddingStore:
         """Open an existing store; checks the format version and every segment's size."""
         path = Path(path)
         sidecar = path / SIDECAR
-        if not sidecar.exists():
-            raise FileNotFoundError(f"no embedding store at {path} (missing {SIDECAR})")
-        try:
-            meta = json.loads(sidecar.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{sidecar} is not valid JSON ({exc})") from None
+        meta = read_json_sidecar(path, SIDECAR, "embedding store")
         if meta.get("format") != STORE_FORMAT:
             raise ValueError(
                 f"{sidecar} is not an mrl embedding store (format={meta.get('format')!r})"

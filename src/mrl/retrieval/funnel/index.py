@@ -18,7 +18,6 @@ against `mrl.retrieval.exact.exact_search`).
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mrl.io import atomic_open, atomic_write_json
+from mrl.io import atomic_open, atomic_write_json, read_json_sidecar
 from mrl.nesting import Nesting
 from mrl.retrieval.exact import METRICS
 from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
@@ -709,12 +708,7 @@ def _topk_tiebreak(scores: np.ndarray, cand: np.ndarray, keep: int):
 
 def _read_sidecar(path: Path) -> dict[str, Any]:
     sidecar = path / SIDECAR
-    if not sidecar.exists():
-        raise FileNotFoundError(f"no MatryoshkaIndex at {path} (missing {SIDECAR})")
-    try:
-        meta = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{sidecar} is truncated or not valid JSON ({exc})") from None
+    meta = read_json_sidecar(path, SIDECAR, "MatryoshkaIndex")
     if meta.get("format") != INDEX_FORMAT:
         raise ValueError(f"{sidecar} is not a MatryoshkaIndex (format={meta.get('format')!r})")
     if meta.get("version") != INDEX_VERSION:
