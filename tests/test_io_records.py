@@ -53,3 +53,18 @@ def test_markdown_mean_and_std():
     assert "| method | metric | 8 | 16 |" in table
     assert "| mrl | 1nn | 0.6000 ± 0.1414 |  |" in table
     assert "| ff | 1nn |  | 0.9000 |" in table
+
+
+def test_read_json_sidecar_errors(tmp_path):
+    from mrl.io import read_json_sidecar
+
+    with pytest.raises(FileNotFoundError, match=r"no thing at .* \(missing meta.json\)"):
+        read_json_sidecar(tmp_path, "meta.json", "thing")
+    (tmp_path / "meta.json").write_text('{"a": 1')
+    with pytest.raises(ValueError, match="meta.json is truncated or not valid JSON"):
+        read_json_sidecar(tmp_path, "meta.json", "thing")
+    (tmp_path / "meta.json").write_text("[1]")
+    with pytest.raises(ValueError, match="must hold a JSON object, got list"):
+        read_json_sidecar(tmp_path, "meta.json", "thing")
+    (tmp_path / "meta.json").write_text('{"a": 1}')
+    assert read_json_sidecar(tmp_path, "meta.json", "thing") == {"a": 1}
