@@ -31,6 +31,7 @@ import numpy as np
 
 from mrl.nesting import Nesting
 from mrl.records import Record, make_record
+from mrl.similarity import prefix_scores
 
 __all__ = [
     "class_means",
@@ -100,15 +101,8 @@ def ncm_scores(
         mu = xs.mean(axis=0)  # [D]; the prefix of the centre is the centre of the prefix
         xs, q = xs - mu, q - mu
     means = class_means(xs, ys, C)  # [C, D], once for all prefixes
-    dots, qn, mn = [], [], []
-    for a, b in nesting.chunks:  # one pass over D: partial products per chunk
-        dots.append(q[:, a:b] @ means[:, a:b].T)  # [Q, C]
-        qn.append((q[:, a:b] ** 2).sum(axis=1))  # [Q]
-        mn.append((means[:, a:b] ** 2).sum(axis=1))  # [C]
-    dot = np.cumsum(np.stack(dots), axis=0)  # [G, Q, C]
-    qnorm = np.sqrt(np.cumsum(np.stack(qn), axis=0))  # [G, Q]
-    mnorm = np.sqrt(np.cumsum(np.stack(mn), axis=0))  # [G, C]
-    return dot / np.maximum(qnorm[:, :, None] * mnorm[:, None, :], _EPS)
+    # Cosine at every prefix in one pass over D (chunk partial products + running norms).
+    return prefix_scores(q, means, nesting, metric="cosine")  # [G, Q, C]
 
 
 def ncm_scores_reference(
