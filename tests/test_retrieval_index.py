@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -195,3 +196,83 @@ def test_none_override_means_index_default():
     a = index.search(q, k=3)
     b = index.search(q, k=3, stages=None, shortlist=None)
     np.testing.assert_array_equal(a.indices, b.indices)
+
+
+# ---------------------------------------------------------------- IVF shortlist backend
+@pytest.mark.parametrize("vector_dtype", ["float32", "float16"])
+def test_ivf_full_probe_equals_flat_shortlist(vector_dtype):
+    """nprobe = nlist scans every row: the IVF shortlist is the exact prefix top-K (flat)."""
+    db, q = _data()
+    cfg = SearchConfig(shortlist_dim=8, shortlist=40, backend="ivf", nlist=12, nprobe=12)
+    ivf = MatryoshkaIndex(NEST, cfg, vector_dtype=vector_dtype, threads=2)
+    ivf.add(db)
+    cand = ivf._shortlist(q, ivf.config, 40)  # [Q, K] rows
+    ref = ivf._shortlist(q, replace(ivf.config, backend="flat"), 40)
+    if vector_dtype == "float32":
+        np.testing.assert_array_equal(cand, ref)
+    else:  # float16 codes: near-ties may swap across the K-th place, nothing else
+        assert np.mean([len(np.intersect1d(a, b)) for a, b in zip(cand, ref)]) >= 39
+    stages = funnel_stages(8, 40, 32, 10, NEST)
+    res = ivf.search(q, 10, stages=stages)
+    flat = ivf.search(q, 10, stages=stages, backend="flat")
+    np.testing.assert_array_equal(res.indices, flat.indices)
+    np.testing.assert_allclose(res.scores, flat.scores, rtol=1e-6)
+    assert ivf.ivf_nlist() == 12
+
+
+def test_ivf_whole_database_equals_exact():
+    db, q = _data()
+    index = _index(db, shortlist_dim=4, shortlist=len(db), backend="ivf", nlist=8, nprobe=8)
+    res = index.search(q, k=10)
+    s, i = exact_search(db, q, 10)
+    np.testing.assert_array_equal(res.indices, i)
+    np.testing.assert_allclose(res.scores, s, rtol=1e-5, atol=1e-6)
+
+
+def test_ivf_few_probes_pads_and_recall_grows():
+    db, q = _data()
+    index = _index(db, shortlist_dim=8, shortlist=100, backend="ivf", nlist=40)
+    _, truth = exact_search(db, q, 10)
+    hits = []
+    for p in (1, 4, 40):
+        res = index.search(q, 10, nprobe=p)
+        assert (res.indices >= 0).all()  # -1 (cells with < K rows) never reaches the answer
+        hits.append(np.mean([len(np.intersect1d(a, b)) for a, b in zip(res.indices, truth)]))
+    assert hits[0] <= hits[1] <= hits[2]
+    flat = _index(db, shortlist_dim=8).memory_bytes()  # prefix copy [N, 8] float32
+    assert index.memory_bytes() == flat + len(db) * 8 + 40 * 8 * 4  # + row ids + centroids
+
+
+def test_ivf_save_load_add_round_trip(tmp_path):
+    db, q = _data()
+    index = _index(db[:300], shortlist_dim=8, shortlist=50, backend="ivf", nlist=10, nprobe=3)
+    before = index.search(q, 5)
+    index.save(tmp_path / "idx")
+    assert len(list((tmp_path / "idx").glob("ivf-8-10-*.faiss"))) == 1
+    loaded = MatryoshkaIndex.load(tmp_path / "idx")
+    np.testing.assert_array_equal(loaded.search(q, 5).indices, before.indices)
+    for ix in (index, loaded):  # add after build: the new rows go into the existing cells
+        ix.add(db[300:])
+        assert ix.count == len(db) and ix.ivf_nlist() == 10
+    a, b = index.search(q, 5, nprobe=10), loaded.search(q, 5, nprobe=10)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    _, i = exact_search(db, q, 5)  # nprobe = nlist and K = 50: the true top-5 on this data
+    assert np.mean(a.indices == i) > 0.95
+    loaded.save(tmp_path / "idx")
+    again = MatryoshkaIndex.load(tmp_path / "idx")
+    np.testing.assert_array_equal(again.search(q, 5, nprobe=10).indices, a.indices)
+
+
+def test_ivf_bad_input_messages():
+    db, q = _data()
+    index = _index(db, shortlist_dim=8, backend="ivf", nlist=10)
+    with pytest.raises(ValueError, match="nprobe must be >= 1, got nprobe=0"):
+        index.search(q, nprobe=0)
+    with pytest.raises(ValueError, match=r"nlist must be in \[1, 400\], got nlist=401"):
+        index.search(q, nlist=401)
+    with pytest.raises(ValueError, match="nlist must be an integer, got nlist=2.5"):
+        index.search(q, nlist=2.5)
+    with pytest.raises(ValueError, match="nprobe must be an integer"):
+        SearchConfig(nprobe="8") and MatryoshkaIndex(NEST, SearchConfig(nprobe="8"))
+    with pytest.raises(ValueError, match="add vectors before building an IVF"):
+        MatryoshkaIndex(NEST, SearchConfig(backend="ivf", shortlist_dim=8)).build()

@@ -262,3 +262,18 @@ def test_tune_with_reference_counts_quantisation_error(data):
     assert abs(recall_at_k(drop, want) - res.recall) < 1e-9
     with pytest.raises(ValueError, match="reference must have shape"):
         tune(index, 0.9, reference=db[:10])
+
+
+def test_tune_ivf_sweeps_nprobe(data):
+    db = data[0]
+    index = MatryoshkaIndex(NEST, SearchConfig(nlist=40))
+    index.add(db)
+    log: list[str] = []
+    res = tune(index, 0.95, k=10, n_queries=60, backends=("ivf",), max_ivf=2, log=log.append)
+    assert res.config.backend == "ivf" and res.recall >= 0.95
+    assert res.config.nprobe in (4, 8, 16, 32, 40)
+    ivf = [c for c in res.candidates if c["config"]["backend"] == "ivf"]
+    assert len({c["config"]["shortlist_dim"] for c in ivf}) <= 2  # max_ivf structures built
+    assert any("nprobe=" in line for line in log)
+    assert index.ivf_nlist() == 40 and not index._short  # the IVF holds its own prefix copy
+    assert res.flops_per_query < 2 * len(db) * 64  # far below exact full-size search

@@ -96,7 +96,7 @@ def _funnel(
     k: int,
     target: float,
     say,
-    backends=("flat", "hnsw"),
+    backends=("flat", "hnsw", "ivf"),
     vector_dtype: str = "float32",
     max_hnsw: int = 2,
     ef_construction: int = 80,
@@ -124,6 +124,8 @@ def _funnel(
     cfg = tuned.config
     index.build(cfg)
     build_s = add_s + index.build_seconds.get(f"short-{cfg.shortlist_dim}", 0.0)
+    if cfg.backend == "ivf":  # k-means on a sample + assigning every row to its cell
+        build_s += index.build_seconds[f"ivf-{cfg.shortlist_dim}-{cfg.nlist or 0}"]
     if cfg.backend == "hnsw":
         build_s += index.build_seconds[
             f"hnsw-{cfg.shortlist_dim}-{cfg.hnsw_m}-{cfg.ef_construction}"

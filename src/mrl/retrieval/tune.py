@@ -12,8 +12,10 @@ Procedure (cheap first, measured last):
    rerank at D of a superset of the true top-k returns exactly the true top-k);
    the smallest K on the grid that meets the target is kept;
 3. for each kept (D_s, K): variants (flat scan; the paper's funnel of halving K / doubling the
-   prefix; HNSW on the D_s prefix with growing efSearch) are run for real; recall and queries per
-   second are measured; the fastest one meeting the target wins and is stored with the index.
+   prefix; HNSW on the D_s prefix with growing efSearch; IVF on the D_s prefix with growing
+   nprobe) are run for real; recall and queries per second are measured; the fastest one meeting
+   the target wins and is stored with the index. IVF and HNSW structures are built only for the
+   few (D_s, K) pairs with the fewest estimated FLOPs (each build is a pass over N).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mrl.retrieval.exact import exact_search
-from mrl.retrieval.funnel.index import MatryoshkaIndex, SearchConfig, funnel_stages
+from mrl.retrieval.funnel.index import MatryoshkaIndex, SearchConfig, auto_nlist, funnel_stages
 
 __all__ = ["TuneResult", "tune", "recall_at_k", "held_out_queries", "flops_per_query", "margin_for"]
 
@@ -63,12 +65,22 @@ def held_out_queries(index: MatryoshkaIndex, n: int, seed: int = 0):
 
 
 def flops_per_query(
-    n: int, cfg: SearchConfig, dim: int, k: int, hnsw_ndis: float | None = None
+    n: int,
+    cfg: SearchConfig,
+    dim: int,
+    k: int,
+    hnsw_ndis: float | None = None,
+    nlist: int | None = None,
 ) -> float:
-    """Multiply-adds x 2 per query: the shortlist scan (N x D_s, or HNSW distance count x D_s)
-    plus every rerank stage (candidates x prefix)."""
+    """Multiply-adds x 2 per query: the shortlist scan (N x D_s; HNSW distance count x D_s; IVF
+    (nlist centroids + nprobe / nlist of N rows) x D_s) plus every rerank stage (candidates x
+    prefix). IVF rows are counted as if the cells were equal-sized."""
     if cfg.backend == "hnsw" and hnsw_ndis is not None:
         total = 2.0 * hnsw_ndis * cfg.shortlist_dim
+    elif cfg.backend == "ivf":
+        cells = nlist or cfg.nlist or auto_nlist(n)
+        scanned = cells + n * min(cfg.nprobe, cells) / cells
+        total = 2.0 * scanned * cfg.shortlist_dim
     else:
         total = 2.0 * n * cfg.shortlist_dim
     cands = min(cfg.shortlist, n)
@@ -121,9 +133,11 @@ def tune(
     n_queries: int = 200,
     shortlist_dims: tuple[int, ...] | None = None,
     shortlists: tuple[int, ...] | None = None,
-    backends: tuple[str, ...] = ("flat", "hnsw"),
+    backends: tuple[str, ...] = ("flat", "hnsw", "ivf"),
     try_funnel: bool = True,
     max_hnsw: int = 2,
+    max_ivf: int = 3,
+    nprobes: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256),
     margin: float | None = None,
     apply: bool = True,
     seed: int = 0,
@@ -138,10 +152,13 @@ def tune(
         queries: sample queries [Q, D]; None = ``n_queries`` held-out database rows.
         shortlist_dims: D_s candidates (default: nesting sizes <= min(D / 4, 256)).
         shortlists: K grid (default 20, 30, 50, ..., 6400, capped by N).
-        backends: which shortlist backends to try ("flat", "numpy", "hnsw", "torch").
+        backends: which shortlist backends to try ("flat", "numpy", "hnsw", "ivf", "torch").
         try_funnel: also try a halving/doubling funnel (intermediate stages keep >= 2k).
         max_hnsw: HNSW graphs are built only for the ``max_hnsw`` smallest D_s whose shortlist
             is <= 100 (each graph costs a build over all N rows).
+        max_ivf: IVFs (nlist from the index config, default 4 sqrt(N)) are built only for the
+            ``max_ivf`` feasible (D_s, K) with the fewest estimated FLOPs per query.
+        nprobes: the IVF nprobe grid, tried in order until the target is met.
         margin: the measured recall must reach target + margin, so the choice holds on unseen
             queries (default: two standard errors, `margin_for`).
         apply: store the choice as ``index.config`` and the report as ``index.tuned``, and drop
@@ -204,11 +221,27 @@ def tune(
     candidates: list[dict[str, Any]] = []
     base = replace(index.config, stages=())
     hnsw_dims = [m for m, kshort in feasible if kshort <= 100][:max_hnsw]
+    ivf_dims = _cheapest_ivf(feasible, base, n, d, kk, nest, max_ivf) if "ivf" in backends else []
     for m, kshort in feasible:  # step 3: run the variants for real
         variants = []
         exact_backend = next((b for b in ("flat", "numpy", "torch") if b in backends), None)
         if exact_backend:
             variants.append(replace(base, backend=exact_backend, shortlist_dim=m, shortlist=kshort))
+        if m in ivf_dims:
+            cfg = _tune_nprobe(
+                index,
+                replace(base, backend="ivf", shortlist_dim=m, shortlist=kshort),
+                nprobes,
+                queries,
+                rows,
+                truth,
+                k,
+                need,
+                candidates,
+                say,
+            )
+            if cfg is not None:
+                variants.append(cfg)
         if "hnsw" in backends and m in hnsw_dims:
             for ef in (max(kshort, 32), max(2 * kshort, 64), max(4 * kshort, 128)):
                 cfg = replace(base, backend="hnsw", shortlist_dim=m, shortlist=kshort, ef_search=ef)
@@ -218,7 +251,8 @@ def tune(
                     variants.append(cfg)
                     break
         for cfg in variants:
-            if cfg.backend != "hnsw" and (kshort <= 400 or not try_funnel):  # else funnel only
+            measured = cfg.backend in ("hnsw", "ivf")  # already measured while sweeping
+            if not measured and (kshort <= 400 or not try_funnel):  # else funnel only
                 candidates.append(_measure(index, cfg, queries, rows, truth, k, say))
             st = funnel_stages(m, kshort, d, kk, nest, min_keep=2 * kk)
             if try_funnel and len(st) > 1:
@@ -251,6 +285,32 @@ def tune(
     return result
 
 
+def _cheapest_ivf(feasible, base, n, d, kk, nest, max_ivf: int) -> list[int]:
+    """The D_s of the ``max_ivf`` feasible (D_s, K) with the fewest estimated FLOPs per query
+    for an IVF shortlist (nprobe 16) and the funnel rerank."""
+
+    def cost(pair: tuple[int, int]) -> float:
+        m, kshort = pair
+        cfg = replace(base, backend="ivf", shortlist_dim=m, shortlist=kshort, nprobe=16)
+        cfg = replace(cfg, stages=funnel_stages(m, kshort, d, kk, nest, min_keep=2 * kk))
+        return flops_per_query(n, cfg, d, kk)
+
+    return [m for m, _ in sorted(feasible, key=cost)[: max(0, max_ivf)]]
+
+
+def _tune_nprobe(index, cfg, nprobes, queries, rows, truth, k, need, candidates, say):
+    """The smallest nprobe on the grid whose single-rerank search reaches ``need`` (each try is
+    measured and appended to ``candidates``); None when even nprobe = nlist falls short."""
+    nlist = index.ivf_nlist(cfg)
+    grid = sorted({min(p, nlist) for p in nprobes})
+    for p in grid:
+        res = _measure(index, replace(cfg, nprobe=p), queries, rows, truth, k, say)
+        candidates.append(res)
+        if res["recall"] >= need:
+            return replace(cfg, nprobe=p)
+    return None
+
+
 def recall_at_k_in(shortlist: np.ndarray, truth: np.ndarray) -> float:
     """Fraction of the true top-k inside each row's shortlist [Q, K] (mean over queries)."""
     hits = [np.isin(t, s).sum() for s, t in zip(shortlist, truth)]
@@ -274,10 +334,13 @@ def _measure(index, cfg, queries, rows, truth, k, say) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "recall": rec,
         "qps": len(queries) / elapsed,
-        "flops_per_query": flops_per_query(index.count, cfg, index.nesting.dim, kk, ndis),
+        "flops_per_query": flops_per_query(
+            index.count, cfg, index.nesting.dim, kk, ndis, index.ivf_nlist(cfg)
+        ),
     }
+    extra = f"nprobe={cfg.nprobe}/{index.ivf_nlist(cfg)}" if cfg.backend == "ivf" else ""
     say(
-        f"  {cfg.backend} D_s={cfg.shortlist_dim} K={cfg.shortlist} ef={cfg.ef_search} "
+        f"  {cfg.backend} D_s={cfg.shortlist_dim} K={cfg.shortlist} ef={cfg.ef_search} {extra} "
         f"stages={len(cfg.stages) or 1}: recall {rec:.4f}, {out['qps']:.0f} q/s"
     )
     return out

@@ -6,6 +6,8 @@ Search for queries [Q, D]:
    the prefix columns [N, D_s] (tiny and cache friendly compared with [N, D]). Backends:
    ``"flat"`` (FAISS exact inner product, fused heap selection), ``"numpy"`` (BLAS matmul +
    block-max selection), ``"hnsw"`` (FAISS HNSW graph built on the D_s prefix only: sublinear),
+   ``"ivf"`` (FAISS inverted file on the D_s prefix only: k-means into ``nlist`` cells, a query
+   scans the rows of its ``nprobe`` nearest cells, so its heap sees ~nprobe/nlist of the rows),
    ``"torch"`` (matmul + block-max top-k on ``device``, CPU or CUDA).
 2. **rerank stages** ``[(m_1, K_1), ..., (m_S, K_S)]``: gather only the candidate rows at prefix
    m_j, score them with cosine at m_j (per-prefix inverse norms are precomputed at build time,
@@ -40,7 +42,7 @@ __all__ = ["MatryoshkaIndex", "SearchConfig", "SearchResult", "funnel_stages", "
 INDEX_FORMAT = "mrl-matryoshka-index"
 INDEX_VERSION = 1
 SIDECAR = "index.json"
-BACKENDS = ("flat", "numpy", "hnsw", "torch")
+BACKENDS = ("flat", "numpy", "hnsw", "ivf", "torch")
 VECTOR_DTYPES = ("float32", "float16", "int8")
 
 
@@ -79,10 +81,13 @@ class SearchConfig:
         shortlist_dim: D_s, the prefix (dims) scanned over the whole database.
         shortlist: K, candidates kept by the shortlist scan.
         stages: rerank stages ((m, keep), ...); empty = one rerank at D keeping k.
-        backend: shortlist scan: "flat", "numpy", "hnsw" or "torch".
+        backend: shortlist scan: "flat", "numpy", "hnsw", "ivf" or "torch".
         ef_search: HNSW search breadth (>= shortlist); None = 2 * shortlist.
         hnsw_m: HNSW graph degree (neighbours per node) used when building.
         ef_construction: HNSW build breadth.
+        nlist: IVF cells (k-means centroids on the D_s prefix) used when building;
+            None = round(4 * sqrt(N)) at build time (capped by N).
+        nprobe: IVF cells scanned per query (a search parameter; capped by nlist).
     """
 
     shortlist_dim: int = 16
@@ -92,6 +97,8 @@ class SearchConfig:
     ef_search: int | None = None
     hnsw_m: int = 32
     ef_construction: int = 80
+    nlist: int | None = None
+    nprobe: int = 16
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -119,8 +126,8 @@ def _as_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {name}={value!r}")
     if value < lo or (hi is not None and value > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be in {rng}, got {name}={value}")
+        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be {rng}, got {name}={value}")
     return int(value)
 
 
@@ -183,6 +190,7 @@ class MatryoshkaIndex:
         self._ids = np.zeros(0, np.int64)
         self._short: dict[int, np.ndarray] = {}  # m -> [N, m] normalised prefix, contiguous
         self._hnsw: dict[tuple[int, int, int], Any] = {}  # (m, M, efC) -> faiss index
+        self._ivf: dict[tuple[int, int], Any] = {}  # (m, nlist or 0 = auto) -> faiss IVF index
         self._torch: dict[str, Any] = {}  # device copies for backend "torch"
         self.build_seconds: dict[str, float] = {}  # "short-16", "hnsw-16-32-80": build times
 
@@ -228,7 +236,7 @@ class MatryoshkaIndex:
         for m in list(self._short):  # extend cached shortlist matrices
             part = self._widen(x[:, :m]) * inv[:, self.nesting.index(m), None]
             self._short[m] = np.ascontiguousarray(np.concatenate([self._short[m], part]))
-        for key, idx in self._hnsw.items():
+        for key, idx in [*self._hnsw.items(), *self._ivf.items()]:  # graphs / cells: no retrain
             g = self.nesting.index(key[0])
             idx.add(np.ascontiguousarray(self._widen(x[:, : key[0]]) * inv[:, g, None]))
         self._torch.clear()
@@ -280,16 +288,66 @@ class MatryoshkaIndex:
         """The contiguous normalised prefix [N, m] (built once, then cached and saved)."""
         if m not in self._short:
             t = time.perf_counter()
-            g = self.nesting.index(m)
-            rows = []
-            for s in range(0, self.count, 65536):  # blocks: no [N, D] float32 temporary
-                blk = self._widen(self._vectors[s : s + 65536, :m])
-                rows.append(blk * self._inv_norms[s : s + 65536, g, None])
-            self._short[m] = np.ascontiguousarray(
-                np.concatenate(rows) if rows else np.zeros((0, m), np.float32)
-            )
+            self._short[m] = self._prefix_matrix(m)
             self.build_seconds[f"short-{m}"] = time.perf_counter() - t
         return self._short[m]
+
+    def _prefix_matrix(self, m: int) -> np.ndarray:
+        """The normalised prefix [N, m] float32, computed (not cached) unless already cached."""
+        if m in self._short:
+            return self._short[m]
+        g = self.nesting.index(m)
+        rows = []
+        for s in range(0, self.count, 65536):  # blocks: no [N, D] float32 temporary
+            blk = self._widen(self._vectors[s : s + 65536, :m])
+            rows.append(blk * self._inv_norms[s : s + 65536, g, None])
+        return np.ascontiguousarray(np.concatenate(rows) if rows else np.zeros((0, m), np.float32))
+
+    def ivf_nlist(self, config: SearchConfig | None = None) -> int:
+        """Cells of the IVF for ``config``: the built index's, else what a build would use."""
+        cfg = config or self.config
+        built = self._ivf.get((cfg.shortlist_dim, cfg.nlist or 0))
+        if built is not None:
+            return int(built.nlist)
+        return cfg.nlist or auto_nlist(self.count)
+
+    def _ivf_index(self, m: int, nlist: int | None):
+        """FAISS IVF over the normalised prefix [N, m] (inner product), trained on a sample.
+
+        The codes are float16 (`IndexIVFScalarQuantizer`, half the bytes) when the rerank
+        vectors are float16, else float32 (`IndexIVFFlat`). k-means uses <= 40 * nlist rows.
+        """
+        key = (m, nlist or 0)
+        if key not in self._ivf:
+            if self.count == 0:
+                raise ValueError("the index is empty: add vectors before building an IVF")
+            cells = nlist or auto_nlist(self.count)
+            if cells > self.count:
+                raise ValueError(
+                    f"nlist must be <= number of database items ({self.count}), got nlist={cells}"
+                )
+            faiss = _faiss()
+            faiss.omp_set_num_threads(self.threads)
+            t = time.perf_counter()
+            xs = self._prefix_matrix(m)  # [N, m]
+            quantizer = faiss.IndexFlatIP(m)
+            ip = faiss.METRIC_INNER_PRODUCT
+            if self.vector_dtype == "float16":
+                qt = faiss.ScalarQuantizer.QT_fp16
+                idx = faiss.IndexIVFScalarQuantizer(quantizer, m, cells, qt, ip)
+            else:
+                idx = faiss.IndexIVFFlat(quantizer, m, cells, ip)
+            idx.cp.niter = 20
+            idx.cp.min_points_per_centroid = 5  # small databases: no FAISS warning spam
+            ntrain = min(self.count, 40 * cells)
+            rows = np.sort(np.random.default_rng(0).choice(self.count, ntrain, replace=False))
+            idx.train(np.ascontiguousarray(xs[rows]))
+            idx.add(xs)
+            idx.own_fields = True  # the IVF owns its quantizer (kept alive with it)
+            quantizer.this.disown()
+            self.build_seconds[f"ivf-{m}-{nlist or 0}"] = time.perf_counter() - t
+            self._ivf[key] = idx
+        return self._ivf[key]
 
     def _hnsw_index(self, m: int, hnsw_m: int, ef_construction: int):
         key = (m, hnsw_m, ef_construction)
@@ -313,6 +371,10 @@ class MatryoshkaIndex:
         self._hnsw = {
             key: v for key, v in self._hnsw.items() if cfg.backend == "hnsw" and key == hkey
         }
+        ikey = (cfg.shortlist_dim, cfg.nlist or 0)
+        self._ivf = {key: v for key, v in self._ivf.items() if cfg.backend == "ivf" and key == ikey}
+        if cfg.backend == "ivf":  # the IVF holds its own copy of the prefix
+            self._short.clear()
         self._torch.clear()
 
     def build(self, config: SearchConfig | None = None) -> float:
@@ -323,6 +385,9 @@ class MatryoshkaIndex:
         cfg = config or self.config
         self._check_config(cfg, k=1, n=None)
         t = time.perf_counter()
+        if cfg.backend == "ivf":  # the IVF holds its own copy of the prefix
+            self._ivf_index(cfg.shortlist_dim, cfg.nlist)
+            return time.perf_counter() - t
         self.shortlist_matrix(cfg.shortlist_dim)
         if cfg.backend == "hnsw":
             self._hnsw_index(cfg.shortlist_dim, cfg.hnsw_m, cfg.ef_construction)
@@ -368,6 +433,9 @@ class MatryoshkaIndex:
             prev_m, prev_keep = m, keep
         if cfg.ef_search is not None:
             _as_int("ef_search", cfg.ef_search, 1)
+        if cfg.nlist is not None:
+            _as_int("nlist", cfg.nlist, 1, n)
+        _as_int("nprobe", cfg.nprobe, 1)
 
     def _check_queries(self, queries: Any) -> np.ndarray:
         arr = np.asarray(queries)
@@ -452,6 +520,11 @@ class MatryoshkaIndex:
         faiss.omp_set_num_threads(self.threads)
         if cfg.backend == "flat":
             _, idx = faiss.knn(qs, self.shortlist_matrix(m), kk, metric=faiss.METRIC_INNER_PRODUCT)
+            return idx
+        if cfg.backend == "ivf":
+            ivf = self._ivf_index(m, cfg.nlist)
+            ivf.nprobe = min(cfg.nprobe, ivf.nlist)
+            _, idx = ivf.search(qs, kk)  # [Q, K]; -1 where the probed cells hold < K rows
             return idx
         index = self._hnsw_index(m, cfg.hnsw_m, cfg.ef_construction)
         params = faiss.SearchParametersHNSW()
@@ -561,9 +634,18 @@ class MatryoshkaIndex:
 
     # ------------------------------------------------------------------ persistence
     def memory_bytes(self, config: SearchConfig | None = None) -> int:
-        """Bytes held for search with ``config``: vectors, norms, shortlist matrix, graph."""
+        """Bytes held for search with ``config``: rerank vectors, norms, ids, int8 scale, and the
+        shortlist structure (prefix matrix [+ HNSW graph], or the IVF: codes, row ids,
+        centroids)."""
         cfg = config or self.config
-        total = self._vectors.nbytes + self._inv_norms.nbytes
+        total = self._vectors.nbytes + self._inv_norms.nbytes + self._ids.nbytes
+        total += self._col_scale.nbytes
+        if cfg.backend == "ivf":
+            code = 2 if self.vector_dtype == "float16" else 4
+            nlist = self.ivf_nlist(cfg)
+            return (
+                total + self.count * (cfg.shortlist_dim * code + 8) + nlist * cfg.shortlist_dim * 4
+            )
         total += self.count * cfg.shortlist_dim * 4
         if cfg.backend == "hnsw":  # links: ~ 2 * M int32 per node at level 0 (+ upper levels)
             total += self.count * (2 * cfg.hnsw_m * 4 + 8)
@@ -594,6 +676,11 @@ class MatryoshkaIndex:
             with atomic_open(path / fname, "wb") as f:
                 f.write(faiss.serialize_index(idx).tobytes())
             files[f"hnsw-{m}-{hm}-{efc}"] = {"file": fname, "bytes": (path / fname).stat().st_size}
+        for (m, nl), idx in self._ivf.items():
+            fname = f"ivf-{m}-{nl}-{token}.faiss"
+            with atomic_open(path / fname, "wb") as f:
+                f.write(_faiss().serialize_index(idx).tobytes())
+            files[f"ivf-{m}-{nl}"] = {"file": fname, "bytes": (path / fname).stat().st_size}
         old = _read_sidecar(path) if (path / SIDECAR).exists() else None
         meta = {
             "format": INDEX_FORMAT,
@@ -645,7 +732,7 @@ class MatryoshkaIndex:
                 )
         arrays = {}
         for name, entry in files.items():
-            if name.startswith("hnsw-"):
+            if name.startswith(("hnsw-", "ivf-")):
                 continue
             mode = "r" if mmap and name == "vectors" else None
             arrays[name] = np.load(path / entry["file"], mmap_mode=mode, allow_pickle=False)
@@ -664,6 +751,10 @@ class MatryoshkaIndex:
                 _, m, hm, efc = name.split("-")
                 buf = np.fromfile(path / entry["file"], dtype=np.uint8)
                 index._hnsw[(int(m), int(hm), int(efc))] = faiss.deserialize_index(buf)
+            if name.startswith("ivf-"):
+                _, m, nl = name.split("-")
+                buf = np.fromfile(path / entry["file"], dtype=np.uint8)
+                index._ivf[(int(m), int(nl))] = _faiss().deserialize_index(buf)
         if len(index._vectors) != meta["count"] or len(index._inv_norms) != meta["count"]:
             raise ValueError(
                 f"index at {path} is inconsistent: count {meta['count']} does not match its arrays"
@@ -675,6 +766,11 @@ class MatryoshkaIndex:
             f"MatryoshkaIndex(count={self.count}, nesting={list(self.nesting.sizes)}, "
             f"config={self.config})"
         )
+
+
+def auto_nlist(n: int) -> int:
+    """Default IVF cells for N rows: round(4 * sqrt(N)), at least 1 and at most N."""
+    return max(1, min(n, round(4 * np.sqrt(n))))
 
 
 def _column_scale(x: np.ndarray) -> np.ndarray:
