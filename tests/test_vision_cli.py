@@ -146,3 +146,23 @@ def test_reproduce_only_some_runs(tmp_path, task):
     reproduce("fashion-mnist", "small", tmp_path, only=("mrl",), **kw)
     recs = reproduce("fashion-mnist", "small", tmp_path, only=("ff-2",), **kw)
     assert {(r["method"], r["run"]) for r in recs} == {("mrl", "mrl"), ("ff", "ff-2")}
+
+
+def test_reproduce_centred_evaluation_reuses_runs(tmp_path, task):
+    from mrl.commands.reproduce import reproduce
+
+    over = ("data.dataset=synthetic", *TINY)
+    logs: list[str] = []
+    kw = dict(overrides=over, progress=False, data_task=task, log=logs.append, only=("mrl",))
+    plain = reproduce("fashion-mnist", "small", tmp_path / "a", **kw)
+    # Same folder, other centring: refused rather than mixed into one table.
+    with pytest.raises(ValueError, match=r"center=False, but this call has center=True"):
+        reproduce("fashion-mnist", "small", tmp_path / "a", center=True, **kw)
+    logs.clear()
+    centred = reproduce("fashion-mnist", "small", tmp_path / "b", center=True,
+                        runs=tmp_path / "a" / "runs", **kw)  # fmt: skip
+    assert not any("training" in line for line in logs)  # evaluated, not retrained
+    assert {r["center"] for r in centred if "center" in r} == {True}
+    top1 = {(r["prefix"], r["value"]) for r in plain if r["metric"] == "top1"}
+    assert top1 == {(r["prefix"], r["value"]) for r in centred if r["metric"] == "top1"}
+    assert (tmp_path / "a" / "runs" / "seed0" / "mrl" / "records-center.json").is_file()

@@ -46,11 +46,11 @@ RECIPES: dict[tuple[str, str], Recipe] = {
             *_CNN,
             "optim.name=adamw",
             "optim.lr=0.003",
-            "epochs=1",
+            "epochs=3",
             "batch_size=128",
         ),
         (2, 4, 8, 16),
-        "small CNN (D=256), AdamW lr 3e-3 cosine, 1 epoch, batch 128 (CPU budget)",
+        "small CNN (D=256), AdamW lr 3e-3 cosine, 3 epochs, batch 128 (CPU budget)",
     ),
     ("fashion-mnist", "full"): Recipe(
         (
@@ -102,6 +102,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--center", action="store_true", help="centre before cosine retrieval")
     parser.add_argument(
+        "--runs",
+        default=None,
+        metavar="DIR",
+        help="folder of the trained runs (default OUT/runs): evaluate the same models again, "
+        "e.g. with --center, into another --out without retraining",
+    )
+    parser.add_argument(
         "--only",
         default=None,
         metavar="RUNS",
@@ -129,6 +136,7 @@ def reproduce(
     progress: bool = True,
     data_task: Any = None,
     only: tuple[str, ...] | None = None,
+    runs: str | Path | None = None,
     log=print,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every model of one seed; merge its records into ``out/results.json``."""
@@ -142,6 +150,8 @@ def reproduce(
         raise ValueError(f"no recipe for task={task!r} budget={budget!r}")
     recipe = RECIPES[(task, budget)]
     out = Path(out)
+    runs_root = Path(runs) if runs is not None else out / "runs"
+    _check_centring(out / "results.json", center)
     base = (*recipe.overrides, f"seed={seed}", *overrides)
     config0 = load_config(None, list(base))
     if data_task is None:
@@ -154,8 +164,9 @@ def reproduce(
     for name, extra in methods(recipe):
         if only and name not in only:
             continue
-        run_dir = out / "runs" / f"seed{seed}" / name
-        cached = run_dir / "records.json"
+        run_dir = runs_root / f"seed{seed}" / name
+        # Evaluations with and without centring are cached apart: both come from one model.
+        cached = run_dir / ("records-center.json" if center else "records.json")
         config = load_config(None, [*base, *extra])
         t0 = time.perf_counter()
         if cached.is_file():
@@ -189,6 +200,21 @@ def reproduce(
     return old + records
 
 
+def _check_centring(results: Path, center: bool) -> None:
+    """Refuse to mix centred and uncentred retrieval records in one results file."""
+    from mrl.records import load_records
+
+    if not results.is_file():
+        return
+    found = {r["center"] for r in load_records(results) if "center" in r}
+    if found and found != {center}:
+        raise ValueError(
+            f"{results} holds records evaluated with center={sorted(found)[0]}, but this call "
+            f"has center={center}: write to another --out (add --runs {results.parent / 'runs'} "
+            "to evaluate the same trained models without retraining)"
+        )
+
+
 def write_tables(records: list[dict[str, Any]], out: Path, title: str, notes: str) -> str:
     """Report files (results.json, results.md, plots, report.html); returns the markdown tables."""
     from mrl.records import to_markdown
@@ -213,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
         center=args.center,
         progress=not args.no_progress,
         only=tuple(args.only.split(",")) if args.only else None,
+        runs=args.runs,
     )
     seeds = sorted({r["seed"] for r in records})
     from mrl.commands.eval import PROBE_RECIPE
