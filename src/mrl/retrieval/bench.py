@@ -5,7 +5,8 @@ One run; ratios printed, table last. Methods:
 - ``exact``: FAISS exhaustive inner product at full D (`faiss.knn`, the IndexFlatIP kernel, on the
   caller's array without a second copy of the database); also the ground truth.
 - ``funnel``: `MatryoshkaIndex` auto-tuned (`mrl.retrieval.tune.tune`) on 200 held-out database
-  rows to the target recall@k, then measured on the test queries it never saw.
+  rows to the target recall@k, then measured on the test queries it never saw. The tuner tries
+  flat, prefix-HNSW and prefix-IVF shortlists (D_s, K, nprobe / efSearch, funnel stages).
 - ``funnel-paper``: the paper's fixed configuration (D_s=16, K=200, rerank at D), for reference.
 - ``hnsw``: FAISS IndexHNSWFlat (M=32) on the full D, at the largest ``hnsw_n`` that builds in
   reasonable time, with efSearch raised until the target recall; the funnel is rebuilt and retuned
@@ -97,9 +98,10 @@ def _funnel(
     target: float,
     say,
     backends=("flat", "hnsw", "ivf"),
-    vector_dtype: str = "float32",
+    vector_dtype: str = "float16",
     max_hnsw: int = 2,
     ef_construction: int = 80,
+    max_ivf: int = 3,
 ) -> dict[str, Any]:
     """Build, tune on held-out rows, then measure on the test queries.
 
@@ -117,6 +119,7 @@ def _funnel(
             n_queries=200,
             backends=backends,
             max_hnsw=max_hnsw,
+            max_ivf=max_ivf,
             log=say,
             reference=db,  # exact answers from float32, so int8 rerank error is counted
         )
@@ -203,9 +206,10 @@ def bench_retrieval(
     k: int = 10,
     target_recall: float = 0.99,
     hnsw_n: int | None = None,
-    vector_dtype: str = "float32",
+    vector_dtype: str = "float16",
     max_hnsw: int = 2,
     ef_construction: int = 80,
+    max_ivf: int = 3,
     seed: int = 0,
     data: tuple[np.ndarray, np.ndarray] | None = None,
     dataset: str = "mrl-like",
@@ -213,8 +217,9 @@ def bench_retrieval(
 ) -> list[Record]:
     """Run the benchmark and return records (see the module doc). ``data`` = (db, queries) to use
     your own embeddings; ``hnsw_n`` = 0 skips HNSW (default min(n, 100000)); ``vector_dtype`` is
-    the funnel's stored full-size vectors ("float32" default; "int8" is 1/4 of the memory but
-    cost ~1.5 points of recall@10 here)."""
+    the funnel's stored full-size vectors ("float16" default: half of float32's memory at ~1e-5
+    dot-product error; "int8" is 1/4 of the memory but cost ~1.5 points of recall@10 here);
+    ``max_ivf`` / ``max_hnsw`` cap the prefix IVF indexes / HNSW graphs the tuner builds."""
     for name, v in (("n", n), ("dim", dim), ("queries", queries), ("k", k)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {name}={v}")
@@ -252,7 +257,12 @@ def bench_retrieval(
             "build_s": 0.0,
         },
     )
-    opts = {"vector_dtype": vector_dtype, "max_hnsw": max_hnsw, "ef_construction": ef_construction}
+    opts = {
+        "vector_dtype": vector_dtype,
+        "max_hnsw": max_hnsw,
+        "ef_construction": ef_construction,
+        "max_ivf": max_ivf,
+    }
     fun = _funnel(db, q, truth, nesting, k, target_recall, log, **opts)
     cfg = fun["config"]
     qps = len(q) / fun["secs"]
@@ -272,7 +282,8 @@ def bench_retrieval(
     )
     log(
         f"funnel (tuned: {cfg.backend}, D_s={cfg.shortlist_dim}, K={cfg.shortlist}, "
-        f"ef={cfg.ef_search}, stages={list(cfg.stages) or 'rerank at D'}): recall "
+        f"ef={cfg.ef_search}, nprobe={cfg.nprobe if cfg.backend == 'ivf' else None}, "
+        f"stages={list(cfg.stages) or 'rerank at D'}): recall "
         f"{fun['recall']:.4f}, {qps:.0f} queries/s = {qps / exact_qps:.1f}x exact "
         f"(shortlist {fun['timings']['shortlist']:.2f}s, rerank {fun['timings']['rerank']:.2f}s)"
     )
