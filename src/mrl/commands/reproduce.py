@@ -251,6 +251,12 @@ def run(args: argparse.Namespace) -> int:
         "against the training images, cosine on re-normalised prefixes."
     )
     tables = write_tables(records, out, f"mrl reproduce {args.task} ({args.budget})", notes)
-    print(tables)
+    from mrl.claims import check_claims, claims_markdown
+    from mrl.io import atomic_open
+
+    claims = claims_markdown(check_claims(records, args.task), seeds)
+    with atomic_open(out / "claims.md", "w") as f:
+        f.write(claims + "\n")
+    print(tables + "\n\n" + claims)
     print(f"\nreport: {out / 'report.html'}; records: {out / 'results.json'}")
     return 0

@@ -1,0 +1,95 @@
+"""The paper's claims, checked on a reproduction's records (``mrl reproduce``).
+
+Each claim compares means over seeds of two methods at some prefixes and says whether it holds,
+with the numbers that decide it, so a reader sees at once what the run established and what not.
+Methods are those of ``mrl reproduce``: ``mrl`` / ``ff`` (their own heads for ``top1``), ``plain``
+(the full-size model: its prefixes are plain truncation), ``pca`` and ``random`` (coordinates of
+the plain model's features); ``probe_top1`` is one linear-probe recipe for every method.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Claim", "check_claims", "claims_markdown"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One statement, whether it holds (None: informational or no data) and its evidence."""
+
+    text: str
+    holds: bool | None
+    evidence: str
+
+
+def _means(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, int], tuple[float, int]]:
+    """(method, metric, prefix) -> (mean over seeds, number of seeds)."""
+    vals: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for r in records:
+        vals[(r["method"], r["metric"], int(r["prefix"]))].append(float(r["value"]))
+    return {k: (sum(v) / len(v), len(v)) for k, v in vals.items()}
+
+
+def _compare(
+    means: dict, a: str, b: str, metric: str, prefixes: Iterable[int], margin: float
+) -> tuple[bool | None, str]:
+    """Does mean(a) >= mean(b) - margin hold at every prefix where both exist? And the numbers."""
+    parts, ok = [], []
+    for p in prefixes:
+        if (a, metric, p) in means and (b, metric, p) in means:
+            va, vb = means[(a, metric, p)][0], means[(b, metric, p)][0]
+            ok.append(va >= vb - margin)
+            parts.append(f"{p}: {va:.1f} vs {vb:.1f} ({va - vb:+.1f})")
+    if not ok:
+        return None, f"no {metric} records of both {a} and {b}"
+    return all(ok), f"{metric} {a} vs {b} at " + "; ".join(parts)
+
+
+def _prefixes(means: dict, method: str, metric: str) -> list[int]:
+    return sorted({p for (m, mt, p) in means if m == method and mt == metric})
+
+
+def check_claims(records: Iterable[dict[str, Any]], task: str) -> list[Claim]:
+    """Claims of the paper (as the vision issue states them) on ``task``'s records."""
+    means = _means(records)
+    all_p = _prefixes(means, "mrl", "top1")
+    small = [p for p in all_p if p <= 8]
+    ff_large = [p for p in _prefixes(means, "ff", "top1") if p >= 16]
+    claims = [
+        Claim("MRL top-1 within 1 point of FF-m at every prefix m >= 16 (own heads)",
+              *_compare(means, "mrl", "ff", "top1", ff_large, 1.0)),
+        Claim("MRL features above plain truncation at small prefixes (<= 8, same linear probe)",
+              *_compare(means, "mrl", "plain", "probe_top1", small, 0.0)),
+        Claim("MRL features above random coordinates at small prefixes (<= 8, same linear probe)",
+              *_compare(means, "mrl", "random", "probe_top1", small, 0.0)),
+        Claim("MRL 1-NN at least the truncated full-size model's at every prefix",
+              *_compare(means, "mrl", "plain", "1nn", all_p, 0.0)),
+    ]  # fmt: skip
+    if task == "fashion-mnist-1k":
+        claims += [
+            Claim("MRL top-1 above FF-8 at prefix 8", *_strict(means, "ff", "top1", 8)),
+            Claim("MRL 1-NN above PCA at prefix 8", *_strict(means, "pca", "1nn", 8)),
+        ]
+    pca = _compare(means, "mrl", "pca", "probe_top1", all_p, 0.0)[1]
+    pca_nn = _compare(means, "mrl", "pca", "1nn", all_p, 0.0)[1]
+    claims.append(Claim("PCA's standing (informational)", None, f"{pca}. {pca_nn}"))
+    return claims
+
+
+def _strict(means: dict, other: str, metric: str, p: int) -> tuple[bool | None, str]:
+    holds, text = _compare(means, "mrl", other, metric, [p], 0.0)
+    if holds is None:
+        return None, text
+    return means[("mrl", metric, p)][0] > means[(other, metric, p)][0], text
+
+
+def claims_markdown(claims: list[Claim], seeds: list[int]) -> str:
+    """A markdown list: holds / does NOT hold / info, the claim, then its numbers."""
+    mark = {True: "holds", False: "does NOT hold", None: "info"}
+    lines = [f"### Claims (means over {len(seeds)} seed(s): {seeds})", ""]
+    lines += [f"- **{mark[c.holds]}**: {c.text}. {c.evidence}" for c in claims]
+    return "\n".join(lines)

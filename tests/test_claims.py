@@ -1,0 +1,51 @@
+"""mrl.claims on constructed records with known answers."""
+
+from __future__ import annotations
+
+from mrl.claims import check_claims, claims_markdown
+from mrl.records import make_record
+
+
+def _recs(method: str, metric: str, values: dict[int, list[float]]) -> list[dict]:
+    return [make_record(method, p, metric, v, seed=s) for p, vs in values.items()
+            for s, v in enumerate(vs)]  # fmt: skip
+
+
+def _base() -> list[dict]:
+    return (
+        _recs("mrl", "top1", {8: [80, 82], 16: [89, 89.4], 256: [91, 91]})
+        + _recs("ff", "top1", {8: [85, 85], 16: [90, 90]})
+        + _recs("mrl", "probe_top1", {8: [84, 84], 16: [90, 90], 256: [91, 91]})
+        + _recs("plain", "probe_top1", {8: [70, 70], 16: [88, 88], 256: [92, 92]})
+        + _recs("random", "probe_top1", {8: [75, 75], 16: [88, 88], 256: [92, 92]})
+        + _recs("pca", "probe_top1", {8: [86, 86], 16: [90, 90], 256: [92, 92]})
+        + _recs("mrl", "1nn", {8: [80, 80], 16: [85, 85], 256: [86, 86]})
+        + _recs("plain", "1nn", {8: [60, 60], 16: [84, 84], 256: [86.5, 86.5]})
+        + _recs("pca", "1nn", {8: [78, 78], 16: [85, 85], 256: [86.5, 86.5]})
+    )
+
+
+def test_claims_decide_on_means_over_seeds():
+    claims = {c.text: c for c in check_claims(_base(), "fashion-mnist")}
+    within = claims["MRL top-1 within 1 point of FF-m at every prefix m >= 16 (own heads)"]
+    assert within.holds is True  # 89.2 vs 90.0: -0.8 is within 1 point
+    assert "16: 89.2 vs 90.0 (-0.8)" in within.evidence
+    assert "8:" not in within.evidence  # only prefixes >= 16 count
+    trunc = claims[
+        "MRL features above plain truncation at small prefixes (<= 8, same linear probe)"
+    ]
+    assert trunc.holds is True and "8: 84.0 vs 70.0 (+14.0)" in trunc.evidence
+    nn = claims["MRL 1-NN at least the truncated full-size model's at every prefix"]
+    assert nn.holds is False  # 86 < 86.5 at 256
+    assert not any("FF-8" in t for t in claims)  # 1k-only claims absent
+
+
+def test_claims_on_the_1k_task_and_missing_data():
+    recs = _base()
+    claims = {c.text: c for c in check_claims(recs, "fashion-mnist-1k")}
+    assert claims["MRL top-1 above FF-8 at prefix 8"].holds is False  # 81 < 85
+    assert claims["MRL 1-NN above PCA at prefix 8"].holds is True  # 80 > 78
+    only_mrl = check_claims(_recs("mrl", "top1", {16: [90]}), "fashion-mnist")
+    assert only_mrl[0].holds is None and "no top1 records" in only_mrl[0].evidence
+    text = claims_markdown(list(claims.values()), [0, 1])
+    assert "means over 2 seed(s)" in text and "**does NOT hold**" in text and "**holds**" in text
