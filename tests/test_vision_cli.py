@@ -166,3 +166,15 @@ def test_reproduce_centred_evaluation_reuses_runs(tmp_path, task):
     top1 = {(r["prefix"], r["value"]) for r in plain if r["metric"] == "top1"}
     assert top1 == {(r["prefix"], r["value"]) for r in centred if r["metric"] == "top1"}
     assert (tmp_path / "a" / "runs" / "seed0" / "mrl" / "records-center.json").is_file()
+
+
+def test_reproduce_command_prints_tables_and_claims(tmp_path, capsys):
+    sets = [a for kv in ("data.dataset=synthetic", *TINY) for a in ("--set", kv)]
+    rc = main(["reproduce", "fashion-mnist", "--out", str(tmp_path), "--only", "mrl,ff-16",
+               "--no-progress", *sets])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "### top1" in out and "### Claims (means over 1 seed(s): [0])" in out
+    claims = (tmp_path / "claims.md").read_text()
+    assert "MRL top-1 within 1 point of FF-m at every prefix m >= 16" in claims
+    assert "top1 mrl vs ff at 16:" in claims
