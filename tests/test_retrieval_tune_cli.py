@@ -277,3 +277,22 @@ def test_tune_ivf_sweeps_nprobe(data):
     assert any("nprobe=" in line for line in log)
     assert index.ivf_nlist() == 40 and not index._short  # the IVF holds its own prefix copy
     assert res.flops_per_query < 2 * len(db) * 64  # far below exact full-size search
+
+
+def test_cli_ivf_build_search(tmp_path, data, capsys):
+    db, _, q, _ = data
+    np.save(tmp_path / "db.npy", db)
+    np.save(tmp_path / "q.npy", q)
+    build = ["index", "build", str(tmp_path / "db.npy"), "--out", str(tmp_path / "idx")]
+    opts = ["--shortlist-dim", "16", "--shortlist", "100", "--backend", "ivf", "--nlist", "20"]
+    assert main(build + opts + ["--nprobe", "20", "--vector-dtype", "float16"]) == 0
+    out = tmp_path / "res.json"
+    assert main(["search", str(tmp_path / "idx"), str(tmp_path / "q.npy"), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["backend"] == "ivf" and res["config"]["nlist"] == 20
+    _, truth = exact_search(db, q, 10)
+    assert recall_at_k(np.array([r["ids"] for r in res["results"]]), truth) > 0.9
+    assert main(["search", str(tmp_path / "idx"), str(tmp_path / "q.npy"), "--nprobe", "1"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "idx"), str(tmp_path / "q.npy"), "--nprobe", "0"]) == 2
+    assert "nprobe must be >= 1, got nprobe=0" in capsys.readouterr().err

@@ -36,9 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--backend",
         default="flat",
-        choices=("flat", "numpy", "hnsw", "torch"),
-        help="shortlist scan (default flat = FAISS exact on the prefix)",
+        choices=("flat", "numpy", "hnsw", "ivf", "torch"),
+        help="shortlist scan (default flat = FAISS exact on the prefix; ivf = FAISS inverted "
+        "file on the prefix; with --target-recall, flat/hnsw/ivf are all tried)",
     )
+    b.add_argument(
+        "--nlist",
+        type=int,
+        default=None,
+        help="IVF cells (default round(4 * sqrt(N)))",
+    )
+    b.add_argument("--nprobe", type=int, default=16, help="IVF cells scanned per query")
     b.add_argument(
         "--funnel",
         action="store_true",
@@ -51,7 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=200,
         help="held-out database rows used as tuning queries (default 200)",
     )
-    b.add_argument("--vector-dtype", default="float32", choices=("float32", "float16"))
+    b.add_argument(
+        "--vector-dtype",
+        default="float32",
+        choices=("float32", "float16"),
+        help="rerank vectors (float16: half the memory, dot-product error ~1e-5)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,14 +81,20 @@ def run(args: argparse.Namespace) -> int:
         )
     stages = funnel_stages(ds, args.shortlist, nesting.dim, args.k, nesting) if args.funnel else ()
     cfg = SearchConfig(
-        shortlist_dim=ds, shortlist=args.shortlist, backend=args.backend, stages=stages
+        shortlist_dim=ds,
+        shortlist=args.shortlist,
+        backend=args.backend,
+        stages=stages,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
     )
     index = MatryoshkaIndex(nesting, cfg, vector_dtype=args.vector_dtype)
     index.add(x, ids=ids)
     if args.target_recall is not None:
         from mrl.retrieval.tune import tune
 
-        backends = ("flat", "hnsw") if args.backend in ("flat", "hnsw") else (args.backend,)
+        exact_or_approx = ("flat", "hnsw", "ivf")
+        backends = exact_or_approx if args.backend in exact_or_approx else (args.backend,)
         res = tune(
             index,
             args.target_recall,
@@ -87,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         c = res.config
         print(
             f"tuned: backend={c.backend} D_s={c.shortlist_dim} K={c.shortlist} "
-            f"ef={c.ef_search} stages={list(c.stages) or 'rerank at D'}: recall@{args.k} "
+            f"ef={c.ef_search} nprobe={c.nprobe} "
+            f"stages={list(c.stages) or 'rerank at D'}: recall@{args.k} "
             f"{res.recall:.4f}, {res.qps:.0f} queries/s on {args.tune_queries} held-out rows"
         )
     build_s = index.build()

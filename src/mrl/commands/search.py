@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write results as JSON here")
     p.add_argument("--shortlist", type=int, default=None, help="override K")
     p.add_argument("--shortlist-dim", type=int, default=None, help="override D_s")
-    p.add_argument("--backend", default=None, choices=("flat", "numpy", "hnsw", "torch"))
+    p.add_argument("--backend", default=None, choices=("flat", "numpy", "hnsw", "ivf", "torch"))
+    p.add_argument("--nprobe", type=int, default=None, help="override IVF cells scanned")
     p.add_argument("--device", default="cpu", help="torch device for --backend torch")
 
 
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
             ("shortlist", args.shortlist),
             ("shortlist_dim", args.shortlist_dim),
             ("backend", args.backend),
+            ("nprobe", args.nprobe),
         )
         if v is not None
     }
