@@ -5,6 +5,7 @@ relevance judgments). The base model's prefixes (plain truncation and uncentred 
 fine-tuned model's prefixes are then evaluated on Cranfield's queries, every prefix in one pass.
 
     python benchmarks/gpu_text.py --data ../shared/data/cranfield --epochs 3 --batch-size 128
+    python benchmarks/gpu_text.py ... --init-rotation pca   # start from the corpus PCA rotation
 
 Prints per-prefix nDCG@10 and the fraction of each model's full-size value, table last.
 """
@@ -29,6 +30,8 @@ def main() -> None:
     p.add_argument("--max-seq-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--init-rotation", default=None, help="'pca' or an adaptor .pt/.npy file")
+    p.add_argument("--rotation-lr", type=float, default=None)
     args = p.parse_args()
 
     import torch
@@ -51,9 +54,11 @@ def main() -> None:
         max_seq_length=args.max_seq_length,
         seed=args.seed,
         device=args.device,
+        init_rotation=args.init_rotation,
+        rotation_lr=args.rotation_lr,
     )
     t0 = time.time()
-    finetune(args.model, pairs, args.out, config, log=lambda s: None)
+    finetune(args.model, pairs, args.out, config, log=lambda s: None, rotation_texts=ds.documents)
     train_s = time.time() - t0
 
     records = []

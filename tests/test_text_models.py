@@ -320,3 +320,90 @@ def test_cli_compare_append(tiny_model, tmp_path):
     methods = {r["method"] for r in load_records(out / "results.json")}
     assert methods == {"truncate", "pca", "finetune"}
     assert (out / "report.html").is_file()
+
+
+def test_finetune_from_pca_rotation(tiny_model, tiny, tmp_path):
+    """init_rotation="pca": base model + Dense(R); before training it is exactly x @ R_pca."""
+    from mrl.text.adaptor import pca_rotation
+    from mrl.text.finetune import initial_rotation
+
+    texts = [f"a body {i} about the lift of wings and heat {i % 3}" for i in range(8)]
+    rot = initial_rotation(tiny_model, tiny, "pca", texts, tmp_path / "cache")
+    want = pca_rotation(torch.from_numpy(encode(tiny, texts)))
+    torch.testing.assert_close(rot, want)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # base embeddings cached
+
+    pairs = [Pair(f"title {i} wing", t) for i, t in enumerate(texts)]
+    cfg = FinetuneConfig(
+        nesting="8,16,32", batch_size=4, max_steps=1, lr=1e-12, max_seq_length=32,
+        init_rotation="pca", rotation_lr=1e-12,
+    )  # fmt: skip
+    out = finetune(tiny_model, pairs, tmp_path / "ft", cfg, log=lambda s: None, cache_dir=None)
+    # With a negligible lr the saved model is the base model followed by the PCA rotation.
+    got = st.SentenceTransformer(str(out), device="cpu").encode(texts[:3])
+    np.testing.assert_allclose(got, encode(tiny, texts[:3]) @ want.numpy(), atol=1e-4)
+    assert (out / "mrl.json").is_file() and model_nesting(out) == Nesting((8, 16, 32))
+    assert st.SentenceTransformer(str(out), truncate_dim=8).encode(["wing"]).shape == (1, 8)
+    assert json.loads((out / "mrl.json").read_text())["config"]["init_rotation"] == "pca"
+
+
+def test_finetune_from_adaptor_file_and_errors(tiny_model, tiny, tmp_path):
+    from mrl.text.finetune import initial_rotation
+
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(0)))
+    OrthogonalAdaptor(q, Nesting((8, 16, 32))).save(tmp_path / "a.pt")
+    rot = initial_rotation(tiny_model, tiny, str(tmp_path / "a.pt"), ["x"], None)
+    torch.testing.assert_close(rot, q)
+    q64, _ = torch.linalg.qr(torch.randn(64, 64))
+    OrthogonalAdaptor(q64, Nesting((8, 64))).save(tmp_path / "b.pt")
+    with pytest.raises(ValueError, match=r"is \(64, 64\); the model embeds in 32 dims"):
+        initial_rotation(tiny_model, tiny, str(tmp_path / "b.pt"), ["x"], None)
+    with pytest.raises(ValueError, match="init_rotation must be None, 'pca' or an adaptor"):
+        FinetuneConfig(init_rotation="svd")
+    with pytest.raises(ValueError, match="rotation_lr needs init_rotation"):
+        FinetuneConfig(rotation_lr=1e-3)
+    with pytest.raises(ValueError, match="rotation_lr must be > 0"):
+        FinetuneConfig(init_rotation="pca", rotation_lr=0.0)
+
+
+def test_rotation_only_features_match_the_model(tiny_model, tmp_path):
+    """train_encoder=False: cached frozen features + head == the model with the head appended."""
+    from mrl.text.adaptor import dense_rotation_module
+    from mrl.text.finetune import _embed, _frozen_features
+
+    pairs = [Pair(f"title {i} wing", f"a body {i} about the lift of wings") for i in range(5)]
+    cfg = FinetuneConfig(init_rotation="pca", train_encoder=False, max_seq_length=16)
+    feats = _frozen_features(tiny_model, pairs, cfg, tmp_path / "cache")
+    q_rot, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1)))
+    enc = load_encoder(tiny_model)
+    enc.max_seq_length = 16
+    dense = dense_rotation_module(q_rot)
+    enc.append(dense)
+    nest = Nesting((8, 16, 32))
+    q_ref = _embed(enc, [p.query for p in pairs], "cpu")  # [B, D] through the whole model
+    ref = matryoshka_contrastive_loss(q_ref, _embed(enc, [p.positive for p in pairs], "cpu"), nest)
+    ref.backward()
+    g_ref = dense.linear.weight.grad.clone()
+    dense.zero_grad()
+    head = lambda x: dense({"sentence_embedding": x})["sentence_embedding"]  # noqa: E731
+    fast = matryoshka_contrastive_loss(head(feats["query"]), head(feats["positive"]), nest)
+    fast.backward()
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense.linear.weight.grad, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_rotation_only_finetune_keeps_the_encoder(tiny_model, tiny, tmp_path):
+    texts = [f"a body {i} about the lift of wings and heat {i % 3}" for i in range(8)]
+    pairs = [Pair(f"title {i} wing", t) for i, t in enumerate(texts)]
+    cfg = FinetuneConfig(
+        nesting="8,16,32", batch_size=4, epochs=3, lr=1e-2, max_seq_length=32,
+        init_rotation="pca", train_encoder=False,
+    )  # fmt: skip
+    out = finetune(tiny_model, pairs, tmp_path / "ft", cfg, log=lambda s: None)
+    assert json.loads((out / "mrl.json").read_text())["steps"] == 6
+    model = st.SentenceTransformer(str(out), device="cpu")
+    weight = model[-1].linear.weight.detach().numpy()  # [D, D]; y = x @ W^T
+    base = encode(tiny, texts[:3])
+    np.testing.assert_allclose(model.encode(texts[:3]), base @ weight.T, atol=1e-4)
+    with pytest.raises(ValueError, match="train_encoder=False needs init_rotation"):
+        FinetuneConfig(train_encoder=False)

@@ -47,6 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ft.add_argument("--temperature", type=float, default=0.05)
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--device", default="cpu")
+    ft.add_argument(
+        "--init-rotation",
+        default=None,
+        help="'pca' (append a Dense layer initialised with the uncentred PCA rotation of the "
+        "base model's corpus embeddings) or an adaptor .pt/.npy from `mrl text adapt`",
+    )
+    ft.add_argument(
+        "--rotation-lr", type=float, default=None, help="that layer's lr (default --lr)"
+    )
+    ft.add_argument("--cache", default=None, help="folder to cache the base corpus embeddings in")
 
     ad = sub.add_parser("adapt", help="post-hoc Matryoshka map for frozen embeddings")
     src = ad.add_mutually_exclusive_group(required=True)
@@ -108,13 +118,25 @@ def _finetune(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         device=args.device,
+        init_rotation=args.init_rotation,
+        rotation_lr=args.rotation_lr,
     )
+    texts = None  # the "pca" rotation's corpus: the documents, else the distinct positives
     if args.pairs is not None:
         pairs = read_pairs(args.pairs)
     else:
         ds = _documents(args.corpus)
         pairs = pairs_from_titles(ds.titles, ds.bodies)
-    finetune(args.model, pairs, args.out, config, log=lambda s: print(s, flush=True))
+        texts = ds.documents
+    finetune(
+        args.model,
+        pairs,
+        args.out,
+        config,
+        log=lambda s: print(s, flush=True),
+        rotation_texts=texts,
+        cache_dir=args.cache,
+    )
     return 0
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "prefix_cosine_rows",
     "listwise_prefix_loss",
     "full_neighbours",
+    "dense_rotation_module",
 ]
 
 
@@ -317,7 +318,7 @@ class OrthogonalAdaptor:
             raise ValueError(
                 f"base_model embeds in {embedding_dim(encoder)} dims; the adaptor needs {self.dim}"
             )
-        dense = _dense_module(self.rotation)
+        dense = dense_rotation_module(self.rotation)
         encoder.append(dense)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -334,7 +335,8 @@ def _reorthogonalise(r: torch.Tensor) -> torch.Tensor:
     return (u @ vh).float()
 
 
-def _dense_module(rotation: torch.Tensor) -> Any:
+def dense_rotation_module(rotation: torch.Tensor) -> Any:
+    """A sentence-transformers `Dense` D -> D computing ``x @ rotation`` (no bias, identity)."""
     from mrl._optional import require
 
     require("sentence_transformers", "text")

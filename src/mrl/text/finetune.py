@@ -5,6 +5,19 @@ One plain loop: tokenise a batch, embed queries and positives (and negatives), a
 re-normalised, summed), AdamW with linear warm-up and decay. The result is saved as a
 sentence-transformers folder plus ``mrl.json`` (its nesting), so
 ``SentenceTransformer(path, truncate_dim=m)`` works and `mrl` knows the prefixes.
+
+Rotation start (``init_rotation``): a few hundred steps cannot reorganise a 384-d space so that
+its first 64 coordinates carry the ranking, but a rotation can, and it costs nothing at full size.
+With ``init_rotation="pca"`` a `Dense` D -> D layer (no bias, identity activation) is appended to
+the model, initialised with the uncentred PCA rotation of the base model's embeddings of the
+corpus (`mrl.text.adaptor.pca_rotation`: the same map as the ``pca`` baseline); a path to a
+rotation saved by `mrl text adapt` (adaptor .pt/.npy) starts from the learned adaptor instead.
+The whole model and that layer are then trained with the Matryoshka loss. The layer is saved as
+the folder's last module, so the folder still loads with plain sentence-transformers.
+
+``train_encoder=False`` freezes the transformer and trains only that layer: the pairs are
+encoded once by the frozen model (cached), and each step is a ``[B, D] x [D, D]`` product, so
+many epochs cost seconds where one epoch of the whole model costs an hour on a small CPU.
 """
 
 from __future__ import annotations
@@ -23,10 +36,16 @@ import torch
 
 from mrl.losses import matryoshka_contrastive_loss
 from mrl.nesting import Nesting
-from mrl.text.encoders import embedding_dim, load_encoder, resolve_model_path, write_model_nesting
+from mrl.text.encoders import (
+    embedding_dim,
+    encode_cached,
+    load_encoder,
+    resolve_model_path,
+    write_model_nesting,
+)
 from mrl.text.pairs import Pair
 
-__all__ = ["FinetuneConfig", "finetune", "default_nesting"]
+__all__ = ["FinetuneConfig", "finetune", "default_nesting", "initial_rotation"]
 
 
 def default_nesting(dim: int) -> Nesting:
@@ -51,6 +70,12 @@ class FinetuneConfig:
         max_steps: stop after this many steps (None = all epochs).
         seed: shuffling and initialisation seed.
         device: torch device string.
+        init_rotation: None (plain), "pca" (append a Dense layer initialised with the uncentred
+            PCA rotation of the base model's corpus embeddings) or the path of an adaptor file
+            from `mrl text adapt` (.pt or .npy: start from that learned rotation).
+        rotation_lr: learning rate of that Dense layer (None = ``lr``).
+        train_encoder: False = freeze the transformer, train only the rotation layer on the
+            frozen model's (cached) embeddings of the pairs (needs init_rotation).
     """
 
     nesting: str | None = None
@@ -65,6 +90,9 @@ class FinetuneConfig:
     max_steps: int | None = None
     seed: int = 0
     device: str = "cpu"
+    init_rotation: str | None = None
+    rotation_lr: float | None = None
+    train_encoder: bool = True
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_seq_length"):
@@ -80,6 +108,17 @@ class FinetuneConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.rotation_lr is not None and not self.rotation_lr > 0:
+            raise ValueError(f"rotation_lr must be > 0 or None, got {self.rotation_lr}")
+        if self.rotation_lr is not None and self.init_rotation is None:
+            raise ValueError("rotation_lr needs init_rotation ('pca' or an adaptor file)")
+        if not self.train_encoder and self.init_rotation is None:
+            raise ValueError("train_encoder=False needs init_rotation (the layer to train)")
+        spec = self.init_rotation
+        if spec is not None and spec != "pca" and not str(spec).endswith((".pt", ".npy")):
+            raise ValueError(
+                f"init_rotation must be None, 'pca' or an adaptor .pt/.npy file, got {spec!r}"
+            )
 
 
 def _lr_lambda(total: int, warmup: float) -> Callable[[int], float]:
@@ -101,6 +140,16 @@ def _embed(encoder: Any, texts: Sequence[str], device: str) -> torch.Tensor:
     return encoder(features)["sentence_embedding"]  # [B, D]
 
 
+def _param_groups(encoder: Any, config: FinetuneConfig) -> list[dict[str, Any]]:
+    """One AdamW group, or two when the appended rotation layer has its own learning rate."""
+    if config.init_rotation is None or config.rotation_lr is None:
+        return [{"params": list(encoder.parameters()), "lr": config.lr}]
+    last = list(encoder[-1].parameters())  # the appended Dense layer
+    ids = {id(p) for p in last}
+    rest = [p for p in encoder.parameters() if id(p) not in ids]
+    return [{"params": rest, "lr": config.lr}, {"params": last, "lr": config.rotation_lr}]
+
+
 def _check_pairs(pairs: Sequence[Pair], batch_size: int) -> None:
     if len(pairs) < 2:
         raise ValueError(f"need at least 2 pairs for in-batch negatives, got {len(pairs)}")
@@ -109,23 +158,66 @@ def _check_pairs(pairs: Sequence[Pair], batch_size: int) -> None:
         raise ValueError("either every pair or none must have a negative")
 
 
+def initial_rotation(
+    model: str | os.PathLike,
+    encoder: Any,
+    spec: str,
+    texts: Sequence[str],
+    cache_dir: str | os.PathLike | None = None,
+) -> torch.Tensor:
+    """The starting rotation ``R [D, D]`` (orthogonal; embeddings map as ``x @ R``).
+
+    ``spec`` "pca": uncentred PCA of ``encoder``'s embeddings of ``texts`` (the corpus, encoded at
+    the model's own max_seq_length, cached in ``cache_dir``); otherwise an adaptor file path.
+    """
+    from mrl.text.adaptor import OrthogonalAdaptor, pca_rotation
+
+    dim = embedding_dim(encoder)
+    if spec == "pca":
+        x = encode_cached(model, texts, cache_dir, encoder=encoder, name="rotation corpus")
+        rot = pca_rotation(torch.from_numpy(x))  # [D, D]
+    else:
+        rot = OrthogonalAdaptor.load(spec).rotation
+    if rot.shape != (dim, dim):
+        raise ValueError(
+            f"init_rotation={spec!r} is {tuple(rot.shape)}; the model embeds in {dim} dims"
+        )
+    return rot
+
+
 def finetune(
     model: str | os.PathLike,
     pairs: Sequence[Pair],
     out: str | os.PathLike,
     config: FinetuneConfig | None = None,
     log: Callable[[str], None] = print,
+    *,
+    rotation_texts: Sequence[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """Fine-tune ``model`` ("default" or a folder) on ``pairs``; save to ``out``; return ``out``."""
+    """Fine-tune ``model`` ("default" or a folder) on ``pairs``; save to ``out``; return ``out``.
+
+    ``rotation_texts``: the corpus the "pca" rotation is fitted on (default: the distinct
+    positives); ``cache_dir``: where their base embeddings are cached.
+    """
+    from mrl.text.adaptor import dense_rotation_module
+
     config = config or FinetuneConfig()
     _check_pairs(pairs, config.batch_size)
     base = resolve_model_path(model)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     encoder = load_encoder(base, device=config.device)
+    dim = embedding_dim(encoder)
+    rotation = None
+    if config.init_rotation is not None:
+        texts = rotation_texts or list(dict.fromkeys(p.positive for p in pairs))
+        rotation = initial_rotation(model, encoder, config.init_rotation, texts, cache_dir)
+        dense = dense_rotation_module(rotation).to(config.device)
+        encoder.append(dense)  # last module: y = normalize(pool(h)) @ R
+        log(f"finetune: start from rotation {config.init_rotation!r} (Dense {dim} -> {dim})")
     inference_length = encoder.max_seq_length  # restored before saving: training may cut shorter
     encoder.max_seq_length = config.max_seq_length
-    dim = embedding_dim(encoder)
     nesting = (
         default_nesting(dim) if config.nesting is None else Nesting.parse(config.nesting, dim=dim)
     )
@@ -135,11 +227,45 @@ def finetune(
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
-    opt = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    t0 = time.time()
+    log(f"finetune: {len(pairs)} pairs, {total} steps, nesting {list(nesting.sizes)}")
+    if config.train_encoder:
+        step = _train_model(encoder, pairs, nesting, config, total, rng, log)
+    else:
+        feats = _frozen_features(model, pairs, config, cache_dir)
+        step = _train_rotation(encoder[-1], feats, nesting, config, total, rng, log)
+    encoder.eval()
+    encoder.max_seq_length = inference_length
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.save(str(out), create_model_card=False)
+    write_model_nesting(
+        out,
+        nesting,
+        kind="finetune",
+        base_model=str(model),
+        pairs=len(pairs),
+        steps=step,
+        config=asdict(config),
+    )
+    log(f"saved {out} ({time.time() - t0:.0f}s)")
+    return out
+
+
+def _train_model(
+    encoder: Any,
+    pairs: Sequence[Pair],
+    nesting: Nesting,
+    config: FinetuneConfig,
+    total: int,
+    rng: random.Random,
+    log: Callable[[str], None],
+) -> int:
+    """The whole model (and the rotation layer, if any); returns the number of steps taken."""
+    opt = torch.optim.AdamW(_param_groups(encoder, config), weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, config.warmup))
     encoder.train()
     step, t0 = 0, time.time()
-    log(f"finetune: {len(pairs)} pairs, {total} steps, nesting {list(nesting.sizes)}")
     while step < total:
         order = list(range(len(pairs)))
         rng.shuffle(order)
@@ -164,22 +290,70 @@ def finetune(
             sched.step()
             step += 1
             log(f"step {step}/{total} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-    encoder.eval()
-    encoder.max_seq_length = inference_length
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    encoder.save(str(out), create_model_card=False)
-    write_model_nesting(
-        out,
-        nesting,
-        kind="finetune",
-        base_model=str(model),
-        pairs=len(pairs),
-        steps=step,
-        config=asdict(config),
-    )
-    log(f"saved {out} ({time.time() - t0:.0f}s)")
-    return out
+    return step
+
+
+def _frozen_features(
+    model: str | os.PathLike,
+    pairs: Sequence[Pair],
+    config: FinetuneConfig,
+    cache_dir: str | os.PathLike | None,
+) -> dict[str, torch.Tensor]:
+    """The frozen model's embeddings of the pairs (training max_seq_length), once, cached.
+
+    Returns ``{"query": [P, D], "positive": [P, D]}`` (and ``"negative": [P, D]``).
+    """
+    columns = {"query": [p.query for p in pairs], "positive": [p.positive for p in pairs]}
+    if pairs[0].negative is not None:
+        columns["negative"] = [str(p.negative) for p in pairs]
+    feats = {}
+    for name, texts in columns.items():
+        x = encode_cached(model, texts, cache_dir, max_seq_length=config.max_seq_length, name=name)
+        feats[name] = torch.from_numpy(x).to(config.device)
+    return feats
+
+
+def _train_rotation(
+    dense: Any,
+    feats: dict[str, torch.Tensor],
+    nesting: Nesting,
+    config: FinetuneConfig,
+    total: int,
+    rng: random.Random,
+    log: Callable[[str], None],
+) -> int:
+    """Only the appended ``dense`` layer, on frozen features; returns the number of steps."""
+    lr = config.rotation_lr or config.lr
+    opt = torch.optim.AdamW(dense.parameters(), lr=lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, config.warmup))
+    dense.train()
+    n, step, t0 = feats["query"].shape[0], 0, time.time()
+
+    def head(x: torch.Tensor) -> torch.Tensor:  # [B, D] -> [B, D]
+        return dense({"sentence_embedding": x})["sentence_embedding"]
+
+    while step < total:
+        order = list(range(n))
+        rng.shuffle(order)
+        for start in range(0, n, config.batch_size):
+            idx = torch.tensor(order[start : start + config.batch_size])
+            if len(idx) < 2 or step >= total:
+                continue  # a last batch of one has no negatives
+            q, p = head(feats["query"][idx]), head(feats["positive"][idx])  # [B, D] each
+            neg = head(feats["negative"][idx])[:, None] if "negative" in feats else None
+            loss = matryoshka_contrastive_loss(
+                q, p, nesting, neg, temperature=config.temperature, symmetric=config.symmetric
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(dense.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if step % 50 == 0 or step == total:
+                log(f"step {step}/{total} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    dense.eval()
+    return step
 
 
 def load_config_json(path: str | os.PathLike) -> FinetuneConfig:
