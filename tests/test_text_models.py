@@ -407,3 +407,19 @@ def test_rotation_only_finetune_keeps_the_encoder(tiny_model, tiny, tmp_path):
     np.testing.assert_allclose(model.encode(texts[:3]), base @ weight.T, atol=1e-4)
     with pytest.raises(ValueError, match="train_encoder=False needs init_rotation"):
         FinetuneConfig(train_encoder=False)
+
+
+def test_cli_finetune_rotation_flags(tiny_model, tmp_path, capsys):
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(
+        "\n".join(json.dumps({"query": f"q{i}", "positive": f"p {i} wing"}) for i in range(4))
+    )
+    out = tmp_path / "ft"
+    args = ["text", "finetune", "--model", str(tiny_model), "--pairs", str(pairs)]
+    args += ["--out", str(out), "--nesting", "8,16,32", "--batch-size", "2"]
+    rc = main(args + ["--init-rotation", "pca", "--freeze-encoder", "--cache", str(tmp_path / "c")])
+    assert rc == 0 and (out / "3_Dense").is_dir()
+    config = json.loads((out / "mrl.json").read_text())["config"]
+    assert config["init_rotation"] == "pca" and config["train_encoder"] is False
+    assert main(args + ["--freeze-encoder"]) == 2
+    assert "train_encoder=False needs init_rotation" in capsys.readouterr().err

@@ -57,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rotation-lr", type=float, default=None, help="that layer's lr (default --lr)"
     )
     ft.add_argument("--cache", default=None, help="folder to cache the base corpus embeddings in")
+    ft.add_argument(
+        "--freeze-encoder",
+        action="store_true",
+        help="train only the --init-rotation layer, on the frozen model's cached embeddings",
+    )
 
     ad = sub.add_parser("adapt", help="post-hoc Matryoshka map for frozen embeddings")
     src = ad.add_mutually_exclusive_group(required=True)
@@ -120,6 +125,7 @@ def _finetune(args: argparse.Namespace) -> int:
         device=args.device,
         init_rotation=args.init_rotation,
         rotation_lr=args.rotation_lr,
+        train_encoder=not args.freeze_encoder,
     )
     texts = None  # the "pca" rotation's corpus: the documents, else the distinct positives
     if args.pairs is not None:
