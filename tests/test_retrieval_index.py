@@ -239,6 +239,10 @@ def test_ivf_few_probes_pads_and_recall_grows():
         assert (res.indices >= 0).all()  # -1 (cells with < K rows) never reaches the answer
         hits.append(np.mean([len(np.intersect1d(a, b)) for a, b in zip(res.indices, truth)]))
     assert hits[0] <= hits[1] <= hits[2]
+    one = index._shortlist(q, replace(index.config, nprobe=1), 100)  # ~10 rows in one cell
+    assert (one == -1).any() and (index._shortlist(q, index.config, 100) >= 0).sum() > (
+        one >= 0
+    ).sum()
     flat = _index(db, shortlist_dim=8).memory_bytes()  # prefix copy [N, 8] float32
     assert index.memory_bytes() == flat + len(db) * 8 + 40 * 8 * 4  # + row ids + centroids
 

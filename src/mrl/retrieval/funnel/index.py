@@ -523,8 +523,9 @@ class MatryoshkaIndex:
             return idx
         if cfg.backend == "ivf":
             ivf = self._ivf_index(m, cfg.nlist)
-            ivf.nprobe = min(cfg.nprobe, ivf.nlist)
-            _, idx = ivf.search(qs, kk)  # [Q, K]; -1 where the probed cells hold < K rows
+            params = faiss.SearchParametersIVF()  # per call: no shared state between searches
+            params.nprobe = min(cfg.nprobe, ivf.nlist)
+            _, idx = ivf.search(qs, kk, params=params)  # [Q, K]; -1: probed cells hold < K rows
             return idx
         index = self._hnsw_index(m, cfg.hnsw_m, cfg.ef_construction)
         params = faiss.SearchParametersHNSW()
