@@ -423,3 +423,25 @@ def test_cli_finetune_rotation_flags(tiny_model, tmp_path, capsys):
     assert config["init_rotation"] == "pca" and config["train_encoder"] is False
     assert main(args + ["--freeze-encoder"]) == 2
     assert "train_encoder=False needs init_rotation" in capsys.readouterr().err
+
+
+def test_compare_reuses_base_embeddings_for_a_frozen_encoder(tiny_model, tmp_path):
+    """The fast path (base embeddings @ W^T) gives the records of encoding the saved model."""
+    from mrl.text.evaluation import compare_methods, frozen_head
+
+    data = _beir(tmp_path / "mini")
+    pairs = [Pair(f"title {i} wing", f"a body {i} about lift and heat {i % 3}") for i in range(6)]
+    cfg = FinetuneConfig(
+        nesting="8,16,32", batch_size=3, epochs=2, lr=1e-2, max_seq_length=32,
+        init_rotation="pca", train_encoder=False,
+    )  # fmt: skip
+    out = finetune(tiny_model, pairs, tmp_path / "ft", cfg, log=lambda s: None)
+    assert frozen_head(out, tiny_model).shape == (32, 32)
+    assert frozen_head(out, "default") is None  # another base: encode it
+    assert frozen_head(tiny_model, tiny_model) is None  # no mrl.json
+    kw = dict(base=tiny_model, finetuned=out, methods=["finetune"], log=lambda s: None)
+    fast = compare_methods(data, **kw)
+    slow = compare_methods(data, reuse_base=False, **kw)
+    assert [(r["metric"], r["prefix"]) for r in fast] == [(r["metric"], r["prefix"]) for r in slow]
+    for a, b in zip(fast, slow):
+        assert a["value"] == pytest.approx(b["value"], abs=1e-6)

@@ -238,6 +238,7 @@ def compare_methods(
     cache_dir: str | os.PathLike | None = None,
     methods: Sequence[str] = METHODS,
     log: Any = print,
+    reuse_base: bool = True,
 ) -> list[Record]:
     """The text results table: ``truncate``, ``pca``, ``adapt`` (and ``finetune``) per prefix.
 
@@ -248,6 +249,10 @@ def compare_methods(
     - pca: uncentred PCA rotation fitted on the searched corpus (documents only);
     - adapt: `OrthogonalAdaptor` fitted on the corpus documents (no queries, no labels);
     - finetune: the ``finetuned`` model's own prefixes (its nesting or doubling from 8).
+
+    ``reuse_base``: a model fine-tuned with a frozen encoder (``train_encoder=False``: ``base``
+    plus a trained last Dense layer W) is evaluated as ``base embeddings @ W^T`` instead of
+    encoding the corpus again (the same numbers up to float rounding; False encodes anyway).
     """
     from mrl.text.adaptor import AdaptorConfig, OrthogonalAdaptor
     from mrl.text.encoders import encode_cached
@@ -282,11 +287,44 @@ def compare_methods(
         records += _evaluate(ds, adaptor.transform(docs), ad_q, nesting, "adapt", False, ctx_ad)
     if "finetune" in methods:
         assert finetuned is not None
-        docs_ft, queries_ft = embed(finetuned)
+        head = frozen_head(finetuned, base) if reuse_base else None
+        if head is None:
+            docs_ft, queries_ft = embed(finetuned)
+        else:  # the frozen base model's embeddings, then the trained last layer
+            log(f"finetune: {finetuned} = {base} + a trained Dense layer; reusing its embeddings")
+            docs_b, queries_b = embed(base)
+            docs_ft = docs_b @ head.T  # [N, D]
+            queries_ft = None if queries_b is None else queries_b @ head.T  # [Q, D]
         nesting = Nesting.doubling(8, docs_ft.shape[1])
         ctx_ft = {"model": str(finetuned)}
         records += _evaluate(ds, docs_ft, queries_ft, nesting, "finetune", False, ctx_ft)
     return records
+
+
+def frozen_head(finetuned: str | os.PathLike, base: str | os.PathLike) -> np.ndarray | None:
+    """``W [D, D]`` when ``finetuned`` is ``base`` plus a trained last Dense layer, else None.
+
+    That is a folder from `mrl.text.finetune.finetune` with ``train_encoder=False`` whose recorded
+    base model is ``base``: its embeddings are ``base(x) @ W^T``.
+    """
+    import json
+
+    from mrl.text.encoders import MRL_CONFIG, load_encoder, resolve_model_path
+
+    meta = resolve_model_path(finetuned) / MRL_CONFIG
+    if not meta.is_file():
+        return None
+    info = json.loads(meta.read_text())
+    config = info.get("config") or {}
+    if info.get("kind") != "finetune" or config.get("train_encoder", True):
+        return None
+    if str(info.get("base_model")) != str(base):
+        return None
+    last = load_encoder(finetuned)[-1]
+    linear = getattr(last, "linear", None)
+    if linear is None or linear.bias is not None:
+        return None
+    return linear.weight.detach().cpu().numpy().astype(np.float32)
 
 
 def relative_table(records: Sequence[Record], metric: str) -> str:
