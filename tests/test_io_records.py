@@ -53,6 +53,8 @@ def test_markdown_mean_and_std():
     assert "| method | metric | 8 | 16 |" in table
     assert "| mrl | 1nn | 0.6000 ± 0.1414 |  |" in table
     assert "| ff | 1nn |  | 0.9000 |" in table
+    pct = [make_record("mrl", 2, "top1", v, seed=s) for s, v in enumerate([69.0, 71.5, 74.0])]
+    assert "| mrl | top1 | 71.5 ± 2.5 |" in to_markdown(pct)  # spread with the mean's decimals
 
 
 def test_read_json_sidecar_errors(tmp_path):

@@ -91,14 +91,20 @@ def to_markdown(records: Iterable[Record], metric: str | None = None) -> str:
             else:
                 mean = sum(vals) / len(vals)
                 std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
-                cells.append(f"{_fmt(mean)} ± {_fmt(std)}")
+                # The spread gets the mean's decimals: "71.5 ± 2.2", not "71.5 ± 2.217".
+                cells.append(f"{_fmt(mean)} ± {std:.{_decimals(mean)}f}")
         lines.append(f"| {method} | {met} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _fmt(v: float) -> str:
+def _decimals(v: float) -> int:
+    """Decimals shown for a value: 0 from 1000, 1 from 10, 3 from 1, else 4."""
     if abs(v) >= 1000:
-        return f"{v:.0f}"
+        return 0
     if abs(v) >= 10:
-        return f"{v:.1f}"
-    return f"{v:.4f}" if abs(v) < 1 else f"{v:.3f}"
+        return 1
+    return 4 if abs(v) < 1 else 3
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.{_decimals(v)}f}"
