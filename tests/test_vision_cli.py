@@ -178,3 +178,17 @@ def test_reproduce_command_prints_tables_and_claims(tmp_path, capsys):
     claims = (tmp_path / "claims.md").read_text()
     assert "MRL top-1 within 1 point of FF-m at every prefix m >= 16" in claims
     assert "top1 mrl vs ff at 16:" in claims
+
+
+def test_reproduce_plain_model_is_ff_at_full_size(tmp_path, task):
+    from mrl.commands.eval import compute_embeddings
+    from mrl.commands.reproduce import reproduce
+
+    over = ("data.dataset=synthetic", *TINY)
+    recs = reproduce("fashion-mnist", "small", tmp_path, only=("plain",), overrides=over,
+                     progress=False, data_task=task, log=lambda s: None)  # fmt: skip
+    (ff,) = [r for r in recs if r["method"] == "ff"]
+    assert (ff["prefix"], ff["metric"], ff["run"]) == (16, "top1", "plain")
+    e = compute_embeddings(tmp_path / "runs" / "seed0" / "plain", task=task)
+    head = 100.0 * (e.test_logits[0].argmax(-1) == e.test_labels).float().mean().item()
+    assert ff["value"] == pytest.approx(head, abs=1e-3)  # the logged accuracy is the head's

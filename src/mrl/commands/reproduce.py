@@ -190,6 +190,9 @@ def reproduce(
                 probe_all=True,
             )
             save_records(cached, recs)
+        if name == "plain":
+            ff = _plain_as_ff(run_dir, config.model.dim, dataset=task, seed=seed, budget=budget)
+            recs = [r for r in recs if r["method"] != "ff"] + [ff]
         records += recs
         log(f"[{name}] seed {seed}: done in {time.perf_counter() - t0:.0f} s")
     results = out / "results.json"
@@ -198,6 +201,17 @@ def reproduce(
     old = [r for r in old if (r.get("seed"), r.get("run")) not in done]
     save_records(results, old + records)
     return old + records
+
+
+def _plain_as_ff(run_dir: Path, dim: int, **context: Any) -> dict[str, Any]:
+    """The plain model is FF-D: its own head's test top-1 (the last epoch's, from metrics.jsonl,
+    which the training loop computes on the task's whole test split)."""
+    from mrl.records import make_record
+
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    acc = last["test_top1"][str(dim)]
+    source = "head of the plain model (= FF-D)"
+    return make_record("ff", dim, "top1", acc, source=source, run="plain", **context)
 
 
 def _check_centring(results: Path, center: bool) -> None:
