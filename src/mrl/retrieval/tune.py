@@ -137,7 +137,7 @@ def tune(
     try_funnel: bool = True,
     max_hnsw: int = 2,
     max_ivf: int = 3,
-    nprobes: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256),
+    nprobes: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256, 512, 1024),
     margin: float | None = None,
     apply: bool = True,
     seed: int = 0,
