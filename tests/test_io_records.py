@@ -18,6 +18,18 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left
 
 
+def test_atomic_write_gives_umask_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_json(tmp_path / "r.json", {"v": 1})
+        with open(tmp_path / "plain.txt", "w") as f:  # what a plain open() gives
+            f.write("x")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "r.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o640
+
+
 def test_atomic_open_mode_checked(tmp_path):
     with pytest.raises(ValueError, match="mode must be 'w' or 'wb', got 'a'"):
         with atomic_open(tmp_path / "x", "a"):
