@@ -252,6 +252,10 @@ def finetune(
     return out
 
 
+# (queries [B, D], positives [B, D], negatives [B, 1, D] or None) of one batch
+_Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
 def _train_model(
     encoder: Any,
     pairs: Sequence[Pair],
@@ -262,34 +266,58 @@ def _train_model(
     log: Callable[[str], None],
 ) -> int:
     """The whole model (and the rotation layer, if any); returns the number of steps taken."""
-    opt = torch.optim.AdamW(_param_groups(encoder, config), weight_decay=config.weight_decay)
+
+    def embed(idx: list[int]) -> _Batch:
+        batch = [pairs[i] for i in idx]
+        q = _embed(encoder, [p.query for p in batch], config.device)  # [B, D]
+        p = _embed(encoder, [p.positive for p in batch], config.device)  # [B, D]
+        neg = None
+        if batch[0].negative is not None:
+            neg = _embed(encoder, [p.negative for p in batch], config.device)[:, None]  # [B,1,D]
+        return q, p, neg
+
+    groups = _param_groups(encoder, config)
+    return _train_loop(encoder, groups, len(pairs), embed, nesting, config, total, rng, log, 1)
+
+
+def _train_loop(
+    module: Any,
+    groups: list[dict[str, Any]],
+    n: int,
+    embed: Callable[[list[int]], _Batch],
+    nesting: Nesting,
+    config: FinetuneConfig,
+    total: int,
+    rng: random.Random,
+    log: Callable[[str], None],
+    log_every: int,
+) -> int:
+    """``total`` AdamW steps of the Matryoshka contrastive loss over shuffled batches of the ``n``
+    pairs; ``embed(indices)`` gives (queries [B, D], positives [B, D], negatives [B, 1, D] or
+    None). Trains ``module``'s parameters; returns the number of steps taken."""
+    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, config.warmup))
-    encoder.train()
+    module.train()
     step, t0 = 0, time.time()
     while step < total:
-        order = list(range(len(pairs)))
+        order = list(range(n))
         rng.shuffle(order)
-        for start in range(0, len(order), config.batch_size):
-            batch = [pairs[i] for i in order[start : start + config.batch_size]]
-            if len(batch) < 2 or step >= total:
+        for start in range(0, n, config.batch_size):
+            idx = order[start : start + config.batch_size]
+            if len(idx) < 2 or step >= total:
                 continue  # a last batch of one has no negatives
-            q = _embed(encoder, [p.query for p in batch], config.device)  # [B, D]
-            p = _embed(encoder, [p.positive for p in batch], config.device)  # [B, D]
-            neg = None
-            if batch[0].negative is not None:
-                neg = _embed(encoder, [p.negative for p in batch], config.device)[
-                    :, None
-                ]  # [B,1,D]
+            q, p, neg = embed(idx)
             loss = matryoshka_contrastive_loss(
                 q, p, nesting, neg, temperature=config.temperature, symmetric=config.symmetric
             )
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             opt.step()
             sched.step()
             step += 1
-            log(f"step {step}/{total} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+            if step % log_every == 0 or step == total:
+                log(f"step {step}/{total} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     return step
 
 
@@ -323,35 +351,19 @@ def _train_rotation(
     log: Callable[[str], None],
 ) -> int:
     """Only the appended ``dense`` layer, on frozen features; returns the number of steps."""
-    lr = config.rotation_lr or config.lr
-    opt = torch.optim.AdamW(dense.parameters(), lr=lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, config.warmup))
-    dense.train()
-    n, step, t0 = feats["query"].shape[0], 0, time.time()
 
     def head(x: torch.Tensor) -> torch.Tensor:  # [B, D] -> [B, D]
         return dense({"sentence_embedding": x})["sentence_embedding"]
 
-    while step < total:
-        order = list(range(n))
-        rng.shuffle(order)
-        for start in range(0, n, config.batch_size):
-            idx = torch.tensor(order[start : start + config.batch_size])
-            if len(idx) < 2 or step >= total:
-                continue  # a last batch of one has no negatives
-            q, p = head(feats["query"][idx]), head(feats["positive"][idx])  # [B, D] each
-            neg = head(feats["negative"][idx])[:, None] if "negative" in feats else None
-            loss = matryoshka_contrastive_loss(
-                q, p, nesting, neg, temperature=config.temperature, symmetric=config.symmetric
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(dense.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            if step % 50 == 0 or step == total:
-                log(f"step {step}/{total} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    def embed(idx: list[int]) -> _Batch:
+        i = torch.tensor(idx)
+        q, p = head(feats["query"][i]), head(feats["positive"][i])  # [B, D] each
+        neg = head(feats["negative"][i])[:, None] if "negative" in feats else None
+        return q, p, neg
+
+    groups = [{"params": list(dense.parameters()), "lr": config.rotation_lr or config.lr}]
+    n = feats["query"].shape[0]
+    step = _train_loop(dense, groups, n, embed, nesting, config, total, rng, log, 50)
     dense.eval()
     return step
 
