@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mrl.commands.serve import add_threads_argument, set_threads
+
 NAME = "embed"
 HELP = "embed a corpus (.txt/.jsonl) into an embedding store, in resumable shards"
 
@@ -43,13 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="rank 0: how long to wait for the other ranks' shards before merging (s)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads for the model (default: torch's choice; 1 is "
-        "often faster on a small, busy CPU)",
-    )
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.input:
         raise ValueError("--input is required (unless --merge-only)")
-    from mrl.commands.serve import set_threads
     from mrl.serve.encoders import load_encoder
 
     if args.threads is not None:

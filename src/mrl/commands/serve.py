@@ -56,6 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="let the model truncate over-long inputs (default: refuse with 400)",
     )
     p.add_argument("--log-level", default="info")
+    add_threads_argument(p)
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads`` for commands that run a model (serve, embed); applied by `set_threads`."""
     p.add_argument(
         "--threads",
         type=int,
