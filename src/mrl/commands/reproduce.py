@@ -191,8 +191,8 @@ def reproduce(
             )
             save_records(cached, recs)
         if name == "plain":
-            ff = _plain_as_ff(run_dir, config.model.dim, dataset=task, seed=seed, budget=budget)
-            recs = [r for r in recs if r["method"] != "ff"] + [ff]
+            recs = [*recs, _plain_as_ff(run_dir, config.model.dim, dataset=task, seed=seed,
+                                        budget=budget)]  # fmt: skip
         records += recs
         log(f"[{name}] seed {seed}: done in {time.perf_counter() - t0:.0f} s")
     results = out / "results.json"
@@ -266,11 +266,10 @@ def run(args: argparse.Namespace) -> int:
     )
     tables = write_tables(records, out, f"mrl reproduce {args.task} ({args.budget})", notes)
     from mrl.claims import check_claims, claims_markdown
-    from mrl.io import atomic_open
+    from mrl.io import atomic_write_text
 
     claims = claims_markdown(check_claims(records, args.task), seeds)
-    with atomic_open(out / "claims.md", "w") as f:
-        f.write(claims + "\n")
+    atomic_write_text(out / "claims.md", claims + "\n")
     print(tables + "\n\n" + claims)
     print(f"\nreport: {out / 'report.html'}; records: {out / 'results.json'}")
     return 0
