@@ -26,12 +26,12 @@ class Claim:
     evidence: str
 
 
-def _means(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, int], tuple[float, int]]:
-    """(method, metric, prefix) -> (mean over seeds, number of seeds)."""
+def _means(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, int], float]:
+    """(method, metric, prefix) -> mean over seeds."""
     vals: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for r in records:
         vals[(r["method"], r["metric"], int(r["prefix"]))].append(float(r["value"]))
-    return {k: (sum(v) / len(v), len(v)) for k, v in vals.items()}
+    return {k: sum(v) / len(v) for k, v in vals.items()}
 
 
 def _compare(
@@ -41,7 +41,7 @@ def _compare(
     parts, ok = [], []
     for p in prefixes:
         if (a, metric, p) in means and (b, metric, p) in means:
-            va, vb = means[(a, metric, p)][0], means[(b, metric, p)][0]
+            va, vb = means[(a, metric, p)], means[(b, metric, p)]
             ok.append(va >= vb - margin)
             parts.append(f"{p}: {va:.1f} vs {vb:.1f} ({va - vb:+.1f})")
     if not ok:
@@ -84,7 +84,7 @@ def _strict(means: dict, other: str, metric: str, p: int) -> tuple[bool | None, 
     holds, text = _compare(means, "mrl", other, metric, [p], 0.0)
     if holds is None:
         return None, text
-    return means[("mrl", metric, p)][0] > means[(other, metric, p)][0], text
+    return means[("mrl", metric, p)] > means[(other, metric, p)], text
 
 
 def claims_markdown(claims: list[Claim], seeds: list[int]) -> str:
