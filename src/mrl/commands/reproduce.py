@@ -9,6 +9,11 @@ in ``DIR/results.json`` (rerunning a seed replaces that seed's records), with a 
 plots and an HTML report. Runs live in ``DIR/runs/seed<S>/<method>``; a finished run is not
 trained again, an interrupted one resumes.
 
+``--mrl-weights SPEC`` adds one more run, ``mrl-w``: the MRL model with per-prefix loss weights
+(``log2``: 1 at the smallest prefix, +1 per doubling; ``full:K``: 1 each and K at the full size;
+or G numbers), normalised to mean 1 so that only the share of each prefix changes, not the total
+(which matters for SGD). ``mrl`` stays the paper's unweighted sum.
+
 Budgets: ``small`` fits a 2-core CPU (a small CNN, few epochs, FF at 2/4/8/16); ``full`` is meant
 for one GPU (a ResNet-18 with a small-image stem, D = 512, 12 epochs, FF at every prefix).
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,12 +121,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated runs to do now (e.g. mrl,ff-2; default all): lets "
         "several processes or machines share one seed",
     )
+    parser.add_argument(
+        "--mrl-weights",
+        default=None,
+        metavar="SPEC",
+        help="also train mrl-w, MRL with per-prefix loss weights: log2 (1 at the smallest "
+        "prefix, +1 per doubling), full:K (K at the full size, 1 elsewhere) or one number per "
+        "prefix; normalised to mean 1",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
-def methods(recipe: Recipe) -> list[tuple[str, tuple[str, ...]]]:
-    """(run name, extra overrides) of every model: mrl, mrl-e, ff-m..., plain."""
-    runs = [("mrl", ("model.mode=mrl",)), ("mrl-e", ("model.mode=mrl-e",))]
+def mrl_weights(spec: str, sizes: tuple[int, ...]) -> tuple[float, ...]:
+    """Per-prefix loss weights for ``sizes`` (the nesting) from ``spec``, normalised to mean 1.
+
+    ``log2``: ``1 + log2(m / m_1)`` (1, 2, 3, ... for a doubling nesting); ``full:K``: 1 at every
+    prefix and K at the full size; otherwise one comma-separated non-negative number per prefix.
+    Mean 1 keeps the sum of the weights at G, as in the paper's unweighted sum.
+    """
+    spec = spec.strip()
+    if spec == "log2":
+        raw = [1.0 + math.log2(m / sizes[0]) for m in sizes]
+    elif spec.startswith("full:"):
+        k = _number(spec[5:], spec)
+        if k <= 0:
+            raise ValueError(f"mrl_weights full:K needs K > 0, got mrl_weights={spec!r}")
+        raw = [1.0] * (len(sizes) - 1) + [k]
+    else:
+        raw = [_number(v, spec) for v in spec.split(",")]
+        if len(raw) != len(sizes):
+            raise ValueError(
+                f"mrl_weights must be log2, full:K or one weight per prefix {list(sizes)} "
+                f"({len(sizes)}), got mrl_weights={spec!r} ({len(raw)} numbers)"
+            )
+        if any(w < 0 for w in raw) or sum(raw) == 0:
+            raise ValueError(
+                f"mrl_weights must be non-negative, not all zero, got mrl_weights={spec!r}"
+            )
+    mean = sum(raw) / len(raw)
+    return tuple(w / mean for w in raw)
+
+
+def _number(text: str, spec: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(
+            f"mrl_weights must be log2, full:K or comma-separated numbers, got mrl_weights={spec!r}"
+        )
+    return value
+
+
+def methods(
+    recipe: Recipe, weights: tuple[float, ...] | None = None
+) -> list[tuple[str, tuple[str, ...]]]:
+    """(run name, extra overrides) of every model: mrl, [mrl-w,] mrl-e, ff-m..., plain."""
+    runs = [("mrl", ("model.mode=mrl",))]
+    if weights is not None:
+        listed = ",".join(repr(w) for w in weights)
+        runs.append(("mrl-w", ("model.mode=mrl", f"model.nesting_weights={listed}")))
+    runs.append(("mrl-e", ("model.mode=mrl-e",)))
     runs += [(f"ff-{m}", ("model.mode=ff", f"model.ff_dim={m}")) for m in recipe.ff_sizes]
     return runs + [("plain", ("model.mode=plain",))]
 
@@ -137,9 +199,13 @@ def reproduce(
     data_task: Any = None,
     only: tuple[str, ...] | None = None,
     runs: str | Path | None = None,
+    weights: str | None = None,
     log=print,
 ) -> list[dict[str, Any]]:
-    """Train and evaluate every model of one seed; merge its records into ``out/results.json``."""
+    """Train and evaluate every model of one seed; merge its records into ``out/results.json``.
+
+    ``weights``: a `mrl_weights` spec; adds the run ``mrl-w`` (method ``mrl-w``).
+    """
     from mrl.commands.eval import compute_embeddings, evaluate_embeddings
     from mrl.config import load_config
     from mrl.data import load_task_for
@@ -154,20 +220,23 @@ def reproduce(
     _check_centring(out / "results.json", center)
     base = (*recipe.overrides, f"seed={seed}", *overrides)
     config0 = load_config(None, list(base))
-    if data_task is None:
-        data_task = load_task_for(config0)
-    names = [name for name, _ in methods(recipe)]
+    w = None if weights is None else mrl_weights(weights, config0.model.get_nesting().sizes)
+    plan = methods(recipe, w)
+    names = [name for name, _ in plan]
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
         raise ValueError(f"only must name runs among {names}, got {unknown}")
+    if data_task is None:
+        data_task = load_task_for(config0)
     records: list[dict[str, Any]] = []
-    for name, extra in methods(recipe):
+    for name, extra in plan:
         if only and name not in only:
             continue
         run_dir = runs_root / f"seed{seed}" / name
         # Evaluations with and without centring are cached apart: both come from one model.
         cached = run_dir / ("records-center.json" if center else "records.json")
         config = load_config(None, [*base, *extra])
+        _check_same_weights(run_dir, config.model.nesting_weights)
         t0 = time.perf_counter()
         if cached.is_file():
             recs = json.loads(cached.read_text())
@@ -188,6 +257,7 @@ def reproduce(
                 budget=budget,
                 run=name,
                 probe_all=True,
+                **({"mrl_weights": weights} if name == "mrl-w" else {}),
             )
             save_records(cached, recs)
         if name == "plain":
@@ -212,6 +282,19 @@ def _plain_as_ff(run_dir: Path, dim: int, **context: Any) -> dict[str, Any]:
     acc = last["test_top1"][str(dim)]
     source = "head of the plain model (= FF-D)"
     return make_record("ff", dim, "top1", acc, source=source, run="plain", **context)
+
+
+def _check_same_weights(run_dir: Path, weights: list[float] | None) -> None:
+    """A cached run trained with other prefix weights is refused, never reused or resumed."""
+    saved = run_dir / "config.json"
+    if not saved.is_file():
+        return
+    before = json.loads(saved.read_text())["model"].get("nesting_weights")
+    if before != weights:  # floats survive the JSON round trip exactly
+        raise ValueError(
+            f"{run_dir} was trained with model.nesting_weights={before}, but this call asks for "
+            f"{weights}: use another --out (or --runs) for other mrl_weights"
+        )
 
 
 def _check_centring(results: Path, center: bool) -> None:
@@ -254,6 +337,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         only=tuple(args.only.split(",")) if args.only else None,
         runs=args.runs,
+        weights=args.mrl_weights,
     )
     seeds = sorted({r["seed"] for r in records})
     from mrl.commands.eval import PROBE_RECIPE

@@ -1,0 +1,109 @@
+"""`mrl reproduce --mrl-weights`: the prefix-weighted MRL variant ``mrl-w`` (tiny data, seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mrl.cli import main
+from mrl.commands.reproduce import RECIPES, methods, mrl_weights, reproduce
+from mrl.data import load_task
+
+TINY = ("data.dataset=synthetic", "model.dim=16", "model.width=4", "model.nesting=2,4,8,16",
+        "batch_size=64", "eval_batch_size=256", "data.train_size=256", "optim.lr=0.01")  # fmt: skip
+SIZES = (2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_task("synthetic", train_size=256)
+
+
+def _run(tmp_path, task, **kw):
+    return reproduce("fashion-mnist", "small", tmp_path, overrides=TINY, progress=False,
+                     data_task=task, log=lambda s: None, **kw)  # fmt: skip
+
+
+def test_weight_specs_are_normalised_to_mean_one():
+    log2 = mrl_weights("log2", SIZES)
+    assert log2 == pytest.approx([g / 4.5 for g in range(1, 9)])  # 1..8, one step per doubling
+    assert mrl_weights("log2", (8, 16, 32)) == pytest.approx([0.5, 1.0, 1.5])
+    full = mrl_weights("full:8", SIZES)
+    assert full == pytest.approx([8 / 15] * 7 + [64 / 15])  # the full size: 8/15 of the loss
+    assert mrl_weights("1, 1, 2, 4", (2, 4, 8, 16)) == pytest.approx([0.5, 0.5, 1.0, 2.0])
+    for spec in ("log2", "full:3", "0,1,2,3,4,5,6,7"):
+        assert sum(mrl_weights(spec, SIZES)) == pytest.approx(len(SIZES))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("full:0", r"full:K needs K > 0, got mrl_weights='full:0'"),
+        ("full:x", r"log2, full:K or comma-separated numbers, got mrl_weights='full:x'"),
+        ("linear", r"got mrl_weights='linear'"),
+        ("1,2,3", r"one weight per prefix \[2, 4, 8, 16\] \(4\), got mrl_weights='1,2,3' \(3"),
+        ("1,-1,1,1", r"non-negative, not all zero, got mrl_weights='1,-1,1,1'"),
+        ("0,0,0,0", r"not all zero, got mrl_weights='0,0,0,0'"),
+        ("1,nan,1,1", r"got mrl_weights='1,nan,1,1'"),
+    ],
+)
+def test_bad_weight_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        mrl_weights(spec, (2, 4, 8, 16))
+
+
+def test_variant_is_added_only_when_asked():
+    recipe = RECIPES[("fashion-mnist", "small")]
+    plain_names = [n for n, _ in methods(recipe)]
+    assert plain_names == ["mrl", "mrl-e", "ff-2", "ff-4", "ff-8", "ff-16", "plain"]
+    runs = dict(methods(recipe, (0.5, 1.5)))
+    assert list(runs) == ["mrl", "mrl-w", *plain_names[1:]]
+    assert runs["mrl-w"] == ("model.mode=mrl", "model.nesting_weights=0.5,1.5")
+    assert runs["mrl"] == ("model.mode=mrl",)  # the paper's unweighted sum stays as it was
+
+
+def test_uniform_weights_reproduce_mrl_exactly(tmp_path, task):
+    """Reference: mrl-w with weights 1 each is the unweighted MRL run, weight for weight."""
+    recs = _run(tmp_path, task, only=("mrl", "mrl-w"), weights="1,1,1,1")
+    runs = tmp_path / "runs" / "seed0"
+    a = torch.load(runs / "mrl" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(runs / "mrl-w" / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    values = {}
+    for r in recs:
+        values.setdefault(r["method"], {})[(r["metric"], r["prefix"])] = r["value"]
+    assert values["mrl"] == values["mrl-w"]
+    assert {r["mrl_weights"] for r in recs if r["method"] == "mrl-w"} == {"1,1,1,1"}
+    assert not any("mrl_weights" in r for r in recs if r["method"] == "mrl")
+
+
+def test_weighted_run_trains_with_its_weights(tmp_path, task):
+    recs = _run(tmp_path, task, only=("mrl", "mrl-w"), weights="log2")
+    saved = json.loads((tmp_path / "runs" / "seed0" / "mrl-w" / "config.json").read_text())
+    assert saved["model"]["nesting_weights"] == pytest.approx([0.4, 0.8, 1.2, 1.6])
+    assert saved["model"]["mode"] == "mrl"
+    runs = tmp_path / "runs" / "seed0"
+    a = torch.load(runs / "mrl" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(runs / "mrl-w" / "checkpoint.pt", weights_only=False)["model"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # other weights, other model
+    assert {r["method"] for r in recs} == {"mrl", "mrl-w"}
+    # The cached run was trained with log2: other weights into the same folder are refused.
+    with pytest.raises(ValueError, match=r"mrl-w was trained with model.nesting_weights=\[0.4"):
+        _run(tmp_path, task, only=("mrl-w",), weights="full:4")
+    with pytest.raises(ValueError, match=r"only must name runs among .*got \['mrl-w'\]"):
+        _run(tmp_path, task, only=("mrl-w",))  # no weights given: there is no mrl-w run
+
+
+def test_command_reports_the_variant_beside_mrl(tmp_path, capsys):
+    sets = [a for kv in TINY for a in ("--set", kv)]
+    argv = ["reproduce", "fashion-mnist", "--out", str(tmp_path), "--only", "mrl-w",
+            "--no-progress", *sets]  # fmt: skip
+    assert main([*argv, "--mrl-weights", "full:2"]) == 0
+    out = capsys.readouterr().out
+    assert "| mrl-w | top1 |" in out
+    claims = (tmp_path / "claims.md").read_text()
+    assert "MRL-W (MRL with per-prefix loss weights) 1-NN at least the truncated" in claims
+    assert main([*argv, "--mrl-weights", "full:0"]) == 2
+    assert "mrl_weights full:K needs K > 0" in capsys.readouterr().err
