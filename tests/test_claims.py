@@ -49,3 +49,27 @@ def test_claims_on_the_1k_task_and_missing_data():
     assert only_mrl[0].holds is None and "no top1 records" in only_mrl[0].evidence
     text = claims_markdown(list(claims.values()), [0, 1])
     assert "means over 2 seed(s)" in text and "**does NOT hold**" in text and "**holds**" in text
+
+
+def test_variant_is_checked_beside_mrl_without_changing_its_verdicts():
+    base = check_claims(_base(), "fashion-mnist")
+    variant = (
+        _recs("mrl-w", "top1", {8: [79, 79], 16: [89.5, 89.5], 256: [91, 91]})
+        + _recs("mrl-w", "probe_top1", {8: [83, 83], 16: [90, 90], 256: [91.5, 91.5]})
+        + _recs("mrl-w", "1nn", {8: [79, 79], 16: [85.5, 85.5], 256: [87, 87]})
+    )
+    claims = check_claims(_base() + variant, "fashion-mnist")
+    assert claims[: len(base)] == base  # mrl's claims (and PCA's line) exactly as without it
+    extra = {c.text: c for c in claims[len(base) :]}
+    label = "MRL-W (MRL with per-prefix loss weights)"
+    nn = extra[f"{label} 1-NN at least the truncated full-size model's at every prefix"]
+    assert nn.holds is True and "256: 87.0 vs 86.5 (+0.5)" in nn.evidence  # mrl: does not hold
+    assert "1nn mrl-w vs plain at 8: 79.0 vs 60.0" in nn.evidence
+    assert extra[f"{label} top-1 within 1 point of FF-m at every prefix m >= 16 (own heads)"].holds
+    cost = extra[f"{label} against MRL (informational)"]
+    assert cost.holds is None
+    assert "top1 mrl-w vs mrl at 8: 79.0 vs 81.0 (-2.0)" in cost.evidence
+    assert "1nn mrl-w vs mrl at 8: 79.0 vs 80.0 (-1.0)" in cost.evidence
+    k1 = {c.text: c for c in check_claims(_base() + variant, "fashion-mnist-1k")}
+    assert k1[f"{label} top-1 above FF-8 at prefix 8"].holds is False  # 79 < 85
+    assert k1[f"{label} 1-NN above PCA at prefix 8"].holds is True  # 79 > 78

@@ -4,7 +4,8 @@ Each claim compares means over seeds of two methods at some prefixes and says wh
 with the numbers that decide it, so a reader sees at once what the run established and what not.
 Methods are those of ``mrl reproduce``: ``mrl`` / ``ff`` (their own heads for ``top1``), ``plain``
 (the full-size model: its prefixes are plain truncation), ``pca`` and ``random`` (coordinates of
-the plain model's features); ``probe_top1`` is one linear-probe recipe for every method.
+the plain model's features); ``probe_top1`` is one linear-probe recipe for every method. A variant
+such as ``mrl-w`` (prefix-weighted MRL) is checked beside ``mrl``, never instead of it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Claim", "check_claims", "claims_markdown"]
+__all__ = ["VARIANTS", "Claim", "check_claims", "claims_markdown"]
 
 
 @dataclass(frozen=True)
@@ -53,38 +54,63 @@ def _prefixes(means: dict, method: str, metric: str) -> list[int]:
     return sorted({p for (m, mt, p) in means if m == method and mt == metric})
 
 
+#: Variants of MRL that ``mrl reproduce`` can add (``--mrl-weights``), checked like ``mrl`` itself.
+VARIANTS = {"mrl-w": "MRL-W (MRL with per-prefix loss weights)"}
+
+
 def check_claims(records: Iterable[dict[str, Any]], task: str) -> list[Claim]:
-    """Claims of the paper (as the vision issue states them) on ``task``'s records."""
+    """Claims of the paper (as the vision issue states them) on ``task``'s records.
+
+    The claims are decided for ``mrl`` (the paper's unweighted sum); each variant of `VARIANTS`
+    present in the records gets the same decided claims under its own name, plus an informational
+    line against ``mrl``. The variant's lines never change the verdicts on ``mrl``.
+    """
     means = _means(records)
-    all_p = _prefixes(means, "mrl", "top1")
-    small = [p for p in all_p if p <= 8]
-    ff_large = [p for p in _prefixes(means, "ff", "top1") if p >= 16]
-    claims = [
-        Claim("MRL top-1 within 1 point of FF-m at every prefix m >= 16 (own heads)",
-              *_compare(means, "mrl", "ff", "top1", ff_large, 1.0)),
-        Claim("MRL features above plain truncation at small prefixes (<= 8, same linear probe)",
-              *_compare(means, "mrl", "plain", "probe_top1", small, 0.0)),
-        Claim("MRL features above random coordinates at small prefixes (<= 8, same linear probe)",
-              *_compare(means, "mrl", "random", "probe_top1", small, 0.0)),
-        Claim("MRL 1-NN at least the truncated full-size model's at every prefix",
-              *_compare(means, "mrl", "plain", "1nn", all_p, 0.0)),
-    ]  # fmt: skip
-    if task == "fashion-mnist-1k":
-        claims += [
-            Claim("MRL top-1 above FF-8 at prefix 8", *_strict(means, "ff", "top1", 8)),
-            Claim("MRL 1-NN above PCA at prefix 8", *_strict(means, "pca", "1nn", 8)),
-        ]
-    pca = _compare(means, "mrl", "pca", "probe_top1", all_p, 0.0)[1]
-    pca_nn = _compare(means, "mrl", "pca", "1nn", all_p, 0.0)[1]
+    claims = _method_claims(means, "mrl", "MRL", task)
+    pca = _compare(means, "mrl", "pca", "probe_top1", _prefixes(means, "mrl", "top1"), 0.0)[1]
+    pca_nn = _compare(means, "mrl", "pca", "1nn", _prefixes(means, "mrl", "top1"), 0.0)[1]
     claims.append(Claim("PCA's standing (informational)", None, f"{pca}. {pca_nn}"))
+    present = {m for (m, _, _) in means}
+    for method, label in VARIANTS.items():
+        if method not in present:
+            continue
+        claims += _method_claims(means, method, label, task)
+        p = _prefixes(means, method, "top1")
+        top1 = _compare(means, method, "mrl", "top1", p, 0.0)[1]
+        nn = _compare(means, method, "mrl", "1nn", p, 0.0)[1]
+        claims.append(Claim(f"{label} against MRL (informational)", None, f"{top1}. {nn}"))
     return claims
 
 
-def _strict(means: dict, other: str, metric: str, p: int) -> tuple[bool | None, str]:
-    holds, text = _compare(means, "mrl", other, metric, [p], 0.0)
+def _method_claims(means: dict, method: str, label: str, task: str) -> list[Claim]:
+    """The decided claims for one MRL method (``label`` names it in the claim texts)."""
+    all_p = _prefixes(means, method, "top1")
+    small = [p for p in all_p if p <= 8]
+    ff_large = [p for p in _prefixes(means, "ff", "top1") if p >= 16]
+    claims = [
+        Claim(f"{label} top-1 within 1 point of FF-m at every prefix m >= 16 (own heads)",
+              *_compare(means, method, "ff", "top1", ff_large, 1.0)),
+        Claim(f"{label} features above plain truncation at small prefixes (<= 8, same linear "
+              "probe)", *_compare(means, method, "plain", "probe_top1", small, 0.0)),
+        Claim(f"{label} features above random coordinates at small prefixes (<= 8, same linear "
+              "probe)", *_compare(means, method, "random", "probe_top1", small, 0.0)),
+        Claim(f"{label} 1-NN at least the truncated full-size model's at every prefix",
+              *_compare(means, method, "plain", "1nn", all_p, 0.0)),
+    ]  # fmt: skip
+    if task == "fashion-mnist-1k":
+        claims += [
+            Claim(f"{label} top-1 above FF-8 at prefix 8",
+                  *_strict(means, method, "ff", "top1", 8)),
+            Claim(f"{label} 1-NN above PCA at prefix 8", *_strict(means, method, "pca", "1nn", 8)),
+        ]  # fmt: skip
+    return claims
+
+
+def _strict(means: dict, method: str, other: str, metric: str, p: int) -> tuple[bool | None, str]:
+    holds, text = _compare(means, method, other, metric, [p], 0.0)
     if holds is None:
         return None, text
-    return means[("mrl", metric, p)] > means[(other, metric, p)], text
+    return means[(method, metric, p)] > means[(other, metric, p)], text
 
 
 def claims_markdown(claims: list[Claim], seeds: list[int]) -> str:
