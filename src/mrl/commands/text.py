@@ -31,6 +31,29 @@ def _corpus_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
     )
 
 
+def _distill_args(ft: argparse.ArgumentParser) -> None:
+    ft.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="weight of the self-distillation term (0 = off; needs --freeze-encoder): corpus "
+        "documents' prefix cosines follow a full-size ranking over their neighbours",
+    )
+    ft.add_argument(
+        "--distill-teacher",
+        choices=("base", "self"),
+        default="base",
+        help="whose full-size cosines are the target: the frozen base model's, or the trained "
+        "model's own (detached)",
+    )
+    ft.add_argument("--distill-batch", type=int, default=256, help="pseudo-queries per step")
+    ft.add_argument(
+        "--distill-neighbours", type=int, default=32, help="full-size neighbours per pseudo-query"
+    )
+    ft.add_argument("--distill-negatives", type=int, default=256, help="random documents per step")
+    ft.add_argument("--distill-temperature", type=float, default=0.05)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="text_command", metavar="ACTION")
     ft = sub.add_parser("finetune", help="Matryoshka fine-tuning on pairs")
@@ -61,6 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--freeze-encoder",
         action="store_true",
         help="train only the --init-rotation layer, on the frozen model's cached embeddings",
+    )
+    _distill_args(ft)
+    ft.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this fraction of the pairs (same split for every seed) and write "
+        "OUT/validation.json: held-out queries retrieve their positives, every prefix",
     )
 
     ad = sub.add_parser("adapt", help="post-hoc Matryoshka map for frozen embeddings")
@@ -126,6 +157,13 @@ def _finetune(args: argparse.Namespace) -> int:
         init_rotation=args.init_rotation,
         rotation_lr=args.rotation_lr,
         train_encoder=not args.freeze_encoder,
+        distill=args.distill,
+        distill_teacher=args.distill_teacher,
+        distill_batch=args.distill_batch,
+        distill_neighbours=args.distill_neighbours,
+        distill_negatives=args.distill_negatives,
+        distill_temperature=args.distill_temperature,
+        val_fraction=args.val_fraction,
     )
     texts = None  # the "pca" rotation's corpus: the documents, else the distinct positives
     if args.pairs is not None:

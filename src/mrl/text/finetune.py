@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mrl.losses import matryoshka_contrastive_loss
 from mrl.nesting import Nesting
+from mrl.records import save_records
 from mrl.text.encoders import (
     embedding_dim,
     encode_cached,
@@ -45,7 +47,15 @@ from mrl.text.encoders import (
 )
 from mrl.text.pairs import Pair
 
-__all__ = ["FinetuneConfig", "finetune", "default_nesting", "initial_rotation"]
+__all__ = [
+    "FinetuneConfig",
+    "finetune",
+    "default_nesting",
+    "initial_rotation",
+    "self_distill_loss",
+    "self_distill_loss_reference",
+    "split_pairs",
+]
 
 
 def default_nesting(dim: int) -> Nesting:
@@ -76,6 +86,18 @@ class FinetuneConfig:
         rotation_lr: learning rate of that Dense layer (None = ``lr``).
         train_encoder: False = freeze the transformer, train only the rotation layer on the
             frozen model's (cached) embeddings of the pairs (needs init_rotation).
+        distill: weight of the self-distillation term added to the contrastive loss (0 = off;
+            needs train_encoder=False): corpus documents as pseudo-queries, their prefix
+            cosines follow a full-size ranking (`self_distill_loss`).
+        distill_teacher: whose full-size cosines are the target: "base" (the frozen base
+            model's, fixed) or "self" (the model being trained, detached).
+        distill_batch: pseudo-queries (corpus documents) per step.
+        distill_neighbours: K base-model full-size nearest neighbours per pseudo-query.
+        distill_negatives: M random corpus documents per step added to every candidate list.
+        distill_temperature: softmax temperature of both target and prefix cosines.
+        val_fraction: hold out this fraction of the pairs (the same split for every seed),
+            train on the rest, and write ``validation.json``: each held-out query retrieves its
+            positive among all positives, at every prefix, for the base model and the result.
     """
 
     nesting: str | None = None
@@ -93,6 +115,13 @@ class FinetuneConfig:
     init_rotation: str | None = None
     rotation_lr: float | None = None
     train_encoder: bool = True
+    distill: float = 0.0
+    distill_teacher: str = "base"
+    distill_batch: int = 256
+    distill_neighbours: int = 32
+    distill_negatives: int = 256
+    distill_temperature: float = 0.05
+    val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_seq_length"):
@@ -119,6 +148,26 @@ class FinetuneConfig:
             raise ValueError(
                 f"init_rotation must be None, 'pca' or an adaptor .pt/.npy file, got {spec!r}"
             )
+        self._check_distill()
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    def _check_distill(self) -> None:
+        if not self.distill >= 0:
+            raise ValueError(f"distill must be >= 0, got {self.distill}")
+        if self.distill > 0 and self.train_encoder:
+            raise ValueError("distill > 0 needs train_encoder=False (--freeze-encoder)")
+        if self.distill_teacher not in ("base", "self"):
+            raise ValueError(
+                f"distill_teacher must be 'base' or 'self', got {self.distill_teacher!r}"
+            )
+        for name in ("distill_batch", "distill_neighbours"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.distill_negatives < 0:
+            raise ValueError(f"distill_negatives must be >= 0, got {self.distill_negatives}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
 
 
 def _lr_lambda(total: int, warmup: float) -> Callable[[int], float]:
@@ -164,18 +213,22 @@ def initial_rotation(
     spec: str,
     texts: Sequence[str],
     cache_dir: str | os.PathLike | None = None,
+    corpus: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The starting rotation ``R [D, D]`` (orthogonal; embeddings map as ``x @ R``).
 
     ``spec`` "pca": uncentred PCA of ``encoder``'s embeddings of ``texts`` (the corpus, encoded at
-    the model's own max_seq_length, cached in ``cache_dir``); otherwise an adaptor file path.
+    the model's own max_seq_length, cached in ``cache_dir``; or ``corpus [N, D]`` when already
+    encoded); otherwise an adaptor file path.
     """
     from mrl.text.adaptor import OrthogonalAdaptor, pca_rotation
 
     dim = embedding_dim(encoder)
     if spec == "pca":
-        x = encode_cached(model, texts, cache_dir, encoder=encoder, name="rotation corpus")
-        rot = pca_rotation(torch.from_numpy(x))  # [D, D]
+        if corpus is None:
+            x = encode_cached(model, texts, cache_dir, encoder=encoder, name="rotation corpus")
+            corpus = torch.from_numpy(x)
+        rot = pca_rotation(corpus)  # [D, D]
     else:
         rot = OrthogonalAdaptor.load(spec).rotation
     if rot.shape != (dim, dim):
@@ -197,22 +250,34 @@ def finetune(
 ) -> Path:
     """Fine-tune ``model`` ("default" or a folder) on ``pairs``; save to ``out``; return ``out``.
 
-    ``rotation_texts``: the corpus the "pca" rotation is fitted on (default: the distinct
-    positives); ``cache_dir``: where their base embeddings are cached.
+    ``rotation_texts``: the corpus the "pca" rotation is fitted on and the distillation term
+    samples from (default: the distinct positives); ``cache_dir``: where their base embeddings
+    are cached.
     """
     from mrl.text.adaptor import dense_rotation_module
 
     config = config or FinetuneConfig()
     _check_pairs(pairs, config.batch_size)
+    train_idx, val_idx = split_pairs(len(pairs), config.val_fraction)
+    if len(train_idx) < 2:
+        raise ValueError(
+            f"val_fraction={config.val_fraction} leaves {len(train_idx)} training pairs; need 2"
+        )
     base = resolve_model_path(model)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     encoder = load_encoder(base, device=config.device)
     dim = embedding_dim(encoder)
-    rotation = None
+    texts = rotation_texts or list(dict.fromkeys(p.positive for p in pairs))
+    corpus = None  # base embeddings of the corpus [N, D]: the PCA fit and the distillation
+    if config.init_rotation == "pca" or config.distill > 0:
+        corpus = torch.from_numpy(
+            encode_cached(model, texts, cache_dir, encoder=encoder, name="rotation corpus")
+        )
     if config.init_rotation is not None:
-        texts = rotation_texts or list(dict.fromkeys(p.positive for p in pairs))
-        rotation = initial_rotation(model, encoder, config.init_rotation, texts, cache_dir)
+        rotation = initial_rotation(
+            model, encoder, config.init_rotation, texts, cache_dir, corpus=corpus
+        )
         dense = dense_rotation_module(rotation).to(config.device)
         encoder.append(dense)  # last module: y = normalize(pool(h)) @ R
         log(f"finetune: start from rotation {config.init_rotation!r} (Dense {dim} -> {dim})")
@@ -223,33 +288,68 @@ def finetune(
     )
     nesting.check_dim(dim, "the model's embeddings")
 
-    steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
-    total = steps_per_epoch * config.epochs
+    n_train = len(train_idx)
+    total = math.ceil(n_train / config.batch_size) * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     t0 = time.time()
-    log(f"finetune: {len(pairs)} pairs, {total} steps, nesting {list(nesting.sizes)}")
+    log(
+        f"finetune: {n_train} pairs ({len(val_idx)} held out), {total} steps, "
+        f"nesting {list(nesting.sizes)}"
+    )
+    feats = None
     if config.train_encoder:
-        step = _train_model(encoder, pairs, nesting, config, total, rng, log)
+        train = [pairs[i] for i in train_idx]
+        step = _train_model(encoder, train, nesting, config, total, rng, log)
     else:
         feats = _frozen_features(model, pairs, config, cache_dir)
-        step = _train_rotation(encoder[-1], feats, nesting, config, total, rng, log)
+        train_feats = {k: v[torch.tensor(train_idx)] for k, v in feats.items()}
+        distill = None
+        if config.distill > 0:
+            assert corpus is not None
+            distill = _distill_term(encoder[-1], corpus.to(config.device), nesting, config)
+        step = _train_rotation(encoder[-1], train_feats, nesting, config, total, rng, log, distill)
     encoder.eval()
+    validation = None
+    if val_idx:
+        validation = _validate(model, encoder, pairs, val_idx, feats, nesting, config, cache_dir)
     encoder.max_seq_length = inference_length
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     encoder.save(str(out), create_model_card=False)
+    if validation is not None:
+        save_records(out / "validation.json", validation)
+        log("validation (held-out pairs):\n" + _validation_table(validation, nesting))
     write_model_nesting(
         out,
         nesting,
         kind="finetune",
         base_model=str(model),
-        pairs=len(pairs),
+        pairs=n_train,
+        held_out_pairs=len(val_idx),
         steps=step,
         config=asdict(config),
     )
     log(f"saved {out} ({time.time() - t0:.0f}s)")
     return out
+
+
+def split_pairs(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """``(train, held_out)`` indices of ``n`` pairs; held out: ``round(n * fraction)`` of them.
+
+    The split uses its own fixed seed (not the training seed), so runs with different seeds
+    hold out the same pairs and their validation numbers are comparable.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    order = list(range(n))
+    random.Random(_SPLIT_SEED).shuffle(order)
+    held = sorted(order[: int(round(n * fraction))])
+    held_set = set(held)
+    return [i for i in range(n) if i not in held_set], held
+
+
+_SPLIT_SEED = 20221206  # fixed: the validation split is the same for every training seed
 
 
 # (queries [B, D], positives [B, D], negatives [B, 1, D] or None) of one batch
@@ -291,10 +391,12 @@ def _train_loop(
     rng: random.Random,
     log: Callable[[str], None],
     log_every: int,
+    extra: Callable[[], torch.Tensor] | None = None,
 ) -> int:
     """``total`` AdamW steps of the Matryoshka contrastive loss over shuffled batches of the ``n``
     pairs; ``embed(indices)`` gives (queries [B, D], positives [B, D], negatives [B, 1, D] or
-    None). Trains ``module``'s parameters; returns the number of steps taken."""
+    None); ``extra()`` (if any) is a term added with weight ``config.distill``. Trains
+    ``module``'s parameters; returns the number of steps taken."""
     opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, config.warmup))
     module.train()
@@ -310,6 +412,10 @@ def _train_loop(
             loss = matryoshka_contrastive_loss(
                 q, p, nesting, neg, temperature=config.temperature, symmetric=config.symmetric
             )
+            extra_value = None
+            if extra is not None:
+                extra_value = extra()
+                loss = loss + config.distill * extra_value
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
@@ -317,7 +423,8 @@ def _train_loop(
             sched.step()
             step += 1
             if step % log_every == 0 or step == total:
-                log(f"step {step}/{total} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+                part = "" if extra_value is None else f" (distill {extra_value.item():.4f})"
+                log(f"step {step}/{total} loss {loss.item():.4f}{part} ({time.time() - t0:.0f}s)")
     return step
 
 
@@ -349,11 +456,10 @@ def _train_rotation(
     total: int,
     rng: random.Random,
     log: Callable[[str], None],
+    distill: Callable[[], torch.Tensor] | None = None,
 ) -> int:
     """Only the appended ``dense`` layer, on frozen features; returns the number of steps."""
-
-    def head(x: torch.Tensor) -> torch.Tensor:  # [B, D] -> [B, D]
-        return dense({"sentence_embedding": x})["sentence_embedding"]
+    head = _head_fn(dense)
 
     def embed(idx: list[int]) -> _Batch:
         i = torch.tensor(idx)
@@ -363,9 +469,210 @@ def _train_rotation(
 
     groups = [{"params": list(dense.parameters()), "lr": config.rotation_lr or config.lr}]
     n = feats["query"].shape[0]
-    step = _train_loop(dense, groups, n, embed, nesting, config, total, rng, log, 50)
+    step = _train_loop(dense, groups, n, embed, nesting, config, total, rng, log, 50, distill)
     dense.eval()
     return step
+
+
+def _head_fn(dense: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The appended sentence-transformers ``Dense`` layer as a plain ``[B, D] -> [B, D]`` map."""
+
+    def head(x: torch.Tensor) -> torch.Tensor:
+        return dense({"sentence_embedding": x})["sentence_embedding"]
+
+    return head
+
+
+# ---------------------------------------------------------------------- self-distillation
+def _check_distill_inputs(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    nesting: Nesting,
+    temperature: float,
+) -> torch.Tensor:
+    """Validates the arguments of `self_distill_loss`; returns the mask ``[B, K]`` of self-pairs."""
+    if student.dim() != 2 or teacher.dim() != 2:
+        raise ValueError(
+            f"student and teacher must be 2-D [U, D], got shapes {tuple(student.shape)} "
+            f"and {tuple(teacher.shape)}"
+        )
+    if teacher.shape[0] != student.shape[0]:
+        raise ValueError(
+            f"teacher must have the student's {student.shape[0]} rows, got {teacher.shape[0]}"
+        )
+    nesting.check_dim(student.shape[1], "the student's")
+    if queries.dim() != 1 or candidates.dim() != 2 or candidates.shape[0] != queries.shape[0]:
+        raise ValueError(
+            f"queries must be [B] and candidates [B, K], got shapes {tuple(queries.shape)} "
+            f"and {tuple(candidates.shape)}"
+        )
+    u = student.shape[0]
+    for name, idx in (("queries", queries), ("candidates", candidates)):
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= u):
+            raise ValueError(f"{name} must index the {u} rows, got values outside [0, {u})")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    mask = candidates == queries[:, None]  # [B, K]: a candidate that is its own query
+    if candidates.shape[1] == 0 or bool(mask.all(-1).any()):
+        row = 0 if candidates.shape[1] == 0 else int(mask.all(-1).nonzero()[0])
+        raise ValueError(f"candidates: query row {row} has no candidate other than itself")
+    return mask
+
+
+def self_distill_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    nesting: Nesting,
+    temperature: float = 0.05,
+) -> torch.Tensor:
+    """Prefix rankings follow a full-size ranking: a listwise KL, summed over prefixes.
+
+    ``sum_g w_g mean_b KL(softmax(cos_T(q_b, c_bk) / tau) || softmax(cos_S,m_g(q_b, c_bk) / tau))``
+    over the candidates k of each pseudo-query b (a candidate equal to its query is left out).
+    ``cos_T`` is the teacher's full-size cosine, ``cos_S,m`` the student's cosine at prefix m
+    (re-normalised). Matching distributions over near neighbours keeps their order, which is
+    what nDCG at a prefix needs; the contrastive loss only sees one positive per query.
+
+    Args:
+        student: rows being trained ``[U, D]`` (D = nesting.dim).
+        teacher: the same rows' target embeddings ``[U, Dt]`` (e.g. the frozen base model's).
+        queries: row indices ``[B]`` of the pseudo-queries.
+        candidates: row indices ``[B, K]`` of each pseudo-query's candidates.
+
+    Fast path: per prefix one ``[B, m] x [m, U]`` product and a gather
+    (`mrl.text.adaptor.prefix_cosine_rows`), never a ``[B, K, D]`` copy;
+    `self_distill_loss_reference` is the plain loop it is tested against.
+    """
+    from mrl.text.adaptor import listwise_prefix_loss, prefix_cosine_rows
+
+    mask = _check_distill_inputs(student, teacher, queries, candidates, nesting, temperature)
+    tn = F.normalize(teacher, dim=-1)  # [U, Dt]
+    full = (tn[queries] @ tn.T).gather(1, candidates)  # [B, K]
+    pre = prefix_cosine_rows(student, queries, candidates, nesting)  # [G, B, K]
+    return listwise_prefix_loss(full, pre, nesting, temperature, temperature, mask)
+
+
+def self_distill_loss_reference(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    nesting: Nesting,
+    temperature: float = 0.05,
+) -> torch.Tensor:
+    """`self_distill_loss` as a loop over prefixes and pseudo-queries (for tests)."""
+    _check_distill_inputs(student, teacher, queries, candidates, nesting, temperature)
+    total = student.new_zeros(())
+    for m, w in zip(nesting.sizes, nesting.weights):
+        terms = []
+        for b in range(queries.shape[0]):
+            q = int(queries[b])
+            keep = [int(c) for c in candidates[b] if int(c) != q]
+            t = F.cosine_similarity(teacher[q][None], teacher[keep], dim=-1)  # [K']
+            s = F.cosine_similarity(student[q, :m][None], student[keep, :m], dim=-1)  # [K']
+            p = torch.softmax(t / temperature, dim=0)
+            terms.append((p * (p.log() - torch.log_softmax(s / temperature, dim=0))).sum())
+        total = total + w * torch.stack(terms).mean()
+    return total
+
+
+def _distill_term(
+    dense: Any, corpus: torch.Tensor, nesting: Nesting, config: FinetuneConfig
+) -> Callable[[], torch.Tensor]:
+    """A closure giving one step's `self_distill_loss` on a fresh sample of the corpus.
+
+    ``corpus [N, D]``: the frozen base model's embeddings. Each call: B pseudo-queries, each with
+    its K full-size base neighbours plus M random documents (shared by the batch) as candidates;
+    only the U distinct rows involved go through the layer being trained.
+    """
+    from mrl.text.adaptor import full_neighbours
+
+    n = corpus.shape[0]
+    if n < 3:
+        raise ValueError(f"distill needs a corpus of at least 3 documents, got {n}")
+    nbrs = full_neighbours(corpus, min(config.distill_neighbours, n - 1))  # [N, K]
+    gen = torch.Generator().manual_seed(config.seed)
+    head = _head_fn(dense)
+
+    def term() -> torch.Tensor:
+        q = torch.randint(n, (min(config.distill_batch, n),), generator=gen)  # [B]
+        cand = nbrs[q]  # [B, K]
+        if config.distill_negatives:
+            rnd = torch.randint(n, (config.distill_negatives,), generator=gen)  # [M]
+            cand = torch.cat([cand, rnd.expand(len(q), -1)], dim=1)  # [B, K + M]
+        rows, inv = torch.unique(torch.cat([q[:, None], cand], 1), return_inverse=True)
+        x = corpus[rows]  # [U, D] base embeddings
+        y = head(x)  # [U, D] the model being trained
+        teacher = x if config.distill_teacher == "base" else y.detach()
+        return self_distill_loss(
+            y, teacher, inv[:, 0], inv[:, 1:], nesting, config.distill_temperature
+        )
+
+    return term
+
+
+# ---------------------------------------------------------------------- validation
+def _validate(
+    model: str | os.PathLike,
+    encoder: Any,
+    pairs: Sequence[Pair],
+    val_idx: list[int],
+    feats: dict[str, torch.Tensor] | None,
+    nesting: Nesting,
+    config: FinetuneConfig,
+    cache_dir: str | os.PathLike | None,
+) -> list[dict[str, Any]]:
+    """Held-out queries retrieve their own positive among all the pairs' positives.
+
+    Records (method ``base``: the base model; ``finetune``: the result) of nDCG@k, recall@k
+    and MRR at every prefix (k = 10, or the number of pairs if smaller), all at the training
+    max_seq_length. Uses no test data.
+    """
+    from mrl.evaluate import evaluate_ranking
+    from mrl.text.encoders import encode
+
+    if feats is None:  # whole model: the base from the cache, the result encoded now
+        feats = _frozen_features(model, pairs, config, cache_dir)
+        queries = [pairs[i].query for i in val_idx]
+        positives = [p.positive for p in pairs]
+        q_ft = torch.from_numpy(encode(encoder, queries, name="held-out queries"))
+        d_ft = torch.from_numpy(encode(encoder, positives, name="positives"))
+    else:  # frozen encoder: the result is the base features through the trained layer
+        with torch.no_grad():
+            head = _head_fn(encoder[-1])
+            q_ft, d_ft = head(feats["query"][torch.tensor(val_idx)]), head(feats["positive"])
+    qrels = {i: {j: 1.0} for i, j in enumerate(val_idx)}  # held-out query i -> positive j
+    q_base = feats["query"][torch.tensor(val_idx)]
+    k = min(10, len(pairs))  # nDCG@10 unless there are fewer positives
+    records = []
+    for method, q, d in (("base", q_base, feats["positive"]), ("finetune", q_ft, d_ft)):
+        records += evaluate_ranking(
+            q.detach().cpu().numpy(),
+            d.detach().cpu().numpy(),
+            qrels,
+            nesting,
+            method=method,
+            ks=(k,),
+            seed=config.seed,
+            context={"split": "validation"},
+        )
+    return records
+
+
+def _validation_table(records: Sequence[dict[str, Any]], nesting: Nesting) -> str:
+    """nDCG@k per prefix of both methods, plus the result's share of its own full size."""
+    metric = next(r["metric"] for r in records if r["metric"].startswith("ndcg@"))
+    vals = {(r["method"], r["prefix"]): r["value"] for r in records if r["metric"] == metric}
+    rows = [f"{metric:9}" + " ".join(f"{m:>6}" for m in nesting.sizes)]
+    for method in ("base", "finetune"):
+        rows.append(f"{method:9}" + " ".join(f"{vals[method, m]:6.4f}" for m in nesting.sizes))
+    full = vals["finetune", nesting.dim]
+    rows.append("ft/own   " + " ".join(f"{vals['finetune', m] / full:6.1%}" for m in nesting.sizes))
+    return "\n".join(rows)
 
 
 def load_config_json(path: str | os.PathLike) -> FinetuneConfig:

