@@ -18,6 +18,19 @@ the folder's last module, so the folder still loads with plain sentence-transfor
 ``train_encoder=False`` freezes the transformer and trains only that layer: the pairs are
 encoded once by the frozen model (cached), and each step is a ``[B, D] x [D, D]`` product, so
 many epochs cost seconds where one epoch of the whole model costs an hour on a small CPU.
+
+Self-distillation (``distill > 0``, frozen encoder only): the contrastive loss sees one positive
+per query, so it says little about the order of a query's near neighbours, which is what nDCG at
+a small prefix needs. The optional term `self_distill_loss` (weight ``distill``) samples corpus
+documents as pseudo-queries, each with its K nearest full-size neighbours (base model) plus M
+random documents, and asks the prefix cosines of the layer being trained to give the same
+softmax distribution over those candidates as a full-size teacher: the frozen base model
+(``distill_teacher="base"``) or the model itself, detached (``"self"``). No label is used.
+
+Validation (``val_fraction > 0``): a fixed share of the pairs is held out (the same split for
+every seed); after training, each held-out query retrieves its positive among all positives at
+every prefix, for the base model and for the result (``validation.json``). This lets a setting be
+chosen without any test query (results/cranfield/finetune_select.py does so).
 """
 
 from __future__ import annotations
