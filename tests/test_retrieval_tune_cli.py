@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +13,7 @@ from mrl import Nesting
 from mrl.cli import main
 from mrl.retrieval import EmbeddingStore, MatryoshkaIndex, SearchConfig, exact_search
 from mrl.retrieval.synthetic import mrl_like
-from mrl.retrieval.tune import recall_at_k, tune
+from mrl.retrieval.tune import flops_per_query, recall_at_k, tune
 
 NEST = Nesting.doubling(8, 64)
 
@@ -277,6 +278,21 @@ def test_tune_ivf_sweeps_nprobe(data):
     assert any("nprobe=" in line for line in log)
     assert index.ivf_nlist() == 40 and not index._short  # the IVF holds its own prefix copy
     assert res.flops_per_query < 2 * len(db) * 64  # far below exact full-size search
+
+
+def test_tune_ivfpq_rescored_funnel(data):
+    """IVF-PQ candidates: shortlists 5-40x the exact scan's K, first stage exact at D_s."""
+    db = data[0]
+    index = MatryoshkaIndex(NEST, SearchConfig(nlist=40))
+    index.add(db)
+    res = tune(index, 0.95, k=10, n_queries=60, backends=("ivfpq",), max_ivf=1)
+    assert res.config.backend == "ivfpq" and res.recall >= 0.95
+    m, stages = res.config.shortlist_dim, res.config.stages
+    assert stages[0][0] == m and stages[0][1] < res.config.shortlist and stages[-1][0] == 64
+    pq = [c for c in res.candidates if c["config"]["backend"] == "ivfpq"]
+    assert len({c["config"]["shortlist"] for c in pq}) >= 1
+    ivf = replace(res.config, backend="ivf")  # the same search with float codes: m per row
+    assert flops_per_query(len(db), res.config, 64, 10) < flops_per_query(len(db), ivf, 64, 10)
 
 
 def test_cli_ivf_build_search(tmp_path, data, capsys):

@@ -36,9 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--backend",
         default="flat",
-        choices=("flat", "numpy", "hnsw", "ivf", "torch"),
+        choices=("flat", "numpy", "hnsw", "ivf", "ivfpq", "torch"),
         help="shortlist scan (default flat = FAISS exact on the prefix; ivf = FAISS inverted "
-        "file on the prefix; with --target-recall, flat/hnsw/ivf are all tried)",
+        "file on the prefix; ivfpq = the same with 4-bit PQ fast-scan codes, approximate: use a "
+        "larger --shortlist and --funnel, whose first stage re-scores exactly at the prefix; "
+        "with --target-recall, flat/hnsw/ivf/ivfpq are all tried)",
     )
     b.add_argument(
         "--nlist",
@@ -80,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
             f"--shortlist-dim must be a prefix size in the nesting {list(nesting.sizes)}, got {ds}"
         )
     stages = funnel_stages(ds, args.shortlist, nesting.dim, args.k, nesting) if args.funnel else ()
+    if args.funnel and args.backend == "ivfpq":  # approximate codes: re-score exactly at D_s
+        keep = max(args.k, args.shortlist // 2)
+        stages = ((ds, keep), *funnel_stages(ds, keep, nesting.dim, args.k, nesting))
     cfg = SearchConfig(
         shortlist_dim=ds,
         shortlist=args.shortlist,
@@ -93,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.target_recall is not None:
         from mrl.retrieval.tune import tune
 
-        exact_or_approx = ("flat", "hnsw", "ivf")
+        exact_or_approx = ("flat", "hnsw", "ivf", "ivfpq")
         backends = exact_or_approx if args.backend in exact_or_approx else (args.backend,)
         res = tune(
             index,

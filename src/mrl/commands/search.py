@@ -15,7 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write results as JSON here")
     p.add_argument("--shortlist", type=int, default=None, help="override K")
     p.add_argument("--shortlist-dim", type=int, default=None, help="override D_s")
-    p.add_argument("--backend", default=None, choices=("flat", "numpy", "hnsw", "ivf", "torch"))
+    p.add_argument(
+        "--backend", default=None, choices=("flat", "numpy", "hnsw", "ivf", "ivfpq", "torch")
+    )
     p.add_argument("--nprobe", type=int, default=None, help="override IVF cells scanned")
     p.add_argument("--device", default="cpu", help="torch device for --backend torch")
 

@@ -4,9 +4,11 @@ One run; ratios printed, table last. Methods:
 
 - ``exact``: FAISS exhaustive inner product at full D (`faiss.knn`, the IndexFlatIP kernel, on the
   caller's array without a second copy of the database); also the ground truth.
-- ``funnel``: `MatryoshkaIndex` auto-tuned (`mrl.retrieval.tune.tune`) on 200 held-out database
-  rows to the target recall@k, then measured on the test queries it never saw. The tuner tries
-  flat, prefix-HNSW and prefix-IVF shortlists (D_s, K, nprobe / efSearch, funnel stages).
+- ``funnel``: `MatryoshkaIndex` auto-tuned (`mrl.retrieval.tune.tune`) to the target recall@k,
+  then measured on the test queries it never saw. Tuning queries: on MRL-like data 500 fresh
+  draws from the query distribution (another seed: what a user's query log would be); on your own
+  embeddings 200 held-out database rows. The tuner tries flat, prefix-HNSW, prefix-IVF and
+  prefix-IVF-PQ shortlists (D_s, K, nprobe / efSearch, funnel stages).
 - ``funnel-paper``: the paper's fixed configuration (D_s=16, K=200, rerank at D), for reference.
 - ``hnsw``: FAISS IndexHNSWFlat (M=32) on the full D, at the largest ``hnsw_n`` that builds in
   reasonable time, with efSearch raised until the target recall; the funnel is rebuilt and retuned
@@ -97,11 +99,12 @@ def _funnel(
     k: int,
     target: float,
     say,
-    backends=("flat", "hnsw", "ivf"),
+    backends=("flat", "hnsw", "ivf", "ivfpq"),
     vector_dtype: str = "float16",
     max_hnsw: int = 2,
     ef_construction: int = 80,
     max_ivf: int = 3,
+    tune_queries: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Build, tune on held-out rows, then measure on the test queries.
 
@@ -116,6 +119,7 @@ def _funnel(
             index,
             target,
             k=k,
+            queries=tune_queries,
             n_queries=200,
             backends=backends,
             max_hnsw=max_hnsw,
@@ -127,8 +131,8 @@ def _funnel(
     cfg = tuned.config
     index.build(cfg)
     build_s = add_s + index.build_seconds.get(f"short-{cfg.shortlist_dim}", 0.0)
-    if cfg.backend == "ivf":  # k-means on a sample + assigning every row to its cell
-        build_s += index.build_seconds[f"ivf-{cfg.shortlist_dim}-{cfg.nlist or 0}"]
+    if cfg.backend in ("ivf", "ivfpq"):  # k-means on a sample + assigning every row to a cell
+        build_s += index.build_seconds[f"{cfg.backend}-{cfg.shortlist_dim}-{cfg.nlist or 0}"]
     if cfg.backend == "hnsw":
         build_s += index.build_seconds[
             f"hnsw-{cfg.shortlist_dim}-{cfg.hnsw_m}-{cfg.ef_construction}"
@@ -223,10 +227,17 @@ def bench_retrieval(
     for name, v in (("n", n), ("dim", dim), ("queries", queries), ("k", k)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {name}={v}")
+    opts: dict[str, Any] = {
+        "vector_dtype": vector_dtype,
+        "max_hnsw": max_hnsw,
+        "ef_construction": ef_construction,
+        "max_ivf": max_ivf,
+    }
     if data is None:
         log(f"generating MRL-like data: {n} x {dim} + {queries} queries")
         db, _ = mrl_like(n, dim, clusters=max(1, n // 100), seed=seed, out=_scratch(n, dim))
         q, _ = mrl_like(queries, dim, clusters=max(1, n // 100), seed=seed + 1)
+        opts["tune_queries"] = mrl_like(500, dim, clusters=max(1, n // 100), seed=seed + 2)[0]
     else:
         # Cosine everywhere: L2-normalise at full size, so inner-product baselines (FAISS flat,
         # HNSW) rank by the same full-size cosine as the funnel's last stage.
@@ -257,12 +268,6 @@ def bench_retrieval(
             "build_s": 0.0,
         },
     )
-    opts = {
-        "vector_dtype": vector_dtype,
-        "max_hnsw": max_hnsw,
-        "ef_construction": ef_construction,
-        "max_ivf": max_ivf,
-    }
     fun = _funnel(db, q, truth, nesting, k, target_recall, log, **opts)
     cfg = fun["config"]
     qps = len(q) / fun["secs"]

@@ -13,9 +13,11 @@ Procedure (cheap first, measured last):
    the smallest K on the grid that meets the target is kept;
 3. for each kept (D_s, K): variants (flat scan; the paper's funnel of halving K / doubling the
    prefix; HNSW on the D_s prefix with growing efSearch; IVF on the D_s prefix with growing
-   nprobe) are run for real; recall and queries per second are measured; the fastest one meeting
-   the target wins and is stored with the index. IVF and HNSW structures are built only for the
-   few (D_s, K) pairs with the fewest estimated FLOPs (each build is a pass over N).
+   nprobe; IVF-PQ fast-scan on the D_s prefix with a 5-20x larger shortlist, re-scored exactly at
+   D_s by the first funnel stage, with growing nprobe) are run for real; recall and queries per
+   second are measured; the fastest one meeting the target wins and is stored with the index.
+   IVF and HNSW structures are built only for the few (D_s, K) pairs with the fewest estimated
+   FLOPs (each build is a pass over N).
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from mrl.retrieval.exact import exact_search
-from mrl.retrieval.funnel.index import MatryoshkaIndex, SearchConfig, auto_nlist, funnel_stages
+from mrl.retrieval.funnel.index import (
+    IVF_BACKENDS,
+    MatryoshkaIndex,
+    SearchConfig,
+    auto_nlist,
+    funnel_stages,
+    pq_subquantizers,
+)
 
 __all__ = ["TuneResult", "tune", "recall_at_k", "held_out_queries", "flops_per_query", "margin_for"]
 
@@ -77,10 +86,13 @@ def flops_per_query(
     prefix). IVF rows are counted as if the cells were equal-sized."""
     if cfg.backend == "hnsw" and hnsw_ndis is not None:
         total = 2.0 * hnsw_ndis * cfg.shortlist_dim
-    elif cfg.backend == "ivf":
+    elif cfg.backend in IVF_BACKENDS:
         cells = nlist or cfg.nlist or auto_nlist(n)
-        scanned = cells + n * min(cfg.nprobe, cells) / cells
-        total = 2.0 * scanned * cfg.shortlist_dim
+        rows = n * min(cfg.nprobe, cells) / cells
+        # IVF-PQ: a row costs one table lookup-add per sub-vector, not D_s multiply-adds
+        m = cfg.shortlist_dim
+        per_row = pq_subquantizers(m) if cfg.backend == "ivfpq" else m
+        total = 2.0 * (cells * cfg.shortlist_dim + rows * per_row)
     else:
         total = 2.0 * n * cfg.shortlist_dim
     cands = min(cfg.shortlist, n)
@@ -133,7 +145,7 @@ def tune(
     n_queries: int = 200,
     shortlist_dims: tuple[int, ...] | None = None,
     shortlists: tuple[int, ...] | None = None,
-    backends: tuple[str, ...] = ("flat", "hnsw", "ivf"),
+    backends: tuple[str, ...] = ("flat", "hnsw", "ivf", "ivfpq"),
     try_funnel: bool = True,
     max_hnsw: int = 2,
     max_ivf: int = 3,
@@ -152,12 +164,13 @@ def tune(
         queries: sample queries [Q, D]; None = ``n_queries`` held-out database rows.
         shortlist_dims: D_s candidates (default: nesting sizes <= min(D / 4, 256)).
         shortlists: K grid (default 20, 30, 50, ..., 6400, capped by N).
-        backends: which shortlist backends to try ("flat", "numpy", "hnsw", "ivf", "torch").
+        backends: which shortlist backends to try ("flat", "numpy", "hnsw", "ivf", "ivfpq",
+            "torch").
         try_funnel: also try a halving/doubling funnel (intermediate stages keep >= 2k).
         max_hnsw: HNSW graphs are built only for the ``max_hnsw`` smallest D_s whose shortlist
             is <= 100 (each graph costs a build over all N rows).
-        max_ivf: IVFs (nlist from the index config, default 4 sqrt(N)) are built only for the
-            ``max_ivf`` feasible (D_s, K) with the fewest estimated FLOPs per query.
+        max_ivf: IVFs and IVF-PQs (nlist from the index config, default 4 sqrt(N)) are built
+            only for the ``max_ivf`` feasible (D_s, K) with the fewest estimated FLOPs per query.
         nprobes: the IVF nprobe grid, tried in order until the target is met.
         margin: the measured recall must reach target + margin, so the choice holds on unseen
             queries (default: two standard errors, `margin_for`).
@@ -222,11 +235,17 @@ def tune(
     base = replace(index.config, stages=())
     hnsw_dims = [m for m, kshort in feasible if kshort <= 100][:max_hnsw]
     ivf_dims = _cheapest_ivf(feasible, base, n, d, kk, nest, max_ivf) if "ivf" in backends else []
+    # IVF-PQ multiplies the shortlist by 5-20: only where the exact scan's K is small
+    small = [(m, kshort) for m, kshort in feasible if kshort <= 100]
+    pq_dims = _cheapest_ivf(small, base, n, d, kk, nest, max_ivf) if "ivfpq" in backends else []
     for m, kshort in feasible:  # step 3: run the variants for real
         variants = []
         exact_backend = next((b for b in ("flat", "numpy", "torch") if b in backends), None)
         if exact_backend:
             variants.append(replace(base, backend=exact_backend, shortlist_dim=m, shortlist=kshort))
+        if m in pq_dims:  # measured with its funnel, not re-run below
+            ctx = (queries, rows, truth, k, need, candidates, say)
+            _tune_ivfpq(index, replace(base, shortlist_dim=m), kshort, kk, nprobes, *ctx)
         if m in ivf_dims:
             cfg = _tune_nprobe(
                 index,
@@ -311,6 +330,31 @@ def _tune_nprobe(index, cfg, nprobes, queries, rows, truth, k, need, candidates,
     return None
 
 
+def _tune_ivfpq(index, base, kshort, kk, nprobes, queries, rows, truth, k, need, candidates, say):
+    """IVF-PQ on the D_s prefix: PQ scores are approximate, so the shortlist is 5-20x the exact
+    scan's K and the first stage re-scores it exactly at D_s down to that K (>= 2k), then the
+    paper's funnel. For each shortlist size, the smallest nprobe on the grid that reaches
+    ``need``, stopping early once recall stops growing (each try measured and appended to
+    ``candidates``)."""
+    m, d, nest, n = base.shortlist_dim, index.nesting.dim, index.nesting, index.count
+    nlist = index.ivf_nlist(replace(base, backend="ivfpq"))
+    grid = sorted({min(p, nlist) for p in nprobes})
+    for mult in (5, 10, 20):
+        big = min(n, mult * kshort)
+        keep = min(big, max(kshort, 2 * kk))
+        stages = ((m, keep), *funnel_stages(m, keep, d, kk, nest, min_keep=2 * kk))
+        cfg = replace(base, backend="ivfpq", shortlist=big, stages=stages)
+        last = -1.0
+        for p in grid:
+            res = _measure(index, replace(cfg, nprobe=p), queries, rows, truth, k, say)
+            candidates.append(res)
+            if res["recall"] >= need or res["recall"] < last + 5e-4:  # met, or a plateau
+                break
+            last = res["recall"]
+        if big == n:
+            break
+
+
 def recall_at_k_in(shortlist: np.ndarray, truth: np.ndarray) -> float:
     """Fraction of the true top-k inside each row's shortlist [Q, K] (mean over queries)."""
     hits = [np.isin(t, s).sum() for s, t in zip(shortlist, truth)]
@@ -338,7 +382,7 @@ def _measure(index, cfg, queries, rows, truth, k, say) -> dict[str, Any]:
             index.count, cfg, index.nesting.dim, kk, ndis, index.ivf_nlist(cfg)
         ),
     }
-    extra = f"nprobe={cfg.nprobe}/{index.ivf_nlist(cfg)}" if cfg.backend == "ivf" else ""
+    extra = f"nprobe={cfg.nprobe}/{index.ivf_nlist(cfg)}" if cfg.backend in IVF_BACKENDS else ""
     say(
         f"  {cfg.backend} D_s={cfg.shortlist_dim} K={cfg.shortlist} ef={cfg.ef_search} {extra} "
         f"stages={len(cfg.stages) or 1}: recall {rec:.4f}, {out['qps']:.0f} q/s"
