@@ -221,6 +221,7 @@ def reproduce(
     base = (*recipe.overrides, f"seed={seed}", *overrides)
     config0 = load_config(None, list(base))
     w = None if weights is None else mrl_weights(weights, config0.model.get_nesting().sizes)
+    _check_weight_spec(out / "results.json", weights)
     plan = methods(recipe, w)
     names = [name for name, _ in plan]
     unknown = sorted(set(only or ()) - set(names))
@@ -297,6 +298,20 @@ def _check_same_weights(run_dir: Path, weights: list[float] | None) -> None:
         )
 
 
+def _check_weight_spec(results: Path, weights: str | None) -> None:
+    """Refuse to mix mrl-w records of two weight specs in one results file (one row each)."""
+    from mrl.records import load_records
+
+    if weights is None or not results.is_file():
+        return
+    found = {r["mrl_weights"] for r in load_records(results) if "mrl_weights" in r}
+    if found - {weights}:
+        raise ValueError(
+            f"{results} holds mrl-w records with mrl_weights={sorted(found)[0]!r}, but this call "
+            f"has mrl_weights={weights!r}: write to another --out"
+        )
+
+
 def _check_centring(results: Path, center: bool) -> None:
     """Refuse to mix centred and uncentred retrieval records in one results file."""
     from mrl.records import load_records
@@ -348,6 +363,9 @@ def run(args: argparse.Namespace) -> int:
         f"linear probe for plain / pca / random ({PROBE_RECIPE}) Retrieval: test images "
         "against the training images, cosine on re-normalised prefixes."
     )
+    specs = sorted({r["mrl_weights"] for r in records if "mrl_weights" in r})
+    if specs:
+        notes += f" mrl-w: MRL with per-prefix loss weights {specs[0]} (normalised to mean 1)."
     tables = write_tables(records, out, f"mrl reproduce {args.task} ({args.budget})", notes)
     from mrl.claims import check_claims, claims_markdown
     from mrl.io import atomic_write_text
