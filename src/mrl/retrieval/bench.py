@@ -287,7 +287,7 @@ def bench_retrieval(
     )
     log(
         f"funnel (tuned: {cfg.backend}, D_s={cfg.shortlist_dim}, K={cfg.shortlist}, "
-        f"ef={cfg.ef_search}, nprobe={cfg.nprobe if cfg.backend == 'ivf' else None}, "
+        f"ef={cfg.ef_search}, nprobe={cfg.nprobe if cfg.backend in ('ivf', 'ivfpq') else None}, "
         f"stages={list(cfg.stages) or 'rerank at D'}): recall "
         f"{fun['recall']:.4f}, {qps:.0f} queries/s = {qps / exact_qps:.1f}x exact "
         f"(shortlist {fun['timings']['shortlist']:.2f}s, rerank {fun['timings']['rerank']:.2f}s)"
