@@ -312,3 +312,40 @@ def test_cli_ivf_build_search(tmp_path, data, capsys):
     capsys.readouterr()
     assert main(["search", str(tmp_path / "idx"), str(tmp_path / "q.npy"), "--nprobe", "0"]) == 2
     assert "nprobe must be >= 1, got nprobe=0" in capsys.readouterr().err
+
+
+def test_tune_memory_budget_picks_fastest_that_fits(data):
+    """max_memory: only configurations within the budget are eligible; none fits -> clear error."""
+    db = data[0]
+    index = MatryoshkaIndex(NEST, SearchConfig(nlist=40), vector_dtype="float16")
+    index.add(db)
+    free = tune(index, 0.95, k=10, n_queries=60, backends=("flat", "ivf", "ivfpq"), apply=False)
+    sizes = sorted(c["memory_bytes"] for c in free.candidates if c["recall"] >= 0.95)
+    assert sizes[0] < sizes[-1]  # the budget below has a real choice to make
+    budget = sizes[0]
+    res = tune(
+        index, 0.95, k=10, n_queries=60, backends=("flat", "ivf", "ivfpq"), max_memory=budget
+    )
+    assert index.memory_bytes(res.config) <= budget and res.recall >= 0.95
+    chosen = [c for c in res.candidates if c["config"] == res.config.to_dict()]
+    assert chosen[0]["memory_bytes"] == index.memory_bytes(res.config)  # what the budget saw
+    with pytest.raises(ValueError, match=r"fits max_memory=1000 bytes \(the smallest"):
+        tune(index, 0.95, k=10, n_queries=60, backends=("flat",), max_memory=1000)
+    with pytest.raises(ValueError, match="max_memory must be a positive number of bytes"):
+        tune(index, 0.95, max_memory=0)
+
+
+def test_cli_index_max_memory(tmp_path, data, capsys):
+    db = data[0]
+    np.save(tmp_path / "db.npy", db)
+    build = ["index", "build", str(tmp_path / "db.npy"), "--out", str(tmp_path / "idx")]
+    tuned = build + ["--target-recall", "0.9", "--tune-queries", "60", "--max-memory", "1K"]
+    assert main(tuned) == 2
+    assert "fits max_memory=1024 bytes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(build + ["--target-recall", "0.9", "--max-memory", "lots"])
+    assert "--max-memory must be a positive size" in capsys.readouterr().err
+    ok = ["--target-recall", "0.9", "--tune-queries", "60", "--max-memory", "2M"]
+    assert main(build + ok) == 0
+    saved = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert saved["tuned"]["config"] == saved["config"]

@@ -62,11 +62,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="held-out database rows used as tuning queries (default 200)",
     )
     b.add_argument(
+        "--max-memory",
+        type=parse_bytes,
+        default=None,
+        help="with --target-recall: a memory budget for the index (e.g. 2G, 500M, 123456 bytes); "
+        "the fastest configuration within it is chosen",
+    )
+    b.add_argument(
         "--vector-dtype",
         default="float32",
         choices=("float32", "float16"),
         help="rerank vectors (float16: half the memory, dot-product error ~1e-5)",
     )
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2G', '500M', '64K' (binary units, optional trailing 'B' or 'iB') or a plain byte count."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(
+            f"--max-memory must be a positive size such as 2G, 500M or 123456, got {text!r}"
+        )
+    return int(value * _UNITS[unit])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             k=args.k,
             n_queries=args.tune_queries,
             backends=backends,
+            max_memory=args.max_memory,
             log=print,
         )
         c = res.config

@@ -12,7 +12,8 @@ One run; ratios printed, table last. Methods:
 - ``funnel-paper``: the paper's fixed configuration (D_s=16, K=200, rerank at D), for reference.
 - ``hnsw``: FAISS IndexHNSWFlat (M=32) on the full D, at the largest ``hnsw_n`` that builds in
   reasonable time, with efSearch raised until the target recall; the funnel is rebuilt and retuned
-  at that same N for the comparison (``n`` is in every record).
+  at that same N for the comparison (``n`` is in every record), under a memory budget of half
+  the HNSW index's serialised size (`tune(max_memory=)`).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def _funnel(
     ef_construction: int = 80,
     max_ivf: int = 3,
     tune_queries: np.ndarray | None = None,
+    max_memory: int | None = None,
 ) -> dict[str, Any]:
     """Build, tune on held-out rows, then measure on the test queries.
 
@@ -120,6 +122,7 @@ def _funnel(
             target,
             k=k,
             queries=tune_queries,
+            max_memory=max_memory,
             n_queries=200,
             backends=backends,
             max_hnsw=max_hnsw,
@@ -329,7 +332,10 @@ def _hnsw_comparison(db, q, nesting, k, target, ctx, log, opts) -> list[Record]:
     )
     h = _hnsw_full(db, q, truth, k, target, log)
     hq = len(q) / h["secs"]
-    f = _funnel(db, q, truth, nesting, k, target, lambda s: None, **opts)
+    # the issue's bar: faster at equal recall with at most half of HNSW's memory, so the funnel
+    # is tuned under that budget (the fastest configuration within it, not a hand-picked one)
+    budget = h["memory"] // 2
+    f = _funnel(db, q, truth, nesting, k, target, lambda s: None, max_memory=budget, **opts)
     fq = len(q) / f["secs"]
     for method, prefix, row in (
         (
@@ -381,6 +387,7 @@ def _hnsw_comparison(db, q, nesting, k, target, ctx, log, opts) -> list[Record]:
         f" build {f['build_s']:.1f}s) vs HNSW {hq:.0f} q/s (recall {h['recall']:.4f}, "
         f"{h['memory'] / 2**20:.0f} MiB, build {h['build_s']:.1f}s): {fq / hq:.2f}x faster, "
         f"{f['memory'] / h['memory']:.2f}x memory, {f['build_s'] / h['build_s']:.2f}x build time"
+        f" (funnel tuned within half of HNSW's memory, {budget / 2**20:.0f} MiB)"
     )
     return out
 

@@ -151,6 +151,7 @@ def tune(
     max_ivf: int = 3,
     nprobes: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256, 512, 1024),
     margin: float | None = None,
+    max_memory: int | None = None,
     apply: bool = True,
     seed: int = 0,
     reference: np.ndarray | None = None,
@@ -174,6 +175,9 @@ def tune(
         nprobes: the IVF nprobe grid, tried in order until the target is met.
         margin: the measured recall must reach target + margin, so the choice holds on unseen
             queries (default: two standard errors, `margin_for`).
+        max_memory: a memory budget in bytes (`MatryoshkaIndex.memory_bytes` of the
+            configuration: rerank vectors, norms, ids and the shortlist structure); only
+            configurations within it are eligible. None = no budget.
         apply: store the choice as ``index.config`` and the report as ``index.tuned``, and drop
             the cached shortlist matrices and graphs the choice does not use.
         log: optional callable(str) for progress lines.
@@ -186,6 +190,8 @@ def tune(
         raise ValueError(f"target_recall must be in (0, 1], got target_recall={target_recall!r}")
     if not isinstance(k, int) or not 1 <= k < index.count:
         raise ValueError(f"k must be in [1, number of database items ({index.count})), got k={k}")
+    if max_memory is not None and (isinstance(max_memory, bool) or not max_memory > 0):
+        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
     say = log or (lambda s: None)
     nest, d, n = index.nesting, index.nesting.dim, index.count
     rows = None
@@ -286,6 +292,16 @@ def tune(
             f"{max([c['recall'] for c in candidates], default=0):.4f}); "
             "allow larger shortlists or shortlist dims"
         )
+    if max_memory is not None:
+        fits = [c for c in ok if c["memory_bytes"] <= max_memory]
+        if not fits:
+            least = min(c["memory_bytes"] for c in ok)
+            raise ValueError(
+                f"no configuration reaching target_recall={target_recall} fits "
+                f"max_memory={max_memory} bytes (the smallest that does needs {least}); "
+                "allow more memory, or use float16/int8 rerank vectors"
+            )
+        ok = fits
     best = max(ok, key=lambda c: c["qps"])
     cfg = SearchConfig.from_dict(best["config"])
     result = TuneResult(
@@ -343,7 +359,8 @@ def _tune_ivfpq(index, base, kshort, kk, nprobes, queries, rows, truth, k, need,
         big = min(n, mult * kshort)
         keep = min(big, max(kshort, 2 * kk))
         stages = ((m, keep), *funnel_stages(m, keep, d, kk, nest, min_keep=2 * kk))
-        cfg = replace(base, backend="ivfpq", shortlist=big, stages=stages)
+        # the exact re-score at D_s, then one rerank at D; the full funnel at the chosen nprobe
+        cfg = replace(base, backend="ivfpq", shortlist=big, stages=((m, keep), (d, kk)))
         last = -1.0
         for p in grid:
             res = _measure(index, replace(cfg, nprobe=p), queries, rows, truth, k, say)
@@ -351,6 +368,9 @@ def _tune_ivfpq(index, base, kshort, kk, nprobes, queries, rows, truth, k, need,
             if res["recall"] >= need or res["recall"] < last + 5e-4:  # met, or a plateau
                 break
             last = res["recall"]
+        if len(stages) > 2:
+            funnel = replace(cfg, nprobe=p, stages=stages)
+            candidates.append(_measure(index, funnel, queries, rows, truth, k, say))
         if big == n:
             break
 
@@ -378,6 +398,7 @@ def _measure(index, cfg, queries, rows, truth, k, say) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "recall": rec,
         "qps": len(queries) / elapsed,
+        "memory_bytes": index.memory_bytes(cfg),
         "flops_per_query": flops_per_query(
             index.count, cfg, index.nesting.dim, kk, ndis, index.ivf_nlist(cfg)
         ),
