@@ -349,3 +349,26 @@ def test_cli_index_max_memory(tmp_path, data, capsys):
     assert main(build + ok) == 0
     saved = json.loads((tmp_path / "idx" / "index.json").read_text())
     assert saved["tuned"]["config"] == saved["config"]
+
+
+def test_bench_hnsw_comparison_memory_budget():
+    """The funnel beside HNSW is tuned within half of HNSW's memory; where that cannot be met
+    (float32 rerank rows alone, 2 KB at D=512, exceed it) it says so and tunes without one."""
+    from mrl.retrieval.bench import bench_retrieval
+
+    db, _ = mrl_like(1000, 512, clusters=10, seed=0)
+    q, _ = mrl_like(30, 512, clusters=10, seed=1)
+    for dtype in ("float16", "float32"):
+        log: list[str] = []
+        recs = bench_retrieval(
+            data=(db, q), hnsw_n=1000, target_recall=0.9, vector_dtype=dtype, log=log.append
+        )
+        mem = {
+            r["method"]: r["value"]
+            for r in recs
+            if r["metric"] == "memory_bytes" and r["n"] == 1000 and r["method"] != "funnel-paper"
+        }
+        impossible = any("impossible here" in line for line in log)
+        assert impossible == (dtype == "float32")
+        if not impossible:
+            assert mem["funnel"] <= mem["hnsw"] / 2

@@ -38,7 +38,19 @@ from mrl.retrieval.funnel.index import (
     pq_subquantizers,
 )
 
-__all__ = ["TuneResult", "tune", "recall_at_k", "held_out_queries", "flops_per_query", "margin_for"]
+__all__ = [
+    "MemoryBudgetError",
+    "TuneResult",
+    "tune",
+    "recall_at_k",
+    "held_out_queries",
+    "flops_per_query",
+    "margin_for",
+]
+
+
+class MemoryBudgetError(ValueError):
+    """No configuration that reaches the target recall fits ``max_memory``."""
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -296,7 +308,7 @@ def tune(
         fits = [c for c in ok if c["memory_bytes"] <= max_memory]
         if not fits:
             least = min(c["memory_bytes"] for c in ok)
-            raise ValueError(
+            raise MemoryBudgetError(
                 f"no configuration reaching target_recall={target_recall} fits "
                 f"max_memory={max_memory} bytes (the smallest that does needs {least}); "
                 "allow more memory, or use float16/int8 rerank vectors"
