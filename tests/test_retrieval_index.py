@@ -343,3 +343,11 @@ def test_ivfpq_save_load_round_trip(tmp_path):
     after = loaded.search(q, 5, stages=((8, 20), (32, 5)))
     np.testing.assert_array_equal(after.indices, before.indices)
     assert loaded.memory_bytes() == index.memory_bytes()
+    extra, _ = _data(n=50, seed=7)
+    for ix in (index, loaded):  # add after build: new rows get codes in the existing cells
+        ix.add(extra)
+        pq = ix._ivfpq[(8, 10)]
+        assert ix.count == pq.ntotal == len(db) + 50
+        every = {"nprobe": 10, "shortlist": ix.count, "stages": ((8, ix.count), (32, 1))}
+        res = ix.search(extra[:5], 1, **every)  # all cells, all rows: exact search
+        np.testing.assert_array_equal(res.indices[:, 0], np.arange(len(db), len(db) + 5))

@@ -249,7 +249,8 @@ class MatryoshkaIndex:
         for m in list(self._short):  # extend cached shortlist matrices
             part = self._widen(x[:, :m]) * inv[:, self.nesting.index(m), None]
             self._short[m] = np.ascontiguousarray(np.concatenate([self._short[m], part]))
-        for key, idx in [*self._hnsw.items(), *self._ivf.items()]:  # graphs / cells: no retrain
+        structures = [*self._hnsw.items(), *self._ivf.items(), *self._ivfpq.items()]
+        for key, idx in structures:  # graphs / cells / PQ codes: no retraining
             g = self.nesting.index(key[0])
             idx.add(np.ascontiguousarray(self._widen(x[:, : key[0]]) * inv[:, g, None]))
         self._torch.clear()
