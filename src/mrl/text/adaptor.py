@@ -40,6 +40,7 @@ __all__ = [
     "prefix_cosine_rows",
     "listwise_prefix_loss",
     "full_neighbours",
+    "sample_candidates",
     "dense_rotation_module",
 ]
 
@@ -184,6 +185,27 @@ def full_neighbours(x: torch.Tensor, k: int, block: int = 1024) -> torch.Tensor:
     return torch.cat(out)
 
 
+def sample_candidates(
+    nbrs: torch.Tensor, batch_size: int, random_negatives: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's pseudo-queries and candidates, drawn from ``gen``.
+
+    ``nbrs [N, K]``: each document's full-size neighbours (`full_neighbours`). Returns
+    ``q [B]`` (B = min(batch_size, N) random documents), ``cand [B, K + M]`` (their neighbours
+    plus M = ``random_negatives`` random documents shared by the batch), ``rows [U]`` (the
+    distinct documents involved: transform each once, not B * (K + M) rows) and
+    ``inv [B, 1 + K + M]`` (positions in ``rows`` of each query, column 0, and its candidates).
+    """
+    n = nbrs.shape[0]
+    q = torch.randint(n, (min(batch_size, n),), generator=gen)  # [B]
+    cand = nbrs[q]  # [B, K]
+    if random_negatives:
+        rnd = torch.randint(n, (random_negatives,), generator=gen)  # [M]
+        cand = torch.cat([cand, rnd.expand(len(q), -1)], dim=1)  # [B, K + M]
+    rows, inv = torch.unique(torch.cat([q[:, None], cand], 1), return_inverse=True)
+    return q, cand, rows, inv
+
+
 class OrthogonalAdaptor:
     """``y = x @ rotation``; ``rotation [D, D]`` orthogonal; prefixes of y follow the nesting."""
 
@@ -246,17 +268,13 @@ class OrthogonalAdaptor:
         opt = torch.optim.Adam([skew], lr=config.lr)
         t0, loss_value = time.time(), float("nan")
         for step in range(config.steps):
-            q_idx = torch.randint(n, (min(config.batch_size, n),), generator=gen)  # [B]
-            cand = nbrs[q_idx]  # [B, K]
-            if config.random_negatives:
-                rnd = torch.randint(n, (config.random_negatives,), generator=gen)  # [M]
-                cand = torch.cat([cand, rnd.expand(len(q_idx), -1)], dim=1)  # [B, K + M]
+            q_idx, cand, rows, inv = sample_candidates(
+                nbrs, config.batch_size, config.random_negatives, gen
+            )  # [B], [B, K + M], [U], [B, 1 + K + M]
             mask = cand == q_idx[:, None]  # a random pick may be the pseudo-query itself
             full = torch.einsum("bd,bkd->bk", xn[q_idx], xn[cand])  # [B, K + M]
             rot = base @ torch.linalg.matrix_exp(skew - skew.T)  # [D, D], orthogonal
-            # Rotate each needed row once: U unique rows [U, D] (not B * (K + M) rows).
-            rows, inv = torch.unique(torch.cat([q_idx[:, None], cand], 1), return_inverse=True)
-            y = x[rows] @ rot  # [U, D]
+            y = x[rows] @ rot  # [U, D]: each needed row rotated once
             pre = prefix_cosine_rows(y, inv[:, 0], inv[:, 1:], nesting)  # [G, B, K + M]
             loss = listwise_prefix_loss(
                 full, pre, nesting, config.temperature, config.target_temperature, mask

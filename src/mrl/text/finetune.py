@@ -602,7 +602,7 @@ def _distill_term(
     its K full-size base neighbours plus M random documents (shared by the batch) as candidates;
     only the U distinct rows involved go through the layer being trained.
     """
-    from mrl.text.adaptor import full_neighbours
+    from mrl.text.adaptor import full_neighbours, sample_candidates
 
     n = corpus.shape[0]
     if n < 3:
@@ -612,12 +612,9 @@ def _distill_term(
     head = _head_fn(dense)
 
     def term() -> torch.Tensor:
-        q = torch.randint(n, (min(config.distill_batch, n),), generator=gen)  # [B]
-        cand = nbrs[q]  # [B, K]
-        if config.distill_negatives:
-            rnd = torch.randint(n, (config.distill_negatives,), generator=gen)  # [M]
-            cand = torch.cat([cand, rnd.expand(len(q), -1)], dim=1)  # [B, K + M]
-        rows, inv = torch.unique(torch.cat([q[:, None], cand], 1), return_inverse=True)
+        _, _, rows, inv = sample_candidates(
+            nbrs, config.distill_batch, config.distill_negatives, gen
+        )  # rows [U], inv [B, 1 + K + M]
         x = corpus[rows]  # [U, D] base embeddings
         y = head(x)  # [U, D] the model being trained
         teacher = x if config.distill_teacher == "base" else y.detach()
