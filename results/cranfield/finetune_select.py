@@ -7,7 +7,9 @@ No Cranfield query or relevance judgment is used. The rule, fixed before any run
   1. keep the settings whose validation full-size nDCG@10 is >= the base model's on every seed;
   2. among them take the highest minimum over seeds of (64-dim nDCG@10 / own full size);
   3. ties (within 0.1 point): the smaller distill weight.
-Writes ``finetune_select.json`` (every run's validation numbers and the choice).
+Writes ``finetune_select.json``: records (method ``base`` / ``finetune``, prefix, metric
+``ndcg@10``, value) of every run's validation numbers at 64 dims and full size, with the run's
+``setting``, ``seed`` and ``config``; the chosen setting's records carry ``chosen: true``.
 
 ``final``: the chosen setting on all pairs, seeds 0/1/2, evaluated on Cranfield's queries
 (`compare_methods`, method ``finetune``); writes ``finetune_seeds.json`` (records with a ``seed``
@@ -30,7 +32,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mrl.io import atomic_write_json
 from mrl.records import load_records, save_records
 from mrl.text.evaluation import compare_methods, load_text_dataset, relative_table
 from mrl.text.finetune import FinetuneConfig, finetune
@@ -78,19 +79,29 @@ def select(work: Path) -> str:
             print(json.dumps(run), flush=True)
             runs.append(run)
     choice = _choose(runs)
-    atomic_write_json(
-        HERE / "finetune_select.json",
-        {
-            "rule": __doc__.split("The rule")[1].split("Writes")[0].strip(),
-            "common": COMMON,
-            "grid": GRID,
-            "val_fraction": 0.2,
-            "runs": runs,
-            "choice": choice,
-        },  # fmt: skip
-    )
+    save_records(HERE / "finetune_select.json", selection_records(runs, choice))
     print("choice:", choice)
     return choice
+
+
+def selection_records(runs: list[dict[str, Any]], choice: str) -> list[dict[str, Any]]:
+    """The runs of `select` in the project's record format (validation nDCG@10)."""
+    records = []
+    for run in runs:
+        name = run["setting"]
+        ctx = {"setting": name, "seed": run["seed"], "split": "validation",
+               "config": {**COMMON, **GRID[name], "val_fraction": 0.2},
+               "chosen": name == choice}  # fmt: skip
+        for method, prefix, value in (("base", 384, run["base_full"]),
+                                      ("finetune", 64, run["at64"]),
+                                      ("finetune", 384, run["full"])):  # fmt: skip
+            records.append({"method": method, "prefix": prefix, "metric": "ndcg@10",
+                            "value": value, **ctx})  # fmt: skip
+    return records
+
+
+def _chosen() -> str:
+    return next(r["setting"] for r in load_records(HERE / "finetune_select.json") if r["chosen"])
 
 
 def _choose(runs: list[dict[str, Any]]) -> str:
@@ -125,12 +136,12 @@ def _test_runs(work: Path, names: list[str], prefix: str) -> list[dict[str, Any]
 
 
 def final(work: Path) -> None:
-    choice = json.loads((HERE / "finetune_select.json").read_text())["choice"]
+    choice = _chosen()
     save_records(HERE / "finetune_seeds.json", _test_runs(work, [choice], "final"))
 
 
 def diagnose(work: Path) -> None:
-    choice = json.loads((HERE / "finetune_select.json").read_text())["choice"]
+    choice = _chosen()
     others = [name for name in GRID if name != choice]
     save_records(HERE / "finetune_grid_test.json", _test_runs(work, others, "diag"))
 
