@@ -5,7 +5,9 @@ The tiny random sentence-transformers model (D=32) comes from test_text_models' 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 
 import pytest
 import torch
@@ -20,9 +22,11 @@ from mrl.nesting import Nesting  # noqa: E402
 from mrl.records import load_records  # noqa: E402
 from mrl.text.adaptor import dense_rotation_module  # noqa: E402
 from mrl.text.finetune import (  # noqa: E402
+    _SPLIT_SEED,
     FinetuneConfig,
     _distill_term,
     finetune,
+    n_folds,
     self_distill_loss,
     self_distill_loss_reference,
     split_pairs,
@@ -134,6 +138,61 @@ def test_split_pairs_is_fixed_and_disjoint():
         split_pairs(5, -0.1)
 
 
+def _split_before_folds(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """The split as it was before ``val_fold`` existed (reference for fold 0)."""
+    order = list(range(n))
+    random.Random(_SPLIT_SEED).shuffle(order)
+    held = sorted(order[: int(round(n * fraction))])
+    return [i for i in range(n) if i not in set(held)], held
+
+
+@pytest.mark.parametrize("n", [3, 10, 50, 1398, 2225])
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.2, 0.25, 0.3, 0.45, 0.7, 0.9])
+def test_fold_0_is_the_split_before_folds(n, fraction):
+    assert split_pairs(n, fraction, 0) == _split_before_folds(n, fraction)
+    assert split_pairs(n, fraction) == split_pairs(n, fraction, 0)
+
+
+def test_fold_0_of_cranfield_split_unchanged():
+    # the 280 titles held out by results/cranfield/finetune_select.py (first round): pinned
+    held = split_pairs(1398, 0.2, 0)[1]
+    assert len(held) == 280 and held[:8] == [1, 3, 8, 20, 28, 37, 48, 49]
+    assert hashlib.sha256(repr(held).encode()).hexdigest()[:16] == "3030dbbf0885b0b2"
+
+
+@pytest.mark.parametrize("n", [7, 50, 1398])
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.3, 0.45, 0.7])
+def test_folds_are_disjoint_and_cover_all_pairs(n, fraction):
+    k = n_folds(fraction)
+    helds = [split_pairs(n, fraction, f)[1] for f in range(k)]
+    assert sorted(i for h in helds for i in h) == list(range(n))  # each pair held out once
+    for f, held in enumerate(helds):
+        train = split_pairs(n, fraction, f)[0]
+        assert sorted(train + held) == list(range(n)) and not set(train) & set(held)
+
+
+def test_n_folds_and_fold_sizes():
+    assert [n_folds(f) for f in (0.0, 0.2, 0.25, 0.3, 0.45, 0.7, 0.9)] == [1, 5, 4, 3, 2, 2, 2]
+    assert [len(split_pairs(1398, 0.2, f)[1]) for f in range(5)] == [280, 279, 280, 279, 280]
+
+
+def test_bad_fold_is_rejected_with_its_name_and_value():
+    with pytest.raises(ValueError, match=r"fold must be an int in \[0, 5\) .* got 5"):
+        split_pairs(50, 0.2, 5)
+    with pytest.raises(ValueError, match=r"fold must be an int in \[0, 5\) .* got -1"):
+        split_pairs(50, 0.2, -1)
+    cases = [
+        (dict(val_fraction=0.2, val_fold=5), r"val_fold must be an int in \[0, 5\) .* got 5"),
+        (dict(val_fraction=0.2, val_fold=-1), r"val_fold must be an int in \[0, 5\) .* got -1"),
+        (dict(val_fraction=0.0, val_fold=1), r"val_fold must be an int in \[0, 1\) .* got 1"),
+        (dict(val_fraction=0.2, val_fold=1.0), r"val_fold must be an int .* got 1.0"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            FinetuneConfig(**kwargs)
+    assert FinetuneConfig(val_fraction=0.2, val_fold=4).val_fold == 4
+
+
 def _pairs(n: int = 10) -> list[Pair]:
     return [Pair(f"title {i} wing", f"a body {i} about lift and heat {i % 3}") for i in range(n)]
 
@@ -154,8 +213,15 @@ def test_finetune_with_distill_and_validation(tiny_model, tmp_path):  # noqa: F8
     assert {r["method"] for r in recs} == {"base", "finetune"}
     assert {r["prefix"] for r in recs} == {8, 16, 32}
     assert {r["n_queries"] for r in recs} == {3} and {r["n_db"] for r in recs} == {10}
-    with pytest.raises(ValueError, match="val_fraction=0.9 leaves 1 training pairs; need 2"):
+    message = r"val_fraction=0.9 \(val_fold=0\) leaves 1 training pairs; need 2"
+    with pytest.raises(ValueError, match=message):
         finetune(tiny_model, _pairs(), tmp_path / "x", FinetuneConfig(val_fraction=0.9))
+    # cross-fitting: the last of 3 folds (pairs 6..9 of the permutation) is held out
+    cfg.val_fold, cfg.epochs = 2, 1
+    out = finetune(tiny_model, _pairs(), tmp_path / "ft2", cfg, log=logs.append)
+    meta = json.loads((out / "mrl.json").read_text())
+    assert meta["held_out_pairs"] == 4 and meta["config"]["val_fold"] == 2
+    assert {r["n_queries"] for r in load_records(out / "validation.json")} == {4}
 
 
 def test_validation_of_the_whole_model_path(tiny_model, tiny, tmp_path):  # noqa: F811
@@ -184,9 +250,10 @@ def test_cli_distill_options(tiny_model, tmp_path, capsys):  # noqa: F811
     assert "distill > 0 needs train_encoder=False" in capsys.readouterr().err
     extra = ["--init-rotation", "pca", "--freeze-encoder", "--distill-teacher", "self"]
     extra += ["--distill-batch", "4", "--distill-neighbours", "2", "--distill-negatives", "3"]
-    extra += ["--val-fraction", "0.25", "--cache", str(tmp_path / "c")]
+    extra += ["--val-fraction", "0.25", "--val-fold", "3", "--cache", str(tmp_path / "c")]
     assert main(args + extra) == 0
     config = json.loads((out / "mrl.json").read_text())["config"]
     assert config["distill"] == 0.5 and config["distill_teacher"] == "self"
     assert config["distill_negatives"] == 3 and config["val_fraction"] == 0.25
+    assert config["val_fold"] == 3
     assert (out / "validation.json").is_file()

@@ -93,6 +93,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="hold out this fraction of the pairs (same split for every seed) and write "
         "OUT/validation.json: held-out queries retrieve their positives, every prefix",
     )
+    ft.add_argument(
+        "--val-fold",
+        type=int,
+        default=0,
+        help="cross-fitting: hold out fold K of the round(1/F) folds of the fixed permutation "
+        "(0 = the plain --val-fraction split)",
+    )
 
     ad = sub.add_parser("adapt", help="post-hoc Matryoshka map for frozen embeddings")
     src = ad.add_mutually_exclusive_group(required=True)
@@ -164,6 +171,7 @@ def _finetune(args: argparse.Namespace) -> int:
         distill_negatives=args.distill_negatives,
         distill_temperature=args.distill_temperature,
         val_fraction=args.val_fraction,
+        val_fold=args.val_fold,
     )
     texts = None  # the "pca" rotation's corpus: the documents, else the distinct positives
     if args.pairs is not None:

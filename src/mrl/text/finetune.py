@@ -30,7 +30,10 @@ softmax distribution over those candidates as a full-size teacher: the frozen ba
 Validation (``val_fraction > 0``): a fixed share of the pairs is held out (the same split for
 every seed); after training, each held-out query retrieves its positive among all positives at
 every prefix, for the base model and for the result (``validation.json``). This lets a setting be
-chosen without any test query (results/cranfield/finetune_select.py does so).
+chosen without any test query (results/cranfield/finetune_select.py does so). Cross-fitting
+(``val_fold``): the same fixed permutation is cut into ``round(1 / val_fraction)`` folds and fold
+``val_fold`` is held out, so runs over every fold hold out each pair exactly once; fold 0 is the
+plain ``val_fraction`` split.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ __all__ = [
     "self_distill_loss",
     "self_distill_loss_reference",
     "split_pairs",
+    "n_folds",
 ]
 
 
@@ -111,6 +115,8 @@ class FinetuneConfig:
         val_fraction: hold out this fraction of the pairs (the same split for every seed),
             train on the rest, and write ``validation.json``: each held-out query retrieves its
             positive among all positives, at every prefix, for the base model and the result.
+        val_fold: which of the ``n_folds(val_fraction)`` folds of the fixed permutation is held
+            out (cross-fitting; `split_pairs`); 0 = the plain ``val_fraction`` split.
     """
 
     nesting: str | None = None
@@ -135,6 +141,7 @@ class FinetuneConfig:
     distill_negatives: int = 256
     distill_temperature: float = 0.05
     val_fraction: float = 0.0
+    val_fold: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_seq_length"):
@@ -164,6 +171,7 @@ class FinetuneConfig:
         self._check_distill()
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        _check_fold(self.val_fold, self.val_fraction, "val_fold")
 
     def _check_distill(self) -> None:
         if not self.distill >= 0:
@@ -271,10 +279,11 @@ def finetune(
 
     config = config or FinetuneConfig()
     _check_pairs(pairs, config.batch_size)
-    train_idx, val_idx = split_pairs(len(pairs), config.val_fraction)
+    train_idx, val_idx = split_pairs(len(pairs), config.val_fraction, config.val_fold)
     if len(train_idx) < 2:
         raise ValueError(
-            f"val_fraction={config.val_fraction} leaves {len(train_idx)} training pairs; need 2"
+            f"val_fraction={config.val_fraction} (val_fold={config.val_fold}) leaves "
+            f"{len(train_idx)} training pairs; need 2"
         )
     base = resolve_model_path(model)
     torch.manual_seed(config.seed)
@@ -347,17 +356,41 @@ def finetune(
     return out
 
 
-def split_pairs(n: int, fraction: float) -> tuple[list[int], list[int]]:
-    """``(train, held_out)`` indices of ``n`` pairs; held out: ``round(n * fraction)`` of them.
+def n_folds(fraction: float) -> int:
+    """Folds of the cross-fitting split for a held-out ``fraction``: ``round(1 / fraction)``, >= 2.
 
-    The split uses its own fixed seed (not the training seed), so runs with different seeds
-    hold out the same pairs and their validation numbers are comparable.
+    0 (no validation) has the single fold 0.
     """
     if not 0 <= fraction < 1:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    return 1 if fraction == 0 else max(2, round(1 / fraction))
+
+
+def _check_fold(fold: int, fraction: float, name: str = "fold") -> None:
+    k = n_folds(fraction)
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < k:
+        raise ValueError(
+            f"{name} must be an int in [0, {k}) for val_fraction={fraction} ({k} folds), "
+            f"got {fold!r}"
+        )
+
+
+def split_pairs(n: int, fraction: float, fold: int = 0) -> tuple[list[int], list[int]]:
+    """``(train, held_out)`` indices of ``n`` pairs, held out: fold ``fold`` of a fixed permutation.
+
+    The permutation uses its own fixed seed (not the training seed), so runs with different
+    seeds hold out the same pairs and their validation numbers are comparable. It is cut at
+    ``round(n * k * fraction)`` for k = 1 .. n_folds(fraction) - 1 (the last fold takes the
+    rest): fold 0 is the first ``round(n * fraction)`` pairs of the permutation, and the folds
+    are disjoint and cover all n pairs, so running every fold holds out each pair once.
+    """
+    _check_fold(fold, fraction)
     order = list(range(n))
     random.Random(_SPLIT_SEED).shuffle(order)
-    held = sorted(order[: int(round(n * fraction))])
+    k = n_folds(fraction)
+    start = int(round(n * fold * fraction))
+    stop = n if fold == k - 1 and fraction > 0 else int(round(n * (fold + 1) * fraction))
+    held = sorted(order[start:stop])
     held_set = set(held)
     return [i for i in range(n) if i not in held_set], held
 
