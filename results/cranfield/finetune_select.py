@@ -19,16 +19,40 @@ and ``setting`` context) and prints the relative table per seed.
 pairs, seeds 0/1/2, on Cranfield's queries, to see whether the validation ranking of settings
 matches the test ranking; writes ``finetune_grid_test.json``.
 
+``select-cv`` (third round, cross-fitting; this rule was written and committed before any of its
+runs, but after the second round's Cranfield numbers had been seen, so the round is not fully
+blind): the same GRID, seeds 0/1/2, and 5 folds (``val_fraction=0.2``, ``val_fold`` 0..4: the
+fixed permutation of the 1398 title -> body pairs cut into 5 folds of 279-280; fold 0 is the
+``select`` split). Each of the 75 runs trains on 4 folds and validates on the fifth (each held-out
+title retrieves its body among all 1398 bodies, nDCG@10 at every prefix). For each (setting,
+seed) the held-out titles of the 5 folds are pooled: the validation nDCG@10 at a prefix is the
+mean over all 1398 titles, each scored by the model that did not train on it (= the fold
+averages weighted by fold size); the base model's is pooled the same way. The rule, the same as
+``select``'s, on the pooled numbers:
+  1. keep the settings whose pooled full-size nDCG@10 is >= the base model's on every seed;
+  2. among them take the highest minimum over seeds of (pooled 64-dim / pooled own full size);
+  3. ties (within 0.1 point): the smaller distill weight (then GRID order).
+No Cranfield query or relevance judgment is read. Writes ``finetune_select_cv.json``: every
+run's validation records (method ``base`` / ``finetune``, every prefix, ``ndcg@10``, with
+``n_queries``, ``setting``, ``seed``, ``fold``, ``config``) and the pooled ones (``split``
+``validation_pooled``, ``fold`` None); the chosen setting's records carry ``chosen: true``.
+It changes neither ``results.json`` nor ``finetune_select.json``. Runs whose folder already holds
+``validation.json`` from the same config are read, not retrained (the job can be resumed);
+``cv-table`` prints the pooled table of the (setting, seed) pairs whose 5 folds are done.
+
 Usage (from the repository root):
     python results/cranfield/finetune_select.py select --work /tmp/mrl_select
     python results/cranfield/finetune_select.py final --work /tmp/mrl_select
     python results/cranfield/finetune_select.py diagnose --work /tmp/mrl_select
+    python results/cranfield/finetune_select.py select-cv --work /tmp/mrl_select   # 75 runs
+    python results/cranfield/finetune_select.py cv-table --work /tmp/mrl_select    # progress
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +64,7 @@ from mrl.text.pairs import pairs_from_titles
 HERE = Path(__file__).resolve().parent
 CACHE = "/tmp/mrl_text_cache"
 SEEDS = (0, 1, 2)
+CV_FRACTION, CV_FOLDS = 0.2, 5  # select-cv: n_folds(0.2) = 5 folds, each held out once
 COMMON = dict(
     init_rotation="pca", train_encoder=False, batch_size=32, max_seq_length=128,
     distill_batch=128, distill_negatives=128,
@@ -117,6 +142,117 @@ def _choose(runs: list[dict[str, Any]]) -> str:
     return max(near, key=lambda s: s[1])[2]
 
 
+def _cv_run(work: Path, pairs: list, docs: list[str], name: str, seed: int, fold: int) -> list:
+    """One cross-fitting run (trained unless its folder already has it): validation records."""
+    cfg = FinetuneConfig(**COMMON, **GRID[name], seed=seed, val_fraction=CV_FRACTION,
+                         val_fold=fold)  # fmt: skip
+    out = work / f"cv_{name}_s{seed}_f{fold}"
+    meta = out / "mrl.json"
+    done = (out / "validation.json").is_file() and meta.is_file() and (
+        json.loads(meta.read_text()).get("config") == asdict(cfg))  # fmt: skip
+    if not done:
+        finetune("default", pairs, out, cfg, log=lambda s: None, rotation_texts=docs,
+                 cache_dir=CACHE)  # fmt: skip
+    ctx = {
+        "setting": name,
+        "seed": seed,
+        "fold": fold,
+        "split": "validation",
+        "config": {**COMMON, **GRID[name], "val_fraction": CV_FRACTION, "val_fold": fold},
+    }
+    return [
+        {
+            "method": r["method"],
+            "prefix": r["prefix"],
+            "metric": "ndcg@10",
+            "value": r["value"],
+            "n_queries": r["n_queries"],
+            **ctx,
+        }
+        for r in load_records(out / "validation.json")
+        if r["metric"] == "ndcg@10"
+    ]
+
+
+def pool_folds(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pooled records per (setting, seed, method, prefix) of the (setting, seed) with all folds.
+
+    Value: the mean over every held-out query of the folds (fold means weighted by n_queries).
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["setting"], r["seed"], r["method"], r["prefix"]), []).append(r)
+    pooled = []
+    for (name, seed, method, prefix), rs in groups.items():
+        if sorted(r["fold"] for r in rs) != list(range(CV_FOLDS)):
+            continue  # incomplete: not every title held out yet
+        n = sum(r["n_queries"] for r in rs)
+        value = sum(r["value"] * r["n_queries"] for r in rs) / n
+        pooled.append({"method": method, "prefix": prefix, "metric": "ndcg@10", "value": value,
+                       "n_queries": n, "setting": name, "seed": seed, "fold": None,
+                       "split": "validation_pooled",
+                       "config": {**COMMON, **GRID[name], "val_fraction": CV_FRACTION,
+                                  "folds": CV_FOLDS}})  # fmt: skip
+    return pooled
+
+
+def _pooled_runs(pooled: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One dict per (setting, seed) in `_choose`'s form, from pooled records."""
+    val = {(r["setting"], r["seed"], r["method"], r["prefix"]): r["value"] for r in pooled}
+    runs = []
+    for name, seed in sorted({(k[0], k[1]) for k in val}, key=lambda k: (list(GRID).index(k[0]),
+                                                                         k[1])):  # fmt: skip
+        full, at64 = val[name, seed, "finetune", 384], val[name, seed, "finetune", 64]
+        runs.append({"setting": name, "seed": seed, "base_full": val[name, seed, "base", 384],
+                     "full": full, "at64": at64, "ratio64": at64 / full})  # fmt: skip
+    return runs
+
+
+def cv_table(runs: list[dict[str, Any]]) -> str:
+    """Markdown: pooled validation full size and 64-dim share per seed, their min, rule 1."""
+    rows = ["| setting | seeds | pooled full size | pooled 64 / own full | min 64 share | "
+            "full >= base on every seed |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for name in GRID:
+        rs = [r for r in runs if r["setting"] == name]
+        if not rs:
+            continue
+        full = " / ".join(f"{r['full']:.4f}" for r in rs)
+        share = " / ".join(f"{100 * r['ratio64']:.2f}" for r in rs)
+        ok = all(r["full"] >= r["base_full"] for r in rs)
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        rows.append(
+            f"| `{name}` | {seeds} | {full} | {share} | "
+            f"{100 * min(r['ratio64'] for r in rs):.2f} | {'yes' if ok else 'no'} |"
+        )
+    base = {r["base_full"] for r in runs}
+    return "\n".join(rows) + f"\nbase pooled full size: {sorted(base)}"
+
+
+def select_cv(work: Path) -> str:
+    pairs, docs = _pairs()
+    records: list[dict[str, Any]] = []
+    for seed in SEEDS:  # seed-major: a stopped job leaves complete seeds
+        for fold in range(CV_FOLDS):
+            for name in GRID:
+                records += _cv_run(work, pairs, docs, name, seed, fold)
+                save_records(work / "select_cv_partial.json", records)
+                print(f"done {name} seed {seed} fold {fold}", flush=True)
+    pooled = pool_folds(records)
+    runs = _pooled_runs(pooled)
+    choice = _choose(runs)
+    out = [{**r, "chosen": r["setting"] == choice} for r in records + pooled]
+    save_records(HERE / "finetune_select_cv.json", out)
+    print(cv_table(runs))
+    print("choice:", choice)
+    return choice
+
+
+def cv_progress(work: Path) -> None:
+    records = load_records(work / "select_cv_partial.json")
+    print(f"{len({(r['setting'], r['seed'], r['fold']) for r in records})} runs done")
+    print(cv_table(_pooled_runs(pool_folds(records))))
+
+
 def _test_runs(work: Path, names: list[str], prefix: str) -> list[dict[str, Any]]:
     """Each named setting on all pairs, seeds 0/1/2, scored on Cranfield's queries."""
     pairs, docs = _pairs()
@@ -148,10 +284,12 @@ def diagnose(work: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=("select", "final", "diagnose"))
+    p.add_argument("phase", choices=("select", "final", "diagnose", "select-cv", "cv-table"))
     p.add_argument("--work", type=Path, required=True, help="folder for the model folders")
     args = p.parse_args()
-    {"select": select, "final": final, "diagnose": diagnose}[args.phase](args.work)
+    phases = {"select": select, "final": final, "diagnose": diagnose, "select-cv": select_cv,
+              "cv-table": cv_progress}  # fmt: skip
+    phases[args.phase](args.work)
 
 
 if __name__ == "__main__":
