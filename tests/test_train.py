@@ -145,3 +145,19 @@ def test_trains_on_triples_composed_on_the_fly(tmp_path):
     assert saved["task"]["num_classes"] == 64
     z, logits = predict(model, task.test)
     assert z.shape == (32, 16) and logits.shape == (3, 32, 64)
+
+
+def test_mlp_encoder_shapes_and_errors():
+    from mrl.models import MLPEncoder, build_encoder
+
+    enc = build_encoder("mlp", 8, 1, input_shape=(4, 6), width=16, depth=1)
+    assert enc(torch.zeros(3, 1, 4, 6)).shape == (3, 8)
+    with pytest.raises(ValueError, match=r"expects images of shape \(1, 4, 6\), got \(1, 6, 4\)"):
+        enc(torch.zeros(3, 1, 6, 4))
+    with pytest.raises(ValueError, match="input_shape must be"):
+        MLPEncoder(8, 1, input_shape=(4,))
+    with pytest.raises(ValueError, match="depth=-1"):
+        MLPEncoder(8, 1, input_shape=(4, 4), depth=-1)
+    with pytest.raises(ValueError, match="norm='layer'"):
+        MLPEncoder(8, 1, input_shape=(4, 4), norm="layer")
+    assert len(MLPEncoder(8, 1, input_shape=(4, 4), depth=0).layers) == 2  # flatten + linear

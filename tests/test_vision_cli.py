@@ -192,3 +192,32 @@ def test_reproduce_plain_model_is_ff_at_full_size(tmp_path, task):
     e = compute_embeddings(tmp_path / "runs" / "seed0" / "plain", task=task)
     head = 100.0 * (e.test_logits[0].argmax(-1) == e.test_labels).float().mean().item()
     assert ff["value"] == pytest.approx(head, abs=1e-3)  # the logged accuracy is the head's
+
+
+def test_reproduce_probe_iterations_reach_the_probe(tmp_path, task):
+    from mrl.commands.reproduce import RECIPES, reproduce
+
+    over = ("data.dataset=synthetic", *TINY)
+    kw = dict(overrides=over, progress=False, data_task=task, log=lambda s: None, only=("plain",))
+    with pytest.raises(ValueError, match="probe_iter must be positive, got probe_iter=0"):
+        reproduce("fashion-mnist", "small", tmp_path / "x", probe_iter=0, **kw)
+    one = reproduce("fashion-mnist", "small", tmp_path / "a", probe_iter=1, **kw)
+    full = reproduce("fashion-mnist", "small", tmp_path / "b", **kw)  # the recipe's 200
+
+    def probe(recs):
+        return [r["value"] for r in recs if r["method"] == "pca" and r["metric"] == "top1"]
+
+    assert probe(one) != probe(full)  # one L-BFGS iteration is not a converged probe
+    assert RECIPES[("fashion-mnist-1k", "small")].probe_iter == 50
+
+
+def test_reproduce_1k_small_recipe_uses_the_mlp(tmp_path, task):
+    # The CPU recipe of the 1000-class task trains an MLP (position-aware); here on tiny data.
+    from mrl.commands.reproduce import reproduce
+
+    over = ("data.dataset=synthetic", *TINY, "epochs=1")
+    recs = reproduce("fashion-mnist-1k", "small", tmp_path, overrides=over, progress=False,
+                     data_task=task, log=lambda s: None, only=("mrl",))  # fmt: skip
+    assert {r["method"] for r in recs} == {"mrl"}
+    config = json.loads((tmp_path / "runs" / "seed0" / "mrl" / "config.json").read_text())
+    assert config["model"]["name"] == "mlp"

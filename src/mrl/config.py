@@ -85,15 +85,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("cnn", "encoder: cnn | resnet18 | resnet34 | resnet50 (or a registered name)")
+    name: str = _f(
+        "cnn", "encoder: cnn | mlp | resnet18 | resnet34 | resnet50 (or a registered name)"
+    )
     dim: int = _f(256, "embedding size D, dims")
     width: int | None = _f(
-        None, "channels of the first stage (None = encoder default: cnn 16, resnet 64)"
+        None, "channels of the first stage / hidden units (None: cnn 16, mlp 1024, resnet 64)"
     )
     stem: str = _f(
         "small", "resnet only: small (3x3, for 28-64 px) | imagenet (7x7 + max-pool, 224 px)"
     )
-    norm: str = _f("batch", "cnn only: batch | group | none")
+    norm: str = _f("batch", "cnn and mlp only: batch | group | none")
     mode: str = _f(
         "mrl", "head: mrl (one linear per prefix) | mrl-e (tied) | ff (reads z[:ff_dim]) | plain"
     )
@@ -133,11 +135,18 @@ class ModelConfig:
             raise ValueError(f"model.nesting={self.nesting!r}: {exc}") from None
         return nesting
 
-    def encoder_options(self) -> dict[str, Any]:
-        """Keyword options for `mrl.models.build_encoder` of the built-in encoders."""
+    def encoder_options(self, image_shape: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Keyword options for `mrl.models.build_encoder` of the built-in encoders.
+
+        ``image_shape`` ``(H, W)`` is needed by ``mlp`` only (its first layer reads C*H*W values).
+        """
         opts: dict[str, Any] = {} if self.width is None else {"width": self.width}
-        if self.name == "cnn":
+        if self.name in ("cnn", "mlp"):
             opts["norm"] = self.norm
+        if self.name == "mlp":
+            if image_shape is None:
+                raise ValueError("model.name='mlp' needs the image shape (H, W) of the data")
+            opts["input_shape"] = tuple(image_shape)
         elif self.name.startswith("resnet"):
             opts["stem"] = self.stem
         return opts

@@ -59,13 +59,17 @@ def build_model(
     num_classes: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    image_shape: tuple[int, int] | None = None,
 ) -> MatryoshkaClassifier:
-    """Encoder (initialised from ``seed`` alone) + the mode's head (from a seed of its own)."""
+    """Encoder (initialised from ``seed`` alone) + the mode's head (from a seed of its own).
+
+    ``image_shape`` ``(H, W)``: needed by encoders whose size depends on it (``mlp``).
+    """
     from mrl.heads import make_head
 
     m = config.model
     torch.manual_seed(config.seed)
-    encoder = build_encoder(m.name, m.dim, in_channels, **m.encoder_options())
+    encoder = build_encoder(m.name, m.dim, in_channels, **m.encoder_options(image_shape))
     torch.manual_seed(config.seed + 7919)  # head init independent of the encoder's size
     nesting = m.get_nesting()
     head = make_head(m.mode, nesting, num_classes, ff_dim=m.ff_dim)
@@ -199,9 +203,11 @@ def load_run(
     saved = load_checkpoint(run_dir)
     config = config_from_dict(saved["config"])
     t = saved["task"]
+    shape = t.get("image_shape")  # absent in checkpoints written before the mlp encoder
     model = build_model(
-        config, t["in_channels"], t["num_classes"], tuple(t["mean"]), tuple(t["std"])
-    )
+        config, t["in_channels"], t["num_classes"], tuple(t["mean"]), tuple(t["std"]),
+        None if shape is None else tuple(shape),
+    )  # fmt: skip
     _load_state(model, saved["model"], run_dir)
     return model.to(device).eval(), config, saved
 
@@ -275,7 +281,9 @@ def train(
         torch.cuda.set_device(device)  # NCCL collectives (barrier) use the current device
     if task is None:
         task = load_task_for(config)
-    model = build_model(config, task.in_channels, task.num_classes, task.mean, task.std).to(device)
+    model = build_model(
+        config, task.in_channels, task.num_classes, task.mean, task.std, task.test.image_shape
+    ).to(device)
     optimizer = build_optimizer(config, model)
     steps_per_epoch = len(task.train) // config.batch_size
     if steps_per_epoch == 0:
@@ -357,6 +365,7 @@ def _save(
                 "name": task.name,
                 "num_classes": task.num_classes,
                 "in_channels": task.in_channels,
+                "image_shape": list(task.test.image_shape),
                 "mean": list(task.mean),
                 "std": list(task.std),
             },

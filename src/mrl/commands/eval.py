@@ -236,10 +236,15 @@ def evaluate_run(
     return records
 
 
-PROBE_RECIPE = (
-    "standardised features, multinomial logistic regression with L2 1e-4 on the "
-    "weights, full-batch L-BFGS (strong Wolfe) up to 200 iterations."
-)
+def probe_recipe(max_iter: int = 200) -> str:
+    """The linear probe's recipe in words (for reports)."""
+    return (
+        "standardised features, multinomial logistic regression with L2 1e-4 on the "
+        f"weights, full-batch L-BFGS (strong Wolfe) up to {max_iter} iterations."
+    )
+
+
+PROBE_RECIPE = probe_recipe()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from mrl.models.cnn import SmallCNN
+from mrl.models.mlp import MLPEncoder
 from mrl.models.resnet import resnet18, resnet34, resnet50
 from mrl.nesting import Nesting
 
 __all__ = [
     "ENCODERS",
+    "MLPEncoder",
     "MatryoshkaClassifier",
     "Normalize",
     "SmallCNN",
@@ -28,6 +30,7 @@ __all__ = [
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "cnn": lambda dim, in_channels, **kw: SmallCNN(dim, in_channels, **kw),
+    "mlp": lambda dim, in_channels, **kw: MLPEncoder(dim, in_channels, **kw),
     "resnet18": lambda dim, in_channels, **kw: resnet18(dim, in_channels, **kw),
     "resnet34": lambda dim, in_channels, **kw: resnet34(dim, in_channels, **kw),
     "resnet50": lambda dim, in_channels, **kw: resnet50(dim, in_channels, **kw),
