@@ -13,7 +13,7 @@ from mrl import Nesting
 from mrl.cli import main
 from mrl.retrieval import EmbeddingStore, MatryoshkaIndex, SearchConfig, exact_search
 from mrl.retrieval.synthetic import mrl_like
-from mrl.retrieval.tune import flops_per_query, recall_at_k, tune
+from mrl.retrieval.tune import flops_per_query, margin_for, recall_at_k, tune
 
 NEST = Nesting.doubling(8, 64)
 
@@ -329,8 +329,13 @@ def test_tune_memory_budget_picks_fastest_that_fits(data):
     assert index.memory_bytes(res.config) <= budget and res.recall >= 0.95
     chosen = [c for c in res.candidates if c["config"] == res.config.to_dict()]
     assert chosen[0]["memory_bytes"] == index.memory_bytes(res.config)  # what the budget saw
-    with pytest.raises(ValueError, match=r"fits max_memory=1000 bytes \(the smallest"):
+    with pytest.raises(ValueError, match=r"fits max_memory=1000 bytes \(the smallest") as info:
         tune(index, 0.95, k=10, n_queries=60, backends=("flat",), max_memory=1000)
+    # The error carries the fastest configuration without the budget, from the same measurements.
+    fallback = info.value.unbudgeted
+    need = min(1.0, 0.95 + margin_for(0.95, 60, 10))
+    assert fallback.qps == max(c["qps"] for c in fallback.candidates if c["recall"] >= need)
+    assert fallback.recall >= 0.95 and index.memory_bytes(fallback.config) > 1000
     with pytest.raises(ValueError, match="max_memory must be a positive number of bytes"):
         tune(index, 0.95, max_memory=0)
 

@@ -50,7 +50,15 @@ __all__ = [
 
 
 class MemoryBudgetError(ValueError):
-    """No configuration that reaches the target recall fits ``max_memory``."""
+    """No configuration that reaches the target recall fits ``max_memory``.
+
+    ``unbudgeted``: the fastest configuration that reaches the target without the budget (not
+    applied to the index), so a caller can fall back to it without measuring everything again.
+    """
+
+    def __init__(self, message: str, unbudgeted: TuneResult | None = None) -> None:
+        super().__init__(message)
+        self.unbudgeted = unbudgeted
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -311,13 +319,26 @@ def tune(
             raise MemoryBudgetError(
                 f"no configuration reaching target_recall={target_recall} fits "
                 f"max_memory={max_memory} bytes (the smallest that does needs {least}); "
-                "allow more memory, or use float16/int8 rerank vectors"
+                "allow more memory, or use float16/int8 rerank vectors",
+                _fastest(ok, k, target_recall, candidates),
             )
         ok = fits
+    result = _fastest(ok, k, target_recall, candidates)
+    cfg = result.config
+    if apply:
+        index.config = cfg
+        index.tuned = result.to_dict()
+        index.release(cfg)
+    return result
+
+
+def _fastest(
+    ok: list[dict[str, Any]], k: int, target_recall: float, candidates: list[dict[str, Any]]
+) -> TuneResult:
+    """The candidate with the most queries/s among ``ok`` (those reaching the target)."""
     best = max(ok, key=lambda c: c["qps"])
-    cfg = SearchConfig.from_dict(best["config"])
-    result = TuneResult(
-        cfg,
+    return TuneResult(
+        SearchConfig.from_dict(best["config"]),
         best["recall"],
         best["qps"],
         best["flops_per_query"],
@@ -325,11 +346,6 @@ def tune(
         float(target_recall),
         candidates,
     )
-    if apply:
-        index.config = cfg
-        index.tuned = result.to_dict()
-        index.release(cfg)
-    return result
 
 
 def _cheapest_ivf(feasible, base, n, d, kk, nest, max_ivf: int) -> list[int]:
