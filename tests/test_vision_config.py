@@ -85,3 +85,12 @@ def test_roundtrip_and_describe():
     text = describe()
     assert "optim.lr (float, default 0.002): peak learning rate" in text
     assert text.count("\n") + 1 == 7 + 6 + 9 + 9
+
+
+def test_shipped_1k_mlp_config_is_the_reproduce_cpu_recipe():
+    from mrl.commands.reproduce import RECIPES
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist-1k-mlp.json"
+    shipped = load_config(path, []).to_dict()
+    recipe = load_config(None, list(RECIPES[("fashion-mnist-1k", "small")].overrides)).to_dict()
+    assert shipped == recipe
