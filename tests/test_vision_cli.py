@@ -67,6 +67,18 @@ def test_plain_eval_has_baselines(tmp_path, task):
         for metric in ("top1", "probe_top1", "1nn", "map@10"):
             assert {(method, metric, m) for m in (2, 4, 16)} <= methods
     assert all(0 <= r["value"] <= 100 for r in recs if r["metric"] in ("top1", "1nn"))
+    # probe_max_dim: probes (hence plain/pca/random top1) only up to that prefix, the same values;
+    # retrieval still at every prefix.
+    e = compute_embeddings(tmp_path, task=task)
+    capped = evaluate_embeddings(e, nesting="2,4,16", probe_iter=20, probe_all=True,
+                                 probe_max_dim=4)  # fmt: skip
+    probed = {(r["method"], r["prefix"]): r["value"] for r in capped if r["metric"] == "top1"}
+    assert set(probed) == {(m, p) for m in ("plain", "pca", "random") for p in (2, 4)}
+    full = {(r["method"], r["prefix"]): r["value"] for r in recs if r["metric"] == "top1"}
+    assert all(full[key] == v for key, v in probed.items())
+    assert {r["prefix"] for r in capped if r["metric"] == "1nn"} == {2, 4, 16}
+    with pytest.raises(ValueError, match=r"probe_max_dim=1 is below every prefix \[2, 4, 16\]"):
+        evaluate_embeddings(e, nesting="2,4,16", probe_iter=5, probe_max_dim=1)
 
 
 def test_reproduce_accumulates_seeds(tmp_path, task):
@@ -208,7 +220,8 @@ def test_reproduce_probe_iterations_reach_the_probe(tmp_path, task):
         return [r["value"] for r in recs if r["method"] == "pca" and r["metric"] == "top1"]
 
     assert probe(one) != probe(full)  # one L-BFGS iteration is not a converged probe
-    assert RECIPES[("fashion-mnist-1k", "small")].probe_iter == 50
+    one_k = RECIPES[("fashion-mnist-1k", "small")]
+    assert (one_k.probe_iter, one_k.probe_max_dim) == (50, 16)
 
 
 def test_reproduce_1k_small_recipe_uses_the_mlp(tmp_path, task):

@@ -110,13 +110,15 @@ def evaluate_embeddings(
     probe_iter: int = 200,
     method: str | None = None,
     probe_all: bool = False,
+    probe_max_dim: int | None = None,
     **context: Any,
 ) -> list[dict[str, Any]]:
     """Tidy records (method, prefix, metric, value, ...) for one run; see the module doc.
 
     ``probe_all``: also fit the linear probe on the features of models with trained heads, so that
     metric ``probe_top1`` compares every method with one classifier recipe (for plain, pca and
-    random, ``probe_top1`` equals their ``top1``).
+    random, ``probe_top1`` equals their ``top1``). ``probe_max_dim``: fit probes only at prefixes
+    up to this size (1000-class probes on 50k rows take minutes per prefix on a CPU).
     """
     from mrl.nesting import Nesting
     from mrl.probe import baseline_features, probe_top1
@@ -130,32 +132,40 @@ def evaluate_embeddings(
     else:
         sizes = Nesting.parse(nesting, dim=e.nesting.dim) if nesting else e.nesting
         db, test = e.db, e.test
+    def probe(x_db: Any, x_test: Any) -> tuple[Any, Any]:
+        """(probed sizes, top-1 [G'] of a linear probe at each)."""
+        ps = sizes
+        if probe_max_dim is not None:
+            kept = [m for m in sizes.sizes if m <= probe_max_dim]
+            if not kept:
+                raise ValueError(
+                    f"probe_max_dim={probe_max_dim} is below every prefix {list(sizes.sizes)}"
+                )
+            ps = Nesting.parse(kept)
+        acc = probe_top1(x_db[:, : ps.dim], e.db_labels, x_test[:, : ps.dim], e.test_labels, ps,
+                         e.num_classes, max_iter=probe_iter)  # fmt: skip
+        return ps, acc
+
     if e.mode in ("mrl", "mrl-e", "ff"):
         acc = 100.0 * (e.test_logits.argmax(-1) == e.test_labels[None]).float().mean(1)  # [G_head]
         for m, a in zip(e.head_nesting.sizes, acc.tolist()):
             if m in sizes:
                 records.append(make_record(method, m, "top1", a, source="head", **context))
-        if probe_all:
-            acc = probe_top1(
-                db, e.db_labels, test, e.test_labels, sizes, e.num_classes, max_iter=probe_iter
-            )
+        if probe_all and (probe_max_dim is None or sizes.sizes[0] <= probe_max_dim):
+            ps, acc = probe(db, test)
             records += [
                 make_record(method, m, "probe_top1", a, source="probe", **context)
-                for m, a in zip(sizes.sizes, acc.tolist())
+                for m, a in zip(ps.sizes, acc.tolist())
             ]
     else:  # plain: a probe on the truncated features
-        acc = probe_top1(
-            db, e.db_labels, test, e.test_labels, sizes, e.num_classes, max_iter=probe_iter
-        )
-        records += _probe_records(method, sizes, acc, probe_all, context)
+        ps, acc = probe(db, test)
+        records += _probe_records(method, ps, acc, probe_all, context)
     records += _retrieval(db, e.db_labels, test, e.test_labels, sizes, method, center, context)
     if e.mode == "plain" and baselines:
         for kind in ("pca", "random"):
             bdb, btest = baseline_features(db, test, kind)
-            acc = probe_top1(
-                bdb, e.db_labels, btest, e.test_labels, sizes, e.num_classes, max_iter=probe_iter
-            )
-            records += _probe_records(kind, sizes, acc, probe_all, context)
+            ps, acc = probe(bdb, btest)
+            records += _probe_records(kind, ps, acc, probe_all, context)
             records += _retrieval(
                 bdb, e.db_labels, btest, e.test_labels, sizes, kind, center, context
             )
