@@ -39,6 +39,11 @@ run's validation records (method ``base`` / ``finetune``, every prefix, ``ndcg@1
 It changes neither ``results.json`` nor ``finetune_select.json``. Runs whose folder already holds
 ``validation.json`` from the same config are read, not retrained (the job can be resumed);
 ``cv-table`` prints the pooled table of the (setting, seed) pairs whose 5 folds are done.
+Run order (changed after 12 runs, for time; not the rule): seed-major, with fold 0 of seeds 1
+and 2 last, because fold 0 is ``select``'s split: seed 0's fold-0 runs here reproduced
+finetune_select.json's numbers exactly, so if the job must stop early, ``cv-finish`` applies the
+rule with the missing fold-0 runs' 64-dim and full-size numbers taken from that file (marked
+``source: finetune_select.json``).
 
 Usage (from the repository root):
     python results/cranfield/finetune_select.py select --work /tmp/mrl_select
@@ -46,6 +51,7 @@ Usage (from the repository root):
     python results/cranfield/finetune_select.py diagnose --work /tmp/mrl_select
     python results/cranfield/finetune_select.py select-cv --work /tmp/mrl_select   # 75 runs
     python results/cranfield/finetune_select.py cv-table --work /tmp/mrl_select    # progress
+    python results/cranfield/finetune_select.py cv-finish --work /tmp/mrl_select   # if stopped
 """
 
 from __future__ import annotations
@@ -228,17 +234,34 @@ def cv_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(rows) + f"\nbase pooled full size: {sorted(base)}"
 
 
+def _cv_order() -> list[tuple[int, int]]:
+    """(seed, fold) in run order: seed-major, but fold 0 of seeds 1 and 2 last.
+
+    Fold 0 is the second round's split (`select`), whose runs already gave the 64-dim and
+    full-size numbers (finetune_select.json; seed 0's fold 0 here reproduced them exactly), so
+    if the job is stopped early those runs are the ones `cv-finish` can take from there.
+    """
+    order = [(seed, fold) for seed in SEEDS for fold in range(CV_FOLDS)]
+    return [k for k in order if k[0] == SEEDS[0] or k[1] > 0] + [(seed, 0) for seed in SEEDS[1:]]
+
+
 def select_cv(work: Path) -> str:
     pairs, docs = _pairs()
     records: list[dict[str, Any]] = []
-    for seed in SEEDS:  # seed-major: a stopped job leaves complete seeds
-        for fold in range(CV_FOLDS):
-            for name in GRID:
-                records += _cv_run(work, pairs, docs, name, seed, fold)
-                save_records(work / "select_cv_partial.json", records)
-                print(f"done {name} seed {seed} fold {fold}", flush=True)
+    for seed, fold in _cv_order():
+        for name in GRID:
+            records += _cv_run(work, pairs, docs, name, seed, fold)
+            save_records(work / "select_cv_partial.json", records)
+            print(f"done {name} seed {seed} fold {fold}", flush=True)
+    return _finish_cv(records)
+
+
+def _finish_cv(records: list[dict[str, Any]]) -> str:
+    """Pool, apply the rule, write finetune_select_cv.json; the choice."""
     pooled = pool_folds(records)
     runs = _pooled_runs(pooled)
+    if len(runs) < len(GRID) * len(SEEDS):
+        raise SystemExit(f"only {len(runs)} (setting, seed) have every fold: no choice")
     choice = _choose(runs)
     out = [{**r, "chosen": r["setting"] == choice} for r in records + pooled]
     save_records(HERE / "finetune_select_cv.json", out)
@@ -247,10 +270,37 @@ def select_cv(work: Path) -> str:
     return choice
 
 
+def _fold0_from_select(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold-0 records missing here, taken from the second round (finetune_select.json).
+
+    Only what that file holds (base full size, finetune at 64 and full size; 280 held-out
+    titles), each marked ``source: finetune_select.json``.
+    """
+    have = {(r["setting"], r["seed"]) for r in records if r["fold"] == 0}
+    fill = []
+    for r in load_records(HERE / "finetune_select.json"):
+        if (r["setting"], r["seed"]) in have:
+            continue
+        ctx = {"setting": r["setting"], "seed": r["seed"], "fold": 0, "split": "validation",
+               "config": {**COMMON, **GRID[r["setting"]], "val_fraction": CV_FRACTION,
+                          "val_fold": 0}, "source": "finetune_select.json"}  # fmt: skip
+        fill.append({"method": r["method"], "prefix": r["prefix"], "metric": "ndcg@10",
+                     "value": r["value"], "n_queries": 280, **ctx})  # fmt: skip
+    return fill
+
+
+def cv_finish(work: Path) -> None:
+    """The rule on the runs done so far, fold 0 of missing runs from the second round."""
+    records = load_records(work / "select_cv_partial.json")
+    _finish_cv(records + _fold0_from_select(records))
+
+
 def cv_progress(work: Path) -> None:
     records = load_records(work / "select_cv_partial.json")
     print(f"{len({(r['setting'], r['seed'], r['fold']) for r in records})} runs done")
     print(cv_table(_pooled_runs(pool_folds(records))))
+    print("with fold 0 from finetune_select.json where missing (64 and full size only):")
+    print(cv_table(_pooled_runs(pool_folds(records + _fold0_from_select(records)))))
 
 
 def _test_runs(work: Path, names: list[str], prefix: str) -> list[dict[str, Any]]:
@@ -284,11 +334,12 @@ def diagnose(work: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=("select", "final", "diagnose", "select-cv", "cv-table"))
+    phases = ("select", "final", "diagnose", "select-cv", "cv-table", "cv-finish")
+    p.add_argument("phase", choices=phases)
     p.add_argument("--work", type=Path, required=True, help="folder for the model folders")
     args = p.parse_args()
     phases = {"select": select, "final": final, "diagnose": diagnose, "select-cv": select_cv,
-              "cv-table": cv_progress}  # fmt: skip
+              "cv-table": cv_progress, "cv-finish": cv_finish}  # fmt: skip
     phases[args.phase](args.work)
 
 
