@@ -257,11 +257,15 @@ def select_cv(work: Path) -> str:
 
 
 def _finish_cv(records: list[dict[str, Any]]) -> str:
-    """Pool, apply the rule, write finetune_select_cv.json; the choice."""
+    """Pool, apply the rule, write finetune_select_cv.json; the choice ("" when incomplete)."""
     pooled = pool_folds(records)
     runs = _pooled_runs(pooled)
-    if len(runs) < len(GRID) * len(SEEDS):
-        raise SystemExit(f"only {len(runs)} (setting, seed) have every fold: no choice")
+    if len(runs) < len(GRID) * len(SEEDS):  # stopped early: the records so far, no choice
+        save_records(HERE / "finetune_select_cv.json", [{**r, "chosen": False}
+                                                        for r in records + pooled])  # fmt: skip
+        print(cv_table(runs))
+        print(f"partial: {len(runs)} of {len(GRID) * len(SEEDS)} (setting, seed): no choice")
+        return ""
     choice = _choose(runs)
     out = [{**r, "chosen": r["setting"] == choice} for r in records + pooled]
     save_records(HERE / "finetune_select_cv.json", out)
