@@ -110,3 +110,32 @@ def test_command_reports_the_variant_beside_mrl(tmp_path, capsys):
     assert "MRL-W (MRL with per-prefix loss weights) 1-NN at least the truncated" in claims
     assert main([*argv, "--mrl-weights", "full:0"]) == 2
     assert "mrl_weights full:K needs K > 0" in capsys.readouterr().err
+
+
+def _merge_many(path: str, worker: int) -> None:
+    from pathlib import Path
+
+    from mrl.commands.reproduce import merge_records
+    from mrl.records import make_record
+
+    for i in range(15):
+        merge_records(Path(path), [make_record("mrl", 8, "top1", float(i), seed=0,
+                                               run=f"w{worker}-{i}")])  # fmt: skip
+
+
+def test_concurrent_merges_keep_every_record(tmp_path):
+    # Two processes sharing one --out (mrl reproduce --only ...) must not drop each other's runs.
+    import multiprocessing as mp
+
+    from mrl.records import load_records
+
+    path = str(tmp_path / "results.json")
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_merge_many, args=(path, w)) for w in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    runs = {r["run"] for r in load_records(path)}
+    assert runs == {f"w{w}-{i}" for w in (0, 1) for i in range(15)}

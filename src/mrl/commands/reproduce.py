@@ -227,7 +227,7 @@ def reproduce(
     from mrl.commands.eval import compute_embeddings, evaluate_embeddings
     from mrl.config import load_config
     from mrl.data import load_task_for
-    from mrl.records import load_records, save_records
+    from mrl.records import save_records
     from mrl.train import CHECKPOINT, load_checkpoint, train
 
     if (task, budget) not in RECIPES:
@@ -289,11 +289,29 @@ def reproduce(
                                         budget=budget)]  # fmt: skip
         records += recs
         log(f"[{name}] seed {seed}: done in {time.perf_counter() - t0:.0f} s")
-    results = out / "results.json"
-    done = {(seed, r["run"]) for r in records}
-    old = load_records(results) if results.is_file() else []
-    old = [r for r in old if (r.get("seed"), r.get("run")) not in done]
-    save_records(results, old + records)
+    return merge_records(out / "results.json", records)
+
+
+def merge_records(results: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replace the (seed, run) records of ``records`` in ``results``; all records after it.
+
+    Several processes may share one ``--out`` (``--only``): the read-modify-write happens under
+    an exclusive lock on ``results.json.lock``, so no process drops another's records.
+    """
+    from mrl.records import load_records, save_records
+
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock (share a folder from one process there)
+        fcntl = None
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results.with_name(results.name + ".lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = {(r.get("seed"), r["run"]) for r in records}
+        old = load_records(results) if results.is_file() else []
+        old = [r for r in old if (r.get("seed"), r.get("run")) not in done]
+        save_records(results, old + records)
     return old + records
 
 
