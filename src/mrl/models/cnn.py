@@ -12,23 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mrl.models.norm import make_norm
+
 __all__ = ["SmallCNN"]
-
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        return nn.GroupNorm(min(8, channels), channels)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"norm must be 'batch', 'group' or 'none', got norm={kind!r}")
 
 
 def _block(cin: int, cout: int, stride: int, norm: str, kernel: int = 3) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=norm == "none"),
-        _norm(norm, cout),
+        make_norm(norm, cout, nn.BatchNorm2d),
         nn.ReLU(inplace=True),
     )
 

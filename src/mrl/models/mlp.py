@@ -17,17 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mrl.models.norm import make_norm
+
 __all__ = ["MLPEncoder"]
-
-
-def _norm1d(kind: str, features: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm1d(features)
-    if kind == "group":
-        return nn.GroupNorm(min(8, features), features)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"norm must be 'batch', 'group' or 'none', got norm={kind!r}")
 
 
 class MLPEncoder(nn.Module):
@@ -66,8 +58,8 @@ class MLPEncoder(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         features = in_channels * shape[0] * shape[1]
         for _ in range(depth):
-            layers += [nn.Linear(features, width, bias=norm == "none"), _norm1d(norm, width)]
-            layers.append(nn.ReLU(inplace=True))
+            layers.append(nn.Linear(features, width, bias=norm == "none"))
+            layers += [make_norm(norm, width, nn.BatchNorm1d), nn.ReLU(inplace=True)]
             features = width
         layers.append(nn.Linear(features, dim))  # [B, D], signed
         self.layers = nn.Sequential(*layers)
