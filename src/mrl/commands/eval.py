@@ -132,16 +132,17 @@ def evaluate_embeddings(
     else:
         sizes = Nesting.parse(nesting, dim=e.nesting.dim) if nesting else e.nesting
         db, test = e.db, e.test
+    # The prefixes that get a linear probe (None: none is <= probe_max_dim).
+    kept = [m for m in sizes.sizes if probe_max_dim is None or m <= probe_max_dim]
+    probe_sizes = Nesting.parse(kept) if kept else None
+
     def probe(x_db: Any, x_test: Any) -> tuple[Any, Any]:
         """(probed sizes, top-1 [G'] of a linear probe at each)."""
-        ps = sizes
-        if probe_max_dim is not None:
-            kept = [m for m in sizes.sizes if m <= probe_max_dim]
-            if not kept:
-                raise ValueError(
-                    f"probe_max_dim={probe_max_dim} is below every prefix {list(sizes.sizes)}"
-                )
-            ps = Nesting.parse(kept)
+        ps = probe_sizes
+        if ps is None:
+            raise ValueError(
+                f"probe_max_dim={probe_max_dim} is below every prefix {list(sizes.sizes)}"
+            )
         acc = probe_top1(x_db[:, : ps.dim], e.db_labels, x_test[:, : ps.dim], e.test_labels, ps,
                          e.num_classes, max_iter=probe_iter)  # fmt: skip
         return ps, acc
@@ -151,7 +152,7 @@ def evaluate_embeddings(
         for m, a in zip(e.head_nesting.sizes, acc.tolist()):
             if m in sizes:
                 records.append(make_record(method, m, "top1", a, source="head", **context))
-        if probe_all and (probe_max_dim is None or sizes.sizes[0] <= probe_max_dim):
+        if probe_all and probe_sizes is not None:
             ps, acc = probe(db, test)
             records += [
                 make_record(method, m, "probe_top1", a, source="probe", **context)
