@@ -112,7 +112,8 @@ def _funnel(
     """Build, tune on held-out rows, then measure on the test queries.
 
     ``budget_fallback``: where no configuration fits ``max_memory``, take the fastest without
-    it (from the same measurements) and report ``within_budget: False`` instead of raising.
+    it (from the same measurements) and report why as ``budget_error`` (else None) instead of
+    raising.
 
     Build time = add (quantise, prefix norms) + the chosen shortlist matrix + its HNSW graph
     (timed when tuning built them; tuning itself is reported separately as tune_s)."""
@@ -120,7 +121,7 @@ def _funnel(
         nesting, SearchConfig(ef_construction=ef_construction), vector_dtype=vector_dtype
     )
     _, add_s = _timed(lambda: index.add(db, copy=False))
-    def tuned_config() -> tuple[Any, bool]:
+    def tuned_config() -> tuple[Any, str | None]:
         try:
             return tune(
                 index,
@@ -134,14 +135,13 @@ def _funnel(
                 max_ivf=max_ivf,
                 log=say,
                 reference=db,  # exact answers from float32, so int8 rerank error is counted
-            ), True
+            ), None
         except MemoryBudgetError as err:
             if not budget_fallback or err.unbudgeted is None:
                 raise
-            say(f"within max_memory: impossible here ({err}); the fastest without it")
-            return err.unbudgeted, False  # measured once, not re-tuned
+            return err.unbudgeted, str(err)  # measured once, not re-tuned
 
-    (tuned, within_budget), tune_s = _timed(tuned_config)
+    (tuned, budget_error), tune_s = _timed(tuned_config)
     cfg = tuned.config
     index.build(cfg)
     build_s = add_s + index.build_seconds.get(f"short-{cfg.shortlist_dim}", 0.0)
@@ -169,7 +169,7 @@ def _funnel(
         "tune_s": tune_s,
         "timings": res.timings,
         "tuned_recall": tuned.recall,
-        "within_budget": within_budget,
+        "budget_error": budget_error,
         "paper": {
             "config": paper,
             "recall": recall_at_k(pres.indices, truth),
@@ -347,11 +347,11 @@ def _hnsw_comparison(db, q, nesting, k, target, ctx, log, opts) -> list[Record]:
     # the issue's bar: faster at equal recall with at most half of HNSW's memory, so the funnel
     # is tuned under that budget (the fastest configuration within it, not a hand-picked one)
     budget = h["memory"] // 2
-    said: list[str] = []
-    f = _funnel(db, q, truth, nesting, k, target, said.append, max_memory=budget,
+    f = _funnel(db, q, truth, nesting, k, target, lambda s: None, max_memory=budget,
                 budget_fallback=True, **opts)  # fmt: skip
-    if not f["within_budget"]:  # e.g. float32 rerank vectors alone exceed the budget
-        log(f"funnel within half of HNSW's memory: {said[-1]}")
+    if f["budget_error"]:  # e.g. float32 rerank vectors alone exceed the budget
+        log(f"funnel within half of HNSW's memory: impossible here ({f['budget_error']}); "
+            "the fastest without it")  # fmt: skip
         budget = None
     fq = len(q) / f["secs"]
     for method, prefix, row in (
