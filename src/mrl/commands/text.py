@@ -87,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _distill_args(ft)
     ft.add_argument(
+        "--adapt-steps",
+        type=int,
+        default=0,
+        help="after training, re-order the result with the orthogonal adaptor fitted on its own "
+        "corpus embeddings (this many steps; a rotation: full size unchanged); 0 = off",
+    )
+    ft.add_argument(
         "--val-fraction",
         type=float,
         default=0.0,
@@ -117,6 +124,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cp.add_argument("--dataset", required=True, help="'cranfield', 'bbc' or a BEIR-style folder")
     cp.add_argument("--model", default="default", help="the base model (truncate, pca, adapt)")
     cp.add_argument("--finetuned", default=None, help="a model from `mrl text finetune`")
+    cp.add_argument(
+        "--finetuned-label",
+        default="finetune",
+        help="method name of the --finetuned model's records (to compare several fine-tunes)",
+    )
     cp.add_argument("--out", required=True, help="report folder (results.json, tables, plots)")
     cp.add_argument("--steps", type=int, default=300, help="adaptor steps")
     cp.add_argument("--seed", type=int, default=0, help="adaptor seed")
@@ -172,6 +184,7 @@ def _finetune(args: argparse.Namespace) -> int:
         distill_temperature=args.distill_temperature,
         val_fraction=args.val_fraction,
         val_fold=args.val_fold,
+        adapt_steps=args.adapt_steps,
     )
     texts = None  # the "pca" rotation's corpus: the documents, else the distinct positives
     if args.pairs is not None:
@@ -258,12 +271,14 @@ def _compare(args: argparse.Namespace) -> int:
         adaptor_config=AdaptorConfig(steps=args.steps, seed=args.seed),
         methods=methods,
         log=lambda s: print(s, flush=True),
+        finetune_label=args.finetuned_label,
     )
     previous = Path(args.out) / "results.json"
     if args.append and previous.is_file():
         from mrl.records import load_records
 
-        records = [r for r in load_records(previous) if r["method"] not in methods] + records
+        written = {args.finetuned_label if m == "finetune" else m for m in methods}
+        records = [r for r in load_records(previous) if r["method"] not in written] + records
     metric = "p@10" if any(r["metric"] == "p@10" for r in records) else "ndcg@10"
     table = relative_table(records, metric)
     notes = (

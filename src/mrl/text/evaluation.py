@@ -32,6 +32,7 @@ __all__ = [
 # (uncentred, so that it is a rotation and full-size cosines are unchanged).
 _BASELINE_NAMES = {"pca_uncentered": "pca"}
 METHODS = ("truncate", "pca", "adapt", "finetune")
+_BASE_METHODS = ("truncate", "pca", "adapt")  # the base model's embeddings, or a rotation of them
 
 
 def index_qrels(ds: RetrievalDataset) -> dict[int, dict[int, float]]:
@@ -239,6 +240,7 @@ def compare_methods(
     methods: Sequence[str] = METHODS,
     log: Any = print,
     reuse_base: bool = True,
+    finetune_label: str = "finetune",
 ) -> list[Record]:
     """The text results table: ``truncate``, ``pca``, ``adapt`` (and ``finetune``) per prefix.
 
@@ -253,6 +255,7 @@ def compare_methods(
     ``reuse_base``: a model fine-tuned with a frozen encoder (``train_encoder=False``: ``base``
     plus a trained last Dense layer W) is evaluated as ``base embeddings @ W^T`` instead of
     encoding the corpus again (the same numbers up to float rounding; False encodes anyway).
+    ``finetune_label``: the method name of the fine-tuned model's records.
     """
     from mrl.text.adaptor import AdaptorConfig, OrthogonalAdaptor
     from mrl.text.encoders import encode_cached
@@ -261,6 +264,10 @@ def compare_methods(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
+    if not isinstance(finetune_label, str) or not finetune_label.strip():
+        raise ValueError(f"finetune_label must be a non-empty name, got {finetune_label!r}")
+    if finetune_label in METHODS and finetune_label != "finetune":
+        raise ValueError(f"finetune_label {finetune_label!r} is another method's name")
     if "finetune" in methods and finetuned is None:
         raise ValueError("method 'finetune' needs a fine-tuned model (finetuned=None)")
     ds = load_text_dataset(dataset)
@@ -297,7 +304,7 @@ def compare_methods(
             queries_ft = None if queries_b is None else queries_b @ head.T  # [Q, D]
         nesting = Nesting.doubling(8, docs_ft.shape[1])
         ctx_ft = {"model": str(finetuned)}
-        records += _evaluate(ds, docs_ft, queries_ft, nesting, "finetune", False, ctx_ft)
+        records += _evaluate(ds, docs_ft, queries_ft, nesting, finetune_label, False, ctx_ft)
     return records
 
 
@@ -330,8 +337,9 @@ def frozen_head(finetuned: str | os.PathLike, base: str | os.PathLike) -> np.nda
 def relative_table(records: Sequence[Record], metric: str) -> str:
     """Markdown: each method's ``metric`` per prefix as a fraction of the base model's full size.
 
-    The reference is the ``truncate`` method's full-size value, except for ``finetune``, which is
-    measured against its own full size (both are stated in the header).
+    The reference is the ``truncate`` method's full-size value for the base model's methods
+    (truncate, pca, adapt); any other method (``finetune`` or a fine-tune's own label) is a
+    different model and is measured against its own full size (stated in the last column).
     """
     rows: dict[str, dict[int, float]] = {}
     for r in records:
@@ -346,7 +354,8 @@ def relative_table(records: Sequence[Record], metric: str) -> str:
         "|---|" + "---|" * (len(prefixes) + 1),
     ]
     for method, vals in rows.items():
-        ref = vals.get(prefixes[-1]) if method == "finetune" or base_full is None else base_full
+        own = method not in _BASE_METHODS or base_full is None
+        ref = vals.get(prefixes[-1]) if own else base_full
         cells = [f"{vals[p] / ref:.1%}" if p in vals and ref else "" for p in prefixes]
         which = "own full size" if ref is not base_full else "base full size"
         lines.append(f"| {method} | {' | '.join(cells)} | {which} ({ref:.4f}) |")

@@ -117,6 +117,10 @@ class FinetuneConfig:
             positive among all positives, at every prefix, for the base model and the result.
         val_fold: which of the ``n_folds(val_fraction)`` folds of the fixed permutation is held
             out (cross-fitting; `split_pairs`); 0 = the plain ``val_fraction`` split.
+        adapt_steps: after training, fit the orthogonal adaptor (`mrl.text.adaptor`, this many
+            steps, seed ``seed``) on the fine-tuned model's own embeddings of the corpus and fold
+            it into the last layer (`mrl.text.reorder`): an exact rotation, so full-size
+            cosines are unchanged and only the prefixes are re-ordered; 0 = off.
     """
 
     nesting: str | None = None
@@ -142,6 +146,7 @@ class FinetuneConfig:
     distill_temperature: float = 0.05
     val_fraction: float = 0.0
     val_fold: int = 0
+    adapt_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_seq_length"):
@@ -172,6 +177,10 @@ class FinetuneConfig:
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         _check_fold(self.val_fold, self.val_fraction, "val_fold")
+        if isinstance(self.adapt_steps, bool) or not isinstance(self.adapt_steps, int):
+            raise ValueError(f"adapt_steps must be an int >= 0, got {self.adapt_steps!r}")
+        if self.adapt_steps < 0:
+            raise ValueError(f"adapt_steps must be an int >= 0, got {self.adapt_steps}")
 
     def _check_distill(self) -> None:
         if not self.distill >= 0:
@@ -292,7 +301,8 @@ def finetune(
     dim = embedding_dim(encoder)
     texts = rotation_texts or list(dict.fromkeys(p.positive for p in pairs))
     corpus = None  # base embeddings of the corpus [N, D]: the PCA fit and the distillation
-    if config.init_rotation == "pca" or config.distill > 0:
+    reorder_frozen = config.adapt_steps > 0 and not config.train_encoder
+    if config.init_rotation == "pca" or config.distill > 0 or reorder_frozen:
         corpus = torch.from_numpy(
             encode_cached(model, texts, cache_dir, encoder=encoder, name="rotation corpus")
         )
@@ -332,6 +342,11 @@ def finetune(
             distill = _distill_term(encoder[-1], corpus.to(config.device), nesting, config)
         step = _train_rotation(encoder[-1], train_feats, nesting, config, total, rng, log, distill)
     encoder.eval()
+    reorder = None
+    if config.adapt_steps > 0:
+        encoder.max_seq_length = inference_length  # the corpus as the model will embed it
+        reorder = _reorder(encoder, texts, corpus, nesting, config, log)
+        encoder.max_seq_length = config.max_seq_length
     validation = None
     if val_idx:
         validation = _validate(model, encoder, pairs, val_idx, feats, nesting, config, cache_dir)
@@ -351,9 +366,25 @@ def finetune(
         held_out_pairs=len(val_idx),
         steps=step,
         config=asdict(config),
+        **({} if reorder is None else {"reorder": reorder}),
     )
     log(f"saved {out} ({time.time() - t0:.0f}s)")
     return out
+
+
+def _reorder(
+    encoder: Any,
+    texts: Sequence[str],
+    corpus: torch.Tensor | None,
+    nesting: Nesting,
+    config: FinetuneConfig,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """``adapt_steps``: the post-hoc rotation of `mrl.text.reorder`, folded into ``encoder``."""
+    from mrl.text.reorder import own_corpus_embeddings, reorder_model
+
+    own = own_corpus_embeddings(encoder, texts, corpus, frozen=not config.train_encoder)  # [N, D]
+    return reorder_model(encoder, own, nesting, config.adapt_steps, config.seed, log)
 
 
 def n_folds(fraction: float) -> int:

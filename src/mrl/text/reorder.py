@@ -1,0 +1,94 @@
+"""Re-order a fine-tuned model's dimensions post hoc: ``finetune(..., adapt_steps=N)``.
+
+Fine-tuning with the Matryoshka loss moves full size and prefixes together; the orthogonal
+adaptor (`mrl.text.adaptor`) then rotates the result so that its prefixes keep the ranking of
+its own full size on the corpus. A rotation leaves every full-size cosine exactly as it was, so
+the fine-tuned full size is kept and only the prefixes change.
+
+The rotation ``R [D, D]`` (embeddings map as ``y @ R``) is folded into the model's last layer
+when that is a bias-free, identity-activation ``Dense`` (the rotation start of `finetune`): its
+weight ``W`` becomes ``R^T W``, so the saved folder keeps one ``Dense`` layer. Otherwise a new
+``Dense`` computing ``y @ R`` is appended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from mrl.nesting import Nesting
+
+__all__ = ["fold_rotation", "own_corpus_embeddings", "reorder_model"]
+
+
+def _plain_linear(module: Any) -> torch.nn.Linear | None:
+    """The ``nn.Linear`` of a bias-free, identity-activation sentence-transformers Dense."""
+    linear = getattr(module, "linear", None)
+    act = getattr(module, "activation_function", None)
+    if not isinstance(linear, torch.nn.Linear) or linear.bias is not None:
+        return None
+    if not isinstance(act, torch.nn.Identity):
+        return None
+    if linear.in_features != linear.out_features:
+        return None
+    return linear
+
+
+def fold_rotation(encoder: Any, rotation: torch.Tensor) -> str:
+    """Make ``encoder``'s output ``y @ rotation``; returns "folded" or "appended"."""
+    from mrl.text.adaptor import dense_rotation_module
+
+    linear = _plain_linear(encoder[-1])
+    if linear is not None:
+        with torch.no_grad():  # y = x W^T -> y R = x (R^T W)^T
+            r = rotation.to(linear.weight.device, linear.weight.dtype)
+            linear.weight.copy_(r.T @ linear.weight)
+        return "folded"
+    device = next(encoder.parameters()).device
+    encoder.append(dense_rotation_module(rotation).to(device))
+    return "appended"
+
+
+def reorder_model(
+    encoder: Any,
+    corpus: torch.Tensor,
+    nesting: Nesting,
+    steps: int,
+    seed: int,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Fit the orthogonal adaptor on ``corpus [N, D]`` (the model's own embeddings of its
+    corpus) and fold it into ``encoder``; returns what to record (steps, final loss, how)."""
+    from mrl.text.adaptor import AdaptorConfig, OrthogonalAdaptor
+
+    spec = ",".join(str(m) for m in nesting.sizes)
+    config = AdaptorConfig(nesting=spec, steps=steps, seed=seed)
+    adaptor = OrthogonalAdaptor.fit(corpus.detach().cpu(), config, log=log)
+    how = fold_rotation(encoder, adaptor.rotation)
+    log(f"finetune: re-ordered by an orthogonal adaptor ({steps} steps, {how})")
+    return {"steps": steps, "seed": seed, "final_loss": adaptor.info.get("final_loss"),
+            "how": how, "corpus_size": int(corpus.shape[0])}  # fmt: skip
+
+
+def own_corpus_embeddings(
+    encoder: Any,
+    texts: Sequence[str],
+    base_corpus: torch.Tensor | None,
+    frozen: bool,
+) -> torch.Tensor:
+    """``[N, D]``: the fine-tuned model's embeddings of its corpus.
+
+    A frozen encoder's are the base embeddings through the trained last layer (no re-encoding);
+    a trained encoder's are encoded now at its inference max_seq_length.
+    """
+    from mrl.text.encoders import encode
+
+    if frozen:
+        assert base_corpus is not None
+        dense = encoder[-1]
+        with torch.no_grad():
+            out = dense({"sentence_embedding": base_corpus.to(next(dense.parameters()).device)})
+        return out["sentence_embedding"].detach().cpu()
+    return torch.from_numpy(encode(encoder, list(texts), name="corpus (re-order)"))
