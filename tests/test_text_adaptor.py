@@ -187,3 +187,70 @@ def test_cli_adapt_embeddings(tmp_path, capsys):
     assert b.nesting.sizes == (4, 8, 16)
     rc = main(["text", "adapt", "--embeddings", str(tmp_path / "nope.npy"), "--out", str(out)])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------- sample queries as pseudo-queries
+def test_query_neighbours_match_brute_force():
+    from mrl.text.adaptor import query_neighbours
+
+    x, q = torch.from_numpy(_corpus(50)), torch.from_numpy(_corpus(9, seed=4))
+    got = query_neighbours(q, x, 6, block=4)
+    ref = (F.normalize(q, dim=-1) @ F.normalize(x, dim=-1).T).topk(6, dim=-1).indices
+    assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match=r"neighbours must be <= number of documents \(50\)"):
+        query_neighbours(q, x, 51)
+
+
+def test_sample_candidates_in_query_mode():
+    from mrl.text.adaptor import sample_candidates
+
+    g = torch.Generator().manual_seed(0)
+    nbrs = torch.randint(30, (7, 4), generator=g)  # 7 queries' neighbours among 30 documents
+    q, cand, rows, inv = sample_candidates(nbrs, 5, 6, torch.Generator().manual_seed(1), 30)
+    assert q.shape == (5,) and cand.shape == (5, 10)
+    assert bool((q >= 30).all() and (q < 37).all()) and bool((cand < 30).all())
+    assert torch.equal(cand[:, :4], nbrs[q - 30])
+    assert torch.equal(rows[inv], torch.cat([q[:, None], cand], 1))
+
+
+def _query_objective(adaptor, x, queries, nbrs):
+    xn = F.normalize(torch.from_numpy(x), dim=-1)  # [N, D]
+    qn = F.normalize(torch.from_numpy(queries), dim=-1)  # [Nq, D]
+    full = torch.einsum("bd,bkd->bk", qn, xn[nbrs])
+    y, yq = torch.from_numpy(adaptor.transform(x)), torch.from_numpy(adaptor.transform(queries))
+    return listwise_prefix_loss(full, prefix_cosine(yq, y[nbrs], NEST), NEST, 0.05, 0.05).item()
+
+
+def test_fit_on_sample_queries_improves_their_objective():
+    from mrl.text.adaptor import query_neighbours
+
+    x, queries = _corpus(), _corpus(80, seed=0)[::-1].copy() + 0.1 * _corpus(80, seed=7)
+    cfg = dict(nesting="4,8,16", neighbours=10, random_negatives=20, batch_size=64)
+    pca = OrthogonalAdaptor.fit(x, AdaptorConfig(steps=0, **cfg))
+    learned = OrthogonalAdaptor.fit(x, AdaptorConfig(steps=60, lr=5e-3, **cfg), queries=queries)
+    np.testing.assert_allclose(cos(learned.transform(x)), cos(x), atol=1e-5)
+    torch.testing.assert_close(pca.rotation, pca_rotation(torch.from_numpy(x)))  # PCA of docs
+    nbrs = query_neighbours(torch.from_numpy(queries), torch.from_numpy(x), 10)
+    assert _query_objective(learned, x, queries, nbrs) < _query_objective(pca, x, queries, nbrs)
+    assert learned.info["pseudo_queries"] == 80 and pca.info["pseudo_queries"] == "documents"
+    with pytest.raises(ValueError, match=r"queries must be \[Nq, 16\] with Nq >= 1, got shape"):
+        OrthogonalAdaptor.fit(x, AdaptorConfig(steps=1), queries=np.ones((3, 5)))
+    bad = queries.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match="queries contain NaN or inf"):
+        OrthogonalAdaptor.fit(x, AdaptorConfig(steps=1), queries=bad)
+
+
+def test_cli_adapt_with_sample_queries(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", _corpus(60))
+    np.save(tmp_path / "q.npy", _corpus(12, seed=3))
+    (tmp_path / "q.txt").write_text("wing lift\n")
+    out = tmp_path / "ad"
+    args = ["text", "adapt", "--embeddings", str(tmp_path / "x.npy"), "--out", str(out)]
+    args += ["--nesting", "4,8,16", "--steps", "2", "--neighbours", "5"]
+    assert main(args + ["--queries", str(tmp_path / "q.npy")]) == 0
+    assert json.loads((out / "adaptor.json").read_text())["pseudo_queries"] == 12
+    assert main(args + ["--queries", str(tmp_path / "q.txt")]) == 2
+    assert "is text: it needs --model" in capsys.readouterr().err
+    assert main(args + ["--queries", str(tmp_path / "none.npy")]) == 2
+    assert "--queries file" in capsys.readouterr().err

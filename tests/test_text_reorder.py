@@ -141,3 +141,17 @@ def test_cli_adapt_steps_and_finetuned_label(tiny_model, tmp_path):  # noqa: F81
     # re-running one label replaces only that label's records
     assert main(cmp + [str(ft), "--finetuned-label", "finetune+adapt", "--append"]) == 0
     assert len(load_records(out / "results.json")) == len(recs)
+
+
+def test_reorder_on_the_training_queries(tiny_model, tmp_path):  # noqa: F811
+    """Pseudo-queries = the training pairs' queries (held-out pairs left out); full size kept."""
+    kw = dict(epochs=1, lr=1e-2, init_rotation="pca", train_encoder=False, val_fraction=0.3)
+    plain = finetune(tiny_model, _pairs(), tmp_path / "a", _config(**kw), log=lambda s: None)
+    cfg = _config(adapt_steps=4, adapt_pseudo_queries="queries", **kw)
+    out = finetune(tiny_model, _pairs(), tmp_path / "b", cfg, log=lambda s: None)
+    reorder = json.loads((out / "mrl.json").read_text())["reorder"]
+    assert reorder["pseudo_queries"] == 7  # 10 pairs, 3 held out
+    x_plain, x_re = encode(load_encoder(plain), TEXTS), encode(load_encoder(out), TEXTS)
+    np.testing.assert_allclose(_cosines(x_re), _cosines(x_plain), atol=1e-5)
+    with pytest.raises(ValueError, match="adapt_pseudo_queries must be 'documents' or 'queries'"):
+        FinetuneConfig(adapt_pseudo_queries="titles")

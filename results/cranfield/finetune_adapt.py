@@ -16,6 +16,16 @@ Writes ``results/<dataset>/finetune_adapt_seeds.json`` (records of every seed, m
 the other methods (the ``finetune`` row stays the plain fine-tune).
 
     python results/cranfield/finetune_adapt.py --work /tmp/mrl_ftadapt
+
+Second variant, ``--variant queries`` (declared after the first variant's results, committed
+before any of its runs; method ``finetune+adapt-q``, ``finetune_adapt_q_seeds.json``): the
+same, but the adaptor's pseudo-queries are the training pairs' queries (the titles, as the
+fine-tuned model embeds them: ``adapt_pseudo_queries="queries"``) instead of the documents.
+Hypothesis, from the first variant (16 dims up, 32-64 dims down on Cranfield): document
+pseudo-queries keep document-to-document rankings, while search queries are short like titles.
+Nothing else changes; every run is reported.
+
+    python results/cranfield/finetune_adapt.py --work /tmp/mrl_ftadapt --variant queries
 """
 
 from __future__ import annotations
@@ -31,24 +41,31 @@ from mrl.text.pairs import pairs_from_titles
 RESULTS = Path(__file__).resolve().parent.parent
 CACHE = "/tmp/mrl_text_cache"
 SEEDS = (0, 1, 2)
-LABEL = "finetune+adapt"
 SETTING = dict(
     init_rotation="pca", train_encoder=False, batch_size=32, max_seq_length=128, lr=1e-3,
     epochs=15, distill=0.5, distill_batch=128, distill_negatives=128, adapt_steps=200,
 )  # fmt: skip
+# variant -> (method label, records file, extra settings)
+VARIANTS = {
+    "documents": ("finetune+adapt", "finetune_adapt_seeds.json", {}),
+    "queries": ("finetune+adapt-q", "finetune_adapt_q_seeds.json",
+                {"adapt_pseudo_queries": "queries"}),
+}  # fmt: skip
 
 
-def run(dataset: str, work: Path) -> list[dict]:
+def run(dataset: str, work: Path, variant: str) -> list[dict]:
+    label, _, extra = VARIANTS[variant]
     ds = load_text_dataset(dataset)  # titles, bodies and documents only for training
     pairs = pairs_from_titles(ds.titles, ds.bodies)
     records = []
     for seed in SEEDS:
-        out = work / f"{dataset}_s{seed}"
-        cfg = FinetuneConfig(**SETTING, seed=seed)
+        out = work / (f"{dataset}_s{seed}" if variant == "documents" else
+                      f"{dataset}_{variant}_s{seed}")  # fmt: skip
+        cfg = FinetuneConfig(**SETTING, **extra, seed=seed)
         finetune("default", pairs, out, cfg, log=lambda s: None,
                  rotation_texts=list(ds.documents), cache_dir=CACHE)  # fmt: skip
         recs = compare_methods(dataset, finetuned=out, cache_dir=CACHE, methods=["finetune"],
-                               finetune_label=LABEL, log=lambda s: None)  # fmt: skip
+                               finetune_label=label, log=lambda s: None)  # fmt: skip
         recs = [{**r, "seed": seed, "model": str(out)} for r in recs]
         metric = "p@10" if any(r["metric"] == "p@10" for r in recs) else "ndcg@10"
         print(f"{dataset} seed {seed}\n{relative_table(recs, metric)}", flush=True)
@@ -64,10 +81,12 @@ def report(dataset: str) -> None:
     metric = "p@10" if any(r["metric"] == "p@10" for r in records) else "ndcg@10"
     models = {r["method"]: r.get("model") for r in records}
     steps = {r.get("adaptor_steps") for r in records if r["method"] == "adapt"}
+    variants = "; ".join(f"{label}: {models[label]} (variant {v!r})"
+                         for v, (label, _, _) in VARIANTS.items() if label in models)  # fmt: skip
     notes = (
         f"Base model default (all-MiniLM-L6-v2); finetune: {models.get('finetune')}; "
-        f"{LABEL}: the same recipe with --adapt-steps 200 ({models.get(LABEL)}); seed 0 rows, "
-        "other seeds: README.md and finetune_adapt_seeds.json. Prefixes re-normalised "
+        f"the same recipe with --adapt-steps 200: {variants}; seed 0 rows, other seeds: "
+        "README.md and finetune_adapt*_seeds.json. Prefixes re-normalised "
         "(cosine). pca: uncentred PCA rotation fitted on the corpus; adapt: orthogonal "
         f"adaptor (seed 0, {', '.join(str(s) for s in sorted(steps))} steps) fitted on the "
         "corpus documents only."
@@ -81,14 +100,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, required=True, help="folder for the model folders")
     p.add_argument("--datasets", default="cranfield,bbc")
+    p.add_argument("--variant", choices=tuple(VARIANTS), default="documents")
     p.add_argument("--report-only", action="store_true", help="only rewrite the reports")
     args = p.parse_args()
+    label, seeds_file, _ = VARIANTS[args.variant]
     for dataset in args.datasets.split(","):
         if not args.report_only:
-            records = run(dataset, args.work)
-            save_records(RESULTS / dataset / "finetune_adapt_seeds.json", records)
+            records = run(dataset, args.work, args.variant)
+            save_records(RESULTS / dataset / seeds_file, records)
             main_file = RESULTS / dataset / "results.json"
-            kept = [r for r in load_records(main_file) if r["method"] != LABEL]
+            kept = [r for r in load_records(main_file) if r["method"] != label]
             save_records(main_file, kept + [r for r in records if r["seed"] == 0])
         report(dataset)
 

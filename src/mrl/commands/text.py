@@ -94,6 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "corpus embeddings (this many steps; a rotation: full size unchanged); 0 = off",
     )
     ft.add_argument(
+        "--adapt-pseudo-queries",
+        choices=("documents", "queries"),
+        default="documents",
+        help="the re-ordering's pseudo-queries: the corpus documents or the training pairs' "
+        "queries (e.g. titles)",
+    )
+    ft.add_argument(
         "--val-fraction",
         type=float,
         default=0.0,
@@ -115,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _corpus_arg(ad)
     ad.add_argument("--out", required=True, help="output folder (model + adaptor.pt/.npy)")
     ad.add_argument("--nesting", default=None, help="prefix sizes (default doubling:8)")
+    ad.add_argument(
+        "--queries",
+        default=None,
+        help="sample queries as pseudo-queries (default: the documents): a .npy [Nq, D] of "
+        "query embeddings, or with --model a text file of one query per line",
+    )
     ad.add_argument("--steps", type=int, default=300)
     ad.add_argument("--neighbours", type=int, default=32)
     ad.add_argument("--lr", type=float, default=2e-3)
@@ -185,6 +198,7 @@ def _finetune(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         val_fold=args.val_fold,
         adapt_steps=args.adapt_steps,
+        adapt_pseudo_queries=args.adapt_pseudo_queries,
     )
     texts = None  # the "pca" rotation's corpus: the documents, else the distinct positives
     if args.pairs is not None:
@@ -210,6 +224,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from mrl.text.encoders import encode, load_embeddings, load_encoder
 
     out = Path(args.out)
+    encoder = None
     if args.embeddings is not None:
         if args.corpus is not None:
             raise ValueError("--corpus is for --model; --embeddings already holds the corpus")
@@ -217,7 +232,9 @@ def _adapt(args: argparse.Namespace) -> int:
     else:
         if args.corpus is None:
             raise ValueError("--model needs --corpus (the documents to fit the map on)")
-        x = encode(load_encoder(args.model), _documents(args.corpus).documents, name="documents")
+        encoder = load_encoder(args.model)
+        x = encode(encoder, _documents(args.corpus).documents, name="documents")
+    queries = None if args.queries is None else _sample_queries(args.queries, encoder)
     config = AdaptorConfig(
         nesting=args.nesting,
         steps=args.steps,
@@ -225,12 +242,30 @@ def _adapt(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
     )
-    adaptor = OrthogonalAdaptor.fit(x, config, log=lambda s: print(s, flush=True))
+    adaptor = OrthogonalAdaptor.fit(x, config, log=lambda s: print(s, flush=True), queries=queries)
     if args.model is not None:
         adaptor.to_sentence_transformer(args.model, out)
     adaptor.save(out / "adaptor.pt")
     print(f"wrote {out} (adaptor.pt, adaptor.npy{', model' if args.model else ''})")
     return 0
+
+
+def _sample_queries(path: str, encoder):
+    """``--queries``: a .npy of query embeddings, or (with --model) one query per text line."""
+    from mrl.text.encoders import encode, load_embeddings
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--queries file {path!r} does not exist")
+    if p.suffix == ".npy":
+        return load_embeddings(p)
+    if encoder is None:
+        raise ValueError(f"--queries {path!r} is text: it needs --model to encode it (or a .npy)")
+    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    texts = [t for t in lines if t]
+    if not texts:
+        raise ValueError(f"--queries file {path!r} has no non-empty line")
+    return encode(encoder, texts, name="queries")
 
 
 def _encode(args: argparse.Namespace) -> int:

@@ -13,6 +13,9 @@ coordinates changes, so that the prefixes ``Y[:, :m]`` keep the ranking of full-
    target is ``softmax(cos_full / tau_t)`` over the candidates, and the loss at prefix m is
    ``KL(target || softmax(cos_m / tau))``, summed over prefixes with the nesting's weights.
    Matching the *distribution over neighbours*, not absolute cosines, is what keeps rankings.
+   Optionally the pseudo-queries are sample queries ``Q [Nq, D]`` instead (e.g. the titles a
+   model was fine-tuned on, or a log of real queries): each one's candidates are its K nearest
+   documents and M random documents. Still no relevance judgment: the target is full-size search.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = [
     "prefix_cosine_rows",
     "listwise_prefix_loss",
     "full_neighbours",
+    "query_neighbours",
     "sample_candidates",
     "dense_rotation_module",
 ]
@@ -97,6 +101,15 @@ def _check_corpus(x: Any, name: str = "embeddings") -> torch.Tensor:
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} contain NaN or inf")
     return t
+
+
+def _check_queries(queries: Any, dim: int) -> torch.Tensor:
+    q = torch.as_tensor(np.asarray(queries), dtype=torch.float32)
+    if q.dim() != 2 or q.shape[0] < 1 or q.shape[1] != dim:
+        raise ValueError(f"queries must be [Nq, {dim}] with Nq >= 1, got shape {tuple(q.shape)}")
+    if not torch.isfinite(q).all():
+        raise ValueError("queries contain NaN or inf")
+    return q
 
 
 def pca_rotation(x: torch.Tensor) -> torch.Tensor:
@@ -185,8 +198,24 @@ def full_neighbours(x: torch.Tensor, k: int, block: int = 1024) -> torch.Tensor:
     return torch.cat(out)
 
 
+def query_neighbours(
+    queries: torch.Tensor, docs: torch.Tensor, k: int, block: int = 1024
+) -> torch.Tensor:
+    """Indices ``[Nq, k]`` into ``docs [N, D]`` of each query's k nearest documents (cosine)."""
+    if k > docs.shape[0]:
+        raise ValueError(f"neighbours must be <= number of documents ({docs.shape[0]}), got {k}")
+    dn = F.normalize(docs, dim=-1)
+    out = [(F.normalize(queries[s : s + block], dim=-1) @ dn.T).topk(k, dim=-1).indices
+           for s in range(0, queries.shape[0], block)]  # fmt: skip
+    return torch.cat(out)
+
+
 def sample_candidates(
-    nbrs: torch.Tensor, batch_size: int, random_negatives: int, gen: torch.Generator
+    nbrs: torch.Tensor,
+    batch_size: int,
+    random_negatives: int,
+    gen: torch.Generator,
+    n_docs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's pseudo-queries and candidates, drawn from ``gen``.
 
@@ -195,13 +224,19 @@ def sample_candidates(
     plus M = ``random_negatives`` random documents shared by the batch), ``rows [U]`` (the
     distinct documents involved: transform each once, not B * (K + M) rows) and
     ``inv [B, 1 + K + M]`` (positions in ``rows`` of each query, column 0, and its candidates).
+
+    ``n_docs``: sample queries mode: ``nbrs [Nq, K]`` are queries' neighbours among ``n_docs``
+    documents (`query_neighbours`), random negatives are documents, and query i is row
+    ``n_docs + i`` of the stacked ``[documents; queries]`` matrix (``q`` holds those rows).
     """
     n = nbrs.shape[0]
     q = torch.randint(n, (min(batch_size, n),), generator=gen)  # [B]
     cand = nbrs[q]  # [B, K]
     if random_negatives:
-        rnd = torch.randint(n, (random_negatives,), generator=gen)  # [M]
+        rnd = torch.randint(n if n_docs is None else n_docs, (random_negatives,), generator=gen)
         cand = torch.cat([cand, rnd.expand(len(q), -1)], dim=1)  # [B, K + M]
+    if n_docs is not None:
+        q = q + n_docs  # rows after the documents
     rows, inv = torch.unique(torch.cat([q[:, None], cand], 1), return_inverse=True)
     return q, cand, rows, inv
 
@@ -245,11 +280,16 @@ class OrthogonalAdaptor:
         corpus: Any,
         config: AdaptorConfig | None = None,
         log: Callable[[str], None] | None = None,
+        queries: Any = None,
     ) -> OrthogonalAdaptor:
-        """Learn the rotation on corpus embeddings ``[N, D]`` (no queries, no labels)."""
+        """Learn the rotation on corpus embeddings ``[N, D]`` (no relevance judgments, no labels).
+
+        ``queries [Nq, D]``: sample queries as the pseudo-queries (default: the documents).
+        """
         config = config or AdaptorConfig()
         x = _check_corpus(corpus, "corpus")
         n, d = x.shape
+        qx = None if queries is None else _check_queries(queries, d)
         nesting = (
             Nesting.doubling(8, d)
             if config.nesting is None
@@ -257,19 +297,23 @@ class OrthogonalAdaptor:
         )
         nesting.check_dim(d, "corpus embeddings")
         base = pca_rotation(x) if config.init == "pca" else torch.eye(d)
-        info = {"config": asdict(config), "corpus_size": n}
+        info = {"config": asdict(config), "corpus_size": n,
+                "pseudo_queries": "documents" if qx is None else len(qx)}  # fmt: skip
         if config.steps == 0:
             return cls(base, nesting, {**info, "final_loss": None})
-        k = min(config.neighbours, n - 1)
         gen = torch.Generator().manual_seed(config.seed)
+        if qx is None:
+            nbrs, n_docs = full_neighbours(x, min(config.neighbours, n - 1)), None  # [N, K]
+        else:  # stack [documents; queries]: query i is row n + i
+            nbrs, n_docs = query_neighbours(qx, x, min(config.neighbours, n)), n  # [Nq, K]
+            x = torch.cat([x, qx])
         xn = F.normalize(x, dim=-1)  # full-size cosines are dot products of these
-        nbrs = full_neighbours(x, k)  # [N, K]
         skew = torch.zeros(d, d, requires_grad=True)
         opt = torch.optim.Adam([skew], lr=config.lr)
         t0, loss_value = time.time(), float("nan")
         for step in range(config.steps):
             q_idx, cand, rows, inv = sample_candidates(
-                nbrs, config.batch_size, config.random_negatives, gen
+                nbrs, config.batch_size, config.random_negatives, gen, n_docs
             )  # [B], [B, K + M], [U], [B, 1 + K + M]
             mask = cand == q_idx[:, None]  # a random pick may be the pseudo-query itself
             full = torch.einsum("bd,bkd->bk", xn[q_idx], xn[cand])  # [B, K + M]

@@ -121,6 +121,9 @@ class FinetuneConfig:
             steps, seed ``seed``) on the fine-tuned model's own embeddings of the corpus and fold
             it into the last layer (`mrl.text.reorder`): an exact rotation, so full-size
             cosines are unchanged and only the prefixes are re-ordered; 0 = off.
+        adapt_pseudo_queries: that adaptor's pseudo-queries: "documents" (the corpus, as in
+            `mrl text adapt`) or "queries" (the training pairs' queries, e.g. titles: closer to
+            short search queries; held-out pairs are not used).
     """
 
     nesting: str | None = None
@@ -147,6 +150,7 @@ class FinetuneConfig:
     val_fraction: float = 0.0
     val_fold: int = 0
     adapt_steps: int = 0
+    adapt_pseudo_queries: str = "documents"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_seq_length"):
@@ -181,6 +185,11 @@ class FinetuneConfig:
             raise ValueError(f"adapt_steps must be an int >= 0, got {self.adapt_steps!r}")
         if self.adapt_steps < 0:
             raise ValueError(f"adapt_steps must be an int >= 0, got {self.adapt_steps}")
+        if self.adapt_pseudo_queries not in ("documents", "queries"):
+            raise ValueError(
+                "adapt_pseudo_queries must be 'documents' or 'queries', "
+                f"got {self.adapt_pseudo_queries!r}"
+            )
 
     def _check_distill(self) -> None:
         if not self.distill >= 0:
@@ -345,7 +354,10 @@ def finetune(
     reorder = None
     if config.adapt_steps > 0:
         encoder.max_seq_length = inference_length  # the corpus as the model will embed it
-        reorder = _reorder(encoder, texts, corpus, nesting, config, log)
+        queries = None  # the pseudo-queries, when not the documents: training queries only
+        if config.adapt_pseudo_queries == "queries":
+            queries = _own_queries(encoder, pairs, train_idx, feats)
+        reorder = _reorder(encoder, texts, corpus, nesting, config, log, queries)
         encoder.max_seq_length = config.max_seq_length
     validation = None
     if val_idx:
@@ -379,12 +391,30 @@ def _reorder(
     nesting: Nesting,
     config: FinetuneConfig,
     log: Callable[[str], None],
+    queries: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """``adapt_steps``: the post-hoc rotation of `mrl.text.reorder`, folded into ``encoder``."""
     from mrl.text.reorder import own_corpus_embeddings, reorder_model
 
     own = own_corpus_embeddings(encoder, texts, corpus, frozen=not config.train_encoder)  # [N, D]
-    return reorder_model(encoder, own, nesting, config.adapt_steps, config.seed, log)
+    return reorder_model(encoder, own, nesting, config.adapt_steps, config.seed, log, queries)
+
+
+def _own_queries(
+    encoder: Any,
+    pairs: Sequence[Pair],
+    train_idx: list[int],
+    feats: dict[str, torch.Tensor] | None,
+) -> torch.Tensor:
+    """``[P_train, D]``: the trained model's embeddings of the training pairs' queries."""
+    from mrl.text.encoders import encode
+
+    if feats is not None:  # frozen encoder: the cached base features through the last layer
+        with torch.no_grad():
+            q = _head_fn(encoder[-1])(feats["query"][torch.tensor(train_idx)])
+        return q.detach().cpu()
+    texts = [pairs[i].query for i in train_idx]
+    return torch.from_numpy(encode(encoder, texts, name="training queries (re-order)"))
 
 
 def n_folds(fraction: float) -> int:

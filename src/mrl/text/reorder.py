@@ -58,18 +58,22 @@ def reorder_model(
     steps: int,
     seed: int,
     log: Callable[[str], None] = print,
+    queries: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Fit the orthogonal adaptor on ``corpus [N, D]`` (the model's own embeddings of its
-    corpus) and fold it into ``encoder``; returns what to record (steps, final loss, how)."""
+    corpus; ``queries [Nq, D]``: its sample queries as pseudo-queries, else the documents) and
+    fold it into ``encoder``; returns what to record (steps, final loss, how)."""
     from mrl.text.adaptor import AdaptorConfig, OrthogonalAdaptor
 
     spec = ",".join(str(m) for m in nesting.sizes)
     config = AdaptorConfig(nesting=spec, steps=steps, seed=seed)
-    adaptor = OrthogonalAdaptor.fit(corpus.detach().cpu(), config, log=log)
+    qx = None if queries is None else queries.detach().cpu()
+    adaptor = OrthogonalAdaptor.fit(corpus.detach().cpu(), config, log=log, queries=qx)
     how = fold_rotation(encoder, adaptor.rotation)
     log(f"finetune: re-ordered by an orthogonal adaptor ({steps} steps, {how})")
+    pseudo = "documents" if queries is None else int(queries.shape[0])
     return {"steps": steps, "seed": seed, "final_loss": adaptor.info.get("final_loss"),
-            "how": how, "corpus_size": int(corpus.shape[0])}  # fmt: skip
+            "how": how, "corpus_size": int(corpus.shape[0]), "pseudo_queries": pseudo}  # fmt: skip
 
 
 def own_corpus_embeddings(
