@@ -155,3 +155,28 @@ def test_reorder_on_the_training_queries(tiny_model, tmp_path):  # noqa: F811
     np.testing.assert_allclose(_cosines(x_re), _cosines(x_plain), atol=1e-5)
     with pytest.raises(ValueError, match="adapt_pseudo_queries must be 'documents' or 'queries'"):
         FinetuneConfig(adapt_pseudo_queries="titles")
+    with pytest.raises(ValueError, match="adapt_init must be 'identity' or 'pca', got 'svd'"):
+        FinetuneConfig(adapt_init="svd")
+
+
+def test_reorder_start_identity_or_pca(tiny_model, tmp_path):  # noqa: F811
+    """Zero adaptor steps return the start: "identity" leaves the fine-tuned model as it was,
+    "pca" rotates it to the PCA basis of its corpus embeddings; both record their start."""
+    from mrl.nesting import Nesting
+    from mrl.text.adaptor import pca_rotation
+    from mrl.text.reorder import reorder_model
+
+    kw = dict(epochs=1, lr=1e-2, init_rotation="pca", train_encoder=False)
+    plain = finetune(tiny_model, _pairs(), tmp_path / "a", _config(**kw), log=lambda s: None)
+    x_plain = encode(load_encoder(plain), TEXTS)  # [N, D]
+    pca = x_plain @ pca_rotation(torch.from_numpy(x_plain)).numpy()
+    for init, want in (("identity", x_plain), ("pca", pca)):
+        enc = load_encoder(plain)
+        info = reorder_model(enc, torch.from_numpy(x_plain), Nesting((8, 16, 32)), 0, 0,
+                             log=lambda s: None, init=init)  # fmt: skip
+        assert info["init"] == init and info["how"] == "folded"
+        np.testing.assert_allclose(encode(enc, TEXTS), want, atol=1e-5)
+    assert not np.allclose(pca, x_plain, atol=1e-3)
+    cfg = _config(adapt_steps=2, **kw)
+    out = finetune(tiny_model, _pairs(), tmp_path / "b", cfg, log=lambda s: None)
+    assert json.loads((out / "mrl.json").read_text())["reorder"]["init"] == "identity"  # default

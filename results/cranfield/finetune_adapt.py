@@ -26,6 +26,16 @@ pseudo-queries keep document-to-document rankings, while search queries are shor
 Nothing else changes; every run is reported.
 
     python results/cranfield/finetune_adapt.py --work /tmp/mrl_ftadapt --variant queries
+
+Third variant, ``--variant identity`` (declared after the second variant's results, committed
+before any of its runs; method ``finetune+adapt-i``, ``finetune_adapt_i_seeds.json``): the
+first variant (document pseudo-queries) but the adaptor starts from the identity, i.e. from the
+fine-tuned model's own order, instead of the PCA of its corpus embeddings (``adapt_init``).
+Why: both earlier variants started from that PCA, which throws away the order the Matryoshka
+fine-tune had trained before refining it (found by reading the code after the second variant;
+both earlier variants are re-run with ``adapt_init="pca"``, as they ran). Every run is reported.
+
+    python results/cranfield/finetune_adapt.py --work /tmp/mrl_ftadapt --variant identity
 """
 
 from __future__ import annotations
@@ -47,9 +57,10 @@ SETTING = dict(
 )  # fmt: skip
 # variant -> (method label, records file, extra settings)
 VARIANTS = {
-    "documents": ("finetune+adapt", "finetune_adapt_seeds.json", {}),
+    "documents": ("finetune+adapt", "finetune_adapt_seeds.json", {"adapt_init": "pca"}),
     "queries": ("finetune+adapt-q", "finetune_adapt_q_seeds.json",
-                {"adapt_pseudo_queries": "queries"}),
+                {"adapt_pseudo_queries": "queries", "adapt_init": "pca"}),
+    "identity": ("finetune+adapt-i", "finetune_adapt_i_seeds.json", {"adapt_init": "identity"}),
 }  # fmt: skip
 
 

@@ -101,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "queries (e.g. titles)",
     )
     ft.add_argument(
+        "--adapt-init",
+        choices=("identity", "pca"),
+        default="identity",
+        help="the re-ordering's start: the fine-tuned order (identity) or the PCA of its corpus",
+    )
+    ft.add_argument(
         "--val-fraction",
         type=float,
         default=0.0,
@@ -199,6 +205,7 @@ def _finetune(args: argparse.Namespace) -> int:
         val_fold=args.val_fold,
         adapt_steps=args.adapt_steps,
         adapt_pseudo_queries=args.adapt_pseudo_queries,
+        adapt_init=args.adapt_init,
     )
     texts = None  # the "pca" rotation's corpus: the documents, else the distinct positives
     if args.pairs is not None:

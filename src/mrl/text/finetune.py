@@ -124,6 +124,10 @@ class FinetuneConfig:
         adapt_pseudo_queries: that adaptor's pseudo-queries: "documents" (the corpus, as in
             `mrl text adapt`) or "queries" (the training pairs' queries, e.g. titles: closer to
             short search queries; held-out pairs are not used).
+        adapt_init: that adaptor's starting rotation: "identity" (refine the fine-tuned
+            model's own order, which its Matryoshka loss already trained) or "pca" (start again
+            from the uncentred PCA of its corpus embeddings, as `mrl text adapt` does for a
+            model that was never trained for prefixes).
     """
 
     nesting: str | None = None
@@ -151,6 +155,7 @@ class FinetuneConfig:
     val_fold: int = 0
     adapt_steps: int = 0
     adapt_pseudo_queries: str = "documents"
+    adapt_init: str = "identity"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_seq_length"):
@@ -190,6 +195,8 @@ class FinetuneConfig:
                 "adapt_pseudo_queries must be 'documents' or 'queries', "
                 f"got {self.adapt_pseudo_queries!r}"
             )
+        if self.adapt_init not in ("identity", "pca"):
+            raise ValueError(f"adapt_init must be 'identity' or 'pca', got {self.adapt_init!r}")
 
     def _check_distill(self) -> None:
         if not self.distill >= 0:
@@ -397,7 +404,9 @@ def _reorder(
     from mrl.text.reorder import own_corpus_embeddings, reorder_model
 
     own = own_corpus_embeddings(encoder, texts, corpus, frozen=not config.train_encoder)  # [N, D]
-    return reorder_model(encoder, own, nesting, config.adapt_steps, config.seed, log, queries)
+    return reorder_model(
+        encoder, own, nesting, config.adapt_steps, config.seed, log, queries, config.adapt_init
+    )
 
 
 def _own_queries(

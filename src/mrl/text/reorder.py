@@ -2,8 +2,10 @@
 
 Fine-tuning with the Matryoshka loss moves full size and prefixes together; the orthogonal
 adaptor (`mrl.text.adaptor`) then rotates the result so that its prefixes keep the ranking of
-its own full size on the corpus. A rotation leaves every full-size cosine exactly as it was, so
-the fine-tuned full size is kept and only the prefixes change.
+its own full size on the corpus. By default it starts from the identity (the fine-tuned order);
+``init="pca"`` starts from the PCA of the fine-tuned corpus embeddings instead. A rotation
+leaves every full-size cosine exactly as it was, so the fine-tuned full size is kept and only
+the prefixes change.
 
 The rotation ``R [D, D]`` (embeddings map as ``y @ R``) is folded into the model's last layer
 when that is a bias-free, identity-activation ``Dense`` (the rotation start of `finetune`): its
@@ -59,21 +61,27 @@ def reorder_model(
     seed: int,
     log: Callable[[str], None] = print,
     queries: torch.Tensor | None = None,
+    init: str = "identity",
 ) -> dict[str, Any]:
     """Fit the orthogonal adaptor on ``corpus [N, D]`` (the model's own embeddings of its
     corpus; ``queries [Nq, D]``: its sample queries as pseudo-queries, else the documents) and
-    fold it into ``encoder``; returns what to record (steps, final loss, how)."""
+    fold it into ``encoder``; returns what to record (steps, final loss, how).
+
+    ``init``: "identity" starts from the model's own order (already trained for prefixes);
+    "pca" from the uncentred PCA of ``corpus``, which discards that order first.
+    """
     from mrl.text.adaptor import AdaptorConfig, OrthogonalAdaptor
 
     spec = ",".join(str(m) for m in nesting.sizes)
-    config = AdaptorConfig(nesting=spec, steps=steps, seed=seed)
+    config = AdaptorConfig(nesting=spec, init=init, steps=steps, seed=seed)
     qx = None if queries is None else queries.detach().cpu()
     adaptor = OrthogonalAdaptor.fit(corpus.detach().cpu(), config, log=log, queries=qx)
     how = fold_rotation(encoder, adaptor.rotation)
     log(f"finetune: re-ordered by an orthogonal adaptor ({steps} steps, {how})")
     pseudo = "documents" if queries is None else int(queries.shape[0])
     return {"steps": steps, "seed": seed, "final_loss": adaptor.info.get("final_loss"),
-            "how": how, "corpus_size": int(corpus.shape[0]), "pseudo_queries": pseudo}  # fmt: skip
+            "how": how, "corpus_size": int(corpus.shape[0]), "pseudo_queries": pseudo,
+            "init": init}  # fmt: skip
 
 
 def own_corpus_embeddings(
