@@ -143,16 +143,38 @@ def test_cli_adapt_steps_and_finetuned_label(tiny_model, tmp_path):  # noqa: F81
     assert len(load_records(out / "results.json")) == len(recs)
 
 
-def test_reorder_on_the_training_queries(tiny_model, tmp_path):  # noqa: F811
-    """Pseudo-queries = the training pairs' queries (held-out pairs left out); full size kept."""
-    kw = dict(epochs=1, lr=1e-2, init_rotation="pca", train_encoder=False, val_fraction=0.3)
+@pytest.mark.parametrize("frozen", [True, False])
+def test_reorder_on_the_training_queries(tiny_model, tmp_path, monkeypatch, frozen):  # noqa: F811
+    """Pseudo-queries = the trained model's embeddings of the training pairs' queries (held-out
+    pairs left out, inference length); full size kept, prefixes moved."""
+    import mrl.text.reorder as reorder_mod
+    from mrl.text.finetune import split_pairs
+
+    seen: dict = {}
+    real = reorder_mod.reorder_model
+
+    def spy(encoder, corpus, nesting, steps, seed, log, queries=None, init="identity"):
+        seen["queries"] = queries
+        return real(encoder, corpus, nesting, steps, seed, log, queries, init)
+
+    monkeypatch.setattr(reorder_mod, "reorder_model", spy)
+    kw = dict(lr=1e-2, val_fraction=0.3)
+    kw.update(dict(epochs=1, init_rotation="pca", train_encoder=False) if frozen else
+              dict(max_steps=2))  # fmt: skip
     plain = finetune(tiny_model, _pairs(), tmp_path / "a", _config(**kw), log=lambda s: None)
     cfg = _config(adapt_steps=4, adapt_pseudo_queries="queries", **kw)
     out = finetune(tiny_model, _pairs(), tmp_path / "b", cfg, log=lambda s: None)
     reorder = json.loads((out / "mrl.json").read_text())["reorder"]
     assert reorder["pseudo_queries"] == 7  # 10 pairs, 3 held out
+    train_idx, _ = split_pairs(10, 0.3)
+    want = encode(load_encoder(plain), [_pairs()[i].query for i in train_idx])  # [7, D]
+    np.testing.assert_allclose(seen["queries"].numpy(), want, atol=1e-5)
     x_plain, x_re = encode(load_encoder(plain), TEXTS), encode(load_encoder(out), TEXTS)
     np.testing.assert_allclose(_cosines(x_re), _cosines(x_plain), atol=1e-5)
+    assert not np.allclose(x_re[:, :8], x_plain[:, :8], atol=1e-3)
+
+
+def test_reorder_option_errors():
     with pytest.raises(ValueError, match="adapt_pseudo_queries must be 'documents' or 'queries'"):
         FinetuneConfig(adapt_pseudo_queries="titles")
     with pytest.raises(ValueError, match="adapt_init must be 'identity' or 'pca', got 'svd'"):

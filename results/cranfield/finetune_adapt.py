@@ -4,10 +4,10 @@ Declared before any of its runs (this file was committed first; nothing below is
 - the fine-tune is the blind choice of `finetune_select.py` (``lr1e-3_e15_d0.5``: PCA start,
   frozen encoder, 15 epochs of batch 32, lr 1e-3, distill 0.5 with 128 pseudo-queries and 128
   random documents, 128 training tokens) on the corpus's own title -> body pairs;
-- then ``adapt_steps=200``: the orthogonal adaptor of the ``adapt`` row (its default settings and
-  step count, seed = the fine-tune's seed) fitted on the fine-tuned model's embeddings of the
-  corpus documents and folded into its last layer (`mrl.text.reorder`). A rotation: the
-  fine-tuned full size is unchanged, only prefixes move;
+- then ``adapt_steps=200``: the orthogonal adaptor of the ``adapt`` row (its default settings,
+  200 steps as in Cranfield's ``adapt`` row, seed = the fine-tune's seed) fitted on the
+  fine-tuned model's embeddings of the corpus documents and folded into its last layer
+  (`mrl.text.reorder`). A rotation: the fine-tuned full size is unchanged, only prefixes move;
 - seeds 0, 1, 2 on Cranfield and on BBC News; every run is reported, whatever it gives. No
   Cranfield query or judgment and no BBC label is used for training or for any choice.
 

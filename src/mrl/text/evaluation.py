@@ -357,6 +357,6 @@ def relative_table(records: Sequence[Record], metric: str) -> str:
         own = method not in _BASE_METHODS or base_full is None
         ref = vals.get(prefixes[-1]) if own else base_full
         cells = [f"{vals[p] / ref:.1%}" if p in vals and ref else "" for p in prefixes]
-        which = "own full size" if ref is not base_full else "base full size"
+        which = "own full size" if own else "base full size"
         lines.append(f"| {method} | {' | '.join(cells)} | {which} ({ref:.4f}) |")
     return "\n".join(lines)

@@ -359,11 +359,12 @@ def finetune(
         step = _train_rotation(encoder[-1], train_feats, nesting, config, total, rng, log, distill)
     encoder.eval()
     reorder = None
+    frozen = not config.train_encoder
     if config.adapt_steps > 0:
         encoder.max_seq_length = inference_length  # the corpus as the model will embed it
         queries = None  # the pseudo-queries, when not the documents: training queries only
         if config.adapt_pseudo_queries == "queries":
-            queries = _own_queries(encoder, pairs, train_idx, feats)
+            queries = _own_queries(model, encoder, pairs, train_idx, cache_dir, frozen)
         reorder = _reorder(encoder, texts, corpus, nesting, config, log, queries)
         encoder.max_seq_length = config.max_seq_length
     validation = None
@@ -410,19 +411,28 @@ def _reorder(
 
 
 def _own_queries(
+    model: str | os.PathLike,
     encoder: Any,
     pairs: Sequence[Pair],
     train_idx: list[int],
-    feats: dict[str, torch.Tensor] | None,
+    cache_dir: str | os.PathLike | None,
+    frozen: bool,
 ) -> torch.Tensor:
-    """``[P_train, D]``: the trained model's embeddings of the training pairs' queries."""
+    """``[P_train, D]``: the trained model's embeddings of the training pairs' queries, at its
+    inference max_seq_length (as search queries will be embedded; held-out pairs left out).
+
+    ``encoder`` is the trained model, already at its inference length. A ``frozen`` encoder's
+    are the base model's embeddings (cached, its own length) through the trained last layer.
+    """
     from mrl.text.encoders import encode
 
-    if feats is not None:  # frozen encoder: the cached base features through the last layer
-        with torch.no_grad():
-            q = _head_fn(encoder[-1])(feats["query"][torch.tensor(train_idx)])
-        return q.detach().cpu()
     texts = [pairs[i].query for i in train_idx]
+    if frozen:
+        base = encode_cached(model, texts, cache_dir, name="training queries (re-order)")
+        dense = encoder[-1]
+        with torch.no_grad():
+            q = _head_fn(dense)(torch.from_numpy(base).to(next(dense.parameters()).device))
+        return q.detach().cpu()
     return torch.from_numpy(encode(encoder, texts, name="training queries (re-order)"))
 
 
