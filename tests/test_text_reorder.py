@@ -179,6 +179,11 @@ def test_reorder_option_errors():
         FinetuneConfig(adapt_pseudo_queries="titles")
     with pytest.raises(ValueError, match="adapt_init must be 'identity' or 'pca', got 'svd'"):
         FinetuneConfig(adapt_init="svd")
+    with pytest.raises(ValueError, match=r"adapt_pseudo_queries='queries' .* need adapt_steps > 0"):
+        FinetuneConfig(adapt_pseudo_queries="queries")
+    with pytest.raises(ValueError, match=r"adapt_init='pca' need adapt_steps > 0"):
+        FinetuneConfig(adapt_init="pca")
+    assert FinetuneConfig(adapt_steps=3, adapt_init="pca").adapt_init == "pca"
 
 
 def test_reorder_start_identity_or_pca(tiny_model, tmp_path):  # noqa: F811

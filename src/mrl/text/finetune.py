@@ -197,6 +197,14 @@ class FinetuneConfig:
             )
         if self.adapt_init not in ("identity", "pca"):
             raise ValueError(f"adapt_init must be 'identity' or 'pca', got {self.adapt_init!r}")
+        if self.adapt_steps == 0 and (self.adapt_pseudo_queries, self.adapt_init) != (
+            "documents",
+            "identity",
+        ):
+            raise ValueError(
+                f"adapt_pseudo_queries={self.adapt_pseudo_queries!r} / adapt_init="
+                f"{self.adapt_init!r} need adapt_steps > 0 (no re-ordering at adapt_steps=0)"
+            )
 
     def _check_distill(self) -> None:
         if not self.distill >= 0:
