@@ -367,13 +367,12 @@ def finetune(
         step = _train_rotation(encoder[-1], train_feats, nesting, config, total, rng, log, distill)
     encoder.eval()
     reorder = None
-    frozen = not config.train_encoder
     if config.adapt_steps > 0:
-        encoder.max_seq_length = inference_length  # the corpus as the model will embed it
+        encoder.max_seq_length = inference_length  # texts as the model will embed them
         queries = None  # the pseudo-queries, when not the documents: training queries only
         if config.adapt_pseudo_queries == "queries":
-            queries = _own_queries(model, encoder, pairs, train_idx, cache_dir, frozen)
-        reorder = _reorder(encoder, texts, corpus, nesting, config, log, queries)
+            queries = [pairs[i].query for i in train_idx]
+        reorder = _reorder(model, encoder, texts, corpus, queries, nesting, config, log, cache_dir)
         encoder.max_seq_length = config.max_seq_length
     validation = None
     if val_idx:
@@ -401,47 +400,51 @@ def finetune(
 
 
 def _reorder(
+    model: str | os.PathLike,
     encoder: Any,
     texts: Sequence[str],
     corpus: torch.Tensor | None,
+    queries: Sequence[str] | None,
     nesting: Nesting,
     config: FinetuneConfig,
     log: Callable[[str], None],
-    queries: torch.Tensor | None = None,
+    cache_dir: str | os.PathLike | None,
 ) -> dict[str, Any]:
-    """``adapt_steps``: the post-hoc rotation of `mrl.text.reorder`, folded into ``encoder``."""
-    from mrl.text.reorder import own_corpus_embeddings, reorder_model
+    """``adapt_steps``: the post-hoc rotation of `mrl.text.reorder`, folded into ``encoder``.
 
-    own = own_corpus_embeddings(encoder, texts, corpus, frozen=not config.train_encoder)  # [N, D]
+    ``corpus [N, D]``: the base model's embeddings of ``texts`` (needed for a frozen encoder);
+    ``queries``: the training queries as pseudo-queries (None: the documents).
+    """
+    from mrl.text.reorder import reorder_model
+
+    frozen = not config.train_encoder
+    own = _own_embeddings(encoder, texts, corpus if frozen else None, "corpus (re-order)")
+    own_q = None
+    if queries is not None:
+        base_q = None
+        if frozen:  # the base model's (cached, at its own length), then the trained layer
+            base_q = torch.from_numpy(encode_cached(model, queries, cache_dir, name="queries"))
+        own_q = _own_embeddings(encoder, queries, base_q, "training queries (re-order)")
     return reorder_model(
-        encoder, own, nesting, config.adapt_steps, config.seed, log, queries, config.adapt_init
+        encoder, own, nesting, config.adapt_steps, config.seed, log, own_q, config.adapt_init
     )
 
 
-def _own_queries(
-    model: str | os.PathLike,
-    encoder: Any,
-    pairs: Sequence[Pair],
-    train_idx: list[int],
-    cache_dir: str | os.PathLike | None,
-    frozen: bool,
+def _own_embeddings(
+    encoder: Any, texts: Sequence[str], base: torch.Tensor | None, name: str
 ) -> torch.Tensor:
-    """``[P_train, D]``: the trained model's embeddings of the training pairs' queries, at its
-    inference max_seq_length (as search queries will be embedded; held-out pairs left out).
+    """``[N, D]``: the trained model's embeddings of ``texts``, at its current max_seq_length.
 
-    ``encoder`` is the trained model, already at its inference length. A ``frozen`` encoder's
-    are the base model's embeddings (cached, its own length) through the trained last layer.
+    ``base [N, D]``: the frozen base model's embeddings of them (frozen encoder): passed through
+    the trained last layer, no re-encoding; None: ``encoder`` encodes the texts now.
     """
     from mrl.text.encoders import encode
 
-    texts = [pairs[i].query for i in train_idx]
-    if frozen:
-        base = encode_cached(model, texts, cache_dir, name="training queries (re-order)")
-        dense = encoder[-1]
-        with torch.no_grad():
-            q = _head_fn(dense)(torch.from_numpy(base).to(next(dense.parameters()).device))
-        return q.detach().cpu()
-    return torch.from_numpy(encode(encoder, texts, name="training queries (re-order)"))
+    if base is None:
+        return torch.from_numpy(encode(encoder, list(texts), name=name))
+    dense = encoder[-1]
+    with torch.no_grad():
+        return _head_fn(dense)(base.to(next(dense.parameters()).device)).detach().cpu()
 
 
 def n_folds(fraction: float) -> int:

@@ -15,14 +15,14 @@ weight ``W`` becomes ``R^T W``, so the saved folder keeps one ``Dense`` layer. O
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from mrl.nesting import Nesting
 
-__all__ = ["fold_rotation", "own_corpus_embeddings", "reorder_model"]
+__all__ = ["fold_rotation", "reorder_model"]
 
 
 def _plain_linear(module: Any) -> torch.nn.Linear | None:
@@ -82,25 +82,3 @@ def reorder_model(
     return {"steps": steps, "seed": seed, "final_loss": adaptor.info.get("final_loss"),
             "how": how, "corpus_size": int(corpus.shape[0]), "pseudo_queries": pseudo,
             "init": init}  # fmt: skip
-
-
-def own_corpus_embeddings(
-    encoder: Any,
-    texts: Sequence[str],
-    base_corpus: torch.Tensor | None,
-    frozen: bool,
-) -> torch.Tensor:
-    """``[N, D]``: the fine-tuned model's embeddings of its corpus.
-
-    A frozen encoder's are the base embeddings through the trained last layer (no re-encoding);
-    a trained encoder's are encoded now at its inference max_seq_length.
-    """
-    from mrl.text.encoders import encode
-
-    if frozen:
-        assert base_corpus is not None
-        dense = encoder[-1]
-        with torch.no_grad():
-            out = dense({"sentence_embedding": base_corpus.to(next(dense.parameters()).device)})
-        return out["sentence_embedding"].detach().cpu()
-    return torch.from_numpy(encode(encoder, list(texts), name="corpus (re-order)"))
