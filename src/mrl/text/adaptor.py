@@ -92,23 +92,21 @@ class AdaptorConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
-def _check_corpus(x: Any, name: str = "embeddings") -> torch.Tensor:
+def _check_corpus(x: Any, name: str = "embeddings", min_rows: int = 2) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x), dtype=torch.float32)
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(t.shape)}")
-    if t.shape[0] < 2:
-        raise ValueError(f"{name} must have at least 2 rows, got {t.shape[0]}")
+    if t.shape[0] < min_rows:
+        raise ValueError(f"{name} must have at least {min_rows} rows, got {t.shape[0]}")
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} contain NaN or inf")
     return t
 
 
 def _check_queries(queries: Any, dim: int) -> torch.Tensor:
-    q = torch.as_tensor(np.asarray(queries), dtype=torch.float32)
-    if q.dim() != 2 or q.shape[0] < 1 or q.shape[1] != dim:
+    q = _check_corpus(queries, "queries", min_rows=1)  # 2-D, >= 1 row, finite
+    if q.shape[1] != dim:
         raise ValueError(f"queries must be [Nq, {dim}] with Nq >= 1, got shape {tuple(q.shape)}")
-    if not torch.isfinite(q).all():
-        raise ValueError("queries contain NaN or inf")
     return q
 
 
@@ -188,14 +186,7 @@ def full_neighbours(x: torch.Tensor, k: int, block: int = 1024) -> torch.Tensor:
     n = x.shape[0]
     if k >= n:
         raise ValueError(f"neighbours must be < number of documents ({n}), got {k}")
-    xn = F.normalize(x, dim=-1)
-    out = []
-    for s in range(0, n, block):
-        sims = xn[s : s + block] @ xn.T  # [b, N]
-        rows = torch.arange(s, min(s + block, n))
-        sims[torch.arange(len(rows)), rows] = float("-inf")
-        out.append(sims.topk(k, dim=-1).indices)
-    return torch.cat(out)
+    return _nearest(x, x, k, block, exclude_self=True)
 
 
 def query_neighbours(
@@ -204,9 +195,23 @@ def query_neighbours(
     """Indices ``[Nq, k]`` into ``docs [N, D]`` of each query's k nearest documents (cosine)."""
     if k > docs.shape[0]:
         raise ValueError(f"neighbours must be <= number of documents ({docs.shape[0]}), got {k}")
+    return _nearest(queries, docs, k, block, exclude_self=False)
+
+
+def _nearest(
+    queries: torch.Tensor, docs: torch.Tensor, k: int, block: int, exclude_self: bool
+) -> torch.Tensor:
+    """Top-k cosine indices ``[Nq, k]``, ``block`` queries at a time; ``exclude_self``: queries
+    are ``docs`` itself and row i skips column i."""
     dn = F.normalize(docs, dim=-1)
-    out = [(F.normalize(queries[s : s + block], dim=-1) @ dn.T).topk(k, dim=-1).indices
-           for s in range(0, queries.shape[0], block)]  # fmt: skip
+    qn = dn if exclude_self else F.normalize(queries, dim=-1)
+    out = []
+    for s in range(0, qn.shape[0], block):
+        sims = qn[s : s + block] @ dn.T  # [b, N]
+        if exclude_self:
+            rows = torch.arange(s, s + len(sims))
+            sims[torch.arange(len(sims)), rows] = float("-inf")
+        out.append(sims.topk(k, dim=-1).indices)
     return torch.cat(out)
 
 
