@@ -233,9 +233,7 @@ def reproduce(
     if (task, budget) not in RECIPES:
         raise ValueError(f"no recipe for task={task!r} budget={budget!r}")
     recipe = RECIPES[(task, budget)]
-    probe_iter = recipe.probe_iter if probe_iter is None else probe_iter
-    if probe_iter <= 0:
-        raise ValueError(f"probe_iter must be positive, got probe_iter={probe_iter}")
+    probe_iter = _probe_iter(recipe, probe_iter)
     out = Path(out)
     runs_root = Path(runs) if runs is not None else out / "runs"
     _check_centring(out / "results.json", center)
@@ -290,6 +288,14 @@ def reproduce(
         records += recs
         log(f"[{name}] seed {seed}: done in {time.perf_counter() - t0:.0f} s")
     return merge_records(out / "results.json", records)
+
+
+def _probe_iter(recipe: Recipe, probe_iter: int | None) -> int:
+    """The probes' L-BFGS iterations: ``probe_iter``, or the recipe's when None."""
+    probe_iter = recipe.probe_iter if probe_iter is None else probe_iter
+    if probe_iter <= 0:
+        raise ValueError(f"probe_iter must be positive, got probe_iter={probe_iter}")
+    return probe_iter
 
 
 def merge_records(results: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -399,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
     seeds = sorted({r["seed"] for r in records})
     from mrl.commands.eval import probe_recipe
 
-    probe_iter = recipe.probe_iter if args.probe_iter is None else args.probe_iter
+    probe_iter = _probe_iter(recipe, args.probe_iter)  # as reproduce() resolved it
     notes = (
         f"{args.task}, budget {args.budget}: {recipe.note}. Seeds {seeds} (mean ± std over "
         "seeds where more than one). Values in percent. top1: trained heads (mrl, mrl-e, ff); "
