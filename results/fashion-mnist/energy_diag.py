@@ -17,23 +17,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from mrl.commands.eval import compute_embeddings
+from mrl.evaluate import evaluate_labelled
 from mrl.records import save_records
 
 HERE = Path(__file__).resolve().parent
 PREFIXES = (32, 64, 128, 256)
-
-
-def one_nn(db: torch.Tensor, db_y: torch.Tensor, q: torch.Tensor, q_y: torch.Tensor) -> float:
-    """Top-1 accuracy (%) of cosine 1-NN; db [N, m], q [Q, m]."""
-    db, q = F.normalize(db, dim=-1), F.normalize(q, dim=-1)
-    hits = 0
-    for i in range(0, len(q), 2000):  # [2000, N] similarity blocks
-        hits += (db_y[(q[i : i + 2000] @ db.T).argmax(1)] == q_y[i : i + 2000]).sum().item()
-    return 100.0 * hits / len(q)
 
 
 def records_for(run: Path, method: str, seed: int) -> list[dict]:
@@ -44,12 +33,12 @@ def records_for(run: Path, method: str, seed: int) -> list[dict]:
     recs = [{**ctx, "prefix": m, "metric": "energy", "value": (db[:, :m].pow(2).sum(1) / norm2)
              .mean().item()} for m in (8, 16, 32, 64, 128)]  # fmt: skip
     mu, sd = db.mean(0), db.std(0) + 1e-6
-    zdb, zq = (db - mu) / sd, (q - mu) / sd
-    for m in PREFIXES:
-        raw = one_nn(db[:, :m], e.db_labels, q[:, :m], e.test_labels)
-        std = one_nn(zdb[:, :m], e.db_labels, zq[:, :m], e.test_labels)
-        recs += [{**ctx, "prefix": m, "metric": "1nn", "value": raw},
-                 {**ctx, "prefix": m, "metric": "1nn_std", "value": std}]  # fmt: skip
+    variants = {"1nn": (db, q), "1nn_std": ((db - mu) / sd, (q - mu) / sd)}
+    for metric, (x_db, x_q) in variants.items():  # the 1-NN of `mrl eval`, every prefix at once
+        nn = evaluate_labelled(x_db.numpy(), e.db_labels.numpy(), x_q.numpy(),
+                               e.test_labels.numpy(), PREFIXES)  # fmt: skip
+        recs += [{**ctx, "prefix": r["prefix"], "metric": metric, "value": 100.0 * r["value"]}
+                 for r in nn if r["metric"] == "1nn"]  # fmt: skip
     return recs
 
 
