@@ -90,7 +90,8 @@ def test_weighted_run_trains_with_its_weights(tmp_path, task):
     assert not all(torch.equal(a[k], b[k]) for k in a)  # other weights, other model
     assert {r["method"] for r in recs} == {"mrl", "mrl-w"}
     # The cached run was trained with log2: other weights into the same folder are refused.
-    with pytest.raises(ValueError, match=r"mrl-w was trained with model.nesting_weights=\[0.4"):
+    with pytest.raises(ValueError, match=r"mrl-w holds a run trained with another recipe: "
+                       r"model.nesting_weights: checkpoint \[0.4"):  # fmt: skip
         _run(tmp_path / "b", task, only=("mrl-w",), weights="full:4", runs=tmp_path / "runs")
     # Nor are records of two weightings mixed in one results file (one mrl-w row per table).
     with pytest.raises(ValueError, match=r"holds mrl-w records with mrl_weights='log2', but "):

@@ -91,6 +91,49 @@ def test_resume_errors(tmp_path, task):
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before  # nothing lost
 
 
+def test_resume_refuses_another_recipe(tmp_path, task):
+    train(_cfg("epochs=1"), tmp_path / "run", progress=False, task=task)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"recipe.*optim.lr: checkpoint 0.002 vs config 0.01"):
+        train(_cfg("epochs=1", "optim.lr=0.01"), tmp_path / "run", resume=True, progress=False,
+              task=task)  # fmt: skip
+    # A cosine schedule depends on the run's length: more epochs would not equal a longer run.
+    with pytest.raises(ValueError, match=r"epochs: checkpoint 1 vs config 2"):
+        train(_cfg("epochs=2"), tmp_path / "run", resume=True, progress=False, task=task)
+    with pytest.raises(ValueError, match=r"batch_size: checkpoint 64 vs config 32; "
+                       r"seed: checkpoint 0 vs config 1"):  # fmt: skip
+        train(_cfg("epochs=1", "seed=1", "batch_size=32"), tmp_path / "run", resume=True,
+              progress=False, task=task)  # fmt: skip
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before  # nothing lost
+    # Where it runs and what it logs are not the recipe.
+    train(_cfg("epochs=1", "device=cpu", "eval_test=false", "eval_batch_size=32"),
+          tmp_path / "run", resume=True, progress=False, task=task)  # fmt: skip
+
+
+def test_longer_run_by_resume_with_a_constant_schedule(tmp_path, task):
+    """Constant / step schedules do not depend on the length: 1 epoch + 1 more = 2 epochs."""
+    cfg = ("optim.schedule=constant", "model.mode=mrl")
+    train(_cfg(*cfg, "epochs=2"), tmp_path / "two", progress=False, task=task)
+    train(_cfg(*cfg, "epochs=1"), tmp_path / "grown", progress=False, task=task)
+    train(_cfg(*cfg, "epochs=2"), tmp_path / "grown", resume=True, progress=False, task=task)
+    a, b = load_checkpoint(tmp_path / "two"), load_checkpoint(tmp_path / "grown")
+    assert b["epoch"] == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_recipe_differences_skips_keys_an_old_config_lacks():
+    from mrl.train import recipe_differences
+
+    cfg = _cfg("epochs=1")
+    saved = cfg.to_dict()
+    del saved["optim"]["gamma"]  # a key added after the run was saved
+    saved["data"]["root"] = "/elsewhere"
+    assert recipe_differences(saved, cfg) == []
+    saved["model"]["dim"] = 32
+    assert recipe_differences(saved, cfg) == ["model.dim: checkpoint 32 vs config 16"]
+
+
 def test_foreign_checkpoint_errors(tmp_path, task):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_run(tmp_path)

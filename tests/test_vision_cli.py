@@ -100,6 +100,11 @@ def test_reproduce_accumulates_seeds(tmp_path, task):
                       data_task=task, log=logs.append)  # fmt: skip
     assert len(again) == len(recs)
     assert any("reusing" in line for line in logs)
+    # ... but only for the same recipe: cached records of another recipe are refused.
+    with pytest.raises(ValueError, match=r"seed1/mrl holds a run trained with another recipe: "
+                       r"optim.lr: checkpoint 0.01 vs config 0.02; use another --out"):  # fmt: skip
+        reproduce("fashion-mnist", "small", tmp_path, seed=1, overrides=(*over, "optim.lr=0.02"),
+                  progress=False, data_task=task, only=("mrl",))  # fmt: skip
 
 
 def test_demo_sections(tmp_path, task, capsys):
@@ -129,6 +134,11 @@ def test_demo_sections(tmp_path, task, capsys):
     assert (tmp_path / "report.html").is_file()
     print(demo_cmd._short_table(recs))
     assert "| mrl | top1 |" in capsys.readouterr().out
+    # A second demo with other options into the same folder is refused, not resumed or reused.
+    with pytest.raises(ValueError, match=r"mrl holds a run trained with another recipe: "
+                       r"epochs: checkpoint 1 vs config 2; use another --out"):  # fmt: skip
+        demo_cmd.demo(tmp_path, epochs=2, task=task, overrides=tuple(TINY), progress=False,
+                      log=lambda s: None, sections=[])  # fmt: skip
 
 
 def test_eval_hands_text_models_to_the_text_evaluator(tmp_path, monkeypatch):

@@ -43,8 +43,10 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_scheduler",
+    "check_same_recipe",
     "load_run",
     "predict",
+    "recipe_differences",
     "train",
 ]
 
@@ -175,6 +177,62 @@ def _check_compatible(saved: dict[str, Any], config: TrainConfig, path: Path) ->
         raise ValueError(
             f"epochs={config.epochs} is less than the {saved['epoch']} epochs already "
             f"done in {path}"
+        )
+    recipe = recipe_differences(old, config)
+    if recipe:
+        raise ValueError(
+            f"checkpoint {path} was trained with another recipe; resuming it with these settings "
+            "would not reproduce an uninterrupted run: " + "; ".join(recipe)
+            + " (use the same settings, or train into another --out)"
+        )
+
+
+# Keys that do not change the training trajectory: where the data lives, where it runs, and
+# what is logged. Everything else of a saved config must match for a run to be resumed or reused.
+_NOT_RECIPE = {"data.root", "device", "eval_batch_size", "eval_test"}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out |= _flatten(v, f"{key}.") if isinstance(v, dict) else {key: v}
+    return out
+
+
+def recipe_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """``"key: checkpoint X vs config Y"`` for every training setting that differs.
+
+    ``saved`` is a run's saved config (``config.json`` / the checkpoint's). Keys the saved config
+    lacks (added to `TrainConfig` later, defaults keep the old behaviour) are not compared. More
+    epochs are allowed when the lr schedule does not depend on the run's length (constant, step):
+    resuming then trains on exactly as a longer run would have.
+    """
+    old, new = _flatten(saved), _flatten(config.to_dict())
+    longer_ok = config.optim.schedule != "cosine"
+    diffs = []
+    for key, value in new.items():
+        if key in _NOT_RECIPE or key not in old or old[key] == value:
+            continue
+        if key == "epochs" and longer_ok and value > old[key]:
+            continue
+        diffs.append(f"{key}: checkpoint {old[key]!r} vs config {value!r}")
+    return diffs
+
+
+def check_same_recipe(run_dir: str | os.PathLike, config: TrainConfig, hint: str) -> None:
+    """Refuse to reuse or resume ``run_dir`` when its saved config has another recipe.
+
+    ``hint`` ends the message (what the user should do, e.g. "use another --out"). A folder
+    without ``config.json`` passes (nothing trained there yet).
+    """
+    saved = Path(run_dir) / "config.json"
+    if not saved.is_file():
+        return
+    diffs = recipe_differences(json.loads(saved.read_text()), config)
+    if diffs:
+        raise ValueError(
+            f"{run_dir} holds a run trained with another recipe: " + "; ".join(diffs) + f"; {hint}"
         )
 
 

@@ -125,8 +125,10 @@ def _load_section(spec: str):
 
 
 def _train_or_reuse(config, run_dir: Path, task, progress: bool, log) -> None:
-    from mrl.train import CHECKPOINT, load_checkpoint, train
+    from mrl.train import CHECKPOINT, check_same_recipe, load_checkpoint, train
 
+    # A folder from an earlier demo with other options (e.g. --epochs) is never silently reused.
+    check_same_recipe(run_dir, config, "use another --out, or delete that folder to retrain")
     ckpt = run_dir / CHECKPOINT
     if ckpt.is_file() and load_checkpoint(ckpt)["epoch"] >= config.epochs:
         log(f"reusing the trained model in {run_dir}")

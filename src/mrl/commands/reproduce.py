@@ -228,7 +228,7 @@ def reproduce(
     from mrl.config import load_config
     from mrl.data import load_task_for
     from mrl.records import save_records
-    from mrl.train import CHECKPOINT, load_checkpoint, train
+    from mrl.train import CHECKPOINT, check_same_recipe, load_checkpoint, train
 
     if (task, budget) not in RECIPES:
         raise ValueError(f"no recipe for task={task!r} budget={budget!r}")
@@ -256,7 +256,7 @@ def reproduce(
         # Evaluations with and without centring are cached apart: both come from one model.
         cached = run_dir / ("records-center.json" if center else "records.json")
         config = load_config(None, [*base, *extra])
-        _check_same_weights(run_dir, config.model.nesting_weights)
+        check_same_recipe(run_dir, config, "use another --out (or --runs) for another recipe")
         t0 = time.perf_counter()
         if cached.is_file():
             recs = json.loads(cached.read_text())
@@ -330,19 +330,6 @@ def _plain_as_ff(run_dir: Path, dim: int, **context: Any) -> dict[str, Any]:
     acc = last["test_top1"][str(dim)]
     source = "head of the plain model (= FF-D)"
     return make_record("ff", dim, "top1", acc, source=source, run="plain", **context)
-
-
-def _check_same_weights(run_dir: Path, weights: list[float] | None) -> None:
-    """A cached run trained with other prefix weights is refused, never reused or resumed."""
-    saved = run_dir / "config.json"
-    if not saved.is_file():
-        return
-    before = json.loads(saved.read_text())["model"].get("nesting_weights")
-    if before != weights:  # floats survive the JSON round trip exactly
-        raise ValueError(
-            f"{run_dir} was trained with model.nesting_weights={before}, but this call asks for "
-            f"{weights}: use another --out (or --runs) for other mrl_weights"
-        )
 
 
 def _check_weight_spec(results: Path, weights: str | None) -> None:
