@@ -172,6 +172,39 @@ def test_blockmax_topk_matches_reference(n, k, block):
     np.testing.assert_array_equal(ti.numpy(), ref_i)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "q,n,k", [(7, 1000, 1), (7, 1000, 37), (3, 50, 49), (1, 5, 5), (4, 2000, 200)]
+)
+def test_argtopk_selects_what_argpartition_selects(dtype, q, n, k):
+    from mrl.retrieval.exact import argtopk
+
+    s = np.random.default_rng(n + k).standard_normal((q, n)).astype(dtype)  # distinct values
+    ref = np.argpartition(-s, k - 1, axis=1)[:, :k]  # the reference the fast path replaces
+    got = argtopk(s, k)
+    assert got.shape == (q, k) and got.dtype == np.int64
+    np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(ref, axis=1))
+
+
+def test_argtopk_nan_read_only_ties_and_bad_k():
+    from mrl.retrieval.exact import argtopk
+
+    s = np.array([[0.5, np.nan, 0.9, 0.1], [np.nan, np.nan, 0.2, 0.3]], np.float32)
+    ref = np.argpartition(-s, 1, axis=1)[:, :2]  # NaN sorts last there: never selected
+    np.testing.assert_array_equal(np.sort(argtopk(s, 2), axis=1), np.sort(ref, axis=1))
+    ro = np.arange(12, dtype=np.float32).reshape(2, 6)[:, ::-1]  # read-only, not contiguous
+    ro.flags.writeable = False
+    np.testing.assert_array_equal(np.sort(argtopk(ro, 3), axis=1), [[0, 1, 2], [0, 1, 2]])
+    tied = np.ones((2, 6), np.float32)
+    tied[:, 4] = 2.0
+    got = argtopk(tied, 3)  # the 2.0 and any two of the tied 1.0s
+    assert all(4 in row and len(set(row)) == 3 for row in got.tolist())
+    ints = np.array([[3, 9, 1]], np.int64)  # other dtypes take the reference path
+    np.testing.assert_array_equal(np.sort(argtopk(ints, 2), axis=1), [[0, 1]])
+    with pytest.raises(ValueError, match=r"k must be in \[1, 3\], got k=4"):
+        argtopk(ints, 4)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_compressed_vectors_close_to_exact(dtype, tmp_path):
     db, q = _data()

@@ -37,7 +37,7 @@ import numpy as np
 
 from mrl.io import atomic_open, atomic_write_json, read_json_sidecar
 from mrl.nesting import Nesting
-from mrl.retrieval.exact import METRICS
+from mrl.retrieval.exact import METRICS, argtopk
 from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
 from mrl.retrieval.store import validate_vectors
 
@@ -860,7 +860,7 @@ def _quantize_int8(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
 def _topk_tiebreak(scores: np.ndarray, cand: np.ndarray, keep: int):
     """Positions of the best ``keep`` per row of scores [Q, K]: score desc, then row index asc."""
     if keep < scores.shape[1]:
-        part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+        part = argtopk(scores, keep)
     else:
         part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
     vals = np.take_along_axis(scores, part, axis=1)

@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from mrl.retrieval.exact import argtopk
+
 __all__ = ["auto_block", "blockmax_topk_torch", "blockmax_topk_numpy", "topk_numpy"]
 
 
@@ -53,9 +55,9 @@ def blockmax_topk_torch(scores, k: int, block: int | None = None):
 
 
 def topk_numpy(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of each row by argpartition, then sorted by score (descending)."""
+    """Top-k of each row by `argtopk`, then sorted by score (descending)."""
     part = (
-        np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        argtopk(scores, k)
         if k < scores.shape[1]
         else (np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy())
     )
@@ -65,10 +67,17 @@ def topk_numpy(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def blockmax_topk_numpy(scores: np.ndarray, k: int, block: int | None = None):
-    """The numpy twin of `blockmax_topk_torch` for scores [Q, N]: (values, indices) [Q, k]."""
+    """The numpy twin of `blockmax_topk_torch` for scores [Q, N]: (values, indices) [Q, k].
+
+    With ``block=None`` rows shorter than ``2048 * k`` go straight to `topk_numpy`: its torch
+    selection beat the block pass there (2-core CPU, 64 rows: 14 vs 29 ms at N=60k, k=200; the
+    block pass wins from about N=400k at k=200 and N=100k at k=10).
+    """
     q, n = scores.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got k={k}")
+    if block is None and n < 2048 * k:
+        return topk_numpy(scores, k)
     b = auto_block(n, k) if block is None else int(block)
     nb = -(-n // b)
     if nb <= k or b <= 1:
@@ -77,7 +86,7 @@ def blockmax_topk_numpy(scores: np.ndarray, k: int, block: int | None = None):
     bmax = scores[:, : full * b].reshape(q, full, b).max(axis=2)  # [Q, full]
     if full < nb:  # the ragged last block
         bmax = np.concatenate([bmax, scores[:, full * b :].max(axis=1, keepdims=True)], axis=1)
-    top_blocks = np.argpartition(-bmax, k - 1, axis=1)[:, :k]  # [Q, k]
+    top_blocks = argtopk(bmax, k)  # [Q, k]
     cols = (top_blocks[:, :, None] * b + np.arange(b)).reshape(q, k * b)  # [Q, k*b]
     valid = cols < n
     cols = np.where(valid, cols, 0)
