@@ -120,6 +120,7 @@ def test_demo_sections(tmp_path, task, capsys):
     try:
         recs, md = demo_cmd.demo(
             tmp_path,
+            epochs=1,
             task=task,
             overrides=tuple(TINY),
             progress=False,

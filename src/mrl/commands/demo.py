@@ -69,7 +69,10 @@ class DemoContext:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="mrl-demo", help="report folder (default ./mrl-demo)")
     parser.add_argument(
-        "--epochs", type=int, default=1, help="training epochs per model (default 1)"
+        "--epochs",
+        type=int,
+        default=3,
+        help="training epochs per model (default 3: the reproduction's small recipe)",
     )
     parser.add_argument(
         "--train-size",
@@ -141,7 +144,7 @@ def _train_or_reuse(config, run_dir: Path, task, progress: bool, log) -> None:
 def demo(
     out: str | Path = "mrl-demo",
     *,
-    epochs: int = 1,
+    epochs: int = 3,
     train_size: int | None = None,
     seed: int = 0,
     overrides: tuple[str, ...] = (),
