@@ -30,19 +30,24 @@ def argtopk(scores: np.ndarray, k: int) -> np.ndarray:
     The same selection as ``np.argpartition(-scores, k - 1, axis=1)[:, :k]`` (the reference,
     tested equal), through ``torch.topk``: ~10x faster on 2 cores (it skips the negated copy and
     uses every thread). NaN counts as the smallest score, as in the reference. Among scores tied
-    at the k-th place either call may keep any of them.
+    at the k-th place either call may keep any of them. k = n returns every column in order.
     """
     n = scores.shape[1]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got k={k}")
+    if k == n:
+        return np.broadcast_to(np.arange(n), scores.shape).copy()
     if scores.dtype not in (np.float32, np.float64):
         return np.argpartition(-scores, k - 1, axis=1)[:, :k]
     s = np.ascontiguousarray(scores)
-    if np.isnan(s).any():
-        s = np.where(np.isnan(s), -np.inf, s)
-    elif not s.flags.writeable:
+    if not s.flags.writeable:
         s = s.copy()  # torch.from_numpy warns on read-only memory
-    return torch.topk(torch.from_numpy(s), k, dim=1, sorted=False).indices.numpy()
+    idx = torch.topk(torch.from_numpy(s), k, dim=1, sorted=False).indices.numpy()
+    # torch ranks NaN first: check only the k chosen per row (not all n), redo without NaN if hit.
+    if np.isnan(np.take_along_axis(s, idx, axis=1)).any():
+        s = np.where(np.isnan(s), -np.inf, s)
+        idx = torch.topk(torch.from_numpy(s), k, dim=1, sorted=False).indices.numpy()
+    return idx
 
 
 def topk_sorted(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,11 +55,7 @@ def topk_sorted(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
     `argtopk` (O(n)) then a sort of the k winners; ties ordered by the smaller column.
     """
-    n = scores.shape[1]
-    if k < n:
-        part = argtopk(scores, k)
-    else:
-        part = np.broadcast_to(np.arange(n), scores.shape).copy()
+    part = argtopk(scores, k)
     vals = np.take_along_axis(scores, part, axis=1)
     order = np.lexsort((part, -vals), axis=1)  # primary: -score, secondary: index
     idx = np.take_along_axis(part, order, axis=1)

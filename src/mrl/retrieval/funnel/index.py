@@ -859,10 +859,7 @@ def _quantize_int8(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def _topk_tiebreak(scores: np.ndarray, cand: np.ndarray, keep: int):
     """Positions of the best ``keep`` per row of scores [Q, K]: score desc, then row index asc."""
-    if keep < scores.shape[1]:
-        part = argtopk(scores, keep)
-    else:
-        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
+    part = argtopk(scores, keep)
     vals = np.take_along_axis(scores, part, axis=1)
     rows = np.take_along_axis(cand, part, axis=1)
     order = np.lexsort((rows, -vals), axis=1)

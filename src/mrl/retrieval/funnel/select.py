@@ -56,11 +56,7 @@ def blockmax_topk_torch(scores, k: int, block: int | None = None):
 
 def topk_numpy(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each row by `argtopk`, then sorted by score (descending)."""
-    part = (
-        argtopk(scores, k)
-        if k < scores.shape[1]
-        else (np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy())
-    )
+    part = argtopk(scores, k)
     vals = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-vals, axis=1, kind="stable")
     return np.take_along_axis(vals, order, axis=1), np.take_along_axis(part, order, axis=1)
