@@ -377,3 +377,34 @@ def test_bench_hnsw_comparison_memory_budget():
         assert impossible == (dtype == "float32")
         if not impossible:
             assert mem["funnel"] <= mem["hnsw"] / 2
+
+
+def test_drop_self_keeps_empty_slots_empty():
+    from mrl.retrieval.tune import _drop_self
+
+    # [Q, k+1] -> [Q, k]; query 0's probe found 3 rows (one of them twice), query 1's missed
+    # itself, so its last row goes.
+    found = np.array([[0, 3, 0, -1, -1], [7, 8, 9, 4, 2]])
+    out = _drop_self(found, np.array([0, 1]), 4)
+    assert out.tolist() == [[3, -1, -1, -1], [7, 8, 9, 4]]
+
+
+def test_tune_small_database_with_short_ivf_lists():
+    # 300 rows: single probed cells hold fewer than k+1 rows (a regression: this crashed in
+    # _drop_self when short lists were padded with row 0 and the query was row 0).
+    rng = np.random.default_rng(0)
+    index = MatryoshkaIndex(NEST)
+    index.add((rng.standard_normal((300, 64)) * np.arange(1, 65) ** -0.5).astype(np.float32))
+    res = tune(index, 0.95, k=10, n_queries=200)  # as `mrl index build --target-recall 0.95`
+    assert 0 <= res.recall <= 1
+    assert all(0 <= c["recall"] <= 1 for c in res.candidates)
+
+
+def test_tune_single_size_nesting():
+    # `mrl embed --model default` writes a one-size nesting [D]: D_s = D, no funnel stages.
+    rng = np.random.default_rng(0)
+    index = MatryoshkaIndex(Nesting((32,)))
+    index.add(rng.standard_normal((400, 32)).astype(np.float32))
+    res = tune(index, 0.95, k=5, n_queries=50)
+    assert res.recall >= 0.95 and res.config.shortlist_dim == 32
+    assert all(m == 32 for m, _ in res.config.stages)

@@ -454,3 +454,24 @@ def test_mrl_serve_command_end_to_end():
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_search_short_ivf_lists_are_trimmed_not_padded():
+    # one probed IVF cell of ~12 rows cannot fill k=30: answer fewer hits, never id 0 / null
+    from mrl.retrieval import MatryoshkaIndex, SearchConfig
+
+    rng = np.random.default_rng(3)
+    idx = MatryoshkaIndex(Nesting.doubling(8, DIM), SearchConfig(
+        shortlist_dim=8, shortlist=50, backend="ivf", nlist=40, nprobe=1), threads=1)
+    idx.add(rng.standard_normal((500, DIM)).astype(np.float32), ids=np.arange(1000, 1500))
+    q = rng.standard_normal((4, DIM)).astype(np.float32)
+    app = create_app(None, IndexBackend(idx))
+    with serving(app) as url:
+        r = httpx.post(url + "/v1/search", json={"vector": q.tolist(), "k": 30})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    ref = idx.search(q, 30)
+    assert any(len(d["ids"]) < 30 for d in data)
+    for j, d in enumerate(data):
+        assert (d["ids"], d["scores"]) == ref.hits(j)
+        assert len(d["ids"]) == len(d["scores"]) and all(i >= 1000 for i in d["ids"])

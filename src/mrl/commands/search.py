@@ -44,10 +44,10 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     res = index.search(q, args.k, **overrides)
     elapsed = time.perf_counter() - t
-    ids = res.ids.tolist()
+    hits = [res.hits(j) for j in range(len(q))]  # ragged: IVF/HNSW may find fewer than k
     print(f"{len(q)} queries, k={args.k}: {elapsed:.3f}s ({len(q) / elapsed:.0f} queries/s)")
     for j in range(min(3, len(q))):
-        print(f"query {j}: ids {ids[j]}")
+        print(f"query {j}: ids {hits[j][0]}")
     if args.out:
         atomic_write_json(
             args.out,
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                 "k": args.k,
                 "config": index.config.to_dict() | overrides,
                 "results": [
-                    {"query": j, "ids": ids[j], "scores": res.scores[j].tolist()}
+                    {"query": j, "ids": hits[j][0], "scores": hits[j][1]}
                     for j in range(len(q))
                 ],
             },

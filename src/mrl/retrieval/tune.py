@@ -77,10 +77,10 @@ def _drop_self(indices: np.ndarray, rows: np.ndarray | None, k: int) -> np.ndarr
     # indices [Q, k+1] -> [Q, k] without the query's own row (else without the last).
     if rows is None:
         return indices[:, :k]
-    out = np.empty((len(indices), k), indices.dtype)
+    out = np.full((len(indices), k), -1, indices.dtype)  # -1: nothing found in that slot
     for j, (ind, r) in enumerate(zip(indices, rows)):
-        keep = ind[ind != r]
-        out[j] = keep[:k]
+        keep = ind[ind != r][:k]
+        out[j, : len(keep)] = keep
     return out
 
 
@@ -388,7 +388,8 @@ def _tune_ivfpq(index, base, kshort, kk, nprobes, queries, rows, truth, k, need,
         keep = min(big, max(kshort, 2 * kk))
         stages = ((m, keep), *funnel_stages(m, keep, d, kk, nest, min_keep=2 * kk))
         # the exact re-score at D_s, then one rerank at D; the full funnel at the chosen nprobe
-        cfg = replace(base, backend="ivfpq", shortlist=big, stages=((m, keep), (d, kk)))
+        rescore = ((m, keep), (d, kk)) if m < d else ((d, kk),)  # D_s = D: one exact re-score
+        cfg = replace(base, backend="ivfpq", shortlist=big, stages=rescore)
         last = -1.0
         for p in grid:
             res = _measure(index, replace(cfg, nprobe=p), queries, rows, truth, k, say)

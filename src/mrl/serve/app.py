@@ -339,7 +339,7 @@ def create_app(
             raise APIError(400, str(exc), _guess_param(str(exc)), "invalid_value") from None
         timings.update(result.timings_ms)
         timings["total"] = (time.perf_counter() - t0) * 1e3
-        data = [{"index": i, "ids": ids, "scores": [float(s) for s in sc]}
+        data = [{"index": i, "ids": ids, "scores": sc}
                 for i, (ids, sc) in enumerate(zip(result.ids, result.scores))]
         return {"object": "search.result", "data": data, "params": result.params,
                 "model": None if encoder is None else encoder.name, "timings_ms": timings}

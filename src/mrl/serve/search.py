@@ -20,8 +20,8 @@ __all__ = ["IndexBackend", "QdrantBackend", "SearchBackend", "SearchOutcome"]
 
 @dataclass
 class SearchOutcome:
-    ids: list[list[Any]]  # [Q][k] stored ids (int or str)
-    scores: np.ndarray  # [Q, k] float32, best first
+    ids: list[list[Any]]  # [Q][<=k] stored ids (int or str), best first
+    scores: list[list[float]]  # [Q][<=k] same shape as ids
     params: dict[str, Any]  # the funnel actually run
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -48,8 +48,15 @@ def _pick(configs: dict[str, dict], name: str | None, overrides: dict[str, Any])
     return chosen
 
 
-def _ids_list(ids: np.ndarray) -> list[list[Any]]:
-    return [[x.item() if isinstance(x, np.generic) else x for x in row] for row in ids]
+def _hits(ids: np.ndarray, scores: np.ndarray) -> tuple[list[list[Any]], list[list[float]]]:
+    """ids/scores [Q, k] -> ragged lists without the empty slots (score -inf: an approximate
+    shortlist or a tiny collection found fewer than k rows for that query)."""
+    out_ids, out_scores = [], []
+    for row_ids, row_s in zip(ids, scores):
+        keep = np.isfinite(row_s)
+        out_ids.append([x.item() if isinstance(x, np.generic) else x for x in row_ids[keep]])
+        out_scores.append([float(v) for v in row_s[keep]])
+    return out_ids, out_scores
 
 
 class IndexBackend:
@@ -90,7 +97,7 @@ class IndexBackend:
         timings["search"] = total
         used = {**self.defaults, **params}
         used["stages"] = [list(s) for s in used.get("stages") or ()]
-        return SearchOutcome(_ids_list(res.ids), res.scores, used, timings)
+        return SearchOutcome(*_hits(res.ids, res.scores), used, timings)
 
 
 class QdrantBackend:
@@ -124,5 +131,5 @@ class QdrantBackend:
             "shortlist_dim": shortlist_dim, "shortlist": shortlist, "stages": stages})
         t = time.perf_counter()
         scores, ids = self.index.search(queries, k, **params)
-        return SearchOutcome(_ids_list(ids), scores, params,
+        return SearchOutcome(*_hits(np.asarray(ids), scores), params,
                              {"qdrant": (time.perf_counter() - t) * 1e3})

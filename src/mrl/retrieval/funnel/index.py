@@ -126,12 +126,28 @@ class SearchConfig:
 
 @dataclass
 class SearchResult:
-    """Scores and row indices [Q, k], best first; ids are the stored ids of those rows."""
+    """Scores and row indices [Q, k], best first; ids are the stored ids of those rows.
+
+    An approximate shortlist (IVF, IVF-PQ, HNSW) can find fewer than k rows for a query (its
+    probed cells hold fewer); those trailing slots have index -1, score -inf and id -1 (integer
+    ids) or "" (string ids). `found` masks the real hits and `hits` lists them per query.
+    """
 
     scores: np.ndarray
     indices: np.ndarray
     ids: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def found(self) -> np.ndarray:
+        """[Q, k] bool: True where the slot holds a real row."""
+        return self.indices >= 0
+
+    def hits(self, j: int) -> tuple[list[Any], list[float]]:
+        """Query j's ids and scores, best first, without the empty slots."""
+        keep = self.found[j]
+        ids = [x.item() if isinstance(x, np.generic) else x for x in self.ids[j][keep]]
+        return ids, [float(v) for v in self.scores[j][keep]]
 
 
 def _as_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
@@ -148,7 +164,8 @@ class MatryoshkaIndex:
 
     Args:
         nesting: prefix sizes; ``nesting.dim`` = D. Shortlist and stage prefixes must be in it.
-        config: default `SearchConfig` (override any field per `search` call).
+        config: default `SearchConfig` (override any field per `search` call); None = defaults
+            with D_s = 16, or the smallest nesting size when 16 is not in the nesting.
         metric: "cosine" (re-normalise every prefix) or "dot".
         vector_dtype: the stored full-size vectors used for reranking: "float32", "float16" or
             "int8" (codes ``round(x_j / s_j)`` with one scale per column
@@ -192,7 +209,8 @@ class MatryoshkaIndex:
         self.vector_dtype = vector_dtype
         self.device = device
         self.threads = threads or os.cpu_count() or 1
-        self.config = config or SearchConfig()
+        # default D_s: 16, or the smallest size where the nesting lacks 16 (e.g. one size [D])
+        self.config = config or SearchConfig(16 if 16 in nesting else nesting.sizes[0])
         self.tuned: dict[str, Any] | None = None
         self._check_config(self.config, k=1, n=None)
         d, g = nesting.dim, len(nesting)
@@ -528,8 +546,10 @@ class MatryoshkaIndex:
             timings["rerank"] += time.perf_counter() - t1
             out_s.append(s)
             out_i.append(i)
-        scores, indices = np.concatenate(out_s), np.concatenate(out_i)
-        return SearchResult(scores, indices, self._ids[indices], timings)
+        scores, indices = np.concatenate(out_s), np.concatenate(out_i)  # [Q, k]; -1 = no row
+        ids = self._ids[np.maximum(indices, 0)]
+        ids[indices < 0] = -1 if ids.dtype.kind == "i" else ""
+        return SearchResult(scores, indices, ids, timings)
 
     def _shortlist(self, q: np.ndarray, cfg: SearchConfig, kk: int) -> np.ndarray:
         m = cfg.shortlist_dim
@@ -598,7 +618,7 @@ class MatryoshkaIndex:
             cand = np.take_along_axis(cand, pos, axis=1)
             valid = np.take_along_axis(valid, pos, axis=1)
             qn, kc = cand.shape
-        return scores, cand
+        return scores, np.where(valid, cand, -1)
 
     def _candidate_dots(self, qm: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """Dot products [Q, K] of queries qm [Q, m] with their candidate rows cand [Q, K] at
