@@ -368,3 +368,21 @@ def test_mrl_serve_builds_search_from_an_edge_collection(tmp_path, store_path, q
     with pytest.raises(ValueError, match="--collection is needed"):
         build_app(build_parser().parse_args(["serve", "--model", "none", "--qdrant-path",
                                              str(tmp_path)]))
+
+
+@pytest.mark.skipif(not _has_client(), reason="qdrant-client not installed")
+def test_unreachable_server_is_one_error_naming_the_url(store_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    code = main(["export", "qdrant", str(store_path), "--collection", "x", "--url", url])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot reach the Qdrant server at url='{url}'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # mrl serve: the same error, before any model is loaded, and a bad port up front
+    assert main(["serve", "--qdrant-url", url, "--collection", "x", "--model", "none"]) == 2
+    assert f"url='{url}'" in capsys.readouterr().err
+    assert main(["serve", "--model", "none", "--port", "99999"]) == 2
+    assert "--port must be in [0, 65535], got --port 99999" in capsys.readouterr().err

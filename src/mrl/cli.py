@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, ConnectionError) as exc:
         # Bad input: one clear line, no traceback. Bugs (other exceptions) keep their traceback.
         print(f"mrl {args.command}: error: {exc}", file=sys.stderr)
         return 2

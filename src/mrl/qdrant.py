@@ -272,6 +272,16 @@ class EdgeTarget:
 
 
 # ---------------------------------------------------------------------- qdrant-client
+def _check_reachable(client: Any, url: str | None) -> None:
+    """One cheap request now, so that a wrong URL or a stopped server is one clear error
+    (ConnectionError naming the URL) instead of a client traceback in the middle of a job."""
+    try:
+        client.get_collections()
+    except Exception as exc:  # the client wraps httpx/grpc errors in its own types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConnectionError(f"cannot reach the Qdrant server at url={url!r}: {reason}") from None
+
+
 class ClientTarget:
     """A collection on a Qdrant server or cluster (``url``), or qdrant-client's ``":memory:"``."""
 
@@ -282,9 +292,13 @@ class ClientTarget:
         self.models = qc.models
         self.collection = collection
         self.shard_number, self.replication_factor = shard_number, replication_factor
-        if client is None:
-            client = qc.QdrantClient(location=":memory:") if url == ":memory:" else \
-                qc.QdrantClient(url=url, timeout=int(timeout_s))
+        if client is None and url == ":memory:":
+            client = qc.QdrantClient(location=":memory:")
+        elif client is None:
+            # the client's own version check warns from a background thread when the server
+            # is down; _check_reachable turns that case into one error instead
+            client = qc.QdrantClient(url=url, timeout=int(timeout_s), check_compatibility=False)
+            _check_reachable(client, url)
         self.client = client
 
     def layout(self) -> QdrantLayout | None:

@@ -85,7 +85,6 @@ def build_app(args: argparse.Namespace):
 
     if args.threads is not None:
         set_threads(args.threads)
-    encoder = None if args.model == "none" else load_encoder(args.model, args.nesting, args.name)
     backend = None
     if sum(x is not None for x in (args.index, args.qdrant_path, args.qdrant_url)) > 1:
         raise ValueError("give at most one of --index, --qdrant-path, --qdrant-url")
@@ -100,6 +99,8 @@ def build_app(args: argparse.Namespace):
             raise ValueError("--collection is needed with --qdrant-path/--qdrant-url")
         target = open_target(args.collection, url=args.qdrant_url, path=args.qdrant_path)
         backend = QdrantBackend(QdrantIndex(target))
+    # the model loads last: a wrong index path or an unreachable server fails in a second
+    encoder = None if args.model == "none" else load_encoder(args.model, args.nesting, args.name)
     config = ServeConfig(
         max_inputs=args.max_inputs,
         max_request_bytes=args.max_request_bytes,
@@ -114,6 +115,8 @@ def build_app(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from mrl.serve import serve_forever
 
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got --port {args.port}")
     app = build_app(args)
     serve_forever(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
