@@ -94,6 +94,30 @@ def test_load_from_root_and_corrupt_labels(tmp_path):
         fm.load_fashion_mnist("valid", root=tmp_path)
 
 
+def test_explicit_root_is_the_only_place_looked(tmp_path, monkeypatch):
+    # a wrong data.root must fail, not silently train on the system copy
+    (tmp_path / "system").mkdir()
+    _fake_fashion_mnist(tmp_path / "system", n_train=10, n_test=10)
+    monkeypatch.delenv("MRL_FASHION_MNIST", raising=False)
+    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "system")
+    assert fm.find_fashion_mnist(download=False) == tmp_path / "system"
+    empty = tmp_path / "typo"
+    with pytest.raises(FileNotFoundError, match=r"data.root='.*typo' does not hold the "
+                       r"Fashion-MNIST files .*downloading is off"):
+        fm.find_fashion_mnist(empty, download=False)
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(fm.urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match="downloading into it failed .network is unreach"):
+        fm.find_fashion_mnist(empty, download=True)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(FileNotFoundError, match="it is a file"):
+        fm.find_fashion_mnist(afile, download=True)
+
+
 @pytest.mark.skipif(not fm.SYSTEM_DIR.is_dir(), reason="Fashion-MNIST not installed")
 def test_real_fashion_mnist_if_installed():
     test = fm.load_fashion_mnist("test", download=False)

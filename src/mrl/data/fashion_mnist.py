@@ -100,10 +100,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     )
 
 
-def _candidate_dirs(root: str | os.PathLike | None) -> list[Path]:
+def _candidate_dirs() -> list[Path]:
     dirs = []
-    if root is not None:
-        dirs.append(Path(root))
     if os.environ.get("MRL_FASHION_MNIST"):
         dirs.append(Path(os.environ["MRL_FASHION_MNIST"]))
     return dirs + [SYSTEM_DIR, cache_dir()]
@@ -114,8 +112,15 @@ def _has_all(folder: Path) -> bool:
 
 
 def find_fashion_mnist(root: str | os.PathLike | None = None, download: bool = False) -> Path:
-    """The folder holding the four Fashion-MNIST files; downloads them when allowed and missing."""
-    searched = _candidate_dirs(root)
+    """The folder holding the four Fashion-MNIST files; downloads them when allowed and missing.
+
+    An explicit ``root`` (``data.root`` in a config) is the only place looked at: a typo must
+    not silently train on another copy. Without one: $MRL_FASHION_MNIST, the Debian package's
+    folder, then mrl's cache.
+    """
+    if root is not None:
+        return _explicit_root(Path(root), download)
+    searched = _candidate_dirs()
     for folder in searched:
         if _has_all(folder):
             return folder
@@ -131,6 +136,24 @@ def find_fashion_mnist(root: str | os.PathLike | None = None, download: bool = F
         "Get it either way: (1) as root, `apt-get install dataset-fashion-mnist` (files land in "
         f"{SYSTEM_DIR}), or (2) when online, let mrl download the official files into "
         f"{cache_dir()} (set MRL_CACHE to change the folder)."
+    )
+
+
+def _explicit_root(folder: Path, download: bool) -> Path:
+    if _has_all(folder):
+        return folder
+    names = [name for pair in FILES.values() for name in pair[:2]]
+    if download and not folder.is_file():
+        try:
+            return _download(folder)
+        except OSError as exc:
+            reason = f"downloading into it failed ({exc})"
+    else:
+        reason = "downloading is off" if not folder.is_file() else "it is a file"
+    raise FileNotFoundError(
+        f"data.root={str(folder)!r} does not hold the Fashion-MNIST files {names}; {reason}. "
+        "Point data.root at the folder that holds them, or leave it unset to use "
+        f"$MRL_FASHION_MNIST, {SYSTEM_DIR} or mrl's download cache."
     )
 
 
