@@ -82,3 +82,37 @@ def test_read_json_sidecar_errors(tmp_path):
         read_json_sidecar(tmp_path, "meta.json", "thing")
     (tmp_path / "meta.json").write_text('{"a": 1}')
     assert read_json_sidecar(tmp_path, "meta.json", "thing") == {"a": 1}
+
+
+def test_check_output_path_names_the_parameter(tmp_path):
+    from mrl.io import check_new_output_dir, check_output_path
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(FileExistsError, match=r"--out '.*afile/sub/x' is below '.*afile', which"):
+        check_output_path(tmp_path / "afile" / "sub" / "x", "--out")
+    with pytest.raises(FileExistsError, match=r"--out '.*afile' is a file; give a folder path"):
+        check_output_path(tmp_path / "afile", "--out", "dir")
+    with pytest.raises(FileExistsError, match=r"--out '.*adir' is a folder; give a file path"):
+        check_output_path(tmp_path / "adir", "--out", "file")
+    new = tmp_path / "new" / "x.json"
+    assert check_output_path(new, "--out", "file") == new
+    assert check_new_output_dir(tmp_path / "adir", "--out") == tmp_path / "adir"  # empty is fine
+    (tmp_path / "adir" / "old.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+        check_new_output_dir(tmp_path / "adir", "--out")
+
+
+def test_atomic_output_dir_appears_whole_or_not_at_all(tmp_path):
+    from mrl.io import atomic_output_dir
+
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(tmp_path / "model") as tmp:
+            (tmp / "a.bin").write_text("half")
+            raise RuntimeError("crash mid-save")
+    assert list(tmp_path.iterdir()) == []  # no half folder, no temp folder
+    (tmp_path / "model").mkdir()  # an empty folder may be the target
+    with atomic_output_dir(tmp_path / "model") as tmp:
+        (tmp / "a.bin").write_text("whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert (tmp_path / "model" / "a.bin").read_text() == "whole"

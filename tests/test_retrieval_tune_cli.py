@@ -161,6 +161,28 @@ def test_cli_bad_input(tmp_path, data, capsys):
     assert "k must be <= number of database items (2000)" in capsys.readouterr().err
 
 
+def test_cli_build_refuses_options_and_folders_up_front(tmp_path, data, capsys):
+    np.save(tmp_path / "db.npy", data[0][:300])
+    build = ["index", "build", str(tmp_path / "db.npy"), "--out"]
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "store.json").write_text("{}")  # e.g. the embedding store itself
+    cases = [
+        ([str(store)], f"--out '{store}' is a non-empty folder without index.json"),
+        ([str(tmp_path / "db.npy")], "is a file; give a folder path"),
+        ([str(tmp_path / "db.npy" / "i")], "which is a file"),
+        ([str(tmp_path / "i"), "--target-recall", "2"], "--target-recall must be in (0, 1]"),
+        ([str(tmp_path / "i"), "--max-memory", "1G"], "--max-memory needs --target-recall"),
+        ([str(tmp_path / "i"), "--nprobe", "4"], "--nprobe is for --backend ivf or ivfpq"),
+    ]
+    for extra, message in cases:
+        assert main(build + extra) == 2, extra
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in store.iterdir()) == ["store.json"]  # untouched
+    assert main(build + [str(tmp_path / "i")]) == 0
+    assert main(build + [str(tmp_path / "i")]) == 0  # an index folder is replaced
+
+
 def test_cli_bench_tiny(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert (

@@ -185,8 +185,15 @@ def test_cli_adapt_embeddings(tmp_path, capsys):
     assert rc == 0
     b = OrthogonalAdaptor.load(out / "adaptor.npy")
     assert b.nesting.sizes == (4, 8, 16)
-    rc = main(["text", "adapt", "--embeddings", str(tmp_path / "nope.npy"), "--out", str(out)])
+    capsys.readouterr()
+    rc = main(["text", "adapt", "--embeddings", str(tmp_path / "nope.npy"), "--out",
+               str(tmp_path / "new")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+    # an existing folder (e.g. a fine-tuned model) is refused before fitting, untouched
+    before = sorted(p.name for p in out.iterdir())
+    rc = main(["text", "adapt", "--embeddings", str(tmp_path / "nope.npy"), "--out", str(out)])
+    assert rc == 2 and "already exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
 
 
 # ---------------------------------------------------------- sample queries as pseudo-queries
@@ -250,6 +257,7 @@ def test_cli_adapt_with_sample_queries(tmp_path, capsys):
     args += ["--nesting", "4,8,16", "--steps", "2", "--neighbours", "5"]
     assert main(args + ["--queries", str(tmp_path / "q.npy")]) == 0
     assert json.loads((out / "adaptor.json").read_text())["pseudo_queries"] == 12
+    args[args.index(str(out))] = str(tmp_path / "ad2")  # a new folder: ad is refused now
     assert main(args + ["--queries", str(tmp_path / "q.txt")]) == 2
     assert "is text: it needs --model" in capsys.readouterr().err
     assert main(args + ["--queries", str(tmp_path / "none.npy")]) == 2

@@ -170,6 +170,8 @@ def test_adaptor_export_is_base_then_rotation(tiny_model, tiny, tmp_path):
     rot, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
     adaptor = OrthogonalAdaptor(rot.float(), Nesting((8, 16, 32)))
     out = adaptor.to_sentence_transformer(tiny_model, tmp_path / "adapted")
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+        adaptor.to_sentence_transformer(tiny_model, out)  # never over a model folder
     texts = ["wing lift", "heat transfer in slabs"]
     want = adaptor.transform(encode(tiny, texts))
     plain = st.SentenceTransformer(str(out), device="cpu")  # no mrl needed to load it
@@ -204,15 +206,29 @@ def test_cli_finetune_pairs_and_errors(tiny_model, tmp_path, capsys):
         ]
     )
     assert rc == 0 and (out / "mrl.json").is_file()
-    rc = main(["text", "finetune", "--pairs", str(pairs), "--corpus", "bbc", "--out", str(out)])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ft.")]  # no temp left
+    capsys.readouterr()
+    # an existing model folder is refused before any training, and left as it was
+    before = sorted(p.name for p in out.iterdir())
+    rc = main(["text", "finetune", "--model", str(tiny_model), "--pairs", str(pairs),
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--out '{out}' already exists and is not empty" in err
+    assert "finetune:" not in err and sorted(p.name for p in out.iterdir()) == before
+    (tmp_path / "afile").write_text("x")
+    rc = main(["text", "finetune", "--model", str(tiny_model), "--pairs", str(pairs),
+               "--out", str(tmp_path / "afile" / "sub")])
+    assert rc == 2 and "which is a file" in capsys.readouterr().err
+    fresh = str(tmp_path / "ft2")
+    rc = main(["text", "finetune", "--pairs", str(pairs), "--corpus", "bbc", "--out", fresh])
     assert rc == 2 and "exactly one of --pairs" in capsys.readouterr().err
     pairs.write_text('{"query": "q"}\n')
     rc = main(
-        ["text", "finetune", "--model", str(tiny_model), "--pairs", str(pairs), "--out", str(out)]
+        ["text", "finetune", "--model", str(tiny_model), "--pairs", str(pairs), "--out", fresh]
     )
     assert rc == 2 and "p.jsonl:1: missing field 'positive'" in capsys.readouterr().err
     rc = main(
-        ["text", "finetune", "--model", str(tmp_path), "--pairs", str(pairs), "--out", str(out)]
+        ["text", "finetune", "--model", str(tmp_path), "--pairs", str(pairs), "--out", fresh]
     )
     assert rc == 2
 

@@ -53,6 +53,26 @@ def test_train_errors_are_one_line(tmp_path, capsys):
     assert "model.nesting" in capsys.readouterr().out
 
 
+def test_out_paths_are_checked_before_any_work(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "adir").mkdir()
+    runs = [
+        ["train", str(cfg), "--out", str(afile / "sub")],
+        ["train", str(cfg), "--out", str(afile)],
+        ["demo", "--out", str(afile / "sub")],
+        ["reproduce", "fashion-mnist", "--out", str(afile)],
+        ["cascade", "fit", str(tmp_path / "missing-run"), "--out", str(tmp_path / "adir")],
+        ["eval", str(tmp_path / "missing-run"), "--out", str(afile)],
+    ]
+    for argv in runs:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "--out '" in err and ("file" in err or "folder" in err), (argv, err)
+        assert "Traceback" not in err
+
+
 def test_plain_eval_has_baselines(tmp_path, task):
     from mrl.commands.eval import compute_embeddings, evaluate_embeddings
     from mrl.config import load_config

@@ -38,6 +38,60 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def check_output_path(path: str | os.PathLike, param: str, kind: str = "dir") -> Path:
+    """Fail before any work when ``path`` cannot become the output ``kind`` ("dir" or "file").
+
+    Catches what would otherwise surface as an OS error after minutes of work: a path below an
+    existing file (``afile/sub``), a folder where a file goes or a file where a folder goes.
+    The error names the parameter (e.g. ``--out``) and the value.
+    """
+    path = Path(path)
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise FileExistsError(f"{param} {str(path)!r} is a file; give a folder path")
+    if kind == "file" and path.is_dir():
+        raise FileExistsError(f"{param} {str(path)!r} is a folder; give a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileExistsError(
+                    f"{param} {str(path)!r} is below {str(parent)!r}, which is a file"
+                )
+            break
+    return path
+
+
+def check_new_output_dir(path: str | os.PathLike, param: str) -> Path:
+    """`check_output_path` for a folder that must be new (or empty): an old model or result
+    folder is never mixed with new files nor silently overwritten."""
+    path = check_output_path(path, param, "dir")
+    if path.is_dir() and any(path.iterdir()):
+        raise FileExistsError(
+            f"{param} {str(path)!r} already exists and is not empty; choose a new folder or "
+            "remove it first"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a new folder as a temporary sibling, then rename it to ``path`` (which must not
+    exist or be empty): a crash mid-save leaves no half-written folder under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _umask() -> int:
     """The process umask (reading it means setting it; restored at once)."""
     mask = os.umask(0o022)

@@ -12,6 +12,8 @@ import json
 import platform
 from pathlib import Path
 
+from mrl.io import check_output_path
+
 NAME = "cascade"
 HELP = "adaptive classification: fit confidence thresholds between prefixes, evaluate them"
 
@@ -116,6 +118,8 @@ def _fit(args: argparse.Namespace) -> int:
     from mrl.cascade import Cascade, fit_cascade, split_calibration
     from mrl.cascade.runs import load_source
 
+    out = Path(args.out) if args.out else _default_cascade_path(Path(args.source))
+    check_output_path(out, "--out", "file")  # before the logits are computed
     data = load_source(args.source, args.split)
     cal, held = split_calibration(len(data.labels), args.calib_fraction, args.seed)
     tol = args.tolerance
@@ -142,7 +146,6 @@ def _fit(args: argparse.Namespace) -> int:
         },
     }
     cas = Cascade(cas.nesting, cas.thresholds, info)
-    out = Path(args.out) if args.out else _default_cascade_path(Path(args.source))
     cas.save(out)
     th = ", ".join(f"{t:.4f}" for t in cas.thresholds)
     print(f"cascade for nesting {list(cas.nesting.sizes)}: thresholds [{th}]")
@@ -245,6 +248,7 @@ def _eval_curves(args: argparse.Namespace, src: Path) -> int:
     if args.fewshot:
         records += _fewshot_records(src, data, ff, context, args.fewshot_pool)
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "cascade-eval"
+    check_output_path(out, "--out", "dir")
     command = _command_line(args)
     meta = {
         "source": str(src),

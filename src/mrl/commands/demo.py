@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mrl.io import check_output_path
+
 NAME = "demo"
 HELP = "train an MRL model on Fashion-MNIST, compare every prefix with baselines, write a report"
 
@@ -229,6 +231,7 @@ def _short_table(records: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_path(args.out, "--out", "dir")
     records, _ = demo(
         args.out,
         epochs=args.epochs,

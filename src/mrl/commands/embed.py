@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mrl.embed import embed_corpus, merge_shards
+    from mrl.io import check_output_path
+
+    check_output_path(args.out, "--out", "dir")
 
     if args.merge_only:
         store = merge_shards(args.out, dtype=args.dtype)

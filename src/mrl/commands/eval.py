@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mrl.io import check_output_path
+
 NAME = "eval"
 HELP = "evaluate a trained run (or a text model folder) at every prefix size; write a report"
 
@@ -268,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--probe-iter must be positive, got {args.probe_iter}")
     from mrl.records import to_markdown
 
-    out = Path(args.out) if args.out else run_dir / "eval"
+    out = check_output_path(args.out if args.out else run_dir / "eval", "--out", "dir")
     records = evaluate_run(
         run_dir,
         out,

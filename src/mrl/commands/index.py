@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 NAME = "index"
 HELP = "build an adaptive-retrieval MatryoshkaIndex from embeddings (.npy or store folder)"
@@ -48,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="IVF cells (default round(4 * sqrt(N)))",
     )
-    b.add_argument("--nprobe", type=int, default=16, help="IVF cells scanned per query")
+    b.add_argument("--nprobe", type=int, default=None,
+                   help="IVF cells scanned per query (default 16)")
     b.add_argument(
         "--funnel",
         action="store_true",
@@ -94,10 +96,27 @@ def parse_bytes(text: str) -> int:
     return int(value * _UNITS[unit])
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Options that would be silently ignored or fail late are errors up front."""
+    if args.target_recall is not None and not 0 < args.target_recall <= 1:
+        raise ValueError(f"--target-recall must be in (0, 1], got --target-recall "
+                         f"{args.target_recall}")
+    if args.max_memory is not None and args.target_recall is None:
+        raise ValueError("--max-memory needs --target-recall (it bounds the tuner's choice)")
+    if args.target_recall is None and args.backend not in ("ivf", "ivfpq"):
+        for name in ("nlist", "nprobe"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name} is for --backend ivf or ivfpq, got --backend "
+                                 f"{args.backend}")
+
+
 def run(args: argparse.Namespace) -> int:
     from mrl.retrieval import MatryoshkaIndex, SearchConfig, funnel_stages
+    from mrl.retrieval.funnel.index import check_index_path
     from mrl.retrieval.loading import load_embeddings
 
+    check_index_path(args.out, "--out")  # before loading and tuning, not after
+    _check_options(args)
     x, nesting, ids = load_embeddings(args.embeddings, args.nesting)
     ds = args.shortlist_dim
     if ds is None:
@@ -116,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         stages=stages,
         nlist=args.nlist,
-        nprobe=args.nprobe,
+        nprobe=16 if args.nprobe is None else args.nprobe,
     )
+    t0 = time.perf_counter()
     index = MatryoshkaIndex(nesting, cfg, vector_dtype=args.vector_dtype)
     index.add(x, ids=ids)
     if args.target_recall is not None:
@@ -141,10 +161,12 @@ def run(args: argparse.Namespace) -> int:
             f"stages={list(c.stages) or 'rerank at D'}: recall@{args.k} "
             f"{res.recall:.4f}, {res.qps:.0f} queries/s on {args.tune_queries} held-out rows"
         )
-    build_s = index.build()
+    index.build()
+    build_s = time.perf_counter() - t0  # add + (tuning) + the chosen structure
     index.save(args.out)
+    tuning = " (tuning included)" if args.target_recall is not None else ""
     print(
-        f"index: {index.count} vectors of {nesting.dim} dims, built in {build_s:.2f}s, "
+        f"index: {index.count} vectors of {nesting.dim} dims, built in {build_s:.2f}s{tuning}, "
         f"saved to {args.out}"
     )
     return 0

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mrl.io import check_output_path
+
 NAME = "reproduce"
 HELP = "train MRL, MRL-E, FF and plain models with one recipe and compare them at every prefix"
 
@@ -375,7 +377,7 @@ def write_tables(records: list[dict[str, Any]], out: Path, title: str, notes: st
 
 def run(args: argparse.Namespace) -> int:
     recipe = RECIPES[(args.task, args.budget)]
-    out = Path(args.out)
+    out = check_output_path(args.out, "--out", "dir")
     records = reproduce(
         args.task,
         args.budget,

@@ -25,10 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from mrl.io import atomic_write_json
+    from mrl.io import atomic_write_json, check_output_path
     from mrl.retrieval import MatryoshkaIndex
     from mrl.retrieval.loading import load_embeddings
 
+    if args.out:
+        check_output_path(args.out, "--out", "file")
     index = MatryoshkaIndex.load(args.index, device=args.device)
     q, _, _ = load_embeddings(args.queries, "full")
     overrides = {

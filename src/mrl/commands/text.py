@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mrl.io import atomic_output_dir, check_new_output_dir, check_output_path
+
 NAME = "text"
 HELP = "text embeddings: Matryoshka fine-tuning, post-hoc adaptor, encoding"
 
@@ -207,6 +209,7 @@ def _finetune(args: argparse.Namespace) -> int:
         adapt_pseudo_queries=args.adapt_pseudo_queries,
         adapt_init=args.adapt_init,
     )
+    check_new_output_dir(args.out, "--out")  # before training, not after
     texts = None  # the "pca" rotation's corpus: the documents, else the distinct positives
     if args.pairs is not None:
         pairs = read_pairs(args.pairs)
@@ -230,7 +233,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from mrl.text.adaptor import AdaptorConfig, OrthogonalAdaptor
     from mrl.text.encoders import encode, load_embeddings, load_encoder
 
-    out = Path(args.out)
+    out = check_new_output_dir(args.out, "--out")  # before fitting, not after
     encoder = None
     if args.embeddings is not None:
         if args.corpus is not None:
@@ -250,9 +253,10 @@ def _adapt(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     adaptor = OrthogonalAdaptor.fit(x, config, log=lambda s: print(s, flush=True), queries=queries)
-    if args.model is not None:
-        adaptor.to_sentence_transformer(args.model, out)
-    adaptor.save(out / "adaptor.pt")
+    with atomic_output_dir(out) as tmp:  # model + adaptor files appear together
+        if args.model is not None:
+            adaptor.to_sentence_transformer(args.model, tmp)
+        adaptor.save(tmp / "adaptor.pt")
     print(f"wrote {out} (adaptor.pt, adaptor.npy{', model' if args.model else ''})")
     return 0
 
@@ -276,8 +280,13 @@ def _sample_queries(path: str, encoder):
 
 
 def _encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from mrl.text.encoders import encode, load_encoder, model_nesting
 
+    if not str(args.out).endswith(".npy"):
+        raise ValueError(f"--out must be a .npy file, got --out {args.out!r}")
+    check_output_path(args.out, "--out", "file")
     encoder = load_encoder(args.model)
     emb = encode(
         encoder, _documents(args.corpus).documents, batch_size=args.batch_size, name="documents"
@@ -290,7 +299,8 @@ def _encode(args: argparse.Namespace) -> int:
         emb,
         model=str(args.model),
         corpus=str(args.corpus),
-        normalized=False,
+        # what the vectors are, not what was asked: most models end in a Normalize module
+        normalized=bool(np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)),
         nesting=None if nesting is None else nesting.to_dict(),
     )
     print(f"wrote {args.out} {emb.shape}")
@@ -302,6 +312,7 @@ def _compare(args: argparse.Namespace) -> int:
     from mrl.text.adaptor import AdaptorConfig
     from mrl.text.evaluation import compare_methods, relative_table
 
+    check_output_path(args.out, "--out", "dir")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.finetuned is None and "finetune" in methods:
         methods.remove("finetune")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from mrl.io import check_output_path
+
 NAME = "train"
 HELP = "train an image encoder with Matryoshka (or baseline) heads from a config file"
 
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.config is None or args.out is None:
         raise ValueError("mrl train needs CONFIG and --out RUN_DIR (or --show-config)")
+    check_output_path(args.out, "--out", "dir")
     config = load_config(args.config, args.overrides)
     from mrl.train import train
 

@@ -378,6 +378,7 @@ class OrthogonalAdaptor:
         Loadable by plain sentence-transformers (no mrl needed): ``SentenceTransformer(out,
         truncate_dim=m)``. The nesting is recorded in ``mrl.json``.
         """
+        from mrl.io import atomic_output_dir, check_new_output_dir
         from mrl.text.encoders import embedding_dim, load_encoder, write_model_nesting
 
         encoder = load_encoder(base_model)
@@ -385,14 +386,14 @@ class OrthogonalAdaptor:
             raise ValueError(
                 f"base_model embeds in {embedding_dim(encoder)} dims; the adaptor needs {self.dim}"
             )
+        out = check_new_output_dir(out, "out")  # never over an existing model folder
         dense = dense_rotation_module(self.rotation)
         encoder.append(dense)
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        encoder.save(str(out), create_model_card=False)
-        write_model_nesting(
-            out, self.nesting, kind="adapt", base_model=str(base_model), **self.info
-        )
+        with atomic_output_dir(out) as tmp:
+            encoder.save(str(tmp), create_model_card=False)
+            write_model_nesting(
+                tmp, self.nesting, kind="adapt", base_model=str(base_model), **self.info
+            )
         return out
 
 

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mrl.io import atomic_output_dir, check_new_output_dir
 from mrl.losses import matryoshka_contrastive_loss
 from mrl.nesting import Nesting
 from mrl.records import save_records
@@ -318,6 +319,7 @@ def finetune(
             f"val_fraction={config.val_fraction} (val_fold={config.val_fold}) leaves "
             f"{len(train_idx)} training pairs; need 2"
         )
+    check_new_output_dir(out, "out")  # before training, not after
     base = resolve_model_path(model)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -378,23 +380,24 @@ def finetune(
     if val_idx:
         validation = _validate(model, encoder, pairs, val_idx, feats, nesting, config, cache_dir)
     encoder.max_seq_length = inference_length
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    encoder.save(str(out), create_model_card=False)
+    out = check_new_output_dir(out, "out")
+    with atomic_output_dir(out) as tmp:  # the folder appears complete or not at all
+        encoder.save(str(tmp), create_model_card=False)
+        if validation is not None:
+            save_records(tmp / "validation.json", validation)
+        write_model_nesting(
+            tmp,
+            nesting,
+            kind="finetune",
+            base_model=str(model),
+            pairs=n_train,
+            held_out_pairs=len(val_idx),
+            steps=step,
+            config=asdict(config),
+            **({} if reorder is None else {"reorder": reorder}),
+        )
     if validation is not None:
-        save_records(out / "validation.json", validation)
         log("validation (held-out pairs):\n" + _validation_table(validation, nesting))
-    write_model_nesting(
-        out,
-        nesting,
-        kind="finetune",
-        base_model=str(model),
-        pairs=n_train,
-        held_out_pairs=len(val_idx),
-        steps=step,
-        config=asdict(config),
-        **({} if reorder is None else {"reorder": reorder}),
-    )
     log(f"saved {out} ({time.time() - t0:.0f}s)")
     return out
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from mrl.io import atomic_open, atomic_write_json, read_json_sidecar
+from mrl.io import atomic_open, atomic_write_json, check_output_path, read_json_sidecar
 from mrl.nesting import Nesting
 from mrl.retrieval.exact import METRICS, argtopk
 from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
@@ -733,8 +733,12 @@ class MatryoshkaIndex:
         return total
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the index to folder ``path`` atomically (sidecar last; old files removed after)."""
-        path = Path(path)
+        """Write the index to folder ``path`` atomically (sidecar last; old files removed after).
+
+        ``path`` must be new, empty or an index folder (replaced); any other folder (an embedding
+        store, a model) is refused, so that nothing in it is mixed up or removed.
+        """
+        path = check_index_path(path)
         path.mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(6)
         files: dict[str, dict[str, Any]] = {}
@@ -898,6 +902,21 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
             f"reads version {INDEX_VERSION}"
         )
     return meta
+
+
+def check_index_path(path: str | os.PathLike, param: str = "path") -> Path:
+    """``path`` can receive an index: new, an empty folder or an index folder (to replace).
+
+    Any other folder (an embedding store, a model) is refused, so that saving never mixes files
+    into it nor removes any; the error names ``param`` (e.g. ``--out``) and the value.
+    """
+    path = check_output_path(path, param, "dir")
+    if path.is_dir() and not (path / SIDECAR).exists() and any(path.iterdir()):
+        raise FileExistsError(
+            f"{param} {str(path)!r} is a non-empty folder without {SIDECAR} (not an index to "
+            "replace); save the index to a new folder"
+        )
+    return path
 
 
 def _faiss():
