@@ -204,3 +204,22 @@ def test_mlp_encoder_shapes_and_errors():
     with pytest.raises(ValueError, match="norm='layer'"):
         MLPEncoder(8, 1, input_shape=(4, 4), norm="layer")
     assert len(MLPEncoder(8, 1, input_shape=(4, 4), depth=0).layers) == 2  # flatten + linear
+
+
+def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, task):
+    from mrl.train import TrainingDiverged
+
+    cfg = _cfg("epochs=2", "optim.schedule=constant")
+    train(cfg, tmp_path, progress=False, task=task, stop_after_epochs=1)  # a good epoch 1
+    with torch.no_grad():  # corrupt the weights, as a too-high lr would, then resume
+        ckpt = load_checkpoint(tmp_path)
+        for v in ckpt["model"].values():
+            if v.is_floating_point():
+                v.fill_(float("nan"))
+        torch.save(ckpt, tmp_path / "checkpoint.pt")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(TrainingDiverged, match=r"mean loss of epoch 2 is nan.*epoch 1\) is kept"):
+        train(cfg, tmp_path, resume=True, progress=False, task=task)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and "NaN" not in lines[0]  # nothing of the bad epoch written
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before  # not overwritten

@@ -59,7 +59,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "missing.json")
     (tmp_path / "a.json").write_text(json.dumps({"optim": {"lr": "fast"}}))
-    with pytest.raises(ValueError, match="optim.lr must be a number, got optim.lr='fast'"):
+    with pytest.raises(ValueError, match="optim.lr must be a finite number, got optim.lr='fast'"):
         load_config(tmp_path / "a.json")
     (tmp_path / "b.json").write_text(json.dumps({"modle": {}}))
     with pytest.raises(ValueError, match="unknown config key 'modle'"):
@@ -70,6 +70,22 @@ def test_bad_files(tmp_path):
     (tmp_path / "d.yaml").write_text("")
     with pytest.raises(ValueError, match="must end in .json or .toml"):
         load_config(tmp_path / "d.yaml")
+    (tmp_path / "e.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"e.json must hold a JSON object of sections .*a list"):
+        load_config(tmp_path / "e.json")
+    (tmp_path / "f.json").write_bytes(b'{"epochs": 2, "x": "\xff"}')
+    with pytest.raises(ValueError, match=r"f.json' is not UTF-8 text"):
+        load_config(tmp_path / "f.json")
+    (tmp_path / "g.toml").write_text("epochs = = 2")
+    with pytest.raises(ValueError, match=r"g.toml is not valid TOML"):
+        load_config(tmp_path / "g.toml")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "1e400"])
+def test_non_finite_numbers_are_refused(value):
+    message = f"optim.lr must be a finite number, got optim.lr='{value}'"
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [f"optim.lr={value}"])
 
 
 def test_toml(tmp_path):

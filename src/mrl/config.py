@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -265,14 +266,17 @@ def _coerce(value: Any, hint: Any, key: str, from_text: bool) -> Any:
             return value
         raise ValueError(f"{key} must be an int, got {key}={value!r}")
     if hint is float:
+        number = None
         if from_text:
             try:
-                return float(str(value))
+                number = float(str(value))
             except ValueError:
                 pass
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ValueError(f"{key} must be a number, got {key}={value!r}")
+            number = float(value)
+        if number is not None and math.isfinite(number):  # inf/nan would train on NaN
+            return number
+        raise ValueError(f"{key} must be a finite number, got {key}={value!r}")
     if hint is str:
         if isinstance(value, str):
             return value
@@ -341,7 +345,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"config file {str(path)!r} is not UTF-8 text: {exc}") from None
         if path.suffix == ".toml":
             try:
                 import tomllib
@@ -349,7 +356,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                 raise ValueError(
                     f"reading {path} needs Python >= 3.11 (tomllib); use JSON"
                 ) from None
-            data = tomllib.loads(text)
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
         elif path.suffix == ".json":
             try:
                 data = json.loads(text)
@@ -357,6 +367,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                 raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
         else:
             raise ValueError(f"config file must end in .json or .toml, got {str(path)!r}")
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"config file {path} must hold a JSON object of sections (e.g. "
+                f'{{"model": {{"nesting": "doubling:8"}}}}), got a {type(data).__name__}'
+            )
         data.pop("description", None)  # free text allowed at the top of shipped configs
     try:
         config = config_from_dict(data)

@@ -387,6 +387,7 @@ def train(
             weights,
             progress,
         )
+        _check_finite(record, epoch, config, ckpt_path)
         if test is not None and dist_info.main:
             _, logits = predict(model, test, config.eval_batch_size, device)
             acc = (logits.argmax(-1) == test.labels.cpu()[None]).float().mean(1)  # [G]
@@ -400,6 +401,22 @@ def train(
         if dist_info.world_size > 1:
             torch.distributed.barrier()
     return ckpt_path
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or inf: nothing of that epoch is saved."""
+
+
+def _check_finite(record: dict[str, Any], epoch: int, config: TrainConfig, ckpt: Path) -> None:
+    # Checked once per epoch (the loss is summed on the device, no host sync per step); every
+    # rank sees the same NaN once gradients are all-reduced, so every rank stops.
+    if math.isfinite(record["loss"]):
+        return
+    kept = f"{ckpt} (epoch {epoch}) is kept" if epoch > 0 else "no checkpoint was written"
+    raise TrainingDiverged(
+        f"training diverged: the mean loss of epoch {epoch + 1} is {record['loss']}; {kept}. "
+        f"Lower optim.lr (now {config.optim.lr}) or add warm-up (optim.warmup_epochs)"
+    )
 
 
 def _save(
