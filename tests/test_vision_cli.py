@@ -125,6 +125,12 @@ def test_reproduce_accumulates_seeds(tmp_path, task):
                        r"optim.lr: checkpoint 0.01 vs config 0.02; use another --out"):  # fmt: skip
         reproduce("fashion-mnist", "small", tmp_path, seed=1, overrides=(*over, "optim.lr=0.02"),
                   progress=False, data_task=task, only=("mrl",))  # fmt: skip
+    # ... and a new seed must share the other seeds' recipe (they are averaged together)
+    with pytest.raises(ValueError, match=r"seed0/mrl was trained with another recipe "
+                       r"\(optim.lr: 0.01 there vs 0.02 now.*use another --out"):  # fmt: skip
+        reproduce("fashion-mnist", "small", tmp_path, seed=2, overrides=(*over, "optim.lr=0.02"),
+                  progress=False, data_task=task, only=("mrl",))  # fmt: skip
+    assert not (tmp_path / "runs" / "seed2" / "mrl" / "checkpoint.pt").exists()
 
 
 def test_demo_sections(tmp_path, task, capsys):
@@ -209,6 +215,9 @@ def test_reproduce_centred_evaluation_reuses_runs(tmp_path, task):
     top1 = {(r["prefix"], r["value"]) for r in plain if r["metric"] == "top1"}
     assert top1 == {(r["prefix"], r["value"]) for r in centred if r["metric"] == "top1"}
     assert (tmp_path / "a" / "runs" / "seed0" / "mrl" / "records-center.json").is_file()
+    with pytest.raises(FileNotFoundError, match=r"--runs '.*a/rnus' is not a folder of trained"):
+        reproduce("fashion-mnist", "small", tmp_path / "c", runs=tmp_path / "a" / "rnus", **kw)
+    assert not (tmp_path / "a" / "rnus").exists()
 
 
 def test_reproduce_command_prints_tables_and_claims(tmp_path, capsys):

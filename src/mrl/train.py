@@ -220,6 +220,18 @@ def recipe_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     return diffs
 
 
+def seed_recipe_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """Like `recipe_differences` for a run of *another seed*: everything but the seed must be
+    equal (no "more epochs are fine" exception: seeds averaged together share one recipe)."""
+    old, new = _flatten(saved), _flatten(config.to_dict())
+    skip = _NOT_RECIPE | {"seed"}
+    return [
+        f"{key}: {old[key]!r} there vs {value!r} now"
+        for key, value in new.items()
+        if key not in skip and key in old and old[key] != value
+    ]
+
+
 def check_same_recipe(run_dir: str | os.PathLike, config: TrainConfig, hint: str) -> None:
     """Refuse to reuse or resume ``run_dir`` when its saved config has another recipe.
 

@@ -238,6 +238,10 @@ def reproduce(
     probe_iter = _probe_iter(recipe, probe_iter)
     out = Path(out)
     runs_root = Path(runs) if runs is not None else out / "runs"
+    if runs is not None and not runs_root.is_dir():  # a typo must not start new trainings
+        raise FileNotFoundError(
+            f"--runs {str(runs)!r} is not a folder of trained runs (OUT/runs of an earlier call)"
+        )
     _check_centring(out / "results.json", center)
     base = (*recipe.overrides, f"seed={seed}", *overrides)
     config0 = load_config(None, list(base))
@@ -259,6 +263,7 @@ def reproduce(
         cached = run_dir / ("records-center.json" if center else "records.json")
         config = load_config(None, [*base, *extra])
         check_same_recipe(run_dir, config, "use another --out (or --runs) for another recipe")
+        _check_other_seeds(runs_root, name, seed, config)
         t0 = time.perf_counter()
         if cached.is_file():
             recs = json.loads(cached.read_text())
@@ -290,6 +295,22 @@ def reproduce(
         records += recs
         log(f"[{name}] seed {seed}: done in {time.perf_counter() - t0:.0f} s")
     return merge_records(out / "results.json", records)
+
+
+def _check_other_seeds(runs_root: Path, name: str, seed: int, config) -> None:
+    """Seeds are averaged together: refuse a run whose recipe differs from the same method's
+    runs of other seeds in this folder (e.g. seed 1 with --set epochs=1 next to seed 0's 3)."""
+    from mrl.train import seed_recipe_differences
+
+    for saved in sorted(runs_root.glob(f"seed*/{name}/config.json")):
+        if saved.parent.parent.name == f"seed{seed}":
+            continue
+        diffs = seed_recipe_differences(json.loads(saved.read_text()), config)
+        if diffs:
+            raise ValueError(
+                f"{saved.parent} was trained with another recipe ({'; '.join(diffs)}); the "
+                "seeds of one --out share one recipe: use another --out for this one"
+            )
 
 
 def _probe_iter(recipe: Recipe, probe_iter: int | None) -> int:
