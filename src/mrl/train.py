@@ -118,9 +118,9 @@ def build_scheduler(
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
     if config.device == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={config.device!r} but CUDA is not available")
-    return torch.device(config.device)
+    from mrl.devices import check_device
+
+    return torch.device(check_device(config.device, "device"))
 
 
 @dataclass

@@ -261,6 +261,10 @@ PROBE_RECIPE = probe_recipe()
 
 
 def run(args: argparse.Namespace) -> int:
+    from mrl.devices import check_device
+
+    if args.device is not None:
+        check_device(args.device, "--device")
     run_dir = Path(args.run_dir)
     if (run_dir / "modules.json").is_file():  # a sentence-transformers model folder
         from mrl.text.evaluation import eval_command

@@ -25,13 +25,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from mrl.devices import check_device
     from mrl.io import atomic_write_json, check_output_path
     from mrl.retrieval import MatryoshkaIndex
     from mrl.retrieval.loading import load_embeddings
 
     if args.out:
         check_output_path(args.out, "--out", "file")
+    check_device(args.device, "--device")
     index = MatryoshkaIndex.load(args.index, device=args.device)
+    if args.device != "cpu" and (args.backend or index.config.backend) != "torch":
+        raise ValueError(f"--device {args.device} is for --backend torch (this search runs "
+                         f"{args.backend or index.config.backend} on the CPU)")
     q, _, _ = load_embeddings(args.queries, "full")
     overrides = {
         name: v

@@ -184,6 +184,9 @@ def _finetune(args: argparse.Namespace) -> int:
 
     if (args.pairs is None) == (args.corpus is None):
         raise ValueError("give exactly one of --pairs FILE.jsonl or --corpus NAME")
+    from mrl.devices import check_device
+
+    check_device(args.device, "--device")
     config = FinetuneConfig(
         nesting=args.nesting,
         epochs=args.epochs,

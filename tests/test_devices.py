@@ -1,0 +1,28 @@
+"""`check_device`: a device torch cannot use here is one error naming the parameter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrl.cli import main
+from mrl.devices import check_device
+
+
+def test_cpu_passes_and_typos_are_named():
+    assert check_device("cpu", "--device") == "cpu"
+    with pytest.raises(ValueError, match="--device must be a torch device .*got --device 'gpu0'"):
+        check_device("gpu0", "--device")
+    with pytest.raises(ValueError, match=r"must be cpu, cuda\[:N\] or mps, got --device .meta."):
+        check_device("meta", "--device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cuda_without_cuda_is_one_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match="--device 'cuda:1': CUDA is not available"):
+        check_device("cuda:1", "--device")
+    assert main(["eval", str(tmp_path), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device 'cuda': CUDA is not available" in err and "Traceback" not in err
+    assert main(["search", str(tmp_path), str(tmp_path / "q.npy"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
