@@ -116,3 +116,19 @@ def test_atomic_output_dir_appears_whole_or_not_at_all(tmp_path):
         (tmp / "a.bin").write_text("whole")
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert (tmp_path / "model" / "a.bin").read_text() == "whole"
+
+
+def test_load_npy_names_damaged_files(tmp_path):
+    import numpy as np
+
+    from mrl.io import load_npy
+
+    np.save(tmp_path / "ok.npy", np.arange(6.0).reshape(2, 3))
+    assert load_npy(tmp_path / "ok.npy").shape == (2, 3)
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all, but long enough to look like one")
+    with pytest.raises(ValueError, match=r"junk.npy' is not a .npy file \(no NumPy header\)"):
+        load_npy(tmp_path / "junk.npy")
+    raw = (tmp_path / "ok.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(raw[:-8])
+    with pytest.raises(ValueError, match=r"cut.npy' is not a readable .npy file"):
+        load_npy(tmp_path / "cut.npy", mmap_mode="r")

@@ -125,6 +125,21 @@ def test_load_rejects_version_and_truncation(tmp_path):
         MatryoshkaIndex.load(tmp_path / "none")
 
 
+@pytest.mark.parametrize("part", ["vectors-*.npy", "hnsw-*.faiss", "ivf-*.faiss"])
+def test_same_size_corruption_names_the_file(tmp_path, part):
+    db, _ = _data()
+    backend = {"vec": "flat", "hns": "hnsw", "ivf": "ivf"}[part[:3]]
+    index = _index(db, shortlist_dim=8, backend=backend, nlist=8)
+    index.build()
+    index.save(tmp_path / "idx")
+    f = next((tmp_path / "idx").glob(part))
+    raw = bytearray(f.read_bytes())
+    raw[:16] = b"\xff" * 16  # the header: same size, unreadable
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"index file .*{f.name} is damaged or unreadable"):
+        MatryoshkaIndex.load(tmp_path / "idx")
+
+
 def test_bad_input_messages():
     db, q = _data()
     index = _index(db)

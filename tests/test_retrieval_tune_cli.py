@@ -430,3 +430,19 @@ def test_tune_single_size_nesting():
     res = tune(index, 0.95, k=5, n_queries=50)
     assert res.recall >= 0.95 and res.config.shortlist_dim == 32
     assert all(m == 32 for m, _ in res.config.stages)
+
+
+def test_cli_sidecar_errors_name_the_sidecar(tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((50, 32)).astype(np.float32)
+    np.save(tmp_path / "e.npy", x)
+    build = ["index", "build", str(tmp_path / "e.npy"), "--out", str(tmp_path / "i")]
+    for text, message in [
+        ("{bad", "e.json is not valid JSON"),
+        ('{"nesting": {"sizes": [8, 16]}}', "e.json has a nesting ending at 16, but the "
+                                            "embeddings have 32 dims"),
+    ]:
+        (tmp_path / "e.json").write_text(text)
+        assert main(build) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "e.json").write_text('{"nesting": null, "model": "m"}')  # encode without one
+    assert main(build) == 0

@@ -116,6 +116,22 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, f)
 
 
+def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> Any:
+    """`np.load` of a ``.npy`` file without pickles; a damaged or foreign file is a ValueError
+    naming it (numpy alone calls any file without its magic "pickled data")."""
+    import numpy as np
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        raise ValueError(f"{str(path)!r} is not a .npy file (no NumPy header)")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable .npy file ({exc})") from None
+
+
 def read_json_sidecar(folder: str | os.PathLike, name: str, what: str) -> dict[str, Any]:
     """Read ``folder/name`` (an artifact's JSON sidecar) with clear errors.
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mrl.io import load_npy
 from mrl.nesting import Nesting
 
 __all__ = ["load_embeddings"]
@@ -33,17 +34,34 @@ def load_embeddings(
         raise FileNotFoundError(f"embeddings not found: {path} (a .npy file or a store folder)")
     if path.suffix != ".npy":
         raise ValueError(f"embeddings must be a .npy file or a store folder, got {path.name!r}")
-    try:
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        raise ValueError(f"{path} is not a readable .npy file ({exc})") from None
+    x = load_npy(path, mmap_mode="r")
     if x.ndim != 2:
         raise ValueError(f"embeddings in {path} must be 2-D [N, D], got shape {x.shape}")
     if nesting is None:
         side = path.with_suffix(".json")
-        if side.exists():
-            meta = json.loads(side.read_text())
-            if isinstance(meta, dict) and "nesting" in meta:
-                return np.asarray(x, np.float32), Nesting.from_dict(meta["nesting"]), None
+        found = _sidecar_nesting(side, x.shape[1]) if side.exists() else None
+        if found is not None:
+            return np.asarray(x, np.float32), found, None
         nesting = "doubling:8" if x.shape[1] >= 8 else "full"
     return np.asarray(x, np.float32), Nesting.parse(nesting, dim=x.shape[1]), None
+
+
+def _sidecar_nesting(side: Path, dim: int) -> Nesting | None:
+    """The nesting a ``<file>.json`` sidecar records (None when it records none); errors name
+    the sidecar."""
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"sidecar {side} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("nesting") is None:
+        return None
+    try:
+        nest = Nesting.from_dict(meta["nesting"])
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"sidecar {side}: bad nesting ({exc})") from None
+    if nest.dim != dim:
+        raise ValueError(
+            f"sidecar {side} has a nesting ending at {nest.dim}, but the embeddings have {dim} "
+            "dims; fix the sidecar or pass --nesting"
+        )
+    return nest

@@ -246,7 +246,9 @@ def load_embeddings(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"embeddings file {str(path)!r} does not exist")
-    emb = np.load(path, allow_pickle=False)
+    from mrl.io import load_npy
+
+    emb = load_npy(path)
     if emb.ndim != 2:
         raise ValueError(f"embeddings in {str(path)!r} must be 2-D [N, D], got shape {emb.shape}")
     if not np.issubdtype(emb.dtype, np.floating):

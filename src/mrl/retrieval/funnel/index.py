@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -821,7 +821,8 @@ class MatryoshkaIndex:
             if name.startswith(("hnsw-", "ivf-", "ivfpq-")):
                 continue
             mode = "r" if mmap and name == "vectors" else None
-            arrays[name] = np.load(path / entry["file"], mmap_mode=mode, allow_pickle=False)
+            arrays[name] = _load_part(path / entry["file"], lambda f, mode=mode: np.load(
+                f, mmap_mode=mode, allow_pickle=False))
         index._vectors, index._inv_norms, index._ids = (
             arrays["vectors"],
             arrays["inv_norms"],
@@ -833,15 +834,13 @@ class MatryoshkaIndex:
                 index._short[int(name.split("-")[1])] = arr
         for name, entry in files.items():
             if name.startswith("hnsw-"):
-                faiss = _faiss()
                 _, m, hm, efc = name.split("-")
-                buf = np.fromfile(path / entry["file"], dtype=np.uint8)
-                index._hnsw[(int(m), int(hm), int(efc))] = faiss.deserialize_index(buf)
+                index._hnsw[(int(m), int(hm), int(efc))] = _load_part(
+                    path / entry["file"], _read_faiss)
             if name.startswith(("ivf-", "ivfpq-")):
                 kind, m, nl = name.split("-")
-                buf = np.fromfile(path / entry["file"], dtype=np.uint8)
                 store = index._ivfpq if kind == "ivfpq" else index._ivf
-                store[(int(m), int(nl))] = _faiss().deserialize_index(buf)
+                store[(int(m), int(nl))] = _load_part(path / entry["file"], _read_faiss)
         if len(index._vectors) != meta["count"] or len(index._inv_norms) != meta["count"]:
             raise ValueError(
                 f"index at {path} is inconsistent: count {meta['count']} does not match its arrays"
@@ -853,6 +852,20 @@ class MatryoshkaIndex:
             f"MatryoshkaIndex(count={self.count}, nesting={list(self.nesting.sizes)}, "
             f"config={self.config})"
         )
+
+
+def _read_faiss(path: Path) -> Any:
+    return _faiss().deserialize_index(np.fromfile(path, dtype=np.uint8))
+
+
+def _load_part(path: Path, read: Callable[[Path], Any]) -> Any:
+    """One file of a saved index; a damaged one is a ValueError naming it (the size check
+    above cannot see a same-size corruption)."""
+    try:
+        return read(path)
+    except (ValueError, RuntimeError, OSError, EOFError) as exc:  # numpy / faiss / IO
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"index file {path} is damaged or unreadable: {reason}") from None
 
 
 def pq_subquantizers(m: int) -> int:
