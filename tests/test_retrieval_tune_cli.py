@@ -207,7 +207,7 @@ def test_cli_bench_tiny(tmp_path, capsys):
         == 0
     )
     text = capsys.readouterr().out
-    assert "| N | method |" in text.splitlines()[-2] or "| N | method |" in text
+    assert "| part | N | method |" in text
     recs = json.loads(out.read_text())
     methods = {r["method"] for r in recs}
     assert {"exact", "funnel", "hnsw", "funnel-paper"} <= methods
@@ -446,3 +446,18 @@ def test_cli_sidecar_errors_name_the_sidecar(tmp_path, capsys):
         assert message in capsys.readouterr().err
     (tmp_path / "e.json").write_text('{"nesting": null, "model": "m"}')  # encode without one
     assert main(build) == 0
+
+
+def test_bench_table_keeps_the_two_parts_apart_at_the_same_n():
+    from mrl.records import make_record
+    from mrl.retrieval.bench import format_table
+
+    recs = []
+    for part, qps in (("main", 100.0), ("hnsw", 80.0)):  # two exact timings at one N
+        for method, speed in (("exact", 1.0), ("funnel", 5.0)):
+            recs.append(make_record(method, 64, "qps", qps * speed, n=1000, part=part))
+            recs.append(make_record(method, 64, "speedup_vs_exact", speed, n=1000, part=part))
+    rows = [line for line in format_table(recs).splitlines()[2:]]
+    assert len(rows) == 4
+    assert "| main | 1000 | exact | 64 |  | 100.0 |" in rows[0]
+    assert "| hnsw | 1000 | exact | 64 |  | 80.0 |" in rows[2]

@@ -73,6 +73,13 @@ def run(args: argparse.Namespace) -> int:
     from mrl.records import save_records
     from mrl.retrieval.bench import bench_retrieval, environment, format_table
 
+    if args.target_recall is not None and not 0 < args.target_recall <= 1:
+        raise ValueError(f"--target-recall must be in (0, 1], got --target-recall "
+                         f"{args.target_recall}")
+    if args.json:
+        from mrl.io import check_output_path
+
+        check_output_path(args.json, "--json", "file")
     data, dataset = None, "mrl-like"
     if args.embeddings:
         from mrl.retrieval.loading import load_embeddings
@@ -80,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
         db, _, _ = load_embeddings(args.embeddings, "full")
         if args.query_embeddings:
             q, _, _ = load_embeddings(args.query_embeddings, "full")
+            if q.shape[1] != db.shape[1]:
+                raise ValueError(
+                    f"--query-embeddings have {q.shape[1]} dims but --embeddings have "
+                    f"{db.shape[1]}; both must come from the same model"
+                )
         else:  # hold out rows: they leave the database, so no query finds itself
             rows = np.random.default_rng(args.seed).permutation(len(db))
             q, db = db[rows[: args.queries]], db[np.sort(rows[args.queries :])]

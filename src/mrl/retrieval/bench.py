@@ -261,7 +261,9 @@ def bench_retrieval(
     if k >= n:
         raise ValueError(f"k must be < n ({n}), got k={k}")
     nesting = Nesting.doubling(8, dim) if dim >= 8 else Nesting.full(dim)
-    ctx = {"dataset": dataset, "n": n, "dim": dim, "queries": len(q), "k": k}
+    # part: the main comparison, or the HNSW one (its own exact timing, N <= hnsw_n); records
+    # of the two parts are told apart by it even when both run at the same N
+    ctx = {"dataset": dataset, "n": n, "dim": dim, "queries": len(q), "k": k, "part": "main"}
     records: list[Record] = []
 
     def add(method: str, prefix: int, row: dict[str, float], **extra: Any) -> None:
@@ -328,7 +330,7 @@ def bench_retrieval(
     hn = min(n, 100_000) if hnsw_n is None else min(int(hnsw_n), n)
     if hn > k:
         records += _hnsw_comparison(
-            db[:hn], q, nesting, k, target_recall, ctx | {"n": hn}, log, opts
+            db[:hn], q, nesting, k, target_recall, ctx | {"n": hn, "part": "hnsw"}, log, opts
         )
     return records
 
@@ -414,17 +416,19 @@ def _hnsw_comparison(db, q, nesting, k, target, ctx, log, opts) -> list[Record]:
 
 
 def format_table(records: list[Record]) -> str:
-    """One row per (n, method): prefix, recall, qps, speedup, FLOPs/query, memory, build."""
-    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    """One row per (part, n, method): prefix, recall, qps, speedup (against the exact search of
+    the same part), FLOPs/query, memory, build."""
+    rows: dict[tuple[str, int, str], dict[str, Any]] = {}
     for r in records:
-        row = rows.setdefault((r["n"], r["method"]), {"prefix": r["prefix"]})
+        key = (r.get("part", "main"), r["n"], r["method"])
+        row = rows.setdefault(key, {"prefix": r["prefix"]})
         row[r["metric"].split("@")[0]] = r["value"]
     lines = [
-        "| N | method | prefix | recall@k | queries/s | speedup | GFLOP/query | memory MiB "
+        "| part | N | method | prefix | recall@k | queries/s | speedup | GFLOP/query | memory MiB "
         "| build s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (n, method), v in rows.items():
+    for (part, n, method), v in rows.items():
 
         def g(key: str, fmt: str, v: dict[str, Any] = v) -> str:
             return "" if v.get(key) is None else format(v[key], fmt)
@@ -432,7 +436,7 @@ def format_table(records: list[Record]) -> str:
         gflop = "" if v.get("flops_per_query") is None else f"{v['flops_per_query'] / 1e9:.4f}"
         mem = "" if v.get("memory_bytes") is None else f"{v['memory_bytes'] / 2**20:.0f}"
         lines.append(
-            f"| {n} | {method} | {v['prefix']} | {g('recall', '.4f')} | {g('qps', '.1f')}"
+            f"| {part} | {n} | {method} | {v['prefix']} | {g('recall', '.4f')} | {g('qps', '.1f')}"
             f" | {g('speedup_vs_exact', '.1f')}x | {gflop} | {mem} | {g('build_s', '.1f')} |"
         )
     return "\n".join(lines)
