@@ -420,3 +420,17 @@ def test_ivfpq_save_load_round_trip(tmp_path):
         every = {"nprobe": 10, "shortlist": ix.count, "stages": ((8, ix.count), (32, 1))}
         res = ix.search(extra[:5], 1, **every)  # all cells, all rows: exact search
         np.testing.assert_array_equal(res.indices[:, 0], np.arange(len(db), len(db) + 5))
+
+
+def test_larger_k_widens_the_saved_funnel_only():
+    db, q = _data()
+    index = _index(db, shortlist_dim=8, shortlist=40, stages=((16, 20), (32, 10)))
+    got = index.search(q, 30)  # the funnel keeps 20 at D=16: widened to 30
+    want = index.search(q, 30, shortlist=40, stages=((16, 30), (32, 30)))
+    np.testing.assert_array_equal(got.indices, want.indices)
+    wide = index.search(q, 50, shortlist=50, stages=((16, 50), (32, 50)))
+    np.testing.assert_array_equal(index.search(q, 50).indices, wide.indices)
+    with pytest.raises(ValueError, match="shortlist must be >= k"):
+        index.search(q, 30, shortlist=20)  # an explicit choice is validated as given
+    with pytest.raises(ValueError, match=r"stages\[0\] keep must be in \[k=30, 40\]"):
+        index.search(q, 30, stages=((16, 20), (32, 10)))

@@ -528,6 +528,8 @@ class MatryoshkaIndex:
         n = self.count
         if n == 0:
             raise ValueError("the index is empty: add vectors before searching")
+        if "stages" not in overrides and "shortlist" not in overrides:
+            cfg = _widen_for_k(cfg, min(k, n))  # the saved funnel, asked for more than it keeps
         self._check_config(cfg, k, n)
         batch_size = _as_int("batch_size", batch_size, 1)
         q = self._check_queries(queries)
@@ -852,6 +854,16 @@ class MatryoshkaIndex:
             f"MatryoshkaIndex(count={self.count}, nesting={list(self.nesting.sizes)}, "
             f"config={self.config})"
         )
+
+
+def _widen_for_k(cfg: SearchConfig, k: int) -> SearchConfig:
+    """The index's own funnel (tuned for a smaller k) asked for k results: the shortlist and
+    every stage keep at least k (non-increasing keeps stay non-increasing). Explicit
+    ``shortlist``/``stages`` of a call are left alone and validated as given."""
+    if cfg.shortlist >= k and all(keep >= k for _, keep in cfg.stages[:-1]):
+        return cfg
+    stages = tuple((m, max(keep, k)) for m, keep in cfg.stages)
+    return replace(cfg, shortlist=max(cfg.shortlist, k), stages=stages)
 
 
 def _read_faiss(path: Path) -> Any:
