@@ -37,3 +37,15 @@ def test_console_entry_point_runs():
         [sys.executable, "-m", "mrl.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "COMMAND" in out.stdout
+
+
+def test_closed_pipe_is_quiet(monkeypatch, capfd):
+    # `mrl search ... | head`: the reader left; no traceback, a non-zero exit
+    import mrl.commands.search as search_cmd
+
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(search_cmd, "run", closed)
+    assert cli.main(["search", "idx", "q.npy"]) == 1
+    assert "Traceback" not in capfd.readouterr().err

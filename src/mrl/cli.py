@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from collections.abc import Sequence
@@ -46,6 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except BrokenPipeError:
+        # `mrl search ... | head`: the reader left. Quiet, as Unix tools are; stdout goes to
+        # devnull so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, ConnectionError) as exc:
         # Bad input: one clear line, no traceback. Bugs (other exceptions) keep their traceback.
         print(f"mrl {args.command}: error: {exc}", file=sys.stderr)

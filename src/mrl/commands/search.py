@@ -52,10 +52,7 @@ def run(args: argparse.Namespace) -> int:
     res = index.search(q, args.k, **overrides)
     elapsed = time.perf_counter() - t
     hits = [res.hits(j) for j in range(len(q))]  # ragged: IVF/HNSW may find fewer than k
-    print(f"{len(q)} queries, k={args.k}: {elapsed:.3f}s ({len(q) / elapsed:.0f} queries/s)")
-    for j in range(min(3, len(q))):
-        print(f"query {j}: ids {hits[j][0]}")
-    if args.out:
+    if args.out:  # written before printing: a closed pipe (`| head`) must not lose it
         atomic_write_json(
             args.out,
             {
@@ -67,5 +64,9 @@ def run(args: argparse.Namespace) -> int:
                 ],
             },
         )
+    print(f"{len(q)} queries, k={args.k}: {elapsed:.3f}s ({len(q) / elapsed:.0f} queries/s)")
+    for j in range(min(3, len(q))):
+        print(f"query {j}: ids {hits[j][0]}")
+    if args.out:
         print(f"results written to {args.out}")
     return 0
