@@ -222,3 +222,20 @@ def test_embedding_needs_no_http_stack():
             "bad = [m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"id": "a", "text": "x"}', '{"id": "b", "text": "y"}', '{"id": "a", "text": "z"}'],
+     "c.jsonl line 3: id 'a' is also on line 1; ids must be unique"),
+    (['{"id": 1, "text": "x"}', '{"id": "b", "text": "y"}'],
+     "c.jsonl line 2: id 'b' is a str, but earlier ids are ints"),
+    (['{"text": "x"}', '{"id": 0, "text": "y"}'],  # line 1's id defaults to its row, 0
+     "c.jsonl line 2: id 0 is also on line 1"),
+])
+def test_bad_ids_fail_before_any_encoding(tmp_path, lines, message):
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    enc = HashEncoder(DIM)
+    with pytest.raises(ValueError, match=message):
+        embed_corpus(enc, tmp_path / "c.jsonl", tmp_path / "s", show_progress=False)
+    assert enc.calls == 0 and not (tmp_path / "s").exists()  # nothing left to block a rerun
+    assert not list(tmp_path.glob("s.parts*"))

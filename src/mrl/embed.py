@@ -75,6 +75,26 @@ def read_corpus(path: str | os.PathLike, field: str = "text",
             yield ident, text
 
 
+def check_corpus(path: str | os.PathLike, field: str = "text", id_field: str = "id") -> int:
+    """One cheap pass over the input before encoding: every line parses (`read_corpus`), ids
+    are unique and of one kind (all int or all str). Returns the number of rows. Errors give
+    the line numbers, so that hours of encoding never end in a duplicate id."""
+    path = Path(path)
+    first_line: dict[Any, int] = {}
+    kind = None
+    for row, (ident, _) in enumerate(read_corpus(path, field, id_field)):
+        this = "int" if isinstance(ident, int) else "str"
+        if kind is not None and this != kind:
+            raise ValueError(f"{path.name} line {row + 1}: id {ident!r} is a {this}, but earlier "
+                             f"ids are {kind}s (ids must be all int or all str)")
+        kind = this
+        if ident in first_line:
+            raise ValueError(f"{path.name} line {row + 1}: id {ident!r} is also on line "
+                             f"{first_line[ident]}; ids must be unique")
+        first_line[ident] = row + 1
+    return len(first_line)
+
+
 def _parse_jsonl(line: str, lineno: int, field: str, id_field: str, path: Path):
     try:
         obj = json.loads(line)
@@ -198,6 +218,7 @@ def embed_corpus(
     rows = _count_lines(input_path)
     if rows == 0:
         raise ValueError(f"input file {str(input_path)!r} is empty: nothing to embed")
+    check_corpus(input_path, field, id_field)  # every line and id, before any encoding
     mine = shard_plan(rows, shard_size, rank, world_size)
     parts = _parts_dir(out)
     _check_manifest(parts, {
