@@ -461,3 +461,23 @@ def test_compare_reuses_base_embeddings_for_a_frozen_encoder(tiny_model, tmp_pat
     assert [(r["metric"], r["prefix"]) for r in fast] == [(r["metric"], r["prefix"]) for r in slow]
     for a, b in zip(fast, slow):
         assert a["value"] == pytest.approx(b["value"], abs=1e-6)
+
+
+def test_model_limits_and_broken_folders_are_clear_errors(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match=r"max_seq_length must be <= 128 .*got max_seq_length=600"):
+        load_encoder(tiny_model, max_seq_length=600)
+    with pytest.raises(ValueError, match=r"max_seq_length must be <= 128"):
+        finetune(tiny_model, [Pair("a", "b")] * 4, tmp_path / "ft",
+                 FinetuneConfig(max_seq_length=600, batch_size=2))  # fmt: skip
+    assert not (tmp_path / "ft").exists()
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    for weights in broken.rglob("model.safetensors"):
+        weights.unlink()
+    for weights in broken.rglob("pytorch_model.bin"):
+        weights.unlink()
+    with pytest.raises(ValueError, match=r"sentence-transformers folder .*broken does not load"):
+        load_encoder(broken)
+    (broken / "modules.json").write_text("[{not json")
+    with pytest.raises(ValueError, match=r"broken does not load .*JSONDecodeError"):
+        load_encoder(broken)

@@ -105,13 +105,41 @@ def load_encoder(
     path = resolve_model_path(model)
     if max_seq_length is not None and max_seq_length < 1:
         raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
-    encoder = st.SentenceTransformer(str(path), device=device, local_files_only=True)
+    try:
+        encoder = st.SentenceTransformer(str(path), device=device, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:  # missing weights, damaged JSON, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"model={str(model)!r}: the sentence-transformers folder {path} does not load "
+            f"({type(exc).__name__}: {reason})"
+        ) from None
     if max_seq_length is not None:
+        check_max_seq_length(encoder, max_seq_length)
         encoder.max_seq_length = max_seq_length
     if truncate_dim is not None:
         check_prefix(encoder, truncate_dim, model_nesting(path))
         encoder.truncate_dim = truncate_dim
     return encoder
+
+
+def token_limit(encoder: Any) -> int | None:
+    """The most tokens the model's transformer takes (its position embeddings), or None."""
+    try:
+        limit = encoder[0].auto_model.config.max_position_embeddings
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def check_max_seq_length(encoder: Any, max_seq_length: int) -> None:
+    """ValueError when ``max_seq_length`` exceeds what the model can embed (else a tensor-size
+    error deep inside the transformer, after the first long batch)."""
+    limit = token_limit(encoder)
+    if limit is not None and max_seq_length > limit:
+        raise ValueError(
+            f"max_seq_length must be <= {limit} (the model's position embeddings), got "
+            f"max_seq_length={max_seq_length}"
+        )
 
 
 def embedding_dim(encoder: Any) -> int:

@@ -56,6 +56,7 @@ from mrl.losses import matryoshka_contrastive_loss
 from mrl.nesting import Nesting
 from mrl.records import save_records
 from mrl.text.encoders import (
+    check_max_seq_length,
     embedding_dim,
     encode_cached,
     load_encoder,
@@ -324,6 +325,7 @@ def finetune(
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     encoder = load_encoder(base, device=config.device)
+    check_max_seq_length(encoder, config.max_seq_length)  # before any encoding or training
     dim = embedding_dim(encoder)
     texts = rotation_texts or list(dict.fromkeys(p.positive for p in pairs))
     corpus = None  # base embeddings of the corpus [N, D]: the PCA fit and the distillation
