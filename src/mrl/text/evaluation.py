@@ -144,6 +144,11 @@ def load_text_dataset(name: str | os.PathLike) -> RetrievalDataset | LabelledCor
         return corpus
     if Path(text).is_dir() and is_beir_folder(text):
         return load_beir(text)
+    if Path(text).is_dir():  # meant as a BEIR folder: say which file is missing
+        missing = [f for f in ("corpus.jsonl", "queries.jsonl") if not (Path(text) / f).is_file()]
+        raise FileNotFoundError(
+            f"dataset folder {text!r} is not a BEIR-style folder: it lacks {', '.join(missing)}"
+        )
     raise ValueError(
         f"dataset must be 'cranfield', 'bbc' or a BEIR-style folder (corpus.jsonl, "
         f"queries.jsonl, qrels/test.tsv), got {text!r}"
