@@ -481,3 +481,12 @@ def test_model_limits_and_broken_folders_are_clear_errors(tiny_model, tmp_path):
     (broken / "modules.json").write_text("[{not json")
     with pytest.raises(ValueError, match=r"broken does not load .*JSONDecodeError"):
         load_encoder(broken)
+
+
+def test_whole_model_finetune_says_how_many_texts_it_truncates(tiny_model, tmp_path):
+    long_text = " ".join(["wing lift and drag"] * 40)  # ~160 tokens > max_seq_length=16
+    pairs = [Pair(f"q{i}", long_text if i % 2 else f"short {i}") for i in range(4)]
+    logs: list[str] = []
+    cfg = FinetuneConfig(nesting="8,16,32", batch_size=2, max_steps=1, max_seq_length=16)
+    finetune(tiny_model, pairs, tmp_path / "ft", cfg, log=logs.append)
+    assert any("1 of 7 training texts exceed max_seq_length=16 tokens" in s for s in logs), logs

@@ -31,7 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "run_dir", help="run folder written by `mrl train` (or a text model folder)"
     )
-    parser.add_argument("--out", default=None, help="report folder (default RUN_DIR/eval)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="report folder (default RUN_DIR/eval; text models: RUN_DIR/eval-DATASET)",
+    )
     parser.add_argument(
         "--center", action="store_true", help="subtract the database mean before cosine retrieval"
     )
@@ -51,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
         default=None,
-        help="text models only: the dataset to evaluate on (see mrl.text)",
+        help="text models only: cranfield (default), bbc, bbc:N or a BEIR-style folder "
+        "(corpus.jsonl, queries.jsonl, qrels/test.tsv)",
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -195,11 +196,12 @@ def encode(
     batch_size: int = 32,
     on_long: str = "warn",
     name: str = "texts",
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> np.ndarray:
     """Embeddings ``[N, D]`` float32 at full size (slice prefixes later; encode once).
 
     ``on_long``: "warn" (the model truncates; a warning counts the texts) or "error".
+    ``progress``: a progress bar; None = on for long work (>= 2,000 texts) on a terminal.
     """
     if on_long not in ("warn", "error"):
         raise ValueError(f"on_long must be 'warn' or 'error', got {on_long!r}")
@@ -215,6 +217,8 @@ def encode(
         if on_long == "error":
             raise ValueError(msg)
         warnings.warn(msg, stacklevel=2)
+    if progress is None:
+        progress = len(texts) >= 2000 and sys.stderr.isatty()
     emb = encoder.encode(
         texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=progress
     )

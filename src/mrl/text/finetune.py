@@ -57,6 +57,7 @@ from mrl.nesting import Nesting
 from mrl.records import save_records
 from mrl.text.encoders import (
     check_max_seq_length,
+    count_long,
     embedding_dim,
     encode_cached,
     load_encoder,
@@ -508,6 +509,11 @@ def _train_model(
     log: Callable[[str], None],
 ) -> int:
     """The whole model (and the rotation layer, if any); returns the number of steps taken."""
+    texts = list(dict.fromkeys(t for p in pairs for t in (p.query, p.positive, p.negative) if t))
+    long = count_long(encoder, texts)  # encoder.max_seq_length is the training length here
+    if long:
+        log(f"finetune: {long} of {len(texts)} training texts exceed max_seq_length="
+            f"{encoder.max_seq_length} tokens and are truncated to it while training")
 
     def embed(idx: list[int]) -> _Batch:
         batch = [pairs[i] for i in idx]
