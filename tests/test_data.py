@@ -221,6 +221,34 @@ def test_image_folder_loads_and_transforms(tmp_path):
     assert t.images.shape == (6, 3, 8, 8) and t.labels.tolist() == [0, 0, 0, 1, 1, 1]
     task = load_task("image-folder", root=str(tmp_path), image_size=8, test_fraction=0.34)
     assert len(task.train) + len(task.test) == 6 and task.num_classes == 2
+    small = load_task("image-folder", root=str(tmp_path), image_size=8, test_fraction=0.34,
+                      train_size=2)  # fmt: skip
+    assert len(small.train) == len(small.db) == 2 and len(small.test) == len(task.test)
+
+
+def test_image_folder_with_one_class_is_refused(tmp_path):
+    pytest.importorskip("PIL")
+    _make_folder(tmp_path, classes=("cat",))
+    with pytest.raises(ValueError, match="has 1 class subfolder; classification needs at least 2"):
+        load_task("image-folder", root=str(tmp_path), image_size=8)
+
+
+def test_train_size_above_the_data_is_an_error(monkeypatch):
+    import mrl.data.fashion_mnist as fm_mod
+    from mrl.config import load_config
+    from mrl.data import load_task_for
+
+    def tiny(split, root=None, download=True):
+        n = 20 if split == "train" else 10
+        return ImageTensors(torch.zeros(n, 1, 4, 4, dtype=torch.uint8),
+                            torch.arange(n) % 2, 2, (0.5,), (0.3,))  # fmt: skip
+
+    monkeypatch.setattr(fm_mod, "load_fashion_mnist", tiny)
+    assert len(load_task_for(load_config(None, ["data.train_size=20"])).train) == 20
+    assert len(load_task("fashion-mnist", train_size=100).train) == 20  # the API: at most
+    with pytest.raises(ValueError, match=r"data.train_size must be <= 20 .*fashion-mnist\), "
+                       r"got data.train_size=100"):  # fmt: skip
+        load_task_for(load_config(None, ["data.train_size=100"]))
 
 
 def test_image_folder_errors(tmp_path):

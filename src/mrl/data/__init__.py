@@ -54,13 +54,22 @@ class Task:
 def load_task_for(config: Any) -> Task:
     """The `Task` a training config names: its ``data`` section and its seed."""
     d = config.data
-    return load_task(
+    task = load_task(
         d.dataset,
         root=d.root,
         train_size=d.train_size,
         image_size=d.image_size,
         seed=config.seed,
     )
+    have = len(task.train)
+    if d.train_size is not None and d.dataset in ("fashion-mnist", "image-folder") and (
+        d.train_size > have
+    ):  # a run must not claim a train_size it never had
+        raise ValueError(
+            f"data.train_size must be <= {have} (the training images of {d.dataset}), got "
+            f"data.train_size={d.train_size}"
+        )
+    return task
 
 
 def load_task(
@@ -80,7 +89,7 @@ def load_task(
     if name == "fashion-mnist":
         from mrl.data.fashion_mnist import load_fashion_mnist
 
-        train = load_fashion_mnist("train", root).subset(train_size, seed)
+        train = _subset(load_fashion_mnist("train", root), train_size, seed, name)
         return Task(name, train, train, load_fashion_mnist("test", root))
     if name == "fashion-mnist-1k":
         from mrl.data.fashion_mnist_1k import load_fashion_mnist_1k
@@ -94,8 +103,16 @@ def load_task(
         train = make_synthetic(n=train_size or 512, seed=seed, split="train")
         return Task(name, train, train, make_synthetic(n=128, seed=seed, split="test"))
     if name == "image-folder":
-        return _image_folder_task(root, image_size, test_fraction, seed)
+        task = _image_folder_task(root, image_size, test_fraction, seed)
+        train = _subset(task.train, train_size, seed, name)
+        return Task(task.name, train, train, task.test)
     raise ValueError(f"dataset must be one of {TASKS}, got dataset={name!r}")
+
+
+def _subset(train: ImageTensors, n: int | None, seed: int, name: str) -> ImageTensors:
+    """At most ``n`` training items of a seeded shuffle (all of them when there are fewer;
+    `load_task_for` refuses a config asking for more than there are)."""
+    return train.subset(n, seed)
 
 
 def _image_folder_task(root: str | None, image_size: int, test_fraction: float, seed: int) -> Task:
@@ -104,10 +121,15 @@ def _image_folder_task(root: str | None, image_size: int, test_fraction: float, 
     from mrl.data.image_folder import ImageFolder
 
     if root is None:
-        raise ValueError("dataset 'image-folder' needs data_root (the folder of class subfolders)")
+        raise ValueError("dataset 'image-folder' needs data.root (the folder of class subfolders)")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got test_fraction={test_fraction}")
     full = ImageFolder(root, image_size=image_size).load_tensors()
+    if full.num_classes < 2:
+        raise ValueError(
+            f"image folder root={str(root)!r} has {full.num_classes} class subfolder; "
+            "classification needs at least 2"
+        )
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
     n_test = max(1, int(len(full) * test_fraction))
 
