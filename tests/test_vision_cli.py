@@ -31,9 +31,14 @@ def test_train_then_eval(tmp_path, capsys):
     cfg = _config(tmp_path)
     sets = [a for s in TINY for a in ("--set", s)]
     assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", *sets]) == 0
+    assert "trained mrl" in capsys.readouterr().out
+    argv = ["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", "--resume", *sets]
+    assert main(argv) == 0  # a finished run: nothing to resume, and it says so
+    assert "already trained (nothing to resume) mrl" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "run"), "--out", str(tmp_path / "ev")]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "report:" in out and "| mrl | top1 |" in out
+    assert "embedding the database" in err and "eval: done in" in err  # progress, on stderr
     recs = json.loads((tmp_path / "ev" / "results.json").read_text())
     metrics = {(r["method"], r["metric"]) for r in recs}
     assert {("mrl", "top1"), ("mrl", "1nn"), ("mrl", "map@10")} <= metrics

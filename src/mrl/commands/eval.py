@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="L-BFGS iterations of the linear probes (default 200)",
     )
     parser.add_argument("--device", default=None, help="device for the embeddings (default: auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     parser.add_argument(
         "--dataset",
         default=None,
@@ -228,11 +232,21 @@ def evaluate_run(
     baselines: bool = True,
     probe_iter: int = 200,
     device: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Embed once, evaluate every prefix, write the report into ``out_dir``; returns records."""
+    """Embed once, evaluate every prefix, write the report into ``out_dir``; returns records.
+
+    ``log``: progress lines (the CLI prints them to stderr; None = silent).
+    """
     from mrl.report import write_report
 
+    say = log or (lambda s: None)
+    t0 = time.perf_counter()
+    say(f"eval {run_dir}: embedding the database and the test set ...")
     e = compute_embeddings(run_dir, device)
+    say(f"eval: {len(e.db)} database and {len(e.test)} test embeddings in "
+        f"{time.perf_counter() - t0:.0f} s; scoring every prefix (retrieval"
+        f"{', linear probes' if e.mode == 'plain' else ''}) ...")
     records = evaluate_embeddings(
         e,
         center=center,
@@ -251,6 +265,7 @@ def evaluate_run(
         "top1 from the trained heads, or (plain/pca/random) a linear probe: " + PROBE_RECIPE
     )
     write_report(records, out, title=f"mrl eval: {Path(run_dir).name}", notes=notes)
+    say(f"eval: done in {time.perf_counter() - t0:.0f} s")
     return records
 
 
@@ -288,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
         baselines=not args.no_baselines,
         probe_iter=args.probe_iter,
         device=args.device,
+        log=None if args.no_progress else lambda s: print(s, file=sys.stderr, flush=True),
     )
     for metric in ("top1", "1nn"):
         print(to_markdown(records, metric=metric))

@@ -8,6 +8,8 @@ CONFIG is a JSON/TOML file (see `configs/`); ``--set`` overrides dotted keys wit
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from mrl.io import check_output_path
 
@@ -37,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _epochs_done(run_dir: str) -> int:
+    from mrl.train import CHECKPOINT, load_checkpoint
+
+    path = Path(run_dir) / CHECKPOINT
+    return int(load_checkpoint(path).get("epoch", 0)) if path.is_file() else 0
+
+
 def run(args: argparse.Namespace) -> int:
     from mrl.config import describe, load_config
 
@@ -49,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     from mrl.train import train
 
+    finished = args.resume and _epochs_done(args.out) >= config.epochs
     ckpt = train(config, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"trained {config.model.mode} ({config.model.name}, D={config.model.dim}) -> {ckpt}")
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one line, from rank 0
+        what = "already trained (nothing to resume)" if finished else "trained"
+        print(f"{what} {config.model.mode} ({config.model.name}, D={config.model.dim}) -> {ckpt}")
     return 0
