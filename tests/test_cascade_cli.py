@@ -121,7 +121,15 @@ def test_bad_eval_arguments(files, capsys):
     assert main(["cascade", "eval", str(tmp / "mrl.npz"), "--seeds", "a,b"]) == 2
     assert "--seeds must be comma-separated ints, got 'a,b'" in capsys.readouterr().err
     assert main(["cascade", "fit", str(tmp / "mrl.npz"), "--calib-fraction", "1.5"]) == 2
-    assert "calib_fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
+    assert "--calib-fraction must be in (0, 1), got --calib-fraction 1.5" in capsys.readouterr().err
+    for argv, message in [
+        (["eval", "--match", "-1"], "--match must be in [0, 1), got --match -1.0"),
+        (["fit", "--tolerance", "2"], "--tolerance must be in [0, 1), got --tolerance 2.0"),
+        (["fit", "--target-accuracy", "90"], "--target-accuracy must be in [0, 1]"),
+        (["fit", "--budget", "0"], "--budget must be positive"),
+    ]:
+        assert main(["cascade", argv[0], str(tmp / "mrl.npz"), *argv[1:]]) == 2
+        assert message in capsys.readouterr().err
     assert main(["cascade", "fit", str(tmp / "nothing.npz")]) == 2
     assert "no logits file or run folder" in capsys.readouterr().err
 

@@ -183,11 +183,13 @@ def test_eval_hands_text_models_to_the_text_evaluator(tmp_path, monkeypatch):
     assert calls == [(str(tmp_path), "cranfield")]
 
 
-def test_demo_rejects_bad_epochs(tmp_path):
+def test_demo_rejects_bad_epochs(tmp_path, capsys):
     from mrl.commands.demo import demo
 
     with pytest.raises(ValueError, match="epochs must be positive, got epochs=0"):
         demo(tmp_path, epochs=0)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--train-size", "-5"]) == 2
+    assert "--train-size must be positive, got --train-size -5" in capsys.readouterr().err
 
 
 def test_reproduce_only_some_runs(tmp_path, task):

@@ -107,7 +107,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="dataset split of a run folder (default test)")
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """The CLI's numbers, checked (and named as flags) before logits are computed."""
+    if not 0 < args.calib_fraction < 1:
+        raise ValueError(f"--calib-fraction must be in (0, 1), got --calib-fraction "
+                         f"{args.calib_fraction}")
+    match = getattr(args, "match", None)
+    if match is not None and not 0 <= match < 1:
+        raise ValueError(f"--match must be in [0, 1), got --match {match}")
+    tol = getattr(args, "tolerance", None)
+    if tol is not None and not 0 <= tol < 1:
+        raise ValueError(f"--tolerance must be in [0, 1), got --tolerance {tol}")
+    target = getattr(args, "target_accuracy", None)
+    if target is not None and not 0 <= target <= 1:
+        raise ValueError(f"--target-accuracy must be in [0, 1], got --target-accuracy {target}")
+    budget = getattr(args, "budget", None)
+    if budget is not None and not budget > 0:
+        raise ValueError(f"--budget must be positive (expected dims), got --budget {budget}")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_options(args)
     if args.action == "fit":
         return _fit(args)
     return _eval(args)

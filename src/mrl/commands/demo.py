@@ -232,6 +232,9 @@ def _short_table(records: list[dict[str, Any]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     check_output_path(args.out, "--out", "dir")
+    for flag, value in (("--epochs", args.epochs), ("--train-size", args.train_size)):
+        if value is not None and value < 1:  # named as the user typed them
+            raise ValueError(f"{flag} must be positive, got {flag} {value}")
     records, _ = demo(
         args.out,
         epochs=args.epochs,
