@@ -461,3 +461,15 @@ def test_bench_table_keeps_the_two_parts_apart_at_the_same_n():
     assert len(rows) == 4
     assert "| main | 1000 | exact | 64 |  | 100.0 |" in rows[0]
     assert "| hnsw | 1000 | exact | 64 |  | 80.0 |" in rows[2]
+
+
+def test_cli_int8_rerank_vectors(tmp_path, data, capsys):
+    db, _, q, _ = data
+    np.save(tmp_path / "db.npy", db)
+    np.save(tmp_path / "q.npy", q)
+    assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(tmp_path / "i8"),
+                 "--vector-dtype", "int8"]) == 0  # fmt: skip
+    index = MatryoshkaIndex.load(tmp_path / "i8")
+    assert index.vector_dtype == "int8"
+    _, truth = exact_search(db, q, 10)
+    assert recall_at_k(index.search(q, 10).indices, truth) > 0.9

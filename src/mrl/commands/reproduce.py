@@ -238,10 +238,6 @@ def reproduce(
     probe_iter = _probe_iter(recipe, probe_iter)
     out = Path(out)
     runs_root = Path(runs) if runs is not None else out / "runs"
-    if runs is not None and not runs_root.is_dir():  # a typo must not start new trainings
-        raise FileNotFoundError(
-            f"--runs {str(runs)!r} is not a folder of trained runs (OUT/runs of an earlier call)"
-        )
     _check_centring(out / "results.json", center)
     base = (*recipe.overrides, f"seed={seed}", *overrides)
     config0 = load_config(None, list(base))
@@ -252,6 +248,10 @@ def reproduce(
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
         raise ValueError(f"only must name runs among {names}, got {unknown}")
+    if runs is not None and not runs_root.is_dir():  # a typo must not start new trainings
+        raise FileNotFoundError(
+            f"--runs {str(runs)!r} is not a folder of trained runs (OUT/runs of an earlier call)"
+        )
     if data_task is None:
         data_task = load_task_for(config0)
     records: list[dict[str, Any]] = []
