@@ -262,3 +262,8 @@ def test_cli_adapt_with_sample_queries(tmp_path, capsys):
     assert "is text: it needs --model" in capsys.readouterr().err
     assert main(args + ["--queries", str(tmp_path / "none.npy")]) == 2
     assert "--queries file" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n  \n")  # checked before any encoding
+    model_args = ["text", "adapt", "--model", "default", "--corpus", "cranfield", "--out",
+                  str(tmp_path / "ad3"), "--queries", str(tmp_path / "empty.txt")]
+    assert main(model_args) == 2
+    assert "has no non-empty line" in capsys.readouterr().err

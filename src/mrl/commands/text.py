@@ -237,6 +237,15 @@ def _adapt(args: argparse.Namespace) -> int:
     from mrl.text.encoders import encode, load_embeddings, load_encoder
 
     out = check_new_output_dir(args.out, "--out")  # before fitting, not after
+    config = AdaptorConfig(
+        nesting=args.nesting,
+        steps=args.steps,
+        neighbours=args.neighbours,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    # every input read and checked before the (slow) corpus encoding
+    queries = None if args.queries is None else _read_queries(args.queries, args.embeddings)
     encoder = None
     if args.embeddings is not None:
         if args.corpus is not None:
@@ -247,14 +256,8 @@ def _adapt(args: argparse.Namespace) -> int:
             raise ValueError("--model needs --corpus (the documents to fit the map on)")
         encoder = load_encoder(args.model)
         x = encode(encoder, _documents(args.corpus).documents, name="documents")
-    queries = None if args.queries is None else _sample_queries(args.queries, encoder)
-    config = AdaptorConfig(
-        nesting=args.nesting,
-        steps=args.steps,
-        neighbours=args.neighbours,
-        lr=args.lr,
-        seed=args.seed,
-    )
+    if isinstance(queries, list):  # query texts: embedded by the same model
+        queries = encode(encoder, queries, name="queries")
     adaptor = OrthogonalAdaptor.fit(x, config, log=lambda s: print(s, flush=True), queries=queries)
     with atomic_output_dir(out) as tmp:  # model + adaptor files appear together
         if args.model is not None:
@@ -264,22 +267,26 @@ def _adapt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_queries(path: str, encoder):
-    """``--queries``: a .npy of query embeddings, or (with --model) one query per text line."""
-    from mrl.text.encoders import encode, load_embeddings
+def _read_queries(path: str, embeddings: str | None):
+    """``--queries``: a .npy of query embeddings [Nq, D], or (with --model) one query per text
+    line (returned as texts, encoded later by the caller)."""
+    from mrl.text.encoders import load_embeddings
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--queries file {path!r} does not exist")
     if p.suffix == ".npy":
         return load_embeddings(p)
-    if encoder is None:
+    if embeddings is not None:
         raise ValueError(f"--queries {path!r} is text: it needs --model to encode it (or a .npy)")
-    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    try:
+        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--queries file {path!r} is not UTF-8 text ({exc})") from None
     texts = [t for t in lines if t]
     if not texts:
         raise ValueError(f"--queries file {path!r} has no non-empty line")
-    return encode(encoder, texts, name="queries")
+    return texts
 
 
 def _encode(args: argparse.Namespace) -> int:
