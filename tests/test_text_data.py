@@ -261,3 +261,20 @@ def test_dataset_folder_missing_a_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"is not a BEIR-style folder: it lacks "
                        r"queries.jsonl"):  # fmt: skip
         load_text_dataset(tmp_path)
+
+
+def test_non_utf8_files_name_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"query": "q", "positive": "p"}\n{"query": "caf\xe9", "positive": "p"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: not UTF-8 text"):
+        read_pairs(path)
+
+
+def test_text_flags_that_do_not_apply_are_refused(tmp_path, capsys):
+    from mrl.cli import main
+
+    assert main(["eval", str(tmp_path), "--dataset", "cranfield"]) == 2
+    assert "--dataset is for text model folders" in capsys.readouterr().err
+    assert main(["text", "compare", "--dataset", "cranfield", "--methods", "finetune",
+                 "--out", str(tmp_path / "c")]) == 2  # fmt: skip
+    assert "--methods finetune needs --finetuned MODEL" in capsys.readouterr().err

@@ -290,6 +290,9 @@ def run(args: argparse.Namespace) -> int:
         from mrl.text.evaluation import eval_command
 
         return int(eval_command(args) or 0)
+    if args.dataset is not None:
+        raise ValueError(f"--dataset is for text model folders (with modules.json); "
+                         f"{str(run_dir)!r} is not one")
     if args.probe_iter <= 0:
         raise ValueError(f"--probe-iter must be positive, got {args.probe_iter}")
     from mrl.records import to_markdown

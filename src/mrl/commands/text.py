@@ -325,6 +325,8 @@ def _compare(args: argparse.Namespace) -> int:
     check_output_path(args.out, "--out", "dir")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.finetuned is None and "finetune" in methods:
+        if methods == ["finetune"]:
+            raise ValueError("--methods finetune needs --finetuned MODEL (the fine-tuned folder)")
         methods.remove("finetune")
     records = compare_methods(
         args.dataset,

@@ -41,54 +41,65 @@ def read_jsonl(
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+            )
+        for key in required:
+            if key not in row:
+                raise ValueError(f"{path}:{lineno}: missing field {key!r}")
+        for key in required + optional:
+            value = row.get(key)
+            if value is None and key in optional:
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
+            if not isinstance(value, str):
                 raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                    f"{path}:{lineno}: field {key!r} must be a string, got {value!r}"
                 )
-            for key in required:
-                if key not in row:
-                    raise ValueError(f"{path}:{lineno}: missing field {key!r}")
-            for key in required + optional:
-                value = row.get(key)
-                if value is None and key in optional:
-                    continue
-                if not isinstance(value, str):
-                    raise ValueError(
-                        f"{path}:{lineno}: field {key!r} must be a string, got {value!r}"
-                    )
-                if nonempty and not value.strip():
-                    raise ValueError(f"{path}:{lineno}: field {key!r} is empty")
-            rows.append(row)
+            if nonempty and not value.strip():
+                raise ValueError(f"{path}:{lineno}: field {key!r} is empty")
+        rows.append(row)
     return rows
+
+
+def _lines(path: Path):
+    """(line number, line) of a UTF-8 text file; a ValueError naming the file and line
+    otherwise (decoded line by line: a text-mode reader decodes in blocks, so its error does
+    not know the line)."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({exc.reason})") from None
+            yield lineno, line.replace("\r\n", "\n")
 
 
 def _read_qrels(path: Path) -> dict[str, dict[str, float]]:
     qrels: dict[str, dict[str, float]] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
-            if lineno == 1 and parts[0] == "query-id":
-                continue  # header
-            if not line.strip():
-                continue
-            if len(parts) != 3:
-                raise ValueError(f"{path}:{lineno}: expected 3 tab-separated fields, got {line!r}")
-            try:
-                score = float(parts[2])
-            except ValueError:
-                raise ValueError(
-                    f"{path}:{lineno}: score must be a number, got {parts[2]!r}"
-                ) from None
-            if score > 0:
-                qrels.setdefault(parts[0], {})[parts[1]] = score
+    for lineno, line in _lines(path):
+        parts = line.rstrip("\n").split("\t")
+        if lineno == 1 and parts[0] == "query-id":
+            continue  # header
+        if not line.strip():
+            continue
+        if len(parts) != 3:
+            raise ValueError(f"{path}:{lineno}: expected 3 tab-separated fields, got {line!r}")
+        try:
+            score = float(parts[2])
+        except ValueError:
+            raise ValueError(
+                f"{path}:{lineno}: score must be a number, got {parts[2]!r}"
+            ) from None
+        if score > 0:
+            qrels.setdefault(parts[0], {})[parts[1]] = score
     return qrels
 
 
