@@ -181,6 +181,9 @@ def test_cli_build_refuses_options_and_folders_up_front(tmp_path, data, capsys):
     assert sorted(p.name for p in store.iterdir()) == ["store.json"]  # untouched
     assert main(build + [str(tmp_path / "i")]) == 0
     assert main(build + [str(tmp_path / "i")]) == 0  # an index folder is replaced
+    assert main(["search", str(tmp_path / "i"), str(tmp_path / "db.npy"), "--nprobe", "4"]) == 2
+    assert "--nprobe is for the ivf/ivfpq backends; this search runs flat" in (
+        capsys.readouterr().err)
 
 
 def test_cli_bench_tiny(tmp_path, capsys):

@@ -34,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(args.out, "--out", "file")
     check_device(args.device, "--device")
     index = MatryoshkaIndex.load(args.index, device=args.device)
+    backend = args.backend or index.config.backend
+    if args.nprobe is not None and backend not in ("ivf", "ivfpq"):  # else silently ignored
+        raise ValueError(f"--nprobe is for the ivf/ivfpq backends; this search runs {backend}")
     if args.device != "cpu" and (args.backend or index.config.backend) != "torch":
         raise ValueError(f"--device {args.device} is for --backend torch (this search runs "
                          f"{args.backend or index.config.backend} on the CPU)")
