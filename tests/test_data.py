@@ -116,6 +116,10 @@ def test_explicit_root_is_the_only_place_looked(tmp_path, monkeypatch):
     afile.write_text("x")
     with pytest.raises(FileNotFoundError, match="it is a file"):
         fm.find_fashion_mnist(afile, download=True)
+    # reading a saved run whose data.root was another machine's folder: warn and fall back
+    with pytest.warns(UserWarning, match=r"data.root='.*typo' of the saved run does not hold"):
+        assert fm.find_fashion_mnist(empty, root_fallback=True) == tmp_path / "system"
+    assert not empty.exists()  # nothing created or downloaded there
 
 
 @pytest.mark.skipif(not fm.SYSTEM_DIR.is_dir(), reason="Fashion-MNIST not installed")
@@ -238,7 +242,7 @@ def test_train_size_above_the_data_is_an_error(monkeypatch):
     from mrl.config import load_config
     from mrl.data import load_task_for
 
-    def tiny(split, root=None, download=True):
+    def tiny(split, root=None, download=True, root_fallback=False):
         n = 20 if split == "train" else 10
         return ImageTensors(torch.zeros(n, 1, 4, 4, dtype=torch.uint8),
                             torch.arange(n) % 2, 2, (0.5,), (0.3,))  # fmt: skip
@@ -249,6 +253,8 @@ def test_train_size_above_the_data_is_an_error(monkeypatch):
     with pytest.raises(ValueError, match=r"data.train_size must be <= 20 .*fashion-mnist\), "
                        r"got data.train_size=100"):  # fmt: skip
         load_task_for(load_config(None, ["data.train_size=100"]))
+    # a saved run is read back as it was trained (the loader gives at most what there is)
+    assert len(load_task_for(load_config(None, ["data.train_size=100"]), saved=True).train) == 20
 
 
 def test_image_folder_errors(tmp_path):

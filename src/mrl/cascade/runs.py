@@ -141,7 +141,7 @@ def _forward_run(run: Any, split: str, run_dir: Path) -> LogitsSet:
     model, config, saved = run
     d = config.data
     task = load_task(d.dataset, root=d.root, train_size=POOL_SIZE if split == "train" else 1,
-                     image_size=d.image_size, seed=config.seed)  # fmt: skip
+                     image_size=d.image_size, seed=config.seed, root_fallback=True)  # fmt: skip
     data = task.db if split == "train" else task.test
     z, logits = predict(model, data, config.eval_batch_size)  # [N, D], [G, N, C] on the CPU
     nesting = Nesting.from_dict(saved.get("head_nesting") or saved["nesting"])

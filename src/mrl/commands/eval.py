@@ -94,7 +94,7 @@ def compute_embeddings(
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, config, saved = load_run(run_dir, dev)
     if task is None:
-        task = load_task_for(config)
+        task = load_task_for(config, saved=True)
     db, _ = predict(model, task.db, config.eval_batch_size, dev, with_logits=False)
     test, logits = predict(model, task.test, config.eval_batch_size, dev)
     return RunEmbeddings(

@@ -51,8 +51,13 @@ class Task:
         return self.test.std
 
 
-def load_task_for(config: Any) -> Task:
-    """The `Task` a training config names: its ``data`` section and its seed."""
+def load_task_for(config: Any, *, saved: bool = False) -> Task:
+    """The `Task` a training config names: its ``data`` section and its seed.
+
+    ``saved``: the config of a trained run being read back (eval, cascade), not one about to
+    train: a data.root that was another machine's Fashion-MNIST folder falls back to the
+    default locations (with a warning), and train_size is not checked again.
+    """
     d = config.data
     task = load_task(
         d.dataset,
@@ -60,11 +65,12 @@ def load_task_for(config: Any) -> Task:
         train_size=d.train_size,
         image_size=d.image_size,
         seed=config.seed,
+        root_fallback=saved,
     )
     have = len(task.train)
-    if d.train_size is not None and d.dataset in ("fashion-mnist", "image-folder") and (
-        d.train_size > have
-    ):  # a run must not claim a train_size it never had
+    checked = not saved and d.dataset in ("fashion-mnist", "image-folder")
+    if checked and d.train_size is not None and d.train_size > have:
+        # a run must not claim a train_size it never had
         raise ValueError(
             f"data.train_size must be <= {have} (the training images of {d.dataset}), got "
             f"data.train_size={d.train_size}"
@@ -80,6 +86,7 @@ def load_task(
     image_size: int = 64,
     test_fraction: float = 0.2,
     seed: int = 0,
+    root_fallback: bool = False,
 ) -> Task:
     """Load a built-in task by name (see `TASKS`); ``train_size`` keeps a seeded subset.
 
@@ -89,8 +96,9 @@ def load_task(
     if name == "fashion-mnist":
         from mrl.data.fashion_mnist import load_fashion_mnist
 
-        train = _subset(load_fashion_mnist("train", root), train_size, seed, name)
-        return Task(name, train, train, load_fashion_mnist("test", root))
+        kw = {"root_fallback": root_fallback}
+        train = _subset(load_fashion_mnist("train", root, **kw), train_size, seed, name)
+        return Task(name, train, train, load_fashion_mnist("test", root, **kw))
     if name == "fashion-mnist-1k":
         from mrl.data.fashion_mnist_1k import load_fashion_mnist_1k
 

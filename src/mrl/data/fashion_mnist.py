@@ -20,6 +20,7 @@ import hashlib
 import os
 import struct
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -111,13 +112,23 @@ def _has_all(folder: Path) -> bool:
     return all((folder / name).is_file() for pair in FILES.values() for name in pair[:2])
 
 
-def find_fashion_mnist(root: str | os.PathLike | None = None, download: bool = False) -> Path:
+def find_fashion_mnist(
+    root: str | os.PathLike | None = None, download: bool = False, root_fallback: bool = False
+) -> Path:
     """The folder holding the four Fashion-MNIST files; downloads them when allowed and missing.
 
     An explicit ``root`` (``data.root`` in a config) is the only place looked at: a typo must
     not silently train on another copy. Without one: $MRL_FASHION_MNIST, the Debian package's
-    folder, then mrl's cache.
+    folder, then mrl's cache. ``root_fallback``: a root that lacks the files is skipped with a
+    warning instead (reading a saved run whose data.root was another machine's folder).
     """
+    if root is not None and root_fallback and not _has_all(Path(root)):
+        warnings.warn(
+            f"data.root={str(root)!r} of the saved run does not hold Fashion-MNIST here; using "
+            "the default locations",
+            stacklevel=2,
+        )
+        root = None
     if root is not None:
         return _explicit_root(Path(root), download)
     searched = _candidate_dirs()
@@ -144,10 +155,13 @@ def _explicit_root(folder: Path, download: bool) -> Path:
         return folder
     names = [name for pair in FILES.values() for name in pair[:2]]
     if download and not folder.is_file():
+        created = not folder.exists()
         try:
             return _download(folder)
         except OSError as exc:
             reason = f"downloading into it failed ({exc})"
+            if created and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()  # leave no empty folder behind a failed download
     else:
         reason = "downloading is off" if not folder.is_file() else "it is a file"
     raise FileNotFoundError(
@@ -185,12 +199,15 @@ def _download(folder: Path) -> Path:
 
 
 def load_fashion_mnist(
-    split: str = "train", root: str | os.PathLike | None = None, download: bool = True
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+    root_fallback: bool = False,
 ) -> ImageTensors:
     """One split as `ImageTensors`: images uint8 ``[N, 1, 28, 28]``, labels int64 ``[N]``."""
     if split not in FILES:
         raise ValueError(f"split must be one of {sorted(FILES)}, got split={split!r}")
-    folder = find_fashion_mnist(root, download=download)
+    folder = find_fashion_mnist(root, download=download, root_fallback=root_fallback)
     image_file, label_file, count = FILES[split]
     images = read_idx(folder / image_file)
     labels = read_idx(folder / label_file)
