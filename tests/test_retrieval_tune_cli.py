@@ -476,3 +476,17 @@ def test_cli_int8_rerank_vectors(tmp_path, data, capsys):
     assert index.vector_dtype == "int8"
     _, truth = exact_search(db, q, 10)
     assert recall_at_k(index.search(q, 10).indices, truth) > 0.9
+
+
+def test_cli_search_out_records_the_widened_funnel(tmp_path, data):
+    db, _, q, _ = data
+    np.save(tmp_path / "db.npy", db[:500])
+    np.save(tmp_path / "q.npy", q[:5])
+    assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(tmp_path / "i"),
+                 "--shortlist-dim", "8", "--shortlist", "40", "--funnel", "--k", "10"]) == 0
+    assert main(["search", str(tmp_path / "i"), str(tmp_path / "q.npy"), "--k", "30", "--out",
+                 str(tmp_path / "r.json")]) == 0  # fmt: skip
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["config"]["shortlist"] == 40
+    assert all(keep >= 30 for _, keep in out["config"]["stages"])
+    assert all(len(r["ids"]) == 30 for r in out["results"])

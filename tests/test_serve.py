@@ -475,3 +475,20 @@ def test_search_short_ivf_lists_are_trimmed_not_padded():
     for j, d in enumerate(data):
         assert (d["ids"], d["scores"]) == ref.hits(j)
         assert len(d["ids"]) == len(d["scores"]) and all(i >= 1000 for i in d["ids"])
+
+
+def test_named_config_is_widened_for_a_larger_k_and_reports_what_ran():
+    from mrl.retrieval import MatryoshkaIndex, SearchConfig
+
+    rng = np.random.default_rng(4)
+    idx = MatryoshkaIndex(Nesting.doubling(8, DIM), SearchConfig(
+        shortlist_dim=8, shortlist=40, stages=((16, 20), (DIM, 10))), threads=1)
+    idx.add(rng.standard_normal((300, DIM)).astype(np.float32))
+    q = rng.standard_normal((2, DIM)).astype(np.float32)
+    backend = IndexBackend(idx)
+    for name in (None, "default"):  # the index's funnel keeps 20 at 16 dims; k=30 widens it
+        out = backend.search(q, 30, config=name)
+        assert [len(ids) for ids in out.ids] == [30, 30]
+        assert out.params["shortlist"] == 40 and out.params["stages"] == [[16, 30], [DIM, 30]]
+    with pytest.raises(ValueError, match=r"stages\[0\] keep must be in \[k=30, 40\]"):
+        backend.search(q, 30, stages=[[16, 20], [DIM, 10]])  # explicit: run as given

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             {
                 "k": args.k,
-                "config": index.config.to_dict() | overrides,
+                "config": res.config.to_dict(),  # what ran (k may have widened the funnel)
                 "results": [
                     {"query": j, "ids": hits[j][0], "scores": hits[j][1]}
                     for j in range(len(q))

@@ -91,11 +91,16 @@ class IndexBackend:
         if params.get("stages") is not None:
             params["stages"] = tuple(tuple(int(v) for v in s) for s in params["stages"])
         t = time.perf_counter()
-        res = self.index.search(queries, k, **params)
+        # a named configuration's funnel is widened for a larger k, like the index's own; a
+        # request's explicit shortlist/stages are run (and validated) as given
+        widen = shortlist is None and stages is None
+        res = self.index.search(queries, k, widen=widen, **params)
         total = (time.perf_counter() - t) * 1e3
         timings = {name: v * 1e3 for name, v in res.timings.items()}  # s -> ms
         timings["search"] = total
         used = {**self.defaults, **params}
+        ran = res.config
+        used.update(shortlist_dim=ran.shortlist_dim, shortlist=ran.shortlist, stages=ran.stages)
         used["stages"] = [list(s) for s in used.get("stages") or ()]
         return SearchOutcome(*_hits(res.ids, res.scores), used, timings)
 

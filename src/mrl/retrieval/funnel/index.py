@@ -137,6 +137,7 @@ class SearchResult:
     indices: np.ndarray
     ids: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    config: SearchConfig | None = None  # what ran: the overrides applied, widened for k
 
     @property
     def found(self) -> np.ndarray:
@@ -508,13 +509,18 @@ class MatryoshkaIndex:
         k: int = 10,
         *,
         batch_size: int = 1024,
+        widen: bool | None = None,
         **overrides: Any,
     ) -> SearchResult:
         """Top-k rows for each query [Q, D]; ``overrides`` are `SearchConfig` fields (None = the
         index's own value).
 
+        ``widen``: raise the shortlist and stage keeps to k where they are smaller (a funnel
+        tuned for a smaller k). None = only when the call overrides neither ``shortlist`` nor
+        ``stages``; True = also for overrides that come from a saved configuration.
+
         Returns a `SearchResult` with scores/indices/ids [Q, k] (cosine at the last stage's
-        prefix) and ``timings`` (seconds in shortlist and rerank).
+        prefix), ``timings`` (seconds in shortlist and rerank) and the ``config`` that ran.
         """
         unknown = set(overrides) - set(SearchConfig.__dataclass_fields__)
         if unknown:
@@ -528,7 +534,7 @@ class MatryoshkaIndex:
         n = self.count
         if n == 0:
             raise ValueError("the index is empty: add vectors before searching")
-        if "stages" not in overrides and "shortlist" not in overrides:
+        if widen or (widen is None and "stages" not in overrides and "shortlist" not in overrides):
             cfg = _widen_for_k(cfg, min(k, n))  # the saved funnel, asked for more than it keeps
         self._check_config(cfg, k, n)
         batch_size = _as_int("batch_size", batch_size, 1)
@@ -551,7 +557,7 @@ class MatryoshkaIndex:
         scores, indices = np.concatenate(out_s), np.concatenate(out_i)  # [Q, k]; -1 = no row
         ids = self._ids[np.maximum(indices, 0)]
         ids[indices < 0] = -1 if ids.dtype.kind == "i" else ""
-        return SearchResult(scores, indices, ids, timings)
+        return SearchResult(scores, indices, ids, timings, cfg)
 
     def _shortlist(self, q: np.ndarray, cfg: SearchConfig, kk: int) -> np.ndarray:
         m = cfg.shortlist_dim
