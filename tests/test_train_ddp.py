@@ -44,3 +44,28 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     b = load_checkpoint(tmp_path / "two")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _divergence_worker(rank: int, world: int, port: int, out: str) -> None:
+    from pathlib import Path
+
+    from mrl.train import TrainingDiverged, _check_finite, _Dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    loss = float("nan") if rank == 1 else 0.5  # only rank 1's sum went bad
+    try:
+        _check_finite({"loss": loss}, 3, load_config(None, SETS), Path(out) / "ckpt.pt",
+                      _Dist(rank, world, rank), torch.device("cpu"))  # fmt: skip
+        verdict = "went on"
+    except TrainingDiverged:
+        verdict = "stopped"
+    (Path(out) / f"rank{rank}").write_text(verdict)
+    torch.distributed.destroy_process_group()
+
+
+def test_divergence_on_one_rank_stops_every_rank(tmp_path):
+    # else rank 1 raises while rank 0 waits at the next barrier: a hung job
+    torch.multiprocessing.spawn(_divergence_worker, args=(2, _free_port(), str(tmp_path)),
+                                nprocs=2)  # fmt: skip
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["stopped", "stopped"]

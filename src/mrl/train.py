@@ -399,7 +399,7 @@ def train(
             weights,
             progress,
         )
-        _check_finite(record, epoch, config, ckpt_path)
+        _check_finite(record, epoch, config, ckpt_path, dist_info, device)
         if test is not None and dist_info.main:
             _, logits = predict(model, test, config.eval_batch_size, device)
             acc = (logits.argmax(-1) == test.labels.cpu()[None]).float().mean(1)  # [G]
@@ -419,10 +419,17 @@ class TrainingDiverged(ValueError):
     """The loss became NaN or inf: nothing of that epoch is saved."""
 
 
-def _check_finite(record: dict[str, Any], epoch: int, config: TrainConfig, ckpt: Path) -> None:
-    # Checked once per epoch (the loss is summed on the device, no host sync per step); every
-    # rank sees the same NaN once gradients are all-reduced, so every rank stops.
-    if math.isfinite(record["loss"]):
+def _check_finite(record: dict[str, Any], epoch: int, config: TrainConfig, ckpt: Path,
+                  dist_info: _Dist, device: torch.device) -> None:
+    # Checked once per epoch (the loss is summed on the device, no host sync per step). Under
+    # DDP the verdict is all-reduced: a NaN on one rank's last step must stop every rank (one
+    # rank raising while the others wait at the barrier would hang the job).
+    bad = not math.isfinite(record["loss"])
+    if dist_info.world_size > 1:
+        flag = torch.tensor([float(bad)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        bad = bool(flag.item() > 0)
+    if not bad:
         return
     kept = f"{ckpt} (epoch {epoch}) is kept" if epoch > 0 else "no checkpoint was written"
     raise TrainingDiverged(
