@@ -132,3 +132,18 @@ def test_load_npy_names_damaged_files(tmp_path):
     (tmp_path / "cut.npy").write_bytes(raw[:-8])
     with pytest.raises(ValueError, match=r"cut.npy' is not a readable .npy file"):
         load_npy(tmp_path / "cut.npy", mmap_mode="r")
+
+
+def test_atomic_output_dir_keeps_finished_work_when_the_target_fills_meanwhile(tmp_path):
+    from mrl.io import atomic_output_dir
+
+    target = tmp_path / "model"
+    with pytest.raises(FileExistsError, match=r"appeared \(not empty\) while writing; the "
+                       r"finished output is kept in '.*\.model\..*\.tmp'"):  # fmt: skip
+        with atomic_output_dir(target) as tmp:
+            (tmp / "weights.bin").write_text("hours of work")
+            target.mkdir()
+            (target / "other.txt").write_text("someone else's")
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]
+    assert len(kept) == 1 and (kept[0] / "weights.bin").read_text() == "hours of work"
+    assert (target / "other.txt").read_text() == "someone else's"

@@ -76,20 +76,27 @@ def check_new_output_dir(path: str | os.PathLike, param: str) -> Path:
 def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Write a new folder as a temporary sibling, then rename it to ``path`` (which must not
     exist or be empty): a crash mid-save leaves no half-written folder under the final name."""
+    import shutil
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-        os.replace(tmp, path)
     except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # half-written: nothing worth keeping
         raise
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        # ``path`` was filled meanwhile (another job?): the finished output is kept, not lost
+        raise FileExistsError(
+            f"{str(path)!r} appeared (not empty) while writing; the finished output is kept "
+            f"in {str(tmp)!r}: move it into place yourself"
+        ) from None
 
 
 def _umask() -> int:
