@@ -218,7 +218,10 @@ def embed_corpus(
     rows = _count_lines(input_path)
     if rows == 0:
         raise ValueError(f"input file {str(input_path)!r} is empty: nothing to embed")
-    check_corpus(input_path, field, id_field)  # every line and id, before any encoding
+    # Every line and id, before any encoding. Rank 0 only: the check holds one id per row in
+    # memory, and when it fails torchrun stops the other ranks.
+    if rank == 0:
+        check_corpus(input_path, field, id_field)
     mine = shard_plan(rows, shard_size, rank, world_size)
     parts = _parts_dir(out)
     _check_manifest(parts, {
