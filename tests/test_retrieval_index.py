@@ -284,7 +284,8 @@ def test_ivf_few_probes_pads_and_recall_grows():
     hits = []
     for p in (1, 4, 40):
         res = index.search(q, 10, nprobe=p)
-        assert (res.indices >= 0).all() or p == 1  # one ~10-row cell may not fill k=10
+        if p > 1:  # one ~10-row cell may not fill k=10 (test_ivf_short_lists_... covers it)
+            assert (res.indices >= 0).all()
         hits.append(np.mean([len(np.intersect1d(a, b)) for a, b in zip(res.indices, truth)]))
     assert hits[0] <= hits[1] <= hits[2]
     one = index._shortlist(q, replace(index.config, nprobe=1), 100)  # ~10 rows in one cell

@@ -281,3 +281,15 @@ def test_reproduce_1k_small_recipe_uses_the_mlp(tmp_path, task):
     assert {r["method"] for r in recs} == {"mrl"}
     config = json.loads((tmp_path / "runs" / "seed0" / "mrl" / "config.json").read_text())
     assert config["model"]["name"] == "mlp"
+
+
+def test_reproduce_seeds_can_be_extended_one_by_one_with_a_constant_schedule(tmp_path, task):
+    from mrl.commands.reproduce import reproduce
+
+    over = ("data.dataset=synthetic", *TINY, "optim.schedule=constant")
+    kw = dict(progress=False, data_task=task, log=lambda s: None, only=("mrl",))
+    for seed in (0, 1):
+        reproduce("fashion-mnist", "small", tmp_path, seed=seed, overrides=over, **kw)
+    longer = (*over, "epochs=4")  # extend seed 0 first: seed 1 still has 3 epochs
+    with pytest.warns(UserWarning, match=r"seed1/mrl has 3 epochs, this run 4: bring every seed"):
+        reproduce("fashion-mnist", "small", tmp_path, seed=0, overrides=longer, **kw)

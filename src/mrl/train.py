@@ -222,9 +222,10 @@ def recipe_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
 
 def seed_recipe_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     """Like `recipe_differences` for a run of *another seed*: everything but the seed must be
-    equal (no "more epochs are fine" exception: seeds averaged together share one recipe)."""
+    equal, except epochs under a length-independent lr schedule (constant, step), so that all
+    seeds can be extended one after the other (the caller warns while they differ)."""
     old, new = _flatten(saved), _flatten(config.to_dict())
-    skip = _NOT_RECIPE | {"seed"}
+    skip = _NOT_RECIPE | {"seed"} | ({"epochs"} if config.optim.schedule != "cosine" else set())
     return [
         f"{key}: {old[key]!r} there vs {value!r} now"
         for key, value in new.items()

@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
             f"tuned: backend={c.backend} D_s={c.shortlist_dim} K={c.shortlist} "
             f"ef={c.ef_search} nprobe={c.nprobe} "
             f"stages={list(c.stages) or 'rerank at D'}: recall@{args.k} "
-            f"{res.recall:.4f}, {res.qps:.0f} queries/s on {args.tune_queries} held-out rows"
+            f"{res.recall:.4f}, {res.qps:.0f} queries/s on {min(args.tune_queries, index.count)} "
+            "held-out rows"
         )
     index.build()
     build_s = time.perf_counter() - t0  # add + (tuning) + the chosen structure

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,11 +306,18 @@ def _check_other_seeds(runs_root: Path, name: str, seed: int, config) -> None:
     for saved in sorted(runs_root.glob(f"seed*/{name}/config.json")):
         if saved.parent.parent.name == f"seed{seed}":
             continue
-        diffs = seed_recipe_differences(json.loads(saved.read_text()), config)
+        other = json.loads(saved.read_text())
+        diffs = seed_recipe_differences(other, config)
         if diffs:
             raise ValueError(
                 f"{saved.parent} was trained with another recipe ({'; '.join(diffs)}); the "
                 "seeds of one --out share one recipe: use another --out for this one"
+            )
+        if other.get("epochs") != config.epochs:  # allowed while extending seed by seed
+            warnings.warn(
+                f"{saved.parent} has {other.get('epochs')} epochs, this run {config.epochs}: "
+                "bring every seed to the same epochs before reading the claims",
+                stacklevel=2,
             )
 
 
