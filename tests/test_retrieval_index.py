@@ -435,3 +435,15 @@ def test_larger_k_widens_the_saved_funnel_only():
         index.search(q, 30, shortlist=20)  # an explicit choice is validated as given
     with pytest.raises(ValueError, match=r"stages\[0\] keep must be in \[k=30, 40\]"):
         index.search(q, 30, stages=((16, 20), (32, 10)))
+
+
+def test_torch_backend_on_a_loaded_index_does_not_warn(tmp_path):
+    import warnings
+
+    db, q = _data()
+    _index(db).save(tmp_path / "idx")
+    index = MatryoshkaIndex.load(tmp_path / "idx")  # read-only memory maps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = index.search(q, 5, backend="torch")
+    np.testing.assert_array_equal(res.indices, index.search(q, 5).indices)

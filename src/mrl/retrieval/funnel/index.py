@@ -665,8 +665,8 @@ class MatryoshkaIndex:
             half = dev.type == "cuda"
             if "vectors" not in self._torch:
                 dt = torch.float16 if (half or self.vector_dtype == "float16") else torch.float32
-                self._torch["vectors"] = torch.as_tensor(np.asarray(self._vectors)).to(dev, dt)
-                self._torch["inv"] = torch.as_tensor(np.asarray(self._inv_norms)).to(dev)
+                self._torch["vectors"] = _read_only_tensor(self._vectors).to(dev, dt)
+                self._torch["inv"] = _read_only_tensor(self._inv_norms).to(dev)
                 self._torch["scale"] = torch.as_tensor(self._col_scale).to(dev)
             dt = torch.float16 if half else torch.float32
             self._torch[key] = torch.as_tensor(self.shortlist_matrix(m)).to(dev, dt)
@@ -860,6 +860,18 @@ class MatryoshkaIndex:
             f"MatryoshkaIndex(count={self.count}, nesting={list(self.nesting.sizes)}, "
             f"config={self.config})"
         )
+
+
+def _read_only_tensor(arr: np.ndarray) -> Any:
+    """A CPU tensor over ``arr`` without a copy. A loaded index's arrays are read-only memory
+    maps, which torch warns about (it cannot promise not to write); nothing here writes them."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(np.asarray(arr))
 
 
 def _widen_for_k(cfg: SearchConfig, k: int) -> SearchConfig:
