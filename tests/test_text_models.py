@@ -490,3 +490,17 @@ def test_whole_model_finetune_says_how_many_texts_it_truncates(tiny_model, tmp_p
     cfg = FinetuneConfig(nesting="8,16,32", batch_size=2, max_steps=1, max_seq_length=16)
     finetune(tiny_model, pairs, tmp_path / "ft", cfg, log=logs.append)
     assert any("1 of 7 training texts exceed max_seq_length=16 tokens" in s for s in logs), logs
+
+
+def test_eval_warns_for_sizes_the_model_was_not_trained_for(tiny_model, tmp_path):
+    from mrl.text.encoders import write_model_nesting
+    from mrl.text.evaluation import evaluate_model
+
+    nested = tmp_path / "nested"
+    shutil.copytree(tiny_model, nested)
+    write_model_nesting(nested, Nesting((8, 32)), kind="test")
+    data = _beir(tmp_path / "mini")
+    with pytest.warns(UserWarning, match=r"nesting sizes \[16\] are not prefix sizes the model "
+                      r"was trained for \[8, 32\]"):  # fmt: skip
+        recs, _ = evaluate_model(nested, data, "8,16,32", pca=False)
+    assert {r["prefix"] for r in recs} == {8, 16, 32}

@@ -9,6 +9,7 @@ and mAP@10 for labelled corpora (BBC News), each document a query against all th
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,13 @@ def evaluate_model(
         nesting = recorded or Nesting.doubling(8, dim)
     nesting = Nesting.parse(nesting, dim=dim) if not isinstance(nesting, Nesting) else nesting
     nesting.check_dim(dim, "the model's embeddings")
+    extra = [m for m in nesting.sizes if recorded is not None and m not in recorded]
+    if extra:
+        warnings.warn(
+            f"nesting sizes {extra} are not prefix sizes the model was trained for "
+            f"{list(recorded.sizes)}: they are evaluated, but as plain truncation",
+            stacklevel=2,
+        )
     if method is None:
         method = "mrl" if recorded is not None else "truncate"
     ds = load_text_dataset(dataset)
