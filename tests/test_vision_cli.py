@@ -293,3 +293,21 @@ def test_reproduce_seeds_can_be_extended_one_by_one_with_a_constant_schedule(tmp
     longer = (*over, "epochs=4")  # extend seed 0 first: seed 1 still has 3 epochs
     with pytest.warns(UserWarning, match=r"seed1/mrl has 3 epochs, this run 4: bring every seed"):
         reproduce("fashion-mnist", "small", tmp_path, seed=0, overrides=longer, **kw)
+
+
+def test_demo_train_size_above_the_data_names_the_flag(tmp_path, monkeypatch):
+    import torch
+
+    import mrl.data.fashion_mnist as fm
+    from mrl.commands.demo import demo
+    from mrl.data.tensors import ImageTensors
+
+    def tiny(split, root=None, download=True, root_fallback=False):
+        n = 20 if split == "train" else 10
+        return ImageTensors(torch.zeros(n, 1, 28, 28, dtype=torch.uint8), torch.arange(n) % 2,
+                            2, (0.5,), (0.3,))  # fmt: skip
+
+    monkeypatch.setattr(fm, "load_fashion_mnist", tiny)
+    with pytest.raises(ValueError, match=r"--train-size must be <= 20 .*got --train-size 100"):
+        demo(tmp_path, train_size=100)
+    assert not (tmp_path / "runs").exists()  # refused before any training
