@@ -59,3 +59,13 @@ def test_other_broken_pipes_are_errors(monkeypatch, capsys):
     monkeypatch.setattr(search_cmd, "run", broken)
     assert cli.main(["search", "idx", "q.npy"]) == 2
     assert "mrl search: error: [Errno 32] Broken pipe" in capsys.readouterr().err
+
+
+def test_warnings_are_one_line_naming_the_command():
+    code = ("import warnings, mrl.commands.search as s\n"
+            "s.run = lambda args: warnings.warn('3 of 9 texts are truncated') or 0\n"
+            "from mrl.cli import main\n"
+            "raise SystemExit(main(['search', 'idx', 'q.npy']))\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert out.stderr == "mrl search: warning: 3 of 9 texts are truncated\n"

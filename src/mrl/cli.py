@@ -12,6 +12,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 from collections.abc import Sequence
 
 from mrl import __version__, commands
@@ -60,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_warning(args.command)
     try:
         code = int(args._run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
@@ -76,6 +79,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input: one clear line, no traceback. Bugs (other exceptions) keep their traceback.
         print(f"mrl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
+
+
+def _one_line_warning(command: str):
+    """Warnings as one line naming the command (the default also prints the source line of
+    the ``warnings.warn`` call, which tells a CLI user nothing)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        print(f"mrl {command}: warning{kind}: {message}", file=file or sys.stderr)
+
+    return show
 
 
 if __name__ == "__main__":  # pragma: no cover
