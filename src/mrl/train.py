@@ -200,6 +200,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _differing(saved: dict[str, Any], config: TrainConfig, skip: set[str]):
+    """(key, saved value, config value) for every flattened setting that differs, except the
+    ``skip`` keys and keys the saved config lacks (added to `TrainConfig` later)."""
+    old, new = _flatten(saved), _flatten(config.to_dict())
+    for key, value in new.items():
+        if key not in skip and key in old and old[key] != value:
+            yield key, old[key], value
+
+
 def recipe_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     """``"key: checkpoint X vs config Y"`` for every training setting that differs.
 
@@ -208,29 +217,21 @@ def recipe_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     epochs are allowed when the lr schedule does not depend on the run's length (constant, step):
     resuming then trains on exactly as a longer run would have.
     """
-    old, new = _flatten(saved), _flatten(config.to_dict())
     longer_ok = config.optim.schedule != "cosine"
-    diffs = []
-    for key, value in new.items():
-        if key in _NOT_RECIPE or key not in old or old[key] == value:
-            continue
-        if key == "epochs" and longer_ok and value > old[key]:
-            continue
-        diffs.append(f"{key}: checkpoint {old[key]!r} vs config {value!r}")
-    return diffs
+    return [
+        f"{key}: checkpoint {was!r} vs config {now!r}"
+        for key, was, now in _differing(saved, config, _NOT_RECIPE)
+        if not (key == "epochs" and longer_ok and now > was)
+    ]
 
 
 def seed_recipe_differences(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     """Like `recipe_differences` for a run of *another seed*: everything but the seed must be
     equal, except epochs under a length-independent lr schedule (constant, step), so that all
     seeds can be extended one after the other (the caller warns while they differ)."""
-    old, new = _flatten(saved), _flatten(config.to_dict())
     skip = _NOT_RECIPE | {"seed"} | ({"epochs"} if config.optim.schedule != "cosine" else set())
-    return [
-        f"{key}: {old[key]!r} there vs {value!r} now"
-        for key, value in new.items()
-        if key not in skip and key in old and old[key] != value
-    ]
+    diffs = _differing(saved, config, skip)
+    return [f"{key}: {was!r} there vs {now!r} now" for key, was, now in diffs]
 
 
 def check_same_recipe(run_dir: str | os.PathLike, config: TrainConfig, hint: str) -> None:

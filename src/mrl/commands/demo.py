@@ -172,11 +172,7 @@ def demo(
     mrl_cfg = load_config(None, [*base, "model.mode=mrl"])
     plain_cfg = load_config(None, [*base, "model.mode=plain"])
     if task is None:
-        try:
-            task = load_task_for(mrl_cfg)
-        except ValueError as exc:  # the demo's users typed --train-size, not data.train_size
-            raise ValueError(str(exc).replace("data.train_size=", "--train-size ").replace(
-                "data.train_size", "--train-size")) from None
+        task = load_task_for(mrl_cfg, size_name="--train-size")  # what demo users typed
     runs = out / "runs"
     _train_or_reuse(mrl_cfg, runs / "mrl", task, progress, log)
     _train_or_reuse(plain_cfg, runs / "plain", task, progress, log)

@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from mrl.devices import check_device
     from mrl.io import atomic_write_json, check_output_path
     from mrl.retrieval import MatryoshkaIndex
+    from mrl.retrieval.funnel.index import hit_lists
     from mrl.retrieval.loading import load_embeddings
 
     if args.out:
@@ -37,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     backend = args.backend or index.config.backend
     if args.nprobe is not None and backend not in ("ivf", "ivfpq"):  # else silently ignored
         raise ValueError(f"--nprobe is for the ivf/ivfpq backends; this search runs {backend}")
-    if args.device != "cpu" and (args.backend or index.config.backend) != "torch":
+    if args.device != "cpu" and backend != "torch":
         raise ValueError(f"--device {args.device} is for --backend torch (this search runs "
-                         f"{args.backend or index.config.backend} on the CPU)")
+                         f"{backend} on the CPU)")
     q, _, _ = load_embeddings(args.queries, "full")
     overrides = {
         name: v
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     res = index.search(q, args.k, **overrides)
     elapsed = time.perf_counter() - t
-    hits = [res.hits(j) for j in range(len(q))]  # ragged: IVF/HNSW may find fewer than k
+    hit_ids, hit_scores = hit_lists(res.ids, res.scores)  # ragged: IVF/HNSW may find fewer
     if args.out:  # written before printing: a closed pipe (`| head`) must not lose it
         atomic_write_json(
             args.out,
@@ -62,14 +63,14 @@ def run(args: argparse.Namespace) -> int:
                 "k": args.k,
                 "config": res.config.to_dict(),  # what ran (k may have widened the funnel)
                 "results": [
-                    {"query": j, "ids": hits[j][0], "scores": hits[j][1]}
+                    {"query": j, "ids": hit_ids[j], "scores": hit_scores[j]}
                     for j in range(len(q))
                 ],
             },
         )
     print(f"{len(q)} queries, k={args.k}: {elapsed:.3f}s ({len(q) / elapsed:.0f} queries/s)")
     for j in range(min(3, len(q))):
-        print(f"query {j}: ids {hits[j][0]}")
+        print(f"query {j}: ids {hit_ids[j]}")
     if args.out:
         print(f"results written to {args.out}")
     return 0

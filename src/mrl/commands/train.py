@@ -39,11 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _epochs_done(run_dir: str) -> int:
-    from mrl.train import CHECKPOINT, load_checkpoint
+def _checkpoint_stamp(run_dir: str) -> tuple[int, int] | None:
+    """(inode, mtime) of the run's checkpoint: every save replaces the file, so an unchanged
+    stamp means training wrote nothing (without reading the weights a second time)."""
+    from mrl.train import CHECKPOINT
 
     path = Path(run_dir) / CHECKPOINT
-    return int(load_checkpoint(path).get("epoch", 0)) if path.is_file() else 0
+    return (path.stat().st_ino, path.stat().st_mtime_ns) if path.is_file() else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,9 +60,10 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     from mrl.train import train
 
-    finished = args.resume and _epochs_done(args.out) >= config.epochs
+    before = _checkpoint_stamp(args.out)
     ckpt = train(config, args.out, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun: one line, from rank 0
+        finished = before is not None and before == _checkpoint_stamp(args.out)
         what = "already trained (nothing to resume)" if finished else "trained"
         print(f"{what} {config.model.mode} ({config.model.name}, D={config.model.dim}) -> {ckpt}")
     return 0

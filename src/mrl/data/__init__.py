@@ -51,12 +51,13 @@ class Task:
         return self.test.std
 
 
-def load_task_for(config: Any, *, saved: bool = False) -> Task:
+def load_task_for(config: Any, *, saved: bool = False, size_name: str = "data.train_size") -> Task:
     """The `Task` a training config names: its ``data`` section and its seed.
 
     ``saved``: the config of a trained run being read back (eval, cascade), not one about to
     train: a data.root that was another machine's Fashion-MNIST folder falls back to the
-    default locations (with a warning), and train_size is not checked again.
+    default locations (with a warning), and train_size is not checked again. ``size_name``:
+    what the user set train_size as, for the error (the demo's ``--train-size``).
     """
     d = config.data
     task = load_task(
@@ -71,9 +72,10 @@ def load_task_for(config: Any, *, saved: bool = False) -> Task:
     checked = not saved and d.dataset in ("fashion-mnist", "image-folder")
     if checked and d.train_size is not None and d.train_size > have:
         # a run must not claim a train_size it never had
+        got = f"{size_name} {d.train_size}" if size_name.startswith("--") else (
+            f"{size_name}={d.train_size}")
         raise ValueError(
-            f"data.train_size must be <= {have} (the training images of {d.dataset}), got "
-            f"data.train_size={d.train_size}"
+            f"{size_name} must be <= {have} (the training images of {d.dataset}), got {got}"
         )
     return task
 
@@ -97,7 +99,7 @@ def load_task(
         from mrl.data.fashion_mnist import load_fashion_mnist
 
         kw = {"root_fallback": root_fallback}
-        train = _subset(load_fashion_mnist("train", root, **kw), train_size, seed, name)
+        train = load_fashion_mnist("train", root, **kw).subset(train_size, seed)
         return Task(name, train, train, load_fashion_mnist("test", root, **kw))
     if name == "fashion-mnist-1k":
         from mrl.data.fashion_mnist_1k import load_fashion_mnist_1k
@@ -112,15 +114,9 @@ def load_task(
         return Task(name, train, train, make_synthetic(n=128, seed=seed, split="test"))
     if name == "image-folder":
         task = _image_folder_task(root, image_size, test_fraction, seed)
-        train = _subset(task.train, train_size, seed, name)
+        train = task.train.subset(train_size, seed)
         return Task(task.name, train, train, task.test)
     raise ValueError(f"dataset must be one of {TASKS}, got dataset={name!r}")
-
-
-def _subset(train: ImageTensors, n: int | None, seed: int, name: str) -> ImageTensors:
-    """At most ``n`` training items of a seeded shuffle (all of them when there are fewer;
-    `load_task_for` refuses a config asking for more than there are)."""
-    return train.subset(n, seed)
 
 
 def _image_folder_task(root: str | None, image_size: int, test_fraction: float, seed: int) -> Task:

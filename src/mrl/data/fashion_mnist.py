@@ -108,8 +108,11 @@ def _candidate_dirs() -> list[Path]:
     return dirs + [SYSTEM_DIR, cache_dir()]
 
 
+_NAMES = tuple(name for pair in FILES.values() for name in pair[:2])  # the four .gz files
+
+
 def _has_all(folder: Path) -> bool:
-    return all((folder / name).is_file() for pair in FILES.values() for name in pair[:2])
+    return all((folder / name).is_file() for name in _NAMES)
 
 
 def find_fashion_mnist(
@@ -153,7 +156,6 @@ def find_fashion_mnist(
 def _explicit_root(folder: Path, download: bool) -> Path:
     if _has_all(folder):
         return folder
-    names = [name for pair in FILES.values() for name in pair[:2]]
     if download and not folder.is_file():
         created = not folder.exists()
         try:
@@ -165,7 +167,8 @@ def _explicit_root(folder: Path, download: bool) -> Path:
     else:
         reason = "downloading is off" if not folder.is_file() else "it is a file"
     raise FileNotFoundError(
-        f"data.root={str(folder)!r} does not hold the Fashion-MNIST files {names}; {reason}. "
+        f"data.root={str(folder)!r} does not hold the Fashion-MNIST files {list(_NAMES)}; "
+        f"{reason}. "
         "Point data.root at the folder that holds them, or leave it unset to use "
         f"$MRL_FASHION_MNIST, {SYSTEM_DIR} or mrl's download cache."
     )

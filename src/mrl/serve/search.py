@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from mrl.nesting import Nesting
+from mrl.retrieval.funnel.index import hit_lists
 
 __all__ = ["IndexBackend", "QdrantBackend", "SearchBackend", "SearchOutcome"]
 
@@ -46,17 +47,6 @@ def _pick(configs: dict[str, dict], name: str | None, overrides: dict[str, Any])
     chosen = dict(configs[name]) if name is not None else {}
     chosen.update({k: v for k, v in overrides.items() if v is not None})
     return chosen
-
-
-def _hits(ids: np.ndarray, scores: np.ndarray) -> tuple[list[list[Any]], list[list[float]]]:
-    """ids/scores [Q, k] -> ragged lists without the empty slots (score -inf: an approximate
-    shortlist or a tiny collection found fewer than k rows for that query)."""
-    out_ids, out_scores = [], []
-    for row_ids, row_s in zip(ids, scores):
-        keep = np.isfinite(row_s)
-        out_ids.append([x.item() if isinstance(x, np.generic) else x for x in row_ids[keep]])
-        out_scores.append([float(v) for v in row_s[keep]])
-    return out_ids, out_scores
 
 
 class IndexBackend:
@@ -102,7 +92,7 @@ class IndexBackend:
         ran = res.config
         used.update(shortlist_dim=ran.shortlist_dim, shortlist=ran.shortlist, stages=ran.stages)
         used["stages"] = [list(s) for s in used.get("stages") or ()]
-        return SearchOutcome(*_hits(res.ids, res.scores), used, timings)
+        return SearchOutcome(*hit_lists(res.ids, res.scores), used, timings)
 
 
 class QdrantBackend:
@@ -136,5 +126,5 @@ class QdrantBackend:
             "shortlist_dim": shortlist_dim, "shortlist": shortlist, "stages": stages})
         t = time.perf_counter()
         scores, ids = self.index.search(queries, k, **params)
-        return SearchOutcome(*_hits(np.asarray(ids), scores), params,
+        return SearchOutcome(*hit_lists(np.asarray(ids), scores), params,
                              {"qdrant": (time.perf_counter() - t) * 1e3})

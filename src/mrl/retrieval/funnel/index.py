@@ -35,7 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from mrl.io import atomic_open, atomic_write_json, check_output_path, read_json_sidecar
+from mrl.io import (
+    atomic_open,
+    atomic_write_json,
+    check_output_path,
+    load_npy,
+    read_json_sidecar,
+)
 from mrl.nesting import Nesting
 from mrl.retrieval.exact import METRICS, argtopk
 from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
@@ -146,9 +152,20 @@ class SearchResult:
 
     def hits(self, j: int) -> tuple[list[Any], list[float]]:
         """Query j's ids and scores, best first, without the empty slots."""
-        keep = self.found[j]
-        ids = [x.item() if isinstance(x, np.generic) else x for x in self.ids[j][keep]]
-        return ids, [float(v) for v in self.scores[j][keep]]
+        ids, scores = hit_lists(self.ids[j : j + 1], self.scores[j : j + 1])
+        return ids[0], scores[0]
+
+
+def hit_lists(ids: np.ndarray, scores: np.ndarray) -> tuple[list[list[Any]], list[list[float]]]:
+    """ids/scores [Q, k] -> ragged Python lists [Q][<=k] without the empty slots (score -inf:
+    an approximate shortlist or a tiny collection found fewer than k rows for that query).
+    For `SearchResult` and for any backend answering padded arrays (Qdrant)."""
+    out_ids, out_scores = [], []
+    for row_ids, row_s in zip(ids, scores):
+        keep = np.isfinite(row_s)
+        out_ids.append([x.item() if isinstance(x, np.generic) else x for x in row_ids[keep]])
+        out_scores.append([float(v) for v in row_s[keep]])
+    return out_ids, out_scores
 
 
 def _as_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
@@ -829,8 +846,7 @@ class MatryoshkaIndex:
             if name.startswith(("hnsw-", "ivf-", "ivfpq-")):
                 continue
             mode = "r" if mmap and name == "vectors" else None
-            arrays[name] = _load_part(path / entry["file"], lambda f, mode=mode: np.load(
-                f, mmap_mode=mode, allow_pickle=False))
+            arrays[name] = _load_part(path / entry["file"], lambda f, mode=mode: load_npy(f, mode))
         index._vectors, index._inv_norms, index._ids = (
             arrays["vectors"],
             arrays["inv_norms"],
