@@ -206,109 +206,159 @@ def tune(
             it, so the measured recall includes the quantisation error; without it, recall is
             measured against exact search over the stored (quantised) vectors.
     """
+    _check_tune_args(index, target_recall, k, max_memory, reference)
+    say = log or (lambda s: None)
+    trial = _ground_truth(index, k, queries, n_queries, seed, reference, say)
+    trial.need = min(
+        1.0,
+        target_recall
+        + (margin_for(target_recall, len(trial.queries), k) if margin is None else margin),
+    )
+    nest, d = index.nesting, index.nesting.dim
+    dims = (
+        shortlist_dims or tuple(m for m in nest.sizes if m <= min(d // 4, 256)) or (nest.sizes[0],)
+    )
+    for m in dims:
+        nest.index(m)
+    grid = sorted(shortlists or _shortlist_grid(trial.kk, index.count))
+    feasible = _feasible_shortlists(trial, dims, grid)
+    _measure_variants(trial, feasible, backends, try_funnel, max_hnsw, max_ivf, nprobes)
+    result = _choose(trial, target_recall, max_memory)
+    if apply:
+        index.config = result.config
+        index.tuned = result.to_dict()
+        index.release(result.config)
+    return result
+
+
+@dataclass
+class _Trial:
+    """What every measurement of one tuning run shares: the sample queries [Q, D], their held-out
+    rows (None for user queries), the exact top-k [Q, k], the recall to reach, and the list of
+    measured candidates (grows as configurations are tried)."""
+
+    index: MatryoshkaIndex
+    queries: np.ndarray
+    rows: np.ndarray | None
+    truth: np.ndarray
+    k: int
+    say: Any
+    need: float = 1.0
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def kk(self) -> int:
+        return self.k + 1 if self.rows is not None else self.k  # room to drop the query's row
+
+    def measure(self, cfg: SearchConfig) -> dict[str, Any]:
+        """Run ``cfg`` for real, record the result among the candidates and return it."""
+        res = _measure(self.index, cfg, self.queries, self.rows, self.truth, self.k, self.say)
+        self.candidates.append(res)
+        return res
+
+
+def _check_tune_args(index, target_recall, k, max_memory, reference) -> None:
     if not (isinstance(target_recall, (int, float)) and 0 < target_recall <= 1):
         raise ValueError(f"target_recall must be in (0, 1], got target_recall={target_recall!r}")
     if not isinstance(k, int) or not 1 <= k < index.count:
         raise ValueError(f"k must be in [1, number of database items ({index.count})), got k={k}")
     if max_memory is not None and (isinstance(max_memory, bool) or not max_memory > 0):
         raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
-    say = log or (lambda s: None)
-    nest, d, n = index.nesting, index.nesting.dim, index.count
+    shape = (index.count, index.nesting.dim)
+    if reference is not None and np.shape(reference) != shape:
+        raise ValueError(f"reference must have shape {shape}, got {np.shape(reference)}")
+
+
+def _ground_truth(index, k, queries, n_queries, seed, reference, say) -> _Trial:
+    """Step 1: the sample queries and their exact full-size top-k (against ``reference`` when
+    given, so that the quantisation of the stored vectors counts as error)."""
     rows = None
-    if reference is not None and np.shape(reference) != (n, d):
-        raise ValueError(f"reference must have shape ({n}, {d}), got {np.shape(reference)}")
     if queries is None:
         queries, rows = held_out_queries(index, n_queries, seed)
         if reference is not None:
             queries = np.asarray(reference[rows], dtype=np.float32)
     else:
         queries = index._check_queries(queries)
-    need = target_recall + (
-        margin_for(target_recall, len(queries), k) if margin is None else margin
-    )
-    need = min(need, 1.0)
-    kk = k + 1 if rows is not None else k  # room to drop the query's own row
+    kk = k + 1 if rows is not None else k
     if reference is not None:
         _, truth = exact_search(reference, queries, kk, metric=index.metric)
     else:
         _, truth = exact_search(
             index._vectors, queries, kk, metric=index.metric, column_scale=index._col_scale
         )
-    truth = _drop_self(truth, rows, k)
-    dims = (
-        shortlist_dims or tuple(m for m in nest.sizes if m <= min(d // 4, 256)) or (nest.sizes[0],)
-    )
+    return _Trial(index, queries, rows, _drop_self(truth, rows, k), k, say)
+
+
+def _feasible_shortlists(trial: _Trial, dims, grid: list[int]) -> list[tuple[int, int]]:
+    """Step 2: for every D_s, the smallest K on the grid whose exact D_s shortlist holds enough
+    of the true top-k (one scan per D_s serves the whole grid)."""
+    index, n, feasible = trial.index, trial.index.count, []
     for m in dims:
-        nest.index(m)
-    grid = sorted(shortlists or _shortlist_grid(kk, n))
-    feasible: list[tuple[int, int]] = []
-    for m in dims:  # step 2: recall of (D_s, K, rerank at D) for every K from one scan
-        qm = index._norm_q(queries, m)  # [Q, m] normalised prefix
+        qm = index._norm_q(trial.queries, m)  # [Q, m] normalised prefix
         _, short = exact_search(index.shortlist_matrix(m), qm, min(max(grid), n), metric="dot")
         for kshort in grid:
-            if kshort < kk:
+            if kshort < trial.kk:
                 continue
-            r = recall_at_k_in(short[:, :kshort], truth)
-            if r >= need:
+            r = recall_at_k_in(short[:, :kshort], trial.truth)
+            if r >= trial.need:
                 feasible.append((m, kshort))
-                say(f"D_s={m}: shortlist {kshort} reaches recall {r:.4f}")
+                trial.say(f"D_s={m}: shortlist {kshort} reaches recall {r:.4f}")
                 break
         else:
-            say(f"D_s={m}: no shortlist on the grid reaches {need:.4f}")
-        if m not in [f[0] for f in feasible]:
+            trial.say(f"D_s={m}: no shortlist on the grid reaches {trial.need:.4f}")
             index._short.pop(m, None)  # free memory early (1M x 256 floats is 1 GB)
-    candidates: list[dict[str, Any]] = []
+    return feasible
+
+
+def _measure_variants(trial, feasible, backends, try_funnel, max_hnsw, max_ivf, nprobes) -> None:
+    """Step 3: run the variants of every feasible (D_s, K) for real (into trial.candidates)."""
+    index, kk = trial.index, trial.kk
+    nest, d, n = index.nesting, index.nesting.dim, index.count
     base = replace(index.config, stages=())
     hnsw_dims = [m for m, kshort in feasible if kshort <= 100][:max_hnsw]
     ivf_dims = _cheapest_ivf(feasible, base, n, d, kk, nest, max_ivf) if "ivf" in backends else []
     # IVF-PQ multiplies the shortlist by 5-20: only where the exact scan's K is small
     small = [(m, kshort) for m, kshort in feasible if kshort <= 100]
     pq_dims = _cheapest_ivf(small, base, n, d, kk, nest, max_ivf) if "ivfpq" in backends else []
-    for m, kshort in feasible:  # step 3: run the variants for real
+    exact_backend = next((b for b in ("flat", "numpy", "torch") if b in backends), None)
+    for m, kshort in feasible:
         variants = []
-        exact_backend = next((b for b in ("flat", "numpy", "torch") if b in backends), None)
         if exact_backend:
             variants.append(replace(base, backend=exact_backend, shortlist_dim=m, shortlist=kshort))
         if m in pq_dims:  # measured with its funnel, not re-run below
-            ctx = (queries, rows, truth, k, need, candidates, say)
-            _tune_ivfpq(index, replace(base, shortlist_dim=m), kshort, kk, nprobes, *ctx)
+            _tune_ivfpq(trial, replace(base, shortlist_dim=m), kshort, nprobes)
         if m in ivf_dims:
-            cfg = _tune_nprobe(
-                index,
-                replace(base, backend="ivf", shortlist_dim=m, shortlist=kshort),
-                nprobes,
-                queries,
-                rows,
-                truth,
-                k,
-                need,
-                candidates,
-                say,
-            )
-            if cfg is not None:
-                variants.append(cfg)
+            ivf = replace(base, backend="ivf", shortlist_dim=m)
+            ivf = _tune_nprobe(trial, ivf, kshort, nprobes)
+            variants += [ivf] if ivf is not None else []
         if "hnsw" in backends and m in hnsw_dims:
-            for ef in (max(kshort, 32), max(2 * kshort, 64), max(4 * kshort, 128)):
-                cfg = replace(base, backend="hnsw", shortlist_dim=m, shortlist=kshort, ef_search=ef)
-                res = _measure(index, cfg, queries, rows, truth, k, say)
-                candidates.append(res)
-                if res["recall"] >= need:
-                    variants.append(cfg)
-                    break
+            variants += _tune_ef(trial, replace(base, backend="hnsw", shortlist_dim=m), kshort)
         for cfg in variants:
             measured = cfg.backend in ("hnsw", "ivf")  # already measured while sweeping
             if not measured and (kshort <= 400 or not try_funnel):  # else funnel only
-                candidates.append(_measure(index, cfg, queries, rows, truth, k, say))
+                trial.measure(cfg)
             st = funnel_stages(m, kshort, d, kk, nest, min_keep=2 * kk)
             if try_funnel and len(st) > 1:
-                candidates.append(
-                    _measure(index, replace(cfg, stages=st), queries, rows, truth, k, say)
-                )
-    ok = [c for c in candidates if c["recall"] >= need]
+                trial.measure(replace(cfg, stages=st))
+
+
+def _tune_ef(trial: _Trial, base: SearchConfig, kshort: int) -> list[SearchConfig]:
+    """HNSW with growing efSearch until the target is met: [that config], or [] if never."""
+    for ef in (max(kshort, 32), max(2 * kshort, 64), max(4 * kshort, 128)):
+        cfg = replace(base, shortlist=kshort, ef_search=ef)
+        if trial.measure(cfg)["recall"] >= trial.need:
+            return [cfg]
+    return []
+
+
+def _choose(trial: _Trial, target_recall: float, max_memory: int | None) -> TuneResult:
+    """The fastest measured candidate reaching the target (within ``max_memory`` if given)."""
+    k, candidates = trial.k, trial.candidates
+    ok = [c for c in candidates if c["recall"] >= trial.need]
     if not ok:
         raise ValueError(
             f"no configuration reached target_recall={target_recall} (+ margin "
-            f"{need - target_recall:.4f}; best "
+            f"{trial.need - target_recall:.4f}; best "
             f"{max([c['recall'] for c in candidates], default=0):.4f}); "
             "allow larger shortlists or shortlist dims"
         )
@@ -323,13 +373,7 @@ def tune(
                 _fastest(ok, k, target_recall, candidates),
             )
         ok = fits
-    result = _fastest(ok, k, target_recall, candidates)
-    cfg = result.config
-    if apply:
-        index.config = cfg
-        index.tuned = result.to_dict()
-        index.release(cfg)
-    return result
+    return _fastest(ok, k, target_recall, candidates)
 
 
 def _fastest(
@@ -361,25 +405,23 @@ def _cheapest_ivf(feasible, base, n, d, kk, nest, max_ivf: int) -> list[int]:
     return [m for m, _ in sorted(feasible, key=cost)[: max(0, max_ivf)]]
 
 
-def _tune_nprobe(index, cfg, nprobes, queries, rows, truth, k, need, candidates, say):
-    """The smallest nprobe on the grid whose single-rerank search reaches ``need`` (each try is
-    measured and appended to ``candidates``); None when even nprobe = nlist falls short."""
-    nlist = index.ivf_nlist(cfg)
-    grid = sorted({min(p, nlist) for p in nprobes})
-    for p in grid:
-        res = _measure(index, replace(cfg, nprobe=p), queries, rows, truth, k, say)
-        candidates.append(res)
-        if res["recall"] >= need:
+def _tune_nprobe(trial: _Trial, base: SearchConfig, kshort: int, nprobes) -> SearchConfig | None:
+    """The smallest nprobe on the grid whose single-rerank search reaches the target (each try
+    is measured into the candidates); None when even nprobe = nlist falls short."""
+    cfg = replace(base, shortlist=kshort)
+    nlist = trial.index.ivf_nlist(cfg)
+    for p in sorted({min(p, nlist) for p in nprobes}):
+        if trial.measure(replace(cfg, nprobe=p))["recall"] >= trial.need:
             return replace(cfg, nprobe=p)
     return None
 
 
-def _tune_ivfpq(index, base, kshort, kk, nprobes, queries, rows, truth, k, need, candidates, say):
+def _tune_ivfpq(trial: _Trial, base: SearchConfig, kshort: int, nprobes) -> None:
     """IVF-PQ on the D_s prefix: PQ scores are approximate, so the shortlist is 5-20x the exact
     scan's K and the first stage re-scores it exactly at D_s down to that K (>= 2k), then the
-    paper's funnel. For each shortlist size, the smallest nprobe on the grid that reaches
-    ``need``, stopping early once recall stops growing (each try measured and appended to
-    ``candidates``)."""
+    paper's funnel. For each shortlist size, the smallest nprobe on the grid that reaches the
+    target, stopping early once recall stops growing (each try measured into the candidates)."""
+    index, kk = trial.index, trial.kk
     m, d, nest, n = base.shortlist_dim, index.nesting.dim, index.nesting, index.count
     nlist = index.ivf_nlist(replace(base, backend="ivfpq"))
     grid = sorted({min(p, nlist) for p in nprobes})
@@ -392,14 +434,12 @@ def _tune_ivfpq(index, base, kshort, kk, nprobes, queries, rows, truth, k, need,
         cfg = replace(base, backend="ivfpq", shortlist=big, stages=rescore)
         last = -1.0
         for p in grid:
-            res = _measure(index, replace(cfg, nprobe=p), queries, rows, truth, k, say)
-            candidates.append(res)
-            if res["recall"] >= need or res["recall"] < last + 5e-4:  # met, or a plateau
+            recall = trial.measure(replace(cfg, nprobe=p))["recall"]
+            if recall >= trial.need or recall < last + 5e-4:  # met, or a plateau
                 break
-            last = res["recall"]
+            last = recall
         if len(stages) > 2:
-            funnel = replace(cfg, nprobe=p, stages=stages)
-            candidates.append(_measure(index, funnel, queries, rows, truth, k, say))
+            trial.measure(replace(cfg, nprobe=p, stages=stages))
         if big == n:
             break
 
