@@ -215,39 +215,112 @@ def create_app(
         config: limits and batching (`ServeConfig`).
     """
     fastapi = require("fastapi", "serve")
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-
     if encoder is None and index is None:
         raise ValueError("create_app needs an encoder, an index, or both; got neither")
-    config = config or ServeConfig()
     if index is not None and encoder is not None and index.nesting.dim != encoder.nesting.dim:
         raise ValueError(f"index has dimension {index.nesting.dim} but the model outputs "
                          f"{encoder.nesting.dim}")
-    state: dict[str, Any] = {}
-
-    @asynccontextmanager
-    async def lifespan(app):
-        if encoder is not None:
-            runner = (MicroBatcher(encoder.encode, config.max_batch_size, config.max_wait_ms)
-                      if config.batching else DirectRunner(encoder.encode))
-            await runner.start()
-            state["runner"] = runner
-        yield
-        if "runner" in state:
-            await state.pop("runner").stop()
-
+    service = _Service(encoder, index, config or ServeConfig())
     app = fastapi.FastAPI(
         title="mrl embeddings service",
         description="OpenAI-compatible Matryoshka embeddings at any nesting size, and adaptive "
         "(funnel) search.",
-        lifespan=lifespan,
+        lifespan=service.lifespan,
         responses={400: {"model": schemas.ErrorResponse}},
     )
-    app.state.mrl = state
-    app.add_middleware(_BodyGuard, max_bytes=config.max_request_bytes)
+    app.state.mrl = service.state
+    app.add_middleware(_BodyGuard, max_bytes=service.config.max_request_bytes)
+    _add_error_handlers(app)
+    _add_embeddings_route(app, service)
+    _add_search_route(app, service)
+    _add_info_routes(app, service)
+    return app
+
+
+class _Service:
+    """What the routes share: the model, the index, the limits, and the running encoder queue
+    (``state["runner"]``, started and stopped with the app)."""
+
+    def __init__(self, encoder: Encoder | None, index: SearchBackend | None,
+                 config: ServeConfig) -> None:
+        self.encoder, self.index, self.config = encoder, index, config
+        self.state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(self, app):
+        if self.encoder is not None:
+            cfg, encode = self.config, self.encoder.encode
+            runner = (MicroBatcher(encode, cfg.max_batch_size, cfg.max_wait_ms)
+                      if cfg.batching else DirectRunner(encode))
+            await runner.start()
+            self.state["runner"] = runner
+        yield
+        if "runner" in self.state:
+            await self.state.pop("runner").stop()
+
+    def require_encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise APIError(400, "this server has no model loaded; send query vectors instead",
+                           "model", "model_not_loaded")
+        return self.encoder
+
+    def require_index(self) -> SearchBackend:
+        if self.index is None:
+            raise APIError(404, "no index is loaded; start the server with --index",
+                           None, "index_not_loaded")
+        return self.index
+
+    async def embed(self, texts: list[str], param: str = "input") -> tuple[np.ndarray, int]:
+        """Validated texts -> (raw embeddings [B, D], prompt tokens)."""
+        enc = self.require_encoder()
+        try:  # also validates inputs a model cannot read (e.g. an image that does not decode)
+            counts = await asyncio.to_thread(enc.count_tokens, texts)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param, "invalid_input") from None
+        if not self.config.truncate:
+            _check_tokens(counts, enc.max_tokens, param)
+        emb = await self.state["runner"].submit(texts)
+        return emb, int(sum(min(c, enc.max_tokens) for c in counts))
+
+    async def search_queries(self, req) -> tuple[np.ndarray, dict[str, float]]:
+        """The request's queries as float32 [Q, D] and the time spent embedding them."""
+        if (req.query is None) == (req.vector is None):
+            raise APIError(400, "give exactly one of query (text) or vector", "query",
+                           "invalid_value")
+        limit = self.config.max_queries
+        if req.query is not None:
+            texts = _texts_from_input(req.query, self.config, "query")
+            if len(texts) > limit:
+                raise APIError(400, f"query has {len(texts)} items; at most {limit}",
+                               "query", "too_many_inputs")
+            t = time.perf_counter()
+            emb, _ = await self.embed(texts, "query")
+            return emb, {"embed": (time.perf_counter() - t) * 1e3}
+        return _query_vectors(req.vector, self.require_index().nesting.dim, limit), {}
+
+
+def _query_vectors(vec: list, d: int, limit: int) -> np.ndarray:
+    """A request's ``vector`` (one query or a list of them) as float32 [Q, D], checked."""
+    rows = [vec] if vec and not isinstance(vec[0], list) else vec
+    if not rows or len(rows) > limit:
+        raise APIError(400, f"vector must hold 1 to {limit} query vectors, got "
+                       f"{len(rows)}", "vector", "invalid_value")
+    if any(len(r) != d for r in rows):
+        bad = next(len(r) for r in rows if len(r) != d)
+        raise APIError(400, f"vector must have the index's dimension {d}, got {bad}",
+                       "vector", "invalid_dimensions")
+    arr = np.asarray(rows, dtype=np.float32)  # [Q, D]
+    if not np.isfinite(arr).all():
+        raise APIError(400, "vector must be finite (no NaN or inf)", "vector", "invalid_value")
+    return arr
+
+
+def _add_error_handlers(app) -> None:
+    """Every error as OpenAI's JSON error shape; an unexpected exception is logged, answered
+    with a 500 and the server stays up."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -279,36 +352,22 @@ def create_app(
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", None,
                                      "internal_error", "server_error").body(), status_code=500)
 
-    def _require_encoder() -> Encoder:
-        if encoder is None:
-            raise APIError(400, "this server has no model loaded; send query vectors instead",
-                           "model", "model_not_loaded")
-        return encoder
 
-    async def _embed(texts: list[str], param: str = "input") -> tuple[np.ndarray, int]:
-        """Validated texts -> (raw embeddings [B, D], prompt tokens)."""
-        enc = _require_encoder()
-        try:  # also validates inputs a model cannot read (e.g. an image that does not decode)
-            counts = await asyncio.to_thread(enc.count_tokens, texts)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param, "invalid_input") from None
-        if not config.truncate:
-            _check_tokens(counts, enc.max_tokens, param)
-        emb = await state["runner"].submit(texts)
-        return emb, int(sum(min(c, enc.max_tokens) for c in counts))
+def _add_embeddings_route(app, service: _Service) -> None:
+    from fastapi.responses import JSONResponse
 
     @app.post("/v1/embeddings", response_model=schemas.EmbeddingResponse,
               responses={413: {"model": schemas.ErrorResponse},
                          415: {"model": schemas.ErrorResponse}})
     async def embeddings(req: schemas.EmbeddingRequest):
         """Embed text(s); ``dimensions`` truncates to a nesting prefix and re-normalises."""
-        enc = _require_encoder()
+        enc = service.require_encoder()
         if req.model != enc.name:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves "
                            f"{enc.name!r}", "model", "model_not_found")
-        texts = _texts_from_input(req.input, config)
+        texts = _texts_from_input(req.input, service.config)
         m = _check_dimensions(req.dimensions, enc.nesting.sizes)
-        emb, tokens = await _embed(texts)
+        emb, tokens = await service.embed(texts)
         rows = truncate_normalize(emb, m)  # [B, m]
         data = [{"object": "embedding", "index": i, "embedding": e}
                 for i, e in enumerate(_encode_rows(rows, req.encoding_format))]
@@ -317,19 +376,18 @@ def create_app(
         return JSONResponse({"object": "list", "data": data, "model": enc.name,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
+
+def _add_search_route(app, service: _Service) -> None:
     @app.post("/v1/search", response_model=schemas.SearchResponse,
               responses={413: {"model": schemas.ErrorResponse}})
     async def search(req: schemas.SearchRequest) -> dict:
         """Funnel search: a shortlist on a small prefix, reranked on larger ones."""
-        if index is None:
-            raise APIError(404, "no index is loaded; start the server with --index",
-                           None, "index_not_loaded")
+        index = service.require_index()
         t0 = time.perf_counter()
-        queries, timings = await _search_queries(req)
-        k = req.k
-        if isinstance(k, bool) or not 1 <= k <= min(config.max_k, index.size):
-            raise APIError(400, f"k must be in [1, {min(config.max_k, index.size)}], got k={k}",
-                           "k", "invalid_value")
+        queries, timings = await service.search_queries(req)
+        k, k_max = req.k, min(service.config.max_k, index.size)
+        if isinstance(k, bool) or not 1 <= k <= k_max:
+            raise APIError(400, f"k must be in [1, {k_max}], got k={k}", "k", "invalid_value")
         params = {"shortlist_dim": req.shortlist_dim, "shortlist": req.shortlist,
                   "stages": None if req.stages is None else [tuple(s) for s in req.stages],
                   "config": req.config}
@@ -341,36 +399,13 @@ def create_app(
         timings["total"] = (time.perf_counter() - t0) * 1e3
         data = [{"index": i, "ids": ids, "scores": sc}
                 for i, (ids, sc) in enumerate(zip(result.ids, result.scores))]
+        model = None if service.encoder is None else service.encoder.name
         return {"object": "search.result", "data": data, "params": result.params,
-                "model": None if encoder is None else encoder.name, "timings_ms": timings}
+                "model": model, "timings_ms": timings}
 
-    async def _search_queries(req) -> tuple[np.ndarray, dict[str, float]]:
-        """The request's queries as float32 [Q, D] and the time spent embedding them."""
-        if (req.query is None) == (req.vector is None):
-            raise APIError(400, "give exactly one of query (text) or vector", "query",
-                           "invalid_value")
-        if req.query is not None:
-            texts = _texts_from_input(req.query, config, "query")
-            if len(texts) > config.max_queries:
-                raise APIError(400, f"query has {len(texts)} items; at most {config.max_queries}",
-                               "query", "too_many_inputs")
-            t = time.perf_counter()
-            emb, _ = await _embed(texts, "query")
-            return emb, {"embed": (time.perf_counter() - t) * 1e3}
-        vec = req.vector
-        rows = [vec] if vec and not isinstance(vec[0], list) else vec
-        if not rows or len(rows) > config.max_queries:
-            raise APIError(400, f"vector must hold 1 to {config.max_queries} query vectors, got "
-                           f"{len(rows)}", "vector", "invalid_value")
-        d = index.nesting.dim
-        if any(len(r) != d for r in rows):
-            bad = next(len(r) for r in rows if len(r) != d)
-            raise APIError(400, f"vector must have the index's dimension {d}, got {bad}",
-                           "vector", "invalid_dimensions")
-        arr = np.asarray(rows, dtype=np.float32)  # [Q, D]
-        if not np.isfinite(arr).all():
-            raise APIError(400, "vector must be finite (no NaN or inf)", "vector", "invalid_value")
-        return arr, {}
+
+def _add_info_routes(app, service: _Service) -> None:
+    encoder, index = service.encoder, service.index
 
     @app.get("/health")
     async def health() -> dict:
@@ -391,11 +426,9 @@ def create_app(
         idx = None if index is None else {
             "size": index.size, "dim": index.nesting.dim, "nesting": list(index.nesting.sizes),
             "configs": index.configs, "defaults": index.defaults}
-        runner = state.get("runner")
-        return {"model": model, "index": idx, "config": asdict(config),
+        runner = service.state.get("runner")
+        return {"model": model, "index": idx, "config": asdict(service.config),
                 "batches": getattr(runner, "batches", 0)}
-
-    return app
 
 
 def _guess_param(message: str) -> str | None:
