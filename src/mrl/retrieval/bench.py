@@ -264,44 +264,36 @@ def bench_retrieval(
     # part: the main comparison, or the HNSW one (its own exact timing, N <= hnsw_n); records
     # of the two parts are told apart by it even when both run at the same N
     ctx = {"dataset": dataset, "n": n, "dim": dim, "queries": len(q), "k": k, "part": "main"}
+    records = _main_part(db, q, nesting, k, target_recall, ctx, log, opts)
+    hn = min(n, 100_000) if hnsw_n is None else min(int(hnsw_n), n)
+    if hn > k:
+        records += _hnsw_comparison(
+            db[:hn], q, nesting, k, target_recall, ctx | {"n": hn, "part": "hnsw"}, log, opts
+        )
+    return records
+
+
+def _main_part(db, q, nesting, k, target_recall, ctx, log, opts) -> list[Record]:
+    """Exact full-size search, the tuned funnel and the paper's funnel on db [N, D], q [Q, D]."""
     records: list[Record] = []
+    n, dim = db.shape
 
     def add(method: str, prefix: int, row: dict[str, float], **extra: Any) -> None:
         for metric, value in row.items():
             records.append(make_record(method, prefix, metric, value, **ctx, **extra))
 
+    def row(qps: float, recall: float, flops: float, memory: float) -> dict[str, float]:
+        return {"qps": qps, f"recall@{k}": recall, "speedup_vs_exact": qps / exact_qps,
+                "flops_per_query": flops, "memory_bytes": memory}  # fmt: skip
+
     truth, exact_s = _exact(db, q, k)
     exact_qps = len(q) / exact_s
     log(f"exact (FAISS flat IP, D={dim}): {exact_qps:.1f} queries/s")
-    add(
-        "exact",
-        dim,
-        {
-            "qps": exact_qps,
-            f"recall@{k}": 1.0,
-            "speedup_vs_exact": 1.0,
-            "flops_per_query": 2.0 * n * dim,
-            "memory_bytes": db.nbytes,
-            "build_s": 0.0,
-        },
-    )
+    add("exact", dim, row(exact_qps, 1.0, 2.0 * n * dim, db.nbytes) | {"build_s": 0.0})
     fun = _funnel(db, q, truth, nesting, k, target_recall, log, **opts)
-    cfg = fun["config"]
-    qps = len(q) / fun["secs"]
-    add(
-        "funnel",
-        cfg.shortlist_dim,
-        {
-            "qps": qps,
-            f"recall@{k}": fun["recall"],
-            "speedup_vs_exact": qps / exact_qps,
-            "flops_per_query": fun["flops"],
-            "memory_bytes": fun["memory"],
-            "build_s": fun["build_s"],
-        },
-        config=cfg.to_dict(),
-        tune_s=fun["tune_s"],
-    )
+    cfg, qps = fun["config"], len(q) / fun["secs"]
+    tuned = row(qps, fun["recall"], fun["flops"], fun["memory"]) | {"build_s": fun["build_s"]}
+    add("funnel", cfg.shortlist_dim, tuned, config=cfg.to_dict(), tune_s=fun["tune_s"])
     log(
         f"funnel (tuned: {cfg.backend}, D_s={cfg.shortlist_dim}, K={cfg.shortlist}, "
         f"ef={cfg.ef_search}, nprobe={cfg.nprobe if cfg.backend in ('ivf', 'ivfpq') else None}, "
@@ -311,27 +303,12 @@ def bench_retrieval(
     )
     p = fun["paper"]
     pqps = len(q) / p["secs"]
-    add(
-        "funnel-paper",
-        p["config"].shortlist_dim,
-        {
-            "qps": pqps,
-            f"recall@{k}": p["recall"],
-            "speedup_vs_exact": pqps / exact_qps,
-            "flops_per_query": p["flops"],
-            "memory_bytes": p["memory"],
-        },
-        config=p["config"].to_dict(),
-    )
+    paper = row(pqps, p["recall"], p["flops"], p["memory"])
+    add("funnel-paper", p["config"].shortlist_dim, paper, config=p["config"].to_dict())
     log(
         f"funnel-paper (flat D_s=16, K=200, rerank at D): recall {p['recall']:.4f}, "
         f"{pqps:.0f} queries/s = {pqps / exact_qps:.1f}x exact"
     )
-    hn = min(n, 100_000) if hnsw_n is None else min(int(hnsw_n), n)
-    if hn > k:
-        records += _hnsw_comparison(
-            db[:hn], q, nesting, k, target_recall, ctx | {"n": hn, "part": "hnsw"}, log, opts
-        )
     return records
 
 
