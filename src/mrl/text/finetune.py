@@ -311,8 +311,6 @@ def finetune(
     samples from (default: the distinct positives); ``cache_dir``: where their base embeddings
     are cached.
     """
-    from mrl.text.adaptor import dense_rotation_module
-
     config = config or FinetuneConfig()
     _check_pairs(pairs, config.batch_size)
     train_idx, val_idx = split_pairs(len(pairs), config.val_fraction, config.val_fold)
@@ -322,26 +320,11 @@ def finetune(
             f"{len(train_idx)} training pairs; need 2"
         )
     check_new_output_dir(out, "out")  # before training, not after
-    base = resolve_model_path(model)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    encoder = load_encoder(base, device=config.device)
-    check_max_seq_length(encoder, config.max_seq_length)  # before any encoding or training
-    dim = embedding_dim(encoder)
     texts = rotation_texts or list(dict.fromkeys(p.positive for p in pairs))
-    corpus = None  # base embeddings of the corpus [N, D]: the PCA fit and the distillation
-    reorder_frozen = config.adapt_steps > 0 and not config.train_encoder
-    if config.init_rotation == "pca" or config.distill > 0 or reorder_frozen:
-        corpus = torch.from_numpy(
-            encode_cached(model, texts, cache_dir, encoder=encoder, name="rotation corpus")
-        )
-    if config.init_rotation is not None:
-        rotation = initial_rotation(
-            model, encoder, config.init_rotation, texts, cache_dir, corpus=corpus
-        )
-        dense = dense_rotation_module(rotation).to(config.device)
-        encoder.append(dense)  # last module: y = normalize(pool(h)) @ R
-        log(f"finetune: start from rotation {config.init_rotation!r} (Dense {dim} -> {dim})")
+    encoder, corpus = _load_with_rotation(model, texts, config, cache_dir, log)
+    dim = embedding_dim(encoder)
     inference_length = encoder.max_seq_length  # restored before saving: training may cut shorter
     encoder.max_seq_length = config.max_seq_length
     nesting = (
@@ -349,16 +332,15 @@ def finetune(
     )
     nesting.check_dim(dim, "the model's embeddings")
 
-    n_train = len(train_idx)
-    total = math.ceil(n_train / config.batch_size) * config.epochs
+    total = math.ceil(len(train_idx) / config.batch_size) * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     t0 = time.time()
     log(
-        f"finetune: {n_train} pairs ({len(val_idx)} held out), {total} steps, "
+        f"finetune: {len(train_idx)} pairs ({len(val_idx)} held out), {total} steps, "
         f"nesting {list(nesting.sizes)}"
     )
-    feats = None
+    feats = None  # frozen base features of the pairs (rotation-only training)
     if config.train_encoder:
         train = [pairs[i] for i in train_idx]
         step = _train_model(encoder, train, nesting, config, total, rng, log)
@@ -383,25 +365,49 @@ def finetune(
     if val_idx:
         validation = _validate(model, encoder, pairs, val_idx, feats, nesting, config, cache_dir)
     encoder.max_seq_length = inference_length
-    out = check_new_output_dir(out, "out")
-    with atomic_output_dir(out) as tmp:  # the folder appears complete or not at all
-        encoder.save(str(tmp), create_model_card=False)
-        if validation is not None:
-            save_records(tmp / "validation.json", validation)
-        write_model_nesting(
-            tmp,
-            nesting,
-            kind="finetune",
-            base_model=str(model),
-            pairs=n_train,
-            held_out_pairs=len(val_idx),
-            steps=step,
-            config=asdict(config),
-            **({} if reorder is None else {"reorder": reorder}),
-        )
+    info = {"base_model": str(model), "pairs": len(train_idx), "held_out_pairs": len(val_idx),
+            "steps": step, "config": asdict(config)}  # fmt: skip
+    if reorder is not None:
+        info["reorder"] = reorder
+    out = _save_finetuned(out, encoder, nesting, validation, info)
     if validation is not None:
         log("validation (held-out pairs):\n" + _validation_table(validation, nesting))
     log(f"saved {out} ({time.time() - t0:.0f}s)")
+    return out
+
+
+def _load_with_rotation(model, texts, config: FinetuneConfig, cache_dir, log):
+    """The base model with the initial rotation appended as its last module (when asked), and
+    the base embeddings of ``texts`` [N, D] when the PCA fit, the distillation or a frozen
+    reorder needs them (else None)."""
+    from mrl.text.adaptor import dense_rotation_module
+
+    encoder = load_encoder(resolve_model_path(model), device=config.device)
+    check_max_seq_length(encoder, config.max_seq_length)  # before any encoding or training
+    dim = embedding_dim(encoder)
+    corpus = None
+    reorder_frozen = config.adapt_steps > 0 and not config.train_encoder
+    if config.init_rotation == "pca" or config.distill > 0 or reorder_frozen:
+        corpus = torch.from_numpy(
+            encode_cached(model, texts, cache_dir, encoder=encoder, name="rotation corpus")
+        )
+    if config.init_rotation is not None:
+        rotation = initial_rotation(
+            model, encoder, config.init_rotation, texts, cache_dir, corpus=corpus
+        )
+        encoder.append(dense_rotation_module(rotation).to(config.device))  # y = pool(h) @ R
+        log(f"finetune: start from rotation {config.init_rotation!r} (Dense {dim} -> {dim})")
+    return encoder, corpus
+
+
+def _save_finetuned(out, encoder, nesting: Nesting, validation, info: dict) -> Path:
+    """Write the model folder atomically: it appears complete or not at all."""
+    out = check_new_output_dir(out, "out")
+    with atomic_output_dir(out) as tmp:
+        encoder.save(str(tmp), create_model_card=False)
+        if validation is not None:
+            save_records(tmp / "validation.json", validation)
+        write_model_nesting(tmp, nesting, kind="finetune", **info)
     return out
 
 
