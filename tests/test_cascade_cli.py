@@ -93,10 +93,150 @@ def test_eval_curves_writes_records_markdown_and_plot(files):
     md = (out / "cascade.md").read_text()
     assert "x smaller" in md and "Few-shot" in md and (out / "cascade.png").stat().st_size > 0
     assert "seeded half of the split" in md
-    rc = main(["cascade", "eval", str(tmp / "mrl.npz"), "--seeds", "0", "--out", str(out),
-               "--fewshot", "--fewshot-pool", "train"])
-    assert rc == 0
-    assert "train" in {r.get("support_from") for r in load_records(out / "cascade.json")}
+    assert all(r["split"] == "test" for r in recs if "seed" in r and r["method"] != "mrl"
+               or r["metric"] == "accuracy")  # fmt: skip
+
+
+def test_fewshot_train_pool_needs_run_folders(files, capsys):
+    # A logits file holds one split only: a training pool cannot come from it (it used to be
+    # the test split, silently).
+    tmp, _ = files
+    rc = main(["cascade", "eval", str(tmp / "mrl.npz"), "--seeds", "0", "--out",
+               str(tmp / "res"), "--fewshot", "--fewshot-pool", "train"])  # fmt: skip
+    assert rc == 2
+    assert "--fewshot-pool train forwards training images and needs run folders" in (
+        capsys.readouterr().err)
+    assert not (tmp / "res").exists()  # refused before any work
+
+
+def test_a_logits_file_of_another_split_is_refused(files, capsys):
+    tmp, _ = files
+    mrl, y, _, _ = synthetic()
+    save_logits(tmp / "tr.npz", LogitsSet(mrl, y, NEST, meta={"split": "train"}))
+    assert main(["cascade", "fit", str(tmp / "tr.npz")]) == 2
+    assert "holds logits of split 'train', not of split 'test'" in capsys.readouterr().err
+    assert main(["cascade", "fit", str(tmp / "tr.npz"), "--split", "train"]) == 0
+    with pytest.raises(SystemExit):  # argparse's choices
+        main(["cascade", "fit", str(tmp / "tr.npz"), "--split", "val"])
+    assert "invalid choice: 'val'" in capsys.readouterr().err
+
+
+def test_fit_never_overwrites_its_source_or_other_files(files, capsys):
+    tmp, _ = files
+    before = (tmp / "mrl.npz").read_bytes()
+    assert main(["cascade", "fit", str(tmp / "mrl.npz"), "--out", str(tmp / "mrl.npz")]) == 2
+    assert "--out must be a cascade file ending in .json" in capsys.readouterr().err
+    (tmp / "config.json").write_text('{"epochs": 3}')
+    assert main(["cascade", "fit", str(tmp / "mrl.npz"), "--out", str(tmp / "config.json")]) == 2
+    assert "exists and is not a cascade file; refusing to overwrite it" in capsys.readouterr().err
+    assert (tmp / "mrl.npz").read_bytes() == before
+    assert (tmp / "config.json").read_text() == '{"epochs": 3}'
+    assert main(["cascade", "fit", str(tmp / "mrl.npz"), "--out", str(tmp / "c.json")]) == 0
+    assert main(["cascade", "fit", str(tmp / "mrl.npz"), "--out", str(tmp / "c.json")]) == 0
+
+
+def test_eval_never_overwrites_a_fitted_cascade(files, capsys):
+    tmp, _ = files
+    assert main(["cascade", "fit", str(tmp / "mrl.npz"), "--out", str(tmp / "d" / "cascade.json")]
+                ) == 0  # fmt: skip
+    fitted = (tmp / "d" / "cascade.json").read_text()
+    rc = main(["cascade", "eval", str(tmp / "mrl.npz"), "--seeds", "0", "--out", str(tmp / "d")])
+    assert rc == 2
+    assert "holds a fitted cascade file (cascade.json)" in capsys.readouterr().err
+    assert (tmp / "d" / "cascade.json").read_text() == fitted
+
+
+def test_default_eval_folders_of_two_files_differ(files):
+    tmp, ff = files
+    for name in ("mrl.npz", "ff16.npz"):
+        assert main(["cascade", "eval", str(tmp / name), "--seeds", "0"]) == 0
+    assert (tmp / "mrl-cascade-eval" / "cascade.json").is_file()
+    assert (tmp / "ff16-cascade-eval" / "cascade.json").is_file()
+
+
+def test_eval_file_refuses_curve_options_and_other_class_counts(files, capsys):
+    tmp, ff = files
+    main(["cascade", "fit", str(tmp / "mrl.npz")])
+    cfile = str(tmp / "mrl.cascade.json")
+    assert main(["cascade", "eval", cfile, "--ff", *ff, "--seeds", "1"]) == 2
+    assert "--ff, --seeds apply to a run folder or logits file" in capsys.readouterr().err
+    mrl, y, _, _ = synthetic(c=3)
+    save_logits(tmp / "three.npz", LogitsSet(mrl, y, NEST))
+    assert main(["cascade", "eval", cfile, "--logits", str(tmp / "three.npz")]) == 2
+    assert "was fitted on logits with 5 classes, but" in capsys.readouterr().err
+    assert main(["cascade", "eval", str(tmp / "mrl.npz"), "--logits", cfile]) == 2
+    assert "--logits applies to a cascade file (.json) source" in capsys.readouterr().err
+
+
+def test_ff_runs_must_be_distinct_and_not_above_full_size(files, capsys):
+    tmp, ff = files
+    assert main(["cascade", "eval", str(tmp / "mrl.npz"), "--ff", ff[0], ff[0]]) == 2
+    assert "are both of size 2; give one FF model per size" in capsys.readouterr().err
+    mrl, y, f, emb = synthetic()
+    save_logits(tmp / "ff32.npz", LogitsSet(f[16][None], y, Nesting((32,)), emb,
+                                            {"mode": "ff", "ff_dim": 32}))  # fmt: skip
+    assert main(["cascade", "eval", str(tmp / "mrl.npz"), "--ff", str(tmp / "ff32.npz")]) == 2
+    assert "has size 32, above" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"format": "mrl-cascade", "version": 1, "thresholds": []}, "lacks ['nesting']"),
+        ({"format": "mrl-cascade", "version": 1, "nesting": {"sizes": [2, 4]}},
+         "lacks ['thresholds']"),
+        ({"format": "mrl-cascade", "version": 1, "nesting": {"sizes": [2, 4]},
+          "thresholds": [0.5], "info": [1]}, "'info' must be a JSON object"),
+        ({"format": "mrl-cascade", "version": 1, "nesting": {"sizes": 4},
+          "thresholds": [0.5]}, "'nesting' is malformed"),
+        ({"format": "mrl-cascade", "version": 1, "nesting": {"sizes": [2, 4]},
+          "thresholds": 0.5}, "'thresholds' must be a list"),
+    ],
+)
+def test_malformed_cascade_files_are_clear_errors(tmp_path, capsys, data, message):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data))
+    assert main(["cascade", "eval", str(path), "--logits", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cascade_file_without_its_split_info_names_the_fix(files, capsys):
+    tmp, _ = files
+    path = tmp / "c.json"
+    path.write_text(json.dumps({"format": "mrl-cascade", "version": 1,
+                                "nesting": {"sizes": [2, 4, 8, 16]}, "thresholds": [0.5] * 3,
+                                "info": {"source": str(tmp / "mrl.npz")}}))  # fmt: skip
+    assert main(["cascade", "eval", str(path)]) == 2
+    assert "lacks ['calib_fraction', 'seed'] in its info; pass --logits" in capsys.readouterr().err
+
+
+def test_bad_logits_files_are_clear_errors(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "b.npz").write_text("not a zip")
+    mrl, y, _, _ = synthetic()
+    np.savez(tmp_path / "c.npz", logits=mrl, labels=y.astype(float), nesting=np.array('{"sizes"'
+             ': [2, 4, 8, 16]}'))  # fmt: skip
+    np.savez(tmp_path / "d.npz", logits=mrl, labels=y[:5], nesting=np.array('{"sizes": [2, 4, 8,'
+             ' 16]}'))  # fmt: skip
+    np.savez(tmp_path / "e.npz", logits=mrl, labels=y, nesting=np.array("2,4,8,16"))
+    for name, message in [("a.txt", "a logits file is an .npz"),
+                          ("b.npz", "is not a readable .npz logits file"),
+                          ("c.npz", "labels must be integers, got dtype float64"),
+                          ("d.npz", "d.npz: labels must be [N]=(400,)"),
+                          ("e.npz", "'nesting' and 'meta' must be JSON objects")]:  # fmt: skip
+        assert main(["cascade", "fit", str(tmp_path / name)]) == 2
+        assert message in capsys.readouterr().err, name
+
+
+def test_evaluate_cascade_checks_match_and_ff_scores():
+    mrl, y, ff, _ = synthetic()
+    for bad in (float("nan"), 2.0, -1.0):
+        with pytest.raises(ValueError, match="match must be in"):
+            evaluate_cascade(mrl, y, NEST, seeds=(0,), match=bad)
+    ff[4] = ff[4].copy()
+    ff[4][0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"ff_scores\[4\] must be finite"):
+        evaluate_cascade(mrl, y, NEST, ff_scores=ff, seeds=(0,))
 
 
 def test_headline_matches_a_manual_computation():

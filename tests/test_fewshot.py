@@ -100,6 +100,10 @@ def test_bad_input_messages():
         few_shot_eval(x, y, x, y, NEST, draws=0)
     with pytest.raises(ValueError, match=r"num_tail must be in \[1, 3\] for 4 classes, got 4"):
         long_tail_eval(x, y, x, y, NEST, num_tail=4)
+    with pytest.raises(ValueError, match="head_shots must be a positive int or None, got -1"):
+        long_tail_eval(x, y, x, y, NEST, head_shots=-1)
+    with pytest.raises(ValueError, match=r"classes \[3\] have none"):  # NaN tail accuracy before
+        long_tail_eval(x, y, x[y < 3], y[y < 3], NEST, head_shots=5)
     with pytest.raises(ValueError, match="pool have dimension 6, but the nesting"):
         few_shot_eval(x[:, :6], y, x, y, NEST)
     with pytest.raises(ValueError, match=r"pool_labels must have one label per row of pool \(80\)"):

@@ -25,6 +25,7 @@ Shapes: N pool, Q queries, D full dim, m prefix, G prefixes, C classes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -231,6 +232,14 @@ def long_tail_eval(
     qx, qy = _check_xy(queries, query_labels, nesting, "queries")
     C = int(max(py.max(), qy.max())) + 1
     k = C // 2 if num_tail is None else int(num_tail)
+    if head_shots is not None and not (isinstance(head_shots, Integral) and head_shots >= 1):
+        raise ValueError(f"head_shots must be a positive int or None, got {head_shots!r}")
+    no_query = np.flatnonzero(np.bincount(qy, minlength=C) == 0)
+    if len(no_query):  # a tail or head part without queries would score NaN
+        raise ValueError(
+            f"every class needs at least one query for long-tail accuracy; classes "
+            f"{no_query[:10].tolist()} have none"
+        )
     if not 1 <= k < C:
         raise ValueError(f"num_tail must be in [1, {C - 1}] for {C} classes, got {num_tail}")
     rng = np.random.default_rng(seed)

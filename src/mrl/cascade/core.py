@@ -225,13 +225,27 @@ class Cascade:
             raise ValueError(
                 f"cascade file version must be {FORMAT_VERSION}, got {data.get('version')!r}"
             )
-        own = Nesting.from_dict(data["nesting"])
+        missing = [k for k in ("nesting", "thresholds") if k not in data]
+        if missing:
+            raise ValueError(f"cascade file lacks {missing}")
+        info = data.get("info") or {}
+        if not isinstance(info, dict):
+            raise ValueError(f"cascade 'info' must be a JSON object, got {type(info).__name__}")
+        if not isinstance(data["thresholds"], list):
+            raise ValueError(
+                f"cascade 'thresholds' must be a list, got {type(data['thresholds']).__name__}"
+            )
+        try:
+            own = Nesting.from_dict(data["nesting"])
+        except (TypeError, KeyError, AttributeError) as exc:
+            bad = data["nesting"]
+            raise ValueError(f"cascade 'nesting' is malformed ({exc!r}): {bad!r}") from None
         if nesting is not None and tuple(nesting.sizes) != tuple(own.sizes):
             raise ValueError(
                 f"the cascade was fitted for nesting {list(own.sizes)}, but the model's nesting "
                 f"is {list(nesting.sizes)}; fit a cascade for this model"
             )
-        return cls(own, tuple(data["thresholds"]), dict(data.get("info") or {}))
+        return cls(own, tuple(data["thresholds"]), dict(info))
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_dict())

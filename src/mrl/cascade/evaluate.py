@@ -96,6 +96,8 @@ def _check_ff(ff_scores: Mapping[int, Any] | None, n: int, c: int) -> dict[int, 
         arr = _to_numpy(s)
         if arr.shape != (n, c):
             raise ValueError(f"ff_scores[{m}] must have shape [N, C]=({n}, {c}), got {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+            raise ValueError(f"ff_scores[{m}] must be finite numbers")
         out[int(m)] = arr
     return out
 
@@ -152,9 +154,9 @@ def _evaluate_seed(
         cal = np.asarray(calib_index)
         tst = np.setdiff1d(np.arange(len(y)), cal)
     ctx = {
+        "split": "test",  # the caller's context names another split
         **context,
         "seed": seed,
-        "split": "test",
         "calib_fraction": calib_fraction,
         "n_calib": len(cal),
         "n_test": len(tst),
@@ -292,6 +294,10 @@ def evaluate_cascade(
     arr = check_scores(scores, nesting)
     y = check_labels(labels, arr.shape[1], arr.shape[2])
     ff = _check_ff(ff_scores, arr.shape[1], arr.shape[2])
+    if not 0.0 <= float(match) < 1.0:  # also rejects NaN
+        raise ValueError(f"match must be in [0, 1) (an accuracy fraction), got {match}")
+    if not 0.0 < float(calib_fraction) < 1.0:
+        raise ValueError(f"calib_fraction must be in (0, 1), got {calib_fraction}")
     if calib_index is not None:
         calib_index = _check_calib_index(calib_index, arr.shape[1])
         seeds = tuple(seeds)[:1] or (0,)  # one fixed split: one "seed"

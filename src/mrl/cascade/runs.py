@@ -76,26 +76,50 @@ def load_logits(path: str | os.PathLike) -> LogitsSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"logits file not found: {path}")
-    with np.load(path, allow_pickle=False) as z:
+    if path.suffix != ".npz":
+        raise ValueError(f"a logits file is an .npz (see `mrl cascade --help`), got {path}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable .npz logits file ({exc})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single array, not an .npz logits file")
+    with z:
         missing = {"logits", "labels", "nesting"} - set(z.files)
         if missing:
             raise ValueError(f"{path} is not a logits file: it lacks {sorted(missing)}")
-        meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+        try:
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+            nesting = Nesting.from_json(str(z["nesting"]))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: 'nesting' and 'meta' must be JSON objects ({exc})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}: 'meta' must be a JSON object, got {type(meta).__name__}")
         meta.pop("format", None)
-        return LogitsSet(
-            logits=z["logits"],
-            labels=z["labels"].astype(np.int64),
-            nesting=Nesting.from_json(str(z["nesting"])),
-            embeddings=z["embeddings"] if "embeddings" in z.files else None,
-            meta=meta,
-        )
+        labels = z["labels"]
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{path}: labels must be integers, got dtype {labels.dtype}")
+        try:
+            return LogitsSet(
+                logits=z["logits"],
+                labels=labels.astype(np.int64),
+                nesting=nesting,
+                embeddings=z["embeddings"] if "embeddings" in z.files else None,
+                meta=meta,
+            )
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
 
 def load_source(path: str | os.PathLike, split: str = "test", refresh: bool = False) -> LogitsSet:
     """Logits of ``split`` from a logits file, or from a run folder (computed once, then cached)."""
     path = Path(path)
     if path.is_file():
-        return load_logits(path)
+        data = load_logits(path)
+        held = data.meta.get("split")
+        if held is not None and held != split:
+            raise ValueError(f"{path} holds logits of split {held!r}, not of split {split!r}")
+        return data
     if not path.is_dir():
         raise FileNotFoundError(f"no logits file or run folder at {path}")
     cache = path / f"logits-{split}.npz"

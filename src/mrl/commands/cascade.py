@@ -104,7 +104,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=0.5,
         help="fraction of the split used for calibration (default 0.5)",
     )
-    p.add_argument("--split", default="test", help="dataset split of a run folder (default test)")
+    p.add_argument(
+        "--split",
+        choices=("test", "train"),
+        default="test",
+        help="dataset split of a run folder (default test); a logits file must hold this split",
+    )
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -139,7 +144,7 @@ def _fit(args: argparse.Namespace) -> int:
     from mrl.cascade.runs import load_source
 
     out = Path(args.out) if args.out else _default_cascade_path(Path(args.source))
-    check_output_path(out, "--out", "file")  # before the logits are computed
+    _check_fit_out(out, Path(args.source))  # before the logits are computed
     data = load_source(args.source, args.split)
     cal, held = split_calibration(len(data.labels), args.calib_fraction, args.seed)
     tol = args.tolerance
@@ -160,6 +165,7 @@ def _fit(args: argparse.Namespace) -> int:
         "split": args.split,
         "seed": args.seed,
         "calib_fraction": args.calib_fraction,
+        "num_classes": int(data.logits.shape[2]),
         "heldout": {
             k: held_res[k]
             for k in ("accuracy", "expected_dims", "expected_heads", "expected_head_dims")
@@ -188,6 +194,27 @@ def _default_cascade_path(source: Path) -> Path:
     return source / "cascade.json" if source.is_dir() else source.with_suffix(".cascade.json")
 
 
+def _check_fit_out(out: Path, source: Path) -> None:
+    """The cascade file may replace an older cascade file, never the source or anything else."""
+    check_output_path(out, "--out", "file")
+    if out.suffix != ".json":
+        raise ValueError(f"--out must be a cascade file ending in .json, got --out {str(out)!r}")
+    if out.exists() and out.resolve() == source.resolve():
+        raise FileExistsError(f"--out {str(out)!r} is the source itself; choose another file")
+    if out.is_file() and not _is_cascade_file(out):
+        raise FileExistsError(
+            f"--out {str(out)!r} exists and is not a cascade file; refusing to overwrite it"
+        )
+
+
+def _is_cascade_file(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == "mrl-cascade"
+
+
 # ----------------------------------------------------------------------------- eval
 def _eval(args: argparse.Namespace) -> int:
     src = Path(args.source)
@@ -203,15 +230,25 @@ def _eval_file(args: argparse.Namespace, path: Path) -> int:
 
     raw = Cascade.load(path)
     info = raw.info
+    _refuse_ignored_options(args)
     if args.logits:
         data = load_source(args.logits, args.split)
         idx = None
     else:
         if "source" not in info:
             raise ValueError(f"{path} does not name its source; pass --logits RUN_OR_FILE")
+        lacking = [k for k in ("calib_fraction", "seed") if k not in info]
+        if lacking:
+            raise ValueError(f"{path} lacks {lacking} in its info; pass --logits RUN_OR_FILE")
         data = load_source(info["source"], info.get("split", "test"))
         _, idx = split_calibration(len(data.labels), info["calib_fraction"], info["seed"])
     cas = Cascade.load(path, data.nesting)  # checks the nesting against the model's
+    classes = info.get("num_classes")
+    if classes is not None and classes != data.logits.shape[2]:
+        raise ValueError(
+            f"{path} was fitted on logits with {classes} classes, but "
+            f"{args.logits or info['source']} has {data.logits.shape[2]}"
+        )
     logits = data.logits if idx is None else data.logits[:, idx]
     labels = data.labels if idx is None else data.labels[idx]
     res = cas.evaluate(logits, labels)
@@ -222,6 +259,19 @@ def _eval_file(args: argparse.Namespace, path: Path) -> int:
         f"head dims {res['expected_head_dims']:.1f}, max prefix {res['max_prefix']}"
     )
     return 0
+
+
+def _refuse_ignored_options(args: argparse.Namespace) -> None:
+    """Options of the curve evaluation mean nothing for a fitted cascade file: say so."""
+    given = [flag for flag, on in (("--ff", args.ff), ("--out", args.out),
+                                   ("--fewshot", args.fewshot), ("--dataset", args.dataset),
+                                   ("--notes", args.notes), ("--seeds", args.seeds != "0,1,2"),
+                                   ("--match", args.match != 0.005)) if on]  # fmt: skip
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} apply to a run folder or logits file, not to a fitted cascade "
+            f"file ({args.source}); drop them or evaluate the source instead"
+        )
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -235,25 +285,30 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def _eval_curves(args: argparse.Namespace, src: Path) -> int:
-    import numpy as np
 
     from mrl.cascade import evaluate_cascade, summarize
     from mrl.cascade.report import write_outputs
     from mrl.cascade.runs import load_source
 
     seeds = _parse_seeds(args.seeds)
+    if args.logits:
+        raise ValueError(f"--logits applies to a cascade file (.json) source, not to {src}")
+    out = _eval_out(args, src)  # checked before the logits are computed
+    if args.fewshot and args.fewshot_pool == "train":
+        for f in [src, *args.ff]:
+            if not Path(f).is_dir():
+                raise ValueError(
+                    f"--fewshot-pool train forwards training images and needs run folders; "
+                    f"{f} is a logits file (use --fewshot-pool test)"
+                )
     data = load_source(src, args.split)
-    ff = {}
-    for f in args.ff:
-        d = load_source(f, args.split)
-        if d.logits.shape[0] != 1 or not np.array_equal(d.labels, data.labels):
-            raise ValueError(
-                f"--ff {f} must hold one prefix of logits on the same samples as "
-                f"{src}, got logits {d.logits.shape}"
-            )
-        ff[d.size] = (f, d)
+    ff = _load_ff(args.ff, args.split, data, src)
+    if args.fewshot:  # before the cascade work, not after it
+        for f, d in [(src, data), *ff.values()]:
+            if d.embeddings is None:
+                raise ValueError(f"--fewshot needs embeddings in {f}'s logits")
     dataset = args.dataset or data.meta.get("dataset")
-    context = {"dataset": dataset} if dataset else {}
+    context = {"dataset": dataset, "split": args.split} if dataset else {"split": args.split}
     ff_scores = {m: d.logits[0] for m, (_, d) in ff.items()}  # FF-m: one prefix, [N, C]
     records, summaries = evaluate_cascade(
         data.logits,
@@ -267,8 +322,6 @@ def _eval_curves(args: argparse.Namespace, src: Path) -> int:
     )
     if args.fewshot:
         records += _fewshot_records(src, data, ff, context, args.fewshot_pool)
-    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "cascade-eval"
-    check_output_path(out, "--out", "dir")
     command = _command_line(args)
     meta = {
         "source": str(src),
@@ -300,6 +353,49 @@ def _eval_curves(args: argparse.Namespace, src: Path) -> int:
     )
     print(f"wrote {out}/cascade.json, cascade.md, cascade.png")
     return 0
+
+
+def _eval_out(args: argparse.Namespace, src: Path) -> Path:
+    """``--out``, or ``RUN/cascade-eval`` for a run folder, ``<stem>-cascade-eval`` beside a
+    file (so two logits files in one folder do not share one); never a fitted cascade's place."""
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = src / "cascade-eval" if src.is_dir() else src.with_name(f"{src.stem}-cascade-eval")
+    check_output_path(out, "--out", "dir")
+    if _is_cascade_file(out / "cascade.json"):
+        raise FileExistsError(
+            f"--out {str(out)!r} holds a fitted cascade file (cascade.json) that the evaluation "
+            "would overwrite; choose another folder"
+        )
+    return out
+
+
+def _load_ff(paths: list[str], split: str, data, src: Path) -> dict:
+    """FF-m logits ``{m: (path, LogitsSet)}``: one prefix each, same samples, distinct sizes."""
+    import numpy as np
+
+    from mrl.cascade.runs import load_source
+
+    ff: dict = {}
+    for f in paths:
+        d = load_source(f, split)
+        if d.logits.shape[0] != 1 or not np.array_equal(d.labels, data.labels):
+            raise ValueError(
+                f"--ff {f} must hold one prefix of logits on the same samples as "
+                f"{src}, got logits {d.logits.shape}"
+            )
+        if d.logits.shape[2] != data.logits.shape[2]:
+            raise ValueError(f"--ff {f} has {d.logits.shape[2]} classes, {src} has "
+                             f"{data.logits.shape[2]}")  # fmt: skip
+        if d.size in ff:
+            raise ValueError(f"--ff {f} and {ff[d.size][0]} are both of size {d.size}; "
+                             "give one FF model per size")  # fmt: skip
+        if d.size > data.nesting.dim:
+            raise ValueError(f"--ff {f} has size {d.size}, above {src}'s full size "
+                             f"{data.nesting.dim}")  # fmt: skip
+        ff[d.size] = (f, d)
+    return ff
 
 
 def _command_line(args: argparse.Namespace) -> str:
