@@ -73,3 +73,22 @@ def test_variant_is_checked_beside_mrl_without_changing_its_verdicts():
     k1 = {c.text: c for c in check_claims(_base() + variant, "fashion-mnist-1k")}
     assert k1[f"{label} top-1 above FF-8 at prefix 8"].holds is False  # 79 < 85
     assert k1[f"{label} 1-NN above PCA at prefix 8"].holds is True  # 79 > 78
+
+
+def test_means_pair_seeds_and_missing_prefixes_leave_a_claim_undecided():
+    # mrl has seeds 0 and 1, ff only seed 1: compared on seed 1 alone (mixing seed sets would
+    # compare 89.5 = mean(89, 90) with 90 and call a 1-point miss a 0.5-point one).
+    recs = _recs("mrl", "top1", {16: [95, 88.5], 32: [95, 90]}) + [
+        make_record("ff", 16, "top1", 90.0, seed=1),
+        make_record("ff", 32, "top1", 90.0, seed=1),
+    ]
+    within = check_claims(recs, "fashion-mnist")[0]
+    assert within.holds is False and "16: 88.5 vs 90.0 (-1.5)" in within.evidence
+    assert "(seeds both have: [1])" in within.evidence
+    # FF has 64, MRL does not: not counted as holding.
+    recs = _recs("mrl", "top1", {16: [90], 32: [90]}) + _recs("ff", "top1", {16: [90], 32: [90],
+                                                                           64: [90]})
+    within = check_claims(recs, "fashion-mnist")[0]
+    assert within.holds is None and "no records of both at [64]" in within.evidence
+    recs += [make_record("ff", 16, "top1", 99.0, seed=0)]  # seed 0's FF-16: mean(90, 99)
+    assert check_claims(recs, "fashion-mnist")[0].holds is False  # a failing prefix decides it

@@ -225,6 +225,19 @@ def test_reproduce_centred_evaluation_reuses_runs(tmp_path, task):
     with pytest.raises(FileNotFoundError, match=r"--runs '.*a/rnus' is not a folder of trained"):
         reproduce("fashion-mnist", "small", tmp_path / "c", runs=tmp_path / "a" / "rnus", **kw)
     assert not (tmp_path / "a" / "rnus").exists()
+    # --runs evaluates; a run it lacks is an error, not a new training inside it.
+    kw["only"] = ("ff-2",)
+    with pytest.raises(FileNotFoundError, match=r"has no fully trained seed0/ff-2 \(checkpoint"):
+        reproduce("fashion-mnist", "small", tmp_path / "d", runs=tmp_path / "a" / "runs", **kw)
+    assert not (tmp_path / "a" / "runs" / "seed0" / "ff-2").exists()
+    with pytest.raises(ValueError, match=r"only must name at least one run"):
+        reproduce("fashion-mnist", "small", tmp_path / "d", **{**kw, "only": ()})
+
+
+def test_reproduce_only_empty_is_an_error(tmp_path, capsys):
+    assert main(["reproduce", "fashion-mnist", "--out", str(tmp_path), "--only", ","]) == 2
+    assert "--only must name at least one run (e.g. mrl,ff-2), got ','" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_reproduce_command_prints_tables_and_claims(tmp_path, capsys):
@@ -267,6 +280,11 @@ def test_reproduce_probe_iterations_reach_the_probe(tmp_path, task):
         return [r["value"] for r in recs if r["method"] == "pca" and r["metric"] == "top1"]
 
     assert probe(one) != probe(full)  # one L-BFGS iteration is not a converged probe
+    # Same runs, other probe iterations: evaluated again, not read from the other's cache.
+    again = reproduce("fashion-mnist", "small", tmp_path / "c", probe_iter=1,
+                      runs=tmp_path / "b" / "runs", **kw)  # fmt: skip
+    assert probe(again) == probe(one)
+    assert (tmp_path / "b" / "runs" / "seed0" / "plain" / "records-probe1.json").is_file()
     one_k = RECIPES[("fashion-mnist-1k", "small")]
     assert (one_k.probe_iter, one_k.probe_max_dim) == (50, 16)
 

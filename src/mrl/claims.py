@@ -27,30 +27,67 @@ class Claim:
     evidence: str
 
 
-def _means(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, int], float]:
-    """(method, metric, prefix) -> mean over seeds."""
-    vals: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+Means = dict[tuple[str, str, int], dict[Any, float]]
+
+
+def _means(records: Iterable[dict[str, Any]]) -> Means:
+    """(method, metric, prefix) -> {seed: value} (a seed's repeated records averaged)."""
+    vals: dict[tuple[str, str, int], dict[Any, list[float]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for r in records:
-        vals[(r["method"], r["metric"], int(r["prefix"]))].append(float(r["value"]))
-    return {k: sum(v) / len(v) for k, v in vals.items()}
+        vals[(r["method"], r["metric"], int(r["prefix"]))][r.get("seed")].append(float(r["value"]))
+    return {k: {s: sum(v) / len(v) for s, v in by_seed.items()} for k, by_seed in vals.items()}
+
+
+def _pair(means: Means, a: str, b: str, metric: str, p: int) -> tuple[float, float, list] | None:
+    """Means of a and b at prefix p over the seeds both have (never one seed set against
+    another), and those seeds; None when they share no seed."""
+    sa, sb = means.get((a, metric, p), {}), means.get((b, metric, p), {})
+    common = sorted(set(sa) & set(sb), key=str)
+    if not common:
+        return None
+    return (sum(sa[s] for s in common) / len(common), sum(sb[s] for s in common) / len(common),
+            common)  # fmt: skip
 
 
 def _compare(
-    means: dict, a: str, b: str, metric: str, prefixes: Iterable[int], margin: float
+    means: Means, a: str, b: str, metric: str, prefixes: Iterable[int], margin: float
 ) -> tuple[bool | None, str]:
-    """Does mean(a) >= mean(b) - margin hold at every prefix where both exist? And the numbers."""
-    parts, ok = [], []
+    """Does mean(a) >= mean(b) - margin hold at every prefix? And the numbers.
+
+    A prefix where one side has no record (or no seed in common) leaves the claim undecided
+    (None) unless another prefix already fails it: it is never counted as holding."""
+    parts, ok, missing, seed_sets = [], [], [], set()
     for p in prefixes:
-        if (a, metric, p) in means and (b, metric, p) in means:
-            va, vb = means[(a, metric, p)], means[(b, metric, p)]
-            ok.append(va >= vb - margin)
-            parts.append(f"{p}: {va:.1f} vs {vb:.1f} ({va - vb:+.1f})")
+        got = _pair(means, a, b, metric, p)
+        if got is None:
+            missing.append(p)
+            continue
+        va, vb, common = got
+        seed_sets.add(tuple(common))
+        ok.append(va >= vb - margin)
+        parts.append(f"{p}: {va:.1f} vs {vb:.1f} ({va - vb:+.1f})")
     if not ok:
         return None, f"no {metric} records of both {a} and {b}"
-    return all(ok), f"{metric} {a} vs {b} at " + "; ".join(parts)
+    text = f"{metric} {a} vs {b} at " + "; ".join(parts)
+    if len(seed_sets) == 1 and _seeds(means, a, b, metric) != list(next(iter(seed_sets))):
+        text += f" (seeds both have: {list(next(iter(seed_sets)))})"
+    elif len(seed_sets) > 1:
+        text += f" (seeds both have differ by prefix: {sorted(seed_sets)})"
+    if missing:
+        text += f"; no records of both at {missing}"
+        return (False if not all(ok) else None), text
+    return all(ok), text
 
 
-def _prefixes(means: dict, method: str, metric: str) -> list[int]:
+def _seeds(means: Means, a: str, b: str, metric: str) -> list:
+    """Every seed either method has for ``metric``."""
+    found = {s for (m, mt, _), by in means.items() if m in (a, b) and mt == metric for s in by}
+    return sorted(found, key=str)
+
+
+def _prefixes(means: Means, method: str, metric: str) -> list[int]:
     return sorted({p for (m, mt, p) in means if m == method and mt == metric})
 
 
@@ -82,7 +119,7 @@ def check_claims(records: Iterable[dict[str, Any]], task: str) -> list[Claim]:
     return claims
 
 
-def _method_claims(means: dict, method: str, label: str, task: str) -> list[Claim]:
+def _method_claims(means: Means, method: str, label: str, task: str) -> list[Claim]:
     """The decided claims for one MRL method (``label`` names it in the claim texts)."""
     all_p = _prefixes(means, method, "top1")
     small = [p for p in all_p if p <= 8]
@@ -106,11 +143,12 @@ def _method_claims(means: dict, method: str, label: str, task: str) -> list[Clai
     return claims
 
 
-def _strict(means: dict, method: str, other: str, metric: str, p: int) -> tuple[bool | None, str]:
+def _strict(means: Means, method: str, other: str, metric: str, p: int) -> tuple[bool | None, str]:
     holds, text = _compare(means, method, other, metric, [p], 0.0)
-    if holds is None:
+    got = _pair(means, method, other, metric, p)
+    if holds is None or got is None:
         return None, text
-    return means[(method, metric, p)] > means[(other, metric, p)], text
+    return got[0] > got[1], text
 
 
 def claims_markdown(claims: list[Claim], seeds: list[int]) -> str:

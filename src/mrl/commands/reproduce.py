@@ -246,6 +246,8 @@ def reproduce(
     _check_weight_spec(out / "results.json", weights)
     plan = methods(recipe, w)
     names = [name for name, _ in plan]
+    if only is not None and not only:
+        raise ValueError(f"only must name at least one run among {names}, got {only!r}")
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
         raise ValueError(f"only must name runs among {names}, got {unknown}")
@@ -260,8 +262,7 @@ def reproduce(
         if only and name not in only:
             continue
         run_dir = runs_root / f"seed{seed}" / name
-        # Evaluations with and without centring are cached apart: both come from one model.
-        cached = run_dir / ("records-center.json" if center else "records.json")
+        cached = _cache_path(run_dir, center, probe_iter, recipe)
         config = load_config(None, [*base, *extra])
         check_same_recipe(run_dir, config, "use another --out (or --runs) for another recipe")
         _check_other_seeds(runs_root, name, seed, config)
@@ -273,6 +274,12 @@ def reproduce(
             ckpt = run_dir / CHECKPOINT
             resume = ckpt.is_file()
             if not resume or load_checkpoint(ckpt)["epoch"] < config.epochs:
+                if runs is not None:  # --runs evaluates trained models; it never trains
+                    raise FileNotFoundError(
+                        f"--runs {str(runs)!r} has no fully trained {run_dir.relative_to(runs)} "
+                        "(checkpoint missing or short of the recipe's epochs); train it without "
+                        "--runs, or leave it out with --only"
+                    )
                 log(f"[{name}] seed {seed}: training{' (resuming)' if resume else ''} ...")
                 train(config, run_dir, resume=resume, progress=progress, task=data_task)
             e = compute_embeddings(run_dir, task=data_task)
@@ -296,6 +303,15 @@ def reproduce(
         records += recs
         log(f"[{name}] seed {seed}: done in {time.perf_counter() - t0:.0f} s")
     return merge_records(out / "results.json", records)
+
+
+def _cache_path(run_dir: Path, center: bool, probe_iter: int, recipe: Recipe) -> Path:
+    """Where one run's records are cached. Centred and uncentred evaluations, and probes with
+    other than the recipe's iterations, are cached apart: all come from one trained model."""
+    name = "records" + ("-center" if center else "")
+    if probe_iter != recipe.probe_iter:
+        name += f"-probe{probe_iter}"
+    return run_dir / f"{name}.json"
 
 
 def _check_other_seeds(runs_root: Path, name: str, seed: int, config) -> None:
@@ -404,6 +420,15 @@ def write_tables(records: list[dict[str, Any]], out: Path, title: str, notes: st
     return "\n\n".join(parts)
 
 
+def _parse_only(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:  # an empty list must not mean "everything"
+        raise ValueError(f"--only must name at least one run (e.g. mrl,ff-2), got {text!r}")
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     recipe = RECIPES[(args.task, args.budget)]
     out = check_output_path(args.out, "--out", "dir")
@@ -415,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
         overrides=tuple(args.overrides),
         center=args.center,
         progress=not args.no_progress,
-        only=tuple(args.only.split(",")) if args.only else None,
+        only=_parse_only(args.only),
         runs=args.runs,
         weights=args.mrl_weights,
         probe_iter=args.probe_iter,
