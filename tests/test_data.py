@@ -199,6 +199,11 @@ def test_image_tensors_checks_shapes():
         ImageTensors(torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(3), 2, (0.5,), (0.3,))
     with pytest.raises(ValueError, match="labels must be"):
         ImageTensors(torch.zeros(3, 1, 4, 4), torch.zeros(2), 2, (0.5,), (0.3,))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, num_classes=2\), got values "
+                       r"in \[0, 2\]"):  # fmt: skip
+        ImageTensors(torch.zeros(3, 1, 4, 4), torch.tensor([0, 1, 2]), 2, (0.5,), (0.3,))
+    with pytest.raises(ValueError, match="labels must be integer class indices, got dtype"):
+        ImageTensors(torch.zeros(3, 1, 4, 4), torch.zeros(3), 2, (0.5,), (0.3,))
 
 
 def _make_folder(root, classes=("cat", "dog"), per_class=3, size=(20, 12)):
@@ -273,6 +278,42 @@ def test_image_folder_errors(tmp_path):
     ds = ImageFolder(tmp_path)
     with pytest.raises(ValueError, match="unreadable image file .*broken.png"):
         ds[0]
+
+
+def test_image_folder_skips_hidden_entries_and_refuses_empty_classes(tmp_path):
+    pytest.importorskip("PIL")
+    from mrl.data.image_folder import ImageFolder
+
+    _make_folder(tmp_path)
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "cat" / "._0.png").write_bytes(b"macOS resource fork")
+    (tmp_path / "cat" / ".thumbs").mkdir()
+    (tmp_path / "cat" / ".thumbs" / "t.png").write_bytes(b"x")
+    ds = ImageFolder(tmp_path, image_size=8)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 6  # hidden folder and files are not data
+    (tmp_path / "bird").mkdir()
+    with pytest.raises(ValueError, match=r"class subfolders \['bird'\] hold no images"):
+        ImageFolder(tmp_path, image_size=8)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, mode):
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    from mrl.data.image_folder import ToTensor
+
+    ramp = np.linspace(0, 1, 16).reshape(4, 4)  # 0 .. 1 in 16 steps
+    if mode == "F":
+        img = Image.fromarray(ramp.astype(np.float32), mode="F")
+    else:
+        img = Image.fromarray((ramp * 65535).astype(np.uint16)).convert(mode)
+    assert img.mode == mode
+    for channels in (1, 3):
+        x = ToTensor(channels)(img)
+        expect = torch.from_numpy(np.rint(ramp * 255).astype(np.uint8))
+        assert x.shape == (channels, 4, 4)
+        assert (x.int() - expect.int()).abs().max() <= 1  # PIL's clip gave 255 from the 2nd step
 
 
 def test_unknown_task():

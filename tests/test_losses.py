@@ -106,11 +106,30 @@ def test_nested_cross_entropy_on_mrl_e_head_gradients_match_reference():
          r"reduction must be one of \['mean', 'sum', 'none'\], got 'avg'"),
         (torch.zeros(2, 0, 3), torch.zeros(0, dtype=torch.long), {},
          r"logits must have a non-empty batch, got shape \(2, 0, 3\)"),
+        (torch.zeros(2, 4, 3), torch.tensor([0, 1, 3, 2]), {},
+         r"targets must be class indices in \[0, 3\), got values in \[0, 3\]"),
+        (torch.zeros(2, 4, 3), torch.tensor([0, -1, 1, 2]), {},
+         r"targets must be class indices in \[0, 3\), got values in \[-1, 2\]"),
+        (torch.zeros(2, 4, 3), [0, 1, 2, 0], {}, "targets must be a torch.Tensor, got list"),
+        (torch.zeros(2, 4, 3), torch.ones(4, dtype=torch.bool), {},
+         "targets must be integer class indices or float probabilities, got dtype torch.bool"),
+        (torch.zeros(2, 4, 3), torch.zeros(4, dtype=torch.long), {"weights": (0.0, 0.0)},
+         r"weights must not all be zero, got \[0.0, 0.0\]"),
+        (torch.zeros(2, 4, 1), torch.zeros(4, dtype=torch.long), {},
+         r"logits must have C >= 2 classes, got shape \(2, 4, 1\)"),
     ],
 )
 def test_nested_cross_entropy_errors(logits, targets, kwargs, message):
     with pytest.raises(ValueError, match=message):
         nested_cross_entropy(logits, targets, **kwargs)
+
+
+def test_nested_cross_entropy_takes_any_integer_dtype():
+    logits = torch.randn(2, 5, 4)
+    y = torch.tensor([0, 3, 1, 2, 3])
+    ref = nested_cross_entropy(logits, y)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        torch.testing.assert_close(nested_cross_entropy(logits, y.to(dtype)), ref)
 
 
 # --------------------------------------------------------------------------- contrastive

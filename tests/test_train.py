@@ -108,6 +108,17 @@ def test_resume_refuses_another_recipe(tmp_path, task):
     # Where it runs and what it logs are not the recipe.
     train(_cfg("epochs=1", "device=cpu", "eval_test=false", "eval_batch_size=32"),
           tmp_path / "run", resume=True, progress=False, task=task)  # fmt: skip
+    # The same sizes spelt another way are the same nesting.
+    train(_cfg("epochs=1", "model.nesting=doubling:4"), tmp_path / "run", resume=True,
+          progress=False, task=task)  # fmt: skip
+
+
+def test_relative_data_root_is_stored_absolute(tmp_path, task, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train(_cfg("epochs=1", "data.root=data/here"), "run", progress=False, task=task)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]["root"]
+    assert saved == str(tmp_path / "data" / "here")
+    assert load_checkpoint(tmp_path / "run")["config"]["data"]["root"] == saved
 
 
 def test_longer_run_by_resume_with_a_constant_schedule(tmp_path, task):
@@ -223,3 +234,20 @@ def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, ta
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and "NaN" not in lines[0]  # nothing of the bad epoch written
     assert (tmp_path / "checkpoint.pt").read_bytes() == before  # not overwritten
+
+
+def test_eval_refuses_data_the_run_was_not_trained_on(tmp_path, task):
+    from dataclasses import replace
+
+    from mrl.commands.eval import compute_embeddings
+
+    custom = replace(task, name="my-data")  # a user's Task through the Python API
+    train(_cfg("epochs=1"), tmp_path / "custom", progress=False, task=custom)
+    with pytest.raises(ValueError, match=r"trained on a custom task 'my-data' \(Python API\)"):
+        compute_embeddings(tmp_path / "custom")
+    assert compute_embeddings(tmp_path / "custom", task=custom).test.shape == (128, 16)
+    train(_cfg("epochs=1"), tmp_path / "syn", progress=False, task=task)
+    other = load_task("synthetic", train_size=256)
+    other = replace(other, test=replace(other.test, num_classes=7))
+    with pytest.raises(ValueError, match=r"num_classes: trained on 4, given 7"):
+        compute_embeddings(tmp_path / "syn", task=other)

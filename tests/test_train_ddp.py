@@ -44,6 +44,15 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     b = load_checkpoint(tmp_path / "two")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    # The logged loss and train top-1 are the global batch's (all-reduced), not rank 0's half.
+    import json
+
+    for one, two in zip(*(
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("one", "two")
+    )):  # fmt: skip
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+        assert two["train_top1"] == pytest.approx(one["train_top1"], abs=1e-3)
 
 
 def _divergence_worker(rank: int, world: int, port: int, out: str) -> None:

@@ -46,6 +46,28 @@ def test_train_then_eval(tmp_path, capsys):
     assert (tmp_path / "ev" / "report.html").is_file()
 
 
+def test_eval_options_checked_first_and_a_checkpoint_path_is_its_run(tmp_path, capsys):
+    from mrl.config import load_config
+    from mrl.train import train
+
+    cfg = _config(tmp_path)
+    run = tmp_path / "run"
+    train(load_config(cfg, [*TINY, "epochs=2"]), run, progress=False, stop_after_epochs=1)
+    assert main(["eval", str(run), "--nesting", "2,4,9"]) == 2
+    err = capsys.readouterr().err
+    assert "--nesting 2,4,9:" in err and "the run's D is 16" in err
+    assert not (run / "eval").exists() and not (run / "logits-test.npz").exists()
+    assert main(["eval", str(run / "checkpoint.pt"), "--nesting", "4,16", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "mrl eval: warning: " in err and "is trained to epoch 1 of 2 only" in err
+    assert (run / "eval" / "results.json").is_file()  # the run folder's default out
+    assert "(epoch 1 of 2)" in (run / "eval" / "report.html").read_text()
+    ff = tmp_path / "ff"
+    train(load_config(cfg, [*TINY, "model.mode=ff", "model.ff_dim=4"]), ff, progress=False)
+    assert main(["eval", str(ff), "--nesting", "4,16"]) == 2
+    assert "--nesting does not apply to an ff run" in capsys.readouterr().err
+
+
 def test_train_errors_are_one_line(tmp_path, capsys):
     cfg = _config(tmp_path)
     assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--set", "optim.lr=-1"]) == 2

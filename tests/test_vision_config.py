@@ -37,6 +37,8 @@ def test_overrides_are_typed():
         ("epochs=three", "epochs must be an int, got epochs='three'"),
         ("data.flip=maybe", "data.flip must be a bool"),
         ("epochs=0", "epochs must be positive, got epochs=0"),
+        ("seed=-1", r"seed must be in \[0, 2\*\*40\), got seed=-1"),
+        ("seed=9223372036854775807", r"seed must be in \[0, 2\*\*40\)"),
         ("model.mode=mrle", "model.mode must be one of"),
         ("model.nesting=8,4", "model.nesting='8,4'.*strictly increasing"),
         ("model.nesting=8,16", "ends at 16, but the embedding dim is 256"),
@@ -58,6 +60,8 @@ def test_ff_needs_ff_dim():
 def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="is a folder; give a .json or .toml file"):
+        load_config(tmp_path)
     (tmp_path / "a.json").write_text(json.dumps({"optim": {"lr": "fast"}}))
     with pytest.raises(ValueError, match="optim.lr must be a finite number, got optim.lr='fast'"):
         load_config(tmp_path / "a.json")

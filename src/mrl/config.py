@@ -206,6 +206,8 @@ class TrainConfig:
         self.model = self.model if self.model is not None else ModelConfig()
         self.optim = self.optim if self.optim is not None else OptimConfig()
         _check(self.epochs > 0, "epochs", self.epochs, "positive")
+        # Generators are seeded with seed * 1_000_003 + epoch, which must stay below 2**63.
+        _check(0 <= self.seed < 2**40, "seed", self.seed, "in [0, 2**40)")
         _check(self.batch_size > 0, "batch_size", self.batch_size, "positive")
         _check(self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "positive")
         _check(
@@ -343,6 +345,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file {str(path)!r} is a folder; give a .json or .toml file")
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
         try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,28 @@ def prefix_weights(
                          f"{w.tolist()}")
     if not torch.isfinite(w).all() or (w < 0).any():
         raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
+    if not (w > 0).any():  # the loss would be 0 and nothing would train
+        raise ValueError(f"weights must not all be zero, got {w.tolist()}")
     return w
+
+
+def _check_targets(targets: Any, C: int) -> Tensor:
+    """Class indices as int64 (other integer dtypes converted), in [0, C) when on the CPU (a
+    check on an accelerator would sync the host every step; there torch asserts itself)."""
+    if not isinstance(targets, Tensor):
+        raise ValueError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.is_floating_point():
+        return targets
+    if targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(f"targets must be integer class indices or float probabilities, got "
+                         f"dtype {targets.dtype}")  # fmt: skip
+    targets = targets.long()
+    if targets.device.type == "cpu" and targets.numel():
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= C:
+            raise ValueError(f"targets must be class indices in [0, {C}), got values in "
+                             f"[{lo}, {hi}]")  # fmt: skip
+    return targets
 
 
 def _check_label_smoothing(label_smoothing: float) -> None:
@@ -114,6 +136,9 @@ def nested_cross_entropy(
     G, B, C = logits.shape
     if B == 0:
         raise ValueError(f"logits must have a non-empty batch, got shape {tuple(logits.shape)}")
+    if C < 2:
+        raise ValueError(f"logits must have C >= 2 classes, got shape {tuple(logits.shape)}")
+    targets = _check_targets(targets, C)
     soft = targets.is_floating_point()
     expected = (B, C) if soft else (B,)
     if tuple(targets.shape) != expected:

@@ -20,6 +20,7 @@ object per epoch).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -156,8 +157,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _check_compatible(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
     """A resumed run must have the same model (architecture, nesting, head) and dataset."""
-    old = saved["config"]
-    new = config.to_dict()
+    old = _canonical(saved["config"])
+    new = _canonical(config.to_dict())
     diffs = [
         f"model.{k}: checkpoint {old['model'][k]!r} vs config {new['model'][k]!r}"
         for k in new["model"]
@@ -192,6 +193,21 @@ def _check_compatible(saved: dict[str, Any], config: TrainConfig, path: Path) ->
 _NOT_RECIPE = {"data.root", "device", "eval_batch_size", "eval_test"}
 
 
+def _canonical(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict whose ``model.nesting`` is the list of sizes it means, so that
+    'doubling:2' and '2,4,8,16' (same sizes) compare equal."""
+    model = config.get("model")
+    if not isinstance(model, dict) or "nesting" not in model:
+        return config
+    for dim in (model.get("dim"), None):  # an explicit list parses even against another dim
+        try:
+            sizes = list(Nesting.parse(model["nesting"], dim=dim).sizes)
+        except (ValueError, TypeError):
+            continue
+        return {**config, "model": {**model, "nesting": sizes}}
+    return config  # compared as written
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -203,7 +219,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _differing(saved: dict[str, Any], config: TrainConfig, skip: set[str]):
     """(key, saved value, config value) for every flattened setting that differs, except the
     ``skip`` keys and keys the saved config lacks (added to `TrainConfig` later)."""
-    old, new = _flatten(saved), _flatten(config.to_dict())
+    old, new = _flatten(_canonical(saved)), _flatten(_canonical(config.to_dict()))
     for key, value in new.items():
         if key not in skip and key in old and old[key] != value:
             yield key, old[key], value
@@ -284,6 +300,39 @@ def load_run(
     return model.to(device).eval(), config, saved
 
 
+def _absolute_root(config: TrainConfig) -> TrainConfig:
+    """The config with ``data.root`` absolute: the run's config.json must find the data again
+    from any working folder (``mrl eval RUN`` run elsewhere)."""
+    root = config.data.root
+    if root is None or Path(root).is_absolute():
+        return config
+    data = dataclasses.replace(config.data, root=str(Path(root).resolve()))
+    return dataclasses.replace(config, data=data)
+
+
+def check_task(saved: dict[str, Any], task: Task, where: Any) -> None:
+    """Refuse to evaluate a run on data it was not trained for: another task name, number of
+    classes, channels or image shape than its checkpoint records (a run trained on a custom
+    `Task` through the Python API must be given that task again)."""
+    t = saved["task"]
+    have = {"name": task.name, "num_classes": task.num_classes, "in_channels": task.in_channels,
+            "image_shape": list(task.test.image_shape)}  # fmt: skip
+    diffs = [
+        f"{k}: trained on {t[k]!r}, given {have[k]!r}"
+        for k in have
+        if t.get(k) is not None and _plain(t[k]) != _plain(have[k])
+    ]
+    if diffs:
+        raise ValueError(
+            f"run {where} was trained on other data than this task ({'; '.join(diffs)}); "
+            "evaluate it on its own task (Python API: pass task=...)"
+        )
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
 def _load_state(model: nn.Module, state: dict[str, Any], where: Any) -> None:
     try:
         model.load_state_dict(state)
@@ -346,6 +395,7 @@ def train(
     saved = load_checkpoint(ckpt_path) if resume else None
     if saved is not None:
         _check_compatible(saved, config, ckpt_path)
+    config = _absolute_root(config)
 
     dist_info = _init_distributed(None if config.device == "auto" else config.device.split(":")[0])
     device = _device(config, dist_info.local_rank)
@@ -544,6 +594,13 @@ def _train_epoch(
             bar.set_postfix(loss=f"{loss.item():.3f}")
     elapsed = time.perf_counter() - t0
     n_steps = max(1, steps)
+    if dist_info.world_size > 1:  # the log is the global batch's, not rank 0's share of it
+        stats = torch.cat([loss_sum.reshape(1), correct.float(),
+                           torch.tensor([float(seen)], device=device)])  # fmt: skip
+        torch.distributed.all_reduce(stats)
+        # local losses are means over equal local batches: their mean is the global batch's
+        loss_sum, correct = stats[0] / dist_info.world_size, stats[1:-1]
+        seen = int(stats[-1].item())
     return {
         "epoch": epoch + 1,
         "loss": round(loss_sum.item() / n_steps, 5),
@@ -553,7 +610,7 @@ def _train_epoch(
         },
         "lr": optimizer.param_groups[0]["lr"],
         "seconds": round(elapsed, 2),
-        "images_per_s": round(seen * dist_info.world_size / max(elapsed, 1e-9), 1),
+        "images_per_s": round(seen / max(elapsed, 1e-9), 1),
     }
 
 

@@ -158,7 +158,7 @@ def _forward_run(run: Any, split: str, run_dir: Path) -> LogitsSet:
     training images, for few-shot support sets).
     """
     from mrl.data import load_task
-    from mrl.train import predict
+    from mrl.train import check_task, predict
 
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
@@ -166,6 +166,7 @@ def _forward_run(run: Any, split: str, run_dir: Path) -> LogitsSet:
     d = config.data
     task = load_task(d.dataset, root=d.root, train_size=POOL_SIZE if split == "train" else 1,
                      image_size=d.image_size, seed=config.seed, root_fallback=True)  # fmt: skip
+    check_task(saved, task, run_dir)
     data = task.db if split == "train" else task.test
     z, logits = predict(model, data, config.eval_batch_size)  # [N, D], [G, N, C] on the CPU
     nesting = Nesting.from_dict(saved.get("head_nesting") or saved["nesting"])

@@ -16,9 +16,11 @@ Text models (a sentence-transformers folder, i.e. RUN_DIR holds ``modules.json``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +81,7 @@ class RunEmbeddings:
     test_labels: Any
     test_logits: Any
     config: Any = None
+    epoch: int | None = None  # epochs trained (of config.epochs)
 
 
 def compute_embeddings(
@@ -89,12 +92,20 @@ def compute_embeddings(
 
     from mrl.data import load_task_for
     from mrl.nesting import Nesting
-    from mrl.train import load_run, predict
+    from mrl.train import check_task, load_run, predict
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, config, saved = load_run(run_dir, dev)
     if task is None:
+        name = saved["task"]["name"]
+        if name != config.data.dataset:
+            raise ValueError(
+                f"run {run_dir} was trained on a custom task {name!r} (Python API), not on "
+                f"data.dataset={config.data.dataset!r}; evaluate it with "
+                "compute_embeddings(run, task=...)"
+            )
         task = load_task_for(config, saved=True)
+    check_task(saved, task, run_dir)
     db, _ = predict(model, task.db, config.eval_batch_size, dev, with_logits=False)
     test, logits = predict(model, task.test, config.eval_batch_size, dev)
     return RunEmbeddings(
@@ -109,6 +120,7 @@ def compute_embeddings(
         task.test.labels.cpu(),
         logits,
         config,
+        int(saved.get("epoch", 0)),
     )
 
 
@@ -244,6 +256,13 @@ def evaluate_run(
     t0 = time.perf_counter()
     say(f"eval {run_dir}: embedding the database and the test set ...")
     e = compute_embeddings(run_dir, device)
+    trained = f"epoch {e.epoch} of {e.config.epochs}"
+    if e.epoch is not None and e.epoch < e.config.epochs:
+        warnings.warn(
+            f"{run_dir} is trained to {trained} only (interrupted?); evaluating it as it is "
+            "(finish it with mrl train CONFIG --out RUN --resume)",
+            stacklevel=2,
+        )
     say(f"eval: {len(e.db)} database and {len(e.test)} test embeddings in "
         f"{time.perf_counter() - t0:.0f} s; scoring every prefix (retrieval"
         f"{', linear probes' if e.mode == 'plain' else ''}) ...")
@@ -258,7 +277,8 @@ def evaluate_run(
     )
     out = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     notes = (
-        f"Run {run_dir}: mode {e.mode}, model {e.config.model.name}, D={e.nesting.dim}, "
+        f"Run {run_dir} ({trained}): mode {e.mode}, model {e.config.model.name}, "
+        f"D={e.nesting.dim}, "
         f"nesting {list(e.nesting.sizes)}, dataset {e.config.data.dataset}. "
         f"Values in percent. Retrieval: database {len(e.db)} items, {len(e.test)} queries, "
         f"cosine on re-normalised prefixes{' after centring' if center else ''}. "
@@ -280,6 +300,26 @@ def probe_recipe(max_iter: int = 200) -> str:
 PROBE_RECIPE = probe_recipe()
 
 
+def _check_nesting_option(run_dir: Path, spec: str | None) -> None:
+    """``--nesting`` against the run's saved config: a valid spec ending at D, not for ff runs."""
+    if spec is None:
+        return
+    from mrl.config import config_from_dict
+    from mrl.nesting import Nesting
+    from mrl.train import load_checkpoint
+
+    saved = run_dir / "config.json"
+    raw = json.loads(saved.read_text()) if saved.is_file() else load_checkpoint(run_dir)["config"]
+    model = config_from_dict(raw).model
+    if model.mode == "ff":
+        raise ValueError(f"--nesting does not apply to an ff run ({run_dir} is evaluated at its "
+                         f"ff_dim={model.ff_dim}), got --nesting {spec}")  # fmt: skip
+    try:
+        Nesting.parse(spec, dim=model.dim)
+    except ValueError as exc:
+        raise ValueError(f"--nesting {spec}: {exc} (the run's D is {model.dim})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from mrl.devices import check_device
 
@@ -297,7 +337,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--probe-iter must be positive, got {args.probe_iter}")
     from mrl.records import to_markdown
 
+    if run_dir.is_file() and run_dir.suffix == ".pt":  # a checkpoint: its folder is the run
+        run_dir = run_dir.parent
     out = check_output_path(args.out if args.out else run_dir / "eval", "--out", "dir")
+    _check_nesting_option(run_dir, args.nesting)  # before minutes of embedding
     records = evaluate_run(
         run_dir,
         out,

@@ -114,7 +114,12 @@ class RandomHorizontalFlip:
 
 
 class ToTensor:
-    """PIL image -> uint8 tensor ``[C, H, W]`` (C = 1 for mode "L", else 3 via RGB)."""
+    """PIL image -> uint8 tensor ``[C, H, W]`` (C = 1 for mode "L", else 3 via RGB).
+
+    Images of more than 8 bits per pixel are scaled, not clipped, to 0..255 first: 16-bit and
+    32-bit integer images (modes ``I;16*``, ``I``) by 255 / 65535, float images (mode ``F``) from
+    [0, 1] (PIL's own conversion would clip them and turn most pixels white or black).
+    """
 
     def __init__(self, channels: int = 3) -> None:
         if channels not in (1, 3):
@@ -122,10 +127,23 @@ class ToTensor:
         self.channels = channels
 
     def __call__(self, img: Any) -> torch.Tensor:
+        img = _to_8bit(img)
         img = img.convert("L" if self.channels == 1 else "RGB")
         w, h = img.size
         data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
         return data.view(h, w, self.channels).permute(2, 0, 1).contiguous()
+
+
+def _to_8bit(img: Any) -> Any:
+    """A mode ``I;16*`` / ``I`` / ``F`` image as mode ``L``, its range scaled to 0..255."""
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img
+    import numpy as np
+
+    x = np.asarray(img, dtype=np.float64)
+    scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
+    x = np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
+    return _pil().fromarray(x, mode="L")
 
 
 class Normalize:
@@ -138,6 +156,12 @@ class Normalize:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         return (x - self.mean) / self.std
+
+
+def _is_image(path: Path, root: Path) -> bool:
+    """An image file, not hidden and not below a hidden folder (e.g. macOS ``._x.jpg``)."""
+    hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not hidden and path.is_file()
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -161,19 +185,28 @@ class ImageFolder(torch.utils.data.Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder root={str(self.root)!r} does not exist")
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        # Hidden folders (.ipynb_checkpoints, .git, ...) are not classes.
+        self.classes = sorted(
+            d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")
+        )
         if not self.classes:
             raise ValueError(f"image folder root={str(self.root)!r} has no class subfolders")
         self.samples: list[tuple[Path, int]] = []
+        empty = []
         for label, name in enumerate(self.classes):
-            files = sorted(
-                p for p in (self.root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-            )
+            files = sorted(p for p in (self.root / name).rglob("*") if _is_image(p, self.root))
             self.samples += [(p, label) for p in files]
+            if not files:
+                empty.append(name)
         if not self.samples:
             raise ValueError(
                 f"image folder root={str(self.root)!r} has no images with extensions "
                 f"{IMAGE_EXTENSIONS} in its class subfolders"
+            )
+        if empty:  # a class without images would be a class no model can learn
+            raise ValueError(
+                f"image folder root={str(self.root)!r}: class subfolders {empty} hold no images "
+                f"with extensions {IMAGE_EXTENSIONS}; remove them or add images"
             )
         self.image_size, self.channels = image_size, channels
         self.transform = transform or Compose(

@@ -39,6 +39,15 @@ class ImageTensors:
             )
         if len(self.mean) != self.images.shape[1] or len(self.std) != self.images.shape[1]:
             raise ValueError(f"mean/std need one value per channel ({self.images.shape[1]})")
+        if self.labels.is_floating_point() or self.labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class indices, got dtype {self.labels.dtype}")
+        if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < int(
+            self.num_classes
+        ):  # one check per data set, not per step
+            raise ValueError(
+                f"labels must be in [0, num_classes={self.num_classes}), got values in "
+                f"[{int(self.labels.min())}, {int(self.labels.max())}]"
+            )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
