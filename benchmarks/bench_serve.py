@@ -228,18 +228,21 @@ def bench_qdrant(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         store = EmbeddingStore.from_array(Path(tmp) / "store", db, nesting)
         target = open_target("bench", path=Path(tmp) / "q")
-        layout = QdrantLayout((16, 64, d))
+        mids = tuple(p for p in (64,) if p < d)  # the middle rescoring prefix, when D > 64
+        layout = QdrantLayout((16, *mids, d))
         report = export_qdrant(store, target, layout, Path(tmp) / "p.json", collection="bench",
                                batch_size=2048)
         upload = report.seconds - report.finish_seconds
-        print(f"\nqdrant edge: exported {n} x {d} (vectors d16, d64, d{d}; HNSW on d16) in "
+        names = ", ".join(f"d{p}" for p in layout.prefixes)
+        print(f"\nqdrant edge: exported {n} x {d} (vectors {names}; HNSW on d16) in "
               f"{upload:.1f} s ({n / upload:.0f} points/s), then optimize() (index build) "
               f"{report.finish_seconds:.1f} s")
         index = MatryoshkaIndex(nesting, SearchConfig(shortlist_dim=16, shortlist=200), threads=2)
         index.add(db)
         truth = exact_search(db, queries, k)[1]
         for shortlist in (50, 200):
-            for stages in (None, ((64, shortlist // 2), (d, k))):
+            staged = (*((m, shortlist // 2) for m in mids), (d, k))
+            for stages in (None, staged) if mids else (None,):  # without mids both are 16->D
                 kw = {} if stages is None else {"stages": stages}
                 t = time.perf_counter()
                 ref = index.search(queries, k, shortlist_dim=16, shortlist=shortlist, **kw)
@@ -252,8 +255,8 @@ def bench_qdrant(args) -> list[dict]:
                     t_q = time.perf_counter() - t
                     agree = recall_at(ids, ref.ids)
                     vs_exact = recall_at(ids, truth)
-                    name = f"K={shortlist} {'16->64->D' if stages else '16->D'} " \
-                           f"{'exact' if exact else 'index'}"
+                    path = "->".join(["16", *map(str, mids), "D"]) if stages else "16->D"
+                    name = f"K={shortlist} {path} {'exact' if exact else 'index'}"
                     rows.append((name, agree, vs_exact, recall_at(ref.ids, truth),
                                  len(queries) / t_q, len(queries) / t_ref))
                     ctx = {"part": "qdrant", "n": n, "dim": d, "shortlist": shortlist,
@@ -289,6 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--qdrant-n", type=int, default=100_000)
     p.add_argument("--json", default=None, help="write the records here")
     args = p.parse_args(argv)
+    if args.dim <= 16:  # the shortlist prefix is 16 dims
+        p.error(f"--dim must be above 16 (the shortlist prefix), got --dim {args.dim}")
     import torch
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

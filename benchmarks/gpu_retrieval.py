@@ -25,15 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mrl import Nesting
-from mrl.retrieval import MatryoshkaIndex, SearchConfig
-from mrl.retrieval.funnel.select import blockmax_topk_torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # mrl, installed or not
+from mrl import Nesting  # noqa: E402
+from mrl.retrieval import MatryoshkaIndex, SearchConfig  # noqa: E402
+from mrl.retrieval.funnel.select import blockmax_topk_torch  # noqa: E402
 
 
 def make_data(
@@ -77,6 +80,14 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[object, float]:
     return out, statistics.median(times)
 
 
+def exact_truth(q: torch.Tensor, db: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
+    """Ground truth [Q, k] from float32 scores (a float16 matmul's rounded output ties close
+    neighbours), in query chunks so that only [chunk, N] float32 scores live at once."""
+    db32 = db.float()
+    return torch.cat([torch.topk(q[i : i + chunk].float() @ db32.T, k, dim=1).indices
+                      for i in range(0, len(q), chunk)])  # fmt: skip
+
+
 def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
     # found, truth: [Q, k] indices -> mean |found ∩ truth| / k
     hit = (found.unsqueeze(2) == truth.unsqueeze(1)).any(dim=2)
@@ -101,6 +112,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = torch.float16 if args.dtype == "float16" else torch.float32
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.float32  # CPU half matmul is emulated and very slow
+        print("note: --dtype float16 on the CPU runs in float32 (records say so)")
+    used = "float16" if dtype == torch.float16 else "float32"
     n, d, k, kk, ds = args.n, args.dim, args.k, args.shortlist, args.shortlist_dim
     db, q = make_data(n, d, args.queries, device, dtype, clusters=max(1, n // 100))
     nest = Nesting.doubling(8, d)
@@ -120,8 +133,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             s = qs @ short.T  # [Q, N]
             cand = select(s)  # [Q, K]
             x = db[cand.reshape(-1)].view(len(q), kk, d)  # [Q, K, D] rows are full-size unit
-            r = torch.bmm(x, q.unsqueeze(2)).squeeze(2)  # [Q, K] cosine at D
-            top = torch.topk(r.float(), k, dim=1).indices
+            r = torch.bmm(x.float(), q.float().unsqueeze(2)).squeeze(2)  # [Q, K] at D, fp32
+            top = torch.topk(r, k, dim=1).indices
             return torch.gather(cand, 1, top)
 
         return run
@@ -131,51 +144,57 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cand, t_sel = timed(lambda: select(s), device, args.repeats)
 
         def rerank():
-            x = db[cand.reshape(-1)].view(len(q), kk, d)
-            return torch.topk(torch.bmm(x, q.unsqueeze(2)).squeeze(2).float(), k, dim=1)
+            x = db[cand.reshape(-1)].view(len(q), kk, d).float()
+            return torch.topk(torch.bmm(x, q.float().unsqueeze(2)).squeeze(2), k, dim=1)
 
         _, t_rr = timed(rerank, device, args.repeats)
         return t_mm, t_sel, t_rr
 
     results: list[dict] = []
-    truth, t_exact = timed(exact, device, args.repeats)
-    results.append({"method": "exact", "prefix": d, "secs": t_exact, "recall": 1.0})
+    failed: list[str] = []
+    truth = exact_truth(q, db, k)
+    found, t_exact = timed(exact, device, args.repeats)
+    results.append({"method": "exact", "prefix": d, "secs": t_exact,
+                    "recall": recall(found, truth)})  # fmt: skip
     selectors = {"funnel-naive": lambda s: torch.topk(s, kk, dim=1).indices}
     for b in (32, 64, 128, 256):
         selectors[f"funnel-blockmax-b{b}"] = lambda s, b=b: blockmax_topk_torch(s, kk, block=b)[1]
+
+    def section(name, fn):  # one failing section must not discard the others' numbers
+        try:
+            results.append({"method": name, "prefix": ds, **fn()})
+        except Exception:  # report it, go on, exit non-zero at the end
+            traceback.print_exc()
+            failed.append(name)
+
     for name, select in selectors.items():
-        found, secs = timed(funnel(select), device, args.repeats)
-        t_mm, t_sel, t_rr = stage_times(select)
-        results.append(
-            {
-                "method": name,
-                "prefix": ds,
-                "secs": secs,
-                "recall": recall(found, truth),
-                "matmul_s": t_mm,
-                "select_s": t_sel,
-                "rerank_s": t_rr,
-            }
-        )
+        def measure(select=select):
+            found, secs = timed(funnel(select), device, args.repeats)
+            t_mm, t_sel, t_rr = stage_times(select)
+            return {"secs": secs, "recall": recall(found, truth), "matmul_s": t_mm,
+                    "select_s": t_sel, "rerank_s": t_rr}  # fmt: skip
+
+        section(name, measure)
     if not args.skip_index:
-        index = MatryoshkaIndex(
-            nest, SearchConfig(shortlist_dim=ds, shortlist=kk, backend="torch"), device=str(device)
-        )
-        index.add(db.float().cpu().numpy(), copy=False)
-        index.build()
-        qn = q.float().cpu().numpy()
-        res, secs = timed(lambda: index.search(qn, k, batch_size=len(qn)), device, args.repeats)
-        found = torch.as_tensor(res.indices, device=device)
-        results.append(
-            {"method": "index", "prefix": ds, "secs": secs, "recall": recall(found, truth)}
-        )
+        def index_run():
+            index = MatryoshkaIndex(nest, SearchConfig(shortlist_dim=ds, shortlist=kk,
+                                                       backend="torch"), device=str(device))
+            index.add(db.float().cpu().numpy(), copy=False)
+            index.build()
+            qn = q.float().cpu().numpy()
+            res, secs = timed(lambda: index.search(qn, k, batch_size=len(qn)), device,
+                              args.repeats)  # fmt: skip
+            return {"secs": secs, "recall": recall(torch.as_tensor(res.indices, device=device),
+                                                   truth)}  # fmt: skip
+
+        section("index", index_run)
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     flops_exact = 2.0 * n * d
     flops_funnel = 2.0 * n * ds + 2.0 * kk * d
     print(
         f"device: {gpu}; torch {torch.__version__}; N={n}, D={d}, {len(q)} queries per batch, "
-        f"{args.dtype}, D_s={ds}, K={kk}, k={k}, median of {args.repeats}"
+        f"{used}, D_s={ds}, K={kk}, k={k}, median of {args.repeats}"
     )
     print(
         f"FLOPs/query: exact {flops_exact / 1e9:.3f} G, funnel {flops_funnel / 1e9:.4f} G "
@@ -196,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "device": gpu,
                     "n": n,
                     "dim": d,
-                    "dtype": args.dtype,
+                    "dtype": used,
                     "batch": len(q),
                 }
             )
@@ -209,7 +228,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "device": gpu,
                 "n": n,
                 "dim": d,
-                "dtype": args.dtype,
+                "dtype": used,
                 "batch": len(q),
             }
         )
@@ -229,6 +248,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+    if failed:
+        print(f"failed sections: {failed}")
+        if __name__ == "__main__":
+            raise SystemExit(1)
     return records
 
 

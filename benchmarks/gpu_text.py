@@ -6,6 +6,9 @@ fine-tuned model's prefixes are then evaluated on Cranfield's queries, every pre
 
     python benchmarks/gpu_text.py --data ../shared/data/cranfield --epochs 3 --batch-size 128
     python benchmarks/gpu_text.py ... --init-rotation pca   # start from the corpus PCA rotation
+    # on the device machine (no internet, mrl not installed): see benchmarks/prepare_gpu_carry.py
+    python3 benchmarks/gpu_text.py --data .gpu/text/cranfield --model .gpu/text/minilm-fp16 \
+        --out /tmp/gpu-text --json "$OUT/gpu_text.json"
 
 Prints per-prefix nDCG@10 and the fraction of each model's full-size value, table last.
 """
@@ -14,16 +17,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # mrl, installed or not
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help="Cranfield folder (default: mrl's search order)")
     p.add_argument("--model", default="default")
-    p.add_argument("--out", default="runs/text/gpu-cranfield-ft")
+    p.add_argument("--out", default="runs/text/gpu-cranfield-ft", help="fine-tuned model folder")
+    p.add_argument("--json", default=None, help="also write the records here (e.g. $OUT/...)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-5)
@@ -58,7 +65,8 @@ def main() -> None:
         rotation_lr=args.rotation_lr,
     )
     t0 = time.time()
-    finetune(args.model, pairs, args.out, config, log=lambda s: None, rotation_texts=ds.documents)
+    finetune(args.model, pairs, args.out, config, rotation_texts=ds.documents,
+             log=lambda s: print(s, file=sys.stderr, flush=True))  # progress while it trains
     train_s = time.time() - t0
 
     records = []
@@ -80,6 +88,9 @@ def main() -> None:
             },
         )
     save_records(os.path.join(args.out, "results.json"), records)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        save_records(args.json, records)
     print(f"fine-tuning: {len(pairs)} pairs, {args.epochs} epochs, {train_s:.0f} s")
     print(relative_table(records, "ndcg@10"))
 

