@@ -69,3 +69,11 @@ def test_warnings_are_one_line_naming_the_command():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     assert out.stderr == "mrl search: warning: 3 of 9 texts are truncated\n"
+
+
+def test_multi_line_warnings_show_their_first_line(capsys):
+    show = cli._one_line_warning("train")
+    show(UserWarning("Grad strides do not match bucket view strides.\n  File x, line 3\n  y"),
+         UserWarning, "f.py", 1)  # fmt: skip
+    assert capsys.readouterr().err == (
+        "mrl train: warning: Grad strides do not match bucket view strides. [...]\n")

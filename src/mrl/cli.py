@@ -89,7 +89,11 @@ def _one_line_warning(command: str):
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         kind = "" if category is UserWarning else f" ({category.__name__})"
-        print(f"mrl {command}: warning{kind}: {message}", file=file or sys.stderr)
+        # Library warnings can span many lines (torch's DDP stride warning prints a stack):
+        # the first line says what happened.
+        lines = str(message).strip().splitlines() or [""]
+        more = " [...]" if len(lines) > 1 else ""
+        print(f"mrl {command}: warning{kind}: {lines[0]}{more}", file=file or sys.stderr)
 
     return show
 
