@@ -78,3 +78,29 @@ def test_divergence_on_one_rank_stops_every_rank(tmp_path):
     torch.multiprocessing.spawn(_divergence_worker, args=(2, _free_port(), str(tmp_path)),
                                 nprocs=2)  # fmt: skip
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["stopped", "stopped"]
+
+
+def _bad_batch_worker(rank: int, world: int, port: int, out: str) -> None:
+    from pathlib import Path
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    from mrl.train import train
+
+    try:
+        train(load_config(None, [*SETS, "batch_size=63"]), Path(out) / "run", progress=False)
+        verdict = "trained"
+    except ValueError as exc:
+        verdict = str(exc)
+    (Path(out) / f"rank{rank}").write_text(verdict)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_batch_not_divisible_by_processes_writes_nothing(tmp_path):
+    torch.multiprocessing.spawn(_bad_batch_worker, args=(2, _free_port(), str(tmp_path)),
+                                nprocs=2)  # fmt: skip
+    for r in (0, 1):
+        assert "batch_size must be a positive multiple of the number of processes (2), got " \
+            "batch_size=63" in (tmp_path / f"rank{r}").read_text()
+    assert not (tmp_path / "run" / "config.json").exists()

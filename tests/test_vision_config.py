@@ -65,6 +65,9 @@ def test_bad_files(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"optim": {"lr": "fast"}}))
     with pytest.raises(ValueError, match="optim.lr must be a finite number, got optim.lr='fast'"):
         load_config(tmp_path / "a.json")
+    (tmp_path / "m.json").write_text(json.dumps({"model": 3}))
+    with pytest.raises(ValueError, match="config table 'model' must be a table, got 3"):
+        load_config(tmp_path / "m.json")
     (tmp_path / "b.json").write_text(json.dumps({"modle": {}}))
     with pytest.raises(ValueError, match="unknown config key 'modle'"):
         load_config(tmp_path / "b.json")

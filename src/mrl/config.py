@@ -294,7 +294,8 @@ def _unknown(key: str, known: list[str]) -> ValueError:
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ValueError(f"config table {prefix or 'top level'!r} must be a table, got {data!r}")
+        name = prefix.rstrip(".") or "top level"  # prefix is "model." inside a section
+        raise ValueError(f"config table {name!r} must be a table, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}

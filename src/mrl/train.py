@@ -390,7 +390,8 @@ def train(
         raise FileNotFoundError(f"--resume given but there is no checkpoint at {str(ckpt_path)!r}")
     if not resume and ckpt_path.exists():
         raise FileExistsError(
-            f"{str(ckpt_path)!r} exists; pass --resume to continue it or choose another --out"
+            f"{str(ckpt_path)!r} exists; pass --resume (resume=True) to continue it or choose "
+            "another --out (out_dir)"
         )
     saved = load_checkpoint(ckpt_path) if resume else None
     if saved is not None:
@@ -407,6 +408,11 @@ def train(
         config, task.in_channels, task.num_classes, task.mean, task.std, task.test.image_shape
     ).to(device)
     optimizer = build_optimizer(config, model)
+    if config.batch_size % dist_info.world_size:  # before config.json is written
+        raise ValueError(
+            f"batch_size must be a positive multiple of the number of processes "
+            f"({dist_info.world_size}), got batch_size={config.batch_size}"
+        )
     steps_per_epoch = len(task.train) // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
