@@ -134,6 +134,45 @@ def _matched_point(scores, y, nesting, cal, tst, target, kind, ctx):
     return cas, {**res, "target": target}, recs
 
 
+def _fixed_records(mrl_acc: dict, ff_acc: dict, ctx: dict) -> list[Record]:
+    """Test accuracy of every fixed MRL prefix and FF model (FF also at its own dims)."""
+    recs = [make_record("mrl", m, "accuracy", a, **ctx) for m, a in mrl_acc.items()]
+    for m, a in ff_acc.items():
+        recs += [
+            make_record("ff", m, "accuracy", a, **ctx),
+            make_record("ff", m, "expected_dims", m, **ctx),
+        ]
+    return recs
+
+
+def _oracle_records(o_labels, o_used, y, nesting: Nesting, ctx: dict) -> list[Record]:
+    """The oracle's accuracy and expected dims (it stops at the first correct prefix)."""
+    o_ctx = {**ctx, "expected_heads": float((np.searchsorted(nesting.sizes, o_used) + 1).mean())}
+    return [
+        make_record("oracle", None, "accuracy", float((o_labels == y).mean()), **o_ctx),
+        make_record("oracle", None, "expected_dims", float(o_used.mean()), **o_ctx),
+    ]
+
+
+def _curve_records(curve: list[dict[str, Any]], ctx: dict) -> list[Record]:
+    recs: list[Record] = []
+    for p in curve:
+        pctx = {**ctx, "point": "curve", "tolerance": p["tolerance"],
+                "expected_heads": p["expected_heads"],
+                "expected_head_dims": p["expected_head_dims"]}  # fmt: skip
+        recs += [
+            make_record("cascade", p["max_prefix"], "accuracy", p["accuracy"], **pctx),
+            make_record("cascade", p["max_prefix"], "expected_dims", p["expected_dims"], **pctx),
+        ]
+    return recs
+
+
+def _fewest_dims(curve: list[dict[str, Any]], accuracy: float, match: float) -> float | None:
+    """Fewest expected dims of a curve point within ``match`` of ``accuracy`` (None if none)."""
+    ok = [p["expected_dims"] for p in curve if p["accuracy"] >= accuracy - match - 1e-12]
+    return min(ok) if ok else None
+
+
 def _evaluate_seed(
     scores: np.ndarray,
     y: np.ndarray,
@@ -161,16 +200,9 @@ def _evaluate_seed(
         "n_calib": len(cal),
         "n_test": len(tst),
     }
-    recs: list[Record] = []
     mrl_acc = {m: _accuracy(scores[g, tst], y[tst]) for g, m in enumerate(nesting.sizes)}
     ff_acc = {m: _accuracy(s[tst], y[tst]) for m, s in ff.items()}
-    for m, a in mrl_acc.items():
-        recs.append(make_record("mrl", m, "accuracy", a, **ctx))
-    for m, a in ff_acc.items():
-        recs += [
-            make_record("ff", m, "accuracy", a, **ctx),
-            make_record("ff", m, "expected_dims", m, **ctx),
-        ]
+    recs = _fixed_records(mrl_acc, ff_acc, ctx)
 
     # Reference: FF of full size if given, else the MRL full-size prefix.
     use_ff = nesting.dim in ff
@@ -179,53 +211,24 @@ def _evaluate_seed(
     ref_cal = _accuracy(ff[nesting.dim][cal] if use_ff else scores[-1, cal], y[cal])
 
     o_labels, o_used = oracle(scores[:, tst], y[tst], nesting, kind)
-    o_ctx = {**ctx, "expected_heads": float((np.searchsorted(nesting.sizes, o_used) + 1).mean())}
-    recs += [
-        make_record("oracle", None, "accuracy", float((o_labels == y[tst]).mean()), **o_ctx),
-        make_record("oracle", None, "expected_dims", float(o_used.mean()), **o_ctx),
-    ]
-
+    recs += _oracle_records(o_labels, o_used, y[tst], nesting, ctx)
     curve = cascade_curve(scores[:, cal], y[cal], scores[:, tst], y[tst], nesting, tolerances, kind)
-    for p in curve:
-        pctx = {
-            **ctx,
-            "point": "curve",
-            "tolerance": p["tolerance"],
-            "expected_heads": p["expected_heads"],
-            "expected_head_dims": p["expected_head_dims"],
-        }
-        recs += [
-            make_record("cascade", p["max_prefix"], "accuracy", p["accuracy"], **pctx),
-            make_record("cascade", p["max_prefix"], "expected_dims", p["expected_dims"], **pctx),
-        ]
+    recs += _curve_records(curve, ctx)
 
+    mctx = {**ctx, "match": match}
     matched, mres, mrecs = _matched_point(
-        scores,
-        y,
-        nesting,
-        cal,
-        tst,
-        ref_cal - match,
-        kind,
-        {**ctx, "match": match, "reference": ref_name},
+        scores, y, nesting, cal, tst, ref_cal - match, kind, {**mctx, "reference": ref_name}
     )
     recs += mrecs
     own_cal = _accuracy(scores[-1, cal], y[cal])
     _, own_res, own_recs = _matched_point(
-        scores,
-        y,
-        nesting,
-        cal,
-        tst,
-        own_cal - match,
-        kind,
-        {**ctx, "match": match, "reference": f"mrl-{nesting.dim}"},
-    )
+        scores, y, nesting, cal, tst, own_cal - match, kind,
+        {**mctx, "reference": f"mrl-{nesting.dim}"},
+    )  # fmt: skip
     recs += own_recs if use_ff else []
 
     # Headline from the test curve.
-    ok = [p for p in curve if p["accuracy"] >= ref_test - match - 1e-12]
-    cas_dims = min(p["expected_dims"] for p in ok) if ok else None
+    cas_dims = _fewest_dims(curve, ref_test, match)
     fixed_name = "ff" if ff else "mrl"
     fixed_m = _smallest_matching(ff_acc if ff else mrl_acc, ref_test, match)
     ratio = None if cas_dims is None or fixed_m is None else fixed_m / cas_dims
@@ -240,8 +243,7 @@ def _evaluate_seed(
         )
     # Also against the MRL model's own full-size prefix (differs from the above when FF-D is used).
     own = mrl_acc[nesting.dim]
-    own_ok = [p["expected_dims"] for p in curve if p["accuracy"] >= own - match - 1e-12]
-    own_dims = min(own_ok) if own_ok else None
+    own_dims = _fewest_dims(curve, own, match)
     if own_dims is not None and use_ff:
         recs.append(make_record("cascade", None, "dims_to_match", own_dims,
                                 **{**hctx, "reference": f"mrl-{nesting.dim}"}))  # fmt: skip
