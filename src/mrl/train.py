@@ -369,6 +369,37 @@ def predict(
 
 
 # --------------------------------------------------------------------------- the loop
+def _checkpoint_path(out: Path, resume: bool) -> Path:
+    """``out/checkpoint.pt``: must exist to resume, must not exist otherwise (never overwritten)."""
+    ckpt_path = out / CHECKPOINT
+    if resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume given but there is no checkpoint at {str(ckpt_path)!r}")
+    if not resume and ckpt_path.exists():
+        raise FileExistsError(
+            f"{str(ckpt_path)!r} exists; pass --resume (resume=True) to continue it or choose "
+            "another --out (out_dir)"
+        )
+    return ckpt_path
+
+
+def _restore(saved: dict, model: nn.Module, optimizer, scheduler, ckpt_path: Path) -> int:
+    """Load weights, optimizer, schedule and RNG state from a checkpoint; the epoch to start at."""
+    _load_state(model, saved["model"], ckpt_path)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if "cuda" in saved["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    return int(saved["epoch"])
+
+
+def _test_top1(model: nn.Module, test, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Test top-1 (percent) of every head, keyed by prefix size."""
+    _, logits = predict(model, test, batch_size, device)  # [G, N, C]
+    acc = (logits.argmax(-1) == test.labels.cpu()[None]).float().mean(1)  # [G]
+    return {str(m): round(100 * a, 3) for m, a in zip(model.head.nesting, acc.tolist())}
+
+
 def train(
     config: TrainConfig,
     out_dir: str | os.PathLike,
@@ -385,14 +416,7 @@ def train(
     ``stop_after_epochs`` stops early as if interrupted (tests of resume).
     """
     out = Path(out_dir)
-    ckpt_path = out / CHECKPOINT
-    if resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"--resume given but there is no checkpoint at {str(ckpt_path)!r}")
-    if not resume and ckpt_path.exists():
-        raise FileExistsError(
-            f"{str(ckpt_path)!r} exists; pass --resume (resume=True) to continue it or choose "
-            "another --out (out_dir)"
-        )
+    ckpt_path = _checkpoint_path(out, resume)
     saved = load_checkpoint(ckpt_path) if resume else None
     if saved is not None:
         _check_compatible(saved, config, ckpt_path)
@@ -420,15 +444,7 @@ def train(
             "items (an epoch would have no step)"
         )
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-    start_epoch = 0
-    if saved is not None:
-        _load_state(model, saved["model"], ckpt_path)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        if "cuda" in saved["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-        start_epoch = int(saved["epoch"])
+    start_epoch = 0 if saved is None else _restore(saved, model, optimizer, scheduler, ckpt_path)
 
     if dist_info.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -459,11 +475,7 @@ def train(
         )
         _check_finite(record, epoch, config, ckpt_path, dist_info, device)
         if test is not None and dist_info.main:
-            _, logits = predict(model, test, config.eval_batch_size, device)
-            acc = (logits.argmax(-1) == test.labels.cpu()[None]).float().mean(1)  # [G]
-            record["test_top1"] = {
-                str(m): round(100 * a, 3) for m, a in zip(head_nesting, acc.tolist())
-            }
+            record["test_top1"] = _test_top1(model, test, config.eval_batch_size, device)
         if dist_info.main:
             _save(ckpt_path, config, model, optimizer, scheduler, epoch + 1, task, head_nesting)
             with open(out / "metrics.jsonl", "a") as f:
