@@ -231,7 +231,7 @@ def reproduce(
     from mrl.config import load_config
     from mrl.data import load_task_for
     from mrl.records import save_records
-    from mrl.train import CHECKPOINT, check_same_recipe, load_checkpoint, train
+    from mrl.train import CHECKPOINT, check_same_recipe, train
 
     if (task, budget) not in RECIPES:
         raise ValueError(f"no recipe for task={task!r} budget={budget!r}")
@@ -246,11 +246,7 @@ def reproduce(
     _check_weight_spec(out / "results.json", weights)
     plan = methods(recipe, w)
     names = [name for name, _ in plan]
-    if only is not None and not only:
-        raise ValueError(f"only must name at least one run among {names}, got {only!r}")
-    unknown = sorted(set(only or ()) - set(names))
-    if unknown:
-        raise ValueError(f"only must name runs among {names}, got {unknown}")
+    _check_only(only, names)
     if runs is not None and not runs_root.is_dir():  # a typo must not start new trainings
         raise FileNotFoundError(
             f"--runs {str(runs)!r} is not a folder of trained runs (OUT/runs of an earlier call)"
@@ -271,15 +267,8 @@ def reproduce(
             recs = json.loads(cached.read_text())
             log(f"[{name}] seed {seed}: evaluated before, reusing {cached}")
         else:
-            ckpt = run_dir / CHECKPOINT
-            resume = ckpt.is_file()
-            if not resume or load_checkpoint(ckpt)["epoch"] < config.epochs:
-                if runs is not None:  # --runs evaluates trained models; it never trains
-                    raise FileNotFoundError(
-                        f"--runs {str(runs)!r} has no fully trained {run_dir.relative_to(runs)} "
-                        "(checkpoint missing or short of the recipe's epochs); train it without "
-                        "--runs, or leave it out with --only"
-                    )
+            if _needs_training(run_dir, config, runs):
+                resume = (run_dir / CHECKPOINT).is_file()
                 log(f"[{name}] seed {seed}: training{' (resuming)' if resume else ''} ...")
                 train(config, run_dir, resume=resume, progress=progress, task=data_task)
             e = compute_embeddings(run_dir, task=data_task)
@@ -303,6 +292,30 @@ def reproduce(
         records += recs
         log(f"[{name}] seed {seed}: done in {time.perf_counter() - t0:.0f} s")
     return merge_records(out / "results.json", records)
+
+
+def _check_only(only: tuple[str, ...] | None, names: list[str]) -> None:
+    if only is not None and not only:
+        raise ValueError(f"only must name at least one run among {names}, got {only!r}")
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise ValueError(f"only must name runs among {names}, got {unknown}")
+
+
+def _needs_training(run_dir: Path, config: Any, runs: str | Path | None) -> bool:
+    """True when ``run_dir`` lacks a checkpoint of all the recipe's epochs (refused with --runs)."""
+    from mrl.train import CHECKPOINT, load_checkpoint
+
+    ckpt = run_dir / CHECKPOINT
+    if ckpt.is_file() and load_checkpoint(ckpt)["epoch"] >= config.epochs:
+        return False
+    if runs is not None:  # --runs evaluates trained models; it never trains
+        raise FileNotFoundError(
+            f"--runs {str(runs)!r} has no fully trained {run_dir.relative_to(runs)} "
+            "(checkpoint missing or short of the recipe's epochs); train it without "
+            "--runs, or leave it out with --only"
+        )
+    return True
 
 
 def _cache_path(run_dir: Path, center: bool, probe_iter: int, recipe: Recipe) -> Path:
