@@ -168,3 +168,26 @@ def test_bad_inputs():
         prefix_scores(q[0], x, [24])
     with pytest.raises(ValueError, match=r"strictly increasing"):
         prefix_scores(q, x, [8, 8, 24])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_scored_in_float32(dtype):
+    # |x|^2 = 256 * 20^2 = 102400 overflows float16 (max 65504): accumulating in the input dtype
+    # gave inf norms, zero cosines and an arbitrary ranking.
+    q, x = _data(q=6, n=40, d=256, dtype=torch.float32)
+    q, x = (20 * q).to(dtype), (20 * x).to(dtype)
+    n = Nesting.doubling(8, 256)
+    s, i = prefix_topk(q, x, n, 5, tile_size=16, center=x.float().mean(0))
+    rs, ri = prefix_topk_reference(q.double(), x.double(), n, 5, center=x.double().mean(0))
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s.double(), rs, rtol=1e-5, atol=1e-5)
+    assert torch.equal(i, ri)
+    full = prefix_scores(q.numpy() if dtype == torch.float16 else q, x, n, "dot")
+    assert np.isfinite(np.asarray(full)).all()
+
+
+def test_tensors_that_require_grad_are_scored_without_autograd():
+    q, x = _data(q=3, n=9, d=8)
+    s, _ = prefix_topk(q.requires_grad_(), x.requires_grad_(), [4, 8], 2)
+    assert not s.requires_grad
+    assert not prefix_scores(q, x, [8]).requires_grad

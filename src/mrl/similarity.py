@@ -13,7 +13,9 @@ so all G prefixes cost one full-size matrix product plus G cheap elementwise pas
 `prefix_topk` tiles this over the items (and over the queries), merging a running top-k per
 prefix, so memory stays ``O(Q_block * tile_size)`` however large N is; ``Q x N x G`` is never held.
 
-Inputs may be torch tensors or numpy arrays; outputs are the same kind as ``queries``.
+Inputs may be torch tensors or numpy arrays; outputs are the same kind as ``queries``. Scores
+are computed in float32 at least (float16/bfloat16 inputs are converted tile by tile), on the
+inputs' device, and never tracked by autograd.
 `prefix_scores_reference` / `prefix_topk_reference` are the plain per-prefix loops the fast
 paths are tested against.
 """
@@ -74,7 +76,7 @@ def _to_tensor(x: Any, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         t = t.float()
-    return t
+    return t.detach()  # scores are for ranking: never part of an autograd graph
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
@@ -107,14 +109,19 @@ def _prepare(
             f"queries and items must have the same dimension, got queries {tuple(q.shape)} "
             f"and items {tuple(x.shape)}"
         )
+    if q.device != x.device:
+        raise ValueError(f"queries and items must be on one device, got {q.device} and {x.device}")
     n = as_nesting(nesting, q.shape[1])
-    dtype = torch.promote_types(q.dtype, x.dtype)
-    q, x = q[:, : n.dim].to(dtype), x[:, : n.dim].to(dtype)
+    # Scores are accumulated in float32 at least: float16/bfloat16 sums of squares overflow
+    # (|x|^2 > 65504) or lose the digits that order near-ties. Items keep their storage dtype
+    # here (a float16 database is not copied whole); callers convert tile by tile.
+    dtype = torch.promote_types(torch.promote_types(q.dtype, x.dtype), torch.float32)
+    q, x = q[:, : n.dim].to(dtype), x[:, : n.dim]
     check_finite(q, "queries")
     check_finite(x, "items")
     c = None
     if center is not None:
-        c = torch.as_tensor(center).to(dtype).reshape(-1)
+        c = torch.as_tensor(center).to(dtype=dtype, device=q.device).reshape(-1)
         if c.shape[0] != queries.shape[1]:
             raise ValueError(
                 f"center must have one entry per dimension ({queries.shape[1]}), "
@@ -133,7 +140,7 @@ def _out(t: torch.Tensor, as_numpy: bool) -> Any:
 def _chunk_sq_norms(x: torch.Tensor, nesting: Nesting) -> torch.Tensor:
     """Squared norms of every prefix, [G, rows], from per-chunk sums and a cumulative sum."""
     # One elementwise pass, then per-chunk sums as a thin product with a 0/1 chunk indicator.
-    ind = torch.zeros(x.shape[1], len(nesting), dtype=x.dtype)  # [D, G]
+    ind = torch.zeros(x.shape[1], len(nesting), dtype=x.dtype, device=x.device)  # [D, G]
     for g, (a, b) in enumerate(nesting.chunks):
         ind[a:b, g] = 1
     return (x.square() @ ind).T.cumsum(0)  # [G, rows]
@@ -148,8 +155,9 @@ def _item_inv_norms(
 ) -> torch.Tensor:
     """1 / |x[:m] - c[:m]| for every prefix and item, [G, N], computed tile by tile."""
     parts = []
+    dtype = torch.promote_types(x.dtype, torch.float32)
     for t0 in range(0, x.shape[0], tile_size):
-        xt = x[t0 : t0 + tile_size]
+        xt = x[t0 : t0 + tile_size].to(dtype)
         parts.append(_chunk_sq_norms(xt if center is None else xt - center, nesting))
     return _inv_norms(torch.cat(parts, 1))
 
@@ -169,7 +177,7 @@ def _iter_prefix_scores(
     reused buffer: copy it if you keep it.
     """
     if acc is None:
-        acc = torch.empty(q.shape[0], x.shape[0], dtype=q.dtype)  # running S_g [Q, T]
+        acc = torch.empty(q.shape[0], x.shape[0], dtype=q.dtype, device=q.device)  # S_g [Q, T]
     out = buf
     for g, (a, b) in enumerate(nesting.chunks):
         # S_g = S_{g-1} + chunk partial product, in place; beta=0 ignores acc's old content
@@ -204,9 +212,10 @@ def prefix_scores(
         large corpora use `prefix_topk`.
     """
     q, x, n, c, as_numpy = _prepare(queries, items, nesting, metric, center)
+    x = x.to(q.dtype)  # [G, Q, N] is materialised anyway: a float32 copy of the items is cheap
     if c is not None:
         q, x = q - c, x - c
-    out = torch.empty(len(n), q.shape[0], x.shape[0], dtype=q.dtype)  # [G, Q, N]
+    out = torch.empty(len(n), q.shape[0], x.shape[0], dtype=q.dtype, device=q.device)
     inv_x = _inv_norms(_chunk_sq_norms(x, n)) if metric == "cosine" else None  # [G, N]
     for g, s in _iter_prefix_scores(q, x, n, inv_x):
         out[g] = s
@@ -295,8 +304,8 @@ def prefix_topk(
         q = q - c
     # 1/|x_m| for all items and prefixes once, [G, N] (reused by every query block)
     inv_x = _item_inv_norms(x, n, c, tile_size) if metric == "cosine" else None
-    scores = torch.empty(len(n), q.shape[0], k, dtype=q.dtype)  # [G, Q, k]
-    indices = torch.empty(len(n), q.shape[0], k, dtype=torch.long)
+    scores = torch.empty(len(n), q.shape[0], k, dtype=q.dtype, device=q.device)  # [G, Q, k]
+    indices = torch.empty(len(n), q.shape[0], k, dtype=torch.long, device=q.device)
     for q0 in range(0, q.shape[0], query_block):
         qb = q[q0 : q0 + query_block]
         eb = None if excl is None else excl[q0 : q0 + query_block]
@@ -320,12 +329,13 @@ def _topk_block(
     A running top-k per prefix is merged with each tile's top-k.
     """
     G, Qb = len(n), q.shape[0]
-    best_s = torch.full((G, Qb, k), -torch.inf, dtype=q.dtype)  # running top-k per prefix
-    best_i = torch.full((G, Qb, k), -1, dtype=torch.long)
-    buf = torch.empty(Qb, min(tile_size, x.shape[0]), dtype=q.dtype)  # reused score buffer
+    dev = q.device
+    best_s = torch.full((G, Qb, k), -torch.inf, dtype=q.dtype, device=dev)  # running top-k
+    best_i = torch.full((G, Qb, k), -1, dtype=torch.long, device=dev)
+    buf = torch.empty(Qb, min(tile_size, x.shape[0]), dtype=q.dtype, device=dev)  # reused
     acc = torch.empty_like(buf)  # reused running sums (no fresh allocation per tile)
     for t0 in range(0, x.shape[0], tile_size):
-        xt = x[t0 : t0 + tile_size]  # [T, D]
+        xt = x[t0 : t0 + tile_size].to(q.dtype)  # [T, D], float32 at least (see _prepare)
         if center is not None:
             xt = xt - center
         rows, cols = _excluded_in_tile(exclude, t0, xt.shape[0])
@@ -366,6 +376,7 @@ def prefix_scores_reference(
 ) -> Any:
     """Plain loop over prefixes: truncate, re-normalise (cosine), multiply. [G, Q, N]."""
     q, x, n, c, as_numpy = _prepare(queries, items, nesting, metric, center)
+    x = x.to(q.dtype)
     if c is not None:
         q, x = q - c, x - c
     out = []
