@@ -209,6 +209,30 @@ def test_matryoshka_contrastive_float32():
     _assert_same(got, ref, [q, p], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_matryoshka_contrastive_half_precision_large_norms(dtype):
+    # Embeddings of norm ~320 (unnormalised model outputs): sums of squares overflow float16, and
+    # a zero prefix's eps**2 underflows to 0; both used to give a NaN loss or NaN gradients.
+    nesting = Nesting.doubling(8, 256)
+    q64, p64 = 20 * _rand(8, 256, seed=1, grad=False), 20 * _rand(8, 256, seed=2, grad=False)
+    zero = q64.clone()
+    zero[0, :16] = 0.0  # (its gradient is ~1/eps, as F.normalize's: not representable in half)
+    assert torch.isfinite(matryoshka_contrastive_loss(zero.to(dtype), p64.to(dtype), nesting))
+    q, p = q64.to(dtype).requires_grad_(), p64.to(dtype).requires_grad_()
+    got = matryoshka_contrastive_loss(q, p, nesting)
+    ref = matryoshka_contrastive_loss_reference(q.double(), p.double(), nesting)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+    got.backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(p.grad).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast cannot push it back to half
+        again = matryoshka_contrastive_loss(q, p, nesting)
+    torch.testing.assert_close(again, got)
+    plain = contrastive_loss(q, p)
+    torch.testing.assert_close(plain.double(), contrastive_loss(q.double(), p.double()),
+                               rtol=1e-4, atol=1e-4)
+
+
 @settings(max_examples=10, deadline=None)
 @given(
     sizes=st.lists(st.integers(1, 30), min_size=1, max_size=4, unique=True).map(sorted),

@@ -294,7 +294,7 @@ def contrastive_loss(
     """
     _check_temperature(temperature)
     cands = _candidates(queries, positives, negatives, None, check_finite)
-    cos = F.normalize(queries, dim=-1, eps=_NORM_EPS) @ F.normalize(cands, dim=-1, eps=_NORM_EPS).T
+    cos = _cosine(queries, cands)  # [B, B + extra]
     return _infonce(cos, queries.shape[0], temperature, symmetric)
 
 
@@ -311,12 +311,33 @@ def _prefix_norms(x: Tensor, nesting: Nesting) -> Tensor:
     return ((x * x) @ mask).clamp_min(_NORM_EPS**2).sqrt()
 
 
+def _float32_at_least(*xs: Tensor) -> list[Tensor]:
+    """Half-precision inputs as float32: cosines need sums of squares, which overflow float16
+    beyond |x| ~ 256, and ``_NORM_EPS**2`` underflows to 0 there (a NaN gradient at 0)."""
+    return [x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in xs]
+
+
+def _cosine(queries: Tensor, cands: Tensor) -> Tensor:
+    """Cosine similarity ``[B, N]`` in float32 at least, autocast off (see `_float32_at_least`)."""
+    queries, cands = _float32_at_least(queries, cands)
+    with torch.autocast(queries.device.type, enabled=False):
+        return F.normalize(queries, dim=-1, eps=_NORM_EPS) @ F.normalize(
+            cands, dim=-1, eps=_NORM_EPS
+        ).T
+
+
 def _prefix_cosine(queries: Tensor, cands: Tensor, nesting: Nesting) -> Tensor:
     """Cosine similarity at every prefix, ``[G, B, N]``, in one pass over D.
 
     Dot products: `nested_linear` (partial products per chunk, accumulated over prefixes); norms:
-    running squared norms (`_prefix_norms`).
+    running squared norms (`_prefix_norms`). Float32 at least, autocast off (as `_cosine`).
     """
+    queries, cands = _float32_at_least(queries, cands)
+    with torch.autocast(queries.device.type, enabled=False):
+        return _prefix_cosine_exact(queries, cands, nesting)
+
+
+def _prefix_cosine_exact(queries: Tensor, cands: Tensor, nesting: Nesting) -> Tensor:
     q_norm = _prefix_norms(queries, nesting)  # [B, G]
     c_norm = _prefix_norms(cands, nesting)  # [N, G]
     dots = nested_linear(queries, cands, nesting)  # [G, B, N]
