@@ -61,6 +61,17 @@ def test_read_corpus_txt_and_jsonl(tmp_path):
     assert list(read_corpus(h, field="body", id_field="key")) == [("k1", "first"), ("k2", "second")]
 
 
+def test_rows_end_at_newline_only(tmp_path):
+    # A bare \r inside a row (old Mac line ends, pasted text) is part of the row, and CRLF files
+    # read like LF ones: the rows read must be the rows `embed` counted, or shards mis-align.
+    f = tmp_path / "c.txt"
+    f.write_bytes(b"one\rstill one\r\ntwo\r\nthree")
+    assert list(read_corpus(f)) == [(0, "one\rstill one"), (1, "two"), (2, "three")]
+    report = embed_corpus(HashEncoder(DIM), f, tmp_path / "store", shard_size=1, batch_size=2,
+                          show_progress=False)
+    assert report.rows == 3 and EmbeddingStore.open(tmp_path / "store").count == 3
+
+
 @pytest.mark.parametrize("content,name,fragment", [
     ('{"text": "a"}\n{"text": \n', "c.jsonl", "c.jsonl line 2: not valid JSON"),
     ('{"text": "a"}\n{"title": "b"}\n', "c.jsonl", "line 2: field 'text' must be a string"),

@@ -62,9 +62,11 @@ def read_corpus(path: str | os.PathLike, field: str = "text",
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl"):
         raise ValueError(f"input must be a .txt or .jsonl file, got {path.name!r}")
-    with open(path, encoding="utf-8") as f:
+    # newline="\n": rows end at \n only, as `_count_lines` counts them (universal newlines also
+    # split at a bare \r, which shifted every later row out of its shard). CRLF ends are stripped.
+    with open(path, encoding="utf-8", newline="\n") as f:
         for row, line in enumerate(f):
-            line = line.rstrip("\n")
+            line = line.removesuffix("\n").removesuffix("\r")
             if suffix == ".txt":
                 text, ident = line, row
             else:
