@@ -105,6 +105,39 @@ def test_save_load_round_trip(tmp_path, backend):
     assert loaded.count == len(db) + 3
 
 
+def test_a_killed_save_does_not_block_the_next_one(tmp_path, monkeypatch):
+    # Killed after the data files but before index.json: the folder holds only our own files
+    # (and a temporary sibling of one), so the next save takes it over and cleans them up.
+    import mrl.retrieval.funnel.index as index_module
+
+    db, q = _data()
+    index = _index(db, shortlist_dim=8, shortlist=50, backend="hnsw")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(index_module, "atomic_write_json", killed)
+        with pytest.raises(KeyboardInterrupt):
+            index.save(tmp_path / "idx")
+    (tmp_path / "idx" / ".vectors-0123456789ab.npy.k3x9.tmp").write_bytes(b"partial")
+    orphans = sorted(p.name for p in (tmp_path / "idx").iterdir())
+    assert len(orphans) >= 5 and "index.json" not in orphans
+    index.save(tmp_path / "idx")
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    kept = {e["file"] for e in meta["files"].values()} | {"index.json"}
+    assert {p.name for p in (tmp_path / "idx").iterdir()} == kept
+    assert not set(orphans) & kept
+    loaded = MatryoshkaIndex.load(tmp_path / "idx")
+    np.testing.assert_array_equal(loaded.search(q, 5).indices, index.search(q, 5).indices)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "vectors-0123456789ab.npy").write_bytes(b"x")
+    (other / "notes.txt").write_text("mine")  # not ours: the folder is refused as before
+    with pytest.raises(FileExistsError, match="non-empty folder without index.json"):
+        index.save(other)
+
+
 def test_load_rejects_version_and_truncation(tmp_path):
     db, _ = _data()
     _index(db).save(tmp_path / "idx")

@@ -25,6 +25,7 @@ against `mrl.retrieval.exact.exact_search`).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +60,18 @@ __all__ = [
 INDEX_FORMAT = "mrl-matryoshka-index"
 INDEX_VERSION = 1
 SIDECAR = "index.json"
+# The files `MatryoshkaIndex.save` writes (data files carry a per-save token) and the temporary
+# siblings `atomic_open` leaves when a save is killed: a folder holding only these is an
+# interrupted save of ours, which a new save may take over and clean.
+_OWN_FILE = re.compile(
+    r"(?:vectors|inv_norms|ids|col_scale|short-\d+|hnsw-\d+-\d+-\d+|ivfpq?-\d+-\d+)"
+    r"-[0-9a-f]{12}\.(?:npy|faiss)"
+)
+_OWN_TEMP = re.compile(r"\.(?:" + _OWN_FILE.pattern + r"|index\.json)\.[^/]+\.tmp")
+
+
+def _is_own_file(name: str) -> bool:
+    return bool(_OWN_FILE.fullmatch(name) or _OWN_TEMP.fullmatch(name))
 BACKENDS = ("flat", "numpy", "hnsw", "ivf", "ivfpq", "torch")
 IVF_BACKENDS = ("ivf", "ivfpq")
 VECTOR_DTYPES = ("float32", "float16", "int8")
@@ -803,9 +816,14 @@ class MatryoshkaIndex:
             "files": files,
         }
         atomic_write_json(path / SIDECAR, meta)
+        keep = {entry["file"] for entry in files.values()}
         if old:
             for entry in old.get("files", {}).values():
-                (path / entry["file"]).unlink(missing_ok=True)
+                if entry["file"] not in keep:
+                    (path / entry["file"]).unlink(missing_ok=True)
+        for leftover in path.iterdir():  # files of earlier saves that were killed midway
+            if leftover.is_file() and _is_own_file(leftover.name) and leftover.name not in keep:
+                leftover.unlink(missing_ok=True)
 
     @classmethod
     def load(
@@ -964,11 +982,16 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
 def check_index_path(path: str | os.PathLike, param: str = "path") -> Path:
     """``path`` can receive an index: new, an empty folder or an index folder (to replace).
 
-    Any other folder (an embedding store, a model) is refused, so that saving never mixes files
-    into it nor removes any; the error names ``param`` (e.g. ``--out``) and the value.
+    A folder holding only the files of a killed save (no index.json yet) is taken over too. Any
+    other folder (an embedding store, a model) is refused, so that saving never mixes files into
+    it nor removes any; the error names ``param`` (e.g. ``--out``) and the value.
     """
     path = check_output_path(path, param, "dir")
-    if path.is_dir() and not (path / SIDECAR).exists() and any(path.iterdir()):
+    if (
+        path.is_dir()
+        and not (path / SIDECAR).exists()
+        and not all(p.is_file() and _is_own_file(p.name) for p in path.iterdir())
+    ):
         raise FileExistsError(
             f"{param} {str(path)!r} is a non-empty folder without {SIDECAR} (not an index to "
             "replace); save the index to a new folder"
