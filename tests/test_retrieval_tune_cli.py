@@ -538,3 +538,27 @@ def test_cli_tuning_keeps_to_a_named_backend(tmp_path, data):
              "--target-recall", "0.9", "--tune-queries", "40", "--backend", "ivf"]
     assert main(build) == 0
     assert MatryoshkaIndex.load(tmp_path / "i").config.backend == "ivf"
+
+
+def test_cli_search_out_never_overwrites_its_inputs(tmp_path, data, capsys):
+    db, _, q, _ = data
+    np.save(tmp_path / "db.npy", db[:300])
+    np.save(tmp_path / "q.npy", q)
+    (tmp_path / "q.json").write_text(json.dumps({"nesting": NEST.to_dict()}))
+    EmbeddingStore.from_array(tmp_path / "qs", q, NEST)
+    assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(tmp_path / "i")]) == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [
+        ("i", str(tmp_path / "i" / "index.json"), "would overwrite the index"),
+        ("i", str(tmp_path / "q.npy"), "would overwrite the queries"),
+        ("i", str(tmp_path / "q.json"), "would overwrite the sidecar of the queries"),
+        ("qs", str(tmp_path / "qs" / "store.json"), "would overwrite the queries"),
+    ]
+    for queries_name, out, message in cases:
+        queries = str(tmp_path / ("q.npy" if queries_name == "i" else "qs"))
+        assert main(["search", str(tmp_path / "i"), queries, "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert message in err and f"--out {out!r}" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert main(["search", str(tmp_path / "i"), str(tmp_path / "qs"), "--out",
+                 str(tmp_path / "r.json")]) == 0

@@ -60,6 +60,22 @@ def check_output_path(path: str | os.PathLike, param: str, kind: str = "dir") ->
     return path
 
 
+def check_not_an_input(path: str | os.PathLike, param: str,
+                       inputs: dict[str, str | os.PathLike]) -> None:
+    """Refuse an output ``path`` that is one of the ``inputs`` (name -> file or folder), inside an
+    input folder, or the ``<file>.json`` sidecar of an input ``.npy``: writing there would destroy
+    what the command just read (an index's index.json, a store, the queries)."""
+    out = Path(path).resolve()
+    for name, value in inputs.items():
+        src = Path(value).resolve()
+        hit = out == src or (src.is_dir() and out.is_relative_to(src))
+        if not hit and src.suffix == ".npy" and out == src.with_suffix(".json"):
+            name, hit = f"the sidecar of {name}", True
+        if hit:
+            raise ValueError(f"{param} {str(path)!r} would overwrite {name} {str(value)!r}; "
+                             "write it somewhere else")
+
+
 def check_new_output_dir(path: str | os.PathLike, param: str) -> Path:
     """`check_output_path` for a folder that must be new (or empty): an old model or result
     folder is never mixed with new files nor silently overwritten."""

@@ -26,13 +26,15 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from mrl.devices import check_device
-    from mrl.io import atomic_write_json, check_output_path
+    from mrl.io import atomic_write_json, check_not_an_input, check_output_path
     from mrl.retrieval import MatryoshkaIndex
     from mrl.retrieval.funnel.index import hit_lists
     from mrl.retrieval.loading import load_embeddings
 
     if args.out:
         check_output_path(args.out, "--out", "file")
+        inputs = {"the index": args.index, "the queries": args.queries}
+        check_not_an_input(args.out, "--out", inputs)
     check_device(args.device, "--device")
     index = MatryoshkaIndex.load(args.index, device=args.device)
     backend = args.backend or index.config.backend
