@@ -158,6 +158,37 @@ def test_load_rejects_version_and_truncation(tmp_path):
         MatryoshkaIndex.load(tmp_path / "none")
 
 
+def _edit_sidecar(path, edit):
+    meta = json.loads((path / "index.json").read_text())
+    edit(meta)
+    (path / "index.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["files"].pop("ids"), r"files\.ids must be \{'file': name, 'bytes': size\}, "
+     "got None"),
+    (lambda m: m.update(config=None), "'config' must be a dict, got None"),
+    (lambda m: m.update(count="400"), "'count' must be a int, got '400'"),
+    (lambda m: m.update(nesting={"sizes": [4, 8, 16, 64]}), "its nesting ends at 64 but its "
+     r"vectors have shape \(400, 32\)"),
+])
+def test_load_names_what_is_wrong_with_a_damaged_sidecar(tmp_path, edit, message):
+    db, _ = _data()
+    _index(db).save(tmp_path / "idx")
+    _edit_sidecar(tmp_path / "idx", edit)
+    with pytest.raises(ValueError, match=message):
+        MatryoshkaIndex.load(tmp_path / "idx")
+
+
+def test_empty_queries_and_tiny_ivfpq_are_clear_errors():
+    db, q = _data()
+    with pytest.raises(ValueError, match=r"at least one row, got shape \(0, 32\)"):
+        _index(db).search(q[:0], 5)
+    tiny = _index(db[:10], backend="ivfpq", shortlist_dim=8, shortlist=5)
+    with pytest.raises(ValueError, match="ivfpq backend needs at least 16 database items"):
+        tiny.search(q, 3)
+
+
 @pytest.mark.parametrize("part", ["vectors-*.npy", "hnsw-*.faiss", "ivf-*.faiss"])
 def test_same_size_corruption_names_the_file(tmp_path, part):
     db, _ = _data()

@@ -389,6 +389,11 @@ class MatryoshkaIndex:
             if self.count == 0:
                 raise ValueError("the index is empty: add vectors before building an IVF")
             cells = nlist or auto_nlist(self.count)
+            if pq and self.count < 16:  # 4-bit codes: 16 k-means centroids per sub-vector
+                raise ValueError(
+                    f"the ivfpq backend needs at least 16 database items to train its 4-bit "
+                    f"product codes, got {self.count}; use the ivf or flat backend"
+                )
             if cells > self.count:
                 raise ValueError(
                     f"nlist must be <= number of database items ({self.count}), got nlist={cells}"
@@ -515,6 +520,8 @@ class MatryoshkaIndex:
             arr = arr[None, :]
         if arr.ndim != 2 or arr.shape[1] != d:
             raise ValueError(f"queries must have shape [Q, {d}], got shape {np.shape(queries)}")
+        if arr.shape[0] == 0:
+            raise ValueError(f"queries must hold at least one row, got shape {arr.shape}")
         if not np.issubdtype(arr.dtype, np.floating):
             raise ValueError(f"queries must be floating point, got dtype {arr.dtype}")
         q = np.ascontiguousarray(arr, dtype=np.float32)
@@ -885,6 +892,11 @@ class MatryoshkaIndex:
             raise ValueError(
                 f"index at {path} is inconsistent: count {meta['count']} does not match its arrays"
             )
+        if index._vectors.ndim != 2 or index._vectors.shape[1] != index.nesting.dim:
+            raise ValueError(
+                f"index at {path} is inconsistent: its nesting ends at {index.nesting.dim} but "
+                f"its vectors have shape {index._vectors.shape}"
+            )
         return index
 
     def __repr__(self) -> str:
@@ -976,7 +988,28 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
             f"{sidecar} has index format version {meta.get('version')!r}; this mrl "
             f"reads version {INDEX_VERSION}"
         )
+    _check_sidecar_fields(meta, sidecar)
     return meta
+
+
+_SIDECAR_FIELDS = {"nesting": dict, "config": dict, "metric": str, "vector_dtype": str,
+                   "count": int, "files": dict}
+_REQUIRED_FILES = ("vectors", "inv_norms", "ids", "col_scale")
+
+
+def _check_sidecar_fields(meta: dict[str, Any], sidecar: Path) -> None:
+    """Every field `load` reads, with its type: a hand-edited or damaged index.json fails here,
+    naming the field, instead of with a KeyError or TypeError deep inside `load`."""
+    for name, kind in _SIDECAR_FIELDS.items():
+        if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
+            raise ValueError(f"{sidecar} is damaged: {name!r} must be a {kind.__name__}, got "
+                             f"{meta.get(name)!r}")
+    for name in _REQUIRED_FILES:
+        entry = meta["files"].get(name)
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                and isinstance(entry.get("bytes"), int)):
+            raise ValueError(f"{sidecar} is damaged: files.{name} must be "
+                             f"{{'file': name, 'bytes': size}}, got {entry!r}")
 
 
 def check_index_path(path: str | os.PathLike, param: str = "path") -> Path:
