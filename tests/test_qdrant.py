@@ -317,6 +317,12 @@ def test_cli_bad_prefixes(tmp_path, store_path, capsys):
                  str(tmp_path), "--prefixes", "8,24"])
     assert code == 2
     assert "--prefixes [24] are not in the index's nesting [8, 16, 32]" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    code = main(["export", "qdrant", str(store_path), "--collection", "x", "--path",
+                 str(tmp_path / "afile")])
+    assert code == 2
+    assert f"--path '{tmp_path / 'afile'}' is a file; give a folder path" in (
+        capsys.readouterr().err)
 
 
 # ----------------------------------------------------------------------------- served

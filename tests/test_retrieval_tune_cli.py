@@ -186,6 +186,14 @@ def test_cli_build_refuses_options_and_folders_up_front(tmp_path, data, capsys):
         capsys.readouterr().err)
 
 
+def test_cli_bench_empty_query_file(tmp_path, data, capsys):
+    np.save(tmp_path / "db.npy", data[0][:100])
+    np.save(tmp_path / "q.npy", data[2][:0])
+    assert main(["bench", "retrieval", "--embeddings", str(tmp_path / "db.npy"),
+                 "--query-embeddings", str(tmp_path / "q.npy")]) == 2
+    assert "the query embeddings hold no rows" in capsys.readouterr().err
+
+
 def test_cli_bench_tiny(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert (

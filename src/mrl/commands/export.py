@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     indexed = None if args.indexed is None else Nesting.parse(args.indexed).sizes
     layout = QdrantLayout(prefixes, args.distance, indexed)
     if args.path:
+        from mrl.io import check_output_path
+
+        check_output_path(args.path, "--path", "dir")  # a file there failed after the set-up
         progress = args.progress or str(Path(args.path) / f"{args.collection}.progress.json")
         target = open_target(args.collection, path=args.path)
     else:

@@ -258,6 +258,8 @@ def bench_retrieval(
         # HNSW) rank by the same full-size cosine as the funnel's last stage.
         db, q = (_unit(np.asarray(a, np.float32)) for a in data)
         n, dim = db.shape
+        if len(q) == 0:
+            raise ValueError("the query embeddings hold no rows: nothing to benchmark")
     if k >= n:
         raise ValueError(f"k must be < n ({n}), got k={k}")
     nesting = Nesting.doubling(8, dim) if dim >= 8 else Nesting.full(dim)
