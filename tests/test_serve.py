@@ -492,3 +492,25 @@ def test_named_config_is_widened_for_a_larger_k_and_reports_what_ran():
         assert out.params["shortlist"] == 40 and out.params["stages"] == [[16, 30], [DIM, 30]]
     with pytest.raises(ValueError, match=r"stages\[0\] keep must be in \[k=30, 40\]"):
         backend.search(q, 30, stages=[[16, 20], [DIM, 10]])  # explicit: run as given
+
+
+def test_busy_port_or_unknown_host_fail_before_the_model_loads(monkeypatch, capsys):
+    import socket
+
+    import mrl.commands.serve as serve_command
+    from mrl.cli import main
+
+    def no_model(args):
+        raise AssertionError("the model must not load before the port is bound")
+
+    monkeypatch.setattr(serve_command, "build_app", no_model)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", "hash:32", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on --host 127.0.0.1 --port {port}: Address already in use" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["serve", "--model", "hash:32", "--host", "no-such-host.invalid"]) == 2
+    assert "--host 'no-such-host.invalid' is not an address" in capsys.readouterr().err

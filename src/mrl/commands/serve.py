@@ -113,10 +113,14 @@ def build_app(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from mrl.serve import serve_forever
+    from mrl.serve.server import bind_socket, serve_forever
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got --port {args.port}")
-    app = build_app(args)
-    serve_forever(app, host=args.host, port=args.port, log_level=args.log_level)
+    sock = bind_socket(args.host, args.port)  # before the model loads: a busy port fails at once
+    try:
+        app = build_app(args)
+        serve_forever(app, host=args.host, port=args.port, log_level=args.log_level, sock=sock)
+    finally:
+        sock.close()
     return 0

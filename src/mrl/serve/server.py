@@ -11,7 +11,27 @@ from collections.abc import Iterator
 
 from mrl._optional import require
 
-__all__ = ["serve_forever", "serving"]
+__all__ = ["bind_socket", "serve_forever", "serving"]
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (IPv4 or IPv6), or a one-line ValueError naming
+    --host/--port: a port in use or an unknown host fails before the model loads, not as a
+    uvicorn traceback after it."""
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"--host {host!r} is not an address this machine can resolve "
+                         f"({getattr(exc, 'strerror', None) or exc})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on --host {host} --port {port}: {exc.strerror}; choose "
+                         "another --port (or stop what uses it)") from None
+    return sock
 
 
 def _uvicorn_config(app, host: str, port: int, log_level: str):
@@ -22,10 +42,11 @@ def _uvicorn_config(app, host: str, port: int, log_level: str):
 
 
 def serve_forever(app, host: str = "127.0.0.1", port: int = 8000,
-                  log_level: str = "info") -> None:
-    """Serve until interrupted (Ctrl-C)."""
+                  log_level: str = "info", sock: socket.socket | None = None) -> None:
+    """Serve until interrupted (Ctrl-C); on ``sock`` when given (see `bind_socket`)."""
     uvicorn = require("uvicorn", "serve")
-    uvicorn.Server(_uvicorn_config(app, host, port, log_level)).run()
+    server = uvicorn.Server(_uvicorn_config(app, host, port, log_level))
+    server.run(sockets=None if sock is None else [sock])
 
 
 @contextlib.contextmanager
@@ -37,9 +58,7 @@ def serving(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warni
     server is shut down (and the thread joined) when the block exits.
     """
     uvicorn = require("uvicorn", "serve")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = bind_socket(host, port)
     port = sock.getsockname()[1]
     server = uvicorn.Server(_uvicorn_config(app, host, port, log_level))
     server.install_signal_handlers = lambda: None  # not the main thread
