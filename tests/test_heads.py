@@ -242,13 +242,33 @@ def test_nested_linear_rejects_bad_weight_and_bias():
         nested_linear(z, torch.randn(5, 4), n, torch.randn(4))
 
 
-def test_double_backward_is_not_supported():
-    # once_differentiable: the first-order gradient carries no graph (documented limitation).
-    head = MRLEHead(Nesting((2, 4)), 3).double()
-    z = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(head(z).sum(), z, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        grad.sum().backward()
+def test_double_backward_matches_the_reference_loops():
+    # A gradient penalty through the heads: second-order gradients must equal those of the plain
+    # F.linear loops (the fast backward switches to differentiable ops under create_graph=True).
+    n = Nesting((2, 5, 8))
+    z = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda z, w, b: nested_linear(z, w, n, b), (z, w, b))
+    mrl = MRLHead(n, 4).double()
+    params = [*mrl.weights, *mrl.biases]
+
+    def penalty(logits_fn):
+        (gz,) = torch.autograd.grad(logits_fn().square().sum(), z, create_graph=True)
+        return torch.autograd.grad(gz.square().sum(), [z, *params])
+
+    fast = penalty(lambda: mrl(z))
+    ref = penalty(lambda: mrl_head_reference(z, list(mrl.weights), list(mrl.biases)))
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r)
+    fast = torch.autograd.grad(
+        torch.autograd.grad(nested_linear(z, w, n, b).square().sum(), z, create_graph=True)[0]
+        .square().sum(), [z, w, b])
+    ref = torch.autograd.grad(
+        torch.autograd.grad(mrl_e_head_reference(z, w, n, b).square().sum(), z,
+                            create_graph=True)[0].square().sum(), [z, w, b])
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r)
 
 
 def test_heads_have_nesting_and_state_dict_roundtrip():

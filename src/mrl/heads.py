@@ -23,7 +23,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from mrl.nesting import Nesting
 
@@ -131,10 +130,12 @@ class _NestedLinearFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # no double backward (a clear error instead of a wrong answer)
     def backward(ctx, grad_out: Tensor):
         z, weight = ctx.saved_tensors
         need_z, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: out-of-place ops autograd can follow
+            return _nested_linear_grads(grad_out, z, weight, ctx.chunks, ctx.needs_input_grad,
+                                        ctx.has_bias)
         grad_z = torch.empty_like(z, memory_format=torch.contiguous_format) if need_z else None
         grad_w = (torch.empty_like(weight, memory_format=torch.contiguous_format)
                   if need_w else None)
@@ -148,6 +149,19 @@ class _NestedLinearFn(torch.autograd.Function):
                 _addmm_into_(grad_w[:, s:e], acc.t(), z[:, s:e], accumulate=False)
         grad_b = acc.sum(0) if (ctx.has_bias and need_b) else None  # R_0 = sum over all prefixes
         return grad_z, grad_w, grad_b, None
+
+
+def _nested_linear_grads(grad_out: Tensor, z: Tensor, weight: Tensor, chunks: tuple,
+                         need: tuple, has_bias: bool) -> tuple:
+    """`_NestedLinearFn.backward` in differentiable out-of-place ops (double backward, e.g. a
+    gradient penalty): the same chunk products, with ``R [G, B, C]`` materialised."""
+    R = grad_out.flip(0).cumsum(0).flip(0)  # R[g] = sum_{h>=g} grad_out[h]
+    grad_z = torch.cat([R[g] @ weight[:, s:e] for g, (s, e) in enumerate(chunks)], 1) \
+        if need[0] else None
+    grad_w = torch.cat([R[g].t() @ z[:, s:e] for g, (s, e) in enumerate(chunks)], 1) \
+        if need[1] else None
+    grad_b = R[0].sum(0) if (has_bias and need[2]) else None
+    return grad_z, grad_w, grad_b, None
 
 
 def nested_linear(
@@ -237,11 +251,12 @@ class _PrefixLinearsFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # no double backward (a clear error instead of a wrong answer)
     def backward(ctx, grad_out: Tensor):
         z, *weights = ctx.saved_tensors
         sizes, G = ctx.sizes, len(ctx.sizes)
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: out-of-place ops autograd can follow
+            return _prefix_linears_grads(grad_out, z, weights, sizes, need, ctx.has_bias)
         grad_z = None
         if need[0]:
             # Largest prefix first: it covers all of D, so its write initialises the whole buffer.
@@ -257,6 +272,19 @@ class _PrefixLinearsFn(torch.autograd.Function):
         if ctx.has_bias:
             grad_b = [grad_out[g].sum(0) if need[3 + G + g] else None for g in range(G)]
         return (grad_z, None, None, *grad_w, *grad_b)
+
+
+def _prefix_linears_grads(grad_out: Tensor, z: Tensor, weights: Sequence[Tensor], sizes: tuple,
+                          need: tuple, has_bias: bool) -> tuple:
+    """`_PrefixLinearsFn.backward` in differentiable out-of-place ops (double backward)."""
+    G, D = len(sizes), z.shape[1]
+    grad_z = None
+    if need[0]:  # sum over g of grad_out[g] @ W_g, zero-padded from m_g to D
+        grad_z = sum(F.pad(grad_out[g] @ weights[g], (0, D - sizes[g])) for g in range(G))
+    grad_w = [grad_out[g].t() @ z[:, : sizes[g]] if need[3 + g] else None for g in range(G)]
+    grad_b = [grad_out[g].sum(0) if need[3 + G + g] else None for g in range(G)] \
+        if has_bias else []
+    return (grad_z, None, None, *grad_w, *grad_b)
 
 
 def mrl_head_reference(
