@@ -92,6 +92,18 @@ def test_long_tail_head_and_tail_parts():
     )
 
 
+def test_long_tail_head_classes_with_fewer_than_head_shots_use_all_they_have():
+    # 30 pool examples per class, default head_shots=100: the head takes all 30 (as documented),
+    # which equals head_shots=None; a class too small for a tail draw names tail_shots.
+    x, y = separable_in_second_chunk(n_per_class=30, C=6)
+    q, qy = separable_in_second_chunk(n_per_class=10, C=6, seed=3)
+    default = long_tail_eval(x, y, q, qy, NEST, tail_shots=(1, 5), draws=2)
+    every = long_tail_eval(x, y, q, qy, NEST, tail_shots=(1, 5), draws=2, head_shots=None)
+    assert [r["value"] for r in default] == [r["value"] for r in every]
+    with pytest.raises(ValueError, match=r"tail_shots=\[1, 40\]: class 0 has only 30 pool"):
+        long_tail_eval(x, y, q, qy, NEST, tail_shots=(1, 40))
+
+
 def test_bad_input_messages():
     x, y = separable_in_second_chunk()
     with pytest.raises(ValueError, match=r"shots must be positive integers, got \[0\]"):

@@ -153,6 +153,11 @@ def sample_support(
     return np.concatenate(picked)
 
 
+def _head(head_shots: int | None, available: int) -> int | None:
+    """A head class's support: ``head_shots`` examples, or all it has when fewer (None: all)."""
+    return None if head_shots is None or head_shots >= available else int(head_shots)
+
+
 def _check_shots(shots: Sequence[int], draws: int) -> None:
     if not shots or any(isinstance(n, bool) or int(n) != n or n < 1 for n in shots):
         raise ValueError(f"shots must be positive integers, got {list(shots)}")
@@ -226,7 +231,8 @@ def long_tail_eval(
     **context: Any,
 ) -> list[Record]:
     """NCM with ``num_tail`` random tail classes (default half) of n examples each, the others
-    ``head_shots`` (None: all). Accuracy over all, head and tail queries."""
+    up to ``head_shots`` (all they have when fewer; None: all). Accuracy over all, head and tail
+    queries. Every class needs pool examples and a query; a tail class needs n pool examples."""
     _check_shots(tail_shots, draws)
     px, py = _check_xy(pool, pool_labels, nesting, "pool")
     qx, qy = _check_xy(queries, query_labels, nesting, "queries")
@@ -242,13 +248,19 @@ def long_tail_eval(
         )
     if not 1 <= k < C:
         raise ValueError(f"num_tail must be in [1, {C - 1}] for {C} classes, got {num_tail}")
+    counts = np.bincount(py, minlength=C)  # pool examples per class
+    short = np.flatnonzero(counts < max(int(n) for n in tail_shots))
+    if len(short):  # any class may be drawn into the tail
+        c = int(short[0])
+        raise ValueError(f"tail_shots={list(tail_shots)}: class {c} has only {counts[c]} pool "
+                         f"examples (any class can be drawn as a tail class)")
     rng = np.random.default_rng(seed)
     records: list[Record] = []
     for n in tail_shots:
         parts: dict[str, list[np.ndarray]] = {"all": [], "head": [], "tail": []}
         for _ in range(int(draws)):
             tail = set(rng.choice(C, size=k, replace=False).tolist())
-            plan = {c: (int(n) if c in tail else head_shots) for c in range(C)}
+            plan = {c: int(n) if c in tail else _head(head_shots, counts[c]) for c in range(C)}
             sup = sample_support(py, plan, rng)
             s = ncm_scores(px[sup], py[sup], qx, nesting, num_classes=C, center=center)
             right = s.argmax(axis=2) == qy[None, :]  # [G, Q]
