@@ -294,3 +294,14 @@ def test_heads_follow_autocast_like_linear(head_cls):
     out.float().sum().backward()
     assert z.grad is not None and z.grad.dtype == torch.float32
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in head.parameters())
+
+
+def test_numpy_integer_sizes_are_accepted():
+    import numpy as np
+
+    labels = np.array([0, 2, 1])
+    for head in (MRLHead((2, 4), labels.max() + 1), MRLEHead((2, 4), np.int64(3)),
+                 FixedFeatureHead(np.int32(2), np.int64(3), np.int64(4))):
+        assert type(head.num_classes) is int and head(torch.randn(5, 4)).shape[-1] == 3
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got num_classes=2.0"):
+        MRLHead((2, 4), 2.0)

@@ -344,3 +344,20 @@ def test_matryoshka_loss_errors():
         MatryoshkaLoss(lambda e: e.sum(-1), nesting)(a)
     with pytest.raises(ValueError, match="loss_fn must be callable, got 3"):
         MatryoshkaLoss(3, nesting)
+
+
+def test_temperature_as_numpy_scalar_or_learned_tensor():
+    import numpy as np
+
+    q, p = _rand(4, 8, seed=1), _rand(4, 8, seed=2)
+    want = matryoshka_contrastive_loss(q, p, [4, 8], temperature=0.05)
+    torch.testing.assert_close(
+        matryoshka_contrastive_loss(q, p, [4, 8], temperature=np.float32(0.05)), want)
+    t = torch.tensor(0.05, dtype=F64, requires_grad=True)  # a learned temperature
+    got = matryoshka_contrastive_loss(q, p, [4, 8], temperature=t)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert t.grad is not None and torch.isfinite(t.grad)
+    for bad in (torch.tensor(-1.0), torch.tensor([0.1, 0.2]), True, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+            contrastive_loss(q, p, temperature=bad)

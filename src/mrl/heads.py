@@ -18,6 +18,7 @@ final buffers (no zero-filled slice gradients, no stacked copies). `mrl_head_ref
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -50,9 +51,9 @@ def _as_nesting(nesting: Nesting | Sequence[int] | str, name: str = "nesting") -
 
 
 def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-    return value
+    return int(value)  # numpy ints too (e.g. labels.max() + 1)
 
 
 def _check_input(z: Tensor, dim: int, name: str = "z") -> None:
@@ -215,8 +216,8 @@ class MRLEHead(nn.Module):
         self.nesting = _as_nesting(nesting)
         self.num_classes = _check_positive_int("num_classes", num_classes)
         self.in_dim = self.nesting.dim
-        self.weight = nn.Parameter(torch.empty(num_classes, self.in_dim))
-        self.bias = nn.Parameter(torch.empty(num_classes)) if bias else None
+        self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_dim))
+        self.bias = nn.Parameter(torch.empty(self.num_classes)) if bias else None
         _init_linear_(self.weight, self.bias, self.in_dim)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -320,10 +321,11 @@ class MRLHead(nn.Module):
         self.in_dim = self.nesting.dim
         self.fused = fused
         self.weights = nn.ParameterList(
-            [nn.Parameter(torch.empty(num_classes, m)) for m in self.nesting.sizes]
+            [nn.Parameter(torch.empty(self.num_classes, m)) for m in self.nesting.sizes]
         )
         self.biases = (
-            nn.ParameterList([nn.Parameter(torch.empty(num_classes)) for _ in self.nesting.sizes])
+            nn.ParameterList([nn.Parameter(torch.empty(self.num_classes))
+                              for _ in self.nesting.sizes])
             if bias
             else None
         )
@@ -365,7 +367,7 @@ class FixedFeatureHead(nn.Module):
         if dim > in_dim:
             raise ValueError(f"dim must be <= in_dim ({in_dim}), got dim={dim}")
         self.nesting = Nesting((dim,))
-        self.linear = nn.Linear(dim, num_classes, bias=bias)
+        self.linear = nn.Linear(dim, self.num_classes, bias=bias)
 
     def forward(self, z: Tensor) -> Tensor:
         _check_input(z, self.in_dim)

@@ -22,6 +22,7 @@ gives a NaN loss, which is visible anyway.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,9 +92,14 @@ def _check_label_smoothing(label_smoothing: float) -> None:
         )
 
 
-def _check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0):
+def _check_temperature(temperature: float | Tensor) -> None:
+    """A positive finite number: Python or numpy scalars, or a 0-d tensor (e.g. a learned
+    temperature, kept as a tensor so that its gradient flows)."""
+    value = temperature
+    if isinstance(temperature, Tensor) and temperature.dim() == 0:
+        value = float(temperature.detach())
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0):
         raise ValueError(f"temperature must be a positive finite number, got "
                          f"temperature={temperature!r}")
 
