@@ -338,6 +338,27 @@ def test_cli_compare_append(tiny_model, tmp_path):
     assert (out / "report.html").is_file()
 
 
+def test_cli_compare_append_refuses_another_dataset_or_model(tiny_model, tmp_path, capsys):
+    """--append never mixes records of another dataset or base model into one table."""
+    pytest.importorskip("mrl.report")
+    data, other_data = _beir(tmp_path / "mini"), _beir(tmp_path / "mini2")
+    other_model = tmp_path / "other-model"
+    shutil.copytree(tiny_model, other_model)
+    out = tmp_path / "cmp"
+    args = ["text", "compare", "--out", str(out), "--methods", "truncate"]
+    assert main(args + ["--dataset", str(data), "--model", str(tiny_model)]) == 0
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+    pca = ["--methods", "pca", "--append"]
+    assert main(args + pca + ["--dataset", str(other_data), "--model", str(tiny_model)]) == 2
+    err = capsys.readouterr().err
+    assert "--append" in err and "results.json" in err and "dataset 'mini'" in err, err
+    assert main(args + pca + ["--dataset", str(data), "--model", str(other_model)]) == 2
+    err = capsys.readouterr().err
+    assert "--append" in err and f"base model {str(tiny_model)!r}" in err, err
+    assert (out / "results.json").read_text() == before
+
+
 def test_finetune_from_pca_rotation(tiny_model, tiny, tmp_path):
     """init_rotation="pca": base model + Dense(R); before training it is exactly x @ R_pca."""
     from mrl.text.adaptor import pca_rotation

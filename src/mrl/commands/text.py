@@ -162,7 +162,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cp.add_argument(
         "--append",
         action="store_true",
-        help="keep OUT/results.json records of the methods not run now",
+        help="keep OUT/results.json records of the methods not run now (refused when they are "
+        "of another dataset or, for truncate/pca/adapt, another --model)",
     )
 
     en = sub.add_parser("encode", help="encode a corpus once (.npy + JSON sidecar)")
@@ -328,8 +329,10 @@ def _compare(args: argparse.Namespace) -> int:
         if methods == ["finetune"]:
             raise ValueError("--methods finetune needs --finetuned MODEL (the fine-tuned folder)")
         methods.remove("finetune")
+    ds = _documents(args.dataset)  # loaded once: its name checks --append before any encoding
+    kept = _appended_records(args, ds.name, methods) if args.append else []
     records = compare_methods(
-        args.dataset,
+        ds,
         base=args.model,
         finetuned=args.finetuned,
         cache_dir=args.cache,
@@ -338,12 +341,7 @@ def _compare(args: argparse.Namespace) -> int:
         log=lambda s: print(s, flush=True),
         finetune_label=args.finetuned_label,
     )
-    previous = Path(args.out) / "results.json"
-    if args.append and previous.is_file():
-        from mrl.records import load_records
-
-        written = {args.finetuned_label if m == "finetune" else m for m in methods}
-        records = [r for r in load_records(previous) if r["method"] not in written] + records
+    records = kept + records
     metric = "p@10" if any(r["metric"] == "p@10" for r in records) else "ndcg@10"
     table = relative_table(records, metric)
     notes = (
@@ -360,6 +358,35 @@ def _compare(args: argparse.Namespace) -> int:
     )
     print(table)
     return 0
+
+
+def _appended_records(args: argparse.Namespace, dataset: str, methods: list[str]) -> list:
+    """``--append``: OUT/results.json's records of the methods not run now.
+
+    One table compares one dataset and one base model: records of another dataset, or base-model
+    records (truncate, pca, adapt) of another ``--model``, are refused, never mixed in.
+    """
+    from mrl.records import load_records
+    from mrl.text.evaluation import _BASE_METHODS
+
+    previous = Path(args.out) / "results.json"
+    if not previous.is_file():
+        return []
+    old = load_records(previous)
+    for r in old:
+        if r.get("dataset") != dataset:
+            raise ValueError(
+                f"--append: {str(previous)!r} holds results on dataset {r.get('dataset')!r}, "
+                f"not on --dataset {args.dataset!r} ({dataset!r}); use another --out"
+            )
+        if r["method"] in _BASE_METHODS and r.get("model") != str(args.model):
+            raise ValueError(
+                f"--append: {str(previous)!r} holds {r['method']!r} results of base model "
+                f"{r.get('model')!r}, not of --model {str(args.model)!r}; pass that --model "
+                "or use another --out"
+            )
+    written = {args.finetuned_label if m == "finetune" else m for m in methods}
+    return [r for r in old if r["method"] not in written]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -244,7 +244,7 @@ def _evaluate(
 
 
 def compare_methods(
-    dataset: str | os.PathLike,
+    dataset: str | os.PathLike | RetrievalDataset | LabelledCorpus,
     *,
     base: str | os.PathLike = "default",
     finetuned: str | os.PathLike | None = None,
@@ -257,6 +257,7 @@ def compare_methods(
 ) -> list[Record]:
     """The text results table: ``truncate``, ``pca``, ``adapt`` (and ``finetune``) per prefix.
 
+    ``dataset``: a name or folder for `load_text_dataset`, or a dataset already loaded.
     ``methods`` picks a subset (``finetune`` needs ``finetuned``); embeddings are encoded once
     per model (cached in ``cache_dir`` when given).
 
@@ -283,7 +284,8 @@ def compare_methods(
         raise ValueError(f"finetune_label {finetune_label!r} is another method's name")
     if "finetune" in methods and finetuned is None:
         raise ValueError("method 'finetune' needs a fine-tuned model (finetuned=None)")
-    ds = load_text_dataset(dataset)
+    loaded = isinstance(dataset, (RetrievalDataset, LabelledCorpus))
+    ds = dataset if loaded else load_text_dataset(dataset)
     labelled = isinstance(ds, LabelledCorpus)
 
     def embed(model: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
