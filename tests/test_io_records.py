@@ -147,3 +147,12 @@ def test_atomic_output_dir_keeps_finished_work_when_the_target_fills_meanwhile(t
     kept = [p for p in tmp_path.iterdir() if p.name.startswith(".model.")]
     assert len(kept) == 1 and (kept[0] / "weights.bin").read_text() == "hours of work"
     assert (target / "other.txt").read_text() == "someone else's"
+
+
+def test_make_record_refuses_fractional_prefixes():
+    from mrl.records import make_record
+
+    assert make_record("mrl", 8.0, "top1", 0.5)["prefix"] == 8
+    for bad in (8.7, 0, True):
+        with pytest.raises(ValueError, match="prefix must be a positive whole number of dims"):
+            make_record("mrl", bad, "top1", 0.5)

@@ -121,3 +121,15 @@ def test_from_dict_errors():
         Nesting.from_dict({"size": [1]})
     with pytest.raises(ValueError, match=r"unknown nesting keys \['extra'\]"):
         Nesting.from_dict({"sizes": [1], "extra": 1})
+
+
+def test_parse_refuses_empty_items_but_allows_a_trailing_comma():
+    assert Nesting.parse("8, 16,").sizes == (8, 16)
+    with pytest.raises(ValueError, match=r"nesting spec '8,,16' is not a comma-separated list"):
+        Nesting.parse("8,,16")
+
+
+def test_truncated_keeps_the_weights():
+    n = Nesting((8, 16, 32), weights=(1, 2, 3))
+    assert n.truncated(16).weights == (1.0, 2.0)
+    assert n.truncated(20).to_dict() == {"sizes": [8, 16, 20], "weights": [1.0, 2.0, 3.0]}

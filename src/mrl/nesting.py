@@ -131,8 +131,8 @@ class Nesting:
                 except ValueError:
                     raise ValueError(f"nesting spec {spec!r}: start must be an int") from None
                 return cls.doubling(start, dim)
-            try:
-                sizes = tuple(int(s) for s in text.split(",") if s.strip())
+            try:  # one trailing comma is tolerated; an empty item elsewhere is a typo
+                sizes = tuple(int(s) for s in text.removesuffix(",").split(","))
             except ValueError:
                 raise ValueError(
                     f"nesting spec {spec!r} is not a comma-separated list of ints, "
@@ -185,9 +185,12 @@ class Nesting:
             )
 
     def truncated(self, dim: int) -> Nesting:
-        """The sizes that fit in ``dim`` (dim itself is added as the last size if missing)."""
-        sizes = [m for m in self.sizes if m < dim] + [dim]
-        return Nesting(tuple(sizes))
+        """The sizes that fit in ``dim`` (dim itself is added as the last size if missing), with
+        their weights; an added ``dim`` takes the weight of the size it replaces."""
+        keep = [g for g, m in enumerate(self.sizes) if m < dim]
+        cut = len(keep) if len(keep) < len(self.sizes) else len(self.sizes) - 1
+        weights = [self.weights[g] for g in keep] + [self.weights[cut]]
+        return Nesting(tuple(self.sizes[g] for g in keep) + (dim,), tuple(weights))
 
     def with_weights(self, weights: Iterable[float]) -> Nesting:
         return Nesting(self.sizes, tuple(weights))

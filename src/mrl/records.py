@@ -26,6 +26,9 @@ def make_record(
 ) -> Record:
     """One tidy record. ``prefix`` is the prefix size in dims (None where it does not apply)."""
     value = float(value)
+    if prefix is not None and (isinstance(prefix, bool) or int(prefix) != prefix or prefix < 1):
+        raise ValueError(f"prefix must be a positive whole number of dims or None, got "
+                         f"prefix={prefix!r}")
     return {
         "method": str(method),
         "prefix": None if prefix is None else int(prefix),
