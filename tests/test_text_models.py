@@ -315,6 +315,22 @@ def test_compare_methods_subset_and_errors(tiny_model, tmp_path):
         compare_methods(data, base=tiny_model, methods=["finetune"])
 
 
+def test_compare_evaluates_the_finetuned_model_at_its_recorded_nesting(tiny_model, tmp_path):
+    from mrl.text.encoders import write_model_nesting
+    from mrl.text.evaluation import compare_methods
+
+    nested = tmp_path / "nested"
+    shutil.copytree(tiny_model, nested)
+    write_model_nesting(nested, Nesting((12, 32)), kind="test")
+    data = _beir(tmp_path / "mini")
+    recs = compare_methods(
+        data, base=tiny_model, finetuned=nested, methods=["truncate", "finetune"],
+        log=lambda s: None,
+    )
+    assert {r["prefix"] for r in recs if r["method"] == "finetune"} == {12, 32}
+    assert {r["prefix"] for r in recs if r["method"] == "truncate"} == {8, 16, 32}
+
+
 def test_cli_compare_append(tiny_model, tmp_path):
     pytest.importorskip("mrl.report")
     from mrl.records import load_records

@@ -264,7 +264,8 @@ def compare_methods(
     - truncate: the base model's embeddings, prefixes re-normalised;
     - pca: uncentred PCA rotation fitted on the searched corpus (documents only);
     - adapt: `OrthogonalAdaptor` fitted on the corpus documents (no queries, no labels);
-    - finetune: the ``finetuned`` model's own prefixes (its nesting or doubling from 8).
+    - finetune: the ``finetuned`` model's own prefixes (its recorded nesting, else doubling
+      from 8).
 
     ``reuse_base``: a model fine-tuned with a frozen encoder (``train_encoder=False``: ``base``
     plus a trained last Dense layer W) is evaluated as ``base embeddings @ W^T`` instead of
@@ -317,10 +318,21 @@ def compare_methods(
             docs_b, queries_b = embed(base)
             docs_ft = docs_b @ head.T  # [N, D]
             queries_ft = None if queries_b is None else queries_b @ head.T  # [Q, D]
-        nesting = Nesting.doubling(8, docs_ft.shape[1])
+        nesting = finetuned_nesting(finetuned, docs_ft.shape[1])
         ctx_ft = {"model": str(finetuned)}
         records += _evaluate(ds, docs_ft, queries_ft, nesting, finetune_label, False, ctx_ft)
     return records
+
+
+def finetuned_nesting(finetuned: str | os.PathLike, dim: int) -> Nesting:
+    """The prefix sizes ``finetuned`` was trained for (its ``mrl.json``), else doubling from 8."""
+    from mrl.text.encoders import model_nesting
+
+    nesting = model_nesting(finetuned)
+    if nesting is None:
+        return Nesting.doubling(8, dim)
+    nesting.check_dim(dim, f"the embeddings of {str(finetuned)!r}")
+    return nesting
 
 
 def frozen_head(finetuned: str | os.PathLike, base: str | os.PathLike) -> np.ndarray | None:
