@@ -45,6 +45,10 @@ def test_probe_errors():
         fit_linear_probe(x, y, 3, l2=-1)
     with pytest.raises(ValueError, match="kind must be 'pca' or 'random'"):
         baseline_features(x, x, "svd")
+    with pytest.raises(ValueError, match=r"y must hold class labels in \[0, num_classes\), got -1"):
+        fit_linear_probe(x, y - 1, 3)  # was an IndexError deep in cross_entropy
+    with pytest.raises(ValueError, match="y must hold integer class labels, got dtype"):
+        fit_linear_probe(x, y.float(), 3)
 
 
 def test_pca_baseline_orders_by_variance_and_random_permutes():

@@ -57,6 +57,12 @@ def fit_linear_probe(
         raise ValueError(f"x must be [N, m] and y [N], got {tuple(x.shape)} and {tuple(y.shape)}")
     if l2 < 0:
         raise ValueError(f"l2 must be >= 0, got l2={l2}")
+    if x.shape[0] == 0:
+        raise ValueError("x must hold at least one row, got shape (0, ...)")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+    if int(y.min()) < 0:
+        raise ValueError(f"y must hold class labels in [0, num_classes), got {int(y.min())}")
     if num_classes <= int(y.max()):
         raise ValueError(f"num_classes={num_classes} but labels go up to {int(y.max())}")
     # Full-batch L-BFGS: on a GPU when there is one (1000 classes x 50k rows is slow on a CPU).
