@@ -132,7 +132,7 @@ def test_zero_vectors_score_zero_not_nan():
     [
         (dict(k=58), r"k must be <= number of database items \(57\), got k=58"),
         (dict(k=0), r"k must be a positive integer, got k=0"),
-        (dict(k=57, exclude=np.arange(13)), r"minus 1 excluded per query.*k=57"),
+        (dict(k=57, exclude=np.arange(13)), r"minus 1 excluded for one query.*k=57"),
         (dict(k=2, metric="l2"), r"metric must be one of .*'l2'"),
         (dict(k=2, tile_size=0), r"tile_size must be a positive integer, got tile_size=0"),
         (dict(k=2, exclude=np.arange(5)), r"exclude must have one row per query \(13\)"),
@@ -191,3 +191,15 @@ def test_tensors_that_require_grad_are_scored_without_autograd():
     s, _ = prefix_topk(q.requires_grad_(), x.requires_grad_(), [4, 8], 2)
     assert not s.requires_grad
     assert not prefix_scores(q, x, [8]).requires_grad
+
+
+def test_exclude_padding_and_repeats_do_not_count_against_k():
+    # -1 is "nothing" and a repeated id excludes one item: k may be N minus the real exclusions.
+    q, x = _data(q=3, n=10, d=8)
+    exclude = np.array([[0, -1, -1], [4, 4, -1], [-1, -1, -1]])
+    s, i = prefix_topk(q, x, [4, 8], 9, exclude=exclude, tile_size=3)
+    rs, ri = prefix_topk_reference(q, x, [4, 8], 9, exclude=exclude)
+    assert torch.equal(i, ri) and torch.isfinite(s).all()
+    assert 0 not in i[:, 0].flatten().tolist() and 4 not in i[:, 1].flatten().tolist()
+    with pytest.raises(ValueError, match=r"\(10 minus 2 excluded for one query\), got k=9"):
+        prefix_topk(q, x, [8], 9, exclude=np.array([[0, 1], [2, -1], [-1, -1]]))

@@ -249,11 +249,22 @@ def _check_exclude(exclude: Any, num_queries: int, num_items: int) -> torch.Tens
 def _check_k(k: int, num_items: int, exclude: torch.Tensor | None) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got k={k!r}")
-    available = num_items - (exclude.shape[1] if exclude is not None else 0)
+    most = _most_excluded(exclude)
+    available = num_items - most
     if k > available:
-        extra = "" if exclude is None else f" minus {exclude.shape[1]} excluded per query"
+        extra = "" if exclude is None else f" minus {most} excluded for one query"
         raise ValueError(f"k must be <= number of database items ({num_items}{extra}), got k={k}")
     return int(k)
+
+
+def _most_excluded(exclude: torch.Tensor | None) -> int:
+    """The largest number of distinct real items (not -1 padding) one query excludes."""
+    if exclude is None or exclude.numel() == 0:
+        return 0
+    e = exclude.sort(dim=1).values  # [Q, E]
+    new = torch.ones_like(e, dtype=torch.bool)
+    new[:, 1:] = e[:, 1:] != e[:, :-1]  # first of each run of equal ids
+    return int(((e >= 0) & new).sum(1).max())
 
 
 def _merge(
