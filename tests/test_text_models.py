@@ -375,6 +375,25 @@ def test_cli_compare_append_refuses_another_dataset_or_model(tiny_model, tmp_pat
     assert (out / "results.json").read_text() == before
 
 
+def test_cli_encode_refuses_an_existing_output(tiny_model, tmp_path, capsys):
+    """encode --out: an existing .npy or .json sidecar is kept unless --overwrite is given."""
+    data = _beir(tmp_path / "mini")
+    out = tmp_path / "emb.npy"
+    args = ["text", "encode", "--model", str(tiny_model), "--corpus", str(data), "--out", str(out)]
+    out.write_bytes(b"old vectors")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and str(out) in err and "--overwrite" in err, err
+    assert out.read_bytes() == b"old vectors"
+    out.unlink()
+    out.with_suffix(".json").write_text("{}")  # only the sidecar: still another file's data
+    assert main(args) == 2
+    assert "emb.json" in capsys.readouterr().err and not out.exists()
+    assert main(args + ["--overwrite"]) == 0
+    assert np.load(out).shape == (12, 32)
+    assert json.loads(out.with_suffix(".json").read_text())["shape"] == [12, 32]
+
+
 def test_finetune_from_pca_rotation(tiny_model, tiny, tmp_path):
     """init_rotation="pca": base model + Dense(R); before training it is exactly x @ R_pca."""
     from mrl.text.adaptor import pca_rotation

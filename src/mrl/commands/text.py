@@ -169,7 +169,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     en = sub.add_parser("encode", help="encode a corpus once (.npy + JSON sidecar)")
     en.add_argument("--model", default="default")
     _corpus_arg(en, required=True)
-    en.add_argument("--out", required=True, help="output .npy file")
+    en.add_argument("--out", required=True, help="output .npy file (+ a .json sidecar beside it)")
+    en.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out file and its sidecar"
+    )
     en.add_argument("--batch-size", type=int, default=32)
 
 
@@ -295,9 +298,7 @@ def _encode(args: argparse.Namespace) -> int:
 
     from mrl.text.encoders import encode, load_encoder, model_nesting
 
-    if not str(args.out).endswith(".npy"):
-        raise ValueError(f"--out must be a .npy file, got --out {args.out!r}")
-    check_output_path(args.out, "--out", "file")
+    _check_encode_out(args.out, args.overwrite)  # before loading and encoding, not after
     encoder = load_encoder(args.model)
     emb = encode(
         encoder, _documents(args.corpus).documents, batch_size=args.batch_size, name="documents"
@@ -316,6 +317,20 @@ def _encode(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.out} {emb.shape}")
     return 0
+
+
+def _check_encode_out(out: str, overwrite: bool) -> None:
+    """``--out X.npy`` and its sidecar ``X.json`` can be written: new, or ``--overwrite``."""
+    if not str(out).endswith(".npy"):
+        raise ValueError(f"--out must be a .npy file, got --out {out!r}")
+    npy = check_output_path(out, "--out", "file")
+    sidecar = check_output_path(npy.with_suffix(".json"), f"--out {out!r}: the sidecar", "file")
+    for path in (npy, sidecar):
+        if path.exists() and not overwrite:
+            raise FileExistsError(
+                f"--out {out!r}: {str(path)!r} already exists; pass --overwrite to replace "
+                "it (the .npy and its .json sidecar)"
+            )
 
 
 def _compare(args: argparse.Namespace) -> int:
