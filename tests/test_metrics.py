@@ -149,3 +149,18 @@ def test_qrels_relevance():
 def test_bad_input_messages(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_rankings_that_disagree_with_their_judgments_are_refused():
+    # A metric above 1 used to be reported when rel and num_relevant / ideal_gains disagreed.
+    from mrl.metrics import average_precision_at_k, ndcg_at_k, recall_at_k
+
+    rel = np.array([[1, 1, 0], [1, 0, 0]])
+    with pytest.raises(ValueError, match=r"query 0 has 2 relevant items .* num_relevant\[0\] = 1"):
+        recall_at_k(rel, [1, 1])
+    with pytest.raises(ValueError, match="query 0 has 2 relevant items"):
+        average_precision_at_k(rel, [1, 3])
+    assert recall_at_k(rel, [2, 1]) == 1.0
+    with pytest.raises(ValueError, match="query 1: the gains retrieved .* exceed its ideal_gains"):
+        ndcg_at_k(np.array([[2.0, 1.0], [3.0, 0.0]]), [[2, 1], [1]])
+    assert ndcg_at_k(np.array([[2.0, 1.0]]), [[2, 1]]) == pytest.approx(1.0)

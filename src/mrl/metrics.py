@@ -86,6 +86,16 @@ def _num_relevant(num_relevant: Any, num_queries: int) -> np.ndarray:
     return n
 
 
+def _check_hits(hits: np.ndarray, n: np.ndarray) -> None:
+    """More relevant items retrieved than exist means rel and num_relevant disagree (a metric
+    above 1 would be reported without this check)."""
+    bad = np.flatnonzero(hits > n)
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"query {i} has {int(hits[i])} relevant items in its ranking but "
+                         f"num_relevant[{i}] = {n[i]:g}; they must describe the same judgments")
+
+
 def _reduce(per_query: np.ndarray, reduce: str) -> float | np.ndarray:
     if reduce == "mean":
         return float(per_query.mean())
@@ -154,7 +164,9 @@ def recall_at_k(
     """R@k = (number of relevant items in the top k) / (number of relevant items R); 0 if R = 0."""
     r, k = _rel(rel, k)
     n = _num_relevant(num_relevant, r.shape[0])
-    return _reduce(_safe_div((r > 0).sum(1).astype(np.float64), n), reduce)
+    hits = (r > 0).sum(1).astype(np.float64)
+    _check_hits(hits, n)
+    return _reduce(_safe_div(hits, n), reduce)
 
 
 def average_precision_at_k(
@@ -184,6 +196,7 @@ def average_precision_at_k(
     if num_relevant is None:
         raise ValueError("num_relevant is required for normalize='min(k,R)', got None")
     n = _num_relevant(num_relevant, r.shape[0])
+    _check_hits(hits.sum(1), n)
     return _safe_div(total, np.minimum(n, k))
 
 
@@ -231,7 +244,14 @@ def ndcg_at_k(
     for i, row in enumerate(ideal):
         top = np.sort(row)[::-1][:k]
         ideal_mat[i, : top.size] = top
-    return _reduce(_safe_div(_dcg(g), _dcg(ideal_mat)), reduce)
+    dcg, idcg = _dcg(g), _dcg(ideal_mat)
+    bad = np.flatnonzero(dcg > idcg * (1 + 1e-9) + 1e-12)
+    if len(bad):  # nDCG > 1: the retrieved gains are not among the query's judged gains
+        i = int(bad[0])
+        raise ValueError(f"query {i}: the gains retrieved (DCG {dcg[i]:.4g}) exceed its "
+                         f"ideal_gains (ideal DCG {idcg[i]:.4g}); they must come from the same "
+                         "judgments")
+    return _reduce(_safe_div(dcg, idcg), reduce)
 
 
 def mrr(rel: Any, k: int | None = None, reduce: str = "mean") -> float | np.ndarray:
