@@ -280,6 +280,34 @@ def test_eval_command_on_beir_folder(tiny_model, tmp_path):
     assert all(r["dataset"] == "mini" for r in recs)
 
 
+def test_eval_command_honours_no_baselines_center_and_device(tiny_model, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    pytest.importorskip("mrl.report")
+    import mrl.text.encoders as encoders
+    from mrl.records import load_records
+    from mrl.text.evaluation import eval_command
+
+    devices = []
+
+    def load(model, **kw):
+        devices.append(kw.get("device"))
+        return load_encoder(model, **kw)
+
+    monkeypatch.setattr(encoders, "load_encoder", load)
+    data = _beir(tmp_path / "mini")
+    args = dict(run_dir=str(tiny_model), dataset=str(data), nesting=None, device="cpu")
+    eval_command(SimpleNamespace(**args, out=str(tmp_path / "a"), center=False, no_baselines=False))
+    eval_command(SimpleNamespace(**args, out=str(tmp_path / "b"), center=True, no_baselines=True))
+    plain, centred = (load_records(tmp_path / d / "results.json") for d in ("a", "b"))
+    assert {r["method"] for r in plain} == {"truncate", "pca"}
+    assert {r["method"] for r in centred} == {"truncate"}  # --no-baselines: no pca rows
+    assert all(r["center"] is True for r in centred) and "center" not in plain[0]
+    value = {(r["prefix"], r["metric"]): r["value"] for r in plain if r["method"] == "truncate"}
+    assert any(r["value"] != value[r["prefix"], r["metric"]] for r in centred)
+    assert devices == ["cpu", "cpu"]
+
+
 def test_compare_methods_and_relative_table(tiny_model, tmp_path):
     from mrl.text.adaptor import AdaptorConfig
     from mrl.text.evaluation import compare_methods, relative_table

@@ -48,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nesting", default=None, help="prefix sizes to evaluate (default: the run's nesting)"
     )
     parser.add_argument(
-        "--no-baselines", action="store_true", help="plain models: skip the PCA / random baselines"
+        "--no-baselines",
+        action="store_true",
+        help="plain models: skip the PCA / random baselines (text models: the PCA one)",
     )
     parser.add_argument(
         "--probe-iter",

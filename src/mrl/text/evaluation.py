@@ -63,11 +63,13 @@ def evaluate_retrieval(
     *,
     method: str,
     pca: bool = False,
+    center: bool = False,
     context: dict[str, Any] | None = None,
 ) -> list[Record]:
     """Records for ``queries [Q, D]`` against ``docs [N, D]`` (rows in ``ds`` order).
 
     ``pca``: also the uncentred-PCA baseline (fitted on ``docs``), recorded as method "pca".
+    ``center``: subtract the documents' mean from both sides before cosine.
     """
     from mrl.evaluate import evaluate_ranking
 
@@ -84,6 +86,7 @@ def evaluate_retrieval(
         nesting,
         method=method,
         ks=tuple(sorted(set(ks))),
+        center=center,
         baselines=("pca_uncentered",) if pca else (),
         context={"dataset": ds.name, **(context or {})},
     )
@@ -98,9 +101,11 @@ def evaluate_corpus(
     method: str,
     pca: bool = False,
     k: int = 10,
+    center: bool = False,
     context: dict[str, Any] | None = None,
 ) -> list[Record]:
-    """Leave-one-out ``p@k``, ``1nn``, ``map@k`` of ``emb [N, D]`` with the corpus labels."""
+    """Leave-one-out ``p@k``, ``1nn``, ``map@k`` of ``emb [N, D]`` with the corpus labels
+    (``center``: subtract the corpus mean before cosine)."""
     from mrl.evaluate import evaluate_labelled
 
     if emb.shape[0] != len(corpus.labels):
@@ -115,6 +120,7 @@ def evaluate_corpus(
         nesting,
         method=method,
         k=k,
+        center=center,
         baselines=("pca_uncentered",) if pca else (),
         exclude_self=True,
         context={"dataset": corpus.name, **(context or {})},
@@ -163,13 +169,18 @@ def evaluate_model(
     *,
     method: str | None = None,
     pca: bool = True,
+    center: bool = False,
+    device: str = "cpu",
     batch_size: int = 32,
     cache_dir: str | os.PathLike | None = None,
 ) -> tuple[list[Record], Nesting]:
-    """Encode ``dataset`` with ``model`` once and evaluate every prefix (plus the PCA baseline)."""
+    """Encode ``dataset`` with ``model`` once and evaluate every prefix (plus the PCA baseline).
+
+    ``center``: cosine after subtracting the documents' mean; ``device``: where the model encodes.
+    """
     from mrl.text.encoders import embedding_dim, encode_cached, load_encoder, model_nesting
 
-    encoder = load_encoder(model)
+    encoder = load_encoder(model, device=device)
     dim = embedding_dim(encoder)
     recorded = model_nesting(model)
     if nesting is None:
@@ -186,17 +197,17 @@ def evaluate_model(
     if method is None:
         method = "mrl" if recorded is not None else "truncate"
     ds = load_text_dataset(dataset)
-    ctx = {"model": str(model)}
+    ctx = {"model": str(model), **({"center": True} if center else {})}
     docs = encode_cached(
         model, ds.documents, cache_dir, encoder=encoder, batch_size=batch_size, name="documents"
     )
+    kw = dict(method=method, pca=pca, center=center, context=ctx)
     if isinstance(ds, LabelledCorpus):
-        return evaluate_corpus(docs, ds, nesting, method=method, pca=pca, context=ctx), nesting
+        return evaluate_corpus(docs, ds, nesting, **kw), nesting
     queries = encode_cached(
         model, ds.queries, cache_dir, encoder=encoder, batch_size=batch_size, name="queries"
     )
-    recs = evaluate_retrieval(queries, docs, ds, nesting, method=method, pca=pca, context=ctx)
-    return recs, nesting
+    return evaluate_retrieval(queries, docs, ds, nesting, **kw), nesting
 
 
 def eval_command(args: Any) -> int:
@@ -204,22 +215,43 @@ def eval_command(args: Any) -> int:
 
     ``args``: ``run_dir`` (the model folder), ``dataset`` ("cranfield", "bbc" or a BEIR folder;
     default "cranfield"), ``out`` (report folder; default RUN_DIR/eval-DATASET), ``nesting``
-    (spec or None: the model's recorded nesting, else doubling from 8).
+    (spec or None: the model's recorded nesting, else doubling from 8), ``no_baselines`` (skip
+    the PCA baseline), ``center`` (subtract the documents' mean before cosine), ``device``
+    (None: CUDA when available, else CPU).
     """
     from mrl.report import write_report
 
     dataset = getattr(args, "dataset", None) or "cranfield"
     out = getattr(args, "out", None) or Path(args.run_dir) / f"eval-{Path(str(dataset)).name}"
-    records, nesting = evaluate_model(args.run_dir, dataset, getattr(args, "nesting", None))
+    center = bool(getattr(args, "center", False))
+    pca = not getattr(args, "no_baselines", False)
+    records, nesting = evaluate_model(
+        args.run_dir,
+        dataset,
+        getattr(args, "nesting", None),
+        pca=pca,
+        center=center,
+        device=_auto_device(getattr(args, "device", None)),
+    )
     notes = (
         f"Model {args.run_dir}, dataset {dataset}, nesting {list(nesting.sizes)}. Every prefix is "
-        "re-normalised (cosine). 'pca' is an uncentred PCA rotation fitted on the searched corpus."
+        f"re-normalised (cosine{', after subtracting the mean document' if center else ''})."
+        + (" 'pca' is an uncentred PCA rotation fitted on the searched corpus." if pca else "")
     )
     write_report(
         records, out, title=f"mrl eval: {Path(str(args.run_dir)).name} on {dataset}", notes=notes
     )
     print(f"wrote {out}")
     return 0
+
+
+def _auto_device(device: str | None) -> str:
+    """``device``, or (None) CUDA when torch has it, else the CPU."""
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def summary_table(records: Sequence[Record], metric: str) -> str:
