@@ -305,3 +305,8 @@ def test_numpy_integer_sizes_are_accepted():
         assert type(head.num_classes) is int and head(torch.randn(5, 4)).shape[-1] == 3
     with pytest.raises(ValueError, match="num_classes must be a positive int, got num_classes=2.0"):
         MRLHead((2, 4), 2.0)
+
+
+def test_nested_linear_takes_a_list_nesting():
+    z, w = torch.randn(3, 8), torch.randn(5, 8)
+    torch.testing.assert_close(nested_linear(z, w, [4, 8]), nested_linear(z, w, Nesting((4, 8))))

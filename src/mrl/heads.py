@@ -166,7 +166,7 @@ def _nested_linear_grads(grad_out: Tensor, z: Tensor, weight: Tensor, chunks: tu
 
 
 def nested_linear(
-    z: Tensor, weight: Tensor, nesting: Nesting, bias: Tensor | None = None
+    z: Tensor, weight: Tensor, nesting: Nesting | Sequence[int], bias: Tensor | None = None
 ) -> Tensor:
     """Logits of the tied-weight (MRL-E) head at every prefix: ``[G, B, C]``.
 
@@ -179,6 +179,7 @@ def nested_linear(
         nesting: prefix sizes; ``nesting.dim`` must equal D.
         bias: optional ``[C]`` bias, added at every prefix.
     """
+    nesting = _as_nesting(nesting)  # a list or "8,16,32" too
     _check_input(z, nesting.dim, "z")
     if weight.dim() != 2 or weight.shape[1] != nesting.dim:
         raise ValueError(f"weight must be [C, {nesting.dim}], got shape {tuple(weight.shape)}")
