@@ -191,7 +191,17 @@ def test_cli_bench_empty_query_file(tmp_path, data, capsys):
     np.save(tmp_path / "q.npy", data[2][:0])
     assert main(["bench", "retrieval", "--embeddings", str(tmp_path / "db.npy"),
                  "--query-embeddings", str(tmp_path / "q.npy")]) == 2
-    assert "the query embeddings hold no rows" in capsys.readouterr().err
+    assert f"embeddings in {tmp_path / 'q.npy'} are empty (shape (0, 64))" in (
+        capsys.readouterr().err)
+    np.save(tmp_path / "ints.npy", np.arange(64 * 20).reshape(20, 64))
+    assert main(["index", "build", str(tmp_path / "ints.npy"), "--out", str(tmp_path / "i")]) == 2
+    assert "must be floating point, got dtype int64" in capsys.readouterr().err
+    assert main(["index", "build", str(tmp_path / "q.npy"), "--out", str(tmp_path / "i")]) == 2
+    assert "are empty" in capsys.readouterr().err
+    EmbeddingStore.create(tmp_path / "store", NEST)
+    assert main(["index", "build", str(tmp_path / "store"), "--out", str(tmp_path / "i")]) == 2
+    assert "holds no rows" in capsys.readouterr().err
+    assert not (tmp_path / "i").exists()
 
 
 def test_cli_bench_tiny(tmp_path, capsys):

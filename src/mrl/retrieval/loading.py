@@ -28,6 +28,8 @@ def load_embeddings(
         from mrl.retrieval.store import EmbeddingStore
 
         store = EmbeddingStore.open(path)
+        if store.count == 0:
+            raise ValueError(f"the store {path} holds no rows: nothing to index or search")
         nest = store.nesting if nesting is None else Nesting.parse(nesting, dim=store.dim)
         return store.read(), nest, store.ids
     if not path.exists():
@@ -37,6 +39,11 @@ def load_embeddings(
     x = load_npy(path, mmap_mode="r")
     if x.ndim != 2:
         raise ValueError(f"embeddings in {path} must be 2-D [N, D], got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"embeddings in {path} are empty (shape {x.shape}): nothing to index "
+                         "or search")
+    if not np.issubdtype(x.dtype, np.floating):  # ints or bools are token ids or labels, not
+        raise ValueError(f"embeddings in {path} must be floating point, got dtype {x.dtype}")
     if nesting is None:
         side = path.with_suffix(".json")
         found = _sidecar_nesting(side, x.shape[1]) if side.exists() else None
