@@ -308,6 +308,33 @@ def test_eval_command_honours_no_baselines_center_and_device(tiny_model, tmp_pat
     assert devices == ["cpu", "cpu"]
 
 
+def test_out_and_cache_paths_that_are_files_fail_before_encoding(
+    tiny_model, tiny, tmp_path, capsys, monkeypatch
+):
+    import mrl.text.encoders as encoders
+
+    def no_encoding(*args, **kw):
+        raise AssertionError("encoded before the output paths were checked")
+
+    monkeypatch.setattr(encoders, "encode", no_encoding)
+    data = _beir(tmp_path / "mini")
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    assert main(["eval", str(tiny_model), "--dataset", str(data), "--out", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {str(afile)!r} is a file" in err, err
+    with pytest.raises(FileExistsError, match=r"cache_dir .*afile' is a file"):
+        encode_cached(tiny_model, ["wing"], afile, encoder=tiny)
+    compare = ["text", "compare", "--dataset", str(data), "--model", str(tiny_model)]
+    assert main(compare + ["--out", str(tmp_path / "c"), "--cache", str(afile)]) == 2
+    assert f"--cache {str(afile)!r} is a file" in capsys.readouterr().err
+    pairs = [Pair(f"q{i}", f"p {i} wing") for i in range(4)]
+    cfg = FinetuneConfig(nesting="8,16,32", batch_size=2, max_steps=1, val_fraction=0.5)
+    with pytest.raises(FileExistsError, match=r"cache_dir .*afile' is a file"):
+        finetune(tiny_model, pairs, tmp_path / "ft", cfg, log=lambda s: None, cache_dir=afile)
+    assert afile.read_text() == "not a folder" and not (tmp_path / "ft").exists()
+
+
 def test_compare_methods_and_relative_table(tiny_model, tmp_path):
     from mrl.text.adaptor import AdaptorConfig
     from mrl.text.evaluation import compare_methods, relative_table

@@ -217,6 +217,7 @@ def _finetune(args: argparse.Namespace) -> int:
         adapt_init=args.adapt_init,
     )
     check_new_output_dir(args.out, "--out")  # before training, not after
+    _check_cache(args.cache)
     texts = None  # the "pca" rotation's corpus: the documents, else the distinct positives
     if args.pairs is not None:
         pairs = read_pairs(args.pairs)
@@ -234,6 +235,12 @@ def _finetune(args: argparse.Namespace) -> int:
         cache_dir=args.cache,
     )
     return 0
+
+
+def _check_cache(cache: str | None) -> None:
+    """``--cache`` must be a folder (or a path one can be made at): checked before slow work."""
+    if cache is not None:
+        check_output_path(cache, "--cache", "dir")
 
 
 def _adapt(args: argparse.Namespace) -> int:
@@ -339,6 +346,7 @@ def _compare(args: argparse.Namespace) -> int:
     from mrl.text.evaluation import compare_methods, relative_table
 
     check_output_path(args.out, "--out", "dir")
+    _check_cache(args.cache)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.finetuned is None and "finetune" in methods:
         if methods == ["finetune"]:

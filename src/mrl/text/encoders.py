@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mrl._optional import require
-from mrl.io import atomic_open, atomic_write_json
+from mrl.io import atomic_open, atomic_write_json, check_output_path
 from mrl.nesting import Nesting
 
 __all__ = [
@@ -252,6 +252,7 @@ def encode_cached(
     texts = check_texts(texts, name)
     path = None
     if cache_dir is not None:
+        check_output_path(cache_dir, "cache_dir", "dir")  # before encoding, not when saving
         path = Path(cache_dir) / f"{_cache_key(model, texts, max_seq_length)}.npy"
         if path.is_file():
             return np.load(path)

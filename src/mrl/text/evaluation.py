@@ -219,10 +219,12 @@ def eval_command(args: Any) -> int:
     the PCA baseline), ``center`` (subtract the documents' mean before cosine), ``device``
     (None: CUDA when available, else CPU).
     """
+    from mrl.io import check_output_path
     from mrl.report import write_report
 
     dataset = getattr(args, "dataset", None) or "cranfield"
     out = getattr(args, "out", None) or Path(args.run_dir) / f"eval-{Path(str(dataset)).name}"
+    out = check_output_path(out, "--out", "dir")  # before encoding, not when writing the report
     center = bool(getattr(args, "center", False))
     pca = not getattr(args, "no_baselines", False)
     records, nesting = evaluate_model(

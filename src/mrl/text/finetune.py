@@ -51,7 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mrl.io import atomic_output_dir, check_new_output_dir
+from mrl.io import atomic_output_dir, check_new_output_dir, check_output_path
 from mrl.losses import matryoshka_contrastive_loss
 from mrl.nesting import Nesting
 from mrl.records import save_records
@@ -320,6 +320,8 @@ def finetune(
             f"{len(train_idx)} training pairs; need 2"
         )
     check_new_output_dir(out, "out")  # before training, not after
+    if cache_dir is not None:  # also used after training (validation)
+        check_output_path(cache_dir, "cache_dir", "dir")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     texts = rotation_texts or list(dict.fromkeys(p.positive for p in pairs))
