@@ -179,6 +179,22 @@ def test_existing_store_is_not_overwritten(tmp_path):
         embed_corpus(HashEncoder(DIM), tmp_path / "c.jsonl", tmp_path / "s", show_progress=False)
 
 
+def test_a_folder_that_is_not_a_store_is_never_written_into(tmp_path, capsys):
+    write_corpus(tmp_path / "c.jsonl")
+    other = tmp_path / "model"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code = main(["embed", "--model", "hash:16", "--input", str(tmp_path / "c.jsonl"), "--out",
+                 str(other), "--quiet"])
+    assert code == 2
+    assert f"--out '{other}' is a non-empty folder that is not an embedding store" in (
+        capsys.readouterr().err)
+    with pytest.raises(FileExistsError, match="not an embedding store"):
+        embed_corpus(HashEncoder(DIM), tmp_path / "c.jsonl", other, show_progress=False)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    assert not (tmp_path / "model.parts").exists()
+
+
 def test_cli_embed_and_bad_input(tmp_path, capsys):
     write_corpus(tmp_path / "c.jsonl")
     code = main(["embed", "--model", "hash:16", "--input", str(tmp_path / "c.jsonl"), "--out",

@@ -217,6 +217,9 @@ def embed_corpus(
         raise FileNotFoundError(f"input file {str(input_path)!r} does not exist")
     if (out / "store.json").is_file() and not _parts_dir(out).is_dir():
         raise FileExistsError(f"a store already exists at {out}; choose another --out")
+    from mrl.retrieval.store import check_new_store_path
+
+    check_new_store_path(out, "out")  # before any encoding, not at the merge
     rows = _count_lines(input_path)
     if rows == 0:
         raise ValueError(f"input file {str(input_path)!r} is empty: nothing to embed")

@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     from mrl.io import check_output_path
 
     check_output_path(args.out, "--out", "dir")
+    from mrl.retrieval.store import check_new_store_path
+
+    check_new_store_path(args.out, "--out")  # a model or results folder is never written into
 
     if args.merge_only:
         store = merge_shards(args.out, dtype=args.dtype)

@@ -34,7 +34,13 @@ import numpy as np
 from mrl.io import atomic_open, atomic_write_json, read_json_sidecar
 from mrl.nesting import Nesting
 
-__all__ = ["EmbeddingStore", "STORE_FORMAT", "STORE_VERSION", "validate_vectors"]
+__all__ = [
+    "EmbeddingStore",
+    "STORE_FORMAT",
+    "STORE_VERSION",
+    "check_new_store_path",
+    "validate_vectors",
+]
 
 STORE_FORMAT = "mrl-embedding-store"
 STORE_VERSION = 1
@@ -72,6 +78,19 @@ class _Segment:
 
     def to_dict(self) -> dict[str, Any]:
         return {"data": self.data, "ids": self.ids, "count": self.count, "scale": self.scale}
+
+
+def check_new_store_path(path: str | os.PathLike, param: str = "path") -> Path:
+    """``path`` can receive a new store: it does not exist, is an empty folder, or already is a
+    store (the caller decides whether to reopen it). A folder with other files (a model, an
+    index) is refused, so that the store's files are never mixed into it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{param} {str(path)!r} is a file; give a folder path")
+    if path.is_dir() and not (path / SIDECAR).exists() and any(path.iterdir()):
+        raise FileExistsError(f"{param} {str(path)!r} is a non-empty folder that is not an "
+                              "embedding store; write the store to a new folder")
+    return path
 
 
 class EmbeddingStore:
@@ -133,6 +152,7 @@ class EmbeddingStore:
             raise FileExistsError(
                 f"a store already exists at {path}; open it with EmbeddingStore.open"
             )
+        check_new_store_path(path)
         if center is not None:
             center = validate_vectors(np.asarray(center).reshape(1, -1), nesting.dim, "center")[0]
         path.mkdir(parents=True, exist_ok=True)
