@@ -386,6 +386,33 @@ def test_compare_evaluates_the_finetuned_model_at_its_recorded_nesting(tiny_mode
     assert {r["prefix"] for r in recs if r["method"] == "truncate"} == {8, 16, 32}
 
 
+def test_compare_checks_the_finetuned_model_before_any_work(
+    tiny_model, tmp_path, capsys, monkeypatch
+):
+    import mrl.text.adaptor as adaptor
+    import mrl.text.encoders as encoders
+    from mrl.text.evaluation import compare_methods
+
+    def slow(*args, **kw):
+        raise AssertionError("slow work before the model paths were checked")
+
+    monkeypatch.setattr(encoders, "encode", slow)
+    monkeypatch.setattr(adaptor.OrthogonalAdaptor, "fit", slow)
+    data = _beir(tmp_path / "mini")
+    missing, plain = tmp_path / "missing", tmp_path / "plain"
+    plain.mkdir()
+    args = ["text", "compare", "--dataset", str(data), "--out", str(tmp_path / "c")]
+    args += ["--model", str(tiny_model), "--methods", "truncate,adapt,finetune"]
+    assert main(args + ["--finetuned", str(missing)]) == 2
+    assert f"--finetuned {str(missing)!r} is not a folder" in capsys.readouterr().err
+    assert main(args + ["--finetuned", str(plain)]) == 2
+    err = capsys.readouterr().err
+    assert f"--finetuned {str(plain)!r} is not a sentence-transformers model folder" in err
+    with pytest.raises(FileNotFoundError, match=r"finetuned='.*missing' is not a folder"):
+        compare_methods(data, base=tiny_model, finetuned=missing, log=lambda s: None)
+    assert not (tmp_path / "c").exists()
+
+
 def test_cli_compare_append(tiny_model, tmp_path):
     pytest.importorskip("mrl.report")
     from mrl.records import load_records

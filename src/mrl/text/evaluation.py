@@ -307,7 +307,7 @@ def compare_methods(
     ``finetune_label``: the method name of the fine-tuned model's records.
     """
     from mrl.text.adaptor import AdaptorConfig, OrthogonalAdaptor
-    from mrl.text.encoders import encode_cached
+    from mrl.text.encoders import encode_cached, resolve_model_path
 
     methods = tuple(methods)
     unknown = [m for m in methods if m not in METHODS]
@@ -319,6 +319,8 @@ def compare_methods(
         raise ValueError(f"finetune_label {finetune_label!r} is another method's name")
     if "finetune" in methods and finetuned is None:
         raise ValueError("method 'finetune' needs a fine-tuned model (finetuned=None)")
+    if "finetune" in methods:  # before the base model's encoding and the adaptor's fitting
+        resolve_model_path(finetuned, "finetuned")
     loaded = isinstance(dataset, (RetrievalDataset, LabelledCorpus))
     ds = dataset if loaded else load_text_dataset(dataset)
     labelled = isinstance(ds, LabelledCorpus)
