@@ -251,13 +251,27 @@ def test_embedding_needs_no_http_stack():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_misspelt_id_field_is_an_error(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"key": "a", "text": "x"}\n{"key": "b", "text": "y"}\n')
+    with pytest.raises(ValueError, match="no line has the id field 'kye'"):
+        embed_corpus(HashEncoder(DIM), tmp_path / "c.jsonl", tmp_path / "s", id_field="kye",
+                     show_progress=False)
+    report = embed_corpus(HashEncoder(DIM), tmp_path / "c.jsonl", tmp_path / "s",
+                          id_field="key", show_progress=False)
+    assert report.rows == 2 and EmbeddingStore.open(tmp_path / "s").ids.tolist() == ["a", "b"]
+
+
 @pytest.mark.parametrize("lines, message", [
     (['{"id": "a", "text": "x"}', '{"id": "b", "text": "y"}', '{"id": "a", "text": "z"}'],
      "c.jsonl line 3: id 'a' is also on line 1; ids must be unique"),
     (['{"id": 1, "text": "x"}', '{"id": "b", "text": "y"}'],
      "c.jsonl line 2: id 'b' is a str, but earlier ids are ints"),
-    (['{"text": "x"}', '{"id": 0, "text": "y"}'],  # line 1's id defaults to its row, 0
-     "c.jsonl line 2: id 0 is also on line 1"),
+    (['{"text": "x"}', '{"id": 0, "text": "y"}'],  # row-number ids and given ids would clash
+     "c.jsonl line 2 has an 'id' field but line 1 has none"),
+    (['{"id": "a", "text": "x"}', '{"text": "y"}'],
+     "c.jsonl line 2 has no 'id' field but line 1 has one"),
+    (['{"id": "a", "text": "x"}', '{"id": null, "text": "y"}'],
+     "c.jsonl line 2: 'id' is null"),
 ])
 def test_bad_ids_fail_before_any_encoding(tmp_path, lines, message):
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")

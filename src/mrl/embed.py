@@ -54,8 +54,14 @@ def read_corpus(path: str | os.PathLike, field: str = "text",
     """Yield ``(id, text)`` per line: ids from ``id_field`` (.jsonl) or the row number.
 
     Bad lines raise ValueError with the 1-based line number: invalid JSON, a missing or non-string
-    text field, an empty text.
+    text field, an empty text, a null id.
     """
+    for row, ident, text in _rows(path, field, id_field):
+        yield (row if ident is None else ident), text
+
+
+def _rows(path: str | os.PathLike, field: str, id_field: str) -> Iterator[tuple[int, Any, str]]:
+    """(row, id or None when the line has none, text) per line; see `read_corpus`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file {str(path)!r} does not exist")
@@ -68,23 +74,31 @@ def read_corpus(path: str | os.PathLike, field: str = "text",
         for row, line in enumerate(f):
             line = line.removesuffix("\n").removesuffix("\r")
             if suffix == ".txt":
-                text, ident = line, row
+                text, ident = line, None
             else:
                 text, ident = _parse_jsonl(line, row + 1, field, id_field, path)
-                ident = row if ident is None else ident
             if not text.strip():
                 raise ValueError(f"{path.name} line {row + 1}: empty text")
-            yield ident, text
+            yield row, ident, text
 
 
 def check_corpus(path: str | os.PathLike, field: str = "text", id_field: str = "id") -> int:
     """One cheap pass over the input before encoding: every line parses (`read_corpus`), ids
-    are unique and of one kind (all int or all str). Returns the number of rows. Errors give
-    the line numbers, so that hours of encoding never end in a duplicate id."""
+    are unique and of one kind (all int or all str), and either every line has one or none
+    (then ids are row numbers; a non-default ``id_field`` no line has is an error, as it is
+    surely misspelt). Returns the number of rows. Errors give the line numbers, so that hours
+    of encoding never end in a duplicate id."""
     path = Path(path)
     first_line: dict[Any, int] = {}
     kind = None
-    for row, (ident, _) in enumerate(read_corpus(path, field, id_field)):
+    with_id: bool | None = None
+    for row, raw, _ in _rows(path, field, id_field):
+        if with_id is not None and (raw is not None) != with_id:
+            this, line_1 = ("has an", "has none") if raw is not None else ("has no", "has one")
+            raise ValueError(f"{path.name} line {row + 1} {this} {id_field!r} field but line 1 "
+                             f"{line_1}; give every line an id or none")
+        with_id = raw is not None
+        ident = row if raw is None else raw
         this = "int" if isinstance(ident, int) else "str"
         if kind is not None and this != kind:
             raise ValueError(f"{path.name} line {row + 1}: id {ident!r} is a {this}, but earlier "
@@ -94,6 +108,9 @@ def check_corpus(path: str | os.PathLike, field: str = "text", id_field: str = "
             raise ValueError(f"{path.name} line {row + 1}: id {ident!r} is also on line "
                              f"{first_line[ident]}; ids must be unique")
         first_line[ident] = row + 1
+    if with_id is False and id_field != "id" and path.suffix.lower() == ".jsonl":
+        raise ValueError(f"{path.name}: no line has the id field {id_field!r} (id_field); "
+                         "check its spelling")
     return len(first_line)
 
 
@@ -109,6 +126,9 @@ def _parse_jsonl(line: str, lineno: int, field: str, id_field: str, path: Path):
         raise ValueError(f"{path.name} line {lineno}: field {field!r} must be a string, "
                          f"got {type(text).__name__}")
     ident = obj.get(id_field)
+    if id_field in obj and ident is None:
+        raise ValueError(f"{path.name} line {lineno}: {id_field!r} is null; give an int or a "
+                         "string id, or leave the field out on every line")
     if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (int, str))):
         raise ValueError(f"{path.name} line {lineno}: {id_field!r} must be an int or a string")
     return text, ident
