@@ -280,6 +280,18 @@ def test_eval_command_on_beir_folder(tiny_model, tmp_path):
     assert all(r["dataset"] == "mini" for r in recs)
 
 
+@pytest.mark.parametrize(
+    "spec, match",
+    [("8,16", "ends at 16, but the embedding dim is 32"), ("8,x", "not a comma-separated")],
+)
+def test_cli_eval_text_bad_nesting_names_the_option(tiny_model, tmp_path, capsys, spec, match):
+    data = _beir(tmp_path / "mini")
+    args = ["eval", str(tiny_model), "--dataset", str(data), "--out", str(tmp_path / "ev")]
+    assert main(args + ["--nesting", spec]) == 2
+    err = capsys.readouterr().err
+    assert f"--nesting {spec}: " in err and match in err and "the model's D is 32" in err, err
+
+
 def test_eval_command_honours_no_baselines_center_and_device(tiny_model, tmp_path, monkeypatch):
     from types import SimpleNamespace
 

@@ -173,10 +173,12 @@ def evaluate_model(
     device: str = "cpu",
     batch_size: int = 32,
     cache_dir: str | os.PathLike | None = None,
+    nesting_param: str = "nesting",
 ) -> tuple[list[Record], Nesting]:
     """Encode ``dataset`` with ``model`` once and evaluate every prefix (plus the PCA baseline).
 
-    ``center``: cosine after subtracting the documents' mean; ``device``: where the model encodes.
+    ``center``: cosine after subtracting the documents' mean; ``device``: where the model encodes;
+    ``nesting_param``: the name a bad ``nesting``'s error gives it (the CLI's ``--nesting``).
     """
     from mrl.text.encoders import embedding_dim, encode_cached, load_encoder, model_nesting
 
@@ -185,7 +187,8 @@ def evaluate_model(
     recorded = model_nesting(model)
     if nesting is None:
         nesting = recorded or Nesting.doubling(8, dim)
-    nesting = Nesting.parse(nesting, dim=dim) if not isinstance(nesting, Nesting) else nesting
+    else:
+        nesting = _parse_nesting(nesting, dim, nesting_param)
     nesting.check_dim(dim, "the model's embeddings")
     extra = [m for m in nesting.sizes if recorded is not None and m not in recorded]
     if extra:
@@ -208,6 +211,17 @@ def evaluate_model(
         model, ds.queries, cache_dir, encoder=encoder, batch_size=batch_size, name="queries"
     )
     return evaluate_retrieval(queries, docs, ds, nesting, **kw), nesting
+
+
+def _parse_nesting(spec: Nesting | str | Sequence[int], dim: int, param: str) -> Nesting:
+    """A nesting ending at the model's dimension ``dim``; a ValueError naming ``param``."""
+    try:
+        nesting = spec if isinstance(spec, Nesting) else Nesting.parse(spec, dim=dim)
+        nesting.check_dim(dim, "the model's embeddings")
+    except ValueError as exc:
+        shown = list(spec.sizes) if isinstance(spec, Nesting) else spec
+        raise ValueError(f"{param} {shown}: {exc} (the model's D is {dim})") from None
+    return nesting
 
 
 def eval_command(args: Any) -> int:
@@ -234,6 +248,7 @@ def eval_command(args: Any) -> int:
         pca=pca,
         center=center,
         device=_auto_device(getattr(args, "device", None)),
+        nesting_param="--nesting",
     )
     notes = (
         f"Model {args.run_dir}, dataset {dataset}, nesting {list(nesting.sizes)}. Every prefix is "
