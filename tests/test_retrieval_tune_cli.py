@@ -204,6 +204,21 @@ def test_cli_bench_empty_query_file(tmp_path, data, capsys):
     assert not (tmp_path / "i").exists()
 
 
+def test_cli_bench_and_tuning_bad_options_name_themselves(tmp_path, data, capsys):
+    x = data[0][:100].copy()
+    x[57, 3] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    assert main(["bench", "retrieval", "--embeddings", str(tmp_path / "nan.npy"),
+                 "--queries", "10"]) == 2
+    assert "--embeddings: row 57 has NaN or inf" in capsys.readouterr().err  # the file's row
+    assert main(["bench", "retrieval", "--n", "50", "--dim", "7", "--queries", "5"]) == 2
+    assert "dim must be >= 16" in capsys.readouterr().err
+    np.save(tmp_path / "db.npy", data[0][:100])
+    assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(tmp_path / "i"),
+                 "--target-recall", "0.9", "--tune-queries", "0"]) == 2
+    assert "--tune-queries must be >= 1, got --tune-queries 0" in capsys.readouterr().err
+
+
 def test_cli_bench_tiny(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert (

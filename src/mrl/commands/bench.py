@@ -67,6 +67,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--json", default=None, help="write the records here")
 
 
+def _check_finite(x, param: str) -> None:
+    import numpy as np
+
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if len(bad):
+        raise ValueError(f"{param}: row {int(bad[0])} has NaN or inf")
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -85,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         from mrl.retrieval.loading import load_embeddings
 
         db, _, _ = load_embeddings(args.embeddings, "full")
+        _check_finite(db, "--embeddings")  # row numbers of the file, before rows are held out
         if args.query_embeddings:
             q, _, _ = load_embeddings(args.query_embeddings, "full")
             if q.shape[1] != db.shape[1]:
@@ -92,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
                     f"--query-embeddings have {q.shape[1]} dims but --embeddings have "
                     f"{db.shape[1]}; both must come from the same model"
                 )
+            _check_finite(q, "--query-embeddings")
         else:  # hold out rows: they leave the database, so no query finds itself
             rows = np.random.default_rng(args.seed).permutation(len(db))
             q, db = db[rows[: args.queries]], db[np.sort(rows[args.queries :])]

@@ -103,6 +103,8 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         raise ValueError(f"--target-recall must be in (0, 1], got --target-recall "
                          f"{args.target_recall}")
+    if args.tune_queries < 1:
+        raise ValueError(f"--tune-queries must be >= 1, got --tune-queries {args.tune_queries}")
     if args.max_memory is not None and args.target_recall is None:
         raise ValueError("--max-memory needs --target-recall (it bounds the tuner's choice)")
     if args.target_recall is not None:

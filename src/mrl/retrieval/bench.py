@@ -262,6 +262,9 @@ def bench_retrieval(
             raise ValueError("the query embeddings hold no rows: nothing to benchmark")
     if k >= n:
         raise ValueError(f"k must be < n ({n}), got k={k}")
+    if dim < 16:  # the reference configuration shortlists at D_s = 16
+        raise ValueError(f"dim must be >= 16 (the paper's funnel shortlists at 16 dims), got "
+                         f"dim={dim}")
     nesting = Nesting.doubling(8, dim) if dim >= 8 else Nesting.full(dim)
     # part: the main comparison, or the HNSW one (its own exact timing, N <= hnsw_n); records
     # of the two parts are told apart by it even when both run at the same N
