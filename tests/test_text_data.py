@@ -202,6 +202,24 @@ def test_pairs_jsonl_errors(tmp_path, second, match):
         read_pairs(path)
 
 
+def test_cli_pairs_errors_name_the_option_and_a_folder_is_not_missing(tmp_path, capsys):
+    from mrl.cli import main
+
+    args = ["text", "finetune", "--out", str(tmp_path / "ft"), "--pairs"]
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match=r"'.*folder' is a folder, not a JSONL file"):
+        read_pairs(tmp_path / "folder")  # it exists: not "does not exist"
+    assert main(args + [str(tmp_path / "folder")]) == 2
+    assert "--pairs '" in (err := capsys.readouterr().err) and "is a folder, not a JSONL" in err
+    assert main(args + [str(tmp_path / "missing.jsonl")]) == 2
+    assert "--pairs '" in (err := capsys.readouterr().err) and "missing.jsonl' does not" in err
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"query": "q"}\n')
+    assert main(args + [str(bad)]) == 2
+    assert f"--pairs {bad}:1: missing field 'positive'" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()
+
+
 def test_pairs_from_titles():
     pairs = pairs_from_titles(["wing flow", "", "t"], ["wing flow at high speed now", "x y z", "a"])
     assert [(p.query, p.positive) for p in pairs] == [("wing flow", "at high speed now")]

@@ -184,7 +184,7 @@ def _documents(corpus: str):
 
 def _finetune(args: argparse.Namespace) -> int:
     from mrl.text.finetune import FinetuneConfig, finetune
-    from mrl.text.pairs import pairs_from_titles, read_pairs
+    from mrl.text.pairs import pairs_from_titles
 
     if (args.pairs is None) == (args.corpus is None):
         raise ValueError("give exactly one of --pairs FILE.jsonl or --corpus NAME")
@@ -220,7 +220,7 @@ def _finetune(args: argparse.Namespace) -> int:
     _check_cache(args.cache)
     texts = None  # the "pca" rotation's corpus: the documents, else the distinct positives
     if args.pairs is not None:
-        pairs = read_pairs(args.pairs)
+        pairs = _read_pairs(args.pairs)
     else:
         ds = _documents(args.corpus)
         pairs = pairs_from_titles(ds.titles, ds.bodies)
@@ -235,6 +235,16 @@ def _finetune(args: argparse.Namespace) -> int:
         cache_dir=args.cache,
     )
     return 0
+
+
+def _read_pairs(path: str) -> list:
+    """``--pairs FILE.jsonl``; its errors name the option (and file:line for a bad line)."""
+    from mrl.text.pairs import read_pairs
+
+    try:
+        return read_pairs(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(f"--pairs {exc}") from None
 
 
 def _check_cache(cache: str | None) -> None:

@@ -38,6 +38,8 @@ def read_jsonl(
     With ``nonempty`` those strings must hold more than whitespace.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder, not a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} does not exist")
     rows = []
