@@ -293,6 +293,11 @@ def test_text_flags_that_do_not_apply_are_refused(tmp_path, capsys):
 
     assert main(["eval", str(tmp_path), "--dataset", "cranfield"]) == 2
     assert "--dataset is for text model folders" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 2  # neither a run nor a text model folder
+    err = capsys.readouterr().err
+    assert "is neither a training run (no checkpoint.pt" in err, err
+    assert "nor a sentence-transformers model folder (no modules.json)" in err
+    assert "embedding" not in err  # before any progress line
     assert main(["text", "compare", "--dataset", "cranfield", "--methods", "finetune",
                  "--out", str(tmp_path / "c")]) == 2  # fmt: skip
     assert "--methods finetune needs --finetuned MODEL" in capsys.readouterr().err

@@ -322,6 +322,17 @@ def _check_nesting_option(run_dir: Path, spec: str | None) -> None:
         raise ValueError(f"--nesting {spec}: {exc} (the run's D is {model.dim})") from None
 
 
+def _check_run_folder(run_dir: Path) -> None:
+    """A folder given to `mrl eval` holds a training checkpoint or is a text model folder."""
+    from mrl.train import CHECKPOINT
+
+    if run_dir.is_dir() and not (run_dir / CHECKPOINT).is_file():
+        raise FileNotFoundError(
+            f"{str(run_dir)!r} is neither a training run (no {CHECKPOINT}; train first: mrl "
+            "train CONFIG --out DIR) nor a sentence-transformers model folder (no modules.json)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from mrl.devices import check_device
 
@@ -334,7 +345,8 @@ def run(args: argparse.Namespace) -> int:
         return int(eval_command(args) or 0)
     if args.dataset is not None:
         raise ValueError(f"--dataset is for text model folders (with modules.json); "
-                         f"{str(run_dir)!r} is not one")
+                         f"{str(run_dir)!r} is not a sentence-transformers model folder")
+    _check_run_folder(run_dir)  # before the progress lines and the model's loading
     if args.probe_iter <= 0:
         raise ValueError(f"--probe-iter must be positive, got {args.probe_iter}")
     from mrl.records import to_markdown
