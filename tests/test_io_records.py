@@ -156,3 +156,10 @@ def test_make_record_refuses_fractional_prefixes():
     for bad in (8.7, 0, True):
         with pytest.raises(ValueError, match="prefix must be a positive whole number of dims"):
             make_record("mrl", bad, "top1", 0.5)
+
+
+def test_first_line_of_an_exception():
+    from mrl.io import first_line
+
+    assert first_line(RuntimeError("\n  bad thing\n  at frame 3\n")) == "bad thing"
+    assert first_line(KeyError()) == "KeyError"

@@ -115,6 +115,13 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
         ) from None
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (its type name when it has no message): libraries'
+    errors often span many lines, and ours quote them in one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _umask() -> int:
     """The process umask (reading it means setting it; restored at once)."""
     mask = os.umask(0o022)

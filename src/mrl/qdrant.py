@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mrl._optional import require
-from mrl.io import atomic_write_json
+from mrl.io import atomic_write_json, first_line
 from mrl.nesting import Nesting
 
 __all__ = [
@@ -278,7 +278,7 @@ def _check_reachable(client: Any, url: str | None) -> None:
     try:
         client.get_collections()
     except Exception as exc:  # the client wraps httpx/grpc errors in its own types
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ConnectionError(f"cannot reach the Qdrant server at url={url!r}: {reason}") from None
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mrl._optional import require
-from mrl.io import atomic_open, atomic_write_json, check_output_path
+from mrl.io import atomic_open, atomic_write_json, check_output_path, first_line
 from mrl.nesting import Nesting
 
 __all__ = [
@@ -111,7 +111,7 @@ def load_encoder(
     try:
         encoder = st.SentenceTransformer(str(path), device=device, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:  # missing weights, damaged JSON, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ValueError(
             f"model={str(model)!r}: the sentence-transformers folder {path} does not load "
             f"({type(exc).__name__}: {reason})"

@@ -40,6 +40,7 @@ from mrl.io import (
     atomic_open,
     atomic_write_json,
     check_output_path,
+    first_line,
     load_npy,
     read_json_sidecar,
 )
@@ -938,7 +939,7 @@ def _load_part(path: Path, read: Callable[[Path], Any]) -> Any:
     try:
         return read(path)
     except (ValueError, RuntimeError, OSError, EOFError) as exc:  # numpy / faiss / IO
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ValueError(f"index file {path} is damaged or unreadable: {reason}") from None
 
 
