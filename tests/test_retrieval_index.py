@@ -511,3 +511,12 @@ def test_torch_backend_on_a_loaded_index_does_not_warn(tmp_path):
         warnings.simplefilter("error")
         res = index.search(q, 5, backend="torch")
     np.testing.assert_array_equal(res.indices, index.search(q, 5).indices)
+
+
+def test_all_zero_rows_are_indexed_with_a_warning():
+    db, q = _data()
+    db[[5, 9]] = 0.0
+    with pytest.warns(UserWarning, match=r"2 of 400 added rows are all zeros \(first: row 5\)"):
+        index = _index(db)
+    res = index.search(q, 5)
+    assert not np.isin(res.indices, [5, 9]).any()  # score 0: below every real neighbour

@@ -279,6 +279,8 @@ class MatryoshkaIndex:
         """
         x = validate_vectors(vectors, self.nesting.dim)  # [n, D] float32
         new_ids = self._check_ids(ids, len(x))
+        if self.metric == "cosine":
+            _warn_zero_rows(x, self.count)
         if self.vector_dtype == "int8":
             if self.count == 0:
                 self._col_scale = _column_scale(x)
@@ -905,6 +907,18 @@ class MatryoshkaIndex:
             f"MatryoshkaIndex(count={self.count}, nesting={list(self.nesting.sizes)}, "
             f"config={self.config})"
         )
+
+
+def _warn_zero_rows(x: np.ndarray, offset: int) -> None:
+    """All-zero rows have no direction: under cosine they score 0 against every query, which
+    usually means a failed encoding upstream; say so instead of indexing them silently."""
+    zero = np.flatnonzero(~x.any(axis=1))
+    if len(zero):
+        import warnings
+
+        warnings.warn(f"{len(zero)} of {len(x)} added rows are all zeros (first: row "
+                      f"{offset + int(zero[0])}); cosine gives them score 0 for every query",
+                      stacklevel=3)
 
 
 def _read_only_tensor(arr: np.ndarray) -> Any:
