@@ -331,8 +331,18 @@ def test_reproduce_seeds_can_be_extended_one_by_one_with_a_constant_schedule(tmp
     for seed in (0, 1):
         reproduce("fashion-mnist", "small", tmp_path, seed=seed, overrides=over, **kw)
     longer = (*over, "epochs=4")  # extend seed 0 first: seed 1 still has 3 epochs
+    logs: list[str] = []
     with pytest.warns(UserWarning, match=r"seed1/mrl has 3 epochs, this run 4: bring every seed"):
-        reproduce("fashion-mnist", "small", tmp_path, seed=0, overrides=longer, **kw)
+        recs = reproduce("fashion-mnist", "small", tmp_path, seed=0, overrides=longer,
+                         **{**kw, "log": logs.append})
+    # The cached evaluation of the 3-epoch model must not be reused for the 4-epoch one.
+    from mrl.train import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "runs" / "seed0" / "mrl")["epoch"] == 4
+    assert any("training (resuming)" in line for line in logs)
+    assert not any("reusing" in line for line in logs)
+    saved = json.loads((tmp_path / "runs" / "seed0" / "mrl" / "records.json").read_text())
+    assert saved == [r for r in recs if r["seed"] == 0 and r["method"] == "mrl"]
 
 
 def test_demo_train_size_above_the_data_names_the_flag(tmp_path, monkeypatch):

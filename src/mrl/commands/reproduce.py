@@ -263,14 +263,16 @@ def reproduce(
         check_same_recipe(run_dir, config, "use another --out (or --runs) for another recipe")
         _check_other_seeds(runs_root, name, seed, config)
         t0 = time.perf_counter()
+        if _needs_training(run_dir, config, runs):  # before the cache: it may be of fewer epochs
+            resume = (run_dir / CHECKPOINT).is_file()
+            log(f"[{name}] seed {seed}: training{' (resuming)' if resume else ''} ...")
+            train(config, run_dir, resume=resume, progress=progress, task=data_task)
+            for stale in run_dir.glob("records*.json"):  # evaluations of the shorter model
+                stale.unlink()
         if cached.is_file():
             recs = json.loads(cached.read_text())
             log(f"[{name}] seed {seed}: evaluated before, reusing {cached}")
         else:
-            if _needs_training(run_dir, config, runs):
-                resume = (run_dir / CHECKPOINT).is_file()
-                log(f"[{name}] seed {seed}: training{' (resuming)' if resume else ''} ...")
-                train(config, run_dir, resume=resume, progress=progress, task=data_task)
             e = compute_embeddings(run_dir, task=data_task)
             recs = evaluate_embeddings(
                 e,
