@@ -286,6 +286,17 @@ def test_reproduce_plain_model_is_ff_at_full_size(tmp_path, task):
     e = compute_embeddings(tmp_path / "runs" / "seed0" / "plain", task=task)
     head = 100.0 * (e.test_logits[0].argmax(-1) == e.test_labels).float().mean().item()
     assert ff["value"] == pytest.approx(head, abs=1e-3)  # the logged accuracy is the head's
+    # Without test accuracy in the log (eval_test=false, or a copied run without metrics.jsonl)
+    # the head is evaluated instead: same number, no KeyError.
+    (tmp_path / "runs" / "seed0" / "plain" / "metrics.jsonl").unlink()
+    again = reproduce("fashion-mnist", "small", tmp_path, only=("plain",), overrides=over,
+                      progress=False, data_task=task, log=lambda s: None)  # fmt: skip
+    (ff2,) = [r for r in again if r["method"] == "ff"]
+    assert ff2["value"] == pytest.approx(head, abs=1e-3)
+    quiet = reproduce("fashion-mnist", "small", tmp_path / "q", only=("plain",),
+                      overrides=(*over, "eval_test=false"), progress=False, data_task=task,
+                      log=lambda s: None)  # fmt: skip
+    assert [r["metric"] for r in quiet if r["method"] == "ff"] == ["top1"]
 
 
 def test_reproduce_probe_iterations_reach_the_probe(tmp_path, task):

@@ -289,8 +289,8 @@ def reproduce(
             )
             save_records(cached, recs)
         if name == "plain":
-            recs = [*recs, _plain_as_ff(run_dir, config.model.dim, dataset=task, seed=seed,
-                                        budget=budget)]  # fmt: skip
+            recs = [*recs, _plain_as_ff(run_dir, config.model.dim, data_task, dataset=task,
+                                        seed=seed, budget=budget)]  # fmt: skip
         records += recs
         log(f"[{name}] seed {seed}: done in {time.perf_counter() - t0:.0f} s")
     return merge_records(out / "results.json", records)
@@ -383,13 +383,21 @@ def merge_records(results: Path, records: list[dict[str, Any]]) -> list[dict[str
     return old + records
 
 
-def _plain_as_ff(run_dir: Path, dim: int, **context: Any) -> dict[str, Any]:
+def _plain_as_ff(run_dir: Path, dim: int, task: Any = None, **context: Any) -> dict[str, Any]:
     """The plain model is FF-D: its own head's test top-1 (the last epoch's, from metrics.jsonl,
-    which the training loop computes on the task's whole test split)."""
+    which the training loop computes on the task's whole test split; computed from the model
+    when the log has none: a run trained with eval_test=false, or a copied run folder)."""
     from mrl.records import make_record
 
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    acc = last["test_top1"][str(dim)]
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    acc = last.get("test_top1", {}).get(str(dim))
+    if acc is None:
+        from mrl.commands.eval import compute_embeddings
+
+        e = compute_embeddings(run_dir, task=task)  # test_logits [1, N_test, C] for plain
+        acc = 100.0 * (e.test_logits[0].argmax(-1) == e.test_labels).float().mean().item()
     source = "head of the plain model (= FF-D)"
     return make_record("ff", dim, "top1", acc, source=source, run="plain", **context)
 
