@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -63,6 +64,34 @@ def test_fit_then_eval_file(files, capsys):
     assert main(["cascade", "fit", str(tmp / "mrl.npz"), "--budget", "5", "--out",
                  str(tmp / "b.json")]) == 0
     assert json.loads((tmp / "b.json").read_text())["info"]["calib_expected_dims"] <= 5
+
+
+def test_eval_file_on_its_own_source_measures_only_the_held_out_part(files, capsys):
+    # --logits naming the samples the cascade was fitted on used to count the calibration half
+    # too (all 400 samples) and report that as the cascade's accuracy.
+    tmp, _ = files
+    assert main(["cascade", "fit", str(tmp / "mrl.npz")]) == 0
+    cfile = tmp / "mrl.cascade.json"
+    held = f"{100 * json.loads(cfile.read_text())['info']['heldout']['accuracy']:.2f} %"
+    shutil.copy(tmp / "mrl.npz", tmp / "copy.npz")  # recognised by its fingerprint
+    run = tmp / "run"
+    run.mkdir()
+    shutil.copy(tmp / "mrl.npz", run / "logits-test.npz")  # a run folder's cached logits
+    assert main(["cascade", "fit", str(run), "--out", str(tmp / "r.json")]) == 0
+    old = json.loads((tmp / "r.json").read_text())
+    old["info"].pop("fingerprint", None)  # a cascade file from before fingerprints: by path
+    (tmp / "r.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    for cas, given in [(cfile, "mrl.npz"), (cfile, "copy.npz"), (tmp / "r.json", "run"),
+                       (tmp / "r.json", "run/logits-test.npz")]:  # fmt: skip
+        assert main(["cascade", "eval", str(cas), "--logits", str(tmp / given)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("200 samples (the held-out part of --logits, which is the source")
+        assert "its other 200 samples calibrated it" in out and held in out, given
+    mrl, y, _, _ = synthetic(1)
+    save_logits(tmp / "other.npz", LogitsSet(mrl, y, NEST))
+    assert main(["cascade", "eval", str(cfile), "--logits", str(tmp / "other.npz")]) == 0
+    assert capsys.readouterr().out.startswith("400 samples (all of --logits)")
 
 
 def test_eval_file_for_another_nesting_is_a_clear_error(files, capsys):

@@ -9,6 +9,7 @@ trained model (one forward pass, no gradient) and caches them as ``<run>/logits-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import numpy as np
 from mrl.io import atomic_open
 from mrl.nesting import Nesting
 
-__all__ = ["LogitsSet", "load_logits", "load_source", "save_logits"]
+__all__ = ["LogitsSet", "fingerprint", "load_logits", "load_source", "save_logits"]
 
 FORMAT = "mrl-logits"
 
@@ -57,6 +58,16 @@ class LogitsSet:
     def size(self) -> int:
         """The representation size the model's classifier reads: ff_dim for FF-m, else D."""
         return int(self.meta.get("ff_dim") or self.nesting.dim)
+
+
+def fingerprint(data: LogitsSet) -> str:
+    """SHA-256 of the logits, labels and nesting: the same samples and scores, wherever the
+    file lies (a fitted cascade stores it to recognise its own source under another name)."""
+    h = hashlib.sha256(data.nesting.to_json().encode())
+    for arr in (np.asarray(data.logits, dtype=np.float32), np.asarray(data.labels, np.int64)):
+        h.update(str(arr.shape).encode())
+        h.update(np.ascontiguousarray(arr).data)
+    return h.hexdigest()
 
 
 def save_logits(path: str | os.PathLike, data: LogitsSet) -> None:
@@ -171,7 +182,8 @@ def _forward_run(run: Any, split: str, run_dir: Path) -> LogitsSet:
     z, logits = predict(model, data, config.eval_batch_size)  # [N, D], [G, N, C] on the CPU
     nesting = Nesting.from_dict(saved.get("head_nesting") or saved["nesting"])
     meta = {"mode": config.model.mode, "ff_dim": config.model.ff_dim, "dataset": d.dataset,
-            "split": split, "run": str(run_dir), "epoch": int(saved.get("epoch", 0))}  # fmt: skip
+            "split": split, "run": str(Path(run_dir).resolve()),
+            "epoch": int(saved.get("epoch", 0))}  # fmt: skip
     return LogitsSet(
         logits=logits.numpy(),
         labels=data.labels.cpu().numpy().astype(np.int64),

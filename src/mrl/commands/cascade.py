@@ -11,8 +11,14 @@ import argparse
 import json
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mrl.io import check_output_path
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from mrl.cascade.runs import LogitsSet
 
 NAME = "cascade"
 HELP = "adaptive classification: fit confidence thresholds between prefixes, evaluate them"
@@ -59,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument(
         "--logits",
         default=None,
-        help="with a cascade file: evaluate on all of this run folder / logits file "
-        "(default: the held-out part of the source it was fitted on)",
+        help="with a cascade file: evaluate on all of this run folder / logits file; on its "
+        "held-out part only when it is the cascade's own source (default: the held-out part "
+        "of the source it was fitted on)",
     )
     ev.add_argument(
         "--ff",
@@ -141,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- fit
 def _fit(args: argparse.Namespace) -> int:
     from mrl.cascade import Cascade, fit_cascade, split_calibration
-    from mrl.cascade.runs import load_source
+    from mrl.cascade.runs import fingerprint, load_source
 
     out = Path(args.out) if args.out else _default_cascade_path(Path(args.source))
     _check_fit_out(out, Path(args.source))  # before the logits are computed
@@ -166,6 +173,7 @@ def _fit(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "calib_fraction": args.calib_fraction,
         "num_classes": int(data.logits.shape[2]),
+        "fingerprint": fingerprint(data),  # `eval --logits` recognises its source by it
         "heldout": {
             k: held_res[k]
             for k in ("accuracy", "expected_dims", "expected_heads", "expected_head_dims")
@@ -224,24 +232,22 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_file(args: argparse.Namespace, path: Path) -> int:
-    """Evaluate a fitted cascade file on its held-out part, or on all of ``--logits``."""
-    from mrl.cascade import Cascade, split_calibration
+    """Evaluate a fitted cascade file on its held-out part, or on all of ``--logits`` (only its
+    held-out part when ``--logits`` is the source the cascade was fitted on)."""
+    from mrl.cascade import Cascade
     from mrl.cascade.runs import load_source
 
-    raw = Cascade.load(path)
-    info = raw.info
+    info = Cascade.load(path).info
     _refuse_ignored_options(args)
     if args.logits:
         data = load_source(args.logits, args.split)
-        idx = None
+        own = _is_own_source(args.logits, args.split, data, info)
+        idx = _heldout_index(path, info, len(data.labels)) if own else None
     else:
         if "source" not in info:
             raise ValueError(f"{path} does not name its source; pass --logits RUN_OR_FILE")
-        lacking = [k for k in ("calib_fraction", "seed") if k not in info]
-        if lacking:
-            raise ValueError(f"{path} lacks {lacking} in its info; pass --logits RUN_OR_FILE")
         data = load_source(info["source"], info.get("split", "test"))
-        _, idx = split_calibration(len(data.labels), info["calib_fraction"], info["seed"])
+        idx = _heldout_index(path, info, len(data.labels))
     cas = Cascade.load(path, data.nesting)  # checks the nesting against the model's
     classes = info.get("num_classes")
     if classes is not None and classes != data.logits.shape[2]:
@@ -252,13 +258,48 @@ def _eval_file(args: argparse.Namespace, path: Path) -> int:
     logits = data.logits if idx is None else data.logits[:, idx]
     labels = data.labels if idx is None else data.labels[idx]
     res = cas.evaluate(logits, labels)
-    where = "all of --logits" if idx is None else "the held-out part of its source"
     print(
-        f"{len(labels)} samples ({where}): accuracy {100 * res['accuracy']:.2f} %, expected "
-        f"dims {res['expected_dims']:.1f}, expected heads {res['expected_heads']:.2f}, "
-        f"head dims {res['expected_head_dims']:.1f}, max prefix {res['max_prefix']}"
+        f"{len(labels)} samples ({_eval_where(args, idx, len(data.labels))}): accuracy "
+        f"{100 * res['accuracy']:.2f} %, expected dims {res['expected_dims']:.1f}, expected heads "
+        f"{res['expected_heads']:.2f}, head dims {res['expected_head_dims']:.1f}, max prefix "
+        f"{res['max_prefix']}"
     )
     return 0
+
+
+def _heldout_index(path: Path, info: dict, n: int) -> np.ndarray:
+    """The held-out indices of the split the cascade was fitted with (its info's seed)."""
+    from mrl.cascade import split_calibration
+
+    lacking = [k for k in ("calib_fraction", "seed") if k not in info]
+    if lacking:
+        raise ValueError(f"{path} lacks {lacking} in its info; pass --logits RUN_OR_FILE")
+    return split_calibration(n, info["calib_fraction"], info["seed"])[1]
+
+
+def _is_own_source(given: str, split: str, data: LogitsSet, info: dict) -> bool:
+    """Whether ``--logits`` holds the samples the cascade was fitted on: the same logits (by
+    fingerprint, wherever the file lies), the source itself, its cached logits or its run."""
+    from mrl.cascade.runs import fingerprint
+
+    if "fingerprint" in info and info["fingerprint"] == fingerprint(data):
+        return True
+    if "source" not in info or split != info.get("split", "test"):
+        return False
+    src = Path(info["source"]).resolve()
+    run = data.meta.get("run")
+    return Path(given).resolve() in (src, src / f"logits-{split}.npz") or (
+        run is not None and Path(run).resolve() == src
+    )
+
+
+def _eval_where(args: argparse.Namespace, idx: np.ndarray | None, n: int) -> str:
+    if idx is None:
+        return "all of --logits"
+    if not args.logits:
+        return "the held-out part of its source"
+    return (f"the held-out part of --logits, which is the source the cascade was fitted on; "
+            f"its other {n - len(idx)} samples calibrated it")  # fmt: skip
 
 
 def _refuse_ignored_options(args: argparse.Namespace) -> None:
