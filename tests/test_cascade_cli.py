@@ -138,6 +138,47 @@ def test_fewshot_train_pool_needs_run_folders(files, capsys):
     assert not (tmp / "res").exists()  # refused before any work
 
 
+def test_fewshot_support_coverage_is_checked_before_any_work(tmp_path, capsys):
+    # 60 classes in 400 samples: a half-split pool cannot hold 10 examples of every class. This
+    # used to fail after the cascade work, naming no option, and leave nothing written.
+    y = np.random.default_rng(0).integers(0, 60, 400)
+    mrl = np.random.default_rng(1).normal(size=(len(NEST), 400, 60))
+    emb = np.random.default_rng(2).normal(size=(400, 16))
+    save_logits(tmp_path / "many.npz", LogitsSet(mrl, y, NEST, emb))
+    out = tmp_path / "res"
+    rc = main(["cascade", "eval", str(tmp_path / "many.npz"), "--seeds", "0", "--out", str(out),
+               "--fewshot"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--fewshot needs 10 support examples (shots [1, 5, 10]) and a query of every" in err
+    assert "with --fewshot-pool test (support: a seeded half of the split" in err
+    assert "classes of" in err and "fall short" in err and "drop --fewshot" in err
+    assert not out.exists()  # refused before any work
+    run = tmp_path / "run"  # a run folder (cached logits): its training images may do
+    run.mkdir()
+    shutil.copy(tmp_path / "many.npz", run / "logits-test.npz")
+    assert main(["cascade", "eval", str(run), "--seeds", "0", "--fewshot"]) == 2
+    assert "try --fewshot-pool train (5000 training images), or drop" in capsys.readouterr().err
+    assert not (run / "cascade-eval").exists()
+
+
+def test_cascade_outputs_are_written_before_the_fewshot_step(files, monkeypatch, capsys):
+    import mrl.fewshot
+
+    def broken(*args, **kwargs):
+        raise ValueError("few-shot broke")
+
+    monkeypatch.setattr(mrl.fewshot, "few_shot_eval", broken)
+    tmp, ff = files
+    out = tmp / "res"
+    rc = main(["cascade", "eval", str(tmp / "mrl.npz"), "--ff", *ff, "--seeds", "0", "--out",
+               str(out), "--fewshot"])  # fmt: skip
+    assert rc == 2 and "few-shot broke" in capsys.readouterr().err
+    recs = load_records(out / "cascade.json")  # the finished cascade work is kept
+    assert {"cascade", "oracle", "ff"} <= {r["method"] for r in recs}
+    assert (out / "cascade.md").is_file() and (out / "cascade.png").is_file()
+
+
 def test_a_logits_file_of_another_split_is_refused(files, capsys):
     tmp, _ = files
     mrl, y, _, _ = synthetic()

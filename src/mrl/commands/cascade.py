@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,7 @@ from mrl.io import check_output_path
 if TYPE_CHECKING:
     import numpy as np
 
+    from mrl import Nesting
     from mrl.cascade.runs import LogitsSet
 
 NAME = "cascade"
@@ -344,10 +347,8 @@ def _eval_curves(args: argparse.Namespace, src: Path) -> int:
                 )
     data = load_source(src, args.split)
     ff = _load_ff(args.ff, args.split, data, src)
-    if args.fewshot:  # before the cascade work, not after it
-        for f, d in [(src, data), *ff.values()]:
-            if d.embeddings is None:
-                raise ValueError(f"--fewshot needs embeddings in {f}'s logits")
+    # Few-shot support pools loaded and checked before the cascade work, not after it.
+    pools = _fewshot_pools(src, data, ff, args.fewshot_pool) if args.fewshot else []
     dataset = args.dataset or data.meta.get("dataset")
     context = {"dataset": dataset, "split": args.split} if dataset else {"split": args.split}
     ff_scores = {m: d.logits[0] for m, (_, d) in ff.items()}  # FF-m: one prefix, [N, C]
@@ -361,8 +362,6 @@ def _eval_curves(args: argparse.Namespace, src: Path) -> int:
         match=args.match,
         **context,
     )
-    if args.fewshot:
-        records += _fewshot_records(src, data, ff, context, args.fewshot_pool)
     command = _command_line(args)
     meta = {
         "source": str(src),
@@ -377,7 +376,12 @@ def _eval_curves(args: argparse.Namespace, src: Path) -> int:
         **context,
     }
     summary = summarize(summaries)
-    write_outputs(out, records, summaries, summary, meta)
+    write_outputs(out, records, summaries, summary, meta)  # kept should few-shot fail
+    if pools:
+        print(f"wrote {out}/cascade.json, cascade.md, cascade.png; few-shot next ...",
+              file=sys.stderr)  # fmt: skip
+        records += _fewshot_records(pools, context, args.fewshot_pool)
+        write_outputs(out, records, summaries, summary, meta)
     print(
         json.dumps(
             {
@@ -462,37 +466,97 @@ def _command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def _fewshot_records(src: Path, data, ff: dict, context: dict, pool_split: str) -> list:
-    """Few-shot and long-tail NCM records for the MRL run (every prefix) and each FF-m run.
+# Few-shot shots per class and long-tail shots per tail class (`--fewshot`).
+SHOTS = (1, 5, 10)
+TAIL_SHOTS = (1, 5)
+
+
+@dataclass
+class _Pool:
+    """One run's few-shot data: support pool and queries (embeddings, labels), its nesting."""
+
+    method: str
+    path: str
+    nesting: Nesting
+    px: np.ndarray
+    py: np.ndarray
+    qx: np.ndarray
+    qy: np.ndarray
+
+
+def _fewshot_pools(src: Path, data: LogitsSet, ff: dict, pool_split: str) -> list[_Pool]:
+    """Support pool and queries of the MRL run (every prefix) and of each FF-m run, checked.
 
     ``pool_split="test"``: support drawn from a seeded half of the split, queries the other half
     (no extra forward pass); ``"train"``: support from a seeded subset of training images (the
-    run folder's train split), queries the whole split.
+    run folder's train split, one forward pass), queries the whole split.
     """
-    import numpy as np
-
     from mrl import Nesting
     from mrl.cascade import split_calibration
     from mrl.cascade.runs import load_source
-    from mrl.fewshot import few_shot_eval, long_tail_eval
 
-    runs = [("mrl", src, data, data.nesting)]
-    runs += [("ff", path, d, Nesting((m,))) for m, (path, d) in ff.items()]
-    out = []
+    runs = [("mrl", str(src), data, data.nesting)]
+    runs += [("ff", str(path), d, Nesting((m,))) for m, (path, d) in ff.items()]
+    folders = all(Path(path).is_dir() for _, path, _, _ in runs)  # can use --fewshot-pool train
+    pools = []
     for method, path, test, nesting in runs:
         if test.embeddings is None:
             raise ValueError(f"--fewshot needs embeddings in {path}'s logits")
-        m = nesting.dim
         if pool_split == "train":
             pool = load_source(path, "train")
+            if pool.embeddings is None:
+                raise ValueError(f"--fewshot needs embeddings in {path}'s train logits")
             px, py, qx, qy = pool.embeddings, pool.labels, test.embeddings, test.labels
         else:
             sup, qry = split_calibration(len(test.labels), 0.5, seed=0)
             px, py = test.embeddings[sup], test.labels[sup]
             qx, qy = test.embeddings[qry], test.labels[qry]
-        kw = dict(method=method, seed=0, draws=5, support_from=pool_split, **context)
-        out += few_shot_eval(px[:, :m], py, qx[:, :m], qy, nesting, shots=(1, 5, 10), **kw)
-        head = int(min(100, np.bincount(py).min()))  # head classes: 100 or all they have
-        out += long_tail_eval(px[:, :m], py, qx[:, :m], qy, nesting, tail_shots=(1, 5),
+        pools.append(_Pool(method, path, nesting, px, py, qx, qy))
+        _check_coverage(pools[-1], pool_split, folders)
+    return pools
+
+
+def _check_coverage(p: _Pool, pool_split: str, folders: bool) -> None:
+    """Every class needs max(SHOTS) support examples in the pool and a query (long-tail
+    accuracy per class part); say which option drew the pool, before any work."""
+    import numpy as np
+
+    from mrl.cascade.runs import POOL_SIZE
+
+    need = max(SHOTS)
+    C = int(max(p.py.max(), p.qy.max())) + 1
+    have = np.bincount(p.py, minlength=C)
+    queries = np.bincount(p.qy, minlength=C)
+    short = np.flatnonzero((have < need) | (queries == 0))
+    if not len(short):
+        return
+    c = int(short[np.argmin(have[short])])  # the worst off
+    pool = ("--fewshot-pool test (support: a seeded half of the split, queries: the other half)"
+            if pool_split == "test" else
+            f"--fewshot-pool train (support: {len(p.py)} training images)")  # fmt: skip
+    hint = "drop --fewshot (the cascade evaluation itself needs no support set)"
+    if pool_split == "test" and folders and POOL_SIZE >= need * C:
+        hint = f"try --fewshot-pool train ({POOL_SIZE} training images), or " + hint
+    raise ValueError(
+        f"--fewshot needs {need} support examples (shots {list(SHOTS)}) and a query of every "
+        f"class; with {pool} {len(short)} of {C} classes of {p.path} fall short (fewest: class "
+        f"{c}, {have[c]} support examples, {queries[c]} queries); {hint}"
+    )
+
+
+def _fewshot_records(pools: list[_Pool], context: dict, pool_split: str) -> list:
+    """Few-shot and long-tail NCM records for the MRL run (every prefix) and each FF-m run."""
+    import numpy as np
+
+    from mrl.fewshot import few_shot_eval, long_tail_eval
+
+    out = []
+    for p in pools:
+        m = p.nesting.dim
+        px, qx = p.px[:, :m], p.qx[:, :m]
+        kw = dict(method=p.method, seed=0, draws=5, support_from=pool_split, **context)
+        out += few_shot_eval(px, p.py, qx, p.qy, p.nesting, shots=SHOTS, **kw)
+        head = int(min(100, np.bincount(p.py).min()))  # head classes: 100 or all they have
+        out += long_tail_eval(px, p.py, qx, p.qy, p.nesting, tail_shots=TAIL_SHOTS,
                               head_shots=head, **kw)  # fmt: skip
     return out
