@@ -334,7 +334,10 @@ def test_bad_eval_arguments(files, capsys):
     assert "--calib-fraction must be in (0, 1), got --calib-fraction 1.5" in capsys.readouterr().err
     for argv, message in [
         (["eval", "--match", "-1"], "--match must be in [0, 1), got --match -1.0"),
-        (["fit", "--tolerance", "2"], "--tolerance must be in [0, 1), got --tolerance 2.0"),
+        (["fit", "--tolerance", "2"], "--tolerance must be in [-1, 1) (accuracy fraction; 0.005 "
+         "= 0.5 points), got --tolerance 2.0"),
+        (["fit", "--tolerance", "1"], "--tolerance must be in [-1, 1)"),
+        (["fit", "--tolerance", "-1.5"], "--tolerance must be in [-1, 1)"),
         (["fit", "--target-accuracy", "90"], "--target-accuracy must be in [0, 1]"),
         (["fit", "--budget", "0"], "--budget must be positive"),
     ]:
@@ -342,6 +345,42 @@ def test_bad_eval_arguments(files, capsys):
         assert message in capsys.readouterr().err
     assert main(["cascade", "fit", str(tmp / "nothing.npz")]) == 2
     assert "no logits file or run folder" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+    """A tiny run folder (synthetic task, nesting 4, 8, 16) stopped after epoch 1 of 2."""
+    from mrl.config import DataConfig, ModelConfig, TrainConfig
+    from mrl.train import train
+
+    cfg = TrainConfig(data=DataConfig(dataset="synthetic", train_size=128),
+                      model=ModelConfig(dim=16, nesting="4,8,16", width=4), epochs=2,
+                      batch_size=64, device="cpu")  # fmt: skip
+    run = tmp_path_factory.mktemp("runs") / "interrupted"
+    train(cfg, run, progress=False, stop_after_epochs=1)
+    return run
+
+
+def test_negative_tolerance_and_budget_checked_before_the_logits(files, interrupted_run,
+                                                                 monkeypatch, capsys):  # fmt: skip
+    # docs/cascade.md: a negative tolerance asks for more than the full-size accuracy (the CLI
+    # refused it); --budget below the smallest prefix was found only after the logits were
+    # computed, as "budget must be >= ..." without naming --budget.
+    tmp, _ = files
+    assert main(["cascade", "fit", str(tmp / "mrl.npz"), "--tolerance", "-0.01"]) == 0
+    info = json.loads((tmp / "mrl.cascade.json").read_text())["info"]
+    assert info["tolerance"] == -0.01 and info["target"] > info["calib_full_accuracy"]
+    import mrl.cascade.runs
+
+    def no_logits(*args, **kwargs):
+        raise AssertionError("logits loaded before --budget was checked")
+
+    monkeypatch.setattr(mrl.cascade.runs, "load_source", no_logits)
+    for src, sizes in [(tmp / "mrl.npz", [2, 4, 8, 16]), (interrupted_run, [4, 8, 16])]:
+        rc = main(["cascade", "fit", str(src), "--budget", "1", "--out", str(tmp / "b.json")])
+        assert rc == 2
+        assert (f"--budget must be >= the smallest prefix of {src} ({sizes[0]} dims; nesting "
+                f"{sizes}), got --budget 1.0") in capsys.readouterr().err  # fmt: skip
 
 
 def test_demo_section_with_arrays_and_a_separate_calibration_set(tmp_path):

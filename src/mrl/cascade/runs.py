@@ -141,6 +141,25 @@ def load_source(path: str | os.PathLike, split: str = "test", refresh: bool = Fa
     return data
 
 
+def source_nesting(path: str | os.PathLike, split: str = "test") -> Nesting | None:
+    """The nesting of a logits file or run folder, read without loading or computing logits
+    (for checking options first); None when it cannot be read (`load_source` then says why)."""
+    path = Path(path)
+    cache = path / f"logits-{split}.npz"
+    if path.is_dir() and cache.is_file() and _newer_than_checkpoint(cache, path):
+        path = cache
+    try:
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                return Nesting.from_json(str(z["nesting"]))
+        from mrl.train import load_checkpoint  # the training module (vision extra)
+
+        saved = load_checkpoint(path)
+        return Nesting.from_dict(saved.get("head_nesting") or saved["nesting"])
+    except Exception:  # any unreadable source: load_source then reports it
+        return None
+
+
 def _newer_than_checkpoint(cache: Path, run_dir: Path) -> bool:
     ckpts = list(run_dir.glob("*.pt"))
     return all(cache.stat().st_mtime >= c.stat().st_mtime for c in ckpts)

@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tolerance",
         type=float,
         default=None,
-        help="accuracy fraction below the full-size prefix (0.005 = 0.5 points; "
-        "the default mode, with 0.005)",
+        help="accuracy fraction below the full-size prefix, in [-1, 1) (0.005 = 0.5 points; "
+        "negative: above it; the default mode, with 0.005)",
     )
     mode.add_argument(
         "--target-accuracy",
@@ -131,8 +131,11 @@ def _check_options(args: argparse.Namespace) -> None:
     if match is not None and not 0 <= match < 1:
         raise ValueError(f"--match must be in [0, 1), got --match {match}")
     tol = getattr(args, "tolerance", None)
-    if tol is not None and not 0 <= tol < 1:
-        raise ValueError(f"--tolerance must be in [0, 1), got --tolerance {tol}")
+    if tol is not None and not -1 <= tol < 1:
+        raise ValueError(
+            f"--tolerance must be in [-1, 1) (accuracy fraction; 0.005 = 0.5 points), got "
+            f"--tolerance {tol}"
+        )
     target = getattr(args, "target_accuracy", None)
     if target is not None and not 0 <= target <= 1:
         raise ValueError(f"--target-accuracy must be in [0, 1], got --target-accuracy {target}")
@@ -155,6 +158,7 @@ def _fit(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else _default_cascade_path(Path(args.source))
     _check_fit_out(out, Path(args.source))  # before the logits are computed
+    _check_budget(args)
     data = load_source(args.source, args.split)
     cal, held = split_calibration(len(data.labels), args.calib_fraction, args.seed)
     tol = args.tolerance
@@ -199,6 +203,20 @@ def _fit(args: argparse.Namespace) -> int:
         print("note: the target was not reached on calibration; the cascade answers at full size")
     print(f"wrote {out}")
     return 0
+
+
+def _check_budget(args: argparse.Namespace) -> None:
+    """``--budget`` against the source's nesting, read before the logits are loaded or computed."""
+    from mrl.cascade.runs import source_nesting
+
+    if args.budget is None:
+        return
+    nesting = source_nesting(args.source, args.split)
+    if nesting is not None and not args.budget >= nesting.sizes[0]:
+        raise ValueError(
+            f"--budget must be >= the smallest prefix of {args.source} ({nesting.sizes[0]} dims; "
+            f"nesting {list(nesting.sizes)}), got --budget {args.budget}"
+        )
 
 
 def _default_cascade_path(source: Path) -> Path:
