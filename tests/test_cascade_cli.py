@@ -383,6 +383,20 @@ def test_negative_tolerance_and_budget_checked_before_the_logits(files, interrup
                 f"{sizes}), got --budget 1.0") in capsys.readouterr().err  # fmt: skip
 
 
+@pytest.mark.filterwarnings("always")  # one process, one message: shown each time here
+def test_an_interrupted_run_is_warned_about_as_mrl_eval_does(interrupted_run, tmp_path, capsys):
+    warning = "is trained to epoch 1 of 2 only (interrupted?); evaluating it as it is"
+    out = str(tmp_path / "c.json")
+    assert main(["cascade", "fit", str(interrupted_run), "--out", out]) == 0  # computes logits
+    err = capsys.readouterr().err
+    assert f"mrl cascade: warning: {interrupted_run} {warning}" in err and "--resume" in err
+    assert main(["cascade", "fit", str(interrupted_run), "--out", out]) == 0  # cached logits
+    assert warning in capsys.readouterr().err
+    cache = interrupted_run / "logits-test.npz"
+    assert main(["cascade", "eval", out, "--logits", str(cache)]) == 0  # the file, by its meta
+    assert f"(the run of {cache}) {warning}" in capsys.readouterr().err
+
+
 def test_demo_section_with_arrays_and_a_separate_calibration_set(tmp_path):
     from types import SimpleNamespace
 

@@ -2,9 +2,11 @@
 
 A logits file is self-describing: ``logits [G, N, C]`` (float32), ``labels [N]`` (int64), optional
 ``embeddings [N, D]`` (float32), and two JSON strings, ``nesting`` and ``meta`` (mode, ff_dim,
-dataset, split, source). `save_logits` / `load_logits` write and read it. `load_source` accepts
-either a logits file or a run folder: for a run folder it computes the logits of a split with the
-trained model (one forward pass, no gradient) and caches them as ``<run>/logits-<split>.npz``.
+dataset, split; from a run folder also run, epoch and epochs, so that logits of an interrupted run
+are warned about as `mrl eval` does). `save_logits` / `load_logits` write and read it.
+`load_source` accepts either a logits file or a run folder: for a run folder it computes the logits
+of a split with the trained model (one forward pass, no gradient) and caches them as
+``<run>/logits-<split>.npz``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,15 +133,41 @@ def load_source(path: str | os.PathLike, split: str = "test", refresh: bool = Fa
         held = data.meta.get("split")
         if held is not None and held != split:
             raise ValueError(f"{path} holds logits of split {held!r}, not of split {split!r}")
-        return data
-    if not path.is_dir():
+    elif not path.is_dir():
         raise FileNotFoundError(f"no logits file or run folder at {path}")
-    cache = path / f"logits-{split}.npz"
-    if cache.is_file() and not refresh and _newer_than_checkpoint(cache, path):
-        return load_logits(cache)
-    data = _compute_from_run(path, split)
-    save_logits(cache, data)
+    elif (cache := path / f"logits-{split}.npz").is_file() and not refresh and (
+        _newer_than_checkpoint(cache, path)
+    ):
+        data = load_logits(cache)
+    else:
+        data = _compute_from_run(path, split)
+        save_logits(cache, data)
+    _warn_if_interrupted(data, path)
     return data
+
+
+def _warn_if_interrupted(data: LogitsSet, path: Path) -> None:
+    """Warn, as `mrl eval` does, when the logits come from a run trained to fewer epochs than
+    its config asks for (an interrupted run; ``meta["epoch"]`` of ``meta["epochs"]``)."""
+    epoch, epochs = data.meta.get("epoch"), data.meta.get("epochs")
+    run = Path(path if path.is_dir() else data.meta.get("run", path))
+    if epochs is None:  # logits cached before "epochs" was stored: the run's config.json
+        epochs = _config_epochs(run)
+    if epoch is None or epochs is None or int(epoch) >= int(epochs):
+        return
+    what = str(path) if path.is_dir() else f"{run} (the run of {path})"
+    warnings.warn(
+        f"{what} is trained to epoch {epoch} of {epochs} only (interrupted?); evaluating it as "
+        "it is (finish it with mrl train CONFIG --out RUN --resume)",
+        stacklevel=3,
+    )
+
+
+def _config_epochs(run: Path) -> int | None:
+    try:
+        return int(json.loads((run / "config.json").read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def source_nesting(path: str | os.PathLike, split: str = "test") -> Nesting | None:
@@ -202,7 +231,7 @@ def _forward_run(run: Any, split: str, run_dir: Path) -> LogitsSet:
     nesting = Nesting.from_dict(saved.get("head_nesting") or saved["nesting"])
     meta = {"mode": config.model.mode, "ff_dim": config.model.ff_dim, "dataset": d.dataset,
             "split": split, "run": str(Path(run_dir).resolve()),
-            "epoch": int(saved.get("epoch", 0))}  # fmt: skip
+            "epoch": int(saved.get("epoch", 0)), "epochs": int(config.epochs)}  # fmt: skip
     return LogitsSet(
         logits=logits.numpy(),
         labels=data.labels.cpu().numpy().astype(np.int64),
