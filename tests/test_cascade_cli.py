@@ -278,6 +278,9 @@ def test_cascade_file_without_its_split_info_names_the_fix(files, capsys):
                                 "info": {"source": str(tmp / "mrl.npz")}}))  # fmt: skip
     assert main(["cascade", "eval", str(path)]) == 2
     assert "lacks ['calib_fraction', 'seed'] in its info; pass --logits" in capsys.readouterr().err
+    assert main(["cascade", "eval", str(path), "--logits", str(tmp / "mrl.npz")]) == 2
+    assert "--logits is its source, and its held-out part is unknown: refit it" in (
+        capsys.readouterr().err)
 
 
 def test_bad_logits_files_are_clear_errors(tmp_path, capsys):

@@ -263,12 +263,13 @@ def _eval_file(args: argparse.Namespace, path: Path) -> int:
     if args.logits:
         data = load_source(args.logits, args.split)
         own = _is_own_source(args.logits, args.split, data, info)
-        idx = _heldout_index(path, info, len(data.labels)) if own else None
+        fix = "--logits is its source, and its held-out part is unknown: refit it"
+        idx = _heldout_index(path, info, len(data.labels), fix) if own else None
     else:
         if "source" not in info:
             raise ValueError(f"{path} does not name its source; pass --logits RUN_OR_FILE")
         data = load_source(info["source"], info.get("split", "test"))
-        idx = _heldout_index(path, info, len(data.labels))
+        idx = _heldout_index(path, info, len(data.labels), "pass --logits RUN_OR_FILE")
     cas = Cascade.load(path, data.nesting)  # checks the nesting against the model's
     classes = info.get("num_classes")
     if classes is not None and classes != data.logits.shape[2]:
@@ -288,13 +289,13 @@ def _eval_file(args: argparse.Namespace, path: Path) -> int:
     return 0
 
 
-def _heldout_index(path: Path, info: dict, n: int) -> np.ndarray:
+def _heldout_index(path: Path, info: dict, n: int, fix: str) -> np.ndarray:
     """The held-out indices of the split the cascade was fitted with (its info's seed)."""
     from mrl.cascade import split_calibration
 
     lacking = [k for k in ("calib_fraction", "seed") if k not in info]
     if lacking:
-        raise ValueError(f"{path} lacks {lacking} in its info; pass --logits RUN_OR_FILE")
+        raise ValueError(f"{path} lacks {lacking} in its info; {fix}")
     return split_calibration(n, info["calib_fraction"], info["seed"])[1]
 
 
