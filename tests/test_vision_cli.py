@@ -372,3 +372,18 @@ def test_demo_train_size_above_the_data_names_the_flag(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--train-size must be <= 20 .*got --train-size 100"):
         demo(tmp_path, train_size=100)
     assert not (tmp_path / "runs").exists()  # refused before any training
+
+
+@pytest.mark.parametrize("command,item,hint", [
+    (["reproduce", "fashion-mnist"], "seed=5", "use --seed (it names the run folder"),
+    (["reproduce", "fashion-mnist"], "model.mode=ff", "reproduce trains every mode itself"),
+    (["demo"], "epochs=9", "use --epochs"),
+    (["demo"], "seed=2", "use --seed"),
+])
+def test_options_a_command_sets_itself_are_refused_in_set(tmp_path, capsys, command, item, hint):
+    # `--set seed=5` trained seed 5 but filed it under seed0 and labelled every record seed 0.
+    out = tmp_path / "out"
+    assert main([*command, "--out", str(out), "--set", item]) == 2
+    assert f"--set {item}: {item.split('=')[0]} is not set with --set here; {hint}" in (
+        capsys.readouterr().err)
+    assert not out.exists()

@@ -17,6 +17,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "config_from_dict",
     "describe",
     "load_config",
+    "refuse_overrides",
 ]
 
 MODES = ("mrl", "mrl-e", "ff", "plain")
@@ -339,6 +341,15 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
             ]
             raise _unknown(key, known)
     return config_from_dict(data)
+
+
+def refuse_overrides(overrides: Sequence[str], owned: dict[str, str]) -> None:
+    """Refuse ``--set key=value`` for keys a command sets itself (``owned``: key -> how to set
+    it instead); such an override would be overwritten silently or mislabel the results."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in owned:
+            raise ValueError(f"--set {item}: {key} is not set with --set here; {owned[key]}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

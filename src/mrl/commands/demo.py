@@ -157,7 +157,7 @@ def demo(
 ) -> tuple[list[dict[str, Any]], str]:
     """Run the demo into ``out``; returns (records, the report's markdown)."""
     from mrl.commands.eval import compute_embeddings
-    from mrl.config import load_config
+    from mrl.config import load_config, refuse_overrides
     from mrl.data import load_task_for
     from mrl.io import atomic_write_text
     from mrl.report import write_report
@@ -166,6 +166,10 @@ def demo(
         raise ValueError(f"epochs must be positive, got epochs={epochs}")
     out = Path(out)
     t0 = time.perf_counter()
+    refuse_overrides(overrides, {
+        "seed": "use --seed", "epochs": "use --epochs",
+        "model.mode": "the demo trains an mrl and a plain model itself",
+    })
     base = [*DEMO_RECIPE, f"epochs={epochs}", f"seed={seed}", *overrides]
     if train_size is not None:
         base.append(f"data.train_size={train_size}")

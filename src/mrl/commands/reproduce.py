@@ -228,7 +228,7 @@ def reproduce(
     ``probe_iter``: L-BFGS iterations of the linear probes (default: the recipe's).
     """
     from mrl.commands.eval import compute_embeddings, evaluate_embeddings
-    from mrl.config import load_config
+    from mrl.config import load_config, refuse_overrides
     from mrl.data import load_task_for
     from mrl.records import save_records
     from mrl.train import CHECKPOINT, check_same_recipe, train
@@ -240,6 +240,10 @@ def reproduce(
     out = Path(out)
     runs_root = Path(runs) if runs is not None else out / "runs"
     _check_centring(out / "results.json", center)
+    refuse_overrides(overrides, {
+        "seed": "use --seed (it names the run folder seedN and labels the records)",
+        "model.mode": "reproduce trains every mode itself (choose runs with --only)",
+    })
     base = (*recipe.overrides, f"seed={seed}", *overrides)
     config0 = load_config(None, list(base))
     w = None if weights is None else mrl_weights(weights, config0.model.get_nesting().sizes)
