@@ -62,6 +62,16 @@ def test_eval_options_checked_first_and_a_checkpoint_path_is_its_run(tmp_path, c
     assert "mrl eval: warning: " in err and "is trained to epoch 1 of 2 only" in err
     assert (run / "eval" / "results.json").is_file()  # the run folder's default out
     assert "(epoch 1 of 2)" in (run / "eval" / "report.html").read_text()
+    # The report states the probe recipe that ran, not the default's 200 iterations.
+    assert main(["eval", str(run), "--probe-iter", "7", "--no-progress", "--out",
+                 str(tmp_path / "ev7")]) == 0
+    assert "up to 7 iterations" in (tmp_path / "ev7" / "results.md").read_text()
+    # Another checkpoint file in the folder is not silently swapped for checkpoint.pt.
+    import shutil
+
+    shutil.copy(run / "checkpoint.pt", run / "epoch1.pt")
+    assert main(["eval", str(run / "epoch1.pt")]) == 2
+    assert "not another checkpoint file (it would evaluate" in capsys.readouterr().err
     ff = tmp_path / "ff"
     train(load_config(cfg, [*TINY, "model.mode=ff", "model.ff_dim=4"]), ff, progress=False)
     assert main(["eval", str(ff), "--nesting", "4,16"]) == 2

@@ -284,7 +284,8 @@ def evaluate_run(
         f"nesting {list(e.nesting.sizes)}, dataset {e.config.data.dataset}. "
         f"Values in percent. Retrieval: database {len(e.db)} items, {len(e.test)} queries, "
         f"cosine on re-normalised prefixes{' after centring' if center else ''}. "
-        "top1 from the trained heads, or (plain/pca/random) a linear probe: " + PROBE_RECIPE
+        "top1 from the trained heads, or (plain/pca/random) a linear probe: "
+        + probe_recipe(probe_iter)
     )
     write_report(records, out, title=f"mrl eval: {Path(run_dir).name}", notes=notes)
     say(f"eval: done in {time.perf_counter() - t0:.0f} s")
@@ -352,6 +353,14 @@ def run(args: argparse.Namespace) -> int:
     from mrl.records import to_markdown
 
     if run_dir.is_file() and run_dir.suffix == ".pt":  # a checkpoint: its folder is the run
+        from mrl.train import CHECKPOINT
+
+        if run_dir.name != CHECKPOINT:  # the run's checkpoint is what gets loaded
+            raise ValueError(
+                f"{str(run_dir)!r}: mrl eval takes a run folder or its {CHECKPOINT}, not "
+                f"another checkpoint file (it would evaluate {run_dir.parent / CHECKPOINT}); "
+                f"put the file as {CHECKPOINT} in a folder of its own"
+            )
         run_dir = run_dir.parent
     out = check_output_path(args.out if args.out else run_dir / "eval", "--out", "dir")
     _check_nesting_option(run_dir, args.nesting)  # before minutes of embedding
