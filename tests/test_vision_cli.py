@@ -397,3 +397,15 @@ def test_options_a_command_sets_itself_are_refused_in_set(tmp_path, capsys, comm
     assert f"--set {item}: {item.split('=')[0]} is not set with --set here; {hint}" in (
         capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_eval_of_a_database_below_ten_items_names_the_reason(tmp_path, capsys):
+    from mrl.config import load_config
+    from mrl.train import train
+
+    over = [o for o in TINY if not o.startswith("data.train_size")]
+    cfg = load_config(_config(tmp_path), [*over, "data.train_size=8", "batch_size=8"])
+    train(cfg, tmp_path / "run", progress=False)
+    assert main(["eval", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "the database (the training split) has 8 items; the retrieval metrics" in (
+        capsys.readouterr().err)

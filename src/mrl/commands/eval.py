@@ -225,6 +225,9 @@ def _retrieval(
     """1nn, map@10, p@10 (in percent) of test queries [Q, D] against the database [N, D]."""
     from mrl.evaluate import evaluate_labelled
 
+    if len(db) < 10:  # k is fixed at 10 so that every run's map@10 / p@10 compare
+        raise ValueError(f"the database (the training split) has {len(db)} items; the retrieval "
+                         "metrics map@10 and p@10 need at least 10: train on more data")
     recs = evaluate_labelled(
         db.numpy(), db_labels.numpy(), queries.numpy(), query_labels.numpy(), sizes,
         method=method, k=10, center=center,
