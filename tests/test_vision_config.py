@@ -117,3 +117,19 @@ def test_shipped_1k_mlp_config_is_the_reproduce_cpu_recipe():
     shipped = load_config(path, []).to_dict()
     recipe = load_config(None, list(RECIPES[("fashion-mnist-1k", "small")].overrides)).to_dict()
     assert shipped == recipe
+
+
+def test_group_norm_fits_any_width_and_is_refused_where_it_would_be_ignored():
+    import torch
+
+    from mrl.models.norm import make_norm
+
+    assert [make_norm("group", c).num_groups for c in (4, 6, 8, 12, 100, 256)] == [4, 6, 8, 4, 4, 8]
+    cfg = load_config(None, ["model.norm=group", "model.width=12", "model.dim=100",
+                             "model.nesting=doubling:4"])
+    from mrl.models import build_encoder
+
+    enc = build_encoder(cfg.model.name, cfg.model.dim, 1, **cfg.model.encoder_options((28, 28)))
+    assert enc(torch.randn(2, 1, 28, 28)).shape == (2, 100)
+    with pytest.raises(ValueError, match=r"model.norm must be 'batch' for model.name='resnet18'"):
+        load_config(None, ["model.name=resnet18", "model.norm=group"])

@@ -115,6 +115,9 @@ class ModelConfig:
         _check(self.width is None or self.width > 0, "model.width", self.width, "positive or None")
         _check(self.stem in ("small", "imagenet"), "model.stem", self.stem, "'small' or 'imagenet'")
         _check(self.norm in ("batch", "group", "none"), "model.norm", self.norm, "batch|group|none")
+        _check(self.norm == "batch" or self.name in ("cnn", "mlp"), "model.norm", self.norm,
+               f"'batch' for model.name={self.name!r} (group/none are for the cnn and mlp "
+               "encoders; it would be ignored)")
         _check(self.mode in MODES, "model.mode", self.mode, f"one of {MODES}")
         nesting = self.get_nesting()  # raises on a bad spec or weights
         if self.mode == "ff":

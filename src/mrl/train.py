@@ -11,7 +11,8 @@ Resuming an interrupted run therefore ends with exactly the weights of an uninte
 Distributed: under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
 `DistributedDataParallel` (NCCL on CUDA, gloo on CPU); every process draws the same global batch
 and takes its slice, so the run matches one process with the same global batch (up to float
-summation order; BatchNorm statistics are per process unless ``model.norm`` is group/none).
+summation order; BatchNorm statistics are per process unless ``model.norm`` is group/none, which
+the cnn and mlp encoders offer).
 
 Run directory: ``checkpoint.pt`` (latest epoch), ``config.json``, ``metrics.jsonl`` (one JSON
 object per epoch).
