@@ -332,3 +332,37 @@ def test_augment_slices_follow_the_global_stream():
     assert torch.equal(torch.cat(halves), whole)
     with pytest.raises(ValueError, match="offset=6 does not fit"):
         augment(x[:4], torch.Generator(), flip=True, total=8, offset=6)
+
+
+def test_fashion_mnist_1k_passes_root_fallback_on(monkeypatch):
+    # A saved 1k run whose data.root copy was deleted must fall back to the default location
+    # (as a fashion-mnist run does) instead of trying to download into the stale path.
+    import mrl.data.fashion_mnist_1k as fm1k
+
+    seen = []
+
+    def tiny(split, root=None, download=True, root_fallback=False):
+        seen.append(root_fallback)
+        return ImageTensors(torch.zeros(20, 1, 28, 28, dtype=torch.uint8), torch.arange(20) % 10,
+                            10, (0.5,), (0.3,))  # fmt: skip
+
+    monkeypatch.setattr(fm1k, "load_fashion_mnist", tiny)
+    load_task("fashion-mnist-1k", root="/gone", train_size=50, root_fallback=True)
+    assert seen == [True, True]
+
+
+def test_image_folder_fingerprint_follows_the_files(tmp_path):
+    pytest.importorskip("PIL")
+    from mrl.data.image_folder import ImageFolder
+
+    _make_folder(tmp_path / "a")
+    first = ImageFolder(tmp_path / "a").fingerprint()
+    assert first.startswith("6 files, sha256 ")
+    import shutil
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the same files elsewhere: same data
+    assert ImageFolder(tmp_path / "b").fingerprint() == first
+    assert load_task("image-folder", root=str(tmp_path / "b"), image_size=8,
+                     train_size=3).fingerprint == first
+    (tmp_path / "b" / "dog" / "0.png").rename(tmp_path / "b" / "cat" / "9.png")
+    assert ImageFolder(tmp_path / "b").fingerprint() != first

@@ -409,3 +409,39 @@ def test_eval_of_a_database_below_ten_items_names_the_reason(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "the database (the training split) has 8 items; the retrieval metrics" in (
         capsys.readouterr().err)
+
+
+def test_image_folder_runs_refuse_a_changed_folder(tmp_path, capsys):
+    # The train/test split is a random permutation of the folder's files: after files are added,
+    # evaluating (or resuming) would test on training images. The run records a fingerprint.
+    pytest.importorskip("PIL")
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from mrl.config import load_config
+    from mrl.train import train
+
+    def images(root, start, n):
+        rng = np.random.default_rng(start)
+        for c in ("cat", "dog"):
+            (root / c).mkdir(parents=True, exist_ok=True)
+            for i in range(start, start + n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                    root / c / f"{i}.png")
+
+    images(tmp_path / "imgs", 0, 12)
+    over = [o for o in TINY if not o.startswith(("data.", "batch_size"))]
+    sets = [*over, "data.dataset=image-folder", f"data.root={tmp_path / 'imgs'}",
+            "data.image_size=8", "batch_size=8", "epochs=2"]
+    run = tmp_path / "run"
+    train(load_config(None, sets), run, progress=False, stop_after_epochs=1)
+    shutil.copytree(tmp_path / "imgs", tmp_path / "other")
+    images(tmp_path / "other", 100, 3)
+    moved = load_config(None, [*sets, f"data.root={tmp_path / 'other'}"])
+    with pytest.raises(ValueError, match=r"fingerprint: trained on '24 files.*given '30 files"):
+        train(moved, run, resume=True, progress=False)
+    images(tmp_path / "imgs", 100, 3)  # the run's own folder grows
+    assert main(["eval", str(run), "--no-progress"]) == 2
+    assert "the image folder changed since training" in capsys.readouterr().err

@@ -317,16 +317,19 @@ def check_task(saved: dict[str, Any], task: Task, where: Any) -> None:
     `Task` through the Python API must be given that task again)."""
     t = saved["task"]
     have = {"name": task.name, "num_classes": task.num_classes, "in_channels": task.in_channels,
-            "image_shape": list(task.test.image_shape)}  # fmt: skip
+            "image_shape": list(task.test.image_shape), "fingerprint": task.fingerprint}
     diffs = [
         f"{k}: trained on {t[k]!r}, given {have[k]!r}"
         for k in have
         if t.get(k) is not None and _plain(t[k]) != _plain(have[k])
     ]
     if diffs:
+        moved = " (the image folder changed since training: its random test split would hold " \
+            "training images; restore the folder or train anew)" if "fingerprint" in diffs[-1] \
+            else ""
         raise ValueError(
-            f"run {where} was trained on other data than this task ({'; '.join(diffs)}); "
-            "evaluate it on its own task (Python API: pass task=...)"
+            f"run {where} was trained on other data than this task ({'; '.join(diffs)}){moved}; "
+            "use the run with its own data (Python API: pass task=...)"
         )
 
 
@@ -445,6 +448,8 @@ def train(
             "items (an epoch would have no step)"
         )
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+    if saved is not None:  # resuming on other data would not continue the same run
+        check_task(saved, task, ckpt_path)
     start_epoch = 0 if saved is None else _restore(saved, model, optimizer, scheduler, ckpt_path)
 
     if dist_info.main:
@@ -533,6 +538,7 @@ def _save(
                 "image_shape": list(task.test.image_shape),
                 "mean": list(task.mean),
                 "std": list(task.std),
+                "fingerprint": task.fingerprint,
             },
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),

@@ -33,6 +33,9 @@ class Task:
     train: ImageTensors | TripleSource
     db: ImageTensors
     test: ImageTensors
+    # What the data was, where a task's name does not say it (an image folder: its files); runs
+    # record it, and evaluating or resuming on data with another fingerprint is refused.
+    fingerprint: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -105,7 +108,8 @@ def load_task(
         from mrl.data.fashion_mnist_1k import load_fashion_mnist_1k
 
         n = train_size or 60000
-        source, db, test = load_fashion_mnist_1k(root, train_triples=n, db_triples=min(50000, n))
+        source, db, test = load_fashion_mnist_1k(root, train_triples=n, db_triples=min(50000, n),
+                                                 root_fallback=root_fallback)
         return Task(name, source, db, test)
     if name == "synthetic":
         from mrl.data.synthetic import make_synthetic
@@ -115,7 +119,7 @@ def load_task(
     if name == "image-folder":
         task = _image_folder_task(root, image_size, test_fraction, seed)
         train = task.train.subset(train_size, seed)
-        return Task(task.name, train, train, task.test)
+        return Task(task.name, train, train, task.test, task.fingerprint)
     raise ValueError(f"dataset must be one of {TASKS}, got dataset={name!r}")
 
 
@@ -128,7 +132,8 @@ def _image_folder_task(root: str | None, image_size: int, test_fraction: float, 
         raise ValueError("dataset 'image-folder' needs data.root (the folder of class subfolders)")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got test_fraction={test_fraction}")
-    full = ImageFolder(root, image_size=image_size).load_tensors()
+    folder = ImageFolder(root, image_size=image_size)
+    full = folder.load_tensors()
     if full.num_classes < 2:
         raise ValueError(
             f"image folder root={str(root)!r} has {full.num_classes} class subfolder; "
@@ -148,4 +153,4 @@ def _image_folder_task(root: str | None, image_size: int, test_fraction: float, 
         )
 
     train = part(perm[n_test:], "train")
-    return Task("image-folder", train, train, part(perm[:n_test], "test"))
+    return Task("image-folder", train, train, part(perm[:n_test], "test"), folder.fingerprint())

@@ -38,10 +38,15 @@ def load_fashion_mnist_1k(
     db_triples: int = 50000,
     seed: int = 0,
     download: bool = True,
+    root_fallback: bool = False,
 ) -> tuple[TripleSource, ImageTensors, ImageTensors]:
-    """(training source, database triples, test triples); the fixed sets depend on ``seed`` only."""
-    train = load_fashion_mnist("train", root, download)
-    test = load_fashion_mnist("test", root, download)
+    """(training source, database triples, test triples); the fixed sets depend on ``seed`` only.
+
+    ``root_fallback``: as in `load_fashion_mnist` (a recorded ``root`` that is gone falls back to
+    the default locations with a warning: evaluating a run whose data copy was removed)."""
+    kw = {"root_fallback": root_fallback}
+    train = load_fashion_mnist("train", root, download, **kw)
+    test = load_fashion_mnist("test", root, download, **kw)
     return (
         TripleSource(train, train_triples),
         fixed_triples(train, db_triples, seed + 1, "fashion-mnist-1k/db"),

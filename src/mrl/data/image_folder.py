@@ -228,6 +228,17 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int]:
         return self.transform(self.load_image(i)), self.samples[i][1]
 
+    def fingerprint(self) -> str:
+        """The files, their classes and sizes, hashed: "N files, sha256 <16 hex>". The random
+        train/test split is over this list, so a folder with files added, removed or moved
+        splits differently (test images that were trained on)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for path, label in self.samples:
+            h.update(f"{path.relative_to(self.root)}\t{label}\t{path.stat().st_size}\n".encode())
+        return f"{len(self.samples)} files, sha256 {h.hexdigest()[:16]}"
+
     def load_tensors(self) -> ImageTensors:
         """Decode every image once (default transform) into `ImageTensors` with its own mean/std."""
         to_tensor = Compose(
