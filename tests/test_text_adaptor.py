@@ -267,3 +267,11 @@ def test_cli_adapt_with_sample_queries(tmp_path, capsys):
                   str(tmp_path / "ad3"), "--queries", str(tmp_path / "empty.txt")]
     assert main(model_args) == 2
     assert "has no non-empty line" in capsys.readouterr().err
+
+
+def test_more_neighbours_than_the_corpus_has_is_said():
+    x = _corpus()[:12]
+    with pytest.warns(UserWarning, match=r"neighbours=32 is more than the corpus offers "
+                      r"\(11 per pseudo-query\); using 11"):
+        OrthogonalAdaptor.fit(x, AdaptorConfig(steps=2, nesting="4,8,16", neighbours=32,
+                                               random_negatives=4, batch_size=8))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -307,6 +308,10 @@ class OrthogonalAdaptor:
         if config.steps == 0:
             return cls(base, nesting, {**info, "final_loss": None})
         gen = torch.Generator().manual_seed(config.seed)
+        most = n - 1 if qx is None else n  # a document is not its own neighbour
+        if config.neighbours > most:
+            warnings.warn(f"neighbours={config.neighbours} is more than the corpus offers "
+                          f"({most} per pseudo-query); using {most}", stacklevel=2)
         if qx is None:
             nbrs, n_docs = full_neighbours(x, min(config.neighbours, n - 1)), None  # [N, K]
         else:  # stack [documents; queries]: query i is row n + i
