@@ -105,13 +105,15 @@ def test_save_load_round_trip(tmp_path, backend):
     assert loaded.count == len(db) + 3
 
 
-def test_a_killed_save_does_not_block_the_next_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["hnsw", "ivf", "ivfpq"])
+def test_a_killed_save_does_not_block_the_next_one(tmp_path, monkeypatch, backend):
     # Killed after the data files but before index.json: the folder holds only our own files
     # (and a temporary sibling of one), so the next save takes it over and cleans them up.
     import mrl.retrieval.funnel.index as index_module
 
     db, q = _data()
-    index = _index(db, shortlist_dim=8, shortlist=50, backend="hnsw")
+    index = _index(db, shortlist_dim=8, shortlist=50, backend=backend)
+    index.search(q[:1], 5)  # builds the backend's structure, so that save writes its file
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt

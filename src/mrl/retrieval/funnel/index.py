@@ -65,7 +65,7 @@ SIDECAR = "index.json"
 # siblings `atomic_open` leaves when a save is killed: a folder holding only these is an
 # interrupted save of ours, which a new save may take over and clean.
 _OWN_FILE = re.compile(
-    r"(?:vectors|inv_norms|ids|col_scale|short-\d+|hnsw-\d+-\d+-\d+|ivfpq?-\d+-\d+)"
+    r"(?:vectors|inv_norms|ids|col_scale|short-\d+|hnsw-\d+-\d+-\d+|ivf(?:pq)?-\d+-\d+)"
     r"-[0-9a-f]{12}\.(?:npy|faiss)"
 )
 _OWN_TEMP = re.compile(r"\.(?:" + _OWN_FILE.pattern + r"|index\.json)\.[^/]+\.tmp")
