@@ -133,3 +133,11 @@ def test_group_norm_fits_any_width_and_is_refused_where_it_would_be_ignored():
     assert enc(torch.randn(2, 1, 28, 28)).shape == (2, 100)
     with pytest.raises(ValueError, match=r"model.norm must be 'batch' for model.name='resnet18'"):
         load_config(None, ["model.name=resnet18", "model.norm=group"])
+
+
+def test_a_saved_resnet_config_with_a_group_norm_still_loads():
+    # Runs trained before the norm check recorded norm=group for ResNets (built with BatchNorm);
+    # eval and cascade read their config with config_from_dict, which must accept it.
+    saved = load_config(None, ["model.name=resnet18"]).to_dict()
+    saved["model"]["norm"] = "group"
+    assert config_from_dict(saved).model.norm == "group"

@@ -115,9 +115,6 @@ class ModelConfig:
         _check(self.width is None or self.width > 0, "model.width", self.width, "positive or None")
         _check(self.stem in ("small", "imagenet"), "model.stem", self.stem, "'small' or 'imagenet'")
         _check(self.norm in ("batch", "group", "none"), "model.norm", self.norm, "batch|group|none")
-        _check(self.norm == "batch" or self.name in ("cnn", "mlp"), "model.norm", self.norm,
-               f"'batch' for model.name={self.name!r} (group/none are for the cnn and mlp "
-               "encoders; it would be ignored)")
         _check(self.mode in MODES, "model.mode", self.mode, f"one of {MODES}")
         nesting = self.get_nesting()  # raises on a bad spec or weights
         if self.mode == "ff":
@@ -396,7 +393,18 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         config = config_from_dict(data)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}" if path else str(exc)) from None
-    return apply_overrides(config, list(overrides or []))
+    config = apply_overrides(config, list(overrides or []))
+    _check_norm_applies(config.model)
+    return config
+
+
+def _check_norm_applies(m: ModelConfig) -> None:
+    """group/none norms exist in the cnn and mlp encoders only. Checked for configs being
+    loaded to train, not in ModelConfig itself: runs saved before this check (a ResNet with
+    norm=group, trained with BatchNorm) must still load for eval and cascade."""
+    _check(m.norm == "batch" or m.name in ("cnn", "mlp"), "model.norm", m.norm,
+           f"'batch' for model.name={m.name!r} (group/none are for the cnn and mlp encoders; it "
+           "would be ignored)")
 
 
 def describe() -> str:
