@@ -123,13 +123,23 @@ def test_config_rejects_bad_distill_and_validation_settings():
         (dict(distill_negatives=-1, **frozen), "distill_negatives must be >= 0, got -1"),
         (dict(distill_temperature=0.0, **frozen), "distill_temperature must be > 0, got 0.0"),
         (dict(val_fraction=1.0), r"val_fraction must be in \[0, 1\), got 1.0"),
-        (dict(distill_batch=64, distill_teacher="self", **frozen),
-         r"distill_teacher='self', distill_batch=64 need distill > 0 \(--distill WEIGHT\)"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             FinetuneConfig(**kwargs)
-    assert FinetuneConfig(distill=0.5, distill_batch=64, **frozen).distill_batch == 64
+    # Shared settings of a grid that includes distill=0 (results/cranfield/finetune_select.py)
+    assert FinetuneConfig(distill=0.0, distill_batch=128, **frozen).distill_batch == 128
+
+
+def test_cli_distill_flags_without_distill_are_refused(tmp_path, capsys):
+    from mrl.cli import main
+
+    code = main(["text", "finetune", "--corpus", "cranfield", "--out", str(tmp_path / "m"),
+                 "--freeze-encoder", "--distill-batch", "64", "--distill-teacher", "self"])
+    assert code == 2
+    assert ("--distill-teacher self, --distill-batch 64 need --distill WEIGHT > 0"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "m").exists()
 
 
 def test_split_pairs_is_fixed_and_disjoint():

@@ -182,6 +182,23 @@ def _documents(corpus: str):
     return load_text_dataset(corpus)
 
 
+def _check_distill_flags(args: argparse.Namespace) -> None:
+    """--distill-* flags given without --distill would be ignored: an error instead. (The CLI
+    checks this, not FinetuneConfig: scripts share distillation settings across a grid that
+    includes distill=0.)"""
+    from dataclasses import fields
+
+    from mrl.text.finetune import FinetuneConfig
+
+    if args.distill != 0:
+        return
+    given = [f"--{f.name.replace('_', '-')} {getattr(args, f.name)}"
+             for f in fields(FinetuneConfig)
+             if f.name.startswith("distill_") and getattr(args, f.name) != f.default]
+    if given:
+        raise ValueError(f"{', '.join(given)} need --distill WEIGHT > 0 (distillation is off)")
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from mrl.text.finetune import FinetuneConfig, finetune
     from mrl.text.pairs import pairs_from_titles
@@ -191,6 +208,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from mrl.devices import check_device
 
     check_device(args.device, "--device")
+    _check_distill_flags(args)
     config = FinetuneConfig(
         nesting=args.nesting,
         epochs=args.epochs,

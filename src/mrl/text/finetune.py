@@ -44,7 +44,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,12 +225,6 @@ class FinetuneConfig:
             raise ValueError(f"distill_negatives must be >= 0, got {self.distill_negatives}")
         if not self.distill_temperature > 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
-        if self.distill == 0:  # the distillation settings would be silently ignored
-            changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
-                       if f.name.startswith("distill_") and getattr(self, f.name) != f.default]
-            if changed:
-                raise ValueError(f"{', '.join(changed)} need distill > 0 (--distill WEIGHT); "
-                                 "distillation is off at distill=0")
 
 
 def _lr_lambda(total: int, warmup: float) -> Callable[[int], float]:
