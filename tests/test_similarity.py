@@ -203,3 +203,12 @@ def test_exclude_padding_and_repeats_do_not_count_against_k():
     assert 0 not in i[:, 0].flatten().tolist() and 4 not in i[:, 1].flatten().tolist()
     with pytest.raises(ValueError, match=r"\(10 minus 2 excluded for one query\), got k=9"):
         prefix_topk(q, x, [8], 9, exclude=np.array([[0, 1], [2, -1], [-1, -1]]))
+
+
+def test_float64_queries_against_float32_items_are_scored_in_float64():
+    q, x = _data(q=5, n=40, d=16)
+    x32 = x.float()
+    s, _ = prefix_topk(q, x32, [4, 16], 3, tile_size=7)
+    rs, _ = prefix_topk_reference(q, x32.double(), [4, 16], 3)
+    assert s.dtype == torch.float64
+    torch.testing.assert_close(s, rs, rtol=1e-12, atol=1e-12)

@@ -151,11 +151,12 @@ def _inv_norms(sq: torch.Tensor) -> torch.Tensor:
 
 
 def _item_inv_norms(
-    x: torch.Tensor, nesting: Nesting, center: torch.Tensor | None, tile_size: int
+    x: torch.Tensor, nesting: Nesting, center: torch.Tensor | None, tile_size: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """1 / |x[:m] - c[:m]| for every prefix and item, [G, N], computed tile by tile."""
+    """1 / |x[:m] - c[:m]| for every prefix and item, [G, N], computed tile by tile in ``dtype``
+    (the scoring dtype: float32 at least, float64 when either side is)."""
     parts = []
-    dtype = torch.promote_types(x.dtype, torch.float32)
     for t0 in range(0, x.shape[0], tile_size):
         xt = x[t0 : t0 + tile_size].to(dtype)
         parts.append(_chunk_sq_norms(xt if center is None else xt - center, nesting))
@@ -314,7 +315,7 @@ def prefix_topk(
     if c is not None:
         q = q - c
     # 1/|x_m| for all items and prefixes once, [G, N] (reused by every query block)
-    inv_x = _item_inv_norms(x, n, c, tile_size) if metric == "cosine" else None
+    inv_x = _item_inv_norms(x, n, c, tile_size, q.dtype) if metric == "cosine" else None
     scores = torch.empty(len(n), q.shape[0], k, dtype=q.dtype, device=q.device)  # [G, Q, k]
     indices = torch.empty(len(n), q.shape[0], k, dtype=torch.long, device=q.device)
     for q0 in range(0, q.shape[0], query_block):
