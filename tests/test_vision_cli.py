@@ -364,6 +364,12 @@ def test_reproduce_seeds_can_be_extended_one_by_one_with_a_constant_schedule(tmp
     assert not any("reusing" in line for line in logs)
     saved = json.loads((tmp_path / "runs" / "seed0" / "mrl" / "records.json").read_text())
     assert saved == [r for r in recs if r["seed"] == 0 and r["method"] == "mrl"]
+    # A cached evaluation whose checkpoint was deleted (to save space) is still reused.
+    (tmp_path / "runs" / "seed0" / "mrl" / "checkpoint.pt").unlink()
+    logs.clear()
+    reproduce("fashion-mnist", "small", tmp_path, seed=0, overrides=longer,
+              **{**kw, "log": logs.append})
+    assert any("reusing" in line for line in logs) and not any("training" in x for x in logs)
 
 
 def test_demo_train_size_above_the_data_names_the_flag(tmp_path, monkeypatch):

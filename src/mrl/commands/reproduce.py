@@ -267,7 +267,11 @@ def reproduce(
         check_same_recipe(run_dir, config, "use another --out (or --runs) for another recipe")
         _check_other_seeds(runs_root, name, seed, config)
         t0 = time.perf_counter()
-        if _needs_training(run_dir, config, runs):  # before the cache: it may be of fewer epochs
+        # A checkpoint short of the recipe's epochs is trained on before the cache is looked at
+        # (the cache would be the shorter model's); a cache without its checkpoint (deleted to
+        # save space) is trusted as before.
+        has_ckpt = (run_dir / CHECKPOINT).is_file()
+        if (has_ckpt or not cached.is_file()) and _needs_training(run_dir, config, runs):
             resume = (run_dir / CHECKPOINT).is_file()
             log(f"[{name}] seed {seed}: training{' (resuming)' if resume else ''} ...")
             train(config, run_dir, resume=resume, progress=progress, task=data_task)
