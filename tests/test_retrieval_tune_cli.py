@@ -595,3 +595,7 @@ def test_cli_search_out_never_overwrites_its_inputs(tmp_path, data, capsys):
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert main(["search", str(tmp_path / "i"), str(tmp_path / "qs"), "--out",
                  str(tmp_path / "r.json")]) == 0
+    # a new file beside the index's own is fine (nothing is overwritten; the index still loads)
+    assert main(["search", str(tmp_path / "i"), str(tmp_path / "qs"), "--out",
+                 str(tmp_path / "i" / "results.json")]) == 0
+    assert MatryoshkaIndex.load(tmp_path / "i").count == 300

@@ -62,13 +62,14 @@ def check_output_path(path: str | os.PathLike, param: str, kind: str = "dir") ->
 
 def check_not_an_input(path: str | os.PathLike, param: str,
                        inputs: dict[str, str | os.PathLike]) -> None:
-    """Refuse an output ``path`` that is one of the ``inputs`` (name -> file or folder), inside an
-    input folder, or the ``<file>.json`` sidecar of an input ``.npy``: writing there would destroy
-    what the command just read (an index's index.json, a store, the queries)."""
+    """Refuse an output ``path`` that is one of the ``inputs`` (name -> file or folder), an
+    existing file inside an input folder, or the ``<file>.json`` sidecar of an input ``.npy``:
+    writing there would destroy what the command just read (an index's index.json, a store's
+    files, the queries). A new file inside an input folder is allowed."""
     out = Path(path).resolve()
     for name, value in inputs.items():
         src = Path(value).resolve()
-        hit = out == src or (src.is_dir() and out.is_relative_to(src))
+        hit = out == src or (src.is_dir() and out.is_relative_to(src) and out.exists())
         if not hit and src.suffix == ".npy" and out == src.with_suffix(".json"):
             name, hit = f"the sidecar of {name}", True
         if hit:
