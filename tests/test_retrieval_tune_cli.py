@@ -211,6 +211,10 @@ def test_cli_bench_and_tuning_bad_options_name_themselves(tmp_path, data, capsys
     assert main(["bench", "retrieval", "--embeddings", str(tmp_path / "nan.npy"),
                  "--queries", "10"]) == 2
     assert "--embeddings: row 57 has NaN or inf" in capsys.readouterr().err  # the file's row
+    from mrl.commands.bench import _check_finite
+
+    with pytest.raises(ValueError, match="--embeddings: row 57 has NaN"):  # found across blocks
+        _check_finite(x, "--embeddings", block=10)
     assert main(["bench", "retrieval", "--n", "50", "--dim", "7", "--queries", "5"]) == 2
     assert "dim must be >= 16" in capsys.readouterr().err
     np.save(tmp_path / "db.npy", data[0][:100])
