@@ -514,3 +514,16 @@ def test_busy_port_or_unknown_host_fail_before_the_model_loads(monkeypatch, caps
     assert len(err.strip().splitlines()) == 1
     assert main(["serve", "--model", "hash:32", "--host", "no-such-host.invalid"]) == 2
     assert "--host 'no-such-host.invalid' is not an address" in capsys.readouterr().err
+
+
+def test_bind_addresses_follow_uvicorn():
+    import socket
+
+    from mrl.serve.server import _resolve, bind_socket
+
+    assert _resolve("localhost", 8000) == (socket.AF_INET, ("127.0.0.1", 8000))
+    sock = bind_socket("", 0)  # '' = every interface, as uvicorn binds it
+    try:
+        assert sock.family == socket.AF_INET and sock.getsockname()[0] == "0.0.0.0"
+    finally:
+        sock.close()

@@ -18,11 +18,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` (IPv4 or IPv6), or a one-line ValueError naming
     --host/--port: a port in use or an unknown host fails before the model loads, not as a
     uvicorn traceback after it."""
-    try:
-        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ValueError(f"--host {host!r} is not an address this machine can resolve "
-                         f"({getattr(exc, 'strerror', None) or exc})") from None
+    family, addr = _resolve(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -39,6 +35,20 @@ def _uvicorn_config(app, host: str, port: int, log_level: str):
     # One worker process (the model is loaded once); h11 keeps behaviour predictable.
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                           http="h11", lifespan="on", timeout_keep_alive=30)
+
+
+def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple]:
+    """(family, address) to bind, as uvicorn picks them: IPv6 only for hosts with a ':' (so
+    'localhost' is 127.0.0.1 even where /etc/hosts lists ::1 first); '' is every interface."""
+    if host == "":
+        return socket.AF_INET, ("", port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"--host {host!r} is not an address this machine can resolve "
+                         f"({getattr(exc, 'strerror', None) or exc})") from None
+    return infos[0][0], infos[0][4]
 
 
 def serve_forever(app, host: str = "127.0.0.1", port: int = 8000,
