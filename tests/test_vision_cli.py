@@ -367,8 +367,9 @@ def test_reproduce_seeds_can_be_extended_one_by_one_with_a_constant_schedule(tmp
     # A cached evaluation whose checkpoint was deleted (to save space) is still reused.
     (tmp_path / "runs" / "seed0" / "mrl" / "checkpoint.pt").unlink()
     logs.clear()
-    reproduce("fashion-mnist", "small", tmp_path, seed=0, overrides=longer,
-              **{**kw, "log": logs.append})
+    with pytest.warns(UserWarning, match="seed1/mrl has 3 epochs"):
+        reproduce("fashion-mnist", "small", tmp_path, seed=0, overrides=longer,
+                  **{**kw, "log": logs.append})
     assert any("reusing" in line for line in logs) and not any("training" in x for x in logs)
 
 
