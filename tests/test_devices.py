@@ -26,3 +26,12 @@ def test_cuda_without_cuda_is_one_error(tmp_path, capsys):
     assert "--device 'cuda': CUDA is not available" in err and "Traceback" not in err
     assert main(["search", str(tmp_path), str(tmp_path / "q.npy"), "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_default_device_is_the_given_one_or_cuda_when_available():
+    import torch
+
+    from mrl.devices import default_device
+
+    assert default_device("cpu") == "cpu"
+    assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")

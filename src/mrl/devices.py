@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-__all__ = ["check_device"]
+from typing import Any
+
+__all__ = ["check_device", "default_device"]
+
+
+def default_device(device: Any = None) -> Any:
+    """``device`` (a name or torch.device) when given, else ``"cuda"`` when torch has it, else
+    ``"cpu"``: the default of every command that runs a model."""
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_device(device: str, param: str = "device") -> str:

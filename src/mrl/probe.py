@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mrl.devices import default_device
 from mrl.nesting import Nesting
 
 __all__ = ["LinearProbe", "baseline_features", "fit_linear_probe", "probe_top1"]
@@ -66,7 +67,7 @@ def fit_linear_probe(
     if num_classes <= int(y.max()):
         raise ValueError(f"num_classes={num_classes} but labels go up to {int(y.max())}")
     # Full-batch L-BFGS: on a GPU when there is one (1000 classes x 50k rows is slow on a CPU).
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(default_device(device))
     x, y = x.float().to(dev), y.to(dev)
     mean = x.mean(0)
     std = x.std(0).clamp_min(1e-6)

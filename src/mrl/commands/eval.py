@@ -90,13 +90,12 @@ def compute_embeddings(
     run_dir: str | os.PathLike, device: str | None = None, task: Any = None
 ) -> RunEmbeddings:
     """Load the run's checkpoint and embed its task's database and test sets once."""
-    import torch
-
     from mrl.data import load_task_for
+    from mrl.devices import default_device
     from mrl.nesting import Nesting
     from mrl.train import check_task, load_run, predict
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = default_device(device)
     model, config, saved = load_run(run_dir, dev)
     if task is None:
         name = saved["task"]["name"]

@@ -233,6 +233,7 @@ def eval_command(args: Any) -> int:
     the PCA baseline), ``center`` (subtract the documents' mean before cosine), ``device``
     (None: CUDA when available, else CPU).
     """
+    from mrl.devices import default_device
     from mrl.io import check_output_path
     from mrl.report import write_report
 
@@ -247,7 +248,7 @@ def eval_command(args: Any) -> int:
         getattr(args, "nesting", None),
         pca=pca,
         center=center,
-        device=_auto_device(getattr(args, "device", None)),
+        device=default_device(getattr(args, "device", None)),
         nesting_param="--nesting",
     )
     notes = (
@@ -260,15 +261,6 @@ def eval_command(args: Any) -> int:
     )
     print(f"wrote {out}")
     return 0
-
-
-def _auto_device(device: str | None) -> str:
-    """``device``, or (None) CUDA when torch has it, else the CPU."""
-    if device is not None:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def summary_table(records: Sequence[Record], metric: str) -> str:
