@@ -68,13 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_finite(x, param: str, block: int = 65536) -> None:
-    """The first non-finite row by its row in the file; in blocks (no [N, D] bool temporary)."""
-    import numpy as np
+    """The first non-finite row by its row in the file (before rows are held out)."""
+    from mrl.retrieval.store import first_nonfinite_row
 
-    for start in range(0, len(x), block):
-        bad = np.flatnonzero(~np.isfinite(x[start : start + block]).all(axis=1))
-        if len(bad):
-            raise ValueError(f"{param}: row {start + int(bad[0])} has NaN or inf")
+    bad = first_nonfinite_row(x, block)
+    if bad is not None:
+        raise ValueError(f"{param}: row {bad} has NaN or inf")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,12 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mrl.embed import embed_corpus, merge_shards
-    from mrl.io import check_output_path
-
-    check_output_path(args.out, "--out", "dir")
     from mrl.retrieval.store import check_new_store_path
 
-    check_new_store_path(args.out, "--out")  # a model or results folder is never written into
+    # a file, a path below one, or a non-store folder (a model, results) is refused up front
+    check_new_store_path(args.out, "--out")
 
     if args.merge_only:
         store = merge_shards(args.out, dtype=args.dtype)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from mrl.io import atomic_open, atomic_write_json, read_json_sidecar
+from mrl.io import atomic_open, atomic_write_json, check_output_path, read_json_sidecar
 from mrl.nesting import Nesting
 
 __all__ = [
@@ -59,12 +59,20 @@ def validate_vectors(x: Any, dim: int | None, name: str = "vectors") -> np.ndarr
     if dim is not None and arr.shape[1] != dim:
         raise ValueError(f"{name} must have dimension {dim}, got shape {arr.shape}")
     arr = np.ascontiguousarray(arr, dtype=np.float32)  # no copy when already float32
-    for s in range(0, len(arr), 65536):  # blocks: no [N, D] bool temporary for 1M rows
-        ok = np.isfinite(arr[s : s + 65536]).all(axis=1)
-        if not ok.all():
-            bad = s + int(np.flatnonzero(~ok)[0])
-            raise ValueError(f"{name} must be finite, row {bad} has NaN or inf")
+    bad = first_nonfinite_row(arr)
+    if bad is not None:
+        raise ValueError(f"{name} must be finite, row {bad} has NaN or inf")
     return arr
+
+
+def first_nonfinite_row(arr: np.ndarray, block: int = 65536) -> int | None:
+    """The first row of ``arr [N, D]`` holding NaN or inf, or None; checked in row blocks (no
+    [N, D] bool temporary for 1M rows, nor a copy of a memory map)."""
+    for s in range(0, len(arr), block):
+        ok = np.isfinite(arr[s : s + block]).all(axis=1)
+        if not ok.all():
+            return s + int(np.flatnonzero(~ok)[0])
+    return None
 
 
 @dataclass(frozen=True)
@@ -84,9 +92,7 @@ def check_new_store_path(path: str | os.PathLike, param: str = "path") -> Path:
     """``path`` can receive a new store: it does not exist, is an empty folder, or already is a
     store (the caller decides whether to reopen it). A folder with other files (a model, an
     index) is refused, so that the store's files are never mixed into it."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{param} {str(path)!r} is a file; give a folder path")
+    path = check_output_path(path, param, "dir")
     if path.is_dir() and not (path / SIDECAR).exists() and any(path.iterdir()):
         raise FileExistsError(f"{param} {str(path)!r} is a non-empty folder that is not an "
                               "embedding store; write the store to a new folder")
