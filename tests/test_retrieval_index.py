@@ -101,6 +101,9 @@ def test_save_load_round_trip(tmp_path, backend):
     np.testing.assert_array_equal(before.indices, after.indices)
     assert loaded.tuned == {"target_recall": 0.9} and loaded.config == index.config
     assert len(list((tmp_path / "idx").glob("vectors-*.npy"))) == 1
+    (tmp_path / "idx" / "index.json").write_text("{damaged")  # replaced without being read
+    index.save(tmp_path / "idx")
+    assert len(list((tmp_path / "idx").glob("vectors-*.npy"))) == 1
     loaded.add(db[:3])
     assert loaded.count == len(db) + 3
 

@@ -813,7 +813,6 @@ class MatryoshkaIndex:
                 with atomic_open(path / fname, "wb") as f:
                     f.write(_faiss().serialize_index(idx).tobytes())
                 files[f"{kind}-{m}-{nl}"] = {"file": fname, "bytes": (path / fname).stat().st_size}
-        old = _read_sidecar(path) if (path / SIDECAR).exists() else None
         meta = {
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
@@ -826,12 +825,11 @@ class MatryoshkaIndex:
             "files": files,
         }
         atomic_write_json(path / SIDECAR, meta)
+        # The previous save's files and those of saves killed midway: every file of ours that
+        # the new sidecar does not name (reading the old sidecar is not needed, and a damaged
+        # one would block the save).
         keep = {entry["file"] for entry in files.values()}
-        if old:
-            for entry in old.get("files", {}).values():
-                if entry["file"] not in keep:
-                    (path / entry["file"]).unlink(missing_ok=True)
-        for leftover in path.iterdir():  # files of earlier saves that were killed midway
+        for leftover in path.iterdir():
             if leftover.is_file() and _is_own_file(leftover.name) and leftover.name not in keep:
                 leftover.unlink(missing_ok=True)
 
