@@ -324,9 +324,9 @@ def check_task(saved: dict[str, Any], task: Task, where: Any) -> None:
         if t.get(k) is not None and _plain(t[k]) != _plain(have[k])
     ]
     if diffs:
+        changed = t.get("fingerprint") not in (None, task.fingerprint)
         moved = " (the image folder changed since training: its random test split would hold " \
-            "training images; restore the folder or train anew)" if "fingerprint" in diffs[-1] \
-            else ""
+            "training images; restore the folder or train anew)" if changed else ""
         raise ValueError(
             f"run {where} was trained on other data than this task ({'; '.join(diffs)}){moved}; "
             "use the run with its own data (Python API: pass task=...)"

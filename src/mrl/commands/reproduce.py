@@ -272,9 +272,8 @@ def reproduce(
         # save space) is trusted as before.
         has_ckpt = (run_dir / CHECKPOINT).is_file()
         if (has_ckpt or not cached.is_file()) and _needs_training(run_dir, config, runs):
-            resume = (run_dir / CHECKPOINT).is_file()
-            log(f"[{name}] seed {seed}: training{' (resuming)' if resume else ''} ...")
-            train(config, run_dir, resume=resume, progress=progress, task=data_task)
+            log(f"[{name}] seed {seed}: training{' (resuming)' if has_ckpt else ''} ...")
+            train(config, run_dir, resume=has_ckpt, progress=progress, task=data_task)
             for stale in run_dir.glob("records*.json"):  # evaluations of the shorter model
                 stale.unlink()
         if cached.is_file():
