@@ -429,7 +429,7 @@ def _appended_records(args: argparse.Namespace, dataset: str, methods: list[str]
     records (truncate, pca, adapt) of another ``--model``, are refused, never mixed in.
     """
     from mrl.records import load_records
-    from mrl.text.evaluation import _BASE_METHODS
+    from mrl.text.evaluation import BASE_METHODS
 
     previous = Path(args.out) / "results.json"
     if not previous.is_file():
@@ -441,7 +441,7 @@ def _appended_records(args: argparse.Namespace, dataset: str, methods: list[str]
                 f"--append: {str(previous)!r} holds results on dataset {r.get('dataset')!r}, "
                 f"not on --dataset {args.dataset!r} ({dataset!r}); use another --out"
             )
-        if r["method"] in _BASE_METHODS and r.get("model") != str(args.model):
+        if r["method"] in BASE_METHODS and r.get("model") != str(args.model):
             raise ValueError(
                 f"--append: {str(previous)!r} holds {r['method']!r} results of base model "
                 f"{r.get('model')!r}, not of --model {str(args.model)!r}; pass that --model "

@@ -33,7 +33,7 @@ __all__ = [
 # (uncentred, so that it is a rotation and full-size cosines are unchanged).
 _BASELINE_NAMES = {"pca_uncentered": "pca"}
 METHODS = ("truncate", "pca", "adapt", "finetune")
-_BASE_METHODS = ("truncate", "pca", "adapt")  # the base model's embeddings, or a rotation of them
+BASE_METHODS = ("truncate", "pca", "adapt")  # the base model's embeddings, or a rotation of them
 
 
 def index_qrels(ds: RetrievalDataset) -> dict[int, dict[int, float]]:
@@ -424,7 +424,7 @@ def relative_table(records: Sequence[Record], metric: str) -> str:
         "|---|" + "---|" * (len(prefixes) + 1),
     ]
     for method, vals in rows.items():
-        own = method not in _BASE_METHODS or base_full is None
+        own = method not in BASE_METHODS or base_full is None
         ref = vals.get(prefixes[-1]) if own else base_full
         cells = [f"{vals[p] / ref:.1%}" if p in vals and ref else "" for p in prefixes]
         which = "own full size" if own else "base full size"
