@@ -8,39 +8,57 @@
 #   TASKS=fashion-mnist TASK_TIMEOUT=540 bash benchmarks/gpu.sh   # one task per call
 #
 # On the device machine (mrl not installed there; data travel in .gpu/, see
-# benchmarks/prepare_gpu_carry.sh):
-#   MRL_FASHION_MNIST=.gpu/fashion-mnist TASKS=fashion-mnist bash benchmarks/gpu.sh
-# Runs and logs stay under RESULTS; when $OUT is set (the device's returned folder) only each
-# task's results.md, claims.md, results.json and log are copied into $OUT/<task>/.
+# benchmarks/prepare_gpu_carry.py):
+#   MRL_FASHION_MNIST=.gpu/vision/fashion-mnist TASKS=fashion-mnist bash benchmarks/gpu.sh
+# Runs stay under RESULTS (git-ignored runs/gpu: kept between calls to a warm machine, so a
+# rerun resumes from the cached runs). When $OUT is set (the device's returned folder) each
+# task's log is written straight into $OUT/<task>/ (so a killed call still returns it), and its
+# results.md, claims.md and results.json are copied there as soon as the task ends; the default
+# TASK_TIMEOUT is then 540 s, under the device's 600 s per call.
+# A preflight refuses to start when CUDA is unusable (no silent CPU fall-back: --set device=cuda).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # mrl from this checkout, installed or not
-RESULTS=${RESULTS:-results/gpu}
+export PYTHONUNBUFFERED=1  # progress lines reach the log as they happen, even if killed
+RESULTS=${RESULTS:-runs/gpu}
 SEED=${SEED:-0}
 TASKS=${TASKS:-fashion-mnist fashion-mnist-1k}
-TASK_TIMEOUT=${TASK_TIMEOUT:-1800}  # seconds per task; the device allows 600 s per call
+DEVICE=${DEVICE:-cuda}
+if [ -n "${OUT:-}" ]; then TASK_TIMEOUT=${TASK_TIMEOUT:-540}; else TASK_TIMEOUT=${TASK_TIMEOUT:-1800}; fi
 mkdir -p "$RESULTS"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+# preflight: torch's version and the device, before any data is read or a run starts
+if ! "$PY" -c "
+import sys, torch
+dev = sys.argv[1]
+print(f'torch {torch.__version__}, python {sys.version.split()[0]}, device {dev}', end='')
+if dev.startswith('cuda'):
+    if not torch.cuda.is_available():
+        sys.exit(': CUDA is not available to this torch (set DEVICE=cpu to run on the CPU)')
+    print(f' ({torch.cuda.get_device_name(0)})', end='')
+print()
+" "$DEVICE"; then
+    exit 1
+fi
 failed=()
 for task in $TASKS; do
     log="$RESULTS/$task.log"
+    if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/$task"; log="$OUT/$task/$task.log"; fi
     start=$(date +%s)
     echo "[$task] reproduce --budget full --seed $SEED (timeout ${TASK_TIMEOUT} s; log $log)"
     # tee: progress reaches the caller while it runs, and the log keeps it
     timeout "$TASK_TIMEOUT" "$PY" -m mrl.cli reproduce "$task" --budget full --seed "$SEED" \
-        --out "$RESULTS/$task" --no-progress 2>&1 | tee "$log" | grep --line-buffered '^\['
+        --out "$RESULTS/$task" --set "device=$DEVICE" --no-progress 2>&1 | tee "$log" | grep --line-buffered '^\['
     status=("${PIPESTATUS[@]}")
     rc=${status[0]}
     took=$(( $(date +%s) - start ))
     if [ -n "${OUT:-}" ]; then
-        mkdir -p "$OUT/$task"
         for f in results.md claims.md results.json; do
             [ -f "$RESULTS/$task/$f" ] && cp "$RESULTS/$task/$f" "$OUT/$task/"
         done
-        cp "$log" "$OUT/$task/"
     fi
     echo
     if [ "$rc" -ne 0 ]; then

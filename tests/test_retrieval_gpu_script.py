@@ -50,9 +50,10 @@ def test_gpu_carry_and_vision_script(tmp_path):
     fake = tmp_path / "fakepy"
     fake.write_text(
         "#!/usr/bin/env bash\n"
-        '# called as: fakepy -m mrl.cli reproduce TASK ... --out DIR\n'
+        '# called as: fakepy -c PREFLIGHT DEVICE, then fakepy -m mrl.cli reproduce TASK ... --out DIR\n'
+        'if [ "$1" = -c ]; then echo "preflight $3"; [ -z "$FAIL_PREFLIGHT" ]; exit; fi\n'
         'task=$4; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done\n'
-        'echo "[mrl] seed 0: training ..."\n'
+        'echo "[mrl] seed 0: training ... args: $*"\n'
         'if [ "$task" = fashion-mnist-1k ]; then echo boom >&2; exit 3; fi\n'
         'mkdir -p "$out"; echo "| table |" > "$out/results.md"; echo big > "$out/big.pt"\n'
         'echo "### top1 (%)"; echo "| mrl | 90 |"\n'
@@ -70,3 +71,13 @@ def test_gpu_carry_and_vision_script(tmp_path):
     assert "failed: fashion-mnist-1k (exit 3" in out
     assert (tmp_path / "out" / "fashion-mnist" / "results.md").is_file()
     assert not (tmp_path / "out" / "fashion-mnist" / "big.pt").exists()
+    assert "preflight cuda" in out  # torch/CUDA checked before any task
+    # the log goes straight into $OUT (a killed call still returns it), with the device forced
+    log = (tmp_path / "out" / "fashion-mnist" / "fashion-mnist.log").read_text()
+    assert "--set device=cuda" in log and "timeout 540 s" in out
+    # CUDA unusable: no task starts (no silent CPU fall-back)
+    run = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh")],
+                         env={**env, "FAIL_PREFLIGHT": "1", "OUT": str(tmp_path / "out2")},
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 1 and "[fashion-mnist]" not in run.stdout
+    assert not (tmp_path / "out2").exists()
