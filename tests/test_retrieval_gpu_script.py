@@ -50,7 +50,7 @@ def test_gpu_carry_and_vision_script(tmp_path):
     fake = tmp_path / "fakepy"
     fake.write_text(
         "#!/usr/bin/env bash\n"
-        '# called as: fakepy -c PREFLIGHT DEVICE, then fakepy -m mrl.cli reproduce TASK ... --out DIR\n'
+        '# fakepy -c PREFLIGHT DEVICE, then fakepy -m mrl.cli reproduce TASK ... --out DIR\n'
         'if [ "$1" = -c ]; then echo "preflight $3"; [ -z "$FAIL_PREFLIGHT" ]; exit; fi\n'
         'task=$4; for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done\n'
         'echo "[mrl] seed 0: training ... args: $*"\n'

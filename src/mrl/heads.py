@@ -43,11 +43,7 @@ HEAD_MODES = ("mrl", "mrl-e", "ff", "plain")
 
 # --------------------------------------------------------------------------- validation helpers
 def _as_nesting(nesting: Nesting | Sequence[int] | str, name: str = "nesting") -> Nesting:
-    if isinstance(nesting, Nesting):
-        return nesting
-    if isinstance(nesting, (str, Sequence)):
-        return Nesting.parse(nesting)
-    raise ValueError(f"{name} must be a Nesting or a sequence of ints, got {nesting!r}")
+    return Nesting.coerce(nesting, name)
 
 
 def _check_positive_int(name: str, value: object) -> int:

@@ -111,6 +111,20 @@ class Nesting:
         return cls((_as_int("dim", dim),))
 
     @classmethod
+    def coerce(cls, value: Any, name: str = "nesting") -> Nesting:
+        """What public functions call on a user's nesting argument: a `Nesting` as it is; a
+        spec string, a sequence or a 1-D array of ints through `parse`; anything else a
+        ValueError naming ``name`` (instead of an AttributeError deep inside)."""
+        if isinstance(value, Nesting):
+            return value
+        if isinstance(value, (str, Sequence)) or (
+            hasattr(value, "tolist") and getattr(value, "ndim", None) == 1  # numpy / torch 1-D
+        ):
+            return cls.parse(value if isinstance(value, (str, Sequence)) else value.tolist())
+        raise ValueError(f"{name} must be a Nesting, a list of ints or a spec such as "
+                         f"'8,16,32', got {name}={value!r}")
+
+    @classmethod
     def parse(cls, spec: str | Sequence[int] | Nesting, dim: int | None = None) -> Nesting:
         """Build a nesting from a command-line style spec.
 
@@ -187,6 +201,10 @@ class Nesting:
     def truncated(self, dim: int) -> Nesting:
         """The sizes that fit in ``dim`` (dim itself is added as the last size if missing), with
         their weights; an added ``dim`` takes the weight of the size it replaces."""
+        dim = _as_int("dim", dim)
+        if dim > self.dim:  # growing a nesting would invent a prefix no head was trained for
+            raise ValueError(f"dim must be at most the nesting's largest prefix {self.dim}, got "
+                             f"dim={dim}")
         keep = [g for g, m in enumerate(self.sizes) if m < dim]
         cut = len(keep) if len(keep) < len(self.sizes) else len(self.sizes) - 1
         weights = [self.weights[g] for g in keep] + [self.weights[cut]]

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from mrl.arrays import as_numpy
 from mrl.io import atomic_write_json
 from mrl.nesting import Nesting
 
@@ -58,17 +59,12 @@ _KINDS = ("logits", "probs")
 
 
 # ----------------------------------------------------------------------------- input checks
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def check_scores(scores: Any, nesting: Nesting, name: str = "logits") -> np.ndarray:
     """Return ``scores`` as a float64 [G, N, C] array or raise naming the bad shape."""
     if scores is None:
         raise ValueError(f"{name} are required, got None")
-    arr = _to_numpy(scores)
+    nesting = Nesting.coerce(nesting)
+    arr = as_numpy(scores)
     if arr.ndim != 3 or arr.shape[0] != len(nesting) or arr.shape[1] == 0 or arr.shape[2] < 2:
         raise ValueError(
             f"{name} must have shape [G, N, C] with G={len(nesting)} (nesting "
@@ -86,7 +82,7 @@ def check_labels(labels: Any, n: int, num_classes: int, name: str = "labels") ->
     """Return ``labels`` as an int64 [N] array in [0, C) or raise naming the problem."""
     if labels is None:
         raise ValueError(f"{name} are required (one class index per sample), got None")
-    arr = _to_numpy(labels)
+    arr = as_numpy(labels)
     if arr.shape != (n,):
         raise ValueError(f"{name} must have shape [N]=({n},), got shape {tuple(arr.shape)}")
     if not np.issubdtype(arr.dtype, np.integer):
@@ -176,8 +172,7 @@ class Cascade:
     info: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.nesting, Nesting):
-            raise ValueError(f"nesting must be a Nesting, got {type(self.nesting).__name__}")
+        object.__setattr__(self, "nesting", Nesting.coerce(self.nesting))  # lists too
         object.__setattr__(self, "thresholds", check_thresholds(self.thresholds, self.nesting))
 
     # -------------------------------------------------------------- prediction
@@ -197,7 +192,7 @@ class Cascade:
         """Accuracy and costs on labelled data: keys ``accuracy``, ``expected_dims``,
         ``expected_heads``, ``expected_head_dims``, ``max_prefix`` (largest prefix used)."""
         conf, pred = confidence(scores, self.nesting, kind)
-        y = check_labels(labels, pred.shape[1], _to_numpy(scores).shape[2])
+        y = check_labels(labels, pred.shape[1], as_numpy(scores).shape[2])
         stop = _stop_index(conf, self.thresholds)
         answer = pred[stop, np.arange(pred.shape[1])]
         return {
@@ -271,7 +266,7 @@ def _prepare(scores: Any, labels: Any, nesting: Nesting, kind: str):
     if labels is None:
         raise ValueError("labels are required (calibration labels), got None")
     conf, pred = confidence(scores, nesting, kind)
-    y = check_labels(labels, pred.shape[1], _to_numpy(scores).shape[2])
+    y = check_labels(labels, pred.shape[1], as_numpy(scores).shape[2])
     return conf, pred == y[None, :], pred
 
 
@@ -389,6 +384,7 @@ def fit_cascade(
     When the target cannot be reached (above the full-size accuracy) the cascade falls back to the
     full-size prefix and ``info["reached"]`` is False.
     """
+    nesting = Nesting.coerce(nesting)
     conf, correct, _ = _prepare(scores, labels, nesting, kind)
     if budget is not None:
         if tolerance is not None or target_accuracy is not None:
@@ -450,6 +446,7 @@ def fit_cascade_reference(
     (1, the midpoints between distinct confidences of the samples reaching it, 0) and keep the
     smallest whose full cascade (later thresholds at 1) reaches ``target`` on calibration data.
     Prefixes before ``start`` keep threshold 1."""
+    nesting = Nesting.coerce(nesting)
     conf, correct, _ = _prepare(scores, labels, nesting, kind)
     G, N = conf.shape
     fixed: list[float] = []
@@ -479,6 +476,7 @@ def oracle(
     Returns ``(labels [N], prefix_used [N])`` like `Cascade.predict`; it needs the true labels, so
     it is a bound to compare against, not a classifier.
     """
+    nesting = Nesting.coerce(nesting)
     _, correct, pred = _prepare(scores, labels, nesting, kind)
     G, N = correct.shape
     any_right = correct.any(axis=0)

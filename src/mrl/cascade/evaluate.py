@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from mrl.arrays import as_numpy
 from mrl.cascade.core import (
     Cascade,
-    _to_numpy,
     cascade_costs,
     check_labels,
     check_scores,
@@ -93,7 +93,7 @@ def _check_ff(ff_scores: Mapping[int, Any] | None, n: int, c: int) -> dict[int, 
     """FF logits ``{m: [N, C]}`` for the same samples as the cascade's scores."""
     out: dict[int, np.ndarray] = {}
     for m, s in sorted((ff_scores or {}).items()):
-        arr = _to_numpy(s)
+        arr = as_numpy(s)
         if arr.shape != (n, c):
             raise ValueError(f"ff_scores[{m}] must have shape [N, C]=({n}, {c}), got {arr.shape}")
         if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
@@ -103,7 +103,7 @@ def _check_ff(ff_scores: Mapping[int, Any] | None, n: int, c: int) -> dict[int, 
 
 
 def _check_calib_index(index: Any, n: int) -> np.ndarray:
-    idx = np.unique(_to_numpy(index))
+    idx = np.unique(as_numpy(index))
     if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or len(idx) == 0:
         raise ValueError(f"calib_index must be a non-empty 1-D array of ints, got {index!r}")
     if idx[0] < 0 or idx[-1] >= n or len(idx) >= n:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from mrl.arrays import as_numpy
 from mrl.io import atomic_open, atomic_write_json, check_output_path, read_json_sidecar
 from mrl.nesting import Nesting
 
@@ -51,7 +52,7 @@ INT8_SCALES = ("per-vector", "per-dim")
 
 def validate_vectors(x: Any, dim: int | None, name: str = "vectors") -> np.ndarray:
     """Check a [n, D] float array (finite, right width) and return it as float32."""
-    arr = np.asarray(x)
+    arr = as_numpy(x)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array [n, D], got shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):

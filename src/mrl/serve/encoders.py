@@ -56,13 +56,13 @@ class HashEncoder:
     def __init__(
         self,
         dim: int = 32,
-        nesting: Nesting | None = None,
+        nesting: Nesting | Sequence[int] | str | None = None,
         name: str = "hash-encoder",
         max_tokens: int = 128,
         delay_s: float = 0.0,
         delay_per_item_s: float = 0.0,
     ) -> None:
-        self.nesting = nesting if nesting is not None else Nesting.doubling(8, dim)
+        self.nesting = Nesting.coerce(nesting) if nesting is not None else Nesting.doubling(8, dim)
         self.nesting.check_dim(dim, "HashEncoder outputs")
         self.name = name
         self.max_tokens = max_tokens

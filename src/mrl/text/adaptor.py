@@ -24,7 +24,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mrl.arrays import as_numpy
 from mrl.io import atomic_open, atomic_torch_save, atomic_write_json
 from mrl.nesting import Nesting
 
@@ -94,7 +95,7 @@ class AdaptorConfig:
 
 
 def _check_corpus(x: Any, name: str = "embeddings", min_rows: int = 2) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    t = torch.as_tensor(as_numpy(x), dtype=torch.float32)  # tensors: detached, on the CPU
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(t.shape)}")
     if t.shape[0] < min_rows:
@@ -251,9 +252,13 @@ class OrthogonalAdaptor:
     """``y = x @ rotation``; ``rotation [D, D]`` orthogonal; prefixes of y follow the nesting."""
 
     def __init__(
-        self, rotation: torch.Tensor | np.ndarray, nesting: Nesting, info: dict | None = None
+        self,
+        rotation: torch.Tensor | np.ndarray,
+        nesting: Nesting | Sequence[int] | str,
+        info: dict | None = None,
     ):
-        r = torch.as_tensor(np.asarray(rotation), dtype=torch.float32)
+        nesting = Nesting.coerce(nesting)
+        r = torch.as_tensor(as_numpy(rotation), dtype=torch.float32)
         if r.dim() != 2 or r.shape[0] != r.shape[1]:
             raise ValueError(f"rotation must be square [D, D], got shape {tuple(r.shape)}")
         err = (r.T.double() @ r.double() - torch.eye(r.shape[0], dtype=torch.float64)).abs().max()
@@ -270,11 +275,7 @@ class OrthogonalAdaptor:
 
     def transform(self, x: Any) -> np.ndarray:
         """``[N, D] -> [N, D]`` float32 (numpy in, numpy out)."""
-        t = (
-            _check_corpus(x, "x")
-            if np.asarray(x).shape[0] >= 2
-            else torch.as_tensor(np.asarray(x), dtype=torch.float32)
-        )
+        t = _check_corpus(x, "x", min_rows=0)  # finite whatever the row count (one row too)
         if t.dim() != 2 or t.shape[1] != self.dim:
             raise ValueError(f"x must be [N, {self.dim}], got shape {tuple(t.shape)}")
         return (t @ self.rotation).numpy()

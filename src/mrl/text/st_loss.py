@@ -15,13 +15,13 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mrl.losses import matryoshka_contrastive_loss
+from mrl.losses import _check_temperature, matryoshka_contrastive_loss
 from mrl.nesting import Nesting
 
 __all__ = ["MatryoshkaContrastiveLoss"]
@@ -38,19 +38,21 @@ class MatryoshkaContrastiveLoss(nn.Module):
     """
 
     def __init__(
-        self, model: Any, nesting: Nesting, temperature: float = 0.05, symmetric: bool = False
+        self,
+        model: Any,
+        nesting: Nesting | Sequence[int] | str,
+        temperature: float | Tensor = 0.05,
+        symmetric: bool = False,
     ) -> None:
         super().__init__()
-        from mrl.text.encoders import embedding_dim
-
-        dim = embedding_dim(model)
+        nesting = Nesting.coerce(nesting)
+        dim = _untruncated_dim(model)
         if dim is not None:
             nesting.check_dim(int(dim), "the model's embeddings")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        _check_temperature(temperature)  # positive and finite; a 0-d tensor stays learnable
         self.model = model
         self.nesting = nesting
-        self.temperature = float(temperature)
+        self.temperature = temperature if isinstance(temperature, Tensor) else float(temperature)
         self.symmetric = bool(symmetric)
 
     def embed(self, features: dict[str, Tensor]) -> Tensor:
@@ -80,6 +82,22 @@ class MatryoshkaContrastiveLoss(nn.Module):
     def get_config_dict(self) -> dict[str, Any]:
         return {
             "nesting": self.nesting.to_dict(),
-            "temperature": self.temperature,
+            "temperature": float(self.temperature),
             "symmetric": self.symmetric,
         }
+
+
+def _untruncated_dim(model: Any) -> int | None:
+    """The width of ``model(features)["sentence_embedding"]``: a model loaded with
+    ``truncate_dim=m`` still returns full-size embeddings from forward (truncation happens in
+    ``encode``), while its reported dimension is m."""
+    from mrl.text.encoders import embedding_dim
+
+    truncate = getattr(model, "truncate_dim", None)
+    if truncate is None:
+        return embedding_dim(model)
+    try:
+        model.truncate_dim = None
+        return embedding_dim(model)
+    finally:
+        model.truncate_dim = truncate

@@ -1,0 +1,27 @@
+"""One conversion from what users pass (numpy arrays, lists, torch tensors) to numpy.
+
+The numpy-based parts of mrl (retrieval, the adaptor, the cascade) take torch tensors as they
+come out of a model: still attached to the autograd graph, on a GPU, or in bfloat16 (which numpy
+has no dtype for). `as_numpy` handles all three in one place instead of each caller failing in
+its own way ("Can't call numpy() on Tensor that requires grad", "unsupported ScalarType").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["as_numpy"]
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """``x`` as a numpy array: tensors are detached and moved to the CPU; bfloat16 becomes
+    float32 (exact: every bfloat16 value is a float32 value); other dtypes are kept (float16
+    stays float16). Arrays and lists go through ``np.asarray`` (no copy of an ndarray)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
+        t = x.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        return t.numpy()
+    return np.asarray(x)

@@ -1,0 +1,102 @@
+"""Inputs a library user passes naturally: tensors attached to the graph or in bfloat16, nestings
+as lists / strings / arrays, one-row inputs. Each case failed (or passed silently) before."""
+
+import numpy as np
+import pytest
+import torch
+
+from mrl import Nesting
+from mrl.arrays import as_numpy
+from mrl.cascade import Cascade, fit_cascade
+from mrl.heads import make_head
+from mrl.retrieval.store import validate_vectors
+from mrl.text.adaptor import OrthogonalAdaptor
+
+
+def test_as_numpy_detaches_and_widens_bfloat16():
+    t = torch.randn(3, 4, requires_grad=True)
+    assert np.array_equal(as_numpy(t), t.detach().numpy())
+    b = torch.randn(3, 4).bfloat16()
+    out = as_numpy(b)
+    assert out.dtype == np.float32 and np.array_equal(out, b.float().numpy())
+    assert as_numpy(torch.ones(2, dtype=torch.float16)).dtype == np.float16
+    arr = np.ones((2, 2))
+    assert as_numpy(arr) is arr and as_numpy([[1.0]]).shape == (1, 1)
+
+
+def test_validate_vectors_takes_graph_and_bfloat16_tensors():
+    emb = torch.nn.Linear(4, 8)(torch.randn(5, 4))  # requires grad
+    assert validate_vectors(emb, 8).shape == (5, 8)
+    assert validate_vectors(emb.detach().bfloat16(), 8).dtype == np.float32
+
+
+def test_nesting_coerce():
+    assert Nesting.coerce(np.array([8, 16])) == Nesting((8, 16))
+    assert Nesting.coerce(torch.tensor([4, 8])) == Nesting((4, 8))
+    assert Nesting.coerce("8,16,32") == Nesting((8, 16, 32))
+    with pytest.raises(ValueError, match="nesting must be a Nesting.*got nesting=3"):
+        Nesting.coerce(3)
+    assert make_head("mrl", np.array([8, 16]), 5).nesting == Nesting((8, 16))
+
+
+def test_truncated_never_grows_a_nesting():
+    with pytest.raises(ValueError, match="at most the nesting's largest prefix 64, got dim=100"):
+        Nesting.doubling(8, 64).truncated(100)
+    assert Nesting.doubling(8, 64).truncated(64) == Nesting.doubling(8, 64)
+
+
+def test_cascade_accepts_list_nesting_and_bfloat16_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, 4, generator=g)
+    y = torch.randint(0, 4, (50,), generator=g)
+    c = fit_cascade(logits, y, [8, 16, 32], tolerance=0.0)
+    assert c.nesting == Nesting((8, 16, 32))
+    pred, _ = c.predict(logits.bfloat16())
+    assert pred.shape == (50,)
+    assert Cascade([8, 16, 32], (1.0, 1.0)).nesting == Nesting((8, 16, 32))
+
+
+def test_adaptor_list_nesting_and_one_row_checks():
+    ad = OrthogonalAdaptor(np.eye(8), [4, 8])
+    assert ad.nesting == Nesting((4, 8))
+    with pytest.raises(ValueError, match="x contain NaN"):
+        ad.transform(np.full((1, 8), np.nan))  # one row was not checked
+    x = torch.randn(2, 8, requires_grad=True)
+    assert np.allclose(ad.transform(x), x.detach().numpy())
+    assert ad.transform(np.zeros((0, 8))).shape == (0, 8)
+
+
+def test_hash_encoder_nesting_spec():
+    from mrl.serve.encoders import HashEncoder
+
+    assert HashEncoder(dim=32, nesting="8,16,32").nesting == Nesting((8, 16, 32))
+
+
+class _FakeST(torch.nn.Module):
+    """What the loss reads of a SentenceTransformer: its dimension (truncated when truncate_dim
+    is set, as sentence-transformers reports it) and forward's full-size embeddings."""
+
+    def __init__(self, truncate_dim=None):
+        super().__init__()
+        self.truncate_dim = truncate_dim
+
+    def get_sentence_embedding_dimension(self):
+        return self.truncate_dim or 32
+
+    def forward(self, features):
+        return {"sentence_embedding": features["x"]}
+
+
+def test_st_loss_checks_temperature_and_reads_untruncated_dim():
+    from mrl.text.st_loss import MatryoshkaContrastiveLoss
+
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        MatryoshkaContrastiveLoss(_FakeST(), [8, 32], temperature=float("nan"))
+    model = _FakeST(truncate_dim=8)
+    loss = MatryoshkaContrastiveLoss(model, "8,16,32")  # forward gives 32 dims, not 8
+    assert model.truncate_dim == 8  # restored
+    x = {"x": torch.randn(4, 32)}
+    assert torch.isfinite(loss([x, {"x": torch.randn(4, 32)}]))
+    t = torch.tensor(0.05, requires_grad=True)
+    MatryoshkaContrastiveLoss(_FakeST(), [8, 32], temperature=t)([x, x]).backward()
+    assert t.grad is not None  # a learned temperature keeps its gradient
