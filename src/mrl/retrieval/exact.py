@@ -7,10 +7,16 @@ Ranking is by score descending, ties broken by the smaller row index, so results
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
-__all__ = ["argtopk", "exact_search", "normalize_prefix", "topk_sorted", "METRICS"]
+from mrl.arrays import as_numpy
+
+__all__ = [
+    "argtopk", "check_queries", "exact_search", "normalize_prefix", "topk_sorted", "METRICS"
+]
 
 METRICS = ("cosine", "dot")
 
@@ -62,6 +68,35 @@ def topk_sorted(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(vals, order, axis=1), idx
 
 
+def check_queries(queries: Any, dim: int) -> np.ndarray:
+    """Queries [Q, dim] (one row [dim] is accepted) as C-contiguous float32: floating point, at
+    least one row, finite. Arrays, lists and torch tensors (detached, bfloat16 widened)."""
+    arr = as_numpy(queries)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise ValueError(f"queries must have shape [Q, {dim}], got shape {np.shape(arr)}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"queries must hold at least one row, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"queries must be floating point, got dtype {arr.dtype}")
+    q = np.ascontiguousarray(arr, dtype=np.float32)
+    bad = ~np.isfinite(q).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"queries must be finite, query {int(np.flatnonzero(bad)[0])} has NaN or inf"
+        )
+    return q
+
+
+def _check_dims(dims: Any, d: int) -> int:
+    if dims is None:
+        return d
+    if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or not 1 <= dims <= d:
+        raise ValueError(f"dims must be an int in [1, {d}], got dims={dims!r}")
+    return int(dims)
+
+
 def exact_search(
     db: np.ndarray,
     queries: np.ndarray,
@@ -78,15 +113,17 @@ def exact_search(
     running top-k. ``column_scale`` [D] multiplies db columns first (int8 codes -> values).
     Returns (scores [Q, k] float32, indices [Q, k] int64), best first.
     """
+    db = db if isinstance(db, np.ndarray) else as_numpy(db)  # a memmap stays a memmap
+    if db.ndim != 2:
+        raise ValueError(f"db must be a 2-D array [N, D], got shape {db.shape}")
     n, d = db.shape
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {list(METRICS)}, got metric={metric!r}")
-    if queries.ndim != 2 or queries.shape[1] != d:
-        raise ValueError(f"queries must have shape [Q, {d}], got {queries.shape}")
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, number of database items ({n})], got k={k}")
-    m = d if dims is None else dims
-    q = normalize_prefix(queries, m, metric)  # [Q, m]
+    q = check_queries(queries, d)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, number of database items ({n})], got k={k!r}")
+    m = _check_dims(dims, d)
+    q = normalize_prefix(q, m, metric)  # [Q, m]
     best_s = np.full((len(q), 0), -np.inf, np.float32)
     best_i = np.zeros((len(q), 0), np.int64)
     for start in range(0, n, block):

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from mrl.arrays import as_numpy
+from mrl.devices import check_device
 from mrl.io import (
     atomic_open,
     atomic_write_json,
@@ -45,7 +47,7 @@ from mrl.io import (
     read_json_sidecar,
 )
 from mrl.nesting import Nesting
-from mrl.retrieval.exact import METRICS, argtopk
+from mrl.retrieval.exact import METRICS, argtopk, check_queries
 from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
 from mrl.retrieval.store import validate_vectors
 
@@ -166,17 +168,24 @@ class SearchResult:
 
     def hits(self, j: int) -> tuple[list[Any], list[float]]:
         """Query j's ids and scores, best first, without the empty slots."""
-        ids, scores = hit_lists(self.ids[j : j + 1], self.scores[j : j + 1])
+        rows = slice(j, j + 1)
+        ids, scores = hit_lists(self.ids[rows], self.scores[rows], self.indices[rows])
         return ids[0], scores[0]
 
 
-def hit_lists(ids: np.ndarray, scores: np.ndarray) -> tuple[list[list[Any]], list[list[float]]]:
-    """ids/scores [Q, k] -> ragged Python lists [Q][<=k] without the empty slots (score -inf:
-    an approximate shortlist or a tiny collection found fewer than k rows for that query).
-    For `SearchResult` and for any backend answering padded arrays (Qdrant)."""
+def hit_lists(
+    ids: np.ndarray, scores: np.ndarray, indices: np.ndarray | None = None
+) -> tuple[list[list[Any]], list[list[float]]]:
+    """ids/scores [Q, k] -> ragged Python lists [Q][<=k] without the empty slots (an
+    approximate shortlist or a tiny collection found fewer than k rows for that query).
+    For `SearchResult` and for any backend answering padded arrays (Qdrant).
+
+    Empty slots are those with ``indices < 0`` when row indices are given, else those padded
+    with score -inf. Never "not finite": a real hit can score +inf or NaN (overflowing dot
+    products), and dropping it would hide the best match."""
     out_ids, out_scores = [], []
-    for row_ids, row_s in zip(ids, scores):
-        keep = np.isfinite(row_s)
+    found = np.asarray(indices) >= 0 if indices is not None else np.asarray(scores) != -np.inf
+    for row_ids, row_s, keep in zip(ids, scores, found):
         out_ids.append([x.item() if isinstance(x, np.generic) else x for x in row_ids[keep]])
         out_scores.append([float(v) for v in row_s[keep]])
     return out_ids, out_scores
@@ -239,7 +248,9 @@ class MatryoshkaIndex:
         self.nesting = nesting
         self.metric = metric
         self.vector_dtype = vector_dtype
-        self.device = device
+        # checked now, not at the first torch search (an AssertionError deep in torch); "cpu"
+        # needs no check, which keeps torch unimported for the numpy/FAISS backends
+        self.device = device if device == "cpu" else check_device(device, "device")
         self.threads = threads or os.cpu_count() or 1
         # default D_s: 16, or the smallest size where the nesting lacks 16 (e.g. one size [D])
         self.config = config or SearchConfig(16 if 16 in nesting else nesting.sizes[0])
@@ -277,10 +288,13 @@ class MatryoshkaIndex:
         ``copy=False`` lets the first `add` keep a float32 C-contiguous input as the index's own
         storage (no second copy of a large database); the caller must not modify it afterwards.
         """
-        x = validate_vectors(vectors, self.nesting.dim)  # [n, D] float32
+        src = as_numpy(vectors)  # detached / widened once; a CPU tensor stays shared memory
+        x = validate_vectors(src, self.nesting.dim)  # [n, D] float32
         new_ids = self._check_ids(ids, len(x))
         if self.metric == "cosine":
             _warn_zero_rows(x, self.count)
+        if self.vector_dtype == "float16":
+            _check_float16_range(x)
         if self.vector_dtype == "int8":
             if self.count == 0:
                 self._col_scale = _column_scale(x)
@@ -292,8 +306,10 @@ class MatryoshkaIndex:
         if self.count == 0 and not copy:  # first add: keep the caller's array (1M x 2048 is 8 GB)
             self._vectors, self._inv_norms = x_store, inv
         elif self.count == 0:
-            own = x_store.copy() if x_store is vectors else x_store
-            self._vectors, self._inv_norms = own, inv
+            # x_store may be the caller's memory (an ndarray, a CPU tensor's buffer, a memmap):
+            # a later change to it would desync the stored rows from their norms and shortlist
+            shared = np.may_share_memory(x_store, src)
+            self._vectors, self._inv_norms = (x_store.copy() if shared else x_store), inv
         else:
             self._vectors = np.concatenate([np.asarray(self._vectors), x_store])
             self._inv_norms = np.concatenate([np.asarray(self._inv_norms), inv])
@@ -323,6 +339,7 @@ class MatryoshkaIndex:
             raise ValueError(
                 f"ids must be of the index's kind ({self._ids.dtype}), got {arr.dtype}"
             )
+        _check_unique_ids(arr, self._ids)
         return arr
 
     def _prefix_inv_norms(self, x: np.ndarray) -> np.ndarray:
@@ -517,23 +534,7 @@ class MatryoshkaIndex:
         _as_int("nprobe", cfg.nprobe, 1)
 
     def _check_queries(self, queries: Any) -> np.ndarray:
-        arr = np.asarray(queries)
-        d = self.nesting.dim
-        if arr.ndim == 1:
-            arr = arr[None, :]
-        if arr.ndim != 2 or arr.shape[1] != d:
-            raise ValueError(f"queries must have shape [Q, {d}], got shape {np.shape(queries)}")
-        if arr.shape[0] == 0:
-            raise ValueError(f"queries must hold at least one row, got shape {arr.shape}")
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(f"queries must be floating point, got dtype {arr.dtype}")
-        q = np.ascontiguousarray(arr, dtype=np.float32)
-        bad = ~np.isfinite(q).all(axis=1)
-        if bad.any():
-            raise ValueError(
-                f"queries must be finite, query {int(np.flatnonzero(bad)[0])} has NaN or inf"
-            )
-        return q
+        return check_queries(queries, self.nesting.dim)
 
     def _norm_q(self, q: np.ndarray, m: int) -> np.ndarray:
         p = q[:, :m]
@@ -1052,3 +1053,25 @@ def _faiss():
 
 
 _ = topk_numpy  # re-exported for callers that want the plain selection
+
+
+def _check_float16_range(x: np.ndarray, block: int = 65536) -> None:
+    """float16 rerank vectors: a value beyond 65504 would be stored as inf and score inf (or
+    NaN), so refuse it as `EmbeddingStore` does instead of numpy's overflow warning."""
+    for s in range(0, len(x), block):
+        if np.abs(x[s : s + block]).max(initial=0.0) > 65504:
+            raise ValueError(
+                "vectors exceed the float16 range (65504); use vector_dtype='float32'"
+            )
+
+
+def _check_unique_ids(new: np.ndarray, existing: np.ndarray) -> None:
+    """ids name rows one to one (as in `EmbeddingStore`): a repeated id would make a search hit
+    ambiguous, whether it repeats within the batch or an id the index already holds."""
+    uniq, counts = np.unique(new, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1][0]
+        raise ValueError(f"ids must be unique, id {dup.item()!r} appears twice in the new ids")
+    clash = np.isin(new, existing) if len(existing) else np.zeros(len(new), bool)
+    if clash.any():
+        raise ValueError(f"ids must be unique, id {new[clash][0].item()!r} is already in the index")
