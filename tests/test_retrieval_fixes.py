@@ -128,3 +128,31 @@ def test_exact_search_takes_lists_and_tensors():
     np.testing.assert_array_equal(exact_search(db, db[:3].tolist(), 4)[1], want)
     got = exact_search(torch.from_numpy(db), torch.from_numpy(db[:3]).requires_grad_(), 4)[1]
     np.testing.assert_array_equal(got, want)
+
+
+def test_prefix_topk_center_true_is_the_items_mean():
+    from mrl.similarity import prefix_topk
+
+    x = np.random.default_rng(1).random((40, 16)).astype(np.float32)  # post-ReLU-like
+    q = x[:5] + 0.01
+    want = prefix_topk(q, x, [4, 16], k=3, center=x.mean(0))
+    got = prefix_topk(q, x, [4, 16], k=3, center=True)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_prefix_topk_center_false_is_none():
+    from mrl.similarity import prefix_topk
+
+    x = _db(30)[:, :16]
+    np.testing.assert_array_equal(
+        prefix_topk(x[:3], x, [4, 16], k=2, center=False)[1], prefix_topk(x[:3], x, [4, 16], 2)[1]
+    )
+
+
+def test_prefix_topk_center_of_the_wrong_size_names_the_width():
+    from mrl.similarity import prefix_topk
+
+    x = torch.from_numpy(_db(30))
+    with pytest.raises(ValueError, match=r"one entry per dimension \(32\), got shape \(5,\)"):
+        prefix_topk(x[:3], x, [4, 16], k=2, center=np.zeros(5))

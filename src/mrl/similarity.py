@@ -116,20 +116,33 @@ def _prepare(
     # (|x|^2 > 65504) or lose the digits that order near-ties. Items keep their storage dtype
     # here (a float16 database is not copied whole); callers convert tile by tile.
     dtype = torch.promote_types(torch.promote_types(q.dtype, x.dtype), torch.float32)
+    d = q.shape[1]  # the full width, before the nesting's prefix is cut
     q, x = q[:, : n.dim].to(dtype), x[:, : n.dim]
     check_finite(q, "queries")
     check_finite(x, "items")
-    c = None
-    if center is not None:
-        c = torch.as_tensor(center).to(dtype=dtype, device=q.device).reshape(-1)
-        if c.shape[0] != queries.shape[1]:
-            raise ValueError(
-                f"center must have one entry per dimension ({queries.shape[1]}), "
-                f"got shape {tuple(c.shape)}"
-            )
-        c = c[: n.dim]
-        check_finite(c, "center")
-    return q, x, n, c, as_numpy
+    return q, x, n, _center(center, x, d, n.dim, dtype), as_numpy
+
+
+def _center(
+    center: Any, x: torch.Tensor, d: int, dim: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The centre [dim] in ``dtype``: None/False = none; True = the items' mean (as in
+    `mrl.evaluate.evaluate_labelled`); else a [d] vector (one entry per input dimension)."""
+    if center is None or center is False:
+        return None
+    if center is True:  # summed in dtype: no float32 copy of a float16 database
+        return x.sum(0, dtype=dtype) / x.shape[0]
+    if isinstance(center, (bool, np.bool_)):
+        raise ValueError(f"center must be a [{d}] vector, True or None, got center={center!r}")
+    c = torch.as_tensor(np.asarray(center) if not isinstance(center, torch.Tensor) else center)
+    c = c.to(dtype=dtype, device=x.device).reshape(-1)
+    if c.shape[0] != d:
+        raise ValueError(
+            f"center must have one entry per dimension ({d}), got shape {tuple(c.shape)}"
+        )
+    c = c[:dim]
+    check_finite(c, "center")
+    return c
 
 
 def _out(t: torch.Tensor, as_numpy: bool) -> Any:
@@ -206,7 +219,8 @@ def prefix_scores(
             prefix must be <= D.
         metric: ``"cosine"`` (each prefix re-normalised) or ``"dot"``.
         center: optional [D] vector subtracted from queries and items first (e.g. the database
-            mean: non-negative post-ReLU features search much better centred).
+            mean: non-negative post-ReLU features search much better centred); True = the
+            items' mean.
 
     Returns:
         [G, Q, N] scores, the same kind (tensor/array) as ``queries``. Holds G*Q*N numbers: for
