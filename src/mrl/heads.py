@@ -81,12 +81,32 @@ def _addmm_into_(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
         out.copy_(torch.mm(b.t(), a.t()).t())
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device_type``, or None. torch >= 2.4 takes the device
+    type; older releases (a GPU machine may have one) only have per-device functions."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
 def _autocast_inputs(tensors: list[Tensor | None], device_type: str) -> list[Tensor | None]:
     """Under autocast, cast the operands as ``F.linear`` would (custom Functions are not cast)."""
-    if not torch.is_autocast_enabled(device_type):
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
     return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def _functorch_active() -> bool:
+    """True inside torch.func transforms (grad, vmap, jacrev, ...). The fused autograd Functions
+    have no vmap rule, so the heads take their per-prefix reference path there (same values)."""
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check()) if check is not None else False
 
 
 def _init_linear_(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
@@ -187,6 +207,8 @@ def nested_linear(
         raise ValueError(f"z, weight and bias must share a dtype, got z={z.dtype}, "
                          f"weight={weight.dtype}, bias={None if bias is None else bias.dtype}")
     with torch.autocast(device_type, enabled=False):
+        if _functorch_active():
+            return mrl_e_head_reference(z, weight, nesting, bias)
         return _NestedLinearFn.apply(z, weight, bias, nesting.chunks)
 
 
@@ -333,7 +355,7 @@ class MRLHead(nn.Module):
         _check_input(z, self.in_dim)
         weights = list(self.weights)
         biases = [] if self.biases is None else list(self.biases)
-        if not self.fused:
+        if not self.fused or _functorch_active():
             return mrl_head_reference(z, weights, biases or None)
         device_type = z.device.type
         z, *params = _autocast_inputs([z, *weights, *biases], device_type)

@@ -21,6 +21,7 @@ gives a NaN loss, which is visible anyway.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mrl.heads import nested_linear
+from mrl.heads import _functorch_active, nested_linear
 from mrl.nesting import Nesting
 
 __all__ = [
@@ -50,20 +51,45 @@ _NORM_EPS = 1e-12  # as F.normalize: x / max(||x||, eps)
 def prefix_weights(
     weights: Sequence[float] | Nesting | Tensor | None, G: int, like: Tensor
 ) -> Tensor:
-    """The ``[G]`` prefix weights as a tensor of ``like``'s dtype/device (None -> all ones)."""
+    """The ``[G]`` prefix weights as a tensor of ``like``'s dtype/device (None -> all ones).
+
+    Called every training step: weights given as numbers (or a `Nesting`) are checked on the
+    host and their device tensor is cached, so a CUDA step neither copies them again nor syncs
+    on a check; a weights tensor on an accelerator is used as it is (checked on the CPU only).
+    The returned tensor may be shared: do not modify it in place.
+    """
     if weights is None:
         return torch.ones(G, dtype=like.dtype, device=like.device)
     if isinstance(weights, Nesting):
         weights = weights.weights
-    w = torch.as_tensor(weights, dtype=like.dtype, device=like.device).reshape(-1)
-    if w.numel() != G:
-        raise ValueError(f"weights must have one entry per prefix (G={G}), got {w.numel()}: "
-                         f"{w.tolist()}")
-    if not torch.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
-    if not (w > 0).any():  # the loss would be 0 and nothing would train
-        raise ValueError(f"weights must not all be zero, got {w.tolist()}")
-    return w
+    if isinstance(weights, Tensor):
+        w = weights.to(dtype=like.dtype, device=like.device).reshape(-1)
+        if w.numel() != G or w.device.type == "cpu":
+            _check_weight_values(w.detach().tolist(), G)
+        return w
+    try:
+        values = tuple(float(v) for v in weights)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"weights must be a sequence of numbers, got weights={weights!r}"
+        ) from None
+    _check_weight_values(values, G)
+    return _weights_tensor(values, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _check_weight_values(values: Sequence[float], G: int) -> None:
+    if len(values) != G:
+        raise ValueError(f"weights must have one entry per prefix (G={G}), got {len(values)}: "
+                         f"{list(values)}")
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"weights must be finite and non-negative, got {list(values)}")
+    if not any(v > 0 for v in values):  # the loss would be 0 and nothing would train
+        raise ValueError(f"weights must not all be zero, got {list(values)}")
 
 
 def _check_targets(targets: Any, C: int) -> Tensor:
@@ -77,7 +103,8 @@ def _check_targets(targets: Any, C: int) -> Tensor:
         raise ValueError(f"targets must be integer class indices or float probabilities, got "
                          f"dtype {targets.dtype}")  # fmt: skip
     targets = targets.long()
-    if targets.device.type == "cpu" and targets.numel():
+    # (inside torch.func transforms the values cannot be read: torch checks them itself there)
+    if targets.device.type == "cpu" and targets.numel() and not _functorch_active():
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= C:
             raise ValueError(f"targets must be class indices in [0, {C}), got values in "
@@ -104,15 +131,18 @@ def _check_temperature(temperature: float | Tensor) -> None:
                          f"temperature={temperature!r}")
 
 
-def _check_embeddings(name: str, x: Tensor, dim: int | None, check_finite: bool) -> None:
-    """``x`` is a floating ``[..., D]`` tensor with a non-empty batch and (optionally) D = dim."""
+def _check_embeddings(
+    name: str, x: Tensor, dim: int | None, check_finite: bool, source: str = "the nesting"
+) -> None:
+    """``x`` is a floating ``[..., D]`` tensor with a non-empty batch and (optionally) D = dim,
+    the dimension ``source`` expects."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
     if dim is not None and x.shape[-1] != dim:
-        raise ValueError(f"{name} have dimension {x.shape[-1]} (shape {tuple(x.shape)}), but the "
-                         f"nesting expects {dim}")
+        raise ValueError(f"{name} have dimension {x.shape[-1]} (shape {tuple(x.shape)}), but "
+                         f"{source} expects {dim}")
     if check_finite and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contain NaN or inf values (shape {tuple(x.shape)})")
 
@@ -244,9 +274,11 @@ def _candidates(
     if positives.shape != queries.shape:
         raise ValueError(f"positives must have the shape of queries {tuple(queries.shape)}, got "
                          f"{tuple(positives.shape)}")
+    _check_same_dtype("positives", positives, queries)
     if negatives is None:
         return positives
-    _check_embeddings("negatives", negatives, queries.shape[1], check_finite)
+    _check_embeddings("negatives", negatives, queries.shape[1], check_finite, "queries' shape")
+    _check_same_dtype("negatives", negatives, queries)
     if negatives.dim() == 3:
         if negatives.shape[0] != queries.shape[0]:
             raise ValueError(f"negatives [B, n, D] must have B={queries.shape[0]} rows like "
@@ -256,6 +288,13 @@ def _candidates(
         raise ValueError(f"negatives must be [B, n, D] or [M, D], got shape "
                          f"{tuple(negatives.shape)}")
     return torch.cat([positives, negatives])
+
+
+def _check_same_dtype(name: str, x: Tensor, queries: Tensor) -> None:
+    # torch.cat would promote silently, and a later error would name internals (z, weight)
+    if x.dtype != queries.dtype:
+        raise ValueError(f"{name} must have the dtype of queries ({queries.dtype}), got "
+                         f"{name} dtype {x.dtype}")
 
 
 def _infonce(cos: Tensor, B: int, temperature: float, symmetric: bool) -> Tensor:
