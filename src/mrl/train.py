@@ -15,7 +15,8 @@ summation order; BatchNorm statistics are per process unless ``model.norm`` is g
 the cnn and mlp encoders offer).
 
 Run directory: ``checkpoint.pt`` (latest epoch), ``config.json``, ``metrics.jsonl`` (one JSON
-object per epoch).
+object per epoch). The checkpoint also keeps the epochs' records (``history``): metrics.jsonl is
+rewritten from them, so a kill between the two writes loses no line and a resume repeats none.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import nn
 from mrl.config import TrainConfig, config_from_dict
 from mrl.data import Task, augment, iterate_batches, load_task_for
 from mrl.data.tensors import ImageTensors
-from mrl.io import atomic_torch_save, atomic_write_json
+from mrl.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from mrl.models import MatryoshkaClassifier, Normalize, build_encoder
 from mrl.nesting import Nesting
 
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
 FORMAT = 1
 
 
@@ -451,10 +453,12 @@ def train(
     if saved is not None:  # resuming on other data would not continue the same run
         check_task(saved, task, ckpt_path)
     start_epoch = 0 if saved is None else _restore(saved, model, optimizer, scheduler, ckpt_path)
+    history = [] if saved is None else _saved_history(saved, out / METRICS)
 
     if dist_info.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", config.to_dict())
+        _write_metrics(out / METRICS, history)  # the checkpoint's epochs, no more, no less
     net: nn.Module = model
     if dist_info.world_size > 1:
         net = nn.parallel.DistributedDataParallel(
@@ -483,12 +487,50 @@ def train(
         if test is not None and dist_info.main:
             record["test_top1"] = _test_top1(model, test, config.eval_batch_size, device)
         if dist_info.main:
-            _save(ckpt_path, config, model, optimizer, scheduler, epoch + 1, task, head_nesting)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            history.append(record)
+            _save(ckpt_path, config, model, optimizer, scheduler, epoch + 1, task, head_nesting,
+                  history)  # fmt: skip
+            _write_metrics(out / METRICS, history)
         if dist_info.world_size > 1:
             torch.distributed.barrier()
     return ckpt_path
+
+
+def _saved_history(saved: dict[str, Any], metrics: Path) -> list[dict[str, Any]]:
+    """The records of the checkpoint's epochs: its own ``history``, or (a checkpoint written
+    before it kept one) the lines of ``metrics`` up to its epoch, the last one of each epoch."""
+    epoch = int(saved["epoch"])
+    if "history" in saved:
+        return list(saved["history"])[:epoch]
+    by_epoch = {r.get("epoch"): r for r in _read_jsonl(metrics)}
+    return [by_epoch[e] for e in range(1, epoch + 1) if e in by_epoch]
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of ``path``'s lines; a torn line (an appending writer killed mid-line,
+    as before the log was rewritten whole) is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def epoch_records(run_dir: str | os.PathLike, saved: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-epoch records of the run whose checkpoint is ``saved``: ``history`` when the
+    checkpoint has it, else metrics.jsonl's lines when they end at the checkpoint's epoch, else
+    [] (the log is of another state of the run: its last line is not this model's)."""
+    if "history" in saved:
+        return list(saved["history"])
+    records = _saved_history(saved, Path(run_dir) / METRICS)
+    return records if records and records[-1].get("epoch") == saved["epoch"] else []
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    # Rewritten whole (atomically) rather than appended: never a torn or repeated line.
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
 class TrainingDiverged(ValueError):
@@ -523,11 +565,13 @@ def _save(
     epoch: int,
     task: Task,
     head_nesting: Nesting,
+    history: list[dict[str, Any]],
 ) -> None:
     atomic_torch_save(
         {
             "format": FORMAT,
             "epoch": epoch,
+            "history": history,  # one record per epoch done: metrics.jsonl is rebuilt from it
             "config": config.to_dict(),
             "nesting": config.model.get_nesting().to_dict(),  # the embedding's prefixes
             "head_nesting": head_nesting.to_dict(),  # the prefixes of the head's G outputs

@@ -391,14 +391,15 @@ def merge_records(results: Path, records: list[dict[str, Any]]) -> list[dict[str
 
 
 def _plain_as_ff(run_dir: Path, dim: int, task: Any = None, **context: Any) -> dict[str, Any]:
-    """The plain model is FF-D: its own head's test top-1 (the last epoch's, from metrics.jsonl,
-    which the training loop computes on the task's whole test split; computed from the model
-    when the log has none: a run trained with eval_test=false, or a copied run folder)."""
+    """The plain model is FF-D: its own head's test top-1 (the checkpoint's epoch's, which the
+    training loop computes on the task's whole test split; computed from the model when no
+    record of that epoch is found: a run trained with eval_test=false, or a metrics.jsonl that
+    does not end at the checkpoint's epoch, e.g. a run killed between its two writes)."""
     from mrl.records import make_record
+    from mrl.train import epoch_records, load_checkpoint
 
-    metrics = run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    last = json.loads(lines[-1]) if lines else {}
+    records = epoch_records(run_dir, load_checkpoint(run_dir))
+    last = records[-1] if records else {}
     acc = last.get("test_top1", {}).get(str(dim))
     if acc is None:
         from mrl.commands.eval import compute_embeddings

@@ -1,0 +1,82 @@
+"""Training survives kills, concurrent runs and full disks without losing or mixing anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mrl.config import load_config
+from mrl.data import load_task
+from mrl.train import load_checkpoint, train
+
+BASE = [
+    "data.dataset=synthetic", "data.train_size=256",
+    "model.dim=16", "model.width=4", "model.nesting=4,8,16", "epochs=3", "batch_size=64",
+    "eval_batch_size=128",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_task("synthetic", train_size=256)
+
+
+def _cfg(*extra: str):
+    return load_config(None, BASE + list(extra))
+
+
+def _epochs(run) -> list[int]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(s)["epoch"] for s in lines]
+
+
+def _kill_before_the_log_line(run) -> None:
+    """The state a kill leaves between the checkpoint's write and the log's: the checkpoint has
+    an epoch metrics.jsonl does not."""
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:-1]))
+
+
+def test_resume_after_a_kill_between_checkpoint_and_log_keeps_every_line(tmp_path, task):
+    cfg = _cfg()
+    train(cfg, tmp_path, progress=False, task=task, stop_after_epochs=2)
+    _kill_before_the_log_line(tmp_path)
+    assert _epochs(tmp_path) == [1]
+    train(cfg, tmp_path, resume=True, progress=False, task=task)
+    assert _epochs(tmp_path) == [1, 2, 3]
+    history = load_checkpoint(tmp_path)["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()] == history
+
+
+def test_resume_of_an_old_checkpoint_drops_log_lines_past_it(tmp_path, task):
+    # A checkpoint written before it kept its history: the log is cut to its epoch, no repeats.
+    cfg = _cfg()
+    train(cfg, tmp_path, progress=False, task=task, stop_after_epochs=1)
+    ckpt = load_checkpoint(tmp_path)
+    del ckpt["history"]
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    log = tmp_path / "metrics.jsonl"
+    one = log.read_text()
+    log.write_text(one + one.replace('"epoch": 1', '"epoch": 2') + '{"epoch": 3, "lo')
+    train(cfg, tmp_path, resume=True, progress=False, task=task)
+    assert _epochs(tmp_path) == [1, 2, 3]
+    assert log.read_text().startswith(one)
+
+
+def test_plain_as_ff_reads_the_checkpoints_epoch_not_the_last_log_line(tmp_path, task):
+    from mrl.commands.reproduce import _plain_as_ff
+
+    cfg = _cfg("model.mode=plain", "epochs=2", "optim.lr=0.01")
+    train(cfg, tmp_path, progress=False, task=task)
+    history = load_checkpoint(tmp_path)["history"]
+    want = history[-1]["test_top1"]["16"]
+    assert want != history[0]["test_top1"]["16"]  # else the test could not tell them apart
+    _kill_before_the_log_line(tmp_path)  # killed after the last save: no rerun trains again
+    assert _plain_as_ff(tmp_path, 16, task)["value"] == want
+    ckpt = load_checkpoint(tmp_path)  # an old checkpoint: the short log is not trusted
+    del ckpt["history"]
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    assert _plain_as_ff(tmp_path, 16, task)["value"] == pytest.approx(want, abs=1e-3)
