@@ -57,3 +57,17 @@ def test_bad_input(tmp_path):
         write_report([{"method": "a"}], tmp_path, "x")
     with pytest.raises(ValueError, match=r"sections\[0\] must be a \(heading, text\) pair"):
         write_report(_records(), tmp_path, "x", sections=["oops"])
+
+
+def test_report_without_matplotlib_keeps_tables(tmp_path, monkeypatch):
+    """A device machine may lack matplotlib: the report is written without PNGs (a warning),
+    instead of failing after a long run."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        paths = write_report(_records(), tmp_path, "t")
+    assert set(paths) == {"json", "markdown", "html"}
+    assert not list(tmp_path.glob("*.png")) and (tmp_path / "report.html").is_file()

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib.util
 import io
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -162,7 +164,8 @@ def write_report(
         title: page and markdown title.
         notes: a paragraph under the title (markdown text, or HTML starting with ``<``).
         sections: extra ``(heading, markdown-or-html)`` pairs appended to the HTML page.
-        plots: False skips the PNGs (no matplotlib needed).
+        plots: False skips the PNGs. Without matplotlib they are skipped with a warning: the
+            tables and records of a long run are never lost to a missing plotting package.
 
     Returns:
         ``{"json": ..., "markdown": ..., "html": ..., "<metric>": png path, ...}``.
@@ -184,6 +187,10 @@ def write_report(
     save_records(paths["json"], records)
     atomic_write_text(paths["markdown"], _markdown(title, notes, records, metrics))
     pngs: dict[str, bytes] = {}
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        warnings.warn("matplotlib is not installed: the report has no plots (pip install "
+                      "'mrl[vision]' for them)", stacklevel=2)
+        plots = False
     for metric in metrics if plots else []:
         png = plot_metric(records, metric)
         if png is not None:
