@@ -65,9 +65,15 @@ def main() -> None:
         rotation_lr=args.rotation_lr,
     )
     t0 = time.time()
-    finetune(args.model, pairs, args.out, config, rotation_texts=ds.documents,
-             log=lambda s: print(s, file=sys.stderr, flush=True))  # progress while it trains
-    train_s = time.time() - t0
+    if (Path(args.out) / "mrl.json").is_file():
+        # a rerun on a still-warm device machine (e.g. after a failure in evaluation): reuse the
+        # finished model instead of failing on the existing --out
+        print(f"reusing the fine-tuned model in {args.out} (delete it to train again)", flush=True)
+        train_note = "reused from an earlier call"
+    else:
+        finetune(args.model, pairs, args.out, config, rotation_texts=ds.documents,
+                 log=lambda s: print(s, file=sys.stderr, flush=True))  # progress while it trains
+        train_note = f"{time.time() - t0:.0f} s"
 
     records = []
     for name, model in (("truncate", args.model), ("finetune", args.out)):
@@ -91,7 +97,7 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         save_records(args.json, records)
-    print(f"fine-tuning: {len(pairs)} pairs, {args.epochs} epochs, {train_s:.0f} s")
+    print(f"fine-tuning: {len(pairs)} pairs, {args.epochs} epochs, {train_note}")
     print(relative_table(records, "ndcg@10"))
 
 
