@@ -80,3 +80,31 @@ def test_plain_as_ff_reads_the_checkpoints_epoch_not_the_last_log_line(tmp_path,
     del ckpt["history"]
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     assert _plain_as_ff(tmp_path, 16, task)["value"] == pytest.approx(want, abs=1e-3)
+
+
+def test_a_second_process_training_into_the_same_out_is_refused(tmp_path, task, capsys):
+    import fcntl
+
+    from mrl.cli import main
+    from mrl.train import RunInUse
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a") as held:  # the first process, mid-run
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RunInUse, match="another process is training into .*run'"):
+            train(_cfg("epochs=1"), run, progress=False, task=task)
+        (tmp_path / "c.json").write_text("{}")
+        sets = ["--set", "data.dataset=synthetic", "--no-progress"]
+        assert main(["train", str(tmp_path / "c.json"), "--out", str(run), *sets]) == 2
+        err = capsys.readouterr().err
+        assert "another process is training into" in err and "Traceback" not in err
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing of the second run
+    train(_cfg("epochs=1"), run, progress=False, task=task)  # the lock is free again
+    assert load_checkpoint(run)["epoch"] == 1
+
+
+def test_a_refused_run_leaves_no_new_folder(tmp_path, task):
+    with pytest.raises(ValueError, match="batch_size=999 exceeds"):
+        train(_cfg("batch_size=999"), tmp_path / "new", progress=False, task=task)
+    assert not (tmp_path / "new").exists()

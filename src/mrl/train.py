@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -419,9 +420,60 @@ def train(
 
     ``resume``: continue from ``out_dir/checkpoint.pt`` (required to exist). Without it, an existing
     checkpoint is an error (nothing is overwritten). ``task`` overrides loading the dataset (tests);
-    ``stop_after_epochs`` stops early as if interrupted (tests of resume).
+    ``stop_after_epochs`` stops early as if interrupted (tests of resume). A second process
+    training into the same ``out_dir`` meanwhile is refused (its outputs would mix with these).
     """
     out = Path(out_dir)
+    with _exclusive_run(out, main=int(os.environ.get("RANK", "0")) == 0):
+        return _train(config, out, resume, progress, task, stop_after_epochs)
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def _exclusive_run(out: Path, main: bool) -> Iterator[None]:
+    """Hold a non-blocking exclusive lock on ``out/.lock`` for the whole run (rank 0 only: the
+    other ranks are this run). The lock file stays: removing it would let two processes lock
+    two different files of the same name."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    if not main or fcntl is None:
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+        except BlockingIOError:
+            raise RunInUse(
+                f"another process is training into {str(out)!r}; wait for it to end or "
+                "choose another --out (out_dir)"
+            ) from None
+        try:
+            yield
+        except BaseException:
+            if created and [p.name for p in out.iterdir()] == [LOCK]:
+                (out / LOCK).unlink()  # a run refused before any work leaves no folder behind
+                out.rmdir()
+            raise
+
+
+class RunInUse(FileExistsError):
+    """Another process holds the run folder's lock."""
+
+
+def _train(
+    config: TrainConfig,
+    out: Path,
+    resume: bool,
+    progress: bool,
+    task: Task | None,
+    stop_after_epochs: int | None,
+) -> Path:
     ckpt_path = _checkpoint_path(out, resume)
     saved = load_checkpoint(ckpt_path) if resume else None
     if saved is not None:
