@@ -42,7 +42,8 @@ def check_output_path(path: str | os.PathLike, param: str, kind: str = "dir") ->
     """Fail before any work when ``path`` cannot become the output ``kind`` ("dir" or "file").
 
     Catches what would otherwise surface as an OS error after minutes of work: a path below an
-    existing file (``afile/sub``), a folder where a file goes or a file where a folder goes.
+    existing file (``afile/sub``), a folder where a file goes or a file where a folder goes, a
+    read-only or unwritable place (PermissionError).
     The error names the parameter (e.g. ``--out``) and the value.
     """
     path = Path(path)
@@ -57,7 +58,25 @@ def check_output_path(path: str | os.PathLike, param: str, kind: str = "dir") ->
                     f"{param} {str(path)!r} is below {str(parent)!r}, which is a file"
                 )
             break
+    else:
+        parent = Path(".")
+    _check_writable(path if path.is_dir() else parent, param, path)
     return path
+
+
+def _check_writable(folder: Path, param: str, path: Path) -> None:
+    """Create and remove a file in ``folder`` (where the output or its first missing parent
+    will be created): a read-only file system or a folder without write permission fails here,
+    before the work, not when the finished result is saved (and lost)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mrl-write-test.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise PermissionError(
+            f"{param} {str(path)!r} is not writable: cannot create files in {str(folder)!r} "
+            f"({exc.strerror or first_line(exc)})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_not_an_input(path: str | os.PathLike, param: str,

@@ -1,0 +1,60 @@
+"""Output checks and atomic writes fail early and in one line, and leave nothing behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from mrl import io
+from mrl.io import check_new_output_dir, check_output_path
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """A folder on a "read-only file system" (root ignores permission bits: simulated)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve().is_relative_to(ro):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", mkstemp)
+    return ro
+
+
+def test_an_unwritable_output_fails_before_the_work(read_only):
+    with pytest.raises(PermissionError, match=r"--out '.*ro/model' is not writable: cannot "
+                       r"create files in '.*ro' \(Read-only file system\)"):
+        check_new_output_dir(read_only / "model", "--out")
+    with pytest.raises(PermissionError, match="not writable"):
+        check_output_path(read_only / "a" / "b.json", "--json", "file")
+    with pytest.raises(PermissionError, match="not writable"):
+        check_output_path(read_only, "--out", "dir")  # an existing folder: tested itself
+    assert list(read_only.iterdir()) == []
+
+
+def test_a_writable_output_passes_and_leaves_no_probe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert check_new_output_dir(tmp_path / "new" / "model", "--out") == tmp_path / "new" / "model"
+    assert check_output_path("rel-out", "--out") == Path("rel-out")
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_really_read_only_place():
+    try:  # /sys refuses new files even to root on Linux
+        fd, probe = tempfile.mkstemp(dir="/sys")
+    except OSError:
+        pass
+    else:
+        os.close(fd)
+        os.unlink(probe)
+        pytest.skip("/sys is writable here")
+    with pytest.raises(PermissionError, match="--out '/sys/mrl-out' is not writable"):
+        check_new_output_dir("/sys/mrl-out", "--out")
