@@ -191,13 +191,13 @@ def evaluate_labelled(
                 f"exclude_self needs the queries to be the database rows, got queries "
                 f"{tuple(qs.shape)} and db {tuple(x.shape)}"
             )
-        exclude = torch.arange(qs.shape[0])
+        exclude = torch.arange(qs.shape[0], device=qs.device)
     ctx = _context(k, x.shape[0], qs.shape[0], seed, context)
     records: list[Record] = []
     for name, dbv, qv, c in _variants(method, x, qs, center, _check_baselines(baselines), seed):
         _, idx = prefix_topk(qv, dbv, n, k, metric, tile_size=tile_size, center=c, exclude=exclude)
         for g, m in enumerate(n.sizes):
-            got = ydb[idx[g].numpy()]  # [Q, k] labels of the retrieved items
+            got = ydb[idx[g].cpu().numpy()]  # [Q, k] labels of the retrieved items
             rel, num_rel = label_relevance(got, yq, ydb, exclude_self=exclude_self)
             records += [
                 make_record(name, m, "1nn", accuracy(got[:, 0], yq), **ctx),
@@ -273,7 +273,7 @@ def evaluate_ranking(
     for name, dbv, qv, c in _variants(method, x, qsel, center, _check_baselines(baselines), seed):
         _, idx = prefix_topk(qv, dbv, n, kmax, metric, tile_size=tile_size, center=c)
         for g, m in enumerate(n.sizes):
-            gains, num_rel, ideal = qrels_relevance(idx[g].numpy(), qrels, judged)
+            gains, num_rel, ideal = qrels_relevance(idx[g].cpu().numpy(), qrels, judged)
             for k in ks:
                 records.append(make_record(name, m, f"ndcg@{k}", ndcg_at_k(gains, ideal, k), **ctx))
                 records.append(
