@@ -16,6 +16,7 @@ No process group is needed: rank 0 waits for every marker, then merges; ``merge=
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -140,6 +141,17 @@ def _count_lines(path: Path) -> int:
             1 if path.stat().st_size and not _ends_with_newline(path) else 0)
 
 
+def _file_sha256(path: Path) -> str:
+    """The input's content hash for the manifest: an edit that keeps the size (``sed -i
+    s/alpha/omega/``) must not let a resumed run merge shards encoded from the old text. Not the
+    mtime: a copy or a ``touch`` changes it without changing a row."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for buf in iter(lambda: f.read(1 << 20), b""):
+            h.update(buf)
+    return h.hexdigest()
+
+
 def _ends_with_newline(path: Path) -> bool:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
@@ -190,7 +202,9 @@ def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
         if old != manifest:
             diff = sorted(k for k in manifest if old.get(k) != manifest[k])
-            raise ValueError(f"{parts} holds shards of another run (differs in {diff}); remove "
+            why = ("the input file changed since its shards were encoded"
+                   if "input_sha256" in diff else "another run")
+            raise ValueError(f"{parts} holds shards of {why} (differs in {diff}); remove "
                              "it or use another --out")
         return
     parts.mkdir(parents=True, exist_ok=True)
@@ -252,6 +266,7 @@ def embed_corpus(
     _check_manifest(parts, {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
         "input": str(input_path.resolve()), "input_bytes": input_path.stat().st_size,
+        "input_sha256": _file_sha256(input_path),
         "rows": rows, "shard_size": shard_size, "model": encoder.name,
         "dim": encoder.nesting.dim, "nesting": encoder.nesting.to_dict(), "field": field,
         "id_field": id_field})
