@@ -100,3 +100,14 @@ def test_st_loss_checks_temperature_and_reads_untruncated_dim():
     t = torch.tensor(0.05, requires_grad=True)
     MatryoshkaContrastiveLoss(_FakeST(), [8, 32], temperature=t)([x, x]).backward()
     assert t.grad is not None  # a learned temperature keeps its gradient
+
+
+def test_normalize_refuses_non_images():
+    from mrl.models import Normalize
+
+    norm = Normalize([0.5] * 3, [0.25] * 3)
+    assert norm(torch.rand(2, 3, 4, 4)).shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"expects images \[B, 3, H, W\], got shape \(4, 3\)"):
+        norm(torch.rand(4, 3))  # broadcast to [1, 3, 4, 3] before
+    with pytest.raises(ValueError, match="got shape"):
+        norm(torch.rand(2, 1, 4, 4))

@@ -65,6 +65,11 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, C, H, W] only: anything else would broadcast against the [1, C, 1, 1] statistics
+        # into a silently wrong shape (e.g. [4, 3] -> [1, 3, 4, 3])
+        if x.dim() != 4 or x.shape[1] != self.mean.shape[1]:
+            raise ValueError(f"Normalize expects images [B, {self.mean.shape[1]}, H, W], got "
+                             f"shape {tuple(x.shape)} (for other inputs pass normalize=None)")
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         return (x - self.mean) / self.std
 
