@@ -124,3 +124,20 @@ def test_bad_input_messages():
         ValueError, match=r"every class needs a support example, got none for classes \[3\]"
     ):
         ncm_scores(x[y < 3], y[y < 3], x, NEST, num_classes=4)
+
+
+def test_fewshot_inputs_named_precisely():
+    from mrl.fewshot import few_shot_eval, ncm_scores
+
+    n = Nesting((2, 4))
+    x = np.random.default_rng(0).normal(size=(6, 4))
+    y = np.array([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match=r"support_labels must be < num_classes=2, got label 2"):
+        ncm_scores(x, y, x, n, num_classes=2)  # was a raw IndexError
+    with pytest.raises(ValueError, match=r"query_labels hold classes with no example in "
+                                         r"pool_labels: \[7\]"):
+        few_shot_eval(x, y, x[:1], np.array([7]), n, shots=(1,))
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="support must be finite, row 3 has NaN"):
+        ncm_scores(bad, y, x, n)

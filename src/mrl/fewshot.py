@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from mrl.arrays import as_numpy
 from mrl.nesting import Nesting
 from mrl.records import Record, make_record
 from mrl.similarity import prefix_scores
@@ -48,9 +49,7 @@ _EPS = 1e-12
 
 
 def _as_array(x: Any, name: str, ndim: int) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
+    arr = as_numpy(x)
     if arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(arr.shape)}")
     return arr
@@ -60,6 +59,9 @@ def _check_xy(x: Any, y: Any, nesting: Nesting, name: str) -> tuple[np.ndarray, 
     """Embeddings ``[N, D]`` (float64) and integer labels ``[N]``."""
     xs = _as_array(x, name, 2).astype(np.float64, copy=False)
     nesting.check_dim(xs.shape[1], name)
+    bad = np.flatnonzero(~np.isfinite(xs).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{name} must be finite, row {bad[0]} has NaN or inf")
     ys = _as_array(y, f"{name}_labels", 1)
     if ys.shape[0] != xs.shape[0]:
         raise ValueError(
@@ -98,6 +100,8 @@ def ncm_scores(
     q = _as_array(queries, "queries", 2).astype(np.float64, copy=False)
     nesting.check_dim(q.shape[1], "queries")
     C = int(ys.max()) + 1 if num_classes is None else int(num_classes)
+    if len(ys) and ys.max() >= C:
+        raise ValueError(f"support_labels must be < num_classes={C}, got label {int(ys.max())}")
     if center:
         mu = xs.mean(axis=0)  # [D]; the prefix of the centre is the centre of the prefix
         xs, q = xs - mu, q - mu
@@ -189,6 +193,10 @@ def few_shot_eval(
     _check_shots(shots, draws)
     px, py = _check_xy(pool, pool_labels, nesting, "pool")
     qx, qy = _check_xy(queries, query_labels, nesting, "queries")
+    absent = np.setdiff1d(qy, py)
+    if absent.size:  # no support could ever be drawn for them
+        raise ValueError(f"query_labels hold classes with no example in pool_labels: "
+                         f"{absent[:10].tolist()}")
     C = int(max(py.max(), qy.max())) + 1
     rng = np.random.default_rng(seed)
     records: list[Record] = []
