@@ -58,3 +58,17 @@ def test_a_really_read_only_place():
         pytest.skip("/sys is writable here")
     with pytest.raises(PermissionError, match="--out '/sys/mrl-out' is not writable"):
         check_new_output_dir("/sys/mrl-out", "--out")
+
+
+def test_the_cli_says_it_in_one_line_before_any_work(read_only, tmp_path, capsys):
+    import numpy as np
+
+    from mrl.cli import main
+
+    np.save(tmp_path / "e.npy", np.ones((4, 8), np.float32))
+    code = main(["text", "adapt", "--embeddings", str(tmp_path / "e.npy"),
+                 "--out", str(read_only / "model")])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mrl text: error: --out ") and err.endswith("(Read-only file system)")
+    assert "\n" not in err

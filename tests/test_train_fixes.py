@@ -108,3 +108,51 @@ def test_a_refused_run_leaves_no_new_folder(tmp_path, task):
     with pytest.raises(ValueError, match="batch_size=999 exceeds"):
         train(_cfg("batch_size=999"), tmp_path / "new", progress=False, task=task)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Binary writes fail with ENOSPC after a few bytes (a full disk; root ignores quotas)."""
+    import errno
+    import io as _io
+    import os
+
+    from mrl import io
+
+    class Full(_io.BufferedWriter):
+        written = 0
+
+        def write(self, b) -> int:
+            self.written += len(b)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(b)
+
+    real = os.fdopen
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        return Full(_io.FileIO(fd, "wb")) if mode == "wb" else real(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io.os, "fdopen", fdopen)
+
+
+def _tiny_config(tmp_path) -> list[str]:
+    config = tmp_path / "c.json"
+    config.write_text("{}")
+    return [str(config), "--no-progress", *(f"--set={s}" for s in BASE)]
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, task, capsys, request):
+    from mrl.cli import main
+    from mrl.io import WriteError
+
+    run = tmp_path / "run"
+    train(_cfg(), run, progress=False, task=task, stop_after_epochs=1)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    request.getfixturevalue("full_disk")
+    with pytest.raises(WriteError, match=r"cannot write .*checkpoint.pt: No space left on device"):
+        train(_cfg(), run, resume=True, progress=False, task=task)
+    assert main(["train", *_tiny_config(tmp_path), "--out", str(run), "--resume"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"mrl train: error: cannot write {run / 'checkpoint.pt'}: No space left on device"
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # no temp file, no change

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Sequence
 
 from mrl import __version__, commands
+from mrl.io import first_line
 
 
 def _command_modules():
@@ -79,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input: one clear line, no traceback. Bugs (other exceptions) keep their traceback.
         print(f"mrl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The machine, not the input: a full disk, a read-only or unwritable place. What was
+        # written before is intact (writes are atomic); one line says which file and why.
+        print(f"mrl {args.command}: error: {first_line(exc)}", file=sys.stderr)
+        return 1
     finally:
         warnings.showwarning = shown
 

@@ -8,6 +8,7 @@ POSIX and Windows.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -32,10 +33,24 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE and exc.filename is None:
+            raise WriteError(exc.errno, exc.strerror, str(path)) from None  # say which file
         raise
+
+
+# A full disk, an exhausted quota, a read-only file system, a file too large: the OS says why a
+# write failed but not which file (write(2) has no path), so `atomic_open` names it.
+_CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+class WriteError(OSError):
+    """Writing ``filename`` failed (disk full, read-only...): one line naming the file."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
 
 
 def check_output_path(path: str | os.PathLike, param: str, kind: str = "dir") -> Path:
@@ -163,7 +178,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
     with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exc:  # torch reports a failed write as "unexpected pos ..."
+            cause = _os_error_in(exc)
+            if cause is None:
+                raise
+            raise cause from None
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (its cause or context chain), if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> Any:
