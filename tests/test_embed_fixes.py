@@ -31,3 +31,36 @@ def test_resume_accepts_an_unchanged_input_with_a_new_mtime(tmp_path):
     _corpus(corpus, "alpha")  # rewritten, same text
     report = embed_corpus(HashEncoder(16), corpus, out, shard_size=5, show_progress=False)
     assert report.skipped == [0, 1, 2, 3] and report.merged
+
+
+def test_overwrite_killed_between_vectors_and_sidecar_leaves_no_old_sidecar(tmp_path, monkeypatch):
+    import numpy as np
+
+    import mrl.text.encoders as enc
+
+    out = tmp_path / "e.npy"
+    enc.save_embeddings(out, np.ones((3, 8), np.float32), model="old", nesting=None)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(enc, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        enc.save_embeddings(out, np.zeros((5, 16), np.float32), model="new")
+    assert np.load(out).shape == (5, 16)
+    assert not out.with_suffix(".json").exists()  # never the old model's sidecar beside them
+
+
+def test_a_sidecar_of_other_vectors_is_refused(tmp_path):
+    import json
+
+    import numpy as np
+
+    from mrl.retrieval.loading import load_embeddings
+
+    out = tmp_path / "e.npy"
+    np.save(out, np.ones((5, 16), np.float32))
+    side = {"shape": [3, 16], "nesting": {"sizes": [8, 16]}}
+    out.with_suffix(".json").write_text(json.dumps(side))
+    with pytest.raises(ValueError, match=r"describes embeddings of shape \[3, 16\].*\[5, 16\]"):
+        load_embeddings(out)

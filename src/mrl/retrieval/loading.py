@@ -46,21 +46,31 @@ def load_embeddings(
         raise ValueError(f"embeddings in {path} must be floating point, got dtype {x.dtype}")
     if nesting is None:
         side = path.with_suffix(".json")
-        found = _sidecar_nesting(side, x.shape[1]) if side.exists() else None
+        found = _sidecar_nesting(side, x.shape) if side.exists() else None
         if found is not None:
             return np.asarray(x, np.float32), found, None
         nesting = "doubling:8" if x.shape[1] >= 8 else "full"
     return np.asarray(x, np.float32), Nesting.parse(nesting, dim=x.shape[1]), None
 
 
-def _sidecar_nesting(side: Path, dim: int) -> Nesting | None:
+def _sidecar_nesting(side: Path, shape: tuple[int, ...]) -> Nesting | None:
     """The nesting a ``<file>.json`` sidecar records (None when it records none); errors name
     the sidecar."""
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"sidecar {side} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("nesting") is None:
+    if not isinstance(meta, dict):
+        return None
+    dim = shape[1]
+    said = meta.get("shape")
+    if isinstance(said, list) and said != list(shape):
+        # written for other vectors (the old file of that name): its metadata does not apply
+        raise ValueError(
+            f"sidecar {side} describes embeddings of shape {said}, but the file holds "
+            f"{list(shape)}; remove or fix the sidecar, or pass --nesting"
+        )
+    if meta.get("nesting") is None:
         return None
     try:
         nest = Nesting.from_dict(meta["nesting"])

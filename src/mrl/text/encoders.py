@@ -267,13 +267,17 @@ def encode_cached(
 
 
 def save_embeddings(path: str | os.PathLike, emb: np.ndarray, **meta: Any) -> None:
-    """``emb`` as .npy plus a JSON sidecar (shape, dtype, and ``meta``: model, nesting, ...)."""
+    """``emb`` as .npy plus a JSON sidecar (shape, dtype, and ``meta``: model, nesting, ...).
+
+    Each file is replaced atomically, but not the pair: the old sidecar goes first, so a kill
+    between the two writes leaves new vectors without a sidecar (their metadata is missing,
+    which readers see), never beside the old vectors' sidecar (a wrong nesting or model)."""
     path = Path(path)
+    side = path.with_suffix(".json")
+    side.unlink(missing_ok=True)
     with atomic_open(path, "wb") as f:
         np.save(f, emb)
-    atomic_write_json(
-        path.with_suffix(".json"), {"shape": list(emb.shape), "dtype": str(emb.dtype), **meta}
-    )
+    atomic_write_json(side, {"shape": list(emb.shape), "dtype": str(emb.dtype), **meta})
 
 
 def load_embeddings(path: str | os.PathLike) -> np.ndarray:
