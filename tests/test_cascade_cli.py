@@ -482,3 +482,19 @@ def test_mean_curve_headline_matches_a_manual_computation():
     assert own["reference_accuracy"] == pytest.approx(own_ref)
     if own["x_smaller"] is not None:
         assert by_ref["mrl-16"] == pytest.approx(own["x_smaller"])
+
+
+@pytest.mark.filterwarnings("always")  # one process, one message: shown each time here
+def test_eval_file_warns_when_its_source_changed(files, capsys):
+    """A run resumed or retrained after the fit: the same path, other logits."""
+    tmp, _ = files
+    assert main(["cascade", "fit", str(tmp / "mrl.npz")]) == 0
+    cfile = tmp / "mrl.cascade.json"
+    assert main(["cascade", "eval", str(cfile)]) == 0
+    assert "changed since" not in capsys.readouterr().err
+    mrl, y, _, emb = synthetic(1)
+    save_logits(tmp / "mrl.npz", LogitsSet(mrl, y, NEST, emb, {"dataset": "toy"}))
+    for extra in ([], ["--logits", str(tmp / "mrl.npz")]):
+        assert main(["cascade", "eval", str(cfile), *extra]) == 0
+        err = capsys.readouterr().err
+        assert "changed since" in err and "refit it with mrl cascade fit" in err

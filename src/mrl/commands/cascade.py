@@ -270,6 +270,8 @@ def _eval_file(args: argparse.Namespace, path: Path) -> int:
             raise ValueError(f"{path} does not name its source; pass --logits RUN_OR_FILE")
         data = load_source(info["source"], info.get("split", "test"))
         idx = _heldout_index(path, info, len(data.labels), "pass --logits RUN_OR_FILE")
+    if idx is not None:
+        _warn_if_changed(path, info, data)
     cas = Cascade.load(path, data.nesting)  # checks the nesting against the model's
     classes = info.get("num_classes")
     if classes is not None and classes != data.logits.shape[2]:
@@ -287,6 +289,20 @@ def _eval_file(args: argparse.Namespace, path: Path) -> int:
         f"{res['max_prefix']}"
     )
     return 0
+
+
+def _warn_if_changed(path: Path, info: dict, data: LogitsSet) -> None:
+    """The source's logits are no longer those the cascade was fitted on (the run was resumed or
+    retrained since): its held-out part still holds other samples, but the thresholds were
+    calibrated on another model's confidences."""
+    import warnings
+
+    from mrl.cascade.runs import fingerprint
+
+    if "fingerprint" in info and info["fingerprint"] != fingerprint(data):
+        warnings.warn(f"{info.get('source', 'the source')} changed since {path} was fitted "
+                      "(retrained or resumed?): its thresholds were calibrated on other logits; "
+                      "refit it with mrl cascade fit", stacklevel=2)
 
 
 def _heldout_index(path: Path, info: dict, n: int, fix: str) -> np.ndarray:
