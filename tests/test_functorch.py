@@ -93,3 +93,12 @@ def test_contrastive_input_errors_name_the_inputs():
         matryoshka_contrastive_loss(q, q, N, negatives=torch.randn(3, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="negatives have dimension 15.*queries' shape expects 16"):
         contrastive_loss(q, q, negatives=torch.randn(2, 15))
+
+
+def test_soft_targets_follow_the_logits_dtype():
+    logits = torch.randn(3, 4, 5, requires_grad=True)
+    soft = torch.softmax(torch.randn(4, 5, dtype=torch.float64), -1)
+    loss = nested_cross_entropy(logits, soft, N)
+    assert loss.dtype == torch.float32
+    ref = sum(torch.nn.functional.cross_entropy(logits[g], soft.float()) for g in range(3))
+    torch.testing.assert_close(loss, ref)

@@ -186,7 +186,8 @@ def nested_cross_entropy(
         raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
     w = prefix_weights(weights, G, logits)
     # One CE call over all prefixes: [G*B, C] rows, targets repeated G times.
-    rep = targets.repeat(G, 1) if soft else targets.repeat(G)
+    # soft targets follow the logits' dtype (float64 targets made a float64 loss of float32 logits)
+    rep = targets.to(logits.dtype).repeat(G, 1) if soft else targets.repeat(G)
     per_sample = F.cross_entropy(
         logits.reshape(G * B, C), rep, reduction="none", label_smoothing=label_smoothing
     ).view(G, B)
