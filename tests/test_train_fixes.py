@@ -156,3 +156,74 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, task, c
     err = capsys.readouterr().err.strip()
     assert err == f"mrl train: error: cannot write {run / 'checkpoint.pt'}: No space left on device"
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # no temp file, no change
+
+
+def test_ctrl_c_is_one_line_with_the_resume_hint(tmp_path, monkeypatch, capsys):
+    from mrl.cli import main
+    from mrl.commands import train as train_command
+
+    def interrupted(args) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_command, "run", interrupted)
+    assert main(["train", "c.json", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("mrl train: interrupted; resume with the same command plus --resume")
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_sigterm_runs_the_clean_ups_and_exits_143(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    from mrl.cli import main
+    from mrl.commands import train as train_command
+    from mrl.io import atomic_open
+
+    def killed_mid_write(args) -> int:
+        with atomic_open(tmp_path / "checkpoint.pt") as f:
+            f.write(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        return 0
+
+    monkeypatch.setattr(train_command, "run", killed_mid_write)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # kept should main not
+    try:  # replace it
+        t0 = time.monotonic()
+        assert main(["train", "c.json", "--out", str(tmp_path)]) == 143
+        assert time.monotonic() - t0 < 4
+        before = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err.startswith("mrl train: terminated; resume with")
+    assert list(tmp_path.iterdir()) == []  # the temporary file was removed
+    assert before is not None and before.__name__ == "<lambda>"  # main restored it
+
+
+def test_sigterm_to_a_real_training_leaves_a_resumable_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mrl.cli", "train", *_tiny_config(tmp_path), "--out", str(run),
+           "--set=epochs=200", "--set=optim.schedule=constant"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1].startswith("mrl train: terminated; resume with")
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    done = load_checkpoint(run)["epoch"]
+    assert 1 <= done < 200 and len(load_checkpoint(run)["history"]) == done

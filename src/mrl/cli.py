@@ -8,12 +8,15 @@ dependencies inside ``run`` so that ``mrl --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from mrl import __version__, commands
 from mrl.io import first_line
@@ -65,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warning(args.command)
     try:
-        code = int(args._run(args) or 0)
+        with _sigterm_raises():
+            code = int(args._run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
         return code
     except BrokenPipeError as exc:
@@ -80,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input: one clear line, no traceback. Bugs (other exceptions) keep their traceback.
         print(f"mrl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`Terminated`)
+        # Temporary files were removed on the way out (the clean-ups ran); no traceback.
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"mrl {args.command}: {what}{_RESUME_HINTS.get(args.command, '')}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except OSError as exc:
         # The machine, not the input: a full disk, a read-only or unwritable place. What was
         # written before is intact (writes are atomic); one line says which file and why.
@@ -87,6 +96,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         warnings.showwarning = shown
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a timeout, ``docker stop``, Slurm preemption). Raised in the main thread
+    like Ctrl-C, so that ``finally`` and ``except BaseException`` clean-ups run (the default
+    action kills the process at once and leaves checkpoint-sized temporary files behind)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` while a command runs (main thread only: Python installs
+    signal handlers nowhere else); the previous handler is restored after."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave it as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# What to run after an interruption, by command ("" when the command just starts again).
+_RESUME_HINTS = {
+    "train": "; resume with the same command plus --resume (the last finished epoch is kept)",
+    "reproduce": "; run the same command again to continue (finished runs are kept)",
+}
 
 
 def _one_line_warning(command: str):
