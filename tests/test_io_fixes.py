@@ -72,3 +72,22 @@ def test_the_cli_says_it_in_one_line_before_any_work(read_only, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("mrl text: error: --out ") and err.endswith("(Read-only file system)")
     assert "\n" not in err
+
+
+def test_a_new_write_removes_only_old_temporaries_of_the_same_target(tmp_path):
+    import time
+
+    from mrl.io import atomic_write_text
+
+    stale = [tmp_path / ".ckpt.pt.k1ll3d_x.tmp", tmp_path / ".ckpt.pt.0therrun.tmp"]
+    fresh = tmp_path / ".ckpt.pt.aliveeee.tmp"  # a write in progress
+    other = tmp_path / ".ckpt.pt.bak.k1ll3d_x.tmp"  # another target's (".ckpt.pt.bak")
+    keep = [fresh, other, tmp_path / ".ckpt.pt.folder00.tmp", tmp_path / "ckpt.pt.k1ll3d_x.tmp"]
+    for p in [*stale, *keep]:
+        p.mkdir() if "folder" in p.name else p.write_text("x")
+    old = time.time() - 2 * 3600
+    for p in [*stale, *keep[1:]]:
+        os.utime(p, (old, old))
+    atomic_write_text(tmp_path / "ckpt.pt", "new")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["ckpt.pt", *(p.name for p in keep)])

@@ -24,6 +24,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates 0600; give the file what a plain open() would (0666 minus umask).
@@ -39,6 +40,27 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         if isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE and exc.filename is None:
             raise WriteError(exc.errno, exc.strerror, str(path)) from None  # say which file
         raise
+
+
+# Older than this, a temporary file of ours is no write in progress (every body of
+# `atomic_open` writes right away, and writing keeps the file's mtime fresh).
+STALE_TEMPORARY_S = 3600.0
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove ``.NAME.*.tmp`` files beside ``path`` untouched for an hour: left by a process
+    killed mid-write (SIGKILL, OOM, power loss), each can be as large as a checkpoint, and
+    every restart would add one. Only files named like ours for this very target; no folders."""
+    import re
+    import time
+
+    ours = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkstemp's 8 letters
+    cutoff = time.time() - STALE_TEMPORARY_S
+    for old in path.parent.glob(".*.tmp"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+            if ours.fullmatch(old.name) and not old.is_symlink() and old.is_file() \
+                    and old.stat().st_mtime < cutoff:  # fmt: skip
+                old.unlink()
 
 
 # A full disk, an exhausted quota, a read-only file system, a file too large: the OS says why a
