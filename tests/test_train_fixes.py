@@ -227,3 +227,21 @@ def test_sigterm_to_a_real_training_leaves_a_resumable_run(tmp_path):
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     done = load_checkpoint(run)["epoch"]
     assert 1 <= done < 200 and len(load_checkpoint(run)["history"]) == done
+
+
+def test_the_divergence_advice_is_one_resume_accepts(tmp_path, task):
+    # It used to say "Lower optim.lr", which --resume of the same folder refuses.
+    from mrl.train import TrainingDiverged
+
+    cfg = _cfg("epochs=2", "optim.schedule=constant")
+    train(cfg, tmp_path, progress=False, task=task, stop_after_epochs=1)
+    ckpt = load_checkpoint(tmp_path)
+    for v in ckpt["model"].values():
+        if v.is_floating_point():
+            v.fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.raises(TrainingDiverged, match=r"Train again into a new --out .* lower optim.lr"):
+        train(cfg, tmp_path, resume=True, progress=False, task=task)
+    with pytest.raises(ValueError, match="another recipe"):  # why a new --out: resume refuses
+        train(_cfg("epochs=2", "optim.schedule=constant", "optim.lr=1e-4"), tmp_path,
+              resume=True, progress=False, task=task)  # fmt: skip

@@ -602,9 +602,12 @@ def _check_finite(record: dict[str, Any], epoch: int, config: TrainConfig, ckpt:
     if not bad:
         return
     kept = f"{ckpt} (epoch {epoch}) is kept" if epoch > 0 else "no checkpoint was written"
+    # --resume refuses another lr or warm-up (the run would not equal an uninterrupted one):
+    # the way forward is a new run.
     raise TrainingDiverged(
         f"training diverged: the mean loss of epoch {epoch + 1} is {record['loss']}; {kept}. "
-        f"Lower optim.lr (now {config.optim.lr}) or add warm-up (optim.warmup_epochs)"
+        f"Train again into a new --out (out_dir) with a lower optim.lr (now {config.optim.lr}) "
+        "or more warm-up (optim.warmup_epochs)"
     )
 
 
