@@ -64,3 +64,37 @@ def test_a_sidecar_of_other_vectors_is_refused(tmp_path):
     out.with_suffix(".json").write_text(json.dumps(side))
     with pytest.raises(ValueError, match=r"describes embeddings of shape \[3, 16\].*\[5, 16\]"):
         load_embeddings(out)
+
+
+def test_a_second_merge_waits_then_finds_the_store_merged(tmp_path):
+    """`mrl embed --merge-only` twice at once: the second waits for the first's lock, then
+    returns the merged store instead of appending (or cleaning up) beside it."""
+    import os
+    import threading
+
+    import numpy as np
+
+    from mrl.embed import merge_shards
+    from mrl.retrieval import EmbeddingStore
+
+    corpus, out = tmp_path / "c.txt", tmp_path / "s"
+    _corpus(corpus, "alpha")
+    embed_corpus(HashEncoder(16), corpus, out, shard_size=3, merge=False, show_progress=False)
+    import fcntl
+
+    fd = os.open(tmp_path / "s.parts" / ".merge.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # "the first merge"
+    results = []
+    t = threading.Thread(target=lambda: results.append(merge_shards(out)))
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and not (out / "store.json").exists()
+    from mrl.embed import _merge_locked
+
+    _merge_locked(out, tmp_path / "s.parts", "float32", False)  # the first merge, under its lock
+    os.close(fd)
+    t.join(10)
+    store = EmbeddingStore.open(out)
+    assert results[0].count == store.count == 20
+    assert store.ids.tolist() == list(range(20))
+    assert np.isfinite(store.read()).all() and not (tmp_path / "s.parts").exists()

@@ -174,3 +174,45 @@ def test_retrieval_doc_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "docs/retrieval.md example", "exec"), ns)
     assert ns["report"].recall >= 0.99
     assert ns["index"].count == 1000
+
+
+def _hold_lock(path):
+    import fcntl
+    import os
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def test_two_writers_of_one_store_keep_each_others_segments(tmp_path):
+    """Two processes appending (two objects here): the second must neither remove the first's
+    committed segment as an orphan nor drop it from the sidecar."""
+    from mrl.retrieval import EmbeddingStore
+
+    EmbeddingStore.create(tmp_path / "s", NEST)
+    a, b = EmbeddingStore.open(tmp_path / "s"), EmbeddingStore.open(tmp_path / "s")
+    a.append(_db(4, 1), ids=[0, 1, 2, 3])
+    b.append(_db(3, 2), ids=[4, 5, 6])
+    with pytest.raises(ValueError, match="id 0 is already in the store"):
+        b.append(_db(1, 3), ids=[0])  # b sees a's ids too
+    again = EmbeddingStore.open(tmp_path / "s")
+    assert again.ids.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal(again.read(), np.concatenate([_db(4, 1), _db(3, 2)]))
+
+
+def test_a_store_writer_waits_for_the_lock(tmp_path):
+    import os
+    import threading
+
+    from mrl.retrieval import EmbeddingStore
+
+    store = EmbeddingStore.create(tmp_path / "s", NEST)
+    fd = _hold_lock(tmp_path / "s" / ".lock")
+    t = threading.Thread(target=store.append, args=(_db(2),))
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and EmbeddingStore.open(tmp_path / "s").count == 0
+    os.close(fd)
+    t.join(10)
+    assert EmbeddingStore.open(tmp_path / "s").count == 2

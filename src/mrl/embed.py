@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ from typing import Any
 import numpy as np
 
 from mrl._optional import require
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no merge lock (merge from one process there)
+    fcntl = None
 from mrl.io import atomic_open, atomic_write_json
 
 __all__ = ["EmbedReport", "embed_corpus", "merge_shards", "read_corpus", "shard_plan"]
@@ -341,17 +347,40 @@ def merge_shards(out: str | os.PathLike, *, dtype: str = "float32", keep_parts: 
     Returns the store. A store that already holds the first j shards (an interrupted merge)
     continues with shard j.
     """
-    from mrl.nesting import Nesting
     from mrl.retrieval import EmbeddingStore
 
     out = Path(out)
     parts = _parts_dir(out)
-    manifest_path = parts / "manifest.json"
-    if not manifest_path.is_file():
-        if (out / "store.json").is_file():
-            return EmbeddingStore.open(out)  # merged earlier and the parts were removed
-        raise FileNotFoundError(f"no shards to merge at {parts}")
-    manifest = json.loads(manifest_path.read_text())
+    with _merge_lock(parts):  # one merger at a time; the others then find the work done
+        if not (parts / "manifest.json").is_file():
+            if (out / "store.json").is_file():
+                return EmbeddingStore.open(out)  # merged earlier and the parts were removed
+            raise FileNotFoundError(f"no shards to merge at {parts}")
+        return _merge_locked(out, parts, dtype, keep_parts)
+
+
+@contextmanager
+def _merge_lock(parts: Path) -> Iterator[None]:
+    """Exclusive lock on ``STORE.parts/.merge.lock`` (waits for a merge in progress; freed when
+    its holder exits). No lock when the parts folder is gone: there is nothing left to merge."""
+    try:
+        fd = os.open(parts / ".merge.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _merge_locked(out: Path, parts: Path, dtype: str, keep_parts: bool):
+    from mrl.nesting import Nesting
+    from mrl.retrieval import EmbeddingStore
+
+    manifest = json.loads((parts / "manifest.json").read_text())
     rows, shard_size = manifest["rows"], manifest["shard_size"]
     _wait_for_shards(parts, rows, shard_size, 0.0)
     if (out / "store.json").is_file():
@@ -366,8 +395,20 @@ def merge_shards(out: str | os.PathLike, *, dtype: str = "float32", keep_parts: 
     for s in range(first, -(-rows // shard_size)):
         vec, ids, _ = _shard_paths(parts, s)
         store.append(np.load(vec), ids=np.load(ids))
-    if store.count != rows:
-        raise ValueError(f"merged store holds {store.count} rows, expected {rows}")
-    if not keep_parts:
+    store = _check_merged(out, parts, rows, shard_size)
+    if not keep_parts:  # only once the store on disk is whole: the shards are its only source
         shutil.rmtree(parts)
+    return store
+
+
+def _check_merged(out: Path, parts: Path, rows: int, shard_size: int):
+    """The store at ``out`` reopened from disk, holding every shard's ids in order."""
+    from mrl.retrieval import EmbeddingStore
+
+    store = EmbeddingStore.open(out)  # every segment named by the sidecar is present
+    want = np.concatenate([np.load(_shard_paths(parts, s)[1])
+                           for s in range(-(-rows // shard_size))])
+    if store.count != rows or not np.array_equal(store.ids, want):
+        raise ValueError(f"merged store at {out} holds {store.count} rows, expected the {rows} "
+                         f"rows of the shards in {parts}; the parts are kept")
     return store

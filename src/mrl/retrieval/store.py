@@ -14,6 +14,11 @@ anywhere before that replace leaves the previous sidecar, which names only the p
 segments: the store is exactly what it was. Orphan files of a failed append are removed the next
 time the store is opened for writing.
 
+Writers (`append`, `compact`) hold an exclusive lock on ``STORE/.lock`` (``fcntl.flock``; released
+when the process dies) and re-read ``store.json`` under it: several processes may append to one
+store, each sees the others' segments, and none removes a segment another one committed as an
+"orphan". A second writer waits for the first.
+
 int8 quantisation (``dtype="int8"``): ``x ~= q * scale`` with ``q`` in [-127, 127]. With
 ``int8_scale="per-vector"`` each row has its own scale ``max|x_i| / 127`` (robust to appends, the
 default); with ``"per-dim"`` each segment has one scale per column ``max_i |x_ij| / 127`` (better
@@ -25,6 +30,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,11 @@ from typing import Any
 import numpy as np
 
 from mrl.arrays import as_numpy
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no writer lock (write a store from one process there)
+    fcntl = None
 from mrl.io import atomic_open, atomic_write_json, check_output_path, read_json_sidecar
 from mrl.nesting import Nesting
 
@@ -46,6 +57,7 @@ __all__ = [
 STORE_FORMAT = "mrl-embedding-store"
 STORE_VERSION = 1
 SIDECAR = "store.json"
+LOCK = ".lock"
 DTYPES = ("float32", "float16", "int8")
 INT8_SCALES = ("per-vector", "per-dim")
 
@@ -245,10 +257,33 @@ class EmbeddingStore:
         return total
 
     # ------------------------------------------------------------------ writing
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the store's writer lock and bring this object up to the sidecar on disk (another
+        process may have appended or compacted since it was opened)."""
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # waits for the other writer; freed on close
+            self._reload()
+            yield
+        finally:
+            os.close(fd)
+
+    def _reload(self) -> None:
+        meta = read_json_sidecar(self.path, SIDECAR, "embedding store")
+        if meta != self._meta:
+            self._meta, self._segments = meta, [_Segment(**s) for s in meta["segments"]]
+            self._maps = {}
+
     def append(self, vectors: np.ndarray, ids: Sequence | np.ndarray | None = None) -> None:
         """Append rows [n, D] (and optional ids, unique, strings or ints) atomically."""
         x = validate_vectors(vectors, self.dim)
-        ids_arr = self._new_ids(ids, len(x))
+        with self._locked():
+            self._append(x, ids)
+
+    def _append(self, x: np.ndarray, ids: Sequence | np.ndarray | None) -> None:
+        ids_arr = self._new_ids(ids, len(x))  # under the lock: against every committed id
         if self.center is not None:
             x = x - self.center
         if self.normalized:
@@ -296,7 +331,7 @@ class EmbeddingStore:
         if len(np.unique(arr)) != n:
             raise ValueError("ids must be unique, got duplicates in the new ids")
         if len(existing) and np.isin(arr, existing).any():
-            dup = arr[np.isin(arr, existing)][0]
+            dup = arr[np.isin(arr, existing)][0].item()  # 3, not np.int64(3), in the message
             raise ValueError(f"ids must be unique, id {dup!r} is already in the store")
         return arr
 
@@ -393,6 +428,10 @@ class EmbeddingStore:
 
     def compact(self) -> None:
         """Rewrite all segments as one (same crash safety as `append`)."""
+        with self._locked():
+            self._compact()
+
+    def _compact(self) -> None:
         if len(self._segments) <= 1:
             return
         x, ids = self.read(), self.ids
