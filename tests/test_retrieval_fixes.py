@@ -216,3 +216,23 @@ def test_a_store_writer_waits_for_the_lock(tmp_path):
     os.close(fd)
     t.join(10)
     assert EmbeddingStore.open(tmp_path / "s").count == 2
+
+
+def test_cli_search_keeps_a_real_hit_scoring_minus_inf(tmp_path):
+    """A dot-product index whose scores overflow: every row is a real hit, whatever its score
+    (only slots with index -1 are empty)."""
+    import json
+
+    from mrl.cli import main
+
+    db = _db(8)
+    db[0] = 1e38  # its dot product with the query overflows float32 to -inf
+    index = MatryoshkaIndex(NEST, metric="dot")
+    index.add(db)
+    index.save(tmp_path / "ix")
+    np.save(tmp_path / "q.npy", -np.ones((1, 32), np.float32))
+    out = tmp_path / "r.json"
+    assert main(["search", str(tmp_path / "ix"), str(tmp_path / "q.npy"), "--k", "8",
+                 "--out", str(out)]) == 0
+    hits = json.loads(out.read_text())["results"][0]
+    assert sorted(hits["ids"]) == list(range(8))

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     res = index.search(q, args.k, **overrides)
     elapsed = time.perf_counter() - t
-    hit_ids, hit_scores = hit_lists(res.ids, res.scores)  # ragged: IVF/HNSW may find fewer
+    hit_ids, hit_scores = hit_lists(res.ids, res.scores, res.indices)  # ragged: IVF may find fewer
     if args.out:  # written before printing: a closed pipe (`| head`) must not lose it
         atomic_write_json(
             args.out,
