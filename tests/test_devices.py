@@ -35,3 +35,19 @@ def test_default_device_is_the_given_one_or_cuda_when_available():
 
     assert default_device("cpu") == "cpu"
     assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_plain_cuda_under_torchrun_is_the_local_ranks_gpu(monkeypatch):
+    from mrl import devices
+    from mrl.config import load_config
+    from mrl.devices import rank_device
+    from mrl.train import _device
+
+    assert rank_device("cuda", 3, 4) == "cuda:3"  # not GPU 0 for every process
+    assert rank_device("cuda", 0, 1) == "cuda"  # one process: as given
+    assert rank_device("cuda:1", 3, 4) == "cuda:1"  # an explicit index is kept
+    assert rank_device("cpu", 3, 4) == "cpu"
+    monkeypatch.setattr(devices, "check_device", lambda device, param: device)  # CPU-only torch
+    config = load_config(None, ["device=cuda"])
+    assert _device(config, local_rank=2, world_size=4) == torch.device("cuda:2")
+    assert _device(config, local_rank=0, world_size=1) == torch.device("cuda")

@@ -245,3 +245,53 @@ def test_the_divergence_advice_is_one_resume_accepts(tmp_path, task):
     with pytest.raises(ValueError, match="another recipe"):  # why a new --out: resume refuses
         train(_cfg("epochs=2", "optim.schedule=constant", "optim.lr=1e-4"), tmp_path,
               resume=True, progress=False, task=task)  # fmt: skip
+
+
+def test_channels_last_only_for_resnets_on_cuda():
+    from mrl.train import _memory_format
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    resnet = _cfg("model.name=resnet18")
+    assert _memory_format(resnet, cuda) is torch.channels_last
+    assert _memory_format(resnet, cpu) is torch.contiguous_format  # CPU stays as it was
+    assert _memory_format(_cfg(), cuda) is torch.contiguous_format
+
+
+def test_augment_on_cpu_keeps_its_stream():
+    # Resumed CPU runs are compared with old ones: the CPU draws must not change.
+    from mrl.data import augment
+
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(3)
+    flips = torch.rand(2, generator=g) < 0.5
+    shifts = torch.randint(0, 3, (2, 2), generator=g)
+    got = augment(x, torch.Generator().manual_seed(3), flip=True, crop_pad=1)
+    for b in range(2):
+        img = x[b].flip(-1) if flips[b] else x[b]
+        padded = torch.nn.functional.pad(img, (1, 1, 1, 1))
+        r, c = shifts[0, b], shifts[1, b]
+        assert torch.equal(got[b], padded[:, r : r + 4, c : c + 4])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_augment_on_cuda_draws_there_without_a_host_sync():
+    from mrl.data import augment
+
+    x = torch.rand(8, 3, 8, 8, device="cuda")
+    g = torch.Generator("cuda").manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = augment(x, g, flip=True, crop_pad=2, total=16, offset=8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert y.device == x.device and y.shape == x.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_resnet_trains_channels_last_on_cuda(tmp_path):
+    task = load_task("synthetic", train_size=256)
+    cfg = _cfg("model.name=resnet18", "model.width=8", "device=cuda", "epochs=1",
+               "data.flip=true", "data.crop_pad=1")  # fmt: skip
+    train(cfg, tmp_path, progress=False, task=task)
+    record = load_checkpoint(tmp_path)["history"][0]
+    assert torch.backends.cudnn.benchmark and record["seconds"] > 0

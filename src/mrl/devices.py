@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["check_device", "default_device"]
+__all__ = ["check_device", "default_device", "rank_device"]
 
 
 def default_device(device: Any = None) -> Any:
@@ -15,6 +15,15 @@ def default_device(device: Any = None) -> Any:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rank_device(device: str, local_rank: int, world_size: int) -> str:
+    """The device of this process under ``torchrun``: a plain ``"cuda"`` (no index) means
+    ``cuda:LOCAL_RANK`` there, else every process would share GPU 0 and leave the others idle.
+    An explicit index, another device type, or a single process: ``device`` as given."""
+    if world_size > 1 and device == "cuda":
+        return f"cuda:{local_rank}"
+    return device
 
 
 def check_device(device: str, param: str = "device") -> str:

@@ -186,8 +186,10 @@ def augment(
 ) -> torch.Tensor:
     """Random horizontal flips and random crops (zero-pad ``crop_pad`` pixels, crop back).
 
-    ``x`` [B, C, H, W] (any dtype, any device); the random draws come from the CPU ``generator``
-    (a few numbers per image) so results do not depend on the device. Under DDP, ``x`` is rows
+    ``x`` [B, C, H, W] (any dtype, any device); the random draws (a few numbers per image) are
+    made on ``generator``'s device: a CPU generator gives the same images on every device, one
+    on ``x``'s GPU spares a host-to-device copy (and the wait for the GPU it costs) per batch,
+    with a stream of its own (CUDA's generator is not the CPU's). Under DDP, ``x`` is rows
     ``[offset, offset + B)`` of a global batch of ``total`` items: the draws are made for the whole
     global batch and sliced, so every process follows the single-process random stream.
     """
@@ -197,11 +199,13 @@ def augment(
         raise ValueError(f"offset={offset} does not fit a slice of {B} rows in total={total}")
     rows = slice(offset, offset + B)
     if flip:
-        mask = (torch.rand(total, generator=generator)[rows] < 0.5).to(x.device)
+        mask = torch.rand(total, generator=generator, device=generator.device)[rows] < 0.5
+        mask = mask.to(x.device)  # no copy when drawn there
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
     if crop_pad > 0:
         p = crop_pad
-        shifts = torch.randint(0, 2 * p + 1, (2, total), generator=generator)[:, rows].to(x.device)
+        shifts = torch.randint(0, 2 * p + 1, (2, total), generator=generator,
+                               device=generator.device)[:, rows].to(x.device)  # fmt: skip
         padded = torch.nn.functional.pad(x, (p, p, p, p))  # [B, C, H+2p, W+2p]
         rows = torch.arange(H, device=x.device)[None, :] + shifts[0][:, None]  # [B, H]
         cols = torch.arange(W, device=x.device)[None, :] + shifts[1][:, None]  # [B, W]
