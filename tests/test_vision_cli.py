@@ -452,3 +452,27 @@ def test_image_folder_runs_refuse_a_changed_folder(tmp_path, capsys):
     images(tmp_path / "imgs", 100, 3)  # the run's own folder grows
     assert main(["eval", str(run), "--no-progress"]) == 2
     assert "the image folder changed since training" in capsys.readouterr().err
+
+
+def test_reproduce_keeps_finished_runs_when_a_later_one_fails(tmp_path, task, monkeypatch):
+    """A job killed mid-way (a timeout on a GPU) keeps the records of the runs it finished."""
+    import mrl.commands.eval as ev
+    import mrl.commands.reproduce as rep
+    from mrl.records import load_records
+
+    over = ("data.dataset=synthetic", *TINY)
+    real = ev.evaluate_embeddings
+    calls = []
+
+    def second_fails(*a, **k):
+        calls.append(k.get("run"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the kill
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "evaluate_embeddings", second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        rep.reproduce("fashion-mnist", "small", tmp_path, overrides=over, progress=False,
+                      data_task=task, log=lambda s: None, only=("mrl", "ff-2"))  # fmt: skip
+    saved = load_records(tmp_path / "results.json")
+    assert {r["run"] for r in saved} == {calls[0]}

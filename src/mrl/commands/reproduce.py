@@ -299,6 +299,8 @@ def reproduce(
             recs = [*recs, _plain_as_ff(run_dir, config.model.dim, data_task, dataset=task,
                                         seed=seed, budget=budget)]  # fmt: skip
         records += recs
+        # merged as each run finishes: a job killed later (a timeout on a GPU) keeps these
+        merge_records(out / "results.json", recs)
         log(f"[{name}] seed {seed}: done in {time.perf_counter() - t0:.0f} s")
     return merge_records(out / "results.json", records)
 
