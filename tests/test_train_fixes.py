@@ -5,26 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
+import test_train
 import torch
 
-from mrl.config import load_config
 from mrl.data import load_task
 from mrl.train import load_checkpoint, train
 
-BASE = [
-    "data.dataset=synthetic", "data.train_size=256",
-    "model.dim=16", "model.width=4", "model.nesting=4,8,16", "epochs=3", "batch_size=64",
-    "eval_batch_size=128",
-]  # fmt: skip
+BASE, _cfg = test_train.BASE, test_train._cfg  # the same tiny recipe as the training tests
 
 
 @pytest.fixture(scope="module")
 def task():
     return load_task("synthetic", train_size=256)
-
-
-def _cfg(*extra: str):
-    return load_config(None, BASE + list(extra))
 
 
 def _epochs(run) -> list[int]:
