@@ -92,7 +92,7 @@ class IndexBackend:
         ran = res.config
         used.update(shortlist_dim=ran.shortlist_dim, shortlist=ran.shortlist, stages=ran.stages)
         used["stages"] = [list(s) for s in used.get("stages") or ()]
-        return SearchOutcome(*hit_lists(res.ids, res.scores), used, timings)
+        return SearchOutcome(*hit_lists(res.ids, res.scores, res.indices), used, timings)
 
 
 class QdrantBackend:
