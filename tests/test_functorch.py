@@ -102,3 +102,25 @@ def test_soft_targets_follow_the_logits_dtype():
     assert loss.dtype == torch.float32
     ref = sum(torch.nn.functional.cross_entropy(logits[g], soft.float()) for g in range(3))
     torch.testing.assert_close(loss, ref)
+
+
+def test_weights_first_used_under_inference_mode_still_train():
+    """The cached weights tensor must not be an inference tensor (validation loss first)."""
+    weights = [1.0, 1.0, 3.0]  # a combination no other test caches first
+    with torch.inference_mode():
+        nested_cross_entropy(torch.randn(3, 4, 5), torch.randint(0, 5, (4,)), weights)
+    logits = torch.randn(3, 4, 5, requires_grad=True)
+    nested_cross_entropy(logits, torch.randint(0, 5, (4,)), weights).backward()
+    assert logits.grad is not None
+
+
+def test_contrastive_loss_takes_mixed_dtypes_under_autocast():
+    q = torch.randn(4, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = matryoshka_contrastive_loss(q, torch.randn(4, 16), N)  # fp32 cached positives
+    assert torch.isfinite(loss)
+
+
+def test_nesting_coerce_refuses_bytes():
+    with pytest.raises(ValueError, match="got bytes"):
+        Nesting.coerce(b"\x08\x10")

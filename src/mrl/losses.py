@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mrl.heads import _functorch_active, nested_linear
+from mrl.heads import _autocast_dtype, _functorch_active, nested_linear
 from mrl.nesting import Nesting
 
 __all__ = [
@@ -79,7 +79,10 @@ def prefix_weights(
 
 @functools.lru_cache(maxsize=64)
 def _weights_tensor(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
+    # A normal tensor even when first built under inference_mode (e.g. a validation loss): an
+    # inference tensor could not be saved for backward by a later training step.
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _check_weight_values(values: Sequence[float], G: int) -> None:
@@ -292,8 +295,10 @@ def _candidates(
 
 
 def _check_same_dtype(name: str, x: Tensor, queries: Tensor) -> None:
-    # torch.cat would promote silently, and a later error would name internals (z, weight)
-    if x.dtype != queries.dtype:
+    # torch.cat would promote silently, and a later error would name internals (z, weight);
+    # under autocast mixed dtypes are normal (bf16 model outputs, fp32 cached targets) and the
+    # scores are computed in one dtype anyway
+    if x.dtype != queries.dtype and _autocast_dtype(queries.device.type) is None:
         raise ValueError(f"{name} must have the dtype of queries ({queries.dtype}), got "
                          f"{name} dtype {x.dtype}")
 

@@ -117,6 +117,9 @@ class Nesting:
         ValueError naming ``name`` (instead of an AttributeError deep inside)."""
         if isinstance(value, Nesting):
             return value
+        if isinstance(value, (bytes, bytearray)):  # a Sequence of ints, but never meant as sizes
+            raise ValueError(f"{name} must be a Nesting, a list of ints or a spec string, got "
+                             f"bytes {value!r}")
         if isinstance(value, (str, Sequence)) or (
             hasattr(value, "tolist") and getattr(value, "ndim", None) == 1  # numpy / torch 1-D
         ):
