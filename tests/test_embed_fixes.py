@@ -33,22 +33,46 @@ def test_resume_accepts_an_unchanged_input_with_a_new_mtime(tmp_path):
     assert report.skipped == [0, 1, 2, 3] and report.merged
 
 
-def test_overwrite_killed_between_vectors_and_sidecar_leaves_no_old_sidecar(tmp_path, monkeypatch):
+def test_overwrite_killed_between_vectors_and_sidecar_is_refused_by_readers(tmp_path,
+                                                                          monkeypatch):
+    """A kill after the new vectors, before their sidecar: the old sidecar (same shape, another
+    model's nesting) is recognised as someone else's by its fingerprint, never used silently."""
     import numpy as np
 
     import mrl.text.encoders as enc
+    from mrl.retrieval.loading import load_embeddings
 
     out = tmp_path / "e.npy"
-    enc.save_embeddings(out, np.ones((3, 8), np.float32), model="old", nesting=None)
+    enc.save_embeddings(out, np.ones((3, 16), np.float32), model="old", nesting={"sizes": [4, 16]})
+    assert load_embeddings(out)[1].sizes == (4, 16)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(enc, "atomic_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
-        enc.save_embeddings(out, np.zeros((5, 16), np.float32), model="new")
-    assert np.load(out).shape == (5, 16)
-    assert not out.with_suffix(".json").exists()  # never the old model's sidecar beside them
+        enc.save_embeddings(out, np.zeros((3, 16), np.float32), model="new",
+                            nesting={"sizes": [8, 16]})
+    assert np.load(out).sum() == 0  # the new vectors, beside the old sidecar
+    with pytest.raises(ValueError, match="was written for other vectors than .*interrupted"):
+        load_embeddings(out)
+
+
+def test_a_failed_vector_write_keeps_the_old_pair(tmp_path, monkeypatch):
+    import numpy as np
+
+    import mrl.text.encoders as enc
+    from mrl.retrieval.loading import load_embeddings
+
+    out = tmp_path / "e.npy"
+    enc.save_embeddings(out, np.ones((3, 16), np.float32), model="old", nesting={"sizes": [4, 16]})
+    monkeypatch.setattr(enc.np, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
+    with pytest.raises(OSError):
+        enc.save_embeddings(out, np.zeros((3, 16), np.float32), model="new",
+                            nesting={"sizes": [8, 16]})
+    monkeypatch.undo()
+    x, nest, _ = load_embeddings(out)
+    assert x.sum() == 48 and nest.sizes == (4, 16)  # the old pair, still usable
 
 
 def test_a_sidecar_of_other_vectors_is_refused(tmp_path):
@@ -98,3 +122,26 @@ def test_a_second_merge_waits_then_finds_the_store_merged(tmp_path):
     assert results[0].count == store.count == 20
     assert store.ids.tolist() == list(range(20))
     assert np.isfinite(store.read()).all() and not (tmp_path / "s.parts").exists()
+
+
+def test_a_read_only_cache_serves_its_entries_and_a_miss_encodes_uncached(tmp_path,
+                                                                          monkeypatch):
+    import numpy as np
+
+    import mrl.io
+    import mrl.text.encoders as enc
+
+    monkeypatch.setattr(enc, "encode", lambda e, texts, **k: np.ones((len(texts), 4), np.float32))
+    cache = tmp_path / "cache"
+    first = enc.encode_cached("default", ["a", "b"], cache, encoder=object())
+    assert len(list(cache.glob("*.npy"))) == 1
+
+    def read_only(folder, param, path):
+        raise PermissionError(f"{param} {str(path)!r} is not writable")
+
+    monkeypatch.setattr(mrl.io, "_check_writable", read_only)
+    assert np.array_equal(enc.encode_cached("default", ["a", "b"], cache, encoder=object()),
+                          first)  # a hit: served (it failed before)  # fmt: skip
+    with pytest.warns(UserWarning, match="not writable; encoding without caching"):
+        enc.encode_cached("default", ["c"], cache, encoder=object())
+    assert len(list(cache.glob("*.npy"))) == 1

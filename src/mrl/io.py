@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -75,12 +76,30 @@ class WriteError(OSError):
         return f"cannot write {self.filename}: {self.strerror}"
 
 
-def check_output_path(path: str | os.PathLike, param: str, kind: str = "dir") -> Path:
+def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's size, first and last ``chunk`` bytes (hex, 16 chars): tells a file
+    rewritten with other contents of the same size apart in milliseconds, whatever its size,
+    and survives copies (no timestamps)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(chunk, size - chunk))
+            h.update(f.read(chunk))
+    return h.hexdigest()[:16]
+
+
+def check_output_path(
+    path: str | os.PathLike, param: str, kind: str = "dir", writable: bool = True
+) -> Path:
     """Fail before any work when ``path`` cannot become the output ``kind`` ("dir" or "file").
 
     Catches what would otherwise surface as an OS error after minutes of work: a path below an
     existing file (``afile/sub``), a folder where a file goes or a file where a folder goes, a
-    read-only or unwritable place (PermissionError).
+    read-only or unwritable place (PermissionError; not checked with ``writable=False``, for a
+    cache that may be read-only when it already holds what is needed).
     The error names the parameter (e.g. ``--out``) and the value.
     """
     path = Path(path)
@@ -97,7 +116,8 @@ def check_output_path(path: str | os.PathLike, param: str, kind: str = "dir") ->
             break
     else:
         parent = Path(".")
-    _check_writable(path if path.is_dir() else parent, param, path)
+    if writable:
+        _check_writable(path if path.is_dir() else parent, param, path)
     return path
 
 

@@ -268,7 +268,7 @@ def _read_pairs(path: str) -> list:
 def _check_cache(cache: str | None) -> None:
     """``--cache`` must be a folder (or a path one can be made at): checked before slow work."""
     if cache is not None:
-        check_output_path(cache, "--cache", "dir")
+        check_output_path(cache, "--cache", "dir", writable=False)  # a read-only cache still serves
 
 
 def _adapt(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrl.io import load_npy
+from mrl.io import file_fingerprint, load_npy
 from mrl.nesting import Nesting
 
 __all__ = ["load_embeddings"]
@@ -46,14 +46,14 @@ def load_embeddings(
         raise ValueError(f"embeddings in {path} must be floating point, got dtype {x.dtype}")
     if nesting is None:
         side = path.with_suffix(".json")
-        found = _sidecar_nesting(side, x.shape) if side.exists() else None
+        found = _sidecar_nesting(side, x.shape, path) if side.exists() else None
         if found is not None:
             return np.asarray(x, np.float32), found, None
         nesting = "doubling:8" if x.shape[1] >= 8 else "full"
     return np.asarray(x, np.float32), Nesting.parse(nesting, dim=x.shape[1]), None
 
 
-def _sidecar_nesting(side: Path, shape: tuple[int, ...]) -> Nesting | None:
+def _sidecar_nesting(side: Path, shape: tuple[int, ...], npy: Path) -> Nesting | None:
     """The nesting a ``<file>.json`` sidecar records (None when it records none); errors name
     the sidecar."""
     try:
@@ -69,6 +69,13 @@ def _sidecar_nesting(side: Path, shape: tuple[int, ...]) -> Nesting | None:
         raise ValueError(
             f"sidecar {side} describes embeddings of shape {said}, but the file holds "
             f"{list(shape)}; remove or fix the sidecar, or pass --nesting"
+        )
+    said = meta.get("fingerprint")
+    if isinstance(said, str) and said != file_fingerprint(npy):
+        # the vectors were rewritten after this sidecar (an interrupted overwrite)
+        raise ValueError(
+            f"sidecar {side} was written for other vectors than {npy} (an interrupted "
+            "overwrite?); encode again, or remove the sidecar and pass --nesting"
         )
     if meta.get("nesting") is None:
         return None

@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 
 from mrl._optional import require
-from mrl.io import atomic_open, atomic_write_json, check_output_path, first_line
+from mrl.io import (
+    atomic_open,
+    atomic_write_json,
+    check_output_path,
+    file_fingerprint,
+    first_line,
+)
 from mrl.nesting import Nesting
 
 __all__ = [
@@ -254,10 +260,11 @@ def encode_cached(
     texts = check_texts(texts, name)
     path = None
     if cache_dir is not None:
-        check_output_path(cache_dir, "cache_dir", "dir")  # before encoding, not when saving
+        check_output_path(cache_dir, "cache_dir", "dir", writable=False)
         path = Path(cache_dir) / f"{_cache_key(model, texts, max_seq_length)}.npy"
         if path.is_file():
-            return np.load(path)
+            return np.load(path)  # a read-only cache that holds the entry serves it
+        path = _writable_cache_entry(path, cache_dir)
     if encoder is None:
         encoder = load_encoder(model, max_seq_length=max_seq_length)
     emb = encode(encoder, texts, batch_size=batch_size, name=name)
@@ -266,18 +273,32 @@ def encode_cached(
     return emb
 
 
-def save_embeddings(path: str | os.PathLike, emb: np.ndarray, **meta: Any) -> None:
-    """``emb`` as .npy plus a JSON sidecar (shape, dtype, and ``meta``: model, nesting, ...).
+def _writable_cache_entry(path: Path, cache_dir: str | os.PathLike) -> Path | None:
+    """``path`` when the cache can store it (checked before encoding, not when saving); None
+    with a warning when it cannot: a cache only saves time, the job goes on without it."""
+    try:
+        check_output_path(cache_dir, "cache_dir", "dir")
+    except PermissionError as exc:
+        warnings.warn(f"{exc}; encoding without caching", stacklevel=3)
+        return None
+    return path
 
-    Each file is replaced atomically, but not the pair: the old sidecar goes first, so a kill
-    between the two writes leaves new vectors without a sidecar (their metadata is missing,
-    which readers see), never beside the old vectors' sidecar (a wrong nesting or model)."""
+
+def save_embeddings(path: str | os.PathLike, emb: np.ndarray, **meta: Any) -> None:
+    """``emb`` as .npy plus a JSON sidecar (shape, dtype, a fingerprint of the .npy, and
+    ``meta``: model, nesting, ...).
+
+    Each file is replaced atomically, but not the pair: the vectors go first and the sidecar
+    records their fingerprint (`mrl.io.file_fingerprint`), so a kill between the two writes
+    leaves the old sidecar beside new vectors, which readers refuse (never a silent wrong
+    nesting or model), and a failed write of the vectors leaves the old pair intact."""
     path = Path(path)
-    side = path.with_suffix(".json")
-    side.unlink(missing_ok=True)
     with atomic_open(path, "wb") as f:
         np.save(f, emb)
-    atomic_write_json(side, {"shape": list(emb.shape), "dtype": str(emb.dtype), **meta})
+    atomic_write_json(path.with_suffix(".json"), {
+        "shape": list(emb.shape), "dtype": str(emb.dtype),
+        "fingerprint": file_fingerprint(path), **meta,
+    })  # fmt: skip
 
 
 def load_embeddings(path: str | os.PathLike) -> np.ndarray:

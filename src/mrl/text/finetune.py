@@ -321,7 +321,7 @@ def finetune(
         )
     check_new_output_dir(out, "out")  # before training, not after
     if cache_dir is not None:  # also used after training (validation)
-        check_output_path(cache_dir, "cache_dir", "dir")
+        check_output_path(cache_dir, "cache_dir", "dir", writable=False)  # read-only: encode_cached
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     texts = rotation_texts or list(dict.fromkeys(p.positive for p in pairs))
