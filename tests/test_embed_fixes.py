@@ -20,8 +20,24 @@ def test_resume_refuses_shards_of_an_input_edited_in_place(tmp_path):
     _corpus(corpus, "alpha")
     embed_corpus(HashEncoder(16), corpus, out, shard_size=5, merge=False, show_progress=False)
     _corpus(corpus, "omega")
-    with pytest.raises(ValueError, match=r"the input file changed .*input_sha256.*another --out"):
+    with pytest.raises(ValueError, match=r"shards of an earlier version of the input file \(it "
+                                         r"has changed since\).*input_sha256.*another --out"):
         embed_corpus(HashEncoder(16), corpus, out, shard_size=5, show_progress=False)
+
+
+def test_resume_of_parts_written_before_the_input_hash(tmp_path):
+    """A parts folder from before the hash was recorded resumes (and gains the hash)."""
+    import json
+
+    corpus, out = tmp_path / "c.txt", tmp_path / "s"
+    _corpus(corpus, "alpha")
+    embed_corpus(HashEncoder(16), corpus, out, shard_size=5, merge=False, show_progress=False)
+    manifest = out.with_name("s.parts") / "manifest.json"
+    old = json.loads(manifest.read_text())
+    old.pop("input_sha256")
+    manifest.write_text(json.dumps(old))
+    report = embed_corpus(HashEncoder(16), corpus, out, shard_size=5, show_progress=False)
+    assert report.skipped == [0, 1, 2, 3] and report.merged
 
 
 def test_resume_accepts_an_unchanged_input_with_a_new_mtime(tmp_path):

@@ -206,10 +206,14 @@ def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
     path = parts / "manifest.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        if "input_sha256" not in old:  # parts from before the input hash: compare the rest
+            if old == {k: v for k, v in manifest.items() if k != "input_sha256"}:
+                atomic_write_json(path, manifest)  # and record the hash from now on
+                return
         if old != manifest:
             diff = sorted(k for k in manifest if old.get(k) != manifest[k])
-            why = ("the input file changed since its shards were encoded"
-                   if "input_sha256" in diff else "another run")
+            why = ("an earlier version of the input file (it has changed since)"
+                   if diff == ["input_sha256"] else "another run")
             raise ValueError(f"{parts} holds shards of {why} (differs in {diff}); remove "
                              "it or use another --out")
         return
