@@ -91,3 +91,21 @@ def test_a_new_write_removes_only_old_temporaries_of_the_same_target(tmp_path):
     atomic_write_text(tmp_path / "ckpt.pt", "new")
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["ckpt.pt", *(p.name for p in keep)])
+
+
+def test_a_folder_is_listed_once_for_stale_temporaries(tmp_path, monkeypatch):
+    """Writing N files into one folder must not list it N times (O(N^2) for shard folders)."""
+    import time
+
+    import mrl.io as io
+
+    stale = tmp_path / ".b.txt.k1ll3d_x.tmp"
+    stale.write_text("x")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    listed = []
+    real = io._list_stale_temporaries
+    monkeypatch.setattr(io, "_list_stale_temporaries", lambda f: listed.append(f) or real(f))
+    for name in ("a.txt", "b.txt", "c.txt"):
+        io.atomic_write_text(tmp_path / name, name)
+    assert len(listed) == 1 and not stale.exists()  # b.txt's leftover found in the one listing

@@ -48,20 +48,38 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 STALE_TEMPORARY_S = 3600.0
 
 
+_STALE: dict[str, list[Path]] = {}  # folder -> its stale temporaries, listed once per process
+
+
 def _remove_stale_temporaries(path: Path) -> None:
     """Remove ``.NAME.*.tmp`` files beside ``path`` untouched for an hour: left by a process
     killed mid-write (SIGKILL, OOM, power loss), each can be as large as a checkpoint, and
-    every restart would add one. Only files named like ours for this very target; no folders."""
+    every restart would add one. Only files named like ours for this very target; no folders.
+    A folder is listed once per process (on every write it cost O(files) per write in a shard
+    folder of thousands); later writes look up their own target's leftovers in that list."""
     import re
+
+    folder = str(path.parent.resolve())  # (a test or a long session may reset _STALE)
+    if folder not in _STALE:
+        _STALE[folder] = _list_stale_temporaries(path.parent)
+    ours = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkstemp's 8 letters
+    for old in [p for p in _STALE[folder] if ours.fullmatch(p.name)]:
+        _STALE[folder].remove(old)
+        with contextlib.suppress(OSError):  # gone meanwhile
+            old.unlink()
+
+
+def _list_stale_temporaries(folder: Path) -> list[Path]:
+    """Plain files named like a temporary of ours (``.*.XXXXXXXX.tmp``) untouched for an hour."""
     import time
 
-    ours = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkstemp's 8 letters
     cutoff = time.time() - STALE_TEMPORARY_S
-    for old in path.parent.glob(".*.tmp"):
-        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
-            if ours.fullmatch(old.name) and not old.is_symlink() and old.is_file() \
-                    and old.stat().st_mtime < cutoff:  # fmt: skip
-                old.unlink()
+    found = []
+    for p in folder.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            if not p.is_symlink() and p.is_file() and p.stat().st_mtime < cutoff:
+                found.append(p)
+    return found
 
 
 # A full disk, an exhausted quota, a read-only file system, a file too large: the OS says why a
