@@ -286,4 +286,19 @@ def test_a_resnet_trains_channels_last_on_cuda(tmp_path):
                "data.flip=true", "data.crop_pad=1")  # fmt: skip
     train(cfg, tmp_path, progress=False, task=task)
     record = load_checkpoint(tmp_path)["history"][0]
-    assert torch.backends.cudnn.benchmark and record["seconds"] > 0
+    assert not torch.backends.cudnn.benchmark and record["seconds"] > 0  # restored after the run
+
+
+def test_cudnn_benchmark_is_restored_after_training(tmp_path, monkeypatch):
+    """_train turns cudnn.benchmark on for CUDA runs; later work in the process (evaluation,
+    a library user's code) must get the setting it had back."""
+    import mrl.train as tr
+
+    def cuda_like(*args, **kwargs):
+        torch.backends.cudnn.benchmark = True
+        return tmp_path / "checkpoint.pt"
+
+    monkeypatch.setattr(tr, "_train", cuda_like)
+    before = torch.backends.cudnn.benchmark
+    tr.train(_cfg(), tmp_path, progress=False)
+    assert torch.backends.cudnn.benchmark == before

@@ -441,8 +441,12 @@ def train(
     training into the same ``out_dir`` meanwhile is refused (its outputs would mix with these).
     """
     out = Path(out_dir)
-    with _exclusive_run(out, main=int(os.environ.get("RANK", "0")) == 0):
-        return _train(config, out, resume, progress, task, stop_after_epochs)
+    benchmark = torch.backends.cudnn.benchmark  # _train sets it on CUDA: restored after the run
+    try:
+        with _exclusive_run(out, main=int(os.environ.get("RANK", "0")) == 0):
+            return _train(config, out, resume, progress, task, stop_after_epochs)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark  # evaluation afterwards stays deterministic
 
 
 LOCK = ".lock"
