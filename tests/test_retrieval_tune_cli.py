@@ -603,3 +603,16 @@ def test_cli_search_out_never_overwrites_its_inputs(tmp_path, data, capsys):
     assert main(["search", str(tmp_path / "i"), str(tmp_path / "qs"), "--out",
                  str(tmp_path / "i" / "results.json")]) == 0
     assert MatryoshkaIndex.load(tmp_path / "i").count == 300
+
+
+def test_index_build_says_which_nesting_it_used(tmp_path, capsys):
+    """A .npy without a sidecar gets a default nesting: the build says so (a model prefix the
+    default lacks surfaced only at search time)."""
+    np.save(tmp_path / "db.npy", np.random.default_rng(0).normal(size=(50, 64)).astype(np.float32))
+    assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(tmp_path / "i")]) == 0
+    out = capsys.readouterr().out
+    assert "nesting [8, 16, 32, 64] (a default: db.json does not name one" in out
+    assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(tmp_path / "j"),
+                 "--nesting", "4,16,64", "--shortlist-dim", "4"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "nesting [4, 16, 64]," in out and "a default" not in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 NAME = "index"
 HELP = "build an adaptive-retrieval MatryoshkaIndex from embeddings (.npy or store folder)"
@@ -183,7 +184,17 @@ def run(args: argparse.Namespace) -> int:
     index.save(args.out)
     tuning = " (tuning included)" if args.target_recall is not None else ""
     print(
-        f"index: {index.count} vectors of {nesting.dim} dims, built in {build_s:.2f}s{tuning}, "
-        f"saved to {args.out}"
+        f"index: {index.count} vectors of {nesting.dim} dims, nesting {list(nesting.sizes)}"
+        f"{_nesting_source(args)}, built in {build_s:.2f}s{tuning}, saved to {args.out}"
     )
     return 0
+
+
+def _nesting_source(args: argparse.Namespace) -> str:
+    """Where the nesting came from, when it is a guess (a .npy without a sidecar): a prefix the
+    model has but the guess lacks would otherwise surface only at search time."""
+    src = Path(args.embeddings)
+    if args.nesting is None and src.suffix == ".npy" and not src.with_suffix(".json").exists():
+        return (f" (a default: {src.with_suffix('.json').name} does not name one; pass "
+                "--nesting to choose)")
+    return ""
