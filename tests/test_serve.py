@@ -527,3 +527,19 @@ def test_bind_addresses_follow_uvicorn():
         assert sock.family == socket.AF_INET and sock.getsockname()[0] == "0.0.0.0"
     finally:
         sock.close()
+
+
+def test_serve_prints_where_it_listens(monkeypatch, capsys):
+    """uvicorn is handed a bound socket and does not announce it: mrl says the address, with
+    the real port for --port 0."""
+    import mrl.commands.serve as serve_command
+    import mrl.serve.server as server
+    from mrl.cli import main
+
+    monkeypatch.setattr(serve_command, "build_app", lambda args: object())
+    seen = {}
+    monkeypatch.setattr(server, "serve_forever",
+                        lambda app, sock, **k: seen.setdefault("port", sock.getsockname()[1]))
+    assert main(["serve", "--model", "hash:32", "--port", "0"]) == 0
+    port, out = seen["port"], capsys.readouterr().out
+    assert port > 0 and f"mrl serve: listening on http://127.0.0.1:{port}" in out

@@ -112,6 +112,12 @@ def build_app(args: argparse.Namespace):
     return create_app(encoder, backend, config)
 
 
+def _url(sock) -> str:
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
+
+
 def run(args: argparse.Namespace) -> int:
     from mrl.serve.server import bind_socket, serve_forever
 
@@ -120,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port)  # before the model loads: a busy port fails at once
     try:
         app = build_app(args)
+        # uvicorn does not announce a socket it is handed: say where we listen (the real port
+        # for --port 0)
+        print(f"mrl serve: listening on {_url(sock)}", flush=True)
         serve_forever(app, host=args.host, port=args.port, log_level=args.log_level, sock=sock)
     finally:
         sock.close()
