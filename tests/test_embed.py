@@ -280,3 +280,22 @@ def test_bad_ids_fail_before_any_encoding(tmp_path, lines, message):
         embed_corpus(enc, tmp_path / "c.jsonl", tmp_path / "s", show_progress=False)
     assert enc.calls == 0 and not (tmp_path / "s").exists()  # nothing left to block a rerun
     assert not list(tmp_path.glob("s.parts*"))
+
+
+def test_cli_checks_the_input_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    """A missing file or a duplicate id is one line before any model is loaded."""
+    import mrl.serve.encoders as encoders
+    from mrl.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load before the input is checked")
+
+    monkeypatch.setattr(encoders, "load_encoder", no_model)
+    out = str(tmp_path / "s")
+    assert main(["embed", "--model", "default", "--input", str(tmp_path / "nope.jsonl"),
+                 "--out", out]) == 2  # fmt: skip
+    assert "does not exist" in capsys.readouterr().err
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
+    assert main(["embed", "--model", "default", "--input", str(dup), "--out", out]) == 2
+    assert "id 'a' is also on line 1" in capsys.readouterr().err

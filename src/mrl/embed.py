@@ -228,6 +228,28 @@ def _rank_from_env() -> tuple[int, int]:
     return rank, world
 
 
+def check_inputs(
+    input_path: Path, out: Path, field: str, id_field: str, rank: int, checked: bool = False
+) -> int:
+    """The input's row count, after checking the input and ``out`` (every line and id unless
+    ``checked``): one-line errors before any model is loaded or text encoded."""
+    if not input_path.is_file():
+        raise FileNotFoundError(f"input file {str(input_path)!r} does not exist")
+    if (out / "store.json").is_file() and not _parts_dir(out).is_dir():
+        raise FileExistsError(f"a store already exists at {out}; choose another --out")
+    from mrl.retrieval.store import check_new_store_path
+
+    check_new_store_path(out, "out")  # before any encoding, not at the merge
+    rows = _count_lines(input_path)
+    if rows == 0:
+        raise ValueError(f"input file {str(input_path)!r} is empty: nothing to embed")
+    # Every line and id. Rank 0 only: the check holds one id per row in memory, and when it
+    # fails torchrun stops the other ranks.
+    if rank == 0 and not checked:
+        check_corpus(input_path, field, id_field)
+    return rows
+
+
 def embed_corpus(
     encoder,
     input_path: str | os.PathLike,
@@ -243,8 +265,12 @@ def embed_corpus(
     wait_timeout_s: float = 24 * 3600.0,
     dtype: str = "float32",
     show_progress: bool = True,
+    checked: bool = False,
 ) -> EmbedReport:
     """Embed every line of ``input_path`` with ``encoder`` into the store at ``out``.
+
+    ``checked``: `check_inputs` already ran (the CLI runs it before loading the model); its
+    pass over every line is not repeated.
 
     ``encoder`` has ``encode(texts) -> [B, D]``, ``name`` and ``nesting`` (the `Encoder`
     protocol of `mrl.serve.encoders`). Rows are stored L2-normalised at full size. Rank and world
@@ -257,20 +283,7 @@ def embed_corpus(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
     input_path, out = Path(input_path), Path(out)
-    if not input_path.is_file():
-        raise FileNotFoundError(f"input file {str(input_path)!r} does not exist")
-    if (out / "store.json").is_file() and not _parts_dir(out).is_dir():
-        raise FileExistsError(f"a store already exists at {out}; choose another --out")
-    from mrl.retrieval.store import check_new_store_path
-
-    check_new_store_path(out, "out")  # before any encoding, not at the merge
-    rows = _count_lines(input_path)
-    if rows == 0:
-        raise ValueError(f"input file {str(input_path)!r} is empty: nothing to embed")
-    # Every line and id, before any encoding. Rank 0 only: the check holds one id per row in
-    # memory, and when it fails torchrun stops the other ranks.
-    if rank == 0:
-        check_corpus(input_path, field, id_field)
+    rows = check_inputs(input_path, out, field, id_field, rank, checked)
     mine = shard_plan(rows, shard_size, rank, world_size)
     parts = _parts_dir(out)
     _check_manifest(parts, {

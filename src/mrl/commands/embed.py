@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from mrl.commands.serve import add_threads_argument, set_threads
 
@@ -61,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.input:
         raise ValueError("--input is required (unless --merge-only)")
+    from mrl.embed import _rank_from_env, check_inputs
     from mrl.serve.encoders import load_encoder
+
+    # every line and id before the model loads (a typo must not cost a model load)
+    check_inputs(Path(args.input), Path(args.out), args.field, args.id_field, _rank_from_env()[0])
 
     if args.threads is not None:
         set_threads(args.threads)
@@ -78,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         merge=not args.no_merge,
         dtype=args.dtype,
         wait_timeout_s=args.wait_timeout,
+        checked=True,
         show_progress=not args.quiet,
     )
     print(
