@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,29 @@ def test_multi_line_warnings_show_their_first_line(capsys):
          UserWarning, "f.py", 1)  # fmt: skip
     assert capsys.readouterr().err == (
         "mrl train: warning: Grad strides do not match bucket view strides. [...]\n")
+
+
+def test_plugins_register_encoders_for_the_command(tmp_path, monkeypatch, capsys):
+    """An encoder registered by a module named in MRL_PLUGINS trains from the command line."""
+    import sys
+
+    from mrl.cli import main
+
+    (tmp_path / "my_encoders.py").write_text(
+        "from torch import nn\n"
+        "from mrl.models import register_encoder\n"
+        "register_encoder('mine-test', lambda dim, in_channels, **kw: nn.Sequential(\n"
+        "    nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(in_channels * 16, dim)))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("MRL_PLUGINS", "my_encoders")
+    sets = ["data.dataset=synthetic", "data.train_size=256", "model.name=mine-test",
+            "model.dim=16", "model.nesting=4,8,16", "epochs=1", "batch_size=64"]  # fmt: skip
+    argv = ["train", "configs/fashion-mnist.json", "--out", str(tmp_path / "run"), "--no-progress",
+            *(f"--set={s}" for s in sets)]  # fmt: skip
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(argv) == 0
+    monkeypatch.setenv("MRL_PLUGINS", "no_such_plugin_module")
+    assert main(["train", "configs/fashion-mnist.json", "--out", str(tmp_path / "r2")]) == 2
+    assert "MRL_PLUGINS: cannot import 'no_such_plugin_module'" in capsys.readouterr().err
+    sys.modules.pop("my_encoders", None)

@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = warnings.showwarning
     warnings.showwarning = _one_line_warning(args.command)
     try:
+        _import_plugins()
         with _sigterm_raises():
             code = int(args._run(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
@@ -96,6 +97,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         warnings.showwarning = shown
+
+
+PLUGINS_ENV = "MRL_PLUGINS"
+
+
+def _import_plugins() -> None:
+    """Import the modules named in $MRL_PLUGINS (comma-separated), so that what they register
+    (e.g. `mrl.models.register_encoder("mine", ...)`) exists for the command: a registration
+    lives only in the process that made it."""
+    import importlib
+
+    for name in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(f"{PLUGINS_ENV}: cannot import {name!r} ({exc}); is its folder "
+                              "on PYTHONPATH?") from None
 
 
 class Terminated(KeyboardInterrupt):

@@ -47,7 +47,9 @@ def register_encoder(name: str, factory: Callable[..., nn.Module]) -> None:
 def build_encoder(name: str, dim: int, in_channels: int, **options) -> nn.Module:
     """A registered encoder mapping ``[B, in_channels, H, W]`` to ``[B, dim]``."""
     if name not in ENCODERS:
-        raise ValueError(f"model must be one of {sorted(ENCODERS)}, got model={name!r}")
+        raise ValueError(f"model.name must be one of {sorted(ENCODERS)}, got {name!r} (an encoder "
+                         "you register with register_encoder exists only in the process that "
+                         "registers it: for the mrl command name its module in MRL_PLUGINS)")
     if not isinstance(dim, int) or dim <= 0:
         raise ValueError(f"dim must be a positive int, got dim={dim!r}")
     return ENCODERS[name](dim, in_channels, **options)
