@@ -366,3 +366,21 @@ def test_image_folder_fingerprint_follows_the_files(tmp_path):
                      train_size=3).fingerprint == first
     (tmp_path / "b" / "dog" / "0.png").rename(tmp_path / "b" / "cat" / "9.png")
     assert ImageFolder(tmp_path / "b").fingerprint() != first
+
+
+def test_image_folder_warns_about_files_it_skips(tmp_path, recwarn):
+    """A .jfif (a JPEG by another name) or notes beside the images: said, never silently lost;
+    hidden files stay quiet."""
+    pytest.importorskip("PIL")
+    from mrl.data.image_folder import ImageFolder
+
+    _make_folder(tmp_path)
+    (tmp_path / "cat" / "x.jfif").write_bytes(b"jpeg bytes")
+    (tmp_path / "cat" / "._0.png").write_bytes(b"macOS resource fork")
+    with pytest.warns(UserWarning, match=r"skipped 1 files with other extensions .*cat/x\.jfif"):
+        ds = ImageFolder(tmp_path, image_size=8)
+    assert len(ds) == 6
+    (tmp_path / "cat" / "x.jfif").unlink()
+    recwarn.clear()
+    ImageFolder(tmp_path, image_size=8)
+    assert not [w for w in recwarn if "skipped" in str(w.message)]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import random
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,10 +160,23 @@ class Normalize:
         return (x - self.mean) / self.std
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def _is_image(path: Path, root: Path) -> bool:
     """An image file, not hidden and not below a hidden folder (e.g. macOS ``._x.jpg``)."""
-    hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not hidden and path.is_file()
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(path, root) and path.is_file()
+
+
+def _progress(n: int) -> Any:
+    """range(n) with a progress bar on stderr for long decodes (about 5 ms per image: 100k
+    images are minutes of otherwise silent work), when tqdm is installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return range(n)
+    return tqdm(range(n), desc="decoding images", disable=n < 2000, leave=False, file=sys.stderr)
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -192,12 +207,22 @@ class ImageFolder(torch.utils.data.Dataset):
         if not self.classes:
             raise ValueError(f"image folder root={str(self.root)!r} has no class subfolders")
         self.samples: list[tuple[Path, int]] = []
-        empty = []
+        empty, skipped = [], []
         for label, name in enumerate(self.classes):
-            files = sorted(p for p in (self.root / name).rglob("*") if _is_image(p, self.root))
+            found = sorted(p for p in (self.root / name).rglob("*") if p.is_file())
+            files = [p for p in found if _is_image(p, self.root)]
+            images = set(files)
+            skipped += [p for p in found if p not in images and not _hidden(p, self.root)]
             self.samples += [(p, label) for p in files]
             if not files:
                 empty.append(name)
+        if skipped:  # never a silent loss: a .jfif or .avif the user meant as an image
+            warnings.warn(
+                f"image folder {str(self.root)!r}: skipped {len(skipped)} files with other "
+                f"extensions than {IMAGE_EXTENSIONS} (e.g. "
+                f"{skipped[0].relative_to(self.root)}); rename or convert images to use them",
+                stacklevel=2,
+            )
         if not self.samples:
             raise ValueError(
                 f"image folder root={str(self.root)!r} has no images with extensions "
@@ -244,7 +269,7 @@ class ImageFolder(torch.utils.data.Dataset):
         to_tensor = Compose(
             [Resize(self.image_size), CenterCrop(self.image_size), ToTensor(self.channels)]
         )
-        images = torch.stack([to_tensor(self.load_image(i)) for i in range(len(self))])
+        images = torch.stack([to_tensor(self.load_image(i)) for i in _progress(len(self))])
         labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
         pixels = images.float().div_(255).transpose(0, 1).reshape(self.channels, -1)  # [C, N*H*W]
         mean = tuple(pixels.mean(1).tolist())
