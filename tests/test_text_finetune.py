@@ -270,3 +270,12 @@ def test_cli_distill_options(tiny_model, tmp_path, capsys):  # noqa: F811
     assert config["distill_negatives"] == 3 and config["val_fraction"] == 0.25
     assert config["val_fold"] == 3
     assert (out / "validation.json").is_file()
+
+
+def test_default_lr_follows_what_trains():
+    """A frozen encoder trains one rotation layer: the whole model's 3e-5 barely moved it."""
+    from mrl.text.finetune import FinetuneConfig
+
+    assert FinetuneConfig().lr == 3e-5
+    assert FinetuneConfig(train_encoder=False, init_rotation="pca").lr == 1e-3
+    assert FinetuneConfig(train_encoder=False, init_rotation="pca", lr=5e-4).lr == 5e-4

@@ -64,9 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _corpus_arg(ft)
     ft.add_argument("--out", required=True, help="output model folder")
     ft.add_argument("--nesting", default=None, help="prefix sizes (default doubling:8)")
-    ft.add_argument("--epochs", type=int, default=1)
-    ft.add_argument("--batch-size", type=int, default=32)
-    ft.add_argument("--lr", type=float, default=3e-5)
+    ft.add_argument("--epochs", type=int, default=1, help="passes over the pairs (default 1)")
+    ft.add_argument("--batch-size", type=int, default=32,
+                    help="pairs per step; the other positives are each query's negatives (32)")
+    ft.add_argument("--lr", type=float, default=None,
+                    help="peak AdamW learning rate (default 3e-5; 1e-3 with --freeze-encoder)")
     ft.add_argument("--max-seq-length", type=int, default=128)
     ft.add_argument("--max-steps", type=int, default=None)
     ft.add_argument("--temperature", type=float, default=0.05)

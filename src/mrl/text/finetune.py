@@ -91,7 +91,8 @@ class FinetuneConfig:
         nesting: prefix spec ("8,16,...", "doubling:8"); None = doubling from 8 to D.
         epochs: passes over the pairs.
         batch_size: pairs per step; the other B-1 positives are each query's negatives.
-        lr: peak AdamW learning rate.
+        lr: peak AdamW learning rate; None (the default): 3e-5 for the whole model, 1e-3 with
+            ``train_encoder=False`` (only the rotation layer trains: 3e-5 barely moves it).
         warmup: fraction of steps with linear warm-up (then linear decay to 0).
         weight_decay: AdamW weight decay.
         temperature: softmax temperature on cosine (0.05 = scale 20).
@@ -136,7 +137,7 @@ class FinetuneConfig:
     nesting: str | None = None
     epochs: int = 1
     batch_size: int = 32
-    lr: float = 3e-5
+    lr: float | None = None
     warmup: float = 0.1
     weight_decay: float = 0.01
     temperature: float = 0.05
@@ -161,6 +162,8 @@ class FinetuneConfig:
     adapt_init: str = "identity"
 
     def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = 3e-5 if self.train_encoder else 1e-3
         for name in ("epochs", "batch_size", "max_seq_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
