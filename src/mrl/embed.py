@@ -210,6 +210,9 @@ def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
             if old == {k: v for k, v in manifest.items() if k != "input_sha256"}:
                 atomic_write_json(path, manifest)  # and record the hash from now on
                 return
+        if old != manifest and not any(parts.glob("shard-*.json")):
+            atomic_write_json(path, manifest)  # no shard finished: nothing to keep apart
+            return
         if old != manifest:
             diff = sorted(k for k in manifest if old.get(k) != manifest[k])
             why = ("an earlier version of the input file (it has changed since)"
