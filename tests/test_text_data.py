@@ -137,12 +137,22 @@ def test_beir_folder(tmp_path):
         (json.dumps({"text": "no id"}), r"corpus.jsonl:2: missing field '_id'"),
         (json.dumps({"_id": "d2", "text": 3}), r"corpus.jsonl:2: field 'text' must be a string"),
         ("[1, 2]", r"corpus.jsonl:2: expected a JSON object"),
+        (json.dumps({"_id": "d2", "title": " ", "text": ""}),
+         r"corpus.jsonl:2: _id 'd2' has no text \(fields \['title', 'text'\] are empty\)"),
     ],
 )
 def test_beir_bad_lines(tmp_path, line, match):
     root = _write_beir(tmp_path / "b", [json.dumps({"_id": "d1", "text": "a"}), line])
     with pytest.raises(ValueError, match=match):
         load_beir(root)
+
+
+def test_beir_empty_query_named_by_line(tmp_path):
+    root = _write_beir(tmp_path / "e", [json.dumps({"_id": "d1", "text": "a"})])
+    (root / "queries.jsonl").write_text(json.dumps({"_id": "q0", "text": "unjudged"}) + "\n"
+                                        + json.dumps({"_id": "q1", "text": "  "}) + "\n")
+    with pytest.raises(ValueError, match=r"queries.jsonl:2: _id 'q1' has no text"):
+        load_beir(root)  # was "queries[0] is empty": an index among the judged queries
 
 
 def test_beir_bad_qrels(tmp_path):

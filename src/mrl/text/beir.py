@@ -31,8 +31,12 @@ def read_jsonl(
     required: tuple[str, ...],
     optional: tuple[str, ...] = (),
     nonempty: bool = False,
+    any_text: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """Objects of a JSONL file; a ValueError naming the file and line on bad lines.
+
+    ``any_text``: at least one of these fields must hold more than whitespace (a document's
+    title or text).
 
     ``required`` fields must be strings; ``optional`` ones, where present and not null, too.
     With ``nonempty`` those strings must hold more than whitespace.
@@ -67,6 +71,9 @@ def read_jsonl(
                 )
             if nonempty and not value.strip():
                 raise ValueError(f"{path}:{lineno}: field {key!r} is empty")
+        if any_text and not any((row.get(k) or "").strip() for k in any_text):
+            raise ValueError(f"{path}:{lineno}: _id {row.get('_id')!r} has no text (fields "
+                             f"{list(any_text)} are empty)")
         rows.append(row)
     return rows
 
@@ -119,8 +126,10 @@ def load_beir(root: str | os.PathLike, split: str = "test") -> RetrievalDataset:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"root={str(root)!r} is not a folder")
-    corpus = read_jsonl(root / "corpus.jsonl", ("_id", "text"), ("title",))
-    queries = read_jsonl(root / "queries.jsonl", ("_id", "text"))
+    # empty texts are named by file, line and _id here (later only a list index could be)
+    corpus = read_jsonl(root / "corpus.jsonl", ("_id", "text"), ("title",),
+                        any_text=("title", "text"))  # fmt: skip
+    queries = read_jsonl(root / "queries.jsonl", ("_id", "text"), any_text=("text",))
     qrels_path = root / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
         raise FileNotFoundError(f"split={split!r}: {str(qrels_path)!r} does not exist")
