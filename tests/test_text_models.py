@@ -157,7 +157,7 @@ def test_finetune_saves_nested_model(tiny_model, tmp_path):
 
 
 def test_finetune_bad_config(tiny_model, tmp_path):
-    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+    with pytest.raises(ValueError, match=r"batch_size \(--batch-size\) must be >= 2"):
         FinetuneConfig(batch_size=1)
     with pytest.raises(ValueError, match="need at least 2 pairs"):
         finetune(tiny_model, [Pair("a", "b")], tmp_path, FinetuneConfig())
@@ -526,7 +526,7 @@ def test_finetune_from_adaptor_file_and_errors(tiny_model, tiny, tmp_path):
         initial_rotation(tiny_model, tiny, str(tmp_path / "b.pt"), ["x"], None)
     with pytest.raises(ValueError, match="init_rotation must be None, 'pca' or an adaptor"):
         FinetuneConfig(init_rotation="svd")
-    with pytest.raises(ValueError, match="rotation_lr needs init_rotation"):
+    with pytest.raises(ValueError, match=r"rotation_lr \(--rotation-lr\) needs init_rotation"):
         FinetuneConfig(rotation_lr=1e-3)
     with pytest.raises(ValueError, match="rotation_lr must be > 0"):
         FinetuneConfig(init_rotation="pca", rotation_lr=0.0)
@@ -571,7 +571,7 @@ def test_rotation_only_finetune_keeps_the_encoder(tiny_model, tiny, tmp_path):
     weight = model[-1].linear.weight.detach().numpy()  # [D, D]; y = x @ W^T
     base = encode(tiny, texts[:3])
     np.testing.assert_allclose(model.encode(texts[:3]), base @ weight.T, atol=1e-4)
-    with pytest.raises(ValueError, match="train_encoder=False needs init_rotation"):
+    with pytest.raises(ValueError, match=r"\(--freeze-encoder\) needs init_rotation"):
         FinetuneConfig(train_encoder=False)
 
 
@@ -588,7 +588,7 @@ def test_cli_finetune_rotation_flags(tiny_model, tmp_path, capsys):
     config = json.loads((out / "mrl.json").read_text())["config"]
     assert config["init_rotation"] == "pca" and config["train_encoder"] is False
     assert main(args + ["--freeze-encoder"]) == 2
-    assert "train_encoder=False needs init_rotation" in capsys.readouterr().err
+    assert "(--freeze-encoder) needs init_rotation (--init-rotation" in capsys.readouterr().err
 
 
 def test_compare_reuses_base_embeddings_for_a_frozen_encoder(tiny_model, tmp_path):

@@ -168,7 +168,8 @@ class FinetuneConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (in-batch negatives), got {self.batch_size}")
+            raise ValueError(f"batch_size (--batch-size) must be >= 2 (in-batch negatives), got "
+                             f"{self.batch_size}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup < 1:
@@ -180,9 +181,11 @@ class FinetuneConfig:
         if self.rotation_lr is not None and not self.rotation_lr > 0:
             raise ValueError(f"rotation_lr must be > 0 or None, got {self.rotation_lr}")
         if self.rotation_lr is not None and self.init_rotation is None:
-            raise ValueError("rotation_lr needs init_rotation ('pca' or an adaptor file)")
+            raise ValueError("rotation_lr (--rotation-lr) needs init_rotation (--init-rotation: "
+                             "'pca' or an adaptor file)")
         if not self.train_encoder and self.init_rotation is None:
-            raise ValueError("train_encoder=False needs init_rotation (the layer to train)")
+            raise ValueError("train_encoder=False (--freeze-encoder) needs init_rotation "
+                             "(--init-rotation: the layer to train)")
         spec = self.init_rotation
         if spec is not None and spec != "pca" and not str(spec).endswith((".pt", ".npy")):
             raise ValueError(
