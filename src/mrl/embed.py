@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -208,17 +209,21 @@ def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
         if "input_sha256" not in old:  # parts from before the input hash: compare the rest
             if old == {k: v for k, v in manifest.items() if k != "input_sha256"}:
+                warnings.warn(f"{parts} predates input hashing: its shards are taken as they are "
+                              "(an input edited in place since cannot be told); remove it to "
+                              "encode again", stacklevel=3)
                 atomic_write_json(path, manifest)  # and record the hash from now on
                 return
-        if old != manifest and not any(parts.glob("shard-*.json")):
-            atomic_write_json(path, manifest)  # no shard finished: nothing to keep apart
-            return
         if old != manifest:
+            # Refused even when no shard is finished: another job may be encoding its first
+            # shard into this folder right now.
             diff = sorted(k for k in manifest if old.get(k) != manifest[k])
             why = ("an earlier version of the input file (it has changed since)"
                    if diff == ["input_sha256"] else "another run")
-            raise ValueError(f"{parts} holds shards of {why} (differs in {diff}); remove "
-                             "it or use another --out")
+            done = len(list(parts.glob("shard-*.json")))
+            raise ValueError(f"{parts} holds {done} finished shards of {why} (differs in "
+                             f"{diff}); remove it (once no other job writes there) or use "
+                             "another --out")
         return
     parts.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, manifest)
