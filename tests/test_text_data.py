@@ -148,11 +148,15 @@ def test_beir_bad_lines(tmp_path, line, match):
 
 
 def test_beir_empty_query_named_by_line(tmp_path):
-    root = _write_beir(tmp_path / "e", [json.dumps({"_id": "d1", "text": "a"})])
+    root = _write_beir(tmp_path / "e", [json.dumps({"_id": "d1", "text": "a"}),
+                                        json.dumps({"_id": "d2", "text": "b"})])
     (root / "queries.jsonl").write_text(json.dumps({"_id": "q0", "text": "unjudged"}) + "\n"
                                         + json.dumps({"_id": "q1", "text": "  "}) + "\n")
-    with pytest.raises(ValueError, match=r"queries.jsonl:2: _id 'q1' has no text"):
+    with pytest.raises(ValueError, match=r"queries.jsonl:2: judged query _id 'q1' has no text"):
         load_beir(root)  # was "queries[0] is empty": an index among the judged queries
+    (root / "queries.jsonl").write_text(json.dumps({"_id": "q0", "text": " "}) + "\n\n"
+                                        + json.dumps({"_id": "q1", "text": "wings"}) + "\n")
+    assert load_beir(root).query_ids == ["q1"]  # an unjudged empty query is dropped, as before
 
 
 def test_beir_bad_qrels(tmp_path):

@@ -121,6 +121,20 @@ def _check_unique(ids: list[str], path: Path) -> None:
         seen[ident] = i
 
 
+def _check_judged_queries(path: Path, queries: list[dict], qrels: dict) -> None:
+    """A judged query must have text (named by line and _id: later only a list index could
+    be); empty queries of other splits are dropped with them, as before."""
+    for lineno, row in _rows_with_lines(path, queries):
+        if str(row["_id"]) in qrels and not row["text"].strip():
+            raise ValueError(f"{path}:{lineno}: judged query _id {row['_id']!r} has no text")
+
+
+def _rows_with_lines(path: Path, rows: list[dict]):
+    """(line number, row) for `read_jsonl`'s rows (it skips blank lines)."""
+    numbers = [n for n, line in _lines(path) if line.strip()]
+    return zip(numbers, rows)
+
+
 def load_beir(root: str | os.PathLike, split: str = "test") -> RetrievalDataset:
     """A BEIR-style folder as a `RetrievalDataset` (only judged queries are kept)."""
     root = Path(root)
@@ -129,7 +143,7 @@ def load_beir(root: str | os.PathLike, split: str = "test") -> RetrievalDataset:
     # empty texts are named by file, line and _id here (later only a list index could be)
     corpus = read_jsonl(root / "corpus.jsonl", ("_id", "text"), ("title",),
                         any_text=("title", "text"))  # fmt: skip
-    queries = read_jsonl(root / "queries.jsonl", ("_id", "text"), any_text=("text",))
+    queries = read_jsonl(root / "queries.jsonl", ("_id", "text"))
     qrels_path = root / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
         raise FileNotFoundError(f"split={split!r}: {str(qrels_path)!r} does not exist")
@@ -147,6 +161,7 @@ def load_beir(root: str | os.PathLike, split: str = "test") -> RetrievalDataset:
         unknown = [d for d in docs if d not in known]
         if unknown:
             raise ValueError(f"{qrels_path}: query {q!r} judges unknown corpus ids {unknown[:5]}")
+    _check_judged_queries(root / "queries.jsonl", queries, qrels)
     ds = RetrievalDataset(
         root.name,
         doc_ids,
