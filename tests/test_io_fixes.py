@@ -109,3 +109,21 @@ def test_a_folder_is_listed_once_for_stale_temporaries(tmp_path, monkeypatch):
     for name in ("a.txt", "b.txt", "c.txt"):
         io.atomic_write_text(tmp_path / name, name)
     assert len(listed) == 1 and not stale.exists()  # b.txt's leftover found in the one listing
+
+
+def test_a_leftover_too_fresh_at_the_first_listing_is_removed_later(tmp_path, monkeypatch):
+    """A restart right after a kill lists the folder while the leftover is minutes old; it must
+    not stay for the whole run."""
+    import time
+
+    import mrl.io as io
+
+    leftover = tmp_path / ".ckpt.pt.k1ll3d_x.tmp"
+    leftover.write_text("x")
+    io.atomic_write_text(tmp_path / "ckpt.pt", "1")  # first listing: the leftover is fresh
+    assert leftover.exists()
+    now = time.time()
+    os.utime(leftover, (now - 2 * 3600, now - 2 * 3600))
+    monkeypatch.setattr(time, "time", lambda: now + 2 * 3600)  # an hour and more later
+    io.atomic_write_text(tmp_path / "ckpt.pt", "2")
+    assert not leftover.exists()

@@ -48,23 +48,27 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 STALE_TEMPORARY_S = 3600.0
 
 
-_STALE: dict[str, list[Path]] = {}  # folder -> its stale temporaries, listed once per process
+_STALE: dict[str, tuple[float, set[Path]]] = {}  # folder -> (listed at, stale temporaries)
 
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Remove ``.NAME.*.tmp`` files beside ``path`` untouched for an hour: left by a process
     killed mid-write (SIGKILL, OOM, power loss), each can be as large as a checkpoint, and
     every restart would add one. Only files named like ours for this very target; no folders.
-    A folder is listed once per process (on every write it cost O(files) per write in a shard
-    folder of thousands); later writes look up their own target's leftovers in that list."""
+    A folder is listed at most once an hour per process (on every write it cost O(files) per
+    write in a shard folder of thousands); writes in between look up their own target's
+    leftovers in that list (a leftover too fresh at one listing is caught by the next)."""
     import re
+    import time
 
-    folder = str(path.parent.resolve())  # (a test or a long session may reset _STALE)
-    if folder not in _STALE:
-        _STALE[folder] = _list_stale_temporaries(path.parent)
+    folder = path.parent.resolve()  # absolute: a later chdir does not change what we list
+    listed_at, stale = _STALE.get(str(folder), (0.0, set()))
+    if time.time() - listed_at > STALE_TEMPORARY_S:
+        listed_at, stale = time.time(), set(_list_stale_temporaries(folder))
+        _STALE[str(folder)] = (listed_at, stale)
     ours = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")  # mkstemp's 8 letters
-    for old in [p for p in _STALE[folder] if ours.fullmatch(p.name)]:
-        _STALE[folder].remove(old)
+    for old in [p for p in stale if ours.fullmatch(p.name)]:
+        stale.discard(old)  # (two threads may both see it: discard, not remove)
         with contextlib.suppress(OSError):  # gone meanwhile
             old.unlink()
 
