@@ -616,3 +616,10 @@ def test_index_build_says_which_nesting_it_used(tmp_path, capsys):
                  "--nesting", "4,16,64", "--shortlist-dim", "4"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "nesting [4, 16, 64]," in out and "a default" not in out
+
+
+def test_index_build_says_a_null_sidecar_nesting_is_a_default(tmp_path, capsys):
+    np.save(tmp_path / "db.npy", np.random.default_rng(0).normal(size=(50, 64)).astype(np.float32))
+    (tmp_path / "db.json").write_text(json.dumps({"shape": [50, 64], "nesting": None}))
+    assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(tmp_path / "i")]) == 0
+    assert "(a default: db.json does not name one" in capsys.readouterr().out

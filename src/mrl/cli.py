@@ -111,7 +111,11 @@ def _import_plugins() -> None:
     for name in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
         try:
             importlib.import_module(name)
-        except ImportError as exc:
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # the plugin was found; something it imports is missing
+                raise ImportError(
+                    f"{PLUGINS_ENV}: plugin {name!r} failed to import: {exc}"
+                ) from exc
             raise ImportError(f"{PLUGINS_ENV}: cannot import {name!r} ({exc}); is its folder "
                               "on PYTHONPATH?") from None
 

@@ -193,8 +193,14 @@ def run(args: argparse.Namespace) -> int:
 def _nesting_source(args: argparse.Namespace) -> str:
     """Where the nesting came from, when it is a guess (a .npy without a sidecar): a prefix the
     model has but the guess lacks would otherwise surface only at search time."""
+    import json
+
     src = Path(args.embeddings)
-    if args.nesting is None and src.suffix == ".npy" and not src.with_suffix(".json").exists():
-        return (f" (a default: {src.with_suffix('.json').name} does not name one; pass "
-                "--nesting to choose)")
-    return ""
+    if args.nesting is not None or src.suffix != ".npy":
+        return ""
+    side = src.with_suffix(".json")
+    try:  # (a damaged sidecar was refused when the embeddings were read)
+        named = side.is_file() and json.loads(side.read_text()).get("nesting") is not None
+    except (OSError, ValueError, AttributeError):
+        named = False
+    return "" if named else f" (a default: {side.name} does not name one; pass --nesting to choose)"

@@ -296,8 +296,8 @@ def save_embeddings(path: str | os.PathLike, emb: np.ndarray, **meta: Any) -> No
     with atomic_open(path, "wb") as f:
         np.save(f, emb)
     atomic_write_json(path.with_suffix(".json"), {
-        "shape": list(emb.shape), "dtype": str(emb.dtype),
-        "fingerprint": file_fingerprint(path), **meta,
+        **meta, "shape": list(emb.shape), "dtype": str(emb.dtype),
+        "fingerprint": file_fingerprint(path),  # after meta: a caller's key cannot replace it
     })  # fmt: skip
 
 
