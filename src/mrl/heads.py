@@ -42,10 +42,6 @@ HEAD_MODES = ("mrl", "mrl-e", "ff", "plain")
 
 
 # --------------------------------------------------------------------------- validation helpers
-def _as_nesting(nesting: Nesting | Sequence[int] | str, name: str = "nesting") -> Nesting:
-    return Nesting.coerce(nesting, name)
-
-
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
@@ -195,7 +191,7 @@ def nested_linear(
         nesting: prefix sizes; ``nesting.dim`` must equal D.
         bias: optional ``[C]`` bias, added at every prefix.
     """
-    nesting = _as_nesting(nesting)  # a list or "8,16,32" too
+    nesting = Nesting.coerce(nesting)  # a list or "8,16,32" too
     _check_input(z, nesting.dim, "z")
     if weight.dim() != 2 or weight.shape[1] != nesting.dim:
         raise ValueError(f"weight must be [C, {nesting.dim}], got shape {tuple(weight.shape)}")
@@ -232,7 +228,7 @@ class MRLEHead(nn.Module):
 
     def __init__(self, nesting: Nesting | Sequence[int], num_classes: int, bias: bool = True):
         super().__init__()
-        self.nesting = _as_nesting(nesting)
+        self.nesting = Nesting.coerce(nesting)
         self.num_classes = _check_positive_int("num_classes", num_classes)
         self.in_dim = self.nesting.dim
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_dim))
@@ -335,7 +331,7 @@ class MRLHead(nn.Module):
         fused: bool = True,
     ):
         super().__init__()
-        self.nesting = _as_nesting(nesting)
+        self.nesting = Nesting.coerce(nesting)
         self.num_classes = _check_positive_int("num_classes", num_classes)
         self.in_dim = self.nesting.dim
         self.fused = fused
@@ -413,7 +409,7 @@ def make_head(
 
     Every head has ``.nesting`` (the prefixes of its G outputs) and ``.in_dim`` (D).
     """
-    nesting = _as_nesting(nesting)
+    nesting = Nesting.coerce(nesting)
     if mode not in HEAD_MODES:
         raise ValueError(f"mode must be one of {list(HEAD_MODES)}, got mode={mode!r}")
     if mode != "ff" and ff_dim is not None:

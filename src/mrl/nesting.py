@@ -120,10 +120,10 @@ class Nesting:
         if isinstance(value, (bytes, bytearray)):  # a Sequence of ints, but never meant as sizes
             raise ValueError(f"{name} must be a Nesting, a list of ints or a spec string, got "
                              f"bytes {value!r}")
-        if isinstance(value, (str, Sequence)) or (
-            hasattr(value, "tolist") and getattr(value, "ndim", None) == 1  # numpy / torch 1-D
-        ):
-            return cls.parse(value if isinstance(value, (str, Sequence)) else value.tolist())
+        if isinstance(value, (str, Sequence)):
+            return cls.parse(value)
+        if hasattr(value, "tolist") and getattr(value, "ndim", None) == 1:  # numpy / torch 1-D
+            return cls.parse(value.tolist())
         raise ValueError(f"{name} must be a Nesting, a list of ints or a spec such as "
                          f"'8,16,32', got {name}={value!r}")
 
@@ -208,9 +208,8 @@ class Nesting:
         if dim > self.dim:  # growing a nesting would invent a prefix no head was trained for
             raise ValueError(f"dim must be at most the nesting's largest prefix {self.dim}, got "
                              f"dim={dim}")
-        keep = [g for g, m in enumerate(self.sizes) if m < dim]
-        cut = len(keep) if len(keep) < len(self.sizes) else len(self.sizes) - 1
-        weights = [self.weights[g] for g in keep] + [self.weights[cut]]
+        keep = [g for g, m in enumerate(self.sizes) if m < dim]  # never the last: dim <= D
+        weights = [self.weights[g] for g in keep] + [self.weights[len(keep)]]
         return Nesting(tuple(self.sizes[g] for g in keep) + (dim,), tuple(weights))
 
     def with_weights(self, weights: Iterable[float]) -> Nesting:
