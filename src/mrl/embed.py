@@ -16,7 +16,6 @@ No process group is needed: rank 0 waits for every marker, then merges; ``merge=
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,12 +30,12 @@ from typing import Any
 import numpy as np
 
 from mrl._optional import require
+from mrl.io import atomic_open, atomic_write_json, file_digest
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no merge lock (merge from one process there)
     fcntl = None
-from mrl.io import atomic_open, atomic_write_json
 
 __all__ = ["EmbedReport", "embed_corpus", "merge_shards", "read_corpus", "shard_plan"]
 
@@ -148,17 +147,6 @@ def _count_lines(path: Path) -> int:
             1 if path.stat().st_size and not _ends_with_newline(path) else 0)
 
 
-def _file_sha256(path: Path) -> str:
-    """The input's content hash for the manifest: an edit that keeps the size (``sed -i
-    s/alpha/omega/``) must not let a resumed run merge shards encoded from the old text. Not the
-    mtime: a copy or a ``touch`` changes it without changing a row."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for buf in iter(lambda: f.read(1 << 20), b""):
-            h.update(buf)
-    return h.hexdigest()
-
-
 def _ends_with_newline(path: Path) -> bool:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
@@ -236,11 +224,9 @@ def _rank_from_env() -> tuple[int, int]:
     return rank, world
 
 
-def check_inputs(
-    input_path: Path, out: Path, field: str, id_field: str, rank: int, checked: bool = False
-) -> int:
-    """The input's row count, after checking the input and ``out`` (every line and id unless
-    ``checked``): one-line errors before any model is loaded or text encoded."""
+def check_inputs(input_path: Path, out: Path, field: str, id_field: str, rank: int) -> int:
+    """The input's row count, after checking the input and ``out`` (every line and id): one-line
+    errors before any model is loaded or text encoded."""
     if not input_path.is_file():
         raise FileNotFoundError(f"input file {str(input_path)!r} does not exist")
     if (out / "store.json").is_file() and not _parts_dir(out).is_dir():
@@ -253,7 +239,7 @@ def check_inputs(
         raise ValueError(f"input file {str(input_path)!r} is empty: nothing to embed")
     # Every line and id. Rank 0 only: the check holds one id per row in memory, and when it
     # fails torchrun stops the other ranks.
-    if rank == 0 and not checked:
+    if rank == 0:
         check_corpus(input_path, field, id_field)
     return rows
 
@@ -273,12 +259,12 @@ def embed_corpus(
     wait_timeout_s: float = 24 * 3600.0,
     dtype: str = "float32",
     show_progress: bool = True,
-    checked: bool = False,
+    rows: int | None = None,
 ) -> EmbedReport:
     """Embed every line of ``input_path`` with ``encoder`` into the store at ``out``.
 
-    ``checked``: `check_inputs` already ran (the CLI runs it before loading the model); its
-    pass over every line is not repeated.
+    ``rows``: what `check_inputs` returned when it already ran (the CLI runs it before loading
+    the model), so its passes over the input are not repeated; None: checked here.
 
     ``encoder`` has ``encode(texts) -> [B, D]``, ``name`` and ``nesting`` (the `Encoder`
     protocol of `mrl.serve.encoders`). Rows are stored L2-normalised at full size. Rank and world
@@ -291,13 +277,16 @@ def embed_corpus(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
     input_path, out = Path(input_path), Path(out)
-    rows = check_inputs(input_path, out, field, id_field, rank, checked)
+    if rows is None:
+        rows = check_inputs(input_path, out, field, id_field, rank)
     mine = shard_plan(rows, shard_size, rank, world_size)
     parts = _parts_dir(out)
     _check_manifest(parts, {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
         "input": str(input_path.resolve()), "input_bytes": input_path.stat().st_size,
-        "input_sha256": _file_sha256(input_path),
+        # the content, not the mtime: an edit that keeps the size (sed -i) must not let a resumed
+        # run merge shards of the old text, and a copy or touch changes no row
+        "input_sha256": file_digest(input_path),
         "rows": rows, "shard_size": shard_size, "model": encoder.name,
         "dim": encoder.nesting.dim, "nesting": encoder.nesting.to_dict(), "field": field,
         "id_field": id_field})

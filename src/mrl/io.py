@@ -98,6 +98,15 @@ class WriteError(OSError):
         return f"cannot write {self.filename}: {self.strerror}"
 
 
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a whole file, read in 1 MiB blocks (checksums, content hashes)."""
+    h = hashlib.new(algorithm, usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 of a file's size, first and last ``chunk`` bytes (hex, 16 chars): tells a file
     rewritten with other contents of the same size apart in milliseconds, whatever its size,

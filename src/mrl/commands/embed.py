@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from mrl.serve.encoders import load_encoder
 
     # every line and id before the model loads (a typo must not cost a model load)
-    check_inputs(Path(args.input), Path(args.out), args.field, args.id_field, _rank_from_env()[0])
+    rows = check_inputs(Path(args.input), Path(args.out), args.field, args.id_field,
+                        _rank_from_env()[0])  # fmt: skip
 
     if args.threads is not None:
         set_threads(args.threads)
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         merge=not args.no_merge,
         dtype=args.dtype,
         wait_timeout_s=args.wait_timeout,
-        checked=True,
+        rows=rows,
         show_progress=not args.quiet,
     )
     print(

@@ -16,7 +16,6 @@ tensors (47 MB as uint8), which is what the training loop wants: no per-image Py
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import struct
 import urllib.request
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from mrl.data.tensors import ImageTensors
+from mrl.io import file_digest
 
 __all__ = [
     "CLASSES",
@@ -174,26 +174,18 @@ def _explicit_root(folder: Path, download: bool) -> Path:
     )
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download(folder: Path) -> Path:
     """Fetch the official files into ``folder``; a file is kept only if its MD5 matches."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, md5 in MD5.items():
         target = folder / name
-        if target.is_file() and _md5(target) == md5:
+        if target.is_file() and file_digest(target, "md5") == md5:
             continue
         tmp = folder / f".{name}.part"
         with urllib.request.urlopen(BASE_URL + name, timeout=60) as resp, open(tmp, "wb") as f:
             while block := resp.read(1 << 20):
                 f.write(block)
-        got = _md5(tmp)
+        got = file_digest(tmp, "md5")
         if got != md5:
             tmp.unlink()
             raise ValueError(f"downloaded {name} has MD5 {got}, expected {md5}; not kept")
