@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mrl.arrays import as_numpy
+from mrl.retrieval.store import first_nonfinite_row
 
 __all__ = [
     "argtopk", "check_queries", "exact_search", "normalize_prefix", "topk_sorted", "METRICS"
@@ -81,11 +82,9 @@ def check_queries(queries: Any, dim: int) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"queries must be floating point, got dtype {arr.dtype}")
     q = np.ascontiguousarray(arr, dtype=np.float32)
-    bad = ~np.isfinite(q).all(axis=1)
-    if bad.any():
-        raise ValueError(
-            f"queries must be finite, query {int(np.flatnonzero(bad)[0])} has NaN or inf"
-        )
+    bad = first_nonfinite_row(q)
+    if bad is not None:
+        raise ValueError(f"queries must be finite, query {bad} has NaN or inf")
     return q
 
 

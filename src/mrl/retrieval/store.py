@@ -38,19 +38,21 @@ from typing import Any
 import numpy as np
 
 from mrl.arrays import as_numpy
+from mrl.io import atomic_open, atomic_write_json, check_output_path, read_json_sidecar
+from mrl.nesting import Nesting
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no writer lock (write a store from one process there)
     fcntl = None
-from mrl.io import atomic_open, atomic_write_json, check_output_path, read_json_sidecar
-from mrl.nesting import Nesting
 
 __all__ = [
     "EmbeddingStore",
     "STORE_FORMAT",
     "STORE_VERSION",
+    "check_float16_range",
     "check_new_store_path",
+    "check_unique_ids",
     "validate_vectors",
 ]
 
@@ -86,6 +88,27 @@ def first_nonfinite_row(arr: np.ndarray, block: int = 65536) -> int | None:
         if not ok.all():
             return s + int(np.flatnonzero(~ok)[0])
     return None
+
+
+def check_float16_range(x: np.ndarray, option: str, block: int = 65536) -> None:
+    """float16 storage: a value beyond 65504 would be stored as inf and score inf (or NaN);
+    refused, naming the ``option`` that chose float16 (checked in row blocks, no [N, D] copy)."""
+    for s in range(0, len(x), block):
+        if np.abs(x[s : s + block]).max(initial=0.0) > 65504:
+            raise ValueError(f"vectors exceed the float16 range (65504); use {option}='float32'")
+
+
+def check_unique_ids(new: np.ndarray, existing: np.ndarray, holder: str) -> None:
+    """ids name rows one to one: a repeated id would make a search hit ambiguous, whether it
+    repeats within the new ids or is one the ``holder`` ("store", "index") already has."""
+    uniq, counts = np.unique(new, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1][0]
+        raise ValueError(f"ids must be unique, id {dup.item()!r} appears twice in the new ids")
+    clash = np.isin(new, existing) if len(existing) else np.zeros(len(new), bool)
+    if clash.any():  # .item(): 3, not np.int64(3), in the message
+        raise ValueError(f"ids must be unique, id {new[clash][0].item()!r} is already in the "
+                         f"{holder}")
 
 
 @dataclass(frozen=True)
@@ -328,11 +351,7 @@ class EmbeddingStore:
             raise ValueError(
                 f"ids must be of the same kind as the store's ({existing.dtype}), got {arr.dtype}"
             )
-        if len(np.unique(arr)) != n:
-            raise ValueError("ids must be unique, got duplicates in the new ids")
-        if len(existing) and np.isin(arr, existing).any():
-            dup = arr[np.isin(arr, existing)][0].item()  # 3, not np.int64(3), in the message
-            raise ValueError(f"ids must be unique, id {dup!r} is already in the store")
+        check_unique_ids(arr, existing, "store")
         return arr
 
     def _encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -340,8 +359,7 @@ class EmbeddingStore:
         if self.dtype == "float32":
             return x, None
         if self.dtype == "float16":
-            if np.abs(x).max(initial=0.0) > 65504:
-                raise ValueError("vectors exceed the float16 range (65504); use dtype='float32'")
+            check_float16_range(x, "dtype")
             return x.astype(np.float16), None
         axis = 1 if self.int8_scale == "per-vector" else 0
         scale = np.abs(x).max(axis=axis) / 127.0

@@ -49,7 +49,7 @@ from mrl.io import (
 from mrl.nesting import Nesting
 from mrl.retrieval.exact import METRICS, argtopk, check_queries
 from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
-from mrl.retrieval.store import validate_vectors
+from mrl.retrieval.store import check_float16_range, check_unique_ids, validate_vectors
 
 __all__ = [
     "MatryoshkaIndex",
@@ -294,7 +294,7 @@ class MatryoshkaIndex:
         if self.metric == "cosine":
             _warn_zero_rows(x, self.count)
         if self.vector_dtype == "float16":
-            _check_float16_range(x)
+            check_float16_range(x, "vector_dtype")
         if self.vector_dtype == "int8":
             if self.count == 0:
                 self._col_scale = _column_scale(x)
@@ -339,7 +339,7 @@ class MatryoshkaIndex:
             raise ValueError(
                 f"ids must be of the index's kind ({self._ids.dtype}), got {arr.dtype}"
             )
-        _check_unique_ids(arr, self._ids)
+        check_unique_ids(arr, self._ids, "index")
         return arr
 
     def _prefix_inv_norms(self, x: np.ndarray) -> np.ndarray:
@@ -1053,25 +1053,3 @@ def _faiss():
 
 
 _ = topk_numpy  # re-exported for callers that want the plain selection
-
-
-def _check_float16_range(x: np.ndarray, block: int = 65536) -> None:
-    """float16 rerank vectors: a value beyond 65504 would be stored as inf and score inf (or
-    NaN), so refuse it as `EmbeddingStore` does instead of numpy's overflow warning."""
-    for s in range(0, len(x), block):
-        if np.abs(x[s : s + block]).max(initial=0.0) > 65504:
-            raise ValueError(
-                "vectors exceed the float16 range (65504); use vector_dtype='float32'"
-            )
-
-
-def _check_unique_ids(new: np.ndarray, existing: np.ndarray) -> None:
-    """ids name rows one to one (as in `EmbeddingStore`): a repeated id would make a search hit
-    ambiguous, whether it repeats within the batch or an id the index already holds."""
-    uniq, counts = np.unique(new, return_counts=True)
-    if (counts > 1).any():
-        dup = uniq[counts > 1][0]
-        raise ValueError(f"ids must be unique, id {dup.item()!r} appears twice in the new ids")
-    clash = np.isin(new, existing) if len(existing) else np.zeros(len(new), bool)
-    if clash.any():
-        raise ValueError(f"ids must be unique, id {new[clash][0].item()!r} is already in the index")
