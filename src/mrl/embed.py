@@ -30,12 +30,7 @@ from typing import Any
 import numpy as np
 
 from mrl._optional import require
-from mrl.io import atomic_open, atomic_write_json, file_digest
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no merge lock (merge from one process there)
-    fcntl = None
+from mrl.io import atomic_open, atomic_write_json, exclusive_lock, file_digest
 
 __all__ = ["EmbedReport", "embed_corpus", "merge_shards", "read_corpus", "shard_plan"]
 
@@ -377,17 +372,8 @@ def merge_shards(out: str | os.PathLike, *, dtype: str = "float32", keep_parts: 
 def _merge_lock(parts: Path) -> Iterator[None]:
     """Exclusive lock on ``STORE.parts/.merge.lock`` (waits for a merge in progress; freed when
     its holder exits). No lock when the parts folder is gone: there is nothing left to merge."""
-    try:
-        fd = os.open(parts / ".merge.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except FileNotFoundError:
+    with exclusive_lock(parts / ".merge.lock", missing_ok=True):
         yield
-        return
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _merge_locked(out: Path, parts: Path, dtype: str, keep_parts: bool):

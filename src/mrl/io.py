@@ -17,6 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: exclusive_lock takes no lock
+    fcntl = None
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
@@ -221,6 +226,32 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
             f"{str(path)!r} appeared (not empty) while writing; the finished output is kept "
             f"in {str(tmp)!r}: move it into place yourself"
         ) from None
+
+
+@contextlib.contextmanager
+def exclusive_lock(
+    path: str | os.PathLike, wait: bool = True, missing_ok: bool = False
+) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` for the block, released when it ends or the process
+    dies. The file is created if missing and kept: removing it would let two processes lock two
+    different files of one name. ``wait=False``: BlockingIOError when another process holds it.
+    ``missing_ok``: no lock (and no error) when the folder of ``path`` is gone. Without
+    ``fcntl`` (not POSIX) no lock is taken: use such a path from one process there."""
+    if fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield
+    finally:
+        os.close(fd)
 
 
 def first_line(exc: BaseException) -> str:

@@ -38,7 +38,7 @@ from torch import nn
 from mrl.config import TrainConfig, config_from_dict
 from mrl.data import Task, augment, iterate_batches, load_task_for
 from mrl.data.tensors import ImageTensors
-from mrl.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from mrl.io import atomic_torch_save, atomic_write_json, atomic_write_text, exclusive_lock, fcntl
 from mrl.models import MatryoshkaClassifier, Normalize, build_encoder
 from mrl.nesting import Nesting
 
@@ -457,18 +457,14 @@ def _exclusive_run(out: Path, main: bool) -> Iterator[None]:
     """Hold a non-blocking exclusive lock on ``out/.lock`` for the whole run (rank 0 only: the
     other ranks are this run). The lock file stays: removing it would let two processes lock
     two different files of the same name."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        fcntl = None
     if not main or fcntl is None:
         yield
         return
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK, "a") as lock:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+            held.enter_context(exclusive_lock(out / LOCK, wait=False))
         except BlockingIOError:
             raise RunInUse(
                 f"another process is training into {str(out)!r}; wait for it to end or "

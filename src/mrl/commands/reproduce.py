@@ -375,16 +375,11 @@ def merge_records(results: Path, records: list[dict[str, Any]]) -> list[dict[str
     Several processes may share one ``--out`` (``--only``): the read-modify-write happens under
     an exclusive lock on ``results.json.lock``, so no process drops another's records.
     """
+    from mrl.io import exclusive_lock
     from mrl.records import load_records, save_records
 
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX: no lock (share a folder from one process there)
-        fcntl = None
     results.parent.mkdir(parents=True, exist_ok=True)
-    with open(results.with_name(results.name + ".lock"), "w") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with exclusive_lock(results.with_name(results.name + ".lock")):
         done = {(r.get("seed"), r["run"]) for r in records}
         old = load_records(results) if results.is_file() else []
         old = [r for r in old if (r.get("seed"), r.get("run")) not in done]

@@ -38,13 +38,14 @@ from typing import Any
 import numpy as np
 
 from mrl.arrays import as_numpy
-from mrl.io import atomic_open, atomic_write_json, check_output_path, read_json_sidecar
+from mrl.io import (
+    atomic_open,
+    atomic_write_json,
+    check_output_path,
+    exclusive_lock,
+    read_json_sidecar,
+)
 from mrl.nesting import Nesting
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no writer lock (write a store from one process there)
-    fcntl = None
 
 __all__ = [
     "EmbeddingStore",
@@ -284,14 +285,9 @@ class EmbeddingStore:
     def _locked(self) -> Iterator[None]:
         """Hold the store's writer lock and bring this object up to the sidecar on disk (another
         process may have appended or compacted since it was opened)."""
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # waits for the other writer; freed on close
+        with exclusive_lock(self.path / LOCK):  # waits for the other writer
             self._reload()
             yield
-        finally:
-            os.close(fd)
 
     def _reload(self) -> None:
         meta = read_json_sidecar(self.path, SIDECAR, "embedding store")
