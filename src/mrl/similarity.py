@@ -134,8 +134,7 @@ def _center(
         return x.sum(0, dtype=dtype) / x.shape[0]
     if isinstance(center, (bool, np.bool_)):
         raise ValueError(f"center must be a [{d}] vector, True or None, got center={center!r}")
-    c = torch.as_tensor(np.asarray(center) if not isinstance(center, torch.Tensor) else center)
-    c = c.to(dtype=dtype, device=x.device).reshape(-1)
+    c = torch.as_tensor(center).to(dtype=dtype, device=x.device).reshape(-1)
     if c.shape[0] != d:
         raise ValueError(
             f"center must have one entry per dimension ({d}), got shape {tuple(c.shape)}"
