@@ -235,9 +235,8 @@ def _retrieval(
     if len(db) < 10:  # k is fixed at 10 so that every run's map@10 / p@10 compare
         raise ValueError(f"the database (the training split) has {len(db)} items; the retrieval "
                          "metrics map@10 and p@10 need at least 10: train on more data")
-    dev = device if not str(device).startswith("cpu") else "cpu"
     recs = evaluate_labelled(
-        db.to(dev), db_labels.numpy(), queries.to(dev), query_labels.numpy(), sizes,
+        db.to(device), db_labels.numpy(), queries.to(device), query_labels.numpy(), sizes,
         method=method, k=10, center=center,
     )  # fmt: skip
     for r in recs:  # evaluate_labelled reports fractions; tables here are in percent
