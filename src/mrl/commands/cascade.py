@@ -256,22 +256,24 @@ def _eval_file(args: argparse.Namespace, path: Path) -> int:
     """Evaluate a fitted cascade file on its held-out part, or on all of ``--logits`` (only its
     held-out part when ``--logits`` is the source the cascade was fitted on)."""
     from mrl.cascade import Cascade
-    from mrl.cascade.runs import load_source
+    from mrl.cascade.runs import fingerprint, load_source
 
     info = Cascade.load(path).info
     _refuse_ignored_options(args)
     if args.logits:
         data = load_source(args.logits, args.split)
-        own = _is_own_source(args.logits, args.split, data, info)
+        fp = fingerprint(data)  # computed once: recognises the source, and tells it changed
+        own = _is_own_source(args.logits, args.split, data, info, fp)
         fix = "--logits is its source, and its held-out part is unknown: refit it"
         idx = _heldout_index(path, info, len(data.labels), fix) if own else None
     else:
         if "source" not in info:
             raise ValueError(f"{path} does not name its source; pass --logits RUN_OR_FILE")
         data = load_source(info["source"], info.get("split", "test"))
+        fp = fingerprint(data)
         idx = _heldout_index(path, info, len(data.labels), "pass --logits RUN_OR_FILE")
     if idx is not None:
-        _warn_if_changed(path, info, data)
+        _warn_if_changed(path, info, fp)
     cas = Cascade.load(path, data.nesting)  # checks the nesting against the model's
     classes = info.get("num_classes")
     if classes is not None and classes != data.logits.shape[2]:
@@ -291,15 +293,13 @@ def _eval_file(args: argparse.Namespace, path: Path) -> int:
     return 0
 
 
-def _warn_if_changed(path: Path, info: dict, data: LogitsSet) -> None:
-    """The source's logits are no longer those the cascade was fitted on (the run was resumed or
-    retrained since): its held-out part still holds other samples, but the thresholds were
-    calibrated on another model's confidences."""
+def _warn_if_changed(path: Path, info: dict, fp: str) -> None:
+    """The source's logits (fingerprint ``fp``) are no longer those the cascade was fitted on
+    (the run was resumed or retrained since): its held-out part still holds other samples, but
+    the thresholds were calibrated on another model's confidences."""
     import warnings
 
-    from mrl.cascade.runs import fingerprint
-
-    if "fingerprint" in info and info["fingerprint"] != fingerprint(data):
+    if "fingerprint" in info and info["fingerprint"] != fp:
         warnings.warn(f"{info.get('source', 'the source')} changed since {path} was fitted "
                       "(retrained or resumed?): its thresholds were calibrated on other logits; "
                       "refit it with mrl cascade fit", stacklevel=2)
@@ -315,12 +315,11 @@ def _heldout_index(path: Path, info: dict, n: int, fix: str) -> np.ndarray:
     return split_calibration(n, info["calib_fraction"], info["seed"])[1]
 
 
-def _is_own_source(given: str, split: str, data: LogitsSet, info: dict) -> bool:
+def _is_own_source(given: str, split: str, data: LogitsSet, info: dict, fp: str) -> bool:
     """Whether ``--logits`` holds the samples the cascade was fitted on: the same logits (by
-    fingerprint, wherever the file lies), the source itself, its cached logits or its run."""
-    from mrl.cascade.runs import fingerprint
-
-    if "fingerprint" in info and info["fingerprint"] == fingerprint(data):
+    their fingerprint ``fp``, wherever the file lies), the source itself, its cached logits or
+    its run."""
+    if "fingerprint" in info and info["fingerprint"] == fp:
         return True
     if "source" not in info or split != info.get("split", "test"):
         return False
