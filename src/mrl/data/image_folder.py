@@ -164,11 +164,6 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _is_image(path: Path, root: Path) -> bool:
-    """An image file, not hidden and not below a hidden folder (e.g. macOS ``._x.jpg``)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(path, root) and path.is_file()
-
-
 def _progress(n: int) -> Any:
     """range(n) with a progress bar on stderr for long decodes (about 5 ms per image: 100k
     images are minutes of otherwise silent work), when tqdm is installed."""
@@ -209,10 +204,11 @@ class ImageFolder(torch.utils.data.Dataset):
         self.samples: list[tuple[Path, int]] = []
         empty, skipped = [], []
         for label, name in enumerate(self.classes):
-            found = sorted(p for p in (self.root / name).rglob("*") if p.is_file())
-            files = [p for p in found if _is_image(p, self.root)]
-            images = set(files)
-            skipped += [p for p in found if p not in images and not _hidden(p, self.root)]
+            # hidden files and folders (macOS ``._x.jpg``, .ipynb_checkpoints) are not data
+            found = sorted(p for p in (self.root / name).rglob("*")
+                           if p.is_file() and not _hidden(p, self.root))  # fmt: skip
+            files = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
+            skipped += [p for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS]
             self.samples += [(p, label) for p in files]
             if not files:
                 empty.append(name)
