@@ -275,3 +275,21 @@ def test_more_neighbours_than_the_corpus_has_is_said():
                       r"\(11 per pseudo-query\); using 11"):
         OrthogonalAdaptor.fit(x, AdaptorConfig(steps=2, nesting="4,8,16", neighbours=32,
                                                random_negatives=4, batch_size=8))
+
+
+def test_listwise_loss_stays_on_its_inputs_device():
+    """The prefix weights are made on the loss's device (a CPU tensor broke CUDA training with
+    --distill); meta tensors stand in for a GPU here."""
+    full, pre = torch.randn(3, 5, device="meta"), torch.randn(3, 3, 5, device="meta")
+    assert listwise_prefix_loss(full, pre, NEST, 0.05, 0.05).device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sample_candidates_on_cuda_draw_what_cpu_draws():
+    from mrl.text.adaptor import sample_candidates
+
+    nbrs = full_neighbours(torch.from_numpy(_corpus()), 4)  # [200, 4]
+    cpu = sample_candidates(nbrs, 8, 6, torch.Generator().manual_seed(1))
+    gpu = sample_candidates(nbrs.cuda(), 8, 6, torch.Generator().manual_seed(1))
+    for a, b in zip(cpu, gpu):
+        assert b.is_cuda and torch.equal(a, b.cpu())

@@ -179,7 +179,7 @@ def listwise_prefix_loss(
         target > 0, target * (log_target - log_student), torch.zeros_like(log_student)
     )
     kl = terms.sum(-1).mean(-1)  # [G]
-    w = torch.tensor(nesting.weights, dtype=kl.dtype)
+    w = torch.tensor(nesting.weights, dtype=kl.dtype, device=kl.device)
     return (w * kl).sum()
 
 
@@ -237,10 +237,12 @@ def sample_candidates(
     ``n_docs + i`` of the stacked ``[documents; queries]`` matrix (``q`` holds those rows).
     """
     n = nbrs.shape[0]
-    q = torch.randint(n, (min(batch_size, n),), generator=gen)  # [B]
+    # drawn by ``gen`` (a CPU generator: the same draws on any device), then on nbrs' device
+    q = torch.randint(n, (min(batch_size, n),), generator=gen).to(nbrs.device)  # [B]
     cand = nbrs[q]  # [B, K]
     if random_negatives:
         rnd = torch.randint(n if n_docs is None else n_docs, (random_negatives,), generator=gen)
+        rnd = rnd.to(nbrs.device)
         cand = torch.cat([cand, rnd.expand(len(q), -1)], dim=1)  # [B, K + M]
     if n_docs is not None:
         q = q + n_docs  # rows after the documents
