@@ -24,7 +24,7 @@ from mrl.text.adaptor import dense_rotation_module  # noqa: E402
 from mrl.text.finetune import (  # noqa: E402
     _SPLIT_SEED,
     FinetuneConfig,
-    _distill_term,
+    _DistillTerm,
     finetune,
     n_folds,
     self_distill_loss,
@@ -104,12 +104,12 @@ def test_distill_term_trains_only_the_layer_and_keeps_full_size_for_a_rotation()
         distill_neighbours=5, distill_negatives=6,
     )  # fmt: skip
     dense = dense_rotation_module(rot)
-    assert _distill_term(dense, corpus, Nesting((32,)), cfg)().abs().item() < 1e-5
-    loss = _distill_term(dense, corpus, Nesting((8, 32)), cfg)()
+    assert _DistillTerm(dense, corpus, Nesting((32,)), cfg)().abs().item() < 1e-5
+    loss = _DistillTerm(dense, corpus, Nesting((8, 32)), cfg)()
     loss.backward()
     assert loss.item() > 0 and dense.linear.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="at least 3 documents, got 2"):
-        _distill_term(dense, corpus[:2], Nesting((32,)), cfg)
+        _DistillTerm(dense, corpus[:2], Nesting((32,)), cfg)
 
 
 def test_config_rejects_bad_distill_and_validation_settings():
@@ -279,3 +279,17 @@ def test_default_lr_follows_what_trains():
     assert FinetuneConfig().lr == 3e-5
     assert FinetuneConfig(train_encoder=False, init_rotation="pca").lr == 1e-3
     assert FinetuneConfig(train_encoder=False, init_rotation="pca", lr=5e-4).lr == 5e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_distill_term_on_cuda_matches_cpu():
+    """--distill with --device cuda: the corpus, neighbours and samples live on the GPU."""
+    corpus = torch.randn(40, 32, generator=torch.Generator().manual_seed(0))
+    cfg = FinetuneConfig(init_rotation="pca", train_encoder=False, distill=1.0, distill_batch=8,
+                         distill_neighbours=4, distill_negatives=5)  # fmt: skip
+    values = []
+    for device in ("cpu", "cuda"):
+        rot, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1)))
+        dense = dense_rotation_module(rot).to(device)
+        values.append(_DistillTerm(dense, corpus.to(device), Nesting((8, 32)), cfg)().item())
+    assert values[1] == pytest.approx(values[0], rel=1e-4)

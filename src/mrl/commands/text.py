@@ -85,6 +85,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     ft.add_argument("--cache", default=None, help="folder to cache the base corpus embeddings in")
     ft.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted fine-tune into --out from its checkpoint (OUT.partial/)",
+    )
+    ft.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=10.0,
+        help="write OUT.partial/checkpoint.pt at each epoch's end and at least this often "
+        "(default 10; 0 = after every step)",
+    )
+    ft.add_argument(
         "--freeze-encoder",
         action="store_true",
         help="train only the --init-rotation layer, on the frozen model's cached embeddings",
@@ -253,6 +265,8 @@ def _finetune(args: argparse.Namespace) -> int:
         log=lambda s: print(s, flush=True),
         rotation_texts=texts,
         cache_dir=args.cache,
+        resume=args.resume,
+        checkpoint_minutes=args.checkpoint_minutes,
     )
     return 0
 

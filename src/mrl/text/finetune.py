@@ -38,8 +38,8 @@ plain ``val_fraction`` split.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import random
 import time
@@ -55,6 +55,7 @@ from mrl.io import atomic_output_dir, check_new_output_dir, check_output_path
 from mrl.losses import matryoshka_contrastive_loss
 from mrl.nesting import Nesting
 from mrl.records import save_records
+from mrl.text.checkpoint import FinetuneCheckpoint, loop_state, restore_loop, texts_digest
 from mrl.text.encoders import (
     check_max_seq_length,
     count_long,
@@ -310,12 +311,17 @@ def finetune(
     *,
     rotation_texts: Sequence[str] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    checkpoint_minutes: float | None = 10.0,
 ) -> Path:
     """Fine-tune ``model`` ("default" or a folder) on ``pairs``; save to ``out``; return ``out``.
 
     ``rotation_texts``: the corpus the "pca" rotation is fitted on and the distillation term
     samples from (default: the distinct positives); ``cache_dir``: where their base embeddings
-    are cached.
+    are cached. ``checkpoint_minutes``: write a checkpoint to ``OUT.partial/`` at each epoch's
+    end and at least this often (0: every step; None: none); ``resume``: continue the
+    interrupted fine-tune it holds, to the weights an uninterrupted run gives
+    (`mrl.text.checkpoint`).
     """
     config = config or FinetuneConfig()
     _check_pairs(pairs, config.batch_size)
@@ -328,9 +334,58 @@ def finetune(
     check_new_output_dir(out, "out")  # before training, not after
     if cache_dir is not None:  # also used after training (validation)
         check_output_path(cache_dir, "cache_dir", "dir", writable=False)  # read-only: encode_cached
+    texts = list(rotation_texts or dict.fromkeys(p.positive for p in pairs))
+    ckpt = _checkpoint(out, model, pairs, texts, config, resume, checkpoint_minutes)
+    with ckpt or contextlib.nullcontext():
+        return _finetune(model, pairs, out, config, log, texts, cache_dir, ckpt)
+
+
+def _checkpoint(
+    out: str | os.PathLike,
+    model: str | os.PathLike,
+    pairs: Sequence[Pair],
+    texts: Sequence[str],
+    config: FinetuneConfig,
+    resume: bool,
+    minutes: float | None,
+) -> FinetuneCheckpoint | None:
+    """The run's checkpoint (None: ``minutes`` is None), identified by everything that shapes
+    the result: the settings but the device, the base model, the pairs and the corpus."""
+    if minutes is None:
+        if resume:
+            raise ValueError("resume=True needs checkpoints (checkpoint_minutes is None)")
+        return None
+    settings = {k: v for k, v in asdict(config).items() if k != "device"}
+    identity = {
+        "settings": settings,
+        "base_model": str(model),
+        "pairs": texts_digest((p.query, p.positive, p.negative) for p in pairs),
+        "corpus": texts_digest([t] for t in texts),
+    }
+    return FinetuneCheckpoint(out, identity, resume, minutes)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Steps of one pass over ``n`` pairs: a last batch of one pair has no negative and is
+    skipped (9 pairs in batches of 4: 2 steps)."""
+    full, rest = divmod(n, batch_size)
+    return full + (rest >= 2)
+
+
+def _finetune(
+    model: str | os.PathLike,
+    pairs: Sequence[Pair],
+    out: str | os.PathLike,
+    config: FinetuneConfig,
+    log: Callable[[str], None],
+    texts: Sequence[str],
+    cache_dir: str | os.PathLike | None,
+    ckpt: FinetuneCheckpoint | None,
+) -> Path:
+    """`finetune` after its checks, with the checkpoint (if any) locked."""
+    train_idx, val_idx = split_pairs(len(pairs), config.val_fraction, config.val_fold)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    texts = rotation_texts or list(dict.fromkeys(p.positive for p in pairs))
     encoder, corpus = _load_with_rotation(model, texts, config, cache_dir, log)
     dim = embedding_dim(encoder)
     inference_length = encoder.max_seq_length  # restored before saving: training may cut shorter
@@ -340,7 +395,7 @@ def finetune(
     )
     nesting.check_dim(dim, "the model's embeddings")
 
-    total = math.ceil(len(train_idx) / config.batch_size) * config.epochs
+    total = steps_per_epoch(len(train_idx), config.batch_size) * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     t0 = time.time()
@@ -349,17 +404,22 @@ def finetune(
         f"nesting {list(nesting.sizes)}"
     )
     feats = None  # frozen base features of the pairs (rotation-only training)
+    if ckpt is not None:
+        what = "resumed from" if ckpt.saved is not None else "checkpoints in"
+        log(f"finetune: {what} {ckpt.path} (step {ckpt.saved['step'] if ckpt.saved else 0})")
     if config.train_encoder:
         train = [pairs[i] for i in train_idx]
-        step = _train_model(encoder, train, nesting, config, total, rng, log)
+        step = _train_model(encoder, train, nesting, config, total, rng, log, ckpt)
     else:
         feats = _frozen_features(model, pairs, config, cache_dir)
         train_feats = {k: v[torch.tensor(train_idx)] for k, v in feats.items()}
         distill = None
         if config.distill > 0:
             assert corpus is not None
-            distill = _distill_term(encoder[-1], corpus.to(config.device), nesting, config)
-        step = _train_rotation(encoder[-1], train_feats, nesting, config, total, rng, log, distill)
+            distill = _DistillTerm(encoder[-1], corpus.to(config.device), nesting, config)
+        step = _train_rotation(
+            encoder[-1], train_feats, nesting, config, total, rng, log, distill, ckpt
+        )
     encoder.eval()
     reorder = None
     if config.adapt_steps > 0:
@@ -378,6 +438,8 @@ def finetune(
     if reorder is not None:
         info["reorder"] = reorder
     out = _save_finetuned(out, encoder, nesting, validation, info)
+    if ckpt is not None:
+        ckpt.finish()
     if validation is not None:
         log("validation (held-out pairs):\n" + _validation_table(validation, nesting))
     log(f"saved {out} ({time.time() - t0:.0f}s)")
@@ -521,6 +583,7 @@ def _train_model(
     total: int,
     rng: random.Random,
     log: Callable[[str], None],
+    ckpt: FinetuneCheckpoint | None = None,
 ) -> int:
     """The whole model (and the rotation layer, if any); returns the number of steps taken."""
     texts = list(dict.fromkeys(t for p in pairs for t in (p.query, p.positive, p.negative) if t))
@@ -539,7 +602,9 @@ def _train_model(
         return q, p, neg
 
     groups = _param_groups(encoder, config)
-    return _train_loop(encoder, groups, len(pairs), embed, nesting, config, total, rng, log, 1)
+    return _train_loop(
+        encoder, groups, len(pairs), embed, nesting, config, total, rng, log, 1, ckpt=ckpt
+    )
 
 
 def _train_loop(
@@ -553,40 +618,48 @@ def _train_loop(
     rng: random.Random,
     log: Callable[[str], None],
     log_every: int,
-    extra: Callable[[], torch.Tensor] | None = None,
+    extra: _DistillTerm | None = None,
+    ckpt: FinetuneCheckpoint | None = None,
 ) -> int:
     """``total`` AdamW steps of the Matryoshka contrastive loss over shuffled batches of the ``n``
     pairs; ``embed(indices)`` gives (queries [B, D], positives [B, D], negatives [B, 1, D] or
     None); ``extra()`` (if any) is a term added with weight ``config.distill``. Trains
-    ``module``'s parameters; returns the number of steps taken."""
+    ``module``'s parameters; returns the number of steps taken. ``ckpt``: resume from its saved
+    state (if any) and save to it (`mrl.text.checkpoint`)."""
     opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, config.warmup))
+    generator = None if extra is None else extra.generator
+    step, order, start = 0, [], n  # start = n: the next step shuffles a new epoch
+    if ckpt is not None and ckpt.saved is not None:
+        step, order, start = restore_loop(ckpt.saved, module, opt, sched, rng, generator)
     module.train()
-    step, t0 = 0, time.time()
+    t0 = time.time()
     while step < total:
-        order = list(range(n))
-        rng.shuffle(order)
-        for start in range(0, n, config.batch_size):
-            idx = order[start : start + config.batch_size]
-            if len(idx) < 2 or step >= total:
-                continue  # a last batch of one has no negatives
-            q, p, neg = embed(idx)
-            loss = matryoshka_contrastive_loss(
-                q, p, nesting, neg, temperature=config.temperature, symmetric=config.symmetric
-            )
-            extra_value = None
-            if extra is not None:
-                extra_value = extra()
-                loss = loss + config.distill * extra_value
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            if step % log_every == 0 or step == total:
-                part = "" if extra_value is None else f" (distill {extra_value.item():.4f})"
-                log(f"step {step}/{total} loss {loss.item():.4f}{part} ({time.time() - t0:.0f}s)")
+        if n - start < 2:  # this epoch has no batch of two left (a last batch of one has no
+            order = list(range(n))  # negatives): the next one
+            rng.shuffle(order)
+            start = 0
+        idx = order[start : start + config.batch_size]  # two or more pairs
+        start += config.batch_size
+        q, p, neg = embed(idx)
+        loss = matryoshka_contrastive_loss(
+            q, p, nesting, neg, temperature=config.temperature, symmetric=config.symmetric
+        )
+        extra_value = None
+        if extra is not None:
+            extra_value = extra()
+            loss = loss + config.distill * extra_value
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if step % log_every == 0 or step == total:
+            part = "" if extra_value is None else f" (distill {extra_value.item():.4f})"
+            log(f"step {step}/{total} loss {loss.item():.4f}{part} ({time.time() - t0:.0f}s)")
+        if ckpt is not None and ckpt.due(epoch_end=n - start < 2, last=step == total):
+            ckpt.save(loop_state(module, opt, sched, rng, generator, step, order, start))
     return step
 
 
@@ -618,7 +691,8 @@ def _train_rotation(
     total: int,
     rng: random.Random,
     log: Callable[[str], None],
-    distill: Callable[[], torch.Tensor] | None = None,
+    distill: _DistillTerm | None = None,
+    ckpt: FinetuneCheckpoint | None = None,
 ) -> int:
     """Only the appended ``dense`` layer, on frozen features; returns the number of steps."""
     head = _head_fn(dense)
@@ -631,7 +705,9 @@ def _train_rotation(
 
     groups = [{"params": list(dense.parameters()), "lr": config.rotation_lr or config.lr}]
     n = feats["query"].shape[0]
-    step = _train_loop(dense, groups, n, embed, nesting, config, total, rng, log, 50, distill)
+    step = _train_loop(
+        dense, groups, n, embed, nesting, config, total, rng, log, 50, distill, ckpt
+    )
     dense.eval()
     return step
 
@@ -742,36 +818,41 @@ def self_distill_loss_reference(
     return total
 
 
-def _distill_term(
-    dense: Any, corpus: torch.Tensor, nesting: Nesting, config: FinetuneConfig
-) -> Callable[[], torch.Tensor]:
-    """A closure giving one step's `self_distill_loss` on a fresh sample of the corpus.
+class _DistillTerm:
+    """One step's `self_distill_loss` on a fresh sample of the corpus (call it).
 
     ``corpus [N, D]``: the frozen base model's embeddings. Each call: B pseudo-queries, each with
     its K full-size base neighbours plus M random documents (shared by the batch) as candidates;
-    only the U distinct rows involved go through the layer being trained.
+    only the U distinct rows involved go through the layer being trained. ``generator`` draws
+    the samples (a checkpoint saves its state).
     """
-    from mrl.text.adaptor import full_neighbours, sample_candidates
 
-    n = corpus.shape[0]
-    if n < 3:
-        raise ValueError(f"distill needs a corpus of at least 3 documents, got {n}")
-    nbrs = full_neighbours(corpus, min(config.distill_neighbours, n - 1))  # [N, K]
-    gen = torch.Generator().manual_seed(config.seed)
-    head = _head_fn(dense)
+    def __init__(
+        self, dense: Any, corpus: torch.Tensor, nesting: Nesting, config: FinetuneConfig
+    ) -> None:
+        from mrl.text.adaptor import full_neighbours
 
-    def term() -> torch.Tensor:
+        n = corpus.shape[0]
+        if n < 3:
+            raise ValueError(f"distill needs a corpus of at least 3 documents, got {n}")
+        self.nbrs = full_neighbours(corpus, min(config.distill_neighbours, n - 1))  # [N, K]
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.head = _head_fn(dense)
+        self.corpus, self.nesting, self.config = corpus, nesting, config
+
+    def __call__(self) -> torch.Tensor:
+        from mrl.text.adaptor import sample_candidates
+
+        c = self.config
         _, _, rows, inv = sample_candidates(
-            nbrs, config.distill_batch, config.distill_negatives, gen
+            self.nbrs, c.distill_batch, c.distill_negatives, self.generator
         )  # rows [U], inv [B, 1 + K + M]
-        x = corpus[rows]  # [U, D] base embeddings
-        y = head(x)  # [U, D] the model being trained
-        teacher = x if config.distill_teacher == "base" else y.detach()
+        x = self.corpus[rows]  # [U, D] base embeddings
+        y = self.head(x)  # [U, D] the model being trained
+        teacher = x if c.distill_teacher == "base" else y.detach()
         return self_distill_loss(
-            y, teacher, inv[:, 0], inv[:, 1:], nesting, config.distill_temperature
+            y, teacher, inv[:, 0], inv[:, 1:], self.nesting, c.distill_temperature
         )
-
-    return term
 
 
 # ---------------------------------------------------------------------- validation

@@ -1,0 +1,212 @@
+"""Checkpoints of `mrl text finetune`: an interrupted fine-tune resumes where it stopped.
+
+While ``finetune(..., out=OUT)`` trains, ``OUT.partial/checkpoint.pt`` holds all that the loop
+needs to continue exactly: the trained weights (the whole model's, or only the rotation layer's
+with a frozen encoder), the AdamW and schedule states, the step, the current epoch's batch order
+and position in it, and every random state (the shuffles' ``random.Random``, torch's global
+generator for dropout, the distillation sampler's generator). It is written atomically at the
+end of each epoch, after the last step, and whenever ``minutes`` have passed since the last
+write; a resumed run's weights equal an uninterrupted run's (tested). Once the model folder is
+saved, ``OUT.partial`` is removed.
+
+The checkpoint records the settings, the base model and digests of the pairs and of the corpus;
+a resume with anything that would change the result is refused, naming what differs (the device
+may change). A lock in ``OUT.partial`` refuses a second fine-tune into the same ``OUT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mrl.io import atomic_torch_save, exclusive_lock
+
+__all__ = ["FinetuneCheckpoint", "loop_state", "partial_dir", "restore_loop", "texts_digest"]
+
+FORMAT = "mrl-text-finetune-checkpoint/1"
+CHECKPOINT = "checkpoint.pt"
+_LOCK = ".lock"
+
+
+def partial_dir(out: str | os.PathLike) -> Path:
+    """``OUT.partial``: the folder beside ``out`` that holds its fine-tune's checkpoint."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def texts_digest(rows: Iterable[Iterable[str | None]]) -> str:
+    """sha256 over rows of texts (pairs: query, positive, negative); None and "" differ."""
+    h = hashlib.sha256()
+    for row in rows:
+        for text in row:
+            b = b"\x00" if text is None else b"\x01" + text.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little") + b)
+        h.update(b"\x02")  # end of row
+    return h.hexdigest()
+
+
+class FinetuneCheckpoint:
+    """The checkpoint of one fine-tune into ``out``: checks at creation, `restore`, `save`.
+
+    ``identity``: what must match for a resume (settings, base model, data digests);
+    ``resume``: continue from the checkpoint (it must exist); else one must not exist (an
+    interrupted run is never overwritten). ``minutes``: write at least this often (0: after
+    every step), besides each epoch's end. Use as a context manager: it holds the lock.
+    """
+
+    def __init__(
+        self, out: str | os.PathLike, identity: dict[str, Any], resume: bool, minutes: float
+    ) -> None:
+        if not minutes >= 0:
+            raise ValueError(
+                f"checkpoint_minutes (--checkpoint-minutes) must be >= 0, got {minutes}"
+            )
+        self.folder = partial_dir(out)
+        self.path = self.folder / CHECKPOINT
+        self.identity = identity
+        self.minutes = minutes
+        self.resume = resume
+        self.saved: dict[str, Any] | None = None
+        self._last = time.monotonic()
+        self._stack = ExitStack()
+
+    def __enter__(self) -> FinetuneCheckpoint:
+        if self.resume and not self.path.is_file():
+            raise FileNotFoundError(
+                f"resume (--resume) given but there is no checkpoint at {str(self.path)!r}"
+            )
+        if not self.resume and self.path.exists():
+            raise FileExistsError(
+                f"{str(self.path)!r} holds an interrupted fine-tune into this --out; pass "
+                "--resume (resume=True) to continue it, or remove that folder to start again"
+            )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._stack.enter_context(exclusive_lock(self.folder / _LOCK, wait=False))
+        except BlockingIOError:
+            raise FileExistsError(
+                f"another fine-tune is writing {str(self.folder)!r} (same --out); wait for it "
+                "or choose another --out"
+            ) from None
+        if self.resume:
+            try:
+                self.saved = self._load()
+            except BaseException:
+                self._stack.close()  # __exit__ does not run when __enter__ raises
+                raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+        if self.folder.is_dir() and not self.path.exists():  # failed before any checkpoint:
+            shutil.rmtree(self.folder, ignore_errors=True)  # nothing to resume, no litter
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001  (any unpickling failure: a damaged file)
+            raise ValueError(
+                f"checkpoint {str(self.path)!r} is unreadable or corrupt: {exc}"
+            ) from None
+        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+            raise ValueError(f"{str(self.path)!r} is not an mrl text fine-tune checkpoint")
+        diffs = list(_differences(saved["identity"], self.identity))
+        if diffs:
+            raise ValueError(
+                f"checkpoint {str(self.path)!r} was made by another fine-tune; cannot resume "
+                "it with these settings or data: " + "; ".join(diffs)
+            )
+        return saved
+
+    def due(self, epoch_end: bool, last: bool) -> bool:
+        """Whether to write after this step."""
+        elapsed = time.monotonic() - self._last
+        return epoch_end or last or elapsed >= self.minutes * 60
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` (the loop's: see `loop_state`) atomically with the identity."""
+        atomic_torch_save({"format": FORMAT, "identity": self.identity, **state}, self.path)
+        self._last = time.monotonic()
+
+    def finish(self) -> None:
+        """The model folder is saved: the checkpoint is no longer needed."""
+        self._stack.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> Iterator[str]:
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            yield f"{key}: checkpoint {saved.get(key)!r} vs now {now.get(key)!r}"
+
+
+def loop_state(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rng: random.Random,
+    generator: torch.Generator | None,
+    step: int,
+    order: list[int],
+    start: int,
+) -> dict[str, Any]:
+    """Everything `_train_loop` needs to continue after ``step``: see the module docstring.
+
+    ``order``/``start``: the current epoch's batch order and the next batch's position in it.
+    """
+    state = {
+        "step": step,
+        "order": list(order),
+        "start": start,
+        "model": module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "python_rng": _python_state(rng),
+        "torch_rng": torch.get_rng_state(),
+        "generator": None if generator is None else generator.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_loop(
+    saved: dict[str, Any],
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rng: random.Random,
+    generator: torch.Generator | None,
+) -> tuple[int, list[int], int]:
+    """Load `loop_state`'s ``saved`` into the live objects; returns ``(step, order, start)``."""
+    module.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    rng.setstate(_python_state_back(saved["python_rng"]))
+    torch.set_rng_state(saved["torch_rng"])
+    if generator is not None and saved["generator"] is not None:
+        generator.set_state(saved["generator"])
+    cuda = saved.get("cuda_rng")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return int(saved["step"]), list(saved["order"]), int(saved["start"])
+
+
+def _python_state(rng: random.Random) -> list[Any]:
+    """``rng.getstate()`` as lists (what torch's weights-only loader reads back)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _python_state_back(state: list[Any]) -> tuple[Any, ...]:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
