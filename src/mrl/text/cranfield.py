@@ -7,8 +7,12 @@ File format (see the data folder's README): ``cran.all.1400`` has records ``.I i
 - qrels number queries by their **position** (1..225) in ``cran.qry``, not by its ``.I`` id;
 - grades run 1..4 with **1 = most relevant**; ``-1`` means not relevant. Gain = 5 - grade.
 
-The documents 471 and 995 are empty in the official files and are dropped (they are never
-judged relevant), as is the stray ``.`` line that ends ``cran.all.1400``.
+The documents 471 and 995 are empty in the official files and are dropped, as is the stray
+``.`` line that ends ``cran.all.1400``. One judgment names a dropped document (query 125,
+document 995, grade 3): the evaluation leaves it out (it cannot be retrieved), so query 125 has
+16 relevant documents, not 17. trec_eval would count it: nDCG@10 is the same either way;
+nDCG@100 and recall@k of the collection move by at most 3e-4 (one query of 225;
+recall by at most 1/17 / 225 = 2.6e-4).
 
 Where the data comes from, in order: the ``root`` argument; the ``MRL_CRANFIELD`` environment
 variable; ``../shared/data/cranfield`` next to the repository or the working directory;
