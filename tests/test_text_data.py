@@ -315,3 +315,33 @@ def test_text_flags_that_do_not_apply_are_refused(tmp_path, capsys):
     assert main(["text", "compare", "--dataset", "cranfield", "--methods", "finetune",
                  "--out", str(tmp_path / "c")]) == 2  # fmt: skip
     assert "--methods finetune needs --finetuned MODEL" in capsys.readouterr().err
+
+
+def test_leave_one_out_warns_about_repeated_documents():
+    """A copy of the query's text is not left out (only its own row is): said in a warning."""
+    import warnings
+
+    from mrl.nesting import Nesting
+    from mrl.text.corpus import LabelledCorpus
+    from mrl.text.evaluation import evaluate_corpus
+
+    emb = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    corpus = LabelledCorpus("toy", ["a", "b", "a", "c"], ["x", "y", "x", "z"], [0, 1, 0, 1],
+                            ["p", "q"])  # fmt: skip
+    with pytest.warns(UserWarning, match=r"corpus 'toy': 1 of 4 documents repeat an earlier "
+                      r"document's text; leave-one-out retrieval counts such a copy as a hit"):
+        evaluate_corpus(emb, corpus, Nesting((4, 8)), method="truncate", k=2)
+    corpus.titles[2] = "d"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_corpus(emb, corpus, Nesting((4, 8)), method="truncate", k=2)
+    if (bbc := _bbc_or_none()) is not None:  # the real corpus: 100 texts appear twice
+        docs = bbc.documents
+        assert len(docs) - len(set(docs)) == 100
+
+
+def _bbc_or_none():
+    try:
+        return load_bbc()
+    except ImportError:
+        return None
