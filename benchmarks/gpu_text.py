@@ -71,8 +71,10 @@ def main() -> None:
         print(f"reusing the fine-tuned model in {args.out} (delete it to train again)", flush=True)
         train_note = "reused from an earlier call"
     else:
+        # resume="auto": a call cut short by the device's time limit continues from its last
+        # checkpoint (OUT.partial/) on a rerun while the machine is warm
         finetune(args.model, pairs, args.out, config, rotation_texts=ds.documents,
-                 log=lambda s: print(s, file=sys.stderr, flush=True))  # progress while it trains
+                 log=lambda s: print(s, file=sys.stderr, flush=True), resume="auto")
         train_note = f"{time.time() - t0:.0f} s"
 
     records = []

@@ -193,3 +193,88 @@ def test_cli_resume_and_interrupt_hint(tiny_model, tmp_path, monkeypatch, capsys
     assert main([*args, "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert (out / "mrl.json").is_file() and not partial_dir(out).exists()
+
+
+def test_a_folder_at_out_partial_is_never_taken_over(tiny_model, tmp_path):  # noqa: F811
+    """OUT.partial holding anything but a checkpoint's files (here a saved model named like it)
+    is refused, and its files stay."""
+    pairs = _pairs()
+    other = finetune(tiny_model, pairs, tmp_path / "m.partial", FinetuneConfig(**FROZEN),
+                     log=lambda s: None)  # fmt: skip
+    before = sorted(p.name for p in other.iterdir())
+    with pytest.raises(FileExistsError, match=r"m\.partial' is where a fine-tune into this "
+                       r"--out keeps its checkpoint, but it holds other files"):  # fmt: skip
+        finetune(tiny_model, pairs, tmp_path / "m", FinetuneConfig(**FROZEN))
+    assert sorted(p.name for p in other.iterdir()) == before and not (other / ".lock").exists()
+    (tmp_path / "n.partial").write_text("a file")
+    with pytest.raises(FileExistsError, match=r"n\.partial' \(the checkpoint folder of this "
+                       r"--out\) is a file"):  # fmt: skip
+        finetune(tiny_model, pairs, tmp_path / "n", FinetuneConfig(**FROZEN))
+
+
+def test_resume_identity_is_the_model_not_its_spelling(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    """The same model under another path spelling resumes; a model rewritten in place (same
+    path, other weights) is refused."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    pairs = _pairs()
+    out = tmp_path / "ft"
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            finetune("base", pairs, out, FinetuneConfig(**WHOLE), log=lambda s: None,
+                     checkpoint_minutes=0)  # fmt: skip
+    weights = base / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    saved = bytes(data)
+    data[-1] ^= 1  # another model at the same path
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="base_model: checkpoint"):
+        finetune(str(base) + "/", pairs, out, FinetuneConfig(**WHOLE), resume=True)
+    weights.write_bytes(saved)
+    finetune(str(base.resolve()) + "/", pairs, out, FinetuneConfig(**WHOLE), log=lambda s: None,
+             resume=True)  # fmt: skip
+    assert (out / "mrl.json").is_file()
+
+
+def test_resume_auto_and_a_leftover_checkpoint(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    pairs = _pairs()
+    out = tmp_path / "ft"
+    finetune(tiny_model, pairs, out, FinetuneConfig(**FROZEN), log=lambda s: None,
+             resume="auto")  # no checkpoint: starts  # fmt: skip
+    whole = _weights(out)
+    out2 = tmp_path / "ft2"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(tiny_model, pairs, out2, FinetuneConfig(**FROZEN), log=lambda s: None)
+    logs: list[str] = []
+    finetune(tiny_model, pairs, out2, FinetuneConfig(**FROZEN), log=logs.append, resume="auto")
+    assert any("resumed from" in s for s in logs)
+    assert all(torch.equal(a, b) for a, b in zip(whole.values(), _weights(out2).values()))
+    with pytest.raises(ValueError, match="resume must be True, False or 'auto', got 'yes'"):
+        finetune(tiny_model, pairs, tmp_path / "x", FinetuneConfig(**FROZEN), resume="yes")
+    # a stop between saving OUT and removing OUT.partial: the leftover is named
+    partial_dir(out).mkdir()
+    (partial_dir(out) / "checkpoint.pt").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match=r"already holds a finished fine-tune; .*ft\.partial"
+                       r"' is a leftover checkpoint of it: remove that folder"):  # fmt: skip
+        finetune(tiny_model, pairs, out, FinetuneConfig(**FROZEN), resume=True)
+
+
+def test_cli_hint_without_a_checkpoint(tiny_model, tmp_path, monkeypatch, capsys):  # noqa: F811
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": p.query, "positive": p.positive}) + "\n"
+                             for p in _pairs()))  # fmt: skip
+    args = ["text", "finetune", "--model", str(tiny_model), "--pairs", str(pairs), "--out",
+            str(tmp_path / "ft"), "--nesting", "8,16,32", "--batch-size", "4",
+            "--max-seq-length", "32"]  # fmt: skip
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 0)
+        assert main(args) == 130
+    assert ("interrupted; no checkpoint was written yet: run the same command again to start "
+            "over") in capsys.readouterr().err  # fmt: skip
+    assert not partial_dir(tmp_path / "ft").exists()

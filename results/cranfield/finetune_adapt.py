@@ -74,7 +74,7 @@ def run(dataset: str, work: Path, variant: str) -> list[dict]:
                       f"{dataset}_{variant}_s{seed}")  # fmt: skip
         cfg = FinetuneConfig(**SETTING, **extra, seed=seed)
         finetune("default", pairs, out, cfg, log=lambda s: None,
-                 rotation_texts=list(ds.documents), cache_dir=CACHE)  # fmt: skip
+                 rotation_texts=list(ds.documents), cache_dir=CACHE, resume="auto")  # fmt: skip
         recs = compare_methods(dataset, finetuned=out, cache_dir=CACHE, methods=["finetune"],
                                finetune_label=label, log=lambda s: None)  # fmt: skip
         recs = [{**r, "seed": seed, "model": str(out)} for r in recs]

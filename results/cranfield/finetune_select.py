@@ -102,7 +102,7 @@ def select(work: Path) -> str:
             cfg = FinetuneConfig(**COMMON, **setting, seed=seed, val_fraction=0.2)
             out = work / f"{name}_s{seed}"
             finetune("default", pairs, out, cfg, log=lambda s: None, rotation_texts=docs,
-                     cache_dir=CACHE)  # fmt: skip
+                     cache_dir=CACHE, resume="auto")  # fmt: skip
             recs = load_records(out / "validation.json")
             base, ft = _ndcg(recs, "base"), _ndcg(recs, "finetune")
             run = {"setting": name, "seed": seed, "base_full": base[384], "full": ft[384],
@@ -158,7 +158,7 @@ def _cv_run(work: Path, pairs: list, docs: list[str], name: str, seed: int, fold
         json.loads(meta.read_text()).get("config") == asdict(cfg))  # fmt: skip
     if not done:
         finetune("default", pairs, out, cfg, log=lambda s: None, rotation_texts=docs,
-                 cache_dir=CACHE)  # fmt: skip
+                 cache_dir=CACHE, resume="auto")  # fmt: skip
     ctx = {
         "setting": name,
         "seed": seed,
@@ -316,7 +316,7 @@ def _test_runs(work: Path, names: list[str], prefix: str) -> list[dict[str, Any]
             cfg = FinetuneConfig(**COMMON, **GRID[name], seed=seed)
             out = work / f"{prefix}_{name}_s{seed}"
             finetune("default", pairs, out, cfg, log=lambda s: None, rotation_texts=docs,
-                     cache_dir=CACHE)  # fmt: skip
+                     cache_dir=CACHE, resume="auto")  # fmt: skip
             recs = compare_methods("cranfield", finetuned=out, cache_dir=CACHE,
                                    methods=["finetune"], log=lambda s: None)  # fmt: skip
             recs = [{**r, "seed": seed, "setting": name, "model": str(out)} for r in recs]

@@ -88,10 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`Terminated`)
         # Temporary files were removed on the way out (the clean-ups ran); no traceback.
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        hint = _RESUME_HINTS.get(args.command) or _RESUME_HINTS.get(
-            (args.command, getattr(args, "text_command", None)), ""
-        )
-        print(f"mrl {args.command}: {what}{hint}", file=sys.stderr)
+        print(f"mrl {args.command}: {what}{_resume_hint(args)}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     except OSError as exc:
         # The machine, not the input: a full disk, a read-only or unwritable place. What was
@@ -148,11 +145,20 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-# What to run after an interruption, by command or (command, action) ("" when the command just
-# starts again).
-_RESUME_HINTS: dict[Any, str] = {
-    ("text", "finetune"): "; resume with the same command plus --resume (from the last "
-    "checkpoint in OUT.partial/, if one was written)",
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What to run after an interruption ("" when the command just starts again)."""
+    if args.command == "text" and getattr(args, "text_command", None) == "finetune":
+        from mrl.text.checkpoint import partial_dir
+
+        if (partial_dir(args.out) / "checkpoint.pt").is_file():
+            return (f"; resume with the same command plus --resume (the last checkpoint is in "
+                    f"{partial_dir(args.out)})")
+        return "; no checkpoint was written yet: run the same command again to start over"
+    return _RESUME_HINTS.get(args.command, "")
+
+
+# What to run after an interruption, by command.
+_RESUME_HINTS = {
     "train": "; resume with the same command plus --resume (the last finished epoch is kept)",
     "reproduce": "; run the same command again to continue (finished runs are kept)",
 }

@@ -248,6 +248,9 @@ def _finetune(args: argparse.Namespace) -> int:
         adapt_pseudo_queries=args.adapt_pseudo_queries,
         adapt_init=args.adapt_init,
     )
+    from mrl.text.checkpoint import check_finished_out
+
+    check_finished_out(args.out, "--out")
     check_new_output_dir(args.out, "--out")  # before training, not after
     _check_cache(args.cache)
     texts = None  # the "pca" rotation's corpus: the documents, else the distinct positives

@@ -16,21 +16,33 @@ may change). A lock in ``OUT.partial`` refuses a second fine-tune into the same 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
-import shutil
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mrl.io import atomic_torch_save, exclusive_lock
+from mrl.io import atomic_torch_save, file_fingerprint
 
-__all__ = ["FinetuneCheckpoint", "loop_state", "partial_dir", "restore_loop", "texts_digest"]
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
+
+__all__ = [
+    "FinetuneCheckpoint",
+    "check_finished_out",
+    "folder_fingerprint",
+    "loop_state",
+    "partial_dir",
+    "restore_loop",
+    "texts_digest",
+]
 
 FORMAT = "mrl-text-finetune-checkpoint/1"
 CHECKPOINT = "checkpoint.pt"
@@ -54,8 +66,20 @@ def texts_digest(rows: Iterable[Iterable[str | None]]) -> str:
     return h.hexdigest()
 
 
+def folder_fingerprint(path: str | os.PathLike) -> dict[str, str]:
+    """``{relative path: file_fingerprint}`` of the visible files under ``path`` (a model
+    folder) or of ``path`` itself (a file): the same model wherever it lies or however the
+    path is spelled; another model, or one rewritten in place, differs."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: file_fingerprint(path)}
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(path).parts))  # fmt: skip
+    return {str(p.relative_to(path)): file_fingerprint(p) for p in files}
+
+
 class FinetuneCheckpoint:
-    """The checkpoint of one fine-tune into ``out``: checks at creation, `restore`, `save`.
+    """The checkpoint of one fine-tune into ``out``: checks at creation, `save`, `finish`.
 
     ``identity``: what must match for a resume (settings, base model, data digests);
     ``resume``: continue from the checkpoint (it must exist); else one must not exist (an
@@ -77,9 +101,62 @@ class FinetuneCheckpoint:
         self.resume = resume
         self.saved: dict[str, Any] | None = None
         self._last = time.monotonic()
-        self._stack = ExitStack()
+        self._fd: int | None = None
 
     def __enter__(self) -> FinetuneCheckpoint:
+        self._lock()
+        try:
+            self._check_folder()
+            if self.resume:
+                self.saved = self._load()
+        except BaseException:
+            self.__exit__()  # __exit__ does not run when __enter__ raises
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.path.exists():  # failed before any checkpoint: nothing to resume
+            self._remove_ours()
+        self._unlock()
+
+    def _lock(self) -> None:
+        """An exclusive lock on ``OUT.partial/.lock``, taken before anything is checked. The
+        folder is removed (with the lock file) when a run ends, so a lock taken on a file that
+        was unlinked meanwhile is worth nothing: it is taken again on the new file."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise FileExistsError(
+                f"{str(self.folder)!r} (the checkpoint folder of this --out) is a file"
+            )
+        lock = self.folder / _LOCK
+        while True:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is None:  # not POSIX: no lock (one process per --out there)
+                self._fd = fd
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FileExistsError(
+                    f"another fine-tune is writing {str(self.folder)!r} (same --out); wait "
+                    "for it or choose another --out"
+                ) from None
+            try:
+                current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                self._fd = fd
+                return
+            os.close(fd)  # the folder was removed after we opened the file: again
+
+    def _unlock(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+    def _check_folder(self) -> None:
         if self.resume and not self.path.is_file():
             raise FileNotFoundError(
                 f"resume (--resume) given but there is no checkpoint at {str(self.path)!r}"
@@ -89,26 +166,13 @@ class FinetuneCheckpoint:
                 f"{str(self.path)!r} holds an interrupted fine-tune into this --out; pass "
                 "--resume (resume=True) to continue it, or remove that folder to start again"
             )
-        self.folder.mkdir(parents=True, exist_ok=True)
-        try:
-            self._stack.enter_context(exclusive_lock(self.folder / _LOCK, wait=False))
-        except BlockingIOError:
+        foreign = sorted(p.name for p in self.folder.iterdir() if not _ours(p.name))
+        if foreign:
             raise FileExistsError(
-                f"another fine-tune is writing {str(self.folder)!r} (same --out); wait for it "
+                f"{str(self.folder)!r} is where a fine-tune into this --out keeps its "
+                f"checkpoint, but it holds other files ({', '.join(foreign[:3])}); move them "
                 "or choose another --out"
-            ) from None
-        if self.resume:
-            try:
-                self.saved = self._load()
-            except BaseException:
-                self._stack.close()  # __exit__ does not run when __enter__ raises
-                raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stack.close()
-        if self.folder.is_dir() and not self.path.exists():  # failed before any checkpoint:
-            shutil.rmtree(self.folder, ignore_errors=True)  # nothing to resume, no litter
+            )
 
     def _load(self) -> dict[str, Any]:
         try:
@@ -138,9 +202,42 @@ class FinetuneCheckpoint:
         self._last = time.monotonic()
 
     def finish(self) -> None:
-        """The model folder is saved: the checkpoint is no longer needed."""
-        self._stack.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """The model folder is saved: the checkpoint is no longer needed. Its files are removed
+        while the lock is held (a run waiting for it then finds no folder, or a fresh one)."""
+        self._remove_ours()
+        self._unlock()
+
+    def _remove_ours(self) -> None:
+        """Remove the checkpoint, its temporaries and the lock file, then the folder if empty;
+        anything else in it is left alone."""
+        if not self.folder.is_dir():
+            return
+        for p in self.folder.iterdir():
+            if _ours(p.name):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()
+
+
+def _ours(name: str) -> bool:
+    """The checkpoint, the lock file or a temporary of an atomic checkpoint write."""
+    return name in (CHECKPOINT, _LOCK) or (
+        name.startswith(f".{CHECKPOINT}.") and name.endswith(".tmp")
+    )
+
+
+def check_finished_out(out: str | os.PathLike, param: str = "out") -> None:
+    """A finished ``out`` beside a leftover checkpoint (a stop while the run removed it): say
+    that the leftover can go, rather than only that ``out`` exists."""
+    out = Path(out)
+    leftover = partial_dir(out) / CHECKPOINT
+    if out.is_dir() and any(out.iterdir()) and leftover.is_file():
+        raise FileExistsError(
+            f"{param} {str(out)!r} already holds a finished fine-tune; "
+            f"{str(partial_dir(out))!r} is a leftover checkpoint of it: remove that folder "
+            "(or choose a new --out to train again)"
+        )
 
 
 def _differences(saved: dict[str, Any], now: dict[str, Any]) -> Iterator[str]:

@@ -55,7 +55,15 @@ from mrl.io import atomic_output_dir, check_new_output_dir, check_output_path
 from mrl.losses import matryoshka_contrastive_loss
 from mrl.nesting import Nesting
 from mrl.records import save_records
-from mrl.text.checkpoint import FinetuneCheckpoint, loop_state, restore_loop, texts_digest
+from mrl.text.checkpoint import (
+    FinetuneCheckpoint,
+    check_finished_out,
+    folder_fingerprint,
+    loop_state,
+    partial_dir,
+    restore_loop,
+    texts_digest,
+)
 from mrl.text.encoders import (
     check_max_seq_length,
     count_long,
@@ -311,7 +319,7 @@ def finetune(
     *,
     rotation_texts: Sequence[str] | None = None,
     cache_dir: str | os.PathLike | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     checkpoint_minutes: float | None = 10.0,
 ) -> Path:
     """Fine-tune ``model`` ("default" or a folder) on ``pairs``; save to ``out``; return ``out``.
@@ -321,7 +329,7 @@ def finetune(
     are cached. ``checkpoint_minutes``: write a checkpoint to ``OUT.partial/`` at each epoch's
     end and at least this often (0: every step; None: none); ``resume``: continue the
     interrupted fine-tune it holds, to the weights an uninterrupted run gives
-    (`mrl.text.checkpoint`).
+    (`mrl.text.checkpoint`); ``"auto"``: resume when there is a checkpoint, else start.
     """
     config = config or FinetuneConfig()
     _check_pairs(pairs, config.batch_size)
@@ -331,6 +339,7 @@ def finetune(
             f"val_fraction={config.val_fraction} (val_fold={config.val_fold}) leaves "
             f"{len(train_idx)} training pairs; need 2"
         )
+    check_finished_out(out)
     check_new_output_dir(out, "out")  # before training, not after
     if cache_dir is not None:  # also used after training (validation)
         check_output_path(cache_dir, "cache_dir", "dir", writable=False)  # read-only: encode_cached
@@ -346,19 +355,25 @@ def _checkpoint(
     pairs: Sequence[Pair],
     texts: Sequence[str],
     config: FinetuneConfig,
-    resume: bool,
+    resume: bool | str,
     minutes: float | None,
 ) -> FinetuneCheckpoint | None:
     """The run's checkpoint (None: ``minutes`` is None), identified by everything that shapes
     the result: the settings but the device, the base model, the pairs and the corpus."""
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
     if minutes is None:
-        if resume:
+        if resume is True:
             raise ValueError("resume=True needs checkpoints (checkpoint_minutes is None)")
         return None
+    if resume == "auto":  # scripts that rerun after a stop: continue if there is a checkpoint
+        resume = (partial_dir(out) / "checkpoint.pt").is_file()
     settings = {k: v for k, v in asdict(config).items() if k != "device"}
+    if settings["init_rotation"] not in (None, "pca"):  # a file: its contents, not its spelling
+        settings["init_rotation"] = folder_fingerprint(settings["init_rotation"])
     identity = {
         "settings": settings,
-        "base_model": str(model),
+        "base_model": folder_fingerprint(resolve_model_path(model)),
         "pairs": texts_digest((p.query, p.positive, p.negative) for p in pairs),
         "corpus": texts_digest([t] for t in texts),
     }
@@ -632,6 +647,7 @@ def _train_loop(
     step, order, start = 0, [], n  # start = n: the next step shuffles a new epoch
     if ckpt is not None and ckpt.saved is not None:
         step, order, start = restore_loop(ckpt.saved, module, opt, sched, rng, generator)
+        ckpt.saved = None  # restored: its tensors need not stay in memory for the whole run
     module.train()
     t0 = time.time()
     while step < total:
