@@ -49,13 +49,106 @@ def test_whole_database_shortlist_equals_exact(backend):
     np.testing.assert_allclose(res.scores, s, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["flat", "numpy", "torch"])
-def test_funnel_backends_agree(backend):
+# (vector_dtype, metric): every combination the index accepts (int8 needs cosine).
+DTYPE_METRIC = [("float32", "cosine"), ("float32", "dot"), ("float16", "cosine"),
+                ("float16", "dot"), ("int8", "cosine")]
+FUNNEL = funnel_stages(4, 80, 32, 10, NEST)  # ((8, 40), (16, 20), (32, 10))
+def _scores_at(x, q, m, metric):
+    """Reference scores [Q, N] at prefix m in float64: cosine (both re-normalised) or dot."""
+    xm, qm = x[:, :m].astype(np.float64), q[:, :m].astype(np.float64)
+    if metric == "cosine":
+        xm = xm / np.linalg.norm(xm, axis=1, keepdims=True)
+        qm = qm / np.linalg.norm(qm, axis=1, keepdims=True)
+    return qm @ xm.T
+
+
+def _reference_funnel(x, q, metric, shortlist_dim, shortlist, stages):
+    """Plain funnel over the stored rows x [N, D]: the top-K at D_s, then each stage re-scores
+    its candidates at m and keeps the best (score desc, then row asc). -> (scores, rows)."""
+    s = _scores_at(x, q, shortlist_dim, metric)
+    cand = np.argsort(-s, axis=1, kind="stable")[:, :shortlist]
+    for m, keep in stages:
+        sc = np.take_along_axis(_scores_at(x, q, m, metric), cand, axis=1)
+        order = np.lexsort((cand, -sc), axis=1)[:, :keep]
+        cand, s = np.take_along_axis(cand, order, axis=1), np.take_along_axis(sc, order, axis=1)
+    return s, cand
+
+
+def _typed_index(db, vector_dtype, metric, **cfg):
+    # one thread: with two, each IVF build took ~1 s in this file on 2 busy cores (OpenMP)
+    index = MatryoshkaIndex(NEST, SearchConfig(**cfg), metric=metric, vector_dtype=vector_dtype,
+                            threads=1)
+    index.add(db)
+    return index
+
+
+@pytest.mark.parametrize("vector_dtype,metric", [
+    pytest.param(*dm)
+    for dm in DTYPE_METRIC
+])
+def test_numpy_funnel_matches_a_plain_reference(vector_dtype, metric):
+    """The numpy path (BLAS shortlist, batched rerank with precomputed inverse norms) against a
+    float64 loop over the stored (widened / dequantised) rows: the reference of the test below."""
     db, q = _data()
-    stages = funnel_stages(4, 80, 32, 10, NEST)
-    ref = _index(db, shortlist_dim=4, shortlist=80, stages=stages, backend="numpy").search(q, 10)
-    res = _index(db, shortlist_dim=4, shortlist=80, stages=stages, backend=backend).search(q, 10)
+    index = _typed_index(db, vector_dtype, metric, shortlist_dim=4, shortlist=80, stages=FUNNEL,
+                         backend="numpy")
+    res = index.search(q, 10)
+    s, i = _reference_funnel(index.vectors(), q, metric, 4, 80, FUNNEL)
+    np.testing.assert_array_equal(res.indices, i)
+    # float32 products and inverse norms vs float64: ~1e-7 relative
+    np.testing.assert_allclose(res.scores, s, rtol=1e-5, atol=1e-6)
+
+
+def _backend_cases():
+    for vector_dtype, metric in DTYPE_METRIC:
+        for backend in ("flat", "torch", "hnsw", "ivf", "ivfpq"):
+            yield pytest.param(backend, vector_dtype, metric,
+                               id=f"{backend}-{vector_dtype}-{metric}")
+
+
+@pytest.mark.parametrize("backend,vector_dtype,metric", list(_backend_cases()))
+def test_funnel_backends_agree(backend, vector_dtype, metric):
+    """Every shortlist backend, configured to be exact (HNSW ef_search = N, IVF nprobe = nlist),
+    finds the numpy path's shortlist, and the funnel then returns the numpy path's results.
+    IVF-PQ's 4-bit codes are lossy by design: its larger shortlist (3x) is re-scored exactly at
+    D_s by a first stage keeping K, so the funnel is exact once that shortlist holds the exact
+    top-K at D_s (checked first)."""
+    if backend != "torch":
+        pytest.importorskip("faiss")
+    db, q = _data()
+    n, kk = len(db), 80
+    index = _typed_index(db, vector_dtype, metric, shortlist_dim=4, shortlist=kk, stages=FUNNEL,
+                         backend="numpy", ef_search=n, nlist=8, nprobe=8)
+    ref = index.search(q, 10)
+    ref_short = np.sort(index._shortlist(q, index.config, kk), axis=1)  # [Q, K] exact at D_s
+    if backend == "ivfpq":
+        cfg = replace(index.config, backend="ivfpq", shortlist=3 * kk,
+                      stages=((4, kk), *FUNNEL))
+        big = index._shortlist(q, cfg, 3 * kk)
+        assert all(np.isin(r, b).all() for r, b in zip(ref_short, big))
+    else:
+        cfg = replace(index.config, backend=backend)
+        short = np.sort(index._shortlist(q, cfg, kk), axis=1)
+        if (backend, metric) == ("hnsw", "dot"):
+            # inner product is no metric: a graph on un-normalised prefixes can leave a row
+            # unreachable (row 268 here), so even ef_search = N is approximate (documented)
+            found = np.mean([np.isin(r, s).mean() for r, s in zip(ref_short, short)])
+            assert found >= 0.99
+            return
+        if (backend, vector_dtype) == ("ivf", "float16"):
+            # float16 codes (of the residuals to the cells' centroids, ~2e-4 off here): with
+            # every cell probed, the shortlist is the exact top-K over the decoded codes
+            ivf = index._ivf[(4, 8)]
+            ivf.make_direct_map()
+            codes = ivf.reconstruct_n(0, n)  # [N, 4]
+            want = np.sort(np.argsort(-(index._norm_q(q, 4) @ codes.T), axis=1)[:, :kk], axis=1)
+            np.testing.assert_array_equal(short, want)
+        else:
+            np.testing.assert_array_equal(short, ref_short)
+    res = index.search(q, 10, **{f: getattr(cfg, f) for f in ("backend", "shortlist", "stages")})
     np.testing.assert_array_equal(res.indices, ref.indices)
+    # same rows: the numpy rerank gives identical scores; torch's float32 rerank sums in
+    # another order (~1e-7 relative)
     np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-5, atol=1e-6)
 
 
@@ -298,7 +391,21 @@ def test_compressed_vectors_close_to_exact(dtype, tmp_path):
     index.add(db)
     res = index.search(q, 10)
     s, i = exact_search(db, q, 10)
-    np.testing.assert_allclose(res.scores, s, atol=0.02)
+    # A stored row x' moves each cosine with row x by at most the angle between them,
+    # asin(|x' - x| / |x|) (float16's inverse norms, those of x, change it by at most |x' - x| /
+    # |x| too), and the j-th best score by at most the largest such move among the rows of both
+    # top-j lists. float16 rounds every coordinate to 2**-11 relative, so the angle is <= 2**-11
+    # (~5e-4); int8 rounds to half a step of its column's scale, so it depends on the row: the
+    # tolerance is per query, over the rows of its two top-10 lists (7e-3 to 1.2e-2 here).
+    stored = index.vectors()
+    rel = np.linalg.norm(stored - db, axis=1) / np.linalg.norm(db, axis=1)
+    if dtype == "float16":
+        assert rel.max() <= 2**-11
+    else:
+        assert (np.abs(stored - db) <= index._col_scale / 2 * (1 + 1e-6)).all()
+    angle = np.arcsin(np.minimum(rel, 1.0))
+    tol = np.array([angle[np.union1d(a, b)].max() for a, b in zip(res.indices, i)]) + 1e-6
+    assert (np.abs(res.scores - s) <= tol[:, None]).all(), np.abs(res.scores - s).max(axis=1) - tol
     assert np.mean([len(np.intersect1d(a, b)) for a, b in zip(res.indices, i)]) >= 9
     index.save(tmp_path / "i")
     again = MatryoshkaIndex.load(tmp_path / "i").search(q, 10)
@@ -313,6 +420,26 @@ def test_none_override_means_index_default():
     a = index.search(q, k=3)
     b = index.search(q, k=3, stages=None, shortlist=None)
     np.testing.assert_array_equal(a.indices, b.indices)
+
+
+@pytest.mark.parametrize("vector_dtype", ["float32", "float16", "int8"])
+def test_prefix_inverse_norms_are_those_of_the_stored_rows(vector_dtype):
+    """[N, G] inverse prefix norms (rerank and shortlist scale) = 1 / |stored row[:m]|, for the
+    rows as stored: dequantised int8 codes, including rows a later add clipped to the scale."""
+    db, _ = _data()
+    index = MatryoshkaIndex(NEST, vector_dtype=vector_dtype)
+    index.add(db[:250])
+    index.add(db[250:] * 1.5)  # int8: beyond the first add's column scale, so clipped
+    stored = index.vectors().astype(np.float64)  # [N, D] widened / dequantised
+    if vector_dtype == "int8":
+        assert (np.abs(stored[250:]) == 127 * index._col_scale).any()  # clipping happened
+    for g, m in enumerate(NEST.sizes):
+        want = 1.0 / np.linalg.norm(stored[:, :m], axis=1)
+        # float64 sums rounded once to float32: half an ulp, 2**-24 ~ 6e-8 relative
+        np.testing.assert_allclose(index._inv_norms[:, g], want, rtol=2e-7, atol=0)
+    dot = MatryoshkaIndex(NEST, metric="dot")
+    dot.add(db)
+    assert dot._inv_norms.shape == (len(db), len(NEST)) and (dot._inv_norms == 1).all()
 
 
 # ---------------------------------------------------------------- IVF shortlist backend

@@ -299,9 +299,9 @@ class MatryoshkaIndex:
             if self.count == 0:
                 self._col_scale = _column_scale(x)
             x_store = _quantize_int8(x, self._col_scale)  # [n, D] int8 codes
-            x = x_store  # norms and shortlist prefixes come from what is stored
         else:
             x_store = x.astype(self.vector_dtype, copy=False)  # no copy for float32 input
+        x = x_store  # norms and shortlist prefixes come from what is stored (rounded, quantised)
         inv = self._prefix_inv_norms(x)  # [n, G]
         if self.count == 0 and not copy:  # first add: keep the caller's array (1M x 2048 is 8 GB)
             self._vectors, self._inv_norms = x_store, inv
