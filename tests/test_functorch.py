@@ -4,6 +4,7 @@ first step)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from mrl import Nesting
@@ -104,6 +105,32 @@ def test_soft_targets_follow_the_logits_dtype():
     torch.testing.assert_close(loss, ref)
 
 
+@pytest.mark.parametrize("weights", [None, (1.0, 0.5, 2.0)])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_soft_targets_with_label_smoothing_match_a_per_prefix_loop(
+    weights, label_smoothing, reduction
+):
+    """One cross-entropy call over all prefixes vs a loop of F.cross_entropy per prefix with
+    the same soft targets and smoothing: values and gradients (logits and the targets)."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    soft = torch.softmax(torch.randn(4, 5, dtype=torch.float64, generator=gen), -1)
+    soft.requires_grad_()
+    w = weights or (1.0, 1.0, 1.0)
+    got = nested_cross_entropy(logits, soft, weights, label_smoothing=label_smoothing,
+                               reduction=reduction)
+    per = [F.cross_entropy(logits[g], soft, label_smoothing=label_smoothing, reduction="none")
+           for g in range(3)]  # [B] each
+    ref = sum(wg * p for wg, p in zip(w, per))  # [B]
+    ref = {"mean": ref.mean(), "sum": ref.sum(), "none": ref}[reduction]
+    torch.testing.assert_close(got, ref)
+    up = torch.randn(got.shape, dtype=torch.float64, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, [logits, soft], up),
+                    torch.autograd.grad(ref, [logits, soft], up), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_weights_first_used_under_inference_mode_still_train():
     """The cached weights tensor must not be an inference tensor (validation loss first)."""
     weights = [1.0, 1.0, 3.0]  # a combination no other test caches first
@@ -115,10 +142,24 @@ def test_weights_first_used_under_inference_mode_still_train():
 
 
 def test_contrastive_loss_takes_mixed_dtypes_under_autocast():
-    q = torch.randn(4, 16).bfloat16()
+    gen = torch.Generator().manual_seed(0)
+    q32, p = torch.randn(4, 16, generator=gen), torch.randn(4, 16, generator=gen)
+    q = q32.bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = matryoshka_contrastive_loss(q, torch.randn(4, 16), N)  # fp32 cached positives
-    assert torch.isfinite(loss)
+        loss = matryoshka_contrastive_loss(q, p, N)  # fp32 cached positives
+    assert loss.dtype == torch.float32
+    # bf16 keeps 8 significant bits: rounding the queries moves the loss by ~4e-4 relative here,
+    # within torch's bf16 tolerance (rtol 1.6e-2)
+    torch.testing.assert_close(loss, matryoshka_contrastive_loss(q32, p, N), rtol=1.6e-2,
+                               atol=1e-5)
+    # the scores are computed in float32 (bf16 widens exactly): the float32 value of the
+    # bf16-rounded queries, and its gradient rounded once to bf16 (<= 2**-9 relative)
+    qf = q.detach().float().requires_grad_()
+    ref = matryoshka_contrastive_loss(qf, p, N)
+    torch.testing.assert_close(loss, ref)
+    (g,), (g_ref,) = torch.autograd.grad(loss, q), torch.autograd.grad(ref, qf)
+    assert g.dtype == torch.bfloat16
+    torch.testing.assert_close(g.float(), g_ref, rtol=2**-8, atol=1e-6)
 
 
 def test_nesting_coerce_refuses_bytes():

@@ -324,6 +324,26 @@ def test_matryoshka_loss_with_contrastive_equals_one_pass_version():
     _assert_same(wrapped, matryoshka_contrastive_loss(q, p, nesting, symmetric=True), [q, p])
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_learned_temperature_gradient_matches_the_reference(symmetric):
+    """d loss / d temperature (and the embeddings' gradients) through the one-pass loss equal
+    those through the per-prefix loop of `contrastive_loss`, with hard negatives."""
+    q, p, neg = _rand(5, 8, seed=1), _rand(5, 8, seed=2), _rand(5, 2, 8, seed=3)
+    nesting = Nesting((2, 4, 8), (1.0, 0.5, 2.0))
+    t = torch.tensor(0.07, dtype=F64, requires_grad=True)
+    got = matryoshka_contrastive_loss(q, p, nesting, neg, temperature=t, symmetric=symmetric)
+    ref = matryoshka_contrastive_loss_reference(q, p, nesting, neg, temperature=t,
+                                                symmetric=symmetric)
+    _assert_same(got, ref, [t, q, p, neg])
+    # and the reference's d loss / d t against a central difference (float64)
+    (gt,) = torch.autograd.grad(ref, t)
+    h = 1e-6
+    with torch.no_grad():
+        up, down = (matryoshka_contrastive_loss_reference(
+            q, p, nesting, neg, temperature=t + d, symmetric=symmetric) for d in (h, -h))
+    torch.testing.assert_close(gt, (up - down) / (2 * h), rtol=1e-6, atol=1e-8)
+
+
 def test_matryoshka_loss_errors():
     nesting = Nesting((4, 8))
     loss = MatryoshkaLoss(_pair_mse, nesting)

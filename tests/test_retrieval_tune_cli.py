@@ -451,15 +451,38 @@ def test_drop_self_keeps_empty_slots_empty():
     assert out.tolist() == [[3, -1, -1, -1], [7, 8, 9, 4]]
 
 
-def test_tune_small_database_with_short_ivf_lists():
+def test_tune_small_database_with_short_ivf_lists(monkeypatch):
     # 300 rows: single probed cells hold fewer than k+1 rows (a regression: this crashed in
     # _drop_self when short lists were padded with row 0 and the query was row 0).
+    import mrl.retrieval.tune as tune_module
+
+    short_for_row_0 = []
+
+    def spy(indices, rows, k):  # records whether query row 0 got a short (-1 padded) list
+        if rows is not None and (rows == 0).any():
+            short_for_row_0.append(bool((indices[rows == 0] < 0).any()))
+        return _drop_self(indices, rows, k)
+
+    _drop_self = tune_module._drop_self
+    monkeypatch.setattr(tune_module, "_drop_self", spy)
     rng = np.random.default_rng(0)
+    db = (rng.standard_normal((300, 64)) * np.arange(1, 65) ** -0.5).astype(np.float32)
     index = MatryoshkaIndex(NEST)
-    index.add((rng.standard_normal((300, 64)) * np.arange(1, 65) ** -0.5).astype(np.float32))
-    res = tune(index, 0.95, k=10, n_queries=200)  # as `mrl index build --target-recall 0.95`
-    assert 0 <= res.recall <= 1
+    index.add(db)
+    res = tune(index, 0.95, k=10, n_queries=50)  # as `mrl index build --target-recall 0.95`
+    assert any(short_for_row_0)  # the regression's situation was exercised
+    assert res.recall >= 0.95 + margin_for(0.95, 50, 10)  # target + the safety margin
     assert all(0 <= c["recall"] <= 1 for c in res.candidates)
+    # the reported recall, recomputed: the applied config vs exact search on the held-out rows
+    rows = np.sort(np.random.default_rng(0).choice(len(db), 50, replace=False))
+    _, truth = exact_search(db, db[rows], 11)
+    found = index.search(db[rows], 11).indices
+    drop = np.full((50, 10), -1)  # without the query's own row; -1: nothing found there
+    for j, (f, r) in enumerate(zip(found, rows)):
+        keep = f[(f != r) & (f >= 0)][:10]
+        drop[j, : len(keep)] = keep
+    want = np.array([t[t != r][:10] for t, r in zip(truth, rows)])
+    assert abs(recall_at_k(drop, want) - res.recall) < 1e-9
 
 
 def test_tune_single_size_nesting():

@@ -145,6 +145,84 @@ def test_micro_batcher_large_request_runs_alone_and_errors_reach_callers():
     assert calls[0] == 10
 
 
+def test_micro_batcher_drops_a_cancelled_waiting_request():
+    enc = HashEncoder(DIM)
+    seen = []
+
+    def encode(texts):
+        seen.append(list(texts))
+        return enc.encode(texts)
+
+    # a long window (500 ms) against short sleeps (20 ms): a loaded CI machine stays inside it
+    batcher = MicroBatcher(encode, max_batch_size=64, max_wait_ms=500)
+
+    async def go():
+        await batcher.start()
+        try:
+            keep = asyncio.create_task(batcher.submit(["a", "b"]))
+            gone = asyncio.create_task(batcher.submit(["cancelled"]))
+            await asyncio.sleep(0.02)  # both wait for company (up to 500 ms)
+            assert not seen
+            gone.cancel()
+            rows = await asyncio.wait_for(keep, 2)
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            lone = asyncio.create_task(batcher.submit(["alone"]))
+            await asyncio.sleep(0.02)
+            lone.cancel()
+            await asyncio.sleep(0.6)  # past its window: its batch formed empty, no encoder call
+            assert len(seen) == 1
+            after = await asyncio.wait_for(batcher.submit(["after"]), 2)  # still serving
+        finally:
+            await batcher.stop()
+        return rows, after
+
+    rows, after = _run(go())
+    assert seen == [["a", "b"], ["after"]]
+    np.testing.assert_array_equal(rows, enc.encode(["a", "b"]))
+    np.testing.assert_array_equal(after, enc.encode(["after"]))
+    assert batcher.batches == 2 and list(batcher.batch_sizes) == [2, 1]
+
+
+def test_micro_batcher_waits_max_wait_for_company_and_no_longer():
+    wait = 0.1
+    calls = []  # (when the encoder started, its texts)
+
+    def encode(texts):
+        calls.append((time.monotonic(), list(texts)))
+        return np.zeros((len(texts), 2), np.float32)
+
+    async def go():
+        b = MicroBatcher(encode, max_batch_size=8, max_wait_ms=wait * 1000)
+        await b.start()
+        try:
+            t0 = time.monotonic()
+            first = asyncio.create_task(b.submit(["x"]))
+            await asyncio.sleep(wait / 2)
+            second = asyncio.create_task(b.submit(["y"]))  # within the window: same batch
+            await asyncio.wait_for(asyncio.gather(first, second), 2)
+            t1 = time.monotonic()
+            await asyncio.wait_for(b.submit(["z"]), 2)  # alone: waits the whole window
+        finally:
+            await b.stop()
+        # a full batch does not wait for the window (10 s here: the 2 s timeout would hit)
+        full = MicroBatcher(encode, max_batch_size=2, max_wait_ms=10_000)
+        await full.start()
+        try:
+            await asyncio.wait_for(asyncio.gather(full.submit(["p"]), full.submit(["q"])), 2)
+            await asyncio.wait_for(full.submit(["r", "s", "t"]), 2)  # larger: runs at once
+        finally:
+            await full.stop()
+        return t0, t1
+
+    t0, t1 = _run(go())
+    assert [texts for _, texts in calls] == [["x", "y"], ["z"], ["p", "q"], ["r", "s", "t"]]
+    # the window starts when the first request arrives: never (much) earlier; later only by
+    # what a loaded machine adds (bounded loosely: the 10 s window of `full` would be far above)
+    for start, when in ((t0, calls[0][0]), (t1, calls[1][0])):
+        assert wait - 0.005 <= when - start < wait + 1.0
+
+
 def test_micro_batcher_rejects_bad_settings():
     with pytest.raises(ValueError, match="max_batch_size must be >= 1, got 0"):
         MicroBatcher(lambda t: None, max_batch_size=0)
@@ -175,13 +253,33 @@ def test_openai_client_float_and_base64_match_reference(server):
     np.testing.assert_allclose(np.linalg.norm(res.data[0].embedding), 1.0, rtol=1e-5)
 
 
-def test_unbatched_server_gives_the_same_embeddings(server):
-    url, enc, _ = server
-    body = {"input": ["one", "two three"], "model": MODEL, "dimensions": 16}
-    with serving(create_app(enc, config=ServeConfig(batching=False))) as plain_url:
-        plain = httpx.post(plain_url + "/v1/embeddings", json=body).json()
-    batched = httpx.post(url + "/v1/embeddings", json=body).json()
-    assert plain == batched
+def test_unbatched_server_gives_the_same_embeddings():
+    """Concurrent requests: the batching server answers each with exactly what the unbatched
+    one (an encoder call per request) answers, while sharing encoder calls between them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"input": [f"request {i} text {j}" for j in range(i % 3 + 1)], "model": MODEL,
+               "dimensions": (8, 16, 32)[i % 3]} for i in range(8)]
+    replies, calls = {}, {}
+    for batching in (True, False):
+        enc = HashEncoder(DIM, delay_s=0.03)  # a model call costs 30 ms: requests pile up
+        # a 200 ms window: the 8 requests' threads start well within it, even on a loaded machine
+        app = create_app(enc, config=ServeConfig(batching=batching, max_wait_ms=200))
+        with serving(app) as url, ThreadPoolExecutor(len(bodies)) as pool:
+            got = list(pool.map(
+                lambda b, url=url: httpx.post(url + "/v1/embeddings", json=b, timeout=30), bodies))
+            calls[batching] = (enc.calls, app.state.mrl["runner"].batches)
+        assert [r.status_code for r in got] == [200] * len(bodies)
+        replies[batching] = [r.json() for r in got]
+    assert replies[True] == replies[False]
+    ref = HashEncoder(DIM)
+    for body, reply in zip(bodies, replies[True]):
+        assert [d["index"] for d in reply["data"]] == list(range(len(body["input"])))
+        for text, d in zip(body["input"], reply["data"]):
+            np.testing.assert_allclose(d["embedding"], reference_embedding(
+                text, body["dimensions"], ref), rtol=1e-5, atol=1e-6)
+    assert calls[False] == (len(bodies), len(bodies))  # one encoder call per request
+    assert calls[True][0] == calls[True][1] < len(bodies)  # concurrent requests shared calls
 
 
 def test_openai_client_sees_errors(server):

@@ -137,6 +137,30 @@ def test_st_loss_matches_library_loss(tiny):
         MatryoshkaContrastiveLoss(tiny, Nesting((8, 64)))
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_st_loss_stacks_extra_columns_as_hard_negatives(tiny, symmetric):
+    """(anchor, positive, negative 1, negative 2): columns 3+ are each query's hard negatives
+    [B, n, D]; the value and the model's gradients equal the library loss on those."""
+    nest = Nesting((8, 16, 32))
+    loss_fn = MatryoshkaContrastiveLoss(tiny, nest, temperature=0.1, symmetric=symmetric)
+    cols = [["wing", "flow", "heat"], ["lift of a wing", "fluid flow", "heat transfer"],
+            ["heat flux", "a wing", "laminar flow"], ["boundary layer", "shock", "drag"]]
+    features = [tiny.preprocess(c) for c in cols]
+    params = [p for p in tiny.parameters() if p.requires_grad]
+    got = loss_fn(features, torch.zeros(3))
+    got_grads = torch.autograd.grad(got, params, allow_unused=True)
+    q, p, n1, n2 = (tiny(f)["sentence_embedding"] for f in features)
+    want = matryoshka_contrastive_loss(q, p, nest, negatives=torch.stack([n1, n2], dim=1),
+                                       temperature=0.1, symmetric=symmetric)
+    want_grads = torch.autograd.grad(want, params, allow_unused=True)
+    torch.testing.assert_close(got, want)
+    assert sum(g is not None for g in got_grads) > 0
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
 def test_finetune_saves_nested_model(tiny_model, tmp_path):
     pairs = [Pair(f"title {i} wing", f"a body {i} about the lift of wings") for i in range(6)]
     cfg = FinetuneConfig(nesting="8,16,32", batch_size=3, max_steps=2, lr=1e-3, max_seq_length=16)
