@@ -38,13 +38,12 @@ plain ``val_fraction`` split.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,18 @@ from mrl.text.checkpoint import (
     partial_dir,
     restore_loop,
     texts_digest,
+)
+from mrl.text.distributed import (
+    TextDist,
+    agree,
+    all_reduce_grads,
+    broadcast_flag,
+    gather_rng,
+    gather_rows,
+    shares,
+)
+from mrl.text.distributed import (
+    from_env as distributed_from_env,
 )
 from mrl.text.encoders import (
     check_max_seq_length,
@@ -344,9 +355,64 @@ def finetune(
     if cache_dir is not None:  # also used after training (validation)
         check_output_path(cache_dir, "cache_dir", "dir", writable=False)  # read-only: encode_cached
     texts = list(rotation_texts or dict.fromkeys(p.positive for p in pairs))
-    ckpt = _checkpoint(out, model, pairs, texts, config, resume, checkpoint_minutes)
-    with ckpt or contextlib.nullcontext():
-        return _finetune(model, pairs, out, config, log, texts, cache_dir, ckpt)
+    config, d = _processes(config)
+    if not d.main:
+        log = _quiet  # one log: rank 0's
+    # rank 0 takes the lock and checks the checkpoint; its error (if any) stops every process
+    ckpt = agree(d, lambda: _enter(
+        _checkpoint(out, model, pairs, texts, config, resume, checkpoint_minutes)))  # fmt: skip
+    try:
+        run = _Run(ckpt, ckpt.saved if ckpt else None, d, checkpoint_minutes is not None)
+        resuming = ckpt is not None and ckpt.saved is not None
+        if d.on and broadcast_flag(resuming, _collective_device(config)):
+            if not d.main:  # rank 0 checked it; the others read it too
+                run.saved = torch.load(partial_dir(out) / "checkpoint.pt", map_location="cpu",
+                                       weights_only=True)  # fmt: skip
+        return _finetune(model, pairs, out, config, log, texts, cache_dir, run)
+    finally:
+        if ckpt is not None:
+            ckpt.__exit__()
+
+
+def _quiet(message: str) -> None:
+    """The log of a process other than rank 0."""
+
+
+def _enter(ckpt: FinetuneCheckpoint | None) -> FinetuneCheckpoint | None:
+    return None if ckpt is None else ckpt.__enter__()
+
+
+def _collective_device(config: FinetuneConfig) -> torch.device:
+    """The device collectives of this run use: the CUDA device with NCCL, else the CPU."""
+    return torch.device(config.device)
+
+
+def _processes(config: FinetuneConfig) -> tuple[FinetuneConfig, TextDist]:
+    """Join torchrun's processes (if any); each uses its own GPU (``cuda`` -> ``cuda:LOCAL``)."""
+    d = distributed_from_env(config.device)
+    if not d.on:
+        return config, d
+    if not config.train_encoder:
+        raise ValueError(
+            "--freeze-encoder trains one layer on cached embeddings (seconds on a CPU): run it "
+            "without torchrun (several processes are for the whole model)"
+        )
+    if config.device.startswith("cuda"):
+        config = replace(config, device=f"cuda:{d.local_rank}")
+        torch.cuda.set_device(config.device)  # NCCL collectives use the current device
+    return config, d
+
+
+@dataclass
+class _Run:
+    """What the training loop needs besides the settings: the checkpoint it writes (rank 0 or a
+    single process; None elsewhere or without checkpoints), the state it resumes from (on every
+    process), the processes, and whether checkpoints are written at all."""
+
+    ckpt: FinetuneCheckpoint | None = None
+    saved: dict[str, Any] | None = None
+    d: TextDist = field(default_factory=TextDist)
+    checkpointing: bool = False
 
 
 def _checkpoint(
@@ -395,13 +461,16 @@ def _finetune(
     log: Callable[[str], None],
     texts: Sequence[str],
     cache_dir: str | os.PathLike | None,
-    ckpt: FinetuneCheckpoint | None,
+    run: _Run,
 ) -> Path:
     """`finetune` after its checks, with the checkpoint (if any) locked."""
     train_idx, val_idx = split_pairs(len(pairs), config.val_fraction, config.val_fold)
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed + run.d.rank)  # rank 0's dropout = a single process's
+    rng = random.Random(config.seed)  # the same batches on every process
     encoder, corpus = _load_with_rotation(model, texts, config, cache_dir, log)
+    if run.d.on:  # every process starts from rank 0's weights
+        for t in encoder.state_dict().values():
+            torch.distributed.broadcast(t, 0)
     dim = embedding_dim(encoder)
     inference_length = encoder.max_seq_length  # restored before saving: training may cut shorter
     encoder.max_seq_length = config.max_seq_length
@@ -419,12 +488,16 @@ def _finetune(
         f"nesting {list(nesting.sizes)}"
     )
     feats = None  # frozen base features of the pairs (rotation-only training)
-    if ckpt is not None:
-        what = "resumed from" if ckpt.saved is not None else "checkpoints in"
-        log(f"finetune: {what} {ckpt.path} (step {ckpt.saved['step'] if ckpt.saved else 0})")
+    if run.d.on:
+        log(f"finetune: {run.d.world} processes share each batch of {config.batch_size} pairs")
+    if run.ckpt is not None:
+        what = "resumed from" if run.saved is not None else "checkpoints in"
+        log(f"finetune: {what} {run.ckpt.path} (step {run.saved['step'] if run.saved else 0})")
     if config.train_encoder:
         train = [pairs[i] for i in train_idx]
-        step = _train_model(encoder, train, nesting, config, total, rng, log, ckpt)
+        step = _train_model(encoder, train, nesting, config, total, rng, log, run)
+        if not run.d.main:
+            return Path(out)  # rank 0 validates and saves the model
     else:
         feats = _frozen_features(model, pairs, config, cache_dir)
         train_feats = {k: v[torch.tensor(train_idx)] for k, v in feats.items()}
@@ -433,7 +506,7 @@ def _finetune(
             assert corpus is not None
             distill = _DistillTerm(encoder[-1], corpus.to(config.device), nesting, config)
         step = _train_rotation(
-            encoder[-1], train_feats, nesting, config, total, rng, log, distill, ckpt
+            encoder[-1], train_feats, nesting, config, total, rng, log, distill, run
         )
     encoder.eval()
     reorder = None
@@ -452,9 +525,11 @@ def _finetune(
             "steps": step, "config": asdict(config)}  # fmt: skip
     if reorder is not None:
         info["reorder"] = reorder
+    if run.d.on:
+        info["processes"] = run.d.world
     out = _save_finetuned(out, encoder, nesting, validation, info)
-    if ckpt is not None:
-        ckpt.finish()
+    if run.ckpt is not None:
+        run.ckpt.finish()
     if validation is not None:
         log("validation (held-out pairs):\n" + _validation_table(validation, nesting))
     log(f"saved {out} ({time.time() - t0:.0f}s)")
@@ -598,27 +673,44 @@ def _train_model(
     total: int,
     rng: random.Random,
     log: Callable[[str], None],
-    ckpt: FinetuneCheckpoint | None = None,
+    run: _Run | None = None,
 ) -> int:
-    """The whole model (and the rotation layer, if any); returns the number of steps taken."""
+    """The whole model (and the rotation layer, if any); returns the number of steps taken.
+    Under torchrun each process embeds its share of a batch (`mrl.text.distributed`)."""
+    run = run or _Run()
     texts = list(dict.fromkeys(t for p in pairs for t in (p.query, p.positive, p.negative) if t))
     long = count_long(encoder, texts)  # encoder.max_seq_length is the training length here
     if long:
         log(f"finetune: {long} of {len(texts)} training texts exceed max_seq_length="
             f"{encoder.max_seq_length} tokens and are truncated to it while training")
 
+    d, dim = run.d, embedding_dim(encoder)
+
+    def column(batch: list[Pair], name: str, sizes: list[int] | None) -> torch.Tensor:
+        """[B, D]: one text column of the batch; under torchrun, this process's share of it
+        (with gradient) joined with the other processes' (detached)."""
+        texts = [getattr(p, name) for p in batch]
+        if sizes is None:
+            return _embed(encoder, texts, config.device)
+        mine = (_embed(encoder, texts, config.device) if texts else
+                torch.zeros(0, dim, device=config.device))  # fmt: skip
+        return gather_rows(mine, sizes, d.rank)
+
     def embed(idx: list[int]) -> _Batch:
+        sizes = None
+        if d.on:
+            parts = shares(idx, d.world)
+            sizes, idx = [len(x) for x in parts], parts[d.rank]
         batch = [pairs[i] for i in idx]
-        q = _embed(encoder, [p.query for p in batch], config.device)  # [B, D]
-        p = _embed(encoder, [p.positive for p in batch], config.device)  # [B, D]
+        q, p = column(batch, "query", sizes), column(batch, "positive", sizes)  # [B, D]
         neg = None
-        if batch[0].negative is not None:
-            neg = _embed(encoder, [p.negative for p in batch], config.device)[:, None]  # [B,1,D]
+        if pairs[0].negative is not None:
+            neg = column(batch, "negative", sizes)[:, None]  # [B, 1, D]
         return q, p, neg
 
     groups = _param_groups(encoder, config)
     return _train_loop(
-        encoder, groups, len(pairs), embed, nesting, config, total, rng, log, 1, ckpt=ckpt
+        encoder, groups, len(pairs), embed, nesting, config, total, rng, log, 1, run=run
     )
 
 
@@ -634,20 +726,24 @@ def _train_loop(
     log: Callable[[str], None],
     log_every: int,
     extra: _DistillTerm | None = None,
-    ckpt: FinetuneCheckpoint | None = None,
+    run: _Run | None = None,
 ) -> int:
     """``total`` AdamW steps of the Matryoshka contrastive loss over shuffled batches of the ``n``
     pairs; ``embed(indices)`` gives (queries [B, D], positives [B, D], negatives [B, 1, D] or
     None); ``extra()`` (if any) is a term added with weight ``config.distill``. Trains
-    ``module``'s parameters; returns the number of steps taken. ``ckpt``: resume from its saved
-    state (if any) and save to it (`mrl.text.checkpoint`)."""
+    ``module``'s parameters; returns the number of steps taken. ``run``: the state to resume
+    from (if any), the checkpoint to write (`mrl.text.checkpoint`), torchrun's processes."""
+    run = run or _Run()
     opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, config.warmup))
     generator = None if extra is None else extra.generator
     step, order, start = 0, [], n  # start = n: the next step shuffles a new epoch
-    if ckpt is not None and ckpt.saved is not None:
-        step, order, start = restore_loop(ckpt.saved, module, opt, sched, rng, generator)
-        ckpt.saved = None  # restored: its tensors need not stay in memory for the whole run
+    if run.saved is not None:
+        step, order, start = restore_loop(run.saved, module, opt, sched, rng, generator)
+        ranks = run.saved.get("torch_rng_ranks")  # every process's dropout stream (torchrun)
+        if run.d.on and ranks is not None and len(ranks) == run.d.world:
+            torch.set_rng_state(ranks[run.d.rank])
+        run.saved = None  # restored: its tensors need not stay in memory for the whole run
     module.train()
     t0 = time.time()
     while step < total:
@@ -666,7 +762,10 @@ def _train_loop(
             extra_value = extra()
             loss = loss + config.distill * extra_value
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss.requires_grad:  # under torchrun a process with no share this step has none
+            loss.backward()
+        if run.d.on:
+            all_reduce_grads(module.parameters())  # the shares' parts: the full gradient
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -674,9 +773,28 @@ def _train_loop(
         if step % log_every == 0 or step == total:
             part = "" if extra_value is None else f" (distill {extra_value.item():.4f})"
             log(f"step {step}/{total} loss {loss.item():.4f}{part} ({time.time() - t0:.0f}s)")
-        if ckpt is not None and ckpt.due(epoch_end=n - start < 2, last=step == total):
-            ckpt.save(loop_state(module, opt, sched, rng, generator, step, order, start))
+        if run.checkpointing:
+            _maybe_save(run, module, opt, sched, rng, generator, step, order, start,
+                        epoch_end=n - start < 2, last=step == total,
+                        device=_collective_device(config))  # fmt: skip
     return step
+
+
+def _maybe_save(run: _Run, module, opt, sched, rng, generator, step: int, order: list[int],
+                start: int, *, epoch_end: bool, last: bool, device: torch.device) -> None:
+    """Write the checkpoint when due; under torchrun rank 0's clock decides for every process,
+    and the checkpoint holds every process's torch RNG state (dropout)."""
+    due = run.ckpt is not None and run.ckpt.due(epoch_end=epoch_end, last=last)
+    if run.d.on:
+        due = broadcast_flag(due, device)
+    if not due:
+        return
+    ranks = gather_rng(run.d, device) if run.d.on else None
+    if run.ckpt is not None:
+        state = loop_state(module, opt, sched, rng, generator, step, order, start)
+        if ranks is not None:
+            state["torch_rng_ranks"] = ranks
+        run.ckpt.save(state)
 
 
 def _frozen_features(
@@ -708,7 +826,7 @@ def _train_rotation(
     rng: random.Random,
     log: Callable[[str], None],
     distill: _DistillTerm | None = None,
-    ckpt: FinetuneCheckpoint | None = None,
+    run: _Run | None = None,
 ) -> int:
     """Only the appended ``dense`` layer, on frozen features; returns the number of steps."""
     head = _head_fn(dense)
@@ -722,7 +840,7 @@ def _train_rotation(
     groups = [{"params": list(dense.parameters()), "lr": config.rotation_lr or config.lr}]
     n = feats["query"].shape[0]
     step = _train_loop(
-        dense, groups, n, embed, nesting, config, total, rng, log, 50, distill, ckpt
+        dense, groups, n, embed, nesting, config, total, rng, log, 50, distill, run
     )
     dense.eval()
     return step

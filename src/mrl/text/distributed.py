@@ -1,0 +1,140 @@
+"""`mrl text finetune` under torchrun: each process embeds its share of a step's batch.
+
+The global batch (``--batch-size`` B, the same pairs in the same order on every process: one
+seed) is cut into contiguous shares, one per process. Each process embeds its share, and all
+processes exchange the embeddings, so that every query still has the other B - 1 positives of
+the global batch as in-batch negatives: the loss is the single-process loss. Only a process's
+own rows carry gradient (the others' arrive detached), so its backward pass gives the part of
+the gradient that flows through its rows; summing those parts over processes (one all-reduce
+of all gradients) gives the full gradient, and every process takes the same optimizer step.
+No autograd through collectives, so gloo (CPU) and NCCL (CUDA) behave alike; tested against
+one process on CPU with two gloo processes.
+
+Rank 0 holds the checkpoint (with every process's torch RNG state, for dropout) and saves the
+model; the other processes stop after the last step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["TextDist", "shares", "gather_rows", "all_reduce_grads", "agree", "broadcast_flag"]
+
+
+@dataclass(frozen=True)
+class TextDist:
+    """This process's place: rank, world size, local rank (its GPU on a node)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def from_env(device: str) -> TextDist:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), else one process."""
+    from mrl.train import _init_distributed
+
+    d = _init_distributed("cuda" if device.startswith("cuda") else "cpu")
+    return TextDist(d.rank, d.world_size, d.local_rank)
+
+
+def shares(idx: list[int], world: int) -> list[list[int]]:
+    """``idx`` cut into ``world`` contiguous shares, the first ``len(idx) % world`` one longer
+    (a share may be empty when the batch is smaller than the world)."""
+    size, extra = divmod(len(idx), world)
+    out, start = [], 0
+    for r in range(world):
+        stop = start + size + (r < extra)
+        out.append(idx[start:stop])
+        start = stop
+    return out
+
+
+def gather_rows(local: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+    """Every process's rows ``[sum(sizes), ...]`` in rank order; this rank's are ``local``
+    (with its gradient), the others' are detached copies.
+
+    ``local [sizes[rank], ...]``. The shares are padded to the largest for the all-gather.
+    """
+    cmax = max(sizes)
+    pad = local.new_zeros((cmax, *local.shape[1:]))
+    pad[: local.shape[0]] = local.detach()
+    bufs = [torch.empty_like(pad) for _ in sizes]
+    dist.all_gather(bufs, pad)
+    parts = [local if r == rank else bufs[r][: sizes[r]] for r in range(len(sizes))]
+    return torch.cat(parts)
+
+
+def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
+    """Sum every parameter's gradient over processes (one all-reduce of one flat buffer).
+
+    A parameter that no process used keeps ``grad = None`` (AdamW then skips it, weight decay
+    included, as in one process); one that some process used gets the sum, zeros standing in
+    for the processes that did not.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    ref = params[0]
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+        + [torch.tensor([p.grad is not None for p in params], dtype=ref.dtype, device=ref.device)]
+    )
+    dist.all_reduce(flat)
+    used = flat[-len(params) :] > 0
+    offset = 0
+    for p, u in zip(params, used.tolist()):
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone() if u else None
+        offset += n
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every process (e.g. its clock says: write a checkpoint now)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def agree(d: TextDist, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only; if it raises, every process raises the same error (else the
+    others would wait forever in their next collective). Returns ``fn``'s result on rank 0,
+    None elsewhere."""
+    if not d.on:
+        return fn()
+    result, error = None, None
+    if d.main:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001  (re-raised below, on every rank)
+            error = exc
+    box = [None if error is None else (type(error), str(error))]
+    dist.broadcast_object_list(box, 0)
+    if box[0] is not None:
+        if error is not None:
+            raise error
+        kind, message = box[0]
+        raise (kind if issubclass(kind, (ValueError, OSError)) else RuntimeError)(message)
+    return result
+
+
+def gather_rng(d: TextDist, device: torch.device) -> list[torch.Tensor]:
+    """Every process's torch CPU RNG state (dropout), in rank order (on rank 0 for its
+    checkpoint)."""
+    state = torch.get_rng_state().to(device)
+    bufs = [torch.empty_like(state) for _ in range(d.world)]
+    dist.all_gather(bufs, state)
+    return [b.cpu() for b in bufs]
