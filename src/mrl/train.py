@@ -28,7 +28,6 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from torch import nn
 from mrl.config import TrainConfig, config_from_dict
 from mrl.data import Task, augment, iterate_batches, load_task_for
 from mrl.data.tensors import ImageTensors
+from mrl.distributed import Processes, join
 from mrl.io import atomic_torch_save, atomic_write_json, atomic_write_text, exclusive_lock, fcntl
 from mrl.models import MatryoshkaClassifier, Normalize, build_encoder
 from mrl.nesting import Nesting
@@ -145,27 +145,8 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_type: str | None = None) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and device_type != "cpu" else "gloo"
-        dist.init_process_group(backend)
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+_Dist = Processes  # this module's name for it (tests use it)
+_init_distributed = join
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -17,38 +17,19 @@ model; the other processes stop after the last step.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["TextDist", "shares", "gather_rows", "all_reduce_grads", "agree", "broadcast_flag"]
+from mrl.distributed import Processes, join
+
+__all__ = ["from_env", "shares", "gather_rows", "all_reduce_grads", "agree", "broadcast_flag"]
 
 
-@dataclass(frozen=True)
-class TextDist:
-    """This process's place: rank, world size, local rank (its GPU on a node)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def on(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def from_env(device: str) -> TextDist:
+def from_env(device: str) -> Processes:
     """Join the process group torchrun describes (WORLD_SIZE > 1), else one process."""
-    from mrl.train import _init_distributed
-
-    d = _init_distributed("cuda" if device.startswith("cuda") else "cpu")
-    return TextDist(d.rank, d.world_size, d.local_rank)
+    return join("cuda" if device.startswith("cuda") else "cpu")
 
 
 def shares(idx: list[int], world: int) -> list[list[int]]:
@@ -109,7 +90,7 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def agree(d: TextDist, fn: Callable[[], Any]) -> Any:
+def agree(d: Processes, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on rank 0 only; if it raises, every process raises the same error (else the
     others would wait forever in their next collective). Returns ``fn``'s result on rank 0,
     None elsewhere."""
@@ -131,10 +112,10 @@ def agree(d: TextDist, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def gather_rng(d: TextDist, device: torch.device) -> list[torch.Tensor]:
+def gather_rng(d: Processes, device: torch.device) -> list[torch.Tensor]:
     """Every process's torch CPU RNG state (dropout), in rank order (on rank 0 for its
     checkpoint)."""
     state = torch.get_rng_state().to(device)
-    bufs = [torch.empty_like(state) for _ in range(d.world)]
+    bufs = [torch.empty_like(state) for _ in range(d.world_size)]
     dist.all_gather(bufs, state)
     return [b.cpu() for b in bufs]

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mrl.distributed import Processes
 from mrl.io import atomic_output_dir, check_new_output_dir, check_output_path
 from mrl.losses import matryoshka_contrastive_loss
 from mrl.nesting import Nesting
@@ -64,7 +65,6 @@ from mrl.text.checkpoint import (
     texts_digest,
 )
 from mrl.text.distributed import (
-    TextDist,
     agree,
     all_reduce_grads,
     broadcast_flag,
@@ -387,7 +387,7 @@ def _collective_device(config: FinetuneConfig) -> torch.device:
     return torch.device(config.device)
 
 
-def _processes(config: FinetuneConfig) -> tuple[FinetuneConfig, TextDist]:
+def _processes(config: FinetuneConfig) -> tuple[FinetuneConfig, Processes]:
     """Join torchrun's processes (if any); each uses its own GPU (``cuda`` -> ``cuda:LOCAL``)."""
     d = distributed_from_env(config.device)
     if not d.on:
@@ -411,7 +411,7 @@ class _Run:
 
     ckpt: FinetuneCheckpoint | None = None
     saved: dict[str, Any] | None = None
-    d: TextDist = field(default_factory=TextDist)
+    d: Processes = field(default_factory=Processes)
     checkpointing: bool = False
 
 
@@ -489,7 +489,7 @@ def _finetune(
     )
     feats = None  # frozen base features of the pairs (rotation-only training)
     if run.d.on:
-        log(f"finetune: {run.d.world} processes share each batch of {config.batch_size} pairs")
+        log(f"finetune: {run.d.world_size} processes share each batch of {config.batch_size} pairs")
     if run.ckpt is not None:
         what = "resumed from" if run.saved is not None else "checkpoints in"
         log(f"finetune: {what} {run.ckpt.path} (step {run.saved['step'] if run.saved else 0})")
@@ -526,7 +526,7 @@ def _finetune(
     if reorder is not None:
         info["reorder"] = reorder
     if run.d.on:
-        info["processes"] = run.d.world
+        info["processes"] = run.d.world_size
     out = _save_finetuned(out, encoder, nesting, validation, info)
     if run.ckpt is not None:
         run.ckpt.finish()
@@ -699,7 +699,7 @@ def _train_model(
     def embed(idx: list[int]) -> _Batch:
         sizes = None
         if d.on:
-            parts = shares(idx, d.world)
+            parts = shares(idx, d.world_size)
             sizes, idx = [len(x) for x in parts], parts[d.rank]
         batch = [pairs[i] for i in idx]
         q, p = column(batch, "query", sizes), column(batch, "positive", sizes)  # [B, D]
@@ -741,7 +741,7 @@ def _train_loop(
     if run.saved is not None:
         step, order, start = restore_loop(run.saved, module, opt, sched, rng, generator)
         ranks = run.saved.get("torch_rng_ranks")  # every process's dropout stream (torchrun)
-        if run.d.on and ranks is not None and len(ranks) == run.d.world:
+        if run.d.on and ranks is not None and len(ranks) == run.d.world_size:
             torch.set_rng_state(ranks[run.d.rank])
         run.saved = None  # restored: its tensors need not stay in memory for the whole run
     module.train()
