@@ -28,9 +28,10 @@ from mrl.text.pairs import Pair  # noqa: E402
 SETTINGS = dict(nesting="8,16,32", batch_size=4, epochs=2, lr=1e-3, max_seq_length=32)
 
 
-def _pairs(n: int = 10) -> list[Pair]:
-    # 10 pairs in batches of 4: each epoch ends with a batch of 2 (one pair per process)
-    return [Pair(f"title {i} wing", f"a body {i} about lift and heat {i % 3}") for i in range(n)]
+def _pairs(n: int = 10, negatives: bool = False) -> list[Pair]:
+    # 10 pairs in batches of 4: each epoch ends with a batch of 2
+    return [Pair(f"title {i} wing", f"a body {i} about lift and heat {i % 3}",
+                 f"an aside {i} on noise" if negatives else None) for i in range(n)]  # fmt: skip
 
 
 def _free_port() -> int:
@@ -126,8 +127,10 @@ def _finetune_worker(rank: int, world: int, port: int, model: str, out: str, set
             return loss(*args, **kwargs)
 
         ft.matryoshka_contrastive_loss = interrupted
+    settings = dict(settings)
+    pairs = _pairs(negatives=settings.pop("_negatives", False))
     try:
-        finetune(model, _pairs(), out, FinetuneConfig(**settings), log=lambda s: None,
+        finetune(model, pairs, out, FinetuneConfig(**settings), log=lambda s: None,
                  resume=resume, checkpoint_minutes=0)  # fmt: skip
     except KeyboardInterrupt:
         pass
@@ -135,26 +138,101 @@ def _finetune_worker(rank: int, world: int, port: int, model: str, out: str, set
         dist.destroy_process_group()
 
 
-def _spawn(model, out, settings, stop_after: int = -1, resume: bool = False) -> None:
-    args = (2, _free_port(), str(model), str(out), settings, stop_after, resume)
-    torch.multiprocessing.spawn(_finetune_worker, args=args, nprocs=2)
+def _spawn(model, out, settings, stop_after: int = -1, resume: bool = False,
+           processes: int = 2) -> None:  # fmt: skip
+    args = (processes, _free_port(), str(model), str(out), settings, stop_after, resume)
+    torch.multiprocessing.spawn(_finetune_worker, args=args, nprocs=processes)
 
 
-def test_two_processes_fine_tune_as_one(tiny_model, tmp_path, monkeypatch):  # noqa: F811
-    """The same global batches, split over two gloo processes: the weights of one process
-    (up to float summation order), and one model folder written (by rank 0)."""
+def test_three_processes_fine_tune_as_one(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    """The same global batches, split over three gloo processes (each epoch's last batch of 2
+    leaves one process an empty share): the weights of one process (up to float summation
+    order), and one model folder written (by rank 0)."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     model = _no_dropout(tiny_model, tmp_path / "model")
     one = finetune(model, _pairs(), tmp_path / "one", FinetuneConfig(**SETTINGS),
                    log=lambda s: None)  # fmt: skip
-    _spawn(model, tmp_path / "two", SETTINGS)
-    a, b = _weights(one), _weights(tmp_path / "two")
+    _spawn(model, tmp_path / "three", SETTINGS, processes=3)
+    a, b = _weights(one), _weights(tmp_path / "three")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
-    meta = json.loads((tmp_path / "two" / "mrl.json").read_text())
-    assert meta["processes"] == 2 and meta["steps"] == 6
-    assert not partial_dir(tmp_path / "two").exists()
+    meta = json.loads((tmp_path / "three" / "mrl.json").read_text())
+    assert meta["processes"] == 3 and meta["steps"] == 6
+    assert not partial_dir(tmp_path / "three").exists()
+
+
+@pytest.mark.slow
+def test_bf16_model_symmetric_loss_with_negatives_over_three_processes(
+    tiny_model, tmp_path, monkeypatch  # noqa: F811
+):
+    """A bfloat16 model folder (its rows are gathered as float32, also beside an empty share),
+    the symmetric loss and a hard-negative column: as one process, at bfloat16 tolerance."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    model = _no_dropout(tiny_model, tmp_path / "model")
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
+    settings = dict(SETTINGS, symmetric=True)
+    one = finetune(model, _pairs(negatives=True), tmp_path / "one", FinetuneConfig(**settings),
+                   log=lambda s: None)  # fmt: skip
+    _spawn(model, tmp_path / "three", dict(settings, _negatives=True), processes=3)
+    a, b = _weights(one), _weights(tmp_path / "three")
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=2e-2, atol=2e-2, msg=k)
+
+
+def test_errors_cross_processes_by_class_name():
+    from mrl.text.distributed import portable_error, rebuilt_error
+
+    for error in (FileNotFoundError("no checkpoint at x"), FileExistsError("x exists"),
+                  ValueError("lr must be > 0"), PermissionError("read-only")):  # fmt: skip
+        again = rebuilt_error(*portable_error(error))
+        assert type(again) is type(error) and str(again) == str(error)
+    # classes that need more than a message, or that the other side cannot import
+    bad = "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
+    try:
+        bad.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        unicode_error = exc
+    assert isinstance(unicode_error, ValueError)  # a ValueError: its message travels
+    assert type(rebuilt_error(*portable_error(unicode_error))) is ValueError
+
+    class Local(Exception):
+        pass
+
+    again = rebuilt_error(*portable_error(Local("odd")))
+    assert type(again) is RuntimeError and str(again) == "Local: odd"
+
+
+def test_resume_with_another_process_count_reseeds_and_says_so(tiny_model, tmp_path,  # noqa: F811
+                                                               monkeypatch):
+    """A two-process checkpoint resumed by one process: its saved dropout streams do not map
+    onto this process, so the stream is re-seeded from (seed, step, rank), and the log says."""
+    import mrl.text.finetune as ft
+
+    out = tmp_path / "ft"
+    real, calls = ft.matryoshka_contrastive_loss, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(ft, "matryoshka_contrastive_loss", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(tiny_model, _pairs(), out, FinetuneConfig(**SETTINGS), log=lambda s: None,
+                     checkpoint_minutes=0)  # fmt: skip
+    path = partial_dir(out) / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    saved["torch_rng_ranks"] = [saved["torch_rng"], saved["torch_rng"]]  # as two processes
+    torch.save(saved, path)
+    logs: list[str] = []
+    finetune(tiny_model, _pairs(), out, FinetuneConfig(**SETTINGS), log=logs.append,
+             resume=True)  # fmt: skip
+    assert any("written by 2 process(es), resumed by 1: each process's dropout stream is "
+               "re-seeded" in s for s in logs)  # fmt: skip
 
 
 @pytest.mark.slow

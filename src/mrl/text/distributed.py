@@ -102,20 +102,45 @@ def agree(d: Processes, fn: Callable[[], Any]) -> Any:
             result = fn()
         except Exception as exc:  # noqa: BLE001  (re-raised below, on every rank)
             error = exc
-    box = [None if error is None else (type(error), str(error))]
+    box = [None if error is None else portable_error(error)]
     dist.broadcast_object_list(box, 0)
     if box[0] is not None:
         if error is not None:
             raise error
-        kind, message = box[0]
-        raise (kind if issubclass(kind, (ValueError, OSError)) else RuntimeError)(message)
+        raise rebuilt_error(*box[0])
     return result
 
 
-def gather_rng(d: Processes, device: torch.device) -> list[torch.Tensor]:
-    """Every process's torch CPU RNG state (dropout), in rank order (on rank 0 for its
-    checkpoint)."""
-    state = torch.get_rng_state().to(device)
-    bufs = [torch.empty_like(state) for _ in range(d.world_size)]
-    dist.all_gather(bufs, state)
-    return [b.cpu() for b in bufs]
+# Exception classes sent between processes by name (any class pickles by reference only if
+# importable, and some need more than a message to be built): the rest become RuntimeError.
+_KINDS = {c.__name__: c for c in (FileNotFoundError, FileExistsError, PermissionError,
+                                  ValueError, ImportError, OSError)}  # fmt: skip
+
+
+def portable_error(error: BaseException) -> tuple[str, str]:
+    """``(class name, message)`` of ``error`` that another process can rebuild: the first of
+    `_KINDS` it is an instance of, else RuntimeError with the real class named in the text."""
+    for name, kind in _KINDS.items():
+        if isinstance(error, kind):
+            return name, str(error)
+    return "RuntimeError", f"{type(error).__name__}: {error}"
+
+
+def rebuilt_error(name: str, message: str) -> Exception:
+    return _KINDS.get(name, RuntimeError)(message)
+
+
+def gather_rng(d: Processes, device: torch.device) -> dict[str, list[torch.Tensor] | None]:
+    """Every process's RNG states (dropout), in rank order, for rank 0's checkpoint: ``cpu``
+    (torch's CPU generator) and ``cuda`` (the generator of each process's own GPU; None on
+    the CPU)."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    out: dict[str, list[torch.Tensor] | None] = {"cpu": None, "cuda": None}
+    for key, state in states.items():
+        state = state.to(device)  # NCCL gathers device tensors
+        bufs = [torch.empty_like(state) for _ in range(d.world_size)]
+        dist.all_gather(bufs, state)
+        out[key] = [b.cpu() for b in bufs]
+    return out

@@ -692,7 +692,9 @@ def _train_model(
         texts = [getattr(p, name) for p in batch]
         if sizes is None:
             return _embed(encoder, texts, config.device)
-        mine = (_embed(encoder, texts, config.device) if texts else
+        # float32 on every process (an empty share has no model dtype to copy; bf16 / fp16
+        # rows would not match it): the loss computes its cosines in float32 anyway
+        mine = (_embed(encoder, texts, config.device).float() if texts else
                 torch.zeros(0, dim, device=config.device))  # fmt: skip
         return gather_rows(mine, sizes, d.rank)
 
@@ -740,9 +742,7 @@ def _train_loop(
     step, order, start = 0, [], n  # start = n: the next step shuffles a new epoch
     if run.saved is not None:
         step, order, start = restore_loop(run.saved, module, opt, sched, rng, generator)
-        ranks = run.saved.get("torch_rng_ranks")  # every process's dropout stream (torchrun)
-        if run.d.on and ranks is not None and len(ranks) == run.d.world_size:
-            torch.set_rng_state(ranks[run.d.rank])
+        _restore_rank_rng(run, config, step, log)
         run.saved = None  # restored: its tensors need not stay in memory for the whole run
     module.train()
     t0 = time.time()
@@ -793,8 +793,28 @@ def _maybe_save(run: _Run, module, opt, sched, rng, generator, step: int, order:
     if run.ckpt is not None:
         state = loop_state(module, opt, sched, rng, generator, step, order, start)
         if ranks is not None:
-            state["torch_rng_ranks"] = ranks
+            state["torch_rng_ranks"], state["cuda_rng_ranks"] = ranks["cpu"], ranks["cuda"]
         run.ckpt.save(state)
+
+
+def _restore_rank_rng(run: _Run, config: FinetuneConfig, step: int, log) -> None:
+    """Each process's own dropout streams (CPU and its GPU) from a torchrun checkpoint. With
+    another number of processes than the checkpoint's, the saved streams do not map onto these
+    processes: each is re-seeded from (seed, step, rank) instead, and the log says so."""
+    assert run.saved is not None
+    cpu, cuda = run.saved.get("torch_rng_ranks"), run.saved.get("cuda_rng_ranks")
+    saved_world = 1 if cpu is None else len(cpu)
+    if saved_world != run.d.world_size:
+        torch.manual_seed(config.seed + 1_000_003 * step + run.d.rank)  # CPU and every GPU
+        log(f"finetune: the checkpoint was written by {saved_world} process(es), resumed by "
+            f"{run.d.world_size}: each process's dropout stream is re-seeded (training "
+            "continues, but not bit for bit as an uninterrupted run)")  # fmt: skip
+        return
+    if cpu is not None:  # torchrun, same processes: this rank's own streams
+        torch.set_rng_state(cpu[run.d.rank])
+        device = torch.device(config.device)
+        if cuda is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(cuda[run.d.rank], device)
 
 
 def _frozen_features(
