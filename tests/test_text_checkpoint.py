@@ -278,3 +278,42 @@ def test_cli_hint_without_a_checkpoint(tiny_model, tmp_path, monkeypatch, capsys
     assert ("interrupted; no checkpoint was written yet: run the same command again to start "
             "over") in capsys.readouterr().err  # fmt: skip
     assert not partial_dir(tmp_path / "ft").exists()
+
+
+def test_a_failed_start_leaves_no_folders_and_out_dot_is_named(tiny_model, tmp_path,  # noqa: F811
+                                                               monkeypatch, capsys):
+    from mrl.text.checkpoint import FinetuneCheckpoint
+
+    out = tmp_path / "x" / "a" / "b" / "ft"
+    with pytest.raises(ValueError, match="64"):  # the model has 32 dims: fails after the lock
+        finetune(tiny_model, _pairs(), out, FinetuneConfig(**dict(FROZEN, nesting="8,64")))
+    assert not (tmp_path / "x").exists()  # OUT.partial and the parents it made are gone
+    with pytest.raises(ValueError, match="must name a folder below another one, got '/'"):
+        partial_dir("/")
+    monkeypatch.chdir(tmp_path)
+    assert partial_dir(".") == tmp_path.with_name(tmp_path.name + ".partial")
+    for out in (".", str(tmp_path.parent)):  # an empty working folder, or one above it
+        assert main(["text", "finetune", "--model", str(tiny_model), "--corpus", "cranfield",
+                     "--out", out]) == 2  # fmt: skip
+        assert "is the working folder or holds it; name a new folder for the output (e.g. " \
+            "--out ./model)" in capsys.readouterr().err
+    # OUT filled by another run between the first check and the lock: refused under the lock
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "mrl.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+        FinetuneCheckpoint(done, {}, False, 10.0).__enter__()
+    assert not partial_dir(done).exists()
+
+
+def test_exit_after_finish_leaves_a_later_runs_lock_alone(tmp_path):
+    from mrl.text.checkpoint import FinetuneCheckpoint
+
+    ckpt = FinetuneCheckpoint(tmp_path / "ft", {}, False, 10.0).__enter__()
+    ckpt.finish()
+    assert not partial_dir(tmp_path / "ft").exists()
+    partial_dir(tmp_path / "ft").mkdir()
+    lock = partial_dir(tmp_path / "ft") / ".lock"
+    lock.write_text("")  # a second run's lock, taken after the first finished
+    ckpt.__exit__(None, None, None)
+    assert lock.exists()

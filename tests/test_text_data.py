@@ -331,6 +331,9 @@ def test_leave_one_out_warns_about_repeated_documents():
     with pytest.warns(UserWarning, match=r"corpus 'toy': 1 of 4 documents repeat an earlier "
                       r"document's text; leave-one-out retrieval counts such a copy as a hit"):
         evaluate_corpus(emb, corpus, Nesting((4, 8)), method="truncate", k=2)
+    with warnings.catch_warnings():  # once per corpus: a comparison evaluates it many times
+        warnings.simplefilter("error")
+        evaluate_corpus(emb, corpus, Nesting((4, 8)), method="pca", k=2)
     corpus.titles[2] = "d"
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1,4 +1,4 @@
-"""`mrl text finetune` under torchrun, on CPU with gloo: two processes end where one ends.
+"""`mrl text finetune` under torchrun, on CPU with gloo: several processes end where one ends.
 
 The tiny random sentence-transformers model of test_text_models (D=32) is copied with dropout
 off for the comparison with one process (each process draws its own dropout masks, so with
@@ -7,43 +7,30 @@ dropout the two runs differ by design); the resume test keeps dropout on.
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
 import shutil
-import socket
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("sentence_transformers")
 
+import ddp_text_workers as workers  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from test_text_models import tiny_model  # noqa: E402, F401  (fixture)
 
 from mrl.text.checkpoint import partial_dir  # noqa: E402
-from mrl.text.distributed import all_reduce_grads, gather_rows, shares  # noqa: E402
+from mrl.text.distributed import shares  # noqa: E402
 from mrl.text.finetune import FinetuneConfig, finetune  # noqa: E402
-from mrl.text.pairs import Pair  # noqa: E402
-
-SETTINGS = dict(nesting="8,16,32", batch_size=4, epochs=2, lr=1e-3, max_seq_length=32)
 
 
-def _pairs(n: int = 10, negatives: bool = False) -> list[Pair]:
-    # 10 pairs in batches of 4: each epoch ends with a batch of 2
-    return [Pair(f"title {i} wing", f"a body {i} about lift and heat {i % 3}",
-                 f"an aside {i} on noise" if negatives else None) for i in range(n)]  # fmt: skip
+def _spawn_workers(fn, world: int, tmp_path, *args) -> None:
+    init = tmp_path / f"pg-{next(_SPAWNS)}"  # a fresh rendezvous file per spawn
+    torch.multiprocessing.spawn(fn, args=(world, str(init), *args), nprocs=world)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
+_SPAWNS = itertools.count()
 
 
 def _weights(out) -> dict[str, torch.Tensor]:
@@ -62,40 +49,15 @@ def test_shares_cover_the_batch_in_order():
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
-    """Each process embeds its share of 5 rows (3 + 2) with a linear map; the loss of the
-    gathered batch, backward, all-reduce: the gradient must be that of one process."""
-    _join(rank, world, port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    g = torch.Generator().manual_seed(0)
-    lin = torch.nn.Linear(4, 3)
-    unused = torch.nn.Linear(2, 2)  # no gradient anywhere: must stay None
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(3, 4, generator=g))
-        lin.bias.copy_(torch.randn(3, generator=g))
-    x = torch.randn(5, 4, generator=g)
-    parts = shares(list(range(5)), world)
-    mine = lin(x[parts[rank]])  # [c, 3]
-    y = gather_rows(mine, [len(p) for p in parts], rank)  # [5, 3]
-    (y.pow(2).sum() + y[0, 0] * y[4, 1]).backward()  # couples rows of both processes
-    all_reduce_grads([*lin.parameters(), *unused.parameters()])
-    if rank == 0:
-        torch.save({"y": y.detach(), "w": lin.weight.grad, "b": lin.bias.grad,
-                    "unused": [p.grad for p in unused.parameters()]}, out)  # fmt: skip
-    dist.destroy_process_group()
-
-
 def test_gathered_rows_and_summed_grads_equal_one_process(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    lin = torch.nn.Linear(4, 3)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(3, 4, generator=g))
-        lin.bias.copy_(torch.randn(3, generator=g))
-    x = torch.randn(5, 4, generator=g)
+    """Each of two processes maps its share of 5 rows; the loss of the gathered rows couples
+    the shares; after the all-reduce the gradient is one process's, and an unused parameter
+    keeps no gradient."""
+    lin, x = workers.linear_problem()
     y = lin(x)
-    (y.pow(2).sum() + y[0, 0] * y[4, 1]).backward()
+    workers.coupled_loss(y).backward()
     out = tmp_path / "two.pt"
-    torch.multiprocessing.spawn(_grad_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    _spawn_workers(workers.grad_worker, 2, tmp_path, str(out))
     two = torch.load(out, weights_only=True)
     torch.testing.assert_close(two["y"], y.detach())
     torch.testing.assert_close(two["w"], lin.weight.grad)
@@ -112,36 +74,10 @@ def _no_dropout(model, dest):
     return dest
 
 
-def _finetune_worker(rank: int, world: int, port: int, model: str, out: str, settings: dict,
-                     stop_after: int, resume: bool) -> None:  # fmt: skip
-    _join(rank, world, port)
-    import mrl.text.finetune as ft
-
-    if stop_after >= 0:  # a kill of every process after step `stop_after`'s checkpoint
-        loss, calls = ft.matryoshka_contrastive_loss, {"n": 0}
-
-        def interrupted(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] > stop_after:
-                raise KeyboardInterrupt
-            return loss(*args, **kwargs)
-
-        ft.matryoshka_contrastive_loss = interrupted
-    settings = dict(settings)
-    pairs = _pairs(negatives=settings.pop("_negatives", False))
-    try:
-        finetune(model, pairs, out, FinetuneConfig(**settings), log=lambda s: None,
-                 resume=resume, checkpoint_minutes=0)  # fmt: skip
-    except KeyboardInterrupt:
-        pass
-    finally:
-        dist.destroy_process_group()
-
-
 def _spawn(model, out, settings, stop_after: int = -1, resume: bool = False,
            processes: int = 2) -> None:  # fmt: skip
-    args = (processes, _free_port(), str(model), str(out), settings, stop_after, resume)
-    torch.multiprocessing.spawn(_finetune_worker, args=args, nprocs=processes)
+    _spawn_workers(workers.finetune_worker, processes, Path(out).parent, str(model), str(out),
+                   settings, stop_after, resume)  # fmt: skip
 
 
 def test_three_processes_fine_tune_as_one(tiny_model, tmp_path, monkeypatch):  # noqa: F811
@@ -150,9 +86,9 @@ def test_three_processes_fine_tune_as_one(tiny_model, tmp_path, monkeypatch):  #
     order), and one model folder written (by rank 0)."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     model = _no_dropout(tiny_model, tmp_path / "model")
-    one = finetune(model, _pairs(), tmp_path / "one", FinetuneConfig(**SETTINGS),
+    one = finetune(model, workers.pairs(), tmp_path / "one", FinetuneConfig(**workers.SETTINGS),
                    log=lambda s: None)  # fmt: skip
-    _spawn(model, tmp_path / "three", SETTINGS, processes=3)
+    _spawn(model, tmp_path / "three", workers.SETTINGS, processes=3)
     a, b = _weights(one), _weights(tmp_path / "three")
     assert a.keys() == b.keys()
     for k in a:
@@ -172,9 +108,9 @@ def test_bf16_model_symmetric_loss_with_negatives_over_three_processes(
     model = _no_dropout(tiny_model, tmp_path / "model")
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**cfg, "dtype": "bfloat16"}))
-    settings = dict(SETTINGS, symmetric=True)
-    one = finetune(model, _pairs(negatives=True), tmp_path / "one", FinetuneConfig(**settings),
-                   log=lambda s: None)  # fmt: skip
+    settings = dict(workers.SETTINGS, symmetric=True)
+    one = finetune(model, workers.pairs(negatives=True), tmp_path / "one",
+                   FinetuneConfig(**settings), log=lambda s: None)  # fmt: skip
     _spawn(model, tmp_path / "three", dict(settings, _negatives=True), processes=3)
     a, b = _weights(one), _weights(tmp_path / "three")
     for k in a:
@@ -222,14 +158,14 @@ def test_resume_with_another_process_count_reseeds_and_says_so(tiny_model, tmp_p
     with monkeypatch.context() as m:
         m.setattr(ft, "matryoshka_contrastive_loss", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            finetune(tiny_model, _pairs(), out, FinetuneConfig(**SETTINGS), log=lambda s: None,
-                     checkpoint_minutes=0)  # fmt: skip
+            finetune(tiny_model, workers.pairs(), out, FinetuneConfig(**workers.SETTINGS),
+                     log=lambda s: None, checkpoint_minutes=0)  # fmt: skip
     path = partial_dir(out) / "checkpoint.pt"
     saved = torch.load(path, weights_only=True)
     saved["torch_rng_ranks"] = [saved["torch_rng"], saved["torch_rng"]]  # as two processes
     torch.save(saved, path)
     logs: list[str] = []
-    finetune(tiny_model, _pairs(), out, FinetuneConfig(**SETTINGS), log=logs.append,
+    finetune(tiny_model, workers.pairs(), out, FinetuneConfig(**workers.SETTINGS), log=logs.append,
              resume=True)  # fmt: skip
     assert any("written by 2 process(es), resumed by 1: each process's dropout stream is "
                "re-seeded" in s for s in logs)  # fmt: skip
@@ -239,11 +175,11 @@ def test_resume_with_another_process_count_reseeds_and_says_so(tiny_model, tmp_p
 def test_two_processes_resume_to_the_uninterrupted_weights(tiny_model, tmp_path):  # noqa: F811
     """Dropout on: each process's RNG stream is in the checkpoint, so a stop of both processes
     mid-epoch and a resume end on the uninterrupted two-process weights, bit for bit."""
-    _spawn(tiny_model, tmp_path / "whole", SETTINGS)
-    _spawn(tiny_model, tmp_path / "cut", SETTINGS, stop_after=4)
+    _spawn(tiny_model, tmp_path / "whole", workers.SETTINGS)
+    _spawn(tiny_model, tmp_path / "cut", workers.SETTINGS, stop_after=4)
     saved = torch.load(partial_dir(tmp_path / "cut") / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 4 and len(saved["torch_rng_ranks"]) == 2
-    _spawn(tiny_model, tmp_path / "cut", SETTINGS, resume=True)
+    _spawn(tiny_model, tmp_path / "cut", workers.SETTINGS, resume=True)
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -259,4 +195,4 @@ def test_frozen_encoder_under_torchrun_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(ft, "distributed_from_env", lambda device: Processes(0, 2, 0))
     cfg = FinetuneConfig(init_rotation="pca", train_encoder=False)
     with pytest.raises(ValueError, match="--freeze-encoder trains one layer .* without torchrun"):
-        finetune("default", _pairs(), tmp_path / "ft", cfg, log=lambda s: None)
+        finetune("default", workers.pairs(), tmp_path / "ft", cfg, log=lambda s: None)

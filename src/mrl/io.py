@@ -193,6 +193,12 @@ def check_new_output_dir(path: str | os.PathLike, param: str) -> Path:
     """`check_output_path` for a folder that must be new (or empty): an old model or result
     folder is never mixed with new files nor silently overwritten."""
     path = check_output_path(path, param, "dir")
+    absolute, cwd = Path(os.path.abspath(path)), Path.cwd()
+    if absolute == cwd or absolute in cwd.parents:  # written as a sibling, then renamed over
+        raise ValueError(
+            f"{param} {str(path)!r} is the working folder or holds it; name a new folder for "
+            f"the output (e.g. {param} ./model)"
+        )
     if path.is_dir() and any(path.iterdir()):
         raise FileExistsError(
             f"{param} {str(path)!r} already exists and is not empty; choose a new folder or "
@@ -207,7 +213,7 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     exist or be empty): a crash mid-save leaves no half-written folder under the final name."""
     import shutil
 
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "out" and "./out" alike; the sibling is beside it
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:

@@ -50,8 +50,11 @@ _LOCK = ".lock"
 
 
 def partial_dir(out: str | os.PathLike) -> Path:
-    """``OUT.partial``: the folder beside ``out`` that holds its fine-tune's checkpoint."""
-    out = Path(out)
+    """``OUT.partial``: the folder beside ``out`` that holds its fine-tune's checkpoint
+    (``out`` made absolute first: ``--out .`` has one beside the working folder)."""
+    out = Path(os.path.abspath(out))
+    if not out.name:
+        raise ValueError(f"--out (out) must name a folder below another one, got {str(out)!r}")
     return out.with_name(out.name + ".partial")
 
 
@@ -94,8 +97,12 @@ class FinetuneCheckpoint:
             raise ValueError(
                 f"checkpoint_minutes (--checkpoint-minutes) must be >= 0, got {minutes}"
             )
+        self.out = Path(os.path.abspath(out))
         self.folder = partial_dir(out)
         self.path = self.folder / CHECKPOINT
+        # the folders this run creates (OUT.partial and missing parents): removed again, when
+        # empty, if it stops before writing anything
+        self._made = [f for f in (self.folder, *self.folder.parents) if not f.exists()]
         self.identity = identity
         self.minutes = minutes
         self.resume = resume
@@ -115,6 +122,8 @@ class FinetuneCheckpoint:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._fd is None:  # not locked (finished, or never locked): the folder is not ours
+            return
         if not self.path.exists():  # failed before any checkpoint: nothing to resume
             self._remove_ours()
         self._unlock()
@@ -157,6 +166,10 @@ class FinetuneCheckpoint:
             self._fd = None
 
     def _check_folder(self) -> None:
+        if self.out.is_dir() and any(self.out.iterdir()):  # another run finished meanwhile
+            raise FileExistsError(
+                f"--out {str(self.out)!r} already exists and is not empty; choose a new folder"
+            )
         if self.resume and not self.path.is_file():
             raise FileNotFoundError(
                 f"resume (--resume) given but there is no checkpoint at {str(self.path)!r}"
@@ -216,8 +229,9 @@ class FinetuneCheckpoint:
             if _ours(p.name):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
-        with contextlib.suppress(OSError):
-            self.folder.rmdir()
+        for folder in self._made or [self.folder]:  # deepest first; non-empty ones stay
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _ours(name: str) -> bool:

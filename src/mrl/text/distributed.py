@@ -8,7 +8,7 @@ own rows carry gradient (the others' arrive detached), so its backward pass give
 the gradient that flows through its rows; summing those parts over processes (one all-reduce
 of all gradients) gives the full gradient, and every process takes the same optimizer step.
 No autograd through collectives, so gloo (CPU) and NCCL (CUDA) behave alike; tested against
-one process on CPU with two gloo processes.
+one process on CPU with three gloo processes.
 
 Rank 0 holds the checkpoint (with every process's torch RNG state, for dropout) and saves the
 model; the other processes stop after the last step.
@@ -24,7 +24,15 @@ import torch.distributed as dist
 
 from mrl.distributed import Processes, join
 
-__all__ = ["from_env", "shares", "gather_rows", "all_reduce_grads", "agree", "broadcast_flag"]
+__all__ = [
+    "agree",
+    "all_reduce_grads",
+    "all_succeeded",
+    "broadcast_flag",
+    "from_env",
+    "gather_rows",
+    "shares",
+]
 
 
 def from_env(device: str) -> Processes:
@@ -109,6 +117,17 @@ def agree(d: Processes, fn: Callable[[], Any]) -> Any:
             raise error
         raise rebuilt_error(*box[0])
     return result
+
+
+def all_succeeded(error: BaseException | None, device: torch.device, what: str) -> None:
+    """Every process did ``what`` (``error`` is this process's failure, or None): else every
+    process raises (its own error, or one saying how many others failed), none waits."""
+    failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+    dist.all_reduce(failed)
+    if failed.item() > 0:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"{int(failed.item())} other process(es) could not {what}")
 
 
 # Exception classes sent between processes by name (any class pickles by reference only if

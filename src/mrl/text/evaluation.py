@@ -93,6 +93,9 @@ def evaluate_retrieval(
     return rename_method(records)
 
 
+_WARNED_REPEATS: set[tuple[str, int, int]] = set()
+
+
 def evaluate_corpus(
     emb: np.ndarray,
     corpus: LabelledCorpus,
@@ -118,7 +121,8 @@ def evaluate_corpus(
         )
     docs = corpus.documents
     repeats = len(docs) - len(set(docs))
-    if repeats:
+    if repeats and (key := (corpus.name, len(docs), repeats)) not in _WARNED_REPEATS:
+        _WARNED_REPEATS.add(key)  # once per corpus and process (a comparison evaluates many)
         warnings.warn(
             f"corpus {corpus.name!r}: {repeats} of {len(docs)} documents repeat an earlier "
             "document's text; leave-one-out retrieval counts such a copy as a hit",

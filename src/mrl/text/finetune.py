@@ -67,6 +67,7 @@ from mrl.text.checkpoint import (
 from mrl.text.distributed import (
     agree,
     all_reduce_grads,
+    all_succeeded,
     broadcast_flag,
     gather_rng,
     gather_rows,
@@ -341,6 +342,10 @@ def finetune(
     end and at least this often (0: every step; None: none); ``resume``: continue the
     interrupted fine-tune it holds, to the weights an uninterrupted run gives
     (`mrl.text.checkpoint`); ``"auto"``: resume when there is a checkpoint, else start.
+
+    Under torchrun (WORLD_SIZE > 1) every process must call it: it joins the process group and
+    the processes share each batch (`mrl.text.distributed`); rank 0 saves, so ``out`` and its
+    checkpoint must be on a disk every process sees.
     """
     config = config or FinetuneConfig()
     _check_pairs(pairs, config.batch_size)
@@ -365,9 +370,14 @@ def finetune(
         run = _Run(ckpt, ckpt.saved if ckpt else None, d, checkpoint_minutes is not None)
         resuming = ckpt is not None and ckpt.saved is not None
         if d.on and broadcast_flag(resuming, _collective_device(config)):
-            if not d.main:  # rank 0 checked it; the others read it too
-                run.saved = torch.load(partial_dir(out) / "checkpoint.pt", map_location="cpu",
-                                       weights_only=True)  # fmt: skip
+            error = None
+            if not d.main:  # rank 0 checked it; the others read it too (a shared disk)
+                try:
+                    run.saved = torch.load(partial_dir(out) / "checkpoint.pt",
+                                           map_location="cpu", weights_only=True)  # fmt: skip
+                except Exception as exc:  # noqa: BLE001  (raised on every process below)
+                    error = exc
+            all_succeeded(error, _collective_device(config), "read the checkpoint")
         return _finetune(model, pairs, out, config, log, texts, cache_dir, run)
     finally:
         if ckpt is not None:
