@@ -127,3 +127,30 @@ def test_a_leftover_too_fresh_at_the_first_listing_is_removed_later(tmp_path, mo
     monkeypatch.setattr(time, "time", lambda: now + 2 * 3600)  # an hour and more later
     io.atomic_write_text(tmp_path / "ckpt.pt", "2")
     assert not leftover.exists()
+
+
+def test_atomic_torch_save_interrupted_mid_write_is_the_interruption(tmp_path, monkeypatch):
+    """Ctrl-C inside torch.save makes torch raise "unexpected pos" as it closes the archive: the
+    caller sees the KeyboardInterrupt (the CLI's one line, exit 130), the old file stays and no
+    temporary is left."""
+    import torch
+
+    from mrl.io import atomic_torch_save
+
+    path = tmp_path / "ckpt.pt"
+    atomic_torch_save({"step": 1}, path)
+    real_save = torch.save
+
+    def interrupted(obj, f, *args, **kwargs):
+        try:
+            f.write(b"PK partial")
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2")
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"step": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]

@@ -153,14 +153,22 @@ def test_checkpoint_errors(tiny_model, tmp_path, monkeypatch):  # noqa: F811
                        "pass --resume"):  # fmt: skip
         finetune(tiny_model, pairs, out, FinetuneConfig(**FROZEN))
     other = FinetuneConfig(**dict(FROZEN, lr=5e-3))
-    with pytest.raises(ValueError, match=r"another fine-tune; .*settings: checkpoint .*'lr': "
-                       r"0\.01.* vs now .*'lr': 0\.005"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"another fine-tune; cannot resume it with these "
+                       r"settings or data: settings\.lr: checkpoint 0\.01 vs now "
+                       r"0\.005$"):  # fmt: skip
         finetune(tiny_model, pairs, out, other, resume=True)
-    with pytest.raises(ValueError, match="pairs: checkpoint"):
+    with pytest.raises(ValueError, match="data: pairs: checkpoint '[0-9a-f]+' vs now "
+                       "'[0-9a-f]+'$"):  # pairs alone: the corpus is their positives  # fmt: skip
         finetune(tiny_model, _pairs(10), out, FinetuneConfig(**FROZEN), resume=True)
+    dead = partial_dir(out) / ".checkpoint.pt.abc123.tmp"  # a write killed by kill -9
+    dead.write_bytes(b"partial")
     with exclusive_lock(partial_dir(out) / ".lock"):  # another process's lock (flock: per open)
         with pytest.raises(FileExistsError, match="another fine-tune is writing"):
             finetune(tiny_model, pairs, out, FinetuneConfig(**FROZEN), resume=True)
+    assert dead.exists()  # a locked-out run touches nothing
+    with pytest.raises(ValueError, match="pairs: checkpoint"):
+        finetune(tiny_model, _pairs(10), out, FinetuneConfig(**FROZEN), resume=True)
+    assert not dead.exists()  # removed once the lock is held: no write of ours is running
     (partial_dir(out) / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is unreadable or corrupt"):
         finetune(tiny_model, pairs, out, FinetuneConfig(**FROZEN), resume=True)
@@ -232,7 +240,7 @@ def test_resume_identity_is_the_model_not_its_spelling(tiny_model, tmp_path, mon
     saved = bytes(data)
     data[-1] ^= 1  # another model at the same path
     weights.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="base_model: checkpoint"):
+    with pytest.raises(ValueError, match=r"base_model\.model\.safetensors: checkpoint"):
         finetune(str(base) + "/", pairs, out, FinetuneConfig(**WHOLE), resume=True)
     weights.write_bytes(saved)
     finetune(str(base.resolve()) + "/", pairs, out, FinetuneConfig(**WHOLE), log=lambda s: None,

@@ -83,12 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, ConnectionError) as exc:
         # Bad input: one clear line, no traceback. Bugs (other exceptions) keep their traceback.
-        print(f"mrl {args.command}: error: {exc}", file=sys.stderr)
+        if _first_process():  # under torchrun every process has the same error: say it once
+            print(f"mrl {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`Terminated`)
         # Temporary files were removed on the way out (the clean-ups ran); no traceback.
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(f"mrl {args.command}: {what}{_resume_hint(args)}", file=sys.stderr)
+        if _first_process():
+            print(f"mrl {args.command}: {what}{_resume_hint(args)}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     except OSError as exc:
         # The machine, not the input: a full disk, a read-only or unwritable place. What was
@@ -97,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         warnings.showwarning = shown
+
+
+def _first_process() -> bool:
+    """Not a torchrun process other than rank 0 (whose one-line messages would repeat rank 0's)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 PLUGINS_ENV = "MRL_PLUGINS"

@@ -291,21 +291,29 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         try:
             torch.save(obj, f)
         except RuntimeError as exc:  # torch reports a failed write as "unexpected pos ..."
-            cause = _os_error_in(exc)
+            # ... also when Ctrl-C / SIGTERM stopped the write: the interruption, not torch's
+            # complaint about it, is what happened (the temporary file is removed either way)
+            cause = _in_chain(exc, KeyboardInterrupt) or _os_error_in(exc)
             if cause is None:
                 raise
             raise cause from None
 
 
-def _os_error_in(exc: BaseException) -> OSError | None:
-    """The OSError behind ``exc`` (its cause or context chain), if any."""
+def _in_chain(exc: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in ``exc``'s cause or context chain, if any."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
+        if isinstance(exc, kind):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (its cause or context chain), if any."""
+    found = _in_chain(exc, OSError)
+    return found if isinstance(found, OSError) else None
 
 
 def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> Any:

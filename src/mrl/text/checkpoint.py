@@ -114,6 +114,7 @@ class FinetuneCheckpoint:
         self._lock()
         try:
             self._check_folder()
+            self._remove_dead_temporaries()
             if self.resume:
                 self.saved = self._load()
         except BaseException:
@@ -187,6 +188,15 @@ class FinetuneCheckpoint:
                 "or choose another --out"
             )
 
+    def _remove_dead_temporaries(self) -> None:
+        """Temporaries of checkpoint writes that a killed run left (``kill -9``, preemption):
+        under the lock no write of ours is in progress, so every one is dead (each is as large
+        as a checkpoint; they would pile up over kills)."""
+        for p in self.folder.iterdir():
+            if _ours(p.name) and p.name not in (CHECKPOINT, _LOCK):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
     def _load(self) -> dict[str, Any]:
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -254,10 +264,17 @@ def check_finished_out(out: str | os.PathLike, param: str = "out") -> None:
         )
 
 
-def _differences(saved: dict[str, Any], now: dict[str, Any]) -> Iterator[str]:
+def _differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    """``"key: checkpoint X vs now Y"`` for each differing entry; nested dicts (the settings,
+    a model's file fingerprints) name the entry inside them (``settings.lr``)."""
     for key in sorted(set(saved) | set(now)):
-        if saved.get(key) != now.get(key):
-            yield f"{key}: checkpoint {saved.get(key)!r} vs now {now.get(key)!r}"
+        old, new = saved.get(key), now.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            yield from _differences(old, new, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}: checkpoint {old!r} vs now {new!r}"
 
 
 def loop_state(

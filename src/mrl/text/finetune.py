@@ -364,8 +364,9 @@ def finetune(
     if not d.main:
         log = _quiet  # one log: rank 0's
     # rank 0 takes the lock and checks the checkpoint; its error (if any) stops every process
-    ckpt = agree(d, lambda: _enter(
-        _checkpoint(out, model, pairs, texts, config, resume, checkpoint_minutes)))  # fmt: skip
+    corpus_given = rotation_texts is not None  # else the corpus is the pairs' positives
+    ckpt = agree(d, lambda: _enter(_checkpoint(
+        out, model, pairs, texts, config, resume, checkpoint_minutes, corpus_given)))  # fmt: skip
     try:
         run = _Run(ckpt, ckpt.saved if ckpt else None, d, checkpoint_minutes is not None)
         resuming = ckpt is not None and ckpt.saved is not None
@@ -433,6 +434,7 @@ def _checkpoint(
     config: FinetuneConfig,
     resume: bool | str,
     minutes: float | None,
+    corpus_given: bool = True,
 ) -> FinetuneCheckpoint | None:
     """The run's checkpoint (None: ``minutes`` is None), identified by everything that shapes
     the result: the settings but the device, the base model, the pairs and the corpus."""
@@ -451,7 +453,8 @@ def _checkpoint(
         "settings": settings,
         "base_model": folder_fingerprint(resolve_model_path(model)),
         "pairs": texts_digest((p.query, p.positive, p.negative) for p in pairs),
-        "corpus": texts_digest([t] for t in texts),
+        # the corpus, when given apart from the pairs (else it is their positives: "pairs")
+        "corpus": texts_digest([t] for t in texts) if corpus_given else None,
     }
     return FinetuneCheckpoint(out, identity, resume, minutes)
 
@@ -500,9 +503,12 @@ def _finetune(
     feats = None  # frozen base features of the pairs (rotation-only training)
     if run.d.on:
         log(f"finetune: {run.d.world_size} processes share each batch of {config.batch_size} pairs")
-    if run.ckpt is not None:
-        what = "resumed from" if run.saved is not None else "checkpoints in"
-        log(f"finetune: {what} {run.ckpt.path} (step {run.saved['step'] if run.saved else 0})")
+    if run.ckpt is not None and run.saved is not None:
+        log(f"finetune: resumed from {run.ckpt.path} (step {run.saved['step']})")
+    elif run.ckpt is not None:
+        every = "" if run.ckpt.minutes == 0 else f" and every {run.ckpt.minutes:g} min"
+        when = "after every step" if run.ckpt.minutes == 0 else f"at each epoch's end{every}"
+        log(f"finetune: checkpoints go to {run.ckpt.path} ({when})")
     if config.train_encoder:
         train = [pairs[i] for i in train_idx]
         step = _train_model(encoder, train, nesting, config, total, rng, log, run)
