@@ -104,3 +104,13 @@ def test_plugins_register_encoders_for_the_command(tmp_path, monkeypatch, capsys
     assert main(["train", "configs/fashion-mnist.json", "--out", str(tmp_path / "r2")]) == 2
     assert "MRL_PLUGINS: cannot import 'no_such_plugin_module'" in capsys.readouterr().err
     sys.modules.pop("my_encoders", None)
+
+
+def test_torchrun_ranks_other_than_0_keep_one_line_errors_to_rank_0(monkeypatch, capsys):
+    """Under torchrun every process meets the same bad input: rank 0 says it, once."""
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["text", "finetune", "--corpus", "cranfield", "--out", "x", "--lr", "-1"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["text", "finetune", "--corpus", "cranfield", "--out", "x", "--lr", "-1"]) == 2
+    assert "mrl text: error: lr must be > 0, got -1.0" in capsys.readouterr().err
