@@ -195,7 +195,8 @@ def test_cli_resume_and_interrupt_hint(tiny_model, tmp_path, monkeypatch, capsys
         _interrupt_after(m, 1)
         assert main(args) == 130
     err = capsys.readouterr().err
-    assert "mrl text: interrupted; resume with the same command plus --resume" in err
+    assert "mrl text: interrupted; resume with the same command plus --resume (the last " \
+        "checkpoint, step 1, is in" in err
     assert main(args) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0

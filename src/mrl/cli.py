@@ -16,6 +16,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from mrl import __version__, commands
@@ -157,11 +158,23 @@ def _resume_hint(args: argparse.Namespace) -> str:
     if args.command == "text" and getattr(args, "text_command", None) == "finetune":
         from mrl.text.checkpoint import partial_dir
 
-        if (partial_dir(args.out) / "checkpoint.pt").is_file():
-            return (f"; resume with the same command plus --resume (the last checkpoint is in "
-                    f"{partial_dir(args.out)})")
+        path = partial_dir(args.out) / "checkpoint.pt"
+        if path.is_file():
+            return (f"; resume with the same command plus --resume (the last checkpoint, "
+                    f"{_checkpoint_step(path)}is in {partial_dir(args.out)})")
         return "; no checkpoint was written yet: run the same command again to start over"
     return _RESUME_HINTS.get(args.command, "")
+
+
+def _checkpoint_step(path: Path) -> str:
+    """``"step K, "`` of a text fine-tune checkpoint (memory-mapped: only that entry is read),
+    or "" when it cannot be read."""
+    try:
+        import torch
+
+        return f"step {int(torch.load(path, mmap=True, weights_only=True)['step'])}, "
+    except Exception:  # noqa: BLE001  (a hint only: never fail the interruption message)
+        return ""
 
 
 # What to run after an interruption, by command.
