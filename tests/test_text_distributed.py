@@ -186,13 +186,10 @@ def test_two_processes_resume_to_the_uninterrupted_weights(tiny_model, tmp_path)
 
 
 def test_frozen_encoder_under_torchrun_is_refused(monkeypatch, tmp_path):
-    from mrl.distributed import Processes
-    from mrl.text import distributed
-
-    monkeypatch.setattr(distributed, "from_env", lambda device: Processes(0, 2, 0))
     import mrl.text.finetune as ft
+    from mrl.distributed import Processes
 
-    monkeypatch.setattr(ft, "distributed_from_env", lambda device: Processes(0, 2, 0))
+    monkeypatch.setattr(ft, "join", lambda device_type: Processes(0, 2, 0))
     cfg = FinetuneConfig(init_rotation="pca", train_encoder=False)
     with pytest.raises(ValueError, match="--freeze-encoder trains one layer .* without torchrun"):
         finetune("default", workers.pairs(), tmp_path / "ft", cfg, log=lambda s: None)

@@ -58,14 +58,15 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
 def _divergence_worker(rank: int, world: int, port: int, out: str) -> None:
     from pathlib import Path
 
-    from mrl.train import TrainingDiverged, _check_finite, _Dist
+    from mrl.distributed import Processes
+    from mrl.train import TrainingDiverged, _check_finite
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     loss = float("nan") if rank == 1 else 0.5  # only rank 1's sum went bad
     try:
         _check_finite({"loss": loss}, 3, load_config(None, SETS), Path(out) / "ckpt.pt",
-                      _Dist(rank, world, rank), torch.device("cpu"))  # fmt: skip
+                      Processes(rank, world, rank), torch.device("cpu"))  # fmt: skip
         verdict = "went on"
     except TrainingDiverged:
         verdict = "stopped"

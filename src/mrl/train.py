@@ -145,10 +145,6 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-_Dist = Processes  # this module's name for it (tests use it)
-_init_distributed = join
-
-
 # --------------------------------------------------------------------------- checkpoints
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
@@ -478,7 +474,7 @@ def _train(
         _check_compatible(saved, config, ckpt_path)
     config = _absolute_root(config)
 
-    dist_info = _init_distributed(None if config.device == "auto" else config.device.split(":")[0])
+    dist_info = join(None if config.device == "auto" else config.device.split(":")[0])
     device = _device(config, dist_info.local_rank, dist_info.world_size)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # NCCL collectives (barrier) use the current device
@@ -590,7 +586,7 @@ class TrainingDiverged(ValueError):
 
 
 def _check_finite(record: dict[str, Any], epoch: int, config: TrainConfig, ckpt: Path,
-                  dist_info: _Dist, device: torch.device) -> None:
+                  dist_info: Processes, device: torch.device) -> None:
     # Checked once per epoch (the loss is summed on the device, no host sync per step). Under
     # DDP the verdict is all-reduced: a NaN on one rank's last step must stop every rank (one
     # rank raising while the others wait at the barrier would hang the job).
@@ -663,7 +659,7 @@ def _train_epoch(
     scheduler,
     source,
     epoch: int,
-    dist_info: _Dist,
+    dist_info: Processes,
     device: torch.device,
     weights: Nesting | None,
     progress: bool,

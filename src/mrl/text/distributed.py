@@ -22,22 +22,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mrl.distributed import Processes, join
+from mrl.distributed import Processes
 
 __all__ = [
     "agree",
     "all_reduce_grads",
     "all_succeeded",
     "broadcast_flag",
-    "from_env",
     "gather_rows",
     "shares",
 ]
-
-
-def from_env(device: str) -> Processes:
-    """Join the process group torchrun describes (WORLD_SIZE > 1), else one process."""
-    return join("cuda" if device.startswith("cuda") else "cpu")
 
 
 def shares(idx: list[int], world: int) -> list[list[int]]:

@@ -50,7 +50,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mrl.distributed import Processes
+from mrl.devices import rank_device
+from mrl.distributed import Processes, join
 from mrl.io import atomic_output_dir, check_new_output_dir, check_output_path
 from mrl.losses import matryoshka_contrastive_loss
 from mrl.nesting import Nesting
@@ -72,9 +73,6 @@ from mrl.text.distributed import (
     gather_rng,
     gather_rows,
     shares,
-)
-from mrl.text.distributed import (
-    from_env as distributed_from_env,
 )
 from mrl.text.encoders import (
     check_max_seq_length,
@@ -399,8 +397,9 @@ def _collective_device(config: FinetuneConfig) -> torch.device:
 
 
 def _processes(config: FinetuneConfig) -> tuple[FinetuneConfig, Processes]:
-    """Join torchrun's processes (if any); each uses its own GPU (``cuda`` -> ``cuda:LOCAL``)."""
-    d = distributed_from_env(config.device)
+    """Join torchrun's processes (if any), as `mrl.train` does; each uses its own GPU
+    (`mrl.devices.rank_device`: ``cuda`` -> ``cuda:LOCAL_RANK``)."""
+    d = join(config.device.split(":")[0])
     if not d.on:
         return config, d
     if not config.train_encoder:
@@ -408,8 +407,8 @@ def _processes(config: FinetuneConfig) -> tuple[FinetuneConfig, Processes]:
             "--freeze-encoder trains one layer on cached embeddings (seconds on a CPU): run it "
             "without torchrun (several processes are for the whole model)"
         )
+    config = replace(config, device=rank_device(config.device, d.local_rank, d.world_size))
     if config.device.startswith("cuda"):
-        config = replace(config, device=f"cuda:{d.local_rank}")
         torch.cuda.set_device(config.device)  # NCCL collectives use the current device
     return config, d
 
