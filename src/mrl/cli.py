@@ -156,12 +156,12 @@ def _sigterm_raises() -> Iterator[None]:
 def _resume_hint(args: argparse.Namespace) -> str:
     """What to run after an interruption ("" when the command just starts again)."""
     if args.command == "text" and getattr(args, "text_command", None) == "finetune":
-        from mrl.text.checkpoint import partial_dir
+        from mrl.text.checkpoint import checkpoint_file
 
-        path = partial_dir(args.out) / "checkpoint.pt"
+        path = checkpoint_file(args.out)
         if path.is_file():
             return (f"; resume with the same command plus --resume (the last checkpoint, "
-                    f"{_checkpoint_step(path)}is in {partial_dir(args.out)})")
+                    f"{_checkpoint_step(path)}is in {path.parent})")
         return "; no checkpoint was written yet: run the same command again to start over"
     return _RESUME_HINTS.get(args.command, "")
 

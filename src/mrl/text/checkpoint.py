@@ -37,6 +37,7 @@ except ImportError:  # not POSIX
 __all__ = [
     "FinetuneCheckpoint",
     "check_finished_out",
+    "checkpoint_file",
     "folder_fingerprint",
     "loop_state",
     "partial_dir",
@@ -56,6 +57,11 @@ def partial_dir(out: str | os.PathLike) -> Path:
     if not out.name:
         raise ValueError(f"--out (out) must name a folder below another one, got {str(out)!r}")
     return out.with_name(out.name + ".partial")
+
+
+def checkpoint_file(out: str | os.PathLike) -> Path:
+    """``OUT.partial/checkpoint.pt``: where a fine-tune into ``out`` keeps its checkpoint."""
+    return partial_dir(out) / CHECKPOINT
 
 
 def texts_digest(rows: Iterable[Iterable[str | None]]) -> str:
@@ -99,7 +105,7 @@ class FinetuneCheckpoint:
             )
         self.out = Path(os.path.abspath(out))
         self.folder = partial_dir(out)
-        self.path = self.folder / CHECKPOINT
+        self.path = checkpoint_file(out)
         # the folders this run creates (OUT.partial and missing parents): removed again, when
         # empty, if it stops before writing anything
         self._made = [f for f in (self.folder, *self.folder.parents) if not f.exists()]
@@ -193,7 +199,7 @@ class FinetuneCheckpoint:
         under the lock no write of ours is in progress, so every one is dead (each is as large
         as a checkpoint; they would pile up over kills)."""
         for p in self.folder.iterdir():
-            if _ours(p.name) and p.name not in (CHECKPOINT, _LOCK):
+            if _temporary(p.name):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
 
@@ -244,18 +250,21 @@ class FinetuneCheckpoint:
                 folder.rmdir()
 
 
+def _temporary(name: str) -> bool:
+    """A temporary of an atomic checkpoint write (`mrl.io.atomic_open`'s naming)."""
+    return name.startswith(f".{CHECKPOINT}.") and name.endswith(".tmp")
+
+
 def _ours(name: str) -> bool:
     """The checkpoint, the lock file or a temporary of an atomic checkpoint write."""
-    return name in (CHECKPOINT, _LOCK) or (
-        name.startswith(f".{CHECKPOINT}.") and name.endswith(".tmp")
-    )
+    return name in (CHECKPOINT, _LOCK) or _temporary(name)
 
 
 def check_finished_out(out: str | os.PathLike, param: str = "out") -> None:
     """A finished ``out`` beside a leftover checkpoint (a stop while the run removed it): say
     that the leftover can go, rather than only that ``out`` exists."""
     out = Path(out)
-    leftover = partial_dir(out) / CHECKPOINT
+    leftover = checkpoint_file(out)
     if out.is_dir() and any(out.iterdir()) and leftover.is_file():
         raise FileExistsError(
             f"{param} {str(out)!r} already holds a finished fine-tune; "

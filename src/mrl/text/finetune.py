@@ -59,9 +59,9 @@ from mrl.records import save_records
 from mrl.text.checkpoint import (
     FinetuneCheckpoint,
     check_finished_out,
+    checkpoint_file,
     folder_fingerprint,
     loop_state,
-    partial_dir,
     restore_loop,
     texts_digest,
 )
@@ -372,8 +372,8 @@ def finetune(
             error = None
             if not d.main:  # rank 0 checked it; the others read it too (a shared disk)
                 try:
-                    run.saved = torch.load(partial_dir(out) / "checkpoint.pt",
-                                           map_location="cpu", weights_only=True)  # fmt: skip
+                    run.saved = torch.load(checkpoint_file(out), map_location="cpu",
+                                           weights_only=True)  # fmt: skip
                 except Exception as exc:  # noqa: BLE001  (raised on every process below)
                     error = exc
             all_succeeded(error, _collective_device(config), "read the checkpoint")
@@ -444,7 +444,7 @@ def _checkpoint(
             raise ValueError("resume=True needs checkpoints (checkpoint_minutes is None)")
         return None
     if resume == "auto":  # scripts that rerun after a stop: continue if there is a checkpoint
-        resume = (partial_dir(out) / "checkpoint.pt").is_file()
+        resume = checkpoint_file(out).is_file()
     settings = {k: v for k, v in asdict(config).items() if k != "device"}
     if settings["init_rotation"] not in (None, "pca"):  # a file: its contents, not its spelling
         settings["init_rotation"] = folder_fingerprint(settings["init_rotation"])
