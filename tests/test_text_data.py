@@ -179,9 +179,45 @@ def test_beir_bad_qrels(tmp_path):
     root = _write_beir(tmp_path / "d", dup, "q1\td1\t1\n")
     with pytest.raises(ValueError, match=r"corpus.jsonl: _id 'd1' appears twice \(entries 1 and 2"):
         load_beir(root)
+    root = _write_beir(tmp_path / "nq", lines, "q1\td1\t1\n")
+    (root / "queries.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match=r"queries.jsonl' does not exist"):
-        (root / "queries.jsonl").unlink()
         load_beir(root)
+
+
+def test_beir_other_split_and_documents_only(tmp_path):
+    from mrl.text.beir import load_beir_documents
+    from mrl.text.evaluation import load_text_dataset
+
+    lines = [json.dumps({"_id": "d1", "title": "T", "text": "a"}),
+             json.dumps({"_id": "d2", "text": "b"})]  # fmt: skip
+    root = _write_beir(tmp_path / "mine", lines)
+    (root / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq2\td1\t1\n")
+    dev = load_text_dataset(root, "dev")
+    assert dev.name == "mine:dev" and dev.query_ids == ["q2"] and dev.qrels == {"q2": {"d1": 1.0}}
+    assert load_text_dataset(root).name == "mine" and load_text_dataset(root).query_ids == ["q1"]
+    missing = r"train.tsv' does not exist \(qrels splits there: dev, test\)"
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_beir(root, split="train")
+    for bad in ("", "../test", None):
+        with pytest.raises(ValueError, match="split must be a qrels file name"):
+            load_beir(root, split=bad)
+    with pytest.raises(ValueError, match=r"split='dev' is for BEIR-style folders; 'cranfield'"):
+        load_text_dataset("cranfield", "dev")
+    with pytest.raises(ValueError, match=r"split='dev' is for BEIR-style folders; 'bbc:3'"):
+        load_text_dataset("bbc:3", "dev")
+    # a corpus alone (no queries, no judgments) is enough where only documents are needed
+    (root / "queries.jsonl").unlink()
+    for p in (root / "qrels").iterdir():
+        p.unlink()
+    docs = load_text_dataset(root, documents_only=True)
+    assert docs.documents == ["T\na", "b"] and docs.queries == [] and docs.name == "mine"
+    assert load_beir_documents(root).doc_ids == ["d1", "d2"]
+    with pytest.raises(FileNotFoundError, match="lacks queries.jsonl"):
+        load_text_dataset(root)
+    (root / "corpus.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks corpus.jsonl$"):
+        load_text_dataset(root, documents_only=True)
 
 
 def test_pairs_jsonl(tmp_path):
@@ -307,6 +343,8 @@ def test_text_flags_that_do_not_apply_are_refused(tmp_path, capsys):
 
     assert main(["eval", str(tmp_path), "--dataset", "cranfield"]) == 2
     assert "--dataset is for text model folders" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--split", "dev"]) == 2
+    assert "--split 'dev' is for text model folders" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 2  # neither a run nor a text model folder
     err = capsys.readouterr().err
     assert "is neither a training run (no checkpoint.pt" in err, err

@@ -285,7 +285,7 @@ def _beir(root):
     return root
 
 
-def test_eval_command_on_beir_folder(tiny_model, tmp_path):
+def test_eval_command_on_beir_folder(tiny_model, tmp_path, capsys):
     from types import SimpleNamespace
 
     pytest.importorskip("mrl.report")
@@ -302,6 +302,9 @@ def test_eval_command_on_beir_folder(tiny_model, tmp_path):
     assert ("truncate", 8, "ndcg@10") in got and ("pca", 32, "mrr") in got
     assert ("truncate", 32, "recall@12") in got  # recall@100 is cut to the 12 documents
     assert all(r["dataset"] == "mini" for r in recs)
+    out = capsys.readouterr().out  # the headline table, as `mrl eval` prints for images
+    assert "| method | metric | 8 | 16 | 32 |" in out and "| truncate | ndcg@10 |" in out, out
+    assert "p@10" not in out and f"report: {tmp_path / 'ev' / 'report.html'}" in out
 
 
 @pytest.mark.parametrize(
@@ -490,7 +493,14 @@ def test_cli_compare_append_refuses_another_dataset_or_model(tiny_model, tmp_pat
     assert main(args + pca + ["--dataset", str(data), "--model", str(other_model)]) == 2
     err = capsys.readouterr().err
     assert "--append" in err and f"base model {str(tiny_model)!r}" in err, err
+    (data / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq2\td3\t1\n")
+    dev = ["--dataset", str(data), "--split", "dev", "--model", str(tiny_model)]
+    assert main(args + pca + dev) == 2  # another split's judgments: another table
+    assert "dataset 'mini'" in capsys.readouterr().err
     assert (out / "results.json").read_text() == before
+    assert main(args + dev + ["--out", str(tmp_path / "dev")]) == 0
+    dev_recs = json.loads((tmp_path / "dev" / "results.json").read_text())
+    assert {r["dataset"] for r in dev_recs} == {"mini:dev"}
 
 
 def test_cli_encode_refuses_an_existing_output(tiny_model, tmp_path, capsys):
@@ -678,3 +688,55 @@ def test_eval_warns_for_sizes_the_model_was_not_trained_for(tiny_model, tmp_path
                       r"was trained for \[8, 32\]"):  # fmt: skip
         recs, _ = evaluate_model(nested, data, "8,16,32", pca=False)
     assert {r["prefix"] for r in recs} == {8, 16, 32}
+
+
+def test_headline_metrics_follow_the_dataset_kind():
+    from mrl.text.evaluation import headline_metrics
+
+    def recs(*metrics):
+        return [{"metric": m} for m in metrics]
+
+    assert headline_metrics(recs("mrr", "ndcg@10", "recall@100")) == ["ndcg@10"]
+    assert headline_metrics(recs("1nn", "map@10", "p@10")) == ["p@10", "1nn"]
+    assert headline_metrics(recs("mrr")) == []
+
+
+def test_cli_text_commands_need_only_a_beir_corpus(tiny_model, tmp_path):
+    """encode / adapt read only corpus.jsonl: a folder without queries or qrels is enough
+    (it was refused for lacking qrels/test.tsv, which the help says is not used)."""
+    data = _beir(tmp_path / "mini")
+    (data / "queries.jsonl").unlink()
+    (data / "qrels" / "test.tsv").unlink()
+    out = tmp_path / "emb.npy"
+    assert main(["text", "encode", "--model", str(tiny_model), "--corpus", str(data),
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert np.load(out).shape == (12, 32)
+    adapted = tmp_path / "ad"
+    assert main(["text", "adapt", "--model", str(tiny_model), "--corpus", str(data), "--out",
+                 str(adapted), "--steps", "2", "--neighbours", "4"]) == 0  # fmt: skip
+    assert (adapted / "adaptor.npy").is_file()
+
+
+def test_cli_eval_text_split(tiny_model, tmp_path, capsys):
+    from mrl.records import load_records
+
+    data = _beir(tmp_path / "mini")
+    (data / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq2\td3\t1\n")
+    assert main(["eval", str(tiny_model), "--dataset", str(data), "--split", "dev",
+                 "--nesting", "8,16,32", "--no-baselines"]) == 0  # fmt: skip
+    recs = load_records(tiny_model / "eval-mini-dev" / "results.json")  # default --out per split
+    assert {r["dataset"] for r in recs} == {"mini:dev"}
+    assert "qrels/dev.tsv" in (tiny_model / "eval-mini-dev" / "report.html").read_text()
+    test = {(r["prefix"], r["metric"]): r["value"] for r in load_records(
+        _eval_out(tiny_model, data, tmp_path / "t"))}  # fmt: skip
+    assert any(test[r["prefix"], r["metric"]] != r["value"] for r in recs)  # other judgments
+    capsys.readouterr()
+    assert main(["eval", str(tiny_model), "--dataset", str(data), "--split", "train"]) == 2
+    assert "qrels splits there: dev, test" in capsys.readouterr().err
+    shutil.rmtree(tiny_model / "eval-mini-dev")  # the model folder is shared by other tests
+
+
+def _eval_out(model, data, out):
+    assert main(["eval", str(model), "--dataset", str(data), "--out", str(out), "--nesting",
+                 "8,16,32", "--no-baselines"]) == 0  # fmt: skip
+    return out / "results.json"

@@ -66,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="text models only: cranfield (default), bbc, bbc:N or a BEIR-style folder "
         "(corpus.jsonl, queries.jsonl, qrels/test.tsv)",
     )
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="text models, BEIR-style folders only: judge by qrels/SPLIT.tsv (default: test)",
+    )
 
 
 @dataclass
@@ -354,6 +359,9 @@ def run(args: argparse.Namespace) -> int:
         from mrl.text.evaluation import eval_command
 
         return int(eval_command(args) or 0)
+    if args.split is not None:
+        raise ValueError(f"--split {args.split!r} is for text model folders and BEIR-style "
+                         f"datasets; {str(run_dir)!r} is not a sentence-transformers model folder")
     if args.dataset is not None:
         raise ValueError(f"--dataset is for text model folders (with modules.json); "
                          f"{str(run_dir)!r} is not a sentence-transformers model folder")

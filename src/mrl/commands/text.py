@@ -157,6 +157,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     cp = sub.add_parser("compare", help="truncate / pca / adapt / finetune table on a dataset")
     cp.add_argument("--dataset", required=True, help="'cranfield', 'bbc' or a BEIR-style folder")
+    cp.add_argument(
+        "--split", default=None, help="BEIR-style folders: judge by qrels/SPLIT.tsv (default: test)"
+    )
     cp.add_argument("--model", default="default", help="the base model (truncate, pca, adapt)")
     cp.add_argument("--finetuned", default=None, help="a model from `mrl text finetune`")
     cp.add_argument(
@@ -191,9 +194,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _documents(corpus: str):
+    """A corpus for fine-tuning, an adaptor or encoding: a BEIR folder needs only corpus.jsonl."""
     from mrl.text.evaluation import load_text_dataset
 
-    return load_text_dataset(corpus)
+    return load_text_dataset(corpus, documents_only=True)
 
 
 def _check_distill_flags(args: argparse.Namespace) -> None:
@@ -400,7 +404,10 @@ def _compare(args: argparse.Namespace) -> int:
             raise ValueError("--methods finetune needs --finetuned MODEL (the fine-tuned folder)")
         methods.remove("finetune")
     _check_models(args, methods)
-    ds = _documents(args.dataset)  # loaded once: its name checks --append before any encoding
+    from mrl.text.evaluation import load_text_dataset
+
+    # loaded once: its name checks --append before any encoding
+    ds = load_text_dataset(args.dataset, args.split)
     kept = _appended_records(args, ds.name, methods) if args.append else []
     records = compare_methods(
         ds,

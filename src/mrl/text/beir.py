@@ -6,7 +6,9 @@ A folder holding::
     queries.jsonl    {"_id": "q1", "text": "..."}                       one query per line
     qrels/test.tsv   query-id <TAB> corpus-id <TAB> score              header line, score > 0 = gain
 
-``title`` is optional. Queries without any judgment are dropped (they cannot be scored).
+``title`` is optional. Queries without any judgment are dropped (they cannot be scored). Other
+judgment files beside ``test.tsv`` (``qrels/dev.tsv``, ...) are picked by ``split``. Where only
+the documents are needed (fine-tuning, an adaptor, encoding) ``corpus.jsonl`` alone suffices.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from mrl.text.corpus import RetrievalDataset
 
-__all__ = ["load_beir", "read_jsonl", "is_beir_folder"]
+__all__ = ["load_beir", "load_beir_documents", "read_jsonl", "is_beir_folder"]
 
 
 def is_beir_folder(path: str | os.PathLike) -> bool:
@@ -136,25 +138,27 @@ def _rows_with_lines(path: Path, rows: list[dict]):
 
 
 def load_beir(root: str | os.PathLike, split: str = "test") -> RetrievalDataset:
-    """A BEIR-style folder as a `RetrievalDataset` (only judged queries are kept)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"root={str(root)!r} is not a folder")
-    # empty texts are named by file, line and _id here (later only a list index could be)
-    corpus = read_jsonl(root / "corpus.jsonl", ("_id", "text"), ("title",),
-                        any_text=("title", "text"))  # fmt: skip
+    """A BEIR-style folder as a `RetrievalDataset` judged by ``qrels/SPLIT.tsv`` (only judged
+    queries are kept). Its name is the folder's, with ``:SPLIT`` unless the split is "test"
+    (records of two splits must not mix in one table)."""
+    root = _check_root(root)
+    if not isinstance(split, str) or not split or "/" in split or "\\" in split:
+        raise ValueError(f"split must be a qrels file name such as 'test' or 'dev', got {split!r}")
+    ds = load_beir_documents(root)
     queries = read_jsonl(root / "queries.jsonl", ("_id", "text"))
     qrels_path = root / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
-        raise FileNotFoundError(f"split={split!r}: {str(qrels_path)!r} does not exist")
+        have = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
+        raise FileNotFoundError(
+            f"split={split!r}: {str(qrels_path)!r} does not exist"
+            + (f" (qrels splits there: {', '.join(have)})" if have else "")
+        )
     qrels = _read_qrels(qrels_path)
     if not qrels:
         raise ValueError(f"{qrels_path} holds no judgment with a score > 0: nothing to evaluate")
-    doc_ids = [str(r["_id"]) for r in corpus]
-    _check_unique(doc_ids, root / "corpus.jsonl")
     query_ids = [str(r["_id"]) for r in queries]
     _check_unique(query_ids, root / "queries.jsonl")
-    known, known_q = set(doc_ids), set(query_ids)
+    known, known_q = set(ds.doc_ids), set(query_ids)
     for q, docs in qrels.items():
         if q not in known_q:  # a typo or a stale file: that query would silently not count
             raise ValueError(f"{qrels_path}: query id {q!r} is not in queries.jsonl")
@@ -162,13 +166,27 @@ def load_beir(root: str | os.PathLike, split: str = "test") -> RetrievalDataset:
         if unknown:
             raise ValueError(f"{qrels_path}: query {q!r} judges unknown corpus ids {unknown[:5]}")
     _check_judged_queries(root / "queries.jsonl", queries, qrels)
-    ds = RetrievalDataset(
-        root.name,
-        doc_ids,
-        [str(r.get("title") or "") for r in corpus],
-        [r["text"] for r in corpus],
-        query_ids,
-        [r["text"] for r in queries],
-        qrels,
-    )
-    return ds.judged()
+    name = root.name if split == "test" else f"{root.name}:{split}"
+    texts = [r["text"] for r in queries]
+    judged = RetrievalDataset(name, ds.doc_ids, ds.titles, ds.bodies, query_ids, texts, qrels)
+    return judged.judged()
+
+
+def load_beir_documents(root: str | os.PathLike) -> RetrievalDataset:
+    """Only the documents of a BEIR-style folder (``corpus.jsonl``; no queries, no judgments):
+    for fine-tuning, fitting an adaptor or encoding, where a corpus is all that is needed."""
+    root = _check_root(root)
+    # empty texts are named by file, line and _id here (later only a list index could be)
+    corpus = read_jsonl(root / "corpus.jsonl", ("_id", "text"), ("title",),
+                        any_text=("title", "text"))  # fmt: skip
+    doc_ids = [str(r["_id"]) for r in corpus]
+    _check_unique(doc_ids, root / "corpus.jsonl")
+    titles = [str(r.get("title") or "") for r in corpus]
+    return RetrievalDataset(root.name, doc_ids, titles, [r["text"] for r in corpus], [], [])
+
+
+def _check_root(root: str | os.PathLike) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"root={str(root)!r} is not a folder")
+    return root

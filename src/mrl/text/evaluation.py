@@ -144,11 +144,22 @@ def evaluate_corpus(
     return rename_method(records)
 
 
-def load_text_dataset(name: str | os.PathLike) -> RetrievalDataset | LabelledCorpus:
-    """ "cranfield", "bbc", or a BEIR-style folder (corpus.jsonl, queries.jsonl, qrels/test.tsv)."""
-    from mrl.text.beir import is_beir_folder, load_beir
+def load_text_dataset(
+    name: str | os.PathLike, split: str | None = None, documents_only: bool = False
+) -> RetrievalDataset | LabelledCorpus:
+    """ "cranfield", "bbc", "bbc:N" or a BEIR-style folder (corpus.jsonl, queries.jsonl,
+    qrels/SPLIT.tsv).
+
+    ``split``: the BEIR judgment file (None = "test"; refused for the built-in datasets, which
+    have one set of judgments). ``documents_only``: a BEIR folder needs only its corpus.jsonl
+    (for fine-tuning, an adaptor or encoding; no queries are loaded).
+    """
+    from mrl.text.beir import is_beir_folder, load_beir, load_beir_documents
 
     text = str(name)
+    built_in = text in ("cranfield", "bbc") or text.startswith("bbc:")
+    if split is not None and built_in:
+        raise ValueError(f"split={split!r} is for BEIR-style folders; {text!r} has one split")
     if text == "cranfield":
         from mrl.text.cranfield import load_cranfield
 
@@ -165,10 +176,14 @@ def load_text_dataset(name: str | os.PathLike) -> RetrievalDataset | LabelledCor
         corpus = load_bbc(limit_per_class=limit)  # the first N articles of each class
         corpus.name = f"bbc:{limit}"
         return corpus
-    if Path(text).is_dir() and is_beir_folder(text):
-        return load_beir(text)
-    if Path(text).is_dir():  # meant as a BEIR folder: say which file is missing
-        missing = [f for f in ("corpus.jsonl", "queries.jsonl") if not (Path(text) / f).is_file()]
+    folder = Path(text)
+    if documents_only and folder.is_dir() and (folder / "corpus.jsonl").is_file():
+        return load_beir_documents(folder)
+    if folder.is_dir() and is_beir_folder(folder):
+        return load_beir(folder, split or "test")
+    if folder.is_dir():  # meant as a BEIR folder: say which file is missing
+        need = ("corpus.jsonl",) if documents_only else ("corpus.jsonl", "queries.jsonl")
+        missing = [f for f in need if not (folder / f).is_file()]
         raise FileNotFoundError(
             f"dataset folder {text!r} is not a BEIR-style folder: it lacks {', '.join(missing)}"
         )
@@ -190,14 +205,17 @@ def evaluate_model(
     batch_size: int = 32,
     cache_dir: str | os.PathLike | None = None,
     nesting_param: str = "nesting",
+    split: str | None = None,
 ) -> tuple[list[Record], Nesting]:
     """Encode ``dataset`` with ``model`` once and evaluate every prefix (plus the PCA baseline).
 
     ``center``: cosine after subtracting the documents' mean; ``device``: where the model encodes;
-    ``nesting_param``: the name a bad ``nesting``'s error gives it (the CLI's ``--nesting``).
+    ``nesting_param``: the name a bad ``nesting``'s error gives it (the CLI's ``--nesting``);
+    ``split``: a BEIR folder's judgment file (None = qrels/test.tsv).
     """
     from mrl.text.encoders import embedding_dim, encode_cached, load_encoder, model_nesting
 
+    ds = load_text_dataset(dataset, split)  # data errors before the model's loading
     encoder = load_encoder(model, device=device)
     dim = embedding_dim(encoder)
     recorded = model_nesting(model)
@@ -215,7 +233,6 @@ def evaluate_model(
         )
     if method is None:
         method = "mrl" if recorded is not None else "truncate"
-    ds = load_text_dataset(dataset)
     ctx = {"model": str(model), **({"center": True} if center else {})}
     docs = encode_cached(
         model, ds.documents, cache_dir, encoder=encoder, batch_size=batch_size, name="documents"
@@ -244,7 +261,8 @@ def eval_command(args: Any) -> int:
     """`mrl eval RUN_DIR --dataset ... --out ...` for a sentence-transformers folder.
 
     ``args``: ``run_dir`` (the model folder), ``dataset`` ("cranfield", "bbc" or a BEIR folder;
-    default "cranfield"), ``out`` (report folder; default RUN_DIR/eval-DATASET), ``nesting``
+    default "cranfield"), ``split`` (a BEIR folder's qrels file; None = test), ``out`` (report
+    folder; default RUN_DIR/eval-DATASET[-SPLIT]), ``nesting``
     (spec or None: the model's recorded nesting, else doubling from 8), ``no_baselines`` (skip
     the PCA baseline), ``center`` (subtract the documents' mean before cosine), ``device``
     (None: CUDA when available, else CPU).
@@ -254,7 +272,9 @@ def eval_command(args: Any) -> int:
     from mrl.report import write_report
 
     dataset = getattr(args, "dataset", None) or "cranfield"
-    out = getattr(args, "out", None) or Path(args.run_dir) / f"eval-{Path(str(dataset)).name}"
+    split = getattr(args, "split", None)
+    default_out = f"eval-{Path(str(dataset)).name}" + (f"-{split}" if split else "")
+    out = getattr(args, "out", None) or Path(args.run_dir) / default_out
     out = check_output_path(out, "--out", "dir")  # before encoding, not when writing the report
     center = bool(getattr(args, "center", False))
     pca = not getattr(args, "no_baselines", False)
@@ -266,17 +286,32 @@ def eval_command(args: Any) -> int:
         center=center,
         device=default_device(getattr(args, "device", None)),
         nesting_param="--nesting",
+        split=split,
     )
     notes = (
-        f"Model {args.run_dir}, dataset {dataset}, nesting {list(nesting.sizes)}. Every prefix is "
+        f"Model {args.run_dir}, dataset {dataset}{_split_note(args)}, "
+        f"nesting {list(nesting.sizes)}. Every prefix is "
         f"re-normalised (cosine{', after subtracting the mean document' if center else ''})."
         + (" 'pca' is an uncentred PCA rotation fitted on the searched corpus." if pca else "")
     )
     write_report(
         records, out, title=f"mrl eval: {Path(str(args.run_dir)).name} on {dataset}", notes=notes
     )
-    print(f"wrote {out}")
+    for metric in headline_metrics(records):  # as `mrl eval` prints top1 / 1nn for images
+        print(summary_table(records, metric))
+    print(f"report: {out / 'report.html'}")
     return 0
+
+
+def _split_note(args: Any) -> str:
+    split = getattr(args, "split", None)
+    return f" (judgments qrels/{split}.tsv)" if split else ""
+
+
+def headline_metrics(records: Sequence[Record]) -> list[str]:
+    """The metrics `mrl eval` prints: nDCG@10 for queries, p@10 and 1-NN for a labelled corpus."""
+    present = {r["metric"] for r in records}
+    return [m for m in ("ndcg@10", "p@10", "1nn") if m in present]
 
 
 def summary_table(records: Sequence[Record], metric: str) -> str:
