@@ -299,3 +299,40 @@ def test_cli_checks_the_input_before_loading_the_model(tmp_path, monkeypatch, ca
     dup.write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
     assert main(["embed", "--model", "default", "--input", str(dup), "--out", out]) == 2
     assert "id 'a' is also on line 1" in capsys.readouterr().err
+
+
+def test_joined_fields_match_the_text_side_documents(tmp_path):
+    """--field title+text embeds a BEIR corpus's documents as `mrl eval` encodes them."""
+    from mrl.text.beir import load_beir_documents
+
+    rows = [{"_id": "d1", "title": "Wings", "text": "lift at low speed"},
+            {"_id": "d2", "text": "no title here"},
+            {"_id": "d3", "title": None, "text": "null title"},
+            {"_id": "d4", "title": "Repeated", "text": "Repeated title opens the body"},
+            {"_id": "d5", "title": "only a title", "text": ""}]  # fmt: skip
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = list(read_corpus(tmp_path / "corpus.jsonl", field="title+text", id_field="_id"))
+    assert [t for _, t in got] == load_beir_documents(tmp_path).documents
+    assert got[0] == ("d1", "Wings\nlift at low speed") and got[3][1].startswith("Repeated title")
+    out = tmp_path / "s"
+    assert main(["embed", "--model", "hash:16", "--input", str(tmp_path / "corpus.jsonl"),
+                 "--out", str(out), "--field", "title+text", "--id-field", "_id",
+                 "--quiet"]) == 0  # fmt: skip
+    store = EmbeddingStore.open(out)
+    assert store.ids.tolist() == ["d1", "d2", "d3", "d4", "d5"]
+    np.testing.assert_allclose(store.read(), reference([t for _, t in got]), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "line, field, message",
+    [('{"title": 3, "text": "a"}', "title+text", "field 'title' must be a string or null"),
+     ('{"title": "", "text": " "}', "title+text", "line 1: empty text"),
+     ('{"text": "a"}', "title+", "--field must be a field name or names joined by '+'"),
+     ('{"text": "a"}', "+text", "--field must be a field name or names joined by '+'")],
+)
+def test_joined_field_errors(tmp_path, capsys, line, field, message):
+    (tmp_path / "c.jsonl").write_text(line + "\n")
+    assert main(["embed", "--model", "hash:16", "--input", str(tmp_path / "c.jsonl"),
+                 "--out", str(tmp_path / "s"), "--field", field, "--quiet"]) == 2  # fmt: skip
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

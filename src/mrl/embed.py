@@ -1,7 +1,8 @@
 """Batch embedding of a large corpus into an `EmbeddingStore`, in resumable shards.
 
-A corpus (``.txt``: one text per line; ``.jsonl``: one object per line with a text field and an
-optional id field) is cut into shards of ``shard_size`` consecutive rows. Each shard is encoded and
+A corpus (``.txt``: one text per line; ``.jsonl``: one object per line with a text field, or
+several joined by ``+`` such as ``title+text``, and an optional id field) is cut into shards of
+``shard_size`` consecutive rows. Each shard is encoded and
 written to ``STORE.parts/`` as ``shard-00003.npy`` (+ ``.ids.npy``), and then its marker
 ``shard-00003.json`` is written atomically: the marker is the commit point, so a shard without one
 is redone and a shard with one is skipped. After all shards exist they are appended, in order, to
@@ -123,10 +124,7 @@ def _parse_jsonl(line: str, lineno: int, field: str, id_field: str, path: Path):
         raise ValueError(f"{path.name} line {lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path.name} line {lineno}: expected a JSON object")
-    text = obj.get(field)
-    if not isinstance(text, str):
-        raise ValueError(f"{path.name} line {lineno}: field {field!r} must be a string, "
-                         f"got {type(text).__name__}")
+    text = _joined_text(obj, field, lineno, path)
     ident = obj.get(id_field)
     if id_field in obj and ident is None:
         raise ValueError(f"{path.name} line {lineno}: {id_field!r} is null; give an int or a "
@@ -134,6 +132,36 @@ def _parse_jsonl(line: str, lineno: int, field: str, id_field: str, path: Path):
     if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (int, str))):
         raise ValueError(f"{path.name} line {lineno}: {id_field!r} must be an int or a string")
     return text, ident
+
+
+def _joined_text(obj: dict, field: str, lineno: int, path: Path) -> str:
+    """The text of one JSONL object: ``field``, or for ``"title+text"`` the fields joined as
+    `mrl eval` joins a BEIR document's title and body (missing or null parts are left out)."""
+    names = field.split("+")
+    if len(names) == 1:
+        text = obj.get(field)
+        if not isinstance(text, str):
+            raise ValueError(f"{path.name} line {lineno}: field {field!r} must be a string, "
+                             f"got {type(text).__name__}")
+        return text
+    from mrl.text.corpus import join_title
+
+    text = ""
+    for name in names:
+        part = obj.get(name)
+        if part is not None and not isinstance(part, str):
+            raise ValueError(f"{path.name} line {lineno}: field {name!r} must be a string or "
+                             f"null, got {type(part).__name__}")
+        text = join_title(text, part or "")
+    return text
+
+
+def check_field(field: str, param: str = "field") -> str:
+    """A text field name, or several joined by '+' ("title+text"); a ValueError naming ``param``."""
+    if not isinstance(field, str) or not all(n.strip() for n in field.split("+")):
+        raise ValueError(f"{param} must be a field name or names joined by '+' (e.g. "
+                         f"'title+text'), got {field!r}")
+    return field
 
 
 def _count_lines(path: Path) -> int:
@@ -219,9 +247,12 @@ def _rank_from_env() -> tuple[int, int]:
     return rank, world
 
 
-def check_inputs(input_path: Path, out: Path, field: str, id_field: str, rank: int) -> int:
+def check_inputs(input_path: Path, out: Path, field: str, id_field: str, rank: int,
+                 field_param: str = "field") -> int:
     """The input's row count, after checking the input and ``out`` (every line and id): one-line
-    errors before any model is loaded or text encoded."""
+    errors before any model is loaded or text encoded. ``field_param``: the name a bad
+    ``field``'s error gives it (the CLI's ``--field``)."""
+    check_field(field, field_param)
     if not input_path.is_file():
         raise FileNotFoundError(f"input file {str(input_path)!r} does not exist")
     if (out / "store.json").is_file() and not _parts_dir(out).is_dir():

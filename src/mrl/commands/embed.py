@@ -27,7 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the EmbeddingStore folder to write")
     p.add_argument("--shard-size", type=int, default=10_000, help="texts per shard")
     p.add_argument("--batch-size", type=int, default=64, help="texts per encoder call")
-    p.add_argument("--field", default="text", help=".jsonl: the text field")
+    p.add_argument(
+        "--field",
+        default="text",
+        help=".jsonl: the text field, or fields joined by '+' (title+text: a BEIR corpus's "
+        "documents as `mrl eval` encodes them)",
+    )
     p.add_argument("--id-field", default="id", help=".jsonl: the id field (else row numbers)")
     p.add_argument(
         "--dtype",
@@ -67,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     # every line and id before the model loads (a typo must not cost a model load)
     rows = check_inputs(Path(args.input), Path(args.out), args.field, args.id_field,
-                        _rank_from_env()[0])  # fmt: skip
+                        _rank_from_env()[0], field_param="--field")  # fmt: skip
 
     if args.threads is not None:
         set_threads(args.threads)
