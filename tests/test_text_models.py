@@ -740,3 +740,18 @@ def _eval_out(model, data, out):
     assert main(["eval", str(model), "--dataset", str(data), "--out", str(out), "--nesting",
                  "8,16,32", "--no-baselines"]) == 0  # fmt: skip
     return out / "results.json"
+
+
+def test_cli_eval_the_packaged_model_by_name(tmp_path, monkeypatch, capsys):
+    """`mrl eval default`: the packaged model's table, the report in the working folder."""
+    from mrl.records import load_records
+
+    data = _beir(tmp_path / "mini")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "default", "--dataset", str(data), "--no-baselines",
+                 "--nesting", "8,384"]) == 0  # fmt: skip
+    recs = load_records(tmp_path / "eval-default-mini" / "results.json")
+    assert {(r["method"], r["prefix"]) for r in recs if r["metric"] == "ndcg@10"} == {
+        ("truncate", 8), ("truncate", 384)}  # fmt: skip
+    assert "report: eval-default-mini/report.html" in capsys.readouterr().out
+    assert not (tmp_path / "default").exists()

@@ -34,7 +34,9 @@ HELP = "evaluate a trained run (or a text model folder) at every prefix size; wr
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "run_dir", help="run folder written by `mrl train` (or a text model folder)"
+        "run_dir",
+        help="run folder written by `mrl train`, a text model folder, or 'default' (the "
+        "packaged all-MiniLM-L6-v2)",
     )
     parser.add_argument(
         "--out",
@@ -355,7 +357,8 @@ def run(args: argparse.Namespace) -> int:
     if args.device is not None:
         check_device(args.device, "--device")
     run_dir = Path(args.run_dir)
-    if (run_dir / "modules.json").is_file():  # a sentence-transformers model folder
+    packaged = str(args.run_dir) == "default" and not run_dir.exists()
+    if packaged or (run_dir / "modules.json").is_file():  # a sentence-transformers model
         from mrl.text.evaluation import eval_command
 
         return int(eval_command(args) or 0)

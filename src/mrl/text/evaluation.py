@@ -260,12 +260,13 @@ def _parse_nesting(spec: Nesting | str | Sequence[int], dim: int, param: str) ->
 def eval_command(args: Any) -> int:
     """`mrl eval RUN_DIR --dataset ... --out ...` for a sentence-transformers folder.
 
-    ``args``: ``run_dir`` (the model folder), ``dataset`` ("cranfield", "bbc" or a BEIR folder;
-    default "cranfield"), ``split`` (a BEIR folder's qrels file; None = test), ``out`` (report
-    folder; default RUN_DIR/eval-DATASET[-SPLIT]), ``nesting``
-    (spec or None: the model's recorded nesting, else doubling from 8), ``no_baselines`` (skip
-    the PCA baseline), ``center`` (subtract the documents' mean before cosine), ``device``
-    (None: CUDA when available, else CPU).
+    ``args``: ``run_dir`` (the model folder, or "default": the packaged model), ``dataset``
+    ("cranfield", "bbc" or a BEIR folder; default "cranfield"), ``split`` (a BEIR folder's qrels
+    file; None = test), ``out`` (report folder; default RUN_DIR/eval-DATASET[-SPLIT], for
+    "default" ./eval-default-DATASET[-SPLIT]), ``nesting`` (spec or None: the model's recorded
+    nesting, else doubling from 8), ``no_baselines`` (skip the PCA baseline), ``center``
+    (subtract the documents' mean before cosine), ``device`` (None: CUDA when available, else
+    CPU).
     """
     from mrl.devices import default_device
     from mrl.io import check_output_path
@@ -274,7 +275,10 @@ def eval_command(args: Any) -> int:
     dataset = getattr(args, "dataset", None) or "cranfield"
     split = getattr(args, "split", None)
     default_out = f"eval-{Path(str(dataset)).name}" + (f"-{split}" if split else "")
-    out = getattr(args, "out", None) or Path(args.run_dir) / default_out
+    if Path(args.run_dir).is_dir():
+        out = getattr(args, "out", None) or Path(args.run_dir) / default_out
+    else:  # the packaged model ('default') has no folder of its own: the working folder
+        out = getattr(args, "out", None) or Path(f"eval-{args.run_dir}-{default_out[5:]}")
     out = check_output_path(out, "--out", "dir")  # before encoding, not when writing the report
     center = bool(getattr(args, "center", False))
     pca = not getattr(args, "no_baselines", False)
