@@ -384,3 +384,48 @@ def test_image_folder_warns_about_files_it_skips(tmp_path, recwarn):
     recwarn.clear()
     ImageFolder(tmp_path, image_size=8)
     assert not [w for w in recwarn if "skipped" in str(w.message)]
+
+
+def test_image_folder_split_layout_keeps_its_splits(tmp_path):
+    """root/train + root/val (ImageNet's layout) is two splits of the same classes, not a
+    2-class problem "train" vs "val"; the test split does not depend on the seed."""
+    pytest.importorskip("PIL")
+    _make_folder(tmp_path / "train", per_class=4)
+    _make_folder(tmp_path / "val", per_class=2)
+    tasks = [load_task("image-folder", root=str(tmp_path), image_size=8, seed=s) for s in (0, 1)]
+    for task in tasks:
+        assert task.num_classes == 2 and (len(task.train), len(task.test)) == (8, 4)
+        assert task.test.labels.tolist() == [0, 0, 1, 1] and task.test.mean == task.train.mean
+        fp = task.fingerprint
+        assert fp.startswith("train/: 8 files") and "val/: 4 files" in fp
+    assert torch.equal(tasks[0].test.images, tasks[1].test.images)
+    # the split's test images are the val/ files, decoded as a plain folder would decode them
+    from mrl.data.image_folder import ImageFolder
+
+    assert torch.equal(tasks[0].test.images, ImageFolder(tmp_path / "val", image_size=8)
+                       .load_tensors().images)  # fmt: skip
+
+
+def test_image_folder_split_layout_errors(tmp_path):
+    pytest.importorskip("PIL")
+    _make_folder(tmp_path / "a" / "train")
+    _make_folder(tmp_path / "a" / "test", classes=("cat", "cow"))
+    with pytest.raises(ValueError, match=r"same class subfolders; only in train/: \['dog'\], "
+                       r"only in test/: \['cow'\]"):  # fmt: skip
+        load_task("image-folder", root=str(tmp_path / "a"), image_size=8)
+    _make_folder(tmp_path / "b" / "train")
+    _make_folder(tmp_path / "b" / "val")
+    _make_folder(tmp_path / "b" / "extra", classes=("x",))
+    with pytest.raises(ValueError, match=r"holds split folders \(train/, val/\) and also "
+                       r"\['extra'\]"):  # fmt: skip
+        load_task("image-folder", root=str(tmp_path / "b"), image_size=8)
+    _make_folder(tmp_path / "c" / "train")
+    _make_folder(tmp_path / "c" / "val")
+    _make_folder(tmp_path / "c" / "test", classes=("unlabelled",))
+    with pytest.warns(UserWarning, match="val/ is the test split; test/ is not read"):
+        task = load_task("image-folder", root=str(tmp_path / "c"), image_size=8)
+    assert len(task.test) == 6
+    # classes that happen to be called train and val (images directly inside): classes
+    _make_folder(tmp_path / "d", classes=("train", "val"))
+    task = load_task("image-folder", root=str(tmp_path / "d"), image_size=8, test_fraction=0.34)
+    assert task.num_classes == 2 and len(task.train) + len(task.test) == 6

@@ -7,6 +7,7 @@ images, or fixed triples) and the test set, each ready for `mrl.train` and `mrl 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mrl.data.tensors import ImageTensors, TripleSource, augment, iterate_batches
@@ -126,12 +127,15 @@ def load_task(
 def _image_folder_task(root: str | None, image_size: int, test_fraction: float, seed: int) -> Task:
     import torch
 
-    from mrl.data.image_folder import ImageFolder
+    from mrl.data.image_folder import ImageFolder, split_folders
 
     if root is None:
         raise ValueError("dataset 'image-folder' needs data.root (the folder of class subfolders)")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got test_fraction={test_fraction}")
+    splits = split_folders(root) if Path(root).is_dir() else None
+    if splits is not None:  # root/train + root/val: a fixed test split, whatever the seed
+        return _split_folder_task(*splits, image_size)
     folder = ImageFolder(root, image_size=image_size)
     full = folder.load_tensors()
     if full.num_classes < 2:
@@ -154,3 +158,33 @@ def _image_folder_task(root: str | None, image_size: int, test_fraction: float, 
 
     train = part(perm[n_test:], "train")
     return Task("image-folder", train, train, part(perm[:n_test], "test"), folder.fingerprint())
+
+
+def _split_folder_task(train_dir: Path, test_dir: Path, image_size: int) -> Task:
+    """``train/`` and ``val/`` (or ``test/``) folders of the same classes; the test images are
+    normalised with the training images' mean and std."""
+    from mrl.data.image_folder import ImageFolder
+
+    train_folder = ImageFolder(train_dir, image_size=image_size)
+    test_folder = ImageFolder(test_dir, image_size=image_size)
+    if train_folder.classes != test_folder.classes:
+        only_train = sorted(set(train_folder.classes) - set(test_folder.classes))
+        only_test = sorted(set(test_folder.classes) - set(train_folder.classes))
+        raise ValueError(
+            f"image folders {str(train_dir)!r} and {str(test_dir)!r} must hold the same class "
+            f"subfolders; only in {train_dir.name}/: {only_train}, only in {test_dir.name}/: "
+            f"{only_test}"
+        )
+    if len(train_folder.classes) < 2:
+        raise ValueError(
+            f"image folder {str(train_dir)!r} has 1 class subfolder; classification needs at "
+            "least 2"
+        )
+    root = train_dir.parent.name
+    tr, te = train_folder.load_tensors(), test_folder.load_tensors()
+    train = ImageTensors(tr.images, tr.labels, tr.num_classes, tr.mean, tr.std, f"{root}/train")
+    test = ImageTensors(te.images, te.labels, te.num_classes, tr.mean, tr.std,
+                        f"{root}/{test_dir.name}")  # fmt: skip
+    fingerprint = (f"train/: {train_folder.fingerprint()}; {test_dir.name}/: "
+                   f"{test_folder.fingerprint()}")  # fmt: skip
+    return Task("image-folder", train, train, test, fingerprint)

@@ -1,9 +1,9 @@
 """Users' own images: one subfolder per class (the ImageNet layout), read with Pillow.
 
 ```
-root/
-  cat/ 001.jpg 002.png ...
-  dog/ ...
+root/                              or, split already (ImageNet's train/ and val/):
+  cat/ 001.jpg 002.png ...         root/train/cat/ ..., root/train/dog/ ...
+  dog/ ...                         root/val/cat/ ...,   root/val/dog/ ...   (or root/test/)
 ```
 
 `ImageFolder` is a map-style dataset (``ds[i] -> (image tensor, label)``) usable with a PyTorch
@@ -29,6 +29,7 @@ from mrl.data.tensors import ImageTensors
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "split_folders",
     "CenterCrop",
     "Compose",
     "ImageFolder",
@@ -162,6 +163,39 @@ class Normalize:
 
 def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def split_folders(root: str | os.PathLike) -> tuple[Path, Path] | None:
+    """``(root/train, root/val)`` (or ``root/test``) when ``root`` is split already, each split
+    a folder of class subfolders; None when ``root`` itself holds the class subfolders.
+
+    Read as one folder of classes, a split layout would silently become a 2-class problem
+    ("train" vs "val"), so a ``train/`` beside ``val/`` or ``test/`` whose entries are folders
+    is taken as splits, and anything else beside them is an error. With both ``val/`` and
+    ``test/``, ``val/`` is the test split (ImageNet's ``test/`` has no labels) and a warning
+    says that ``test/`` is not read.
+    """
+    root = Path(root)
+    subs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    held_out = [n for n in ("val", "test") if n in subs]
+    train = root / "train"
+    if not held_out or "train" not in subs or not any(
+        d.is_dir() and not d.name.startswith(".") for d in train.iterdir()
+    ):
+        return None  # class subfolders (a class may be called "train" if it holds images)
+    others = sorted(subs - {"train", "val", "test"})
+    if others:
+        raise ValueError(
+            f"image folder root={str(root)!r} holds split folders (train/, "
+            f"{'/, '.join(held_out)}/) and also {others}: keep either splits (each of class "
+            "subfolders) or class subfolders only"
+        )
+    if len(held_out) == 2:
+        warnings.warn(
+            f"image folder root={str(root)!r}: val/ is the test split; test/ is not read",
+            stacklevel=2,
+        )
+    return train, root / held_out[0]
 
 
 def _progress(n: int) -> Any:
