@@ -413,15 +413,13 @@ def test_image_folder_split_layout_errors(tmp_path):
     with pytest.raises(ValueError, match=r"same class subfolders; only in train/: \['dog'\], "
                        r"only in test/: \['cow'\]"):  # fmt: skip
         load_task("image-folder", root=str(tmp_path / "a"), image_size=8)
-    _make_folder(tmp_path / "b" / "train")
-    _make_folder(tmp_path / "b" / "val")
-    _make_folder(tmp_path / "b" / "extra", classes=("x",))
+    for root, third in ((tmp_path / "b", "extra"), (tmp_path / "c", "test")):
+        for split in ("train", "val"):
+            _make_folder(root / split)
+        _make_folder(root / third, classes=("x",))
     with pytest.raises(ValueError, match=r"holds split folders \(train/, val/\) and also "
                        r"\['extra'\]"):  # fmt: skip
         load_task("image-folder", root=str(tmp_path / "b"), image_size=8)
-    _make_folder(tmp_path / "c" / "train")
-    _make_folder(tmp_path / "c" / "val")
-    _make_folder(tmp_path / "c" / "test", classes=("unlabelled",))
     with pytest.warns(UserWarning, match="val/ is the test split; test/ is not read"):
         task = load_task("image-folder", root=str(tmp_path / "c"), image_size=8)
     assert len(task.test) == 6
