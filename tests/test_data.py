@@ -420,9 +420,20 @@ def test_image_folder_split_layout_errors(tmp_path):
     with pytest.raises(ValueError, match=r"holds split folders \(train/, val/\) and also "
                        r"\['extra'\]"):  # fmt: skip
         load_task("image-folder", root=str(tmp_path / "b"), image_size=8)
-    with pytest.warns(UserWarning, match="val/ is the test split; test/ is not read"):
+    with pytest.warns(UserWarning, match="val/ is the test split; test/ not read"):
         task = load_task("image-folder", root=str(tmp_path / "c"), image_size=8)
     assert len(task.test) == 6
+    for held_out in ("valid", "validation"):  # other common names of the held-out split
+        root = tmp_path / held_out
+        _make_folder(root / "train")
+        _make_folder(root / held_out, per_class=1)
+        task = load_task("image-folder", root=str(root), image_size=8)
+        assert task.num_classes == 2 and (len(task.train), len(task.test)) == (6, 2)
+    _make_folder(tmp_path / "e" / "train" / "cat")  # train/ of folders beside an unknown dev/
+    _make_folder(tmp_path / "e" / "dev")
+    with pytest.warns(UserWarning, match=r"read as classes \['dev', 'train'\], although train/ "
+                      r"holds folders; if it is a split, name the held-out one val or valid"):
+        assert load_task("image-folder", root=str(tmp_path / "e"), image_size=8).num_classes == 2
     # classes that happen to be called train and val (images directly inside): classes
     _make_folder(tmp_path / "d", classes=("train", "val"))
     task = load_task("image-folder", root=str(tmp_path / "d"), image_size=8, test_fraction=0.34)

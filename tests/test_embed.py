@@ -327,6 +327,8 @@ def test_joined_fields_match_the_text_side_documents(tmp_path):
     "line, field, message",
     [('{"title": 3, "text": "a"}', "title+text", "field 'title' must be a string or null"),
      ('{"title": "", "text": " "}', "title+text", "line 1: empty text"),
+     ('{"title": "t", "text": "a"}', "titel+text",
+      "c.jsonl: no line has the field 'titel' of field='titel+text'; check its spelling"),
      ('{"text": "a"}', "title+", "--field must be a field name or names joined by '+'"),
      ('{"text": "a"}', "+text", "--field must be a field name or names joined by '+'")],
 )

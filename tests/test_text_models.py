@@ -699,6 +699,10 @@ def test_headline_metrics_follow_the_dataset_kind():
     assert headline_metrics(recs("mrr", "ndcg@10", "recall@100")) == ["ndcg@10"]
     assert headline_metrics(recs("1nn", "map@10", "p@10")) == ["p@10", "1nn"]
     assert headline_metrics(recs("mrr")) == []
+    # a corpus of fewer than 10 documents records @N
+    assert headline_metrics(recs("ndcg@4", "ndcg@100", "mrr")) == ["ndcg@4"]
+    assert headline_metrics(recs("ndcg@10", "ndcg@100")) == ["ndcg@10"]
+    assert headline_metrics(recs("p@3", "1nn")) == ["p@3", "1nn"]
 
 
 def test_cli_text_commands_need_only_a_beir_corpus(tiny_model, tmp_path):
@@ -715,11 +719,21 @@ def test_cli_text_commands_need_only_a_beir_corpus(tiny_model, tmp_path):
     assert main(["text", "adapt", "--model", str(tiny_model), "--corpus", str(data), "--out",
                  str(adapted), "--steps", "2", "--neighbours", "4"]) == 0  # fmt: skip
     assert (adapted / "adaptor.npy").is_file()
+    # fine-tuning on title -> body pairs made from a corpus.jsonl alone
+    titled = [{"_id": f"d{i}", "title": f"title {i}", "text": f"body of note {i} on wings"}
+              for i in range(8)]  # fmt: skip
+    (data / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in titled))
+    ft = tmp_path / "ft"
+    assert main(["text", "finetune", "--model", str(tiny_model), "--corpus", str(data), "--out",
+                 str(ft), "--nesting", "8,16,32", "--batch-size", "4", "--epochs", "1",
+                 "--max-seq-length", "32", "--init-rotation", "pca", "--freeze-encoder"]) == 0
+    assert (ft / "mrl.json").is_file()
 
 
 def test_cli_eval_text_split(tiny_model, tmp_path, capsys):
     from mrl.records import load_records
 
+    tiny_model = shutil.copytree(tiny_model, tmp_path / "model")  # default --out lies inside it
     data = _beir(tmp_path / "mini")
     (data / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq2\td3\t1\n")
     assert main(["eval", str(tiny_model), "--dataset", str(data), "--split", "dev",
@@ -733,7 +747,10 @@ def test_cli_eval_text_split(tiny_model, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(tiny_model), "--dataset", str(data), "--split", "train"]) == 2
     assert "qrels splits there: dev, test" in capsys.readouterr().err
-    shutil.rmtree(tiny_model / "eval-mini-dev")  # the model folder is shared by other tests
+    assert main(["eval", str(tiny_model), "--dataset", str(data), "--split", "test",
+                 "--nesting", "8,16,32", "--no-baselines"]) == 0  # fmt: skip
+    assert {r["dataset"] for r in load_records(tiny_model / "eval-mini" / "results.json")} == {
+        "mini"}  # fmt: skip
 
 
 def _eval_out(model, data, out):
@@ -742,7 +759,7 @@ def _eval_out(model, data, out):
     return out / "results.json"
 
 
-def test_cli_eval_the_packaged_model_by_name(tmp_path, monkeypatch, capsys):
+def test_cli_eval_the_packaged_model_by_name(tiny_model, tmp_path, monkeypatch, capsys):
     """`mrl eval default`: the packaged model's table, the report in the working folder."""
     from mrl.records import load_records
 
@@ -755,3 +772,8 @@ def test_cli_eval_the_packaged_model_by_name(tmp_path, monkeypatch, capsys):
         ("truncate", 8), ("truncate", 384)}  # fmt: skip
     assert "report: eval-default-mini/report.html" in capsys.readouterr().out
     assert not (tmp_path / "default").exists()
+    # a model folder called default is that folder's model (D=32), not the packaged one (384)
+    shutil.copytree(tiny_model, tmp_path / "default")
+    assert main(["eval", "default", "--dataset", str(data), "--no-baselines"]) == 0
+    recs = load_records(tmp_path / "default" / "eval-mini" / "results.json")
+    assert max(r["prefix"] for r in recs) == 32

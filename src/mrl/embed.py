@@ -63,8 +63,10 @@ def read_corpus(path: str | os.PathLike, field: str = "text",
         yield (row if ident is None else ident), text
 
 
-def _rows(path: str | os.PathLike, field: str, id_field: str) -> Iterator[tuple[int, Any, str]]:
-    """(row, id or None when the line has none, text) per line; see `read_corpus`."""
+def _rows(path: str | os.PathLike, field: str, id_field: str,
+          seen: set[str] | None = None) -> Iterator[tuple[int, Any, str]]:
+    """(row, id or None when the line has none, text) per line; see `read_corpus`. ``seen``:
+    collects the names of ``field``'s parts that some line holds (not null)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file {str(path)!r} does not exist")
@@ -79,7 +81,7 @@ def _rows(path: str | os.PathLike, field: str, id_field: str) -> Iterator[tuple[
             if suffix == ".txt":
                 text, ident = line, None
             else:
-                text, ident = _parse_jsonl(line, row + 1, field, id_field, path)
+                text, ident = _parse_jsonl(line, row + 1, field, id_field, path, seen)
             if not text.strip():
                 raise ValueError(f"{path.name} line {row + 1}: empty text")
             yield row, ident, text
@@ -89,13 +91,15 @@ def check_corpus(path: str | os.PathLike, field: str = "text", id_field: str = "
     """One cheap pass over the input before encoding: every line parses (`read_corpus`), ids
     are unique and of one kind (all int or all str), and either every line has one or none
     (then ids are row numbers; a non-default ``id_field`` no line has is an error, as it is
-    surely misspelt). Returns the number of rows. Errors give the line numbers, so that hours
-    of encoding never end in a duplicate id."""
+    surely misspelt, and so is a part of a joined ``field`` such as "title+text"). Returns the
+    number of rows. Errors give the line numbers, so that hours of encoding never end in a
+    duplicate id."""
     path = Path(path)
     first_line: dict[Any, int] = {}
     kind = None
     with_id: bool | None = None
-    for row, raw, _ in _rows(path, field, id_field):
+    seen: set[str] = set()
+    for row, raw, _ in _rows(path, field, id_field, seen):
         if with_id is not None and (raw is not None) != with_id:
             this, line_1 = ("has an", "has none") if raw is not None else ("has no", "has one")
             raise ValueError(f"{path.name} line {row + 1} {this} {id_field!r} field but line 1 "
@@ -114,10 +118,15 @@ def check_corpus(path: str | os.PathLike, field: str = "text", id_field: str = "
     if with_id is False and id_field != "id" and path.suffix.lower() == ".jsonl":
         raise ValueError(f"{path.name}: no line has the id field {id_field!r} (id_field); "
                          "check its spelling")
+    absent = [n for n in field.split("+") if n not in seen]
+    if absent and path.suffix.lower() == ".jsonl":  # a joined part that is surely misspelt
+        raise ValueError(f"{path.name}: no line has the field {absent[0]!r} of field={field!r}; "
+                         "check its spelling")
     return len(first_line)
 
 
-def _parse_jsonl(line: str, lineno: int, field: str, id_field: str, path: Path):
+def _parse_jsonl(line: str, lineno: int, field: str, id_field: str, path: Path,
+                 seen: set[str] | None = None):
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -125,6 +134,8 @@ def _parse_jsonl(line: str, lineno: int, field: str, id_field: str, path: Path):
     if not isinstance(obj, dict):
         raise ValueError(f"{path.name} line {lineno}: expected a JSON object")
     text = _joined_text(obj, field, lineno, path)
+    if seen is not None:
+        seen.update(n for n in field.split("+") if obj.get(n) is not None)
     ident = obj.get(id_field)
     if id_field in obj and ident is None:
         raise ValueError(f"{path.name} line {lineno}: {id_field!r} is null; give an int or a "
@@ -157,7 +168,8 @@ def _joined_text(obj: dict, field: str, lineno: int, path: Path) -> str:
 
 
 def check_field(field: str, param: str = "field") -> str:
-    """A text field name, or several joined by '+' ("title+text"); a ValueError naming ``param``."""
+    """A text field name, or several joined by '+' ("title+text"); a ValueError naming ``param``.
+    (A key that itself contains '+' cannot be selected.)"""
     if not isinstance(field, str) or not all(n.strip() for n in field.split("+")):
         raise ValueError(f"{param} must be a field name or names joined by '+' (e.g. "
                          f"'title+text'), got {field!r}")

@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         default=None,
-        help="report folder (default RUN_DIR/eval; text models: RUN_DIR/eval-DATASET)",
+        help="report folder (default RUN_DIR/eval; text models: RUN_DIR/eval-DATASET[-SPLIT], "
+        "for 'default' ./eval-default-DATASET[-SPLIT])",
     )
     parser.add_argument(
         "--center", action="store_true", help="subtract the database mean before cosine retrieval"

@@ -165,34 +165,47 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+# held-out split folder names beside train/, by preference (the first one present is tested on)
+HELD_OUT = ("val", "valid", "validation", "test")
+
+
 def split_folders(root: str | os.PathLike) -> tuple[Path, Path] | None:
-    """``(root/train, root/val)`` (or ``root/test``) when ``root`` is split already, each split
-    a folder of class subfolders; None when ``root`` itself holds the class subfolders.
+    """``(root/train, root/val)`` (or ``valid``, ``validation``, ``test``: `HELD_OUT`) when
+    ``root`` is split already, each split a folder of class subfolders; None when ``root``
+    itself holds the class subfolders.
 
     Read as one folder of classes, a split layout would silently become a 2-class problem
     ("train" vs "val"), so a ``train/`` beside ``val/`` or ``test/`` whose entries are folders
-    is taken as splits, and anything else beside them is an error. With both ``val/`` and
-    ``test/``, ``val/`` is the test split (ImageNet's ``test/`` has no labels) and a warning
-    says that ``test/`` is not read.
+    is taken as splits, and anything else beside them is an error. With several held-out
+    folders the first of `HELD_OUT` is the test split (ImageNet's ``test/`` has no labels) and a
+    warning says which are not read.
     """
     root = Path(root)
     subs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
-    held_out = [n for n in ("val", "test") if n in subs]
+    held_out = [n for n in HELD_OUT if n in subs]
     train = root / "train"
-    if not held_out or "train" not in subs or not any(
+    if "train" not in subs or not any(
         d.is_dir() and not d.name.startswith(".") for d in train.iterdir()
     ):
         return None  # class subfolders (a class may be called "train" if it holds images)
-    others = sorted(subs - {"train", "val", "test"})
+    if not held_out:  # classes, one of them "train" with subfolders: or splits misnamed?
+        warnings.warn(
+            f"image folder root={str(root)!r}: read as classes {sorted(subs)}, although train/ "
+            f"holds folders; if it is a split, name the held-out one {' or '.join(HELD_OUT)}",
+            stacklevel=2,
+        )
+        return None
+    others = sorted(subs - {"train", *HELD_OUT})
     if others:
         raise ValueError(
             f"image folder root={str(root)!r} holds split folders (train/, "
             f"{'/, '.join(held_out)}/) and also {others}: keep either splits (each of class "
             "subfolders) or class subfolders only"
         )
-    if len(held_out) == 2:
+    if len(held_out) > 1:
         warnings.warn(
-            f"image folder root={str(root)!r}: val/ is the test split; test/ is not read",
+            f"image folder root={str(root)!r}: {held_out[0]}/ is the test split; "
+            f"{'/, '.join(held_out[1:])}/ not read",
             stacklevel=2,
         )
     return train, root / held_out[0]

@@ -180,7 +180,7 @@ def load_text_dataset(
     if documents_only and folder.is_dir() and (folder / "corpus.jsonl").is_file():
         return load_beir_documents(folder)
     if folder.is_dir() and is_beir_folder(folder):
-        return load_beir(folder, split or "test")
+        return load_beir(folder, "test" if split is None else split)
     if folder.is_dir():  # meant as a BEIR folder: say which file is missing
         need = ("corpus.jsonl",) if documents_only else ("corpus.jsonl", "queries.jsonl")
         missing = [f for f in need if not (folder / f).is_file()]
@@ -274,8 +274,12 @@ def eval_command(args: Any) -> int:
 
     dataset = getattr(args, "dataset", None) or "cranfield"
     split = getattr(args, "split", None)
-    default_out = f"eval-{Path(str(dataset)).name}" + (f"-{split}" if split else "")
+    named = split not in (None, "test")  # records name the dataset FOLDER:SPLIT then
+    default_out = f"eval-{Path(str(dataset)).name}" + (f"-{split}" if named else "")
+    model: str | Path = args.run_dir
     if Path(args.run_dir).is_dir():
+        if str(args.run_dir) == "default":  # a folder called default, not the packaged model
+            model = Path(args.run_dir).absolute()
         out = getattr(args, "out", None) or Path(args.run_dir) / default_out
     else:  # the packaged model ('default') has no folder of its own: the working folder
         out = getattr(args, "out", None) or Path(f"eval-{args.run_dir}-{default_out[5:]}")
@@ -283,7 +287,7 @@ def eval_command(args: Any) -> int:
     center = bool(getattr(args, "center", False))
     pca = not getattr(args, "no_baselines", False)
     records, nesting = evaluate_model(
-        args.run_dir,
+        model,
         dataset,
         getattr(args, "nesting", None),
         pca=pca,
@@ -313,9 +317,16 @@ def _split_note(args: Any) -> str:
 
 
 def headline_metrics(records: Sequence[Record]) -> list[str]:
-    """The metrics `mrl eval` prints: nDCG@10 for queries, p@10 and 1-NN for a labelled corpus."""
+    """The metrics `mrl eval` prints: nDCG@10 for queries, p@10 and 1-NN for a labelled corpus
+    (@k as recorded: a corpus of fewer than 10 documents records nDCG@N)."""
     present = {r["metric"] for r in records}
-    return [m for m in ("ndcg@10", "p@10", "1nn") if m in present]
+    shown = []
+    for family in ("ndcg@", "p@"):
+        ks = sorted(int(m[len(family):]) for m in present
+                    if m.startswith(family) and m[len(family):].isdigit())  # fmt: skip
+        if ks:
+            shown.append(f"{family}{10 if 10 in ks else ks[0]}")
+    return shown + (["1nn"] if "1nn" in present else [])
 
 
 def summary_table(records: Sequence[Record], metric: str) -> str:
