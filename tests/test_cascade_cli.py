@@ -498,3 +498,13 @@ def test_eval_file_warns_when_its_source_changed(files, capsys):
         assert main(["cascade", "eval", str(cfile), *extra]) == 0
         err = capsys.readouterr().err
         assert "changed since" in err and "refit it with mrl cascade fit" in err
+
+
+def test_cli_eval_of_a_missing_source_says_so(tmp_path, capsys):
+    """A cascade file not fitted yet is named as missing (the --logits option was blamed)."""
+    missing = tmp_path / "cascade.json"
+    assert main(["cascade", "eval", str(missing), "--logits", str(tmp_path / "l.npz")]) == 2
+    err = capsys.readouterr().err
+    assert f"source {str(missing)!r} does not exist (fit one first: mrl cascade fit" in err, err
+    assert main(["cascade", "eval", str(tmp_path / "run")]) == 2
+    assert "run' does not exist\n" in capsys.readouterr().err

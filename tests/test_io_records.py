@@ -67,6 +67,9 @@ def test_markdown_mean_and_std():
     assert "| ff | 1nn |  | 0.9000 |" in table
     pct = [make_record("mrl", 2, "top1", v, seed=s) for s, v in enumerate([69.0, 71.5, 74.0])]
     assert "| mrl | top1 | 71.5 ± 2.5 |" in to_markdown(pct)  # spread with the mean's decimals
+    # one scale per row: a percent row shows 1.4, not 1.360 beside 88.6
+    row = [make_record("mrl", m, "top1", v) for m, v in ((2, 1.36), (4, 8.7), (8, 88.6))]
+    assert "| mrl | top1 | 1.4 | 8.7 | 88.6 |" in to_markdown(row)
 
 
 def test_read_json_sidecar_errors(tmp_path):

@@ -386,3 +386,13 @@ def _bbc_or_none():
         return load_bbc()
     except ImportError:
         return None
+
+
+def test_eval_of_a_missing_folder_says_so_first(tmp_path, capsys):
+    from mrl.cli import main
+
+    for extra in ([], ["--dataset", "cranfield"], ["--center"]):
+        assert main(["eval", str(tmp_path / "runs" / "fm"), *extra]) == 2
+        out, err = capsys.readouterr()
+        assert "fm' does not exist: give a run folder (mrl train CONFIG --out DIR)" in err, err
+        assert "embedding" not in out + err  # no progress line before the error

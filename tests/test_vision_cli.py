@@ -85,7 +85,7 @@ def test_train_errors_are_one_line(tmp_path, capsys):
     assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--resume"]) == 2
     assert "--resume given but there is no checkpoint" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nothing")]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "nothing' does not exist: give a run folder" in capsys.readouterr().err
     assert main(["train", "--show-config"]) == 0
     assert "model.nesting" in capsys.readouterr().out
 
@@ -95,13 +95,15 @@ def test_out_paths_are_checked_before_any_work(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
     (tmp_path / "adir").mkdir()
+    (tmp_path / "run").mkdir()  # eval checks that its run exists first, then --out
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
     runs = [
         ["train", str(cfg), "--out", str(afile / "sub")],
         ["train", str(cfg), "--out", str(afile)],
         ["demo", "--out", str(afile / "sub")],
         ["reproduce", "fashion-mnist", "--out", str(afile)],
         ["cascade", "fit", str(tmp_path / "missing-run"), "--out", str(tmp_path / "adir")],
-        ["eval", str(tmp_path / "missing-run"), "--out", str(afile)],
+        ["eval", str(tmp_path / "run"), "--out", str(afile)],
     ]
     for argv in runs:
         assert main(argv) == 2, argv

@@ -84,18 +84,21 @@ def to_markdown(records: Iterable[Record], metric: str | None = None) -> str:
     head = "| method | metric | " + " | ".join("-" if p is None else str(p) for p in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for (method, met), by_prefix in rows.items():
+        # One scale per row, from its largest value: a percent row at 1.4 / 23.9 / 88.6 keeps one
+        # decimal throughout (per value, 1.4 would show as "1.360").
+        dec = _decimals(max(abs(v) for vals in by_prefix.values() for v in vals))
         cells = []
         for p in cols:
             vals = by_prefix.get(p)
             if not vals:
                 cells.append("")
             elif len(vals) == 1:
-                cells.append(_fmt(vals[0]))
+                cells.append(f"{vals[0]:.{dec}f}")
             else:
                 mean = sum(vals) / len(vals)
                 std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
                 # The spread gets the mean's decimals: "71.5 ± 2.2", not "71.5 ± 2.217".
-                cells.append(f"{_fmt(mean)} ± {std:.{_decimals(mean)}f}")
+                cells.append(f"{mean:.{dec}f} ± {std:.{dec}f}")
         lines.append(f"| {method} | {met} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -109,5 +112,3 @@ def _decimals(v: float) -> int:
     return 4 if abs(v) < 1 else 3
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.{_decimals(v)}f}"

@@ -247,6 +247,10 @@ def _is_cascade_file(path: Path) -> bool:
 # ----------------------------------------------------------------------------- eval
 def _eval(args: argparse.Namespace) -> int:
     src = Path(args.source)
+    if not src.exists():  # before any option is blamed for a source that is not there
+        hint = (" (fit one first: mrl cascade fit RUN --out " + str(src) + ")"
+                if src.suffix == ".json" else "")
+        raise FileNotFoundError(f"source {str(src)!r} does not exist{hint}")
     if src.is_file() and src.suffix == ".json":
         return _eval_file(args, src)
     return _eval_curves(args, src)

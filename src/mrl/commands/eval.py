@@ -359,6 +359,11 @@ def run(args: argparse.Namespace) -> int:
         check_device(args.device, "--device")
     run_dir = Path(args.run_dir)
     packaged = str(args.run_dir) == "default" and not run_dir.exists()
+    if not packaged and not run_dir.exists():  # before any progress line or other check
+        raise FileNotFoundError(
+            f"{str(run_dir)!r} does not exist: give a run folder (mrl train CONFIG --out DIR), "
+            "a sentence-transformers model folder or 'default'"
+        )
     if packaged or (run_dir / "modules.json").is_file():  # a sentence-transformers model
         from mrl.text.evaluation import eval_command
 
