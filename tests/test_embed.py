@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,17 +75,21 @@ def test_rows_end_at_newline_only(tmp_path):
 
 @pytest.mark.parametrize("content,name,fragment", [
     ('{"text": "a"}\n{"text": \n', "c.jsonl", "c.jsonl line 2: not valid JSON"),
-    ('{"text": "a"}\n{"title": "b"}\n', "c.jsonl", "line 2: field 'text' must be a string"),
+    ('{"text": "a"}\n{"title": "b"}\n', "c.jsonl",
+     "line 2: no field 'text' (keys: 'title'); pick the text field with --field"),
+    ('{"text": "a"}\n{"text": 3}\n', "c.jsonl", "line 2: field 'text' must be a string"),
     ('{"text": "a"}\n[1, 2]\n', "c.jsonl", "line 2: expected a JSON object"),
     ('{"text": "a"}\n{"text": "  "}\n', "c.jsonl", "line 2: empty text"),
     ('{"text": "a", "id": 1.5}\n', "c.jsonl", "line 1: 'id' must be an int or a string"),
-    ("one\n\nthree\n", "c.txt", "c.txt line 2: empty text"),
+    ("one\n\nthree\n", "c.txt", "c.txt line 2: blank line; every line is one text: remove it"),
+    ("one\n \n", "c.txt", "c.txt line 2: blank line"),  # an editor's trailing line
+    ('{"text": "a"}\n\n', "c.jsonl", "c.jsonl line 2: blank line"),  # was "not valid JSON"
     ("x\n", "c.csv", "must be a .txt or .jsonl file"),
 ])
 def test_read_corpus_bad_lines(tmp_path, content, name, fragment):
     f = tmp_path / name
     f.write_text(content)
-    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
         list(read_corpus(f))
 
 
@@ -338,3 +343,10 @@ def test_joined_field_errors(tmp_path, capsys, line, field, message):
                  "--out", str(tmp_path / "s"), "--field", field, "--quiet"]) == 2  # fmt: skip
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_non_utf8_input_names_the_line(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_bytes(b"fine\ncaf\xe9\n")
+    with pytest.raises(ValueError, match=r"c.txt line 2: not UTF-8 text \(.* at byte 3\)"):
+        list(read_corpus(f))  # was a UnicodeDecodeError naming neither file nor line

@@ -293,3 +293,18 @@ def test_sample_candidates_on_cuda_draw_what_cpu_draws():
     gpu = sample_candidates(nbrs.cuda(), 8, 6, torch.Generator().manual_seed(1))
     for a, b in zip(cpu, gpu):
         assert b.is_cuda and torch.equal(a, b.cpu())
+
+
+def test_queries_jsonl_are_read_by_their_text_field(tmp_path):
+    """--queries q.jsonl (BEIR's queries.jsonl): the 'text' fields, not the raw JSON lines."""
+    from mrl.commands.text import _read_queries
+
+    q = tmp_path / "queries.jsonl"
+    q.write_text('{"_id": "q1", "text": "wing lift"}\n\n{"_id": "q2", "text": " heat  "}\n')
+    assert _read_queries(str(q), None) == ["wing lift", "heat"]
+    q.write_text('{"_id": "q1", "query": "wing lift"}\n')
+    with pytest.raises(ValueError, match=r"queries.jsonl:1: missing field 'text'"):
+        _read_queries(str(q), None)
+    q.write_text('{"_id": "q1", "text": " "}\n')
+    with pytest.raises(ValueError, match="has no query with a non-empty 'text'"):
+        _read_queries(str(q), None)

@@ -656,6 +656,12 @@ def test_model_limits_and_broken_folders_are_clear_errors(tiny_model, tmp_path):
     assert not (tmp_path / "ft").exists()
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
+    weight_files = list(broken.rglob("model.safetensors")) + list(broken.rglob("pytorch_model.bin"))
+    assert weight_files
+    for weights in weight_files:  # cut short, as by an interrupted download or copy
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"sentence-transformers folder .*broken does not load"):
+        load_encoder(broken)  # was a SafetensorError traceback
     for weights in broken.rglob("model.safetensors"):
         weights.unlink()
     for weights in broken.rglob("pytorch_model.bin"):

@@ -158,10 +158,15 @@ def test_ctrl_c_is_one_line_with_the_resume_hint(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_command, "run", interrupted)
+    (tmp_path / "checkpoint.pt").write_bytes(b"")  # an epoch finished
     assert main(["train", "c.json", "--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert err.startswith("mrl train: interrupted; resume with the same command plus --resume")
     assert "Traceback" not in err and err.count("\n") == 1
+    (tmp_path / "checkpoint.pt").unlink()  # stopped within the first epoch: nothing to resume
+    assert main(["train", "c.json", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == ("mrl train: interrupted; no epoch finished, so there is no "
+                                       "checkpoint: run the same command again to start over\n")
 
 
 def test_sigterm_runs_the_clean_ups_and_exits_143(tmp_path, monkeypatch, capsys):

@@ -163,6 +163,12 @@ def _resume_hint(args: argparse.Namespace) -> str:
             return (f"; resume with the same command plus --resume (the last checkpoint, "
                     f"{_checkpoint_step(path)}is in {path.parent})")
         return "; no checkpoint was written yet: run the same command again to start over"
+    if args.command == "train" and getattr(args, "out", None):
+        from mrl.train import CHECKPOINT
+
+        if not (Path(args.out) / CHECKPOINT).is_file():  # stopped within the first epoch
+            return ("; no epoch finished, so there is no checkpoint: run the same command "
+                    "again to start over")
     return _RESUME_HINTS.get(args.command, "")
 
 

@@ -73,11 +73,19 @@ def _rows(path: str | os.PathLike, field: str, id_field: str,
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl"):
         raise ValueError(f"input must be a .txt or .jsonl file, got {path.name!r}")
-    # newline="\n": rows end at \n only, as `_count_lines` counts them (universal newlines also
-    # split at a bare \r, which shifted every later row out of its shard). CRLF ends are stripped.
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for row, line in enumerate(f):
-            line = line.removesuffix("\n").removesuffix("\r")
+    # Binary lines end at \n only, as `_count_lines` counts them (text mode's universal newlines
+    # also split at a bare \r, which shifted every later row out of its shard). CRLF ends are
+    # stripped.
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte's error names its line
+        for row, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path.name} line {row + 1}: not UTF-8 text ({exc.reason} at "
+                                 f"byte {exc.start})") from None
+            if not line.strip():  # often an editor's trailing line; a row would shift the ids
+                raise ValueError(f"{path.name} line {row + 1}: blank line; every line is one "
+                                 "text: remove it")
             if suffix == ".txt":
                 text, ident = line, None
             else:
@@ -150,6 +158,10 @@ def _joined_text(obj: dict, field: str, lineno: int, path: Path) -> str:
     `mrl eval` joins a BEIR document's title and body (missing or null parts are left out)."""
     names = field.split("+")
     if len(names) == 1:
+        if field not in obj:
+            raise ValueError(f"{path.name} line {lineno}: no field {field!r} (keys: "
+                             f"{', '.join(map(repr, list(obj)[:5]))}); pick the text field "
+                             "with --field")
         text = obj.get(field)
         if not isinstance(text, str):
             raise ValueError(f"{path.name} line {lineno}: field {field!r} must be a string, "

@@ -207,6 +207,30 @@ def check_new_output_dir(path: str | os.PathLike, param: str) -> Path:
     return path
 
 
+# what a report folder holds (mrl.report.write_report): a folder with one of them may be rewritten
+REPORT_FILES = ("results.json", "results.md", "report.html")
+
+
+def check_output_dir_of(
+    path: str | os.PathLike, param: str, markers: tuple[str, ...], what: str
+) -> Path:
+    """`check_output_path` for a folder a command may write into again (a report, a training
+    run): new, empty, or holding one of ``markers`` (files or folders it writes). Any other
+    non-empty folder is refused, so a user's files are never mixed with (or replaced by) ours.
+    Hidden entries (.DS_Store, .ipynb_checkpoints) do not count."""
+    path = check_output_path(path, param, "dir")
+    if not path.is_dir() or any((path / m).exists() for m in markers):
+        return path
+    entries = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise FileExistsError(
+            f"{param} {str(path)!r} is a folder of other files ({shown}), not {what} (none of "
+            f"{', '.join(markers)}); choose a new folder"
+        )
+    return path
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Write a new folder as a temporary sibling, then rename it to ``path`` (which must not

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mrl.io import check_output_path
+from mrl.io import check_output_dir_of, check_output_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -445,7 +445,8 @@ def _eval_out(args: argparse.Namespace, src: Path) -> Path:
         out = Path(args.out)
     else:
         out = src / "cascade-eval" if src.is_dir() else src.with_name(f"{src.stem}-cascade-eval")
-    check_output_path(out, "--out", "dir")
+    check_output_dir_of(out, "--out", ("cascade.json", "cascade.md", "cascade.png"),
+                        "a cascade evaluation folder")
     if _is_cascade_file(out / "cascade.json"):
         raise FileExistsError(
             f"--out {str(out)!r} holds a fitted cascade file (cascade.json) that the evaluation "

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mrl.io import check_output_path
+from mrl.io import REPORT_FILES, check_output_dir_of
 
 NAME = "eval"
 HELP = "evaluate a trained run (or a text model folder) at every prefix size; write a report"
@@ -345,6 +345,11 @@ def _check_run_folder(run_dir: Path) -> None:
     """A folder given to `mrl eval` holds a training checkpoint or is a text model folder."""
     from mrl.train import CHECKPOINT
 
+    if run_dir.is_file() and run_dir.suffix != ".pt":
+        raise ValueError(
+            f"{str(run_dir)!r} is a file, not a run folder (or its {CHECKPOINT}) nor a "
+            "sentence-transformers model folder"
+        )
     if run_dir.is_dir() and not (run_dir / CHECKPOINT).is_file():
         raise FileNotFoundError(
             f"{str(run_dir)!r} is neither a training run (no {CHECKPOINT}; train first: mrl "
@@ -389,7 +394,8 @@ def run(args: argparse.Namespace) -> int:
                 f"put the file as {CHECKPOINT} in a folder of its own"
             )
         run_dir = run_dir.parent
-    out = check_output_path(args.out if args.out else run_dir / "eval", "--out", "dir")
+    out = check_output_dir_of(args.out if args.out else run_dir / "eval", "--out", REPORT_FILES,
+                              "a report folder")
     _check_nesting_option(run_dir, args.nesting)  # before minutes of embedding
     records = evaluate_run(
         run_dir,

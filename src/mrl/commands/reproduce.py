@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mrl.io import check_output_path
+from mrl.io import REPORT_FILES, check_output_dir_of
 
 NAME = "reproduce"
 HELP = "train MRL, MRL-E, FF and plain models with one recipe and compare them at every prefix"
@@ -459,7 +459,8 @@ def _parse_only(text: str | None) -> tuple[str, ...] | None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = RECIPES[(args.task, args.budget)]
-    out = check_output_path(args.out, "--out", "dir")
+    out = check_output_dir_of(args.out, "--out", ("runs", "claims.md", *REPORT_FILES),
+                              "a reproduction folder")
     records = reproduce(
         args.task,
         args.budget,

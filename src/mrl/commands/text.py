@@ -16,7 +16,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mrl.io import atomic_output_dir, check_new_output_dir, check_output_path
+from mrl.io import (
+    REPORT_FILES,
+    atomic_output_dir,
+    check_new_output_dir,
+    check_output_dir_of,
+    check_output_path,
+)
 
 NAME = "text"
 HELP = "text embeddings: Matryoshka fine-tuning, post-hoc adaptor, encoding"
@@ -148,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--queries",
         default=None,
         help="sample queries as pseudo-queries (default: the documents): a .npy [Nq, D] of "
-        "query embeddings, or with --model a text file of one query per line",
+        "query embeddings, or with --model a text file of one query per line or a .jsonl of "
+        "{\"text\": ...} objects (BEIR queries.jsonl)",
     )
     ad.add_argument("--steps", type=int, default=300)
     ad.add_argument("--neighbours", type=int, default=32)
@@ -331,7 +338,8 @@ def _adapt(args: argparse.Namespace) -> int:
 
 def _read_queries(path: str, embeddings: str | None):
     """``--queries``: a .npy of query embeddings [Nq, D], or (with --model) one query per text
-    line (returned as texts, encoded later by the caller)."""
+    line, or a .jsonl of objects with a ``text`` field (BEIR's queries.jsonl); texts are
+    returned, encoded later by the caller."""
     from mrl.text.encoders import load_embeddings
 
     p = Path(path)
@@ -341,6 +349,13 @@ def _read_queries(path: str, embeddings: str | None):
         return load_embeddings(p)
     if embeddings is not None:
         raise ValueError(f"--queries {path!r} is text: it needs --model to encode it (or a .npy)")
+    if p.suffix.lower() == ".jsonl":  # BEIR's queries.jsonl: one {"text": ...} per line
+        from mrl.text.beir import read_jsonl
+
+        texts = [r["text"].strip() for r in read_jsonl(p, ("text",)) if r["text"].strip()]
+        if not texts:
+            raise ValueError(f"--queries file {path!r} has no query with a non-empty 'text'")
+        return texts
     try:
         lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
     except UnicodeDecodeError as exc:
@@ -396,7 +411,7 @@ def _compare(args: argparse.Namespace) -> int:
     from mrl.text.adaptor import AdaptorConfig
     from mrl.text.evaluation import compare_methods, relative_table
 
-    check_output_path(args.out, "--out", "dir")
+    check_output_dir_of(args.out, "--out", REPORT_FILES, "a report folder")
     _check_cache(args.cache)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.finetuned is None and "finetune" in methods:

@@ -11,7 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-from mrl.io import check_output_path
+from mrl.io import check_output_dir_of
 
 NAME = "train"
 HELP = "train an image encoder with Matryoshka (or baseline) heads from a config file"
@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.config is None or args.out is None:
         raise ValueError("mrl train needs CONFIG and --out RUN_DIR (or --show-config)")
-    check_output_path(args.out, "--out", "dir")
+    check_output_dir_of(args.out, "--out", ("checkpoint.pt", "config.json", "metrics.jsonl"),
+                        "a training run folder")
     config = load_config(args.config, args.overrides)
     from mrl.train import train
 

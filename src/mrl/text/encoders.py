@@ -116,7 +116,10 @@ def load_encoder(
         raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
     try:
         encoder = st.SentenceTransformer(str(path), device=device, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:  # missing weights, damaged JSON, ...
+    # Any failure to load a user's folder is one line: missing weights (OSError), damaged JSON
+    # (ValueError), a truncated model.safetensors (safetensors' SafetensorError), a damaged
+    # pytorch_model.bin (RuntimeError / UnpicklingError), ...
+    except Exception as exc:
         reason = first_line(exc)
         raise ValueError(
             f"model={str(model)!r}: the sentence-transformers folder {path} does not load "

@@ -269,7 +269,7 @@ def eval_command(args: Any) -> int:
     CPU).
     """
     from mrl.devices import default_device
-    from mrl.io import check_output_path
+    from mrl.io import REPORT_FILES, check_output_dir_of
     from mrl.report import write_report
 
     dataset = getattr(args, "dataset", None) or "cranfield"
@@ -283,7 +283,8 @@ def eval_command(args: Any) -> int:
         out = getattr(args, "out", None) or Path(args.run_dir) / default_out
     else:  # the packaged model ('default') has no folder of its own: the working folder
         out = getattr(args, "out", None) or Path(f"eval-{args.run_dir}-{default_out[5:]}")
-    out = check_output_path(out, "--out", "dir")  # before encoding, not when writing the report
+    # before encoding, not when writing the report
+    out = check_output_dir_of(out, "--out", REPORT_FILES, "a report folder")
     center = bool(getattr(args, "center", False))
     pca = not getattr(args, "no_baselines", False)
     records, nesting = evaluate_model(

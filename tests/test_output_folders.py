@@ -1,0 +1,67 @@
+"""Commands that may write into a folder again (reports, training runs) never write into a
+folder of a user's other files (`mrl.io.check_output_dir_of`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mrl.cli import main
+from mrl.io import REPORT_FILES, check_output_dir_of
+
+
+def test_check_output_dir_of(tmp_path):
+    assert check_output_dir_of(tmp_path / "new", "--out", REPORT_FILES, "a report folder")
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / ".DS_Store").write_text("")
+    check_output_dir_of(tmp_path / "hidden", "--out", REPORT_FILES, "a report folder")
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "results.json").write_text("[]")
+    (own / "notes.txt").write_text("mine")
+    check_output_dir_of(own, "--out", REPORT_FILES, "a report folder")  # a report: rewritten
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (other / name).write_text("mine")
+    with pytest.raises(FileExistsError, match=r"--out '.*other' is a folder of other files "
+                       r"\(a.txt, b.txt, c.txt, \.\.\.\), not a report folder \(none of "
+                       r"results.json, results.md, report.html\); choose a new folder"):
+        check_output_dir_of(other, "--out", REPORT_FILES, "a report folder")
+
+
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (["train", "configs/fashion-mnist.json"], "a training run folder"),
+        (["demo"], "a demo folder"),
+        (["reproduce", "fashion-mnist"], "a reproduction folder"),
+        (["text", "compare", "--dataset", "cranfield"], "a report folder"),
+        (["eval", "default", "--dataset", "cranfield"], "a report folder"),
+    ],
+)
+def test_commands_refuse_a_folder_of_other_files(tmp_path, capsys, argv, what):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "a.txt").write_text("the user's file")
+    assert main([*argv, "--out", str(folder)]) == 2
+    assert f"is a folder of other files (a.txt), not {what}" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["a.txt"]
+
+
+def test_eval_refuses_a_folder_of_other_files(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")  # checked after the --out folder
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "results.txt").write_text("the user's file")
+    assert main(["eval", str(run), "--out", str(folder)]) == 2
+    assert "is a folder of other files (results.txt), not a report folder" in (
+        capsys.readouterr().err)  # fmt: skip
+
+
+def test_eval_of_a_file_names_the_file(tmp_path, capsys):
+    (tmp_path / "db.npy").write_bytes(b"x")
+    assert main(["eval", str(tmp_path / "db.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "db.npy' is a file, not a run folder (or its checkpoint.pt)" in err, err
