@@ -350,3 +350,19 @@ def test_non_utf8_input_names_the_line(tmp_path):
     f.write_bytes(b"fine\ncaf\xe9\n")
     with pytest.raises(ValueError, match=r"c.txt line 2: not UTF-8 text \(.* at byte 3\)"):
         list(read_corpus(f))  # was a UnicodeDecodeError naming neither file nor line
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--merge-only", "--no-merge"], "--merge-only and --no-merge contradict each other"),
+     (["--wait-timeout", "-5"], "--wait-timeout must be positive (seconds), got -5.0"),
+     (["--field", "body"], "--field 'body' applies to .jsonl input"),
+     (["--id-field", "key"], "--id-field 'key' applies to .jsonl input")],
+)
+def test_embed_options_that_would_be_ignored_are_refused(tmp_path, capsys, extra, message):
+    write_corpus(tmp_path / "c.txt", 5, jsonl=False)
+    argv = ["embed", "--model", "hash:16", "--input", str(tmp_path / "c.txt"), "--out",
+            str(tmp_path / "s"), "--quiet", *extra]  # fmt: skip
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

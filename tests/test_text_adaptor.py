@@ -308,3 +308,12 @@ def test_queries_jsonl_are_read_by_their_text_field(tmp_path):
     q.write_text('{"_id": "q1", "text": " "}\n')
     with pytest.raises(ValueError, match="has no query with a non-empty 'text'"):
         _read_queries(str(q), None)
+
+
+def test_zero_rows_are_refused_or_named():
+    x = _corpus(40)
+    with pytest.raises(ValueError, match="corpus: every row is all zeros; nothing to fit"):
+        OrthogonalAdaptor.fit(np.zeros_like(x), AdaptorConfig(steps=1))
+    x[:3] = 0
+    with pytest.warns(UserWarning, match=r"corpus: 3 of 40 rows are all zeros"):
+        OrthogonalAdaptor.fit(x, AdaptorConfig(steps=1, neighbours=4))

@@ -783,3 +783,19 @@ def test_cli_eval_the_packaged_model_by_name(tiny_model, tmp_path, monkeypatch, 
     assert main(["eval", "default", "--dataset", str(data), "--no-baselines"]) == 0
     recs = load_records(tmp_path / "default" / "eval-mini" / "results.json")
     assert max(r["prefix"] for r in recs) == 32
+
+
+def test_cli_compare_small_corpus_and_a_label_without_a_model(tiny_model, tmp_path, capsys):
+    pytest.importorskip("mrl.report")
+    data = _beir(tmp_path / "mini")
+    kept = (data / "corpus.jsonl").read_text().splitlines()[:6]  # fewer than 10 documents
+    (data / "corpus.jsonl").write_text("\n".join(kept) + "\n")
+    out = tmp_path / "cmp"
+    args = ["text", "compare", "--dataset", str(data), "--model", str(tiny_model), "--out",
+            str(out), "--methods", "truncate"]  # fmt: skip
+    assert main(args + ["--finetuned-label", "ft-a"]) == 2  # would be ignored: refused first
+    assert "--finetuned-label 'ft-a' names the rows of a --finetuned model" in (
+        capsys.readouterr().err)  # fmt: skip
+    assert not out.exists()
+    assert main(args) == 0  # was "no records with metric='ndcg@10'" after all the work
+    assert "| truncate |" in capsys.readouterr().out

@@ -54,6 +54,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Options that would be ignored are refused (a user who set them expects an effect)."""
+    if args.merge_only and args.no_merge:
+        raise ValueError("--merge-only and --no-merge contradict each other; give one")
+    if args.wait_timeout <= 0:
+        raise ValueError(f"--wait-timeout must be positive (seconds), got {args.wait_timeout}")
+    txt = bool(args.input) and Path(args.input).suffix.lower() == ".txt"
+    for flag, value, default in (("--field", args.field, "text"),
+                                 ("--id-field", args.id_field, "id")):  # fmt: skip
+        if txt and value != default:
+            raise ValueError(f"{flag} {value!r} applies to .jsonl input; {args.input!r} is .txt "
+                             "(one text per line, ids are row numbers)")
+
+
 def run(args: argparse.Namespace) -> int:
     from mrl.embed import embed_corpus, merge_shards
     from mrl.retrieval.store import check_new_store_path
@@ -61,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     # a file, a path below one, or a non-store folder (a model, results) is refused up front
     check_new_store_path(args.out, "--out")
 
+    _check_flags(args)
     if args.merge_only:
         store = merge_shards(args.out, dtype=args.dtype)
         print(f"merged {store.count} rows into {args.out}")

@@ -409,11 +409,14 @@ def _check_encode_out(out: str, overwrite: bool) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from mrl.report import write_report
     from mrl.text.adaptor import AdaptorConfig
-    from mrl.text.evaluation import compare_methods, relative_table
+    from mrl.text.evaluation import compare_methods, headline_metrics, relative_table
 
     check_output_dir_of(args.out, "--out", REPORT_FILES, "a report folder")
     _check_cache(args.cache)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.finetuned is None and args.finetuned_label != "finetune":
+        raise ValueError(f"--finetuned-label {args.finetuned_label!r} names the rows of a "
+                         "--finetuned model; give --finetuned MODEL")
     if args.finetuned is None and "finetune" in methods:
         if methods == ["finetune"]:
             raise ValueError("--methods finetune needs --finetuned MODEL (the fine-tuned folder)")
@@ -435,7 +438,7 @@ def _compare(args: argparse.Namespace) -> int:
         finetune_label=args.finetuned_label,
     )
     records = kept + records
-    metric = "p@10" if any(r["metric"] == "p@10" for r in records) else "ndcg@10"
+    metric = headline_metrics(records)[0]  # nDCG@10 or p@10 (@N for fewer than 10 documents)
     table = relative_table(records, metric)
     notes = (
         f"Base model {args.model}; fine-tuned model {args.finetuned}. Prefixes re-normalised "

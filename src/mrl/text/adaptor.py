@@ -102,6 +102,12 @@ def _check_corpus(x: Any, name: str = "embeddings", min_rows: int = 2) -> torch.
         raise ValueError(f"{name} must have at least {min_rows} rows, got {t.shape[0]}")
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} contain NaN or inf")
+    zero = int((t.abs().sum(1) == 0).sum())
+    if zero == len(t):  # no direction to keep: any rotation would "fit" with loss 0
+        raise ValueError(f"{name}: every row is all zeros; nothing to fit")
+    if zero:  # cosine is undefined for them: they rank arbitrarily
+        warnings.warn(f"{name}: {zero} of {len(t)} rows are all zeros (no direction; check "
+                      "the encoder's output)", stacklevel=3)
     return t
 
 
