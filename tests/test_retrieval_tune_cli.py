@@ -646,3 +646,13 @@ def test_index_build_says_a_null_sidecar_nesting_is_a_default(tmp_path, capsys):
     (tmp_path / "db.json").write_text(json.dumps({"shape": [50, 64], "nesting": None}))
     assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(tmp_path / "i")]) == 0
     assert "(a default: db.json does not name one" in capsys.readouterr().out
+
+
+def test_tuning_k_against_a_small_database_names_the_option(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32))
+    out = tmp_path / "i"
+    assert main(["index", "build", str(tmp_path / "x.npy"), "--out", str(out),
+                 "--nesting", "8,16", "--target-recall", "0.9"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--k 10 (recall@k of the tuning; default 10) must be in [1, 3)" in err, err
+    assert "x.npy' has 3 rows" in err and not out.exists()

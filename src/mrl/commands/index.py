@@ -152,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
         nlist=args.nlist,
         nprobe=16 if args.nprobe is None else args.nprobe,
     )
+    if args.target_recall is not None and not 1 <= args.k < len(x):  # before building anything
+        raise ValueError(f"--k {args.k} (recall@k of the tuning; default 10) must be in [1, "
+                         f"{len(x)}): {args.embeddings!r} has {len(x)} rows")
     t0 = time.perf_counter()
     index = MatryoshkaIndex(nesting, cfg, vector_dtype=args.vector_dtype)
     index.add(x, ids=ids)
