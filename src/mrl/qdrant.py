@@ -48,6 +48,7 @@ __all__ = [
     "FunnelPlan",
     "QdrantIndex",
     "QdrantLayout",
+    "check_progress_file",
     "export_qdrant",
     "open_rows",
     "open_target",
@@ -460,6 +461,8 @@ def _with_retries(fn: Callable[[], None], retries: int, backoff_s: float) -> int
 
     Returns the number of failed attempts; re-raises the last error when all attempts fail.
     """
+    if retries < 0:  # the loop would not run at all: no call, and no error to re-raise
+        raise ValueError(f"retries must be >= 0, got retries={retries}")
     for attempt in range(retries + 1):
         try:
             fn()
@@ -479,13 +482,40 @@ def _fingerprint(store, layout: QdrantLayout, collection: str) -> dict[str, Any]
             "layout": layout.to_dict(), "first_id": first, "last_id": last}
 
 
-def _read_marker(path: Path, fingerprint: dict) -> int:
+def check_progress_file(path: str | os.PathLike, param: str = "progress_path") -> dict | None:
+    """The export marker at ``path``, None when there is none yet.
+
+    Refuses (naming ``param``) a folder there and a file that is not a marker, before the export
+    creates anything: otherwise the first commit fails after the collection was set up.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{param} {str(path)!r} is a folder; give a file path")
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{param} {str(path)!r} is not a progress file "
+                         f"({first_line(exc)})") from None
+    if not isinstance(data, dict) or not _is_marker(data):
+        raise ValueError(f"{param} {str(path)!r} is not a progress file (not an "
+                         f"{MARKER_FORMAT} v{MARKER_VERSION} marker)")
+    return data
+
+
+def _is_marker(data: dict) -> bool:
+    """Our format and version, and a row count the export can resume from."""
+    done = data.get("done")
+    return ((data.get("format"), data.get("version")) == (MARKER_FORMAT, MARKER_VERSION)
+            and isinstance(done, int) and not isinstance(done, bool) and done >= 0)
+
+
+def _read_marker(path: Path, fingerprint: dict, param: str) -> int:
     """Rows already exported according to the marker (0 without one); refuses a foreign one."""
-    if not path.is_file():
+    data = check_progress_file(path, param)
+    if data is None:
         return 0
-    data = json.loads(path.read_text())
-    if data.get("format") != MARKER_FORMAT or data.get("version") != MARKER_VERSION:
-        raise ValueError(f"progress file {path} is not an mrl export marker (v{MARKER_VERSION})")
     if data.get("fingerprint") != fingerprint:
         raise ValueError(f"progress file {path} belongs to another export "
                          f"({data.get('fingerprint')}); remove it or pass another --progress")
@@ -519,13 +549,15 @@ def export_qdrant(
         raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
     if commit_every < 1:
         raise ValueError(f"commit_every must be >= 1, got commit_every={commit_every}")
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got retries={retries}")
     if layout.dim > store.dim:
         raise ValueError(f"layout prefixes {list(layout.prefixes)} exceed the store's "
                          f"dimension {store.dim}")
     t0 = time.perf_counter()
     progress_path = Path(progress_path)
     fingerprint = _fingerprint(store, layout, collection)
-    done = _read_marker(progress_path, fingerprint)
+    done = _read_marker(progress_path, fingerprint, "progress_path")
     target.ensure(layout)
     if target.count() < done:  # marker ahead of the data: trust the data, start over
         done = 0

@@ -76,15 +76,61 @@ def _check_finite(x, param: str, block: int = 65536) -> None:
         raise ValueError(f"{param}: row {bad} has NaN or inf")
 
 
+# (option, smallest allowed value); --dim: the reference funnel shortlists at 16 dims
+_MINIMUMS = (("n", 1), ("dim", 16), ("queries", 1), ("k", 1), ("hnsw_n", 0), ("max_hnsw", 0),
+             ("ef_construction", 1), ("max_ivf", 0), ("seed", 0))
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse bad options naming them, before any data is loaded or generated."""
+    from mrl.retrieval.bench import min_rows
+
+    for name, low in _MINIMUMS:
+        value = getattr(args, name)
+        if value is not None and value < low:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be >= {low}, got {flag} {value}")
+    if args.target_recall is not None and not 0 < args.target_recall <= 1:
+        raise ValueError(f"--target-recall must be in (0, 1], got --target-recall "
+                         f"{args.target_recall}")
+    if args.query_embeddings and not args.embeddings:
+        # without --embeddings the synthetic benchmark ran and the queries were ignored
+        raise ValueError("--query-embeddings needs --embeddings (the database the queries "
+                         "search)")
+    need = min_rows(args.k)
+    if not args.embeddings and args.n < need:
+        raise ValueError(f"--n must be >= {need} with --k {args.k} (the database must hold "
+                         f"more than k rows, and at least 16), got --n {args.n}")
+    if args.hnsw_n and args.hnsw_n < need:  # else it failed after the main part had run
+        raise ValueError(f"--hnsw-n must be 0 (skip) or >= {need} with --k {args.k}, got "
+                         f"--hnsw-n {args.hnsw_n}")
+
+
+def check_rows(db, args: argparse.Namespace, held_out: bool) -> None:
+    """Enough rows and dims in --embeddings (else a vague 'k must be < n (0)' or a failure deep
+    in the tuner). With ``held_out``, --queries rows leave the database as the queries."""
+    from mrl.retrieval.bench import min_rows
+
+    rows, dims = db.shape
+    base = min_rows(args.k)
+    need = base + (args.queries if held_out else 0)
+    if rows < need:
+        held = f"--queries {args.queries} held out as queries plus " if held_out else ""
+        raise ValueError(f"--embeddings {args.embeddings!r} has {rows} rows; the benchmark needs "
+                         f"at least {need}: {held}a database of at least {base} rows (more than "
+                         f"--k {args.k}, and at least 16)")
+    if dims < 16:  # the reference funnel shortlists at 16 dims
+        raise ValueError(f"--embeddings {args.embeddings!r} has {dims} dims; the benchmark "
+                         "needs at least 16")
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mrl.records import save_records
     from mrl.retrieval.bench import bench_retrieval, environment, format_table
 
-    if args.target_recall is not None and not 0 < args.target_recall <= 1:
-        raise ValueError(f"--target-recall must be in (0, 1], got --target-recall "
-                         f"{args.target_recall}")
+    check_options(args)
     if args.json:
         from mrl.io import check_output_path
 
@@ -94,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         from mrl.retrieval.loading import load_embeddings
 
         db, _, _ = load_embeddings(args.embeddings, "full")
+        check_rows(db, args, held_out=not args.query_embeddings)
         _check_finite(db, "--embeddings")  # row numbers of the file, before rows are held out
         if args.query_embeddings:
             q, _, _ = load_embeddings(args.query_embeddings, "full")

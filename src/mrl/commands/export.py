@@ -54,12 +54,41 @@ def default_prefixes(sizes: tuple[int, ...]) -> tuple[int, ...]:
     return (small, sizes[-1]) if small != sizes[-1] else (sizes[-1],)
 
 
+# (option, smallest allowed value): checked before anything opens or creates a collection
+_MINIMUMS = (("batch_size", 1), ("retries", 0), ("commit_every", 1), ("shards", 1),
+             ("replication", 1))
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse an out-of-range number naming the option (e.g. ``--retries -1`` failed only once a
+    batch had to be sent, after the collection had been created)."""
+    for name, low in _MINIMUMS:
+        value = getattr(args, name)
+        if value is not None and value < low:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be >= {low}, got {flag} {value}")
+    if args.path and (args.shards is not None or args.replication is not None):
+        # a local Edge collection is one shard on one machine: the options would be ignored
+        raise ValueError("--shards and --replication apply to a cluster (--url), not to --path")
+
+
+def check_progress(progress: str) -> None:
+    """The marker file can be written, and holds a marker if it exists (a folder, or a file of
+    something else, failed at the first commit, after the collection had been set up)."""
+    from mrl.io import check_output_path
+    from mrl.qdrant import check_progress_file
+
+    check_output_path(progress, "--progress", "file")
+    check_progress_file(progress, "--progress")
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mrl import Nesting
     from mrl.qdrant import QdrantLayout, export_qdrant, open_rows, open_target
 
+    check_numbers(args)
     rows = open_rows(args.index)
     sizes = rows.nesting.sizes
     if args.prefixes:
@@ -76,9 +105,11 @@ def run(args: argparse.Namespace) -> int:
 
         check_output_path(args.path, "--path", "dir")  # a file there failed after the set-up
         progress = args.progress or str(Path(args.path) / f"{args.collection}.progress.json")
+        check_progress(progress)
         target = open_target(args.collection, path=args.path)
     else:
         progress = args.progress or f"{str(args.index).rstrip('/')}.qdrant-{args.collection}.json"
+        check_progress(progress)
         target = open_target(
             args.collection,
             url=args.url,

@@ -8,6 +8,10 @@ NAME = "serve"
 HELP = "serve embeddings (OpenAI-compatible /v1/embeddings) and adaptive search over HTTP"
 
 
+# uvicorn's levels (an unknown name was a KeyError traceback from inside uvicorn)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -55,7 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let the model truncate over-long inputs (default: refuse with 400)",
     )
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,  # uvicorn's names are lower case; INFO works too
+        choices=LOG_LEVELS,
+        help="uvicorn's log level (default: info)",
+    )
     add_threads_argument(p)
 
 
@@ -77,6 +87,17 @@ def set_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+def check_limits(args: argparse.Namespace) -> None:
+    """Refuse an out-of-range limit naming the option, before the port is bound and the model
+    loads (`ServeConfig` checks them too, but after the model and with the field's name)."""
+    for flag in ("--max-batch-size", "--max-inputs", "--max-request-bytes"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {flag} {value}")
+    if not args.max_wait_ms >= 0:  # NaN fails too
+        raise ValueError(f"--max-wait-ms must be >= 0, got --max-wait-ms {args.max_wait_ms}")
 
 
 def build_app(args: argparse.Namespace):
@@ -123,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got --port {args.port}")
+    check_limits(args)
     sock = bind_socket(args.host, args.port)  # before the model loads: a busy port fails at once
     try:
         app = build_app(args)

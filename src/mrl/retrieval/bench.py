@@ -31,7 +31,16 @@ from mrl.retrieval.funnel.index import MatryoshkaIndex, SearchConfig
 from mrl.retrieval.synthetic import mrl_like
 from mrl.retrieval.tune import MemoryBudgetError, flops_per_query, recall_at_k, tune
 
-__all__ = ["bench_retrieval", "format_table", "environment"]
+__all__ = ["bench_retrieval", "format_table", "environment", "min_rows"]
+
+# The tuner always tries IVF-PQ, whose 4-bit codes train 16 k-means centroids per sub-vector: a
+# smaller database failed only after the exact search and the other backends had run.
+MIN_ROWS = 16
+
+
+def min_rows(k: int) -> int:
+    """The fewest database rows a top-``k`` benchmark runs on: more than k, and `MIN_ROWS`."""
+    return max(int(k) + 1, MIN_ROWS)
 
 
 def environment() -> dict[str, Any]:
@@ -239,9 +248,17 @@ def bench_retrieval(
     the funnel's stored full-size vectors ("float16" default: half of float32's memory at ~1e-5
     dot-product error; "int8" is 1/4 of the memory but cost ~1.5 points of recall@10 here);
     ``max_ivf`` / ``max_hnsw`` cap the prefix IVF indexes / HNSW graphs the tuner builds."""
-    for name, v in (("n", n), ("dim", dim), ("queries", queries), ("k", k)):
+    for name, v in (("n", n), ("dim", dim), ("queries", queries), ("k", k),
+                    ("ef_construction", ef_construction)):
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {name}={v}")
+    for name, v in (("max_hnsw", max_hnsw), ("max_ivf", max_ivf)):
+        if int(v) < 0:
+            raise ValueError(f"{name} must be >= 0, got {name}={v}")
+    # 0 skips the comparison; a smaller N fails in the tuner after the main part has run
+    if hnsw_n is not None and hnsw_n != 0 and int(hnsw_n) < min_rows(k):
+        raise ValueError(f"hnsw_n must be 0 (skip) or >= {min_rows(k)} (more than k={k}, and "
+                         f">= {MIN_ROWS}), got hnsw_n={hnsw_n}")
     opts: dict[str, Any] = {
         "vector_dtype": vector_dtype,
         "max_hnsw": max_hnsw,
@@ -249,6 +266,7 @@ def bench_retrieval(
         "max_ivf": max_ivf,
     }
     if data is None:
+        _check_size(n, dim, k)  # before generating: a large n takes a while
         log(f"generating MRL-like data: {n} x {dim} + {queries} queries")
         db, _ = mrl_like(n, dim, clusters=max(1, n // 100), seed=seed, out=_scratch(n, dim))
         q, _ = mrl_like(queries, dim, clusters=max(1, n // 100), seed=seed + 1)
@@ -260,11 +278,7 @@ def bench_retrieval(
         n, dim = db.shape
         if len(q) == 0:
             raise ValueError("the query embeddings hold no rows: nothing to benchmark")
-    if k >= n:
-        raise ValueError(f"k must be < n ({n}), got k={k}")
-    if dim < 16:  # the reference configuration shortlists at D_s = 16
-        raise ValueError(f"dim must be >= 16 (the paper's funnel shortlists at 16 dims), got "
-                         f"dim={dim}")
+        _check_size(n, dim, k)
     nesting = Nesting.doubling(8, dim) if dim >= 8 else Nesting.full(dim)
     # part: the main comparison, or the HNSW one (its own exact timing, N <= hnsw_n); records
     # of the two parts are told apart by it even when both run at the same N
@@ -276,6 +290,16 @@ def bench_retrieval(
             db[:hn], q, nesting, k, target_recall, ctx | {"n": hn, "part": "hnsw"}, log, opts
         )
     return records
+
+
+def _check_size(n: int, dim: int, k: int) -> None:
+    """The database [n, dim] is one the benchmark runs on (see `min_rows`)."""
+    if n < min_rows(k):
+        raise ValueError(f"the database needs at least {min_rows(k)} rows (more than k={k}, and "
+                         f">= {MIN_ROWS} for the tuner's IVF-PQ), got n={n}")
+    if dim < 16:  # the reference configuration shortlists at D_s = 16
+        raise ValueError(f"dim must be >= 16 (the paper's funnel shortlists at 16 dims), got "
+                         f"dim={dim}")
 
 
 def _main_part(db, q, nesting, k, target_recall, ctx, log, opts) -> list[Record]:
