@@ -65,3 +65,8 @@ def test_eval_of_a_file_names_the_file(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "db.npy")]) == 2
     err = capsys.readouterr().err
     assert "db.npy' is a file, not a run folder (or its checkpoint.pt)" in err, err
+
+
+def test_eval_of_a_text_model_refuses_probe_iter(capsys):
+    assert main(["eval", "default", "--probe-iter", "0"]) == 2
+    assert "--probe-iter is for image runs" in capsys.readouterr().err

@@ -656,3 +656,12 @@ def test_tuning_k_against_a_small_database_names_the_option(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--k 10 (recall@k of the tuning; default 10) must be in [1, 3)" in err, err
     assert "x.npy' has 3 rows" in err and not out.exists()
+
+
+def test_more_tuning_queries_than_rows_is_said(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(60, 16)).astype(np.float32))
+    assert main(["index", "build", str(tmp_path / "x.npy"), "--out", str(tmp_path / "i"),
+                 "--nesting", "8,16", "--target-recall", "0.5", "--backend", "flat",
+                 "--tune-queries", "1000"]) == 0  # fmt: skip
+    assert "--tune-queries 1000 is more than the 60 rows; tuning with all 60" in (
+        capsys.readouterr().err)  # fmt: skip

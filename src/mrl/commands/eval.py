@@ -58,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--probe-iter",
         type=int,
-        default=200,
-        help="L-BFGS iterations of the linear probes (default 200)",
+        default=None,
+        help="image runs: L-BFGS iterations of the linear probes (default 200)",
     )
     parser.add_argument("--device", default=None, help="device for the embeddings (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
@@ -372,6 +372,10 @@ def run(args: argparse.Namespace) -> int:
     if packaged or (run_dir / "modules.json").is_file():  # a sentence-transformers model
         from mrl.text.evaluation import eval_command
 
+        if args.probe_iter is not None:  # text models get no linear probes: it would be ignored
+            raise ValueError(f"--probe-iter is for image runs (their linear probes); "
+                             f"{str(run_dir)!r} is a text model")
+
         return int(eval_command(args) or 0)
     if args.split is not None:
         raise ValueError(f"--split {args.split!r} is for text model folders and BEIR-style "
@@ -380,7 +384,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--dataset is for text model folders (with modules.json); "
                          f"{str(run_dir)!r} is not a sentence-transformers model folder")
     _check_run_folder(run_dir)  # before the progress lines and the model's loading
-    if args.probe_iter <= 0:
+    probe_iter = 200 if args.probe_iter is None else args.probe_iter
+    if probe_iter <= 0:
         raise ValueError(f"--probe-iter must be positive, got {args.probe_iter}")
     from mrl.records import to_markdown
 
@@ -403,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
         center=args.center,
         nesting=args.nesting,
         baselines=not args.no_baselines,
-        probe_iter=args.probe_iter,
+        probe_iter=probe_iter,
         device=args.device,
         log=None if args.no_progress else lambda s: print(s, file=sys.stderr, flush=True),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 NAME = "index"
@@ -155,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
     if args.target_recall is not None and not 1 <= args.k < len(x):  # before building anything
         raise ValueError(f"--k {args.k} (recall@k of the tuning; default 10) must be in [1, "
                          f"{len(x)}): {args.embeddings!r} has {len(x)} rows")
+    if args.target_recall is not None and args.tune_queries > len(x):
+        warnings.warn(f"--tune-queries {args.tune_queries} is more than the {len(x)} rows; "
+                      f"tuning with all {len(x)}", stacklevel=2)
     t0 = time.perf_counter()
     index = MatryoshkaIndex(nesting, cfg, vector_dtype=args.vector_dtype)
     index.add(x, ids=ids)
