@@ -102,13 +102,17 @@ def _check_corpus(x: Any, name: str = "embeddings", min_rows: int = 2) -> torch.
         raise ValueError(f"{name} must have at least {min_rows} rows, got {t.shape[0]}")
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} contain NaN or inf")
+    return t
+
+
+def _check_directions(t: torch.Tensor, name: str) -> None:
+    """Rows to fit on need a direction: all-zero rows are refused, some are named."""
     zero = int((t.abs().sum(1) == 0).sum())
     if zero == len(t):  # no direction to keep: any rotation would "fit" with loss 0
         raise ValueError(f"{name}: every row is all zeros; nothing to fit")
     if zero:  # cosine is undefined for them: they rank arbitrarily
         warnings.warn(f"{name}: {zero} of {len(t)} rows are all zeros (no direction; check "
                       "the encoder's output)", stacklevel=3)
-    return t
 
 
 def _check_queries(queries: Any, dim: int) -> torch.Tensor:
@@ -303,6 +307,7 @@ class OrthogonalAdaptor:
         """
         config = config or AdaptorConfig()
         x = _check_corpus(corpus, "corpus")
+        _check_directions(x, "corpus")
         n, d = x.shape
         qx = None if queries is None else _check_queries(queries, d)
         nesting = (
