@@ -70,3 +70,26 @@ def test_eval_of_a_file_names_the_file(tmp_path, capsys):
 def test_eval_of_a_text_model_refuses_probe_iter(capsys):
     assert main(["eval", "default", "--probe-iter", "0"]) == 2
     assert "--probe-iter is for image runs" in capsys.readouterr().err
+
+
+def test_train_tells_its_config_from_a_models(tmp_path, capsys):
+    """A Hugging Face model folder has a config.json too: training would overwrite it."""
+    import json
+
+    from mrl.commands.train import _holds_a_train_config
+    from mrl.config import load_config
+
+    model = tmp_path / "st-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    (model / "model.safetensors").write_bytes(b"weights")
+    assert main(["train", "configs/fashion-mnist.json", "--out", str(model)]) == 2
+    assert "not a training run folder" in capsys.readouterr().err
+    assert json.loads((model / "config.json").read_text()) == {"architectures": ["BertModel"]}
+    run = tmp_path / "run"  # another process's run being created: its config.json is ours
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(load_config("configs/fashion-mnist.json")
+                                                .to_dict()))  # fmt: skip
+    assert _holds_a_train_config(run) and not _holds_a_train_config(model)
+    (run / "config.json").write_text("{not json")
+    assert not _holds_a_train_config(run)

@@ -799,3 +799,16 @@ def test_cli_compare_small_corpus_and_a_label_without_a_model(tiny_model, tmp_pa
     assert not out.exists()
     assert main(args) == 0  # was "no records with metric='ndcg@10'" after all the work
     assert "| truncate |" in capsys.readouterr().out
+
+
+def test_load_errors_that_are_not_the_folders_keep_their_type(tiny_model, monkeypatch):
+    """Out of memory or a bug while loading is not reported as a damaged folder."""
+    import sentence_transformers
+
+    for error in (torch.cuda.OutOfMemoryError("CUDA out of memory"), TypeError("a bug")):
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(sentence_transformers, "SentenceTransformer", fail)
+        with pytest.raises(type(error)):
+            load_encoder(tiny_model)

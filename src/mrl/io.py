@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -212,14 +212,21 @@ REPORT_FILES = ("results.json", "results.md", "report.html")
 
 
 def check_output_dir_of(
-    path: str | os.PathLike, param: str, markers: tuple[str, ...], what: str
+    path: str | os.PathLike,
+    param: str,
+    markers: tuple[str, ...],
+    what: str,
+    owns: Callable[[Path], bool] | None = None,
 ) -> Path:
     """`check_output_path` for a folder a command may write into again (a report, a training
-    run): new, empty, or holding one of ``markers`` (files or folders it writes). Any other
+    run): new, empty, holding one of ``markers`` (files or folders it writes) or one that
+    ``owns(folder)`` recognises (a file whose name others use too, read to tell). Any other
     non-empty folder is refused, so a user's files are never mixed with (or replaced by) ours.
     Hidden entries (.DS_Store, .ipynb_checkpoints) do not count."""
     path = check_output_path(path, param, "dir")
     if not path.is_dir() or any((path / m).exists() for m in markers):
+        return path
+    if owns is not None and owns(path):
         return path
     entries = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
     if entries:

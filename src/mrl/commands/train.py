@@ -8,6 +8,7 @@ CONFIG is a JSON/TOML file (see `configs/`); ``--set`` overrides dotted keys wit
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -48,6 +49,17 @@ def _checkpoint_stamp(run_dir: str) -> tuple[int, int] | None:
     return (path.stat().st_ino, path.stat().st_mtime_ns) if path.is_file() else None
 
 
+def _holds_a_train_config(folder: Path) -> bool:
+    """``config.json`` is a run's only when it is an mrl training config: every Hugging Face
+    model folder has a config.json too, which training would overwrite. (Another torchrun
+    process may have written the run's config.json a moment ago: that one is ours.)"""
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and {"model", "data", "optim"} <= set(data)
+
+
 def run(args: argparse.Namespace) -> int:
     from mrl.config import describe, load_config
 
@@ -56,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.config is None or args.out is None:
         raise ValueError("mrl train needs CONFIG and --out RUN_DIR (or --show-config)")
-    check_output_dir_of(args.out, "--out", ("checkpoint.pt", "config.json", "metrics.jsonl"),
-                        "a training run folder")
+    check_output_dir_of(args.out, "--out", ("checkpoint.pt", "metrics.jsonl"),
+                        "a training run folder", owns=_holds_a_train_config)
     config = load_config(args.config, args.overrides)
     from mrl.train import train
 

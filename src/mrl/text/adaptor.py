@@ -107,7 +107,7 @@ def _check_corpus(x: Any, name: str = "embeddings", min_rows: int = 2) -> torch.
 
 def _check_directions(t: torch.Tensor, name: str) -> None:
     """Rows to fit on need a direction: all-zero rows are refused, some are named."""
-    zero = int((t.abs().sum(1) == 0).sum())
+    zero = len(t) - int((t != 0).any(1).sum())
     if zero == len(t):  # no direction to keep: any rotation would "fit" with loss 0
         raise ValueError(f"{name}: every row is all zeros; nothing to fit")
     if zero:  # cosine is undefined for them: they rank arbitrarily

@@ -116,10 +116,9 @@ def load_encoder(
         raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
     try:
         encoder = st.SentenceTransformer(str(path), device=device, local_files_only=True)
-    # Any failure to load a user's folder is one line: missing weights (OSError), damaged JSON
-    # (ValueError), a truncated model.safetensors (safetensors' SafetensorError), a damaged
-    # pytorch_model.bin (RuntimeError / UnpicklingError), ...
     except Exception as exc:
+        if not _is_folder_error(exc):  # a bug or out of memory: not the folder's fault
+            raise
         reason = first_line(exc)
         raise ValueError(
             f"model={str(model)!r}: the sentence-transformers folder {path} does not load "
@@ -132,6 +131,21 @@ def load_encoder(
         check_prefix(encoder, truncate_dim, model_nesting(path))
         encoder.truncate_dim = truncate_dim
     return encoder
+
+
+def _is_folder_error(exc: BaseException) -> bool:
+    """Errors a damaged or incomplete model folder raises while loading: missing weights
+    (OSError), damaged JSON (ValueError, KeyError), a truncated model.safetensors (safetensors'
+    SafetensorError), a damaged pytorch_model.bin (UnpicklingError, EOFError, RuntimeError).
+    Out of memory is not one of them, nor a bug (TypeError, AttributeError, ...)."""
+    import pickle
+
+    import torch
+
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return False
+    folder_kinds = (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, RuntimeError)
+    return isinstance(exc, folder_kinds) or type(exc).__name__ == "SafetensorError"
 
 
 def token_limit(encoder: Any) -> int | None:
