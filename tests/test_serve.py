@@ -82,8 +82,9 @@ def test_truncate_normalize_matches_loop():
 def test_serve_config_rejects_bad_values():
     with pytest.raises(ValueError, match="max_inputs must be a positive int, got max_inputs=0"):
         ServeConfig(max_inputs=0)
-    with pytest.raises(ValueError, match="max_wait_ms must be >= 0"):
-        ServeConfig(max_wait_ms=-1)
+    for bad in (-1, float("nan"), float("inf")):  # NaN / inf: every request hung
+        with pytest.raises(ValueError, match="max_wait_ms must be finite and >= 0"):
+            ServeConfig(max_wait_ms=bad)
 
 
 def test_create_app_needs_encoder_or_index():
@@ -226,8 +227,9 @@ def test_micro_batcher_waits_max_wait_for_company_and_no_longer():
 def test_micro_batcher_rejects_bad_settings():
     with pytest.raises(ValueError, match="max_batch_size must be >= 1, got 0"):
         MicroBatcher(lambda t: None, max_batch_size=0)
-    with pytest.raises(ValueError, match="max_wait_ms must be >= 0, got -1"):
-        MicroBatcher(lambda t: None, max_wait_ms=-1)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"max_wait_ms must be finite and >= 0, got {bad}"):
+            MicroBatcher(lambda t: None, max_wait_ms=bad)
 
 
 # ----------------------------------------------------------------------------- OpenAI client

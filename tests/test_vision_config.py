@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from mrl.config import TrainConfig, apply_overrides, config_from_dict, describe, load_config
+from mrl.config import (
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    describe,
+    load_config,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
 
@@ -141,3 +151,36 @@ def test_a_saved_resnet_config_with_a_group_norm_still_loads():
     saved = load_config(None, ["model.name=resnet18"]).to_dict()
     saved["model"]["norm"] = "group"
     assert config_from_dict(saved).model.norm == "group"
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: TrainConfig(epochs=1.5), "epochs must be an int, got epochs=1.5"),
+        (lambda: TrainConfig(epochs=True), "epochs must be an int, got epochs=True"),
+        (lambda: TrainConfig(eval_batch_size=1.5), "eval_batch_size must be an int"),
+        (lambda: TrainConfig(amp=1), "amp must be a bool, got amp=1"),
+        (lambda: OptimConfig(weight_decay=float("inf")),
+         "optim.weight_decay must be a finite number, got optim.weight_decay=inf"),
+        (lambda: OptimConfig(lr="0.1"), "optim.lr must be a finite number, got optim.lr='0.1'"),
+        (lambda: ModelConfig(dim=16.0), "model.dim must be an int, got model.dim=16.0"),
+        (lambda: DataConfig(image_size=1.5), "data.image_size must be an int"),
+    ],
+)
+def test_configs_built_in_python_check_their_types(make, message):
+    """Configs made in Python (not from JSON or --set) failed deep in training, or not at all."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+def test_other_dataclass_configs_check_their_types():
+    from mrl.text.adaptor import AdaptorConfig
+    from mrl.text.finetune import FinetuneConfig
+
+    with pytest.raises(ValueError, match=re.escape("steps must be an int, got steps=2.5")):
+        AdaptorConfig(steps=2.5)
+    with pytest.raises(ValueError, match=re.escape("lr must be a finite number, got lr=inf")):
+        AdaptorConfig(lr=float("inf"))
+    with pytest.raises(ValueError, match=re.escape("epochs must be an int, got epochs=1.5")):
+        FinetuneConfig(epochs=1.5)
+    assert FinetuneConfig(lr=None).lr == 3e-5 and OptimConfig(lr=1).lr == 1  # ints are numbers

@@ -18,7 +18,7 @@ import math
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,27 @@ def _check(cond: bool, name: str, value: Any, expected: str) -> None:
         raise ValueError(f"{name} must be {expected}, got {name}={value!r}")
 
 
+def check_types(obj: Any, section: str) -> None:
+    """Each scalar field holds its annotated type (``section.field`` named in the error): a
+    config built in Python with ``epochs=1.5`` or ``lr=inf`` failed deep in training, or not
+    at all. Ints are ints (not bools), floats are finite numbers, bools are bools."""
+    for f in fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type)
+        if value is None and kind.endswith("| None"):
+            continue
+        base = kind.split("|")[0].strip()
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": number and math.isfinite(value),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+        }.get(base, True)
+        name = f"{section}.{f.name}" if section else f.name
+        expected = "a finite number" if base == "float" else f"a{'n' * (base == 'int')} {base}"
+        _check(ok, name, value, expected)
+
+
 @dataclass
 class DataConfig:
     dataset: str = _f(
@@ -67,6 +88,7 @@ class DataConfig:
     crop_pad: int = _f(0, "augmentation: random crops after zero-padding this many pixels")
 
     def __post_init__(self) -> None:
+        check_types(self, "data")
         from mrl.data import TASKS
 
         _check(self.dataset in TASKS, "data.dataset", self.dataset, f"one of {TASKS}")
@@ -111,6 +133,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        check_types(self, "model")
         _check(self.dim > 0, "model.dim", self.dim, "positive")
         _check(self.width is None or self.width > 0, "model.width", self.width, "positive or None")
         _check(self.stem in ("small", "imagenet"), "model.stem", self.stem, "'small' or 'imagenet'")
@@ -168,6 +191,7 @@ class OptimConfig:
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy, in [0, 1)")
 
     def __post_init__(self) -> None:
+        check_types(self, "optim")
         _check(self.name in ("adamw", "sgd"), "optim.name", self.name, "'adamw' or 'sgd'")
         _check(self.lr > 0, "optim.lr", self.lr, "positive")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
@@ -207,6 +231,7 @@ class TrainConfig:
         self.data = self.data if self.data is not None else DataConfig()
         self.model = self.model if self.model is not None else ModelConfig()
         self.optim = self.optim if self.optim is not None else OptimConfig()
+        check_types(self, "")
         _check(self.epochs > 0, "epochs", self.epochs, "positive")
         # Generators are seeded with seed * 1_000_003 + epoch, which must stay below 2**63.
         _check(0 <= self.seed < 2**40, "seed", self.seed, "in [0, 2**40)")

@@ -96,8 +96,9 @@ def check_limits(args: argparse.Namespace) -> None:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {flag} {value}")
-    if not args.max_wait_ms >= 0:  # NaN fails too
-        raise ValueError(f"--max-wait-ms must be >= 0, got --max-wait-ms {args.max_wait_ms}")
+    if not 0 <= args.max_wait_ms < float("inf"):  # NaN fails too; inf waited for ever
+        raise ValueError(f"--max-wait-ms must be finite and >= 0, got --max-wait-ms "
+                         f"{args.max_wait_ms}")
 
 
 def build_app(args: argparse.Namespace):

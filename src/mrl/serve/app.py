@@ -55,8 +55,9 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got max_wait_ms={self.max_wait_ms}")
+        if not 0 <= self.max_wait_ms < float("inf"):  # NaN or inf: requests waited for ever
+            raise ValueError(f"max_wait_ms must be finite and >= 0, got "
+                             f"max_wait_ms={self.max_wait_ms}")
 
 
 class APIError(Exception):

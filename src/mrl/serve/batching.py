@@ -65,8 +65,8 @@ class MicroBatcher:
     def __init__(self, encode: EncodeFn, max_batch_size: int = 64, max_wait_ms: float = 2.0):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if not 0 <= max_wait_ms < float("inf"):  # NaN or inf: a request would wait for ever
+            raise ValueError(f"max_wait_ms must be finite and >= 0, got {max_wait_ms}")
         self._encode = encode
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from mrl.arrays import as_numpy
+from mrl.config import check_types
 from mrl.io import atomic_open, atomic_torch_save, atomic_write_json
 from mrl.nesting import Nesting
 
@@ -80,6 +81,7 @@ class AdaptorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self, "")  # steps=2.5 or lr=inf failed deep in torch, or not at all
         if self.init not in ("pca", "identity"):
             raise ValueError(f"init must be 'pca' or 'identity', got {self.init!r}")
         if self.steps < 0:

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mrl.config import check_types
 from mrl.devices import rank_device
 from mrl.distributed import Processes, join
 from mrl.io import atomic_output_dir, check_new_output_dir, check_output_path
@@ -181,6 +182,7 @@ class FinetuneConfig:
     adapt_init: str = "identity"
 
     def __post_init__(self) -> None:
+        check_types(self, "")  # epochs=1.5 or lr=inf failed deep in training, or not at all
         if self.lr is None:
             self.lr = 3e-5 if self.train_encoder else 1e-3
         for name in ("epochs", "batch_size", "max_seq_length"):
