@@ -1,6 +1,8 @@
 """Inputs a library user passes naturally: tensors attached to the graph or in bfloat16, nestings
 as lists / strings / arrays, one-row inputs. Each case failed (or passed silently) before."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -111,3 +113,31 @@ def test_normalize_refuses_non_images():
         norm(torch.rand(4, 3))  # broadcast to [1, 3, 4, 3] before
     with pytest.raises(ValueError, match="got shape"):
         norm(torch.rand(2, 1, 4, 4))
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(hnsw_m=0), "hnsw_m must be >= 2, got hnsw_m=0"),  # FAISS aborted the process
+    (dict(hnsw_m=1), "hnsw_m must be >= 2, got hnsw_m=1"),  # ... segfaulted
+    (dict(hnsw_m=-3), "hnsw_m must be >= 2, got hnsw_m=-3"),  # ... hung
+    (dict(ef_construction=0), "ef_construction must be >= 1, got ef_construction=0"),
+])
+def test_hnsw_build_settings_are_checked_before_faiss(kw, message):
+    pytest.importorskip("faiss")
+    from mrl.retrieval import MatryoshkaIndex
+
+    x = np.random.default_rng(0).normal(size=(50, 16)).astype(np.float32)
+    ix = MatryoshkaIndex(Nesting((4, 8, 16)))
+    ix.add(x)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ix.search(x[:3], k=5, backend="hnsw", **kw)
+
+
+@pytest.mark.parametrize("threads, message", [
+    (-1, "threads must be >= 1, got threads=-1"),
+    (2.5, "threads must be an integer, got threads=2.5"),
+])
+def test_index_threads_are_checked(threads, message):
+    from mrl.retrieval import MatryoshkaIndex
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MatryoshkaIndex(Nesting((4, 8, 16)), threads=threads)

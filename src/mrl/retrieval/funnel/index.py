@@ -251,7 +251,9 @@ class MatryoshkaIndex:
         # checked now, not at the first torch search (an AssertionError deep in torch); "cpu"
         # needs no check, which keeps torch unimported for the numpy/FAISS backends
         self.device = device if device == "cpu" else check_device(device, "device")
-        self.threads = threads or os.cpu_count() or 1
+        # threads=-1 failed at the first search (ThreadPoolExecutor), 2.5 inside FAISS
+        self.threads = _as_int("threads", threads, 1) if threads is not None else (
+            os.cpu_count() or 1)
         # default D_s: 16, or the smallest size where the nesting lacks 16 (e.g. one size [D])
         self.config = config or SearchConfig(16 if 16 in nesting else nesting.sizes[0])
         self.tuned: dict[str, Any] | None = None
@@ -529,6 +531,9 @@ class MatryoshkaIndex:
             prev_m, prev_keep = m, keep
         if cfg.ef_search is not None:
             _as_int("ef_search", cfg.ef_search, 1)
+        # FAISS aborts the process on hnsw_m=0, segfaults on 1 and hangs on negative values
+        _as_int("hnsw_m", cfg.hnsw_m, 2)
+        _as_int("ef_construction", cfg.ef_construction, 1)
         if cfg.nlist is not None:
             _as_int("nlist", cfg.nlist, 1, n)
         _as_int("nprobe", cfg.nprobe, 1)
