@@ -34,7 +34,7 @@ test-all: $(BIN)/.installed data
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_heads.py
