@@ -141,3 +141,40 @@ def test_index_threads_are_checked(threads, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         MatryoshkaIndex(Nesting((4, 8, 16)), threads=threads)
+
+
+def test_fixed_feature_head_names_a_dtype_mismatch():
+    head = make_head("plain", Nesting((4, 8, 16)), 5)
+    with pytest.raises(ValueError, match="z has dtype torch.float64 but the head's parameters "
+                       "are torch.float32"):  # fmt: skip
+        head(torch.randn(3, 16, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts both: fine
+        assert head(torch.randn(3, 16)).shape == (1, 3, 5)
+
+
+def test_a_nan_rotation_is_not_orthogonal():
+    with pytest.raises(ValueError, match=r"rotation must be orthogonal, got max \|R\^T R - I\| = "
+                       r"nan"):  # fmt: skip
+        OrthogonalAdaptor(np.full((16, 16), np.nan), [4, 8, 16])
+
+
+def test_exact_search_checks_what_it_scans():
+    """The reference every backend is tested against refuses what it cannot rank."""
+    from mrl.retrieval import exact_search
+
+    rng = np.random.default_rng(0)
+    db, q = rng.normal(size=(50, 16)).astype(np.float32), rng.normal(size=(3, 16))
+    bad = db.copy()
+    bad[7, 3] = np.nan  # ranked arbitrarily before
+    with pytest.raises(ValueError, match="db must be finite, row 7 has NaN or inf"):
+        exact_search(bad, q, 5)
+    with pytest.raises(ValueError, match="db must hold real numbers, got dtype complex64"):
+        exact_search(db.astype(np.complex64), q, 5)
+    for block in (0, -1, 2.5):  # -1 returned empty results, 0 a range() error
+        with pytest.raises(ValueError, match="block must be a positive int"):
+            exact_search(db, q, 5, block=block)
+    with pytest.raises(ValueError, match=r"column_scale must be a finite \[D=16\] vector"):
+        exact_search(db, q, 5, column_scale=np.ones(3))
+    s, i = exact_search(db, q, 5, block=7)  # blocks of any size give the one-block answer
+    s1, i1 = exact_search(db, q, 5)
+    assert (i == i1).all() and np.allclose(s, s1)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mrl.embed import embed_corpus
@@ -162,3 +164,33 @@ def test_a_read_only_cache_serves_its_entries_and_a_miss_encodes_uncached(tmp_pa
     with pytest.warns(UserWarning, match="not writable; encoding without caching"):
         enc.encode_cached("default", ["c"], cache, encoder=object())
     assert len(list(cache.glob("*.npy"))) == 1
+
+
+@pytest.mark.parametrize("broken, message", [
+    (lambda x: x[:-1], "returned shape (3, 16) for 4 texts; expected [4, 16]"),
+    (lambda x: x[:, :8], "returned shape (4, 8) for 4 texts; expected [4, 16]"),
+    (lambda x: x * np.nan, "returned NaN or inf (text 0 of the batch"),
+])
+def test_a_bad_encoder_output_is_refused_before_its_shard_is_written(tmp_path, broken, message):
+    from mrl.serve.encoders import HashEncoder
+
+    class Broken(HashEncoder):
+        def encode(self, texts):
+            return broken(np.asarray(super().encode(texts)))
+
+    (tmp_path / "c.txt").write_text("".join(f"text {i}\n" for i in range(4)))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        embed_corpus(Broken(16), tmp_path / "c.txt", tmp_path / "s", show_progress=False)
+    assert not list((tmp_path / "s.parts").glob("shard-*.npy"))  # nothing bad on disk
+
+
+def test_embed_arguments_checked_before_encoding(tmp_path):
+    from mrl.serve.encoders import HashEncoder
+
+    (tmp_path / "c.txt").write_text("a\n")
+    with pytest.raises(ValueError, match=r"dtype must be one of \['float32', 'float16', 'int8'\], "
+                       r"got dtype='bf16'"):  # fmt: skip
+        embed_corpus(HashEncoder(16), tmp_path / "c.txt", tmp_path / "s", dtype="bf16")
+    with pytest.raises(ValueError, match="wait_timeout_s must be positive and finite"):
+        embed_corpus(HashEncoder(16), tmp_path / "c.txt", tmp_path / "s", wait_timeout_s=0)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.parts").exists()

@@ -164,3 +164,38 @@ def test_rankings_that_disagree_with_their_judgments_are_refused():
     with pytest.raises(ValueError, match="query 1: the gains retrieved .* exceed its ideal_gains"):
         ndcg_at_k(np.array([[2.0, 1.0], [3.0, 0.0]]), [[2, 1], [1]])
     assert ndcg_at_k(np.array([[2.0, 1.0]]), [[2, 1]]) == pytest.approx(1.0)
+
+
+def test_labels_of_two_kinds_are_refused():
+    """'1' never equals 1: mixed kinds scored 0 without a word."""
+    from mrl.metrics import accuracy, label_relevance
+
+    with pytest.raises(ValueError, match=r"pred \(<U1\) and target \(int64\) must be labels of "
+                       r"one kind"):  # fmt: skip
+        accuracy(np.array(["1", "2"]), np.array([1, 2]))
+    with pytest.raises(ValueError, match="retrieved_labels .* and query_labels .* one kind"):
+        label_relevance(np.array([["a", "b"]]), np.array([0]))
+    assert accuracy(np.array([1.0, 2.0]), np.array([1, 3])) == 0.5  # numbers of two dtypes: fine
+
+
+def test_qrels_keyed_otherwise_than_the_rows_are_refused():
+    from mrl.metrics import qrels_relevance
+
+    idx = np.array([[0, 1], [1, 0]])
+    with pytest.raises(ValueError, match=r"no query id of the rows \(\[0, 1\]\.\.\.\) is a key"):
+        qrels_relevance(idx, {"q0": {1: 1.0}})
+    with pytest.raises(ValueError, match=r"qrels\[0\] must be keyed by doc positions .* got 'd1'"):
+        qrels_relevance(idx, {0: {"d1": 1.0}})
+    with pytest.raises(ValueError, match="qrels must be a mapping"):
+        qrels_relevance(idx, [{0: 1.0}])
+    gains, num, _ = qrels_relevance(idx, {"q0": {1: 2.0}}, query_ids=["q0", "q1"])
+    assert gains.tolist() == [[0.0, 2.0], [0.0, 0.0]] and num.tolist() == [1.0, 0.0]
+
+
+def test_evaluate_labelled_refuses_mixed_label_kinds_before_searching():
+    from mrl.evaluate import evaluate_labelled
+
+    x = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    y = np.arange(20) % 4
+    with pytest.raises(ValueError, match="db_labels .* and query_labels .* one kind"):
+        evaluate_labelled(x, y.astype(str), x[:5], y[:5], "4,8")

@@ -326,6 +326,12 @@ def embed_corpus(
     world_size = env_world if world_size is None else world_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    from mrl.retrieval.store import DTYPES
+
+    if dtype not in DTYPES:  # checked at the merge, after all the encoding, before
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got dtype={dtype!r}")
+    if not 0 < wait_timeout_s < float("inf"):
+        raise ValueError(f"wait_timeout_s must be positive and finite, got {wait_timeout_s}")
     input_path, out = Path(input_path), Path(out)
     if rows is None:
         rows = check_inputs(input_path, out, field, id_field, rank)
@@ -362,6 +368,16 @@ def embed_corpus(
 
 def _encode(encoder, texts: list[str], bar) -> np.ndarray:
     emb = np.asarray(encoder.encode(texts), dtype=np.float32)  # [b, D]
+    # Checked before the shard is written: a bad shard on disk was found only at the merge, and
+    # a rerun with a fixed encoder of the same name kept failing on it.
+    dim = encoder.nesting.dim
+    if emb.shape != (len(texts), dim):
+        raise ValueError(f"encoder {encoder.name!r} returned shape {emb.shape} for {len(texts)} "
+                         f"texts; expected [{len(texts)}, {dim}]")
+    if not np.isfinite(emb).all():
+        row = int(np.flatnonzero(~np.isfinite(emb).all(1))[0])
+        raise ValueError(f"encoder {encoder.name!r} returned NaN or inf (text {row} of the "
+                         f"batch: {texts[row][:60]!r})")
     if bar is not None:
         bar.update(len(texts))
     return emb

@@ -32,6 +32,7 @@ import torch
 from mrl.baselines import PCA, random_permutation
 from mrl.metrics import (
     accuracy,
+    check_label_kinds,
     label_relevance,
     map_at_k,
     mrr,
@@ -183,6 +184,7 @@ def evaluate_labelled(
     _same_dim(x, qs, "db")
     ydb = _labels(db_labels, "db_labels", x.shape[0], "db")
     yq = _labels(query_labels, "query_labels", qs.shape[0], "queries")
+    check_label_kinds(ydb, yq, "db_labels", "query_labels")  # before the search, not after
     n = as_nesting(nesting, x.shape[1])
     exclude = None
     if exclude_self:

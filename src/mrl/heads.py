@@ -386,6 +386,9 @@ class FixedFeatureHead(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         _check_input(z, self.in_dim)
+        w = self.linear.weight
+        if z.dtype != w.dtype and _autocast_dtype(z.device.type) is None:  # autocast casts both
+            raise ValueError(f"z has dtype {z.dtype} but the head's parameters are {w.dtype}")
         return self.linear(z[:, : self.dim]).unsqueeze(0)
 
     def extra_repr(self) -> str:

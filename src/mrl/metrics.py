@@ -25,6 +25,7 @@ import numpy as np
 
 __all__ = [
     "accuracy",
+    "check_label_kinds",
     "average_precision_at_k",
     "knn_accuracy",
     "knn_predict",
@@ -119,7 +120,17 @@ def accuracy(pred: Any, target: Any) -> float:
         raise ValueError(
             f"pred and target must have the same length, got {p.shape[0]} and {t.shape[0]}"
         )
+    check_label_kinds(p, t, "pred", "target")
     return float((p == t).mean())
+
+
+def check_label_kinds(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+    """Labels compared for equality must be of one kind: the string '1' never equals the
+    number 1, so mixed kinds scored 0 without a word."""
+    numeric = ("b", "i", "u", "f")
+    if (a.dtype.kind in numeric) != (b.dtype.kind in numeric):
+        raise ValueError(f"{name_a} ({a.dtype}) and {name_b} ({b.dtype}) must be labels of one "
+                         "kind, both numbers or both strings")
 
 
 def knn_predict(neighbor_labels: Any, k: int) -> np.ndarray:
@@ -284,6 +295,7 @@ def label_relevance(
         raise ValueError(
             f"query_labels must have one entry per query ({lab.shape[0]}), got {ql.shape[0]}"
         )
+    check_label_kinds(lab, ql, "retrieved_labels", "query_labels")
     rel = lab == ql[:, None]
     if db_labels is None:
         return rel, None
@@ -291,6 +303,22 @@ def label_relevance(
     pos = np.searchsorted(classes, ql).clip(0, len(classes) - 1)
     num = np.where(classes[pos] == ql, counts[pos], 0) - int(bool(exclude_self))
     return rel, np.maximum(num, 0)
+
+
+def _check_qrels_keys(qrels: Any, ids: list) -> None:
+    """Judgements keyed as the rows are (ids in ``qrels``, doc positions as ints): BEIR-style
+    string ids matched nothing and every metric was 0 without a word."""
+    if not isinstance(qrels, Mapping):
+        raise ValueError(f"qrels must be a mapping {{query: {{doc: gain}}}}, got "
+                         f"{type(qrels).__name__}")
+    if ids and qrels and not any(q in qrels for q in ids):
+        raise ValueError(f"no query id of the rows ({ids[:3]}...) is a key of qrels (keys "
+                         f"{list(qrels)[:3]}...): pass query_ids as qrels is keyed")
+    for q, judged in qrels.items():
+        bad = [d for d in judged if isinstance(d, bool) or not isinstance(d, (int, np.integer))]
+        if bad:
+            raise ValueError(f"qrels[{q!r}] must be keyed by doc positions (ints, as in "
+                             f"indices), got {bad[0]!r}; map document ids to positions first")
 
 
 def qrels_relevance(
@@ -313,6 +341,7 @@ def qrels_relevance(
         raise ValueError(
             f"query_ids must have one entry per row of indices ({idx.shape[0]}), got {len(ids)}"
         )
+    _check_qrels_keys(qrels, ids)
     gains = np.zeros(idx.shape, dtype=np.float64)
     num = np.zeros(idx.shape[0], dtype=np.float64)
     ideal = []

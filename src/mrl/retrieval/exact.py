@@ -122,6 +122,15 @@ def exact_search(
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise ValueError(f"k must be in [1, number of database items ({n})], got k={k!r}")
     m = _check_dims(dims, d)
+    if not np.issubdtype(db.dtype, np.floating) and not np.issubdtype(db.dtype, np.integer):
+        raise ValueError(f"db must hold real numbers, got dtype {db.dtype}")  # complex, objects
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"block must be a positive int (rows per scan step), got block={block!r}")
+    if column_scale is not None:
+        column_scale = np.asarray(column_scale, dtype=np.float32)
+        if column_scale.shape != (d,) or not np.isfinite(column_scale).all():
+            raise ValueError(f"column_scale must be a finite [D={d}] vector, got shape "
+                             f"{column_scale.shape}")
     q = normalize_prefix(q, m, metric)  # [Q, m]
     best_s = np.full((len(q), 0), -np.inf, np.float32)
     best_i = np.zeros((len(q), 0), np.int64)
@@ -129,6 +138,9 @@ def exact_search(
         x = np.asarray(db[start : start + block, :m], dtype=np.float32)
         if column_scale is not None:
             x = x * column_scale[:m]
+        bad = first_nonfinite_row(x)
+        if bad is not None:  # NaN ranks arbitrarily: the reference must not guess
+            raise ValueError(f"db must be finite, row {start + bad} has NaN or inf")
         x = normalize_prefix(x, m, metric)  # [b, m]
         s = q @ x.T  # [Q, b]
         s_top, i_top = topk_sorted(s, min(k, s.shape[1]))

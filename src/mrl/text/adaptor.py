@@ -276,7 +276,7 @@ class OrthogonalAdaptor:
         if r.dim() != 2 or r.shape[0] != r.shape[1]:
             raise ValueError(f"rotation must be square [D, D], got shape {tuple(r.shape)}")
         err = (r.T.double() @ r.double() - torch.eye(r.shape[0], dtype=torch.float64)).abs().max()
-        if err > 1e-3:
+        if not err <= 1e-3:  # NaN too: a NaN rotation passed and transformed everything to NaN
             raise ValueError(f"rotation must be orthogonal, got max |R^T R - I| = {err:.3g}")
         nesting.check_dim(r.shape[0], "the rotation's")
         self.rotation = r
