@@ -175,6 +175,8 @@ def test_exact_search_checks_what_it_scans():
             exact_search(db, q, 5, block=block)
     with pytest.raises(ValueError, match=r"column_scale must be a finite \[D=16\] vector"):
         exact_search(db, q, 5, column_scale=np.ones(3))
+    binary = db > 0  # bool codes (binary embeddings) are numbers: searched as before
+    assert exact_search(binary, q, 5)[1].shape == (3, 5)
     s, i = exact_search(db, q, 5, block=7)  # blocks of any size give the one-block answer
     s1, i1 = exact_search(db, q, 5)
     assert (i == i1).all() and np.allclose(s, s1)

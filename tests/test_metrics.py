@@ -170,8 +170,8 @@ def test_labels_of_two_kinds_are_refused():
     """'1' never equals 1: mixed kinds scored 0 without a word."""
     from mrl.metrics import accuracy, label_relevance
 
-    with pytest.raises(ValueError, match=r"pred \(<U1\) and target \(int64\) must be labels of "
-                       r"one kind"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"pred \(strings, dtype <U1\) and target \(numbers, "
+                       r"dtype int64\) must be labels of one kind"):  # fmt: skip
         accuracy(np.array(["1", "2"]), np.array([1, 2]))
     with pytest.raises(ValueError, match="retrieved_labels .* and query_labels .* one kind"):
         label_relevance(np.array([["a", "b"]]), np.array([0]))
@@ -199,3 +199,16 @@ def test_evaluate_labelled_refuses_mixed_label_kinds_before_searching():
     y = np.arange(20) % 4
     with pytest.raises(ValueError, match="db_labels .* and query_labels .* one kind"):
         evaluate_labelled(x, y.astype(str), x[:5], y[:5], "4,8")
+
+
+def test_label_kinds_of_object_arrays_come_from_their_elements():
+    from mrl.metrics import accuracy
+
+    ints = np.array([0, 1, 2], dtype=object)  # e.g. a pandas object column of ints
+    assert accuracy(ints, np.array([0, 1, 1])) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="pred .*numbers.* and target .*strings.* one kind"):
+        accuracy(np.array([1, 2], dtype=object), np.array(["1", "2"]))
+    with pytest.raises(ValueError, match="pred .*bytes.* and target .*strings.* one kind"):
+        accuracy(np.array([b"a"]), np.array(["a"]))
+    mixed = np.array([1, "a"], dtype=object)  # no one kind: compared as they are
+    assert accuracy(mixed, np.array([1, "b"], dtype=object)) == 0.5

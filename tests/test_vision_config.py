@@ -184,3 +184,15 @@ def test_other_dataclass_configs_check_their_types():
     with pytest.raises(ValueError, match=re.escape("epochs must be an int, got epochs=1.5")):
         FinetuneConfig(epochs=1.5)
     assert FinetuneConfig(lr=None).lr == 3e-5 and OptimConfig(lr=1).lr == 1  # ints are numbers
+
+
+def test_numpy_scalars_become_python_values():
+    import numpy as np
+
+    from mrl.text.finetune import FinetuneConfig
+
+    cfg = TrainConfig(seed=np.int64(2), optim=OptimConfig(lr=np.float32(0.5)), amp=np.bool_(False))
+    assert type(cfg.seed) is int and type(cfg.optim.lr) is float and cfg.amp is False
+    assert [FinetuneConfig(seed=s).seed for s in np.arange(2)] == [0, 1]
+    with pytest.raises(ValueError, match="epochs must be an int, got epochs=2.0"):
+        TrainConfig(epochs=np.float64(2.0))

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mrl.nesting import Nesting
 
 __all__ = [
@@ -54,12 +56,16 @@ def _check(cond: bool, name: str, value: Any, expected: str) -> None:
 def check_types(obj: Any, section: str) -> None:
     """Each scalar field holds its annotated type (``section.field`` named in the error): a
     config built in Python with ``epochs=1.5`` or ``lr=inf`` failed deep in training, or not
-    at all. Ints are ints (not bools), floats are finite numbers, bools are bools."""
+    at all. Ints are ints (not bools), floats are finite numbers, bools are bools; numpy
+    scalars (``for seed in np.arange(3)``) become the Python values they stand for."""
     for f in fields(obj):
         value, kind = getattr(obj, f.name), str(f.type)
         if value is None and kind.endswith("| None"):
             continue
         base = kind.split("|")[0].strip()
+        if isinstance(value, (np.integer, np.floating, np.bool_)):
+            value = value.item()
+            setattr(obj, f.name, value)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = {
             "int": isinstance(value, int) and not isinstance(value, bool),

@@ -330,8 +330,8 @@ def embed_corpus(
 
     if dtype not in DTYPES:  # checked at the merge, after all the encoding, before
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got dtype={dtype!r}")
-    if not 0 < wait_timeout_s < float("inf"):
-        raise ValueError(f"wait_timeout_s must be positive and finite, got {wait_timeout_s}")
+    if not wait_timeout_s > 0:  # NaN too; inf waits for ever
+        raise ValueError(f"wait_timeout_s must be positive, got {wait_timeout_s}")
     input_path, out = Path(input_path), Path(out)
     if rows is None:
         rows = check_inputs(input_path, out, field, id_field, rank)

@@ -18,6 +18,7 @@ Shapes: Q queries, K retrieved per query (rank order, best first), k the cut-off
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -126,11 +127,23 @@ def accuracy(pred: Any, target: Any) -> float:
 
 def check_label_kinds(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
     """Labels compared for equality must be of one kind: the string '1' never equals the
-    number 1, so mixed kinds scored 0 without a word."""
-    numeric = ("b", "i", "u", "f")
-    if (a.dtype.kind in numeric) != (b.dtype.kind in numeric):
-        raise ValueError(f"{name_a} ({a.dtype}) and {name_b} ({b.dtype}) must be labels of one "
-                         "kind, both numbers or both strings")
+    number 1 (nor b'a' the string 'a'), so mixed kinds scored 0 without a word."""
+    kind_a, kind_b = _label_kind(a), _label_kind(b)
+    if kind_a and kind_b and kind_a != kind_b:
+        raise ValueError(f"{name_a} ({kind_a}, dtype {a.dtype}) and {name_b} ({kind_b}, dtype "
+                         f"{b.dtype}) must be labels of one kind")
+
+
+def _label_kind(a: np.ndarray) -> str | None:
+    """"numbers", "strings" or "bytes"; an object array by its elements (None when they mix)."""
+    kinds = {"b": "numbers", "i": "numbers", "u": "numbers", "f": "numbers", "U": "strings",
+             "S": "bytes"}  # fmt: skip
+    if a.dtype.kind != "O":
+        return kinds.get(a.dtype.kind)
+    found = {"numbers" if isinstance(v, (numbers.Number, np.number)) else
+             "strings" if isinstance(v, str) else "bytes" if isinstance(v, bytes) else None
+             for v in a.ravel().tolist()}  # fmt: skip
+    return found.pop() if len(found) == 1 else None
 
 
 def knn_predict(neighbor_labels: Any, k: int) -> np.ndarray:

@@ -58,7 +58,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     """Options that would be ignored are refused (a user who set them expects an effect)."""
     if args.merge_only and args.no_merge:
         raise ValueError("--merge-only and --no-merge contradict each other; give one")
-    if args.wait_timeout <= 0:
+    if not args.wait_timeout > 0:  # NaN too
         raise ValueError(f"--wait-timeout must be positive (seconds), got {args.wait_timeout}")
     txt = bool(args.input) and Path(args.input).suffix.lower() == ".txt"
     for flag, value, default in (("--field", args.field, "text"),
