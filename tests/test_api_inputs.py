@@ -180,3 +180,20 @@ def test_exact_search_checks_what_it_scans():
     s, i = exact_search(db, q, 5, block=7)  # blocks of any size give the one-block answer
     s1, i1 = exact_search(db, q, 5)
     assert (i == i1).all() and np.allclose(s, s1)
+
+
+def test_small_api_misuses_are_named():
+    from mrl.similarity import prefix_scores
+
+    with pytest.raises(ValueError, match=r"sizes must be a sequence of ints such as \(8, 16, 32\)"):
+        Nesting(8)  # was "'int' object is not iterable"
+    with pytest.raises(ValueError, match=r"weights must be numbers, one per prefix, got "
+                       r"weights=\('a', 1\)"):  # fmt: skip
+        Nesting((4, 8), weights=("a", 1))
+    x = np.random.default_rng(0).normal(size=(10, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="queries must hold real numbers, got dtype "
+                       "torch.complex64"):  # fmt: skip
+        prefix_scores(x[:2].astype(np.complex64), x, Nesting((4, 8)))
+    with pytest.raises(ValueError, match=r"center must be a \[8\] vector, True or None, got "
+                       r"center='mean'"):  # fmt: skip
+        prefix_scores(x[:2], x, Nesting((4, 8)), center="mean")

@@ -50,6 +50,9 @@ class Nesting:
     weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.sizes, (str, bytes)) or not hasattr(self.sizes, "__iter__"):
+            raise ValueError(f"sizes must be a sequence of ints such as (8, 16, 32) (a spec "
+                             f"string goes to Nesting.parse), got sizes={self.sizes!r}")
         sizes = tuple(self.sizes) if not isinstance(self.sizes, tuple) else self.sizes
         if len(sizes) == 0:
             raise ValueError("sizes must not be empty, got ()")
@@ -66,7 +69,11 @@ class Nesting:
         if weights is None:
             weights = (1.0,) * len(sizes)
         else:
-            weights = tuple(float(w) for w in weights)
+            try:
+                weights = tuple(float(w) for w in weights)
+            except (TypeError, ValueError):
+                raise ValueError(f"weights must be numbers, one per prefix, got "
+                                 f"weights={self.weights!r}") from None
             if len(weights) != len(sizes):
                 raise ValueError(
                     f"weights must have one entry per prefix ({len(sizes)}), "

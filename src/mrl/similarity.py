@@ -74,6 +74,8 @@ def _to_tensor(x: Any, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be 2-D [rows, dim], got shape {tuple(t.shape)}")
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if t.is_complex():  # the cast below would drop the imaginary part with only a warning
+        raise ValueError(f"{name} must hold real numbers, got dtype {t.dtype}")
     if not t.is_floating_point():
         t = t.float()
     return t.detach()  # scores are for ranking: never part of an autograd graph
@@ -132,7 +134,7 @@ def _center(
         return None
     if center is True:  # summed in dtype: no float32 copy of a float16 database
         return x.sum(0, dtype=dtype) / x.shape[0]
-    if isinstance(center, (bool, np.bool_)):
+    if isinstance(center, (bool, np.bool_, str, bytes)):  # "mean" was a torch dtype error
         raise ValueError(f"center must be a [{d}] vector, True or None, got center={center!r}")
     c = torch.as_tensor(center).to(dtype=dtype, device=x.device).reshape(-1)
     if c.shape[0] != d:
