@@ -197,3 +197,21 @@ def test_small_api_misuses_are_named():
     with pytest.raises(ValueError, match=r"center must be a \[8\] vector, True or None, got "
                        r"center='mean'"):  # fmt: skip
         prefix_scores(x[:2], x, Nesting((4, 8)), center="mean")
+
+
+def test_row_positions_are_integers_in_range(tmp_path):
+    from mrl.retrieval import EmbeddingStore, MatryoshkaIndex
+
+    x = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    store = EmbeddingStore.create(tmp_path / "s", Nesting((4, 8)))
+    store.append(x)
+    with pytest.raises(ValueError, match="rows must be integer row positions, got dtype float64"):
+        store.take([1.7])  # read row 1 before
+    assert np.allclose(store.take([5, 0]), x[[5, 0]])
+    ix = MatryoshkaIndex(Nesting((4, 8)))
+    ix.add(x)
+    with pytest.raises(ValueError, match=r"rows must be in \[0, 6\), got -1..-1"):
+        ix.vectors(rows=[-1])  # the last row before
+    with pytest.raises(ValueError, match=r"dims must be an int in \[1, 8\], got dims=100"):
+        ix.vectors(dims=100)
+    assert ix.vectors(rows=[2], dims=4).shape == (1, 4)

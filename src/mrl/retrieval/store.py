@@ -81,6 +81,18 @@ def validate_vectors(x: Any, dim: int | None, name: str = "vectors") -> np.ndarr
     return arr
 
 
+def check_row_indices(rows: Any, count: int, name: str = "rows") -> np.ndarray:
+    """Row positions as int64 ``[R]`` in [0, count): floats were truncated (1.7 read row 1) and
+    negative positions counted from the end."""
+    arr = np.asarray(rows)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integer row positions, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64).ravel()
+    if len(arr) and (arr.min() < 0 or arr.max() >= count):
+        raise ValueError(f"{name} must be in [0, {count}), got {arr.min()}..{arr.max()}")
+    return arr
+
+
 def first_nonfinite_row(arr: np.ndarray, block: int = 65536) -> int | None:
     """The first row of ``arr [N, D]`` holding NaN or inf, or None; checked in row blocks (no
     [N, D] bool temporary for 1M rows, nor a copy of a memory map)."""
@@ -428,9 +440,7 @@ class EmbeddingStore:
     def take(self, rows: np.ndarray, dims: int | None = None) -> np.ndarray:
         """Rows by position, float32 [len(rows), dims]."""
         dims = self._check_dims(dims)
-        rows = np.asarray(rows, dtype=np.int64).ravel()
-        if len(rows) and (rows.min() < 0 or rows.max() >= self.count):
-            raise ValueError(f"rows must be in [0, {self.count}), got {rows.min()}..{rows.max()}")
+        rows = check_row_indices(rows, self.count)
         out = np.empty((len(rows), dims), np.float32)
         start = 0
         for seg in self._segments:
