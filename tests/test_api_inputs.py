@@ -215,3 +215,18 @@ def test_row_positions_are_integers_in_range(tmp_path):
     with pytest.raises(ValueError, match=r"dims must be an int in \[1, 8\], got dims=100"):
         ix.vectors(dims=100)
     assert ix.vectors(rows=[2], dims=4).shape == (1, 4)
+
+
+def test_complex_and_untyped_inputs_are_named():
+    from mrl.cascade.core import check_scores
+    from mrl.losses import nested_cross_entropy
+
+    with pytest.raises(ValueError, match="logits must be real numbers, got dtype complex128"):
+        check_scores(np.ones((2, 4, 3), dtype=complex), Nesting((4, 8)))
+    with pytest.raises(ValueError, match="corpus must hold real numbers, got dtype complex64"):
+        OrthogonalAdaptor.fit(np.ones((20, 8), dtype=np.complex64))
+    logits, y = torch.randn(2, 4, 3), torch.tensor([0, 1, 2, 0])
+    for bad in (None, "0.1"):  # a comparison TypeError before
+        with pytest.raises(ValueError, match="label_smoothing must be in"):
+            nested_cross_entropy(logits, y, label_smoothing=bad)
+    assert nested_cross_entropy(logits, y, label_smoothing=np.float32(0.1)).ndim == 0

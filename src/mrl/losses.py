@@ -116,7 +116,9 @@ def _check_targets(targets: Any, C: int) -> Tensor:
 
 
 def _check_label_smoothing(label_smoothing: float) -> None:
-    if not (0.0 <= label_smoothing < 1.0):
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) or not (
+        0.0 <= label_smoothing < 1.0
+    ):  # None or "0.1" failed with a comparison TypeError
         raise ValueError(
             f"label_smoothing must be in [0, 1), got label_smoothing={label_smoothing}"
         )

@@ -70,8 +70,8 @@ def check_scores(scores: Any, nesting: Nesting, name: str = "logits") -> np.ndar
             f"{name} must have shape [G, N, C] with G={len(nesting)} (nesting "
             f"{list(nesting.sizes)}), N >= 1 and C >= 2, got shape {tuple(arr.shape)}"
         )
-    if not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+    if arr.dtype.kind not in "biuf":  # complex lost its imaginary part in the cast below
+        raise ValueError(f"{name} must be real numbers, got dtype {arr.dtype}")
     arr = arr.astype(np.float64, copy=False)
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} must be finite, got {int((~np.isfinite(arr)).sum())} non-finite")

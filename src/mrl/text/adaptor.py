@@ -97,7 +97,10 @@ class AdaptorConfig:
 
 
 def _check_corpus(x: Any, name: str = "embeddings", min_rows: int = 2) -> torch.Tensor:
-    t = torch.as_tensor(as_numpy(x), dtype=torch.float32)  # tensors: detached, on the CPU
+    arr = as_numpy(x)
+    if np.iscomplexobj(arr):  # the float32 cast would drop the imaginary part with a warning
+        raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    t = torch.as_tensor(arr, dtype=torch.float32)  # tensors: detached, on the CPU
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(t.shape)}")
     if t.shape[0] < min_rows:
