@@ -458,6 +458,7 @@ def test_search_by_text_embeds_with_the_model(client, index, server):
     ({"vector": []}, "vector", "vector must hold 1 to 256 query vectors, got 0"),
     ({"vector": [[0.1] * DIM] * 257}, "vector", "vector must hold 1 to 256 query vectors"),
     ({"query": [""]}, "query", "query[0] is empty"),
+    ({"vector": [[0.1] * DIM, [0.0] * DIM]}, "vector", "vector[1] is all zeros"),
 ])
 def test_search_bad_input(client, body, param, fragment):
     r = client.post("/v1/search", json=body)

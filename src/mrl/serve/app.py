@@ -313,6 +313,10 @@ def _query_vectors(vec: list, d: int, limit: int) -> np.ndarray:
     arr = np.asarray(rows, dtype=np.float32)  # [Q, D]
     if not np.isfinite(arr).all():
         raise APIError(400, "vector must be finite (no NaN or inf)", "vector", "invalid_value")
+    zero = np.flatnonzero(~(arr != 0).any(1))
+    if len(zero):  # no direction: every document would score 0, the "hits" arbitrary
+        raise APIError(400, f"vector[{int(zero[0])}] is all zeros; a query needs a direction",
+                       "vector", "invalid_value")
     return arr
 
 
