@@ -230,3 +230,20 @@ def test_complex_and_untyped_inputs_are_named():
         with pytest.raises(ValueError, match="label_smoothing must be in"):
             nested_cross_entropy(logits, y, label_smoothing=bad)
     assert nested_cross_entropy(logits, y, label_smoothing=np.float32(0.1)).ndim == 0
+
+
+def test_more_misuses_are_named():
+    from mrl.losses import nested_cross_entropy
+    from mrl.metrics import ndcg_at_k
+    from mrl.retrieval import MatryoshkaIndex
+
+    with pytest.raises(ValueError, match=r"ideal_gains must hold one sequence .* \(k is the next "
+                       r"argument\), got ideal_gains=3"):  # fmt: skip
+        ndcg_at_k(np.ones((2, 5)), 3)
+    y = torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="logits must be floating point, got dtype torch.int64"):
+        nested_cross_entropy(torch.randint(0, 5, (2, 4, 3)), y)
+    with pytest.raises(ValueError, match=r"logits must have a prefix and a batch .* \(0, 4, 3\)"):
+        nested_cross_entropy(torch.randn(0, 4, 3), y)  # a loss of 0 that trains nothing
+    with pytest.raises(ValueError, match="config must be a SearchConfig .* got dict"):
+        MatryoshkaIndex(Nesting((4, 8, 16)), {"shortlist_dim": 4})

@@ -105,7 +105,7 @@ def test_nested_cross_entropy_on_mrl_e_head_gradients_match_reference():
         (torch.zeros(2, 4, 3), torch.zeros(4, dtype=torch.long), {"reduction": "avg"},
          r"reduction must be one of \['mean', 'sum', 'none'\], got 'avg'"),
         (torch.zeros(2, 0, 3), torch.zeros(0, dtype=torch.long), {},
-         r"logits must have a non-empty batch, got shape \(2, 0, 3\)"),
+         r"logits must have a prefix and a batch \(G, B >= 1\), got shape \(2, 0, 3\)"),
         (torch.zeros(2, 4, 3), torch.tensor([0, 1, 3, 2]), {},
          r"targets must be class indices in \[0, 3\), got values in \[0, 3\]"),
         (torch.zeros(2, 4, 3), torch.tensor([0, -1, 1, 2]), {},

@@ -175,8 +175,11 @@ def nested_cross_entropy(
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"logits must be 3-D [G, B, C], got {shape}")
     G, B, C = logits.shape
-    if B == 0:
-        raise ValueError(f"logits must have a non-empty batch, got shape {tuple(logits.shape)}")
+    if G == 0 or B == 0:  # G = 0 summed to a loss of 0 that trains nothing
+        raise ValueError(f"logits must have a prefix and a batch (G, B >= 1), got shape "
+                         f"{tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
     if C < 2:
         raise ValueError(f"logits must have C >= 2 classes, got shape {tuple(logits.shape)}")
     targets = _check_targets(targets, C)

@@ -238,6 +238,9 @@ def _dcg(gains: np.ndarray) -> np.ndarray:
 
 
 def _ideal(ideal_gains: Any, num_queries: int) -> list[np.ndarray]:
+    if np.isscalar(ideal_gains) or getattr(ideal_gains, "ndim", None) == 0:  # ndcg_at_k(g, 3)
+        raise ValueError(f"ideal_gains must hold one sequence of judged gains per query (k is "
+                         f"the next argument), got ideal_gains={ideal_gains!r}")
     if isinstance(ideal_gains, np.ndarray) and ideal_gains.ndim == 2:
         rows = list(ideal_gains)
     else:

@@ -256,6 +256,9 @@ class MatryoshkaIndex:
         # checked now, not at the first torch search (an AssertionError deep in torch); "cpu"
         # needs no check, which keeps torch unimported for the numpy/FAISS backends
         self.device = device if device == "cpu" else check_device(device, "device")
+        if config is not None and not isinstance(config, SearchConfig):  # a dict: AttributeError
+            raise ValueError(f"config must be a SearchConfig (SearchConfig.from_dict for a dict), "
+                             f"got {type(config).__name__}")
         # threads=-1 failed at the first search (ThreadPoolExecutor), 2.5 inside FAISS
         self.threads = _as_int("threads", threads, 1) if threads is not None else (
             os.cpu_count() or 1)
