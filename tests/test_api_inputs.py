@@ -247,3 +247,17 @@ def test_more_misuses_are_named():
         nested_cross_entropy(torch.randn(0, 4, 3), y)  # a loss of 0 that trains nothing
     with pytest.raises(ValueError, match="config must be a SearchConfig .* got dict"):
         MatryoshkaIndex(Nesting((4, 8, 16)), {"shortlist_dim": 4})
+
+
+def test_stages_are_pairs_of_ints():
+    from mrl.retrieval import MatryoshkaIndex
+
+    x = np.random.default_rng(0).normal(size=(50, 16)).astype(np.float32)
+    ix = MatryoshkaIndex(Nesting((4, 8, 16)))
+    ix.add(x)
+    kw = dict(k=5, shortlist_dim=4, shortlist=20)
+    with pytest.raises(ValueError, match=r"stages\[0\] must be a \(dim, keep\) pair, got 8"):
+        ix.search(x[:2], stages=[8, 16], **kw)  # was "'int' object is not iterable"
+    with pytest.raises(ValueError, match=r"stages\[0\] keep must be an integer, got .*=10.5"):
+        ix.search(x[:2], stages=((8, 10.5), (16, 5)), **kw)  # was a torch.topk TypeError
+    assert ix.search(x[:2], stages=((8, 10), (16, 5)), **kw).ids.shape == (2, 5)

@@ -524,9 +524,10 @@ class MatryoshkaIndex:
             raise ValueError(f"shortlist must be >= k ({k}), got shortlist={cfg.shortlist}")
         prev_m, prev_keep = cfg.shortlist_dim, cfg.shortlist
         for i, stage in enumerate(cfg.stages):
-            if len(stage) != 2:
+            if not isinstance(stage, (tuple, list)) or len(stage) != 2:  # an int: a len() error
                 raise ValueError(f"stages[{i}] must be a (dim, keep) pair, got {stage!r}")
             m, keep = stage
+            _as_int(f"stages[{i}] keep", keep, 1)  # 10.5 failed inside torch.topk
             if m not in nest:
                 raise ValueError(
                     f"stages[{i}] dim must be a prefix size in the nesting {list(nest.sizes)}, "
@@ -587,7 +588,9 @@ class MatryoshkaIndex:
         overrides = {name: v for name, v in overrides.items() if v is not None}
         cfg = replace(self.config, **overrides)
         if "stages" in overrides:
-            cfg = replace(cfg, stages=tuple(tuple(s) for s in overrides["stages"]))
+            cfg = replace(cfg, stages=tuple(
+                tuple(s) if isinstance(s, (tuple, list)) else s for s in overrides["stages"]
+            ))  # fmt: skip  (a non-pair is named by the check below)
         k = _as_int("k", k, 1)
         n = self.count
         if n == 0:
