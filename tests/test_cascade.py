@@ -200,6 +200,9 @@ def test_save_load_roundtrip_and_other_nesting(tmp_path):
         ValueError, match=r"fitted for nesting \[4, 8, 16\].*nesting is \[4, 8, 32\]"
     ):
         Cascade.load(path, Nesting((4, 8, 32)))
+    assert Cascade.load(path, [4, 8, 16]) == cas  # a plain list, as nestings go elsewhere
+    with pytest.raises(ValueError, match=r"nesting is \[4, 8, 32\]"):
+        Cascade.load(path, "4,8,32")
     with pytest.raises(FileNotFoundError, match="cascade file not found"):
         Cascade.load(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text('{"format": "mrl-cascade", "version": 99}')

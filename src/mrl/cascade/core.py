@@ -235,6 +235,8 @@ class Cascade:
         except (TypeError, KeyError, AttributeError) as exc:
             bad = data["nesting"]
             raise ValueError(f"cascade 'nesting' is malformed ({exc!r}): {bad!r}") from None
+        if nesting is not None:  # a list or spec string as everywhere else (was AttributeError)
+            nesting = Nesting.coerce(nesting)
         if nesting is not None and tuple(nesting.sizes) != tuple(own.sizes):
             raise ValueError(
                 f"the cascade was fitted for nesting {list(own.sizes)}, but the model's nesting "
