@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mrl.arrays import as_numpy
-from mrl.retrieval.store import first_nonfinite_row
+from mrl.retrieval.store import check_dims, first_nonfinite_row
 
 __all__ = [
     "argtopk", "check_queries", "exact_search", "normalize_prefix", "topk_sorted", "METRICS"
@@ -88,14 +88,6 @@ def check_queries(queries: Any, dim: int) -> np.ndarray:
     return q
 
 
-def _check_dims(dims: Any, d: int) -> int:
-    if dims is None:
-        return d
-    if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or not 1 <= dims <= d:
-        raise ValueError(f"dims must be an int in [1, {d}], got dims={dims!r}")
-    return int(dims)
-
-
 def exact_search(
     db: np.ndarray,
     queries: np.ndarray,
@@ -121,7 +113,7 @@ def exact_search(
     q = check_queries(queries, d)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise ValueError(f"k must be in [1, number of database items ({n})], got k={k!r}")
-    m = _check_dims(dims, d)
+    m = check_dims(dims, d)
     if db.dtype.kind not in "biuf":  # complex lost its imaginary part, objects failed late
         raise ValueError(f"db must hold real numbers, got dtype {db.dtype}")
     if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:

@@ -81,6 +81,15 @@ def validate_vectors(x: Any, dim: int | None, name: str = "vectors") -> np.ndarr
     return arr
 
 
+def check_dims(dims: Any, d: int) -> int:
+    """A prefix length in [1, d] (None: d), for reads and searches of a prefix."""
+    if dims is None:
+        return d
+    if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or not 1 <= dims <= d:
+        raise ValueError(f"dims must be an int in [1, {d}], got dims={dims!r}")
+    return int(dims)
+
+
 def check_row_indices(rows: Any, count: int, name: str = "rows") -> np.ndarray:
     """Row positions as int64 ``[R]`` in [0, count): floats were truncated (1.7 read row 1) and
     negative positions counted from the end."""
@@ -414,15 +423,7 @@ class EmbeddingStore:
         return out
 
     def _check_dims(self, dims: int | None) -> int:
-        if dims is None:
-            return self.dim
-        if (
-            isinstance(dims, bool)
-            or not isinstance(dims, (int, np.integer))
-            or not 1 <= dims <= self.dim
-        ):
-            raise ValueError(f"dims must be an int in [1, {self.dim}], got dims={dims!r}")
-        return int(dims)
+        return check_dims(dims, self.dim)
 
     def iter_blocks(self, block: int = 65536, dims: int | None = None) -> Iterator[np.ndarray]:
         """Yield float32 blocks [<=block, dims] in row order (memory stays bounded)."""

@@ -50,6 +50,7 @@ from mrl.nesting import Nesting
 from mrl.retrieval.exact import METRICS, argtopk, check_queries
 from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
 from mrl.retrieval.store import (
+    check_dims,
     check_float16_range,
     check_row_indices,
     check_unique_ids,
@@ -375,11 +376,8 @@ class MatryoshkaIndex:
     def vectors(self, rows: np.ndarray | None = None, dims: int | None = None) -> np.ndarray:
         """Stored full-size vectors as float32 [len(rows), dims] (dequantised for int8)."""
         rows = np.arange(self.count) if rows is None else check_row_indices(rows, self.count)
-        d = self.nesting.dim
-        if dims is not None and (isinstance(dims, bool) or not isinstance(dims, (int, np.integer))
-                                 or not 1 <= dims <= d):  # 100 gave D columns silently
-            raise ValueError(f"dims must be an int in [1, {d}], got dims={dims!r}")
-        return self._widen(self._vectors[rows, : dims or d])
+        dims = check_dims(dims, self.nesting.dim)  # 100 gave D columns silently
+        return self._widen(self._vectors[rows, :dims])
 
     def shortlist_matrix(self, m: int) -> np.ndarray:
         """The contiguous normalised prefix [N, m] (built once, then cached and saved)."""
