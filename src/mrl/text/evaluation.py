@@ -275,14 +275,14 @@ def eval_command(args: Any) -> int:
     dataset = getattr(args, "dataset", None) or "cranfield"
     split = getattr(args, "split", None)
     named = split not in (None, "test")  # records name the dataset FOLDER:SPLIT then
-    default_out = f"eval-{Path(str(dataset)).name}" + (f"-{split}" if named else "")
+    report = Path(str(dataset)).name + (f"-{split}" if named else "")  # DATASET[-SPLIT]
     model: str | Path = args.run_dir
     if Path(args.run_dir).is_dir():
         if str(args.run_dir) == "default":  # a folder called default, not the packaged model
             model = Path(args.run_dir).absolute()
-        out = getattr(args, "out", None) or Path(args.run_dir) / default_out
+        out = getattr(args, "out", None) or Path(args.run_dir) / f"eval-{report}"
     else:  # the packaged model ('default') has no folder of its own: the working folder
-        out = getattr(args, "out", None) or Path(f"eval-{args.run_dir}-{default_out[5:]}")
+        out = getattr(args, "out", None) or Path(f"eval-{args.run_dir}-{report}")
     # before encoding, not when writing the report
     out = check_output_dir_of(out, "--out", REPORT_FILES, "a report folder")
     center = bool(getattr(args, "center", False))
@@ -298,8 +298,9 @@ def eval_command(args: Any) -> int:
         split=split,
     )
     notes = (
-        f"Model {args.run_dir}, dataset {dataset}{_split_note(args)}, "
-        f"nesting {list(nesting.sizes)}. Every prefix is "
+        f"Model {args.run_dir}, dataset {dataset}"
+        + (f" (judgments qrels/{split}.tsv)" if split else "")
+        + f", nesting {list(nesting.sizes)}. Every prefix is "
         f"re-normalised (cosine{', after subtracting the mean document' if center else ''})."
         + (" 'pca' is an uncentred PCA rotation fitted on the searched corpus." if pca else "")
     )
@@ -310,11 +311,6 @@ def eval_command(args: Any) -> int:
         print(summary_table(records, metric))
     print(f"report: {out / 'report.html'}")
     return 0
-
-
-def _split_note(args: Any) -> str:
-    split = getattr(args, "split", None)
-    return f" (judgments qrels/{split}.tsv)" if split else ""
 
 
 def headline_metrics(records: Sequence[Record]) -> list[str]:
