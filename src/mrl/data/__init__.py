@@ -137,12 +137,8 @@ def _image_folder_task(root: str | None, image_size: int, test_fraction: float, 
     if splits is not None:  # root/train + root/val: a fixed test split, whatever the seed
         return _split_folder_task(*splits, image_size)
     folder = ImageFolder(root, image_size=image_size)
+    _need_two_classes(folder, f"root={str(root)!r}")  # before decoding every image
     full = folder.load_tensors()
-    if full.num_classes < 2:
-        raise ValueError(
-            f"image folder root={str(root)!r} has {full.num_classes} class subfolder; "
-            "classification needs at least 2"
-        )
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
     n_test = max(1, int(len(full) * test_fraction))
 
@@ -175,11 +171,7 @@ def _split_folder_task(train_dir: Path, test_dir: Path, image_size: int) -> Task
             f"subfolders; only in {train_dir.name}/: {only_train}, only in {test_dir.name}/: "
             f"{only_test}"
         )
-    if len(train_folder.classes) < 2:
-        raise ValueError(
-            f"image folder {str(train_dir)!r} has 1 class subfolder; classification needs at "
-            "least 2"
-        )
+    _need_two_classes(train_folder, repr(str(train_dir)))
     root = train_dir.parent.name
     tr, te = train_folder.load_tensors(), test_folder.load_tensors()
     train = ImageTensors(tr.images, tr.labels, tr.num_classes, tr.mean, tr.std, f"{root}/train")
@@ -188,3 +180,10 @@ def _split_folder_task(train_dir: Path, test_dir: Path, image_size: int) -> Task
     fingerprint = (f"train/: {train_folder.fingerprint()}; {test_dir.name}/: "
                    f"{test_folder.fingerprint()}")  # fmt: skip
     return Task("image-folder", train, train, test, fingerprint)
+
+
+def _need_two_classes(folder: Any, shown: str) -> None:
+    """An `ImageFolder` of one class has nothing to classify (checked before any decoding)."""
+    if len(folder.classes) < 2:
+        raise ValueError(f"image folder {shown} has {len(folder.classes)} class subfolder; "
+                         "classification needs at least 2")
