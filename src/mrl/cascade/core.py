@@ -95,7 +95,23 @@ def check_labels(labels: Any, n: int, num_classes: int, name: str = "labels") ->
 
 def check_thresholds(thresholds: Sequence[float], nesting: Nesting) -> tuple[float, ...]:
     """One threshold in [0, 1] per prefix except the last."""
-    values = tuple(float(t) for t in thresholds)
+    try:  # a scalar or a string was a TypeError, or float() of each character
+        if isinstance(thresholds, (str, bytes)):
+            raise TypeError
+        items = list(thresholds)
+    except TypeError:
+        raise ValueError(
+            f"thresholds must be a sequence of G-1={len(nesting) - 1} numbers, got {thresholds!r}"
+        ) from None
+    values_list = []
+    for i, t in enumerate(items):  # a hand-edited cascade file: null, "a", true
+        try:
+            if isinstance(t, (str, bytes, bool, np.bool_)):
+                raise TypeError
+            values_list.append(float(t))
+        except (TypeError, ValueError):
+            raise ValueError(f"thresholds[{i}] must be a number in [0, 1], got {t!r}") from None
+    values = tuple(values_list)
     if len(values) != len(nesting) - 1:
         raise ValueError(
             f"thresholds must have G-1={len(nesting) - 1} entries for nesting "
@@ -147,7 +163,7 @@ def _stop_index(conf: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
 
 def cascade_costs(stop: np.ndarray, nesting: Nesting) -> dict[str, float]:
     """Mean costs of answering each sample at prefix ``stop[i]`` (see module docstring)."""
-    sizes = np.asarray(nesting.sizes, dtype=np.float64)
+    sizes = np.asarray(Nesting.coerce(nesting).sizes, dtype=np.float64)
     stop = np.asarray(stop)
     return {
         "expected_dims": float(sizes[stop].mean()),
@@ -272,6 +288,16 @@ def _prepare(scores: Any, labels: Any, nesting: Nesting, kind: str):
     return conf, pred == y[None, :], pred
 
 
+def _number(name: str, value: Any) -> float:
+    """``float(value)``, or a one-line error naming the parameter (was "could not convert ...")."""
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
 def _target_from(
     correct: np.ndarray, tolerance: float | None, target_accuracy: float | None
 ) -> tuple[str, float]:
@@ -281,10 +307,10 @@ def _target_from(
             f"target_accuracy={target_accuracy})"
         )
     if target_accuracy is not None:
-        if not 0.0 <= float(target_accuracy) <= 1.0:
+        if not 0.0 <= _number("target_accuracy", target_accuracy) <= 1.0:
             raise ValueError(f"target_accuracy must be in [0, 1], got {target_accuracy}")
         return "target_accuracy", float(target_accuracy)
-    tol = 0.0 if tolerance is None else float(tolerance)
+    tol = 0.0 if tolerance is None else _number("tolerance", tolerance)
     if not -1.0 <= tol <= 1.0:
         raise ValueError(f"tolerance must be in [-1, 1] (accuracy fraction), got {tolerance}")
     return "tolerance", float(correct[-1].mean()) - tol
@@ -394,7 +420,7 @@ def fit_cascade(
                 f"give budget alone, got budget={budget} with tolerance={tolerance}, "
                 f"target_accuracy={target_accuracy}"
             )
-        return _fit_budget(conf, correct, nesting, float(budget))
+        return _fit_budget(conf, correct, nesting, _number("budget", budget))
     mode, target = _target_from(correct, tolerance, target_accuracy)
     thresholds = _best_greedy(conf, correct, target, nesting)
     info = {"mode": mode, "target": target, "n_calib": int(conf.shape[1])}

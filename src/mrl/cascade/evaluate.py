@@ -25,6 +25,7 @@ import numpy as np
 from mrl.arrays import as_numpy
 from mrl.cascade.core import (
     Cascade,
+    _number,
     cascade_costs,
     check_labels,
     check_scores,
@@ -54,8 +55,11 @@ def split_calibration(
     n: int, fraction: float = 0.5, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random disjoint ``(calib_idx, test_idx)`` over ``range(n)``; ``fraction`` to calibration."""
-    if not 0.0 < float(fraction) < 1.0:
+    if not 0.0 < _number("calib_fraction", fraction) < 1.0:
         raise ValueError(f"calib_fraction must be in (0, 1), got {fraction}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        # numpy's own message was "expected non-negative integer", naming nothing
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     n_calib = int(round(n * fraction))
     if n_calib < 1 or n_calib > n - 1:
         raise ValueError(
@@ -92,14 +96,20 @@ def _accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
 def _check_ff(ff_scores: Mapping[int, Any] | None, n: int, c: int) -> dict[int, np.ndarray]:
     """FF logits ``{m: [N, C]}`` for the same samples as the cascade's scores."""
     out: dict[int, np.ndarray] = {}
-    for m, s in sorted((ff_scores or {}).items()):
+    for m, s in (ff_scores or {}).items():
+        # a size: 8.5 was silently FF-8, "x" an unnamed int() error ("8", from JSON, is 8)
+        ok = (isinstance(m, (int, np.integer)) and not isinstance(m, bool)) or (
+            isinstance(m, str) and m.isdigit()
+        )
+        if not ok or int(m) < 1:
+            raise ValueError(f"ff_scores keys must be FF sizes (positive ints), got {m!r}")
         arr = as_numpy(s)
         if arr.shape != (n, c):
             raise ValueError(f"ff_scores[{m}] must have shape [N, C]=({n}, {c}), got {arr.shape}")
         if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
             raise ValueError(f"ff_scores[{m}] must be finite numbers")
         out[int(m)] = arr
-    return out
+    return dict(sorted(out.items()))
 
 
 def _check_calib_index(index: Any, n: int) -> np.ndarray:
@@ -196,7 +206,8 @@ def _evaluate_seed(
         "split": "test",  # the caller's context names another split
         **context,
         "seed": seed,
-        "calib_fraction": calib_fraction,
+        # with a fixed calib_index, the fraction it is (was the unused calib_fraction argument)
+        "calib_fraction": calib_fraction if calib_index is None else len(cal) / len(y),
         "n_calib": len(cal),
         "n_test": len(tst),
     }
@@ -293,18 +304,21 @@ def evaluate_cascade(
     calibration part instead of drawing it per seed (the rest is the test part); ``context``
     (e.g. dataset="fashion-mnist") is added to every record.
     """
+    nesting = Nesting.coerce(nesting)  # a list or "8,16,32" as elsewhere (was AttributeError)
     arr = check_scores(scores, nesting)
     y = check_labels(labels, arr.shape[1], arr.shape[2])
     ff = _check_ff(ff_scores, arr.shape[1], arr.shape[2])
-    if not 0.0 <= float(match) < 1.0:  # also rejects NaN
+    if not 0.0 <= _number("match", match) < 1.0:  # also rejects NaN
         raise ValueError(f"match must be in [0, 1) (an accuracy fraction), got {match}")
-    if not 0.0 < float(calib_fraction) < 1.0:
+    if not 0.0 < _number("calib_fraction", calib_fraction) < 1.0:
         raise ValueError(f"calib_fraction must be in (0, 1), got {calib_fraction}")
     if calib_index is not None:
         calib_index = _check_calib_index(calib_index, arr.shape[1])
         seeds = tuple(seeds)[:1] or (0,)  # one fixed split: one "seed"
     if not seeds:
         raise ValueError(f"seeds must not be empty, got {list(seeds)}")
+    if len(set(map(int, seeds))) != len(seeds):  # one split counted twice: a smaller std, n
+        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
     records: list[Record] = []
     summaries = []
     for seed in seeds:

@@ -173,11 +173,15 @@ def plot_curves(
     ax.set_title(title or "Adaptive classification")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    from mrl.io import atomic_open
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # through a temporary file: an interrupted save leaves no truncated cascade.png
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -142,6 +142,9 @@ def _check_options(args: argparse.Namespace) -> None:
     budget = getattr(args, "budget", None)
     if budget is not None and not budget > 0:
         raise ValueError(f"--budget must be positive (expected dims), got --budget {budget}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and seed < 0:  # numpy said only "expected non-negative integer"
+        raise ValueError(f"--seed must be a non-negative int, got --seed {seed}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -263,7 +266,7 @@ def _eval_file(args: argparse.Namespace, path: Path) -> int:
     from mrl.cascade.runs import fingerprint, load_source
 
     info = Cascade.load(path).info
-    _refuse_ignored_options(args)
+    _refuse_ignored_options(args, info)
     if args.logits:
         data = load_source(args.logits, args.split)
         fp = fingerprint(data)  # computed once: recognises the source, and tells it changed
@@ -271,8 +274,9 @@ def _eval_file(args: argparse.Namespace, path: Path) -> int:
         fix = "--logits is its source, and its held-out part is unknown: refit it"
         idx = _heldout_index(path, info, len(data.labels), fix) if own else None
     else:
-        if "source" not in info:
-            raise ValueError(f"{path} does not name its source; pass --logits RUN_OR_FILE")
+        if not isinstance(info.get("source"), str):
+            raise ValueError(f"{path} does not name its source (info 'source': "
+                             f"{info.get('source')!r}); pass --logits RUN_OR_FILE")  # fmt: skip
         data = load_source(info["source"], info.get("split", "test"))
         fp = fingerprint(data)
         idx = _heldout_index(path, info, len(data.labels), "pass --logits RUN_OR_FILE")
@@ -316,7 +320,12 @@ def _heldout_index(path: Path, info: dict, n: int, fix: str) -> np.ndarray:
     lacking = [k for k in ("calib_fraction", "seed") if k not in info]
     if lacking:
         raise ValueError(f"{path} lacks {lacking} in its info; {fix}")
-    return split_calibration(n, info["calib_fraction"], info["seed"])[1]
+    seed, frac = info["seed"], info["calib_fraction"]  # a hand-edited file: was a TypeError
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{path}: info 'seed' must be a non-negative int, got {seed!r}; {fix}")
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
+        raise ValueError(f"{path}: info 'calib_fraction' must be in (0, 1), got {frac!r}; {fix}")
+    return split_calibration(n, frac, seed)[1]
 
 
 def _is_own_source(given: str, split: str, data: LogitsSet, info: dict, fp: str) -> bool:
@@ -325,7 +334,7 @@ def _is_own_source(given: str, split: str, data: LogitsSet, info: dict, fp: str)
     its run."""
     if "fingerprint" in info and info["fingerprint"] == fp:
         return True
-    if "source" not in info or split != info.get("split", "test"):
+    if not isinstance(info.get("source"), str) or split != info.get("split", "test"):
         return False
     src = Path(info["source"]).resolve()
     run = data.meta.get("run")
@@ -343,16 +352,29 @@ def _eval_where(args: argparse.Namespace, idx: np.ndarray | None, n: int) -> str
             f"its other {n - len(idx)} samples calibrated it")  # fmt: skip
 
 
-def _refuse_ignored_options(args: argparse.Namespace) -> None:
-    """Options of the curve evaluation mean nothing for a fitted cascade file: say so."""
-    given = [flag for flag, on in (("--ff", args.ff), ("--out", args.out),
-                                   ("--fewshot", args.fewshot), ("--dataset", args.dataset),
-                                   ("--notes", args.notes), ("--seeds", args.seeds != "0,1,2"),
-                                   ("--match", args.match != 0.005)) if on]  # fmt: skip
+def _refuse_ignored_options(args: argparse.Namespace, info: dict) -> None:
+    """Options of the curve evaluation mean nothing for a fitted cascade file: say so.
+
+    ``--calib-fraction`` and ``--fewshot-pool`` were silently ignored too (the held-out part is
+    the one of the fit's own fraction and seed), and so was ``--split`` without ``--logits``
+    (the cascade's source is read at the split it was fitted on)."""
+    options = (("--ff", args.ff), ("--out", args.out), ("--fewshot", args.fewshot),
+               ("--dataset", args.dataset), ("--notes", args.notes),
+               ("--seeds", args.seeds != "0,1,2"), ("--match", args.match != 0.005),
+               ("--calib-fraction", args.calib_fraction != 0.5),
+               ("--fewshot-pool", args.fewshot_pool != "test"))  # fmt: skip
+    given = [flag for flag, on in options if on]
     if given:
         raise ValueError(
             f"{', '.join(given)} apply to a run folder or logits file, not to a fitted cascade "
             f"file ({args.source}); drop them or evaluate the source instead"
+        )
+    fitted = info.get("split", "test")
+    if not args.logits and args.split != "test" and args.split != fitted:
+        raise ValueError(
+            f"--split {args.split} without --logits: {args.source} is evaluated on the held-out "
+            f"part of split {fitted!r} it was fitted on; pass --logits RUN_OR_FILE to evaluate "
+            f"it on split {args.split!r}"
         )
 
 
@@ -363,6 +385,8 @@ def _parse_seeds(text: str) -> list[int]:
         raise ValueError(f"--seeds must be comma-separated ints, got {text!r}") from None
     if not seeds:
         raise ValueError(f"--seeds must name at least one seed, got {text!r}")
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct non-negative ints, got --seeds {text}")
     return seeds
 
 
@@ -375,6 +399,9 @@ def _eval_curves(args: argparse.Namespace, src: Path) -> int:
     seeds = _parse_seeds(args.seeds)
     if args.logits:
         raise ValueError(f"--logits applies to a cascade file (.json) source, not to {src}")
+    if args.fewshot_pool != "test" and not args.fewshot:  # was silently ignored
+        raise ValueError(f"--fewshot-pool {args.fewshot_pool} applies with --fewshot only; "
+                         "add --fewshot or drop it")  # fmt: skip
     out = _eval_out(args, src)  # checked before the logits are computed
     if args.fewshot and args.fewshot_pool == "train":
         for f in [src, *args.ff]:

@@ -1,0 +1,264 @@
+"""Cascade audit: results re-computed by an independent per-sample loop, and the bad input and
+ignored options that used to give tracebacks, unnamed errors or silent no-ops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cascade_cli import NEST, synthetic
+
+from mrl.cascade import Cascade, evaluate_cascade, fit_cascade, oracle, split_calibration
+from mrl.cascade.runs import LogitsSet, save_logits
+from mrl.cli import main
+
+
+def _loop(logits, y, sizes, thresholds):
+    """Accuracy, expected dims and expected head dims, one sample and one prefix at a time:
+    answer at the first prefix whose max softmax probability is >= its threshold, else the last."""
+    G, N, _ = logits.shape
+    right = dims = head_dims = 0
+    for i in range(N):
+        for g in range(G):
+            z = np.asarray(logits[g, i], dtype=np.float64)
+            p = np.exp(z - z.max())
+            if g == G - 1 or (p / p.sum()).max() >= thresholds[g]:
+                right += int(z.argmax() == y[i])
+                dims += sizes[g]
+                head_dims += sum(sizes[: g + 1])
+                break
+    return right / N, dims / N, head_dims / N
+
+
+def _held_out(n, fraction, seed):
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[int(round(n * fraction)):])
+
+
+@pytest.fixture
+def src(tmp_path):
+    mrl, y, _, emb = synthetic()
+    path = tmp_path / "mrl.npz"
+    save_logits(path, LogitsSet(mrl, y, NEST, emb, {"dataset": "toy"}))
+    return path
+
+
+# ----------------------------------------------------------------------------- re-computation
+def test_cli_fit_results_match_an_independent_loop_over_the_saved_thresholds(src, capsys):
+    mrl, y, _, _ = synthetic()
+    out = src.with_name("c.json")
+    assert main(["cascade", "fit", str(src), "--seed", "3", "--calib-fraction", "0.4",
+                 "--tolerance", "0.01", "--out", str(out)]) == 0  # fmt: skip
+    saved = json.loads(out.read_text())
+    th, info = saved["thresholds"], saved["info"]
+    held = _held_out(len(y), 0.4, 3)
+    cal = np.setdiff1d(np.arange(len(y)), held)
+    acc, dims, head_dims = _loop(mrl[:, held], y[held], list(NEST.sizes), th)
+    assert info["heldout"]["accuracy"] == pytest.approx(acc, abs=1e-12)
+    assert info["heldout"]["expected_dims"] == pytest.approx(dims, abs=1e-9)
+    assert info["heldout"]["expected_head_dims"] == pytest.approx(head_dims, abs=1e-9)
+    acc, dims, _ = _loop(mrl[:, cal], y[cal], list(NEST.sizes), th)
+    assert info["calib_accuracy"] == pytest.approx(acc, abs=1e-12)
+    assert info["calib_expected_dims"] == pytest.approx(dims, abs=1e-9)
+    capsys.readouterr()
+    assert main(["cascade", "eval", str(out)]) == 0
+    assert f"accuracy {100 * info['heldout']['accuracy']:.2f} %" in capsys.readouterr().out
+
+
+def test_curve_matched_point_and_oracle_match_an_independent_loop():
+    mrl, y, _, _ = synthetic(seed=5, n=300)
+    sizes = list(NEST.sizes)
+    _, summaries = evaluate_cascade(mrl, y, NEST, seeds=(0, 7), tolerances=(0.0, 0.01, 0.1))
+    for s in summaries:
+        tst = _held_out(len(y), 0.5, s["seed"])
+        for p in [*s["curve"], s["matched"]]:
+            acc, dims, head_dims = _loop(mrl[:, tst], y[tst], sizes, p["thresholds"])
+            assert p["accuracy"] == pytest.approx(acc, abs=1e-12)
+            assert p["expected_dims"] == pytest.approx(dims, abs=1e-9)
+            assert p["expected_head_dims"] == pytest.approx(head_dims, abs=1e-9)
+        right = dims = 0
+        for i in tst:  # the oracle: the first prefix that is right, else the last
+            g = next((g for g in range(len(sizes)) if mrl[g, i].argmax() == y[i]), len(sizes) - 1)
+            right += int(mrl[g, i].argmax() == y[i])
+            dims += sizes[g]
+        assert s["oracle_accuracy"] == pytest.approx(right / len(tst), abs=1e-12)
+        assert s["oracle_expected_dims"] == pytest.approx(dims / len(tst), abs=1e-9)
+        labels, used = oracle(mrl[:, tst], y[tst], NEST)
+        assert used.mean() == pytest.approx(dims / len(tst))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fit_never_needs_more_dims_than_a_fixed_prefix_reaching_the_target(seed):
+    # docs/cascade.md: "on calibration the cascade is never worse than a fixed prefix"
+    mrl, y, _, _ = synthetic(seed=seed, n=200)
+    accs = (mrl.argmax(axis=2) == y[None]).mean(axis=1)
+    for tol in (-0.01, 0.0, 0.01, 0.05):
+        cas = fit_cascade(mrl, y, NEST, tolerance=tol)
+        for g, m in enumerate(NEST.sizes):
+            if accs[g] >= cas.info["target"] - 1e-12:
+                assert cas.info["calib_expected_dims"] <= m + 1e-9
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_thresholds_that_are_not_numbers_are_named():
+    # was: TypeError "float() argument must be ... not 'NoneType'" / "'float' object is not
+    # iterable", and "could not convert string to float: '.'" for "0.5,0.5"
+    with pytest.raises(ValueError, match=r"thresholds\[1\] must be a number in \[0, 1\], got None"):
+        Cascade(NEST, (0.5, None, 0.5))
+    with pytest.raises(ValueError, match=r"thresholds\[0\] must be a number in \[0, 1\], got 'a'"):
+        Cascade(NEST, ("a", 0.5, 0.5))
+    with pytest.raises(ValueError, match=r"a sequence of G-1=3 numbers, got 0.5"):
+        Cascade(NEST, 0.5)
+    with pytest.raises(ValueError, match="thresholds must be a sequence of G-1=3 numbers"):
+        Cascade(NEST, "0.5,0.5,0.5")
+    assert Cascade(NEST, np.array([0.5, 1, 0])).thresholds == (0.5, 1.0, 0.0)
+
+
+def test_fit_options_that_are_not_numbers_are_named():
+    mrl, y, _, _ = synthetic(n=50)
+    for kw, name in [({"tolerance": "x"}, "tolerance"), ({"target_accuracy": "x"},
+                     "target_accuracy"), ({"budget": "x"}, "budget"), ({"budget": None,
+                     "tolerance": [0.1]}, "tolerance")]:  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^{name} must be a number, got"):
+            fit_cascade(mrl, y, NEST, **kw)
+
+
+def test_negative_seeds_are_named():
+    # numpy's message was "expected non-negative integer", naming no parameter
+    with pytest.raises(ValueError, match="seed must be a non-negative int, got -1"):
+        split_calibration(10, 0.5, -1)
+    with pytest.raises(ValueError, match="seed must be a non-negative int, got 1.5"):
+        split_calibration(10, 0.5, 1.5)
+
+
+def test_cli_negative_seeds_are_named(src, capsys):
+    assert main(["cascade", "fit", str(src), "--seed", "-1"]) == 2
+    assert "--seed must be a non-negative int, got --seed -1" in capsys.readouterr().err
+    assert main(["cascade", "eval", str(src), "--seeds", "0,-2"]) == 2
+    assert "--seeds must be distinct non-negative ints, got --seeds 0,-2" in capsys.readouterr().err
+    assert main(["cascade", "eval", str(src), "--seeds", "1,1"]) == 2  # was: n=2, std 0
+    assert "--seeds must be distinct non-negative ints, got --seeds 1,1" in capsys.readouterr().err
+    mrl, y, _, _ = synthetic(n=60)
+    with pytest.raises(ValueError, match=r"seeds must be distinct, got \[0, 0\]"):
+        evaluate_cascade(mrl, y, NEST, seeds=(0, 0))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"thresholds": [None, 0.5, 0.5]}, "thresholds[0] must be a number in [0, 1], got None"),
+        ({"info": {"seed": "x"}}, "info 'seed' must be a non-negative int, got 'x'"),
+        ({"info": {"seed": -3}}, "info 'seed' must be a non-negative int, got -3"),
+        ({"info": {"calib_fraction": "a"}}, "info 'calib_fraction' must be in (0, 1), got 'a'"),
+        ({"info": {"source": 5}}, "does not name its source (info 'source': 5)"),
+    ],
+)
+def test_hand_edited_cascade_files_are_one_line_errors(src, capsys, edit, message):
+    out = src.with_name("c.json")
+    assert main(["cascade", "fit", str(src), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    for key, value in edit.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    out.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["cascade", "eval", str(out)]) == 2  # was a traceback for most of these
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- ignored options
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--calib-fraction", "0.3"], "--calib-fraction"),
+        (["--fewshot-pool", "train"], "--fewshot-pool"),
+    ],
+)
+def test_eval_of_a_cascade_file_refuses_options_it_would_ignore(src, capsys, argv, flag):
+    out = src.with_name("c.json")
+    assert main(["cascade", "fit", str(src), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["cascade", "eval", str(out), *argv]) == 2  # was: rc 0, the option unused
+    assert f"{flag} apply to a run folder or logits file" in capsys.readouterr().err
+
+
+def test_eval_of_a_cascade_file_refuses_another_split_without_logits(src, capsys):
+    out = src.with_name("c.json")
+    assert main(["cascade", "fit", str(src), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["cascade", "eval", str(out), "--split", "train"]) == 2  # was: the test split
+    assert "--split train without --logits" in capsys.readouterr().err
+    assert main(["cascade", "eval", str(out), "--split", "test"]) == 0
+
+
+def test_fewshot_pool_without_fewshot_is_refused(src, capsys, tmp_path):
+    rc = main(["cascade", "eval", str(src), "--fewshot-pool", "train", "--out",
+               str(tmp_path / "e")])  # fmt: skip
+    assert rc == 2  # was: rc 0, --fewshot-pool ignored
+    assert "--fewshot-pool train applies with --fewshot only" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+# ----------------------------------------------------------------------------- atomic outputs
+def test_an_interrupted_plot_leaves_the_previous_png_whole(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from mrl.cascade.report import plot_curves
+
+    mrl, y, _, _ = synthetic(n=100)
+    _, summaries = evaluate_cascade(mrl, y, NEST, seeds=(0,), tolerances=(0.0, 0.1))
+    png = tmp_path / "cascade.png"
+    plot_curves(summaries, png)
+    before = png.read_bytes()
+
+    def interrupted(self, fname, *args, **kwargs):  # writes a little, then dies
+        f = open(fname, "wb") if isinstance(fname, (str, Path)) else fname  # noqa: SIM115
+        f.write(b"\x89PNG half")
+        f.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        plot_curves(summaries, png)
+    assert png.read_bytes() == before  # was truncated to the half-written bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cascade.png"]
+
+
+def test_evaluation_takes_a_nesting_as_a_list_or_spec_as_fit_does():
+    # fit_cascade, Cascade and oracle coerce a nesting; these raised AttributeError on .sizes
+    mrl, y, _, _ = synthetic(n=60)
+    want, _ = evaluate_cascade(mrl, y, NEST, seeds=(0,), tolerances=(0.0,))
+    for nesting in ([2, 4, 8, 16], "2,4,8,16"):
+        got, _ = evaluate_cascade(mrl, y, nesting, seeds=(0,), tolerances=(0.0,))
+        assert got == want
+    from mrl.cascade import cascade_costs
+
+    stop = np.array([0, 3])
+    assert cascade_costs(stop, [2, 4, 8, 16]) == cascade_costs(stop, NEST)
+
+
+def test_evaluate_cascade_names_bad_numbers_and_ff_sizes():
+    mrl, y, ff, _ = synthetic(n=60)
+    with pytest.raises(ValueError, match=r"^match must be a number, got 'x'"):
+        evaluate_cascade(mrl, y, NEST, match="x")  # was: could not convert string to float
+    with pytest.raises(ValueError, match=r"^calib_fraction must be a number, got 'x'"):
+        evaluate_cascade(mrl, y, NEST, calib_fraction="x")
+    with pytest.raises(ValueError, match=r"^calib_fraction must be a number, got None"):
+        split_calibration(10, None)
+    for key in (8.5, "x", 0):  # 8.5 was silently FF-8; "x" an unnamed int() error
+        with pytest.raises(ValueError, match=rf"ff_scores keys must be FF sizes .*got {key!r}"):
+            evaluate_cascade(mrl, y, NEST, ff_scores={key: ff[8]}, seeds=(0,))
+    kw = {"seeds": (0,), "tolerances": (0.0,)}
+    assert (evaluate_cascade(mrl, y, NEST, ff_scores={"8": ff[8]}, **kw)[0]
+            == evaluate_cascade(mrl, y, NEST, ff_scores={8: ff[8]}, **kw)[0])  # fmt: skip
+
+
+def test_records_of_a_fixed_calibration_part_give_its_fraction():
+    mrl, y, _, _ = synthetic(n=400)
+    recs, summaries = evaluate_cascade(mrl, y, NEST, calib_index=np.arange(100),
+                                       tolerances=(0.0,))  # fmt: skip
+    per_seed = [r for r in recs if r.get("seed") is not None]
+    assert {r["n_calib"] for r in per_seed} == {100}
+    assert {r["calib_fraction"] for r in per_seed} == {0.25}  # was 0.5, the unused default
