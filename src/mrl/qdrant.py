@@ -27,6 +27,7 @@ point ids are row numbers, the batch that was in flight is simply written again.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import time
@@ -474,12 +475,35 @@ def _with_retries(fn: Callable[[], None], retries: int, backoff_s: float) -> int
     raise AssertionError("unreachable")
 
 
+_SAMPLE_ROWS = 16  # rows whose vectors (and ids) the marker's fingerprint hashes
+
+
 def _fingerprint(store, layout: QdrantLayout, collection: str) -> dict[str, Any]:
+    """What identifies an export: the collection, the layout, the store's shape and ids, and a
+    hash of the vectors (and ids) of up to 16 evenly spaced rows. Without the vectors, a store
+    re-embedded by another model (same count, same ids) matched the marker of the old export,
+    and the collection silently kept the old vectors."""
     ids = store.ids
     first = ids[:1].tolist()
     last = ids[-1:].tolist()
-    return {"collection": collection, "count": int(store.count), "dim": int(store.dim),
-            "layout": layout.to_dict(), "first_id": first, "last_id": last}
+    fp = {"collection": collection, "count": int(store.count), "dim": int(store.dim),
+          "layout": layout.to_dict(), "first_id": first, "last_id": last}
+    n = int(store.count)
+    if n:
+        rows = np.unique(np.linspace(0, n - 1, min(n, _SAMPLE_ROWS)).round().astype(np.int64))
+        x = np.ascontiguousarray(store.take(rows, dims=layout.dim), dtype="<f4")  # [s, D]
+        digest = hashlib.blake2b(x.tobytes(), digest_size=16)
+        digest.update(json.dumps([_jsonable(ids[r]) for r in rows]).encode())
+        fp["sample"] = digest.hexdigest()
+    return fp
+
+
+def _same_export(recorded: Any, fingerprint: dict[str, Any]) -> bool:
+    """The marker's fingerprint is this export's (a marker written before the vector sample
+    was recorded is compared on the rest)."""
+    if isinstance(recorded, dict) and "sample" not in recorded:
+        fingerprint = {k: v for k, v in fingerprint.items() if k != "sample"}
+    return recorded == fingerprint
 
 
 def check_progress_file(path: str | os.PathLike, param: str = "progress_path") -> dict | None:
@@ -511,15 +535,21 @@ def _is_marker(data: dict) -> bool:
             and isinstance(done, int) and not isinstance(done, bool) and done >= 0)
 
 
-def _read_marker(path: Path, fingerprint: dict, param: str) -> int:
-    """Rows already exported according to the marker (0 without one); refuses a foreign one."""
+def _read_marker(path: Path, fingerprint: dict, param: str) -> tuple[int, bool]:
+    """(rows already exported, whether ``finish`` completed after the last row) according to
+    the marker ((0, False) without one); refuses a foreign one."""
     data = check_progress_file(path, param)
     if data is None:
-        return 0
-    if data.get("fingerprint") != fingerprint:
+        return 0, False
+    if not _same_export(data.get("fingerprint"), fingerprint):
         raise ValueError(f"progress file {path} belongs to another export "
                          f"({data.get('fingerprint')}); remove it or pass another --progress")
-    return int(data["done"])
+    return int(data["done"]), data.get("finished") is True
+
+
+def _write_marker(path: Path, fingerprint: dict, done: int, finished: bool = False) -> None:
+    atomic_write_json(path, {"format": MARKER_FORMAT, "version": MARKER_VERSION,
+                             "fingerprint": fingerprint, "done": done, "finished": finished})
 
 
 def export_qdrant(
@@ -542,7 +572,10 @@ def export_qdrant(
     durable (Edge: ``flush()``, the slow part of an upload) and then the marker at
     ``progress_path`` records the rows done; a new call starts there and rewrites the batches
     after it, harmlessly: point ids are row numbers. When the collection holds fewer points than
-    the marker claims (a server lost data), the export starts again from row 0.
+    the marker claims (a server lost data), the export starts again from row 0. ``target.finish()``
+    (Edge: building the HNSW graph) runs after the last row and is recorded in the marker too, so
+    a run killed during it finishes it when started again. A marker of another export (another
+    collection, layout, or store: its count, ids and a hash of some rows' vectors) is refused.
     ``on_batch(done, total)`` is called after each marker update.
     """
     if batch_size < 1:
@@ -557,10 +590,10 @@ def export_qdrant(
     t0 = time.perf_counter()
     progress_path = Path(progress_path)
     fingerprint = _fingerprint(store, layout, collection)
-    done = _read_marker(progress_path, fingerprint, "progress_path")
+    done, finished = _read_marker(progress_path, fingerprint, "progress_path")
     target.ensure(layout)
     if target.count() < done:  # marker ahead of the data: trust the data, start over
-        done = 0
+        done, finished = 0, False
     start, total, ids = done, store.count, store.ids
     report = ExportReport(total, 0, start, 0, 0, 0.0)
     bar = _progress_bar(total, start, show_progress)
@@ -579,15 +612,15 @@ def export_qdrant(
             bar.update(end - rows[0])
         if report.batches % commit_every == 0 or done == total:
             target.commit()
-            atomic_write_json(progress_path, {"format": MARKER_FORMAT, "version": MARKER_VERSION,
-                                              "fingerprint": fingerprint, "done": done})
+            _write_marker(progress_path, fingerprint, done)
             if on_batch is not None:
                 on_batch(done, total)
     if bar is not None:
         bar.close()
     t1 = time.perf_counter()
-    if report.written or start == 0:
+    if report.written or not finished:  # also when a killed run wrote every row, not finish
         target.finish()
+        _write_marker(progress_path, fingerprint, done, finished=True)
     report.finish_seconds = time.perf_counter() - t1
     report.seconds = time.perf_counter() - t0
     return report

@@ -26,7 +26,7 @@ import numpy as np
 
 from mrl._optional import require
 from mrl.serve import schemas  # pydantic models; module level so FastAPI resolves annotations
-from mrl.serve.batching import DirectRunner, MicroBatcher
+from mrl.serve.batching import DirectRunner, MicroBatcher, RunnerStopped
 from mrl.serve.encoders import Encoder
 from mrl.serve.search import SearchBackend
 
@@ -115,6 +115,12 @@ def _texts_from_input(value: Any, config: ServeConfig, param: str = "input") -> 
         if len(t) > config.max_input_chars:
             raise APIError(400, f"{param}[{i}] has {len(t)} characters; at most "
                            f"{config.max_input_chars}", param, "context_length_exceeded")
+        try:  # JSON may carry a lone surrogate ("\ud83d": a client cut an emoji in half)
+            t.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise APIError(400, f"{param}[{i}] is not valid Unicode text: a lone surrogate "
+                           f"{t[exc.start]!r} at position {exc.start}", param,
+                           "invalid_input") from None
     return texts
 
 
@@ -280,7 +286,11 @@ class _Service:
             raise APIError(400, str(exc), param, "invalid_input") from None
         if not self.config.truncate:
             _check_tokens(counts, enc.max_tokens, param)
-        emb = await self.state["runner"].submit(texts)
+        try:
+            emb = await self.state["runner"].submit(texts)
+        except RunnerStopped:
+            raise APIError(503, "the server is shutting down; the request was not served",
+                           None, "service_unavailable", "server_error") from None
         return emb, int(sum(min(c, enc.max_tokens) for c in counts))
 
     async def search_queries(self, req) -> tuple[np.ndarray, dict[str, float]]:

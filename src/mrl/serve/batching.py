@@ -18,9 +18,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["DirectRunner", "MicroBatcher"]
+__all__ = ["DirectRunner", "MicroBatcher", "RunnerStopped"]
 
 EncodeFn = Callable[[Sequence[str]], np.ndarray]  # texts -> [B, D]
+
+
+class RunnerStopped(RuntimeError):
+    """The runner was stopped: `submit` after `stop`, or a request still waiting at `stop`."""
+
+
+def _check_rows(emb: object, n: int) -> np.ndarray:
+    """The encoder's answer for ``n`` texts, which must be [n, D]: a wrong row count would hand
+    every request of the batch someone else's rows (or none)."""
+    shape = getattr(emb, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != n:
+        got = type(emb).__name__ if shape is None else f"shape {tuple(shape)}"
+        raise RuntimeError(f"the encoder returned {got} for {n} texts; expected [{n}, D]")
+    return emb  # type: ignore[return-value]
 
 
 @dataclass
@@ -35,18 +49,24 @@ class DirectRunner:
     def __init__(self, encode: EncodeFn) -> None:
         self._encode = encode
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrl-encode")
+        self._stopped = False
         self.batches = 0
 
     async def start(self) -> None:  # same lifecycle as MicroBatcher
         return None
 
     async def stop(self) -> None:
+        self._stopped = True
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, texts: Sequence[str]) -> np.ndarray:
+        if self._stopped:
+            raise RunnerStopped("the encoder runner was stopped; the request was not served")
+        texts = list(texts)
         self.batches += 1
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._encode, list(texts))
+        return _check_rows(await loop.run_in_executor(self._executor, self._encode, texts),
+                           len(texts))
 
 
 class MicroBatcher:
@@ -60,6 +80,12 @@ class MicroBatcher:
     One batch runs at a time: the encoder already uses every core, and requests that arrive while
     it runs form the next batch, so under load batches fill up without any waiting at all.
     Requests are served first come, first served.
+
+    A failed encoder call does not fail the requests that merely shared the batch: a batch of
+    several requests that raises is run again one request at a time, so only the request that
+    breaks the model gets the error (and the others get exactly what they get alone). `stop`
+    answers every request still waiting (queued or in the running batch) with `RunnerStopped`,
+    and so does `submit` afterwards: nobody waits for ever.
     """
 
     def __init__(self, encode: EncodeFn, max_batch_size: int = 64, max_wait_ms: float = 2.0):
@@ -74,6 +100,8 @@ class MicroBatcher:
         self._queued = 0  # texts waiting in _pending
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._running: list[_Pending] = []  # the batch the encoder is working on
+        self._stopped = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrl-batch")
         self.batches = 0  # encoder calls made, for tests and metrics
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # texts per encoder call
@@ -84,6 +112,8 @@ class MicroBatcher:
             self._task = asyncio.create_task(self._run(), name="mrl-micro-batcher")
 
     async def stop(self) -> None:
+        """Stop batching; every request not yet answered gets `RunnerStopped`."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -91,10 +121,19 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        waiting = [*self._running, *self._pending]
+        self._running, self._queued = [], 0
+        self._pending.clear()
+        for p in waiting:  # queued, or in the batch the cancelled loop was waiting on
+            if not p.future.done():
+                p.future.set_exception(RunnerStopped(
+                    "the micro-batcher was stopped before this request was served"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts`` (float32 [len(texts), D]) as part of whatever batch forms."""
+        if self._stopped:
+            raise RunnerStopped("the micro-batcher was stopped; the request was not served")
         if self._wakeup is None:
             raise RuntimeError("MicroBatcher.start() was not called")
         future = asyncio.get_running_loop().create_future()
@@ -131,24 +170,39 @@ class MicroBatcher:
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = [p for p in await self._collect() if not p.future.done()]  # drop cancelled
             if not batch:
                 continue
-            texts = [t for p in batch for t in p.texts]
-            try:
-                emb = await loop.run_in_executor(self._executor, self._encode, texts)  # [B, D]
-            except Exception as exc:  # the model failed: every caller in the batch gets the error
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            self.batches += 1
-            self.batch_sizes.append(len(texts))
-            start = 0
-            for p in batch:  # split rows back in submission order
-                rows = emb[start : start + len(p.texts)]
-                start += len(p.texts)
+            self._running = batch  # kept when stop() cancels us: it answers these
+            await self._serve(batch)
+            self._running = []
+
+    async def _serve(self, batch: list[_Pending]) -> None:
+        """One encoder call for ``batch``; each request gets its rows, in submission order."""
+        texts = [t for p in batch for t in p.texts]
+        try:
+            emb = await self._call(texts)  # [B, D]
+        except Exception as exc:
+            if len(batch) == 1:  # the model failed on this request's texts: its caller's error
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(exc)
+                return
+            # one request may have broken the batch: run each alone, so that only it fails
+            for p in batch:
                 if not p.future.done():
-                    p.future.set_result(rows)
+                    await self._serve([p])
+            return
+        start = 0
+        for p in batch:  # split rows back in submission order
+            rows = emb[start : start + len(p.texts)]
+            start += len(p.texts)
+            if not p.future.done():
+                p.future.set_result(rows)
+
+    async def _call(self, texts: list[str]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        self.batches += 1
+        self.batch_sizes.append(len(texts))
+        emb = await loop.run_in_executor(self._executor, self._encode, texts)
+        return _check_rows(emb, len(texts))

@@ -122,9 +122,22 @@ class QdrantBackend:
     def search(self, queries: np.ndarray, k: int, *, shortlist_dim: int | None = None,
                shortlist: int | None = None, stages: Sequence[Sequence[int]] | None = None,
                config: str | None = None) -> SearchOutcome:
+        from mrl.qdrant import FunnelPlan
+
         params = _pick(self.configs, config or "default", {
             "shortlist_dim": shortlist_dim, "shortlist": shortlist, "stages": stages})
+        if shortlist is None and stages is None:
+            # a named configuration's funnel (K=200 by default) is widened for a larger k, as
+            # IndexBackend does; a request's explicit shortlist/stages are run as given
+            if params.get("shortlist") is not None:
+                params["shortlist"] = max(int(params["shortlist"]), k)
+            if params.get("stages") is not None:
+                params["stages"] = [(m, max(int(keep), k)) for m, keep in params["stages"]]
+        plan = FunnelPlan.build(self.index.layout, k, **params)  # validates; what will run
         t = time.perf_counter()
-        scores, ids = self.index.search(queries, k, **params)
-        return SearchOutcome(*hit_lists(np.asarray(ids), scores), params,
+        scores, ids = self.index.search(queries, k, shortlist_dim=plan.shortlist_dim,
+                                        shortlist=plan.shortlist, stages=plan.stages)
+        used = {"shortlist_dim": plan.shortlist_dim, "shortlist": plan.shortlist,
+                "stages": [list(s) for s in plan.stages]}
+        return SearchOutcome(*hit_lists(np.asarray(ids), scores), used,
                              {"qdrant": (time.perf_counter() - t) * 1e3})
