@@ -325,6 +325,22 @@ def test_cli_bad_prefixes(tmp_path, store_path, capsys):
         capsys.readouterr().err)
 
 
+def test_cli_names_points_left_by_a_larger_earlier_export(tmp_path, db, capsys):
+    """A collection holding more points than the store cannot be mended by running the export
+    again (the message said so): the error says why and what to do."""
+    for name, rows in (("big", db), ("small", db[:300])):
+        EmbeddingStore.from_array(tmp_path / name, rows, NEST)
+    args = ["export", "qdrant", "--collection", "docs", "--path", str(tmp_path / "q"), "--quiet"]
+    assert main([*args[:2], str(tmp_path / "big"), *args[2:]]) == 0
+    capsys.readouterr()
+    # its own progress file (the first one is refused as another export's)
+    again = [*args[:2], str(tmp_path / "small"), *args[2:], "--progress", str(tmp_path / "p.json")]
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert "collection 'docs' holds 600 points, expected 300" in err
+    assert "earlier, larger export" in err and "run the export again" not in err
+
+
 # ----------------------------------------------------------------------------- served
 def test_serve_search_from_qdrant(edge_index, db, queries):
     pytest.importorskip("fastapi")

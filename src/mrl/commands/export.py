@@ -137,8 +137,14 @@ def run(args: argparse.Namespace) -> int:
         f"from row {report.resumed_from}, {report.batches} batches, {report.retries} retries, "
         f"{report.seconds:.1f} s; collection holds {count} points"
     )
-    if count != report.total:
+    if count < report.total:
         raise ValueError(
             f"collection holds {count} points, expected {report.total}; run the export again"
+        )
+    if count > report.total:  # points of an earlier, larger export: a rerun cannot remove them
+        raise ValueError(
+            f"collection {args.collection!r} holds {count} points, expected {report.total}: "
+            "it keeps points of an earlier, larger export; export into a new --collection or "
+            "delete this one first"
         )
     return 0
