@@ -92,14 +92,26 @@ def _check_baselines(baselines: Sequence[str]) -> tuple[str, ...]:
     return baselines
 
 
+def _center_dtype(db: torch.Tensor) -> torch.dtype:
+    """The centre's dtype: float32 at least, as the scores (`mrl.similarity`). A float16 mean of
+    a float16 database is rounded to float16 (half a unit in the last place of the mean: at an
+    offset of 1000 that is up to 0.25, more than the spread of the data)."""
+    return torch.promote_types(db.dtype, torch.float32)
+
+
+def _mean(db: torch.Tensor) -> torch.Tensor:
+    """The database mean [D], accumulated and kept in float32 at least."""
+    return db.mean(0, dtype=_center_dtype(db))
+
+
 def _center_vector(center: Any, db: torch.Tensor) -> torch.Tensor | None:
-    """False/None -> None; True -> database mean; a [D] vector -> itself."""
+    """False/None -> None; True -> database mean; a [D] vector -> itself (float32 at least)."""
     if center is None or center is False:
         return None
     if center is True:
-        return db.mean(0)
+        return _mean(db)
     c = torch.as_tensor(np.asarray(center) if not isinstance(center, torch.Tensor) else center)
-    c = c.to(db.dtype).reshape(-1)
+    c = c.to(_center_dtype(db)).reshape(-1)
     if c.shape[0] != db.shape[1]:
         raise ValueError(
             f"center must have one entry per dimension ({db.shape[1]}), got {c.shape[0]}"
@@ -131,7 +143,7 @@ def _variants(
             pca = PCA(centered=(name == "pca"), seed=seed).fit(db)
             tf = pca.transform
         dbv = tf(db)
-        cv = None if c is None else (dbv.mean(0) if center is True else tf(c[None])[0])
+        cv = None if c is None else (_mean(dbv) if center is True else tf(c[None])[0])
         yield name, dbv, tf(queries), cv
 
 

@@ -130,8 +130,10 @@ def ncm_scores_reference(
             mu = s.mean(axis=0)
             s, qm = s - mu, qm - mu
         means = np.stack([s[ys == c].mean(axis=0) for c in range(C)])  # [C, m]
-        means = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), np.sqrt(_EPS))
-        qm = qm / np.maximum(np.linalg.norm(qm, axis=1, keepdims=True), np.sqrt(_EPS))
+        # norms clamped at _EPS, as `mrl.similarity` (and F.normalize) do: clamping at
+        # sqrt(_EPS) = 1e-6 shrank the cosine of any prefix with a norm below 1e-6
+        means = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), _EPS)
+        qm = qm / np.maximum(np.linalg.norm(qm, axis=1, keepdims=True), _EPS)
         out.append(qm @ means.T)
     return np.stack(out)
 

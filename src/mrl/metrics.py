@@ -337,6 +337,20 @@ def _check_qrels_keys(qrels: Any, ids: list) -> None:
                              f"indices), got {bad[0]!r}; map document ids to positions first")
 
 
+def _check_no_repeats(idx: np.ndarray) -> None:
+    """Refuse a doc index listed twice in one ranking (ignoring negative padding)."""
+    if idx.shape[1] < 2 or idx.dtype.kind not in "iuf":
+        return
+    srt = np.sort(idx, axis=1)
+    rep = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)  # [Q, K-1]
+    rows = np.flatnonzero(rep.any(1))
+    if len(rows):
+        i = int(rows[0])
+        doc = int(srt[i, 1:][rep[i]][0])
+        raise ValueError(f"indices row {i} lists doc {doc} more than once; a ranking must list "
+                         "each document once (its gain would count twice)")
+
+
 def qrels_relevance(
     indices: Any, qrels: Mapping[int, Mapping[int, float]], query_ids: Sequence[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -350,8 +364,12 @@ def qrels_relevance(
     Returns:
         (gains [Q, K], num_relevant [Q] = number of docs with gain > 0, ideal_gains: per query the
         array of all its judged gains) -- the inputs of `ndcg_at_k`, `recall_at_k`, `mrr`.
+
+    A doc index repeated within a row is refused (a ranking lists a document once; a repeat would
+    count its gain twice in recall and nDCG); negative indices (-1 padding) are not compared.
     """
     idx = _array(indices, "indices", 2)
+    _check_no_repeats(idx)
     ids = list(range(idx.shape[0])) if query_ids is None else list(query_ids)
     if len(ids) != idx.shape[0]:
         raise ValueError(

@@ -150,6 +150,17 @@ def _out(t: torch.Tensor, as_numpy: bool) -> Any:
     return t.numpy() if as_numpy else t
 
 
+def _check_overflow(values: torch.Tensor) -> None:
+    """Finite inputs can still overflow the scoring dtype (float32: a squared norm or a product
+    above 3.4e38, entries around 1e19): cosines of 0 or NaN, or -inf scores that tie with the
+    excluded items and the padding of the running top-k, so that index -1 came back. Refuse."""
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(
+            f"scores overflow {values.dtype} (inputs too large in magnitude for their dtype): "
+            "rescale the embeddings or pass float64"
+        )
+
+
 # ----------------------------------------------------------------------------- fast path
 def _chunk_sq_norms(x: torch.Tensor, nesting: Nesting) -> torch.Tensor:
     """Squared norms of every prefix, [G, rows], from per-chunk sums and a cumulative sum."""
@@ -161,6 +172,7 @@ def _chunk_sq_norms(x: torch.Tensor, nesting: Nesting) -> torch.Tensor:
 
 
 def _inv_norms(sq: torch.Tensor) -> torch.Tensor:
+    _check_overflow(sq)  # an infinite norm would give a cosine of 0 (or NaN) without a word
     return sq.sqrt().clamp_min(_EPS).reciprocal()
 
 
@@ -237,6 +249,7 @@ def prefix_scores(
         out[g] = s
     if metric == "cosine":
         out *= _inv_norms(_chunk_sq_norms(q, n))[:, :, None]  # divide by |q_m|, [G, Q, 1]
+    _check_overflow(out)
     return _out(out, as_numpy)
 
 
@@ -319,7 +332,14 @@ def prefix_topk(
 
     Returns:
         (scores [G, Q, k], indices [G, Q, k] int64), best first; tensors, or numpy arrays when
-        ``queries`` is a numpy array. Ties are broken as `torch.topk` breaks them.
+        ``queries`` is a numpy array.
+
+    Ties: among items with exactly equal scores (repeated items, binary or quantised
+    embeddings), which ones are returned at the cut-off, and in what order, is whatever
+    `torch.topk` and the merge across tiles give: the same from run to run for the same inputs,
+    ``tile_size`` and device, but not specified, and it changes with ``tile_size`` (and may with
+    the device or torch version). Metrics computed from the result depend on it only where tied
+    items differ in relevance; `prefix_topk_reference` breaks ties in its own way.
     """
     q, x, n, c, as_numpy = _prepare(queries, items, nesting, metric, center)
     for name, v in (("tile_size", tile_size), ("query_block", query_block)):
@@ -338,6 +358,7 @@ def prefix_topk(
         eb = None if excl is None else excl[q0 : q0 + query_block]
         s, i = _topk_block(qb, x, n, k, inv_x, tile_size, c, eb)
         scores[:, q0 : q0 + qb.shape[0]], indices[:, q0 : q0 + qb.shape[0]] = s, i
+    _check_overflow(scores)  # the k returned per query: excluded items never are (see _check_k)
     return _out(scores, as_numpy), _out(indices, as_numpy)
 
 

@@ -472,7 +472,8 @@ def relative_table(records: Sequence[Record], metric: str) -> str:
 
     The reference is the ``truncate`` method's full-size value for the base model's methods
     (truncate, pca, adapt); any other method (``finetune`` or a fine-tune's own label) is a
-    different model and is measured against its own full size (stated in the last column).
+    different model and is measured against its own full size, its largest prefix (stated in
+    the last column).
     """
     rows: dict[str, dict[int, float]] = {}
     for r in records:
@@ -488,7 +489,9 @@ def relative_table(records: Sequence[Record], metric: str) -> str:
     ]
     for method, vals in rows.items():
         own = method not in BASE_METHODS or base_full is None
-        ref = vals.get(prefixes[-1]) if own else base_full
+        # own full size: the method's largest prefix (a fine-tuned model of a smaller D ends
+        # below the table's last column; looking up that column gave None and a TypeError)
+        ref = vals[max(vals)] if own else base_full
         cells = [f"{vals[p] / ref:.1%}" if p in vals and ref else "" for p in prefixes]
         which = "own full size" if own else "base full size"
         lines.append(f"| {method} | {' | '.join(cells)} | {which} ({ref:.4f}) |")
