@@ -49,8 +49,8 @@ def demo_section(ctx: Any, k: int = 10, shortlist: int = 200) -> tuple[str, list
     ``ctx`` has the database embeddings [N, D] and labels [N] (``db_embeddings`` /
     ``db_labels``, or `mrl demo`'s ``train_embeddings`` / ``train_labels``), the queries [Q, D]
     and labels [Q] (``query_*`` or ``test_*``), ``nesting`` and optionally ``out_dir`` (records
-    saved there as retrieval.json). mAP@10, top-1 and recall@10 are in percent, like the rest of
-    the demo's records.
+    saved there as retrieval.json). mAP@k, top-1 and recall@k (k is capped by the database
+    size) are in percent, like the rest of the demo's records.
     """
     db = np.ascontiguousarray(_get(ctx, "db_embeddings", "train_embeddings"), np.float32)
     q = np.ascontiguousarray(_get(ctx, "query_embeddings", "test_embeddings"), np.float32)
@@ -64,7 +64,7 @@ def demo_section(ctx: Any, k: int = 10, shortlist: int = 200) -> tuple[str, list
 
     def add(method: str, prefix: int, idx: np.ndarray, secs: float, truth: np.ndarray) -> None:
         row = {m: 100 * v for m, v in label_quality(idx, db_labels, q_labels, k).items()}
-        row |= {"recall@10": 100 * recall_at_k(idx, truth), "qps": len(q) / max(secs, 1e-9)}
+        row |= {f"recall@{k}": 100 * recall_at_k(idx, truth), "qps": len(q) / max(secs, 1e-9)}
         for metric, value in row.items():
             records.append(
                 make_record(
@@ -92,10 +92,10 @@ def demo_section(ctx: Any, k: int = 10, shortlist: int = 200) -> tuple[str, list
         add("prefix-only", m, idx, time.perf_counter() - t, truth)
     if getattr(ctx, "out_dir", None):
         save_records(Path(ctx.out_dir) / "retrieval.json", records)
-    return _markdown(records, shortlist, d), records
+    return _markdown(records, shortlist, d, k), records
 
 
-def _markdown(records: list[Record], shortlist: int, d: int) -> str:
+def _markdown(records: list[Record], shortlist: int, d: int, k: int = 10) -> str:
     by: dict[tuple[str, int], dict[str, float]] = {}
     for r in records:
         by.setdefault((r["method"], r["prefix"]), {})[r["metric"]] = r["value"]
@@ -103,15 +103,16 @@ def _markdown(records: list[Record], shortlist: int, d: int) -> str:
         "## Adaptive retrieval",
         "",
         f"Shortlist {shortlist} on the first D_s dims, rerank at {d} (funnel), vs exact search "
-        f"at {d} and search on D_s alone. mAP@10 / top-1 of the retrieved labels and recall@10 vs "
-        "exact search, in percent; queries/s on this machine (numpy backend, one run).",
+        f"at {d} and search on D_s alone. mAP@{k} / top-1 of the retrieved labels and "
+        f"recall@{k} vs exact search, in percent; queries/s on this machine (numpy backend, "
+        "one run).",
         "",
-        "| method | D_s | mAP@10 | top-1 | recall@10 | queries/s |",
+        f"| method | D_s | mAP@{k} | top-1 | recall@{k} | queries/s |",
         "|---|---|---|---|---|---|",
     ]
     for (method, prefix), v in sorted(by.items(), key=lambda x: (x[0][1], x[0][0])):
         lines.append(
-            f"| {method} | {prefix} | {v['map@10']:.2f} | {v['top1']:.2f} | "
-            f"{v['recall@10']:.2f} | {v['qps']:.0f} |"
+            f"| {method} | {prefix} | {v[f'map@{k}']:.2f} | {v['top1']:.2f} | "
+            f"{v[f'recall@{k}']:.2f} | {v['qps']:.0f} |"
         )
     return "\n".join(lines) + "\n"

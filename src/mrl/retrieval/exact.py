@@ -57,14 +57,29 @@ def argtopk(scores: np.ndarray, k: int) -> np.ndarray:
     return idx
 
 
-def topk_sorted(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def topk_sorted(
+    scores: np.ndarray, k: int, keys: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each row of scores [Q, n]: (values [Q, k], column indices [Q, k]), best first.
 
-    `argtopk` (O(n)) then a sort of the k winners; ties ordered by the smaller column.
+    Order: score descending, ties by the smaller key (``keys`` [Q, n], e.g. row ids; default
+    the column), at the k-th place too: of the elements tied there, those with the smaller keys
+    are kept (duplicate rows in a database come back in row order, whatever their position).
+    `argtopk` (O(n)) then a sort of the k winners; a row whose k-th score is shared by an
+    element left out is settled by a full sort of that row. NaN ranks last.
     """
     part = argtopk(scores, k)
     vals = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -vals), axis=1)  # primary: -score, secondary: index
+    if k < scores.shape[1]:  # argtopk keeps any of the elements tied at the k-th place
+        kth = vals.min(axis=1, keepdims=True)  # NaN (no tie to settle) where a NaN was kept
+        split = np.count_nonzero(scores == kth, axis=1) > np.count_nonzero(vals == kth, axis=1)
+        for r in np.flatnonzero(split):
+            key = np.arange(scores.shape[1]) if keys is None else keys[r]
+            part[r] = np.lexsort((key, -scores[r]))[:k]  # -NaN sorts last
+        if split.any():
+            vals = np.take_along_axis(scores, part, axis=1)
+    key_part = part if keys is None else np.take_along_axis(keys, part, axis=1)
+    order = np.lexsort((key_part, -vals), axis=1)  # primary: -score, secondary: key
     idx = np.take_along_axis(part, order, axis=1)
     return np.take_along_axis(vals, order, axis=1), idx
 

@@ -47,7 +47,7 @@ from mrl.io import (
     read_json_sidecar,
 )
 from mrl.nesting import Nesting
-from mrl.retrieval.exact import METRICS, argtopk, check_queries
+from mrl.retrieval.exact import METRICS, check_queries, topk_sorted
 from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
 from mrl.retrieval.store import (
     check_dims,
@@ -694,6 +694,11 @@ class MatryoshkaIndex:
         float16 rows are widened by torch (vectorised and multi-threaded; numpy's float16 cast is
         a slow scalar loop). Not a float16 GEMM: its float16 *output* rounds scores near 0.9 to
         ~5e-4, which swapped near-tied neighbours and cost ~0.8 points of recall@10.
+
+        `np.einsum`, not `np.matmul`: the batched matrix-vector product rounds a row's dot
+        product differently by its position among the candidates (the kernel's tail rows), so
+        two identical rows scored 1 ulp apart and duplicates came back out of row order; einsum
+        sums every row in the same order (as fast here).
         """
         qn, kc = cand.shape
         m = qm.shape[1]
@@ -701,10 +706,9 @@ class MatryoshkaIndex:
         if x.dtype == np.float16:
             import torch
 
-            xt = torch.from_numpy(np.ascontiguousarray(x)).float().view(qn, kc, m)
-            return torch.bmm(xt, torch.from_numpy(qm)[:, :, None])[:, :, 0].numpy()
+            x = torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
         x = np.asarray(x, dtype=np.float32).reshape(qn, kc, m)
-        return np.matmul(x, qm[:, :, None])[:, :, 0]
+        return np.einsum("qkm,qm->qk", x, qm)
 
     def _candidate_dots_reference(self, qm: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """Plain reference for `_candidate_dots`: widen each candidate row, one dot per pair."""
@@ -762,7 +766,12 @@ class MatryoshkaIndex:
                 s = torch.bmm(x.float(), qm.float().unsqueeze(2)).squeeze(2)
                 s = s * inv[ct, g]  # [Q, K] cosine at prefix m
                 keep = min(keep, ct.shape[1])
-                s, pos = torch.topk(s, keep, dim=1)
+                # score desc, ties by the smaller row (as `exact_search` and the numpy path;
+                # topk kept any of them): candidates by row, then a stable sort by score
+                ct, by_row = torch.sort(ct, dim=1)
+                s = torch.gather(s, 1, by_row)
+                s, pos = torch.sort(s, dim=1, descending=True, stable=True)
+                s, pos = s[:, :keep], pos[:, :keep]
                 ct = torch.gather(ct, 1, pos)
         return s.cpu().numpy().astype(np.float32), ct.cpu().numpy().astype(np.int64)
 
@@ -1001,13 +1010,9 @@ def _quantize_int8(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def _topk_tiebreak(scores: np.ndarray, cand: np.ndarray, keep: int):
-    """Positions of the best ``keep`` per row of scores [Q, K]: score desc, then row index asc."""
-    part = argtopk(scores, keep)
-    vals = np.take_along_axis(scores, part, axis=1)
-    rows = np.take_along_axis(cand, part, axis=1)
-    order = np.lexsort((rows, -vals), axis=1)
-    pos = np.take_along_axis(part, order, axis=1)
-    return np.take_along_axis(vals, order, axis=1), pos
+    """(scores, positions) of the best ``keep`` per row of scores [Q, K]: score desc, then row
+    index asc, also among the rows tied at the keep-th place (the rule of `exact_search`)."""
+    return topk_sorted(scores, keep, keys=cand)
 
 
 def _read_sidecar(path: Path) -> dict[str, Any]:

@@ -1,0 +1,182 @@
+"""Retrieval audit: ties among duplicate rows, a reference with a stated tie rule, the tuner's
+reported recall against a fresh measurement, save/load, the demo section with few rows, and the
+centre of an embedding store at `mrl index build`.
+
+The reference everywhere: re-normalise the prefix (float64), dot products, then order by score
+descending and, among equal scores, by the smaller row index.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mrl import Nesting
+from mrl.cli import main
+from mrl.retrieval import EmbeddingStore, MatryoshkaIndex, SearchConfig, exact_search
+from mrl.retrieval.exact import topk_sorted
+from mrl.retrieval.funnel.index import funnel_stages
+from mrl.retrieval.synthetic import mrl_like
+from mrl.retrieval.tune import recall_at_k, tune
+
+NEST = Nesting((8, 16, 32))
+
+
+def _cosine(x: np.ndarray, q: np.ndarray, m: int) -> np.ndarray:
+    """Reference scores [Q, N] at prefix m: float64, both sides re-normalised, then float32."""
+    xm, qm = x[:, :m].astype(np.float64), q[:, :m].astype(np.float64)
+    xm /= np.linalg.norm(xm, axis=1, keepdims=True)
+    qm /= np.linalg.norm(qm, axis=1, keepdims=True)
+    return (qm @ xm.T).astype(np.float32)
+
+
+def _rank(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k best of each row: score desc, then row asc (the stated tie rule)."""
+    return np.lexsort((np.broadcast_to(rows, scores.shape), -scores), axis=1)[:, :k]
+
+
+def _twice(n=600, q=40, d=32, seed=0):
+    """Every document twice (row i and row i + n), as a corpus with duplicates has them."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, d)).astype(np.float32)
+    return np.concatenate([base, base]), rng.standard_normal((q, d)).astype(np.float32)
+
+
+def test_topk_sorted_keeps_the_smaller_keys_among_ties_at_the_kth_place():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n = int(rng.integers(2, 400))
+        k = int(rng.integers(1, n + 1))
+        s = rng.integers(0, 4, size=(3, n)).astype(np.float32)  # mostly ties
+        vals, idx = topk_sorted(s, k)
+        np.testing.assert_array_equal(idx, _rank(s, np.arange(n), k))
+        np.testing.assert_array_equal(vals, np.take_along_axis(s, idx, axis=1))
+        keys = rng.permutation(n)[None, :].repeat(3, axis=0)  # e.g. candidate row ids
+        _, idx = topk_sorted(s, k, keys=keys)
+        order = np.lexsort((keys, -s), axis=1)[:, :k]
+        np.testing.assert_array_equal(idx, order)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_exact_search_returns_duplicates_in_row_order(k):
+    db, q = _twice()
+    _, idx = exact_search(db, q, k, block=256)  # blocks: the rule holds across them too
+    np.testing.assert_array_equal(idx, _rank(_cosine(db, q, 32), np.arange(len(db)), k))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "flat", "torch", "ivf"])
+@pytest.mark.parametrize("k", [1, 5])
+def test_whole_database_funnel_equals_exact_with_duplicate_rows(backend, k):
+    """A shortlist of the whole database (IVF: every cell probed) reranked at D is exact search,
+    duplicates included: before, the torch rerank returned row i + n before its twin i (recall
+    0.54 against exact search at k=1) and both paths could keep the later twin at the k-th
+    place."""
+    db, q = _twice()
+    index = MatryoshkaIndex(NEST, SearchConfig(shortlist_dim=8, shortlist=len(db),
+                                               backend=backend, nlist=4, nprobe=4), threads=1)
+    index.add(db)
+    res = index.search(q, k)
+    want = _rank(_cosine(db, q, 32), np.arange(len(db)), k)
+    np.testing.assert_array_equal(res.indices, want)
+    np.testing.assert_array_equal(res.indices, exact_search(db, q, k)[1])
+
+
+@pytest.mark.parametrize("vector_dtype", ["float32", "float16", "int8"])
+def test_identical_rows_score_the_same_in_every_candidate_position(vector_dtype):
+    """The batched rerank product gave the same row a different last bit by its position among
+    the candidates (np.matmul's tail rows), so the tie rule failed for duplicates depending on
+    the shortlist's order."""
+    rng = np.random.default_rng(1)
+    db = rng.standard_normal((50, 32)).astype(np.float32)
+    index = MatryoshkaIndex(NEST, vector_dtype=vector_dtype, threads=1)
+    index.add(db)
+    for m, kc in ((8, 19), (8, 103), (16, 30), (32, 271)):
+        q = rng.standard_normal((3, m)).astype(np.float32)
+        cand = np.full((3, kc), 7)  # the same row in every slot
+        dots = index._candidate_dots(q, cand)
+        assert (dots == dots[:, :1]).all(), (m, kc)
+
+
+@pytest.mark.parametrize("vector_dtype", ["float32", "float16", "int8"])
+def test_rerank_depends_on_the_shortlist_not_on_its_order(vector_dtype):
+    db, q = _twice(n=300)
+    db[50:60] = 2 * db[40:50]  # the same direction at another length: equal cosines too
+    index = MatryoshkaIndex(NEST, vector_dtype=vector_dtype, threads=1)
+    index.add(db)
+    stages = funnel_stages(8, 120, 32, 10, NEST)
+    cand = index._shortlist(q, SearchConfig(shortlist_dim=8, shortlist=120, backend="numpy"), 120)
+    want_s, want_i = index._rerank_rows(q, cand, stages)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        shuffled = np.stack([rng.permutation(c) for c in cand])
+        s, i = index._rerank_rows(q, shuffled, stages)
+        np.testing.assert_array_equal(i, want_i)
+        np.testing.assert_array_equal(s, want_s)
+    # and the result is the reference rerank of that shortlist (score desc, row asc)
+    x = index.vectors()
+    for j in range(len(q)):
+        c = cand[j]
+        for m, keep in stages:
+            sc = _cosine(x[c], q[j : j + 1], m)
+            c = c[_rank(sc, c, keep)[0]]
+        np.testing.assert_array_equal(want_i[j], c)
+
+
+def test_tuned_recall_is_a_fresh_measurement_and_survives_save_load(tmp_path):
+    db, _ = mrl_like(2000, 64, clusters=20, seed=0)
+    q, _ = mrl_like(60, 64, clusters=20, seed=1)
+    index = MatryoshkaIndex(Nesting.doubling(8, 64), vector_dtype="float16", threads=1)
+    index.add(db)
+    rep = tune(index, 0.95, k=10, queries=q, reference=db, backends=("flat", "ivf"), max_ivf=1)
+    _, truth = exact_search(db, q, 10)
+    assert recall_at_k(index.search(q, 10).indices, truth) == rep.recall
+    index.save(tmp_path / "idx")
+    loaded = MatryoshkaIndex.load(tmp_path / "idx", threads=1)
+    again = loaded.search(q, 10)
+    first = index.search(q, 10)
+    np.testing.assert_array_equal(again.indices, first.indices)
+    np.testing.assert_array_equal(again.scores, first.scores)  # bit for bit
+    assert loaded.tuned["recall"] == rep.recall
+
+
+def test_demo_section_with_fewer_than_ten_rows():
+    """k is capped by the database size; the table then read 'map@10' and raised KeyError."""
+    from mrl.retrieval.demo import demo_section
+
+    rng = np.random.default_rng(0)
+    ctx = SimpleNamespace(
+        db_embeddings=rng.standard_normal((8, 16)).astype(np.float32),
+        db_labels=rng.integers(0, 2, 8),
+        query_embeddings=rng.standard_normal((5, 16)).astype(np.float32),
+        query_labels=rng.integers(0, 2, 5),
+        nesting=Nesting((8, 16)),
+    )
+    md, records = demo_section(ctx)
+    assert "| mAP@8 |" in md and "| recall@8 |" in md
+    assert {r["metric"] for r in records} == {"map@8", "top1", "recall@8", "qps"}
+
+
+def test_index_build_from_a_centred_store_warns_and_same_centre_queries_are_exact(
+    tmp_path, capsys
+):
+    db, _ = mrl_like(500, 32, clusters=10, seed=0)
+    q, _ = mrl_like(20, 32, clusters=10, seed=1)
+    center = db.mean(0)
+    EmbeddingStore.create(tmp_path / "db", NEST, center=center).append(db)
+    EmbeddingStore.create(tmp_path / "q", NEST, center=center).append(q)
+    out = tmp_path / "idx"
+    assert main(["index", "build", str(tmp_path / "db"), "--out", str(out), "--shortlist-dim",
+                 "8", "--shortlist", "500"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "subtracts a centre from its rows" in err and "queries must be centred" in err, err
+    assert main(["search", str(out), str(tmp_path / "q"), "--k", "5", "--out",
+                 str(tmp_path / "r.json")]) == 0  # fmt: skip
+    got = [r["ids"] for r in json.loads((tmp_path / "r.json").read_text())["results"]]
+    np.testing.assert_array_equal(got, exact_search(db - center, q - center, 5)[1])
+    plain = tmp_path / "plain"
+    EmbeddingStore.create(plain, NEST).append(db)
+    assert main(["index", "build", str(plain), "--out", str(tmp_path / "idx2")]) == 0
+    assert "centre" not in capsys.readouterr().err  # no centre: no warning
