@@ -1,6 +1,6 @@
 """Retrieval audit: ties among duplicate rows, a reference with a stated tie rule, the tuner's
 reported recall against a fresh measurement, save/load, the demo section with few rows, and the
-centre of an embedding store at `mrl index build`.
+centre of an embedding store carried into the index (`mrl index build`, `mrl search`).
 
 The reference everywhere: re-normalise the prefix (float64), dot products, then order by score
 descending and, among equal scores, by the smaller row index.
@@ -159,24 +159,93 @@ def test_demo_section_with_fewer_than_ten_rows():
     assert {r["metric"] for r in records} == {"map@8", "top1", "recall@8", "qps"}
 
 
-def test_index_build_from_a_centred_store_warns_and_same_centre_queries_are_exact(
-    tmp_path, capsys
-):
+def _centred_exact(db, q, center, k):
+    return exact_search(db - center, q - center, k)[1]
+
+
+def test_index_build_from_a_centred_store_carries_its_center(tmp_path, capsys):
+    """A store created with a center holds rows minus it; the index built from it takes the
+    center, so raw .npy queries are centred at search time (they were searched un-centred:
+    recall@10 0.75 at a whole-database shortlist), and queries from a store of the same center
+    are not centred twice. Saved and loaded with the index; a store of another center or an
+    index without one is refused."""
     db, _ = mrl_like(500, 32, clusters=10, seed=0)
     q, _ = mrl_like(20, 32, clusters=10, seed=1)
     center = db.mean(0)
     EmbeddingStore.create(tmp_path / "db", NEST, center=center).append(db)
     EmbeddingStore.create(tmp_path / "q", NEST, center=center).append(q)
+    np.save(tmp_path / "q.npy", q)
     out = tmp_path / "idx"
     assert main(["index", "build", str(tmp_path / "db"), "--out", str(out), "--shortlist-dim",
                  "8", "--shortlist", "500"]) == 0  # fmt: skip
-    err = capsys.readouterr().err
-    assert "subtracts a centre from its rows" in err and "queries must be centred" in err, err
-    assert main(["search", str(out), str(tmp_path / "q"), "--k", "5", "--out",
-                 str(tmp_path / "r.json")]) == 0  # fmt: skip
-    got = [r["ids"] for r in json.loads((tmp_path / "r.json").read_text())["results"]]
-    np.testing.assert_array_equal(got, exact_search(db - center, q - center, 5)[1])
+    index = MatryoshkaIndex.load(out)
+    np.testing.assert_allclose(index.center, center, rtol=1e-6)
+    want = _centred_exact(db, q, center, 5)
+    for queries in ("q", "q.npy"):  # centred by the store / raw: the same neighbours
+        res = tmp_path / f"r-{queries}.json"
+        assert main(["search", str(out), str(tmp_path / queries), "--k", "5", "--out",
+                     str(res)]) == 0  # fmt: skip
+        got = [r["ids"] for r in json.loads(res.read_text())["results"]]
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(index.search(q, 5).indices, want)
+    capsys.readouterr()
+    EmbeddingStore.create(tmp_path / "q2", NEST, center=center + 1).append(q)
+    assert main(["search", str(out), str(tmp_path / "q2"), "--k", "5"]) == 2
+    assert "has another center" in capsys.readouterr().err
     plain = tmp_path / "plain"
     EmbeddingStore.create(plain, NEST).append(db)
     assert main(["index", "build", str(plain), "--out", str(tmp_path / "idx2")]) == 0
-    assert "centre" not in capsys.readouterr().err  # no centre: no warning
+    assert MatryoshkaIndex.load(tmp_path / "idx2").center is None
+    assert main(["search", str(tmp_path / "idx2"), str(tmp_path / "q"), "--k", "5"]) == 2
+    assert "the index has no center" in capsys.readouterr().err
+    assert main(["index", "build", str(tmp_path / "db"), "--out", str(tmp_path / "idx3"),
+                 "--center"]) == 2  # fmt: skip
+    assert "centred already" in capsys.readouterr().err
+
+
+def test_index_build_center_option_centres_rows_and_queries(tmp_path):
+    """`--center` on a .npy: the rows' mean is the index's center, applied to the rows and to
+    raw queries (equal to exact search on centred data); tuning measures recall in that space."""
+    db, _ = mrl_like(600, 32, clusters=10, seed=2)
+    db = np.abs(db) + 0.5  # all positive, as post-ReLU features: centring changes the ranking
+    q, _ = mrl_like(30, 32, clusters=10, seed=3)
+    q = np.abs(q) + 0.5
+    np.save(tmp_path / "db.npy", db)
+    np.save(tmp_path / "q.npy", q)
+    out = tmp_path / "idx"
+    assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(out), "--nesting",
+                 "8,16,32", "--center", "--shortlist", "600"]) == 0  # fmt: skip
+    index = MatryoshkaIndex.load(out)
+    center = db.mean(0, dtype=np.float64).astype(np.float32)
+    np.testing.assert_array_equal(index.center, center)
+    want = _centred_exact(db, q, center, 10)
+    assert (want != exact_search(db, q, 10)[1]).any()  # centring matters on this data
+    np.testing.assert_array_equal(index.search(q, 10).indices, want)
+    with pytest.raises(ValueError, match="centered must be True or False"):
+        index.search(q, 10, centered="yes")
+    tuned = tmp_path / "tuned"
+    assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(tuned), "--nesting",
+                 "8,16,32", "--center", "--target-recall", "0.99", "--backend", "flat",
+                 "--vector-dtype", "float16"]) == 0  # fmt: skip
+    t = MatryoshkaIndex.load(tuned)
+    got = t.search(q, 10).indices
+    assert recall_at_k(got, want) >= 0.95
+
+
+def test_index_without_center_refuses_centered_inputs():
+    db, _ = mrl_like(50, 32, clusters=5, seed=0)
+    index = MatryoshkaIndex(NEST)
+    with pytest.raises(ValueError, match="has no center"):
+        index.add(db, centered=True)
+    with pytest.raises(ValueError, match="center must have dimension 32"):
+        MatryoshkaIndex(NEST, center=np.zeros(5))
+
+
+def test_qdrant_export_refuses_centred_rows(tmp_path, capsys):
+    pytest.importorskip("qdrant_edge")
+    db, _ = mrl_like(50, 32, clusters=5, seed=0)
+    EmbeddingStore.create(tmp_path / "db", NEST, center=db.mean(0)).append(db)
+    assert main(["export", "qdrant", str(tmp_path / "db"), "--collection", "c", "--path",
+                 str(tmp_path / "q")]) == 2  # fmt: skip
+    assert "cannot centre queries" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()  # refused before any collection was set up

@@ -422,6 +422,10 @@ class _IndexRows:
     def ids(self) -> np.ndarray:
         return self.index.ids
 
+    @property
+    def center(self) -> np.ndarray | None:
+        return self.index.center
+
     def take(self, rows: np.ndarray, dims: int | None = None) -> np.ndarray:
         # float32 [len(rows), dims], dequantised when the index stores int8
         return np.asarray(self.index.vectors(rows, dims), dtype=np.float32)
@@ -578,6 +582,13 @@ def export_qdrant(
     collection, layout, or store: its count, ids and a hash of some rows' vectors) is refused.
     ``on_batch(done, total)`` is called after each marker update.
     """
+    if getattr(store, "center", None) is not None:
+        # its rows are centred, and Qdrant would compare raw queries with them (mrl serve's
+        # Qdrant backend and every other client send raw embeddings): wrong neighbours
+        raise ValueError(
+            "the rows to export are centred (their store or index records a center), but a "
+            "Qdrant collection cannot centre queries; export an uncentred store or index"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
     if commit_every < 1:

@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_numbers(args)
     rows = open_rows(args.index)
+    if getattr(rows, "center", None) is not None:  # before any collection is set up
+        raise ValueError(f"{args.index} holds centred rows (it records a center), but a Qdrant "
+                         "collection cannot centre queries; export an uncentred store or index")
     sizes = rows.nesting.sizes
     if args.prefixes:
         prefixes = Nesting.parse(args.prefixes).sizes

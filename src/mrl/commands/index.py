@@ -6,6 +6,10 @@ import argparse
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 NAME = "index"
 HELP = "build an adaptive-retrieval MatryoshkaIndex from embeddings (.npy or store folder)"
@@ -58,6 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--funnel",
         action="store_true",
         help="rerank in stages (halve K, double the prefix) instead of once at D",
+    )
+    b.add_argument(
+        "--center",
+        action="store_true",
+        help="subtract the mean of the rows from rows and queries (saved with the index; "
+        "queries are centred at search time). A store created with a center brings its own",
     )
     b.add_argument("--k", type=int, default=10, help="k used for tuning (default 10)")
     b.add_argument(
@@ -132,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     check_index_path(args.out, "--out")  # before loading and tuning, not after
     _check_options(args)
     x, nesting, ids = load_embeddings(args.embeddings, args.nesting)
-    _warn_store_center(args.embeddings)
+    center, centered = _center(args, x)
     shortlist = 200 if args.shortlist is None else args.shortlist
     backend = "flat" if args.backend is None else args.backend
     ds = args.shortlist_dim
@@ -161,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
         warnings.warn(f"--tune-queries {args.tune_queries} is more than the {len(x)} rows; "
                       f"tuning with all {len(x)}", stacklevel=2)
     t0 = time.perf_counter()
-    index = MatryoshkaIndex(nesting, cfg, vector_dtype=args.vector_dtype)
-    index.add(x, ids=ids)
+    index = MatryoshkaIndex(nesting, cfg, vector_dtype=args.vector_dtype, center=center)
+    index.add(x, ids=ids, centered=centered)
     if args.target_recall is not None:
         from mrl.retrieval.tune import tune
 
@@ -176,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
             max_memory=args.max_memory,
             # quantised rerank vectors: measure recall against the float32 originals, so the
             # quantisation error counts (else int8 reported 0.996 where the truth was 0.979)
-            reference=None if args.vector_dtype == "float32" else x,
+            reference=None if args.vector_dtype == "float32" else (
+                x if center is None or centered else x - center),
             log=print,
         )
         c = res.config
@@ -198,23 +209,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_store_center(embeddings: str) -> None:
-    """A store with a centre holds rows minus that centre: the index gets the centred rows but
-    does not record the centre, so raw query embeddings would be searched un-centred (recall@10
-    0.75 instead of 1.0 on MRL-like data, at a whole-database shortlist). Say so at build time."""
-    path = Path(embeddings)
-    if not path.is_dir():
-        return
-    from mrl.retrieval.store import EmbeddingStore
+def _center(args: argparse.Namespace, x: np.ndarray) -> tuple[np.ndarray | None, bool]:
+    """(the index's center [D] or None, whether the rows ``x`` have it subtracted already).
 
-    if EmbeddingStore.open(path).center is not None:
-        warnings.warn(
-            f"the store {str(path)!r} subtracts a centre from its rows (store.json 'center'): "
-            "the index holds the centred rows but not the centre, so queries must be centred "
-            "the same way (`mrl search` with queries from a store created with the same "
-            "center; a raw .npy of queries would be searched un-centred)",
-            stacklevel=2,
-        )
+    A store created with a center holds rows minus it: the index takes that center, so that raw
+    queries are centred at search time (without it they were searched un-centred: recall@10
+    0.75 at a whole-database shortlist). ``--center`` centres a .npy's rows on their mean."""
+    import numpy as np
+
+    from mrl.retrieval.loading import store_center
+
+    own = store_center(args.embeddings)
+    if own is not None and args.center:
+        raise ValueError(f"--center: the store {args.embeddings!r} is centred already (its "
+                         "store.json records a center, which the index takes); drop --center")
+    if own is not None:
+        return own, True
+    if args.center:
+        return x.mean(axis=0, dtype=np.float64).astype(np.float32), False
+    return None, False
 
 
 def _nesting_source(args: argparse.Namespace) -> str:

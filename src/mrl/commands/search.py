@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device} is for --backend torch (this search runs "
                          f"{backend} on the CPU)")
     q, _, _ = load_embeddings(args.queries, "full")
+    centered = _queries_centered(args.queries, index)
     overrides = {
         name: v
         for name, v in (
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         if v is not None
     }
     t = time.perf_counter()
-    res = index.search(q, args.k, **overrides)
+    res = index.search(q, args.k, centered=centered, **overrides)
     elapsed = time.perf_counter() - t
     hit_ids, hit_scores = hit_lists(res.ids, res.scores, res.indices)  # ragged: IVF may find fewer
     if args.out:  # written before printing: a closed pipe (`| head`) must not lose it
@@ -76,3 +77,23 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"results written to {args.out}")
     return 0
+
+
+def _queries_centered(queries: str, index) -> bool:
+    """Whether the queries are centred already: read from a store created with the index's
+    center (a .npy holds raw embeddings, which the index centres itself). A store centred
+    otherwise cannot be searched correctly: refuse it."""
+    import numpy as np
+
+    from mrl.retrieval.loading import store_center
+
+    own = store_center(queries)
+    if own is None:
+        return False
+    if index.center is None or not np.allclose(own, index.center, rtol=1e-6, atol=1e-7):
+        has = "has no center" if index.center is None else "has another center"
+        raise ValueError(
+            f"the queries store {queries!r} subtracts a center from its rows, but the index "
+            f"{has}: pass raw query embeddings (.npy) or a store created with the index's center"
+        )
+    return True

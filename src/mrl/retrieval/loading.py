@@ -11,7 +11,7 @@ import numpy as np
 from mrl.io import file_fingerprint, load_npy
 from mrl.nesting import Nesting
 
-__all__ = ["load_embeddings"]
+__all__ = ["load_embeddings", "store_center"]
 
 
 def load_embeddings(
@@ -51,6 +51,17 @@ def load_embeddings(
             return np.asarray(x, np.float32), found, None
         nesting = "doubling:8" if x.shape[1] >= 8 else "full"
     return np.asarray(x, np.float32), Nesting.parse(nesting, dim=x.shape[1]), None
+
+
+def store_center(path: str | os.PathLike) -> np.ndarray | None:
+    """The [D] center an `EmbeddingStore` folder subtracted from its rows (None for a .npy file
+    or a store without one): its rows, and queries read from it, are centred already."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    from mrl.retrieval.store import EmbeddingStore
+
+    return EmbeddingStore.open(path).center
 
 
 def _sidecar_nesting(side: Path, shape: tuple[int, ...], npy: Path) -> Nesting | None:

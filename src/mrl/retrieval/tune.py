@@ -201,7 +201,8 @@ def tune(
         apply: store the choice as ``index.config`` and the report as ``index.tuned``, and drop
             the cached shortlist matrices and graphs the choice does not use.
         log: optional callable(str) for progress lines.
-        reference: the original full-precision database [N, D] (row i = index row i). With
+        reference: the original full-precision database [N, D] (row i = index row i; centred
+            like the stored rows when the index has a ``center``). With
             int8/float16 rerank vectors, the exact answer (and held-out queries) then come from
             it, so the measured recall includes the quantisation error; without it, recall is
             measured against exact search over the stored (quantised) vectors.
@@ -277,8 +278,8 @@ def _ground_truth(index, k, queries, n_queries, seed, reference, say) -> _Trial:
         queries, rows = held_out_queries(index, n_queries, seed)
         if reference is not None:
             queries = np.asarray(reference[rows], dtype=np.float32)
-    else:
-        queries = index._check_queries(queries)
+    else:  # user queries, raw: into the index's space (minus its center, if any)
+        queries = index._centred(index._check_queries(queries), False)
     kk = k + 1 if rows is not None else k
     if reference is not None:
         _, truth = exact_search(reference, queries, kk, metric=index.metric)
@@ -458,7 +459,9 @@ def _measure(index, cfg, queries, rows, truth, k, say) -> dict[str, Any]:
         faiss = __import__("faiss")
         faiss.cvar.hnsw_stats.reset()
     t = time.perf_counter()
-    res = index.search(queries, kk, **cfg.to_dict() | {"stages": cfg.stages})
+    # the trial's queries are in the index's space already (centred where it has a center)
+    res = index.search(queries, kk, centered=index.center is not None,
+                       **cfg.to_dict() | {"stages": cfg.stages})
     elapsed = time.perf_counter() - t
     if cfg.backend == "hnsw":
         ndis = faiss.cvar.hnsw_stats.ndis / len(queries)

@@ -222,6 +222,11 @@ class MatryoshkaIndex:
             memory, and faster to widen than float16).
         device: torch device for backend "torch" ("cpu", "cuda", ...).
         threads: worker threads for reranking and FAISS (None = all cores).
+        center: optional [D] vector subtracted from every added row and every query before
+            scoring (centring: post-ReLU features are all positive, and cosine on them gains from
+            it); saved with the index, so a loaded index centres raw queries itself. Rows and
+            queries that already had it subtracted (an `EmbeddingStore` created with the same
+            ``center``) are passed with ``centered=True``.
 
     Example:
         >>> index = MatryoshkaIndex(Nesting.doubling(8, 2048), SearchConfig(shortlist_dim=16))
@@ -239,6 +244,7 @@ class MatryoshkaIndex:
         vector_dtype: str = "float32",
         device: str = "cpu",
         threads: int | None = None,
+        center: np.ndarray | Sequence[float] | None = None,
     ) -> None:
         if not isinstance(nesting, Nesting):
             raise ValueError(f"nesting must be a mrl.Nesting, got {type(nesting).__name__}")
@@ -267,6 +273,8 @@ class MatryoshkaIndex:
         self.config = config or SearchConfig(16 if 16 in nesting else nesting.sizes[0])
         self.tuned: dict[str, Any] | None = None
         self._check_config(self.config, k=1, n=None)
+        self.center: np.ndarray | None = None if center is None else validate_vectors(
+            np.asarray(center).reshape(1, -1), nesting.dim, "center")[0]  # [D] float32
         d, g = nesting.dim, len(nesting)
         self._vectors = np.zeros((0, d), vector_dtype)  # [N, D] full size (raw, or memmap)
         self._col_scale = np.ones(d, np.float32)  # [D] int8 dequantisation scale per column
@@ -292,15 +300,22 @@ class MatryoshkaIndex:
         return self._ids
 
     def add(
-        self, vectors: np.ndarray, ids: Sequence | np.ndarray | None = None, *, copy: bool = True
+        self,
+        vectors: np.ndarray,
+        ids: Sequence | np.ndarray | None = None,
+        *,
+        copy: bool = True,
+        centered: bool = False,
     ) -> None:
         """Add rows [n, D] (any time, also after building or loading).
 
         ``copy=False`` lets the first `add` keep a float32 C-contiguous input as the index's own
         storage (no second copy of a large database); the caller must not modify it afterwards.
+        With a ``center``, rows are centred first, unless ``centered=True`` says they already are.
         """
         src = as_numpy(vectors)  # detached / widened once; a CPU tensor stays shared memory
         x = validate_vectors(src, self.nesting.dim)  # [n, D] float32
+        x = self._centred(x, centered)
         new_ids = self._check_ids(ids, len(x))
         if self.metric == "cosine":
             _warn_zero_rows(x, self.count)
@@ -374,7 +389,8 @@ class MatryoshkaIndex:
         return out
 
     def vectors(self, rows: np.ndarray | None = None, dims: int | None = None) -> np.ndarray:
-        """Stored full-size vectors as float32 [len(rows), dims] (dequantised for int8)."""
+        """Stored full-size vectors as float32 [len(rows), dims] (dequantised for int8; centred
+        when the index has a ``center``)."""
         rows = np.arange(self.count) if rows is None else check_row_indices(rows, self.count)
         dims = check_dims(dims, self.nesting.dim)  # 100 gave D columns silently
         return self._widen(self._vectors[rows, :dims])
@@ -552,6 +568,17 @@ class MatryoshkaIndex:
     def _check_queries(self, queries: Any) -> np.ndarray:
         return check_queries(queries, self.nesting.dim)
 
+    def _centred(self, x: np.ndarray, centered: bool) -> np.ndarray:
+        """Rows or queries [n, D] float32 in the index's space: minus ``center`` (a new array),
+        unless there is none or ``centered`` says the caller subtracted it already."""
+        if not isinstance(centered, (bool, np.bool_)):
+            raise ValueError(f"centered must be True or False, got centered={centered!r}")
+        if centered and self.center is None:
+            raise ValueError("centered=True, but this index has no center: pass the rows as "
+                             "they are (centered=False)")
+        if self.center is None or centered:
+            return x
+        return x - self.center
     def _norm_q(self, q: np.ndarray, m: int) -> np.ndarray:
         p = q[:, :m]
         if self.metric == "dot":
@@ -567,10 +594,12 @@ class MatryoshkaIndex:
         *,
         batch_size: int = 1024,
         widen: bool | None = None,
+        centered: bool = False,
         **overrides: Any,
     ) -> SearchResult:
         """Top-k rows for each query [Q, D]; ``overrides`` are `SearchConfig` fields (None = the
-        index's own value).
+        index's own value). With a ``center``, queries are centred first, unless ``centered=True``
+        says they already are (e.g. read from a store created with the same center).
 
         ``widen``: raise the shortlist and stage keeps to k where they are smaller (a funnel
         tuned for a smaller k). None = only when the call overrides neither ``shortlist`` nor
@@ -597,7 +626,7 @@ class MatryoshkaIndex:
             cfg = _widen_for_k(cfg, min(k, n))  # the saved funnel, asked for more than it keeps
         self._check_config(cfg, k, n)
         batch_size = _as_int("batch_size", batch_size, 1)
-        q = self._check_queries(queries)
+        q = self._centred(self._check_queries(queries), centered)
         shortlist = min(cfg.shortlist, n)
         stages = cfg.stages or ((self.nesting.dim, k),)
         stages = stages[:-1] + ((stages[-1][0], k),)
@@ -850,6 +879,7 @@ class MatryoshkaIndex:
             "count": self.count,
             "config": self.config.to_dict(),
             "tuned": self.tuned,
+            "center": None if self.center is None else self.center.tolist(),
             "files": files,
         }
         atomic_write_json(path / SIDECAR, meta)
@@ -880,6 +910,7 @@ class MatryoshkaIndex:
             vector_dtype=meta["vector_dtype"],
             device=device,
             threads=threads,
+            center=meta.get("center"),
         )
         index.tuned = meta.get("tuned")
         files = meta["files"]
