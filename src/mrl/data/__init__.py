@@ -127,7 +127,7 @@ def load_task(
 def _image_folder_task(root: str | None, image_size: int, test_fraction: float, seed: int) -> Task:
     import torch
 
-    from mrl.data.image_folder import ImageFolder, split_folders
+    from mrl.data.image_folder import ImageFolder, pixel_stats, split_folders
 
     if root is None:
         raise ValueError("dataset 'image-folder' needs data.root (the folder of class subfolders)")
@@ -141,19 +141,19 @@ def _image_folder_task(root: str | None, image_size: int, test_fraction: float, 
     full = folder.load_tensors()
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
     n_test = max(1, int(len(full) * test_fraction))
+    # Both splits are normalised with the training part's statistics: the folder's (the test
+    # images included) would leak the test split into the model's input layer.
+    train_images = full.images[perm[n_test:]]
+    mean, std = pixel_stats(train_images)
 
-    def part(idx: torch.Tensor, split: str) -> ImageTensors:
+    def part(images: torch.Tensor, idx: torch.Tensor, split: str) -> ImageTensors:
         return ImageTensors(
-            full.images[idx],
-            full.labels[idx],
-            full.num_classes,
-            full.mean,
-            full.std,
-            f"{full.name}/{split}",
+            images, full.labels[idx], full.num_classes, mean, std, f"{full.name}/{split}"
         )
 
-    train = part(perm[n_test:], "train")
-    return Task("image-folder", train, train, part(perm[:n_test], "test"), folder.fingerprint())
+    train = part(train_images, perm[n_test:], "train")
+    test = part(full.images[perm[:n_test]], perm[:n_test], "test")
+    return Task("image-folder", train, train, test, folder.fingerprint())
 
 
 def _split_folder_task(train_dir: Path, test_dir: Path, image_size: int) -> Task:

@@ -38,6 +38,7 @@ __all__ = [
     "RandomHorizontalFlip",
     "Resize",
     "ToTensor",
+    "pixel_stats",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -314,9 +315,16 @@ class ImageFolder(torch.utils.data.Dataset):
         )
         images = torch.stack([to_tensor(self.load_image(i)) for i in _progress(len(self))])
         labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
-        pixels = images.float().div_(255).transpose(0, 1).reshape(self.channels, -1)  # [C, N*H*W]
-        mean = tuple(pixels.mean(1).tolist())
-        std = tuple(max(s, 1e-3) for s in pixels.std(1).tolist())
+        mean, std = pixel_stats(images)
         return ImageTensors(
             images, labels, len(self.classes), mean, std, f"folder:{self.root.name}"
         )
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (at least 1e-3) of uint8 images ``[N, C, H, W]``, in [0, 1].
+
+    A task's input statistics come from its training images only (never its test split)."""
+    channels = images.shape[1]
+    pixels = images.float().div_(255).transpose(0, 1).reshape(channels, -1)  # [C, N*H*W]
+    return tuple(pixels.mean(1).tolist()), tuple(max(s, 1e-3) for s in pixels.std(1).tolist())
