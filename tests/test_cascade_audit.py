@@ -247,12 +247,14 @@ def test_evaluate_cascade_names_bad_numbers_and_ff_sizes():
         evaluate_cascade(mrl, y, NEST, calib_fraction="x")
     with pytest.raises(ValueError, match=r"^calib_fraction must be a number, got None"):
         split_calibration(10, None)
-    for key in (8.5, "x", 0):  # 8.5 was silently FF-8; "x" an unnamed int() error
+    for key in (8.5, "x", 0, "\u00b2"):  # 8.5 was silently FF-8; "x", "²" unnamed int() errors
         with pytest.raises(ValueError, match=rf"ff_scores keys must be FF sizes .*got {key!r}"):
             evaluate_cascade(mrl, y, NEST, ff_scores={key: ff[8]}, seeds=(0,))
     kw = {"seeds": (0,), "tolerances": (0.0,)}
     assert (evaluate_cascade(mrl, y, NEST, ff_scores={"8": ff[8]}, **kw)[0]
             == evaluate_cascade(mrl, y, NEST, ff_scores={8: ff[8]}, **kw)[0])  # fmt: skip
+    once = evaluate_cascade(mrl, y, NEST, seeds=iter((0, 1)), tolerances=(0.0,))[0]  # an iterator
+    assert once == evaluate_cascade(mrl, y, NEST, seeds=(0, 1), tolerances=(0.0,))[0]
 
 
 def test_records_of_a_fixed_calibration_part_give_its_fraction():

@@ -9,6 +9,7 @@ descending and, among equal scores, by the smaller row index.
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -237,8 +238,12 @@ def test_index_without_center_refuses_centered_inputs():
     index = MatryoshkaIndex(NEST)
     with pytest.raises(ValueError, match="has no center"):
         index.add(db, centered=True)
-    with pytest.raises(ValueError, match="center must have dimension 32"):
-        MatryoshkaIndex(NEST, center=np.zeros(5))
+    for bad in (np.zeros(5), np.zeros((2, 32)), np.zeros((1, 32))):  # [2, 32] was read as 64
+        msg = f"center must be a vector of 32 numbers [D], got shape {bad.shape}"
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            MatryoshkaIndex(NEST, center=bad)
+    with pytest.raises(ValueError, match="center must be a vector of 32 numbers"):
+        EmbeddingStore.create("unused-path", NEST, center=np.zeros((2, 16)))
 
 
 def test_qdrant_export_refuses_centred_rows(tmp_path, capsys):
@@ -249,3 +254,39 @@ def test_qdrant_export_refuses_centred_rows(tmp_path, capsys):
                  str(tmp_path / "q")]) == 2  # fmt: skip
     assert "cannot centre queries" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()  # refused before any collection was set up
+
+
+def test_tune_takes_raw_or_centred_inputs_on_a_centred_index():
+    """`tune(reference=, queries=)` on a centred float16 index: raw inputs (as given to `add`)
+    are centred by tune, centred ones are passed with centered=True; both report the recall a
+    fresh measurement gives (a raw reference taken as centred reported 0.05)."""
+    db, _ = mrl_like(800, 32, clusters=10, seed=4)
+    db = np.abs(db) + 0.5
+    q, _ = mrl_like(40, 32, clusters=10, seed=5)
+    q = np.abs(q) + 0.5
+    center = db.mean(0)
+    want = _centred_exact(db, q, center, 10)
+    for centered in (False, True):
+        index = MatryoshkaIndex(NEST, vector_dtype="float16", center=center, threads=1)
+        index.add(db)
+        shift = center if centered else 0.0
+        res = tune(index, 0.9, k=10, queries=q - shift, reference=db - shift,
+                   centered=centered, backends=("flat",), try_funnel=False)  # fmt: skip
+        fresh = recall_at_k(index.search(q, 10).indices, want)
+        assert res.recall >= 0.9 and abs(res.recall - fresh) < 0.05, (centered, res.recall, fresh)
+    plain = MatryoshkaIndex(NEST)
+    plain.add(db)
+    with pytest.raises(ValueError, match="has no center"):
+        tune(plain, 0.9, centered=True)
+
+
+def test_search_names_a_centred_query_store_of_another_width(tmp_path, capsys):
+    db, _ = mrl_like(100, 32, clusters=5, seed=0)
+    EmbeddingStore.create(tmp_path / "db", NEST, center=db.mean(0)).append(db)
+    q16 = db[:5, :16]
+    EmbeddingStore.create(tmp_path / "q", Nesting((8, 16)), center=q16.mean(0)).append(q16)
+    assert main(["index", "build", str(tmp_path / "db"), "--out", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "idx"), str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err  # was: operands could not be broadcast together
+    assert "holds 16-dim rows; the index holds 32-dim rows" in err, err

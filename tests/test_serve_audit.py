@@ -113,9 +113,13 @@ def test_stop_answers_queued_and_running_requests_and_later_submits():
             release.set()
         return results
 
-    results = _run(go(MicroBatcher(encode, max_batch_size=1, max_wait_ms=0)))
-    for r in results:  # before: both waited for ever
-        assert isinstance(r, RuntimeError) and "stopped before this request was served" in str(r)
+    for runner in (MicroBatcher(encode, max_batch_size=1, max_wait_ms=0), DirectRunner(encode)):
+        started.clear()
+        release.clear()
+        results = _run(go(runner))
+        for r in results:  # before: both waited for ever (DirectRunner: a CancelledError)
+            assert isinstance(r, RuntimeError), (runner, r)
+            assert "stopped before this request was served" in str(r)
 
     async def direct():
         runner = DirectRunner(lambda t: np.zeros((len(t), 2), np.float32))

@@ -99,7 +99,7 @@ def _check_ff(ff_scores: Mapping[int, Any] | None, n: int, c: int) -> dict[int, 
     for m, s in (ff_scores or {}).items():
         # a size: 8.5 was silently FF-8, "x" an unnamed int() error ("8", from JSON, is 8)
         ok = (isinstance(m, (int, np.integer)) and not isinstance(m, bool)) or (
-            isinstance(m, str) and m.isdigit()
+            isinstance(m, str) and m.isascii() and m.isdigit()  # "²".isdigit() too
         )
         if not ok or int(m) < 1:
             raise ValueError(f"ff_scores keys must be FF sizes (positive ints), got {m!r}")
@@ -312,6 +312,7 @@ def evaluate_cascade(
         raise ValueError(f"match must be in [0, 1) (an accuracy fraction), got {match}")
     if not 0.0 < _number("calib_fraction", calib_fraction) < 1.0:
         raise ValueError(f"calib_fraction must be in (0, 1), got {calib_fraction}")
+    seeds = tuple(seeds)  # an iterator is read once (len() and the loop below)
     if calib_index is not None:
         calib_index = _check_calib_index(calib_index, arr.shape[1])
         seeds = tuple(seeds)[:1] or (0,)  # one fixed split: one "seed"

@@ -186,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
             max_memory=args.max_memory,
             # quantised rerank vectors: measure recall against the float32 originals, so the
             # quantisation error counts (else int8 reported 0.996 where the truth was 0.979)
-            reference=None if args.vector_dtype == "float32" else (
-                x if center is None or centered else x - center),
+            reference=None if args.vector_dtype == "float32" else x,
+            centered=centered,  # a centred store's rows
             log=print,
         )
         c = res.config

@@ -90,6 +90,9 @@ def _queries_centered(queries: str, index) -> bool:
     own = store_center(queries)
     if own is None:
         return False
+    if own.shape != (index.nesting.dim,):  # before comparing centres (a numpy broadcast error)
+        raise ValueError(f"the queries store {queries!r} holds {own.shape[0]}-dim rows; the "
+                         f"index holds {index.nesting.dim}-dim rows")
     if index.center is None or not np.allclose(own, index.center, rtol=1e-6, atol=1e-7):
         has = "has no center" if index.center is None else "has another center"
         raise ValueError(

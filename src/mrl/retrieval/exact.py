@@ -65,23 +65,24 @@ def topk_sorted(
     Order: score descending, ties by the smaller key (``keys`` [Q, n], e.g. row ids; default
     the column), at the k-th place too: of the elements tied there, those with the smaller keys
     are kept (duplicate rows in a database come back in row order, whatever their position).
-    `argtopk` (O(n)) then a sort of the k winners; a row whose k-th score is shared by an
-    element left out is settled by a full sort of that row. NaN ranks last.
+    `argtopk` of k + 1 (O(n)) then a sort of those: where the (k+1)-th equals the k-th, a tie
+    straddles the cut and that row is settled among its elements at or above the cut (one pass
+    over the row, a sort of the few tied). NaN ranks last.
     """
-    part = argtopk(scores, k)
+    n = scores.shape[1]
+    kk = min(k + 1, n)  # one more than asked: shows whether a tie straddles the k-th place
+    part = argtopk(scores, kk)  # [Q, kk], unordered
     vals = np.take_along_axis(scores, part, axis=1)
-    if k < scores.shape[1]:  # argtopk keeps any of the elements tied at the k-th place
-        kth = vals.min(axis=1, keepdims=True)  # NaN (no tie to settle) where a NaN was kept
-        split = np.count_nonzero(scores == kth, axis=1) > np.count_nonzero(vals == kth, axis=1)
-        for r in np.flatnonzero(split):
-            key = np.arange(scores.shape[1]) if keys is None else keys[r]
-            part[r] = np.lexsort((key, -scores[r]))[:k]  # -NaN sorts last
-        if split.any():
-            vals = np.take_along_axis(scores, part, axis=1)
     key_part = part if keys is None else np.take_along_axis(keys, part, axis=1)
     order = np.lexsort((key_part, -vals), axis=1)  # primary: -score, secondary: key
-    idx = np.take_along_axis(part, order, axis=1)
-    return np.take_along_axis(vals, order, axis=1), idx
+    part, vals = np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
+    if kk > k:
+        for r in np.flatnonzero(vals[:, k] == vals[:, k - 1]):  # NaN never compares equal
+            cand = np.flatnonzero(scores[r] >= vals[r, k - 1])  # everything tied at or above
+            key = cand if keys is None else keys[r, cand]
+            best = cand[np.lexsort((key, -scores[r, cand]))[:k]]
+            part[r, :k], vals[r, :k] = best, scores[r, best]
+    return vals[:, :k], part[:, :k]
 
 
 def check_queries(queries: Any, dim: int) -> np.ndarray:

@@ -81,6 +81,15 @@ def validate_vectors(x: Any, dim: int | None, name: str = "vectors") -> np.ndarr
     return arr
 
 
+def check_center(center: Any, dim: int) -> np.ndarray:
+    """A centre: one finite number per dimension, [D] float32 (a [1, D] or [2, D] array was
+    reshaped, and its error named the reshaped shape)."""
+    arr = as_numpy(center)
+    if arr.ndim != 1 or arr.shape[0] != dim:
+        raise ValueError(f"center must be a vector of {dim} numbers [D], got shape {arr.shape}")
+    return validate_vectors(arr.reshape(1, -1), dim, "center")[0]
+
+
 def check_dims(dims: Any, d: int) -> int:
     """A prefix length in [1, d] (None: d), for reads and searches of a prefix."""
     if dims is None:
@@ -218,7 +227,7 @@ class EmbeddingStore:
             )
         check_new_store_path(path)
         if center is not None:
-            center = validate_vectors(np.asarray(center).reshape(1, -1), nesting.dim, "center")[0]
+            center = check_center(center, nesting.dim)
         path.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": STORE_FORMAT,

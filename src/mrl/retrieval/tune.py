@@ -175,6 +175,7 @@ def tune(
     apply: bool = True,
     seed: int = 0,
     reference: np.ndarray | None = None,
+    centered: bool = False,
     log=None,
 ) -> TuneResult:
     """Pick the fastest configuration whose recall@k vs exact full-size search >= target_recall.
@@ -201,15 +202,20 @@ def tune(
         apply: store the choice as ``index.config`` and the report as ``index.tuned``, and drop
             the cached shortlist matrices and graphs the choice does not use.
         log: optional callable(str) for progress lines.
-        reference: the original full-precision database [N, D] (row i = index row i; centred
-            like the stored rows when the index has a ``center``). With
+        reference: the original full-precision database [N, D] (row i = index row i). With
             int8/float16 rerank vectors, the exact answer (and held-out queries) then come from
             it, so the measured recall includes the quantisation error; without it, recall is
             measured against exact search over the stored (quantised) vectors.
+        centered: ``queries`` and ``reference`` had the index's ``center`` subtracted already
+            (as `MatryoshkaIndex.add` / `search` take it); by default they are raw, as given to
+            ``add``, and tune centres them. Held-out rows are taken from the index as stored.
     """
     _check_tune_args(index, target_recall, k, max_memory, reference)
+    index._centred(np.zeros((0, index.nesting.dim), np.float32), centered)  # checks `centered`
     say = log or (lambda s: None)
-    trial = _ground_truth(index, k, queries, n_queries, seed, reference, say)
+    if reference is not None:  # into the index's space (a raw one on a centred index: recall 0.05)
+        reference = index._centred(np.asarray(reference, dtype=np.float32), centered)
+    trial = _ground_truth(index, k, queries, n_queries, seed, reference, centered, say)
     trial.need = min(
         1.0,
         target_recall
@@ -270,7 +276,7 @@ def _check_tune_args(index, target_recall, k, max_memory, reference) -> None:
         raise ValueError(f"reference must have shape {shape}, got {np.shape(reference)}")
 
 
-def _ground_truth(index, k, queries, n_queries, seed, reference, say) -> _Trial:
+def _ground_truth(index, k, queries, n_queries, seed, reference, centered, say) -> _Trial:
     """Step 1: the sample queries and their exact full-size top-k (against ``reference`` when
     given, so that the quantisation of the stored vectors counts as error)."""
     rows = None
@@ -278,8 +284,8 @@ def _ground_truth(index, k, queries, n_queries, seed, reference, say) -> _Trial:
         queries, rows = held_out_queries(index, n_queries, seed)
         if reference is not None:
             queries = np.asarray(reference[rows], dtype=np.float32)
-    else:  # user queries, raw: into the index's space (minus its center, if any)
-        queries = index._centred(index._check_queries(queries), False)
+    else:  # user queries: into the index's space (minus its center, unless centered)
+        queries = index._centred(index._check_queries(queries), centered)
     kk = k + 1 if rows is not None else k
     if reference is not None:
         _, truth = exact_search(reference, queries, kk, metric=index.metric)

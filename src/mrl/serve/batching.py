@@ -44,12 +44,16 @@ class _Pending:
 
 
 class DirectRunner:
-    """No batching: each request runs the encoder on its own texts (in one worker thread)."""
+    """No batching: each request runs the encoder on its own texts (in one worker thread).
+
+    `stop` answers every request not yet answered (running or waiting for the thread) with
+    `RunnerStopped`, as `MicroBatcher` does."""
 
     def __init__(self, encode: EncodeFn) -> None:
         self._encode = encode
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrl-encode")
         self._stopped = False
+        self._waiting: set[asyncio.Future] = set()  # one per request not yet answered
         self.batches = 0
 
     async def start(self) -> None:  # same lifecycle as MicroBatcher
@@ -57,6 +61,10 @@ class DirectRunner:
 
     async def stop(self) -> None:
         self._stopped = True
+        for f in list(self._waiting):
+            if not f.done():
+                f.set_exception(RunnerStopped(
+                    "the encoder runner was stopped before this request was served"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, texts: Sequence[str]) -> np.ndarray:
@@ -65,8 +73,36 @@ class DirectRunner:
         texts = list(texts)
         self.batches += 1
         loop = asyncio.get_running_loop()
-        return _check_rows(await loop.run_in_executor(self._executor, self._encode, texts),
-                           len(texts))
+        answer = loop.create_future()  # ours, not the executor's: stop() can answer it
+        self._waiting.add(answer)
+
+        def deliver(job) -> None:  # in the worker thread (or at shutdown): hand over to the loop
+            if job.cancelled():
+                return  # cancelled by stop(), which answered already
+            exc = job.exception()
+            try:
+                loop.call_soon_threadsafe(_settle, answer, exc, None if exc else job.result())
+            except RuntimeError:  # the loop closed meanwhile: nobody is waiting any more
+                pass
+
+        job = self._executor.submit(self._encode, texts)
+        job.add_done_callback(deliver)
+        try:
+            return _check_rows(await answer, len(texts))
+        except asyncio.CancelledError:
+            job.cancel()  # the caller went away: do not encode its texts if not started yet
+            raise
+        finally:
+            self._waiting.discard(answer)
+
+
+def _settle(future: asyncio.Future, exc: BaseException | None, result: object) -> None:
+    if future.done():  # answered by stop(), or the caller was cancelled
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 class MicroBatcher:

@@ -50,6 +50,7 @@ from mrl.nesting import Nesting
 from mrl.retrieval.exact import METRICS, check_queries, topk_sorted
 from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
 from mrl.retrieval.store import (
+    check_center,
     check_dims,
     check_float16_range,
     check_row_indices,
@@ -273,8 +274,7 @@ class MatryoshkaIndex:
         self.config = config or SearchConfig(16 if 16 in nesting else nesting.sizes[0])
         self.tuned: dict[str, Any] | None = None
         self._check_config(self.config, k=1, n=None)
-        self.center: np.ndarray | None = None if center is None else validate_vectors(
-            np.asarray(center).reshape(1, -1), nesting.dim, "center")[0]  # [D] float32
+        self.center = None if center is None else check_center(center, nesting.dim)  # [D]
         d, g = nesting.dim, len(nesting)
         self._vectors = np.zeros((0, d), vector_dtype)  # [N, D] full size (raw, or memmap)
         self._col_scale = np.ones(d, np.float32)  # [D] int8 dequantisation scale per column
@@ -579,6 +579,7 @@ class MatryoshkaIndex:
         if self.center is None or centered:
             return x
         return x - self.center
+
     def _norm_q(self, q: np.ndarray, m: int) -> np.ndarray:
         p = q[:, :m]
         if self.metric == "dot":
