@@ -11,13 +11,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["RetrievalDataset", "LabelledCorpus", "join_title"]
+__all__ = ["RetrievalDataset", "LabelledCorpus", "join_title", "repeats_title"]
+
+
+def repeats_title(title: str, body: str) -> bool:
+    """Whether ``body`` starts by repeating ``title`` (both stripped) as whole words: "Wing" is
+    repeated by "Wing lift ..." or "Wing, ...", not by "Wingtip vortices ..." (a longer word)."""
+    if not title or not body.startswith(title):
+        return False
+    rest = body[len(title) : len(title) + 1]
+    return not (rest.isalnum() and title[-1].isalnum())
 
 
 def join_title(title: str, body: str) -> str:
-    """``title`` then ``body`` on a new line, unless the body already starts with the title."""
+    """``title`` then ``body`` on a new line, unless the body already starts with the title
+    (as whole words: `repeats_title`)."""
     title, body = title.strip(), body.strip()
-    if not title or body.startswith(title):
+    if not title or repeats_title(title, body):
         return body
     if not body:
         return title

@@ -250,13 +250,33 @@ def encode(
     return np.ascontiguousarray(emb, dtype=np.float32)
 
 
+def _model_files(path: Path) -> list[Path]:
+    """The files a sentence-transformers folder loads from: its top-level files and those of
+    the module folders ``modules.json`` names (a trained ``3_Dense``'s weights, a Pooling
+    config, ...), not other folders beside them (a report ``mrl eval`` wrote into it)."""
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+        folders = {str(m.get("path") or "") for m in modules if isinstance(m, dict)}
+    except (OSError, ValueError, TypeError):
+        folders = set()
+    for folder in sorted(f for f in folders if f):
+        sub = path / folder
+        if sub.is_dir():
+            files += [p for p in sub.rglob("*") if p.is_file() and not any(
+                part.startswith(".") for part in p.relative_to(path).parts)]  # fmt: skip
+    return sorted(files)
+
+
 def _cache_key(model: str | os.PathLike, texts: list[str], max_seq_length: int | None) -> str:
+    """The model (its folder and every file it loads: weights, configs, module folders, by
+    size, modification time and `file_fingerprint`), ``max_seq_length`` and the texts."""
     h = hashlib.sha256()
     path = resolve_model_path(model)
-    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
     h.update(str(path.resolve()).encode())
-    for w in weights:
-        h.update(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}".encode())
+    for f in _model_files(path):
+        stat, name = f.stat(), f.relative_to(path).as_posix()
+        h.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}:{file_fingerprint(f)}\0".encode())
     h.update(str(max_seq_length).encode())
     for t in texts:
         h.update(t.encode("utf-8", "replace") + b"\0")
@@ -273,7 +293,9 @@ def encode_cached(
     batch_size: int = 32,
     name: str = "texts",
 ) -> np.ndarray:
-    """`encode` with an on-disk cache keyed by model files, texts and max_seq_length."""
+    """`encode` with an on-disk cache keyed by the model's files (every file it loads, by size,
+    modification time and a fingerprint of its contents: one edited in place is a new key),
+    texts and max_seq_length."""
     texts = check_texts(texts, name)
     path = None
     if cache_dir is not None:

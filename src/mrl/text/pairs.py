@@ -2,7 +2,9 @@
 
 JSONL: one object per line, ``{"query": ..., "positive": ...}`` with an optional ``"negative"``
 (a string). Label-free pairs from a corpus: each document's title -> its body (with the title
-removed from the body's start, where the body repeats it, so the pair is not trivial).
+removed from the body's start, where the body repeats it as whole words, so the pair is not
+trivial; a title that is only the start of the body's first word, "Wing" before "Wingtip ...",
+leaves the body whole).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from mrl.text.beir import read_jsonl
+from mrl.text.corpus import repeats_title
 
 __all__ = ["Pair", "read_pairs", "pairs_from_titles"]
 
@@ -45,7 +48,7 @@ def pairs_from_titles(titles: list[str], bodies: list[str], min_words: int = 3) 
     pairs = []
     for title, body in zip(titles, bodies):
         title, body = title.strip(), body.strip()
-        if body.startswith(title):
+        if repeats_title(title, body):  # "Wing" -> "Wingtip vortices" keeps "Wingtip"
             body = body[len(title) :].strip()
         if len(title.split()) < 1 or len(body.split()) < min_words:
             continue
