@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import sys
 import types
+import warnings
 
 import pytest
 
 from mrl.cli import main
 from mrl.data import load_task
+from mrl.records import load_records
 
 TINY = ["model.dim=16", "model.width=4", "model.nesting=2,4,8,16", "batch_size=64",
         "eval_batch_size=256", "data.train_size=256", "optim.lr=0.01"]  # fmt: skip
@@ -183,17 +185,26 @@ def test_demo_sections(tmp_path, task, capsys):
 
     sys.modules["_extra_demo_section"] = types.SimpleNamespace(section=extra_section)
     try:
-        recs, md = demo_cmd.demo(
-            tmp_path,
-            epochs=1,
-            task=task,
-            overrides=tuple(TINY),
-            progress=False,
-            log=lambda s: None,
-            sections=[*demo_cmd.SECTIONS, "_extra_demo_section:section"],
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            recs, md = demo_cmd.demo(
+                tmp_path,
+                epochs=1,
+                task=task,
+                overrides=tuple(TINY),
+                progress=False,
+                log=lambda s: None,
+                sections=[*demo_cmd.SECTIONS, "_extra_demo_section:section"],
+            )
     finally:
         del sys.modules["_extra_demo_section"]
+    assert not [w for w in caught if "not over seeds of one setting" in str(w.message)]
+    # The cascade's curve (several operating points per prefix) is tabled in its own section,
+    # not averaged into results.md's per-metric cells; results.json keeps its records.
+    assert {r["method"] for r in load_records(tmp_path / "results.json")} >= {"cascade", "mrl"}
+    assert "| cascade |" not in (tmp_path / "results.md").read_text()
+    for name in ("demo.md", "report.html"):
+        assert "Adaptive classification (cascade)" in (tmp_path / name).read_text()
     assert seen == [((2, 4, 8, 16), (4, len(task.test), 4), (len(task.train), 16))]
     assert "## Extra" in md and "### 1nn" in md
     assert {r["method"] for r in recs} >= {"mrl", "plain", "pca", "random"}

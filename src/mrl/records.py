@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,38 @@ def validate_records(records: Iterable[Record]) -> list[Record]:
         missing = [k for k in REQUIRED_KEYS if k not in r]
         if missing:
             raise ValueError(f"records[{i}] lacks keys {missing}: {r!r}")
+        v = r["value"]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            raise ValueError(f"records[{i}] value must be a number or None, got value={v!r}")
     return records
+
+
+def _finite(v: Any) -> bool:
+    """A value that belongs in a table or plot: not None, NaN or inf (a file written by hand or
+    by an older version may hold NaN / Infinity, which `make_record` stores as None)."""
+    return v is not None and math.isfinite(v)
+
+
+def _json_safe(obj: Any, where: str) -> Any:
+    """``obj`` as strict JSON data: numpy / torch scalars and arrays as Python numbers and lists,
+    non-finite floats as None (``NaN`` / ``Infinity`` are not JSON; `make_record` does the same
+    for ``value``). Anything else that JSON cannot hold is a ValueError naming where it is."""
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v, f"{where}[{j}]") for j, v in enumerate(obj)]
+    if hasattr(obj, "dtype") and hasattr(obj, "tolist"):  # numpy / torch scalar or array
+        return _json_safe(obj.tolist(), where)
+    raise ValueError(f"{where} cannot be written as JSON, got {type(obj).__name__} {obj!r}")
+
+
+def _identity(r: Record) -> str:
+    """A record's identity: every key but ``value`` (method, metric, prefix, seed, context)."""
+    return json.dumps({k: v for k, v in r.items() if k != "value"}, sort_keys=True, default=str)
 
 
 def load_records(path: str | os.PathLike) -> list[Record]:
@@ -60,26 +93,44 @@ def load_records(path: str | os.PathLike) -> list[Record]:
 
 
 def save_records(path: str | os.PathLike, records: Iterable[Record], append: bool = False) -> None:
-    """Write records atomically; ``append`` keeps what the file holds (seeds accumulate)."""
-    records = validate_records(records)
+    """Write records atomically as strict JSON (numpy numbers as Python ones, NaN / inf as null).
+
+    ``append`` keeps what the file holds (seeds accumulate); a record of the file with the same
+    identity as a new one (every key but ``value``: a rerun of the same seed and setting) is
+    replaced by it, not kept beside it."""
+    records = [_json_safe(r, f"records[{i}]") for i, r in enumerate(validate_records(records))]
     path = Path(path)
     if append and path.exists():
-        records = load_records(path) + records
+        new = {_identity(r) for r in records}
+        records = [r for r in load_records(path) if _identity(r) not in new] + records
     atomic_write_json(path, records)
 
 
+# Context that must agree within one cell: records that differ in it are not seeds of one setting.
+_SAME_IN_A_CELL = ("dataset", "split", "center", "k", "budget")
+
+
 def to_markdown(records: Iterable[Record], metric: str | None = None) -> str:
-    """A table with one row per (method, metric) and one column per prefix; mean over seeds."""
+    """A table with one row per (method, metric) and one column per prefix.
+
+    A cell with one record shows its value; with several, their mean ± the sample standard
+    deviation (n - 1) over seeds. Missing, None, NaN and inf values leave the cell blank. A cell
+    whose records are not distinct seeds of one setting (a seed twice, or another ``dataset``,
+    ``split``, ``center``, ``k`` or ``budget``) is still averaged, with a warning.
+    """
     rows: dict[tuple[str, str], dict[int | None, list[float]]] = {}
     prefixes: set[int | None] = set()
+    seen: dict[tuple, list[Record]] = {}
     for r in records:
         if metric is not None and r["metric"] != metric:
             continue
-        if r["value"] is None:
+        if not _finite(r["value"]):
             continue
         cell = rows.setdefault((r["method"], r["metric"]), {}).setdefault(r["prefix"], [])
         cell.append(r["value"])
         prefixes.add(r["prefix"])
+        seen.setdefault((r["method"], r["metric"], r["prefix"]), []).append(r)
+    _warn_pooled(seen)
     cols = sorted(prefixes, key=lambda p: (p is None, p or 0))
     head = "| method | metric | " + " | ".join("-" if p is None else str(p) for p in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
@@ -99,8 +150,32 @@ def to_markdown(records: Iterable[Record], metric: str | None = None) -> str:
                 std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
                 # The spread gets the mean's decimals: "71.5 ± 2.2", not "71.5 ± 2.217".
                 cells.append(f"{mean:.{dec}f} ± {std:.{dec}f}")
-        lines.append(f"| {method} | {met} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_escape(method)} | {_escape(met)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _escape(name: Any) -> str:
+    """A name in a pipe table: a ``|`` in it would start a new column."""
+    return str(name).replace("|", "\\|")
+
+
+def _warn_pooled(cells: dict[tuple, list[Record]]) -> None:
+    """Warn when a table cell averages records that are not distinct seeds of one setting."""
+    bad = []
+    for (method, met, prefix), recs in cells.items():
+        if len(recs) < 2:
+            continue
+        seeds = [json.dumps(r.get("seed"), default=str) for r in recs]
+        differ = [k for k in _SAME_IN_A_CELL
+                  if len({json.dumps(r.get(k), default=str) for r in recs}) > 1]
+        if len(set(seeds)) < len(seeds) or differ:
+            why = f"differ in {differ}" if differ else "repeat a seed"
+            bad.append(f"method={method!r} metric={met!r} prefix={prefix!r} ({len(recs)} "
+                       f"records that {why})")
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        warnings.warn(f"to_markdown: a cell's mean ± std is not over seeds of one setting: "
+                      f"{bad[0]}{more}; filter the records first", stacklevel=3)
 
 
 def _decimals(v: float) -> int:

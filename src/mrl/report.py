@@ -6,9 +6,9 @@ writes into ``out_dir``:
 
 - ``results.json``: the records (`mrl.records.save_records`);
 - ``results.md``: the title, notes and one table per metric (`mrl.records.to_markdown`: one row
-  per method, one column per prefix, mean ± std over seeds);
+  per method, one column per prefix, mean ± sample std (n - 1) over seeds);
 - ``<metric>.png``: the metric against prefix size (log2 x axis), one line per method, a mean ± std
-  band where a (method, prefix) has several values (seeds);
+  band (sample std, as the tables) where a (method, prefix) has several values (seeds);
 - ``report.html``: one self-contained page (title, notes, tables, the plots embedded as base64,
   plus extra ``sections``).
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mrl._optional import require
 from mrl.io import atomic_open, atomic_write_text
-from mrl.records import Record, save_records, to_markdown, validate_records
+from mrl.records import Record, _finite, save_records, to_markdown, validate_records
 
 __all__ = ["plot_metric", "write_report"]
 
@@ -46,10 +46,11 @@ def _safe_name(metric: str) -> str:
 
 
 def _series(records: list[Record], metric: str) -> dict[str, dict[int, list[float]]]:
-    """{method: {prefix: [values over seeds]}} for one metric (records without a prefix skipped)."""
+    """{method: {prefix: [values over seeds]}} for one metric (records without a prefix, or with
+    a None / NaN / inf value, skipped: the tables leave those cells blank)."""
     out: dict[str, dict[int, list[float]]] = {}
     for r in records:
-        if r["metric"] == metric and r["prefix"] is not None and r["value"] is not None:
+        if r["metric"] == metric and r["prefix"] is not None and _finite(r["value"]):
             out.setdefault(r["method"], {}).setdefault(int(r["prefix"]), []).append(r["value"])
     return out
 
@@ -100,8 +101,10 @@ def _markdown(title: str, notes: str, records: list[Record], metrics: list[str])
 
 def _md_table_to_html(table: str) -> str:
     """The pipe tables of `to_markdown` as HTML (first line header, second the separator)."""
+    # split on the column pipes only: to_markdown writes a "|" inside a name as "\\|"
     rows = [
-        [html.escape(c.strip()) for c in line.strip().strip("|").split("|")]
+        [html.escape(c.strip().replace("\\|", "|"))
+         for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
         for line in table.splitlines()
     ]
     head = "".join(f"<th>{c}</th>" for c in rows[0])
@@ -155,6 +158,7 @@ def write_report(
     notes: str = "",
     sections: Sequence[tuple[str, str]] = (),
     plots: bool = True,
+    tables: Iterable[Record] | None = None,
 ) -> dict[str, Path]:
     """Write results.json, results.md, one PNG per metric and report.html into ``out_dir``.
 
@@ -166,6 +170,10 @@ def write_report(
         sections: extra ``(heading, markdown-or-html)`` pairs appended to the HTML page.
         plots: False skips the PNGs. Without matplotlib they are skipped with a warning: the
             tables and records of a long run are never lost to a missing plotting package.
+        tables: the records of the per-metric tables and plots (default: ``records``), for a
+            report whose records include some that are not seeds of one setting per cell (the
+            demo's cascade curve: several operating points per prefix, tabled in its section).
+            ``results.json`` always holds every record.
 
     Returns:
         ``{"json": ..., "markdown": ..., "html": ..., "<metric>": png path, ...}``.
@@ -173,30 +181,31 @@ def write_report(
     records = validate_records(records)
     if not records:
         raise ValueError("records must not be empty, got []")
+    shown = records if tables is None else validate_records(tables)
     for i, s in enumerate(sections):
         if not (isinstance(s, (tuple, list)) and len(s) == 2):
             raise ValueError(f"sections[{i}] must be a (heading, text) pair, got {s!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = _metrics(records)
+    metrics = _metrics(shown)
     paths = {
         "json": out / "results.json",
         "markdown": out / "results.md",
         "html": out / "report.html",
     }
     save_records(paths["json"], records)
-    atomic_write_text(paths["markdown"], _markdown(title, notes, records, metrics))
+    atomic_write_text(paths["markdown"], _markdown(title, notes, shown, metrics))
     pngs: dict[str, bytes] = {}
     if plots and importlib.util.find_spec("matplotlib") is None:
         warnings.warn("matplotlib is not installed: the report has no plots (pip install "
                       "'mrl[vision]' for them)", stacklevel=2)
         plots = False
     for metric in metrics if plots else []:
-        png = plot_metric(records, metric)
+        png = plot_metric(shown, metric)
         if png is not None:
             pngs[metric] = png
             paths[metric] = out / f"{_safe_name(metric)}.png"
             with atomic_open(paths[metric], "wb") as f:
                 f.write(png)
-    atomic_write_text(paths["html"], _html(title, notes, records, metrics, pngs, sections))
+    atomic_write_text(paths["html"], _html(title, notes, shown, metrics, pngs, sections))
     return paths
