@@ -290,3 +290,19 @@ def test_search_names_a_centred_query_store_of_another_width(tmp_path, capsys):
     assert main(["search", str(tmp_path / "idx"), str(tmp_path / "q")]) == 2
     err = capsys.readouterr().err  # was: operands could not be broadcast together
     assert "holds 16-dim rows; the index holds 32-dim rows" in err, err
+
+
+def test_exact_search_by_query_blocks_equals_one_block():
+    """Queries scored `query_block` at a time (bounded memory) give the neighbours of one block,
+    duplicate rows in row order included (scores to float32 rounding: BLAS rounds a one-row
+    product differently); a bad query_block is named."""
+    db, _ = mrl_like(300, 32, clusters=5, seed=6)
+    db = np.concatenate([db, db[:50]])  # twins: the tie rule must hold across blocks too
+    q, _ = mrl_like(37, 32, clusters=5, seed=7)
+    one = exact_search(db, q, 12, dims=16, block=64, query_block=1024)
+    for qb in (1, 5, 36):
+        got = exact_search(db, q, 12, dims=16, block=64, query_block=qb)
+        np.testing.assert_allclose(got[0], one[0], rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(got[1], one[1])
+    with pytest.raises(ValueError, match="query_block must be a positive int"):
+        exact_search(db, q, 5, query_block=0)
