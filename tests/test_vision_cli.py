@@ -341,6 +341,11 @@ def test_reproduce_probe_iterations_reach_the_probe(tmp_path, task):
                       runs=tmp_path / "b" / "runs", **kw)  # fmt: skip
     assert probe(again) == probe(one)
     assert (tmp_path / "b" / "runs" / "seed0" / "plain" / "records-probe1.json").is_file()
+    assert {r.get("probe_iter") for r in one if r["metric"] == "probe_top1"} == {1}
+    # another --probe-iter into the same results would average unlike probes over seeds
+    with pytest.raises(ValueError, match=r"holds probes fitted with --probe-iter 1, but this "
+                       r"call fits them with 200"):  # fmt: skip
+        reproduce("fashion-mnist", "small", tmp_path / "a", seed=1, **kw)
     one_k = RECIPES[("fashion-mnist-1k", "small")]
     assert (one_k.probe_iter, one_k.probe_max_dim) == (50, 16)
 

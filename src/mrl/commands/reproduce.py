@@ -240,6 +240,7 @@ def reproduce(
     out = Path(out)
     runs_root = Path(runs) if runs is not None else out / "runs"
     _check_centring(out / "results.json", center)
+    _check_probe_iter(out / "results.json", probe_iter)
     refuse_overrides(overrides, {
         "seed": "use --seed (it names the run folder seedN and labels the records)",
         "model.mode": "reproduce trains every mode itself (choose runs with --only)",
@@ -295,6 +296,8 @@ def reproduce(
                 **({"mrl_weights": weights} if name == "mrl-w" else {}),
             )
             save_records(cached, recs)
+        # seeds are averaged per cell: the records say how their probes were fitted
+        recs = [{**r, "probe_iter": probe_iter} if _probed(r) else r for r in recs]
         if name == "plain":
             recs = [*recs, _plain_as_ff(run_dir, config.model.dim, data_task, dataset=task,
                                         seed=seed, budget=budget)]  # fmt: skip
@@ -418,6 +421,28 @@ def _check_weight_spec(results: Path, weights: str | None) -> None:
         raise ValueError(
             f"{results} holds mrl-w records with mrl_weights={sorted(found)[0]!r}, but this call "
             f"has mrl_weights={weights!r}: write to another --out"
+        )
+
+
+def _probed(r: dict[str, Any]) -> bool:
+    """A record from a linear probe: probe_top1, and the top1 of plain / pca / random."""
+    return r["metric"] == "probe_top1" or (
+        r["metric"] == "top1" and r["method"] in ("plain", "pca", "random"))
+
+
+def _check_probe_iter(results: Path, probe_iter: int) -> None:
+    """Refuse to average probes fitted with another number of L-BFGS iterations (`--probe-iter`)
+    into one results file (records written before this check carry no ``probe_iter``)."""
+    from mrl.records import load_records
+
+    if not results.is_file():
+        return
+    found = {r["probe_iter"] for r in load_records(results) if "probe_iter" in r}
+    if found and found != {probe_iter}:
+        raise ValueError(
+            f"{results} holds probes fitted with --probe-iter {sorted(found)[0]}, but this call "
+            f"fits them with {probe_iter}: write to another --out (add --runs "
+            f"{results.parent / 'runs'} to reuse the trained models)"
         )
 
 
