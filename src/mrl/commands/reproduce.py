@@ -295,9 +295,8 @@ def reproduce(
                 probe_max_dim=recipe.probe_max_dim,
                 **({"mrl_weights": weights} if name == "mrl-w" else {}),
             )
-            save_records(cached, recs)
-        # seeds are averaged per cell: the records say how their probes were fitted
-        recs = [{**r, "probe_iter": probe_iter} if _probed(r) else r for r in recs]
+            save_records(cached, _tag_probes(recs, probe_iter))
+        recs = _tag_probes(recs, probe_iter)  # also a cache written before the tag
         if name == "plain":
             recs = [*recs, _plain_as_ff(run_dir, config.model.dim, data_task, dataset=task,
                                         seed=seed, budget=budget)]  # fmt: skip
@@ -424,10 +423,14 @@ def _check_weight_spec(results: Path, weights: str | None) -> None:
         )
 
 
-def _probed(r: dict[str, Any]) -> bool:
-    """A record from a linear probe: probe_top1, and the top1 of plain / pca / random."""
-    return r["metric"] == "probe_top1" or (
-        r["metric"] == "top1" and r["method"] in ("plain", "pca", "random"))
+def _tag_probes(records: list[dict[str, Any]], probe_iter: int) -> list[dict[str, Any]]:
+    """Seeds are averaged per cell: probe records (probe_top1, and the top1 of plain / pca /
+    random) say how their probes were fitted."""
+    def probed(r: dict[str, Any]) -> bool:
+        return r["metric"] == "probe_top1" or (
+            r["metric"] == "top1" and r["method"] in ("plain", "pca", "random"))
+
+    return [{**r, "probe_iter": probe_iter} if probed(r) else r for r in records]
 
 
 def _check_probe_iter(results: Path, probe_iter: int) -> None:
