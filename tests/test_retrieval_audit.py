@@ -306,3 +306,21 @@ def test_exact_search_by_query_blocks_equals_one_block():
         np.testing.assert_array_equal(got[1], one[1])
     with pytest.raises(ValueError, match="query_block must be a positive int"):
         exact_search(db, q, 5, query_block=0)
+
+
+def test_topk_sorted_equals_a_full_sort_with_ties_inf_and_nan():
+    """Against a full sort of each row (score descending, -inf before NaN, then the smaller
+    key): rows of few distinct values, -inf and NaN, every k (a NaN kept by argtopk in place of
+    a -inf hid a -inf tie at the k-th place)."""
+    rng = np.random.default_rng(0)
+    pool = np.array([-3, -2, -1, 0, 1, 2, -np.inf, np.nan], np.float32)
+    for _ in range(300):
+        n = int(rng.integers(2, 30))
+        s = rng.choice(pool, size=(3, n))
+        keys = np.stack([rng.permutation(100)[:n] for _ in range(3)])
+        for k in {1, n // 2 or 1, n - 1 or 1, n}:
+            v, i = topk_sorted(s, k, keys=keys)
+            low = np.where(np.isnan(s), -np.inf, s)
+            want = np.lexsort((keys, np.isnan(s), -low), axis=1)[:, :k]
+            np.testing.assert_array_equal(i, want)
+            np.testing.assert_array_equal(v, np.take_along_axis(s, want, axis=1))

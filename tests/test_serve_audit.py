@@ -371,3 +371,19 @@ def test_an_export_killed_while_finishing_finishes_when_run_again(tmp_path):
     assert target.finished == 2  # finished and recorded: a third run does nothing
     assert target.count() == N
     target.inner.close()
+
+
+def test_an_encoder_raising_stopiteration_fails_its_request_instead_of_hanging():
+    def encode(texts):
+        raise StopIteration("exhausted generator inside the model")
+
+    async def go(runner):
+        await runner.start()
+        try:
+            with pytest.raises(RuntimeError, match="the encoder raised StopIteration"):
+                await asyncio.wait_for(runner.submit(["a"]), 10)  # was: waited for ever
+        finally:
+            await runner.stop()
+
+    for runner in (MicroBatcher(encode, max_batch_size=4, max_wait_ms=0), DirectRunner(encode)):
+        _run(go(runner))

@@ -96,12 +96,13 @@ def save_records(path: str | os.PathLike, records: Iterable[Record], append: boo
     """Write records atomically as strict JSON (numpy numbers as Python ones, NaN / inf as null).
 
     ``append`` keeps what the file holds (seeds accumulate); a record of the file with the same
-    identity as a new one (every key but ``value``: a rerun of the same seed and setting) is
-    replaced by it, not kept beside it."""
+    identity as a new seeded one (every key but ``value``, ``seed`` among them: a rerun of the
+    same seed and setting) is replaced by it, not kept beside it. Records without a ``seed``
+    (repeated measurements, e.g. a benchmark run again) accumulate."""
     records = [_json_safe(r, f"records[{i}]") for i, r in enumerate(validate_records(records))]
     path = Path(path)
     if append and path.exists():
-        new = {_identity(r) for r in records}
+        new = {_identity(r) for r in records if r.get("seed") is not None}
         records = [r for r in load_records(path) if _identity(r) not in new] + records
     atomic_write_json(path, records)
 
@@ -165,7 +166,8 @@ def _warn_pooled(cells: dict[tuple, list[Record]]) -> None:
     for (method, met, prefix), recs in cells.items():
         if len(recs) < 2:
             continue
-        seeds = [json.dumps(r.get("seed"), default=str) for r in recs]
+        # repeated measurements without a seed may be averaged; a seed twice may not
+        seeds = [json.dumps(r["seed"], default=str) for r in recs if r.get("seed") is not None]
         differ = [k for k in _SAME_IN_A_CELL
                   if len({json.dumps(r.get(k), default=str) for r in recs}) > 1]
         if len(set(seeds)) < len(seeds) or differ:

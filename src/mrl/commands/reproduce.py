@@ -443,8 +443,8 @@ def _check_probe_iter(results: Path, probe_iter: int) -> None:
     found = {r["probe_iter"] for r in load_records(results) if "probe_iter" in r}
     if found and found != {probe_iter}:
         raise ValueError(
-            f"{results} holds probes fitted with --probe-iter {sorted(found)[0]}, but this call "
-            f"fits them with {probe_iter}: write to another --out (add --runs "
+            f"{results} holds probes fitted with --probe-iter {sorted(found - {probe_iter})[0]}, "
+            f"but this call fits them with {probe_iter}: write to another --out (add --runs "
             f"{results.parent / 'runs'} to reuse the trained models)"
         )
 
@@ -458,7 +458,8 @@ def _check_centring(results: Path, center: bool) -> None:
     found = {r["center"] for r in load_records(results) if "center" in r}
     if found and found != {center}:
         raise ValueError(
-            f"{results} holds records evaluated with center={sorted(found)[0]}, but this call "
+            f"{results} holds records evaluated with center={sorted(found - {center})[0]}, but "
+            f"this call "
             f"has center={center}: write to another --out (add --runs {results.parent / 'runs'} "
             "to evaluate the same trained models without retraining)"
         )

@@ -57,6 +57,16 @@ def argtopk(scores: np.ndarray, k: int) -> np.ndarray:
     return idx
 
 
+def _nan_low(x: np.ndarray) -> np.ndarray:
+    """Scores with NaN as -inf (as `argtopk` ranks them)."""
+    return np.where(np.isnan(x), -np.inf, x)
+
+
+def _order(vals: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Per row, the order by score descending, then NaN after -inf, then the smaller key."""
+    return np.lexsort((keys, np.isnan(vals), -_nan_low(vals)), axis=1)
+
+
 def topk_sorted(
     scores: np.ndarray, k: int, keys: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -71,16 +81,17 @@ def topk_sorted(
     """
     n = scores.shape[1]
     kk = min(k + 1, n)  # one more than asked: shows whether a tie straddles the k-th place
-    part = argtopk(scores, kk)  # [Q, kk], unordered
+    part = argtopk(scores, kk)  # [Q, kk], unordered; NaN counts as the smallest score
     vals = np.take_along_axis(scores, part, axis=1)
     key_part = part if keys is None else np.take_along_axis(keys, part, axis=1)
-    order = np.lexsort((key_part, -vals), axis=1)  # primary: -score, secondary: key
+    order = _order(vals, key_part)
     part, vals = np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
     if kk > k:
-        for r in np.flatnonzero(vals[:, k] == vals[:, k - 1]):  # NaN never compares equal
-            cand = np.flatnonzero(scores[r] >= vals[r, k - 1])  # everything tied at or above
+        low = _nan_low(vals)  # argtopk may have kept a NaN for a -inf: compare as it ranks them
+        for r in np.flatnonzero(low[:, k] == low[:, k - 1]):
+            cand = np.flatnonzero(_nan_low(scores[r]) >= low[r, k - 1])  # tied at or above
             key = cand if keys is None else keys[r, cand]
-            best = cand[np.lexsort((key, -scores[r, cand]))[:k]]
+            best = cand[_order(scores[r, cand][None], key[None])[0, :k]]
             part[r, :k], vals[r, :k] = best, scores[r, best]
     return vals[:, :k], part[:, :k]
 

@@ -213,8 +213,10 @@ def tune(
     _check_tune_args(index, target_recall, k, max_memory, reference)
     index._centred(np.zeros((0, index.nesting.dim), np.float32), centered)  # checks `centered`
     say = log or (lambda s: None)
-    if reference is not None:  # into the index's space (a raw one on a centred index: recall 0.05)
-        reference = index._centred(np.asarray(reference, dtype=np.float32), centered)
+    if reference is not None and index.center is not None and not centered:
+        # into the index's space (a raw one on a centred index reported recall 0.05); only
+        # then a float32 copy in memory: otherwise exact_search streams it (a memmap) by block
+        reference = index._centred(np.asarray(reference, dtype=np.float32), False)
     trial = _ground_truth(index, k, queries, n_queries, seed, reference, centered, say)
     trial.need = min(
         1.0,

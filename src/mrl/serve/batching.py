@@ -85,7 +85,7 @@ class DirectRunner:
             except RuntimeError:  # the loop closed meanwhile: nobody is waiting any more
                 pass
 
-        job = self._executor.submit(self._encode, texts)
+        job = self._executor.submit(_run_encoder, self._encode, texts)
         job.add_done_callback(deliver)
         try:
             return _check_rows(await answer, len(texts))
@@ -94,6 +94,16 @@ class DirectRunner:
             raise
         finally:
             self._waiting.discard(answer)
+
+
+def _run_encoder(encode: EncodeFn, texts: list[str]) -> np.ndarray:
+    """``encode(texts)`` in the worker thread. A future cannot hold StopIteration (asyncio
+    raises a TypeError inside the loop's callback and the request waited for ever): it is
+    raised as a RuntimeError."""
+    try:
+        return encode(texts)
+    except StopIteration as exc:
+        raise RuntimeError(f"the encoder raised StopIteration: {exc!r}") from exc
 
 
 def _settle(future: asyncio.Future, exc: BaseException | None, result: object) -> None:
@@ -240,5 +250,5 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         self.batches += 1
         self.batch_sizes.append(len(texts))
-        emb = await loop.run_in_executor(self._executor, self._encode, texts)
+        emb = await loop.run_in_executor(self._executor, _run_encoder, self._encode, texts)
         return _check_rows(emb, len(texts))

@@ -269,8 +269,9 @@ def _model_files(path: Path) -> list[Path]:
 
 
 def _cache_key(model: str | os.PathLike, texts: list[str], max_seq_length: int | None) -> str:
-    """The model (its folder and every file it loads: weights, configs, module folders, by
-    size, modification time and `file_fingerprint`), ``max_seq_length`` and the texts."""
+    """The model (its folder, its top-level files and every file of the module folders
+    ``modules.json`` names, by size, modification time and `file_fingerprint`: a model card
+    edited counts too), ``max_seq_length`` and the texts."""
     h = hashlib.sha256()
     path = resolve_model_path(model)
     h.update(str(path.resolve()).encode())
