@@ -8,6 +8,8 @@ Each method runs forward and backward (gradients w.r.t. the input and every para
 random upstream gradient of the output's shape) once per round; rounds interleave the methods so
 machine noise hits all of them alike; the table reports the median per method and its ratio to
 the single full-size ``nn.Linear`` measured in the same run. Goal (issue 2): MRL-E fused <= 1.2x.
+Before any timing, each fast path is checked against its reference loop on the timed inputs and
+weights (output and every gradient from the same upstream gradient); a mismatch stops the run.
 """
 
 from __future__ import annotations
@@ -53,20 +55,36 @@ def _loss_step_fn(forward: Callable[[], Tensor], inputs: list[Tensor]) -> Callab
 LINEAR, LINEAR_CE, CONTRASTIVE = "linear (1 full-size head)", "linear + CE", "contrastive, full D"
 
 
+Check = tuple[str, Callable[[], Tensor], Callable[[], Tensor], list[Tensor], list[Tensor]]
+
+
 def build_methods(
-    B: int, D: int, C: int, start: int, seed: int = 0
+    B: int, D: int, C: int, start: int, seed: int = 0, checks: list[Check] | None = None
 ) -> dict[str, tuple[Callable, str]]:
-    """name -> (step, name of the baseline its ratio is taken against)."""
+    """name -> (step, name of the baseline its ratio is taken against). ``checks``, if given,
+    receives (name, fast, reference, fast's inputs, reference's inputs) on the timed tensors."""
     torch.manual_seed(seed)
     nesting = Nesting.doubling(start, D)
     z = torch.randn(B, D, requires_grad=True)
     y = torch.randint(0, C, (B,))
     linear, mrle = nn.Linear(D, C), MRLEHead(nesting, C)
     mrl, mrl_loop = MRLHead(nesting, C), MRLHead(nesting, C, fused=False)
+    mrl_loop.load_state_dict(mrl.state_dict())  # same weights: the agreement check compares them
     p_lin, p_mrle = [z, *linear.parameters()], [z, *mrle.parameters()]
     ce = nn.functional.cross_entropy
     # Contrastive: B query/positive pairs of size D, in-batch negatives.
     q, p = torch.randn(B, D, requires_grad=True), torch.randn(B, D, requires_grad=True)
+    pairs: list[Check] = [
+        ("mrl-e fused vs loop", lambda: mrle(z),
+         lambda: mrl_e_head_reference(z, mrle.weight, nesting, mrle.bias), p_mrle, p_mrle),
+        ("mrl fused vs loop", lambda: mrl(z), lambda: mrl_loop(z),
+         [z, *mrl.parameters()], [z, *mrl_loop.parameters()]),
+        ("matryoshka contrastive one-pass vs loop",
+         lambda: matryoshka_contrastive_loss(q, p, nesting),
+         lambda: matryoshka_contrastive_loss_reference(q, p, nesting), [q, p], [q, p]),
+    ]
+    if checks is not None:
+        checks.extend(pairs)
     return {
         LINEAR: (_step_fn(lambda: linear(z), p_lin), LINEAR),
         "mrl-e fused": (_step_fn(lambda: mrle(z), p_mrle), LINEAR),
@@ -83,6 +101,26 @@ def build_methods(
         "matryoshka contrastive loop": (_loss_step_fn(
             lambda: matryoshka_contrastive_loss_reference(q, p, nesting), [q, p]), CONTRASTIVE),
     }
+
+
+def check_agreement(checks: list[Check], rtol: float = 1e-4, atol: float = 1e-4) -> list[str]:
+    """Fast path == reference loop on the inputs built by `build_methods` (values and gradients
+    from one upstream gradient); raises AssertionError naming the pair that differs."""
+    done = []
+    for name, fast, ref, p_fast, p_ref in checks:
+        out_f, out_r = fast(), ref()
+        gen = torch.Generator().manual_seed(1)
+        upstream = torch.randn(out_f.shape, dtype=out_f.dtype, generator=gen)
+        g_f = torch.autograd.grad(out_f, p_fast, upstream)
+        g_r = torch.autograd.grad(out_r, p_ref, upstream)
+        for what, a, b in [("output", out_f, out_r), *((f"grad {i}", a, b)
+                                                       for i, (a, b) in enumerate(zip(g_f, g_r)))]:
+            try:
+                torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+            except AssertionError as err:
+                raise AssertionError(f"{name}: {what} differs from the reference: {err}") from None
+        done.append(name)
+    return done
 
 
 def run(methods: dict[str, tuple[Callable, str]], repeats: int, warmup: int
@@ -114,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} "
           f"{platform.processor() or ''}; B={B} D={D} C={C} G={G} (doubling {start}..{D}), "
           f"float32, forward+backward, {repeats} interleaved rounds, medians")
-    methods = build_methods(B, D, C, start)
+    checks: list[Check] = []
+    methods = build_methods(B, D, C, start, checks=checks)
+    checked = check_agreement(checks)  # before any timing: the timed fast paths are right
+    print(f"agreement (outputs and gradients, same inputs): {'; '.join(checked)}: ok")
     times = run(methods, repeats, warmup=2)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     base = med[LINEAR]

@@ -10,6 +10,11 @@ Top-k cosine search of Q queries over N items (float32) at all G prefixes of a d
   input checks included);
 - ``loop``: for each prefix, truncate, re-normalise, one matrix product + top-k.
 
+Before timing, the three are checked against each other on the timed items and the first
+``--check-queries`` queries: at every prefix the all-prefix scores equal the loop's, and every
+returned item (all-prefix at each prefix, ``full`` at D) scores what the loop's k-th best needs
+(equal up to float ties); a mismatch stops the run.
+
 Repeats are interleaved (full, all-prefix, loop, full, ...) so machine noise hits all three alike;
 medians are reported. Ratios are relative to ``full`` measured in the same run. Table last.
 """
@@ -41,6 +46,28 @@ def loop(q: torch.Tensor, x: torch.Tensor, nesting: Nesting, k: int) -> list[tor
     return out
 
 
+def check_agreement(q: torch.Tensor, x: torch.Tensor, nesting: Nesting, k: int, metric: str,
+                    tile_size: int, full_idx: torch.Tensor, rtol: float = 1e-4,
+                    atol: float = 1e-5) -> None:
+    """prefix_topk == the per-prefix loop on queries ``q`` (a subset of the timed ones) and the
+    timed items ``x``; ``full_idx``: the full-size baseline's top-k for ``q``. Compares scores,
+    not indices, so that items tied in float32 may come in either order."""
+    vals, idx = prefix_topk(q, x, nesting, k, metric=metric, tile_size=tile_size)
+    for g, m in enumerate(nesting.sizes):
+        qm, xm = q[:, :m], x[:, :m]
+        if metric == "cosine":
+            qm, xm = F.normalize(qm, dim=1), F.normalize(xm, dim=1)
+        ref = (qm @ xm.T).topk(k, dim=1).values  # the loop's top-k scores
+        picks = [("all-prefix", vals[g]), ("all-prefix items", (qm[:, None] * xm[idx[g]]).sum(-1))]
+        if m == nesting.dim:
+            picks.append(("full items", (qm[:, None] * xm[full_idx]).sum(-1)))
+        for what, got in picks:
+            try:
+                torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
+            except AssertionError as err:
+                raise AssertionError(f"prefix {m}: {what} disagree with the loop: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds), for smoke runs")
@@ -52,6 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tile-size", type=int, default=4096)
     ap.add_argument("--metric", default="cosine", choices=["cosine", "dot"])
     ap.add_argument("--json", default=None, help="also write the results as records to PATH")
+    ap.add_argument("--check-queries", type=int, default=64,
+                    help="queries on which the three methods are checked to agree before timing "
+                         "(default 64; 0 skips the check)")
     args = ap.parse_args(argv)
     Q = args.queries or (200 if args.quick else 1000)
     N = args.items or (10_000 if args.quick else 100_000)
@@ -75,6 +105,13 @@ def main(argv: list[str] | None = None) -> dict:
                 (q[:, :m] @ x[:, :m].T).topk(k, dim=1)
         else:
             loop(q, x, nesting, k)
+
+    c = min(args.check_queries, Q)
+    if c > 0:  # before any timing: the timed methods return the same top-k
+        check_agreement(q[:c], x, nesting, k, args.metric, args.tile_size,
+                        full_once(q_unit[:c], x_unit, k))
+        print(f"agreement on {c} of the {Q} queries (all {len(nesting)} prefixes, full at D): ok",
+              flush=True)
 
     runs = {
         "full": lambda: full_once(q_unit, x_unit, k),

@@ -10,6 +10,11 @@ Synthetic "MRL-like" vectors: Gaussian coordinates whose standard deviation deca
 1/sqrt(1 + j) with the coordinate j (leading dims carry most of the signal, as in MRL models);
 queries are database rows plus Gaussian noise (so each has a true near neighbour). Every part runs
 once; the tables (last) give the ratios measured in that run.
+
+Agreement, before timing: the model's batched encodings equal its one-text-per-call encodings, and
+each server's warm-up responses equal the model's own (unit-normalised) embeddings of those texts;
+the Qdrant rows report their overlap with the in-process funnel. Each timed search path is built
+and warmed up before it is timed.
 """
 
 from __future__ import annotations
@@ -83,11 +88,18 @@ def _start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("server did not start")
 
 
-async def _load(url: str, model: str, n: int, concurrency: int) -> dict:
+def _text(i: int) -> str:
+    return f"request number {i}: how do matryoshka embeddings nest?"
+
+
+async def _load(url: str, model: str, n: int, concurrency: int, keep: int = 0) -> dict:
+    """n one-text requests at ``concurrency``; the embeddings of requests 0..keep-1 are returned
+    under "embeddings" (the warm-up's, for the agreement check)."""
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
     lat: list[float] = []
+    kept: dict[int, list[float]] = {}
     errors = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as c:
@@ -95,29 +107,41 @@ async def _load(url: str, model: str, n: int, concurrency: int) -> dict:
             nonlocal errors
             async with sem:
                 t = time.perf_counter()
-                r = await c.post("/v1/embeddings", json={
-                    "input": f"request number {i}: how do matryoshka embeddings nest?",
-                    "model": model})
+                r = await c.post("/v1/embeddings", json={"input": _text(i), "model": model})
                 lat.append(time.perf_counter() - t)
                 errors += r.status_code != 200
+                if i < keep and r.status_code == 200:
+                    kept[i] = r.json()["data"][0]["embedding"]
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(n)))
         wall = time.perf_counter() - t0
     return {"texts_per_s": n / wall, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
-            "errors": errors, "requests": n}
+            "errors": errors, "requests": n, "embeddings": kept}
+
+
+AGREE_ATOL = 1e-4  # unit vectors: padding in a batch moves coordinates by ~1e-7
+
+
+def _unit_rows(x) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def direct_throughput(model: str, threads: int, n: int = 64, batch: int = 32) -> dict:
-    """The model alone, no HTTP: texts/s one text per call vs ``batch`` texts per call."""
+    """The model alone, no HTTP: texts/s one text per call vs ``batch`` texts per call. Checks
+    first that both give the same embeddings; "reference" holds the one-per-call unit rows."""
     import torch
 
     from mrl.serve.encoders import load_encoder
 
     torch.set_num_threads(threads)
     enc = load_encoder(model)
-    texts = [f"request number {i}: how do matryoshka embeddings nest?" for i in range(n)]
-    enc.encode(texts[:batch])  # warm-up
+    texts = [_text(i) for i in range(n)]
+    ref = _unit_rows(np.concatenate([enc.encode([t]) for t in texts[:batch]]))  # also a warm-up
+    diff = float(np.abs(_unit_rows(enc.encode(texts[:batch])) - ref).max())
+    if diff > AGREE_ATOL:
+        raise AssertionError(f"batched encodings differ from one-per-call ones by {diff:.2e}")
     t = time.perf_counter()
     for text in texts:
         enc.encode([text])
@@ -125,12 +149,15 @@ def direct_throughput(model: str, threads: int, n: int = 64, batch: int = 32) ->
     t = time.perf_counter()
     for i in range(0, n, batch):
         enc.encode(texts[i : i + batch])
-    return {"one_per_call": one, "batched": n / (time.perf_counter() - t), "batch": batch}
+    return {"one_per_call": one, "batched": n / (time.perf_counter() - t), "batch": batch,
+            "reference": ref, "max_diff": diff}
 
 
 def bench_embed(args) -> list[dict]:
     records = []
     rows = []
+    agree: list[str] = []
+    load_before = os.getloadavg()[0]
     direct = direct_throughput(args.model, args.threads)
     for key in ("one_per_call", "batched"):
         records.append(make_record(f"model-{key}", None, "texts_per_s", direct[key],
@@ -143,28 +170,40 @@ def bench_embed(args) -> list[dict]:
             import httpx
 
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-            asyncio.run(_load(url, model, 32, args.concurrency))  # warm-up
+            warm = asyncio.run(_load(url, model, 32, args.concurrency, keep=32))  # warm-up
+            name = "batching" if batching else "no-batching"
+            got = warm["embeddings"]
+            if len(got) != 32:
+                raise AssertionError(f"{name}: {32 - len(got)} of 32 warm-up requests failed")
+            served = _unit_rows([got[i] for i in range(32)])
+            diff = float(np.abs(served - direct["reference"]).max())
+            if diff > AGREE_ATOL:  # before timing: the server returns the model's embeddings
+                raise AssertionError(f"{name}: served embeddings differ from the model's by "
+                                     f"{diff:.2e}")
+            agree.append(f"{name} {diff:.1e}")
             stats = asyncio.run(_load(url, model, args.requests, args.concurrency))
             batches = httpx.get(url + "/v1/metadata").json()["batches"]
         finally:
             proc.terminate()
             proc.wait(30)
-        name = "batching" if batching else "no-batching"
         rows.append((name, stats, batches))
         for metric in ("texts_per_s", "p50_ms", "p99_ms", "errors"):
             records.append(make_record(name, None, metric, stats[metric], part="embed",
                                        requests=args.requests, concurrency=args.concurrency,
                                        model=args.model))
     print(f"\nembeddings: {args.requests} one-text requests at concurrency {args.concurrency}, "
-          f"server torch threads {args.threads}, load average before {os.getloadavg()[0]:.1f}")
-    print("| mode | texts/s | p50 ms | p99 ms | errors | encoder calls |")
+          f"server torch threads {args.threads}, load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after")
+    print(f"agreement (max |difference| of unit embeddings, limit {AGREE_ATOL}): model batched vs "
+          f"one per call {direct['max_diff']:.1e}; served vs the model: {', '.join(agree)}")
+    print(f"the model alone (no HTTP, {args.threads} thread(s)): {direct['one_per_call']:.1f} "
+          f"texts/s one per call, {direct['batched']:.1f} texts/s in calls of {direct['batch']}")
+    print(f"batching speed-up: {rows[0][1]['texts_per_s'] / rows[1][1]['texts_per_s']:.2f}x")
+    print("| mode | texts/s | p50 ms | p99 ms | errors | encoder calls (incl. 32 warm-up) |")
     print("|---|---|---|---|---|---|")
     for name, s, b in rows:
         print(f"| {name} | {s['texts_per_s']:.1f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | "
               f"{s['errors']} | {b} |")
-    print(f"batching speed-up: {rows[0][1]['texts_per_s'] / rows[1][1]['texts_per_s']:.2f}x")
-    print(f"the model alone (no HTTP, {args.threads} thread(s)): {direct['one_per_call']:.1f} "
-          f"texts/s one per call, {direct['batched']:.1f} texts/s in calls of {direct['batch']}")
     return records
 
 
@@ -239,16 +278,20 @@ def bench_qdrant(args) -> list[dict]:
               f"{report.finish_seconds:.1f} s")
         index = MatryoshkaIndex(nesting, SearchConfig(shortlist_dim=16, shortlist=200), threads=2)
         index.add(db)
+        index.build()  # the 16-dim shortlist matrix: else the first timed search builds it
         truth = exact_search(db, queries, k)[1]
+        warm = queries[: min(5, len(queries))]
         for shortlist in (50, 200):
             staged = (*((m, shortlist // 2) for m in mids), (d, k))
             for stages in (None, staged) if mids else (None,):  # without mids both are 16->D
                 kw = {} if stages is None else {"stages": stages}
+                index.search(warm, k, shortlist_dim=16, shortlist=shortlist, **kw)  # warm-up
                 t = time.perf_counter()
                 ref = index.search(queries, k, shortlist_dim=16, shortlist=shortlist, **kw)
                 t_ref = time.perf_counter() - t
                 for exact in (True, False):
                     q = QdrantIndex(target, exact=exact)
+                    q.search(warm, k, shortlist_dim=16, shortlist=shortlist, stages=stages)
                     t = time.perf_counter()
                     _, ids = q.search(queries, k, shortlist_dim=16, shortlist=shortlist,
                                       stages=stages)
@@ -280,7 +323,7 @@ def bench_qdrant(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--part", choices=["embed", "search", "qdrant", "all"], default="all")
     p.add_argument("--model", default="default")
     p.add_argument("--requests", type=int, default=400)

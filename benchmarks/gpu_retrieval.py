@@ -18,6 +18,11 @@ What is timed (CUDA-synchronised, median of ``--repeats`` after a warm-up), per 
 
 Data: MRL-like (see `mrl.retrieval.synthetic`): cluster centres and noise with per-coordinate scale
 ``i ** -0.5``, rows normalised; generated on the device in blocks. Prints ratios, table last.
+
+Agreement, before each selector is timed: its K shortlist scores equal ``torch.topk``'s on the same
+score matrix (scores, not indices: float16 ties may come in either order); a selector that
+disagrees is reported as a failed section (exit status 1) and not timed. Every method's recall@k
+is against the float32 exact top-k.
 """
 
 from __future__ import annotations
@@ -167,8 +172,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             traceback.print_exc()
             failed.append(name)
 
+    def check_selection(name, select):  # the selector's K scores == topk's, on the same scores
+        s = qs @ short.T
+        want = torch.topk(s, kk, dim=1).values.float()
+        got = torch.gather(s, 1, select(s)).float().sort(dim=1, descending=True).values
+        if not torch.equal(got, want):
+            bad = int((got != want).any(dim=1).sum())
+            raise AssertionError(f"{name}: shortlist differs from torch.topk's in {bad} of "
+                                 f"{len(q)} queries")
+
     for name, select in selectors.items():
-        def measure(select=select):
+        def measure(select=select, name=name):
+            check_selection(name, select)  # before timing it
             found, secs = timed(funnel(select), device, args.repeats)
             t_mm, t_sel, t_rr = stage_times(select)
             return {"secs": secs, "recall": recall(found, truth), "matmul_s": t_mm,

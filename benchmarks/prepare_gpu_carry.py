@@ -27,6 +27,12 @@ import sys
 from pathlib import Path
 
 CARRY_LIMIT = 64 * 2**20  # bytes the device tool carries per call
+DEVICE_COMMANDS = {  # as in the docstring above
+    "vision": "MRL_FASHION_MNIST=.gpu/vision/fashion-mnist TASKS=fashion-mnist TASK_TIMEOUT=560 "
+              "bash benchmarks/gpu.sh",
+    "text": "python3 benchmarks/gpu_text.py --data .gpu/text/cranfield --model "
+            ".gpu/text/minilm-fp16 --out /tmp/gpu-text --json \"$OUT/gpu_text.json\"",
+}
 MODEL_FILES = ("config.json", "config_sentence_transformers.json", "modules.json",
                "sentence_bert_config.json", "special_tokens_map.json", "tokenizer.json",
                "tokenizer_config.json", "vocab.txt", "1_Pooling/config.json")  # fmt: skip
@@ -97,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                     Path(args.model) if args.model else None)  # fmt: skip
     for name, size in sizes.items():
         print(f"{Path(args.dest) / name}: {size / 2**20:.1f} MiB (carry limit 64 MiB)")
+    print("device commands (the module docstring has the details):")
+    for name in sizes:
+        print(f"  carry [\".gpu/{name}\"]: {DEVICE_COMMANDS[name]}")
     return 0
 
 
