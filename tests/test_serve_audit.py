@@ -387,3 +387,33 @@ def test_an_encoder_raising_stopiteration_fails_its_request_instead_of_hanging()
 
     for runner in (MicroBatcher(encode, max_batch_size=4, max_wait_ms=0), DirectRunner(encode)):
         _run(go(runner))
+
+
+def test_served_connections_have_tcp_nodelay():
+    """Connections accepted on `bind_socket`'s socket get TCP_NODELAY from asyncio (it sets it
+    only for sockets created with IPPROTO_TCP): without it each response waited for the client's
+    delayed ACK, p50 44 ms for GET /health on loopback (0.9 ms with it)."""
+    import socket
+
+    from mrl.serve.server import bind_socket
+
+    async def go() -> int:
+        sock = bind_socket("127.0.0.1", 0)
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                s = transport.get_extra_info("socket")
+                seen.set_result(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        try:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            value = await asyncio.wait_for(seen, 10)
+            writer.close()
+        finally:
+            server.close()
+        return value
+
+    assert _run(go()) != 0
