@@ -191,13 +191,24 @@ def test_eval_of_a_cascade_file_refuses_another_split_without_logits(src, capsys
     assert main(["cascade", "eval", str(out), "--split", "train"]) == 2  # was: the test split
     assert "--split train without --logits" in capsys.readouterr().err
     assert main(["cascade", "eval", str(out), "--split", "test"]) == 0
+    # fitted on train: an explicit --split test (the default's value) is refused too
+    mrl, y, _, emb = synthetic()
+    train_src = src.with_name("train.npz")
+    save_logits(train_src, LogitsSet(mrl, y, NEST, emb, {"dataset": "toy", "split": "train"}))
+    fitted = src.with_name("ctrain.json")
+    assert main(["cascade", "fit", str(train_src), "--split", "train", "--out", str(fitted)]) == 0
+    capsys.readouterr()
+    assert main(["cascade", "eval", str(fitted), "--split", "test"]) == 2
+    assert "--split test without --logits" in capsys.readouterr().err
+    assert main(["cascade", "eval", str(fitted)]) == 0  # its own split
 
 
-def test_fewshot_pool_without_fewshot_is_refused(src, capsys, tmp_path):
-    rc = main(["cascade", "eval", str(src), "--fewshot-pool", "train", "--out",
+@pytest.mark.parametrize("pool", ["train", "test"])
+def test_fewshot_pool_without_fewshot_is_refused(src, capsys, tmp_path, pool):
+    rc = main(["cascade", "eval", str(src), "--fewshot-pool", pool, "--out",
                str(tmp_path / "e")])  # fmt: skip
-    assert rc == 2  # was: rc 0, --fewshot-pool ignored
-    assert "--fewshot-pool train applies with --fewshot only" in capsys.readouterr().err
+    assert rc == 2  # was: rc 0, --fewshot-pool ignored (test: the default's value, too)
+    assert f"--fewshot-pool {pool} applies with --fewshot only" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
 
 

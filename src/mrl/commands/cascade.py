@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument(
         "--fewshot-pool",
         choices=("test", "train"),
-        default="test",
+        default=None,  # None: not given (the default, test, is set in run)
         help="support set: a seeded half of the split (queries: the other half; "
         "default) or training images (queries: the whole split)",
     )
@@ -117,7 +117,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--split",
         choices=("test", "train"),
-        default="test",
+        default=None,  # None: not given (the default, test, is set in run)
         help="dataset split of a run folder (default test); a logits file must hold this split",
     )
 
@@ -148,6 +148,12 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # which of these were typed: an explicit value that a cascade file would ignore is refused,
+    # even when it equals the default
+    args.explicit = {n for n in ("split", "fewshot_pool") if getattr(args, n, None) is not None}
+    for name in ("split", "fewshot_pool"):
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, "test")
     _check_options(args)
     if args.action == "fit":
         return _fit(args)
@@ -362,7 +368,7 @@ def _refuse_ignored_options(args: argparse.Namespace, info: dict) -> None:
                ("--dataset", args.dataset), ("--notes", args.notes),
                ("--seeds", args.seeds != "0,1,2"), ("--match", args.match != 0.005),
                ("--calib-fraction", args.calib_fraction != 0.5),
-               ("--fewshot-pool", args.fewshot_pool != "test"))  # fmt: skip
+               ("--fewshot-pool", "fewshot_pool" in args.explicit))  # fmt: skip
     given = [flag for flag, on in options if on]
     if given:
         raise ValueError(
@@ -370,7 +376,7 @@ def _refuse_ignored_options(args: argparse.Namespace, info: dict) -> None:
             f"file ({args.source}); drop them or evaluate the source instead"
         )
     fitted = info.get("split", "test")
-    if not args.logits and args.split != "test" and args.split != fitted:
+    if not args.logits and "split" in args.explicit and args.split != fitted:
         raise ValueError(
             f"--split {args.split} without --logits: {args.source} is evaluated on the held-out "
             f"part of split {fitted!r} it was fitted on; pass --logits RUN_OR_FILE to evaluate "
@@ -399,7 +405,7 @@ def _eval_curves(args: argparse.Namespace, src: Path) -> int:
     seeds = _parse_seeds(args.seeds)
     if args.logits:
         raise ValueError(f"--logits applies to a cascade file (.json) source, not to {src}")
-    if args.fewshot_pool != "test" and not args.fewshot:  # was silently ignored
+    if "fewshot_pool" in args.explicit and not args.fewshot:  # was silently ignored
         raise ValueError(f"--fewshot-pool {args.fewshot_pool} applies with --fewshot only; "
                          "add --fewshot or drop it")  # fmt: skip
     out = _eval_out(args, src)  # checked before the logits are computed
