@@ -239,8 +239,9 @@ def reproduce(
     probe_iter = _probe_iter(recipe, probe_iter)
     out = Path(out)
     runs_root = Path(runs) if runs is not None else out / "runs"
-    _check_centring(out / "results.json", center)
-    _check_probe_iter(out / "results.json", probe_iter)
+    recorded = _recorded(out / "results.json")  # seeds of one --out must share these settings
+    _check_centring(recorded, out / "results.json", center)
+    _check_probe_iter(recorded, out / "results.json", probe_iter)
     refuse_overrides(overrides, {
         "seed": "use --seed (it names the run folder seedN and labels the records)",
         "model.mode": "reproduce trains every mode itself (choose runs with --only)",
@@ -248,7 +249,7 @@ def reproduce(
     base = (*recipe.overrides, f"seed={seed}", *overrides)
     config0 = load_config(None, list(base))
     w = None if weights is None else mrl_weights(weights, config0.model.get_nesting().sizes)
-    _check_weight_spec(out / "results.json", weights)
+    _check_weight_spec(recorded, out / "results.json", weights)
     plan = methods(recipe, w)
     names = [name for name, _ in plan]
     _check_only(only, names)
@@ -409,16 +410,25 @@ def _plain_as_ff(run_dir: Path, dim: int, task: Any = None, **context: Any) -> d
     return make_record("ff", dim, "top1", acc, source=source, run="plain", **context)
 
 
-def _check_weight_spec(results: Path, weights: str | None) -> None:
-    """Refuse to mix mrl-w records of two weight specs in one results file (one row each)."""
+def _recorded(results: Path) -> list[dict[str, Any]]:
+    """The records ``results`` holds ([] before the first run)."""
     from mrl.records import load_records
 
-    if weights is None or not results.is_file():
-        return
-    found = {r["mrl_weights"] for r in load_records(results) if "mrl_weights" in r}
-    if found - {weights}:
+    return load_records(results) if results.is_file() else []
+
+
+def _other_value(recorded: list[dict[str, Any]], key: str, value: Any) -> Any | None:
+    """A value of ``key`` in ``recorded`` other than ``value`` (the smallest), or None."""
+    others = sorted({r[key] for r in recorded if key in r} - {value})
+    return others[0] if others else None
+
+
+def _check_weight_spec(recorded: list[dict[str, Any]], results: Path, weights: str | None) -> None:
+    """Refuse to mix mrl-w records of two weight specs in one results file (one row each)."""
+    other = None if weights is None else _other_value(recorded, "mrl_weights", weights)
+    if other is not None:
         raise ValueError(
-            f"{results} holds mrl-w records with mrl_weights={sorted(found)[0]!r}, but this call "
+            f"{results} holds mrl-w records with mrl_weights={other!r}, but this call "
             f"has mrl_weights={weights!r}: write to another --out"
         )
 
@@ -433,33 +443,24 @@ def _tag_probes(records: list[dict[str, Any]], probe_iter: int) -> list[dict[str
     return [{**r, "probe_iter": probe_iter} if probed(r) else r for r in records]
 
 
-def _check_probe_iter(results: Path, probe_iter: int) -> None:
+def _check_probe_iter(recorded: list[dict[str, Any]], results: Path, probe_iter: int) -> None:
     """Refuse to average probes fitted with another number of L-BFGS iterations (`--probe-iter`)
     into one results file (records written before this check carry no ``probe_iter``)."""
-    from mrl.records import load_records
-
-    if not results.is_file():
-        return
-    found = {r["probe_iter"] for r in load_records(results) if "probe_iter" in r}
-    if found and found != {probe_iter}:
+    other = _other_value(recorded, "probe_iter", probe_iter)
+    if other is not None:
         raise ValueError(
-            f"{results} holds probes fitted with --probe-iter {sorted(found - {probe_iter})[0]}, "
+            f"{results} holds probes fitted with --probe-iter {other}, "
             f"but this call fits them with {probe_iter}: write to another --out (add --runs "
             f"{results.parent / 'runs'} to reuse the trained models)"
         )
 
 
-def _check_centring(results: Path, center: bool) -> None:
+def _check_centring(recorded: list[dict[str, Any]], results: Path, center: bool) -> None:
     """Refuse to mix centred and uncentred retrieval records in one results file."""
-    from mrl.records import load_records
-
-    if not results.is_file():
-        return
-    found = {r["center"] for r in load_records(results) if "center" in r}
-    if found and found != {center}:
+    other = _other_value(recorded, "center", center)
+    if other is not None:
         raise ValueError(
-            f"{results} holds records evaluated with center={sorted(found - {center})[0]}, but "
-            f"this call "
+            f"{results} holds records evaluated with center={other}, but this call "
             f"has center={center}: write to another --out (add --runs {results.parent / 'runs'} "
             "to evaluate the same trained models without retraining)"
         )
