@@ -211,7 +211,7 @@ def tune(
             ``add``, and tune centres them. Held-out rows are taken from the index as stored.
     """
     _check_tune_args(index, target_recall, k, max_memory, reference)
-    index._centred(np.zeros((0, index.nesting.dim), np.float32), centered)  # checks `centered`
+    index._check_centered(centered)
     say = log or (lambda s: None)
     if reference is not None and index.center is not None and not centered:
         # into the index's space (a raw one on a centred index reported recall 0.05); only

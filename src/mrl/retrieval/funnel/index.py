@@ -568,14 +568,18 @@ class MatryoshkaIndex:
     def _check_queries(self, queries: Any) -> np.ndarray:
         return check_queries(queries, self.nesting.dim)
 
-    def _centred(self, x: np.ndarray, centered: bool) -> np.ndarray:
-        """Rows or queries [n, D] float32 in the index's space: minus ``center`` (a new array),
-        unless there is none or ``centered`` says the caller subtracted it already."""
+    def _check_centered(self, centered: bool) -> None:
+        """``centered`` (inputs had ``center`` subtracted already) is a bool this index allows."""
         if not isinstance(centered, (bool, np.bool_)):
             raise ValueError(f"centered must be True or False, got centered={centered!r}")
         if centered and self.center is None:
             raise ValueError("centered=True, but this index has no center: pass the rows as "
                              "they are (centered=False)")
+
+    def _centred(self, x: np.ndarray, centered: bool) -> np.ndarray:
+        """Rows or queries [n, D] float32 in the index's space: minus ``center`` (a new array),
+        unless there is none or ``centered`` says the caller subtracted it already."""
+        self._check_centered(centered)
         if self.center is None or centered:
             return x
         return x - self.center
