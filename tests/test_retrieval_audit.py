@@ -324,3 +324,14 @@ def test_topk_sorted_equals_a_full_sort_with_ties_inf_and_nan():
             want = np.lexsort((keys, np.isnan(s), -low), axis=1)[:, :k]
             np.testing.assert_array_equal(i, want)
             np.testing.assert_array_equal(v, np.take_along_axis(s, want, axis=1))
+
+
+def test_export_qdrant_itself_refuses_centred_rows(tmp_path):
+    """The library call refuses them too (the CLI checks first, before any collection)."""
+    pytest.importorskip("qdrant_edge")
+    from mrl.qdrant import QdrantLayout, export_qdrant, open_rows
+
+    db, _ = mrl_like(50, 32, clusters=5, seed=0)
+    EmbeddingStore.create(tmp_path / "db", NEST, center=db.mean(0)).append(db)
+    with pytest.raises(ValueError, match="the store or index to export holds centred rows"):
+        export_qdrant(open_rows(tmp_path / "db"), None, QdrantLayout((8, 32)), tmp_path / "p.json")

@@ -53,6 +53,7 @@ __all__ = [
     "export_qdrant",
     "open_rows",
     "open_target",
+    "refuse_centred",
 ]
 
 MARKER_FORMAT = "mrl-qdrant-export"
@@ -447,6 +448,15 @@ def open_rows(path: str | os.PathLike):
                             f"at {path}")
 
 
+def refuse_centred(rows, source: str) -> None:
+    """Refuse rows whose store or index subtracted a center: Qdrant would compare raw queries
+    with them (mrl serve's Qdrant backend and every other client send raw embeddings), giving
+    wrong neighbours. ``source`` names the rows in the message."""
+    if getattr(rows, "center", None) is not None:
+        raise ValueError(f"{source} holds centred rows (it records a center), but a Qdrant "
+                         "collection cannot centre queries; export an uncentred store or index")
+
+
 # ---------------------------------------------------------------------- export
 @dataclass
 class ExportReport:
@@ -582,13 +592,7 @@ def export_qdrant(
     collection, layout, or store: its count, ids and a hash of some rows' vectors) is refused.
     ``on_batch(done, total)`` is called after each marker update.
     """
-    if getattr(store, "center", None) is not None:
-        # its rows are centred, and Qdrant would compare raw queries with them (mrl serve's
-        # Qdrant backend and every other client send raw embeddings): wrong neighbours
-        raise ValueError(
-            "the rows to export are centred (their store or index records a center), but a "
-            "Qdrant collection cannot centre queries; export an uncentred store or index"
-        )
+    refuse_centred(store, "the store or index to export")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
     if commit_every < 1:

@@ -86,13 +86,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mrl import Nesting
-    from mrl.qdrant import QdrantLayout, export_qdrant, open_rows, open_target
+    from mrl.qdrant import QdrantLayout, export_qdrant, open_rows, open_target, refuse_centred
 
     check_numbers(args)
     rows = open_rows(args.index)
-    if getattr(rows, "center", None) is not None:  # before any collection is set up
-        raise ValueError(f"{args.index} holds centred rows (it records a center), but a Qdrant "
-                         "collection cannot centre queries; export an uncentred store or index")
+    refuse_centred(rows, args.index)  # before any collection is set up
     sizes = rows.nesting.sizes
     if args.prefixes:
         prefixes = Nesting.parse(args.prefixes).sizes
