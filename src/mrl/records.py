@@ -119,39 +119,34 @@ def to_markdown(records: Iterable[Record], metric: str | None = None) -> str:
     whose records are not distinct seeds of one setting (a seed twice, or another ``dataset``,
     ``split``, ``center``, ``k`` or ``budget``) is still averaged, with a warning.
     """
-    rows: dict[tuple[str, str], dict[int | None, list[float]]] = {}
-    prefixes: set[int | None] = set()
-    seen: dict[tuple, list[Record]] = {}
+    cells: dict[tuple, list[Record]] = {}  # (method, metric, prefix) -> its records
     for r in records:
-        if metric is not None and r["metric"] != metric:
-            continue
-        if not _finite(r["value"]):
-            continue
-        cell = rows.setdefault((r["method"], r["metric"]), {}).setdefault(r["prefix"], [])
-        cell.append(r["value"])
-        prefixes.add(r["prefix"])
-        seen.setdefault((r["method"], r["metric"], r["prefix"]), []).append(r)
-    _warn_pooled(seen)
-    cols = sorted(prefixes, key=lambda p: (p is None, p or 0))
+        if (metric is None or r["metric"] == metric) and _finite(r["value"]):
+            cells.setdefault((r["method"], r["metric"], r["prefix"]), []).append(r)
+    _warn_pooled(cells)
+    rows: dict[tuple[str, str], dict[int | None, list[float]]] = {}  # in order of appearance
+    for (method, met, prefix), recs in cells.items():
+        rows.setdefault((method, met), {})[prefix] = [r["value"] for r in recs]
+    cols = sorted({p for _, _, p in cells}, key=lambda p: (p is None, p or 0))
     head = "| method | metric | " + " | ".join("-" if p is None else str(p) for p in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 2)]
     for (method, met), by_prefix in rows.items():
         # One scale per row, from its largest value: a percent row at 1.4 / 23.9 / 88.6 keeps one
         # decimal throughout (per value, 1.4 would show as "1.360").
         dec = _decimals(max(abs(v) for vals in by_prefix.values() for v in vals))
-        cells = []
+        shown = []
         for p in cols:
             vals = by_prefix.get(p)
             if not vals:
-                cells.append("")
+                shown.append("")
             elif len(vals) == 1:
-                cells.append(f"{vals[0]:.{dec}f}")
+                shown.append(f"{vals[0]:.{dec}f}")
             else:
                 mean = sum(vals) / len(vals)
                 std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
                 # The spread gets the mean's decimals: "71.5 ± 2.2", not "71.5 ± 2.217".
-                cells.append(f"{mean:.{dec}f} ± {std:.{dec}f}")
-        lines.append(f"| {_escape(method)} | {_escape(met)} | " + " | ".join(cells) + " |")
+                shown.append(f"{mean:.{dec}f} ± {std:.{dec}f}")
+        lines.append(f"| {_escape(method)} | {_escape(met)} | " + " | ".join(shown) + " |")
     return "\n".join(lines)
 
 
