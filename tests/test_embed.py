@@ -277,6 +277,12 @@ def test_misspelt_id_field_is_an_error(tmp_path):
      "c.jsonl line 2 has no 'id' field but line 1 has one"),
     (['{"id": "a", "text": "x"}', '{"id": null, "text": "y"}'],
      "c.jsonl line 2: 'id' is null"),
+    # numpy keeps ids >= 2**63 as uint64, which the store wrapped to negative ids
+    (['{"id": 1, "text": "x"}', '{"id": 9223372036854775813, "text": "y"}'],
+     "c.jsonl line 2: id 9223372036854775813 does not fit in int64"),
+    # numpy's str dtype strips a trailing NUL: 'a' and 'a\\u0000' became twins at the merge
+    (['{"id": "a", "text": "x"}', '{"id": "a\\u0000", "text": "y"}'],
+     "c.jsonl line 2: id 'a\\\\x00' ends with a NUL character"),
 ])
 def test_bad_ids_fail_before_any_encoding(tmp_path, lines, message):
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")

@@ -143,3 +143,13 @@ def test_version_and_truncation(tmp_path):
     side.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="version 99"):
         EmbeddingStore.open(tmp_path / "s")
+
+
+def test_uint64_ids_beyond_int64_are_refused(tmp_path):
+    """Hash-like uint64 ids >= 2**63 were wrapped to negative int64 ids without a word."""
+    x = np.ones((2, 4), np.float32)
+    ids = np.array([2**63 + 5, 7], dtype=np.uint64)
+    with pytest.raises(ValueError, match="ids must fit in int64.*9223372036854775813"):
+        EmbeddingStore.from_array(tmp_path / "s", x, ids=ids)
+    small = np.array([3, 7], dtype=np.uint64)  # uint64 that fits is kept as int64
+    assert EmbeddingStore.from_array(tmp_path / "t", x, ids=small).ids.tolist() == [3, 7]

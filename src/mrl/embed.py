@@ -119,6 +119,7 @@ def check_corpus(path: str | os.PathLike, field: str = "text", id_field: str = "
             raise ValueError(f"{path.name} line {row + 1}: id {ident!r} is a {this}, but earlier "
                              f"ids are {kind}s (ids must be all int or all str)")
         kind = this
+        _check_id_value(ident, row, path)
         if ident in first_line:
             raise ValueError(f"{path.name} line {row + 1}: id {ident!r} is also on line "
                              f"{first_line[ident]}; ids must be unique")
@@ -131,6 +132,17 @@ def check_corpus(path: str | os.PathLike, field: str = "text", id_field: str = "
         raise ValueError(f"{path.name}: no line has the field {absent[0]!r} of field={field!r}; "
                          "check its spelling")
     return len(first_line)
+
+
+def _check_id_value(ident: Any, row: int, path: Path) -> None:
+    """Ids the store keeps as given: int64 integers (a larger int wraps or turns float in
+    numpy) and strings without a trailing NUL (numpy's str dtype strips it, making twins)."""
+    if isinstance(ident, int) and not -(2**63) <= ident < 2**63:
+        raise ValueError(f"{path.name} line {row + 1}: id {ident} does not fit in int64; "
+                         "give such ids as strings")
+    if isinstance(ident, str) and ident.endswith("\x00"):
+        raise ValueError(f"{path.name} line {row + 1}: id {ident!r} ends with a NUL character, "
+                         "which the store cannot keep")
 
 
 def _parse_jsonl(line: str, lineno: int, field: str, id_field: str, path: Path,

@@ -62,6 +62,7 @@ STORE_VERSION = 1
 SIDECAR = "store.json"
 LOCK = ".lock"
 DTYPES = ("float32", "float16", "int8")
+INT64_MAX = int(np.iinfo(np.int64).max)
 INT8_SCALES = ("per-vector", "per-dim")
 
 
@@ -367,6 +368,10 @@ class EmbeddingStore:
         arr = np.asarray(ids)
         if arr.shape != (n,):
             raise ValueError(f"ids must have one entry per vector ({n}), got shape {arr.shape}")
+        if arr.dtype.kind == "u" and len(arr) and int(arr.max()) > INT64_MAX:
+            # astype(int64) would wrap hash-like ids >= 2**63 to negative ids, silently
+            raise ValueError(f"ids must fit in int64 (<= {INT64_MAX}), got {int(arr.max())}; "
+                             "give such ids as strings")
         if arr.dtype.kind in "iu":
             arr = arr.astype(np.int64)
         elif arr.dtype.kind in "US":
