@@ -63,3 +63,41 @@ def test_vision_run_serves_image_embeddings(run_dir):
         assert r.status_code == 400
         assert "input[1] is not a base64-encoded image" in r.json()["error"]["message"]
         assert httpx.get(url + "/health").status_code == 200
+
+
+def _bare_encoder(shape, channels):
+    """A VisionEncoder's decoding without a trained run (only shape and channels matter)."""
+    from mrl.serve.encoders import VisionEncoder
+
+    enc = VisionEncoder.__new__(VisionEncoder)
+    enc.shape, enc.channels = shape, channels
+    return enc
+
+
+def _b64(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_served_images_are_decoded_as_training_decoded_them(channels):
+    """A 3:1 image was stretched to the square training shape (training: shorter side + centre
+    crop) and a 16-bit one clipped to white (training scales it): other pixels than trained on."""
+    from mrl.data.image_folder import CenterCrop, Compose, Resize, ToTensor
+
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 256, (8, 24, 3), dtype=np.uint8))
+    deep = Image.fromarray(rng.integers(0, 65536, (10, 10), dtype=np.uint16))  # mode I;16
+    train_like = Compose([Resize(12), CenterCrop(12), ToTensor(channels)])
+    enc = _bare_encoder((12, 12), channels)
+    for img in (wide, deep):
+        got = enc._decode(0, _b64(img))
+        np.testing.assert_array_equal(got, train_like(img).numpy())
+    assert enc._decode(0, _b64(deep)).mean() < 200  # scaled, not clipped to 255
+
+
+def test_a_non_square_task_shape_is_resized_to():
+    enc = _bare_encoder((28, 84), 1)
+    img = Image.fromarray(np.zeros((30, 80), np.uint8))
+    assert enc._decode(0, _b64(img)).shape == (1, 28, 84)

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -139,7 +139,8 @@ class VisionEncoder:
     """A vision run folder (`mrl train`) behind the `Encoder` protocol.
 
     Inputs are images as base64 strings (PNG/JPEG/..., optionally a ``data:image/...;base64,``
-    URL), decoded with Pillow, converted to the run's channels and resized to its training shape.
+    URL), decoded with Pillow as training decoded an image folder (shorter side resized, centre
+    crop; 16-bit images scaled) to the run's channels and training shape.
     ``count_tokens`` counts one token per image (that is what ``usage`` reports) and validates
     every image first, so a bad one is a 400 for its request and never reaches a batch.
 
@@ -180,13 +181,22 @@ class VisionEncoder:
         try:
             raw = base64.b64decode(data, validate=True)
             img = image_mod.open(io.BytesIO(raw))
-            img = img.convert("L" if self.channels == 1 else "RGB")
+            img.load()
+            return self._to_array(img)  # a broken image is this input's error, not the batch's
         except (binascii.Error, ValueError, OSError) as exc:
             raise ValueError(f"input[{i}] is not a base64-encoded image ({exc})") from None
+
+    def _to_array(self, img: Any) -> np.ndarray:
+        """A PIL image -> uint8 ``[C, H, W]`` as training decoded it (`ImageFolder`): a square
+        shape (image folders, Fashion-MNIST) by the shorter side and a centre crop (a stretched
+        3:1 image differed from training by 64 grey levels per pixel on average), another shape
+        (fashion-mnist-1k's 28x84 panels) resized to it; deeper than 8 bits scaled, not
+        clipped, to 0..255 (``ToTensor``)."""
+        from mrl.data.image_folder import CenterCrop, Resize, ToTensor, _pil
+
         h, w = self.shape
-        img = img.resize((w, h), image_mod.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
-        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # [C, H, W]
+        img = CenterCrop(h)(Resize(h)(img)) if h == w else img.resize((w, h), _pil().BILINEAR)
+        return ToTensor(self.channels)(img).numpy()  # [C, H, W]
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         for i, t in enumerate(texts):
