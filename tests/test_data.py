@@ -122,6 +122,56 @@ def test_explicit_root_is_the_only_place_looked(tmp_path, monkeypatch):
     assert not empty.exists()  # nothing created or downloaded there
 
 
+def test_env_folder_is_the_only_place_looked(tmp_path, monkeypatch):
+    """A mistyped $MRL_FASHION_MNIST silently loaded the system copy."""
+    (tmp_path / "system").mkdir()
+    _fake_fashion_mnist(tmp_path / "system", n_train=10, n_test=10)
+    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.setenv("MRL_FASHION_MNIST", str(tmp_path / "typo"))
+    with pytest.raises(FileNotFoundError, match=r"MRL_FASHION_MNIST='.*typo' does not hold"):
+        fm.find_fashion_mnist(download=False)
+    monkeypatch.setenv("MRL_FASHION_MNIST", str(tmp_path / "system"))
+    assert fm.find_fashion_mnist(download=False) == tmp_path / "system"
+
+
+class _Reset:
+    """A response that sends some bytes, then fails as a reset connection does."""
+
+    def __init__(self, *args, **kwargs):
+        self.sent = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self, n):
+        if self.sent:
+            raise ConnectionResetError("connection reset by peer")
+        self.sent = True
+        return b"x" * 1000
+
+
+def test_failed_downloads_leave_nothing_behind(tmp_path, monkeypatch):
+    """A reset connection left its .part file (and so the folder it made); an MD5 mismatch
+    into a new data.root left the empty folder."""
+    monkeypatch.delenv("MRL_FASHION_MNIST", raising=False)
+    monkeypatch.setattr(fm.urllib.request, "urlopen", _Reset)
+    with pytest.raises(FileNotFoundError, match="downloading into it failed .connection reset"):
+        fm.find_fashion_mnist(tmp_path / "new", download=True)
+    assert not (tmp_path / "new").exists()
+
+    class Wrong(_Reset):
+        def read(self, n):
+            return b"" if self.sent else _Reset.read(self, n)
+
+    monkeypatch.setattr(fm.urllib.request, "urlopen", Wrong)
+    with pytest.raises(ValueError, match="has MD5 .* expected .*; not kept"):
+        fm.find_fashion_mnist(tmp_path / "new", download=True)
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.skipif(not fm.SYSTEM_DIR.is_dir(), reason="Fashion-MNIST not installed")
 def test_real_fashion_mnist_if_installed():
     test = fm.load_fashion_mnist("test", download=False)

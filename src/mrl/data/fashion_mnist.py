@@ -2,7 +2,8 @@
 
 Where the files come from, in order:
 
-1. a folder given by the caller (``root``) or the ``MRL_FASHION_MNIST`` environment variable;
+1. a folder given by the caller (``root``) or the ``MRL_FASHION_MNIST`` environment variable
+   (either one is the only place looked at: a typo is an error, never another copy);
 2. ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``);
 3. the cache folder (``$MRL_CACHE/fashion-mnist``, default ``~/.cache/mrl/fashion-mnist``);
 4. when ``download=True``: the official files, fetched into the cache and checked against the
@@ -102,10 +103,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def _candidate_dirs() -> list[Path]:
-    dirs = []
-    if os.environ.get("MRL_FASHION_MNIST"):
-        dirs.append(Path(os.environ["MRL_FASHION_MNIST"]))
-    return dirs + [SYSTEM_DIR, cache_dir()]
+    return [SYSTEM_DIR, cache_dir()]
 
 
 _NAMES = tuple(name for pair in FILES.values() for name in pair[:2])  # the four .gz files
@@ -121,9 +119,10 @@ def find_fashion_mnist(
     """The folder holding the four Fashion-MNIST files; downloads them when allowed and missing.
 
     An explicit ``root`` (``data.root`` in a config) is the only place looked at: a typo must
-    not silently train on another copy. Without one: $MRL_FASHION_MNIST, the Debian package's
-    folder, then mrl's cache. ``root_fallback``: a root that lacks the files is skipped with a
-    warning instead (reading a saved run whose data.root was another machine's folder).
+    not silently train on another copy; so is $MRL_FASHION_MNIST when set. Without either: the
+    Debian package's folder, then mrl's cache. ``root_fallback``: a root that lacks the files is
+    skipped with a warning instead (reading a saved run whose data.root was another machine's
+    folder).
     """
     if root is not None and root_fallback and not _has_all(Path(root)):
         warnings.warn(
@@ -134,6 +133,8 @@ def find_fashion_mnist(
         root = None
     if root is not None:
         return _explicit_root(Path(root), download)
+    if os.environ.get("MRL_FASHION_MNIST"):
+        return _explicit_root(Path(os.environ["MRL_FASHION_MNIST"]), download, "MRL_FASHION_MNIST")
     searched = _candidate_dirs()
     for folder in searched:
         if _has_all(folder):
@@ -153,24 +154,28 @@ def find_fashion_mnist(
     )
 
 
-def _explicit_root(folder: Path, download: bool) -> Path:
+def _explicit_root(folder: Path, download: bool, name: str = "data.root") -> Path:
+    """``folder`` named by ``name`` (data.root or $MRL_FASHION_MNIST) holds the files, or gets
+    them by download, or is an error: never a silent fall back to another copy."""
     if _has_all(folder):
         return folder
     if download and not folder.is_file():
         created = not folder.exists()
         try:
             return _download(folder)
-        except OSError as exc:
-            reason = f"downloading into it failed ({exc})"
+        except (OSError, ValueError) as exc:  # ValueError: an MD5 mismatch, raised as it is
             if created and folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()  # leave no empty folder behind a failed download
+            if isinstance(exc, ValueError):
+                raise
+            reason = f"downloading into it failed ({exc})"
     else:
         reason = "downloading is off" if not folder.is_file() else "it is a file"
+    others = f"{SYSTEM_DIR} or mrl's download cache"
     raise FileNotFoundError(
-        f"data.root={str(folder)!r} does not hold the Fashion-MNIST files {list(_NAMES)}; "
-        f"{reason}. "
-        "Point data.root at the folder that holds them, or leave it unset to use "
-        f"$MRL_FASHION_MNIST, {SYSTEM_DIR} or mrl's download cache."
+        f"{name}={str(folder)!r} does not hold the Fashion-MNIST files {list(_NAMES)}; "
+        f"{reason}. Point {name} at the folder that holds them, or leave it unset to use "
+        + (others if name != "data.root" else f"$MRL_FASHION_MNIST, {others}") + "."
     )
 
 
@@ -182,14 +187,16 @@ def _download(folder: Path) -> Path:
         if target.is_file() and file_digest(target, "md5") == md5:
             continue
         tmp = folder / f".{name}.part"
-        with urllib.request.urlopen(BASE_URL + name, timeout=60) as resp, open(tmp, "wb") as f:
-            while block := resp.read(1 << 20):
-                f.write(block)
-        got = file_digest(tmp, "md5")
-        if got != md5:
-            tmp.unlink()
-            raise ValueError(f"downloaded {name} has MD5 {got}, expected {md5}; not kept")
-        os.replace(tmp, target)
+        try:
+            with urllib.request.urlopen(BASE_URL + name, timeout=60) as resp, open(tmp, "wb") as f:
+                while block := resp.read(1 << 20):
+                    f.write(block)
+            got = file_digest(tmp, "md5")
+            if got != md5:
+                raise ValueError(f"downloaded {name} has MD5 {got}, expected {md5}; not kept")
+            os.replace(tmp, target)
+        finally:  # a reset connection or Ctrl-C leaves no partial file behind
+            tmp.unlink(missing_ok=True)
     return folder
 
 
