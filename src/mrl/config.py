@@ -87,7 +87,9 @@ class DataConfig:
         None, "data folder (Fashion-MNIST files or the image folder); None = search"
     )
     train_size: int | None = _f(
-        None, "use a seeded subset of this many training items (None = all)"
+        None,
+        "use a seeded subset of this many training items (None = all); fashion-mnist-1k: "
+        "triples per epoch, and a retrieval database of min(50000, this) triples",
     )
     image_size: int = _f(64, "image-folder only: side of the square images, pixels")
     flip: bool = _f(False, "augmentation: random horizontal flips")

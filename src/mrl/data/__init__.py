@@ -96,6 +96,10 @@ def load_task(
 ) -> Task:
     """Load a built-in task by name (see `TASKS`); ``train_size`` keeps a seeded subset.
 
+    ``fashion-mnist-1k``: ``train_size`` is the number of training triples per epoch (drawn from
+    all 60k images) and caps the retrieval database at min(50000, train_size) triples; its
+    test and database triples are the same for every ``seed`` (one fixed benchmark).
+
     ``root``: the data folder (Fashion-MNIST files, or the image folder); ``image_size`` and
     ``test_fraction`` only apply to ``image-folder``.
     """

@@ -118,7 +118,8 @@ class RandomHorizontalFlip:
 
 
 class ToTensor:
-    """PIL image -> uint8 tensor ``[C, H, W]`` (C = 1 for mode "L", else 3 via RGB).
+    """PIL image -> uint8 tensor ``[C, H, W]`` with C = ``channels`` (1: converted to "L", 3:
+    to RGB, so a grey image gives three equal channels; image-folder tasks use 3).
 
     Images of more than 8 bits per pixel are scaled, not clipped, to 0..255 first: 16-bit and
     32-bit integer images (modes ``I;16*``, ``I``) by 255 / 65535, float images (mode ``F``) from
