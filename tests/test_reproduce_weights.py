@@ -140,3 +140,25 @@ def test_concurrent_merges_keep_every_record(tmp_path):
         assert p.exitcode == 0
     runs = {r["run"] for r in load_records(path)}
     assert runs == {f"w{w}-{i}" for w in (0, 1) for i in range(15)}
+
+
+def test_seeds_of_another_recipe_or_task_are_refused_wherever_trained(tmp_path, task):
+    """--runs evaluated seed 1 of another recipe (or task) into an --out holding seed 0: the
+    table and claims averaged them as two seeds of one recipe."""
+    _run(tmp_path / "a", task, only=("mrl",))
+    saved = json.loads((tmp_path / "a" / "recipe.json").read_text())
+    assert saved["optim"]["lr"] == 0.01 and "seed" not in saved
+    other = (*TINY[:-1], "optim.lr=0.05")
+    reproduce("fashion-mnist", "small", tmp_path / "b", overrides=other, seed=1, only=("mrl",),
+              progress=False, data_task=task, log=lambda s: None)  # fmt: skip
+    with pytest.raises(ValueError, match=r"holds seeds of another recipe \(optim.lr: 0.01 there "
+                       r"vs 0.05 now; see recipe.json\)"):
+        reproduce("fashion-mnist", "small", tmp_path / "a", overrides=other, seed=1,
+                  only=("mrl",), runs=tmp_path / "b" / "runs", progress=False, data_task=task,
+                  log=lambda s: None)  # fmt: skip
+    with pytest.raises(ValueError, match="holds records of dataset='fashion-mnist', but this "
+                       "call has dataset='fashion-mnist-1k'"):
+        reproduce("fashion-mnist-1k", "small", tmp_path / "a", overrides=TINY, seed=1,
+                  only=("mrl",), progress=False, data_task=task, log=lambda s: None)
+    _run(tmp_path / "a", task, only=("mrl",), seed=1)  # the same recipe is welcome
+    assert {r["seed"] for r in json.loads((tmp_path / "a" / "results.json").read_text())} == {0, 1}

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mrl.io import REPORT_FILES, check_output_dir_of
+from mrl.io import REPORT_FILES, atomic_write_json, check_output_dir_of
 
 NAME = "reproduce"
 HELP = "train MRL, MRL-E, FF and plain models with one recipe and compare them at every prefix"
@@ -240,6 +240,7 @@ def reproduce(
     out = Path(out)
     runs_root = Path(runs) if runs is not None else out / "runs"
     recorded = _recorded(out / "results.json")  # seeds of one --out must share these settings
+    _check_task(recorded, out / "results.json", task, budget)
     _check_centring(recorded, out / "results.json", center)
     _check_probe_iter(recorded, out / "results.json", probe_iter)
     refuse_overrides(overrides, {
@@ -250,6 +251,7 @@ def reproduce(
     config0 = load_config(None, list(base))
     w = None if weights is None else mrl_weights(weights, config0.model.get_nesting().sizes)
     _check_weight_spec(recorded, out / "results.json", weights)
+    _check_out_recipe(out, config0)
     plan = methods(recipe, w)
     names = [name for name, _ in plan]
     _check_only(only, names)
@@ -259,6 +261,7 @@ def reproduce(
         )
     if data_task is None:
         data_task = load_task_for(config0)
+    _save_out_recipe(out, config0)
     records: list[dict[str, Any]] = []
     for name, extra in plan:
         if only and name not in only:
@@ -362,6 +365,46 @@ def _check_other_seeds(runs_root: Path, name: str, seed: int, config) -> None:
                 "bring every seed to the same epochs before reading the claims",
                 stacklevel=2,
             )
+
+
+RECIPE_FILE = "recipe.json"  # the shared training config of an --out's seeds
+
+
+def _check_task(recorded: list[dict[str, Any]], results: Path, task: str, budget: str) -> None:
+    """Refuse to average records of another task or budget into one results file."""
+    for key, value in (("dataset", task), ("budget", budget)):
+        other = _other_value(recorded, key, value)
+        if other is not None:
+            raise ValueError(f"{results} holds records of {key}={other!r}, but this call has "
+                             f"{key}={value!r}: write to another --out")
+
+
+def _check_out_recipe(out: Path, config: Any) -> None:
+    """Seeds of one --out are averaged together, wherever their runs were trained (--runs):
+    refuse a shared recipe (every setting but the seed) other than the one ``out/recipe.json``
+    keeps from the first call (`_save_out_recipe`)."""
+    from mrl.train import seed_recipe_differences
+
+    path = out / RECIPE_FILE
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    diffs = seed_recipe_differences(saved, config)
+    if diffs:
+        raise ValueError(f"{out} holds seeds of another recipe ({'; '.join(diffs)}; see "
+                         f"{path.name}): the seeds of one --out share one recipe; use "
+                         "another --out")
+    if saved.get("epochs") != config.epochs:  # a length-independent schedule may be extended
+        warnings.warn(f"{path} has {saved.get('epochs')} epochs, this call {config.epochs}: "
+                      "bring every seed to the same epochs before reading the claims", stacklevel=2)
+
+
+def _save_out_recipe(out: Path, config: Any) -> None:
+    """Keep the first call's shared recipe (all but the seed) for `_check_out_recipe`."""
+    if not (out / RECIPE_FILE).is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RECIPE_FILE,
+                          {k: v for k, v in config.to_dict().items() if k != "seed"})
 
 
 def _probe_iter(recipe: Recipe, probe_iter: int | None) -> int:
@@ -489,7 +532,7 @@ def _parse_only(text: str | None) -> tuple[str, ...] | None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = RECIPES[(args.task, args.budget)]
-    out = check_output_dir_of(args.out, "--out", ("runs", "claims.md", *REPORT_FILES),
+    out = check_output_dir_of(args.out, "--out", ("runs", "claims.md", RECIPE_FILE, *REPORT_FILES),
                               "a reproduction folder")
     records = reproduce(
         args.task,
