@@ -292,7 +292,7 @@ def test_reproduce_command_prints_tables_and_claims(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "### top1" in out and "### Claims (means over 1 seed(s): [0])" in out
     claims = (tmp_path / "claims.md").read_text()
-    assert "MRL top-1 within 1 point of FF-m at every prefix m >= 16" in claims
+    assert "MRL top-1 at most 1 point below FF-m at every prefix m >= 16" in claims
     assert "top1 mrl vs ff at 16:" in claims
 
 

@@ -123,7 +123,7 @@ def to_markdown(records: Iterable[Record], metric: str | None = None) -> str:
     for r in records:
         if (metric is None or r["metric"] == metric) and _finite(r["value"]):
             cells.setdefault((r["method"], r["metric"], r["prefix"]), []).append(r)
-    _warn_pooled(cells)
+    warn_pooled(cells, "to_markdown")
     rows: dict[tuple[str, str], dict[int | None, list[float]]] = {}  # in order of appearance
     for (method, met, prefix), recs in cells.items():
         rows.setdefault((method, met), {})[prefix] = [r["value"] for r in recs]
@@ -155,8 +155,9 @@ def _escape(name: Any) -> str:
     return str(name).replace("|", "\\|")
 
 
-def _warn_pooled(cells: dict[tuple, list[Record]]) -> None:
-    """Warn when a table cell averages records that are not distinct seeds of one setting."""
+def warn_pooled(cells: dict[tuple, list[Record]], caller: str, stacklevel: int = 3) -> None:
+    """Warn when a cell (``caller``'s mean, e.g. a table cell) averages records that are not
+    distinct seeds of one setting."""
     bad = []
     for (method, met, prefix), recs in cells.items():
         if len(recs) < 2:
@@ -171,8 +172,8 @@ def _warn_pooled(cells: dict[tuple, list[Record]]) -> None:
                        f"records that {why})")
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        warnings.warn(f"to_markdown: a cell's mean ± std is not over seeds of one setting: "
-                      f"{bad[0]}{more}; filter the records first", stacklevel=3)
+        warnings.warn(f"{caller}: a cell's mean ± std is not over seeds of one setting: "
+                      f"{bad[0]}{more}; filter the records first", stacklevel=stacklevel)
 
 
 def _decimals(v: float) -> int:

@@ -564,7 +564,7 @@ def run(args: argparse.Namespace) -> int:
     from mrl.claims import check_claims, claims_markdown
     from mrl.io import atomic_write_text
 
-    claims = claims_markdown(check_claims(records, args.task), seeds)
+    claims = claims_markdown(check_claims(records, args.task, recipe.ff_sizes), seeds)
     atomic_write_text(out / "claims.md", claims + "\n")
     print(tables + "\n\n" + claims)
     print(f"\nreport: {out / 'report.html'}; records: {out / 'results.json'}")
