@@ -162,3 +162,23 @@ def test_seeds_of_another_recipe_or_task_are_refused_wherever_trained(tmp_path, 
                   only=("mrl",), progress=False, data_task=task, log=lambda s: None)
     _run(tmp_path / "a", task, only=("mrl",), seed=1)  # the same recipe is welcome
     assert {r["seed"] for r in json.loads((tmp_path / "a" / "results.json").read_text())} == {0, 1}
+
+
+def test_the_report_keeps_records_another_process_merged_meanwhile(tmp_path, monkeypatch):
+    """`run` rewrote results.json from its own snapshot: a second --only process's merge that
+    landed between this process's last merge and its report was lost."""
+    import mrl.commands.reproduce as rep
+    from mrl.records import make_record
+
+    def ours_then_theirs(task, budget, out, **kw):
+        ours = [make_record("mrl", 8, "top1", 80.0, seed=0, run="mrl")]
+        got = rep.merge_records(out / "results.json", ours)
+        rep.merge_records(out / "results.json",  # the other process, after our last merge
+                          [make_record("plain", 8, "top1", 70.0, seed=0, run="plain")])
+        return got  # the snapshot this process holds
+
+    monkeypatch.setattr(rep, "reproduce", ours_then_theirs)
+    assert main(["reproduce", "fashion-mnist", "--out", str(tmp_path), "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert {r["run"] for r in saved} == {"mrl", "plain"}
+    assert "| plain | top1 |" in (tmp_path / "results.md").read_text()

@@ -534,7 +534,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = RECIPES[(args.task, args.budget)]
     out = check_output_dir_of(args.out, "--out", ("runs", "claims.md", RECIPE_FILE, *REPORT_FILES),
                               "a reproduction folder")
-    records = reproduce(
+    reproduce(
         args.task,
         args.budget,
         out,
@@ -547,9 +547,27 @@ def run(args: argparse.Namespace) -> int:
         weights=args.mrl_weights,
         probe_iter=args.probe_iter,
     )
-    seeds = sorted({r["seed"] for r in records})
-    from mrl.commands.eval import probe_recipe
+    from mrl.io import exclusive_lock
+    from mrl.records import load_records
 
+    # Under the merge lock, from the file as it is now: another --only process merging between
+    # our last merge and this report would lose its records to our older snapshot.
+    with exclusive_lock(out / "results.json.lock"):
+        records = load_records(out / "results.json")
+        tables, claims = _write_report(args, recipe, records, out)
+    print(tables + "\n\n" + claims)
+    print(f"\nreport: {out / 'report.html'}; records: {out / 'results.json'}")
+    return 0
+
+
+def _write_report(args: argparse.Namespace, recipe: Recipe, records: list[dict[str, Any]],
+                  out: Path) -> tuple[str, str]:
+    """The report files and claims.md of ``records``; returns (tables, claims) as markdown."""
+    from mrl.claims import check_claims, claims_markdown
+    from mrl.commands.eval import probe_recipe
+    from mrl.io import atomic_write_text
+
+    seeds = sorted({r["seed"] for r in records})
     probe_iter = _probe_iter(recipe, args.probe_iter)  # as reproduce() resolved it
     notes = (
         f"{args.task}, budget {args.budget}: {recipe.note}. Seeds {seeds} (mean ± std over "
@@ -561,11 +579,6 @@ def run(args: argparse.Namespace) -> int:
     if specs:
         notes += f" mrl-w: MRL with per-prefix loss weights {specs[0]} (normalised to mean 1)."
     tables = write_tables(records, out, f"mrl reproduce {args.task} ({args.budget})", notes)
-    from mrl.claims import check_claims, claims_markdown
-    from mrl.io import atomic_write_text
-
     claims = claims_markdown(check_claims(records, args.task, recipe.ff_sizes), seeds)
     atomic_write_text(out / "claims.md", claims + "\n")
-    print(tables + "\n\n" + claims)
-    print(f"\nreport: {out / 'report.html'}; records: {out / 'results.json'}")
-    return 0
+    return tables, claims
