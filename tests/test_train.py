@@ -236,6 +236,27 @@ def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, ta
     assert (tmp_path / "checkpoint.pt").read_bytes() == before  # not overwritten
 
 
+def test_an_epochs_last_update_is_checked_on_the_weights(tmp_path, task, monkeypatch):
+    """A step's loss comes before its update: an epoch whose last update made the weights (or
+    BatchNorm's running statistics) inf had a finite mean loss and was saved as good."""
+    import mrl.train as tr
+
+    real = tr._train_epoch
+
+    def last_update_diverges(config, net, model, *args, **kwargs):
+        record = real(config, net, model, *args, **kwargs)
+        if record["epoch"] == 2:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("inf")
+        return record
+
+    monkeypatch.setattr(tr, "_train_epoch", last_update_diverges)
+    with pytest.raises(tr.TrainingDiverged, match=r"the weights after epoch 2 are not finite "
+                       r".*checkpoint.pt \(epoch 1\) is kept"):
+        train(_cfg("epochs=2"), tmp_path, progress=False, task=task)
+    assert load_checkpoint(tmp_path)["epoch"] == 1  # the good epoch, not the inf weights
+
+
 def test_eval_refuses_data_the_run_was_not_trained_on(tmp_path, task):
     from dataclasses import replace
 

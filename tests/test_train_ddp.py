@@ -55,7 +55,7 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
         assert two["train_top1"] == pytest.approx(one["train_top1"], abs=1e-3)
 
 
-def _divergence_worker(rank: int, world: int, port: int, out: str) -> None:
+def _divergence_worker(rank: int, world: int, port: int, out: str, where: str) -> None:
     from pathlib import Path
 
     from mrl.distributed import Processes
@@ -63,9 +63,14 @@ def _divergence_worker(rank: int, world: int, port: int, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    loss = float("nan") if rank == 1 else 0.5  # only rank 1's sum went bad
+    bad = rank == 1  # only rank 1's loss sum (or its copy of the weights) went bad
+    loss = float("nan") if bad and where == "loss" else 0.5
+    model = torch.nn.Linear(2, 2)
+    if bad and where == "weights":
+        with torch.no_grad():
+            model.weight[0, 0] = float("inf")
     try:
-        _check_finite({"loss": loss}, 3, load_config(None, SETS), Path(out) / "ckpt.pt",
+        _check_finite({"loss": loss}, model, 3, load_config(None, SETS), Path(out) / "ckpt.pt",
                       Processes(rank, world, rank), torch.device("cpu"))  # fmt: skip
         verdict = "went on"
     except TrainingDiverged:
@@ -74,9 +79,10 @@ def _divergence_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_divergence_on_one_rank_stops_every_rank(tmp_path):
+@pytest.mark.parametrize("where", ["loss", "weights"])
+def test_divergence_on_one_rank_stops_every_rank(tmp_path, where):
     # else rank 1 raises while rank 0 waits at the next barrier: a hung job
-    torch.multiprocessing.spawn(_divergence_worker, args=(2, _free_port(), str(tmp_path)),
+    torch.multiprocessing.spawn(_divergence_worker, args=(2, _free_port(), str(tmp_path), where),
                                 nprocs=2)  # fmt: skip
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["stopped", "stopped"]
 

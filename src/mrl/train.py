@@ -531,7 +531,7 @@ def _train(
             weights,
             progress,
         )
-        _check_finite(record, epoch, config, ckpt_path, dist_info, device)
+        _check_finite(record, model, epoch, config, ckpt_path, dist_info, device)
         if test is not None and dist_info.main:
             record["test_top1"] = _test_top1(model, test, config.eval_batch_size, device)
         if dist_info.main:
@@ -585,23 +585,34 @@ class TrainingDiverged(ValueError):
     """The loss became NaN or inf: nothing of that epoch is saved."""
 
 
-def _check_finite(record: dict[str, Any], epoch: int, config: TrainConfig, ckpt: Path,
-                  dist_info: Processes, device: torch.device) -> None:
-    # Checked once per epoch (the loss is summed on the device, no host sync per step). Under
-    # DDP the verdict is all-reduced: a NaN on one rank's last step must stop every rank (one
-    # rank raising while the others wait at the barrier would hang the job).
-    bad = not math.isfinite(record["loss"])
+def _finite_state(model: nn.Module) -> torch.Tensor:
+    """1-element float tensor: 1.0 when every floating parameter and buffer (BatchNorm's running
+    statistics) of ``model`` is finite, else 0.0; one device reduction, no host sync."""
+    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    return torch.stack(flags).all().float().reshape(1) if flags else torch.ones(1)
+
+
+def _check_finite(record: dict[str, Any], model: nn.Module, epoch: int, config: TrainConfig,
+                  ckpt: Path, dist_info: Processes, device: torch.device) -> None:
+    # Checked once per epoch (the loss is summed on the device, no host sync per step). A step's
+    # loss comes before its update, so the epoch's last update is checked on the weights
+    # themselves (an inf there was saved as the "last good" checkpoint). Under DDP the verdict
+    # is all-reduced: a NaN on one rank must stop every rank (one rank raising while the others
+    # wait at the barrier would hang the job).
+    flag = torch.cat([torch.tensor([float(math.isfinite(record["loss"]))], device=device),
+                      _finite_state(model).to(device)])  # [loss finite, weights finite]
     if dist_info.world_size > 1:
-        flag = torch.tensor([float(bad)], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        bad = bool(flag.item() > 0)
-    if not bad:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    loss_ok, weights_ok = (bool(v > 0) for v in flag.tolist())
+    if loss_ok and weights_ok:
         return
     kept = f"{ckpt} (epoch {epoch}) is kept" if epoch > 0 else "no checkpoint was written"
+    what = (f"the mean loss of epoch {epoch + 1} is {record['loss']}" if not loss_ok else
+            f"the weights after epoch {epoch + 1} are not finite (its last updates diverged)")
     # --resume refuses another lr or warm-up (the run would not equal an uninterrupted one):
     # the way forward is a new run.
     raise TrainingDiverged(
-        f"training diverged: the mean loss of epoch {epoch + 1} is {record['loss']}; {kept}. "
+        f"training diverged: {what}; {kept}. "
         f"Train again into a new --out (out_dir) with a lower optim.lr (now {config.optim.lr}) "
         "or more warm-up (optim.warmup_epochs)"
     )
