@@ -257,6 +257,37 @@ def test_an_epochs_last_update_is_checked_on_the_weights(tmp_path, task, monkeyp
     assert load_checkpoint(tmp_path)["epoch"] == 1  # the good epoch, not the inf weights
 
 
+@pytest.mark.parametrize("norm, refused", [("batch", True), ("group", False)])
+def test_resume_with_another_process_count_is_refused_with_batchnorm(tmp_path, task, norm,
+                                                                      refused):
+    """BatchNorm statistics are per process: a 2-process run resumed by 1 process was accepted
+    and ended 0.02 away from the uninterrupted weights."""
+    cfg = _cfg("epochs=2", f"model.norm={norm}")
+    train(cfg, tmp_path, progress=False, task=task, stop_after_epochs=1)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt["world_size"] == 1
+    ckpt["world_size"] = 2  # as torchrun --nproc_per_node 2 saves it
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    if refused:
+        with pytest.raises(ValueError, match=r"trained by 2 process\(es\), this run has 1: with "
+                           r"BatchNorm .*torchrun --nproc_per_node 2"):
+            train(cfg, tmp_path, resume=True, progress=False, task=task)
+    else:  # group norm: the averaged gradient is the same step whatever the process count
+        train(cfg, tmp_path, resume=True, progress=False, task=task)
+        assert load_checkpoint(tmp_path)["epoch"] == 2
+
+
+def test_resume_of_a_checkpoint_whose_config_lacks_a_newer_model_key(tmp_path, task):
+    """A model key added to the config later raised a KeyError on --resume of older runs."""
+    cfg = _cfg("epochs=2")
+    train(cfg, tmp_path, progress=False, task=task, stop_after_epochs=1)
+    ckpt = load_checkpoint(tmp_path)
+    del ckpt["config"]["model"]["norm"]
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    train(cfg, tmp_path, resume=True, progress=False, task=task)
+    assert load_checkpoint(tmp_path)["epoch"] == 2
+
+
 def test_eval_refuses_data_the_run_was_not_trained_on(tmp_path, task):
     from dataclasses import replace
 

@@ -154,18 +154,21 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _check_compatible(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    """A resumed run must have the same model (architecture, nesting, head) and dataset."""
+    """A resumed run must have the same model (architecture, nesting, head) and dataset. Keys
+    the saved config lacks (added to `TrainConfig` later) are not compared, as in
+    `recipe_differences` (they raised a KeyError)."""
     old = _canonical(saved["config"])
     new = _canonical(config.to_dict())
+    old_model = old.get("model", {})
     diffs = [
-        f"model.{k}: checkpoint {old['model'][k]!r} vs config {new['model'][k]!r}"
+        f"model.{k}: checkpoint {old_model[k]!r} vs config {new['model'][k]!r}"
         for k in new["model"]
-        if old["model"].get(k) != new["model"][k]
+        if k in old_model and old_model[k] != new["model"][k]
     ]
-    if old["data"]["dataset"] != new["data"]["dataset"]:
+    old_data = old.get("data", {}).get("dataset", new["data"]["dataset"])
+    if old_data != new["data"]["dataset"]:
         diffs.append(
-            f"data.dataset: checkpoint {old['data']['dataset']!r} vs config "
-            f"{new['data']['dataset']!r}"
+            f"data.dataset: checkpoint {old_data!r} vs config {new['data']['dataset']!r}"
         )
     if diffs:
         raise ValueError(
@@ -184,6 +187,23 @@ def _check_compatible(saved: dict[str, Any], config: TrainConfig, path: Path) ->
             "would not reproduce an uninterrupted run: " + "; ".join(recipe)
             + " (use the same settings, or train into another --out)"
         )
+
+
+def _check_processes(saved: dict[str, Any], model: nn.Module, world_size: int,
+                     path: Path) -> None:
+    """With BatchNorm, each process normalises its own share of the batch: a run resumed with
+    another number of processes would not equal an uninterrupted one (refused). Without it the
+    processes' gradients are averaged into the same step (allowed). Checkpoints written before
+    the count was saved are not checked."""
+    was = saved.get("world_size")
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if was is None or was == world_size or not has_bn:
+        return
+    raise ValueError(
+        f"checkpoint {path} was trained by {was} process(es), this run has {world_size}: with "
+        "BatchNorm (statistics per process) the resumed run would not equal an uninterrupted "
+        f"one; resume with {was} (torchrun --nproc_per_node {was}), or train into another --out"
+    )
 
 
 # Keys that do not change the training trajectory: where the data lives, where it runs, and
@@ -500,6 +520,7 @@ def _train(
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     if saved is not None:  # resuming on other data would not continue the same run
         check_task(saved, task, ckpt_path)
+        _check_processes(saved, model, dist_info.world_size, ckpt_path)
     start_epoch = 0 if saved is None else _restore(saved, model, optimizer, scheduler, ckpt_path)
     history = [] if saved is None else _saved_history(saved, out / METRICS)
 
@@ -537,7 +558,7 @@ def _train(
         if dist_info.main:
             history.append(record)
             _save(ckpt_path, config, model, optimizer, scheduler, epoch + 1, task, head_nesting,
-                  history)  # fmt: skip
+                  history, dist_info.world_size)  # fmt: skip
             _write_metrics(out / METRICS, history)
         if dist_info.world_size > 1:
             torch.distributed.barrier()
@@ -628,11 +649,13 @@ def _save(
     task: Task,
     head_nesting: Nesting,
     history: list[dict[str, Any]],
+    world_size: int = 1,
 ) -> None:
     atomic_torch_save(
         {
             "format": FORMAT,
             "epoch": epoch,
+            "world_size": world_size,  # processes that trained it (BatchNorm: see resume)
             "history": history,  # one record per epoch done: metrics.jsonl is rebuilt from it
             "config": config.to_dict(),
             "nesting": config.model.get_nesting().to_dict(),  # the embedding's prefixes
