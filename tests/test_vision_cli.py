@@ -83,7 +83,18 @@ def test_eval_options_checked_first_and_a_checkpoint_path_is_its_run(tmp_path, c
 def test_train_errors_are_one_line(tmp_path, capsys):
     cfg = _config(tmp_path)
     assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--set", "optim.lr=-1"]) == 2
-    assert "optim.lr must be positive" in capsys.readouterr().err
+    assert "optim.lr must be in (0, 1e+06], got optim.lr=-1.0" in capsys.readouterr().err
+    # float32 overflowed inside the optimizer (a traceback after config.json was written)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--set", "optim.lr=1e38"]) == 2
+    assert "optim.lr must be in (0, 1e+06], got optim.lr=1e+38" in capsys.readouterr().err
+    # a malformed JSON list named neither the key nor the value
+    assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--set",
+                 "model.nesting_weights=[1,2"]) == 2  # fmt: skip
+    assert ("model.nesting_weights must be a JSON list or comma-separated values, got "
+            "model.nesting_weights='[1,2'") in capsys.readouterr().err
+    assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--set", "data.root="]) == 2
+    assert "data.root must be a folder (or unset" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
     assert main(["train", str(cfg), "--out", str(tmp_path / "r"), "--resume"]) == 2
     assert "--resume given but there is no checkpoint" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nothing")]) == 2

@@ -78,6 +78,9 @@ def check_types(obj: Any, section: str) -> None:
         _check(ok, name, value, expected)
 
 
+_MAX_RATE = 1e6  # the largest optim.lr / optim.weight_decay accepted
+
+
 @dataclass
 class DataConfig:
     dataset: str = _f(
@@ -100,6 +103,9 @@ class DataConfig:
         from mrl.data import TASKS
 
         _check(self.dataset in TASKS, "data.dataset", self.dataset, f"one of {TASKS}")
+        # an empty root became the working folder (downloads went into it)
+        _check(self.root is None or self.root.strip() != "", "data.root", self.root,
+               "a folder (or unset: search the default places)")
         _check(
             self.train_size is None or self.train_size > 0,
             "data.train_size",
@@ -201,8 +207,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         check_types(self, "optim")
         _check(self.name in ("adamw", "sgd"), "optim.name", self.name, "'adamw' or 'sgd'")
-        _check(self.lr > 0, "optim.lr", self.lr, "positive")
-        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        # An lr of 1e38 or 1e300 overflowed float32 inside the optimizer (Adam divides it by
+        # 1 - beta1**t), a traceback mid-training; anything near that bound is a typo.
+        _check(0 < self.lr <= _MAX_RATE, "optim.lr", self.lr, f"in (0, {_MAX_RATE:g}]")
+        _check(0 <= self.weight_decay <= _MAX_RATE, "optim.weight_decay", self.weight_decay,
+               f"in [0, {_MAX_RATE:g}]")
         _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "in [0, 1)")
         _check(
             self.schedule in ("cosine", "step", "constant"),
@@ -274,7 +283,12 @@ def _coerce(value: Any, hint: Any, key: str, from_text: bool) -> Any:
         (item,) = typing.get_args(hint)
         if from_text:
             text = str(value).strip()
-            value = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v]
+            try:
+                value = (json.loads(text) if text.startswith("[")
+                         else [v for v in text.split(",") if v])
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{key} must be a JSON list or comma-separated values, got "
+                                 f"{key}={text!r} ({exc.msg})") from None
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key} must be a list, got {key}={value!r}")
         return [_coerce(v, item, f"{key}[{i}]", from_text) for i, v in enumerate(value)]
