@@ -288,6 +288,20 @@ def test_resume_of_a_checkpoint_whose_config_lacks_a_newer_model_key(tmp_path, t
     assert load_checkpoint(tmp_path)["epoch"] == 2
 
 
+def test_the_logged_lr_is_that_of_the_epochs_last_step(tmp_path, task):
+    """The log read the lr after the epoch's last scheduler step: the next epoch's first (0.0
+    for a cosine run's last epoch, whose steps trained at up to lr/4)."""
+    import math
+
+    cfg = _cfg("epochs=2", "optim.schedule=cosine", "optim.warmup_epochs=0", "optim.lr=0.01")
+    train(cfg, tmp_path, progress=False, task=task)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").open()]
+    steps = 256 // 64  # per epoch
+    total = 2 * steps  # cosine from 0.01 to 0 over the run, evaluated per step t = 0..7
+    want = [0.01 * 0.5 * (1 + math.cos(math.pi * t / total)) for t in (steps - 1, total - 1)]
+    assert logged == pytest.approx(want) and logged[-1] > 0
+
+
 def test_eval_refuses_data_the_run_was_not_trained_on(tmp_path, task):
     from dataclasses import replace
 

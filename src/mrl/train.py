@@ -723,6 +723,7 @@ def _train_epoch(
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
     correct = torch.zeros(G, device=device)
     seen = 0
+    lr = optimizer.param_groups[0]["lr"]
     t0 = _clock(device)
     for i, (x, y) in enumerate(bar):
         if d.flip or d.crop_pad:
@@ -745,6 +746,7 @@ def _train_epoch(
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        lr = optimizer.param_groups[0]["lr"]  # this step's (after it, the next step's)
         optimizer.step()
         scheduler.step()
         loss_sum += loss.detach()
@@ -768,7 +770,7 @@ def _train_epoch(
             str(m): round(100 * c / max(1, seen), 3)
             for m, c in zip(model.head.nesting, correct.tolist())
         },
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr,  # of the epoch's last step (was the next epoch's first: 0.0 at a cosine end)
         "seconds": round(elapsed, 2),
         "images_per_s": round(seen / max(elapsed, 1e-9), 1),
     }
