@@ -154,3 +154,23 @@ def test_atomic_torch_save_interrupted_mid_write_is_the_interruption(tmp_path, m
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_an_atomic_write_syncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    """The io module promises durable writes: the rename is only durable once the folder is
+    synced too (the file was, the folder was not)."""
+    import os
+    import stat
+
+    from mrl import io as mio
+
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return real(fd)
+
+    monkeypatch.setattr(mio.os, "fsync", spy)
+    mio.atomic_write_text(tmp_path / "a.txt", "x")
+    assert synced == ["file", "dir"] and (tmp_path / "a.txt").read_text() == "x"

@@ -40,12 +40,27 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a power loss
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE and exc.filename is None:
             raise WriteError(exc.errno, exc.strerror, str(path)) from None  # say which file
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder's entry list (POSIX; a no-op where folders cannot be opened or synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # Older than this, a temporary file of ours is no write in progress (every body of
