@@ -196,6 +196,37 @@ def test_cli_adapt_embeddings(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+def test_cli_transform_applies_the_adaptor_to_corpus_and_queries(tmp_path, capsys):
+    """API embeddings: the adaptor was only usable by hand (x @ adaptor.npy); searching an
+    index of rotated rows with raw queries gave recall 0 without a word."""
+    x, q = _corpus(60), _corpus(70)[60:]  # [60, 16] corpus, [10, 16] queries
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "q.npy", q)
+    ad = tmp_path / "ad"
+    assert main(["text", "adapt", "--embeddings", str(tmp_path / "x.npy"), "--out", str(ad),
+                 "--nesting", "4,8,16", "--steps", "3", "--neighbours", "5"]) == 0  # fmt: skip
+    assert "mrl text transform --adaptor" in capsys.readouterr().out  # the hint
+    rot = np.load(ad / "adaptor.npy")
+    for name, v in (("x", x), ("q", q)):
+        out = tmp_path / f"{name}-adapted.npy"
+        assert main(["text", "transform", "--adaptor", str(ad), "--embeddings",
+                     str(tmp_path / f"{name}.npy"), "--out", str(out)]) == 0  # fmt: skip
+        np.testing.assert_allclose(np.load(out), v @ rot, rtol=1e-5, atol=1e-6)
+        side = json.loads(out.with_suffix(".json").read_text())
+        assert side["nesting"]["sizes"] == [4, 8, 16]  # what `mrl index build` reads
+    capsys.readouterr()
+    assert main(["text", "transform", "--adaptor", str(ad), "--embeddings",
+                 str(tmp_path / "x.npy"), "--out", str(tmp_path / "x-adapted.npy")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    np.save(tmp_path / "w.npy", np.ones((3, 8), np.float32))
+    assert main(["text", "transform", "--adaptor", str(ad / "adaptor.npy"), "--embeddings",
+                 str(tmp_path / "w.npy"), "--out", str(tmp_path / "w2.npy")]) == 2
+    assert "are 8-d, but --adaptor" in capsys.readouterr().err
+    assert main(["text", "transform", "--adaptor", str(tmp_path), "--embeddings",
+                 str(tmp_path / "x.npy"), "--out", str(tmp_path / "y.npy")]) == 2
+    assert "not an adaptor file or a folder holding adaptor.pt" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------- sample queries as pseudo-queries
 def test_query_neighbours_match_brute_force():
     from mrl.text.adaptor import query_neighbours

@@ -157,10 +157,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "query embeddings, or with --model a text file of one query per line or a .jsonl of "
         "{\"text\": ...} objects (BEIR queries.jsonl)",
     )
-    ad.add_argument("--steps", type=int, default=300)
-    ad.add_argument("--neighbours", type=int, default=32)
-    ad.add_argument("--lr", type=float, default=2e-3)
-    ad.add_argument("--seed", type=int, default=0)
+    ad.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
+    ad.add_argument("--neighbours", type=int, default=32,
+                    help="full-size neighbours per pseudo-query whose order is kept (default 32)")
+    ad.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    ad.add_argument("--seed", type=int, default=0, help="seed of the pseudo-query draws")
+
+    tr = sub.add_parser("transform", help="apply an adaptor to embeddings (corpus and queries "
+                        "alike) -> .npy + JSON sidecar with its nesting")
+    tr.add_argument("--adaptor", required=True,
+                    help="an `mrl text adapt --out` folder, or its adaptor.pt / adaptor.npy")
+    tr.add_argument("--embeddings", required=True,
+                    help=".npy [N, D] embeddings of the space the adaptor was fitted in")
+    tr.add_argument("--out", required=True, help="output .npy file (+ a .json sidecar beside it)")
+    tr.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out file and its sidecar"
+    )
 
     cp = sub.add_parser("compare", help="truncate / pca / adapt / finetune table on a dataset")
     cp.add_argument("--dataset", required=True, help="'cranfield', 'bbc' or a BEIR-style folder")
@@ -333,6 +345,32 @@ def _adapt(args: argparse.Namespace) -> int:
             adaptor.to_sentence_transformer(args.model, tmp)
         adaptor.save(tmp / "adaptor.pt")
     print(f"wrote {out} (adaptor.pt, adaptor.npy{', model' if args.model else ''})")
+    if args.embeddings is not None:  # searching raw queries against rotated rows is garbage
+        print(f"apply it to the corpus and to every query alike: mrl text transform --adaptor "
+              f"{out} --embeddings X.npy --out X-adapted.npy (or x @ adaptor.npy)")
+    return 0
+
+
+def _transform(args: argparse.Namespace) -> int:
+    from mrl.text.adaptor import OrthogonalAdaptor
+    from mrl.text.encoders import load_embeddings, save_embeddings
+
+    _check_encode_out(args.out, args.overwrite)
+    path = Path(args.adaptor)
+    if path.is_dir():
+        path = path / "adaptor.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--adaptor {args.adaptor!r} is not an adaptor file or a folder "
+                                "holding adaptor.pt (`mrl text adapt --out`)")
+    adaptor = OrthogonalAdaptor.load(path)
+    x = load_embeddings(args.embeddings)
+    if x.shape[1] != adaptor.dim:
+        raise ValueError(f"--embeddings {args.embeddings!r} are {x.shape[1]}-d, but --adaptor "
+                         f"{args.adaptor!r} maps {adaptor.dim}-d vectors")
+    y = adaptor.transform(x)  # [N, D] @ R
+    save_embeddings(args.out, y, adaptor=str(path), source=str(args.embeddings),
+                    normalized=_unit_rows(y), nesting=adaptor.nesting.to_dict())
+    print(f"wrote {args.out} {y.shape} (nesting {adaptor.nesting})")
     return 0
 
 
@@ -367,7 +405,6 @@ def _read_queries(path: str, embeddings: str | None):
 
 
 def _encode(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from mrl.text.encoders import encode, load_encoder, model_nesting
 
@@ -384,12 +421,18 @@ def _encode(args: argparse.Namespace) -> int:
         emb,
         model=str(args.model),
         corpus=str(args.corpus),
-        # what the vectors are, not what was asked: most models end in a Normalize module
-        normalized=bool(np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3)),
+        normalized=_unit_rows(emb),
         nesting=None if nesting is None else nesting.to_dict(),
     )
     print(f"wrote {args.out} {emb.shape}")
     return 0
+
+
+def _unit_rows(emb) -> bool:
+    """What the vectors are, not what was asked (most models end in a Normalize module)."""
+    import numpy as np
+
+    return bool(np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-3))
 
 
 def _check_encode_out(out: str, overwrite: bool) -> None:
@@ -498,6 +541,8 @@ def _appended_records(args: argparse.Namespace, dataset: str, methods: list[str]
 def run(args: argparse.Namespace) -> int:
     action = getattr(args, "text_command", None)
     if action is None:
-        raise ValueError("choose an action: mrl text finetune | adapt | compare | encode")
-    actions = {"finetune": _finetune, "adapt": _adapt, "encode": _encode, "compare": _compare}
+        raise ValueError("choose an action: mrl text finetune | adapt | transform | compare | "
+                         "encode")
+    actions = {"finetune": _finetune, "adapt": _adapt, "transform": _transform,
+               "encode": _encode, "compare": _compare}
     return actions[action](args)
