@@ -372,3 +372,22 @@ def test_embed_options_that_would_be_ignored_are_refused(tmp_path, capsys, extra
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_over_long_texts_are_counted_and_warned(tmp_path):
+    """`mrl eval` and `mrl text encode` warn that long texts are truncated; `mrl embed` was
+    silent."""
+    lines = ["short text", "word " * 20, "another one", "w " * 30]  # 22 and 32 tokens
+    (tmp_path / "c.txt").write_text("\n".join(lines) + "\n")
+    enc = HashEncoder(DIM, max_tokens=16)
+    with pytest.warns(UserWarning, match="2 of the 4 texts encoded exceed the model's "
+                      "max_tokens=16 tokens and were truncated"):
+        report = embed_corpus(enc, tmp_path / "c.txt", tmp_path / "s", shard_size=2,
+                              show_progress=False)
+    assert report.truncated == 2
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none when every text fits
+        embed_corpus(HashEncoder(DIM, max_tokens=64), tmp_path / "c.txt", tmp_path / "t",
+                     show_progress=False)

@@ -49,6 +49,7 @@ class EmbedReport:
     skipped: list[int]  # shards of this rank that were already done
     merged: bool  # whether this call produced the final store
     seconds: float
+    truncated: int = 0  # texts this call encoded that exceed the model's max_tokens
 
 
 # ---------------------------------------------------------------------- reading the corpus
@@ -368,14 +369,27 @@ def embed_corpus(
                               for i in range(0, len(texts), batch_size)])  # [n, D]
         _write_shard(parts, s, emb, ids)
         report.encoded.append(s)
+        report.truncated += _count_long(encoder, texts)
     if bar is not None:
         bar.close()
+    if report.truncated:  # as `mrl eval` and `mrl text encode` say it
+        warnings.warn(f"{report.truncated} of the {sum(size_of(s) for s in todo)} texts encoded "
+                      f"exceed the model's max_tokens={encoder.max_tokens} tokens and were "
+                      "truncated to it", stacklevel=2)
     if merge and rank == 0:
         _wait_for_shards(parts, rows, shard_size, wait_timeout_s)
         merge_shards(out, dtype=dtype)
         report.merged = True
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _count_long(encoder, texts: list[str]) -> int:
+    """Texts longer than the encoder's ``max_tokens`` (the model truncates them); not counted
+    for an encoder of one "token" per input (images)."""
+    if getattr(encoder, "max_tokens", 0) <= 1 or not hasattr(encoder, "count_tokens"):
+        return 0
+    return sum(n > encoder.max_tokens for n in encoder.count_tokens(texts))
 
 
 def _encode(encoder, texts: list[str], bar) -> np.ndarray:
