@@ -310,7 +310,8 @@ def initial_rotation(
     dim = embedding_dim(encoder)
     if spec == "pca":
         if corpus is None:
-            x = encode_cached(model, texts, cache_dir, encoder=encoder, name="rotation corpus")
+            x = encode_cached(model, texts, cache_dir, encoder=encoder,
+                              name="documents of the rotation corpus")
             corpus = torch.from_numpy(x)
         rot = pca_rotation(corpus)  # [D, D]
     else:
@@ -498,7 +499,7 @@ def _finetune(
         total = min(total, config.max_steps)
     t0 = time.time()
     log(
-        f"finetune: {len(train_idx)} pairs ({len(val_idx)} held out), {total} steps, "
+        f"finetune: {len(train_idx)} training pairs (+ {len(val_idx)} held out), {total} steps, "
         f"nesting {list(nesting.sizes)}"
     )
     feats = None  # frozen base features of the pairs (rotation-only training)
@@ -566,7 +567,8 @@ def _load_with_rotation(model, texts, config: FinetuneConfig, cache_dir, log):
     reorder_frozen = config.adapt_steps > 0 and not config.train_encoder
     if config.init_rotation == "pca" or config.distill > 0 or reorder_frozen:
         corpus = torch.from_numpy(
-            encode_cached(model, texts, cache_dir, encoder=encoder, name="rotation corpus")
+            encode_cached(model, texts, cache_dir, encoder=encoder,
+                          name="documents of the rotation corpus")
         )
     if config.init_rotation is not None:
         rotation = initial_rotation(
