@@ -141,3 +141,15 @@ def test_fewshot_inputs_named_precisely():
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="support must be finite, row 3 has NaN"):
         ncm_scores(bad, y, x, n)
+
+
+def test_labels_that_skip_a_class_are_the_same_task_relabelled():
+    """Labels 0, 2, 5 asked for a support of classes 1, 3, 4 that no data has ("class 1 has 0
+    pool examples") instead of scoring the three classes there are."""
+    x, y = separable_in_second_chunk(C=3)
+    q, qy = separable_in_second_chunk(C=3, seed=5)
+    names = np.array([0, 2, 5])
+    kw = dict(shots=(1, 5), draws=3, seed=0)
+    assert few_shot_eval(x, names[y], q, names[qy], NEST, **kw) == few_shot_eval(
+        x, y, q, qy, NEST, **kw)
+

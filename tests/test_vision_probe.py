@@ -61,3 +61,12 @@ def test_pca_baseline_orders_by_variance_and_random_permutes():
     rdb, rq = baseline_features(x, x[:10], "random", seed=3)
     assert sorted(rdb[0].tolist()) == sorted(x[0].tolist())
     assert torch.equal(rdb[:10], rq)
+
+
+def test_a_probe_fit_on_one_row_predicts_its_class():
+    """One row: its sample std was NaN, and so was every prediction (a RuntimeError in L-BFGS)."""
+    probe = fit_linear_probe(torch.tensor([[1.0, 2.0]]), torch.tensor([1]), 3, device="cpu")
+    assert probe.predict(torch.tensor([[1.0, 2.0], [0.0, 0.0]])).tolist() == [1, 1]
+    with pytest.raises(ValueError, match="x must be finite"):
+        fit_linear_probe(torch.tensor([[float("nan"), 2.0], [1.0, 1.0]]), torch.tensor([1, 0]),
+                         3, device="cpu")

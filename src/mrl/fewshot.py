@@ -199,7 +199,11 @@ def few_shot_eval(
     if absent.size:  # no support could ever be drawn for them
         raise ValueError(f"query_labels hold classes with no example in pool_labels: "
                          f"{absent[:10].tolist()}")
-    C = int(max(py.max(), qy.max())) + 1
+    # Classes numbered 0..C-1 in label order: labels that skip one (0 and 2) asked for
+    # supports of a class no data has. The identity for labels 0..C-1 (same draws as before).
+    classes, py = np.unique(py, return_inverse=True)
+    qy = np.searchsorted(classes, qy)
+    C = len(classes)
     rng = np.random.default_rng(seed)
     records: list[Record] = []
     for n in shots:

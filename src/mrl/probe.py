@@ -67,10 +67,13 @@ def fit_linear_probe(
     if num_classes <= int(y.max()):
         raise ValueError(f"num_classes={num_classes} but labels go up to {int(y.max())}")
     # Full-batch L-BFGS: on a GPU when there is one (1000 classes x 50k rows is slow on a CPU).
+    if not torch.isfinite(x).all():
+        raise ValueError("x must be finite, got NaN or inf features")
     dev = torch.device(default_device(device))
     x, y = x.float().to(dev), y.to(dev)
     mean = x.mean(0)
-    std = x.std(0).clamp_min(1e-6)
+    # one row has no spread: its sample std (n - 1) was NaN, and so was every prediction
+    std = x.std(0).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones_like(mean)
     xs = (x - mean) / std  # [N, m]
     w = torch.zeros(num_classes, x.shape[1], device=dev, requires_grad=True)
     b = torch.zeros(num_classes, device=dev, requires_grad=True)
