@@ -94,9 +94,16 @@ def _random_case(seed: int, G: int = 4, N: int = 300, C: int = 5):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("tol", [-0.02, 0.0, 0.01, 0.05, 0.3])
-def test_fast_greedy_matches_brute_force_reference(seed, tol):
+@pytest.mark.parametrize("saturated", [False, True])
+def test_fast_greedy_matches_brute_force_reference(seed, tol, saturated):
     nest = Nesting((2, 4, 8, 16))
     logits, y = _random_case(seed)
+    if saturated:  # a 60-nat gap (max softmax exactly 1.0) for some samples at prefixes 4 and 8:
+        # a threshold of 1 still stops them there, which the fast path once ignored
+        rng = np.random.default_rng(seed + 100)
+        for g in (1, 2):
+            rows = rng.choice(len(y), size=len(y) // 4, replace=False)
+            logits[g, rows, rng.integers(0, logits.shape[2], len(rows))] += 60.0
     conf, pred = confidence(logits, nest)
     correct = pred == y[None]
     target = correct[-1].mean() - tol

@@ -12,7 +12,8 @@ saturated to exactly 1.0 in float64 (gap of roughly 37 nats), i.e. it effectivel
 
 Thresholds are tuned greedily on a held-out calibration split, as in the paper: for each prefix in
 turn (smallest first) pick the smallest threshold that keeps calibration accuracy at or above a
-target, assuming every sample not yet answered is answered by the full-size prefix. The target is
+target, assuming every sample not yet answered goes on with later thresholds 1 (answered at the
+first later prefix where it saturates, else by the full-size prefix). The target is
 the full-size prefix's calibration accuracy minus a tolerance, or an absolute accuracy. A budget of
 expected dimensions is met by fitting a sweep of targets and keeping the most accurate cascade whose
 calibration cost fits the budget.
@@ -323,12 +324,14 @@ def _greedy_thresholds(
 
     Prefixes before ``start`` are skipped (threshold 1). At prefix g with earlier thresholds
     fixed, let R be the samples still undecided. Stopping the k most confident samples of R at g
-    (the rest fall to the full-size prefix) gives
-    ``correct_before + cum(correct_g)[k] + (sum(correct_last) - cum(correct_last)[k])``
+    (the rest go on with later thresholds 1: answered where they first saturate, else at full
+    size; `_later_answer_correct`) gives
+    ``correct_before + cum(correct_g)[k] + (sum(later_g) - cum(later_g)[k])``
     correct answers; keep the largest k reaching ``target`` (the smallest threshold).
     """
     G, N = conf.shape
     need = target * N - 1e-9  # accuracy >= target  <=>  n_correct >= target * N
+    later = _later_answer_correct(conf, correct)  # [G, N]
     undecided = np.ones(N, dtype=bool)
     correct_before = 0
     thresholds: list[float] = []
@@ -337,7 +340,7 @@ def _greedy_thresholds(
         order = idx[np.argsort(-conf[g, idx], kind="stable")]
         p = conf[g, order]  # [R], descending
         cum_g = np.concatenate([[0], np.cumsum(correct[g, order])])  # [R+1]
-        cum_l = np.concatenate([[0], np.cumsum(correct[-1, order])])
+        cum_l = np.concatenate([[0], np.cumsum(later[g, order])])
         n_correct = correct_before + cum_g + (cum_l[-1] - cum_l)  # [R+1], index = cut k
         k_min = int((p >= 1.0).sum())  # t = 1 still answers saturated samples
         # cut k is realisable by a threshold only between distinct values: p[k-1] > p[k]
@@ -353,6 +356,21 @@ def _greedy_thresholds(
         undecided[order[:k]] = False
         correct_before += int(cum_g[k])
     return thresholds
+
+
+def _later_answer_correct(conf: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """``[G, N]``: row g holds whether a sample is answered correctly when it goes past prefix g
+    and every later threshold is 1: at the first later prefix where its confidence saturates
+    (a threshold of 1 still stops it there), else at full size. Counting the full size's answer
+    for all of them (as this fast path once did) disagreed with `fit_cascade_reference`."""
+    G = conf.shape[0]
+    later = np.empty_like(correct)
+    answer = correct[-1].copy()  # [N]: the answer from prefixes after g, walking g down
+    for g in range(G - 2, -1, -1):
+        later[g] = answer
+        answer = np.where(conf[g] >= 1.0, correct[g], answer)
+    later[-1] = correct[-1]
+    return later
 
 
 def _best_greedy(conf: np.ndarray, correct: np.ndarray, target: float, nesting: Nesting):
