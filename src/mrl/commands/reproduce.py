@@ -382,7 +382,9 @@ def _check_task(recorded: list[dict[str, Any]], results: Path, task: str, budget
 def _check_out_recipe(out: Path, config: Any) -> None:
     """Seeds of one --out are averaged together, wherever their runs were trained (--runs):
     refuse a shared recipe (every setting but the seed) other than the one ``out/recipe.json``
-    keeps from the first call (`_save_out_recipe`)."""
+    keeps from the first call (`_save_out_recipe`). More epochs under a length-independent
+    schedule are not refused (seeds extended one by one; `_check_other_seeds` warns while the
+    runs differ)."""
     from mrl.train import seed_recipe_differences
 
     path = out / RECIPE_FILE
@@ -394,9 +396,6 @@ def _check_out_recipe(out: Path, config: Any) -> None:
         raise ValueError(f"{out} holds seeds of another recipe ({'; '.join(diffs)}; see "
                          f"{path.name}): the seeds of one --out share one recipe; use "
                          "another --out")
-    if saved.get("epochs") != config.epochs:  # a length-independent schedule may be extended
-        warnings.warn(f"{path} has {saved.get('epochs')} epochs, this call {config.epochs}: "
-                      "bring every seed to the same epochs before reading the claims", stacklevel=2)
 
 
 def _save_out_recipe(out: Path, config: Any) -> None:
