@@ -349,6 +349,26 @@ def test_blockmax_topk_matches_reference(n, k, block):
     np.testing.assert_array_equal(ti.numpy(), ref_i)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_blockmax_topk_numpy_matches_topk_numpy_with_nan_ties_and_inf(dtype):
+    """A NaN in a block made its max NaN, ranked last: the block's top score was skipped."""
+    from mrl.retrieval.funnel.select import topk_numpy
+
+    rng = np.random.default_rng(0)
+    s = np.round(rng.standard_normal((4, 1030)), 1).astype(dtype)  # ties
+    s[0, 3], s[0, 5] = 9.0, np.nan  # the top score shares its block with a NaN
+    s[1, :64] = np.nan  # a whole block of NaN
+    s[2, 100:200] = -np.inf
+    s[3, 1027] = 8.0  # in the ragged last block, beside a NaN
+    s[3, 1029] = np.nan
+    for k, block in ((5, 8), (10, 16)):
+        v, i = blockmax_topk_numpy(s, k, block)
+        rv, _ = topk_numpy(s, k)
+        np.testing.assert_array_equal(v, rv)
+        np.testing.assert_array_equal(np.take_along_axis(s, i, axis=1), v)  # indices hold them
+    assert blockmax_topk_numpy(s, 5, 8)[0][0, 0] == 9.0
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize(
     "q,n,k", [(7, 1000, 1), (7, 1000, 37), (3, 50, 49), (1, 5, 5), (4, 2000, 200)]

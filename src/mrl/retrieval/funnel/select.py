@@ -79,9 +79,11 @@ def blockmax_topk_numpy(scores: np.ndarray, k: int, block: int | None = None):
     if nb <= k or b <= 1:
         return topk_numpy(scores, k)
     full = n // b
-    bmax = scores[:, : full * b].reshape(q, full, b).max(axis=2)  # [Q, full]
+    # fmax skips NaN as `topk_numpy` ranks it (last): with max, a NaN hid its block's top score
+    bmax = np.fmax.reduce(scores[:, : full * b].reshape(q, full, b), axis=2)  # [Q, full]
     if full < nb:  # the ragged last block
-        bmax = np.concatenate([bmax, scores[:, full * b :].max(axis=1, keepdims=True)], axis=1)
+        last = np.fmax.reduce(scores[:, full * b :], axis=1, keepdims=True)
+        bmax = np.concatenate([bmax, last], axis=1)
     top_blocks = argtopk(bmax, k)  # [Q, k]
     cols = (top_blocks[:, :, None] * b + np.arange(b)).reshape(q, k * b)  # [Q, k*b]
     valid = cols < n
