@@ -164,6 +164,18 @@ def test_seeds_of_another_recipe_or_task_are_refused_wherever_trained(tmp_path, 
     assert {r["seed"] for r in json.loads((tmp_path / "a" / "results.json").read_text())} == {0, 1}
 
 
+def test_a_call_that_fails_before_its_first_records_does_not_bind_the_out(tmp_path, task):
+    """recipe.json was written before training: a batch larger than the data failed, and the
+    corrected retry was refused as 'another recipe' in a folder holding no seed at all."""
+    too_big = (*TINY, "batch_size=6400")
+    with pytest.raises(ValueError, match="batch_size=6400 exceeds the 256 training items"):
+        reproduce("fashion-mnist", "small", tmp_path, overrides=too_big, only=("mrl",),
+                  progress=False, data_task=task, log=lambda s: None)  # fmt: skip
+    assert not (tmp_path / "recipe.json").exists()
+    _run(tmp_path, task, only=("mrl",))  # the retry
+    assert (tmp_path / "recipe.json").is_file()
+
+
 def test_the_report_keeps_records_another_process_merged_meanwhile(tmp_path, monkeypatch):
     """`run` rewrote results.json from its own snapshot: a second --only process's merge that
     landed between this process's last merge and its report was lost."""

@@ -182,6 +182,16 @@ def test_reproduce_accumulates_seeds(tmp_path, task):
         reproduce("fashion-mnist", "small", tmp_path, seed=2, overrides=(*over, "optim.lr=0.02"),
                   progress=False, data_task=task, only=("mrl",))  # fmt: skip
     assert not (tmp_path / "runs" / "seed2" / "mrl" / "checkpoint.pt").exists()
+    # an --out from before recipe.json: the runs' own configs still refuse another recipe
+    (tmp_path / "recipe.json").unlink()
+    with pytest.raises(ValueError, match=r"seed1/mrl holds a run trained with another recipe: "
+                       r"optim.lr: checkpoint 0.01 vs config 0.02; use another --out"):  # fmt: skip
+        reproduce("fashion-mnist", "small", tmp_path, seed=1, overrides=(*over, "optim.lr=0.02"),
+                  progress=False, data_task=task, only=("mrl",))  # fmt: skip
+    with pytest.raises(ValueError, match=r"seed0/mrl was trained with another recipe "
+                       r"\(optim.lr: 0.01 there vs 0.02 now.*use another --out"):  # fmt: skip
+        reproduce("fashion-mnist", "small", tmp_path, seed=2, overrides=(*over, "optim.lr=0.02"),
+                  progress=False, data_task=task, only=("mrl",))  # fmt: skip
 
 
 def test_demo_sections(tmp_path, task, capsys):

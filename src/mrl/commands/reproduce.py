@@ -25,6 +25,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,7 +262,6 @@ def reproduce(
         )
     if data_task is None:
         data_task = load_task_for(config0)
-    _save_out_recipe(out, config0)
     records: list[dict[str, Any]] = []
     for name, extra in plan:
         if only and name not in only:
@@ -306,7 +306,11 @@ def reproduce(
                                         seed=seed, budget=budget)]  # fmt: skip
         records += recs
         # merged as each run finishes: a job killed later (a timeout on a GPU) keeps these
-        merge_records(out / "results.json", recs)
+        # the recipe is kept with the first records (a call that fails before them, e.g. a
+        # batch larger than the data, must not bind the folder), checked again under the lock:
+        # two processes starting together on a new --out with two recipes
+        merge_records(out / "results.json", recs,
+                      before=lambda: _save_out_recipe(out, config0))  # fmt: skip
         log(f"[{name}] seed {seed}: done in {time.perf_counter() - t0:.0f} s")
     return merge_records(out / "results.json", records)
 
@@ -399,7 +403,9 @@ def _check_out_recipe(out: Path, config: Any) -> None:
 
 
 def _save_out_recipe(out: Path, config: Any) -> None:
-    """Keep the first call's shared recipe (all but the seed) for `_check_out_recipe`."""
+    """Keep the first call's shared recipe (all but the seed) for `_check_out_recipe` (which
+    runs again first: another process may have kept its recipe since this call began)."""
+    _check_out_recipe(out, config)
     if not (out / RECIPE_FILE).is_file():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / RECIPE_FILE,
@@ -414,17 +420,21 @@ def _probe_iter(recipe: Recipe, probe_iter: int | None) -> int:
     return probe_iter
 
 
-def merge_records(results: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def merge_records(results: Path, records: list[dict[str, Any]],
+                  before: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """Replace the (seed, run) records of ``records`` in ``results``; all records after it.
 
     Several processes may share one ``--out`` (``--only``): the read-modify-write happens under
     an exclusive lock on ``results.json.lock``, so no process drops another's records.
+    ``before``: called under the lock first (it may refuse, and then nothing is merged).
     """
     from mrl.io import exclusive_lock
     from mrl.records import load_records, save_records
 
     results.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(results.with_name(results.name + ".lock")):
+        if before is not None:
+            before()
         done = {(r.get("seed"), r["run"]) for r in records}
         old = load_records(results) if results.is_file() else []
         old = [r for r in old if (r.get("seed"), r.get("run")) not in done]
