@@ -257,6 +257,33 @@ def test_an_epochs_last_update_is_checked_on_the_weights(tmp_path, task, monkeyp
     assert load_checkpoint(tmp_path)["epoch"] == 1  # the good epoch, not the inf weights
 
 
+@pytest.mark.parametrize("buffer, diverged", [("running_var", True), ("mask", False)])
+def test_batchnorm_statistics_are_checked_other_buffers_are_not(tmp_path, task, monkeypatch,
+                                                                buffer, diverged):
+    """BatchNorm's running variance going inf is divergence; an encoder's own buffer that is
+    infinite on purpose (a -inf mask) is not (such a run stopped after epoch 1)."""
+    import mrl.train as tr
+
+    real = tr._train_epoch
+
+    def with_inf_buffer(config, net, model, *args, **kwargs):
+        record = real(config, net, model, *args, **kwargs)
+        bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        if buffer == "mask":
+            bn.register_buffer("mask", torch.full((2,), float("-inf")))
+        else:
+            bn.running_var[0] = float("inf")
+        return record
+
+    monkeypatch.setattr(tr, "_train_epoch", with_inf_buffer)
+    if diverged:
+        with pytest.raises(tr.TrainingDiverged, match="weights after epoch 1 are not finite"):
+            train(_cfg("epochs=1"), tmp_path, progress=False, task=task)
+    else:
+        train(_cfg("epochs=1"), tmp_path, progress=False, task=task)
+        assert load_checkpoint(tmp_path)["epoch"] == 1
+
+
 @pytest.mark.parametrize("norm, refused", [("batch", True), ("group", False)])
 def test_resume_with_another_process_count_is_refused_with_batchnorm(tmp_path, task, norm,
                                                                       refused):

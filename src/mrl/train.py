@@ -606,10 +606,19 @@ class TrainingDiverged(ValueError):
     """The loss became NaN or inf: nothing of that epoch is saved."""
 
 
+def _trained_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    """What training updates: the parameters and BatchNorm's running statistics (not other
+    buffers: an encoder may hold a deliberately infinite one, e.g. a -inf mask)."""
+    yield from model.parameters()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            yield from (t for t in (m.running_mean, m.running_var) if t is not None)
+
+
 def _finite_state(model: nn.Module) -> torch.Tensor:
-    """1-element float tensor: 1.0 when every floating parameter and buffer (BatchNorm's running
-    statistics) of ``model`` is finite, else 0.0; one device reduction, no host sync."""
-    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    """1-element float tensor: 1.0 when every tensor training updates (`_trained_tensors`) is
+    finite, else 0.0; one device reduction, no host sync."""
+    flags = [torch.isfinite(t).all() for t in _trained_tensors(model) if t.is_floating_point()]
     return torch.stack(flags).all().float().reshape(1) if flags else torch.ones(1)
 
 
