@@ -152,4 +152,8 @@ def test_labels_that_skip_a_class_are_the_same_task_relabelled():
     kw = dict(shots=(1, 5), draws=3, seed=0)
     assert few_shot_eval(x, names[y], q, names[qy], NEST, **kw) == few_shot_eval(
         x, y, q, qy, NEST, **kw)
-
+    kw = dict(tail_shots=(1,), num_tail=1, head_shots=5, draws=2, seed=0)
+    assert long_tail_eval(x, names[y], q, names[qy], NEST, **kw) == long_tail_eval(
+        x, y, q, qy, NEST, **kw)
+    with pytest.raises(ValueError, match=r"classes \[5\] have none"):  # named as given
+        long_tail_eval(x, names[y], q[qy < 2], names[qy[qy < 2]], NEST, **kw)

@@ -199,10 +199,7 @@ def few_shot_eval(
     if absent.size:  # no support could ever be drawn for them
         raise ValueError(f"query_labels hold classes with no example in pool_labels: "
                          f"{absent[:10].tolist()}")
-    # Classes numbered 0..C-1 in label order: labels that skip one (0 and 2) asked for
-    # supports of a class no data has. The identity for labels 0..C-1 (same draws as before).
-    classes, py = np.unique(py, return_inverse=True)
-    qy = np.searchsorted(classes, qy)
+    classes, py, qy = _dense_labels(py, qy)
     C = len(classes)
     rng = np.random.default_rng(seed)
     records: list[Record] = []
@@ -215,6 +212,14 @@ def few_shot_eval(
         ctx = dict(draws=int(draws), seed=seed, center=center, **context)
         records += _prefix_records(method, nesting, f"ncm_{n}shot", accs, ctx)
     return records
+
+
+def _dense_labels(py: np.ndarray, qy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(classes, pool labels, query labels) with the classes that occur numbered 0..C-1 in label
+    order: labels that skip one (0, 2, 5) asked for supports of classes no data has. The
+    identity for labels 0..C-1 that all occur (the same draws as before)."""
+    classes = np.unique(np.concatenate([py, qy]))
+    return classes, np.searchsorted(classes, py), np.searchsorted(classes, qy)
 
 
 def _prefix_records(
@@ -250,7 +255,8 @@ def long_tail_eval(
     _check_shots(tail_shots, draws)
     px, py = _check_xy(pool, pool_labels, nesting, "pool")
     qx, qy = _check_xy(queries, query_labels, nesting, "queries")
-    C = int(max(py.max(), qy.max())) + 1
+    classes, py, qy = _dense_labels(py, qy)
+    C = len(classes)
     k = C // 2 if num_tail is None else int(num_tail)
     if head_shots is not None and not (isinstance(head_shots, Integral) and head_shots >= 1):
         raise ValueError(f"head_shots must be a positive int or None, got {head_shots!r}")
@@ -258,7 +264,7 @@ def long_tail_eval(
     if len(no_query):  # a tail or head part without queries would score NaN
         raise ValueError(
             f"every class needs at least one query for long-tail accuracy; classes "
-            f"{no_query[:10].tolist()} have none"
+            f"{classes[no_query[:10]].tolist()} have none"
         )
     if not 1 <= k < C:
         raise ValueError(f"num_tail must be in [1, {C - 1}] for {C} classes, got {num_tail}")
@@ -266,8 +272,8 @@ def long_tail_eval(
     short = np.flatnonzero(counts < max(int(n) for n in tail_shots))
     if len(short):  # any class may be drawn into the tail
         c = int(short[0])
-        raise ValueError(f"tail_shots={list(tail_shots)}: class {c} has only {counts[c]} pool "
-                         f"examples (any class can be drawn as a tail class)")
+        raise ValueError(f"tail_shots={list(tail_shots)}: class {classes[c]} has only "
+                         f"{counts[c]} pool examples (any class can be drawn as a tail class)")
     rng = np.random.default_rng(seed)
     records: list[Record] = []
     for n in tail_shots:
