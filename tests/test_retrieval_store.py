@@ -153,3 +153,9 @@ def test_uint64_ids_beyond_int64_are_refused(tmp_path):
         EmbeddingStore.from_array(tmp_path / "s", x, ids=ids)
     small = np.array([3, 7], dtype=np.uint64)  # uint64 that fits is kept as int64
     assert EmbeddingStore.from_array(tmp_path / "t", x, ids=small).ids.tolist() == [3, 7]
+    # Python ids: an int past int64 made a float64 array ("got dtype float64"), and numpy's str
+    # dtype dropped a trailing NUL ("doc\x00" was stored as "doc")
+    with pytest.raises(ValueError, match="ids must fit in int64, got 9223372036854775808"):
+        EmbeddingStore.from_array(tmp_path / "u", x, ids=[2**63, 5])
+    with pytest.raises(ValueError, match="ids must not end with a NUL character, got 'doc"):
+        EmbeddingStore.from_array(tmp_path / "v", x, ids=["doc\x00", "b"])

@@ -57,6 +57,16 @@ __all__ = [
     "validate_vectors",
 ]
 
+def _check_id_values(ids: Sequence) -> None:
+    """Python ids numpy would not keep as given: ints outside int64 (turned uint64, float or
+    object) and strings ending in NUL (its str dtype strips it: "doc\\x00" became "doc")."""
+    for i in ids:
+        if isinstance(i, str) and i.endswith("\x00"):
+            raise ValueError(f"ids must not end with a NUL character, got {i!r}")
+        if isinstance(i, int) and not -(2**63) <= i < 2**63:
+            raise ValueError(f"ids must fit in int64, got {i}; give such ids as strings")
+
+
 STORE_FORMAT = "mrl-embedding-store"
 STORE_VERSION = 1
 SIDECAR = "store.json"
@@ -365,6 +375,8 @@ class EmbeddingStore:
                 raise ValueError("ids must be given: this store holds explicit (string) ids")
             start = int(existing.max()) + 1 if len(existing) else 0
             return np.arange(start, start + n, dtype=np.int64)
+        if not isinstance(ids, np.ndarray):
+            _check_id_values(ids)
         arr = np.asarray(ids)
         if arr.shape != (n,):
             raise ValueError(f"ids must have one entry per vector ({n}), got shape {arr.shape}")
