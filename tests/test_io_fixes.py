@@ -174,3 +174,7 @@ def test_an_atomic_write_syncs_the_file_and_then_its_folder(tmp_path, monkeypatc
     monkeypatch.setattr(mio.os, "fsync", spy)
     mio.atomic_write_text(tmp_path / "a.txt", "x")
     assert synced == ["file", "dir"] and (tmp_path / "a.txt").read_text() == "x"
+    synced.clear()
+    with mio.atomic_output_dir(tmp_path / "model") as tmp:  # a folder renamed into place
+        (tmp / "w.bin").write_bytes(b"w")
+    assert synced == ["dir"] and (tmp_path / "model" / "w.bin").is_file()

@@ -39,11 +39,11 @@ def _means(records: Iterable[dict[str, Any]]) -> Means:
     """(method, metric, prefix) -> {seed: value}. Records without a finite value or a prefix
     are left out (as the tables leave their cells blank); a seed's repeated records are
     averaged, with a warning (`mrl.records.warn_pooled`)."""
-    from mrl.records import _finite, warn_pooled
+    from mrl.records import finite_value, warn_pooled
 
     cells: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        if r.get("prefix") is not None and _finite(r.get("value")):
+        if r.get("prefix") is not None and finite_value(r.get("value")):
             cells[(r["method"], r["metric"], int(r["prefix"]))].append(r)
     warn_pooled(cells, "check_claims", stacklevel=4)  # points at check_claims' caller
     means: Means = {}

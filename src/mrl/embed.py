@@ -384,7 +384,7 @@ def embed_corpus(
     return report
 
 
-def _count_long(encoder, texts: list[str]) -> int:
+def _count_long(encoder: Any, texts: list[str]) -> int:
     """Texts longer than the encoder's ``max_tokens`` (the model truncates them); not counted
     for an encoder of one "token" per input (images)."""
     if getattr(encoder, "max_tokens", 0) <= 1 or not hasattr(encoder, "count_tokens"):

@@ -278,6 +278,8 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
             f"{str(path)!r} appeared (not empty) while writing; the finished output is kept "
             f"in {str(tmp)!r}: move it into place yourself"
         ) from None
+    _fsync_dir(path.parent)  # the rename survives a power loss (the files inside are not
+    # fsync'ed one by one: a folder of model weights is written by other libraries)
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def validate_records(records: Iterable[Record]) -> list[Record]:
     return records
 
 
-def _finite(v: Any) -> bool:
+def finite_value(v: Any) -> bool:
     """A value that belongs in a table or plot: not None, NaN or inf (a file written by hand or
     by an older version may hold NaN / Infinity, which `make_record` stores as None)."""
     return v is not None and math.isfinite(v)
@@ -121,7 +121,7 @@ def to_markdown(records: Iterable[Record], metric: str | None = None) -> str:
     """
     cells: dict[tuple, list[Record]] = {}  # (method, metric, prefix) -> its records
     for r in records:
-        if (metric is None or r["metric"] == metric) and _finite(r["value"]):
+        if (metric is None or r["metric"] == metric) and finite_value(r["value"]):
             cells.setdefault((r["method"], r["metric"], r["prefix"]), []).append(r)
     warn_pooled(cells, "to_markdown")
     rows: dict[tuple[str, str], dict[int | None, list[float]]] = {}  # in order of appearance

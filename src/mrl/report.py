@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mrl._optional import require
 from mrl.io import atomic_open, atomic_write_text
-from mrl.records import Record, _finite, save_records, to_markdown, validate_records
+from mrl.records import Record, finite_value, save_records, to_markdown, validate_records
 
 __all__ = ["plot_metric", "write_report"]
 
@@ -50,7 +50,7 @@ def _series(records: list[Record], metric: str) -> dict[str, dict[int, list[floa
     a None / NaN / inf value, skipped: the tables leave those cells blank)."""
     out: dict[str, dict[int, list[float]]] = {}
     for r in records:
-        if r["metric"] == metric and r["prefix"] is not None and _finite(r["value"]):
+        if r["metric"] == metric and r["prefix"] is not None and finite_value(r["value"]):
             out.setdefault(r["method"], {}).setdefault(int(r["prefix"]), []).append(r["value"])
     return out
 

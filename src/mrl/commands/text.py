@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mrl.io import (
     REPORT_FILES,
@@ -23,6 +24,9 @@ from mrl.io import (
     check_output_dir_of,
     check_output_path,
 )
+
+if TYPE_CHECKING:  # numpy is imported where it is used: the CLI starts fast
+    import numpy as np
 
 NAME = "text"
 HELP = "text embeddings: Matryoshka fine-tuning, post-hoc adaptor, encoding"
@@ -405,7 +409,6 @@ def _read_queries(path: str, embeddings: str | None):
 
 
 def _encode(args: argparse.Namespace) -> int:
-
     from mrl.text.encoders import encode, load_encoder, model_nesting
 
     _check_encode_out(args.out, args.overwrite)  # before loading and encoding, not after
@@ -428,7 +431,7 @@ def _encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unit_rows(emb) -> bool:
+def _unit_rows(emb: np.ndarray) -> bool:
     """What the vectors are, not what was asked (most models end in a Normalize module)."""
     import numpy as np
 
