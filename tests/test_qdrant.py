@@ -408,3 +408,18 @@ def test_unreachable_server_is_one_error_naming_the_url(store_path, capsys):
     assert f"url='{url}'" in capsys.readouterr().err
     assert main(["serve", "--model", "none", "--port", "99999"]) == 2
     assert "--port must be in [0, 65535], got --port 99999" in capsys.readouterr().err
+
+
+def test_an_edge_folder_held_elsewhere_is_a_one_line_error(tmp_path, store_path, capsys):
+    """A second handle on an Edge shard (another `mrl serve`, an export meanwhile) ended in a
+    17-line traceback: "failed to open WAL ... WouldBlock"."""
+    target = open_target("docs", path=tmp_path / "q")
+    export_qdrant(open_rows(store_path), target, QdrantLayout((8, 32)),
+                  tmp_path / "q.progress.json", collection="docs", batch_size=256)
+    # the exporting handle holds the shard (as a running `mrl serve --qdrant-path` would)
+    with pytest.raises(FileExistsError, match=r"Qdrant Edge folder .*q/docs' is open in "
+                       r"another process"):
+        open_target("docs", path=tmp_path / "q")
+    assert main(["export", "qdrant", str(store_path), "--collection", "docs", "--path",
+                 str(tmp_path / "q"), "--prefixes", "8,32"]) == 2  # fmt: skip
+    assert "is open in another process" in capsys.readouterr().err

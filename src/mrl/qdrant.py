@@ -181,7 +181,21 @@ class EdgeTarget:
         self.path = Path(path)
         self.shard = None
         if (self.path / "shard").is_dir() and self._layout_file.is_file():
-            self.shard = self.qe.EdgeShard.load(str(self.path / "shard"))
+            self.shard = self._load(self.path / "shard")
+
+    def _load(self, shard: Path) -> Any:
+        """Open the shard; a shard another process (or handle) holds is a one-line error (Edge
+        raised a bare Exception with a traceback: "failed to open WAL ... WouldBlock")."""
+        try:
+            return self.qe.EdgeShard.load(str(shard))
+        except Exception as exc:  # noqa: BLE001 (qdrant_edge raises plain Exception)
+            if "WouldBlock" not in str(exc):
+                raise
+            raise FileExistsError(
+                f"Qdrant Edge folder {str(self.path)!r} is open in another process (an "
+                "Edge shard serves one process: stop the other one, e.g. `mrl serve "
+                "--qdrant-path`, or use a Qdrant server with --url)"
+            ) from None
 
     @property
     def _layout_file(self) -> Path:
