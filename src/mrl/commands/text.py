@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ft.add_argument("--lr", type=float, default=None,
                     help="peak AdamW learning rate (default 3e-5; 1e-3 with --freeze-encoder)")
     ft.add_argument("--max-seq-length", type=int, default=128)
-    ft.add_argument("--max-steps", type=int, default=None)
+    ft.add_argument("--max-steps", type=int, default=None,
+                    help="stop after this many steps (a cap: --epochs still ends the run first)")
     ft.add_argument("--temperature", type=float, default=0.05)
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--device", default="cpu")
