@@ -665,3 +665,30 @@ def test_more_tuning_queries_than_rows_is_said(tmp_path, capsys):
                  "--tune-queries", "1000"]) == 0  # fmt: skip
     assert "--tune-queries 1000 is more than the 60 rows; tuning with all 60" in (
         capsys.readouterr().err)  # fmt: skip
+
+
+def test_bench_times_the_budget_fallback_config_it_reports(monkeypatch):
+    """With no configuration in the memory budget, tune raised before setting its choice on
+    the index: the bench timed the index's default (flat, D_s=16, K=200) under the fallback's
+    name, memory and build time."""
+    from mrl.retrieval import bench
+
+    db, _ = mrl_like(3000, 64, clusters=30, seed=0)
+    q, _ = mrl_like(120, 64, clusters=30, seed=1)  # a count the tuning searches do not use
+    tq, _ = mrl_like(100, 64, clusters=30, seed=2)
+    truth = exact_search(db, q, k=10)[1]
+    searched = []
+    real = MatryoshkaIndex.search
+
+    def spy(self, queries, k=10, **kw):
+        res = real(self, queries, k, **kw)
+        searched.append((len(queries), res.config))
+        return res
+
+    monkeypatch.setattr(MatryoshkaIndex, "search", spy)
+    f = bench._funnel(db, q, truth, Nesting.doubling(8, 64), 10, 0.95, lambda s: None,
+                      backends=("flat", "ivf"), vector_dtype="float32", tune_queries=tq,
+                      max_memory=1, budget_fallback=True)  # fmt: skip
+    assert f["budget_error"] is not None  # the fallback path
+    timed = [c for n, c in searched if n == len(q)][0]  # the funnel's timed test search
+    assert timed == f["config"]

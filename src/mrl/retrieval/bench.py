@@ -168,9 +168,11 @@ def _funnel(
         ]
     import faiss
 
-    index.search(q[:_WARMUP], k)
+    # the chosen config passed explicitly: with the budget fallback, tune raised before it set
+    # it on the index, and the index's default config was timed under the fallback's name
+    index.search(q[:_WARMUP], k, **cfg.to_dict())
     faiss.cvar.hnsw_stats.reset()
-    res, secs = _timed(lambda: index.search(q, k))
+    res, secs = _timed(lambda: index.search(q, k, **cfg.to_dict()))
     ndis = faiss.cvar.hnsw_stats.ndis / len(q) if cfg.backend == "hnsw" else None
     paper = SearchConfig(shortlist_dim=16 if 16 in nesting else nesting.sizes[0], shortlist=200)
     index.build(paper)
