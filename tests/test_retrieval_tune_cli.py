@@ -692,3 +692,30 @@ def test_bench_times_the_budget_fallback_config_it_reports(monkeypatch):
     assert f["budget_error"] is not None  # the fallback path
     timed = [c for n, c in searched if n == len(q)][0]  # the funnel's timed test search
     assert timed == f["config"]
+
+
+def test_tune_times_a_config_warm_and_keeps_its_fastest_run(data, monkeypatch):
+    """One cold timing per config: a first search after a build, or one noisy run, decided
+    the choice (the same index tuned 4 times chose 3 different configs)."""
+    import time
+
+    from mrl.retrieval import tune as tune_mod
+
+    db, q = data[0], data[2]  # [2000, 64], [50, 64]
+    index = MatryoshkaIndex(Nesting.doubling(8, db.shape[1]))
+    index.add(db)
+    calls = []
+    real = MatryoshkaIndex.search
+
+    def slow_first_and_third(self, queries, k=10, **kw):
+        calls.append(len(queries))
+        if len(calls) in (1, 3):  # the warm-up, and one of the timed runs
+            time.sleep(0.3)
+        return real(self, queries, k, **kw)
+
+    monkeypatch.setattr(MatryoshkaIndex, "search", slow_first_and_third)
+    truth = exact_search(db, q, k=10)[1]
+    out = tune_mod._measure(index, SearchConfig(shortlist_dim=16, shortlist=50), q, None,
+                            truth, 10, lambda s: None)  # fmt: skip
+    assert calls[0] < len(q) and calls[1:] == [len(q)] * 3  # warm-up, then three timed runs
+    assert out["qps"] > len(q) / 0.3  # neither slow call counted
