@@ -70,3 +70,36 @@ def test_a_probe_fit_on_one_row_predicts_its_class():
     with pytest.raises(ValueError, match="x must be finite"):
         fit_linear_probe(torch.tensor([[float("nan"), 2.0], [1.0, 1.0]]), torch.tensor([1, 0]),
                          3, device="cpu")
+
+
+def test_random_coordinates_follow_the_runs_seed():
+    """The random-coordinate baseline used permutation seed 0 for every seed, under records
+    labelled with the run's seed."""
+    from types import SimpleNamespace
+
+    from mrl.baselines import random_features
+    from mrl.commands.eval import RunEmbeddings, evaluate_embeddings
+
+    g = torch.Generator().manual_seed(0)
+    db, test = torch.randn(60, 8, generator=g), torch.randn(20, 8, generator=g)
+    db_y, test_y = torch.arange(60) % 3, torch.arange(20) % 3
+    nest = Nesting((2, 4, 8))
+
+    def random_1nn(seed: int) -> list[float]:
+        e = RunEmbeddings(None, "plain", nest, Nesting((8,)), 3, db, db_y, test, test_y,
+                          torch.zeros(1, 20, 3), config=SimpleNamespace(seed=seed))
+        recs = evaluate_embeddings(e, probe_iter=5, seed=seed)
+        return [r["value"] for r in recs if r["method"] == "random" and r["metric"] == "1nn"]
+
+    def by_hand(seed: int) -> list[float]:
+        xd, xt = random_features(db, seed), random_features(test, seed)
+        out = []
+        for m in nest.sizes:
+            a = torch.nn.functional.normalize(xt[:, :m], dim=1)
+            b = torch.nn.functional.normalize(xd[:, :m], dim=1)
+            out.append(100.0 * float((db_y[(a @ b.T).argmax(1)] == test_y).float().mean()))
+        return out
+
+    for seed in (0, 1, 5):
+        assert random_1nn(seed) == pytest.approx(by_hand(seed))
+    assert by_hand(0) != by_hand(1)  # the seeds really give other coordinates here

@@ -199,8 +199,11 @@ def evaluate_embeddings(
         db, e.db_labels, test, e.test_labels, sizes, method, center, context, e.device
     )
     if e.mode == "plain" and baselines:
+        # the random coordinates follow the run's seed (they were seed 0's for every seed,
+        # under records labelled with the run's seed: seeds never varied them)
+        seed = int(getattr(e.config, "seed", 0) or 0)
         for kind in ("pca", "random"):
-            bdb, btest = baseline_features(db, test, kind)
+            bdb, btest = baseline_features(db, test, kind, seed=seed)
             ps, acc = probe(bdb, btest)
             records += _probe_records(kind, ps, acc, probe_all, context)
             records += _retrieval(
