@@ -484,6 +484,19 @@ def test_mean_curve_headline_matches_a_manual_computation():
         assert by_ref["mrl-16"] == pytest.approx(own["x_smaller"])
 
 
+def test_headline_of_one_split_claims_no_spread_over_seeds():
+    """One calibration split read "± 0.0 over seeds"."""
+    from mrl.cascade.report import _headline_sentence
+
+    mrl, y, ff, _ = synthetic(6, n=600)
+    for seeds, said in (((0,), "one calibration split"), ((0, 1), "over seeds")):
+        _, summ = evaluate_cascade(mrl, y, NEST, ff_scores=ff, seeds=seeds)
+        h = summarize(summ)["mean_curve_headline"]
+        assert h["n_seeds"] == len(seeds)
+        if h["cascade_dims"] is not None:
+            assert said in _headline_sentence(h, "ff-16", "ff", 0.5)
+
+
 @pytest.mark.filterwarnings("always")  # one process, one message: shown each time here
 def test_eval_file_warns_when_its_source_changed(files, capsys):
     """A run resumed or retrained after the fit: the same path, other logits."""

@@ -296,6 +296,8 @@ def test_demo_section_reads_the_demo_context_names(data):
 
     md, recs = demo_section(ctx)
     assert "## Adaptive retrieval" in md and all(r["section"] == "retrieval" for r in recs)
+    # the context the other sections' records carry (retrieval records had none)
+    assert all(r["k"] == 10 and r["n_db"] == 500 and r["n_queries"] == len(q) for r in recs)
 
 
 def test_bench_on_unnormalised_embeddings_uses_cosine():

@@ -417,6 +417,7 @@ def _mean_curve_headline(
         "reference_accuracy": ref,
         "cascade_dims": dims,
         "cascade_dims_std": None if best is None else best["expected_dims_std"],
+        "n_seeds": len(summaries),
         "cascade_accuracy": None if best is None else best["accuracy"],
         "tolerance": None if best is None else best["tolerance"],
         "fixed_accuracy": fixed_acc,

@@ -29,8 +29,10 @@ def _headline_sentence(h: dict[str, Any], ref_name: str, fixed: str, pts: float)
     if h["cascade_dims"] is None:
         cas = "no point of the curve (it does not reach that accuracy)"
     else:
+        spread = ("one calibration split; " if h.get("n_seeds", 2) < 2
+                  else f"± {h['cascade_dims_std']:.1f} over seeds; ")  # no "± 0.0" of one seed
         cas = (
-            f"{h['cascade_dims']:.1f} expected dims (± {h['cascade_dims_std']:.1f} over seeds; "
+            f"{h['cascade_dims']:.1f} expected dims ({spread}"
             f"test accuracy {100 * h['cascade_accuracy']:.2f} %, tolerance "
             f"{100 * h['tolerance']:g} points)"
         )

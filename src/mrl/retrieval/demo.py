@@ -50,7 +50,8 @@ def demo_section(ctx: Any, k: int = 10, shortlist: int = 200) -> tuple[str, list
     ``db_labels``, or `mrl demo`'s ``train_embeddings`` / ``train_labels``), the queries [Q, D]
     and labels [Q] (``query_*`` or ``test_*``), ``nesting`` and optionally ``out_dir`` (records
     saved there as retrieval.json). mAP@k, top-1 and recall@k (k is capped by the database
-    size) are in percent, like the rest of the demo's records.
+    size) are in percent, like the demo's classification and retrieval records (its cascade and
+    few-shot records are fractions, as `mrl cascade eval` writes them).
     """
     db = np.ascontiguousarray(_get(ctx, "db_embeddings", "train_embeddings"), np.float32)
     q = np.ascontiguousarray(_get(ctx, "query_embeddings", "test_embeddings"), np.float32)
@@ -74,6 +75,10 @@ def demo_section(ctx: Any, k: int = 10, shortlist: int = 200) -> tuple[str, list
                     value,
                     section="retrieval",
                     shortlist=shortlist if method == "funnel" else None,
+                    k=k,  # the context the other sections' records carry
+                    n_db=len(db),
+                    n_queries=len(q),
+                    **({"dataset": ctx.dataset} if getattr(ctx, "dataset", None) else {}),
                 )
             )
 
