@@ -179,6 +179,17 @@ def test_beir_bad_qrels(tmp_path):
     root = _write_beir(tmp_path / "d", dup, "q1\td1\t1\n")
     with pytest.raises(ValueError, match=r"corpus.jsonl: _id 'd1' appears twice \(entries 1 and 2"):
         load_beir(root)
+    # a pair judged twice: a later positive score overwrote, a later 0 did not
+    root = _write_beir(tmp_path / "2x", lines, "q1\td1\t2\nq1\td1\t0\n")
+    with pytest.raises(ValueError, match=r"test.tsv:2: query 'q1' judges document 'd1' 0, but "
+                       r"line 1 judged it 2; keep one score per pair"):
+        load_beir(root)
+    root = _write_beir(tmp_path / "same", lines, "q1\td1\t2\nq1\td1\t2\n")
+    assert load_beir(root).qrels == {"q1": {"d1": 2.0}}  # a repeated identical line is fine
+    for bad in ("nan", "inf"):  # nan was dropped silently, inf failed after encoding
+        root = _write_beir(tmp_path / bad, lines, f"q1\td1\t{bad}\n")
+        with pytest.raises(ValueError, match=rf"test.tsv:1: score must be finite, got '{bad}'"):
+            load_beir(root)
     root = _write_beir(tmp_path / "nq", lines, "q1\td1\t1\n")
     (root / "queries.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match=r"queries.jsonl' does not exist"):
@@ -396,3 +407,34 @@ def test_eval_of_a_missing_folder_says_so_first(tmp_path, capsys):
         out, err = capsys.readouterr()
         assert "fm' does not exist: give a run folder (mrl train CONFIG --out DIR)" in err, err
         assert "embedding" not in out + err  # no progress line before the error
+
+
+def test_a_labelled_corpus_smaller_than_k_is_scored_at_its_size():
+    """`mrl eval default --dataset bbc:1` (5 documents) failed after encoding: k=10 > N - 1."""
+    from mrl.nesting import Nesting
+    from mrl.text.corpus import LabelledCorpus
+    from mrl.text.evaluation import evaluate_corpus
+
+    emb = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    corpus = LabelledCorpus("five", list("abcde"), list("vwxyz"), [0, 1, 0, 1, 0], ["p", "q"])
+    recs = evaluate_corpus(emb, corpus, Nesting((4, 8)), method="truncate")
+    assert {r["metric"] for r in recs} == {"p@4", "map@4", "1nn"}
+    one = LabelledCorpus("one", ["a"], ["v"], [0], ["p"])
+    with pytest.raises(ValueError, match="needs at least 2 documents"):
+        evaluate_corpus(emb[:1], one, Nesting((4, 8)), method="truncate")
+
+
+def test_a_folder_named_like_a_built_in_data_set(tmp_path, tiny_cranfield, monkeypatch):
+    """A BEIR folder called cranfield: `--dataset cranfield` read the built-in one without a
+    word, and `./cranfield`'s records were named 'cranfield' too (--append would mix them)."""
+    from mrl.text.evaluation import load_text_dataset
+
+    lines = [json.dumps({"_id": "d1", "text": "a"}), json.dumps({"_id": "d2", "text": "b"})]
+    _write_beir(tmp_path / "cranfield", lines, "q1\td1\t1\n")
+    monkeypatch.setenv("MRL_CRANFIELD", str(tiny_cranfield))
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"dataset 'cranfield' is the built-in data set; the "
+                      r"folder 'cranfield' here is not read \(pass ./cranfield for it\)"):
+        assert load_text_dataset("cranfield").name == "cranfield"
+    assert load_text_dataset("./cranfield").name == "folder:cranfield"
+    assert load_text_dataset(str(tmp_path / "cranfield"), split="test").name == "folder:cranfield"

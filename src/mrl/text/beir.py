@@ -6,7 +6,9 @@ A folder holding::
     queries.jsonl    {"_id": "q1", "text": "..."}                       one query per line
     qrels/test.tsv   query-id <TAB> corpus-id <TAB> score              header line, score > 0 = gain
 
-``title`` is optional. Queries without any judgment are dropped (they cannot be scored). Other
+``title`` is optional. Queries without a positive judgment (none, or only score 0) are dropped:
+they cannot be scored (BEIR's pytrec_eval would average them in as 0; so does
+`mrl.evaluate.evaluate_ranking` given such a query directly). Other
 judgment files beside ``test.tsv`` (``qrels/dev.tsv``, ...) are picked by ``split``. Where only
 the documents are needed (fine-tuning, an adaptor, encoding) ``corpus.jsonl`` alone suffices.
 """
@@ -14,6 +16,7 @@ the documents are needed (fine-tuning, an adaptor, encoding) ``corpus.jsonl`` al
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -94,7 +97,11 @@ def _lines(path: Path):
 
 
 def _read_qrels(path: Path) -> dict[str, dict[str, float]]:
+    """Positive judgments ``{query: {doc: score}}``; a pair judged twice with two scores, or a
+    score that is not finite, is an error naming the line (a later line silently won, or not,
+    by its sign); a repeated identical line counts once."""
     qrels: dict[str, dict[str, float]] = {}
+    first: dict[tuple[str, str], tuple[int, float]] = {}
     for lineno, line in _lines(path):
         parts = line.rstrip("\n").split("\t")
         if lineno == 1 and parts[0] == "query-id":
@@ -109,6 +116,14 @@ def _read_qrels(path: Path) -> dict[str, dict[str, float]]:
             raise ValueError(
                 f"{path}:{lineno}: score must be a number, got {parts[2]!r}"
             ) from None
+        if not math.isfinite(score):
+            raise ValueError(f"{path}:{lineno}: score must be finite, got {parts[2]!r}")
+        pair = (parts[0], parts[1])
+        if pair in first and first[pair][1] != score:
+            raise ValueError(f"{path}:{lineno}: query {parts[0]!r} judges document {parts[1]!r} "
+                             f"{score:g}, but line {first[pair][0]} judged it "
+                             f"{first[pair][1]:g}; keep one score per pair")
+        first.setdefault(pair, (lineno, score))
         if score > 0:
             qrels.setdefault(parts[0], {})[parts[1]] = score
     return qrels

@@ -119,6 +119,10 @@ def evaluate_corpus(
         raise ValueError(
             f"embeddings have {emb.shape[0]} rows, corpus {corpus.name!r} has {len(corpus.labels)}"
         )
+    if emb.shape[0] < 2:
+        raise ValueError(f"corpus {corpus.name!r} needs at least 2 documents for leave-one-out "
+                         f"retrieval, got {emb.shape[0]}")
+    k = min(k, emb.shape[0] - 1)  # a tiny corpus: every other document (p@N-1), as queries' k
     docs = corpus.documents
     repeats = len(docs) - len(set(docs))
     if repeats and (key := (corpus.name, len(docs), repeats)) not in _WARNED_REPEATS:
@@ -157,9 +161,12 @@ def load_text_dataset(
     from mrl.text.beir import is_beir_folder, load_beir, load_beir_documents
 
     text = str(name)
-    built_in = text in ("cranfield", "bbc") or text.startswith("bbc:")
+    built_in = _built_in(text)
     if split is not None and built_in:
         raise ValueError(f"split={split!r} is for BEIR-style folders; {text!r} has one split")
+    if built_in and Path(text).is_dir():  # the name wins; say so, and how to get the folder
+        warnings.warn(f"dataset {text!r} is the built-in data set; the folder {text!r} here is "
+                      f"not read (pass ./{text} for it)", stacklevel=2)
     if text == "cranfield":
         from mrl.text.cranfield import load_cranfield
 
@@ -180,7 +187,10 @@ def load_text_dataset(
     if documents_only and folder.is_dir() and (folder / "corpus.jsonl").is_file():
         return load_beir_documents(folder)
     if folder.is_dir() and is_beir_folder(folder):
-        return load_beir(folder, "test" if split is None else split)
+        ds = load_beir(folder, "test" if split is None else split)
+        if _built_in(ds.name.split(":")[0]):  # records named "cranfield" would pass for the
+            ds.name = f"folder:{ds.name}"  # built-in one (--append would mix the two)
+        return ds
     if folder.is_dir():  # meant as a BEIR folder: say which file is missing
         need = ("corpus.jsonl",) if documents_only else ("corpus.jsonl", "queries.jsonl")
         missing = [f for f in need if not (folder / f).is_file()]
@@ -191,6 +201,10 @@ def load_text_dataset(
         f"dataset must be 'cranfield', 'bbc' or a BEIR-style folder (corpus.jsonl, "
         f"queries.jsonl, qrels/test.tsv), got {text!r}"
     )
+
+
+def _built_in(text: str) -> bool:
+    return text in ("cranfield", "bbc") or text.startswith("bbc:")
 
 
 def evaluate_model(
