@@ -71,3 +71,27 @@ def test_report_without_matplotlib_keeps_tables(tmp_path, monkeypatch):
         paths = write_report(_records(), tmp_path, "t")
     assert set(paths) == {"json", "markdown", "html"}
     assert not list(tmp_path.glob("*.png")) and (tmp_path / "report.html").is_file()
+
+
+def test_section_markdown_becomes_html_and_its_image_is_embedded(tmp_path):
+    """The demo's sections (tables, bold headline, its cascade.png) showed as escaped markdown
+    in <pre>, the image as the text '![...](cascade.png)'."""
+    out = tmp_path / "rep"
+    out.mkdir()
+    png = b"\x89PNG\r\n\x1a\nfake"
+    (out / "cascade.png").write_bytes(png)
+    section = ("Intro with `code` and a <tag>.\n\n**Headline: 2.9 x smaller.**\n\n### Curve\n\n"
+               "| method | metric | 8 |\n|---|---|---|\n| mrl | top1 | 88.1 |\n\n"
+               "![cascade: accuracy](cascade.png)\n\n![elsewhere](../secret.png)\n\n- one\n- two")
+    page = write_report(_records(), out, "x", sections=[("Cascade", section)],
+                        plots=False)["html"].read_text()
+    body = page.split("<h2>Cascade</h2>", 1)[1]
+    assert "<pre>" not in body
+    assert "<p>Intro with <code>code</code> and a &lt;tag&gt;.</p>" in body
+    assert "<p><b>Headline: 2.9 x smaller.</b></p>" in body and "<h4>Curve</h4>" in body
+    assert "<tr><td>mrl</td><td>top1</td><td>88.1</td></tr>" in body
+    import base64
+
+    assert f"src='data:image/png;base64,{base64.b64encode(png).decode()}'" in body
+    assert "<a href='../secret.png'>elsewhere</a>" in body  # only the report's own files
+    assert "<ul><li>one</li><li>two</li></ul>" in body

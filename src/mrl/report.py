@@ -112,11 +112,47 @@ def _md_table_to_html(table: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _section_html(text: str) -> str:
-    """HTML passes through; other text is escaped and kept as preformatted markdown."""
+def _section_html(text: str, images: Path | None = None) -> str:
+    """HTML passes through; markdown (what the sections write: headings, pipe tables, lists,
+    paragraphs with **bold** and `code`, ``![alt](file.png)``) becomes HTML, every text escaped.
+    An image is embedded from ``images`` (the report's folder) when the file is there. Other
+    markdown stays text: the page once showed every section as escaped markdown in <pre>."""
     if text.lstrip().startswith("<"):
         return text
-    return f"<pre>{html.escape(text)}</pre>"
+    out = []
+    for block in re.split(r"\n\s*\n", text.strip()):
+        lines = block.splitlines()
+        if all(line.lstrip().startswith("|") for line in lines) and len(lines) >= 2 \
+                and set(lines[1].replace("|", "").strip()) <= set("-: "):
+            out.append(_md_table_to_html(block))
+        elif all(line.startswith("- ") for line in lines):
+            items = "".join(f"<li>{_inline(line[2:])}</li>" for line in lines)
+            out.append(f"<ul>{items}</ul>")
+        elif len(lines) == 1 and (m := re.fullmatch(r"(#{1,6})\s+(.*)", lines[0])):
+            level = min(6, len(m.group(1)) + 1)  # under the report's own <h2>
+            out.append(f"<h{level}>{_inline(m.group(2))}</h{level}>")
+        elif len(lines) == 1 and (m := re.fullmatch(r"!\[([^\]]*)\]\(([^)\s]+)\)", lines[0])):
+            out.append(_image_html(m.group(1), m.group(2), images))
+        else:
+            out.append(f"<p>{_inline(' '.join(lines))}</p>")
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    """Escaped text with markdown's **bold** and `code`."""
+    t = html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+
+
+def _image_html(alt: str, name: str, images: Path | None) -> str:
+    """The image embedded when it is a PNG in ``images``; else a link to it."""
+    path = None if images is None else images / name
+    if path is not None and path.suffix.lower() == ".png" and path.is_file() \
+            and path.resolve().parent == images.resolve():  # only the report's own files
+        b64 = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{b64}'>"
+    return f"<p><a href='{html.escape(name)}'>{html.escape(alt or name)}</a></p>"
 
 
 _CSS = (
@@ -133,12 +169,13 @@ def _html(
     metrics: list[str],
     pngs: dict[str, bytes],
     sections: Sequence[tuple[str, str]],
+    images: Path | None = None,
 ) -> str:
     t = html.escape(title)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{t}</title>"]
     parts += [f"<style>{_CSS}</style></head><body><h1>{t}</h1>"]
     if notes:
-        parts.append(_section_html(notes))
+        parts.append(_section_html(notes, images))
     for metric in metrics:
         parts.append(f"<h2>{html.escape(metric)}</h2>")
         parts.append(_md_table_to_html(to_markdown(records, metric=metric)))
@@ -146,7 +183,7 @@ def _html(
             b64 = base64.b64encode(pngs[metric]).decode("ascii")
             parts.append(f"<img alt='{html.escape(metric)}' src='data:image/png;base64,{b64}'>")
     for heading, text in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>{_section_html(text)}")
+        parts.append(f"<h2>{html.escape(heading)}</h2>{_section_html(text, images)}")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -207,5 +244,5 @@ def write_report(
             paths[metric] = out / f"{_safe_name(metric)}.png"
             with atomic_open(paths[metric], "wb") as f:
                 f.write(png)
-    atomic_write_text(paths["html"], _html(title, notes, shown, metrics, pngs, sections))
+    atomic_write_text(paths["html"], _html(title, notes, shown, metrics, pngs, sections, out))
     return paths
