@@ -721,3 +721,31 @@ def test_tune_times_a_config_warm_and_keeps_its_fastest_run(data, monkeypatch):
                             truth, 10, lambda s: None)  # fmt: skip
     assert calls[0] < len(q) and calls[1:] == [len(q)] * 3  # warm-up, then three timed runs
     assert out["qps"] > len(q) / 0.3  # neither slow call counted
+
+
+def test_cli_bench_takes_a_stores_nesting_and_refuses_mixed_centres(tmp_path, data, capsys,
+                                                                    monkeypatch):
+    """`--embeddings STORE` was read with nesting 'full' and benchmarked at 8, 16, 32, ... (not
+    the model's prefixes); a centred store's rows were searched with raw .npy queries."""
+    import mrl.retrieval.bench as rb
+
+    seen = {}
+
+    def fake_bench(*args, nesting=None, data=None, **kw):
+        seen["nesting"] = nesting
+        return []
+
+    monkeypatch.setattr(rb, "bench_retrieval", fake_bench)
+    db, q = data[0], data[2]
+    EmbeddingStore.from_array(tmp_path / "s", db, Nesting((16, 64)))
+    np.save(tmp_path / "q.npy", q)
+    assert main(["bench", "retrieval", "--embeddings", str(tmp_path / "s"),
+                 "--query-embeddings", str(tmp_path / "q.npy")]) == 0
+    assert seen["nesting"].sizes == (16, 64)
+    capsys.readouterr()
+    EmbeddingStore.from_array(tmp_path / "c", db, Nesting((16, 64)), center=db.mean(0))
+    assert main(["bench", "retrieval", "--embeddings", str(tmp_path / "c"),
+                 "--query-embeddings", str(tmp_path / "q.npy")]) == 2
+    assert "are not centred alike" in capsys.readouterr().err
+    assert main(["bench", "retrieval", "--embeddings", str(tmp_path / "c"),
+                 "--queries", "20"]) == 0  # held-out rows of the store: one space

@@ -124,6 +124,26 @@ def check_rows(db, args: argparse.Namespace, held_out: bool) -> None:
                          "needs at least 16")
 
 
+def _check_same_center(args: argparse.Namespace) -> None:
+    """Raw queries against a centred store's rows (or the reverse) mix two spaces: refused.
+    Held-out rows of the store itself are in its space."""
+    import numpy as np
+
+    from mrl.retrieval.loading import store_center
+
+    if not args.query_embeddings:
+        return
+    c_db, c_q = store_center(args.embeddings), store_center(args.query_embeddings)
+    same = (c_db is None and c_q is None) or (
+        c_db is not None and c_q is not None and np.array_equal(c_db, c_q))
+    if not same:
+        raise ValueError(
+            f"--embeddings {args.embeddings!r} and --query-embeddings {args.query_embeddings!r} "
+            "are not centred alike (a store records its center): give both from stores of one "
+            "center, both uncentred, or leave out --query-embeddings (rows are held out)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -135,11 +155,13 @@ def run(args: argparse.Namespace) -> int:
         from mrl.io import check_output_path
 
         check_output_path(args.json, "--json", "file")
-    data, dataset = None, "mrl-like"
+    data, dataset, nesting = None, "mrl-like", None
     if args.embeddings:
         from mrl.retrieval.loading import load_embeddings
 
-        db, _, _ = load_embeddings(args.embeddings, "full")
+        _check_same_center(args)
+        # the model's prefixes (a store's, a sidecar's, else doubling from 8), not always 8, 16..
+        db, nesting, _ = load_embeddings(args.embeddings)
         check_rows(db, args, held_out=not args.query_embeddings)
         _check_finite(db, "--embeddings")  # row numbers of the file, before rows are held out
         if args.query_embeddings:
@@ -168,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         max_hnsw=args.max_hnsw,
         max_ivf=args.max_ivf,
         ef_construction=args.ef_construction,
+        nesting=nesting,
     )
     env = environment()
     for r in records:

@@ -253,12 +253,15 @@ def bench_retrieval(
     data: tuple[np.ndarray, np.ndarray] | None = None,
     dataset: str = "mrl-like",
     log: Callable[[str], None] = print,
+    nesting: Nesting | None = None,
 ) -> list[Record]:
     """Run the benchmark and return records (see the module doc). ``data`` = (db, queries) to use
     your own embeddings; ``hnsw_n`` = 0 skips HNSW (default min(n, 100000)); ``vector_dtype`` is
     the funnel's stored full-size vectors ("float16" default: half of float32's memory at ~1e-5
     dot-product error; "int8" is 1/4 of the memory but cost ~1.5 points of recall@10 here);
-    ``max_ivf`` / ``max_hnsw`` cap the prefix IVF indexes / HNSW graphs the tuner builds."""
+    ``max_ivf`` / ``max_hnsw`` cap the prefix IVF indexes / HNSW graphs the tuner builds.
+    ``nesting``: the prefixes of ``data``'s model (default doubling from 8: the tuner picks its
+    shortlist among these sizes)."""
     for name, v in (("n", n), ("dim", dim), ("queries", queries), ("k", k),
                     ("ef_construction", ef_construction)):
         if int(v) < 1:
@@ -290,7 +293,9 @@ def bench_retrieval(
         if len(q) == 0:
             raise ValueError("the query embeddings hold no rows: nothing to benchmark")
         _check_size(n, dim, k)
-    nesting = Nesting.doubling(8, dim) if dim >= 8 else Nesting.full(dim)
+    if nesting is None or data is None:
+        nesting = Nesting.doubling(8, dim) if dim >= 8 else Nesting.full(dim)
+    nesting.check_dim(dim, "the embeddings")
     # part: the main comparison, or the HNSW one (its own exact timing, N <= hnsw_n); records
     # of the two parts are told apart by it even when both run at the same N
     ctx = {"dataset": dataset, "n": n, "dim": dim, "queries": len(q), "k": k, "part": "main"}
