@@ -749,3 +749,12 @@ def test_cli_bench_takes_a_stores_nesting_and_refuses_mixed_centres(tmp_path, da
     assert "are not centred alike" in capsys.readouterr().err
     assert main(["bench", "retrieval", "--embeddings", str(tmp_path / "c"),
                  "--queries", "20"]) == 0  # held-out rows of the store: one space
+
+
+def test_bench_on_a_nesting_without_16(tmp_path, data, capsys):
+    """The index was built with the default shortlist_dim 16: a store of prefixes 8, 32, 64
+    failed ("shortlist_dim must be a prefix size") after the exact search had run."""
+    EmbeddingStore.from_array(tmp_path / "s", data[0], Nesting((8, 32, 64)))
+    assert main(["bench", "retrieval", "--embeddings", str(tmp_path / "s"), "--queries", "30",
+                 "--hnsw-n", "0", "--target-recall", "0.8"]) == 0  # fmt: skip
+    assert "| main | 1970 | funnel-paper | 8 |" in capsys.readouterr().out
