@@ -176,6 +176,21 @@ def test_a_call_that_fails_before_its_first_records_does_not_bind_the_out(tmp_pa
     assert (tmp_path / "recipe.json").is_file()
 
 
+def test_a_second_recipe_is_refused_before_it_trains(tmp_path, task, monkeypatch):
+    """With the recipe written at the first merge, a process of another recipe started while
+    the first trained claimed the --out, and the first was refused after all its training."""
+    import mrl.commands.reproduce as rep
+    from mrl.config import load_config
+
+    first = load_config(None, [*RECIPES[("fashion-mnist", "small")].overrides, *TINY])
+    assert rep._claim_out_recipe(tmp_path, first)  # process A, still training
+    other = (*TINY[:-1], "optim.lr=0.05")
+    with pytest.raises(ValueError, match="holds seeds of another recipe"):
+        reproduce("fashion-mnist", "small", tmp_path, overrides=other, seed=1, only=("plain",),
+                  progress=False, data_task=task, log=lambda s: None)  # fmt: skip
+    assert not (tmp_path / "runs").exists()  # B trained nothing
+
+
 def test_the_report_keeps_records_another_process_merged_meanwhile(tmp_path, monkeypatch):
     """`run` rewrote results.json from its own snapshot: a second --only process's merge that
     landed between this process's last merge and its report was lost."""

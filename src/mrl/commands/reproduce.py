@@ -262,57 +262,63 @@ def reproduce(
         )
     if data_task is None:
         data_task = load_task_for(config0)
-    records: list[dict[str, Any]] = []
-    for name, extra in plan:
-        if only and name not in only:
-            continue
-        run_dir = runs_root / f"seed{seed}" / name
-        cached = _cache_path(run_dir, center, probe_iter, recipe)
-        config = load_config(None, [*base, *extra])
-        check_same_recipe(run_dir, config, "use another --out (or --runs) for another recipe")
-        _check_other_seeds(runs_root, name, seed, config)
-        t0 = time.perf_counter()
-        # A checkpoint short of the recipe's epochs is trained on before the cache is looked at
-        # (the cache would be the shorter model's); a cache without its checkpoint (deleted to
-        # save space) is trusted as before.
-        has_ckpt = (run_dir / CHECKPOINT).is_file()
-        if (has_ckpt or not cached.is_file()) and _needs_training(run_dir, config, runs):
-            log(f"[{name}] seed {seed}: training{' (resuming)' if has_ckpt else ''} ...")
-            train(config, run_dir, resume=has_ckpt, progress=progress, task=data_task)
-            for stale in run_dir.glob("records*.json"):  # evaluations of the shorter model
-                stale.unlink()
-        if cached.is_file():
-            recs = json.loads(cached.read_text())
-            log(f"[{name}] seed {seed}: evaluated before, reusing {cached}")
-        else:
-            e = compute_embeddings(run_dir, task=data_task)
-            recs = evaluate_embeddings(
-                e,
-                center=center,
-                method=name.split("-")[0] if name.startswith("ff") else name,
-                dataset=task,
-                seed=seed,
-                budget=budget,
-                run=name,
-                probe_all=True,
-                probe_iter=probe_iter,
-                probe_max_dim=recipe.probe_max_dim,
-                **({"mrl_weights": weights} if name == "mrl-w" else {}),
-            )
-            save_records(cached, _tag_probes(recs, probe_iter))
-        recs = _tag_probes(recs, probe_iter)  # also a cache written before the tag
-        if name == "plain":
-            recs = [*recs, _plain_as_ff(run_dir, config.model.dim, data_task, dataset=task,
-                                        seed=seed, budget=budget)]  # fmt: skip
-        records += recs
-        # merged as each run finishes: a job killed later (a timeout on a GPU) keeps these
-        # the recipe is kept with the first records (a call that fails before them, e.g. a
-        # batch larger than the data, must not bind the folder), checked again under the lock:
-        # two processes starting together on a new --out with two recipes
-        merge_records(out / "results.json", recs,
-                      before=lambda: _save_out_recipe(out, config0))  # fmt: skip
-        log(f"[{name}] seed {seed}: done in {time.perf_counter() - t0:.0f} s")
-    return merge_records(out / "results.json", records)
+    # The recipe binds the --out from the start (a process of another recipe is refused before
+    # it trains) and is released if this call fails before any records exist.
+    claimed = _claim_out_recipe(out, config0)
+    try:
+        records: list[dict[str, Any]] = []
+        for name, extra in plan:
+            if only and name not in only:
+                continue
+            run_dir = runs_root / f"seed{seed}" / name
+            cached = _cache_path(run_dir, center, probe_iter, recipe)
+            config = load_config(None, [*base, *extra])
+            check_same_recipe(run_dir, config, "use another --out (or --runs) for another recipe")
+            _check_other_seeds(runs_root, name, seed, config)
+            t0 = time.perf_counter()
+            # A checkpoint short of the recipe's epochs is trained on before the cache is looked at
+            # (the cache would be the shorter model's); a cache without its checkpoint (deleted to
+            # save space) is trusted as before.
+            has_ckpt = (run_dir / CHECKPOINT).is_file()
+            if (has_ckpt or not cached.is_file()) and _needs_training(run_dir, config, runs):
+                log(f"[{name}] seed {seed}: training{' (resuming)' if has_ckpt else ''} ...")
+                train(config, run_dir, resume=has_ckpt, progress=progress, task=data_task)
+                for stale in run_dir.glob("records*.json"):  # evaluations of the shorter model
+                    stale.unlink()
+            if cached.is_file():
+                recs = json.loads(cached.read_text())
+                log(f"[{name}] seed {seed}: evaluated before, reusing {cached}")
+            else:
+                e = compute_embeddings(run_dir, task=data_task)
+                recs = evaluate_embeddings(
+                    e,
+                    center=center,
+                    method=name.split("-")[0] if name.startswith("ff") else name,
+                    dataset=task,
+                    seed=seed,
+                    budget=budget,
+                    run=name,
+                    probe_all=True,
+                    probe_iter=probe_iter,
+                    probe_max_dim=recipe.probe_max_dim,
+                    **({"mrl_weights": weights} if name == "mrl-w" else {}),
+                )
+                save_records(cached, _tag_probes(recs, probe_iter))
+            recs = _tag_probes(recs, probe_iter)  # also a cache written before the tag
+            if name == "plain":
+                recs = [*recs, _plain_as_ff(run_dir, config.model.dim, data_task, dataset=task,
+                                            seed=seed, budget=budget)]  # fmt: skip
+            records += recs
+            # merged as each run finishes: a job killed later (a timeout on a GPU) keeps these;
+            # the recipe checked again under the lock (written there if it went missing)
+            merge_records(out / "results.json", recs,
+                          before=lambda: _save_out_recipe(out, config0))  # fmt: skip
+            log(f"[{name}] seed {seed}: done in {time.perf_counter() - t0:.0f} s")
+        return merge_records(out / "results.json", records)
+    except BaseException:
+        if claimed:
+            _release_out_recipe(out)
+        raise
 
 
 def _check_only(only: tuple[str, ...] | None, names: list[str]) -> None:
@@ -400,6 +406,29 @@ def _check_out_recipe(out: Path, config: Any) -> None:
         raise ValueError(f"{out} holds seeds of another recipe ({'; '.join(diffs)}; see "
                          f"{path.name}): the seeds of one --out share one recipe; use "
                          "another --out")
+
+
+def _claim_out_recipe(out: Path, config: Any) -> bool:
+    """Under the merge lock: check the --out's recipe and write it when there is none yet.
+    True when this call wrote it (`_release_out_recipe` then undoes it on failure)."""
+    from mrl.io import exclusive_lock
+
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out / "results.json.lock"):
+        had = (out / RECIPE_FILE).is_file()
+        _save_out_recipe(out, config)
+    return not had
+
+
+def _release_out_recipe(out: Path) -> None:
+    """Remove the recipe this call wrote if no records exist (of this call or of another
+    process of the same recipe): a call that failed before its first records, e.g. a batch
+    larger than the data, must not bind the folder."""
+    from mrl.io import exclusive_lock
+
+    with exclusive_lock(out / "results.json.lock"):
+        if not _recorded(out / "results.json"):
+            (out / RECIPE_FILE).unlink(missing_ok=True)
 
 
 def _save_out_recipe(out: Path, config: Any) -> None:
