@@ -103,3 +103,23 @@ def test_random_coordinates_follow_the_runs_seed():
     for seed in (0, 1, 5):
         assert random_1nn(seed) == pytest.approx(by_hand(seed))
     assert by_hand(0) != by_hand(1)  # the seeds really give other coordinates here
+    # without a run config (an API caller's embeddings) the records' seed is the draw's
+    e = RunEmbeddings(None, "plain", nest, Nesting((8,)), 3, db, db_y, test, test_y,
+                      torch.zeros(1, 20, 3))
+    recs = evaluate_embeddings(e, probe_iter=5, seed=1)
+    rand = [r for r in recs if r["method"] == "random"]
+    assert [r["value"] for r in rand if r["metric"] == "1nn"] == pytest.approx(by_hand(1))
+    assert all(r["coords_seed"] == 1 for r in rand)  # recorded: a cache can tell the draws
+
+
+def test_reproduce_re_evaluates_random_rows_cached_before_they_followed_the_seed(tmp_path):
+    import json
+
+    from mrl.commands.reproduce import _stale_random_rows
+
+    old = [{"method": "random", "prefix": 2, "metric": "1nn", "value": 50.0, "seed": 1}]
+    (tmp_path / "r.json").write_text(json.dumps(old))
+    assert _stale_random_rows(tmp_path / "r.json", seed=1)
+    assert not _stale_random_rows(tmp_path / "r.json", seed=0)  # seed 0 drew permutation 0
+    (tmp_path / "n.json").write_text(json.dumps([{**old[0], "coords_seed": 1}]))
+    assert not _stale_random_rows(tmp_path / "n.json", seed=1)

@@ -201,13 +201,15 @@ def evaluate_embeddings(
     if e.mode == "plain" and baselines:
         # the random coordinates follow the run's seed (they were seed 0's for every seed,
         # under records labelled with the run's seed: seeds never varied them)
-        seed = int(getattr(e.config, "seed", 0) or 0)
+        seed = getattr(e.config, "seed", None)
+        seed = int(context.get("seed", 0) if seed is None else seed)  # no config: the label's
         for kind in ("pca", "random"):
             bdb, btest = baseline_features(db, test, kind, seed=seed)
+            ctx = {**context, "coords_seed": seed} if kind == "random" else context
             ps, acc = probe(bdb, btest)
-            records += _probe_records(kind, ps, acc, probe_all, context)
+            records += _probe_records(kind, ps, acc, probe_all, ctx)
             records += _retrieval(
-                bdb, e.db_labels, btest, e.test_labels, sizes, kind, center, context, e.device
+                bdb, e.db_labels, btest, e.test_labels, sizes, kind, center, ctx, e.device
             )
     return records
 

@@ -285,7 +285,7 @@ def reproduce(
                 train(config, run_dir, resume=has_ckpt, progress=progress, task=data_task)
                 for stale in run_dir.glob("records*.json"):  # evaluations of the shorter model
                     stale.unlink()
-            if cached.is_file():
+            if cached.is_file() and not _stale_random_rows(cached, seed):
                 recs = json.loads(cached.read_text())
                 log(f"[{name}] seed {seed}: evaluated before, reusing {cached}")
             else:
@@ -319,6 +319,14 @@ def reproduce(
         if claimed:
             _release_out_recipe(out)
         raise
+
+
+def _stale_random_rows(cached: Path, seed: int) -> bool:
+    """A plain run's cached records whose random-coordinate rows were drawn with permutation 0
+    whatever the seed (before `coords_seed` was recorded): re-evaluated for seeds other than 0,
+    so one results file never mixes the two draws."""
+    recs = json.loads(cached.read_text())
+    return seed != 0 and any(r["method"] == "random" and "coords_seed" not in r for r in recs)
 
 
 def _check_only(only: tuple[str, ...] | None, names: list[str]) -> None:
