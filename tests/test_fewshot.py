@@ -157,3 +157,7 @@ def test_labels_that_skip_a_class_are_the_same_task_relabelled():
         x, y, q, qy, NEST, **kw)
     with pytest.raises(ValueError, match=r"classes \[5\] have none"):  # named as given
         long_tail_eval(x, names[y], q[qy < 2], names[qy[qy < 2]], NEST, **kw)
+    keep = np.ones(len(y), bool)
+    keep[np.flatnonzero(y == 1)[5:]] = False  # label 1, named 2, keeps 5 pool examples
+    with pytest.raises(ValueError, match=r"class 2 has 5 pool examples, fewer than shots=6"):
+        few_shot_eval(x[keep], names[y[keep]], q, names[qy], NEST, shots=(6,), draws=1)

@@ -417,9 +417,9 @@ def test_an_edge_folder_held_elsewhere_is_a_one_line_error(tmp_path, store_path,
     export_qdrant(open_rows(store_path), target, QdrantLayout((8, 32)),
                   tmp_path / "q.progress.json", collection="docs", batch_size=256)
     # the exporting handle holds the shard (as a running `mrl serve --qdrant-path` would)
-    with pytest.raises(FileExistsError, match=r"Qdrant Edge folder .*q/docs' is open in "
-                       r"another process"):
+    with pytest.raises(FileExistsError, match=r"Qdrant Edge folder .*q/docs' is open "
+                       r"elsewhere \(another process, or another handle in this one"):
         open_target("docs", path=tmp_path / "q")
     assert main(["export", "qdrant", str(store_path), "--collection", "docs", "--path",
                  str(tmp_path / "q"), "--prefixes", "8,32"]) == 2  # fmt: skip
-    assert "is open in another process" in capsys.readouterr().err
+    assert "is open elsewhere" in capsys.readouterr().err

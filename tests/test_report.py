@@ -95,3 +95,9 @@ def test_section_markdown_becomes_html_and_its_image_is_embedded(tmp_path):
     assert f"src='data:image/png;base64,{base64.b64encode(png).decode()}'" in body
     assert "<a href='../secret.png'>elsewhere</a>" in body  # only the report's own files
     assert "<ul><li>one</li><li>two</li></ul>" in body
+    captioned = "Caption right above:\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![x](javascript:alert)"
+    page = write_report(_records(), out, "x", sections=[("C", captioned)],
+                        plots=False)["html"].read_text()
+    body = page.split("<h2>C</h2>", 1)[1]
+    assert "<p>Caption right above:</p>\n<table>" in body and "<td>1</td><td>2</td>" in body
+    assert "href" not in body  # no link to a scheme

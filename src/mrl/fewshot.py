@@ -201,6 +201,12 @@ def few_shot_eval(
                          f"{absent[:10].tolist()}")
     classes, py, qy = _dense_labels(py, qy)
     C = len(classes)
+    counts = np.bincount(py, minlength=C)  # checked here to name the class as given
+    short = np.flatnonzero(counts < max(int(n) for n in shots))
+    if len(short):
+        c = int(short[0])
+        raise ValueError(f"class {classes[c]} has {counts[c]} pool examples, fewer than "
+                         f"shots={max(int(n) for n in shots)}")
     rng = np.random.default_rng(seed)
     records: list[Record] = []
     for n in shots:

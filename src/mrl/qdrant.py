@@ -192,9 +192,9 @@ class EdgeTarget:
             if "WouldBlock" not in str(exc):
                 raise
             raise FileExistsError(
-                f"Qdrant Edge folder {str(self.path)!r} is open in another process (an "
-                "Edge shard serves one process: stop the other one, e.g. `mrl serve "
-                "--qdrant-path`, or use a Qdrant server with --url)"
+                f"Qdrant Edge folder {str(self.path)!r} is open elsewhere (another process, or "
+                "another handle in this one: an Edge shard has one user; stop the other, e.g. "
+                "`mrl serve --qdrant-path`, or use a Qdrant server with --url)"
             ) from None
 
     @property
@@ -218,7 +218,7 @@ class EdgeTarget:
             return
         shard_dir = self.path / "shard"
         if shard_dir.is_dir() and any(shard_dir.iterdir()):
-            self.shard = self.qe.EdgeShard.load(str(shard_dir))
+            self.shard = self._load(shard_dir)
             return
         qe = self.qe
         dist = qe.Distance.Cosine if layout.distance == "cosine" else qe.Distance.Dot

@@ -122,8 +122,11 @@ def _section_html(text: str, images: Path | None = None) -> str:
     out = []
     for block in re.split(r"\n\s*\n", text.strip()):
         lines = block.splitlines()
-        if all(line.lstrip().startswith("|") for line in lines) and len(lines) >= 2 \
-                and set(lines[1].replace("|", "").strip()) <= set("-: "):
+        start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("|")), None)
+        if start and _is_table(lines[start:]):  # a caption line right above its table
+            out.append(f"<p>{_inline(' '.join(lines[:start]))}</p>")
+            lines, block = lines[start:], "\n".join(lines[start:])
+        if _is_table(lines):
             out.append(_md_table_to_html(block))
         elif all(line.startswith("- ") for line in lines):
             items = "".join(f"<li>{_inline(line[2:])}</li>" for line in lines)
@@ -136,6 +139,12 @@ def _section_html(text: str, images: Path | None = None) -> str:
         else:
             out.append(f"<p>{_inline(' '.join(lines))}</p>")
     return "\n".join(out)
+
+
+def _is_table(lines: list[str]) -> bool:
+    """Pipe-table lines with a separator row (``|---|:--:|``) second."""
+    return len(lines) >= 2 and all(line.lstrip().startswith("|") for line in lines) \
+        and set(lines[1].replace("|", "").strip()) <= set("-: ")
 
 
 def _inline(text: str) -> str:
@@ -152,6 +161,8 @@ def _image_html(alt: str, name: str, images: Path | None) -> str:
             and path.resolve().parent == images.resolve():  # only the report's own files
         b64 = base64.b64encode(path.read_bytes()).decode("ascii")
         return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{b64}'>"
+    if ":" in name or name.startswith("//"):  # a scheme (javascript:, data:) or another host
+        return f"<p>{html.escape(alt or name)} ({html.escape(name)})</p>"
     return f"<p><a href='{html.escape(name)}'>{html.escape(alt or name)}</a></p>"
 
 
