@@ -174,6 +174,12 @@ def test_a_call_that_fails_before_its_first_records_does_not_bind_the_out(tmp_pa
     assert not (tmp_path / "recipe.json").exists()
     _run(tmp_path, task, only=("mrl",))  # the retry
     assert (tmp_path / "recipe.json").is_file()
+    # through the CLI: the lock file the failed call left is the folder's own, not "other files"
+    sets = [a for kv in TINY for a in ("--set", kv)]
+    argv = ["reproduce", "fashion-mnist", "--out", str(tmp_path / "cli"), "--only", "mrl",
+            "--no-progress", *sets]  # fmt: skip
+    assert main([*argv, "--set", "batch_size=6400"]) == 2
+    assert main(argv) == 0
 
 
 def test_a_second_recipe_is_refused_before_it_trains(tmp_path, task, monkeypatch):

@@ -386,6 +386,7 @@ def _check_other_seeds(runs_root: Path, name: str, seed: int, config) -> None:
 
 
 RECIPE_FILE = "recipe.json"  # the shared training config of an --out's seeds
+LOCK_FILE = "results.json.lock"  # the lock of results.json and recipe.json (kept: see io)
 
 
 def _check_task(recorded: list[dict[str, Any]], results: Path, task: str, budget: str) -> None:
@@ -422,7 +423,7 @@ def _claim_out_recipe(out: Path, config: Any) -> bool:
     from mrl.io import exclusive_lock
 
     out.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(out / "results.json.lock"):
+    with exclusive_lock(out / LOCK_FILE):
         had = (out / RECIPE_FILE).is_file()
         _save_out_recipe(out, config)
     return not had
@@ -434,7 +435,7 @@ def _release_out_recipe(out: Path) -> None:
     larger than the data, must not bind the folder."""
     from mrl.io import exclusive_lock
 
-    with exclusive_lock(out / "results.json.lock"):
+    with exclusive_lock(out / LOCK_FILE):
         if not _recorded(out / "results.json"):
             (out / RECIPE_FILE).unlink(missing_ok=True)
 
@@ -578,7 +579,8 @@ def _parse_only(text: str | None) -> tuple[str, ...] | None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = RECIPES[(args.task, args.budget)]
-    out = check_output_dir_of(args.out, "--out", ("runs", "claims.md", RECIPE_FILE, *REPORT_FILES),
+    out = check_output_dir_of(args.out, "--out", ("runs", "claims.md", RECIPE_FILE, LOCK_FILE,
+                                                 *REPORT_FILES),
                               "a reproduction folder")
     reproduce(
         args.task,
@@ -598,7 +600,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Under the merge lock, from the file as it is now: another --only process merging between
     # our last merge and this report would lose its records to our older snapshot.
-    with exclusive_lock(out / "results.json.lock"):
+    with exclusive_lock(out / LOCK_FILE):
         records = load_records(out / "results.json")
         tables, claims = _write_report(args, recipe, records, out)
     print(tables + "\n\n" + claims)
