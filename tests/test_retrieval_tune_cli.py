@@ -298,6 +298,9 @@ def test_demo_section_reads_the_demo_context_names(data):
     assert "## Adaptive retrieval" in md and all(r["section"] == "retrieval" for r in recs)
     # the context the other sections' records carry (retrieval records had none)
     assert all(r["k"] == 10 and r["n_db"] == 500 and r["n_queries"] == len(q) for r in recs)
+    # the top hit's label accuracy is 1-NN, as the first section names it (it sat in the demo's
+    # top1 table beside the heads' classification accuracy)
+    assert {r["metric"] for r in recs} == {"map@10", "1nn", "recall@10", "qps"}
 
 
 def test_bench_on_unnormalised_embeddings_uses_cosine():
