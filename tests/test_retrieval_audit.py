@@ -157,7 +157,7 @@ def test_demo_section_with_fewer_than_ten_rows():
     )
     md, records = demo_section(ctx)
     assert "| mAP@8 |" in md and "| recall@8 |" in md
-    assert {r["metric"] for r in records} == {"map@8", "top1", "recall@8", "qps"}
+    assert {r["metric"] for r in records} == {"map@8", "1nn", "recall@8", "qps"}
 
 
 def _centred_exact(db, q, center, k):
