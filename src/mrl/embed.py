@@ -136,12 +136,14 @@ def check_corpus(path: str | os.PathLike, field: str = "text", id_field: str = "
 
 
 def _check_id_value(ident: Any, row: int, path: Path) -> None:
-    """Ids the store keeps as given: int64 integers (a larger int wraps or turns float in
-    numpy) and strings without a trailing NUL (numpy's str dtype strips it, making twins)."""
-    if isinstance(ident, int) and not -(2**63) <= ident < 2**63:
+    """Ids the store keeps as given (`mrl.retrieval.store.unkept_id`), named by line."""
+    from mrl.retrieval.store import unkept_id
+
+    problem = unkept_id(ident)
+    if problem == "int64":
         raise ValueError(f"{path.name} line {row + 1}: id {ident} does not fit in int64; "
                          "give such ids as strings")
-    if isinstance(ident, str) and ident.endswith("\x00"):
+    if problem == "nul":
         raise ValueError(f"{path.name} line {row + 1}: id {ident!r} ends with a NUL character, "
                          "which the store cannot keep")
 

@@ -57,13 +57,24 @@ __all__ = [
     "validate_vectors",
 ]
 
+def unkept_id(ident: Any) -> str | None:
+    """Why numpy would not keep the Python id ``ident`` as given: ``"int64"`` for an int outside
+    int64 (turned uint64, float or object), ``"nul"`` for a string ending in NUL (its str dtype
+    strips it: "doc\\x00" became "doc"); None when it is kept. `mrl.embed` checks with it too."""
+    if isinstance(ident, str) and ident.endswith("\x00"):
+        return "nul"
+    if isinstance(ident, int) and not -(2**63) <= ident < 2**63:
+        return "int64"
+    return None
+
+
 def _check_id_values(ids: Sequence) -> None:
-    """Python ids numpy would not keep as given: ints outside int64 (turned uint64, float or
-    object) and strings ending in NUL (its str dtype strips it: "doc\\x00" became "doc")."""
+    """Refuse Python ids the store would not keep as given (`unkept_id`)."""
     for i in ids:
-        if isinstance(i, str) and i.endswith("\x00"):
+        problem = unkept_id(i)
+        if problem == "nul":
             raise ValueError(f"ids must not end with a NUL character, got {i!r}")
-        if isinstance(i, int) and not -(2**63) <= i < 2**63:
+        if problem == "int64":
             raise ValueError(f"ids must fit in int64, got {i}; give such ids as strings")
 
 
