@@ -39,12 +39,12 @@ def _means(records: Iterable[dict[str, Any]]) -> Means:
     """(method, metric, prefix) -> {seed: value}. Records without a finite value or a prefix
     are left out (as the tables leave their cells blank); a seed's repeated records are
     averaged, with a warning (`mrl.records.warn_pooled`)."""
-    from mrl.records import finite_value, warn_pooled
+    from mrl.records import table_cells, warn_pooled
 
     cells: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        if r.get("prefix") is not None and finite_value(r.get("value")):
-            cells[(r["method"], r["metric"], int(r["prefix"]))].append(r)
+    for (m, metric, p), recs in table_cells(records).items():
+        if p is not None:
+            cells[(m, metric, int(p))] += recs  # 8 and 8.0 are one prefix
     warn_pooled(cells, "check_claims", stacklevel=4)  # points at check_claims' caller
     means: Means = {}
     for key, recs in cells.items():

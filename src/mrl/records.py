@@ -119,10 +119,7 @@ def to_markdown(records: Iterable[Record], metric: str | None = None) -> str:
     whose records are not distinct seeds of one setting (a seed twice, or another ``dataset``,
     ``split``, ``center``, ``k`` or ``budget``) is still averaged, with a warning.
     """
-    cells: dict[tuple, list[Record]] = {}  # (method, metric, prefix) -> its records
-    for r in records:
-        if (metric is None or r["metric"] == metric) and finite_value(r["value"]):
-            cells.setdefault((r["method"], r["metric"], r["prefix"]), []).append(r)
+    cells = table_cells(records, metric)
     warn_pooled(cells, "to_markdown")
     rows: dict[tuple[str, str], dict[int | None, list[float]]] = {}  # in order of appearance
     for (method, met, prefix), recs in cells.items():
@@ -148,6 +145,16 @@ def to_markdown(records: Iterable[Record], metric: str | None = None) -> str:
                 shown.append(f"{mean:.{dec}f} ± {std:.{dec}f}")
         lines.append(f"| {_escape(method)} | {_escape(met)} | " + " | ".join(shown) + " |")
     return "\n".join(lines)
+
+
+def table_cells(records: Iterable[Record], metric: str | None = None) -> dict[tuple, list[Record]]:
+    """(method, metric, prefix) -> the records of that cell with a finite value (of ``metric``
+    only, when given), in order of appearance: what a table or a claim averages."""
+    cells: dict[tuple, list[Record]] = {}
+    for r in records:
+        if (metric is None or r["metric"] == metric) and finite_value(r.get("value")):
+            cells.setdefault((r["method"], r["metric"], r["prefix"]), []).append(r)
+    return cells
 
 
 def _escape(name: Any) -> str:
