@@ -112,14 +112,10 @@ def test_random_coordinates_follow_the_runs_seed():
     assert all(r["coords_seed"] == 1 for r in rand)  # recorded: a cache can tell the draws
 
 
-def test_reproduce_re_evaluates_random_rows_cached_before_they_followed_the_seed(tmp_path):
-    import json
-
+def test_reproduce_re_evaluates_random_rows_cached_before_they_followed_the_seed():
     from mrl.commands.reproduce import _stale_random_rows
 
     old = [{"method": "random", "prefix": 2, "metric": "1nn", "value": 50.0, "seed": 1}]
-    (tmp_path / "r.json").write_text(json.dumps(old))
-    assert _stale_random_rows(tmp_path / "r.json", seed=1)
-    assert not _stale_random_rows(tmp_path / "r.json", seed=0)  # seed 0 drew permutation 0
-    (tmp_path / "n.json").write_text(json.dumps([{**old[0], "coords_seed": 1}]))
-    assert not _stale_random_rows(tmp_path / "n.json", seed=1)
+    assert _stale_random_rows(old, seed=1)
+    assert not _stale_random_rows(old, seed=0)  # seed 0 drew permutation 0
+    assert not _stale_random_rows([{**old[0], "coords_seed": 1}], seed=1)

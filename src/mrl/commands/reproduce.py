@@ -285,8 +285,8 @@ def reproduce(
                 train(config, run_dir, resume=has_ckpt, progress=progress, task=data_task)
                 for stale in run_dir.glob("records*.json"):  # evaluations of the shorter model
                     stale.unlink()
-            if cached.is_file() and not _stale_random_rows(cached, seed):
-                recs = json.loads(cached.read_text())
+            recs = json.loads(cached.read_text()) if cached.is_file() else None
+            if recs is not None and not _stale_random_rows(recs, seed):
                 log(f"[{name}] seed {seed}: evaluated before, reusing {cached}")
             else:
                 e = compute_embeddings(run_dir, task=data_task)
@@ -321,11 +321,10 @@ def reproduce(
         raise
 
 
-def _stale_random_rows(cached: Path, seed: int) -> bool:
+def _stale_random_rows(recs: list[dict[str, Any]], seed: int) -> bool:
     """A plain run's cached records whose random-coordinate rows were drawn with permutation 0
     whatever the seed (before `coords_seed` was recorded): re-evaluated for seeds other than 0,
     so one results file never mixes the two draws."""
-    recs = json.loads(cached.read_text())
     return seed != 0 and any(r["method"] == "random" and "coords_seed" not in r for r in recs)
 
 
