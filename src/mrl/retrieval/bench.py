@@ -19,7 +19,6 @@ One run; ratios printed, table last. Methods:
 from __future__ import annotations
 
 import platform
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +28,7 @@ from mrl.nesting import Nesting
 from mrl.records import Record, make_record
 from mrl.retrieval.funnel.index import MatryoshkaIndex, SearchConfig
 from mrl.retrieval.synthetic import mrl_like
-from mrl.retrieval.tune import MemoryBudgetError, flops_per_query, recall_at_k, tune
+from mrl.retrieval.tune import MemoryBudgetError, flops_per_query, recall_at_k, timed, tune
 
 __all__ = ["bench_retrieval", "format_table", "environment", "min_rows"]
 
@@ -88,12 +87,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
-
-
 # Queries run once, untimed, before each timed search: a first call pays thread start-up and
 # cold caches (at N=5000 a cold exact search measured 25k queries/s, a warm one 107k).
 _WARMUP = 8
@@ -103,7 +96,7 @@ def _exact(db: np.ndarray, q: np.ndarray, k: int):
     import faiss
 
     faiss.knn(q[:_WARMUP], db, k, metric=faiss.METRIC_INNER_PRODUCT)
-    (_, idx), secs = _timed(lambda: faiss.knn(q, db, k, metric=faiss.METRIC_INNER_PRODUCT))
+    (_, idx), secs = timed(lambda: faiss.knn(q, db, k, metric=faiss.METRIC_INNER_PRODUCT))
     return idx, secs
 
 
@@ -137,7 +130,7 @@ def _funnel(
         nesting, SearchConfig(shortlist_dim=first, ef_construction=ef_construction),
         vector_dtype=vector_dtype,
     )
-    _, add_s = _timed(lambda: index.add(db, copy=False))
+    _, add_s = timed(lambda: index.add(db, copy=False))
     def tuned_config() -> tuple[Any, str | None]:
         try:
             return tune(
@@ -158,7 +151,7 @@ def _funnel(
                 raise
             return err.unbudgeted, str(err)  # measured once, not re-tuned
 
-    (tuned, budget_error), tune_s = _timed(tuned_config)
+    (tuned, budget_error), tune_s = timed(tuned_config)
     cfg = tuned.config
     index.build(cfg)
     build_s = add_s + index.build_seconds.get(f"short-{cfg.shortlist_dim}", 0.0)
@@ -174,12 +167,12 @@ def _funnel(
     # it on the index, and the index's default config was timed under the fallback's name
     index.search(q[:_WARMUP], k, **cfg.to_dict())
     faiss.cvar.hnsw_stats.reset()
-    res, secs = _timed(lambda: index.search(q, k, **cfg.to_dict()))
+    res, secs = timed(lambda: index.search(q, k, **cfg.to_dict()))
     ndis = faiss.cvar.hnsw_stats.ndis / len(q) if cfg.backend == "hnsw" else None
     paper = SearchConfig(shortlist_dim=16 if 16 in nesting else nesting.sizes[0], shortlist=200)
     index.build(paper)
     index.search(q[:_WARMUP], k, **paper.to_dict())
-    pres, psecs = _timed(lambda: index.search(q, k, **paper.to_dict()))
+    pres, psecs = timed(lambda: index.search(q, k, **paper.to_dict()))
     return {
         "config": cfg,
         "recall": recall_at_k(res.indices, truth),
@@ -215,14 +208,14 @@ def _hnsw_full(
 
     index = faiss.IndexHNSWFlat(db.shape[1], m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = ef_construction
-    _, build_s = _timed(lambda: index.add(db))
+    _, build_s = timed(lambda: index.add(db))
     memory = len(faiss.serialize_index(index))
     best = None
     index.search(q[:_WARMUP], k)
     for ef in (16, 32, 64, 128, 256, 512, 1024):
         index.hnsw.efSearch = ef
         faiss.cvar.hnsw_stats.reset()
-        (_, idx), secs = _timed(lambda: index.search(q, k))  # noqa: B023 - called at once
+        (_, idx), secs = timed(lambda: index.search(q, k))  # noqa: B023 - called at once
         rec = recall_at_k(idx, truth)
         ndis = faiss.cvar.hnsw_stats.ndis / len(q)
         say(f"  hnsw full D, efSearch={ef}: recall {rec:.4f}, {len(q) / secs:.0f} q/s")

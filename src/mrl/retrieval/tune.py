@@ -23,6 +23,7 @@ Procedure (cheap first, measured last):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -469,10 +470,11 @@ _WARMUP = 8  # queries searched untimed before a config is timed
 _REPEATS = 3  # timed runs per config; the fastest counts
 
 
-def _timed_search(index, queries, k: int, kwargs: dict[str, Any]) -> tuple[Any, float]:
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(fn(), seconds it took); `mrl.retrieval.bench` times with it too."""
     t = time.perf_counter()
-    res = index.search(queries, k, **kwargs)
-    return res, time.perf_counter() - t
+    out = fn()
+    return out, time.perf_counter() - t
 
 
 def _measure(index, cfg, queries, rows, truth, k, say) -> dict[str, Any]:
@@ -486,11 +488,11 @@ def _measure(index, cfg, queries, rows, truth, k, say) -> dict[str, Any]:
     if cfg.backend == "hnsw":
         faiss = __import__("faiss")
         faiss.cvar.hnsw_stats.reset()
-    res, elapsed = _timed_search(index, queries, kk, kwargs)
+    res, elapsed = timed(lambda: index.search(queries, kk, **kwargs))
     if cfg.backend == "hnsw":
         ndis = faiss.cvar.hnsw_stats.ndis / len(queries)
     for _ in range(_REPEATS - 1):  # the best of a few runs: a shared machine's noise is slower
-        elapsed = min(elapsed, _timed_search(index, queries, kk, kwargs)[1])
+        elapsed = min(elapsed, timed(lambda: index.search(queries, kk, **kwargs))[1])
     rec = recall_at_k(_drop_self(res.indices, rows, k), truth)
     out = {
         "config": cfg.to_dict(),
