@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mrl._optional import require
 from mrl.io import atomic_open, atomic_write_text
-from mrl.records import Record, finite_value, save_records, to_markdown, validate_records
+from mrl.records import Record, save_records, table_cells, to_markdown, validate_records
 
 __all__ = ["plot_metric", "write_report"]
 
@@ -49,9 +49,9 @@ def _series(records: list[Record], metric: str) -> dict[str, dict[int, list[floa
     """{method: {prefix: [values over seeds]}} for one metric (records without a prefix, or with
     a None / NaN / inf value, skipped: the tables leave those cells blank)."""
     out: dict[str, dict[int, list[float]]] = {}
-    for r in records:
-        if r["metric"] == metric and r["prefix"] is not None and finite_value(r["value"]):
-            out.setdefault(r["method"], {}).setdefault(int(r["prefix"]), []).append(r["value"])
+    for (method, _, prefix), recs in table_cells(records, metric).items():
+        if prefix is not None:
+            out.setdefault(method, {}).setdefault(int(prefix), []).extend(r["value"] for r in recs)
     return out
 
 
@@ -141,6 +141,12 @@ def _section_html(text: str, images: Path | None = None) -> str:
     return "\n".join(out)
 
 
+def _png_html(alt: str, png: bytes) -> str:
+    """An <img> holding the PNG itself: the page stays one self-contained file."""
+    b64 = base64.b64encode(png).decode("ascii")
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{b64}'>"
+
+
 def _is_table(lines: list[str]) -> bool:
     """Pipe-table lines with a separator row (``|---|:--:|``) second."""
     return len(lines) >= 2 and all(line.lstrip().startswith("|") for line in lines) \
@@ -159,8 +165,7 @@ def _image_html(alt: str, name: str, images: Path | None) -> str:
     path = None if images is None else images / name
     if path is not None and path.suffix.lower() == ".png" and path.is_file() \
             and path.resolve().parent == images.resolve():  # only the report's own files
-        b64 = base64.b64encode(path.read_bytes()).decode("ascii")
-        return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{b64}'>"
+        return _png_html(alt, path.read_bytes())
     if ":" in name or name.startswith("//"):  # a scheme (javascript:, data:) or another host
         return f"<p>{html.escape(alt or name)} ({html.escape(name)})</p>"
     return f"<p><a href='{html.escape(name)}'>{html.escape(alt or name)}</a></p>"
@@ -191,8 +196,7 @@ def _html(
         parts.append(f"<h2>{html.escape(metric)}</h2>")
         parts.append(_md_table_to_html(to_markdown(records, metric=metric)))
         if metric in pngs:
-            b64 = base64.b64encode(pngs[metric]).decode("ascii")
-            parts.append(f"<img alt='{html.escape(metric)}' src='data:image/png;base64,{b64}'>")
+            parts.append(_png_html(metric, pngs[metric]))
     for heading, text in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>{_section_html(text, images)}")
     parts.append("</body></html>")
