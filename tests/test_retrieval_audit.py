@@ -18,7 +18,7 @@ import pytest
 from mrl import Nesting
 from mrl.cli import main
 from mrl.retrieval import EmbeddingStore, MatryoshkaIndex, SearchConfig, exact_search
-from mrl.retrieval.exact import topk_sorted
+from mrl.retrieval.exact import _block_topk, _block_topk_reference, topk_sorted
 from mrl.retrieval.funnel.index import funnel_stages
 from mrl.retrieval.synthetic import mrl_like
 from mrl.retrieval.tune import recall_at_k, tune
@@ -66,6 +66,50 @@ def test_exact_search_returns_duplicates_in_row_order(k):
     db, q = _twice()
     _, idx = exact_search(db, q, k, block=256)  # blocks: the rule holds across them too
     np.testing.assert_array_equal(idx, _rank(_cosine(db, q, 32), np.arange(len(db)), k))
+
+
+@pytest.mark.parametrize("m", [1, 13, 32, 67])
+def test_block_topk_equals_the_reference_with_ties(m):
+    """`_block_topk` (GEMM shortlist, consistent rescoring) against one true dot product per pair.
+    Small integers: every dot product is exact in float32, so scores must match bit for bit and
+    the many ties must come back by the smaller column."""
+    rng = np.random.default_rng(m)
+    for _ in range(6):
+        b = int(rng.integers(1, 300))
+        k = int(rng.integers(1, b + 1))
+        x = rng.integers(-2, 3, size=(b, m)).astype(np.float32)
+        q = rng.integers(-2, 3, size=(int(rng.integers(1, 9)), m)).astype(np.float32)
+        got, want = _block_topk(q, x, k), _block_topk_reference(q, x, k)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_block_topk_scores_are_dot_products_and_duplicates_keep_row_order():
+    """Float data: the scores returned are the pairs' dot products (within float32 rounding);
+    many copies of the best row (more than the shortlist's padding) come back in row order."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((700, 37)).astype(np.float32)
+    q = rng.standard_normal((5, 37)).astype(np.float32)
+    best = int(np.argmax(q[0] @ x.T))
+    copies = rng.choice(700, size=60, replace=False)
+    x[copies] = x[best]  # 60-61 equal rows, scattered over the block's tiles
+    vals, cols = _block_topk(q, x, 20)
+    ref_vals, ref_cols = _block_topk_reference(q, x, 20)
+    np.testing.assert_allclose(vals, ref_vals, rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(cols[0], np.sort(np.union1d(copies, best))[:20])
+    np.testing.assert_array_equal(cols[1:], ref_cols[1:])
+
+
+@pytest.mark.parametrize("d", [13, 32])
+def test_exact_search_duplicates_in_row_order_across_blocks_and_odd_dims(d):
+    """Every row twice, at other places in other blocks: both twins score the same, the earlier
+    first (the GEMM alone scored twins 1 ulp apart by their place in its tiles)."""
+    db, q = _twice(n=500, d=d, seed=3)
+    for block in (64, 333, 4096):
+        vals, idx = exact_search(db, q, 10, block=block)
+        np.testing.assert_array_equal(idx, _rank(_cosine(db, q, d), np.arange(len(db)), 10))
+        assert (vals[:, 0::2] == vals[:, 1::2]).all()  # twins: the same score, side by side
+        assert (idx[:, 1::2] - idx[:, 0::2] == 500).all()
 
 
 @pytest.mark.parametrize("backend", ["numpy", "flat", "torch", "ivf"])

@@ -7,6 +7,7 @@ Ranking is by score descending, ties broken by the smaller row index, so results
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -170,11 +171,64 @@ def exact_search(
         new_i = np.empty((len(q), width), np.int64)
         for q0 in range(0, len(q), query_block):
             rows = slice(q0, q0 + query_block)
-            s = q[rows] @ x.T  # [Qb, b]
-            s_top, i_top = topk_sorted(s, min(k, s.shape[1]))
+            s_top, i_top = _block_topk(q[rows], x, min(k, len(x)))
             cat_s = np.concatenate([best_s[rows], s_top], axis=1)  # earlier rows first
             cat_i = np.concatenate([best_i[rows], i_top + start], axis=1)
             new_s[rows], pos = topk_sorted(cat_s, width, keys=cat_i)
             new_i[rows] = np.take_along_axis(cat_i, pos, axis=1)
         best_s, best_i = new_s, new_i
     return best_s, best_i
+
+
+# Elements per chunk of the rescoring: [rows, K, m] float32 gathered at a time (64 MB).
+_RESCORE_ELEMS = 1 << 24
+
+
+def _block_topk(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores [Qb, k] float32, columns [Qb, k]) of queries q [Qb, m] against rows x [b, m],
+    both float32: score desc, then the smaller column.
+
+    The GEMM ``q @ x.T`` is fast but rounds a dot product by the row's place in the kernel's
+    tiles (OpenBLAS's Haswell kernel: two identical rows scored 1 ulp apart, so duplicates came
+    back out of row order). So it only shortlists: every column within ``2 err`` of the k-th GEMM
+    score, a superset of the top-k, as a float32 dot product of length m is off by at most
+    err = (m + 2) u |q| max|x| (u = 2^-24). Those are rescored by `_rescore` (the same sum for a
+    row wherever it lies) and ranked. k + pad columns hold that set unless many rows tie near the
+    k-th place (e.g. duplicates); then the set is counted and taken whole.
+    """
+    s = q @ x.T  # [Qb, b]
+    b = s.shape[1]
+    width = min(b, k + max(8, k // 8))
+    cols = argtopk(s, width)  # [Qb, width] unordered
+    vals = np.take_along_axis(s, cols, axis=1)
+    kth = -np.partition(-vals, k - 1, axis=1)[:, k - 1]  # [Qb] the k-th GEMM score
+    err = (q.shape[1] + 2) * 2.0**-24 * np.linalg.norm(q, axis=1) * np.linalg.norm(x, axis=1).max()
+    floor = (kth - 2 * err).astype(np.float32)[:, None]  # [Qb, 1]
+    floor[np.isnan(floor)] = -np.inf  # "dot" scores that overflowed: keep every candidate
+    if width < b and (vals.min(axis=1, keepdims=True) >= floor).any():  # the set may be wider
+        width = int((s >= floor).sum(axis=1).max())
+        cols = argtopk(s, width)
+        vals = np.take_along_axis(s, cols, axis=1)
+    exact = np.where(vals >= floor, _rescore(q, x, cols), -np.inf)  # [Qb, width]
+    out, pos = topk_sorted(exact, k, keys=cols)
+    return out, np.take_along_axis(cols, pos, axis=1)
+
+
+def _rescore(q: np.ndarray, x: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Dot products [Qb, K] of q [Qb, m] with rows x[cols] (cols [Qb, K]), in float32 chunks.
+
+    `np.einsum` reduces every (query, row) pair over m alike, so a row's score does not depend on
+    where it was gathered (tested with duplicate rows at every position and odd m)."""
+    out = np.empty(cols.shape, np.float32)
+    step = max(1, _RESCORE_ELEMS // max(1, cols.shape[1] * q.shape[1]))
+    for r0 in range(0, len(q), step):
+        out[r0 : r0 + step] = np.einsum("qkm,qm->qk", x[cols[r0 : r0 + step]], q[r0 : r0 + step])
+    return out
+
+
+def _block_topk_reference(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain reference for `_block_topk`: every pair's dot product, one at a time."""
+    # float32 products are exact in float64; fsum rounds their sum once: the true dot product
+    s = np.array([[math.fsum(a.astype(np.float64) * b) for b in x] for a in q], np.float32)
+    order = np.lexsort((np.broadcast_to(np.arange(len(x)), s.shape), -s), axis=1)[:, :k]
+    return np.take_along_axis(s, order, axis=1), order
