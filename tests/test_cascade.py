@@ -255,7 +255,7 @@ def test_bad_calibration_data():
     with pytest.raises(ValueError, match=r"target_accuracy must be in \[0, 1\], got 95"):
         fit_cascade(probs, y, NEST, target_accuracy=95, kind="probs")
     with pytest.raises(
-        ValueError, match=r"budget must be >= the smallest prefix \(4 dims\), got 2"
+        ValueError, match=r"budget must be a finite number >= the smallest prefix \(4 dims\), got 2"
     ):
         fit_cascade(probs, y, NEST, budget=2, kind="probs")
     with pytest.raises(ValueError, match="logits must be finite"):

@@ -342,7 +342,7 @@ def test_bad_eval_arguments(files, capsys):
         (["fit", "--tolerance", "1"], "--tolerance must be in [-1, 1)"),
         (["fit", "--tolerance", "-1.5"], "--tolerance must be in [-1, 1)"),
         (["fit", "--target-accuracy", "90"], "--target-accuracy must be in [0, 1]"),
-        (["fit", "--budget", "0"], "--budget must be positive"),
+        (["fit", "--budget", "0"], "--budget must be a positive number"),
     ]:
         assert main(["cascade", argv[0], str(tmp / "mrl.npz"), *argv[1:]]) == 2
         assert message in capsys.readouterr().err

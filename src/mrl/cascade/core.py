@@ -33,6 +33,7 @@ All shapes: G prefixes, N samples, C classes. Inputs are numpy arrays or torch t
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -350,8 +351,8 @@ def _greedy_thresholds(
         if g < start:
             valid[:] = False
         ok = np.flatnonzero(valid & (n_correct >= need))
-        k = int(ok.max()) if len(ok) else k_min
-        t = _threshold_for_cut(p, k)
+        # no passing cut (or g < start): threshold 1, which still answers the k_min saturated
+        k, t = (int(ok.max()), _threshold_for_cut(p, int(ok.max()))) if len(ok) else (k_min, 1.0)
         thresholds.append(t)
         undecided[order[:k]] = False
         correct_before += int(cum_g[k])
@@ -397,8 +398,9 @@ def _best_greedy(conf: np.ndarray, correct: np.ndarray, target: float, nesting: 
 
 
 def _threshold_for_cut(p: np.ndarray, k: int) -> float:
-    """A threshold answering exactly the k most confident of ``p`` (descending) with ``>=``."""
-    if k == 0 or (k < len(p) and p[k - 1] >= 1.0):
+    """A threshold answering exactly the k most confident of ``p`` (descending) with ``>=``:
+    the midpoint below the k-th (also below saturated ones, as `fit_cascade_reference` picks)."""
+    if k == 0:
         return 1.0
     if k == len(p):
         return 0.0
@@ -462,14 +464,17 @@ def _with_calib_info(cascade: Cascade, conf, correct, info: dict[str, Any]) -> C
 
 
 def _fit_budget(conf, correct, nesting: Nesting, budget: float) -> Cascade:
-    if not budget >= nesting.sizes[0]:
+    if not (math.isfinite(budget) and budget >= nesting.sizes[0]):
         raise ValueError(
-            f"budget must be >= the smallest prefix ({nesting.sizes[0]} dims), got {budget}"
+            f"budget must be a finite number >= the smallest prefix ({nesting.sizes[0]} dims), "
+            f"got {budget}"
         )
     sizes = np.asarray(nesting.sizes, dtype=np.float64)
     accs = correct.mean(axis=1)
-    # Targets from "answer everything at prefix 1" (target 0) up to the best possible accuracy.
-    targets = np.unique(np.concatenate([[0.0], np.linspace(accs.min(), accs.max(), 201)]))
+    # Targets from "answer everything at prefix 1" (target 0) up to the oracle's accuracy (a
+    # cascade can beat every single prefix: the best one's accuracy was the sweep's top before).
+    best_possible = float(correct.any(axis=0).mean())
+    targets = np.unique(np.concatenate([[0.0], accs, np.linspace(accs.min(), best_possible, 201)]))
     best: tuple[float, float, list[float]] | None = None
     for target in targets:
         th = _best_greedy(conf, correct, float(target), nesting)

@@ -52,18 +52,19 @@ DEFAULT_TOLERANCES = (
 
 
 def split_calibration(
-    n: int, fraction: float = 0.5, seed: int = 0
+    n: int, fraction: float = 0.5, seed: int = 0, name: str = "calib_fraction"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Random disjoint ``(calib_idx, test_idx)`` over ``range(n)``; ``fraction`` to calibration."""
-    if not 0.0 < _number("calib_fraction", fraction) < 1.0:
-        raise ValueError(f"calib_fraction must be in (0, 1), got {fraction}")
+    """Random disjoint ``(calib_idx, test_idx)`` over ``range(n)``; ``fraction`` to calibration.
+    ``name``: the fraction's name in errors (the CLI passes its flag)."""
+    if not 0.0 < _number(name, fraction) < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {fraction}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         # numpy's own message was "expected non-negative integer", naming nothing
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     n_calib = int(round(n * fraction))
     if n_calib < 1 or n_calib > n - 1:
         raise ValueError(
-            f"calib_fraction={fraction} of {n} samples leaves an empty calibration or test part"
+            f"{name}={fraction} of {n} samples leaves an empty calibration or test part"
         )
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[:n_calib]), np.sort(perm[n_calib:])
@@ -318,6 +319,9 @@ def evaluate_cascade(
         seeds = tuple(seeds)[:1] or (0,)  # one fixed split: one "seed"
     if not seeds:
         raise ValueError(f"seeds must not be empty, got {list(seeds)}")
+    for i, seed in enumerate(seeds):  # int() truncated 0.5 to seed 0 without a word
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seeds[{i}] must be a non-negative int, got {seed!r}")
     if len(set(map(int, seeds))) != len(seeds):  # one split counted twice: a smaller std, n
         raise ValueError(f"seeds must be distinct, got {list(seeds)}")
     records: list[Record] = []

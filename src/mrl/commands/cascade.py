@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 from dataclasses import dataclass
@@ -140,8 +141,10 @@ def _check_options(args: argparse.Namespace) -> None:
     if target is not None and not 0 <= target <= 1:
         raise ValueError(f"--target-accuracy must be in [0, 1], got --target-accuracy {target}")
     budget = getattr(args, "budget", None)
-    if budget is not None and not budget > 0:
-        raise ValueError(f"--budget must be positive (expected dims), got --budget {budget}")
+    if budget is not None and not (math.isfinite(budget) and budget > 0):  # inf: bad JSON
+        raise ValueError(
+            f"--budget must be a positive number (expected dims), got --budget {budget}"
+        )
     seed = getattr(args, "seed", None)
     if seed is not None and seed < 0:  # numpy said only "expected non-negative integer"
         raise ValueError(f"--seed must be a non-negative int, got --seed {seed}")
@@ -163,13 +166,18 @@ def run(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- fit
 def _fit(args: argparse.Namespace) -> int:
     from mrl.cascade import Cascade, fit_cascade, split_calibration
+    from mrl.cascade.core import check_labels, check_scores
     from mrl.cascade.runs import fingerprint, load_source
 
     out = Path(args.out) if args.out else _default_cascade_path(Path(args.source))
     _check_fit_out(out, Path(args.source))  # before the logits are computed
     _check_budget(args)
     data = load_source(args.source, args.split)
-    cal, held = split_calibration(len(data.labels), args.calib_fraction, args.seed)
+    # checked whole: after the split, an error would show the calibration part's shape
+    logits = check_scores(data.logits, data.nesting)
+    check_labels(data.labels, logits.shape[1], logits.shape[2])
+    cal, held = split_calibration(len(data.labels), args.calib_fraction, args.seed,
+                                  name="--calib-fraction")
     tol = args.tolerance
     if tol is None and args.target_accuracy is None and args.budget is None:
         tol = 0.005
@@ -209,7 +217,8 @@ def _fit(args: argparse.Namespace) -> int:
         f"dims {held_res['expected_dims']:.1f}, head dims {held_res['expected_head_dims']:.1f}"
     )
     if info.get("reached") is False:
-        print("note: the target was not reached on calibration; the cascade answers at full size")
+        print("note: the fit found no cascade reaching the target on calibration; this one answers"
+              " at full size (or where a softmax saturates earlier)")
     print(f"wrote {out}")
     return 0
 
