@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -379,3 +380,82 @@ def test_export_qdrant_itself_refuses_centred_rows(tmp_path):
     EmbeddingStore.create(tmp_path / "db", NEST, center=db.mean(0)).append(db)
     with pytest.raises(ValueError, match="the store or index to export holds centred rows"):
         export_qdrant(open_rows(tmp_path / "db"), None, QdrantLayout((8, 32)), tmp_path / "p.json")
+
+
+# ----------------------------------------------------------------------------- later fixes
+def _funnel_index(tmp_path, n=600):
+    db, _ = mrl_like(n, 64, clusters=8, seed=0)
+    q, _ = mrl_like(5, 64, clusters=8, seed=1)
+    np.save(tmp_path / "db.npy", db)
+    np.save(tmp_path / "q.npy", q)
+    out = tmp_path / "idx"
+    assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(out), "--nesting",
+                 "8,16,32,64", "--shortlist-dim", "8", "--shortlist", "200", "--funnel"]) == 0
+    return out, q
+
+
+def test_search_with_its_own_shortlist_fits_the_saved_stages(tmp_path, capsys):
+    """A funnel index (stages (16,100), (32,50), (64,10)) searched with another --shortlist or
+    --shortlist-dim: the saved stages were checked as if typed ("stages[1] keep must be in
+    [k=60, 100]"); now they are fitted to the call."""
+    out, q = _funnel_index(tmp_path)
+    index = MatryoshkaIndex.load(out, threads=1)
+    assert index.config.stages == ((16, 100), (32, 50), (64, 10))
+    for argv, stages in ((["--k", "60", "--shortlist", "400"], [[16, 100], [32, 60], [64, 60]]),
+                         (["--shortlist", "50"], [[16, 50], [32, 50], [64, 10]]),
+                         (["--shortlist-dim", "32"], [[64, 10]])):
+        res = tmp_path / "res.json"
+        assert main(["search", str(out), str(tmp_path / "q.npy"), *argv, "--out", str(res)]) == 0
+        assert json.loads(res.read_text())["config"]["stages"] == stages, argv
+    capsys.readouterr()
+    got = index.search(q, 60, shortlist=400)
+    want = index.search(q, 60, shortlist=400, stages=((16, 100), (32, 60), (64, 60)))
+    np.testing.assert_array_equal(got.indices, want.indices)
+    with pytest.raises(ValueError, match=r"shortlist must be >= k \(60\), got shortlist=50"):
+        index.search(q, 60, shortlist=50)  # the call's own shortlist: validated as given
+
+
+def test_index_build_names_a_bad_k(tmp_path, capsys):
+    np.save(tmp_path / "db.npy", np.random.default_rng(0).standard_normal((50, 16), np.float32))
+    assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(tmp_path / "i"),
+                 "--funnel", "--k", "0"]) == 2
+    assert "--k must be >= 1, got --k 0" in capsys.readouterr().err
+
+
+def test_a_damaged_saved_config_is_one_error(tmp_path, capsys):
+    out, _ = _funnel_index(tmp_path, n=300)
+    meta = json.loads((out / "index.json").read_text())
+    for key, value, message in (("foo", 1, r"unknown search config keys \['foo'\]"),
+                                ("shortlist_dim", "16", r"shortlist_dim must be int, got '16'"),
+                                ("stages", [[16, 10, 1]], "stages must be a list of")):
+        bad = json.loads(json.dumps(meta))
+        bad["config"][key] = value
+        (out / "index.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"index.json is damaged: config: " + message):
+            MatryoshkaIndex.load(out)
+        assert main(["search", str(out), str(tmp_path / "q.npy")]) == 2
+        assert "is damaged: config:" in capsys.readouterr().err
+
+
+def test_index_ids_the_store_would_refuse_are_refused():
+    """2**64 - 1 became -1 (the "no hit" id of SearchResult.ids), "doc\\x00" became "doc"."""
+    db = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    index = MatryoshkaIndex(Nesting((8, 16)), threads=1)
+    for ids, message in (([2**63, 2**64 - 1], "ids must fit in int64"),
+                         (np.array([2**63 + 5, 7], dtype=np.uint64), "ids must fit in int64"),
+                         (["doc\x00", "b"], "ids must not end with a NUL character")):
+        with pytest.raises(ValueError, match=message):
+            index.add(db, ids=ids)
+    assert index.count == 0
+
+
+def test_int8_index_warns_when_a_later_add_is_clipped():
+    rng = np.random.default_rng(0)
+    index = MatryoshkaIndex(Nesting((8, 16)), vector_dtype="int8", threads=1)
+    index.add(rng.standard_normal((100, 16)).astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index.add(rng.uniform(-0.5, 0.5, (50, 16)).astype(np.float32))  # within the scale
+    with pytest.warns(UserWarning, match=r"int8 index: 16 of 160 values .* were clipped"):
+        index.add(np.full((10, 16), 100.0, np.float32) * np.where(np.arange(10) == 0, 1, 0)[:, None]
+                  + 0.1)

@@ -53,8 +53,35 @@ def test_append_ids_and_compact(tmp_path):
     s2 = EmbeddingStore.open(tmp_path / "s")
     np.testing.assert_array_equal(s2.read(), np.concatenate([_x(10), _x(5, 1)]))
     s2.compact()
-    np.testing.assert_array_equal(EmbeddingStore.open(tmp_path / "s").read(), s2.read())
+    # against the rows read before compaction (s2 itself then reads the new segment)
+    want = np.concatenate([_x(10), _x(5, 1)])
+    np.testing.assert_array_equal(EmbeddingStore.open(tmp_path / "s").read(), want)
+    np.testing.assert_array_equal(s2.read(), want)
+    assert list(EmbeddingStore.open(tmp_path / "s").ids) == list(range(15))
     assert len(list((tmp_path / "s").glob("seg-*.npy"))) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_compact_keeps_quantised_rows_exactly(tmp_path, dtype):
+    """float16 and int8 per-vector segments compact without re-rounding any value."""
+    s = EmbeddingStore.from_array(tmp_path / "s", _x(10) * 0.01, NEST, dtype=dtype)
+    s.append(_x(5, 1))
+    before = s.read()
+    s.compact()
+    np.testing.assert_array_equal(s.read(), before)
+    np.testing.assert_array_equal(EmbeddingStore.open(tmp_path / "s").read(), before)
+
+
+def test_compact_refuses_to_requantise_int8_per_dim_segments(tmp_path):
+    """One shared column scale would cost the small-valued segment most of its precision."""
+    s = EmbeddingStore.from_array(tmp_path / "s", _x(50) * 0.01, NEST, dtype="int8",
+                                  int8_scale="per-dim")
+    s.append(_x(50, 1))
+    before = s.read()
+    with pytest.raises(ValueError, match="re-quantise this int8 per-dim store"):
+        s.compact()
+    np.testing.assert_array_equal(EmbeddingStore.open(tmp_path / "s").read(), before)
+    assert len(list((tmp_path / "s").glob("seg-*.npy"))) == 2
 
 
 def test_string_ids(tmp_path):
@@ -159,3 +186,31 @@ def test_uint64_ids_beyond_int64_are_refused(tmp_path):
         EmbeddingStore.from_array(tmp_path / "u", x, ids=[2**63, 5])
     with pytest.raises(ValueError, match="ids must not end with a NUL character, got 'doc"):
         EmbeddingStore.from_array(tmp_path / "v", x, ids=["doc\x00", "b"])
+
+
+def test_a_reader_survives_another_process_compacting(tmp_path):
+    """ids and int8 scales were mapped lazily, so a store opened before another writer compacted
+    it called itself damaged (their files were gone)."""
+    s = EmbeddingStore.from_array(tmp_path / "s", _x(10), NEST, dtype="int8")
+    s.append(_x(5, 1))
+    want_rows, want_ids = s.read(), s.ids.copy()
+    reader = EmbeddingStore.open(tmp_path / "s")  # opened, nothing read yet
+    EmbeddingStore.open(tmp_path / "s").compact()
+    np.testing.assert_array_equal(reader.ids, want_ids)
+    np.testing.assert_array_equal(reader.read(), want_rows)
+
+
+def test_open_checks_every_file_against_the_sidecar(tmp_path):
+    s = EmbeddingStore.from_array(tmp_path / "s", _x(60), NEST)
+    seg = next((tmp_path / "s").glob("seg-*.npy"))
+    np.save(seg, _x(10))  # a valid .npy of the wrong length
+    with pytest.raises(ValueError, match=r"has shape \(10, 16\), the sidecar says 60 rows of 16"):
+        EmbeddingStore.open(tmp_path / "s")
+    del s
+
+
+def test_iter_blocks_names_a_bad_block(tmp_path):
+    s = EmbeddingStore.from_array(tmp_path / "s", _x(10), NEST)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match=r"block must be a positive int .*got block="):
+            list(s.iter_blocks(block=bad))

@@ -115,6 +115,8 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         raise ValueError(f"--target-recall must be in (0, 1], got --target-recall "
                          f"{args.target_recall}")
+    if args.k < 1:  # it sizes the funnel's last keep: "stages[1] keep must be >= 1" named none
+        raise ValueError(f"--k must be >= 1, got --k {args.k}")
     if args.tune_queries < 1:
         raise ValueError(f"--tune-queries must be >= 1, got --tune-queries {args.tune_queries}")
     if args.max_memory is not None and args.target_recall is None:

@@ -52,7 +52,9 @@ __all__ = [
     "STORE_FORMAT",
     "STORE_VERSION",
     "check_float16_range",
+    "check_id_values",
     "check_new_store_path",
+    "check_uint64_ids",
     "check_unique_ids",
     "validate_vectors",
 ]
@@ -68,7 +70,15 @@ def unkept_id(ident: Any) -> str | None:
     return None
 
 
-def _check_id_values(ids: Sequence) -> None:
+def check_uint64_ids(arr: np.ndarray) -> None:
+    """Refuse unsigned ids above int64: astype(int64) would wrap hash-like ids >= 2**63 to
+    negative ones, silently."""
+    if arr.dtype.kind == "u" and len(arr) and int(arr.max()) > INT64_MAX:
+        raise ValueError(f"ids must fit in int64 (<= {INT64_MAX}), got {int(arr.max())}; "
+                         "give such ids as strings")
+
+
+def check_id_values(ids: Sequence) -> None:
     """Refuse Python ids the store would not keep as given (`unkept_id`)."""
     for i in ids:
         problem = unkept_id(i)
@@ -300,9 +310,23 @@ class EmbeddingStore:
                 f"{STORE_VERSION}"
             )
         store = cls(path, meta)
-        for seg in store._segments:  # touch every segment now: truncation is reported at open
-            store._load(seg.data)
+        for seg in store._segments:  # map every file now: truncation is reported at open, and a
+            store._check_segment(seg)  # compaction by another process cannot pull them away
         return store
+
+    def _check_segment(self, seg: _Segment) -> None:
+        """Map a segment's files and check their rows against the sidecar's count."""
+        for name in (seg.data, seg.ids, seg.scale):
+            if name is None:
+                continue
+            arr = self._load(name)
+            scale_per_dim = name == seg.scale and self.int8_scale == "per-dim"
+            want = (self.dim,) if scale_per_dim else (seg.count,)
+            if arr.shape[:1] != want or (name == seg.data and arr.shape[1:] != (self.dim,)):
+                raise ValueError(
+                    f"store file {self.path / name} has shape {arr.shape}, the sidecar says "
+                    f"{seg.count} rows of {self.dim} (the store is damaged)"
+                )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -387,14 +411,11 @@ class EmbeddingStore:
             start = int(existing.max()) + 1 if len(existing) else 0
             return np.arange(start, start + n, dtype=np.int64)
         if not isinstance(ids, np.ndarray):
-            _check_id_values(ids)
+            check_id_values(ids)
         arr = np.asarray(ids)
         if arr.shape != (n,):
             raise ValueError(f"ids must have one entry per vector ({n}), got shape {arr.shape}")
-        if arr.dtype.kind == "u" and len(arr) and int(arr.max()) > INT64_MAX:
-            # astype(int64) would wrap hash-like ids >= 2**63 to negative ids, silently
-            raise ValueError(f"ids must fit in int64 (<= {INT64_MAX}), got {int(arr.max())}; "
-                             "give such ids as strings")
+        check_uint64_ids(arr)
         if arr.dtype.kind in "iu":
             arr = arr.astype(np.int64)
         elif arr.dtype.kind in "US":
@@ -465,6 +486,8 @@ class EmbeddingStore:
     def iter_blocks(self, block: int = 65536, dims: int | None = None) -> Iterator[np.ndarray]:
         """Yield float32 blocks [<=block, dims] in row order (memory stays bounded)."""
         dims = self._check_dims(dims)
+        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+            raise ValueError(f"block must be a positive int (rows per block), got block={block!r}")
         for seg in self._segments:
             for start in range(0, seg.count, block):
                 yield self._decode(seg, slice(start, min(start + block, seg.count)), dims)
@@ -496,6 +519,16 @@ class EmbeddingStore:
     def _compact(self) -> None:
         if len(self._segments) <= 1:
             return
+        if self.int8_scale == "per-dim" and self.dtype == "int8":
+            scales = [np.asarray(self._load(seg.scale)) for seg in self._segments]
+            if any(not np.array_equal(sc, scales[0]) for sc in scales[1:]):
+                # one new per-column scale for all rows: a segment of small values lost most of
+                # its precision (relative error 0.0075 -> 0.72)
+                raise ValueError(
+                    "compact() would re-quantise this int8 per-dim store's segments with one "
+                    "shared scale and lose precision (their column scales differ); keep the "
+                    "segments (reads are exact as they are) or rebuild the store from float rows"
+                )
         x, ids = self.read(), self.ids
         token = secrets.token_hex(6)
         old = list(self._segments)
