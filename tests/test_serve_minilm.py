@@ -80,3 +80,32 @@ def test_embed_corpus_with_the_real_model(encoder, tmp_path):
     ref = encoder.model.encode(texts, convert_to_numpy=True)
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
     np.testing.assert_allclose(store.read(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_counting_tokens_waits_for_a_running_encode(encoder, monkeypatch):
+    """The fast tokenizer's truncation settings are shared state: counting (no truncation) while
+    another thread encodes (truncation to 256) made either run with the other's settings (a 500,
+    or a 302-token text counted as 256). Counting now waits for the encode."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    real_encode = encoder.model.encode
+
+    def blocking_encode(*args, **kwargs):
+        entered.set()
+        assert release.wait(30)
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(encoder.model, "encode", blocking_encode)
+    counted: list[list[int]] = []
+    worker = threading.Thread(target=encoder.encode, args=(TEXTS,))
+    worker.start()
+    assert entered.wait(30)
+    counter = threading.Thread(target=lambda: counted.append(encoder.count_tokens(TEXTS)))
+    counter.start()
+    counter.join(0.5)
+    assert counter.is_alive() and not counted  # held while the encode runs
+    release.set()
+    worker.join(30)
+    counter.join(30)
+    assert counted and len(counted[0]) == len(TEXTS)

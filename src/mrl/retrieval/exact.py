@@ -17,7 +17,8 @@ from mrl.arrays import as_numpy
 from mrl.retrieval.store import check_dims, first_nonfinite_row
 
 __all__ = [
-    "argtopk", "check_queries", "exact_search", "normalize_prefix", "topk_sorted", "METRICS"
+    "argtopk", "check_queries", "exact_search", "normalize_prefix", "topk_sorted", "unit_peak",
+    "METRICS",
 ]
 
 METRICS = ("cosine", "dot")
@@ -30,6 +31,14 @@ def normalize_prefix(x: np.ndarray, m: int, metric: str = "cosine") -> np.ndarra
         norms = np.linalg.norm(p, axis=1, keepdims=True)
         p = p / np.where(norms > 0, norms, 1.0)
     return p
+
+
+def unit_peak(q: np.ndarray) -> np.ndarray:
+    """Rows of q [Q, D] divided by their largest |value| (zero rows stay zero): the same cosine
+    at every prefix, but no float32 norm overflows (a 1e20 query scored every row 0) or
+    underflows (1e-30 gave scores of 6e-30)."""
+    peak = np.abs(q).max(axis=1, keepdims=True)
+    return (q / np.where(peak > 0, peak, 1.0)).astype(np.float32, copy=False)
 
 
 def argtopk(scores: np.ndarray, k: int) -> np.ndarray:
@@ -155,7 +164,7 @@ def exact_search(
         if column_scale.shape != (d,) or not np.isfinite(column_scale).all():
             raise ValueError(f"column_scale must be a finite [D={d}] vector, got shape "
                              f"{column_scale.shape}")
-    q = normalize_prefix(q, m, metric)  # [Q, m]
+    q = normalize_prefix(unit_peak(q[:, :m]) if metric == "cosine" else q, m, metric)  # [Q, m]
     best_s = np.full((len(q), 0), -np.inf, np.float32)
     best_i = np.zeros((len(q), 0), np.int64)
     for start in range(0, n, block):

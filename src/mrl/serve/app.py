@@ -48,10 +48,12 @@ class ServeConfig:
     max_wait_ms: float = 2.0  # how long a request waits for company when batching (ms)
     max_k: int = 1000  # largest k for /v1/search
     max_queries: int = 256  # queries per /v1/search request
+    # largest shortlist (and stage keep) a request may ask for: the rerank gathers [Q*K, m]
+    max_shortlist: int = 10_000
 
     def __post_init__(self) -> None:
         for name in ("max_inputs", "max_request_bytes", "max_input_chars", "max_batch_size",
-                     "max_k", "max_queries"):
+                     "max_k", "max_queries", "max_shortlist"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
@@ -94,8 +96,11 @@ def _encode_rows(rows: np.ndarray, fmt: str) -> list:
 
 
 # ---------------------------------------------------------------------- input validation
-def _texts_from_input(value: Any, config: ServeConfig, param: str = "input") -> list[str]:
-    """The request's ``input`` (or ``param``) as a non-empty list of non-empty strings, or 400."""
+def _texts_from_input(value: Any, config: ServeConfig, param: str = "input",
+                      images: bool = False) -> list[str]:
+    """The request's ``input`` (or ``param``) as a non-empty list of non-empty strings, or 400.
+    ``images``: base64 images, bounded by the request size, not by ``max_input_chars`` (a
+    640x480 JPEG is 247k characters)."""
     if isinstance(value, str):
         texts = [value]
     elif isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -112,7 +117,7 @@ def _texts_from_input(value: Any, config: ServeConfig, param: str = "input") -> 
         if not t.strip():
             raise APIError(400, f"{param}[{i}] is empty; every input must contain text",
                            param, "empty_input")
-        if len(t) > config.max_input_chars:
+        if not images and len(t) > config.max_input_chars:
             raise APIError(400, f"{param}[{i}] has {len(t)} characters; at most "
                            f"{config.max_input_chars}", param, "context_length_exceeded")
         try:  # JSON may carry a lone surrogate ("\ud83d": a client cut an emoji in half)
@@ -300,7 +305,8 @@ class _Service:
                            "invalid_value")
         limit = self.config.max_queries
         if req.query is not None:
-            texts = _texts_from_input(req.query, self.config, "query")
+            texts = _texts_from_input(req.query, self.config, "query",
+                                      _takes_images(self.require_encoder()))
             if len(texts) > limit:
                 raise APIError(400, f"query has {len(texts)} items; at most {limit}",
                                "query", "too_many_inputs")
@@ -308,6 +314,10 @@ class _Service:
             emb, _ = await self.embed(texts, "query")
             return emb, {"embed": (time.perf_counter() - t) * 1e3}
         return _query_vectors(req.vector, self.require_index().nesting.dim, limit), {}
+
+
+def _takes_images(encoder) -> bool:
+    return getattr(encoder, "input_kind", "text") == "image"
 
 
 def _query_vectors(vec: list, d: int, limit: int) -> np.ndarray:
@@ -380,7 +390,7 @@ def _add_embeddings_route(app, service: _Service) -> None:
         if req.model != enc.name:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves "
                            f"{enc.name!r}", "model", "model_not_found")
-        texts = _texts_from_input(req.input, service.config)
+        texts = _texts_from_input(req.input, service.config, images=_takes_images(enc))
         m = _check_dimensions(req.dimensions, enc.nesting.sizes)
         emb, tokens = await service.embed(texts)
         rows = truncate_normalize(emb, m)  # [B, m]
@@ -399,13 +409,12 @@ def _add_search_route(app, service: _Service) -> None:
         """Funnel search: a shortlist on a small prefix, reranked on larger ones."""
         index = service.require_index()
         t0 = time.perf_counter()
-        queries, timings = await service.search_queries(req)
-        k, k_max = req.k, min(service.config.max_k, index.size)
-        if isinstance(k, bool) or not 1 <= k <= k_max:
-            raise APIError(400, f"k must be in [1, {k_max}], got k={k}", "k", "invalid_value")
+        k = req.k
         params = {"shortlist_dim": req.shortlist_dim, "shortlist": req.shortlist,
                   "stages": None if req.stages is None else [tuple(s) for s in req.stages],
                   "config": req.config}
+        _check_search_params(k, params, index, service.config)  # before any text is embedded
+        queries, timings = await service.search_queries(req)
         try:
             result = await asyncio.to_thread(index.search, queries, k, **params)
         except ValueError as exc:
@@ -444,6 +453,34 @@ def _add_info_routes(app, service: _Service) -> None:
         runner = service.state.get("runner")
         return {"model": model, "index": idx, "config": asdict(service.config),
                 "batches": getattr(runner, "batches", 0)}
+
+
+def _check_search_params(k: Any, params: dict[str, Any], index: SearchBackend,
+                         config: ServeConfig) -> None:
+    """A search request's k, shortlist, stages and config, checked before its queries are
+    embedded (a bad k cost an encoder call first) and bounded (a shortlist of 10**9 gathered
+    [Q*K, m] floats: 2.4 GB and a 500); then the backend's own check, if it has one."""
+    k_max = min(config.max_k, index.size)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= k_max:
+        raise APIError(400, f"k must be in [1, {k_max}], got k={k}", "k", "invalid_value")
+    limit = config.max_shortlist
+    shortlist = params.get("shortlist")
+    if shortlist is not None and not 1 <= shortlist <= limit:
+        raise APIError(400, f"shortlist must be in [1, {limit}] (this server's max_shortlist), "
+                       f"got shortlist={shortlist}", "shortlist", "invalid_value")
+    for i, stage in enumerate(params.get("stages") or ()):
+        if len(stage) != 2:
+            raise APIError(400, f"stages[{i}] must be a [dim, keep] pair, got {list(stage)}",
+                           "stages", "invalid_value")
+        if not 1 <= stage[1] <= limit:
+            raise APIError(400, f"stages[{i}] keep must be in [1, {limit}] (this server's "
+                           f"max_shortlist), got {stage[1]}", "stages", "invalid_value")
+    check = getattr(index, "check", None)
+    if check is not None:
+        try:
+            check(**params)
+        except ValueError as exc:
+            raise APIError(400, str(exc), _guess_param(str(exc)), "invalid_value") from None
 
 
 def _guess_param(message: str) -> str | None:

@@ -12,6 +12,7 @@ import hashlib
 import os
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -119,15 +120,20 @@ class SentenceTransformerEncoder:
         self.max_tokens = int(self.model.max_seq_length)
         self.batch_size = batch_size
         self.path = folder
+        # The fast tokenizer keeps its truncation/padding settings as shared state: counting
+        # (truncation off) beside encoding (truncation to max_seq_length) in another thread made
+        # either run with the other's settings (a 500, or an over-long text counted as 256).
+        self._tokenizer_lock = threading.Lock()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        emb = self.model.encode(
-            list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
-        )
+        with self._tokenizer_lock:
+            emb = self.model.encode(list(texts), batch_size=self.batch_size,
+                                    convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(emb, dtype=np.float32)  # [B, D]
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        enc = self.model.tokenizer(list(texts), add_special_tokens=True, truncation=False)
+        with self._tokenizer_lock:
+            enc = self.model.tokenizer(list(texts), add_special_tokens=True, truncation=False)
         return [len(ids) for ids in enc["input_ids"]]
 
 
@@ -166,6 +172,7 @@ class VisionEncoder:
         self.shape = (int(image_size[0]), int(image_size[1]))
         self.name = name or Path(run_dir).name
         self.max_tokens = 1  # one "token" per image
+        self.input_kind = "image"  # base64 images: not held to the text character cap
 
     def _decode(self, i: int, data: str) -> np.ndarray:
         """One base64 image -> uint8 [C, H, W]; ValueError naming ``input[i]`` otherwise."""
@@ -180,11 +187,15 @@ class VisionEncoder:
             data = data.split(",", 1)[-1]
         try:
             raw = base64.b64decode(data, validate=True)
-            img = image_mod.open(io.BytesIO(raw))
-            img.load()
+            with warnings.catch_warnings():  # Pillow's "may be a decompression bomb" warning
+                warnings.simplefilter("error", image_mod.DecompressionBombWarning)
+                img = image_mod.open(io.BytesIO(raw))
+                img.load()
             return self._to_array(img)  # a broken image is this input's error, not the batch's
         except (binascii.Error, ValueError, OSError) as exc:
             raise ValueError(f"input[{i}] is not a base64-encoded image ({exc})") from None
+        except (image_mod.DecompressionBombError, image_mod.DecompressionBombWarning) as exc:
+            raise ValueError(f"input[{i}] is too large an image ({exc})") from None
 
     def _to_array(self, img: Any) -> np.ndarray:
         """A PIL image -> uint8 ``[C, H, W]`` as training decoded it (`ImageFolder`): a square

@@ -59,8 +59,6 @@ class IndexBackend:
     def __init__(self, index, configs: dict[str, dict[str, Any]] | None = None) -> None:
         self.index = index
         self.nesting = index.nesting
-        if index.count:  # build the default configuration's structures now, not on a request
-            index.build()
         cfg = index.config.to_dict()  # every SearchConfig field: backend, ef_search, ...
         self.defaults = {k: cfg[k] for k in ("shortlist_dim", "shortlist", "stages", "backend")}
         self.configs = {"default": cfg}
@@ -68,6 +66,40 @@ class IndexBackend:
         if isinstance(tuned, dict) and isinstance(tuned.get("config"), dict):
             self.configs["tuned"] = dict(tuned["config"])  # the auto-tuner's choice
         self.configs.update(configs or {})
+        if index.count:  # every named configuration's structures now, not on a request
+            for params in self.configs.values():
+                index.build(self._config(params))
+
+    def _config(self, params: dict[str, Any]):
+        """The index's `SearchConfig` with ``params`` (fields; None = the index's) on top."""
+        from dataclasses import replace
+
+        fields = {k: v for k, v in params.items() if v is not None}
+        if "stages" in fields:
+            fields["stages"] = tuple(tuple(int(v) for v in st) for st in fields["stages"])
+        return replace(self.index.config, **fields)
+
+    def check(self, *, shortlist_dim: int | None = None, shortlist: int | None = None,
+              stages: Sequence[Sequence[int]] | None = None, config: str | None = None) -> None:
+        """A request's configuration, before its queries are embedded: a known ``config``, and
+        for the hnsw, ivf, ivfpq and torch backends a shortlist prefix built at start: another
+        ``shortlist_dim`` would build a graph or an IVF inside the request (5-20 s for 20k rows,
+        kept for ever, duplicated by concurrent requests). flat and numpy build at most one
+        normalised prefix matrix per nesting size, in one pass: allowed."""
+        if shortlist_dim is not None and shortlist_dim not in self.nesting:
+            raise ValueError(f"shortlist_dim must be a prefix size in the nesting "
+                             f"{list(self.nesting.sizes)}, got shortlist_dim={shortlist_dim}")
+        cfg = self._config(_pick(self.configs, config, {"shortlist_dim": shortlist_dim}))
+        if cfg.backend in ("flat", "numpy"):
+            return
+        if self.index.count and not self.index.is_built(cfg):
+            built = sorted({int(p.get("shortlist_dim") or self.defaults["shortlist_dim"])
+                            for p in self.configs.values()})
+            raise ValueError(
+                f"shortlist_dim={cfg.shortlist_dim} is not built on this server for the "
+                f"{cfg.backend} backend (built: {built}); use one of those, or a named config "
+                f"({sorted(self.configs)})"
+            )
 
     @property
     def size(self) -> int:

@@ -47,7 +47,7 @@ from mrl.io import (
     read_json_sidecar,
 )
 from mrl.nesting import Nesting
-from mrl.retrieval.exact import METRICS, check_queries, topk_sorted
+from mrl.retrieval.exact import METRICS, check_queries, topk_sorted, unit_peak
 from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
 from mrl.retrieval.store import (
     check_center,
@@ -513,6 +513,20 @@ class MatryoshkaIndex:
             self._hnsw[key] = idx
         return self._hnsw[key]
 
+    def is_built(self, config: SearchConfig | None = None) -> bool:
+        """Whether a search with ``config`` (default: the index's) finds every structure it
+        scans already built (`build`), so that it builds nothing (a server checks this: a
+        request's shortlist_dim would otherwise build and keep a new graph or matrix)."""
+        cfg = config or self.config
+        m = cfg.shortlist_dim
+        if cfg.backend in IVF_BACKENDS:
+            return (m, cfg.nlist or 0) in (self._ivfpq if cfg.backend == "ivfpq" else self._ivf)
+        if cfg.backend == "hnsw":
+            return (m, cfg.hnsw_m, cfg.ef_construction) in self._hnsw
+        if cfg.backend == "torch":
+            return f"short{m}" in self._torch
+        return m in self._short
+
     def release(self, keep: SearchConfig | None = None) -> None:
         """Drop cached shortlist matrices / HNSW graphs unused by ``keep`` (default: config)."""
         cfg = keep or self.config
@@ -663,6 +677,8 @@ class MatryoshkaIndex:
         self._check_config(cfg, k, n)
         batch_size = _as_int("batch_size", batch_size, 1)
         q = self._centred(self._check_queries(queries), centered)
+        if self.metric == "cosine":
+            q = unit_peak(q)  # a query of 1e20 overflowed its float32 norm: arbitrary hits
         shortlist = min(cfg.shortlist, n)
         stages = cfg.stages or ((self.nesting.dim, k),)
         stages = stages[:-1] + ((stages[-1][0], k),)
