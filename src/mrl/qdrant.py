@@ -138,6 +138,9 @@ class FunnelPlan:
         if stages is None:
             plan = ((layout.dim, k),) if ds != layout.dim else ()
         else:
+            for i, st in enumerate(stages):  # [[16]] failed as "not enough values to unpack"
+                if not isinstance(st, Sequence) or isinstance(st, str) or len(st) != 2:
+                    raise ValueError(f"stages[{i}] must be a (prefix, keep) pair, got {st!r}")
             plan = tuple((int(m), int(n)) for m, n in stages)
         prev_m, prev_n = ds, K
         for i, (m, n) in enumerate(plan):
