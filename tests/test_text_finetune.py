@@ -328,3 +328,17 @@ def test_distill_term_on_cuda_matches_cpu():
         dense = dense_rotation_module(rot).to(device)
         values.append(_DistillTerm(dense, corpus.to(device), Nesting((8, 32)), cfg)().item())
     assert values[1] == pytest.approx(values[0], rel=1e-4)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_diverging_finetune_stops_and_saves_no_nan_model(tiny_model, tmp_path, frozen):  # noqa: F811
+    """lr 1e20: the frozen path saved a model of NaN weights and exited 0 (the whole-model path
+    failed later, blaming the input). Now both stop at the step, before any save."""
+    from mrl.train import TrainingDiverged
+
+    kw = {"init_rotation": "pca", "train_encoder": False} if frozen else {}
+    cfg = FinetuneConfig(nesting="8,32", batch_size=4, max_steps=3, lr=1e20, max_seq_length=32,
+                         **kw)
+    with pytest.raises(TrainingDiverged, match=r"training diverged (at|after) step \d"):
+        finetune(tiny_model, _pairs(), tmp_path / "ft", cfg, log=lambda s: None)
+    assert not (tmp_path / "ft").exists()

@@ -28,7 +28,7 @@ from mrl.text.encoders import (  # noqa: E402
     resolve_model_path,
 )
 from mrl.text.finetune import FinetuneConfig, finetune  # noqa: E402
-from mrl.text.pairs import Pair  # noqa: E402
+from mrl.text.pairs import Pair, read_pairs  # noqa: E402
 from mrl.text.st_loss import MatryoshkaContrastiveLoss  # noqa: E402
 
 TOKENIZER_FILES = (
@@ -251,10 +251,11 @@ def test_cli_finetune_pairs_and_errors(tiny_model, tmp_path, capsys):
         ["text", "finetune", "--model", str(tiny_model), "--pairs", str(pairs), "--out", fresh]
     )
     assert rc == 2 and "p.jsonl:1: missing field 'positive'" in capsys.readouterr().err
-    rc = main(
+    pairs.write_text('{"query": "q", "positive": "p"}\n{"query": "r", "positive": "s"}\n')
+    rc = main(  # valid pairs: the model folder is what fails (before, the pairs file did)
         ["text", "finetune", "--model", str(tmp_path), "--pairs", str(pairs), "--out", fresh]
     )
-    assert rc == 2
+    assert rc == 2 and "is not a sentence-transformers model" in capsys.readouterr().err
 
 
 def test_default_model_loads_offline():
@@ -571,7 +572,10 @@ def test_rotation_only_features_match_the_model(tiny_model, tmp_path):
     from mrl.text.adaptor import dense_rotation_module
     from mrl.text.finetune import _embed, _frozen_features
 
-    pairs = [Pair(f"title {i} wing", f"a body {i} about the lift of wings") for i in range(5)]
+    # pair 0's body is longer than max_seq_length: the features must be cut where the model is
+    long = " and drag" * 20
+    pairs = [Pair(f"title {i} wing", f"a body {i} about the lift of wings" + long * (i == 0))
+             for i in range(5)]
     cfg = FinetuneConfig(init_rotation="pca", train_encoder=False, max_seq_length=16)
     feats = _frozen_features(tiny_model, pairs, cfg, tmp_path / "cache")
     q_rot, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1)))
@@ -812,3 +816,57 @@ def test_load_errors_that_are_not_the_folders_keep_their_type(tiny_model, monkey
         monkeypatch.setattr(sentence_transformers, "SentenceTransformer", fail)
         with pytest.raises(type(error)):
             load_encoder(tiny_model)
+
+
+def test_pairs_file_names_misnamed_negatives_and_the_inconsistent_line(tmp_path):
+    """"negatives" / "negative_1" were ignored (trained without negatives, exit 0); a file
+    where some lines had a negative named no line."""
+    p = tmp_path / "p.jsonl"
+    for key in ("negatives", "negative_1", "hard_negative"):
+        p.write_text('{"query": "a", "positive": "b"}\n'
+                     f'{{"query": "c", "positive": "d", "{key}": "e"}}\n')
+        with pytest.raises(ValueError, match=rf"p.jsonl:2: unknown field '{key}'"):
+            read_pairs(p)
+    p.write_text('{"query": "a", "positive": "b", "negative": "x"}\n\n'
+                 '{"query": "c", "positive": "d", "negative": "y"}\n'
+                 '{"query": "e", "positive": "f"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:4: either every pair or none has a 'negative' "
+                                         r"\(2 of 3 do; line 1 has\)"):
+        read_pairs(p)
+
+
+def test_pairs_file_warns_about_repeated_queries(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"query": "a", "positive": "b"}\n{"query": "a", "positive": "c"}\n'
+                 '{"query": "d", "positive": "e"}\n')
+    with pytest.warns(UserWarning, match="1 repeated queries and 0 repeated positives"):
+        assert len(read_pairs(p)) == 3
+
+
+def test_finetune_api_checks_pair_texts(tiny_model, tmp_path):
+    good = [Pair("a wing", "lift"), Pair("a tail", "drag")]
+    for bad, message in (([Pair("", "lift"), good[1]], r"pairs\[0\].query is empty"),
+                         ([good[0], Pair("x", " ")], r"pairs\[1\].positive is empty"),
+                         ([Pair("a", "b", ["c", "d"]), Pair("e", "f", "g")],
+                          r"pairs\[0\].negative must be a string, got \['c', 'd'\]")):
+        with pytest.raises(ValueError, match=message):
+            finetune(tiny_model, bad, tmp_path / "x", FinetuneConfig(max_steps=1))
+    with pytest.raises(ValueError, match=r"nesting 'doubling:1000' \(--nesting\) for this "
+                                         r"32-dim model: "):
+        finetune(tiny_model, good, tmp_path / "x", FinetuneConfig(nesting="doubling:1000"))
+
+
+def test_base_model_fingerprint_ignores_a_report_beside_it(tiny_model, tmp_path):
+    """`mrl eval MODEL` writes MODEL/eval-*/: resuming a fine-tune of MODEL was then refused."""
+    import shutil
+
+    from mrl.text.checkpoint import folder_fingerprint
+
+    copy = tmp_path / "base"
+    shutil.copytree(tiny_model, copy)
+    before = folder_fingerprint(copy)
+    (copy / "eval-mini").mkdir()
+    (copy / "eval-mini" / "results.md").write_text("| prefix |\n")
+    assert folder_fingerprint(copy) == before
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    assert folder_fingerprint(copy) != before  # the model's own files still count

@@ -37,11 +37,12 @@ def read_jsonl(
     optional: tuple[str, ...] = (),
     nonempty: bool = False,
     any_text: tuple[str, ...] = (),
+    line_numbers: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Objects of a JSONL file; a ValueError naming the file and line on bad lines.
 
     ``any_text``: at least one of these fields must hold more than whitespace (a document's
-    title or text).
+    title or text). ``line_numbers``: a list that receives each returned row's line number.
 
     ``required`` fields must be strings; ``optional`` ones, where present and not null, too.
     With ``nonempty`` those strings must hold more than whitespace.
@@ -80,6 +81,8 @@ def read_jsonl(
             raise ValueError(f"{path}:{lineno}: _id {row.get('_id')!r} has no text (fields "
                              f"{list(any_text)} are empty)")
         rows.append(row)
+        if line_numbers is not None:
+            line_numbers.append(lineno)
     return rows
 
 

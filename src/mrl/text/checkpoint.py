@@ -77,13 +77,19 @@ def texts_digest(rows: Iterable[Iterable[str | None]]) -> str:
 
 def folder_fingerprint(path: str | os.PathLike) -> dict[str, str]:
     """``{relative path: file_fingerprint}`` of the visible files under ``path`` (a model
-    folder) or of ``path`` itself (a file): the same model wherever it lies or however the
-    path is spelled; another model, or one rewritten in place, differs."""
+    folder; of a sentence-transformers folder only the files it loads, `_model_files`) or of
+    ``path`` itself (a file): the same model wherever it lies or however the path is spelled;
+    another model, or one rewritten in place, differs."""
     path = Path(path)
     if path.is_file():
         return {path.name: file_fingerprint(path)}
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(path).parts))  # fmt: skip
+    if (path / "modules.json").is_file():  # a sentence-transformers folder: what it loads (a
+        from mrl.text.encoders import _model_files  # report `mrl eval` wrote beside the model
+
+        files = _model_files(path)  # blocked resuming a fine-tune from it)
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts))  # fmt: skip
     return {str(p.relative_to(path)): file_fingerprint(p) for p in files}
 
 

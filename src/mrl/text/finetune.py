@@ -283,9 +283,30 @@ def _param_groups(encoder: Any, config: FinetuneConfig) -> list[dict[str, Any]]:
     return [{"params": rest, "lr": config.lr}, {"params": last, "lr": config.rotation_lr}]
 
 
+def _parse_nesting(config: FinetuneConfig, dim: int) -> Nesting:
+    """``config.nesting`` for a D=``dim`` model; an error names the option and the spec ("dim
+    must be >= start, got dim=384 < start=1000" named neither)."""
+    try:
+        return Nesting.parse(config.nesting, dim=dim)
+    except ValueError as exc:
+        raise ValueError(f"nesting {config.nesting!r} (--nesting) for this {dim}-dim model: "
+                         f"{exc}") from None
+
+
 def _check_pairs(pairs: Sequence[Pair], batch_size: int) -> None:
     if len(pairs) < 2:
         raise ValueError(f"need at least 2 pairs for in-batch negatives, got {len(pairs)}")
+    # the JSONL reader checks its lines; pairs built in Python were trained as given ("" too,
+    # and a list negative embedded as its repr)
+    for i, pair in enumerate(pairs):
+        for name in ("query", "positive", "negative"):
+            text = getattr(pair, name)
+            if name == "negative" and text is None:
+                continue
+            if not isinstance(text, str):
+                raise ValueError(f"pairs[{i}].{name} must be a string, got {text!r}")
+            if not text.strip():
+                raise ValueError(f"pairs[{i}].{name} is empty; empty texts cannot be embedded")
     has_neg = {p.negative is not None for p in pairs}
     if len(has_neg) > 1:
         raise ValueError("either every pair or none must have a negative")
@@ -489,9 +510,7 @@ def _finetune(
     dim = embedding_dim(encoder)
     inference_length = encoder.max_seq_length  # restored before saving: training may cut shorter
     encoder.max_seq_length = config.max_seq_length
-    nesting = (
-        default_nesting(dim) if config.nesting is None else Nesting.parse(config.nesting, dim=dim)
-    )
+    nesting = default_nesting(dim) if config.nesting is None else _parse_nesting(config, dim)
     nesting.check_dim(dim, "the model's embeddings")
 
     total = steps_per_epoch(len(train_idx), config.batch_size) * config.epochs
@@ -773,6 +792,8 @@ def _train_loop(
         idx = order[start : start + config.batch_size]  # two or more pairs
         start += config.batch_size
         q, p, neg = embed(idx)
+        if step > 0:  # trained weights can be finite yet overflow the forward pass
+            _check_finite_embeddings(step, q, p, neg)
         loss = matryoshka_contrastive_loss(
             q, p, nesting, neg, temperature=config.temperature, symmetric=config.symmetric
         )
@@ -789,6 +810,7 @@ def _train_loop(
         opt.step()
         sched.step()
         step += 1
+        _check_finite_weights(groups, step, loss, run)  # before anything of this step is saved
         if step % log_every == 0 or step == total:
             part = "" if extra_value is None else f" (distill {extra_value.item():.4f})"
             log(f"step {step}/{total} loss {loss.item():.4f}{part} ({time.time() - t0:.0f}s)")
@@ -797,6 +819,37 @@ def _train_loop(
                         epoch_end=n - start < 2, last=step == total,
                         device=_collective_device(config))  # fmt: skip
     return step
+
+
+def _check_finite_embeddings(step: int, *tensors: torch.Tensor | None) -> None:
+    """After step ``step``, the model's embeddings of the next batch are finite; otherwise the
+    training diverged (the loss blamed the input: "queries contain NaN or inf values")."""
+    if all(t is None or bool(torch.isfinite(t).all()) for t in tensors):
+        return
+    from mrl.train import TrainingDiverged
+
+    raise TrainingDiverged(
+        f"training diverged after step {step}: the model's embeddings are no longer finite; "
+        "its last checkpoint (if any) is kept. Train again into a new --out with a lower --lr"
+    )
+
+
+def _check_finite_weights(groups: list[dict[str, Any]], step: int, loss: torch.Tensor,
+                          run: _Run) -> None:
+    """Stop when a step left a trained weight NaN or inf (a NaN loss gets there through its
+    gradient): such a model was saved and the run exited 0. Under torchrun every process applies
+    the same all-reduced update, so each sees the same weights and all stop together. Raised
+    before the step's checkpoint and the model are written: the last checkpoint stays good."""
+    if all(bool(torch.isfinite(t).all()) for g in groups for t in g["params"]):
+        return
+    from mrl.train import TrainingDiverged  # the vision loop's error (a ValueError: one line)
+
+    kept = "its last checkpoint is kept" if run.ckpt is not None else "nothing was saved"
+    raise TrainingDiverged(
+        f"training diverged at step {step} (loss {loss.item():.4g}): the trained weights are no "
+        f"longer finite; {kept}. Train again into a new --out with a lower --lr (lr, "
+        "rotation_lr) or more warm-up (FinetuneConfig.warmup)"
+    )
 
 
 def _maybe_save(run: _Run, module, opt, sched, rng, generator, step: int, order: list[int],

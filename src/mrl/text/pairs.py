@@ -10,6 +10,7 @@ leaves the body whole).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 from mrl.text.beir import read_jsonl
@@ -27,16 +28,40 @@ class Pair:
 
 def read_pairs(path: str | os.PathLike) -> list[Pair]:
     """Pairs from a JSONL file; ValueError with the line number on a bad line or empty text."""
-    rows = read_jsonl(path, ("query", "positive"), ("negative",), nonempty=True)
+    lines: list[int] = []
+    rows = read_jsonl(path, ("query", "positive"), ("negative",), nonempty=True,
+                      line_numbers=lines)
+    for row, lineno in zip(rows, lines):  # "negatives", "negative_1": silently trained without
+        odd = [k for k in row if k != "negative" and k.lower().startswith(("neg", "hard"))]
+        if odd:
+            raise ValueError(f"{path}:{lineno}: unknown field {odd[0]!r}; a hard negative is "
+                             "one string in the field 'negative'")
     pairs = [Pair(r["query"], r["positive"], r.get("negative")) for r in rows]
     if not pairs:
         raise ValueError(f"{path} holds no pairs")
-    negs = sum(p.negative is not None for p in pairs)
-    if 0 < negs < len(pairs):
+    has = [p.negative is not None for p in pairs]
+    if 0 < sum(has) < len(pairs):
+        first = lines[has.index(not has[0])]  # the first line that differs from line 1
         raise ValueError(
-            f"{path}: either every pair or none has a 'negative' ({negs} of {len(pairs)} do)"
+            f"{path}:{first}: either every pair or none has a 'negative' ({sum(has)} of "
+            f"{len(pairs)} do; line {lines[0]} {'has' if has[0] else 'has none'})"
         )
+    _warn_repeats(path, pairs)
     return pairs
+
+
+def _warn_repeats(path: str | os.PathLike, pairs: list[Pair]) -> None:
+    """Repeated queries or positives: in a batch holding two of them, each is the other's
+    in-batch negative (a false one). Warned, not refused: some corpora repeat titles."""
+    queries = len(pairs) - len({p.query for p in pairs})
+    positives = len(pairs) - len({p.positive for p in pairs})
+    if queries or positives:
+        warnings.warn(
+            f"{path}: {queries} repeated queries and {positives} repeated positives; two of them "
+            "in one batch are each other's (false) in-batch negatives: deduplicate if they are "
+            "not intended",
+            stacklevel=3,
+        )
 
 
 def pairs_from_titles(titles: list[str], bodies: list[str], min_words: int = 3) -> list[Pair]:
