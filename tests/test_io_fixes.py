@@ -178,3 +178,26 @@ def test_an_atomic_write_syncs_the_file_and_then_its_folder(tmp_path, monkeypatc
     with mio.atomic_output_dir(tmp_path / "model") as tmp:  # a folder renamed into place
         (tmp / "w.bin").write_bytes(b"w")
     assert synced == ["dir"] and (tmp_path / "model" / "w.bin").is_file()
+
+
+def test_atomic_output_dir_removes_a_killed_saves_stale_temporary(tmp_path):
+    """kill -9 during a save skips its cleanup: the .OUT.XXXXXXXX.tmp folder (53 MB for a text
+    model) stayed for ever. The next save of OUT removes such folders an hour old, not fresh
+    ones (another process may be writing) nor other outputs' ones."""
+    import time
+
+    from mrl.io import atomic_output_dir
+
+    old = tmp_path / ".out.abcd1234.tmp"
+    fresh = tmp_path / ".out.efgh5678.tmp"
+    other = tmp_path / ".out2.ijkl9012.tmp"
+    for d in (old, fresh, other):
+        d.mkdir()
+        (d / "weights.bin").write_bytes(b"x")
+    hours_ago = time.time() - 2 * 3600
+    for d in (old, other):
+        os.utime(d, (hours_ago, hours_ago))
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert (tmp_path / "out" / "a.txt").read_text() == "a"
+    assert not old.exists() and fresh.exists() and other.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -102,6 +103,20 @@ def _list_stale_temporaries(folder: Path) -> list[Path]:
     for p in folder.glob(".*.tmp"):
         with contextlib.suppress(OSError):
             if not p.is_symlink() and p.is_file() and p.stat().st_mtime < cutoff:
+                found.append(p)
+    return found
+
+
+def _stale_output_dirs(path: Path) -> list[Path]:
+    """Temporary siblings of ``path`` that `atomic_output_dir` made (``.NAME.XXXXXXXX.tmp``
+    folders) and nothing touched for an hour: a save killed before it could remove its own."""
+    import time
+
+    cutoff = time.time() - STALE_TEMPORARY_S
+    found = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if not p.is_symlink() and p.is_dir() and p.stat().st_mtime < cutoff:
                 found.append(p)
     return found
 
@@ -261,6 +276,8 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     path = Path(os.path.abspath(path))  # "out" and "./out" alike; the sibling is beside it
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _stale_output_dirs(path):  # a killed save's (kill -9 skips the cleanup below)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
