@@ -98,6 +98,8 @@ def test_layout_and_plan_validation():
         FunnelPlan.build(layout, 10, stages=[(16, 50), (16, 20)])
     with pytest.raises(ValueError, match="k must be a positive int, got k=0"):
         FunnelPlan.build(layout, 0)
+    assert FunnelPlan.build(layout, 10, stages=np.array([[16, 50], [32, 10]])).stages == (
+        (16, 50), (32, 10))  # numpy rows are pairs too
     for bad in ([16], [16, 10, 1], 16):
         with pytest.raises(ValueError, match=r"stages\[0\] must be a \(prefix, keep\) pair"):
             FunnelPlan.build(layout, 10, stages=[bad])

@@ -403,7 +403,7 @@ def test_search_with_its_own_shortlist_fits_the_saved_stages(tmp_path, capsys):
     assert index.config.stages == ((16, 100), (32, 50), (64, 10))
     for argv, stages in ((["--k", "60", "--shortlist", "400"], [[16, 100], [32, 60], [64, 60]]),
                          (["--shortlist", "50"], [[16, 50], [32, 50], [64, 10]]),
-                         (["--shortlist-dim", "32"], [[64, 10]])):
+                         (["--shortlist-dim", "32"], [[32, 50], [64, 10]])):
         res = tmp_path / "res.json"
         assert main(["search", str(out), str(tmp_path / "q.npy"), *argv, "--out", str(res)]) == 0
         assert json.loads(res.read_text())["config"]["stages"] == stages, argv
@@ -459,3 +459,49 @@ def test_int8_index_warns_when_a_later_add_is_clipped():
     with pytest.warns(UserWarning, match=r"int8 index: 16 of 160 values .* were clipped"):
         index.add(np.full((10, 16), 100.0, np.float32) * np.where(np.arange(10) == 0, 1, 0)[:, None]
                   + 0.1)
+
+
+def test_block_topk_wide_queries_alone_zero_query_and_dot_outlier():
+    """A query whose near-top set is wide (an all-zero query ties every column; a "dot" row of
+    outsized norm loosens the bound) is done alone: it once widened every query of its block to
+    the whole block (40x slower). The results still equal one dot product per pair."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 24)).astype(np.float32)
+    q = rng.standard_normal((6, 24)).astype(np.float32)
+    q[2] = 0.0
+    vals, cols = _block_topk(q, x, 7)
+    want_v, want_c = _block_topk_reference(q, x, 7)
+    np.testing.assert_array_equal(cols[2], np.arange(7))  # all tied at 0: the first columns
+    np.testing.assert_allclose(vals, want_v, rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(cols, want_c)
+    x[5] *= 3e4  # a "dot" outlier
+    vals, cols = _block_topk(q, x, 7)
+    want_v, want_c = _block_topk_reference(q, x, 7)
+    np.testing.assert_allclose(vals, want_v, rtol=1e-6, atol=2e-5)
+    np.testing.assert_array_equal(cols, want_c)
+
+
+def test_exact_search_keeps_the_gemm_value_where_the_rescore_overflows():
+    """Rows whose partial sums overflow float32 in einsum's order (true dot product 0) scored
+    -inf after the rescore and fell below rows of -4.8."""
+    x = np.zeros((30, 16), np.float32)
+    x[:10, :8], x[:10, 8:], x[10:] = 3e38, -3e38, -0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        vals, idx = exact_search(x, np.ones((1, 16), np.float32), 3, metric="dot")
+    np.testing.assert_array_equal(idx, [[0, 1, 2]])
+    np.testing.assert_array_equal(vals, [[0.0, 0.0, 0.0]])
+
+
+def test_fitted_stages_keep_a_first_stage_at_the_shortlist_prefix():
+    """IVF-PQ's exact re-score is a first stage at D_s itself: a call's own shortlist dropped it."""
+    db, _ = mrl_like(400, 64, clusters=8, seed=0)
+    q, _ = mrl_like(3, 64, clusters=8, seed=1)
+    nest = Nesting((8, 16, 32, 64))
+    index = MatryoshkaIndex(nest, SearchConfig(shortlist_dim=16, shortlist=200,
+                                               stages=((16, 50), (64, 10))), threads=1)
+    index.add(db)
+    assert index.search(q, 10, shortlist=300).config.stages == ((16, 50), (64, 10))
+    index.config = SearchConfig(shortlist_dim=8, shortlist=200, stages=((32, 50), (64, 10)))
+    res = index.search(q, 10, shortlist_dim=64)  # the final rank stays at 64 (not D)
+    assert res.config.stages == ((64, 10),)

@@ -132,3 +132,26 @@ def test_images_are_not_held_to_the_text_character_cap():
     assert _texts_from_input([long], config, images=True) == [long]
     with pytest.raises(APIError, match="has 400 characters; at most 100"):
         _texts_from_input([long], config)
+
+
+def test_a_named_configuration_under_the_requests_own_shortlist_is_fitted():
+    """A named config's stages were passed on as if the client had sent them: with the
+    request's own shortlist they failed ("stages[0] keep must be in [k=10, 60]")."""
+    idx = _index()
+    idx.config = SearchConfig(shortlist_dim=8, shortlist=200, stages=((16, 100), (32, 50)))
+    q = np.ones(DIM).tolist()
+    with _client(IndexBackend(idx)) as c:
+        r = c.post("/v1/search", json={"vector": q, "shortlist": 60, "config": "default"})
+        assert r.status_code == 200, r.text
+        assert r.json()["params"]["stages"] == [[16, 60], [32, 10]]
+
+
+def test_not_built_names_only_the_prefixes_built_for_that_backend():
+    pytest.importorskip("faiss")
+    idx = _index("hnsw")
+    backend = IndexBackend(idx, configs={"flat16": {"backend": "flat", "shortlist_dim": 16},
+                                         "g32": {"backend": "hnsw", "shortlist_dim": 32,
+                                                 "hnsw_m": 16}})
+    with pytest.raises(ValueError, match=r"not built on this server for the hnsw backend "
+                                         r"\(built: \[8\]\)"):
+        backend.check(shortlist_dim=16)

@@ -139,7 +139,7 @@ class FunnelPlan:
             plan = ((layout.dim, k),) if ds != layout.dim else ()
         else:
             for i, st in enumerate(stages):  # [[16]] failed as "not enough values to unpack"
-                if not isinstance(st, Sequence) or isinstance(st, str) or len(st) != 2:
+                if isinstance(st, (str, bytes)) or not hasattr(st, "__len__") or len(st) != 2:
                     raise ValueError(f"stages[{i}] must be a (prefix, keep) pair, got {st!r}")
             plan = tuple((int(m), int(n)) for m, n in stages)
         prev_m, prev_n = ds, K

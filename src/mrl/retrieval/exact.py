@@ -175,12 +175,14 @@ def exact_search(
         if bad is not None:  # NaN ranks arbitrarily: the reference must not guess
             raise ValueError(f"db must be finite, row {start + bad} has NaN or inf")
         x = normalize_prefix(x, m, metric)  # [b, m]
+        with np.errstate(over="ignore"):  # a "dot" row beyond 1e19: inf, handled there
+            x_norms = np.linalg.norm(x, axis=1)  # [b] once per block, for `_block_topk`
         width = min(k, best_s.shape[1] + len(x))  # the running top-k after this block
         new_s = np.empty((len(q), width), np.float32)
         new_i = np.empty((len(q), width), np.int64)
         for q0 in range(0, len(q), query_block):
             rows = slice(q0, q0 + query_block)
-            s_top, i_top = _block_topk(q[rows], x, min(k, len(x)))
+            s_top, i_top = _block_topk(q[rows], x, min(k, len(x)), x_norms)
             cat_s = np.concatenate([best_s[rows], s_top], axis=1)  # earlier rows first
             cat_i = np.concatenate([best_i[rows], i_top + start], axis=1)
             new_s[rows], pos = topk_sorted(cat_s, width, keys=cat_i)
@@ -193,45 +195,84 @@ def exact_search(
 _RESCORE_ELEMS = 1 << 24
 
 
-def _block_topk(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _block_topk(
+    q: np.ndarray, x: np.ndarray, k: int, x_norms: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores [Qb, k] float32, columns [Qb, k]) of queries q [Qb, m] against rows x [b, m],
-    both float32: score desc, then the smaller column.
+    both float32: score desc, then the smaller column. ``x_norms`` [b]: the rows' norms (computed
+    if not given; `exact_search` computes them once per database block).
 
     The GEMM ``q @ x.T`` is fast but rounds a dot product by the row's place in the kernel's
     tiles (OpenBLAS's Haswell kernel: two identical rows scored 1 ulp apart, so duplicates came
-    back out of row order). So it only shortlists: every column within ``2 err`` of the k-th GEMM
-    score, a superset of the top-k, as a float32 dot product of length m is off by at most
-    err = (m + 2) u |q| max|x| (u = 2^-24). Those are rescored by `_rescore` (the same sum for a
-    row wherever it lies) and ranked. k + pad columns hold that set unless many rows tie near the
-    k-th place (e.g. duplicates); then the set is counted and taken whole.
+    back out of row order). So it only shortlists. A float32 dot product of length m is off by at
+    most g |x_c| with g = (m + 2) u |q| (u = 2^-24), so the GEMM score S and the rescored T of a
+    column differ by at most 2 g |x_c|, and every column of the top-k by T lies within 4 g max|x|
+    of the k-th GEMM score. Those are rescored by `_rescore` (the same sum for a row wherever it
+    lies) and ranked: all of them, since the values returned are merged with other blocks' (a
+    duplicate in another block must score the same). k + pad columns hold that set for almost
+    every query (about 1.1-1.3x the time of the GEMM top-k alone here); a query whose set may
+    be wider (ties of duplicates at the cut, an all-zero query, a "dot" row of outsized norm) is
+    done alone with per-column bounds (`_wide_row`), so it does not widen the others.
     """
     s = q @ x.T  # [Qb, b]
     b = s.shape[1]
+    if x_norms is None:
+        x_norms = np.linalg.norm(x, axis=1)
+    g = (q.shape[1] + 2) * 2.0**-24 * np.linalg.norm(q, axis=1)  # [Qb]
     width = min(b, k + max(8, k // 8))
     cols = argtopk(s, width)  # [Qb, width] unordered
     vals = np.take_along_axis(s, cols, axis=1)
     kth = -np.partition(-vals, k - 1, axis=1)[:, k - 1]  # [Qb] the k-th GEMM score
-    err = (q.shape[1] + 2) * 2.0**-24 * np.linalg.norm(q, axis=1) * np.linalg.norm(x, axis=1).max()
-    floor = (kth - 2 * err).astype(np.float32)[:, None]  # [Qb, 1]
-    floor[np.isnan(floor)] = -np.inf  # "dot" scores that overflowed: keep every candidate
-    if width < b and (vals.min(axis=1, keepdims=True) >= floor).any():  # the set may be wider
-        width = int((s >= floor).sum(axis=1).max())
-        cols = argtopk(s, width)
-        vals = np.take_along_axis(s, cols, axis=1)
-    exact = np.where(vals >= floor, _rescore(q, x, cols), -np.inf)  # [Qb, width]
-    out, pos = topk_sorted(exact, k, keys=cols)
-    return out, np.take_along_axis(cols, pos, axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):  # "dot" scores may overflow: NaN floor
+        floor = (kth - 4 * g * float(x_norms.max(initial=0.0))).astype(np.float32)
+    wide = np.isnan(floor) | ((vals.min(axis=1) >= floor) & (width < b))  # [Qb]
+    out_v = np.empty((len(q), k), np.float32)
+    out_c = np.empty((len(q), k), np.int64)
+    rows = np.flatnonzero(~wide)
+    if len(rows):
+        whole = len(rows) == len(q)  # the common case: no copies
+        qr, cr, vr = (q, cols, vals) if whole else (q[rows], cols[rows], vals[rows])
+        fr = floor[:, None] if whole else floor[rows, None]
+        exact = np.where(vr >= fr, _rescore(qr, x, cr, vr), -np.inf)  # [R, width]
+        v, pos = topk_sorted(exact, k, keys=cr)
+        out_v[rows], out_c[rows] = v, np.take_along_axis(cr, pos, axis=1)
+    for r in np.flatnonzero(wide):
+        out_v[r], out_c[r] = _wide_row(q[r], x, s[r], x_norms, g[r], k)
+    return out_v, out_c
 
 
-def _rescore(q: np.ndarray, x: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Dot products [Qb, K] of q [Qb, m] with rows x[cols] (cols [Qb, K]), in float32 chunks.
+def _wide_row(qr, x, sr, x_norms, gr, k):
+    """One query's top-k (values [k], columns [k]) when its near-top set is wide: column c may
+    be in the top-k unless S_c + 2 g |x_c| is below the k-th largest S_c - 2 g |x_c|."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo, hi = sr - 2 * gr * x_norms, sr + 2 * gr * x_norms  # bounds on the rescored value
+        kth_lo = np.partition(np.where(np.isnan(lo), -np.inf, lo), len(lo) - k)[len(lo) - k]
+        cand = np.flatnonzero(~(hi < kth_lo))  # NaN bounds keep their column
+    exact = _rescore(qr[None], x, cand[None], sr[cand][None])  # [1, C]
+    v, pos = topk_sorted(exact, k, keys=cand[None])
+    return v[0], cand[pos[0]]
+
+
+def _rescore(q: np.ndarray, x: np.ndarray, cols: np.ndarray, gemm: np.ndarray) -> np.ndarray:
+    """Dot products [Qb, K] of q [Qb, m] with rows x[cols] (cols [Qb, K]), in float32 chunks of
+    at most ``_RESCORE_ELEMS`` gathered values.
 
     `np.einsum` reduces every (query, row) pair over m alike, so a row's score does not depend on
-    where it was gathered (tested with duplicate rows at every position and odd m)."""
+    where it was gathered (tested with duplicate rows at every position and odd m). Where its
+    partial sums overflow and the GEMM's (``gemm`` [Qb, K]) did not, the GEMM value is kept."""
     out = np.empty(cols.shape, np.float32)
-    step = max(1, _RESCORE_ELEMS // max(1, cols.shape[1] * q.shape[1]))
-    for r0 in range(0, len(q), step):
-        out[r0 : r0 + step] = np.einsum("qkm,qm->qk", x[cols[r0 : r0 + step]], q[r0 : r0 + step])
+    m = q.shape[1]
+    step_k = max(1, min(cols.shape[1], _RESCORE_ELEMS // max(1, m)))  # columns per chunk
+    step_q = max(1, _RESCORE_ELEMS // max(1, step_k * m))  # queries per chunk
+    with np.errstate(over="ignore", invalid="ignore"):
+        for r0 in range(0, len(q), step_q):
+            for c0 in range(0, cols.shape[1], step_k):
+                part = cols[r0 : r0 + step_q, c0 : c0 + step_k]
+                out[r0 : r0 + step_q, c0 : c0 + step_k] = np.einsum(
+                    "qkm,qm->qk", x[part], q[r0 : r0 + step_q])
+    bad = ~np.isfinite(out)
+    if bad.any():
+        out[bad] = gemm[bad]
     return out
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from mrl.nesting import Nesting
-from mrl.retrieval.funnel.index import hit_lists
+from mrl.retrieval.funnel.index import fit_saved_stages, hit_lists
 
 __all__ = ["IndexBackend", "QdrantBackend", "SearchBackend", "SearchOutcome"]
 
@@ -72,8 +72,6 @@ class IndexBackend:
 
     def _config(self, params: dict[str, Any]):
         """The index's `SearchConfig` with ``params`` (fields; None = the index's) on top."""
-        from dataclasses import replace
-
         fields = {k: v for k, v in params.items() if v is not None}
         if "stages" in fields:
             fields["stages"] = tuple(tuple(int(v) for v in st) for st in fields["stages"])
@@ -93,8 +91,8 @@ class IndexBackend:
         if cfg.backend in ("flat", "numpy"):
             return
         if self.index.count and not self.index.is_built(cfg):
-            built = sorted({int(p.get("shortlist_dim") or self.defaults["shortlist_dim"])
-                            for p in self.configs.values()})
+            built = [m for m in self.nesting.sizes  # with this backend and its build settings
+                     if self.index.is_built(replace(cfg, shortlist_dim=m))]
             raise ValueError(
                 f"shortlist_dim={cfg.shortlist_dim} is not built on this server for the "
                 f"{cfg.backend} backend (built: {built}); use one of those, or a named config "
@@ -112,6 +110,11 @@ class IndexBackend:
                                               "shortlist": shortlist, "stages": stages})
         if params.get("stages") is not None:
             params["stages"] = tuple(tuple(int(v) for v in s) for s in params["stages"])
+        if stages is None and params.get("stages") and (shortlist, shortlist_dim) != (None, None):
+            # a named configuration's saved stages under the request's own shortlist: fitted,
+            # as the index fits its own (they were checked as if the client had sent them)
+            cfg = self._config(params)
+            params["stages"] = fit_saved_stages(cfg, min(k, self.size)).stages
         t = time.perf_counter()
         # a named configuration's funnel is widened for a larger k, like the index's own; a
         # request's explicit shortlist/stages are run (and validated) as given

@@ -651,7 +651,7 @@ class MatryoshkaIndex:
         tuned for a smaller k). None = only when the call overrides neither ``shortlist`` nor
         ``stages``; True = also for overrides that come from a saved configuration. A call that
         gives ``shortlist`` or ``shortlist_dim`` but not ``stages`` runs the saved stages fitted
-        to them (`_fit_saved_stages`); its ``shortlist`` itself is validated as given.
+        to them (`fit_saved_stages`); its ``shortlist`` itself is validated as given.
 
         Returns a `SearchResult` with scores/indices/ids [Q, k] (cosine at the last stage's
         prefix), ``timings`` (seconds in shortlist and rerank) and the ``config`` that ran.
@@ -673,7 +673,7 @@ class MatryoshkaIndex:
         if widen or (widen is None and "stages" not in overrides and "shortlist" not in overrides):
             cfg = _widen_for_k(cfg, min(k, n))  # the saved funnel, asked for more than it keeps
         if "stages" not in overrides and {"shortlist", "shortlist_dim"} & overrides.keys():
-            cfg = _fit_saved_stages(cfg, min(k, n))
+            cfg = fit_saved_stages(cfg, min(k, n))
         self._check_config(cfg, k, n)
         batch_size = _as_int("batch_size", batch_size, 1)
         q = self._centred(self._check_queries(queries), centered)
@@ -1052,16 +1052,17 @@ def _widen_for_k(cfg: SearchConfig, k: int) -> SearchConfig:
     return replace(cfg, shortlist=max(cfg.shortlist, k), stages=stages)
 
 
-def _fit_saved_stages(cfg: SearchConfig, k: int) -> SearchConfig:
-    """The saved stages under a call's own ``shortlist``/``shortlist_dim``: stages at or below the
+def fit_saved_stages(cfg: SearchConfig, k: int) -> SearchConfig:
+    """The saved stages under a call's own ``shortlist``/``shortlist_dim``: stages below the
     shortlist prefix are dropped, and each intermediate keep is brought into [k, the previous
     keep] (the shortlist first). They were tuned for the saved shortlist: a user who only widened
     it was told "stages[1] keep must be in [k=60, 100]", naming stages never typed."""
-    stages = [(m, keep) for m, keep in cfg.stages if m > cfg.shortlist_dim]
+    # a first stage at the shortlist prefix itself stays (IVF-PQ's exact re-score at D_s)
+    stages = [(m, keep) for m, keep in cfg.stages if m >= cfg.shortlist_dim]
     prev, fitted = cfg.shortlist, []
     for i, (m, keep) in enumerate(stages):
-        # the last keep becomes the call's k when it runs; recorded at least k, as when widened
-        keep = prev = min(max(keep, k), prev) if i < len(stages) - 1 else max(keep, k)
+        # the last keep is the call's k when it runs: recorded as such
+        keep = prev = min(max(keep, k), prev) if i < len(stages) - 1 else k
         fitted.append((m, keep))
     return replace(cfg, stages=tuple(fitted))
 
