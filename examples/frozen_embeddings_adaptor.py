@@ -1,11 +1,11 @@
 """Make frozen embeddings Matryoshka after the fact with an orthogonal adaptor.
 
 You have embeddings from any source (an API, a model you cannot fine-tune) as a numpy array
-[N, D]. `mrl.text.OrthogonalAdaptor` learns a rotation R [D, D] on the corpus alone (no queries,
-no labels) so that prefixes of x @ R keep the ranking of full-size search; full-size cosines are
-unchanged exactly. This script compares, at several prefixes m, the recall@10 of plain truncation
-x[:, :m], of the adaptor's starting point (uncentred PCA, 0 steps) and of the learned adaptor,
-each against exact full-size search (`mrl.retrieval.exact_search`).
+[N, D]. `mrl.text.adaptor.OrthogonalAdaptor` learns a rotation R [D, D] on the corpus alone (no
+queries, no labels) so that prefixes of x @ R keep the ranking of full-size search; full-size
+cosines are unchanged exactly. This script compares, at several prefixes m, the recall@10 of
+plain truncation x[:, :m], of the adaptor's starting point (uncentred PCA, 0 steps) and of the
+learned adaptor, each against exact full-size search (`mrl.retrieval.exact_search`).
 
 Default data: synthetic embeddings whose information is spread over all D coordinates (MRL-like
 rows from `mrl.retrieval.synthetic.mrl_like`, then a random rotation, as a frozen model gives).

@@ -342,3 +342,15 @@ def test_a_diverging_finetune_stops_and_saves_no_nan_model(tiny_model, tmp_path,
     with pytest.raises(TrainingDiverged, match=r"training diverged (at|after) step \d"):
         finetune(tiny_model, _pairs(), tmp_path / "ft", cfg, log=lambda s: None)
     assert not (tmp_path / "ft").exists()
+
+
+def test_validation_table_with_nothing_found_at_full_size():
+    """A full-size validation nDCG of 0 divided by zero after the model was saved (a traceback,
+    and the same command then refused its own --out)."""
+    from mrl.text.finetune import _validation_table
+
+    nest = Nesting((8, 16))
+    recs = [{"metric": "ndcg@10", "method": meth, "prefix": m, "value": v}
+            for meth, v in (("base", 0.1), ("finetune", 0.0)) for m in nest.sizes]
+    table = _validation_table(recs, nest)
+    assert table.splitlines()[-1].split() == ["ft/own"]

@@ -101,7 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument(
         "--out",
         default=None,
-        help="folder for cascade.json/.md/.png (default: SOURCE's folder/cascade-eval)",
+        help="folder for cascade.json/.md/.png (default: RUN_DIR/cascade-eval, or "
+        "<stem>-cascade-eval beside a logits file)",
     )
     ev.add_argument("--dataset", default=None, help="dataset name added to every record")
     ev.add_argument("--notes", default="", help="text for cascade.md (how the runs were trained)")

@@ -1136,8 +1136,9 @@ def _validation_table(records: Sequence[dict[str, Any]], nesting: Nesting) -> st
     rows = [f"{metric:9}" + " ".join(f"{m:>6}" for m in nesting.sizes)]
     for method in ("base", "finetune"):
         rows.append(f"{method:9}" + " ".join(f"{vals[method, m]:6.4f}" for m in nesting.sizes))
-    full = vals["finetune", nesting.dim]
-    rows.append("ft/own   " + " ".join(f"{vals['finetune', m] / full:6.1%}" for m in nesting.sizes))
+    full = vals["finetune", nesting.dim]  # 0 (nothing found at full size): no share, blank
+    rows.append("ft/own   " + " ".join(
+        f"{vals['finetune', m] / full:6.1%}" if full else f"{'':>6}" for m in nesting.sizes))
     return "\n".join(rows)
 
 
