@@ -615,7 +615,7 @@ def _trained_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
             yield from (t for t in (m.running_mean, m.running_var) if t is not None)
 
 
-def _finite_state(model: nn.Module) -> torch.Tensor:
+def finite_state(model: nn.Module) -> torch.Tensor:
     """1-element float tensor: 1.0 when every tensor training updates (`_trained_tensors`) is
     finite, else 0.0; one device reduction, no host sync."""
     flags = [torch.isfinite(t).all() for t in _trained_tensors(model) if t.is_floating_point()]
@@ -630,7 +630,7 @@ def _check_finite(record: dict[str, Any], model: nn.Module, epoch: int, config: 
     # is all-reduced: a NaN on one rank must stop every rank (one rank raising while the others
     # wait at the barrier would hang the job).
     flag = torch.cat([torch.tensor([float(math.isfinite(record["loss"]))], device=device),
-                      _finite_state(model).to(device)])  # [loss finite, weights finite]
+                      finite_state(model).to(device)])  # [loss finite, weights finite]
     if dist_info.world_size > 1:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     loss_ok, weights_ok = (bool(v > 0) for v in flag.tolist())

@@ -794,8 +794,9 @@ def _train_loop(
         q, p, neg = embed(idx)
         if step > 0:  # trained weights can be finite yet overflow the forward pass
             _check_finite_embeddings(step, q, p, neg)
-        loss = matryoshka_contrastive_loss(
-            q, p, nesting, neg, temperature=config.temperature, symmetric=config.symmetric
+        loss = matryoshka_contrastive_loss(  # after step 0 the embeddings were checked above
+            q, p, nesting, neg, temperature=config.temperature, symmetric=config.symmetric,
+            check_finite=step == 0,
         )
         extra_value = None
         if extra is not None:
@@ -810,7 +811,7 @@ def _train_loop(
         opt.step()
         sched.step()
         step += 1
-        _check_finite_weights(groups, step, loss, run)  # before anything of this step is saved
+        _check_finite_weights(module, step, loss, run)  # before anything of this step is saved
         if step % log_every == 0 or step == total:
             part = "" if extra_value is None else f" (distill {extra_value.item():.4f})"
             log(f"step {step}/{total} loss {loss.item():.4f}{part} ({time.time() - t0:.0f}s)")
@@ -834,15 +835,16 @@ def _check_finite_embeddings(step: int, *tensors: torch.Tensor | None) -> None:
     )
 
 
-def _check_finite_weights(groups: list[dict[str, Any]], step: int, loss: torch.Tensor,
-                          run: _Run) -> None:
+def _check_finite_weights(module: Any, step: int, loss: torch.Tensor, run: _Run) -> None:
     """Stop when a step left a trained weight NaN or inf (a NaN loss gets there through its
     gradient): such a model was saved and the run exited 0. Under torchrun every process applies
     the same all-reduced update, so each sees the same weights and all stop together. Raised
-    before the step's checkpoint and the model are written: the last checkpoint stays good."""
-    if all(bool(torch.isfinite(t).all()) for g in groups for t in g["params"]):
+    before the step's checkpoint and the model are written: the last checkpoint stays good.
+    The vision loop's check (`mrl.train.finite_state`: one reduction, one host sync)."""
+    from mrl.train import TrainingDiverged, finite_state
+
+    if bool(finite_state(module).item()):
         return
-    from mrl.train import TrainingDiverged  # the vision loop's error (a ValueError: one line)
 
     kept = "its last checkpoint is kept" if run.ckpt is not None else "nothing was saved"
     raise TrainingDiverged(
