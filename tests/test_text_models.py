@@ -870,3 +870,22 @@ def test_base_model_fingerprint_ignores_a_report_beside_it(tiny_model, tmp_path)
     assert folder_fingerprint(copy) == before
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
     assert folder_fingerprint(copy) != before  # the model's own files still count
+
+
+@pytest.mark.parametrize("command", ["encode", "adapt"])
+def test_cli_encode_and_adapt_check_the_corpus_before_loading_the_model(
+    tiny_model, tmp_path, capsys, monkeypatch, command
+):
+    """A wrong --corpus is reported at once, not after a (slow, maybe downloading) model load."""
+    import mrl.text.encoders as encoders
+
+    def no_load(*args, **kw):
+        raise AssertionError("the model was loaded before --corpus was read")
+
+    monkeypatch.setattr(encoders, "load_encoder", no_load)
+    missing = tmp_path / "no-such-corpus"
+    out = tmp_path / ("emb.npy" if command == "encode" else "adaptor")
+    args = ["text", command, "--model", str(tiny_model), "--corpus", str(missing)]
+    assert main(args + ["--out", str(out)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not out.exists()

@@ -340,8 +340,9 @@ def _adapt(args: argparse.Namespace) -> int:
     else:
         if args.corpus is None:
             raise ValueError("--model needs --corpus (the documents to fit the map on)")
+        documents = _documents(args.corpus).documents  # a bad --corpus fails before the load
         encoder = load_encoder(args.model)
-        x = encode(encoder, _documents(args.corpus).documents, name="documents")
+        x = encode(encoder, documents, name="documents")
     if isinstance(queries, list):  # query texts: embedded by the same model
         queries = encode(encoder, queries, name="queries")
     adaptor = OrthogonalAdaptor.fit(x, config, log=lambda s: print(s, flush=True), queries=queries)
@@ -413,10 +414,9 @@ def _encode(args: argparse.Namespace) -> int:
     from mrl.text.encoders import encode, load_encoder, model_nesting
 
     _check_encode_out(args.out, args.overwrite)  # before loading and encoding, not after
+    documents = _documents(args.corpus).documents  # a bad --corpus fails before the model load
     encoder = load_encoder(args.model)
-    emb = encode(
-        encoder, _documents(args.corpus).documents, batch_size=args.batch_size, name="documents"
-    )
+    emb = encode(encoder, documents, batch_size=args.batch_size, name="documents")
     from mrl.text.encoders import save_embeddings
 
     nesting = model_nesting(args.model)
