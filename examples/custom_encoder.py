@@ -73,15 +73,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default=None, help="run folder (must be new; default: a temp folder)")
     p.add_argument("--dim", type=int, default=64, help="embedding size D")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--train-size", type=int, default=4096, help="training images")
+    p.add_argument("--epochs", type=int, default=None, help="default 8 (--quick: 4)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="training images (default 4096; --quick: 1024)")  # fmt: skip
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--quick", action="store_true", help="tiny run (seconds on a CPU)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.epochs, args.train_size = 4, 1024
+    sizes = {"epochs": (8, 4), "train_size": (4096, 1024)}  # (full, --quick)
+    for name, (full, quick) in sizes.items():  # an option given explicitly wins over --quick
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     return args
 
 

@@ -64,10 +64,10 @@ def recall_by_prefix(docs: np.ndarray, queries: np.ndarray, truth: np.ndarray,
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--n", type=int, default=5000, help="synthetic corpus rows N")
-    p.add_argument("--queries", type=int, default=500, help="synthetic queries Q")
-    p.add_argument("--dim", type=int, default=256, help="synthetic embedding size D")
-    p.add_argument("--steps", type=int, default=200, help="adaptor optimisation steps")
+    p.add_argument("--n", type=int, default=None, help="synthetic corpus rows N (5000; quick 2000)")
+    p.add_argument("--queries", type=int, default=None, help="synthetic queries Q (500; quick 200)")
+    p.add_argument("--dim", type=int, default=None, help="embedding size D (256; quick 128)")
+    p.add_argument("--steps", type=int, default=None, help="adaptor steps (200; quick 60)")
     p.add_argument("--model", default=None, help="sentence-transformers model ('default', path)")
     p.add_argument("--texts", default=None, help="with --model: a text file, one text a line")
     p.add_argument("--seed", type=int, default=0)
@@ -75,8 +75,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.model is None) != (args.texts is None):
         p.error("--model and --texts go together")
-    if args.quick:
-        args.n, args.queries, args.dim, args.steps = 2000, 200, 128, 60
+    sizes = {"n": (5000, 2000), "queries": (500, 200), "dim": (256, 128), "steps": (200, 60)}
+    for name, (full, quick) in sizes.items():  # an option given explicitly wins over --quick
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     return args
 
 

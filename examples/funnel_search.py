@@ -67,17 +67,19 @@ def compare(index: MatryoshkaIndex, db: np.ndarray, queries: np.ndarray) -> dict
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--n", type=int, default=100_000, help="database rows N")
-    p.add_argument("--queries", type=int, default=1000, help="queries Q")
-    p.add_argument("--dim", type=int, default=1024, help="embedding size D")
+    p.add_argument("--n", type=int, default=None, help="database rows N (100000; quick 20000)")
+    p.add_argument("--queries", type=int, default=None, help="queries Q (1000; quick 200)")
+    p.add_argument("--dim", type=int, default=None, help="embedding size D (1024; quick 256)")
     p.add_argument("--shortlist-dim", type=int, default=32, help="D_s, prefix of the shortlist")
     p.add_argument("--shortlist", type=int, default=200, help="K, candidates kept")
     p.add_argument("--backend", default="numpy", help="numpy | torch | flat | hnsw | ivf")
     p.add_argument("--out", default=None, help="index folder (default: a temp folder)")
     p.add_argument("--quick", action="store_true", help="tiny run (seconds on a CPU)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.n, args.queries, args.dim = 20_000, 200, 256
+    sizes = {"n": (100_000, 20_000), "queries": (1000, 200), "dim": (1024, 256)}
+    for name, (full, quick) in sizes.items():  # an option given explicitly wins over --quick
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     return args
 
 

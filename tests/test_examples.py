@@ -92,3 +92,19 @@ def test_funnel_search(tmp_path, capsys):
     assert stats["same_after_reload"] is True
     assert stats["exact_qps"] > 0 and stats["funnel_qps"] > 0
     assert re.search(r"\| funnel \| (0\.9[5-9]\d|1\.000) \|", out), out
+
+
+@pytest.mark.parametrize(
+    ("name", "option", "attr", "quick", "full"),
+    [
+        ("custom_encoder", "--epochs", "epochs", 4, 8),
+        ("frozen_embeddings_adaptor", "--steps", "steps", 60, 200),
+        ("funnel_search", "--n", "n", 20_000, 100_000),
+    ],
+)
+def test_quick_sets_sizes_but_an_explicit_option_wins(name, option, attr, quick, full):
+    parse = _load(name).parse_args
+    assert getattr(parse(["--quick"]), attr) == quick
+    assert getattr(parse([]), attr) == full
+    assert getattr(parse(["--quick", option, "7"]), attr) == 7
+    assert getattr(parse([option, "7", "--quick"]), attr) == 7
