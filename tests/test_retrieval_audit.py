@@ -505,3 +505,19 @@ def test_fitted_stages_keep_a_first_stage_at_the_shortlist_prefix():
     index.config = SearchConfig(shortlist_dim=8, shortlist=200, stages=((32, 50), (64, 10)))
     res = index.search(q, 10, shortlist_dim=64)  # the final rank stays at 64 (not D)
     assert res.config.stages == ((64, 10),)
+
+
+def test_int8_index_warns_when_a_later_add_fills_a_column_the_first_add_left_zero():
+    """A column all zero in the first add gets scale 1: later values there round to 0 or +-1."""
+    rng = np.random.default_rng(0)
+    index = MatryoshkaIndex(Nesting((8, 16)), vector_dtype="int8", threads=1)
+    first = rng.standard_normal((100, 16)).astype(np.float32)
+    first[:, [3, 12]] = 0.0
+    index.add(first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index.add(np.where(np.isin(np.arange(16), [3, 12]), 0.0, 0.3).astype(np.float32)[None])
+    later = np.full((5, 16), 0.2, np.float32)
+    with pytest.warns(UserWarning, match=r"2 column\(s\) \(first: 3\) were all zero"):
+        index.add(later)
+    np.testing.assert_array_equal(index.vectors(np.arange(101, 106))[:, [3, 12]], 0.0)  # lost

@@ -348,6 +348,7 @@ class MatryoshkaIndex:
                 self._col_scale = _column_scale(x)
             else:
                 _warn_int8_clipping(x, self._col_scale)
+                _warn_int8_unscaled_columns(x, self._vectors, self._col_scale)
             x_store = _quantize_int8(x, self._col_scale)  # [n, D] int8 codes
         else:
             x_store = x.astype(self.vector_dtype, copy=False)  # no copy for float32 input
@@ -1112,6 +1113,27 @@ def _warn_int8_clipping(x: np.ndarray, scale: np.ndarray) -> None:
             "exceed the column scale fixed by the first add and were clipped, which costs "
             "recall; add a representative first batch (or all rows at once), or use "
             "vector_dtype float16",
+            stacklevel=3,
+        )
+
+
+def _warn_int8_unscaled_columns(x: np.ndarray, stored: np.ndarray, scale: np.ndarray) -> None:
+    """Warn when a later add puts non-zero values in a column that is all zero so far: the first
+    add gave it scale 1 (no peak to scale to), so values there are rounded to whole numbers
+    (an embedding's |x| < 0.5 becomes 0, silently, before)."""
+    cols = np.flatnonzero(scale == 1.0)  # [c] candidates: all-zero so far, or a peak of 127
+    if not len(cols):
+        return
+    cols = cols[np.any(x[:, cols], axis=0)]  # of those, the ones this add fills
+    new = [int(j) for j in cols if not np.any(stored[:, j])]  # strided, but only these columns
+    if new:
+        import warnings
+
+        warnings.warn(
+            f"int8 index: {len(new)} column(s) (first: {new[0]}) were all zero in the first add, "
+            "so their scale is 1 and this add's values there are rounded to whole numbers "
+            "(|x| < 0.5 becomes 0), which costs recall; add a representative first batch (or "
+            "all rows at once), or use vector_dtype float16",
             stacklevel=3,
         )
 
