@@ -108,11 +108,11 @@ def test_bad_input_messages():
     x, y = separable_in_second_chunk()
     with pytest.raises(ValueError, match=r"shots must be positive integers, got \[0\]"):
         few_shot_eval(x, y, x, y, NEST, shots=(0,))
-    with pytest.raises(ValueError, match="draws must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="draws must be >= 1, got draws=0"):
         few_shot_eval(x, y, x, y, NEST, draws=0)
     with pytest.raises(ValueError, match=r"num_tail must be in \[1, 3\] for 4 classes, got 4"):
         long_tail_eval(x, y, x, y, NEST, num_tail=4)
-    with pytest.raises(ValueError, match="head_shots must be a positive int or None, got -1"):
+    with pytest.raises(ValueError, match="head_shots must be >= 1, got head_shots=-1"):
         long_tail_eval(x, y, x, y, NEST, head_shots=-1)
     with pytest.raises(ValueError, match=r"classes \[3\] have none"):  # NaN tail accuracy before
         long_tail_eval(x, y, x[y < 3], y[y < 3], NEST, head_shots=5)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_numpy"]
+__all__ = ["as_numpy", "torch_shareable"]
 
 
 def as_numpy(x: Any) -> np.ndarray:
@@ -25,3 +25,12 @@ def as_numpy(x: Any) -> np.ndarray:
             t = t.float()
         return t.numpy()
     return np.asarray(x)
+
+
+def torch_shareable(x: np.ndarray) -> np.ndarray:
+    """``x`` itself when ``torch.from_numpy`` can share it, else a native-order contiguous copy:
+    torch refuses negative strides (a reversed view ``x[::-1]``) and non-native byte order (a
+    big-endian ``>f4`` array read from a file)."""
+    if x.dtype.isnative and all(s >= 0 for s in x.strides):
+        return x
+    return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))

@@ -19,12 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrl.arrays import torch_shareable
+from mrl.params import check_flag, check_int
+
 __all__ = ["PCA", "random_features", "random_permutation"]
 
 
 def _as_tensor(x: Any, name: str) -> tuple[torch.Tensor, bool]:
     is_numpy = isinstance(x, np.ndarray)
-    t = torch.from_numpy(x) if is_numpy else x
+    t = torch.from_numpy(torch_shareable(x)) if is_numpy else x
     if not isinstance(t, torch.Tensor) or t.ndim != 2:
         shape = getattr(x, "shape", None)
         raise ValueError(f"{name} must be a 2-D tensor or array [rows, dim], got shape {shape}")
@@ -52,9 +55,9 @@ class PCA:
     """
 
     def __init__(self, centered: bool = True, max_samples: int | None = None, seed: int = 0):
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be a positive integer or None, got {max_samples}")
-        self.centered = centered
+        if max_samples is not None:  # 2.5 was a slice TypeError in fit
+            max_samples = check_int(max_samples, "max_samples", minimum=1)
+        self.centered = check_flag(centered, "centered")  # "no" was read as centred
         self.max_samples = max_samples
         self.seed = seed
         self.mean_: torch.Tensor | None = None
@@ -110,6 +113,8 @@ def random_features(x: Any, seed: int = 0) -> Any:
 
     Use the same seed for the database and the queries.
     """
+    if len(getattr(x, "shape", ())) != 2:  # a 1-D vector was an IndexError
+        raise ValueError(f"x must be 2-D [rows, dim], got shape {getattr(x, 'shape', None)}")
     perm = random_permutation(x.shape[1], seed)
     if isinstance(x, torch.Tensor):
         return x[:, torch.from_numpy(perm)]

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrl.arrays import torch_shareable
 from mrl.baselines import PCA, random_permutation
 from mrl.metrics import (
     accuracy,
@@ -53,7 +54,7 @@ BASELINES = ("pca", "pca_uncentered", "random")
 # ----------------------------------------------------------------------------- input checks
 def _embeddings(x: Any, name: str) -> torch.Tensor:
     """A finite, non-empty, floating [rows, D] tensor (numpy arrays are shared, not copied)."""
-    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    t = torch.from_numpy(torch_shareable(x)) if isinstance(x, np.ndarray) else x
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch tensor or numpy array, got {type(x).__name__}")
     if t.ndim != 2:
@@ -110,6 +111,10 @@ def _center_vector(center: Any, db: torch.Tensor) -> torch.Tensor | None:
         return None
     if center is True:
         return _mean(db)
+    if isinstance(center, (bool, np.bool_, str, bytes)):  # "mean" was a bare torch TypeError
+        raise ValueError(
+            f"center must be a [{db.shape[1]}] vector, True or None, got center={center!r}"
+        )
     c = torch.as_tensor(np.asarray(center) if not isinstance(center, torch.Tensor) else center)
     c = c.to(_center_dtype(db)).reshape(-1)
     if c.shape[0] != db.shape[1]:
@@ -221,6 +226,17 @@ def evaluate_labelled(
     return records
 
 
+def _not_index(x: Any) -> bool:
+    """Not an integer index: a bool (True is 1), a float, a string."""
+    return isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer))
+
+
+def _not_number(x: Any) -> bool:
+    """Not a real number (a string or None gave a bare numpy TypeError)."""
+    return isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer,
+                                                                  np.floating))
+
+
 def _check_qrels(qrels: Any, num_queries: int, num_docs: int) -> list[int]:
     """Validate ``{query: {doc: gain}}``; returns the judged query indices, sorted."""
     if not isinstance(qrels, Mapping) or len(qrels) == 0:
@@ -228,14 +244,14 @@ def _check_qrels(qrels: Any, num_queries: int, num_docs: int) -> list[int]:
             f"qrels must be a non-empty mapping {{query: {{doc: gain}}}}, got {qrels!r}"
         )
     for qid, judged in qrels.items():
-        if not isinstance(qid, (int, np.integer)) or not 0 <= qid < num_queries:
+        if _not_index(qid) or not 0 <= qid < num_queries:
             raise ValueError(f"qrels query index must be in [0, {num_queries}), got {qid!r}")
         if not isinstance(judged, Mapping):
             raise ValueError(f"qrels[{qid}] must be a mapping {{doc: gain}}, got {judged!r}")
         for doc, gain in judged.items():
-            if not isinstance(doc, (int, np.integer)) or not 0 <= doc < num_docs:
+            if _not_index(doc) or not 0 <= doc < num_docs:
                 raise ValueError(f"qrels[{qid}] doc index must be in [0, {num_docs}), got {doc!r}")
-            if not np.isfinite(gain) or gain < 0:
+            if _not_number(gain) or not np.isfinite(gain) or gain < 0:
                 raise ValueError(f"qrels[{qid}][{doc}] gain must be finite and >= 0, got {gain!r}")
     return sorted(int(q) for q in qrels)
 

@@ -18,20 +18,22 @@ Protocols (seeded; several draws; the query set is fixed):
   ``head_shots`` each (or all they have); accuracy over all queries and over head / tail queries.
 
 Records (`mrl.records`): metric ``ncm_{n}shot`` and ``lt{n}_all`` / ``lt{n}_head`` / ``lt{n}_tail``
-(value = mean accuracy over draws; context ``std``, ``draws``, ``seed``, ``center``).
+(value = mean accuracy over draws; context ``std``, ``draws``, ``seed``, ``center``). One seeded
+generator draws for every n in turn, so a record reproduces with the same ``seed`` *and* the same
+list of shots (``shots=(5,)`` draws other 5-shot supports than ``shots=(1, 5)``).
 Shapes: N pool, Q queries, D full dim, m prefix, G prefixes, C classes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from numbers import Integral
 from typing import Any
 
 import numpy as np
 
 from mrl.arrays import as_numpy
 from mrl.nesting import Nesting
+from mrl.params import check_int
 from mrl.records import Record, make_record
 from mrl.similarity import prefix_scores
 
@@ -140,7 +142,11 @@ def ncm_scores_reference(
 
 def ncm_accuracy(scores: np.ndarray, query_labels: np.ndarray) -> np.ndarray:
     """Accuracy per prefix ``[G]`` from scores ``[G, Q, C]``."""
-    return (scores.argmax(axis=2) == np.asarray(query_labels)[None, :]).mean(axis=1)
+    scores, labels = np.asarray(scores), np.asarray(query_labels)
+    if scores.ndim != 3 or labels.shape != (scores.shape[1],):  # [1] broadcast: a wrong accuracy
+        raise ValueError(f"query_labels must be [Q] for scores [G, Q, C], got shapes "
+                         f"{labels.shape} and {scores.shape}")
+    return (scores.argmax(axis=2) == labels[None, :]).mean(axis=1)
 
 
 def sample_support(
@@ -164,11 +170,11 @@ def _head(head_shots: int | None, available: int) -> int | None:
     return None if head_shots is None or head_shots >= available else int(head_shots)
 
 
-def _check_shots(shots: Sequence[int], draws: int) -> None:
+def _check_shots(shots: Sequence[int], draws: int, seed: int) -> None:
     if not shots or any(isinstance(n, bool) or int(n) != n or n < 1 for n in shots):
         raise ValueError(f"shots must be positive integers, got {list(shots)}")
-    if int(draws) < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
+    check_int(draws, "draws", minimum=1)  # 2.5 ran 2 draws and recorded 2
+    check_int(seed, "seed")
 
 
 def _stat(accs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +198,7 @@ def few_shot_eval(
     **context: Any,
 ) -> list[Record]:
     """NCM accuracy with n support examples per class, mean over ``draws`` seeded draws."""
-    _check_shots(shots, draws)
+    _check_shots(shots, draws, seed)
     px, py = _check_xy(pool, pool_labels, nesting, "pool")
     qx, qy = _check_xy(queries, query_labels, nesting, "queries")
     absent = np.setdiff1d(qy, py)
@@ -258,14 +264,14 @@ def long_tail_eval(
     """NCM with ``num_tail`` random tail classes (default half) of n examples each, the others
     up to ``head_shots`` (all they have when fewer; None: all). Accuracy over all, head and tail
     queries. Every class needs pool examples and a query; a tail class needs n pool examples."""
-    _check_shots(tail_shots, draws)
+    _check_shots(tail_shots, draws, seed)
     px, py = _check_xy(pool, pool_labels, nesting, "pool")
     qx, qy = _check_xy(queries, query_labels, nesting, "queries")
     classes, py, qy = _dense_labels(py, qy)
     C = len(classes)
-    k = C // 2 if num_tail is None else int(num_tail)
-    if head_shots is not None and not (isinstance(head_shots, Integral) and head_shots >= 1):
-        raise ValueError(f"head_shots must be a positive int or None, got {head_shots!r}")
+    k = C // 2 if num_tail is None else check_int(num_tail, "num_tail")  # 1.5 became 1
+    if head_shots is not None:  # True passed as one shot
+        check_int(head_shots, "head_shots", minimum=1)
     no_query = np.flatnonzero(np.bincount(qy, minlength=C) == 0)
     if len(no_query):  # a tail or head part without queries would score NaN
         raise ValueError(

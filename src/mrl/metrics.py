@@ -315,7 +315,9 @@ def label_relevance(
     rel = lab == ql[:, None]
     if db_labels is None:
         return rel, None
-    classes, counts = np.unique(_array(db_labels, "db_labels", 1), return_counts=True)
+    db = _array(db_labels, "db_labels", 1)
+    check_label_kinds(db, ql, "db_labels", "query_labels")  # "1" vs 1: R was 0, AP 0
+    classes, counts = np.unique(db, return_counts=True)
     pos = np.searchsorted(classes, ql).clip(0, len(classes) - 1)
     num = np.where(classes[pos] == ql, counts[pos], 0) - int(bool(exclude_self))
     return rel, np.maximum(num, 0)
@@ -335,6 +337,9 @@ def _check_qrels_keys(qrels: Any, ids: list) -> None:
         if bad:
             raise ValueError(f"qrels[{q!r}] must be keyed by doc positions (ints, as in "
                              f"indices), got {bad[0]!r}; map document ids to positions first")
+        negative = [d for d in judged if d < 0]
+        if negative:  # -1 is the padding of indices: it would pick up this gain
+            raise ValueError(f"qrels[{q!r}] doc positions must be >= 0, got {negative[0]!r}")
 
 
 def _check_no_repeats(idx: np.ndarray) -> None:
@@ -369,6 +374,8 @@ def qrels_relevance(
     count its gain twice in recall and nDCG); negative indices (-1 padding) are not compared.
     """
     idx = _array(indices, "indices", 2)
+    if idx.dtype.kind not in "iu":  # 1.7 was read as doc 1
+        raise ValueError(f"indices must be integer doc positions, got dtype {idx.dtype}")
     _check_no_repeats(idx)
     ids = list(range(idx.shape[0])) if query_ids is None else list(query_ids)
     if len(ids) != idx.shape[0]:

@@ -23,6 +23,7 @@ import torch
 
 from mrl.devices import default_device
 from mrl.nesting import Nesting
+from mrl.params import check_int
 
 __all__ = ["LinearProbe", "baseline_features", "fit_linear_probe", "probe_top1"]
 
@@ -56,6 +57,7 @@ def fit_linear_probe(
     """Multinomial logistic regression on ``x`` [N, m] with labels ``y`` [N]."""
     if x.dim() != 2 or y.shape != (x.shape[0],):
         raise ValueError(f"x must be [N, m] and y [N], got {tuple(x.shape)} and {tuple(y.shape)}")
+    num_classes = check_int(num_classes, "num_classes", minimum=1)
     if l2 < 0:
         raise ValueError(f"l2 must be >= 0, got l2={l2}")
     if x.shape[0] == 0:
@@ -103,6 +105,12 @@ def probe_top1(
 ) -> torch.Tensor:
     """Top-1 accuracy (%) of a linear probe fit on ``train_x[:, :m]``, for every m: ``[G]``."""
     nesting.check_dim(train_x.shape[1], "train features")
+    if test_x.dim() != 2 or test_x.shape[1] != train_x.shape[1]:
+        raise ValueError(f"test_x must be [Q, {train_x.shape[1]}] (as train_x), got shape "
+                         f"{tuple(test_x.shape)}")
+    if test_y.shape != (test_x.shape[0],):  # [1] or [Q, 1] broadcast against [Q]: a wrong %
+        raise ValueError(f"test_y must be [{test_x.shape[0]}] (one label per row of test_x), "
+                         f"got shape {tuple(test_y.shape)}")
     accs = []
     for m in nesting.sizes:
         probe = fit_linear_probe(train_x[:, :m], train_y, num_classes, **probe_options)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrl.arrays import torch_shareable
 from mrl.nesting import Nesting
 
 __all__ = [
@@ -65,7 +66,7 @@ def as_nesting(nesting: Nesting | str | Sequence[int], dim: int) -> Nesting:
 def _to_tensor(x: Any, name: str) -> torch.Tensor:
     """A 2-D floating tensor (numpy arrays are shared, not copied)."""
     if isinstance(x, np.ndarray):
-        t = torch.from_numpy(x)
+        t = torch.from_numpy(torch_shareable(x))
     elif isinstance(x, torch.Tensor):
         t = x
     else:
