@@ -438,3 +438,78 @@ def test_a_folder_named_like_a_built_in_data_set(tmp_path, tiny_cranfield, monke
         assert load_text_dataset("cranfield").name == "cranfield"
     assert load_text_dataset("./cranfield").name == "folder:cranfield"
     assert load_text_dataset(str(tmp_path / "cranfield"), split="test").name == "folder:cranfield"
+
+
+def test_cranfield_text_on_a_marker_line_is_kept():
+    docs = ".I 1\n.T experimental investigation\nof a wing\n.W experimental study\nof a wing .\n"
+    assert parse_documents(docs) == (
+        ["1"], ["experimental investigation of a wing"], ["experimental study of a wing ."]
+    )
+    assert cranfield.parse_queries(".I 001\n.W what similarity laws\nmust be obeyed .\n") == [
+        "what similarity laws must be obeyed ."
+    ]
+
+
+def test_cranfield_bad_files_are_named_with_their_line(tiny_cranfield):
+    with pytest.raises(ValueError, match=r"cran.qry line 1: .T before any .I record"):
+        cranfield.parse_queries(".T\nwings\n.I 1\n.W\nwings\n")
+    with pytest.raises(ValueError, match=r"cranqrel line 2: expected three integers, got '1 x 2'"):
+        parse_qrels("1 1 1\n1 x 2\n", 2)
+    with pytest.raises(ValueError, match="cranqrel line 1: expected three integers"):
+        parse_qrels("1 184 2.0\n", 2)
+    (tiny_cranfield / "cran.qry").write_bytes(b"\xef\xbb\xbf" + QUERIES.encode())  # a BOM: read
+    assert load_cranfield(tiny_cranfield).queries == ["what about wings .", "first body ?"]
+    (tiny_cranfield / "cran.qry").write_bytes(b".I 1\n.W\nwing \xe9\n")
+    with pytest.raises(ValueError, match=r"cran.qry is not UTF-8 text"):
+        load_cranfield(tiny_cranfield)
+
+
+def test_cranfield_judgments_of_documents_the_file_lacks_are_refused(tiny_cranfield):
+    """A cut cran.all.1400 (an interrupted copy) scored queries on part of their relevant docs."""
+    (tiny_cranfield / "cranqrel").write_text(QRELS + "\n2 1398 1\n")
+    with pytest.raises(ValueError, match=r"looks incomplete: cranqrel judges 1 document\(s\) "
+                                         r"that cran.all.1400 has no record of \(e.g. 1398\)"):
+        load_cranfield(tiny_cranfield)
+    (tiny_cranfield / "cranqrel").write_text(QRELS + "\n2 2 1\n")  # doc 2: an empty record
+    assert load_cranfield(tiny_cranfield).qrels["2"]["2"] == 4.0  # loads (evaluation drops it)
+
+
+def _archive(files: dict[str, str]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, text in files.items():
+            info = tarfile.TarInfo(f"cran/{name}")
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    return buf.getvalue()
+
+
+def test_cranfield_download_writes_whole_files_or_none(tmp_path, monkeypatch):
+    import io
+
+    files = {"cranqrel": QRELS, "cran.qry": QUERIES, "cran.all.1400": DOCS}
+    payload = _archive(files)
+    monkeypatch.setattr(cranfield.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(payload))
+    real = cranfield.tarfile.TarFile.extractfile
+
+    def cut(self, member):  # the disk fills up while the second file is written
+        data = real(self, member)
+        if member.name.endswith("cran.qry"):
+            raise OSError(27, "File too large")
+        return data
+
+    monkeypatch.setattr(cranfield.tarfile.TarFile, "extractfile", cut)
+    with pytest.raises(OSError, match="File too large"):
+        cranfield.download_cranfield(tmp_path / "c")
+    written = {p.name: p.read_text() for p in (tmp_path / "c").iterdir()}
+    assert written == {"cran.all.1400": DOCS}  # no partial file, no temporary left
+    monkeypatch.setattr(cranfield.tarfile.TarFile, "extractfile", real)
+    assert load_cranfield(tmp_path / "c").doc_ids == ["1", "3"]  # the next call downloads again
+    monkeypatch.setattr(cranfield.urllib.request, "urlopen",
+                        lambda *a, **k: io.BytesIO(_archive({"cranqrel": QRELS})))  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="did not contain"):
+        cranfield.download_cranfield(tmp_path / "d")
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())

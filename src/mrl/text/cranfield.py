@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mrl.io import atomic_open
 from mrl.text.corpus import RetrievalDataset
 
 __all__ = ["load_cranfield", "find_cranfield", "download_cranfield", "CRANFIELD_URL", "FILES"]
@@ -92,30 +93,34 @@ def download_cranfield(
         ) from exc
     folder.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(payload), mode="r:*") as tar:
-        for member in tar.getmembers():
-            name = Path(member.name).name
-            if name in FILES and member.isfile():
-                data = tar.extractfile(member)
-                assert data is not None
-                (folder / name).write_bytes(data.read())
-    if not _has_files(folder):
-        raise FileNotFoundError(f"the archive at {url} did not contain {list(FILES)}")
+        found = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        if not set(FILES) <= set(found):
+            raise FileNotFoundError(f"the archive at {url} did not contain {list(FILES)}")
+        for name in FILES:  # each file whole or not at all: a partial one was used silently
+            data = tar.extractfile(found[name])
+            assert data is not None
+            with atomic_open(folder / name, "wb") as f:
+                f.write(data.read())
     return folder
 
 
-def _records(text: str) -> list[dict[str, str]]:
-    """Split a ``.I``-record file into ``{"I": id, "T": ..., "W": ...}`` dicts."""
+def _records(text: str, name: str = "text") -> list[dict[str, str]]:
+    """Split a ``.I``-record file into ``{"I": id, "T": ..., "W": ...}`` dicts. Text after a
+    marker on its own line (``.W what similarity laws``) belongs to that field."""
     records: list[dict[str, list[str]]] = []
     field = None
-    for line in text.replace("\r\n", "\n").split("\n"):
+    for lineno, line in enumerate(text.replace("\r\n", "\n").split("\n"), 1):
         m = _MARKER.match(line.rstrip())
         if m:
             field = m.group(1)
+            rest = (m.group(2) or "").strip()
             if field == "I":
-                records.append({"I": [(m.group(2) or "").strip()]})
+                records.append({"I": [rest]})
                 field = None
-            else:
-                records[-1].setdefault(field, [])
+                continue
+            if not records:  # an IndexError, before
+                raise ValueError(f"{name} line {lineno}: .{field} before any .I record")
+            records[-1].setdefault(field, []).append(rest)
             continue
         if field is not None and records:
             records[-1][field].append(line.strip())
@@ -128,7 +133,7 @@ def _records(text: str) -> list[dict[str, str]]:
 def parse_documents(text: str) -> tuple[list[str], list[str], list[str]]:
     """``(doc_ids, titles, abstracts)``, dropping empty documents."""
     ids, titles, bodies = [], [], []
-    for r in _records(text):
+    for r in _records(text, "cran.all.1400"):
         title, body = r.get("T", ""), r.get("W", "")
         if body == "." or body.endswith(" . ."):
             # The file ends with a stray "." line, which lands after the last abstract.
@@ -143,7 +148,7 @@ def parse_documents(text: str) -> tuple[list[str], list[str], list[str]]:
 
 def parse_queries(text: str) -> list[str]:
     """Query texts in file order (their position, 1-based, is what ``cranqrel`` uses)."""
-    return [r.get("W", "") for r in _records(text)]
+    return [r.get("W", "") for r in _records(text, "cran.qry")]
 
 
 def parse_qrels(text: str, num_queries: int) -> dict[str, dict[str, float]]:
@@ -155,7 +160,11 @@ def parse_qrels(text: str, num_queries: int) -> dict[str, dict[str, float]]:
             continue
         if len(parts) != 3:
             raise ValueError(f"cranqrel line {lineno}: expected 3 fields, got {line!r}")
-        q, d, grade = (int(p) for p in parts)
+        try:
+            q, d, grade = (int(p) for p in parts)
+        except ValueError:  # "invalid literal for int()", without the line
+            msg = f"cranqrel line {lineno}: expected three integers, got {line!r}"
+            raise ValueError(msg) from None
         if not 1 <= q <= num_queries:
             raise ValueError(f"cranqrel line {lineno}: query position {q} not in 1..{num_queries}")
         if 1 <= grade <= 4:
@@ -168,8 +177,31 @@ def load_cranfield(
 ) -> RetrievalDataset:
     """Cranfield as a `RetrievalDataset`; query ids are positions "1".."225" (as in qrels)."""
     folder = find_cranfield(root, download=download)
-    doc_ids, titles, bodies = parse_documents((folder / "cran.all.1400").read_text("ascii"))
-    queries = parse_queries((folder / "cran.qry").read_text("ascii"))
-    qrels = parse_qrels((folder / "cranqrel").read_text("ascii"), len(queries))
+    docs_text = _read(folder / "cran.all.1400")
+    doc_ids, titles, bodies = parse_documents(docs_text)
+    queries = parse_queries(_read(folder / "cran.qry"))
+    qrels = parse_qrels(_read(folder / "cranqrel"), len(queries))
+    _check_judged_documents(folder, qrels, {r["I"] for r in _records(docs_text)})
     query_ids = [str(i + 1) for i in range(len(queries))]
     return RetrievalDataset("cranfield", doc_ids, titles, bodies, query_ids, queries, qrels)
+
+
+def _read(path: Path) -> str:
+    """A Cranfield file's text (ASCII in the official files; UTF-8, with or without a BOM,
+    accepted), or an error naming the file."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc})") from None
+
+
+def _check_judged_documents(folder: Path, qrels: dict, record_ids: set[str]) -> None:
+    """Judgments naming a document that ``cran.all.1400`` has no record of mean a cut file (an
+    interrupted copy): its queries were scored on a fraction of their relevant documents."""
+    missing = sorted({d for judged in qrels.values() for d in judged} - record_ids, key=len)
+    if missing:
+        raise ValueError(
+            f"the Cranfield collection in {str(folder)!r} looks incomplete: cranqrel judges "
+            f"{len(missing)} document(s) that cran.all.1400 has no record of (e.g. "
+            f"{missing[0]}); copy the files again (or delete the folder to download them)"
+        )
