@@ -166,3 +166,19 @@ def test_first_line_of_an_exception():
 
     assert first_line(RuntimeError("\n  bad thing\n  at frame 3\n")) == "bad thing"
     assert first_line(KeyError()) == "KeyError"
+
+
+def test_load_records_names_the_file_and_checks_prefix_method_metric(tmp_path):
+    """A damaged results.json: the JSON error named no file; "prefix": "8" passed and crashed the
+    table (str < int) after a whole `text compare --append` had run."""
+    path = tmp_path / "results.json"
+    path.write_text("{bad json")
+    with pytest.raises(ValueError, match=r"results.json is not a JSON file of result records"):
+        load_records(path)
+    for field, value in (("prefix", "8"), ("prefix", 8.5), ("method", 3), ("metric", None)):
+        rec = {"method": "mrl", "prefix": 8, "metric": "1nn", "value": 0.5, field: value}
+        path.write_text(json.dumps([rec]))
+        with pytest.raises(ValueError, match=rf"results.json: records\[0\] {field} must be"):
+            load_records(path)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{**rec, "metric": "1nn"}]).encode())
+    assert load_records(path)[0]["metric"] == "1nn"  # a BOM (a Windows editor) is read

@@ -51,6 +51,13 @@ def validate_records(records: Iterable[Record]) -> list[Record]:
         v = r["value"]
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
             raise ValueError(f"records[{i}] value must be a number or None, got value={v!r}")
+        p = r["prefix"]  # "8" sorted against 8 in every table: a TypeError after the work
+        if p is not None and (isinstance(p, bool) or not isinstance(p, numbers.Integral)):
+            raise ValueError(f"records[{i}] prefix must be a whole number or None, got "
+                             f"prefix={p!r}")
+        for key in ("method", "metric"):
+            if not isinstance(r[key], str):
+                raise ValueError(f"records[{i}] {key} must be a string, got {key}={r[key]!r}")
     return records
 
 
@@ -84,12 +91,18 @@ def _identity(r: Record) -> str:
 
 def load_records(path: str | os.PathLike) -> list[Record]:
     path = Path(path)
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # the message named no file
+        raise ValueError(f"{path} is not a JSON file of result records ({exc})") from None
     if isinstance(data, dict):
         data = data.get("records", data.get("results"))
     if not isinstance(data, list):
         raise ValueError(f"{path} is not a list of result records")
-    return validate_records(data)
+    try:
+        return validate_records(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def save_records(path: str | os.PathLike, records: Iterable[Record], append: bool = False) -> None:
