@@ -391,3 +391,13 @@ def test_over_long_texts_are_counted_and_warned(tmp_path):
         warnings.simplefilter("error")  # none when every text fits
         embed_corpus(HashEncoder(DIM, max_tokens=64), tmp_path / "c.txt", tmp_path / "t",
                      show_progress=False)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+    """A Windows editor's BOM made line 1 of a .jsonl "not valid JSON" and stuck to a .txt's
+    first text."""
+    f, g = tmp_path / "c.txt", tmp_path / "c.jsonl"
+    f.write_bytes(b"\xef\xbb\xbfone\ntwo\n")
+    g.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    assert list(read_corpus(f)) == [(0, "one"), (1, "two")]
+    assert list(read_corpus(g)) == [(0, "a"), (1, "b")]

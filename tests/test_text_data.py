@@ -513,3 +513,18 @@ def test_cranfield_download_writes_whole_files_or_none(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="did not contain"):
         cranfield.download_cranfield(tmp_path / "d")
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+
+
+def test_beir_files_with_a_byte_order_mark_and_a_blank_line_before_the_header(tmp_path):
+    """Windows editors start UTF-8 files with a BOM: it was "not valid JSON" on line 1, and the
+    qrels header after it (or after a blank line) was read as a judgment ("score must be a
+    number, got 'score'")."""
+    lines = [json.dumps({"_id": "d1", "text": "alpha"}), json.dumps({"_id": "d2", "text": "beta"})]
+    root = _write_beir(tmp_path / "bom", lines)
+    bom = b"\xef\xbb\xbf"
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        (root / name).write_bytes(bom + (root / name).read_bytes())
+    ds = load_beir(root)
+    assert ds.doc_ids == ["d1", "d2"] and ds.qrels == {"q1": {"d2": 2.0}}
+    (root / "qrels" / "test.tsv").write_text("\nquery-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    assert load_beir(root).qrels == {"q1": {"d1": 1.0}}

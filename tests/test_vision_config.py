@@ -196,3 +196,16 @@ def test_numpy_scalars_become_python_values():
     assert [FinetuneConfig(seed=s).seed for s in np.arange(2)] == [0, 1]
     with pytest.raises(ValueError, match="epochs must be an int, got epochs=2.0"):
         TrainConfig(epochs=np.float64(2.0))
+
+
+def test_a_config_file_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"epochs": 3}).encode())
+    assert load_config(path).epochs == 3
+
+
+def test_the_imagenet_stem_is_refused_where_it_would_be_ignored():
+    with pytest.raises(ValueError, match=r"model.stem.*'small' for model.name='cnn'.*ignored"):
+        load_config(None, ["model.stem=imagenet"])
+    resnet = load_config(None, ["model.name=resnet18", "model.stem=imagenet"])
+    assert resnet.model.stem == "imagenet"

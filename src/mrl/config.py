@@ -409,7 +409,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not JSON
         except UnicodeDecodeError as exc:
             raise ValueError(f"config file {str(path)!r} is not UTF-8 text: {exc}") from None
         if path.suffix == ".toml":
@@ -441,17 +441,21 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}" if path else str(exc)) from None
     config = apply_overrides(config, list(overrides or []))
-    _check_norm_applies(config.model)
+    _check_model_options_apply(config.model)
     return config
 
 
-def _check_norm_applies(m: ModelConfig) -> None:
-    """group/none norms exist in the cnn and mlp encoders only. Checked for configs being
-    loaded to train, not in ModelConfig itself: runs saved before this check (a ResNet with
-    norm=group, trained with BatchNorm) must still load for eval and cascade."""
+def _check_model_options_apply(m: ModelConfig) -> None:
+    """group/none norms exist in the cnn and mlp encoders only, the imagenet stem in the ResNets
+    only. Checked for configs being loaded to train, not in ModelConfig itself: runs saved
+    before this check (a ResNet with norm=group, trained with BatchNorm) must still load for
+    eval and cascade."""
     _check(m.norm == "batch" or m.name in ("cnn", "mlp"), "model.norm", m.norm,
            f"'batch' for model.name={m.name!r} (group/none are for the cnn and mlp encoders; it "
            "would be ignored)")
+    _check(m.stem == "small" or m.name.startswith("resnet"), "model.stem", m.stem,
+           f"'small' for model.name={m.name!r} (the stem is a ResNet option; it would be "
+           "ignored)")
 
 
 def describe() -> str:

@@ -80,7 +80,9 @@ def _rows(path: str | os.PathLike, field: str, id_field: str,
     with open(path, "rb") as f:  # decoded line by line, so a bad byte's error names its line
         for row, raw in enumerate(f):
             try:
-                line = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+                # a byte-order mark at the file's start (Windows editors) is not text
+                line = raw.decode("utf-8-sig" if row == 0 else "utf-8")
+                line = line.removesuffix("\n").removesuffix("\r")
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{path.name} line {row + 1}: not UTF-8 text ({exc.reason} at "
                                  f"byte {exc.start})") from None

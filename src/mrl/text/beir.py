@@ -87,13 +87,13 @@ def read_jsonl(
 
 
 def _lines(path: Path):
-    """(line number, line) of a UTF-8 text file; a ValueError naming the file and line
-    otherwise (decoded line by line: a text-mode reader decodes in blocks, so its error does
-    not know the line)."""
+    """(line number, line) of a UTF-8 text file (a byte-order mark at its start is dropped, as
+    Windows editors write one); a ValueError naming the file and line otherwise (decoded line
+    by line: a text-mode reader decodes in blocks, so its error does not know the line)."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not UTF-8 text ({exc.reason})") from None
             yield lineno, line.replace("\r\n", "\n")
@@ -105,12 +105,15 @@ def _read_qrels(path: Path) -> dict[str, dict[str, float]]:
     by its sign); a repeated identical line counts once."""
     qrels: dict[str, dict[str, float]] = {}
     first: dict[tuple[str, str], tuple[int, float]] = {}
+    header = True  # the first non-blank line may be the header
     for lineno, line in _lines(path):
         parts = line.rstrip("\n").split("\t")
-        if lineno == 1 and parts[0] == "query-id":
-            continue  # header
         if not line.strip():
             continue
+        if header and parts[0] == "query-id":
+            header = False
+            continue
+        header = False
         if len(parts) != 3:
             raise ValueError(f"{path}:{lineno}: expected 3 tab-separated fields, got {line!r}")
         try:
