@@ -1,0 +1,30 @@
+"""Checks of scalar parameters: whole numbers stay whole, flags stay flags.
+
+``int(2.5)`` is 2 and ``True`` is an ``int``: without these checks ``draws=2.5`` ran 2 draws and
+recorded 2, and ``head_shots=True`` meant one shot. Each check names the parameter and the value.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+
+__all__ = ["check_flag", "check_int"]
+
+
+def check_int(value: Any, name: str, minimum: int | None = None) -> int:
+    """``value`` as an int: an integer (numpy ones too, not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise ValueError(f"{name} must be an integer, got {name}={value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {name}={value!r}")
+    return int(value)
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """``value`` as a bool: True or False (numpy's too), not a string such as "no"."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {name}={value!r}")
+    return bool(value)
