@@ -88,7 +88,7 @@ def test_load_from_root_and_corrupt_labels(tmp_path):
     assert test.images.shape == (10000, 1, 28, 28) and test.images.dtype == torch.uint8
     assert test.labels.dtype == torch.int64 and test.num_classes == 10
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.full(10000, 12, dtype=np.uint8))
-    with pytest.raises(ValueError, match="expected 10000 labels in 0..9"):
+    with pytest.raises(ValueError, match="expected 10000 uint8 labels in 0..9"):
         fm.load_fashion_mnist("test", root=tmp_path, download=False)
     with pytest.raises(ValueError, match="split must be one of"):
         fm.load_fashion_mnist("valid", root=tmp_path)
@@ -488,3 +488,26 @@ def test_image_folder_split_layout_errors(tmp_path):
     _make_folder(tmp_path / "d", classes=("train", "val"))
     task = load_task("image-folder", root=str(tmp_path / "d"), image_size=8, test_fraction=0.34)
     assert task.num_classes == 2 and len(task.train) + len(task.test) == 6
+
+
+def test_read_idx_header_whose_size_overflows_int64_is_named(tmp_path):
+    """A shape whose product passes 2**63 wrapped in np.prod ("promises -8589934591 bytes")."""
+    for shape in ((2**31, 2**31, 2**31), (2**32 - 1, 2**32 - 1)):
+        header = bytes([0, 0, 0x08, len(shape)]) + struct.pack(f">{len(shape)}I", *shape)
+        (tmp_path / "x.idx").write_bytes(header)
+        with pytest.raises(ValueError, match=r"corrupt data file .*x.idx: header promises "
+                                             rf"{np.prod(shape, dtype=object)} data bytes"):
+            fm.read_idx(tmp_path / "x.idx")
+
+
+def test_fashion_mnist_label_files_must_hold_uint8_labels(tmp_path):
+    _fake_fashion_mnist(tmp_path, n_train=20, n_test=10)
+    label_file = fm.FILES["test"][1]
+    _write_idx(tmp_path / label_file, np.full(10, 3.7, np.float32), code=0x0D)
+    counts = {k: (v[0], v[1], 20 if k == "train" else 10) for k, v in fm.FILES.items()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fm, "FILES", counts)
+        with pytest.raises(ValueError, match=r"expected 10 uint8 labels in 0..9, got float32"):
+            fm.load_fashion_mnist("test", root=tmp_path, download=False)
+        train = fm.load_fashion_mnist("train", root=tmp_path, download=False)
+        assert train.labels.tolist()[:3] == [0, 1, 2]

@@ -17,6 +17,7 @@ tensors (47 MB as uint8), which is what the training loop wants: no per-image Py
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import urllib.request
@@ -89,7 +90,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"corrupt data file {path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # exact: np.prod wrapped at 2**63
     if len(raw) - header != expected:
         raise ValueError(
             f"corrupt data file {path}: header promises {expected} data bytes for shape "
@@ -218,9 +219,10 @@ def load_fashion_mnist(
             f"corrupt data file {folder / image_file}: expected uint8 images of shape "
             f"({count}, 28, 28), got {images.dtype} {images.shape}"
         )
-    if labels.shape != (count,) or labels.min() < 0 or labels.max() > 9:
-        raise ValueError(
-            f"corrupt data file {folder / label_file}: expected {count} labels in 0..9"
+    if labels.shape != (count,) or labels.dtype != np.uint8 or labels.max() > 9:
+        raise ValueError(  # float labels (3.7) were cut to whole classes without a word
+            f"corrupt data file {folder / label_file}: expected {count} uint8 labels in 0..9, "
+            f"got {labels.dtype} {labels.shape}"
         )
     return ImageTensors(
         images=torch.from_numpy(images.copy()).unsqueeze(1),
