@@ -207,3 +207,32 @@ def test_bench_retrieval_checks_its_arguments():
         bench_retrieval(20, 16, 2, k=1, hnsw_n=5, **quiet)
     with pytest.raises(ValueError, match="the database needs at least 16 rows"):
         bench_retrieval(12, 16, 2, k=1, hnsw_n=0, **quiet)
+
+
+# ----------------------------------------------------------------------------- mrl embed / text
+@pytest.mark.parametrize("option", ["--shard-size", "--batch-size"])
+def test_embed_sizes_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, option):
+    import mrl.serve.encoders as encoders
+
+    def no_load(*args, **kw):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(encoders, "load_encoder", no_load)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("one\ntwo\n")
+    args = ["embed", "--input", str(corpus), "--out", str(tmp_path / "s"), option, "0"]
+    assert main(args) == 2
+    assert f"{option} must be >= 1, got {option} 0" in capsys.readouterr().err
+
+
+def test_text_encode_batch_size_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import mrl.text.encoders as encoders
+
+    def no_load(*args, **kw):
+        raise AssertionError("the model was loaded before --batch-size was checked")
+
+    monkeypatch.setattr(encoders, "load_encoder", no_load)
+    args = ["text", "encode", "--corpus", "cranfield", "--out", str(tmp_path / "e.npy"),
+            "--batch-size", "0"]
+    assert main(args) == 2
+    assert "--batch-size must be >= 1, got --batch-size 0" in capsys.readouterr().err

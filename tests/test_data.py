@@ -318,6 +318,10 @@ def test_image_folder_errors(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ImageFolder(tmp_path / "missing")
+    (tmp_path / "one.png").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"one.png' is a file, not a folder"):
+        ImageFolder(tmp_path / "one.png")
+    (tmp_path / "one.png").unlink()
     with pytest.raises(ValueError, match="has no class subfolders"):
         ImageFolder(tmp_path)
     (tmp_path / "a").mkdir()

@@ -63,6 +63,7 @@ def test_invalid_sizes(sizes, match):
         ((1.0, -1.0), r"weights\[1\]=-1.0"),
         ((1.0, float("nan")), r"weights\[1\]=nan"),
         ((0.0, 0.0), r"must not all be zero"),
+        ("12", r"weights must be numbers, one per prefix, got weights='12'"),
     ],
 )
 def test_invalid_weights(weights, match):

@@ -528,3 +528,10 @@ def test_beir_files_with_a_byte_order_mark_and_a_blank_line_before_the_header(tm
     assert ds.doc_ids == ["d1", "d2"] and ds.qrels == {"q1": {"d2": 2.0}}
     (root / "qrels" / "test.tsv").write_text("\nquery-id\tcorpus-id\tscore\nq1\td1\t1\n")
     assert load_beir(root).qrels == {"q1": {"d1": 1.0}}
+
+
+def test_cranfield_pair_judged_twice_with_two_grades_is_refused():
+    with pytest.raises(ValueError, match=r"cranqrel line 3: query 1 document 3 is judged 4, "
+                                         r"but line 1 judged it 1"):
+        parse_qrels("1 3 1\n2 3 2\n1 3 4\n", 2)
+    assert parse_qrels("1 3 1\n1 3 1\n", 2) == {"1": {"3": 4.0}}  # the same line twice: once

@@ -209,3 +209,13 @@ def test_the_imagenet_stem_is_refused_where_it_would_be_ignored():
         load_config(None, ["model.stem=imagenet"])
     resnet = load_config(None, ["model.name=resnet18", "model.stem=imagenet"])
     assert resnet.model.stem == "imagenet"
+
+
+def test_a_key_given_twice_in_a_json_config_is_refused(tmp_path):
+    path = tmp_path / "twice.json"
+    path.write_text('{"epochs": 5, "optim": {"lr": 0.1}, "epochs": 7}')
+    with pytest.raises(ValueError, match=r"twice.json: key 'epochs' is given twice"):
+        load_config(path)
+    path.write_text('{"optim": {"lr": 0.1, "lr": 0.2}}')
+    with pytest.raises(ValueError, match=r"key 'lr' is given twice"):
+        load_config(path)

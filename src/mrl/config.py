@@ -425,9 +425,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                 raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
         elif path.suffix == ".json":
             try:
-                data = json.loads(text)
+                data = json.loads(text, object_pairs_hook=_no_repeated_keys)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+            except ValueError as exc:  # a repeated key
+                raise ValueError(f"config file {path}: {exc}") from None
         else:
             raise ValueError(f"config file must end in .json or .toml, got {str(path)!r}")
         if not isinstance(data, dict):
@@ -443,6 +445,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     config = apply_overrides(config, list(overrides or []))
     _check_model_options_apply(config.model)
     return config
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: with ``{"epochs": 5, "epochs": 7}`` the last one won
+    without a word (TOML refuses a repeated key itself)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} is given twice in one object; keep one")
+        out[key] = value
+    return out
 
 
 def _check_model_options_apply(m: ModelConfig) -> None:

@@ -69,6 +69,9 @@ class Nesting:
         if weights is None:
             weights = (1.0,) * len(sizes)
         else:
+            if isinstance(weights, (str, bytes)):  # "12" was read as the weights (1.0, 2.0)
+                raise ValueError(f"weights must be numbers, one per prefix, got "
+                                 f"weights={self.weights!r}")
             try:
                 weights = tuple(float(w) for w in weights)
             except (TypeError, ValueError):

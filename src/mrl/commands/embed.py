@@ -60,6 +60,9 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ValueError("--merge-only and --no-merge contradict each other; give one")
     if not args.wait_timeout > 0:  # NaN too
         raise ValueError(f"--wait-timeout must be positive (seconds), got {args.wait_timeout}")
+    for flag, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
+        if value < 1:  # it failed only after the model had loaded, naming shard_size
+            raise ValueError(f"{flag} must be >= 1, got {flag} {value}")
     txt = bool(args.input) and Path(args.input).suffix.lower() == ".txt"
     for flag, value, default in (("--field", args.field, "text"),
                                  ("--id-field", args.id_field, "id")):  # fmt: skip

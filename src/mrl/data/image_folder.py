@@ -243,7 +243,8 @@ class ImageFolder(torch.utils.data.Dataset):
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder root={str(self.root)!r} does not exist")
+            what = "is a file, not a folder" if self.root.exists() else "does not exist"
+            raise FileNotFoundError(f"image folder root={str(self.root)!r} {what}")
         # Hidden folders (.ipynb_checkpoints, .git, ...) are not classes.
         self.classes = sorted(
             d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")

@@ -154,6 +154,7 @@ def parse_queries(text: str) -> list[str]:
 def parse_qrels(text: str, num_queries: int) -> dict[str, dict[str, float]]:
     """``{query position: {doc id: gain}}`` with gain = 5 - grade for grades 1..4."""
     qrels: dict[str, dict[str, float]] = {}
+    seen: dict[tuple[int, int], tuple[int, int]] = {}  # (query, doc) -> (line, grade)
     for lineno, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
@@ -167,6 +168,10 @@ def parse_qrels(text: str, num_queries: int) -> dict[str, dict[str, float]]:
             raise ValueError(msg) from None
         if not 1 <= q <= num_queries:
             raise ValueError(f"cranqrel line {lineno}: query position {q} not in 1..{num_queries}")
+        if (q, d) in seen and seen[q, d][1] != grade:  # the later line silently won
+            raise ValueError(f"cranqrel line {lineno}: query {q} document {d} is judged "
+                             f"{grade}, but line {seen[q, d][0]} judged it {seen[q, d][1]}")
+        seen.setdefault((q, d), (lineno, grade))
         if 1 <= grade <= 4:
             qrels.setdefault(str(q), {})[str(d)] = float(5 - grade)
     return qrels
