@@ -515,3 +515,18 @@ def test_fashion_mnist_label_files_must_hold_uint8_labels(tmp_path):
             fm.load_fashion_mnist("test", root=tmp_path, download=False)
         train = fm.load_fashion_mnist("train", root=tmp_path, download=False)
         assert train.labels.tolist()[:3] == [0, 1, 2]
+
+
+def test_image_folder_warns_about_images_outside_every_class_folder(tmp_path):
+    pytest.importorskip("PIL")
+    import warnings
+
+    from mrl.data.image_folder import ImageFolder
+
+    _make_folder(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(ImageFolder(tmp_path)) == 6
+    (tmp_path / "mystery.JPG").write_bytes(b"x")
+    with pytest.warns(UserWarning, match=r"1 images lie in the root.*mystery.JPG.*not used"):
+        assert len(ImageFolder(tmp_path)) == 6

@@ -262,6 +262,15 @@ class ImageFolder(torch.utils.data.Dataset):
             self.samples += [(p, label) for p in files]
             if not files:
                 empty.append(name)
+        loose = sorted(p.name for p in self.root.iterdir() if p.is_file()
+                       and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        if loose:  # an image outside every class folder has no label: never a silent loss
+            warnings.warn(
+                f"image folder {str(self.root)!r}: {len(loose)} images lie in the root, outside "
+                f"every class subfolder (e.g. {loose[0]}), and are not used; move each into "
+                "its class's folder",
+                stacklevel=2,
+            )
         if skipped:  # never a silent loss: a .jfif or .avif the user meant as an image
             warnings.warn(
                 f"image folder {str(self.root)!r}: skipped {len(skipped)} files with other "
