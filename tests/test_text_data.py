@@ -324,6 +324,8 @@ def test_load_text_dataset_names(tmp_path):
 
     with pytest.raises(ValueError, match="'bbc:N' needs an integer N, got 'bbc:x'"):
         load_text_dataset("bbc:x")
+    with pytest.raises(ValueError, match="'bbc:N' needs N >= 1 articles per class, got 'bbc:0'"):
+        load_text_dataset("bbc:0")
     with pytest.raises(ValueError, match="dataset must be 'cranfield', 'bbc' or a BEIR-style"):
         load_text_dataset("cranfeld")
     with pytest.raises(FileNotFoundError, match="lacks corpus.jsonl, queries.jsonl"):

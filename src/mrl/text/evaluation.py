@@ -180,6 +180,8 @@ def load_text_dataset(
             limit = int(text.split(":", 1)[1])
         except ValueError:
             raise ValueError(f"dataset 'bbc:N' needs an integer N, got {text!r}") from None
+        if limit < 1:  # load_bbc's own error named limit_per_class, not the dataset given
+            raise ValueError(f"dataset 'bbc:N' needs N >= 1 articles per class, got {text!r}")
         corpus = load_bbc(limit_per_class=limit)  # the first N articles of each class
         corpus.name = f"bbc:{limit}"
         return corpus
