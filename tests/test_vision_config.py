@@ -219,3 +219,22 @@ def test_a_key_given_twice_in_a_json_config_is_refused(tmp_path):
     path.write_text('{"optim": {"lr": 0.1, "lr": 0.2}}')
     with pytest.raises(ValueError, match=r"key 'lr' is given twice"):
         load_config(path)
+
+
+def test_group_norm_on_mlp_features_keeps_at_least_16_channels_a_group():
+    """One channel a group normalised an MLP's every feature to 0: a width-8 MLP with
+    norm=group gave the same embedding for every image (chance accuracy)."""
+    import torch
+    from torch import nn
+
+    from mrl.models.mlp import MLPEncoder
+    from mrl.models.norm import make_norm
+
+    groups = [make_norm("group", c, nn.BatchNorm1d).num_groups for c in (4, 8, 16, 32, 64, 100,
+                                                                         1024)]
+    assert groups == [1, 1, 1, 2, 4, 4, 8]  # 1024 (the default width): 8 groups, as before
+    torch.manual_seed(0)
+    for width in (4, 8, 16):
+        enc = MLPEncoder(dim=16, width=width, in_channels=1, input_shape=(8, 8), norm="group")
+        z = enc(torch.randn(32, 1, 8, 8))
+        assert z.std(0).min() > 1e-3, (width, z.std(0))  # the embedding depends on the input
