@@ -309,3 +309,27 @@ def test_cudnn_benchmark_is_restored_after_training(tmp_path, monkeypatch):
     before = torch.backends.cudnn.benchmark
     tr.train(_cfg(), tmp_path, progress=False)
     assert torch.backends.cudnn.benchmark == before
+
+
+def test_a_foreign_pickle_is_refused_without_running_its_code(tmp_path):
+    """load_checkpoint unpickled with weights_only=False: a file's code ran before the format
+    check refused it. A format-1 dict without a config gave a bare KeyError at --resume."""
+    import pickle
+
+    from mrl.train import load_checkpoint
+
+    ran = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(ran), "w"))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"format": 1, "x": Payload()}))
+    with pytest.raises(ValueError, match="evil.pt is unreadable or corrupt, or holds objects "):
+        load_checkpoint(path)
+    assert not ran.exists()
+    torch.save({"format": 1}, tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match=r"bare.pt is not an mrl training checkpoint \(format 1\): "
+                                         r"it lacks \['epoch', 'config'"):
+        load_checkpoint(tmp_path / "bare.pt")

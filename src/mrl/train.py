@@ -293,13 +293,28 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no checkpoint at {str(path)!r} (train first: mrl train CONFIG --out DIR)"
         )
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+    from torch.torch_version import TorchVersion
+
+    try:  # weights only: a foreign pickle's code must not run before it is refused
+        with torch.serialization.safe_globals([TorchVersion]):  # older checkpoints hold one
+            saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors come in many types
+        if "Weights only load failed" in str(exc):  # torch's advice (load it unsafely) is not ours
+            raise ValueError(f"checkpoint {path} is unreadable or corrupt, or holds objects other "
+                             "than tensors and plain data: not an mrl training checkpoint "
+                             "(refused without running any of its code)") from None
         raise ValueError(f"checkpoint {path} is unreadable or corrupt: {exc}") from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ValueError(f"{path} is not an mrl training checkpoint (format {FORMAT})")
+    missing = [k for k in _CHECKPOINT_KEYS if k not in saved]
+    if missing:  # a bare KeyError: 'config' at --resume, before
+        raise ValueError(f"{path} is not an mrl training checkpoint (format {FORMAT}): it lacks "
+                         f"{missing}")
     return saved
+
+
+# every checkpoint `train` writes holds these (format 1); resume reads the others it writes
+_CHECKPOINT_KEYS = ("epoch", "config", "task", "model", "optimizer", "scheduler", "rng")
 
 
 def load_run(
@@ -682,7 +697,7 @@ def _save(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),  # a plain str: loads with weights_only
         },
         path,
     )
