@@ -530,3 +530,25 @@ def test_image_folder_warns_about_images_outside_every_class_folder(tmp_path):
     (tmp_path / "mystery.JPG").write_bytes(b"x")
     with pytest.warns(UserWarning, match=r"1 images lie in the root.*mystery.JPG.*not used"):
         assert len(ImageFolder(tmp_path)) == 6
+
+
+@pytest.mark.parametrize(("n", "batch", "world", "last"), [
+    (10, 4, 2, [1, 1]), (11, 4, 2, [2, 1]), (13, 8, 4, [2, 1, 1, 1]), (14, 8, 4, [2, 2, 1, 1]),
+    (11, 8, 4, []), (16, 8, 4, []),
+])
+def test_a_partial_last_batch_is_split_evenly_or_dropped_across_processes(n, batch, world, last):
+    """drop_last=False gave rank 1 an empty last batch (N=10, batch 4, 2 processes), or one
+    process a batch the others lacked: every process must yield the same number of batches."""
+    data = make_synthetic(n=n)
+    whole = [y for _, y in iterate_batches(data, batch, seed=0, epoch=0, drop_last=False)]
+    parts = [[y for _, y in iterate_batches(data, batch, seed=0, epoch=0, rank=r,
+                                            world_size=world, drop_last=False)]
+             for r in range(world)]  # fmt: skip
+    full = n // batch
+    assert [len(p) for p in parts] == [full + bool(last)] * world  # the same number everywhere
+    for i in range(full):  # full batches: each process its slice, together the global batch
+        assert [len(p[i]) for p in parts] == [batch // world] * world
+        assert torch.equal(torch.cat([p[i] for p in parts]), whole[i])
+    if last:  # the partial batch: split evenly, together the same rows
+        assert [len(p[full]) for p in parts] == last
+        assert torch.equal(torch.cat([p[full] for p in parts]), whole[full])

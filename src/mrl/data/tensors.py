@@ -150,7 +150,10 @@ def iterate_batches(
 
     ``batch_size`` is the global batch; process ``rank`` takes rows ``[rank*b, (rank+1)*b)`` of
     each global batch, ``b = batch_size // world_size``. Indices are made on the CPU once per epoch
-    and moved to the data's device in one copy.
+    and moved to the data's device in one copy. With ``drop_last=False`` the last, partial global
+    batch is split as evenly as it goes (parts differ by at most one row); when it has fewer rows
+    than processes it is dropped, so that every process yields the same number of batches (a
+    process with an empty batch, or one batch more than the others, stalls an all-reduce).
     """
     if batch_size <= 0 or batch_size % world_size:
         raise ValueError(
@@ -165,8 +168,11 @@ def iterate_batches(
     local = batch_size // world_size
     for start in range(0, stop, batch_size):
         chunk = order[start : min(start + batch_size, n)]
-        if world_size > 1:
-            chunk = chunk[rank * local : (rank + 1) * local]
+        if world_size > 1 and len(chunk) < world_size:
+            break  # the partial last batch: not one row for each process
+        if world_size > 1:  # a full batch: [rank*local, (rank+1)*local); a partial one: even
+            chunk = chunk.tensor_split(world_size)[rank] if len(chunk) < batch_size else (
+                chunk[rank * local : (rank + 1) * local])
         yield source.gather(chunk)
 
 
