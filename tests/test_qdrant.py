@@ -428,3 +428,30 @@ def test_an_edge_folder_held_elsewhere_is_a_one_line_error(tmp_path, store_path,
     assert main(["export", "qdrant", str(store_path), "--collection", "docs", "--path",
                  str(tmp_path / "q"), "--prefixes", "8,32"]) == 2  # fmt: skip
     assert "is open elsewhere" in capsys.readouterr().err
+
+
+def test_empty_stages_rerank_at_full_size_as_the_index_does(edge_index, store_path, queries):
+    """stages=[] meant "no rerank" here (the 8-dim shortlist's scores came back) but "one rerank
+    at D" in MatryoshkaIndex: the same call gave other neighbours (agreement 0.025)."""
+    plan = FunnelPlan.build(edge_index.layout, 10, shortlist_dim=8, shortlist=50, stages=[])
+    assert plan.stages == ((32, 10),)
+    assert plan == FunnelPlan.build(edge_index.layout, 10, shortlist_dim=8, shortlist=50)
+
+
+def test_cli_export_of_a_dot_index_uses_its_metric(tmp_path, db, queries, capsys):
+    """A metric="dot" index was exported as a cosine collection: Qdrant ranked other
+    neighbours than the index (agreement 0.06)."""
+    index = MatryoshkaIndex(NEST, SearchConfig(shortlist_dim=8, shortlist=60), metric="dot",
+                            threads=1)
+    index.add(db)
+    index.save(tmp_path / "dot")
+    args = ["export", "qdrant", str(tmp_path / "dot"), "--collection", "d", "--quiet"]
+    assert main(args + ["--path", str(tmp_path / "q1"), "--distance", "cosine"]) == 2
+    assert "--distance cosine differs from the index's metric 'dot'" in capsys.readouterr().err
+    assert main(args + ["--path", str(tmp_path / "q")]) == 0
+    q = QdrantIndex(open_target("d", path=tmp_path / "q"))
+    assert q.layout.distance == "dot"
+    ref = index.search(queries, 10, shortlist_dim=16, shortlist=60)
+    _, ids = q.search(queries, 10, shortlist_dim=16, shortlist=60)
+    np.testing.assert_array_equal(ids, ref.ids)
+    q.target.close()

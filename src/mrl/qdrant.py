@@ -113,7 +113,8 @@ class FunnelPlan:
     """A funnel: shortlist ``shortlist`` points on prefix ``shortlist_dim``, then rerank stages.
 
     ``stages`` are ``(prefix, keep)`` pairs with growing prefixes; the last stage's ``keep`` is
-    ``k``. The default rerank is one stage at the layout's largest prefix (the paper's D_s -> D).
+    ``k``. The default rerank (``stages`` None or empty, as in `MatryoshkaIndex`) is one stage at
+    the layout's largest prefix (the paper's D_s -> D).
     """
 
     k: int
@@ -135,7 +136,7 @@ class FunnelPlan:
         K = max(10 * k, 200) if shortlist is None else int(shortlist)
         if K < k:
             raise ValueError(f"shortlist must be >= k ({k}), got shortlist={K}")
-        if stages is None:
+        if stages is None or len(stages) == 0:  # [] returned the shortlist's own scores
             plan = ((layout.dim, k),) if ds != layout.dim else ()
         else:
             for i, st in enumerate(stages):  # [[16]] failed as "not enough values to unpack"
@@ -443,6 +444,10 @@ class _IndexRows:
     @property
     def center(self) -> np.ndarray | None:
         return self.index.center
+
+    @property
+    def metric(self) -> str:
+        return self.index.metric
 
     def take(self, rows: np.ndarray, dims: int | None = None) -> np.ndarray:
         # float32 [len(rows), dims], dequantised when the index stores int8

@@ -28,7 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="prefixes that get an HNSW graph (default: the smallest; rescoring vectors need none)",
     )
-    p.add_argument("--distance", choices=["cosine", "dot"], default="cosine")
+    p.add_argument(
+        "--distance",
+        choices=["cosine", "dot"],
+        default=None,
+        help="the collection's distance (default: an index's own metric; cosine for a store)",
+    )
     p.add_argument("--batch-size", type=int, default=1024, help="points per upsert")
     p.add_argument("--retries", type=int, default=5, help="retries per batch (exponential backoff)")
     p.add_argument(
@@ -82,6 +87,18 @@ def check_progress(progress: str) -> None:
     check_progress_file(progress, "--progress")
 
 
+def _distance(rows, distance: str | None) -> str:
+    """The collection's distance: an index's own metric unless given (a dot index exported as
+    cosine ranked other neighbours than the index, without a word); a store has no metric."""
+    metric = getattr(rows, "metric", None)
+    if distance is None:
+        return metric or "cosine"
+    if metric is not None and distance != metric:
+        raise ValueError(f"--distance {distance} differs from the index's metric {metric!r}: "
+                         "Qdrant would rank other neighbours than the index; drop --distance")
+    return distance
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -100,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         prefixes = default_prefixes(sizes)
     indexed = None if args.indexed is None else Nesting.parse(args.indexed).sizes
-    layout = QdrantLayout(prefixes, args.distance, indexed)
+    layout = QdrantLayout(prefixes, _distance(rows, args.distance), indexed)
     if args.path:
         from mrl.io import check_output_path
 
