@@ -455,3 +455,19 @@ def test_cli_export_of_a_dot_index_uses_its_metric(tmp_path, db, queries, capsys
     _, ids = q.search(queries, 10, shortlist_dim=16, shortlist=60)
     np.testing.assert_array_equal(ids, ref.ids)
     q.target.close()
+
+
+def test_cli_export_names_bad_prefix_specs_and_refuses_dot_dot(tmp_path, store_path, capsys):
+    """--collection .. wrote the Edge collection into the parent of --path; "16,8" and "full"
+    errors named no option (and "full" asked for a dim the store has)."""
+    base = ["export", "qdrant", str(store_path), "--path", str(tmp_path / "q"), "--quiet"]
+    for name in ("..", "."):
+        assert main(base + ["--collection", name]) == 2
+        assert "collection must be a non-empty name without '/'" in capsys.readouterr().err
+    assert not (tmp_path / "layout.json").exists() and not (tmp_path / "shard").exists()
+    assert main(base + ["--collection", "c", "--prefixes", "16,8"]) == 2
+    assert "--prefixes '16,8': sizes must be strictly increasing" in capsys.readouterr().err
+    assert main(base + ["--collection", "c", "--prefixes", "doubling:8", "--indexed", "full"]) == 0
+    q = QdrantIndex(open_target("c", path=tmp_path / "q"))
+    assert q.layout.prefixes == (8, 16, 32) and q.layout.indexed == (32,)
+    q.target.close()

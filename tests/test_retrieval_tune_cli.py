@@ -174,6 +174,9 @@ def test_cli_build_refuses_options_and_folders_up_front(tmp_path, data, capsys):
         ([str(tmp_path / "i"), "--target-recall", "2"], "--target-recall must be in (0, 1]"),
         ([str(tmp_path / "i"), "--max-memory", "1G"], "--max-memory needs --target-recall"),
         ([str(tmp_path / "i"), "--nprobe", "4"], "--nprobe is for --backend ivf or ivfpq"),
+        ([str(tmp_path / "i"), "--tune-queries", "7"], "--tune-queries is for --target-recall"),
+        ([str(tmp_path / "i"), "--k", "3"], "--k sizes the tuning (--target-recall) or the last "
+                                            "keep of --funnel; without either it is not used"),
     ]
     for extra, message in cases:
         assert main(build + extra) == 2, extra
@@ -414,9 +417,10 @@ def test_cli_index_max_memory(tmp_path, data, capsys):
     tuned = build + ["--target-recall", "0.9", "--tune-queries", "60", "--max-memory", "1K"]
     assert main(tuned) == 2
     assert "fits max_memory=1024 bytes" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(build + ["--target-recall", "0.9", "--max-memory", "lots"])
-    assert "--max-memory must be a positive size" in capsys.readouterr().err
+    for bad in ("lots", "inf", "1e400"):  # inf was an OverflowError traceback
+        with pytest.raises(SystemExit):
+            main(build + ["--target-recall", "0.9", "--max-memory", bad])
+        assert "--max-memory must be a positive size" in capsys.readouterr().err
     ok = ["--target-recall", "0.9", "--tune-queries", "60", "--max-memory", "2M"]
     assert main(build + ok) == 0
     saved = json.loads((tmp_path / "idx" / "index.json").read_text())

@@ -414,8 +414,10 @@ def open_target(collection: str, url: str | None = None, path: str | os.PathLike
     a cluster node, or ``":memory:"``. Exactly one of the two."""
     if (url is None) == (path is None):
         raise ValueError(f"give exactly one of url or path, got url={url!r}, path={path!r}")
-    if not collection or "/" in collection:
-        raise ValueError(f"collection must be a non-empty name without '/', got {collection!r}")
+    if not collection or "/" in collection or "\\" in collection or collection in (".", ".."):
+        # ".." put the Edge collection in the parent of path
+        raise ValueError(f"collection must be a non-empty name without '/' (not '.' or '..'), "
+                         f"got {collection!r}")
     if path is not None:
         return EdgeTarget(Path(path) / collection)
     return ClientTarget(collection, url=url, **client_options)

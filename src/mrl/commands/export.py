@@ -87,6 +87,19 @@ def check_progress(progress: str) -> None:
     check_progress_file(progress, "--progress")
 
 
+def _sizes(spec: str, option: str, dim: int) -> tuple[int, ...]:
+    """Prefix sizes from ``8,64`` (any subset), ``doubling:8`` or ``full`` (of ``dim``); an error
+    names the option (it named none, and "full" asked for a dim known here)."""
+    from mrl import Nesting
+
+    text = spec.strip()
+    whole = text == "full" or text.startswith("doubling:")  # specs that end at D
+    try:
+        return Nesting.parse(text, dim=dim if whole else None).sizes
+    except ValueError as exc:
+        raise ValueError(f"{option} {spec!r}: {exc}") from None
+
+
 def _distance(rows, distance: str | None) -> str:
     """The collection's distance: an index's own metric unless given (a dot index exported as
     cosine ranked other neighbours than the index, without a word); a store has no metric."""
@@ -102,7 +115,6 @@ def _distance(rows, distance: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mrl import Nesting
     from mrl.qdrant import QdrantLayout, export_qdrant, open_rows, open_target, refuse_centred
 
     check_numbers(args)
@@ -110,13 +122,13 @@ def run(args: argparse.Namespace) -> int:
     refuse_centred(rows, args.index)  # before any collection is set up
     sizes = rows.nesting.sizes
     if args.prefixes:
-        prefixes = Nesting.parse(args.prefixes).sizes
+        prefixes = _sizes(args.prefixes, "--prefixes", rows.nesting.dim)
         bad = [m for m in prefixes if m not in sizes]
         if bad:
             raise ValueError(f"--prefixes {list(bad)} are not in the index's nesting {list(sizes)}")
     else:
         prefixes = default_prefixes(sizes)
-    indexed = None if args.indexed is None else Nesting.parse(args.indexed).sizes
+    indexed = None if args.indexed is None else _sizes(args.indexed, "--indexed", sizes[-1])
     layout = QdrantLayout(prefixes, _distance(rows, args.distance), indexed)
     if args.path:
         from mrl.io import check_output_path

@@ -69,12 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="subtract the mean of the rows from rows and queries (saved with the index; "
         "queries are centred at search time). A store created with a center brings its own",
     )
-    b.add_argument("--k", type=int, default=10, help="k used for tuning (default 10)")
+    b.add_argument("--k", type=int, default=None,
+                   help="k of the tuning's recall@k, or the --funnel's last keep (default 10)")
     b.add_argument(
         "--tune-queries",
         type=int,
-        default=200,
-        help="held-out database rows used as tuning queries (default 200)",
+        default=None,
+        help="with --target-recall: held-out database rows used as tuning queries (default 200)",
     )
     b.add_argument(
         "--max-memory",
@@ -103,7 +104,7 @@ def parse_bytes(text: str) -> int:
         value = float(t[: len(t) - len(unit)])
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not 0 < value < float("inf"):  # inf (or 1e400) was an OverflowError traceback
         raise argparse.ArgumentTypeError(
             f"--max-memory must be a positive size such as 2G, 500M or 123456, got {text!r}"
         )
@@ -115,6 +116,14 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         raise ValueError(f"--target-recall must be in (0, 1], got --target-recall "
                          f"{args.target_recall}")
+    if args.target_recall is None:  # set but unused, silently, before
+        if args.tune_queries is not None:
+            raise ValueError("--tune-queries is for --target-recall (the tuner's queries)")
+        if args.k is not None and not args.funnel:
+            raise ValueError("--k sizes the tuning (--target-recall) or the last keep of "
+                             "--funnel; without either it is not used")
+    args.k = 10 if args.k is None else args.k
+    args.tune_queries = 200 if args.tune_queries is None else args.tune_queries
     if args.k < 1:  # it sizes the funnel's last keep: "stages[1] keep must be >= 1" named none
         raise ValueError(f"--k must be >= 1, got --k {args.k}")
     if args.tune_queries < 1:
