@@ -765,3 +765,14 @@ def test_bench_on_a_nesting_without_16(tmp_path, data, capsys):
     assert main(["bench", "retrieval", "--embeddings", str(tmp_path / "s"), "--queries", "30",
                  "--hnsw-n", "0", "--target-recall", "0.8"]) == 0  # fmt: skip
     assert "| main | 1970 | funnel-paper | 8 |" in capsys.readouterr().out
+
+
+def test_tune_measures_a_large_flat_shortlist_when_there_is_no_funnel():
+    """Nesting (8, 32): a shortlist over 400 was measured only as a funnel, and with D_s just
+    below D there is none, so "no configuration could be tried" although flat was allowed."""
+    rng = np.random.default_rng(0)
+    index = MatryoshkaIndex(Nesting((8, 32)), threads=1)
+    index.add(rng.standard_normal((2000, 32)).astype(np.float32))  # no leading-dims structure
+    res = tune(index, 0.95, k=10, n_queries=50, backends=("flat",), apply=False)
+    assert res.config.backend == "flat" and res.config.shortlist > 400, res.config
+    assert res.recall >= 0.95

@@ -343,12 +343,15 @@ def _measure_variants(trial, feasible, backends, try_funnel, max_hnsw, max_ivf, 
             variants += [ivf] if ivf is not None else []
         if "hnsw" in backends and m in hnsw_dims:
             variants += _tune_ef(trial, replace(base, backend="hnsw", shortlist_dim=m), kshort)
+        st = funnel_stages(m, kshort, d, kk, nest, min_keep=2 * kk)
+        funnel = try_funnel and len(st) > 1  # a one-stage "funnel" is the single rerank itself
         for cfg in variants:
             measured = cfg.backend in ("hnsw", "ivf")  # already measured while sweeping
-            if not measured and (kshort <= 400 or not try_funnel):  # else funnel only
+            # a large K is measured as a funnel only; where there is none (D_s just below D),
+            # the single rerank was measured by neither branch and the tuner found nothing
+            if not measured and (kshort <= 400 or not funnel):
                 trial.measure(cfg)
-            st = funnel_stages(m, kshort, d, kk, nest, min_keep=2 * kk)
-            if try_funnel and len(st) > 1:
+            if funnel:
                 trial.measure(replace(cfg, stages=st))
 
 
