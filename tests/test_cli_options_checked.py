@@ -236,3 +236,20 @@ def test_text_encode_batch_size_checked_before_the_model_loads(tmp_path, capsys,
             "--batch-size", "0"]
     assert main(args) == 2
     assert "--batch-size must be >= 1, got --batch-size 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--n", "7"], "--n sizes the synthetic data; with --embeddings the file gives it"),
+    (["--dim", "4096"], "--dim sizes the synthetic data; with --embeddings the file gives it"),
+    (["--query-embeddings", "Q", "--queries", "2"],
+     "--queries sizes the synthetic data; with --query-embeddings the file gives it"),
+])
+def test_bench_sizes_the_files_give_are_refused(tmp_path, capsys, no_benchmark, options,
+                                                message):
+    """--n 7 --dim 4096 --queries 2 with your own embeddings ran on the files' 120 x 32 and 5
+    queries, and the records said so, but nothing else did."""
+    np.save(tmp_path / "db.npy", np.ones((120, 32), np.float32))
+    np.save(tmp_path / "q.npy", np.ones((5, 32), np.float32))
+    options = [str(tmp_path / "q.npy") if o == "Q" else o for o in options]
+    assert main(["bench", "retrieval", "--embeddings", str(tmp_path / "db.npy"), *options]) == 2
+    assert message in capsys.readouterr().err

@@ -17,9 +17,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "auto-tuned Matryoshka funnel, on MRL-like synthetic data "
         "or your embeddings.",
     )
-    r.add_argument("--n", type=int, default=100_000, help="database size (default 100000)")
-    r.add_argument("--dim", type=int, default=2048, help="embedding size D (default 2048)")
-    r.add_argument("--queries", type=int, default=1000, help="test queries (default 1000)")
+    r.add_argument("--n", type=int, default=None,
+                   help="synthetic database size (default 100000; --embeddings: its rows)")
+    r.add_argument("--dim", type=int, default=None,
+                   help="synthetic embedding size D (default 2048; --embeddings: its dims)")
+    r.add_argument("--queries", type=int, default=None,
+                   help="test queries (default 1000; rows held out of --embeddings, or all of "
+                   "--query-embeddings)")
     r.add_argument("--k", type=int, default=10)
     r.add_argument("--target-recall", type=float, default=0.99)
     r.add_argument(
@@ -81,10 +85,28 @@ _MINIMUMS = (("n", 1), ("dim", 16), ("queries", 1), ("k", 1), ("hnsw_n", 0), ("m
              ("ef_construction", 1), ("max_ivf", 0), ("seed", 0))
 
 
+def _fill_sizes(args: argparse.Namespace) -> None:
+    """--n / --dim size the synthetic data and --queries the queries drawn: with --embeddings
+    (and --query-embeddings) the files say them, and a given value was ignored without a word."""
+    given = {"--n": args.n, "--dim": args.dim}
+    if args.query_embeddings:
+        given["--queries"] = args.queries
+    if args.embeddings:
+        for flag, value in given.items():
+            if value is not None:
+                source = "--query-embeddings" if flag == "--queries" else "--embeddings"
+                raise ValueError(f"{flag} sizes the synthetic data; with {source} the file "
+                                 f"gives it: drop {flag}")
+    args.n = 100_000 if args.n is None else args.n
+    args.dim = 2048 if args.dim is None else args.dim
+    args.queries = 1000 if args.queries is None else args.queries
+
+
 def check_options(args: argparse.Namespace) -> None:
     """Refuse bad options naming them, before any data is loaded or generated."""
     from mrl.retrieval.bench import min_rows
 
+    _fill_sizes(args)
     for name, low in _MINIMUMS:
         value = getattr(args, name)
         if value is not None and value < low:
