@@ -471,3 +471,17 @@ def test_cli_export_names_bad_prefix_specs_and_refuses_dot_dot(tmp_path, store_p
     q = QdrantIndex(open_target("c", path=tmp_path / "q"))
     assert q.layout.prefixes == (8, 16, 32) and q.layout.indexed == (32,)
     q.target.close()
+
+
+def test_string_ids_are_padded_with_empty_strings(tmp_path, db, queries):
+    """Fewer hits than k: string ids were padded with "-1" (numpy cast the -1 fill to str),
+    which a real id "-1" could be; MatryoshkaIndex pads them with ""."""
+    store = tmp_path / "s"
+    EmbeddingStore.from_array(store, db[:3], NEST, ids=["-1", "a", "b"])
+    target = open_target("c", path=tmp_path / "q")
+    export_qdrant(open_rows(store), target, QdrantLayout((8, 32)), tmp_path / "p.json",
+                  collection="c", show_progress=False)
+    scores, ids = QdrantIndex(target).search(queries[:2], 5)
+    assert ids.dtype.kind == "U" and sorted(ids[0, :3]) == ["-1", "a", "b"]
+    assert ids[:, 3:].tolist() == [["", ""], ["", ""]] and np.isneginf(scores[:, 3:]).all()
+    target.close()

@@ -704,7 +704,8 @@ class QdrantIndex:
         """Funnel search; returns (scores [Q, k], store ids [Q, k]) like the in-process index.
 
         ``queries`` are [Q, D] (D >= the layout's largest prefix). Rows with fewer than k hits
-        (a tiny collection) are padded with score -inf and id -1.
+        (a tiny collection) are padded with score -inf and id -1, or "" for string ids (as
+        `MatryoshkaIndex` pads them; "-1" could be a real string id).
         """
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
@@ -716,9 +717,12 @@ class QdrantIndex:
         plan = FunnelPlan.build(self.layout, k, shortlist_dim, shortlist, stages)
         hits = self.target.funnel(q, plan, self.layout, self.exact)
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)  # [Q, k]
-        ids: list[list[Any]] = [[-1] * k for _ in hits]
+        ids: list[list[Any]] = [[None] * k for _ in hits]
         for i, row in enumerate(hits):
             for j, (point, score, payload) in enumerate(row[:k]):
                 scores[i, j] = score
                 ids[i][j] = payload.get("id", point)
-        return scores, np.asarray(ids)  # int64 ids, or str ids for a store with string ids
+        text = any(isinstance(v, str) for row in ids for v in row)
+        pad = "" if text else -1
+        # int64 ids, or str ids for a store with string ids
+        return scores, np.asarray([[pad if v is None else v for v in row] for row in ids])
