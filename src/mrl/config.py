@@ -236,7 +236,10 @@ class TrainConfig:
     model: ModelConfig = _f(None, "encoder, embedding size, head mode and nesting")
     optim: OptimConfig = _f(None, "optimizer and learning-rate schedule")
     epochs: int = _f(3, "training epochs (passes over the training items)")
-    batch_size: int = _f(256, "global batch size, items (split over DDP processes)")
+    batch_size: int = _f(
+        256, "global batch size, items (split over DDP processes; each epoch leaves out the last "
+        "N % batch_size items of its shuffled order)"
+    )
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available)")
     amp: bool = _f(True, "bfloat16 autocast on CUDA (ignored on CPU)")
