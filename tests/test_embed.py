@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mrl import Nesting
 from mrl.cli import main
 from mrl.embed import embed_corpus, merge_shards, read_corpus, shard_plan
 from mrl.retrieval import EmbeddingStore
@@ -363,7 +364,10 @@ def test_non_utf8_input_names_the_line(tmp_path):
     [(["--merge-only", "--no-merge"], "--merge-only and --no-merge contradict each other"),
      (["--wait-timeout", "-5"], "--wait-timeout must be positive (seconds), got -5.0"),
      (["--field", "body"], "--field 'body' applies to .jsonl input"),
-     (["--id-field", "key"], "--id-field 'key' applies to .jsonl input")],
+     (["--id-field", "key"], "--id-field 'key' applies to .jsonl input"),
+     (["--no-merge", "--dtype", "int8"], "--dtype is the merged store's: give it to the step "
+                                          "that merges (--merge-only)"),
+     (["--merge-only"], "--input, --model would be ignored with --merge-only")],
 )
 def test_embed_options_that_would_be_ignored_are_refused(tmp_path, capsys, extra, message):
     write_corpus(tmp_path / "c.txt", 5, jsonl=False)
@@ -401,3 +405,69 @@ def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
     g.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
     assert list(read_corpus(f)) == [(0, "one"), (1, "two")]
     assert list(read_corpus(g)) == [(0, "a"), (1, "b")]
+
+
+def test_merge_only_takes_its_dtype_and_a_resumed_merge_keeps_its_own(tmp_path, capsys):
+    """--no-merge --dtype int8, then --merge-only, made a float32 store; a resumed merge given
+    another dtype kept the old one without a word."""
+    write_corpus(tmp_path / "c.txt", 12, jsonl=False)
+    shards = ["embed", "--model", "hash:16", "--input", str(tmp_path / "c.txt"), "--out",
+              str(tmp_path / "s"), "--quiet", "--shard-size", "5", "--no-merge"]
+    assert main(shards) == 0
+    assert main(["embed", "--out", str(tmp_path / "s"), "--merge-only", "--dtype", "int8"]) == 0
+    assert EmbeddingStore.open(tmp_path / "s").dtype == "int8"
+    capsys.readouterr()
+    # an interrupted merge: the store holds shard 0 only, its parts are still there
+    assert main([*shards[:6], str(tmp_path / "t"), *shards[7:]]) == 0
+    from mrl.embed import _parts_dir, _shard_paths
+
+    parts = _parts_dir(tmp_path / "t")
+    store = EmbeddingStore.create(tmp_path / "t", Nesting.doubling(8, 16), dtype="float16",
+                                  normalize=True)  # fmt: skip
+    vec, ids, _ = _shard_paths(parts, 0)
+    store.append(np.load(vec), ids=np.load(ids))
+    assert main(["embed", "--out", str(tmp_path / "t"), "--merge-only", "--dtype", "int8"]) == 2
+    assert "writes float16, not dtype=int8" in capsys.readouterr().err
+    assert main(["embed", "--out", str(tmp_path / "t"), "--merge-only"]) == 0
+    merged = EmbeddingStore.open(tmp_path / "t")
+    assert merged.dtype == "float16" and merged.count == 12
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "1"}, "RANK=1 and WORLD_SIZE=1 need 0 <= RANK < WORLD_SIZE"),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK=3 and WORLD_SIZE=2 need 0 <= RANK < WORLD_SIZE"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "environment variable RANK must be an integer, got "
+                                       "RANK='x'"),
+])
+def test_a_bad_rank_is_said_by_the_process_that_has_it(tmp_path, capsys, monkeypatch, env,
+                                                       message):
+    """Only rank 0 printed one-line errors: RANK=1 (alone, or of 2) exited 2 without a word."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    write_corpus(tmp_path / "c.txt", 5, jsonl=False)
+    argv = ["embed", "--model", "hash:16", "--input", str(tmp_path / "c.txt"), "--out",
+            str(tmp_path / "s"), "--quiet"]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_rank_that_starts_after_the_merge_has_nothing_to_do(tmp_path, capsys, monkeypatch):
+    """A resumed torchrun job whose rank 0 merged before rank 1 started: rank 1 failed ("a
+    store already exists", silently) or made the parts folder again and re-encoded."""
+    write_corpus(tmp_path / "c.txt", 12, jsonl=False)
+    out = tmp_path / "s"
+    argv = ["embed", "--model", "hash:16", "--input", str(tmp_path / "c.txt"), "--out",
+            str(out), "--quiet", "--shard-size", "5"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):  # rank 0 waits for rank 1's shard, then merges
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv + (["--no-merge"] if rank == "1" else [])) == 0
+    assert EmbeddingStore.open(out).count == 12 and not (tmp_path / "s.parts").exists()
+    monkeypatch.setenv("RANK", "1")
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "is already merged; nothing to do" in capsys.readouterr().out
+    assert not (tmp_path / "s.parts").exists()
+    report = embed_corpus(HashEncoder(16), tmp_path / "c.txt", out, shard_size=5, rank=1,
+                          world_size=2, show_progress=False)  # fmt: skip
+    assert report.already and report.encoded == [] and not (tmp_path / "s.parts").exists()

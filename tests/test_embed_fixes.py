@@ -38,7 +38,7 @@ def test_resume_of_parts_written_before_the_input_hash(tmp_path):
     old = json.loads(manifest.read_text())
     old.pop("input_sha256")
     manifest.write_text(json.dumps(old))
-    with pytest.warns(UserWarning, match="predates input hashing"):
+    with pytest.warns(UserWarning, match=r"predates recording \[.input_sha256.\]"):
         report = embed_corpus(HashEncoder(16), corpus, out, shard_size=5, show_progress=False)
     assert report.skipped == [0, 1, 2, 3] and report.merged
 

@@ -889,3 +889,30 @@ def test_cli_encode_and_adapt_check_the_corpus_before_loading_the_model(
     assert main(args + ["--out", str(out)]) == 2
     assert str(missing) in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_embed_resume_refuses_another_model_of_the_same_folder_name(tiny_model, tmp_path):
+    """The parts manifest named the model by its folder's last part: a run resumed with another
+    model in a folder of the same name (every demo run is runs/mrl) merged two models' rows."""
+    from mrl.embed import embed_corpus
+    from mrl.serve.encoders import SentenceTransformerEncoder
+
+    a, b, copy = tmp_path / "a" / "m", tmp_path / "b" / "m", tmp_path / "c" / "m"
+    shutil.copytree(tiny_model, a)
+    shutil.copytree(tiny_model, copy)
+    other = st.SentenceTransformer(str(tiny_model), device="cpu")
+    with torch.no_grad():
+        next(other.parameters()).add_(0.5)
+    other.save(str(b), create_model_card=False)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"wing {i}\n" for i in range(6)))
+    out = tmp_path / "store"
+    opts = {"shard_size": 2, "show_progress": False}
+    embed_corpus(SentenceTransformerEncoder(a), corpus, out, rank=0, world_size=2, merge=False,
+                 **opts)  # fmt: skip
+    with pytest.raises(ValueError, match=r"differs in \['model_fingerprint'\]"):
+        embed_corpus(SentenceTransformerEncoder(b), corpus, out, rank=1, world_size=2, **opts)
+    # the same files elsewhere are the same model: the job resumes
+    report = embed_corpus(SentenceTransformerEncoder(copy), corpus, out, rank=1, world_size=2,
+                          merge=False, **opts)  # fmt: skip
+    assert report.encoded == [1]

@@ -84,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, ConnectionError) as exc:
         # Bad input: one clear line, no traceback. Bugs (other exceptions) keep their traceback.
-        if _first_process():  # under torchrun every process has the same error: say it once
+        # under torchrun every process has the same error: say it once; except one only this
+        # process can have (its RANK), which rank 0 never prints
+        if _first_process() or getattr(exc, "every_process", False):
             print(f"mrl {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (`Terminated`)

@@ -50,6 +50,7 @@ class EmbedReport:
     merged: bool  # whether this call produced the final store
     seconds: float
     truncated: int = 0  # texts this call encoded that exceed the model's max_tokens
+    already: bool = False  # a rank other than 0 found the store merged: nothing to do
 
 
 # ---------------------------------------------------------------------- reading the corpus
@@ -254,17 +255,28 @@ def _write_shard(parts: Path, s: int, emb: np.ndarray, ids: list[Any]) -> None:
     atomic_write_json(marker, {"shard": s, "count": len(emb)})  # the commit point
 
 
+# manifest keys recorded since a version of mrl: parts written before them still resume
+_LATER_KEYS = ("input_sha256", "model_fingerprint")
+
+
+def _model_fingerprint(encoder: Any) -> Any:
+    """The encoder's ``fingerprint()`` (its files), or None for one without (a fake, a plugin)."""
+    fingerprint = getattr(encoder, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
+
+
 def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
     """Write the manifest, or refuse parts written for another corpus/model/shard size."""
     path = parts / "manifest.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        if "input_sha256" not in old:  # parts from before the input hash: compare the rest
-            if old == {k: v for k, v in manifest.items() if k != "input_sha256"}:
-                warnings.warn(f"{parts} predates input hashing: its shards are taken as they are "
-                              "(an input edited in place since cannot be told); remove it to "
-                              "encode again", stacklevel=3)
-                atomic_write_json(path, manifest)  # and record the hash from now on
+        later = [k for k in _LATER_KEYS if k not in old]
+        if later:  # parts from before these keys were recorded: compare the rest
+            if old == {k: v for k, v in manifest.items() if k not in later}:
+                warnings.warn(f"{parts} predates recording {later}: its shards are taken as "
+                              "they are (an input edited in place or another model of the same "
+                              "name cannot be told); remove it to encode again", stacklevel=3)
+                atomic_write_json(path, manifest)  # and record them from now on
                 return
         if old != manifest:
             # Refused even when no shard is finished: another job may be encoding its first
@@ -282,10 +294,35 @@ def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- embedding
+class RankError(ValueError):
+    """A bad RANK / WORLD_SIZE: only the process that has it knows, so every process says it
+    (the CLI prints rank 0's one-line errors only, which left rank 1's exit 2 silent)."""
+
+    every_process = True
+
+
 def _rank_from_env() -> tuple[int, int]:
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """(RANK, WORLD_SIZE) of the environment (torchrun sets them; default 0 and 1), checked."""
+    values = {}
+    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1")):
+        text = os.environ.get(name, default)
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise RankError(f"environment variable {name} must be an integer, got "
+                            f"{name}={text!r}") from None
+    rank, world = values["RANK"], values["WORLD_SIZE"]
+    if world < 1 or not 0 <= rank < world:
+        raise RankError(f"environment variables RANK={rank} and WORLD_SIZE={world} need "
+                        "0 <= RANK < WORLD_SIZE (torchrun sets both)")
     return rank, world
+
+
+def already_merged(out: Path) -> bool:
+    """The store at ``out`` is whole and its parts are gone: a resumed rank other than 0 that
+    starts after rank 0 merged has nothing to do (it failed on "a store already exists", or
+    re-created the parts folder and encoded its shards again)."""
+    return (out / "store.json").is_file() and not _parts_dir(out).is_dir()
 
 
 def check_inputs(input_path: Path, out: Path, field: str, id_field: str, rank: int,
@@ -324,7 +361,7 @@ def embed_corpus(
     id_field: str = "id",
     merge: bool = True,
     wait_timeout_s: float = 24 * 3600.0,
-    dtype: str = "float32",
+    dtype: str | None = None,
     show_progress: bool = True,
     rows: int | None = None,
 ) -> EmbedReport:
@@ -338,22 +375,28 @@ def embed_corpus(
     size default to the ``RANK``/``WORLD_SIZE`` environment variables (torchrun sets them).
     """
     t0 = time.perf_counter()
-    env_rank, env_world = _rank_from_env()
-    rank = env_rank if rank is None else rank
-    world_size = env_world if world_size is None else world_size
+    if rank is None or world_size is None:
+        env_rank, env_world = _rank_from_env()
+        rank = env_rank if rank is None else rank
+        world_size = env_world if world_size is None else world_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
     from mrl.retrieval.store import DTYPES
 
-    if dtype not in DTYPES:  # checked at the merge, after all the encoding, before
+    if dtype is not None and dtype not in DTYPES:  # was checked at the merge, after the encoding
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got dtype={dtype!r}")
     if not wait_timeout_s > 0:  # NaN too; inf waits for ever
         raise ValueError(f"wait_timeout_s must be positive, got {wait_timeout_s}")
     input_path, out = Path(input_path), Path(out)
+    if rank != 0 and already_merged(out):  # rank 0 finished the whole job before this started
+        return EmbedReport(0, 0, [], [], False, time.perf_counter() - t0, already=True)
     if rows is None:
         rows = check_inputs(input_path, out, field, id_field, rank)
     mine = shard_plan(rows, shard_size, rank, world_size)
     parts = _parts_dir(out)
+    if rank != 0 and already_merged(out):  # merged while this rank read the input: the parts
+        return EmbedReport(rows, -(-rows // shard_size), [], [], False,  # must not come back
+                           time.perf_counter() - t0, already=True)
     _check_manifest(parts, {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
         "input": str(input_path.resolve()), "input_bytes": input_path.stat().st_size,
@@ -361,6 +404,8 @@ def embed_corpus(
         # run merge shards of the old text, and a copy or touch changes no row
         "input_sha256": file_digest(input_path),
         "rows": rows, "shard_size": shard_size, "model": encoder.name,
+        # what the model is, not its folder's name: every demo run is runs/mrl
+        "model_fingerprint": _model_fingerprint(encoder),
         "dim": encoder.nesting.dim, "nesting": encoder.nesting.to_dict(), "field": field,
         "id_field": id_field})
     n_shards = -(-rows // shard_size)
@@ -451,11 +496,12 @@ def _wait_for_shards(parts: Path, rows: int, shard_size: int, timeout_s: float) 
         time.sleep(0.2)
 
 
-def merge_shards(out: str | os.PathLike, *, dtype: str = "float32", keep_parts: bool = False):
+def merge_shards(out: str | os.PathLike, *, dtype: str | None = None, keep_parts: bool = False):
     """Append every finished shard, in order, to the `EmbeddingStore` at ``out``; resumable.
 
     Returns the store. A store that already holds the first j shards (an interrupted merge)
-    continues with shard j.
+    continues with shard j. ``dtype``: of a new store (None: float32); a resumed merge keeps its
+    store's, and another one given is an error (it was ignored).
     """
     from mrl.retrieval import EmbeddingStore
 
@@ -486,9 +532,13 @@ def _merge_locked(out: Path, parts: Path, dtype: str, keep_parts: bool):
     _wait_for_shards(parts, rows, shard_size, 0.0)
     if (out / "store.json").is_file():
         store = EmbeddingStore.open(out)
+        if dtype is not None and dtype != store.dtype:
+            raise ValueError(f"the interrupted merge into {out} writes {store.dtype}, not "
+                             f"dtype={dtype}: resume it without a dtype (or {store.dtype}), or "
+                             "remove the store folder to merge again")
     else:
-        store = EmbeddingStore.create(out, Nesting.from_dict(manifest["nesting"]), dtype=dtype,
-                                      normalize=True)
+        store = EmbeddingStore.create(out, Nesting.from_dict(manifest["nesting"]),
+                                      dtype=dtype or "float32", normalize=True)
     if store.count % shard_size and store.count != rows:
         raise ValueError(f"store at {out} holds {store.count} rows, not a whole number of "
                          f"shards of {shard_size}; it was not written by this merge")

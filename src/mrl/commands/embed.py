@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         choices=["float32", "float16", "int8"],
-        default="float32",
-        help="on-disk type of the merged store",
+        default=None,
+        help="on-disk type of the merged store (default float32; a resumed merge keeps its own)",
     )
     p.add_argument(
         "--no-merge", action="store_true", help="only write shards (merge later with --merge-only)"
@@ -63,6 +63,18 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
         if value < 1:  # it failed only after the model had loaded, naming shard_size
             raise ValueError(f"{flag} must be >= 1, got {flag} {value}")
+    if args.no_merge and args.dtype is not None:  # the merge-only step chose float32 itself
+        raise ValueError("--dtype is the merged store's: give it to the step that merges "
+                         "(--merge-only), not with --no-merge")
+    if args.merge_only:  # the merge reads the finished shards only
+        encoding = (("--input", args.input, None), ("--model", args.model, "default"),
+                    ("--nesting", args.nesting, None), ("--shard-size", args.shard_size, 10_000),
+                    ("--batch-size", args.batch_size, 64), ("--field", args.field, "text"),
+                    ("--id-field", args.id_field, "id"))
+        given = [flag for flag, value, default in encoding if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} would be ignored with --merge-only (it merges "
+                             "the shards already written, as their manifest records them)")
     txt = bool(args.input) and Path(args.input).suffix.lower() == ".txt"
     for flag, value, default in (("--field", args.field, "text"),
                                  ("--id-field", args.id_field, "id")):  # fmt: skip
@@ -85,12 +97,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.input:
         raise ValueError("--input is required (unless --merge-only)")
-    from mrl.embed import _rank_from_env, check_inputs
+    from mrl.embed import _rank_from_env, already_merged, check_inputs
     from mrl.serve.encoders import load_encoder
 
+    rank = _rank_from_env()[0]  # RANK / WORLD_SIZE checked before anything
+    if rank != 0 and already_merged(Path(args.out)):  # a resumed job rank 0 had finished
+        print(f"rank {rank}: {args.out} is already merged; nothing to do")
+        return 0
     # every line and id before the model loads (a typo must not cost a model load)
     rows = check_inputs(Path(args.input), Path(args.out), args.field, args.id_field,
-                        _rank_from_env()[0], field_param="--field")  # fmt: skip
+                        rank, field_param="--field")  # fmt: skip
 
     if args.threads is not None:
         set_threads(args.threads)
@@ -110,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         rows=rows,
         show_progress=not args.quiet,
     )
+    if report.already:
+        print(f"rank {rank}: {args.out} was merged meanwhile; nothing to do")
+        return 0
     print(
         f"{report.rows} texts in {report.shards} shards: encoded {len(report.encoded)}, "
         f"skipped {len(report.skipped)} already done, {report.seconds:.1f} s"

@@ -125,6 +125,13 @@ class SentenceTransformerEncoder:
         # either run with the other's settings (a 500, or an over-long text counted as 256).
         self._tokenizer_lock = threading.Lock()
 
+    def fingerprint(self) -> dict[str, str]:
+        """The model's files (`mrl.text.checkpoint.folder_fingerprint`): two folders of one name
+        (every `mrl text finetune --out model`) are told apart; a copy is the same model."""
+        from mrl.text.checkpoint import folder_fingerprint
+
+        return folder_fingerprint(self.path)
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         with self._tokenizer_lock:
             emb = self.model.encode(list(texts), batch_size=self.batch_size,
@@ -171,8 +178,17 @@ class VisionEncoder:
             image_size = _TASK_SHAPES.get(data.dataset, (data.image_size, data.image_size))
         self.shape = (int(image_size[0]), int(image_size[1]))
         self.name = name or Path(run_dir).name
+        self.run_dir = Path(run_dir)
         self.max_tokens = 1  # one "token" per image
         self.input_kind = "image"  # base64 images: not held to the text character cap
+
+    def fingerprint(self) -> str:
+        """The checkpoint's `mrl.io.file_fingerprint`: every run folder is named ``runs/mrl``."""
+        from mrl.io import file_fingerprint
+        from mrl.train import CHECKPOINT
+
+        path = self.run_dir if self.run_dir.is_file() else self.run_dir / CHECKPOINT
+        return file_fingerprint(path)
 
     def _decode(self, i: int, data: str) -> np.ndarray:
         """One base64 image -> uint8 [C, H, W]; ValueError naming ``input[i]`` otherwise."""
