@@ -471,3 +471,21 @@ def test_a_rank_that_starts_after_the_merge_has_nothing_to_do(tmp_path, capsys, 
     report = embed_corpus(HashEncoder(16), tmp_path / "c.txt", out, shard_size=5, rank=1,
                           world_size=2, show_progress=False)  # fmt: skip
     assert report.already and report.encoded == [] and not (tmp_path / "s.parts").exists()
+
+
+def test_out_dot_small_hash_models_and_an_empty_nesting(tmp_path, capsys, monkeypatch):
+    """--out . failed ("PosixPath('.') has an empty name"); hash:4 was refused by its own default
+    nesting (doubling from 8); --nesting= was ignored for hash models."""
+    write_corpus(tmp_path / "c.txt", 3, jsonl=False)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["embed", "--model", "hash:16", "--input", "../c.txt", "--out", ".",
+                 "--quiet"]) == 0  # fmt: skip
+    assert EmbeddingStore.open(tmp_path / "here").count == 3
+    assert main(["embed", "--model", "hash:4", "--input", "../c.txt", "--out", "../s4",
+                 "--quiet"]) == 0  # fmt: skip
+    assert EmbeddingStore.open(tmp_path / "s4").nesting.sizes == (4,)
+    capsys.readouterr()
+    assert main(["embed", "--model", "hash:16", "--nesting=", "--input", "../c.txt", "--out",
+                 "../s5", "--quiet"]) == 2  # fmt: skip
+    assert "nesting spec '' is not a comma-separated list" in capsys.readouterr().err

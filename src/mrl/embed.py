@@ -230,6 +230,7 @@ def shard_plan(rows: int, shard_size: int, rank: int = 0, world_size: int = 1) -
 
 # ---------------------------------------------------------------------- shard files
 def _parts_dir(out: Path) -> Path:
+    out = Path(os.path.abspath(out))  # --out . has no name to add ".parts" to
     return out.with_name(out.name + ".parts")
 
 

@@ -63,7 +63,8 @@ class HashEncoder:
         delay_s: float = 0.0,
         delay_per_item_s: float = 0.0,
     ) -> None:
-        self.nesting = Nesting.coerce(nesting) if nesting is not None else Nesting.doubling(8, dim)
+        self.nesting = (Nesting.coerce(nesting) if nesting is not None  # hash:4 was refused
+                        else Nesting.doubling(min(8, dim), dim))
         self.nesting.check_dim(dim, "HashEncoder outputs")
         self.name = name
         self.max_tokens = max_tokens
@@ -247,7 +248,7 @@ def load_encoder(model: str, nesting: str | None = None, name: str | None = None
             dim = int(model.split(":", 1)[1])
         except ValueError:
             raise ValueError(f"model 'hash:DIM' needs an integer DIM, got {model!r}") from None
-        nest = Nesting.parse(nesting, dim=dim) if nesting else None
+        nest = Nesting.parse(nesting, dim=dim) if nesting is not None else None  # "" is an error
         return HashEncoder(dim, nest, name=name or model)
     if os.path.isfile(os.path.join(model, "checkpoint.pt")):
         if nesting is not None:
