@@ -138,7 +138,11 @@ def test_save_load_roundtrip(tmp_path):
         b = OrthogonalAdaptor.load(tmp_path / name)
         assert b.nesting == a.nesting
         torch.testing.assert_close(b.rotation, a.rotation)
+        assert b.info == a.info  # the .npy route lost the info the .json beside it holds
     assert json.loads((tmp_path / "ad.json").read_text())["nesting"]["sizes"] == [4, 8, 16]
+    for bad in ("x.npy", "x.json"):  # the sibling of that name overwrote the main file
+        with pytest.raises(ValueError, match=rf"must not end in {bad[1:]}"):
+            a.save(tmp_path / bad)
 
 
 def test_bad_inputs():

@@ -366,8 +366,12 @@ class OrthogonalAdaptor:
 
     # ------------------------------------------------------------------ saving
     def save(self, path: str | os.PathLike) -> None:
-        """``path`` (.pt: rotation, nesting, info) plus a sibling .npy of the rotation."""
+        """``path`` (.pt: rotation, nesting, info) plus a sibling .npy of the rotation and a .json
+        of the nesting and info."""
         path = Path(path)
+        if path.suffix in (".npy", ".json"):  # the sibling of that name overwrote the .pt file
+            raise ValueError(f"adaptor path {str(path)!r} must not end in {path.suffix} (the "
+                             "siblings .npy and .json are written beside it): use a .pt name")
         atomic_torch_save(
             {"rotation": self.rotation, "nesting": self.nesting.to_dict(), "info": self.info}, path
         )
@@ -385,12 +389,11 @@ class OrthogonalAdaptor:
         if path.suffix == ".npy":
             rot = np.load(path)
             meta = path.with_suffix(".json")
-            nesting = (
-                Nesting.from_dict(json.loads(meta.read_text())["nesting"])
-                if meta.is_file()
-                else Nesting.doubling(8, rot.shape[0])
-            )
-            return cls(rot, nesting)
+            if not meta.is_file():
+                return cls(rot, Nesting.doubling(8, rot.shape[0]))
+            data = json.loads(meta.read_text())  # {"nesting": ..., **info}, as `save` writes
+            nesting = Nesting.from_dict(data.pop("nesting"))
+            return cls(rot, nesting, data or None)
         data = torch.load(path, map_location="cpu", weights_only=True)
         return cls(data["rotation"], Nesting.from_dict(data["nesting"]), data.get("info"))
 
