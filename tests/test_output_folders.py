@@ -93,3 +93,40 @@ def test_train_tells_its_config_from_a_models(tmp_path, capsys):
     assert _holds_a_train_config(run) and not _holds_a_train_config(model)
     (run / "config.json").write_text("{not json")
     assert not _holds_a_train_config(run)
+
+
+@pytest.mark.parametrize(
+    "argv, made_by, marker",
+    [
+        (["eval", "RUN"], "reproduce", "runs"),  # a reproduction's results.json: every seed's
+        (["eval", "default", "--dataset", "cranfield"], "demo", "runs"),
+        (["text", "compare", "--dataset", "cranfield"], "reproduce", "runs"),
+        (["reproduce", "fashion-mnist"], "eval", None),  # its records would be pooled
+        (["demo"], "reproduce", "claims.md"),
+    ],
+)
+def test_a_command_refuses_another_commands_report_folder(tmp_path, capsys, argv, made_by,
+                                                           marker):
+    """Report folders share results.json: `mrl eval RUN --out <a reproduction>` replaced all of
+    its seeds' records with the one run's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    (folder / "results.json").write_text("[]")
+    if made_by == "reproduce":
+        (folder / "runs").mkdir()
+        (folder / "claims.md").write_text("claims")
+        (folder / "recipe.json").write_text("{}")
+    elif made_by == "demo":
+        (folder / "runs").mkdir()
+        (folder / "demo.md").write_text("demo")
+    argv = [str(run) if a == "RUN" else a for a in argv]
+    assert main([*argv, "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    if marker is None:
+        assert "is a folder of other files (results.json), not a reproduction folder" in err
+    else:
+        assert f"holds {marker}: it is another command's folder" in err, err
+    assert (folder / "results.json").read_text() == "[]"

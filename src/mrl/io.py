@@ -239,6 +239,9 @@ def check_new_output_dir(path: str | os.PathLike, param: str) -> Path:
 
 # what a report folder holds (mrl.report.write_report): a folder with one of them may be rewritten
 REPORT_FILES = ("results.json", "results.md", "report.html")
+# what `mrl reproduce` and `mrl demo` write beside their report files: a folder holding one is
+# theirs, and a report command (`mrl eval --out`) writing there replaced every seed's records
+WORKFLOW_FILES = ("runs", "claims.md", "recipe.json", "results.json.lock", "demo.md")
 
 
 def check_output_dir_of(
@@ -247,13 +250,19 @@ def check_output_dir_of(
     markers: tuple[str, ...],
     what: str,
     owns: Callable[[Path], bool] | None = None,
+    foreign: tuple[str, ...] = (),
 ) -> Path:
     """`check_output_path` for a folder a command may write into again (a report, a training
     run): new, empty, holding one of ``markers`` (files or folders it writes) or one that
     ``owns(folder)`` recognises (a file whose name others use too, read to tell). Any other
     non-empty folder is refused, so a user's files are never mixed with (or replaced by) ours.
-    Hidden entries (.DS_Store, .ipynb_checkpoints) do not count."""
+    Hidden entries (.DS_Store, .ipynb_checkpoints) do not count. A folder holding one of
+    ``foreign`` (another command's files beside shared names) is refused even so."""
     path = check_output_path(path, param, "dir")
+    other = [m for m in foreign if path.is_dir() and (path / m).exists()]
+    if other:
+        raise FileExistsError(f"{param} {str(path)!r} holds {other[0]}: it is another command's "
+                              f"folder, not {what}; choose a new folder")
     if not path.is_dir() or any((path / m).exists() for m in markers):
         return path
     if owns is not None and owns(path):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mrl.io import REPORT_FILES, check_output_dir_of
+from mrl.io import check_output_dir_of
 
 NAME = "demo"
 HELP = "train an MRL model on Fashion-MNIST, compare every prefix with baselines, write a report"
@@ -242,7 +242,8 @@ def _short_table(records: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_dir_of(args.out, "--out", ("runs", "demo.md", *REPORT_FILES), "a demo folder")
+    check_output_dir_of(args.out, "--out", ("runs", "demo.md"), "a demo folder",
+                        foreign=("claims.md", "recipe.json"))  # not an eval's report files
     for flag, value in (("--epochs", args.epochs), ("--train-size", args.train_size)):
         if value is not None and value < 1:  # named as the user typed them
             raise ValueError(f"{flag} must be positive, got {flag} {value}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mrl.io import REPORT_FILES, check_output_dir_of
+from mrl.io import REPORT_FILES, WORKFLOW_FILES, check_output_dir_of
 
 NAME = "eval"
 HELP = "evaluate a trained run (or a text model folder) at every prefix size; write a report"
@@ -405,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
             )
         run_dir = run_dir.parent
     out = check_output_dir_of(args.out if args.out else run_dir / "eval", "--out", REPORT_FILES,
-                              "a report folder")
+                              "a report folder", foreign=WORKFLOW_FILES)
     _check_nesting_option(run_dir, args.nesting)  # before minutes of embedding
     records = evaluate_run(
         run_dir,

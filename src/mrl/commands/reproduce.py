@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mrl.io import REPORT_FILES, atomic_write_json, check_output_dir_of
+from mrl.io import atomic_write_json, check_output_dir_of
 
 NAME = "reproduce"
 HELP = "train MRL, MRL-E, FF and plain models with one recipe and compare them at every prefix"
@@ -578,9 +578,10 @@ def _parse_only(text: str | None) -> tuple[str, ...] | None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = RECIPES[(args.task, args.budget)]
-    out = check_output_dir_of(args.out, "--out", ("runs", "claims.md", RECIPE_FILE, LOCK_FILE,
-                                                 *REPORT_FILES),
-                              "a reproduction folder")
+    # not the report files: an `mrl eval` folder holds them too, and its records would be
+    # pooled with the seeds' (a reproduction writes its lock and recipe before any record)
+    out = check_output_dir_of(args.out, "--out", ("runs", "claims.md", RECIPE_FILE, LOCK_FILE),
+                              "a reproduction folder", foreign=("demo.md",))
     reproduce(
         args.task,
         args.budget,

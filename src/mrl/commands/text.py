@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from mrl.io import (
     REPORT_FILES,
+    WORKFLOW_FILES,
     atomic_output_dir,
     check_new_output_dir,
     check_output_dir_of,
@@ -460,7 +461,7 @@ def _compare(args: argparse.Namespace) -> int:
     from mrl.text.adaptor import AdaptorConfig
     from mrl.text.evaluation import compare_methods, headline_metrics, relative_table
 
-    check_output_dir_of(args.out, "--out", REPORT_FILES, "a report folder")
+    check_output_dir_of(args.out, "--out", REPORT_FILES, "a report folder", foreign=WORKFLOW_FILES)
     _check_cache(args.cache)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.finetuned is None and args.finetuned_label != "finetune":

@@ -285,7 +285,7 @@ def eval_command(args: Any) -> int:
     CPU).
     """
     from mrl.devices import default_device
-    from mrl.io import REPORT_FILES, check_output_dir_of
+    from mrl.io import REPORT_FILES, WORKFLOW_FILES, check_output_dir_of
     from mrl.report import write_report
 
     dataset = getattr(args, "dataset", None) or "cranfield"
@@ -300,7 +300,8 @@ def eval_command(args: Any) -> int:
     else:  # the packaged model ('default') has no folder of its own: the working folder
         out = getattr(args, "out", None) or Path(f"eval-{args.run_dir}-{report}")
     # before encoding, not when writing the report
-    out = check_output_dir_of(out, "--out", REPORT_FILES, "a report folder")
+    out = check_output_dir_of(out, "--out", REPORT_FILES, "a report folder",
+                              foreign=WORKFLOW_FILES)
     center = bool(getattr(args, "center", False))
     pca = not getattr(args, "no_baselines", False)
     records, nesting = evaluate_model(
