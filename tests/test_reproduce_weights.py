@@ -215,3 +215,15 @@ def test_the_report_keeps_records_another_process_merged_meanwhile(tmp_path, mon
     saved = json.loads((tmp_path / "results.json").read_text())
     assert {r["run"] for r in saved} == {"mrl", "plain"}
     assert "| plain | top1 |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_centred_reproduction_says_so_in_its_report(tmp_path):
+    """The notes said "cosine on re-normalised prefixes" for --center too (results/fashion-mnist
+    /centered/results.md read like the uncentred report)."""
+    sets = [a for kv in TINY for a in ("--set", kv)]
+    argv = ["reproduce", "fashion-mnist", "--only", "mrl", "--no-progress", *sets]
+    assert main([*argv, "--out", str(tmp_path / "c"), "--center"]) == 0
+    assert "prefixes after centring (the training images mean" in (
+        tmp_path / "c" / "results.md").read_text()
+    assert main([*argv, "--out", str(tmp_path / "u")]) == 0
+    assert "after centring" not in (tmp_path / "u" / "results.md").read_text()

@@ -621,7 +621,8 @@ def _write_report(args: argparse.Namespace, recipe: Recipe, records: list[dict[s
         f"{args.task}, budget {args.budget}: {recipe.note}. Seeds {seeds} (mean ± std over "
         "seeds where more than one). Values in percent. top1: trained heads (mrl, mrl-e, ff); "
         f"linear probe for plain / pca / random ({probe_recipe(probe_iter)}) Retrieval: "
-        "test images against the training images, cosine on re-normalised prefixes."
+        "test images against the training images, cosine on re-normalised prefixes"
+        f"{' after centring (the training images mean subtracted)' if args.center else ''}."
     )
     specs = sorted({r["mrl_weights"] for r in records if "mrl_weights" in r})
     if specs:
