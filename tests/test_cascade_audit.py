@@ -397,3 +397,15 @@ def test_plot_reference_is_the_seed_mean():
     assert m["ff_accuracy"] == pytest.approx({2: 0.7})
     assert (m["oracle_expected_dims"], m["oracle_accuracy"]) == pytest.approx((4.0, 0.8))
     assert m["reference_test_accuracy"] == pytest.approx(0.7)
+
+
+def test_fewshot_table_says_the_head_classes_support_it_used():
+    """The text said heads get 100 examples; the command gives min(100, the smallest class)."""
+    from mrl.cascade.report import _fewshot_tables
+    from mrl.records import make_record
+
+    recs = [make_record("mrl", 8, "ncm_1shot", 0.5, seed=0),
+            make_record("mrl", 8, "lt1_all", 0.4, seed=0, head_shots=37)]
+    assert "the others 37;" in _fewshot_tables(recs)
+    recs[1]["head_shots"] = None
+    assert "the others all they have;" in _fewshot_tables(recs)

@@ -237,6 +237,10 @@ def _fewshot_tables(records: Sequence[dict[str, Any]]) -> str:
     if not few:
         return ""
     pct = [{**r, "value": 100 * r["value"]} for r in few]
+    # the head classes' support as recorded: min(100, the smallest class), not always 100
+    heads = sorted({r["head_shots"] for r in few if r["metric"].startswith("lt")
+                    and r.get("head_shots") is not None}, key=str)  # fmt: skip
+    head = "all they have" if not heads else " or ".join(str(h) for h in heads)
     where = (
         "support drawn from a seeded subset of training images, queries: the whole split"
         if few[0].get("support_from") == "train"
@@ -246,7 +250,7 @@ def _fewshot_tables(records: Sequence[dict[str, Any]]) -> str:
         "## Few-shot and long-tail (nearest class mean, accuracy %)\n\n"
         f"Cosine to class means of re-normalised prefixes; {where}; 5 seeded draws, mean shown. "
         "`ncm_Nshot`: N examples per class. `ltN_*`: half the classes (random per draw) get N "
-        "examples, the others 100; accuracy over all / head / tail queries. FF-m: its first m "
+        f"examples, the others {head}; accuracy over all / head / tail queries. FF-m: its first m "
         "features.\n\n" + to_markdown(pct) + "\n"
     )
 
