@@ -180,6 +180,11 @@ def test_hand_edited_cascade_files_are_one_line_errors(src, capsys, edit, messag
     [
         (["--calib-fraction", "0.3"], "--calib-fraction"),
         (["--fewshot-pool", "train"], "--fewshot-pool"),
+        # typed at their defaults' values: ignored silently, before (only the split was tracked)
+        (["--calib-fraction", "0.5"], "--calib-fraction"),
+        (["--seeds", "0,1,2"], "--seeds"),
+        (["--match", "0.005"], "--match"),
+        (["--notes", ""], "--notes"),
     ],
 )
 def test_eval_of_a_cascade_file_refuses_options_it_would_ignore(src, capsys, argv, flag):
@@ -409,3 +414,27 @@ def test_fewshot_table_says_the_head_classes_support_it_used():
     assert "the others 37;" in _fewshot_tables(recs)
     recs[1]["head_shots"] = None
     assert "the others all they have;" in _fewshot_tables(recs)
+
+
+def test_fewshot_train_pool_with_the_train_split_is_refused(src, capsys, tmp_path):
+    """Support and queries were the same training images (records said support_from train)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rc = main(["cascade", "eval", str(run), "--split", "train", "--fewshot", "--fewshot-pool",
+               "train", "--out", str(tmp_path / "e")])  # fmt: skip
+    assert rc == 2
+    assert "--fewshot-pool train with --split train would draw the support from the very" in (
+        capsys.readouterr().err)
+
+
+def test_eval_refuses_a_demo_folder_and_names_a_too_small_calib_fraction(src, capsys, tmp_path):
+    demo = tmp_path / "demo"
+    (demo / "runs").mkdir(parents=True)
+    (demo / "demo.md").write_text("demo")
+    (demo / "cascade.png").write_bytes(b"the demo's plot")
+    assert main(["cascade", "eval", str(src), "--out", str(demo)]) == 2
+    assert "holds demo.md: it is another command's folder" in capsys.readouterr().err
+    assert (demo / "cascade.png").read_bytes() == b"the demo's plot"
+    assert main(["cascade", "eval", str(src), "--calib-fraction", "0.0001", "--out",
+                 str(tmp_path / "e")]) == 2  # fmt: skip
+    assert "--calib-fraction=0.0001 of" in capsys.readouterr().err

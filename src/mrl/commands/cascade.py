@@ -79,12 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="fixed-feature runs (folders or logits files), one per size",
     )
-    ev.add_argument("--seeds", default="0,1,2", help="calibration/test split seeds, e.g. 0,1,2")
+    ev.add_argument("--seeds", default=None,
+                    help="calibration/test split seeds, e.g. 0,1,2 (default 0,1,2)")
     ev.add_argument(
         "--match",
         type=float,
-        default=0.005,
-        help="accuracy fraction within which the reference counts as matched",
+        default=None,
+        help="accuracy fraction within which the reference counts as matched (default 0.005)",
     )
     ev.add_argument(
         "--fewshot",
@@ -105,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "<stem>-cascade-eval beside a logits file)",
     )
     ev.add_argument("--dataset", default=None, help="dataset name added to every record")
-    ev.add_argument("--notes", default="", help="text for cascade.md (how the runs were trained)")
+    ev.add_argument("--notes", default=None,
+                    help="text for cascade.md (how the runs were trained)")
     _common(ev)
 
 
@@ -113,7 +115,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calib-fraction",
         type=float,
-        default=0.5,
+        default=None,  # None: not given (0.5 is set in run)
         help="fraction of the split used for calibration (default 0.5)",
     )
     p.add_argument(
@@ -154,10 +156,12 @@ def _check_options(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     # which of these were typed: an explicit value that a cascade file would ignore is refused,
     # even when it equals the default
-    args.explicit = {n for n in ("split", "fewshot_pool") if getattr(args, n, None) is not None}
-    for name in ("split", "fewshot_pool"):
+    defaults = {"split": "test", "fewshot_pool": "test", "seeds": "0,1,2", "match": 0.005,
+                "calib_fraction": 0.5, "notes": ""}
+    args.explicit = {n for n in defaults if getattr(args, n, None) is not None}
+    for name, value in defaults.items():
         if hasattr(args, name) and getattr(args, name) is None:
-            setattr(args, name, "test")
+            setattr(args, name, value)
     _check_options(args)
     if args.action == "fit":
         return _fit(args)
@@ -374,11 +378,12 @@ def _refuse_ignored_options(args: argparse.Namespace, info: dict) -> None:
     ``--calib-fraction`` and ``--fewshot-pool`` were silently ignored too (the held-out part is
     the one of the fit's own fraction and seed), and so was ``--split`` without ``--logits``
     (the cascade's source is read at the split it was fitted on)."""
+    typed = args.explicit  # a value equal to the default, typed, was ignored silently too
     options = (("--ff", args.ff), ("--out", args.out), ("--fewshot", args.fewshot),
-               ("--dataset", args.dataset), ("--notes", args.notes),
-               ("--seeds", args.seeds != "0,1,2"), ("--match", args.match != 0.005),
-               ("--calib-fraction", args.calib_fraction != 0.5),
-               ("--fewshot-pool", "fewshot_pool" in args.explicit))  # fmt: skip
+               ("--dataset", args.dataset), ("--notes", "notes" in typed),
+               ("--seeds", "seeds" in typed), ("--match", "match" in typed),
+               ("--calib-fraction", "calib_fraction" in typed),
+               ("--fewshot-pool", "fewshot_pool" in typed))  # fmt: skip
     given = [flag for flag, on in options if on]
     if given:
         raise ValueError(
@@ -419,6 +424,10 @@ def _eval_curves(args: argparse.Namespace, src: Path) -> int:
         raise ValueError(f"--fewshot-pool {args.fewshot_pool} applies with --fewshot only; "
                          "add --fewshot or drop it")  # fmt: skip
     out = _eval_out(args, src)  # checked before the logits are computed
+    if args.fewshot and args.fewshot_pool == "train" and args.split == "train":
+        raise ValueError("--fewshot-pool train with --split train would draw the support from "
+                         "the very images it queries; use --split test (the default) or "
+                         "--fewshot-pool test")
     if args.fewshot and args.fewshot_pool == "train":
         for f in [src, *args.ff]:
             if not Path(f).is_dir():
@@ -427,6 +436,10 @@ def _eval_curves(args: argparse.Namespace, src: Path) -> int:
                     f"{f} is a logits file (use --fewshot-pool test)"
                 )
     data = load_source(src, args.split)
+    from mrl.cascade.evaluate import split_calibration
+
+    # its sample count known: the fraction's error names the flag (it named calib_fraction)
+    split_calibration(len(data.labels), args.calib_fraction, 0, name="--calib-fraction")
     ff = _load_ff(args.ff, args.split, data, src)
     # Few-shot support pools loaded and checked before the cascade work, not after it.
     pools = _fewshot_pools(src, data, ff, args.fewshot_pool) if args.fewshot else []
@@ -489,7 +502,8 @@ def _eval_out(args: argparse.Namespace, src: Path) -> Path:
     else:
         out = src / "cascade-eval" if src.is_dir() else src.with_name(f"{src.stem}-cascade-eval")
     check_output_dir_of(out, "--out", ("cascade.json", "cascade.md", "cascade.png"),
-                        "a cascade evaluation folder")
+                        "a cascade evaluation folder",
+                        foreign=("demo.md", "runs"))  # a demo's cascade.png was replaced
     if _is_cascade_file(out / "cascade.json"):
         raise FileExistsError(
             f"--out {str(out)!r} holds a fitted cascade file (cascade.json) that the evaluation "
