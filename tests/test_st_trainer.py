@@ -95,3 +95,12 @@ def test_trainer_step_is_the_library_loss_and_gradient(tiny_model, tmp_path):  #
     # The step was taken (not a no-op that the comparison above would also accept).
     changed = [bool((p.detach() - e).abs().max() > 0) for p, e in zip(params, initial, strict=True)]
     assert sum(changed) > 10
+
+
+def test_loss_takes_nesting_specs_and_refuses_a_string_flag(tiny_model):  # noqa: F811
+    """"doubling:8" / "full" needed a dim the model has; symmetric="no" was read as True."""
+    model = load_encoder(tiny_model)
+    assert MatryoshkaContrastiveLoss(model, "doubling:8").nesting.sizes == (8, 16, 32)
+    assert MatryoshkaContrastiveLoss(model, "full").nesting.sizes == (32,)
+    with pytest.raises(ValueError, match="symmetric must be True or False, got symmetric='no'"):
+        MatryoshkaContrastiveLoss(model, "8,32", symmetric="no")

@@ -537,3 +537,26 @@ def test_cranfield_pair_judged_twice_with_two_grades_is_refused():
                                          r"but line 1 judged it 1"):
         parse_qrels("1 3 1\n2 3 2\n1 3 4\n", 2)
     assert parse_qrels("1 3 1\n1 3 1\n", 2) == {"1": {"3": 4.0}}  # the same line twice: once
+
+
+def test_title_pairs_check_min_words_and_warn_about_repeated_titles():
+    """The docs promise the repeated-titles warning for corpus pairs too (Cranfield repeats 39
+    titles); min_words=0 kept an empty positive, "3" was a TypeError."""
+    with pytest.warns(UserWarning, match="title -> body pairs: 1 repeated queries"):
+        pairs = pairs_from_titles(["Wing", "Wing", "Tail"],
+                                  ["one two three", "four five six", "seven eight nine"])
+    assert len(pairs) == 3
+    for bad, message in ((0, "min_words must be >= 1"), ("3", "min_words must be an integer")):
+        with pytest.raises(ValueError, match=message):
+            pairs_from_titles(["Same text here"], ["Same text here"], min_words=bad)
+
+
+def test_labelled_corpus_labels_must_be_class_ids():
+    from mrl.text.corpus import LabelledCorpus
+
+    with pytest.raises(ValueError, match=r"labels must be integer class ids in \[0, 2\)"):
+        LabelledCorpus("x", ["a", "b"], ["v", "w"], [0.7, 1.2], ["p", "q"])
+    with pytest.raises(ValueError, match=r"in \[0, 1\).*values 5..5"):
+        LabelledCorpus("x", ["a"], ["v"], [5], ["p"])
+    with pytest.raises(ValueError, match="got dtype <U5"):
+        LabelledCorpus("x", ["a"], ["v"], ["sport"], ["sport"])

@@ -916,3 +916,22 @@ def test_embed_resume_refuses_another_model_of_the_same_folder_name(tiny_model, 
     report = embed_corpus(SentenceTransformerEncoder(copy), corpus, out, rank=1, world_size=2,
                           merge=False, **opts)  # fmt: skip
     assert report.encoded == [1]
+
+
+def test_a_damaged_mrl_json_and_a_non_integer_truncate_dim_are_named(tiny_model, tmp_path):
+    """A damaged mrl.json raised a JSONDecodeError / KeyError naming no file; truncate_dim=16.0
+    failed inside encode, True gave 1-d embeddings, "16" was "16 is not one of [...16...]"."""
+    from mrl.text.encoders import check_prefix, model_nesting
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    for text in ("{bad", '{"sizes": [8, 32]}'):
+        (folder / "mrl.json").write_text(text)
+        with pytest.raises(ValueError, match=r"m/mrl.json does not record a nesting"):
+            model_nesting(folder)
+    enc = load_encoder(tiny_model)
+    for bad in (16.0, True, "16"):
+        with pytest.raises(ValueError, match=rf"truncate_dim must be an integer, got "
+                                             rf"truncate_dim={bad!r}"):
+            check_prefix(enc, bad, Nesting((8, 16, 32)))
+    check_prefix(enc, 16, Nesting((8, 16, 32)))

@@ -119,7 +119,15 @@ class LabelledCorpus:
     classes: list[str]
 
     def __post_init__(self) -> None:
-        self.labels = np.asarray(self.labels, dtype=np.int64)
+        labels = np.asarray(self.labels)
+        if labels.dtype.kind not in "iu" or (labels.size and not (
+                0 <= labels.min() and labels.max() < len(self.classes))):
+            # float labels were truncated (0.7 -> 0), a label past the classes kept
+            raise ValueError(f"labels must be integer class ids in [0, {len(self.classes)}) "
+                             f"(one per class name), got dtype {labels.dtype}"
+                             + (f", values {labels.min()}..{labels.max()}"
+                                if labels.dtype.kind in "iuf" and labels.size else ""))
+        self.labels = labels.astype(np.int64)
         if not (len(self.titles) == len(self.bodies) == len(self.labels)):
             raise ValueError(
                 f"titles, bodies and labels must have the same length, got "

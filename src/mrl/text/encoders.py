@@ -77,7 +77,11 @@ def model_nesting(model: str | os.PathLike) -> Nesting | None:
     path = resolve_model_path(model) / MRL_CONFIG
     if not path.is_file():
         return None
-    return Nesting.from_dict(json.loads(path.read_text())["nesting"])
+    try:  # a damaged file: a JSONDecodeError or KeyError that named no file, before
+        return Nesting.from_dict(json.loads(path.read_text())["nesting"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} does not record a nesting ({type(exc).__name__}: {exc}); "
+                         "rewrite it or remove it to use the model at its full size") from None
 
 
 def write_model_nesting(folder: str | os.PathLike, nesting: Nesting, **info: Any) -> None:
@@ -178,10 +182,13 @@ def embedding_dim(encoder: Any) -> int:
 
 def check_prefix(encoder: Any, m: int, nesting: Nesting | None) -> None:
     """ValueError when ``m`` is not a prefix size the model has."""
+    from mrl.params import check_int
+
+    check_int(m, "truncate_dim")  # 16.0 failed inside encode; True gave 1-d embeddings
     dim = embedding_dim(encoder)
     if nesting is not None and m not in nesting:
         raise ValueError(
-            f"truncate_dim={m} is not one of the model's prefix sizes {list(nesting.sizes)}"
+            f"truncate_dim={m!r} is not one of the model's prefix sizes {list(nesting.sizes)}"
         )
     if not 1 <= m <= dim:
         raise ValueError(f"truncate_dim must be in 1..{dim} (the model's dimension), got {m}")

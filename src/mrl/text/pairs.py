@@ -65,7 +65,11 @@ def _warn_repeats(path: str | os.PathLike, pairs: list[Pair]) -> None:
 
 
 def pairs_from_titles(titles: list[str], bodies: list[str], min_words: int = 3) -> list[Pair]:
-    """title -> body pairs; skips documents whose title or remaining body is empty/short."""
+    """title -> body pairs; skips documents whose title or remaining body is empty/short
+    (fewer than ``min_words`` words). Repeated titles are warned about, as `read_pairs` does."""
+    from mrl.params import check_int
+
+    check_int(min_words, "min_words", minimum=1)  # 0 kept empty positives; "3" a TypeError
     if len(titles) != len(bodies):
         raise ValueError(
             f"titles and bodies must match in length, got {len(titles)} and {len(bodies)}"
@@ -80,4 +84,5 @@ def pairs_from_titles(titles: list[str], bodies: list[str], min_words: int = 3) 
         pairs.append(Pair(title, body))
     if not pairs:
         raise ValueError("no usable title -> body pairs (titles or bodies are empty)")
+    _warn_repeats("title -> body pairs", pairs)  # Cranfield repeats 39 titles
     return pairs

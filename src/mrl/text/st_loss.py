@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from mrl.losses import _check_temperature, matryoshka_contrastive_loss
 from mrl.nesting import Nesting
+from mrl.params import check_flag
 
 __all__ = ["MatryoshkaContrastiveLoss"]
 
@@ -45,15 +46,17 @@ class MatryoshkaContrastiveLoss(nn.Module):
         symmetric: bool = False,
     ) -> None:
         super().__init__()
-        nesting = Nesting.coerce(nesting)
         dim = _untruncated_dim(model)
+        if isinstance(nesting, str):  # "doubling:8" / "full" need the width, known here
+            nesting = Nesting.parse(nesting, dim=None if dim is None else int(dim))
+        nesting = Nesting.coerce(nesting)
         if dim is not None:
             nesting.check_dim(int(dim), "the model's embeddings")
         _check_temperature(temperature)  # positive and finite; a 0-d tensor stays learnable
         self.model = model
         self.nesting = nesting
         self.temperature = temperature if isinstance(temperature, Tensor) else float(temperature)
-        self.symmetric = bool(symmetric)
+        self.symmetric = check_flag(symmetric, "symmetric")  # "no" was read as True
 
     def embed(self, features: dict[str, Tensor]) -> Tensor:
         return self.model(features)["sentence_embedding"]  # [B, D]
