@@ -242,7 +242,7 @@ def test_text_encode_batch_size_checked_before_the_model_loads(tmp_path, capsys,
     (["--n", "7"], "--n sizes the synthetic data; with --embeddings the file gives it"),
     (["--dim", "4096"], "--dim sizes the synthetic data; with --embeddings the file gives it"),
     (["--query-embeddings", "Q", "--queries", "2"],
-     "--queries sizes the synthetic data; with --query-embeddings the file gives it"),
+     "--queries sets how many queries are drawn; --query-embeddings gives them"),
 ])
 def test_bench_sizes_the_files_give_are_refused(tmp_path, capsys, no_benchmark, options,
                                                 message):

@@ -69,6 +69,11 @@ def test_center_given_as_a_string_is_named():
         r"got center='mean'",
     ):
         evaluate_labelled(x, y, x, y, [4, 8], center="mean")
+    # numpy's booleans are booleans
+    for flag in (True, False):
+        got = evaluate_labelled(x, y, x, y, [4, 8], center=np.bool_(flag))
+        want = evaluate_labelled(x, y, x, y, [4, 8], center=flag)
+        assert [r["value"] for r in got] == [r["value"] for r in want]
 
 
 def test_ranking_qrels_with_a_bool_query_or_a_non_number_gain_are_named():

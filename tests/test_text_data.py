@@ -560,3 +560,4 @@ def test_labelled_corpus_labels_must_be_class_ids():
         LabelledCorpus("x", ["a"], ["v"], [5], ["p"])
     with pytest.raises(ValueError, match="got dtype <U5"):
         LabelledCorpus("x", ["a"], ["v"], ["sport"], ["sport"])
+    assert LabelledCorpus("x", [], [], [], ["p"]).labels.dtype == np.int64  # empty: fine

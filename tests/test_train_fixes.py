@@ -333,3 +333,17 @@ def test_a_foreign_pickle_is_refused_without_running_its_code(tmp_path):
     with pytest.raises(ValueError, match=r"bare.pt is not an mrl training checkpoint \(format 1\): "
                                          r"it lacks \['epoch', 'config'"):
         load_checkpoint(tmp_path / "bare.pt")
+
+
+@pytest.mark.parametrize("api", ["add_safe_globals", "none"])
+def test_checkpoints_load_weights_only_on_torch_without_safe_globals(tmp_path, task, monkeypatch,
+                                                                     api):
+    """`torch.serialization.safe_globals` exists from torch 2.5; pyproject allows 2.1: every
+    checkpoint was "unreadable or corrupt" there."""
+    cfg = _cfg("epochs=1")
+    train(cfg, tmp_path, progress=False, task=task)
+    monkeypatch.delattr(torch.serialization, "safe_globals")
+    if api == "none":
+        monkeypatch.delattr(torch.serialization, "add_safe_globals")
+    saved = load_checkpoint(tmp_path)
+    assert saved["epoch"] == 1 and isinstance(saved["torch_version"], str)

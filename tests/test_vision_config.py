@@ -221,20 +221,26 @@ def test_a_key_given_twice_in_a_json_config_is_refused(tmp_path):
         load_config(path)
 
 
-def test_group_norm_on_mlp_features_keeps_at_least_16_channels_a_group():
+def test_group_norm_in_an_mlp_needs_16_channels_a_group():
     """One channel a group normalised an MLP's every feature to 0: a width-8 MLP with
-    norm=group gave the same embedding for every image (chance accuracy)."""
+    norm=group gave the same embedding for every image (chance accuracy). Refused for new runs;
+    the grouping itself is unchanged, so saved runs compute what they computed."""
     import torch
     from torch import nn
 
     from mrl.models.mlp import MLPEncoder
     from mrl.models.norm import make_norm
 
-    groups = [make_norm("group", c, nn.BatchNorm1d).num_groups for c in (4, 8, 16, 32, 64, 100,
-                                                                         1024)]
-    assert groups == [1, 1, 1, 2, 4, 4, 8]  # 1024 (the default width): 8 groups, as before
+    for width in (8, 16, 64):
+        with pytest.raises(ValueError, match=rf"model.width must be at least 16 channels per "
+                                             rf"group .*got model.width={width}"):
+            load_config(None, ["model.name=mlp", "model.norm=group", f"model.width={width}"])
+    for width in (128, 100, 1024):  # 8 groups of 16; 4 of 25; 8 of 128
+        load_config(None, ["model.name=mlp", "model.norm=group", f"model.width={width}"])
+    load_config(None, ["model.name=mlp", "model.norm=group"])  # the default width, 1024
+    load_config(None, ["model.name=mlp", "model.norm=batch", "model.width=8"])
+    # the rule a saved run was built with
+    assert [make_norm("group", c, nn.BatchNorm1d).num_groups for c in (8, 64, 1024)] == [8, 8, 8]
     torch.manual_seed(0)
-    for width in (4, 8, 16):
-        enc = MLPEncoder(dim=16, width=width, in_channels=1, input_shape=(8, 8), norm="group")
-        z = enc(torch.randn(32, 1, 8, 8))
-        assert z.std(0).min() > 1e-3, (width, z.std(0))  # the embedding depends on the input
+    enc = MLPEncoder(dim=16, width=128, in_channels=1, input_shape=(8, 8), norm="group")
+    assert enc(torch.randn(32, 1, 8, 8)).std(0).min() > 1e-3  # depends on its input

@@ -134,7 +134,10 @@ class ModelConfig:
     stem: str = _f(
         "small", "resnet only: small (3x3, for 28-64 px) | imagenet (7x7 + max-pool, 224 px)"
     )
-    norm: str = _f("batch", "cnn and mlp only: batch | group | none")
+    norm: str = _f(
+        "batch", "cnn and mlp only: batch | group | none (group in an mlp: width >= 128, at "
+        "least 16 channels a group)"
+    )
     mode: str = _f(
         "mrl", "head: mrl (one linear per prefix) | mrl-e (tied) | ff (reads z[:ff_dim]) | plain"
     )
@@ -472,6 +475,17 @@ def _check_model_options_apply(m: ModelConfig) -> None:
     _check(m.stem == "small" or m.name.startswith("resnet"), "model.stem", m.stem,
            f"'small' for model.name={m.name!r} (the stem is a ResNet option; it would be "
            "ignored)")
+    if m.name == "mlp" and m.norm == "group":
+        # an MLP layer's features [B, C] have no positions: a group's statistics come from its
+        # C / groups channels alone (1 channel: every output 0, a constant embedding; 2: about
+        # +-1). Refused for new runs, not regrouped: saved runs must keep computing what they
+        # computed (GroupNorm's weights do not record the group count).
+        width = 1024 if m.width is None else m.width
+        groups = min(8, width) if width % min(8, width) == 0 else math.gcd(8, width)
+        _check(width // groups >= 16, "model.width", width,
+               f"at least 16 channels per group with model.norm='group' in an MLP (width "
+               f"{width} gives {groups} groups of {width // groups}); use a width of 128 or "
+               "more, or model.norm='batch'")
 
 
 def describe() -> str:

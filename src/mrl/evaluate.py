@@ -107,11 +107,13 @@ def _mean(db: torch.Tensor) -> torch.Tensor:
 
 def _center_vector(center: Any, db: torch.Tensor) -> torch.Tensor | None:
     """False/None -> None; True -> database mean; a [D] vector -> itself (float32 at least)."""
+    if isinstance(center, np.bool_):  # numpy's True / False, as Python's
+        center = bool(center)
     if center is None or center is False:
         return None
     if center is True:
         return _mean(db)
-    if isinstance(center, (bool, np.bool_, str, bytes)):  # "mean" was a bare torch TypeError
+    if isinstance(center, (str, bytes)):  # "mean" was a bare torch TypeError
         raise ValueError(
             f"center must be a [{db.shape[1]}] vector, True or None, got center={center!r}"
         )

@@ -293,10 +293,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no checkpoint at {str(path)!r} (train first: mrl train CONFIG --out DIR)"
         )
-    from torch.torch_version import TorchVersion
-
     try:  # weights only: a foreign pickle's code must not run before it is refused
-        with torch.serialization.safe_globals([TorchVersion]):  # older checkpoints hold one
+        with _allow_torch_version():  # checkpoints written before this change hold one
             saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors come in many types
         if "Weights only load failed" in str(exc):  # torch's advice (load it unsafely) is not ours
@@ -311,6 +309,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not an mrl training checkpoint (format {FORMAT}): it lacks "
                          f"{missing}")
     return saved
+
+
+@contextlib.contextmanager
+def _allow_torch_version():
+    """TorchVersion allowed in a weights-only load: `safe_globals` (torch >= 2.5), else the
+    process-wide `add_safe_globals` (2.4), else nothing (older torch: only checkpoints written
+    before torch_version became a str are then refused, by name)."""
+    from torch.torch_version import TorchVersion
+
+    serialization = torch.serialization
+    if hasattr(serialization, "safe_globals"):
+        with serialization.safe_globals([TorchVersion]):
+            yield
+        return
+    if hasattr(serialization, "add_safe_globals"):
+        serialization.add_safe_globals([TorchVersion])
+    yield
 
 
 # every checkpoint `train` writes holds these (format 1); resume reads the others it writes

@@ -93,10 +93,13 @@ def _fill_sizes(args: argparse.Namespace) -> None:
         given["--queries"] = args.queries
     if args.embeddings:
         for flag, value in given.items():
-            if value is not None:
-                source = "--query-embeddings" if flag == "--queries" else "--embeddings"
-                raise ValueError(f"{flag} sizes the synthetic data; with {source} the file "
-                                 f"gives it: drop {flag}")
+            if value is None:
+                continue
+            if flag == "--queries":  # it sizes the queries drawn from --embeddings otherwise
+                raise ValueError("--queries sets how many queries are drawn; --query-embeddings "
+                                 "gives them: drop --queries")
+            raise ValueError(f"{flag} sizes the synthetic data; with --embeddings the file gives "
+                             f"it: drop {flag}")
     args.n = 100_000 if args.n is None else args.n
     args.dim = 2048 if args.dim is None else args.dim
     args.queries = 1000 if args.queries is None else args.queries

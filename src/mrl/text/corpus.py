@@ -120,6 +120,8 @@ class LabelledCorpus:
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels)
+        if labels.size == 0:  # [] is float64 to numpy: an empty corpus has no label to check
+            labels = labels.astype(np.int64)
         if labels.dtype.kind not in "iu" or (labels.size and not (
                 0 <= labels.min() and labels.max() < len(self.classes))):
             # float labels were truncated (0.7 -> 0), a label past the classes kept
