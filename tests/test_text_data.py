@@ -175,9 +175,9 @@ def test_beir_bad_qrels(tmp_path):
     root = _write_beir(tmp_path / "h", lines, "query-id\tcorpus-id\tscore\n")
     with pytest.raises(ValueError, match=r"test.tsv holds no judgment with a score > 0"):
         load_beir(root)
-    dup = [json.dumps({"_id": "d1", "text": "a"}), json.dumps({"_id": "d1", "text": "b"})]
-    root = _write_beir(tmp_path / "d", dup, "q1\td1\t1\n")
-    with pytest.raises(ValueError, match=r"corpus.jsonl: _id 'd1' appears twice \(entries 1 and 2"):
+    dup = [json.dumps({"_id": "d1", "text": "a"}), "", json.dumps({"_id": "d1", "text": "b"})]
+    root = _write_beir(tmp_path / "d", dup, "q1\td1\t1\n")  # the file's lines, not entries
+    with pytest.raises(ValueError, match=r"corpus.jsonl: _id 'd1' appears twice \(lines 1 and 3"):
         load_beir(root)
     # a pair judged twice: a later positive score overwrote, a later 0 did not
     root = _write_beir(tmp_path / "2x", lines, "q1\td1\t2\nq1\td1\t0\n")
@@ -307,6 +307,9 @@ def test_bbc_sorted_and_limited(tmp_path):
     assert ds.titles == ["arts 001.txt title", "tech 001.txt title", "tech 002.txt title"]
     assert ds.bodies[1] == "body of tech 001.txt"
     assert ds.labels.tolist() == [0, 1, 1]
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # not a class
+    (tmp_path / "__pycache__").mkdir()
+    assert load_bbc(tmp_path).classes == ["arts", "tech"]
     with pytest.raises(ValueError, match="limit_per_class must be >= 1, got 0"):
         load_bbc(tmp_path, limit_per_class=0)
 

@@ -40,7 +40,9 @@ def load_bbc(
         raise FileNotFoundError(f"root={str(folder)!r} is not a folder")
     if limit_per_class is not None and limit_per_class < 1:
         raise ValueError(f"limit_per_class must be >= 1, got {limit_per_class}")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    # hidden folders (.ipynb_checkpoints) and __pycache__ are not classes
+    classes = sorted(p.name for p in folder.iterdir()
+                     if p.is_dir() and not p.name.startswith((".", "__")))
     if not classes:
         raise FileNotFoundError(f"root={str(folder)!r} has no class sub-folders")
     titles, bodies, labels = [], [], []

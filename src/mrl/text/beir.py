@@ -135,12 +135,14 @@ def _read_qrels(path: Path) -> dict[str, dict[str, float]]:
     return qrels
 
 
-def _check_unique(ids: list[str], path: Path) -> None:
+def _check_unique(ids: list[str], path: Path, lines: list[int]) -> None:
+    """Each _id once; a repeat is named by the file's line numbers of both (the entries'
+    positions, counted without blank lines, pointed at other lines)."""
     seen: dict[str, int] = {}
     for i, ident in enumerate(ids):
         if ident in seen:
-            raise ValueError(f"{path}: _id {ident!r} appears twice (entries {seen[ident] + 1} and "
-                             f"{i + 1}); ids must be unique")
+            raise ValueError(f"{path}: _id {ident!r} appears twice (lines {lines[seen[ident]]} "
+                             f"and {lines[i]}); ids must be unique")
         seen[ident] = i
 
 
@@ -166,7 +168,8 @@ def load_beir(root: str | os.PathLike, split: str = "test") -> RetrievalDataset:
     if not isinstance(split, str) or not split or "/" in split or "\\" in split:
         raise ValueError(f"split must be a qrels file name such as 'test' or 'dev', got {split!r}")
     ds = load_beir_documents(root)
-    queries = read_jsonl(root / "queries.jsonl", ("_id", "text"))
+    query_lines: list[int] = []
+    queries = read_jsonl(root / "queries.jsonl", ("_id", "text"), line_numbers=query_lines)
     qrels_path = root / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
         have = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
@@ -178,7 +181,7 @@ def load_beir(root: str | os.PathLike, split: str = "test") -> RetrievalDataset:
     if not qrels:
         raise ValueError(f"{qrels_path} holds no judgment with a score > 0: nothing to evaluate")
     query_ids = [str(r["_id"]) for r in queries]
-    _check_unique(query_ids, root / "queries.jsonl")
+    _check_unique(query_ids, root / "queries.jsonl", query_lines)
     known, known_q = set(ds.doc_ids), set(query_ids)
     for q, docs in qrels.items():
         if q not in known_q:  # a typo or a stale file: that query would silently not count
@@ -198,10 +201,11 @@ def load_beir_documents(root: str | os.PathLike) -> RetrievalDataset:
     for fine-tuning, fitting an adaptor or encoding, where a corpus is all that is needed."""
     root = _check_root(root)
     # empty texts are named by file, line and _id here (later only a list index could be)
+    lines: list[int] = []
     corpus = read_jsonl(root / "corpus.jsonl", ("_id", "text"), ("title",),
-                        any_text=("title", "text"))  # fmt: skip
+                        any_text=("title", "text"), line_numbers=lines)  # fmt: skip
     doc_ids = [str(r["_id"]) for r in corpus]
-    _check_unique(doc_ids, root / "corpus.jsonl")
+    _check_unique(doc_ids, root / "corpus.jsonl", lines)
     titles = [str(r.get("title") or "") for r in corpus]
     return RetrievalDataset(root.name, doc_ids, titles, [r["text"] for r in corpus], [], [])
 
