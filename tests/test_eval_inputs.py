@@ -136,3 +136,11 @@ def test_baseline_parameters_are_checked():
     with pytest.raises(ValueError, match=r"x must be 2-D \[rows, dim\], got shape \(8,\)"):
         random_features(x[0])
     assert PCA(centered=np.bool_(False), max_samples=np.int64(10)).fit(x).max_samples == 10
+
+
+def test_a_negative_label_is_named_by_its_value():
+    x, y = _data(60)
+    y[7] = -2
+    with pytest.raises(ValueError, match=r"pool_labels must be non-negative integers, got -2 "
+                                         r"\(row 7\)"):
+        few_shot_eval(x, y, x, np.abs(y), Nesting((4, 8)), shots=(1,))

@@ -347,3 +347,14 @@ def test_checkpoints_load_weights_only_on_torch_without_safe_globals(tmp_path, t
         monkeypatch.delattr(torch.serialization, "add_safe_globals")
     saved = load_checkpoint(tmp_path)
     assert saved["epoch"] == 1 and isinstance(saved["torch_version"], str)
+
+
+def test_resume_takes_default_weights_written_out_as_the_same_model(tmp_path, task):
+    """nesting_weights None and [1, 1, 1] are one model (the paper's sum): resume refused it."""
+    train(_cfg("epochs=2"), tmp_path, progress=False, task=task, stop_after_epochs=1)
+    with pytest.raises(ValueError, match="nesting_weights"):  # other weights: another model
+        train(_cfg("epochs=2", "model.nesting_weights=[1,1,2]"), tmp_path, resume=True,
+              progress=False, task=task)  # fmt: skip
+    train(_cfg("epochs=2", "model.nesting_weights=[1,1,1]"), tmp_path, resume=True,
+          progress=False, task=task)  # fmt: skip
+    assert load_checkpoint(tmp_path)["epoch"] == 2

@@ -70,8 +70,11 @@ def _check_xy(x: Any, y: Any, nesting: Nesting, name: str) -> tuple[np.ndarray, 
             f"{name}_labels must have one label per row of {name} ({xs.shape[0]}), "
             f"got {ys.shape[0]}"
         )
-    if not np.issubdtype(ys.dtype, np.integer) or (len(ys) and ys.min() < 0):
+    if not np.issubdtype(ys.dtype, np.integer):
         raise ValueError(f"{name}_labels must be non-negative integers, got dtype {ys.dtype}")
+    if len(ys) and ys.min() < 0:  # the value, not the (integer) dtype
+        raise ValueError(f"{name}_labels must be non-negative integers, got {int(ys.min())} "
+                         f"(row {int(np.argmin(ys))})")
     return xs, ys.astype(np.int64, copy=False)
 
 

@@ -222,7 +222,12 @@ def _canonical(config: dict[str, Any]) -> dict[str, Any]:
             sizes = list(Nesting.parse(model["nesting"], dim=dim).sizes)
         except (ValueError, TypeError):
             continue
-        return {**config, "model": {**model, "nesting": sizes}}
+        out = {**model, "nesting": sizes}
+        weights = model.get("nesting_weights")
+        if isinstance(weights, list) and len(weights) == len(sizes) and all(
+                w == 1 for w in weights):  # the default weights, written out: the same model
+            out["nesting_weights"] = None  # (a key the saved config lacks stays absent)
+        return {**config, "model": out}
     return config  # compared as written
 
 
