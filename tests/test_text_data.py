@@ -310,8 +310,11 @@ def test_bbc_sorted_and_limited(tmp_path):
     (tmp_path / ".ipynb_checkpoints").mkdir()  # not a class
     (tmp_path / "__pycache__").mkdir()
     assert load_bbc(tmp_path).classes == ["arts", "tech"]
-    with pytest.raises(ValueError, match="limit_per_class must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="limit_per_class must be >= 1, got limit_per_class=0"):
         load_bbc(tmp_path, limit_per_class=0)
+    with pytest.raises(ValueError, match="limit_per_class must be an integer, got "
+                                         "limit_per_class='3'"):
+        load_bbc(tmp_path, limit_per_class="3")  # a bare TypeError, before
 
 
 def test_bbc_package():

@@ -91,6 +91,8 @@ def test_encode_and_bad_texts(tiny):
         encode(tiny, "just one")
     with pytest.raises(ValueError, match="on_long must be 'warn' or 'error'"):
         encode(tiny, ["a"], on_long="cut")
+    with pytest.raises(ValueError, match="batch_size must be an integer, got batch_size='8'"):
+        encode(tiny, ["a"], batch_size="8")  # a bare TypeError, before
 
 
 def test_long_texts_warn_or_refuse(tiny):

@@ -38,8 +38,10 @@ def load_bbc(
     folder = Path(root) if root is not None else bbc_folder()
     if not folder.is_dir():
         raise FileNotFoundError(f"root={str(folder)!r} is not a folder")
-    if limit_per_class is not None and limit_per_class < 1:
-        raise ValueError(f"limit_per_class must be >= 1, got {limit_per_class}")
+    if limit_per_class is not None:  # "3" was a bare TypeError
+        from mrl.params import check_int
+
+        check_int(limit_per_class, "limit_per_class", minimum=1)
     # hidden folders (.ipynb_checkpoints) and __pycache__ are not classes
     classes = sorted(p.name for p in folder.iterdir()
                      if p.is_dir() and not p.name.startswith((".", "__")))

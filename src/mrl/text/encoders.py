@@ -116,8 +116,10 @@ def load_encoder(
     """
     st = require("sentence_transformers", "text")
     path = resolve_model_path(model)
-    if max_seq_length is not None and max_seq_length < 1:
-        raise ValueError(f"max_seq_length must be >= 1, got {max_seq_length}")
+    if max_seq_length is not None:  # "32" was a bare TypeError
+        from mrl.params import check_int
+
+        check_int(max_seq_length, "max_seq_length", minimum=1)
     try:
         encoder = st.SentenceTransformer(str(path), device=device, local_files_only=True)
     except Exception as exc:
@@ -237,8 +239,9 @@ def encode(
     """
     if on_long not in ("warn", "error"):
         raise ValueError(f"on_long must be 'warn' or 'error', got {on_long!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from mrl.params import check_int
+
+    check_int(batch_size, "batch_size", minimum=1)  # "8" was a bare TypeError
     texts = check_texts(texts, name)
     long = count_long(encoder, texts)
     if long:

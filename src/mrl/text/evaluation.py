@@ -122,7 +122,10 @@ def evaluate_corpus(
     if emb.shape[0] < 2:
         raise ValueError(f"corpus {corpus.name!r} needs at least 2 documents for leave-one-out "
                          f"retrieval, got {emb.shape[0]}")
-    k = min(k, emb.shape[0] - 1)  # a tiny corpus: every other document (p@N-1), as queries' k
+    from mrl.params import check_int
+
+    k = min(check_int(k, "k", minimum=1), emb.shape[0] - 1)  # a tiny corpus: every other
+    # document (p@N-1), as queries' k; "10" was a bare TypeError
     docs = corpus.documents
     repeats = len(docs) - len(set(docs))
     if repeats and (key := (corpus.name, len(docs), repeats)) not in _WARNED_REPEATS:
