@@ -158,7 +158,13 @@ def test_cli_bad_input(tmp_path, data, capsys):
     assert "queries must have shape [Q, 64]" in capsys.readouterr().err
     np.save(tmp_path / "q.npy", q)
     assert main(["search", str(tmp_path / "i"), str(tmp_path / "q.npy"), "--k", "5000"]) == 2
-    assert "k must be <= number of database items (2000)" in capsys.readouterr().err
+    assert "--k must be in [1, 2000] (the index's rows), got --k 5000" in (
+        capsys.readouterr().err)  # the flag, not the library's k (named before the queries load)
+    for argv, message in ((["--shortlist", "0"], "--shortlist must be >= 1, got --shortlist 0"),
+                          (["--shortlist-dim", "12"], "--shortlist-dim must be a prefix size of "
+                           "the index [8, 16, 32, 64], got --shortlist-dim 12")):
+        assert main(["search", str(tmp_path / "i"), str(tmp_path / "q.npy"), *argv]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_cli_build_refuses_options_and_folders_up_front(tmp_path, data, capsys):
@@ -381,7 +387,7 @@ def test_cli_ivf_build_search(tmp_path, data, capsys):
     assert main(["search", str(tmp_path / "idx"), str(tmp_path / "q.npy"), "--nprobe", "1"]) == 0
     capsys.readouterr()
     assert main(["search", str(tmp_path / "idx"), str(tmp_path / "q.npy"), "--nprobe", "0"]) == 2
-    assert "nprobe must be >= 1, got nprobe=0" in capsys.readouterr().err
+    assert "--nprobe must be >= 1, got --nprobe 0" in capsys.readouterr().err
 
 
 def test_tune_memory_budget_picks_fastest_that_fits(data):

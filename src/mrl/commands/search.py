@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device != "cpu" and backend != "torch":
         raise ValueError(f"--device {args.device} is for --backend torch (this search runs "
                          f"{backend} on the CPU)")
+    _check_numbers(args, index)  # named as flags (the index's errors say k, shortlist_dim)
     q, _, _ = load_embeddings(args.queries, "full")
     centered = _queries_centered(args.queries, index)
     overrides = {
@@ -100,3 +101,16 @@ def _queries_centered(queries: str, index) -> bool:
             f"{has}: pass raw query embeddings (.npy) or a store created with the index's center"
         )
     return True
+
+
+def _check_numbers(args, index) -> None:
+    """--k, --shortlist, --shortlist-dim and --nprobe against the index, before the queries
+    are read; the library's own errors name its parameters (k, shortlist_dim), not the flags."""
+    if not 1 <= args.k <= index.count:
+        raise ValueError(f"--k must be in [1, {index.count}] (the index's rows), got --k {args.k}")
+    for flag, value in (("--shortlist", args.shortlist), ("--nprobe", args.nprobe)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {flag} {value}")
+    if args.shortlist_dim is not None and args.shortlist_dim not in index.nesting:
+        raise ValueError(f"--shortlist-dim must be a prefix size of the index "
+                         f"{list(index.nesting.sizes)}, got --shortlist-dim {args.shortlist_dim}")
