@@ -14,12 +14,17 @@ import numpy as np
 __all__ = ["check_flag", "check_int"]
 
 
-def check_int(value: Any, name: str, minimum: int | None = None) -> int:
-    """``value`` as an int: an integer (numpy ones too, not a bool) of at least ``minimum``."""
+def check_int(value: Any, name: str, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+    """``value`` as an int: an integer (numpy ones too, not a bool) in [minimum, maximum]
+    (either bound may be None)."""
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise ValueError(f"{name} must be an integer, got {name}={value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {name}={value!r}")
+    low = minimum is not None and value < minimum
+    if low or (maximum is not None and value > maximum):
+        bounds = (f"in [{minimum}, {maximum}]" if minimum is not None and maximum is not None
+                  else f">= {minimum}" if low or maximum is None else f"<= {maximum}")
+        raise ValueError(f"{name} must be {bounds}, got {name}={int(value)}")
     return int(value)
 
 

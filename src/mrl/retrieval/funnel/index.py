@@ -47,6 +47,7 @@ from mrl.io import (
     read_json_sidecar,
 )
 from mrl.nesting import Nesting
+from mrl.params import check_flag, check_int
 from mrl.retrieval.exact import METRICS, check_queries, topk_sorted, unit_peak
 from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
 from mrl.retrieval.store import (
@@ -220,15 +221,6 @@ def hit_lists(
     return out_ids, out_scores
 
 
-def _as_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {name}={value!r}")
-    if value < lo or (hi is not None and value > hi):
-        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be {rng}, got {name}={value}")
-    return int(value)
-
-
 class MatryoshkaIndex:
     """Adaptive-retrieval index over Matryoshka embeddings (cosine similarity per prefix).
 
@@ -290,7 +282,7 @@ class MatryoshkaIndex:
             raise ValueError(f"config must be a SearchConfig (SearchConfig.from_dict for a dict), "
                              f"got {type(config).__name__}")
         # threads=-1 failed at the first search (ThreadPoolExecutor), 2.5 inside FAISS
-        self.threads = _as_int("threads", threads, 1) if threads is not None else (
+        self.threads = check_int(threads, "threads", 1) if threads is not None else (
             os.cpu_count() or 1)
         # default D_s: 16, or the smallest size where the nesting lacks 16 (e.g. one size [D])
         self.config = config or SearchConfig(16 if 16 in nesting else nesting.sizes[0])
@@ -575,7 +567,7 @@ class MatryoshkaIndex:
             )
         if n is not None and k > n:
             raise ValueError(f"k must be <= number of database items ({n}), got k={k}")
-        _as_int("shortlist", cfg.shortlist, 1)
+        check_int(cfg.shortlist, "shortlist", 1)
         if cfg.shortlist < k:
             raise ValueError(f"shortlist must be >= k ({k}), got shortlist={cfg.shortlist}")
         prev_m, prev_keep = cfg.shortlist_dim, cfg.shortlist
@@ -583,7 +575,7 @@ class MatryoshkaIndex:
             if not isinstance(stage, (tuple, list)) or len(stage) != 2:  # an int: a len() error
                 raise ValueError(f"stages[{i}] must be a (dim, keep) pair, got {stage!r}")
             m, keep = stage
-            _as_int(f"stages[{i}] keep", keep, 1)  # 10.5 failed inside torch.topk
+            check_int(keep, f"stages[{i}] keep", 1)  # 10.5 failed inside torch.topk
             if m not in nest:
                 raise ValueError(
                     f"stages[{i}] dim must be a prefix size in the nesting {list(nest.sizes)}, "
@@ -599,21 +591,20 @@ class MatryoshkaIndex:
                 )
             prev_m, prev_keep = m, keep
         if cfg.ef_search is not None:
-            _as_int("ef_search", cfg.ef_search, 1)
+            check_int(cfg.ef_search, "ef_search", 1)
         # FAISS aborts the process on hnsw_m=0, segfaults on 1 and hangs on negative values
-        _as_int("hnsw_m", cfg.hnsw_m, 2)
-        _as_int("ef_construction", cfg.ef_construction, 1)
+        check_int(cfg.hnsw_m, "hnsw_m", 2)
+        check_int(cfg.ef_construction, "ef_construction", 1)
         if cfg.nlist is not None:
-            _as_int("nlist", cfg.nlist, 1, n)
-        _as_int("nprobe", cfg.nprobe, 1)
+            check_int(cfg.nlist, "nlist", 1, n)
+        check_int(cfg.nprobe, "nprobe", 1)
 
     def _check_queries(self, queries: Any) -> np.ndarray:
         return check_queries(queries, self.nesting.dim)
 
     def _check_centered(self, centered: bool) -> None:
         """``centered`` (inputs had ``center`` subtracted already) is a bool this index allows."""
-        if not isinstance(centered, (bool, np.bool_)):
-            raise ValueError(f"centered must be True or False, got centered={centered!r}")
+        check_flag(centered, "centered")
         if centered and self.center is None:
             raise ValueError("centered=True, but this index has no center: pass the rows as "
                              "they are (centered=False)")
@@ -667,7 +658,7 @@ class MatryoshkaIndex:
             cfg = replace(cfg, stages=tuple(
                 tuple(s) if isinstance(s, (tuple, list)) else s for s in overrides["stages"]
             ))  # fmt: skip  (a non-pair is named by the check below)
-        k = _as_int("k", k, 1)
+        k = check_int(k, "k", 1)
         n = self.count
         if n == 0:
             raise ValueError("the index is empty: add vectors before searching")
@@ -676,7 +667,7 @@ class MatryoshkaIndex:
         if "stages" not in overrides and {"shortlist", "shortlist_dim"} & overrides.keys():
             cfg = fit_saved_stages(cfg, min(k, n))
         self._check_config(cfg, k, n)
-        batch_size = _as_int("batch_size", batch_size, 1)
+        batch_size = check_int(batch_size, "batch_size", 1)
         q = self._centred(self._check_queries(queries), centered)
         if self.metric == "cosine":
             q = unit_peak(q)  # a query of 1e20 overflowed its float32 norm: arbitrary hits
