@@ -6,7 +6,14 @@ import math
 
 from torch import nn
 
-__all__ = ["make_norm"]
+__all__ = ["group_count", "make_norm"]
+
+
+def group_count(channels: int) -> int:
+    """GroupNorm's groups for ``channels``: min(8, channels), or gcd(8, channels) when that does
+    not divide ``channels`` (e.g. 4 groups for 12 or 100 channels)."""
+    groups = min(8, channels)
+    return groups if channels % groups == 0 else math.gcd(8, channels)
 
 
 def make_norm(kind: str, channels: int, batch_norm: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
@@ -16,10 +23,7 @@ def make_norm(kind: str, channels: int, batch_norm: type[nn.Module] = nn.BatchNo
     if kind == "batch":
         return batch_norm(channels)
     if kind == "group":
-        groups = min(8, channels)
-        if channels % groups:  # e.g. 12 or 100 channels: the largest divisor of 8 that fits
-            groups = math.gcd(8, channels)
-        return nn.GroupNorm(groups, channels)
+        return nn.GroupNorm(group_count(channels), channels)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"norm must be 'batch', 'group' or 'none', got norm={kind!r}")
