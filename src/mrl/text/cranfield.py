@@ -132,8 +132,13 @@ def _records(text: str, name: str = "text") -> list[dict[str, str]]:
 
 def parse_documents(text: str) -> tuple[list[str], list[str], list[str]]:
     """``(doc_ids, titles, abstracts)``, dropping empty documents."""
+    return _documents(_records(text, "cran.all.1400"))
+
+
+def _documents(records: list[dict[str, str]]) -> tuple[list[str], list[str], list[str]]:
+    """`parse_documents` of records already split."""
     ids, titles, bodies = [], [], []
-    for r in _records(text, "cran.all.1400"):
+    for r in records:
         title, body = r.get("T", ""), r.get("W", "")
         if body == "." or body.endswith(" . ."):
             # The file ends with a stray "." line, which lands after the last abstract.
@@ -182,11 +187,11 @@ def load_cranfield(
 ) -> RetrievalDataset:
     """Cranfield as a `RetrievalDataset`; query ids are positions "1".."225" (as in qrels)."""
     folder = find_cranfield(root, download=download)
-    docs_text = _read(folder / "cran.all.1400")
-    doc_ids, titles, bodies = parse_documents(docs_text)
+    records = _records(_read(folder / "cran.all.1400"), "cran.all.1400")  # split once: the
+    doc_ids, titles, bodies = _documents(records)  # documents, and every record's id below
     queries = parse_queries(_read(folder / "cran.qry"))
     qrels = parse_qrels(_read(folder / "cranqrel"), len(queries))
-    _check_judged_documents(folder, qrels, {r["I"] for r in _records(docs_text)})
+    _check_judged_documents(folder, qrels, {r["I"] for r in records})
     query_ids = [str(i + 1) for i in range(len(queries))]
     return RetrievalDataset("cranfield", doc_ids, titles, bodies, query_ids, queries, qrels)
 
