@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mrl.params import check_int
 from mrl.text.corpus import LabelledCorpus
 
 __all__ = ["load_bbc", "bbc_folder"]
@@ -39,8 +40,6 @@ def load_bbc(
     if not folder.is_dir():
         raise FileNotFoundError(f"root={str(folder)!r} is not a folder")
     if limit_per_class is not None:  # "3" was a bare TypeError
-        from mrl.params import check_int
-
         check_int(limit_per_class, "limit_per_class", minimum=1)
     # hidden folders (.ipynb_checkpoints) and __pycache__ are not classes
     classes = sorted(p.name for p in folder.iterdir()

@@ -31,6 +31,7 @@ from mrl.io import (
     first_line,
 )
 from mrl.nesting import Nesting
+from mrl.params import check_int
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -117,8 +118,6 @@ def load_encoder(
     st = require("sentence_transformers", "text")
     path = resolve_model_path(model)
     if max_seq_length is not None:  # "32" was a bare TypeError
-        from mrl.params import check_int
-
         check_int(max_seq_length, "max_seq_length", minimum=1)
     try:
         encoder = st.SentenceTransformer(str(path), device=device, local_files_only=True)
@@ -184,8 +183,6 @@ def embedding_dim(encoder: Any) -> int:
 
 def check_prefix(encoder: Any, m: int, nesting: Nesting | None) -> None:
     """ValueError when ``m`` is not a prefix size the model has."""
-    from mrl.params import check_int
-
     check_int(m, "truncate_dim")  # 16.0 failed inside encode; True gave 1-d embeddings
     dim = embedding_dim(encoder)
     if nesting is not None and m not in nesting:
@@ -239,8 +236,6 @@ def encode(
     """
     if on_long not in ("warn", "error"):
         raise ValueError(f"on_long must be 'warn' or 'error', got {on_long!r}")
-    from mrl.params import check_int
-
     check_int(batch_size, "batch_size", minimum=1)  # "8" was a bare TypeError
     texts = check_texts(texts, name)
     long = count_long(encoder, texts)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mrl.nesting import Nesting
+from mrl.params import check_int
 from mrl.records import Record
 from mrl.text.corpus import LabelledCorpus, RetrievalDataset
 
@@ -122,8 +123,6 @@ def evaluate_corpus(
     if emb.shape[0] < 2:
         raise ValueError(f"corpus {corpus.name!r} needs at least 2 documents for leave-one-out "
                          f"retrieval, got {emb.shape[0]}")
-    from mrl.params import check_int
-
     k = min(check_int(k, "k", minimum=1), emb.shape[0] - 1)  # a tiny corpus: every other
     # document (p@N-1), as queries' k; "10" was a bare TypeError
     docs = corpus.documents

@@ -13,6 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
+from mrl.params import check_int
 from mrl.text.beir import read_jsonl
 from mrl.text.corpus import repeats_title
 
@@ -67,8 +68,6 @@ def _warn_repeats(path: str | os.PathLike, pairs: list[Pair]) -> None:
 def pairs_from_titles(titles: list[str], bodies: list[str], min_words: int = 3) -> list[Pair]:
     """title -> body pairs; skips documents whose title or remaining body is empty/short
     (fewer than ``min_words`` words). Repeated titles are warned about, as `read_pairs` does."""
-    from mrl.params import check_int
-
     check_int(min_words, "min_words", minimum=1)  # 0 kept empty positives; "3" a TypeError
     if len(titles) != len(bodies):
         raise ValueError(
