@@ -183,8 +183,10 @@ def test_synthetic_is_deterministic_and_checked():
     a, b = make_synthetic(seed=3), make_synthetic(seed=3)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert not torch.equal(a.images, make_synthetic(seed=3, split="test").images)
-    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+    with pytest.raises(ValueError, match="num_classes must be >= 1, got num_classes=0"):
         make_synthetic(num_classes=0)
+    with pytest.raises(ValueError, match="n must be an integer, got n=True"):
+        make_synthetic(n=True)  # bool is an int: it was one image
 
 
 def test_triples_compose_left_to_right():

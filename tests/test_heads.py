@@ -216,9 +216,9 @@ def test_make_head_accepts_a_sequence():
         (dict(mode="mrle"), r"mode must be one of \[.*'plain'\], got mode='mrle'"),
         (dict(mode="ff"), "mode='ff' needs ff_dim"),
         (dict(mode="ff", ff_dim=13), r"dim must be <= in_dim \(12\), got dim=13"),
-        (dict(mode="ff", ff_dim=0), "dim must be a positive int, got dim=0"),
+        (dict(mode="ff", ff_dim=0), "dim must be >= 1, got dim=0"),
         (dict(mode="mrl", ff_dim=4), "ff_dim is only used with mode='ff', got ff_dim=4"),
-        (dict(mode="mrl", num_classes=0), "num_classes must be a positive int, got num_classes=0"),
+        (dict(mode="mrl", num_classes=0), "num_classes must be >= 1, got num_classes=0"),
     ],
 )
 def test_make_head_errors(kwargs, message):
@@ -324,7 +324,7 @@ def test_numpy_integer_sizes_are_accepted():
     for head in (MRLHead((2, 4), labels.max() + 1), MRLEHead((2, 4), np.int64(3)),
                  FixedFeatureHead(np.int32(2), np.int64(3), np.int64(4))):
         assert type(head.num_classes) is int and head(torch.randn(5, 4)).shape[-1] == 3
-    with pytest.raises(ValueError, match="num_classes must be a positive int, got num_classes=2.0"):
+    with pytest.raises(ValueError, match="num_classes must be an integer, got num_classes=2.0"):
         MRLHead((2, 4), 2.0)
 
 

@@ -113,7 +113,7 @@ def test_qrels_relevance():
             lambda: precision_at_k(np.ones((2, 3)), 4),
             r"k must be <= the number of retrieved items per query \(3\), got k=4",
         ),
-        (lambda: precision_at_k(np.ones((2, 3)), 0), r"k must be a positive integer, got k=0"),
+        (lambda: precision_at_k(np.ones((2, 3)), 0), r"k must be >= 1, got k=0"),
         (lambda: precision_at_k(np.ones(3)), r"relevance must be 2-D, got shape \(3,\)"),
         (lambda: precision_at_k(np.ones((0, 3))), r"relevance must not be empty"),
         (lambda: precision_at_k(np.full((1, 2), np.nan)), r"relevance must be finite, got nan"),

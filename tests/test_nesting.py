@@ -47,8 +47,8 @@ def test_numpy_ints_accepted():
         ((16, 8), r"strictly increasing, got sizes\[1\]=8"),
         ((0, 8), r"positive, got sizes\[0\]=0"),
         ((-4, 8), r"positive, got sizes\[0\]=-4"),
-        ((4.5, 8), r"sizes\[0\] must be an integer, got 4.5"),
-        ((True, 8), r"sizes\[0\] must be an integer, got True"),
+        ((4.5, 8), r"sizes\[0\] must be an integer, got sizes\[0\]=4.5"),
+        ((True, 8), r"sizes\[0\] must be an integer, got sizes\[0\]=True"),
     ],
 )
 def test_invalid_sizes(sizes, match):

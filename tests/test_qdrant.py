@@ -96,7 +96,7 @@ def test_layout_and_plan_validation():
         FunnelPlan.build(layout, 10, stages=[(24, 10)])
     with pytest.raises(ValueError, match=r"stages\[1\]=\(16, 20\) must grow the prefix"):
         FunnelPlan.build(layout, 10, stages=[(16, 50), (16, 20)])
-    with pytest.raises(ValueError, match="k must be a positive int, got k=0"):
+    with pytest.raises(ValueError, match="k must be >= 1, got k=0"):
         FunnelPlan.build(layout, 0)
     assert FunnelPlan.build(layout, 10, stages=np.array([[16, 50], [32, 10]])).stages == (
         (16, 50), (32, 10))  # numpy rows are pairs too

@@ -349,7 +349,7 @@ def test_exact_search_by_query_blocks_equals_one_block():
         got = exact_search(db, q, 12, dims=16, block=64, query_block=qb)
         np.testing.assert_allclose(got[0], one[0], rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(got[1], one[1])
-    with pytest.raises(ValueError, match="query_block must be a positive int"):
+    with pytest.raises(ValueError, match="query_block must be >= 1, got query_block=0"):
         exact_search(db, q, 5, query_block=0)
 
 

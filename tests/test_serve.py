@@ -80,8 +80,10 @@ def test_truncate_normalize_matches_loop():
 
 
 def test_serve_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="max_inputs must be a positive int, got max_inputs=0"):
+    with pytest.raises(ValueError, match="max_inputs must be >= 1, got max_inputs=0"):
         ServeConfig(max_inputs=0)
+    with pytest.raises(ValueError, match="max_k must be an integer, got max_k=True"):
+        ServeConfig(max_k=True)  # bool is an int: it was max_k=1
     for bad in (-1, float("nan"), float("inf")):  # NaN / inf: every request hung
         with pytest.raises(ValueError, match="max_wait_ms must be finite and >= 0"):
             ServeConfig(max_wait_ms=bad)

@@ -131,10 +131,10 @@ def test_zero_vectors_score_zero_not_nan():
     "kwargs,match",
     [
         (dict(k=58), r"k must be <= number of database items \(57\), got k=58"),
-        (dict(k=0), r"k must be a positive integer, got k=0"),
+        (dict(k=0), r"k must be >= 1, got k=0"),
         (dict(k=57, exclude=np.arange(13)), r"minus 1 excluded for one query.*k=57"),
         (dict(k=2, metric="l2"), r"metric must be one of .*'l2'"),
-        (dict(k=2, tile_size=0), r"tile_size must be a positive integer, got tile_size=0"),
+        (dict(k=2, tile_size=0), r"tile_size must be >= 1, got tile_size=0"),
         (dict(k=2, exclude=np.arange(5)), r"exclude must have one row per query \(13\)"),
         (dict(k=2, exclude=np.full(13, 57)), r"exclude entries must be item indices in \[0, 57\)"),
         (dict(k=2, center=np.zeros(5)), r"center must have one entry per dimension \(24\)"),

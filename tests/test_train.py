@@ -206,6 +206,8 @@ def test_mlp_encoder_shapes_and_errors():
 
     enc = build_encoder("mlp", 8, 1, input_shape=(4, 6), width=16, depth=1)
     assert enc(torch.zeros(3, 1, 4, 6)).shape == (3, 8)
+    with pytest.raises(ValueError, match="dim must be an integer, got dim=True"):
+        build_encoder("mlp", True, 1, input_shape=(4, 6))  # bool is an int: a 1-d embedding
     with pytest.raises(ValueError, match=r"expects images of shape \(1, 4, 6\), got \(1, 6, 4\)"):
         enc(torch.zeros(3, 1, 6, 4))
     with pytest.raises(ValueError, match="input_shape must be"):

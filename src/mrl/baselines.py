@@ -103,9 +103,8 @@ class PCA:
 
 def random_permutation(dim: int, seed: int = 0) -> np.ndarray:
     """A seeded random order of the ``dim`` coordinates (int64 [dim])."""
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got dim={dim!r}")
-    return np.random.default_rng(seed).permutation(int(dim))
+    dim = check_int(dim, "dim", minimum=1)
+    return np.random.default_rng(seed).permutation(dim)
 
 
 def random_features(x: Any, seed: int = 0) -> Any:

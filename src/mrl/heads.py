@@ -18,7 +18,6 @@ final buffers (no zero-filled slice gradients, no stacked copies). `mrl_head_ref
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrl.nesting import Nesting
+from mrl.params import check_int
 
 __all__ = [
     "FixedFeatureHead",
@@ -43,9 +43,7 @@ HEAD_MODES = ("mrl", "mrl-e", "ff", "plain")
 
 # --------------------------------------------------------------------------- validation helpers
 def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-    return int(value)  # numpy ints too (e.g. labels.max() + 1)
+    return check_int(value, name, minimum=1)  # numpy ints too (e.g. labels.max() + 1)
 
 
 def _check_input(z: Tensor, dim: int, name: str = "z") -> None:

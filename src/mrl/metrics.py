@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from mrl.params import check_int
+
 __all__ = [
     "accuracy",
     "check_label_kinds",
@@ -66,8 +68,7 @@ def _rel(rel: Any, k: int | None, name: str = "relevance") -> tuple[np.ndarray, 
         raise ValueError(f"{name} must be >= 0, got {r[r < 0][0]}")
     if k is None:
         k = r.shape[1]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got k={k!r}")
+    k = check_int(k, "k", minimum=1)
     if k > r.shape[1]:
         raise ValueError(
             f"k must be <= the number of retrieved items per query ({r.shape[1]}), got k={k}"
@@ -153,8 +154,7 @@ def knn_predict(neighbor_labels: Any, k: int) -> np.ndarray:
     a tie never depends on label values.
     """
     lab = _array(neighbor_labels, "neighbor_labels", 2)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got k={k!r}")
+    k = check_int(k, "k", minimum=1)
     if k > lab.shape[1]:
         raise ValueError(f"k must be <= the number of neighbours given ({lab.shape[1]}), got k={k}")
     lab = lab[:, :k]

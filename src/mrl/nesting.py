@@ -14,23 +14,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mrl.params import check_int
+
 __all__ = ["Nesting"]
-
-
-def _as_int(name: str, value: Any) -> int:
-    # bool is an int subclass; a True prefix is certainly a mistake.
-    if isinstance(value, bool) or not isinstance(value, (int,)) and not _is_integral(value):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)
-
-
-def _is_integral(value: Any) -> bool:
-    try:
-        import numpy as np
-
-        return isinstance(value, np.integer)
-    except ImportError:  # pragma: no cover - numpy is a core dependency
-        return False
 
 
 @dataclass(frozen=True)
@@ -56,7 +42,7 @@ class Nesting:
         sizes = tuple(self.sizes) if not isinstance(self.sizes, tuple) else self.sizes
         if len(sizes) == 0:
             raise ValueError("sizes must not be empty, got ()")
-        sizes = tuple(_as_int(f"sizes[{i}]", s) for i, s in enumerate(sizes))
+        sizes = tuple(check_int(s, f"sizes[{i}]") for i, s in enumerate(sizes))
         for i, s in enumerate(sizes):
             if s <= 0:
                 raise ValueError(f"sizes must be positive, got sizes[{i}]={s} in {list(sizes)}")
@@ -101,8 +87,8 @@ class Nesting:
         not ``start`` times a power of two, D is still the last size: ``doubling(8, 384)`` ends
         256, 384.
         """
-        start = _as_int("start", start)
-        dim = _as_int("dim", dim)
+        start = check_int(start, "start")
+        dim = check_int(dim, "dim")
         if start <= 0:
             raise ValueError(f"start must be positive, got start={start}")
         if dim < start:
@@ -118,7 +104,7 @@ class Nesting:
     @classmethod
     def full(cls, dim: int) -> Nesting:
         """A single prefix: the full embedding (a plain, non-Matryoshka model)."""
-        return cls((_as_int("dim", dim),))
+        return cls((check_int(dim, "dim"),))
 
     @classmethod
     def coerce(cls, value: Any, name: str = "nesting") -> Nesting:
@@ -214,7 +200,7 @@ class Nesting:
     def truncated(self, dim: int) -> Nesting:
         """The sizes that fit in ``dim`` (dim itself is added as the last size if missing), with
         their weights; an added ``dim`` takes the weight of the size it replaces."""
-        dim = _as_int("dim", dim)
+        dim = check_int(dim, "dim")
         if dim > self.dim:  # growing a nesting would invent a prefix no head was trained for
             raise ValueError(f"dim must be at most the nesting's largest prefix {self.dim}, got "
                              f"dim={dim}")

@@ -41,6 +41,7 @@ import numpy as np
 from mrl._optional import require
 from mrl.io import atomic_write_json, first_line
 from mrl.nesting import Nesting
+from mrl.params import check_int
 
 __all__ = [
     "ClientTarget",
@@ -127,8 +128,7 @@ class FunnelPlan:
               shortlist: int | None = None,
               stages: Sequence[Sequence[int]] | None = None) -> FunnelPlan:
         """Fill defaults and validate against ``layout`` (errors name the parameter)."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive int, got k={k!r}")
+        k = check_int(k, "k", minimum=1)
         ds = layout.prefixes[0] if shortlist_dim is None else int(shortlist_dim)
         if ds not in layout.prefixes:
             raise ValueError(f"shortlist_dim={ds} is not stored in the collection; stored "

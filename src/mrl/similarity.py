@@ -30,6 +30,7 @@ import torch
 
 from mrl.arrays import torch_shareable
 from mrl.nesting import Nesting
+from mrl.params import check_int
 
 __all__ = [
     "as_nesting",
@@ -279,8 +280,7 @@ def _check_exclude(exclude: Any, num_queries: int, num_items: int) -> torch.Tens
 
 
 def _check_k(k: int, num_items: int, exclude: torch.Tensor | None) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got k={k!r}")
+    k = check_int(k, "k", minimum=1)
     most = _most_excluded(exclude)
     available = num_items - most
     if k > available:
@@ -345,9 +345,8 @@ def prefix_topk(
     items differ in relevance; `prefix_topk_reference` breaks ties in its own way.
     """
     q, x, n, c, as_numpy = _prepare(queries, items, nesting, metric, center)
-    for name, v in (("tile_size", tile_size), ("query_block", query_block)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {name}={v!r}")
+    tile_size = check_int(tile_size, "tile_size", minimum=1)
+    query_block = check_int(query_block, "query_block", minimum=1)
     excl = _check_exclude(exclude, q.shape[0], x.shape[0])
     k = _check_k(k, x.shape[0], excl)
     if c is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from mrl.data.tensors import ImageTensors
+from mrl.params import check_int
 
 __all__ = ["make_synthetic"]
 
@@ -33,8 +34,7 @@ def make_synthetic(
         ("size", size),
         ("channels", channels),
     ):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        check_int(value, name, minimum=1)  # True was 1 (bool is an int)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got split={split!r}")
     protos = torch.rand(

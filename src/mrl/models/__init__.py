@@ -17,6 +17,7 @@ from mrl.models.cnn import SmallCNN
 from mrl.models.mlp import MLPEncoder
 from mrl.models.resnet import resnet18, resnet34, resnet50
 from mrl.nesting import Nesting
+from mrl.params import check_int
 
 __all__ = [
     "ENCODERS",
@@ -50,8 +51,7 @@ def build_encoder(name: str, dim: int, in_channels: int, **options) -> nn.Module
         raise ValueError(f"model.name must be one of {sorted(ENCODERS)}, got {name!r} (an encoder "
                          "you register with register_encoder exists only in the process that "
                          "registers it: for the mrl command name its module in MRL_PLUGINS)")
-    if not isinstance(dim, int) or dim <= 0:
-        raise ValueError(f"dim must be a positive int, got dim={dim!r}")
+    dim = check_int(dim, "dim", minimum=1)  # dim=True was a 1-d embedding
     return ENCODERS[name](dim, in_channels, **options)
 
 

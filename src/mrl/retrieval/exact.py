@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mrl.arrays import as_numpy
+from mrl.params import check_int
 from mrl.retrieval.store import check_dims, first_nonfinite_row
 
 __all__ = [
@@ -156,9 +157,8 @@ def exact_search(
     m = check_dims(dims, d)
     if db.dtype.kind not in "biuf":  # complex lost its imaginary part, objects failed late
         raise ValueError(f"db must hold real numbers, got dtype {db.dtype}")
-    for name, v in (("block", block), ("query_block", query_block)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a positive int (rows per step), got {name}={v!r}")
+    block = check_int(block, "block", minimum=1)  # rows per step
+    query_block = check_int(query_block, "query_block", minimum=1)
     if column_scale is not None:
         column_scale = np.asarray(column_scale, dtype=np.float32)
         if column_scale.shape != (d,) or not np.isfinite(column_scale).all():

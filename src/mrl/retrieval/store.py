@@ -46,6 +46,7 @@ from mrl.io import (
     read_json_sidecar,
 )
 from mrl.nesting import Nesting
+from mrl.params import check_int
 
 __all__ = [
     "EmbeddingStore",
@@ -486,8 +487,7 @@ class EmbeddingStore:
     def iter_blocks(self, block: int = 65536, dims: int | None = None) -> Iterator[np.ndarray]:
         """Yield float32 blocks [<=block, dims] in row order (memory stays bounded)."""
         dims = self._check_dims(dims)
-        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
-            raise ValueError(f"block must be a positive int (rows per block), got block={block!r}")
+        block = check_int(block, "block", minimum=1)  # rows per block
         for seg in self._segments:
             for start in range(0, seg.count, block):
                 yield self._decode(seg, slice(start, min(start + block, seg.count)), dims)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mrl._optional import require
+from mrl.params import check_int
 from mrl.serve import schemas  # pydantic models; module level so FastAPI resolves annotations
 from mrl.serve.batching import DirectRunner, MicroBatcher, RunnerStopped
 from mrl.serve.encoders import Encoder
@@ -54,9 +55,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         for name in ("max_inputs", "max_request_bytes", "max_input_chars", "max_batch_size",
                      "max_k", "max_queries", "max_shortlist"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+            check_int(getattr(self, name), name, minimum=1)  # True was 1 (bool is an int)
         if not 0 <= self.max_wait_ms < float("inf"):  # NaN or inf: requests waited for ever
             raise ValueError(f"max_wait_ms must be finite and >= 0, got "
                              f"max_wait_ms={self.max_wait_ms}")
