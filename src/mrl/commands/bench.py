@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mrl.commands._options import check_minimums
+
 NAME = "bench"
 HELP = "benchmarks: `mrl bench retrieval` (funnel vs exact FAISS vs HNSW)"
 
@@ -110,11 +112,7 @@ def check_options(args: argparse.Namespace) -> None:
     from mrl.retrieval.bench import min_rows
 
     _fill_sizes(args)
-    for name, low in _MINIMUMS:
-        value = getattr(args, name)
-        if value is not None and value < low:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} must be >= {low}, got {flag} {value}")
+    check_minimums(args, _MINIMUMS)
     if args.target_recall is not None and not 0 < args.target_recall <= 1:
         raise ValueError(f"--target-recall must be in (0, 1], got --target-recall "
                          f"{args.target_recall}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mrl.commands._options import check_minimums
 from mrl.commands.serve import add_threads_argument, set_threads
 
 NAME = "embed"
@@ -60,9 +61,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ValueError("--merge-only and --no-merge contradict each other; give one")
     if not args.wait_timeout > 0:  # NaN too
         raise ValueError(f"--wait-timeout must be positive (seconds), got {args.wait_timeout}")
-    for flag, value in (("--shard-size", args.shard_size), ("--batch-size", args.batch_size)):
-        if value < 1:  # it failed only after the model had loaded, naming shard_size
-            raise ValueError(f"{flag} must be >= 1, got {flag} {value}")
+    # it failed only after the model had loaded, naming shard_size
+    check_minimums(args, (("shard_size", 1), ("batch_size", 1)))
     if args.no_merge and args.dtype is not None:  # the merge-only step chose float32 itself
         raise ValueError("--dtype is the merged store's: give it to the step that merges "
                          "(--merge-only), not with --no-merge")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mrl.commands._options import check_minimums
+
 NAME = "export"
 HELP = "export embeddings to a Qdrant collection (named prefix vectors, resumable batches)"
 
@@ -67,11 +69,7 @@ _MINIMUMS = (("batch_size", 1), ("retries", 0), ("commit_every", 1), ("shards", 
 def check_numbers(args: argparse.Namespace) -> None:
     """Refuse an out-of-range number naming the option (e.g. ``--retries -1`` failed only once a
     batch had to be sent, after the collection had been created)."""
-    for name, low in _MINIMUMS:
-        value = getattr(args, name)
-        if value is not None and value < low:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} must be >= {low}, got {flag} {value}")
+    check_minimums(args, _MINIMUMS)
     if args.path and (args.shards is not None or args.replication is not None):
         # a local Edge collection is one shard on one machine: the options would be ignored
         raise ValueError("--shards and --replication apply to a cluster (--url), not to --path")

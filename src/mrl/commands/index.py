@@ -8,6 +8,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mrl.commands._options import check_minimums
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -124,10 +126,8 @@ def _check_options(args: argparse.Namespace) -> None:
                              "--funnel; without either it is not used")
     args.k = 10 if args.k is None else args.k
     args.tune_queries = 200 if args.tune_queries is None else args.tune_queries
-    if args.k < 1:  # it sizes the funnel's last keep: "stages[1] keep must be >= 1" named none
-        raise ValueError(f"--k must be >= 1, got --k {args.k}")
-    if args.tune_queries < 1:
-        raise ValueError(f"--tune-queries must be >= 1, got --tune-queries {args.tune_queries}")
+    # --k sizes the funnel's last keep: "stages[1] keep must be >= 1" named no flag
+    check_minimums(args, (("k", 1), ("tune_queries", 1)))
     if args.max_memory is not None and args.target_recall is None:
         raise ValueError("--max-memory needs --target-recall (it bounds the tuner's choice)")
     if args.target_recall is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mrl.commands._options import check_minimums
+
 NAME = "search"
 HELP = "search a MatryoshkaIndex with query embeddings (.npy or store folder)"
 
@@ -108,9 +110,7 @@ def _check_numbers(args, index) -> None:
     are read; the library's own errors name its parameters (k, shortlist_dim), not the flags."""
     if not 1 <= args.k <= index.count:
         raise ValueError(f"--k must be in [1, {index.count}] (the index's rows), got --k {args.k}")
-    for flag, value in (("--shortlist", args.shortlist), ("--nprobe", args.nprobe)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {flag} {value}")
+    check_minimums(args, (("shortlist", 1), ("nprobe", 1)))
     if args.shortlist_dim is not None and args.shortlist_dim not in index.nesting:
         raise ValueError(f"--shortlist-dim must be a prefix size of the index "
                          f"{list(index.nesting.sizes)}, got --shortlist-dim {args.shortlist_dim}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mrl.commands._options import check_minimums
+
 NAME = "serve"
 HELP = "serve embeddings (OpenAI-compatible /v1/embeddings) and adaptive search over HTTP"
 
@@ -92,10 +94,7 @@ def set_threads(n: int) -> None:
 def check_limits(args: argparse.Namespace) -> None:
     """Refuse an out-of-range limit naming the option, before the port is bound and the model
     loads (`ServeConfig` checks them too, but after the model and with the field's name)."""
-    for flag in ("--max-batch-size", "--max-inputs", "--max-request-bytes"):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {flag} {value}")
+    check_minimums(args, (("max_batch_size", 1), ("max_inputs", 1), ("max_request_bytes", 1)))
     if not 0 <= args.max_wait_ms < float("inf"):  # NaN fails too; inf waited for ever
         raise ValueError(f"--max-wait-ms must be finite and >= 0, got --max-wait-ms "
                          f"{args.max_wait_ms}")

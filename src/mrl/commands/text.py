@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mrl.commands._options import check_minimums
 from mrl.io import (
     REPORT_FILES,
     WORKFLOW_FILES,
@@ -415,8 +416,7 @@ def _encode(args: argparse.Namespace) -> int:
     from mrl.text.encoders import encode, load_encoder, model_nesting
 
     _check_encode_out(args.out, args.overwrite)  # before loading and encoding, not after
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got --batch-size {args.batch_size}")
+    check_minimums(args, (("batch_size", 1),))
     documents = _documents(args.corpus).documents  # a bad --corpus fails before the model load
     encoder = load_encoder(args.model)
     emb = encode(encoder, documents, batch_size=args.batch_size, name="documents")
