@@ -421,6 +421,34 @@ def test_demo_section_with_arrays_and_a_separate_calibration_set(tmp_path):
     assert {r["n_calib"] for r in per_seed} == {150} and {r["n_test"] for r in per_seed} == {150}
     with pytest.raises(ValueError, match="needs ctx.test_logits"):
         demo_section(SimpleNamespace(out_dir=tmp_path))
+    # half a calibration set was an AttributeError (or a numpy concatenate error with None)
+    no_labels = {k: v for k, v in vars(ctx2).items() if k != "calib_labels"}
+    for ctx3 in (SimpleNamespace(**no_labels), SimpleNamespace(**no_labels, calib_labels=None)):
+        with pytest.raises(ValueError, match="calib_logits and ctx.calib_labels together, got only "
+                                             "ctx.calib_logits"):
+            demo_section(ctx3)
+    with pytest.raises(ValueError, match=r"ctx.calib_logits must be \[G, N_calib, C\]"):
+        demo_section(SimpleNamespace(**{**vars(ctx2), "calib_logits": mrl[:, :150, :2]}))
+
+
+def test_demo_section_uses_the_runs_seed(tmp_path):
+    """`mrl demo --seed 7` recorded seed 7 for classification and seed 0 for the cascade and
+    few-shot records of the same results.json (their split and draws were fixed at seed 0)."""
+    from types import SimpleNamespace
+
+    from mrl.cascade import demo_section
+
+    mrl, y, _, emb = synthetic(4, n=300)
+    seeds, halves = {}, {}
+    for seed in (0, 7):
+        ctx = SimpleNamespace(out_dir=tmp_path, nesting=NEST, test_logits=mrl, test_labels=y,
+                              train_embeddings=emb, train_labels=y, test_embeddings=emb, seed=seed)
+        md, recs = demo_section(ctx)
+        seeds[seed] = {r.get("seed") for r in recs} - {None}
+        halves[seed] = [r["value"] for r in recs if r.get("seed") is not None]
+        assert f"a random half of the test set (seed {seed};" in md
+    assert seeds == {0: {0}, 7: {7}}
+    assert halves[0] != halves[7]  # another split and other draws, not only another label
 
 
 @pytest.mark.slow

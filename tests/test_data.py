@@ -187,6 +187,10 @@ def test_synthetic_is_deterministic_and_checked():
         make_synthetic(num_classes=0)
     with pytest.raises(ValueError, match="n must be an integer, got n=True"):
         make_synthetic(n=True)  # bool is an int: it was one image
+    with pytest.raises(ValueError, match="noise must be a finite number, got noise=nan"):
+        make_synthetic(noise=float("nan"))  # every image was all zeros
+    with pytest.raises(ValueError, match="seed must be an integer, got seed=1.5"):
+        make_synthetic(seed=1.5)
 
 
 def test_triples_compose_left_to_right():

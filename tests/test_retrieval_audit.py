@@ -521,3 +521,23 @@ def test_int8_index_warns_when_a_later_add_fills_a_column_the_first_add_left_zer
     with pytest.warns(UserWarning, match=r"2 column\(s\) \(first: 3\) were all zero"):
         index.add(later)
     np.testing.assert_array_equal(index.vectors(np.arange(101, 106))[:, [3, 12]], 0.0)  # lost
+
+
+def test_mrl_like_checks_its_arguments():
+    """block=-1 skipped the fill loop and returned uninitialised (finite-looking) rows; NaN decay
+    gave NaN rows; a wrong-shaped out failed in a numpy broadcast."""
+    from mrl.retrieval.synthetic import mrl_like
+
+    x, lab = mrl_like(5, 4, clusters=2, block=2)
+    np.testing.assert_allclose(x, mrl_like(5, 4, clusters=2)[0])  # independent of block
+    for kwargs, match in (
+        (dict(block=-1), "block must be >= 1, got block=-1"),
+        (dict(block=0), "block must be >= 1, got block=0"),
+        (dict(decay=float("nan")), "decay must be a finite number, got decay=nan"),
+        (dict(noise=float("inf")), "noise must be a finite number, got noise=inf"),
+        (dict(out=np.empty((10, 4), np.float32)), r"out must be a float32 \[n=5, dim=4\] array, "
+                                                   r"got shape \(10, 4\)"),
+        (dict(n=2.5), "n must be an integer, got n=2.5"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            mrl_like(**{"n": 5, "dim": 4, "clusters": 2, **kwargs})

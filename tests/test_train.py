@@ -208,6 +208,8 @@ def test_mlp_encoder_shapes_and_errors():
     assert enc(torch.zeros(3, 1, 4, 6)).shape == (3, 8)
     with pytest.raises(ValueError, match="dim must be an integer, got dim=True"):
         build_encoder("mlp", True, 1, input_shape=(4, 6))  # bool is an int: a 1-d embedding
+    with pytest.raises(ValueError, match="in_channels must be >= 1, got in_channels=0"):
+        build_encoder("resnet18", 16, 0)  # it built a model
     with pytest.raises(ValueError, match=r"expects images of shape \(1, 4, 6\), got \(1, 6, 4\)"):
         enc(torch.zeros(3, 1, 6, 4))
     with pytest.raises(ValueError, match="input_shape must be"):
@@ -217,6 +219,20 @@ def test_mlp_encoder_shapes_and_errors():
     with pytest.raises(ValueError, match="norm='layer'"):
         MLPEncoder(8, 1, input_shape=(4, 4), norm="layer")
     assert len(MLPEncoder(8, 1, input_shape=(4, 4), depth=0).layers) == 2  # flatten + linear
+
+
+def test_resnet_arguments_are_checked():
+    from mrl.models.resnet import resnet18
+
+    assert resnet18(None, 1, width=4).dim == 32  # None: the last stage's width
+    for kwargs, match in (
+        (dict(dim=0), "dim must be >= 1, got dim=0"),  # it was the last stage's width, 32
+        (dict(dim=16, width=0), "width must be >= 1, got width=0"),  # failed in forward
+        (dict(dim=16, in_channels=0), "in_channels must be >= 1, got in_channels=0"),
+        (dict(dim=16.0), "dim must be an integer, got dim=16.0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            resnet18(**{"in_channels": 1, "width": 4, **kwargs})
 
 
 def test_diverged_training_stops_and_keeps_the_last_good_checkpoint(tmp_path, task):

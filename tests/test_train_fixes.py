@@ -102,6 +102,18 @@ def test_a_refused_run_leaves_no_new_folder(tmp_path, task):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("extra", [["model.name=mlp", "model.width=32"], ["model.name=cnn"]])
+def test_one_item_per_process_with_batchnorm_is_refused_before_anything(tmp_path, task, extra):
+    """The MLP's BatchNorm1d failed on the first step with torch's "Expected more than 1 value
+    per channel", after config.json, the lock and an empty metrics.jsonl had been written."""
+    with pytest.raises(ValueError, match=r"batch_size=1 gives 1 item\(s\) per process .*BatchNorm"):
+        train(_cfg("batch_size=1", *extra), tmp_path / "new", progress=False, task=task)
+    assert not (tmp_path / "new").exists()
+    train(_cfg("batch_size=1", "epochs=1", "model.norm=group", "model.name=cnn",
+               "data.train_size=4"), tmp_path / "group", progress=False,
+          task=load_task("synthetic", train_size=4))  # no BatchNorm: one item is allowed
+
+
 @pytest.fixture
 def full_disk(monkeypatch):
     """Binary writes fail with ENOSPC after a few bytes (a full disk; root ignores quotas)."""

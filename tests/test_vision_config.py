@@ -244,3 +244,7 @@ def test_group_norm_in_an_mlp_needs_16_channels_a_group():
     torch.manual_seed(0)
     enc = MLPEncoder(dim=16, width=128, in_channels=1, input_shape=(8, 8), norm="group")
     assert enc(torch.randn(32, 1, 8, 8)).std(0).min() > 1e-3  # depends on its input
+    # built directly (or loaded from a saved run) a narrow one is a warning, not silence
+    with pytest.warns(UserWarning, match=r"width=8, norm='group'\) normalises 8 groups of 1"):
+        narrow = MLPEncoder(dim=16, width=8, in_channels=1, input_shape=(8, 8), norm="group")
+    assert narrow.eval()(torch.randn(5, 1, 8, 8)).std(0).max() < 1e-6  # what it warns about

@@ -241,7 +241,7 @@ class TrainConfig:
     epochs: int = _f(3, "training epochs (passes over the training items)")
     batch_size: int = _f(
         256, "global batch size, items (split over DDP processes; each epoch leaves out the last "
-        "N % batch_size items of its shuffled order)"
+        "N % batch_size items of its shuffled order; with BatchNorm at least 2 per process)"
     )
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (auto: cuda when available)")

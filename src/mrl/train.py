@@ -189,6 +189,22 @@ def _check_compatible(saved: dict[str, Any], config: TrainConfig, path: Path) ->
         )
 
 
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _check_batchnorm_batch(model: nn.Module, batch_size: int, world_size: int) -> None:
+    """BatchNorm in training needs at least 2 items per process (one item has no batch
+    statistics: BatchNorm1d and a 1x1 feature map fail on the first step, after config.json was
+    written, with torch's "Expected more than 1 value per channel"). Refused before anything."""
+    if batch_size // world_size < 2 and _has_batchnorm(model):
+        raise ValueError(
+            f"batch_size={batch_size} gives {batch_size // world_size} item(s) per process "
+            f"({world_size} process(es)); the model has BatchNorm, which needs at least 2 per "
+            "process in training: use a larger batch_size, or model.norm='group' (cnn, mlp)"
+        )
+
+
 def _check_processes(saved: dict[str, Any], model: nn.Module, world_size: int,
                      path: Path) -> None:
     """With BatchNorm, each process normalises its own share of the batch: a run resumed with
@@ -196,8 +212,7 @@ def _check_processes(saved: dict[str, Any], model: nn.Module, world_size: int,
     processes' gradients are averaged into the same step (allowed). Checkpoints written before
     the count was saved are not checked."""
     was = saved.get("world_size")
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if was is None or was == world_size or not has_bn:
+    if was is None or was == world_size or not _has_batchnorm(model):
         return
     raise ValueError(
         f"checkpoint {path} was trained by {was} process(es), this run has {world_size}: with "
@@ -546,6 +561,7 @@ def _train(
             f"batch_size must be a positive multiple of the number of processes "
             f"({dist_info.world_size}), got batch_size={config.batch_size}"
         )
+    _check_batchnorm_batch(model, config.batch_size, dist_info.world_size)
     steps_per_epoch = len(task.train) // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(

@@ -7,6 +7,8 @@ same ``seed`` always gives the same tensors.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mrl.data.tensors import ImageTensors
@@ -35,6 +37,9 @@ def make_synthetic(
         ("channels", channels),
     ):
         check_int(value, name, minimum=1)  # True was 1 (bool is an int)
+    check_int(seed, "seed")  # 1.5 was a foreign RuntimeError from manual_seed
+    if not math.isfinite(noise):  # NaN: every image all zeros
+        raise ValueError(f"noise must be a finite number, got noise={noise!r}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got split={split!r}")
     protos = torch.rand(

@@ -52,6 +52,7 @@ def build_encoder(name: str, dim: int, in_channels: int, **options) -> nn.Module
                          "you register with register_encoder exists only in the process that "
                          "registers it: for the mrl command name its module in MRL_PLUGINS)")
     dim = check_int(dim, "dim", minimum=1)  # dim=True was a 1-d embedding
+    in_channels = check_int(in_channels, "in_channels", minimum=1)  # 0 built a model
     return ENCODERS[name](dim, in_channels, **options)
 
 

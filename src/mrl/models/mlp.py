@@ -12,12 +12,13 @@ last linear layer's output: signed, not a ReLU output, so cosine search needs no
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from mrl.models.norm import make_norm
+from mrl.models.norm import group_count, make_norm
 
 __all__ = ["MLPEncoder"]
 
@@ -53,6 +54,8 @@ class MLPEncoder(nn.Module):
                 f"dim, width and in_channels must be positive and depth >= 0, got dim={dim}, "
                 f"width={width}, in_channels={in_channels}, depth={depth}"
             )
+        if norm == "group" and depth > 0:
+            _warn_narrow_groups(width)
         self.dim = dim
         self.input_shape = (in_channels, *shape)
         layers: list[nn.Module] = [nn.Flatten()]
@@ -70,3 +73,18 @@ class MLPEncoder(nn.Module):
                 f"MLPEncoder expects images of shape {self.input_shape}, got {tuple(x.shape[1:])}"
             )
         return self.layers(x)  # [B, D]
+
+
+def _warn_narrow_groups(width: int) -> None:
+    """A hidden layer's features [B, width] have no positions: a group's statistics come from its
+    width / groups channels alone (1 channel: every output 0, a constant embedding). New training
+    configs refuse fewer than 16 per group (`mrl.config`); built directly (or a saved run
+    loaded: it must keep computing what it computed) it is a warning."""
+    groups = group_count(width)
+    if width // groups < 16:
+        warnings.warn(
+            f"MLPEncoder(width={width}, norm='group') normalises {groups} groups of "
+            f"{width // groups} feature(s): too few for useful statistics (1 gives a constant "
+            "embedding); use width >= 128 or norm='batch'",
+            stacklevel=3,
+        )

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mrl.params import check_int
+
 __all__ = ["ResNet", "resnet18", "resnet34", "resnet50"]
 
 
@@ -72,6 +74,10 @@ class ResNet(nn.Module):
         width: int = 64,
     ) -> None:
         super().__init__()
+        in_channels = check_int(in_channels, "in_channels", minimum=1)
+        width = check_int(width, "width", minimum=1)
+        if dim is not None:  # dim=0 was the last stage's width (dim or cin), not an error
+            dim = check_int(dim, "dim", minimum=1)
         if stem == "small":
             self.stem = nn.Sequential(
                 nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
@@ -92,7 +98,7 @@ class ResNet(nn.Module):
                 stages.append(block(cin, planes, 2 if (j == 0 and i > 0) else 1))
                 cin = planes * block.expansion
         self.stages = nn.Sequential(*stages)
-        self.dim = dim or cin
+        self.dim = cin if dim is None else dim
         self.project = (
             nn.Identity()
             if self.dim == cin

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mrl.params import check_int
+
 __all__ = ["mrl_like", "coordinate_scale"]
 
 
@@ -39,9 +41,15 @@ def mrl_like(
     than for the database). ``out`` may be a preallocated (memory-mapped) [n, dim] array; rows are
     written in blocks of ``block`` so memory stays bounded.
     """
-    for name, v in (("n", n), ("dim", dim), ("clusters", clusters)):
-        if int(v) < 1:
-            raise ValueError(f"{name} must be >= 1, got {name}={v}")
+    n, dim = check_int(n, "n", minimum=1), check_int(dim, "dim", minimum=1)
+    clusters = check_int(clusters, "clusters", minimum=1)
+    block = check_int(block, "block", minimum=1)  # -1 skipped the loop: uninitialised rows
+    for name, v in (("decay", decay), ("noise", noise)):
+        if not np.isfinite(v):  # NaN rows, silently
+            raise ValueError(f"{name} must be a finite number, got {name}={v!r}")
+    if out is not None and (tuple(out.shape) != (n, dim) or out.dtype != np.float32):
+        raise ValueError(f"out must be a float32 [n={n}, dim={dim}] array, got shape "
+                         f"{tuple(out.shape)} dtype {out.dtype}")
     scale = coordinate_scale(dim, decay)  # [D]
     centres = np.random.default_rng(centres_seed).standard_normal((clusters, dim), np.float32)
     centres *= scale
