@@ -144,10 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write mrl.records here")
     args = ap.parse_args(argv)
+    for flag in ("repeats", "threads"):  # --repeats 0 became the default without a word
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be >= 1, got --{flag} {getattr(args, flag)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     B, D, C, start = (32, 256, 100, 8) if args.quick else (256, 2048, 1000, 8)
-    repeats = args.repeats or (10 if args.quick else 15)
+    repeats = args.repeats if args.repeats is not None else (10 if args.quick else 15)
     G = len(Nesting.doubling(start, D))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()} "
           f"{platform.processor() or ''}; B={B} D={D} C={C} G={G} (doubling {start}..{D}), "

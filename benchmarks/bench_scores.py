@@ -10,10 +10,10 @@ Top-k cosine search of Q queries over N items (float32) at all G prefixes of a d
   input checks included);
 - ``loop``: for each prefix, truncate, re-normalise, one matrix product + top-k.
 
-Before timing, the three are checked against each other on the timed items and the first
-``--check-queries`` queries: at every prefix the all-prefix scores equal the loop's, and every
-returned item (all-prefix at each prefix, ``full`` at D) scores what the loop's k-th best needs
-(equal up to float ties); a mismatch stops the run.
+Before timing, the three are checked against a top-k computed by the check itself, on the timed
+items and the first ``--check-queries`` queries: at every prefix the all-prefix scores equal the
+reference's, and every returned item (all-prefix and the timed loop at each prefix, ``full`` at D)
+scores what the reference's k best score (equal up to float ties); a mismatch stops the run.
 
 Repeats are interleaved (full, all-prefix, loop, full, ...) so machine noise hits all three alike;
 medians are reported. Ratios are relative to ``full`` measured in the same run. Table last.
@@ -38,34 +38,47 @@ def full_once(q: torch.Tensor, x_unit: torch.Tensor, k: int) -> torch.Tensor:
     return (q @ x_unit.T).topk(k, dim=1).indices
 
 
-def loop(q: torch.Tensor, x: torch.Tensor, nesting: Nesting, k: int) -> list[torch.Tensor]:
+def loop(q: torch.Tensor, x: torch.Tensor, nesting: Nesting, k: int,
+         metric: str = "cosine") -> list[torch.Tensor]:
+    """G top-k index tensors [Q, k], one per prefix (the method timed as ``loop``)."""
     out = []
     for m in nesting.sizes:  # G products of growing width: ~sum(m)/D full-size costs
-        qm, xm = F.normalize(q[:, :m], dim=1), F.normalize(x[:, :m], dim=1)
+        qm, xm = q[:, :m], x[:, :m]
+        if metric == "cosine":
+            qm, xm = F.normalize(qm, dim=1), F.normalize(xm, dim=1)
         out.append((qm @ xm.T).topk(k, dim=1).indices)
     return out
+
+
+def _scores(qm: torch.Tensor, xm: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Scores [q, k] of the items [q, k] picked for queries qm [q, m] among xm [N, m]."""
+    return (qm[:, None] * xm[items]).sum(-1)
 
 
 def check_agreement(q: torch.Tensor, x: torch.Tensor, nesting: Nesting, k: int, metric: str,
                     tile_size: int, full_idx: torch.Tensor, rtol: float = 1e-4,
                     atol: float = 1e-5) -> None:
-    """prefix_topk == the per-prefix loop on queries ``q`` (a subset of the timed ones) and the
-    timed items ``x``; ``full_idx``: the full-size baseline's top-k for ``q``. Compares scores,
-    not indices, so that items tied in float32 may come in either order."""
+    """The three timed methods against a reference top-k computed here, on queries ``q`` (a subset
+    of the timed ones) and the timed items ``x``: prefix_topk's scores and items, the timed
+    ``loop``'s items at every prefix, ``full_idx`` (the full-size baseline's top-k for ``q``) at
+    D. Compares scores, not indices, so that items tied in float32 may come in either order."""
     vals, idx = prefix_topk(q, x, nesting, k, metric=metric, tile_size=tile_size)
+    loop_idx = loop(q, x, nesting, k, metric)
     for g, m in enumerate(nesting.sizes):
         qm, xm = q[:, :m], x[:, :m]
         if metric == "cosine":
             qm, xm = F.normalize(qm, dim=1), F.normalize(xm, dim=1)
-        ref = (qm @ xm.T).topk(k, dim=1).values  # the loop's top-k scores
-        picks = [("all-prefix", vals[g]), ("all-prefix items", (qm[:, None] * xm[idx[g]]).sum(-1))]
+        ref = (qm @ xm.T).topk(k, dim=1).values  # the reference top-k scores [q, k]
+        picks = [("all-prefix", vals[g]), ("all-prefix items", _scores(qm, xm, idx[g])),
+                 ("loop items", _scores(qm, xm, loop_idx[g]))]
         if m == nesting.dim:
-            picks.append(("full items", (qm[:, None] * xm[full_idx]).sum(-1)))
+            picks.append(("full items", _scores(qm, xm, full_idx)))
         for what, got in picks:
             try:
                 torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
             except AssertionError as err:
-                raise AssertionError(f"prefix {m}: {what} disagree with the loop: {err}") from None
+                raise AssertionError(f"prefix {m}: {what} disagree with the reference top-k: "
+                                     f"{err}") from None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -83,9 +96,16 @@ def main(argv: list[str] | None = None) -> dict:
                     help="queries on which the three methods are checked to agree before timing "
                          "(default 64; 0 skips the check)")
     args = ap.parse_args(argv)
-    Q = args.queries or (200 if args.quick else 1000)
-    N = args.items or (10_000 if args.quick else 100_000)
-    reps = args.repeats or (3 if args.quick else 3)
+    Q = args.queries if args.queries is not None else (200 if args.quick else 1000)
+    N = args.items if args.items is not None else (10_000 if args.quick else 100_000)
+    reps = args.repeats if args.repeats is not None else 3
+    for flag, value, low in (("--queries", Q, 1), ("--items", N, 1), ("--repeats", reps, 1),
+                             ("--k", args.k, 1), ("--tile-size", args.tile_size, 1),
+                             ("--check-queries", args.check_queries, 0), ("--dim", args.dim, 8)):
+        if value < low:  # --repeats 0 became the default; --k 0 a torch error
+            ap.error(f"{flag} must be >= {low}, got {flag} {value}")
+    if args.k > N:
+        ap.error(f"--k must be <= --items ({N}), got --k {args.k}")
     D, k = args.dim, args.k
     nesting = Nesting.doubling(8, D)
 
@@ -100,11 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         prefix_topk(q, x, nesting, k, metric=args.metric, tile_size=args.tile_size)
 
     def loop_run() -> None:
-        if args.metric == "dot":
-            for m in nesting.sizes:
-                (q[:, :m] @ x[:, :m].T).topk(k, dim=1)
-        else:
-            loop(q, x, nesting, k)
+        loop(q, x, nesting, k, args.metric)
 
     c = min(args.check_queries, Q)
     if c > 0:  # before any timing: the timed methods return the same top-k

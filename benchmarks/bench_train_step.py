@@ -1,8 +1,10 @@
 """Training-step time of the nested heads: MRL / MRL-E vs a plain model on the same encoder.
 
 One step = forward, nested cross-entropy, backward, optimizer step, on a fixed batch already on the
-device. Modes are timed in interleaved rounds (so a busy machine slows all of them alike) and the
-median per mode is reported; the ratio to plain is printed last. Goal: MRL <= 1.05x plain.
+device, set up as `mrl train` sets it up (on CUDA: bfloat16 autocast, channels_last for ResNets,
+cuDNN autotuning). Modes are timed in interleaved rounds (so a busy machine slows all of them
+alike) and the median per mode is reported; the ratio to plain is printed last. Goal: MRL <= 1.05x
+plain.
 
     python benchmarks/bench_train_step.py                      # small CNN, 28x28, CPU
     python benchmarks/bench_train_step.py --model resnet18 --dim 512 \
@@ -19,20 +21,23 @@ import torch
 
 from mrl.config import load_config
 from mrl.losses import nested_cross_entropy
-from mrl.train import build_model, build_optimizer
+from mrl.train import _memory_format, build_model, build_optimizer
 
 
 def make_step(mode: str, args: argparse.Namespace, device: torch.device):
     sets = [f"model.name={args.model}", f"model.dim={args.dim}", f"model.mode={mode}",
             f"model.nesting={args.nesting}", f"batch_size={args.batch}"]  # fmt: skip
     config = load_config(None, sets)
-    model = build_model(config, 1, args.classes, (0.5,), (0.3,)).to(device)
+    shape = (args.size, args.size)  # the mlp encoder's first layer is sized by it
+    layout = _memory_format(config, device)  # channels_last for ResNets on CUDA, as in training
+    model = build_model(config, 1, args.classes, (0.5,), (0.3,), shape).to(
+        device, memory_format=layout)
     opt = build_optimizer(config, model)
     weights = config.model.get_nesting() if mode != "plain" else None
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (args.batch, 1, args.size, args.size), generator=g, dtype=torch.uint8)
+    x = torch.randint(0, 256, (args.batch, 1, *shape), generator=g, dtype=torch.uint8)
     y = torch.randint(0, args.classes, (args.batch,), generator=g)
-    x, y = x.to(device), y.to(device)
+    x, y = x.to(device, memory_format=layout), y.to(device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
 
     def step() -> None:
@@ -49,19 +54,26 @@ def make_step(mode: str, args: argparse.Namespace, device: torch.device):
     return step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cnn")
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--nesting", default="2,4,8,16,32,64,128,256")
+    p.add_argument("--nesting", default="doubling:2",
+                   help="model.nesting (default doubling:2: 2, 4, ..., --dim)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--size", type=int, default=28)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=5, help="steps per mode per round")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    for flag, low in (("dim", 2), ("batch", 2), ("size", 1), ("classes", 2), ("rounds", 1),
+                      ("steps", 1)):  # --rounds 0: no median; --steps 0: a division by zero
+        if getattr(args, flag) < low:  # batch 1: BatchNorm has no batch statistics
+            p.error(f"--{flag} must be >= {low}, got --{flag} {getattr(args, flag)}")
     device = torch.device(args.device)
+    if device.type == "cuda":  # as mrl.train: fixed shapes, let cuDNN time its algorithms once
+        torch.backends.cudnn.benchmark = True
     modes = ("plain", "mrl", "mrl-e")
     steps = {m: make_step(m, args, device) for m in modes}
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -82,12 +94,12 @@ def main() -> None:
         f"{args.size}x{args.size} on {device} (torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads); median of {args.rounds} rounds x {args.steps} steps"
     )
-    base = statistics.median(times["plain"])
+    med = {m: statistics.median(times[m]) for m in modes}
     print("| mode | ms/step | ratio to plain |")
     print("|---|---|---|")
     for m in modes:
-        med = statistics.median(times[m])
-        print(f"| {m} | {1000 * med:.1f} | {med / base:.3f} |")
+        print(f"| {m} | {1000 * med[m]:.1f} | {med[m] / med['plain']:.3f} |")
+    return med
 
 
 if __name__ == "__main__":
