@@ -43,6 +43,7 @@ from mrl.metrics import (
     recall_at_k,
 )
 from mrl.nesting import Nesting
+from mrl.params import is_int
 from mrl.records import Record, make_record
 from mrl.similarity import as_nesting, check_finite, prefix_topk
 
@@ -230,7 +231,7 @@ def evaluate_labelled(
 
 def _not_index(x: Any) -> bool:
     """Not an integer index: a bool (True is 1), a float, a string."""
-    return isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer))
+    return not is_int(x)
 
 
 def _not_number(x: Any) -> bool:
@@ -291,7 +292,7 @@ def evaluate_ranking(
     _same_dim(x, qs, "docs")
     ks = tuple(ks)
     if not ks or any(
-        isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks
+        not is_int(k) or k < 1 for k in ks
     ):
         raise ValueError(f"ks must be positive integers, got ks={ks!r}")
     kmax = max(ks)

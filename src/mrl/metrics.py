@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mrl.params import check_int
+from mrl.params import check_int, is_int
 
 __all__ = [
     "accuracy",
@@ -333,7 +333,7 @@ def _check_qrels_keys(qrels: Any, ids: list) -> None:
         raise ValueError(f"no query id of the rows ({ids[:3]}...) is a key of qrels (keys "
                          f"{list(qrels)[:3]}...): pass query_ids as qrels is keyed")
     for q, judged in qrels.items():
-        bad = [d for d in judged if isinstance(d, bool) or not isinstance(d, (int, np.integer))]
+        bad = [d for d in judged if not is_int(d)]
         if bad:
             raise ValueError(f"qrels[{q!r}] must be keyed by doc positions (ints, as in "
                              f"indices), got {bad[0]!r}; map document ids to positions first")

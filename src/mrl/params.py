@@ -11,14 +11,19 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_flag", "check_int"]
+__all__ = ["check_flag", "check_int", "is_int"]
+
+
+def is_int(value: Any) -> bool:
+    """An integer: Python's or numpy's, not a bool (True is an int: 1) and not a float 2.0."""
+    return isinstance(value, Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def check_int(value: Any, name: str, minimum: int | None = None,
               maximum: int | None = None) -> int:
     """``value`` as an int: an integer (numpy ones too, not a bool) in [minimum, maximum]
     (either bound may be None)."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
+    if not is_int(value):
         raise ValueError(f"{name} must be an integer, got {name}={value!r}")
     low = minimum is not None and value < minimum
     if low or (maximum is not None and value > maximum):

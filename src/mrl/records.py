@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mrl.io import atomic_write_json
+from mrl.params import is_int
 
 REQUIRED_KEYS = ("method", "prefix", "metric", "value")
 
@@ -52,7 +53,7 @@ def validate_records(records: Iterable[Record]) -> list[Record]:
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
             raise ValueError(f"records[{i}] value must be a number or None, got value={v!r}")
         p = r["prefix"]  # "8" sorted against 8 in every table: a TypeError after the work
-        if p is not None and (isinstance(p, bool) or not isinstance(p, numbers.Integral)):
+        if p is not None and not is_int(p):
             raise ValueError(f"records[{i}] prefix must be a whole number or None, got "
                              f"prefix={p!r}")
         for key in ("method", "metric"):

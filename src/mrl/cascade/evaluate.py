@@ -33,6 +33,7 @@ from mrl.cascade.core import (
     oracle,
 )
 from mrl.nesting import Nesting
+from mrl.params import is_int
 from mrl.records import Record, make_record
 
 __all__ = [
@@ -58,7 +59,7 @@ def split_calibration(
     ``name``: the fraction's name in errors (the CLI passes its flag)."""
     if not 0.0 < _number(name, fraction) < 1.0:
         raise ValueError(f"{name} must be in (0, 1), got {fraction}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_int(seed) or seed < 0:
         # numpy's own message was "expected non-negative integer", naming nothing
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     n_calib = int(round(n * fraction))
@@ -320,7 +321,7 @@ def evaluate_cascade(
     if not seeds:
         raise ValueError(f"seeds must not be empty, got {list(seeds)}")
     for i, seed in enumerate(seeds):  # int() truncated 0.5 to seed 0 without a word
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        if not is_int(seed) or seed < 0:
             raise ValueError(f"seeds[{i}] must be a non-negative int, got {seed!r}")
     if len(set(map(int, seeds))) != len(seeds):  # one split counted twice: a smaller std, n
         raise ValueError(f"seeds must be distinct, got {list(seeds)}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mrl.io import check_output_dir_of, check_output_path
+from mrl.params import is_int
 
 if TYPE_CHECKING:
     import numpy as np
@@ -341,7 +342,7 @@ def _heldout_index(path: Path, info: dict, n: int, fix: str) -> np.ndarray:
     if lacking:
         raise ValueError(f"{path} lacks {lacking} in its info; {fix}")
     seed, frac = info["seed"], info["calib_fraction"]  # a hand-edited file: was a TypeError
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"{path}: info 'seed' must be a non-negative int, got {seed!r}; {fix}")
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
         raise ValueError(f"{path}: info 'calib_fraction' must be in (0, 1), got {frac!r}; {fix}")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mrl.arrays import as_numpy
-from mrl.params import check_int
+from mrl.params import check_int, is_int
 from mrl.retrieval.store import check_dims, first_nonfinite_row
 
 __all__ = [
@@ -152,7 +152,7 @@ def exact_search(
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {list(METRICS)}, got metric={metric!r}")
     q = check_queries(queries, d)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+    if not is_int(k) or not 1 <= k <= n:
         raise ValueError(f"k must be in [1, number of database items ({n})], got k={k!r}")
     m = check_dims(dims, d)
     if db.dtype.kind not in "biuf":  # complex lost its imaginary part, objects failed late

@@ -46,7 +46,7 @@ from mrl.io import (
     read_json_sidecar,
 )
 from mrl.nesting import Nesting
-from mrl.params import check_int
+from mrl.params import check_int, is_int
 
 __all__ = [
     "EmbeddingStore",
@@ -127,7 +127,7 @@ def check_dims(dims: Any, d: int) -> int:
     """A prefix length in [1, d] (None: d), for reads and searches of a prefix."""
     if dims is None:
         return d
-    if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or not 1 <= dims <= d:
+    if not is_int(dims) or not 1 <= dims <= d:
         raise ValueError(f"dims must be an int in [1, {d}], got dims={dims!r}")
     return int(dims)
 

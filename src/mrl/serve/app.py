@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mrl._optional import require
-from mrl.params import check_int
+from mrl.params import check_int, is_int
 from mrl.serve import schemas  # pydantic models; module level so FastAPI resolves annotations
 from mrl.serve.batching import DirectRunner, MicroBatcher, RunnerStopped
 from mrl.serve.encoders import Encoder
@@ -131,7 +131,7 @@ def _texts_from_input(value: Any, config: ServeConfig, param: str = "input",
 def _check_dimensions(dimensions: Any, sizes: Sequence[int]) -> int:
     if dimensions is None:
         return sizes[-1]
-    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
+    if not is_int(dimensions) or dimensions < 1:
         raise APIError(400, f"dimensions must be a positive integer, got {dimensions!r}",
                        "dimensions", "invalid_dimensions")
     if dimensions > sizes[-1]:
@@ -460,7 +460,7 @@ def _check_search_params(k: Any, params: dict[str, Any], index: SearchBackend,
     embedded (a bad k cost an encoder call first) and bounded (a shortlist of 10**9 gathered
     [Q*K, m] floats: 2.4 GB and a 500); then the backend's own check, if it has one."""
     k_max = min(config.max_k, index.size)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= k_max:
+    if not is_int(k) or not 1 <= k <= k_max:
         raise APIError(400, f"k must be in [1, {k_max}], got k={k}", "k", "invalid_value")
     limit = config.max_shortlist
     shortlist = params.get("shortlist")

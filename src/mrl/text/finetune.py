@@ -56,6 +56,7 @@ from mrl.distributed import Processes, join
 from mrl.io import atomic_output_dir, check_new_output_dir, check_output_path
 from mrl.losses import matryoshka_contrastive_loss
 from mrl.nesting import Nesting
+from mrl.params import is_int
 from mrl.records import save_records
 from mrl.text.checkpoint import (
     FinetuneCheckpoint,
@@ -669,7 +670,7 @@ def n_folds(fraction: float) -> int:
 
 def _check_fold(fold: int, fraction: float, name: str = "fold") -> None:
     k = n_folds(fraction)
-    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < k:
+    if not is_int(fold) or not 0 <= fold < k:
         raise ValueError(
             f"{name} must be an int in [0, {k}) for val_fraction={fraction} ({k} folds), "
             f"got {fold!r}"
