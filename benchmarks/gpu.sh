@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/gpu.sh                              # both tasks; RESULTS=results/gpu SEED=0
 #   TASKS=fashion-mnist TASK_TIMEOUT=540 bash benchmarks/gpu.sh   # one task per call
+#   REPRODUCE_ARGS="--only mrl,plain" TASKS=fashion-mnist bash benchmarks/gpu.sh  # fewer models
 #
 # On the device machine (mrl not installed there; data travel in .gpu/, see
 # benchmarks/prepare_gpu_carry.py):
@@ -14,7 +15,9 @@
 # rerun resumes from the cached runs). When $OUT is set (the device's returned folder) each
 # task's log is written straight into $OUT/<task>/ (so a killed call still returns it), and its
 # results.md, claims.md and results.json are copied there as soon as the task ends; the default
-# TASK_TIMEOUT is then 540 s, under the device's 600 s per call.
+# TASK_TIMEOUT is then 540 s, under the device's 600 s per call, and TASKS must name one task
+# (two tasks of 540 s would outlive the call). REPRODUCE_ARGS: more options for
+# `mrl reproduce` (split on spaces), e.g. "--only mrl,plain" or "--set epochs=6" for a short call.
 # A preflight refuses to start when CUDA is unusable (no silent CPU fall-back: --set device=cuda).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +31,13 @@ SEED=${SEED:-0}
 TASKS=${TASKS:-fashion-mnist fashion-mnist-1k}
 DEVICE=${DEVICE:-cuda}
 if [ -n "${OUT:-}" ]; then TASK_TIMEOUT=${TASK_TIMEOUT:-540}; else TASK_TIMEOUT=${TASK_TIMEOUT:-1800}; fi
+read -r -a tasks <<< "$TASKS"
+if [ -n "${OUT:-}" ] && [ "${#tasks[@]}" -ne 1 ]; then
+    echo "with \$OUT set (a device call: 600 s at most) give one task per call, e.g." \
+         "TASKS=fashion-mnist; got TASKS='$TASKS'" >&2
+    exit 2
+fi
+read -r -a extra <<< "${REPRODUCE_ARGS:-}"
 mkdir -p "$RESULTS"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 # preflight: torch's version and the device, before any data is read or a run starts
@@ -44,14 +54,15 @@ print()
     exit 1
 fi
 failed=()
-for task in $TASKS; do
+for task in "${tasks[@]}"; do
     log="$RESULTS/$task.log"
     if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/$task"; log="$OUT/$task/$task.log"; fi
     start=$(date +%s)
     echo "[$task] reproduce --budget full --seed $SEED (timeout ${TASK_TIMEOUT} s; log $log)"
     # tee: progress reaches the caller while it runs, and the log keeps it
     timeout "$TASK_TIMEOUT" "$PY" -m mrl.cli reproduce "$task" --budget full --seed "$SEED" \
-        --out "$RESULTS/$task" --set "device=$DEVICE" --no-progress 2>&1 | tee "$log" | grep --line-buffered '^\['
+        --out "$RESULTS/$task" --set "device=$DEVICE" --no-progress "${extra[@]}" 2>&1 \
+        | tee "$log" | grep --line-buffered '^\['
     status=("${PIPESTATUS[@]}")
     rc=${status[0]}
     took=$(( $(date +%s) - start ))

@@ -2,7 +2,8 @@
 
 Run on a GPU machine (defaults: 1M x 2048 float16, batches of 1024 queries, k=10):
 
-    python benchmarks/gpu_retrieval.py --json results/retrieval/gpu_h100.json
+    python benchmarks/gpu_retrieval.py --json gpu_retrieval.json
+    python3 benchmarks/gpu_retrieval.py --json "$OUT/gpu_retrieval.json"   # on the device tool
 
 It also runs on CPU for a smoke test: ``--device cpu --n 20000 --dim 256``.
 
@@ -40,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # mrl, installed or not
 from mrl import Nesting  # noqa: E402
+from mrl.devices import check_device  # noqa: E402
 from mrl.retrieval import MatryoshkaIndex, SearchConfig  # noqa: E402
 from mrl.retrieval.funnel.select import blockmax_topk_torch  # noqa: E402
 
@@ -113,7 +115,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--skip-index", action="store_true", help="skip the MatryoshkaIndex run")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    try:  # no CUDA: a named error ("pass --device cpu"), not a traceback from the generator
+        device = torch.device(check_device(args.device, "--device"))
+    except ValueError as err:
+        p.error(str(err))
     dtype = torch.float16 if args.dtype == "float16" else torch.float32
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.float32  # CPU half matmul is emulated and very slow
@@ -248,7 +253,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             }
         )
     print(
-        "\n| method | D_s | queries/s | speedup | recall@10 | matmul ms | select ms | rerank ms |"
+        f"\n| method | D_s | queries/s | speedup | recall@{k} | matmul ms | select ms | rerank ms |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:

@@ -10,12 +10,16 @@ fine-tuned model's prefixes are then evaluated on Cranfield's queries, every pre
     python3 benchmarks/gpu_text.py --data .gpu/text/cranfield --model .gpu/text/minilm-fp16 \
         --out /tmp/gpu-text --json "$OUT/gpu_text.json"
 
-Prints per-prefix nDCG@10 and the fraction of each model's full-size value, table last.
+Prints each prefix's nDCG@10 as a fraction of its model's full-size value, with the full-size
+nDCG@10 as the reference column, table last (absolute values at every prefix: --json).
+A rerun into an --out that holds a finished model reuses it when its settings are these (a
+call that failed in evaluation on a warm machine) and refuses otherwise, naming what differs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -23,6 +27,21 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # mrl, installed or not
+
+
+def _check_reusable(info_file: Path, config, model: str) -> None:
+    """Refuse to reuse a finished model trained with other settings (its table would be labelled
+    with this call's settings): the device and checkpoint cadence do not change the model."""
+    from dataclasses import asdict
+
+    info = json.loads(info_file.read_text(encoding="utf-8"))
+    saved = dict(info.get("config") or {}, base_model=info.get("base_model"))
+    now = dict(asdict(config), base_model=str(model))
+    differ = [f"{k}: saved {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(now)
+              if k not in ("device", "checkpoint_minutes") and saved.get(k) != now.get(k)]
+    if differ:
+        raise SystemExit(f"--out {info_file.parent} holds a model fine-tuned with other settings "
+                         f"({'; '.join(differ)}): give another --out or delete it")
 
 
 def main() -> None:
@@ -67,7 +86,8 @@ def main() -> None:
     t0 = time.time()
     if (Path(args.out) / "mrl.json").is_file():
         # a rerun on a still-warm device machine (e.g. after a failure in evaluation): reuse the
-        # finished model instead of failing on the existing --out
+        # finished model instead of failing on the existing --out, if it is this call's model
+        _check_reusable(Path(args.out) / "mrl.json", config, args.model)
         print(f"reusing the fine-tuned model in {args.out} (delete it to train again)", flush=True)
         train_note = "reused from an earlier call"
     else:

@@ -33,9 +33,10 @@ DEVICE_COMMANDS = {  # as in the docstring above
     "text": "python3 benchmarks/gpu_text.py --data .gpu/text/cranfield --model "
             ".gpu/text/minilm-fp16 --out /tmp/gpu-text --json \"$OUT/gpu_text.json\"",
 }
-MODEL_FILES = ("config.json", "config_sentence_transformers.json", "modules.json",
-               "sentence_bert_config.json", "special_tokens_map.json", "tokenizer.json",
-               "tokenizer_config.json", "vocab.txt", "1_Pooling/config.json")  # fmt: skip
+MODEL_FILES = ("config.json", "modules.json", "model.safetensors")  # the least a folder needs
+# the same weights in other formats (hub folders often hold them): not read, only carried
+OTHER_FORMATS = {"onnx", "openvino", "pytorch_model.bin", "tf_model.h5", "flax_model.msgpack",
+                 "rust_model.ot"}
 
 
 def folder_bytes(path: Path) -> int:
@@ -53,10 +54,22 @@ def copy_files(src: Path, dest: Path, names: list[str]) -> None:
 
 
 def half_model(src: Path, dest: Path) -> None:
-    """A sentence-transformers folder whose ``model.safetensors`` holds float16 tensors."""
+    """A copy of the sentence-transformers folder ``src`` whose transformer weights
+    (``model.safetensors``) are stored as float16. Everything else is copied as it is: tokenizer
+    and pooling files, every module folder (a fine-tuned model's ``3_Dense``, kept in float32:
+    it is small and a rotation), ``mrl.json`` (the nesting)."""
     from safetensors.torch import load_file, save_file
 
-    copy_files(src, dest, [n for n in MODEL_FILES if (src / n).is_file()])
+    missing = [n for n in MODEL_FILES if not (src / n).is_file()]
+    if missing:
+        raise SystemExit(f"{src} lacks {missing} (a sentence-transformers folder with "
+                         "safetensors weights is needed)")
+    def skipped(folder: str, names: list[str]) -> list[str]:
+        top = Path(folder) == src  # model.safetensors is written halved below
+        return [n for n in names if n.startswith(".") or n in OTHER_FORMATS
+                or top and n == "model.safetensors"]
+
+    shutil.copytree(src, dest, dirs_exist_ok=True, ignore=skipped)
     tensors = load_file(src / "model.safetensors")
     half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     save_file(half, dest / "model.safetensors", metadata={"format": "pt"})

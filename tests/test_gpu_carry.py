@@ -53,3 +53,37 @@ def test_text_carry_fits_and_its_half_model_embeds_like_the_original(tmp_path):
     texts = ["what similarity laws must be obeyed", "boundary layer in simple shear flow"]
     a, b = encode(load_encoder("default"), texts), encode(half, texts)
     assert np.abs(a - b).max() < 2e-3 and (a * b).sum(1).min() > 0.9999
+
+
+def test_a_fine_tuned_model_carries_its_module_folders_and_nesting(tmp_path):
+    """--model FINETUNED copied a fixed file list: its 3_Dense (the trained rotation) and mrl.json
+    (the nesting) were dropped, and the carried folder did not load on the device."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "ft"
+    for sub in ("1_Pooling", "3_Dense", "onnx"):
+        (src / sub).mkdir(parents=True)
+    (src / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (src / "modules.json").write_text("[]")
+    (src / "mrl.json").write_text(json.dumps({"nesting": [8, 16, 32]}))
+    (src / "1_Pooling" / "config.json").write_text("{}")
+    (src / "3_Dense" / "config.json").write_text("{}")
+    dense = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))[0].float().contiguous()
+    save_file({"linear.weight": dense}, src / "3_Dense" / "model.safetensors")
+    save_file({"w": torch.randn(4, 4), "ids": torch.arange(3)}, src / "model.safetensors")
+    (src / "onnx" / "model.onnx").write_bytes(b"x" * 100)  # another format: not carried
+    dest = tmp_path / "carry"
+    _module().half_model(src, dest)
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == [
+        "1_Pooling/config.json", "3_Dense/config.json", "3_Dense/model.safetensors",
+        "config.json", "model.safetensors", "modules.json", "mrl.json"]
+    weights = load_file(dest / "model.safetensors")
+    assert weights["w"].dtype == torch.float16 and weights["ids"].dtype == torch.int64
+    assert torch.equal(load_file(dest / "3_Dense" / "model.safetensors")["linear.weight"], dense)
+    assert json.loads((dest / "config.json").read_text())["torch_dtype"] == "float32"
+    (src / "model.safetensors").unlink()
+    with pytest.raises(SystemExit, match=r"lacks \['model.safetensors'\]"):
+        _module().half_model(src, tmp_path / "again")

@@ -84,21 +84,32 @@ def test_gpu_carry_and_vision_script(tmp_path):
     )
     fake.chmod(0o755)
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PY": str(fake), "RESULTS": str(tmp_path / "res"),
-           "OUT": str(tmp_path / "out")}  # fmt: skip
-    run = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh")], env=env,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    script = str(root / "benchmarks" / "gpu.sh")
+    env = {**os.environ, "PY": str(fake), "RESULTS": str(tmp_path / "res")}
+    run = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 1
     out = run.stdout
     assert "## fashion-mnist (full budget, seed 0)" in out and "| mrl | 90 |" in out
     assert "## fashion-mnist-1k FAILED (exit 3" in out and "boom" in out
     assert "failed: fashion-mnist-1k (exit 3" in out
+    assert "preflight cuda" in out  # torch/CUDA checked before any task
+    # a device call ($OUT set): one task, its log straight into $OUT (a killed call still
+    # returns it) with the device forced, small result files copied, REPRODUCE_ARGS passed on
+    env = {**env, "OUT": str(tmp_path / "out"), "TASKS": "fashion-mnist",
+           "REPRODUCE_ARGS": "--only mrl,plain --set epochs=2"}
+    run = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
     assert (tmp_path / "out" / "fashion-mnist" / "results.md").is_file()
     assert not (tmp_path / "out" / "fashion-mnist" / "big.pt").exists()
-    assert "preflight cuda" in out  # torch/CUDA checked before any task
-    # the log goes straight into $OUT (a killed call still returns it), with the device forced
     log = (tmp_path / "out" / "fashion-mnist" / "fashion-mnist.log").read_text()
-    assert "--set device=cuda" in log and "timeout 540 s" in out
+    assert "--set device=cuda --no-progress --only mrl,plain --set epochs=2" in log
+    assert "timeout 540 s" in run.stdout
+    # two tasks of 540 s would outlive the device's 600 s call: refused before anything runs
+    run = subprocess.run(["bash", script], env={**env, "TASKS": "fashion-mnist fashion-mnist-1k",
+                                                "OUT": str(tmp_path / "out3")},
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 2 and "give one task per call" in run.stderr
+    assert "preflight" not in run.stdout and not (tmp_path / "out3").exists()
     # CUDA unusable: no task starts (no silent CPU fall-back)
     run = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh")],
                          env={**env, "FAIL_PREFLIGHT": "1", "OUT": str(tmp_path / "out2")},
@@ -111,7 +122,9 @@ def test_gpu_text_script_reuses_a_finished_model(tmp_path, monkeypatch, capsys):
     """A rerun on a warm device machine (after a failure in evaluation) evaluates the model the
     first call trained instead of failing on the existing --out. Encoding is stubbed: this
     checks the script's control flow, not the model."""
+    import json
     import sys
+    from dataclasses import asdict
     from types import SimpleNamespace
 
     import numpy as np
@@ -123,7 +136,10 @@ def test_gpu_text_script_reuses_a_finished_model(tmp_path, monkeypatch, capsys):
 
     out = tmp_path / "ft"
     out.mkdir()
-    (out / "mrl.json").write_text("{}")
+    # the settings this call gives (the script's defaults, on the CPU)
+    saved = ft.FinetuneConfig(epochs=3, batch_size=128, lr=5e-5, max_seq_length=256, seed=0,
+                              device="cuda")  # trained on the device: the device may differ
+    (out / "mrl.json").write_text(json.dumps({"config": asdict(saved), "base_model": "default"}))
     ds = SimpleNamespace(titles=["wing flow", "heat flux"],
                          bodies=["the wing flow was measured at low speed", "heat flux data"],
                          documents=["a b x", "c d y"], queries=["a"])  # fmt: skip
@@ -145,3 +161,9 @@ def test_gpu_text_script_reuses_a_finished_model(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "reusing the fine-tuned model" in printed and "reused from an earlier call" in printed
     assert seen == ["truncate", "finetune"] and "| table |" in printed
+    # a model trained with other settings was reused and labelled with this call's: refused
+    monkeypatch.setattr(sys, "argv", ["gpu_text.py", "--device", "cpu", "--out", str(out),
+                                      "--epochs", "5", "--lr", "1e-3"])
+    with pytest.raises(SystemExit, match=r"other settings \(epochs: saved 3 vs now 5; lr: saved "
+                                         r"5e-05 vs now 0.001\)"):
+        mod.main()

@@ -58,6 +58,21 @@ def test_fold_into_a_dense_layer_and_append_otherwise(tiny_model):  # noqa: F811
     np.testing.assert_allclose(encode(enc, TEXTS), before @ r.numpy(), atol=1e-5)
 
 
+def test_fold_rotation_refuses_what_is_not_a_rotation_of_the_output(tiny_model):  # noqa: F811
+    """A [8, 8] matrix for a 32-d model was a bare matmul error naming nothing; a non-orthogonal
+    matrix was folded without a word (full-size cosines changed, against the module's promise)."""
+    enc = load_encoder(tiny_model)
+    n_modules = len(enc)
+    for bad, match in ((torch.eye(8), r"rotation must be a \[D, D\] tensor with the encoder's "
+                                      r"D=32, got \(8, 8\)"),
+                       (torch.ones(32, 32), r"rotation must be orthogonal .*got max"),
+                       (torch.full((32, 32), float("nan")), "rotation must be orthogonal"),
+                       (np.eye(32), "tensor with the encoder's D=32, got a ndarray")):
+        with pytest.raises(ValueError, match=match):
+            fold_rotation(enc, bad)
+    assert len(enc) == n_modules  # nothing appended
+
+
 def _config(**kw) -> FinetuneConfig:
     return FinetuneConfig(nesting="8,16,32", batch_size=4, max_seq_length=32, **kw)
 
