@@ -8,7 +8,7 @@ EXTRAS ?= dev,vision,faiss,text,serve,qdrant
 BIN := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-all lint bench data clean
+.PHONY: demo test test-all lint bench gpu-check data clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_heads.py
 	$(BIN)/python benchmarks/bench_scores.py
 	$(BIN)/python benchmarks/bench_train_step.py
+
+# On a CUDA machine (no venv needed: the scripts put src/ on the path); data from
+# `python benchmarks/prepare_gpu_carry.py --what text` in .gpu/text. Summary table last.
+gpu-check:
+	python3 benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

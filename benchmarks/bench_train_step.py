@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=5, help="steps per mode per round")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="also write the table as records to PATH")
     args = p.parse_args(argv)
     for flag, low in (("dim", 2), ("batch", 2), ("size", 1), ("classes", 2), ("rounds", 1),
                       ("steps", 1)):  # --rounds 0: no median; --steps 0: a division by zero
@@ -99,7 +100,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print("|---|---|---|")
     for m in modes:
         print(f"| {m} | {1000 * med[m]:.1f} | {med[m] / med['plain']:.3f} |")
+    if args.json:
+        _save(args, device, med)
     return med
+
+
+def _save(args: argparse.Namespace, device: torch.device, med: dict[str, float]) -> None:
+    from mrl.records import make_record, save_records
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    context = dict(model=args.model, dim=args.dim, nesting=args.nesting, batch=args.batch,
+                   size=args.size, rounds=args.rounds, steps=args.steps, device=where,
+                   torch=torch.__version__)  # fmt: skip
+    records = []
+    for m in med:
+        records.append(make_record(m, None, "ms_per_step", 1000 * med[m], **context))
+        records.append(make_record(m, None, "ratio_to_plain", med[m] / med["plain"], **context))
+    save_records(args.json, records)
 
 
 if __name__ == "__main__":

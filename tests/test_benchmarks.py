@@ -3,20 +3,13 @@ timing or a foreign error. (Their speed is not tested here: ratios belong to the
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from scripts import load_script
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks", name)
 
 
 TINY_SCORES = ["--queries", "16", "--items", "300", "--dim", "32", "--repeats", "1"]

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "prepare_gpu_carry.py"
+from scripts import load_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("prepare_gpu_carry", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks", "prepare_gpu_carry")
 
 
 def test_vision_carry_holds_the_fashion_mnist_files_and_names_what_is_missing(tmp_path):

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_retrieval.py"
+from scripts import load_script
 
 
 def test_gpu_script_runs_on_cpu(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("gpu_retrieval", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks", "gpu_retrieval")
     recs = mod.main(
         [
             "--device",
@@ -160,10 +156,7 @@ def test_gpu_text_script_reuses_a_finished_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ev, "evaluate_retrieval", lambda *a, method, **k: seen.append(method) or [])
     monkeypatch.setattr(ev, "relative_table", lambda recs, metric: "| table |")
     monkeypatch.setattr("mrl.records.save_records", lambda path, recs: None)
-    spec = importlib.util.spec_from_file_location(
-        "gpu_text", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_text.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks", "gpu_text")
     monkeypatch.setattr(sys, "argv", ["gpu_text.py", "--device", "cpu", "--out", str(out)])
     mod.main()
     printed = capsys.readouterr().out
