@@ -94,7 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "base model's corpus embeddings) or an adaptor .pt/.npy from `mrl text adapt`",
     )
     ft.add_argument(
-        "--rotation-lr", type=float, default=None, help="that layer's lr (default --lr)"
+        "--rotation-lr", type=float, default=None,
+        help="that layer's lr beside the encoder's (default --lr; not with --freeze-encoder: "
+        "only the layer trains, at --lr)",
     )
     ft.add_argument("--cache", default=None, help="folder to cache the base corpus embeddings in")
     ft.add_argument(

@@ -79,10 +79,11 @@ def folder_fingerprint(path: str | os.PathLike) -> dict[str, str]:
     """``{relative path: file_fingerprint}`` of the visible files under ``path`` (a model
     folder; of a sentence-transformers folder only the files it loads, `_model_files`) or of
     ``path`` itself (a file): the same model wherever it lies or however the path is spelled;
-    another model, or one rewritten in place, differs."""
+    another model, or one rewritten in place, differs (every byte is hashed: a rewrite that
+    changed only the middle of the weights file passed the head-and-tail fingerprint)."""
     path = Path(path)
     if path.is_file():
-        return {path.name: file_fingerprint(path)}
+        return {path.name: file_fingerprint(path, full=True)}
     if (path / "modules.json").is_file():  # a sentence-transformers folder: what it loads (a
         from mrl.text.encoders import _model_files  # report `mrl eval` wrote beside the model
 
@@ -90,7 +91,7 @@ def folder_fingerprint(path: str | os.PathLike) -> dict[str, str]:
     else:
         files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
             part.startswith(".") for part in p.relative_to(path).parts))  # fmt: skip
-    return {str(p.relative_to(path)): file_fingerprint(p) for p in files}
+    return {str(p.relative_to(path)): file_fingerprint(p, full=True) for p in files}
 
 
 class FinetuneCheckpoint:

@@ -42,6 +42,7 @@ import json
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -56,7 +57,7 @@ from mrl.distributed import Processes, join
 from mrl.io import atomic_output_dir, check_new_output_dir, check_output_path
 from mrl.losses import matryoshka_contrastive_loss
 from mrl.nesting import Nesting
-from mrl.params import is_int
+from mrl.params import check_int, is_int
 from mrl.records import save_records
 from mrl.text.checkpoint import (
     FinetuneCheckpoint,
@@ -64,6 +65,7 @@ from mrl.text.checkpoint import (
     checkpoint_file,
     folder_fingerprint,
     loop_state,
+    partial_dir,
     restore_loop,
     texts_digest,
 )
@@ -194,6 +196,8 @@ class FinetuneConfig:
                              f"{self.batch_size}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        # seed + 1_000_003 * step + rank seeds torch (< 2**63); 2**64 was torch's "Overflow"
+        check_int(self.seed, "seed", minimum=0, maximum=2**40 - 1)
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if not self.temperature > 0:
@@ -208,6 +212,12 @@ class FinetuneConfig:
         if not self.train_encoder and self.init_rotation is None:
             raise ValueError("train_encoder=False (--freeze-encoder) needs init_rotation "
                              "(--init-rotation: the layer to train)")
+        if not self.train_encoder and self.rotation_lr is not None:
+            # the layer is all that trains: its rate is lr (rotation_lr won, lr was recorded,
+            # ignored, and still refused a resume that changed it)
+            raise ValueError("rotation_lr (--rotation-lr) is the Dense layer's rate beside the "
+                             "encoder's; with train_encoder=False (--freeze-encoder) only the "
+                             "layer trains: give its rate as lr (--lr)")
         spec = self.init_rotation
         if spec is not None and spec != "pca" and not str(spec).endswith((".pt", ".npy")):
             raise ValueError(
@@ -373,6 +383,12 @@ def finetune(
     config = config or FinetuneConfig()
     _check_pairs(pairs, config.batch_size)
     train_idx, val_idx = split_pairs(len(pairs), config.val_fraction, config.val_fold)
+    if config.val_fraction > 0 and not val_idx:  # it trained on every pair, without validation
+        raise ValueError(
+            f"val_fraction={config.val_fraction} holds out no pair of the {len(pairs)} in "
+            f"val_fold={config.val_fold} (about {len(pairs) * config.val_fraction:.2f} pairs a "
+            "fold); use a larger val_fraction or more pairs"
+        )
     if len(train_idx) < 2:
         raise ValueError(
             f"val_fraction={config.val_fraction} (val_fold={config.val_fold}) leaves "
@@ -467,6 +483,11 @@ def _checkpoint(
     if minutes is None:
         if resume is True:
             raise ValueError("resume=True needs checkpoints (checkpoint_minutes is None)")
+        if checkpoint_file(out).is_file():  # it was ignored, and later called this run's leftover
+            raise FileExistsError(
+                f"{str(partial_dir(out))!r} holds the checkpoint of an interrupted fine-tune; "
+                "checkpoint_minutes=None neither resumes nor replaces it: give checkpoint_minutes "
+                "(with resume=True or 'auto') to continue it, or remove that folder")
         return None
     if resume == "auto":  # scripts that rerun after a stop: continue if there is a checkpoint
         resume = checkpoint_file(out).is_file()
@@ -932,7 +953,7 @@ def _train_rotation(
         neg = head(feats["negative"][i])[:, None] if "negative" in feats else None
         return q, p, neg
 
-    groups = [{"params": list(dense.parameters()), "lr": config.rotation_lr or config.lr}]
+    groups = [{"params": list(dense.parameters()), "lr": config.lr}]  # only the layer trains
     n = feats["query"].shape[0]
     step = _train_loop(
         dense, groups, n, embed, nesting, config, total, rng, log, 50, distill, run
@@ -1064,6 +1085,12 @@ class _DistillTerm:
         n = corpus.shape[0]
         if n < 3:
             raise ValueError(f"distill needs a corpus of at least 3 documents, got {n}")
+        used = {"distill_neighbours": (config.distill_neighbours, n - 1),
+                "distill_batch": (config.distill_batch, n)}  # what the sampler can take
+        for name, (given, most) in used.items():
+            if given > most:  # mrl.json records the given value: say what ran
+                warnings.warn(f"{name}={given} is more than this corpus of {n} documents allows: "
+                              f"{most} are used", stacklevel=2)
         self.nbrs = full_neighbours(corpus, min(config.distill_neighbours, n - 1))  # [N, K]
         self.generator = torch.Generator().manual_seed(config.seed)
         self.head = _head_fn(dense)
