@@ -12,7 +12,8 @@
 # benchmarks/prepare_gpu_carry.py):
 #   MRL_FASHION_MNIST=.gpu/vision/fashion-mnist TASKS=fashion-mnist bash benchmarks/gpu.sh
 # Runs stay under RESULTS (git-ignored runs/gpu: kept between calls to a warm machine, so a
-# rerun resumes from the cached runs). When $OUT is set (the device's returned folder) each
+# rerun resumes from the cached runs; with REPRODUCE_ARGS, runs/gpu-<hash of them>: a short call's
+# runs do not block the full recipe's folder). When $OUT is set (the device's returned folder) each
 # task's log is written straight into $OUT/<task>/ (so a killed call still returns it), and its
 # results.md, claims.md and results.json are copied there as soon as the task ends; the tasks
 # then share TOTAL_TIMEOUT (default 550 s, under the device's 600 s per call): each gets the time
@@ -28,7 +29,12 @@ if [ -z "${PY:-}" ]; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # mrl from this checkout, installed or not
 export PYTHONUNBUFFERED=1  # progress lines reach the log as they happen, even if killed
-RESULTS=${RESULTS:-runs/gpu}
+if [ -z "${RESULTS:-}" ]; then
+    RESULTS=runs/gpu
+    if [ -n "${REPRODUCE_ARGS:-}" ]; then  # another recipe: `reproduce` refuses a mixed folder
+        RESULTS=runs/gpu-$(printf '%s' "$REPRODUCE_ARGS" | cksum | cut -d' ' -f1)
+    fi
+fi
 SEED=${SEED:-0}
 TASKS=${TASKS:-fashion-mnist fashion-mnist-1k}
 DEVICE=${DEVICE:-cuda}
@@ -72,7 +78,9 @@ for task in "${tasks[@]}"; do
     fi
     echo "[$task] reproduce --budget full --seed $SEED (timeout ${limit} s; log $log)"
     # tee: progress reaches the caller while it runs, and the log keeps it
-    timeout "$limit" "$PY" -m mrl.cli reproduce "$task" --budget full --seed "$SEED" \
+    touch "$RESULTS/.start-$task"  # results older than this are an earlier call's: not copied
+    # -k: a process stuck in a C call ignores SIGTERM; SIGKILL 15 s later keeps the call alive
+    timeout -k 15 "$limit" "$PY" -m mrl.cli reproduce "$task" --budget full --seed "$SEED" \
         --out "$RESULTS/$task" --set "device=$DEVICE" --no-progress "${extra[@]}" 2>&1 \
         | tee "$log" | grep --line-buffered '^\['
     status=("${PIPESTATUS[@]}")
@@ -80,7 +88,7 @@ for task in "${tasks[@]}"; do
     took=$(( $(date +%s) - start ))
     if [ -n "${OUT:-}" ]; then
         for f in results.md claims.md results.json; do
-            [ -f "$RESULTS/$task/$f" ] && cp "$RESULTS/$task/$f" "$OUT/$task/"
+            [ "$RESULTS/$task/$f" -nt "$RESULTS/.start-$task" ] && cp "$RESULTS/$task/$f" "$OUT/$task/"
         done
     fi
     echo

@@ -100,6 +100,15 @@ def test_gpu_carry_and_vision_script(tmp_path):
     log = (tmp_path / "out" / "fashion-mnist" / "fashion-mnist.log").read_text()
     assert "--set device=cuda --no-progress --only mrl,plain --set epochs=2" in log
     assert "timeout 540 s" in run.stdout
+    # a failed task's folder may hold an earlier call's results: not copied as this call's
+    stale = tmp_path / "res" / "fashion-mnist-1k" / "claims.md"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("an earlier call's claims")
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
+    run = subprocess.run(["bash", script], env={**env, "TASKS": "fashion-mnist-1k"},
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 1 and (tmp_path / "out" / "fashion-mnist-1k").is_dir()
+    assert not (tmp_path / "out" / "fashion-mnist-1k" / "claims.md").exists()
     # in a device call the tasks share TOTAL_TIMEOUT (two of 540 s each outlived the 600 s
     # call): the first gets what is left, a task with under 30 s left is not started
     env = {**env, "TASKS": "fashion-mnist fashion-mnist-1k", "OUT": str(tmp_path / "out3"),
