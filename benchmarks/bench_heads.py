@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from mrl.commands._options import check_minimums
 from mrl.heads import MRLEHead, MRLHead, mrl_e_head_reference
 from mrl.losses import (
     contrastive_loss,
@@ -144,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write mrl.records here")
     args = ap.parse_args(argv)
-    for flag in ("repeats", "threads"):  # --repeats 0 became the default without a word
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            ap.error(f"--{flag} must be >= 1, got --{flag} {getattr(args, flag)}")
+    try:  # --repeats 0 became the default without a word
+        check_minimums(args, (("repeats", 1), ("threads", 1)))
+    except ValueError as err:
+        ap.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     B, D, C, start = (32, 256, 100, 8) if args.quick else (256, 2048, 1000, 8)

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from mrl.commands._options import check_minimums
 from mrl.config import load_config
 from mrl.losses import nested_cross_entropy
 from mrl.train import _memory_format, build_model, build_optimizer
@@ -68,10 +69,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the table as records to PATH")
     args = p.parse_args(argv)
-    for flag, low in (("dim", 2), ("batch", 2), ("size", 1), ("classes", 2), ("rounds", 1),
-                      ("steps", 1)):  # --rounds 0: no median; --steps 0: a division by zero
-        if getattr(args, flag) < low:  # batch 1: BatchNorm has no batch statistics
-            p.error(f"--{flag} must be >= {low}, got --{flag} {getattr(args, flag)}")
+    try:  # --rounds 0: no median; --steps 0: a division by zero; --batch 1: no BatchNorm stats
+        check_minimums(args, (("dim", 2), ("batch", 2), ("size", 1), ("classes", 2),
+                              ("rounds", 1), ("steps", 1)))
+    except ValueError as err:
+        p.error(str(err))
     device = torch.device(args.device)
     if device.type == "cuda":  # as mrl.train: fixed shapes, let cuDNN time its algorithms once
         torch.backends.cudnn.benchmark = True

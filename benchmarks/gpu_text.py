@@ -31,14 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # mrl, ins
 
 def _check_reusable(info_file: Path, config, model: str) -> None:
     """Refuse to reuse a finished model trained with other settings (its table would be labelled
-    with this call's settings): the device and checkpoint cadence do not change the model."""
+    with this call's settings): the device does not change the model."""
     from dataclasses import asdict
 
     info = json.loads(info_file.read_text(encoding="utf-8"))
     saved = dict(info.get("config") or {}, base_model=info.get("base_model"))
     now = dict(asdict(config), base_model=str(model))
     differ = [f"{k}: saved {saved.get(k)!r} vs now {now.get(k)!r}" for k in sorted(now)
-              if k not in ("device", "checkpoint_minutes") and saved.get(k) != now.get(k)]
+              if k != "device" and saved.get(k) != now.get(k)]
     if differ:
         raise SystemExit(f"--out {info_file.parent} holds a model fine-tuned with other settings "
                          f"({'; '.join(differ)}): give another --out or delete it")

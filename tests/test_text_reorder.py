@@ -65,7 +65,7 @@ def test_fold_rotation_refuses_what_is_not_a_rotation_of_the_output(tiny_model):
     n_modules = len(enc)
     for bad, match in ((torch.eye(8), r"rotation must be a \[D, D\] tensor with the encoder's "
                                       r"D=32, got \(8, 8\)"),
-                       (torch.ones(32, 32), r"rotation must be orthogonal .*got max"),
+                       (torch.ones(32, 32), r"rotation must be orthogonal, got max"),
                        (torch.full((32, 32), float("nan")), "rotation must be orthogonal"),
                        (np.eye(32), "tensor with the encoder's D=32, got a ndarray")):
         with pytest.raises(ValueError, match=match):

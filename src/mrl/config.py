@@ -480,14 +480,15 @@ def _check_model_options_apply(m: ModelConfig) -> None:
         # C / groups channels alone (1 channel: every output 0, a constant embedding; 2: about
         # +-1). Refused for new runs, not regrouped: saved runs must keep computing what they
         # computed (GroupNorm's weights do not record the group count).
-        from mrl.models.norm import group_count  # torch: imported only for this case
+        from mrl.models.norm import narrow_feature_groups  # torch: imported only for this case
 
         width = 1024 if m.width is None else m.width
-        groups = group_count(width)
-        _check(width // groups >= 16, "model.width", width,
-               f"at least 16 channels per group with model.norm='group' in an MLP (width "
-               f"{width} gives {groups} groups of {width // groups}); use a width of 128 or "
-               "more, or model.norm='batch'")
+        narrow = narrow_feature_groups(width)
+        if narrow is not None:
+            raise ValueError(f"model.width must be at least 16 channels per group with "
+                             f"model.norm='group' in an MLP (width {width} gives {narrow[0]} "
+                             f"groups of {narrow[1]}); use a width of 128 or more, or "
+                             f"model.norm='batch', got model.width={width}")
 
 
 def describe() -> str:

@@ -229,11 +229,6 @@ def evaluate_labelled(
     return records
 
 
-def _not_index(x: Any) -> bool:
-    """Not an integer index: a bool (True is 1), a float, a string."""
-    return not is_int(x)
-
-
 def _not_number(x: Any) -> bool:
     """Not a real number (a string or None gave a bare numpy TypeError)."""
     return isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer,
@@ -247,12 +242,12 @@ def _check_qrels(qrels: Any, num_queries: int, num_docs: int) -> list[int]:
             f"qrels must be a non-empty mapping {{query: {{doc: gain}}}}, got {qrels!r}"
         )
     for qid, judged in qrels.items():
-        if _not_index(qid) or not 0 <= qid < num_queries:
+        if not is_int(qid) or not 0 <= qid < num_queries:
             raise ValueError(f"qrels query index must be in [0, {num_queries}), got {qid!r}")
         if not isinstance(judged, Mapping):
             raise ValueError(f"qrels[{qid}] must be a mapping {{doc: gain}}, got {judged!r}")
         for doc, gain in judged.items():
-            if _not_index(doc) or not 0 <= doc < num_docs:
+            if not is_int(doc) or not 0 <= doc < num_docs:
                 raise ValueError(f"qrels[{qid}] doc index must be in [0, {num_docs}), got {doc!r}")
             if _not_number(gain) or not np.isfinite(gain) or gain < 0:
                 raise ValueError(f"qrels[{qid}][{doc}] gain must be finite and >= 0, got {gain!r}")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mrl.models.norm import group_count, make_norm
+from mrl.models.norm import make_norm, narrow_feature_groups
 
 __all__ = ["MLPEncoder"]
 
@@ -76,15 +76,13 @@ class MLPEncoder(nn.Module):
 
 
 def _warn_narrow_groups(width: int) -> None:
-    """A hidden layer's features [B, width] have no positions: a group's statistics come from its
-    width / groups channels alone (1 channel: every output 0, a constant embedding). New training
-    configs refuse fewer than 16 per group (`mrl.config`); built directly (or a saved run
-    loaded: it must keep computing what it computed) it is a warning."""
-    groups = group_count(width)
-    if width // groups < 16:
+    """New training configs refuse too few features per group (`mrl.config`); built directly
+    (or a saved run loaded: it must keep computing what it computed) it is a warning."""
+    narrow = narrow_feature_groups(width)
+    if narrow is not None:
         warnings.warn(
-            f"MLPEncoder(width={width}, norm='group') normalises {groups} groups of "
-            f"{width // groups} feature(s): too few for useful statistics (1 gives a constant "
+            f"MLPEncoder(width={width}, norm='group') normalises {narrow[0]} groups of "
+            f"{narrow[1]} feature(s): too few for useful statistics (1 gives a constant "
             "embedding); use width >= 128 or norm='batch'",
             stacklevel=3,
         )

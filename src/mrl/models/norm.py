@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-__all__ = ["group_count", "make_norm"]
+__all__ = ["group_count", "make_norm", "narrow_feature_groups"]
 
 
 def group_count(channels: int) -> int:
@@ -14,6 +14,14 @@ def group_count(channels: int) -> int:
     not divide ``channels`` (e.g. 4 groups for 12 or 100 channels)."""
     groups = min(8, channels)
     return groups if channels % groups == 0 else math.gcd(8, channels)
+
+
+def narrow_feature_groups(channels: int, least: int = 16) -> tuple[int, int] | None:
+    """``(groups, channels per group)`` when GroupNorm on features ``[B, channels]`` (an MLP: no
+    positions, a group's statistics come from its channels alone) has fewer than ``least`` per
+    group (1: every output 0, a constant embedding); None when it has enough."""
+    groups = group_count(channels)
+    return (groups, channels // groups) if channels // groups < least else None
 
 
 def make_norm(kind: str, channels: int, batch_norm: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:

@@ -265,6 +265,14 @@ def sample_candidates(
     return q, cand, rows, inv
 
 
+def check_orthogonal(r: torch.Tensor) -> None:
+    """ValueError unless the square ``r [D, D]`` is orthogonal within 1e-3 (R^T R = I: full-size
+    cosines unchanged); NaN fails too (a NaN rotation turned everything into NaN)."""
+    err = (r.T.double() @ r.double() - torch.eye(r.shape[0], dtype=torch.float64)).abs().max()
+    if not err <= 1e-3:
+        raise ValueError(f"rotation must be orthogonal, got max |R^T R - I| = {err:.3g}")
+
+
 class OrthogonalAdaptor:
     """``y = x @ rotation``; ``rotation [D, D]`` orthogonal; prefixes of y follow the nesting."""
 
@@ -278,9 +286,7 @@ class OrthogonalAdaptor:
         r = torch.as_tensor(as_numpy(rotation), dtype=torch.float32)
         if r.dim() != 2 or r.shape[0] != r.shape[1]:
             raise ValueError(f"rotation must be square [D, D], got shape {tuple(r.shape)}")
-        err = (r.T.double() @ r.double() - torch.eye(r.shape[0], dtype=torch.float64)).abs().max()
-        if not err <= 1e-3:  # NaN too: a NaN rotation passed and transformed everything to NaN
-            raise ValueError(f"rotation must be orthogonal, got max |R^T R - I| = {err:.3g}")
+        check_orthogonal(r)
         nesting.check_dim(r.shape[0], "the rotation's")
         self.rotation = r
         self.nesting = nesting

@@ -1091,7 +1091,7 @@ class _DistillTerm:
             if given > most:  # mrl.json records the given value: say what ran
                 warnings.warn(f"{name}={given} is more than this corpus of {n} documents allows: "
                               f"{most} are used", stacklevel=2)
-        self.nbrs = full_neighbours(corpus, min(config.distill_neighbours, n - 1))  # [N, K]
+        self.nbrs = full_neighbours(corpus, min(*used["distill_neighbours"]))  # [N, K]
         self.generator = torch.Generator().manual_seed(config.seed)
         self.head = _head_fn(dense)
         self.corpus, self.nesting, self.config = corpus, nesting, config
