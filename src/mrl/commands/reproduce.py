@@ -228,11 +228,8 @@ def reproduce(
     ``weights``: a `mrl_weights` spec; adds the run ``mrl-w`` (method ``mrl-w``).
     ``probe_iter``: L-BFGS iterations of the linear probes (default: the recipe's).
     """
-    from mrl.commands.eval import compute_embeddings, evaluate_embeddings
     from mrl.config import load_config, refuse_overrides
     from mrl.data import load_task_for
-    from mrl.records import save_records
-    from mrl.train import CHECKPOINT, check_same_recipe, train
 
     if (task, budget) not in RECIPES:
         raise ValueError(f"no recipe for task={task!r} budget={budget!r}")
@@ -265,49 +262,15 @@ def reproduce(
     # The recipe binds the --out from the start (a process of another recipe is refused before
     # it trains) and is released if this call fails before any records exist.
     claimed = _claim_out_recipe(out, config0)
+    job = _Job(task, budget, seed, base, recipe, runs_root, runs, center, probe_iter, weights,
+               data_task, progress, log)  # fmt: skip
     try:
         records: list[dict[str, Any]] = []
         for name, extra in plan:
             if only and name not in only:
                 continue
-            run_dir = runs_root / f"seed{seed}" / name
-            cached = _cache_path(run_dir, center, probe_iter, recipe)
-            config = load_config(None, [*base, *extra])
-            check_same_recipe(run_dir, config, "use another --out (or --runs) for another recipe")
-            _check_other_seeds(runs_root, name, seed, config)
             t0 = time.perf_counter()
-            # A checkpoint short of the recipe's epochs is trained on before the cache is looked at
-            # (the cache would be the shorter model's); a cache without its checkpoint (deleted to
-            # save space) is trusted as before.
-            has_ckpt = (run_dir / CHECKPOINT).is_file()
-            if (has_ckpt or not cached.is_file()) and _needs_training(run_dir, config, runs):
-                log(f"[{name}] seed {seed}: training{' (resuming)' if has_ckpt else ''} ...")
-                train(config, run_dir, resume=has_ckpt, progress=progress, task=data_task)
-                for stale in run_dir.glob("records*.json"):  # evaluations of the shorter model
-                    stale.unlink()
-            recs = json.loads(cached.read_text()) if cached.is_file() else None
-            if recs is not None and not _stale_random_rows(recs, seed):
-                log(f"[{name}] seed {seed}: evaluated before, reusing {cached}")
-            else:
-                e = compute_embeddings(run_dir, task=data_task)
-                recs = evaluate_embeddings(
-                    e,
-                    center=center,
-                    method=name.split("-")[0] if name.startswith("ff") else name,
-                    dataset=task,
-                    seed=seed,
-                    budget=budget,
-                    run=name,
-                    probe_all=True,
-                    probe_iter=probe_iter,
-                    probe_max_dim=recipe.probe_max_dim,
-                    **({"mrl_weights": weights} if name == "mrl-w" else {}),
-                )
-                save_records(cached, _tag_probes(recs, probe_iter))
-            recs = _tag_probes(recs, probe_iter)  # also a cache written before the tag
-            if name == "plain":
-                recs = [*recs, _plain_as_ff(run_dir, config.model.dim, data_task, dataset=task,
-                                            seed=seed, budget=budget)]  # fmt: skip
+            recs = _run_one(job, name, extra)
             records += recs
             # merged as each run finishes: a job killed later (a timeout on a GPU) keeps these;
             # the recipe checked again under the lock (written there if it went missing)
@@ -319,6 +282,72 @@ def reproduce(
         if claimed:
             _release_out_recipe(out)
         raise
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every run of one `reproduce` call shares."""
+
+    task: str
+    budget: str
+    seed: int
+    base: tuple[str, ...]  # the recipe's overrides + seed + the user's --set
+    recipe: Recipe
+    runs_root: Path
+    runs: str | Path | None  # --runs as given (None: runs live under --out)
+    center: bool
+    probe_iter: int
+    weights: str | None
+    data_task: Any
+    progress: bool
+    log: Callable[[str], Any]
+
+
+def _run_one(job: _Job, name: str, extra: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Train run ``name`` if needed, evaluate it (or reuse its cached records); its records."""
+    from mrl.commands.eval import compute_embeddings, evaluate_embeddings
+    from mrl.config import load_config
+    from mrl.records import save_records
+    from mrl.train import CHECKPOINT, check_same_recipe, train
+
+    run_dir = job.runs_root / f"seed{job.seed}" / name
+    cached = _cache_path(run_dir, job.center, job.probe_iter, job.recipe)
+    config = load_config(None, [*job.base, *extra])
+    check_same_recipe(run_dir, config, "use another --out (or --runs) for another recipe")
+    _check_other_seeds(job.runs_root, name, job.seed, config)
+    # A checkpoint short of the recipe's epochs is trained on before the cache is looked at
+    # (the cache would be the shorter model's); a cache without its checkpoint (deleted to
+    # save space) is trusted as before.
+    has_ckpt = (run_dir / CHECKPOINT).is_file()
+    if (has_ckpt or not cached.is_file()) and _needs_training(run_dir, config, job.runs):
+        job.log(f"[{name}] seed {job.seed}: training{' (resuming)' if has_ckpt else ''} ...")
+        train(config, run_dir, resume=has_ckpt, progress=job.progress, task=job.data_task)
+        for stale in run_dir.glob("records*.json"):  # evaluations of the shorter model
+            stale.unlink()
+    recs = json.loads(cached.read_text()) if cached.is_file() else None
+    if recs is not None and not _stale_random_rows(recs, job.seed):
+        job.log(f"[{name}] seed {job.seed}: evaluated before, reusing {cached}")
+    else:
+        e = compute_embeddings(run_dir, task=job.data_task)
+        recs = evaluate_embeddings(
+            e,
+            center=job.center,
+            method=name.split("-")[0] if name.startswith("ff") else name,
+            dataset=job.task,
+            seed=job.seed,
+            budget=job.budget,
+            run=name,
+            probe_all=True,
+            probe_iter=job.probe_iter,
+            probe_max_dim=job.recipe.probe_max_dim,
+            **({"mrl_weights": job.weights} if name == "mrl-w" else {}),
+        )
+        save_records(cached, _tag_probes(recs, job.probe_iter))
+    recs = _tag_probes(recs, job.probe_iter)  # also a cache written before the tag
+    if name == "plain":
+        recs = [*recs, _plain_as_ff(run_dir, config.model.dim, job.data_task, dataset=job.task,
+                                    seed=job.seed, budget=job.budget)]  # fmt: skip
+    return recs
 
 
 def _stale_random_rows(recs: list[dict[str, Any]], seed: int) -> bool:
