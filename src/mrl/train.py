@@ -815,7 +815,23 @@ def _train_epoch(
         if progress and dist_info.main and i % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     elapsed = _clock(device) - t0
-    n_steps = max(1, steps)
+    return _epoch_log(epoch, steps, loss_sum, correct, seen, model.head.nesting, lr, elapsed,
+                      dist_info, device)  # fmt: skip
+
+
+def _epoch_log(
+    epoch: int,
+    steps: int,
+    loss_sum: torch.Tensor,
+    correct: torch.Tensor,
+    seen: int,
+    nesting: Nesting,
+    lr: float,
+    elapsed: float,
+    dist_info: Processes,
+    device: torch.device,
+) -> dict[str, Any]:
+    """One epoch's metrics line: mean loss, train top-1 per prefix ([G] counts), speed."""
     if dist_info.world_size > 1:  # the log is the global batch's, not rank 0's share of it
         stats = torch.cat([loss_sum.reshape(1), correct.float(),
                            torch.tensor([float(seen)], device=device)])  # fmt: skip
@@ -825,10 +841,9 @@ def _train_epoch(
         seen = int(stats[-1].item())
     return {
         "epoch": epoch + 1,
-        "loss": round(loss_sum.item() / n_steps, 5),
+        "loss": round(loss_sum.item() / max(1, steps), 5),
         "train_top1": {
-            str(m): round(100 * c / max(1, seen), 3)
-            for m, c in zip(model.head.nesting, correct.tolist())
+            str(m): round(100 * c / max(1, seen), 3) for m, c in zip(nesting, correct.tolist())
         },
         "lr": lr,  # of the epoch's last step (was the next epoch's first: 0.0 at a cosine end)
         "seconds": round(elapsed, 2),
