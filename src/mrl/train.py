@@ -544,30 +544,15 @@ def _train(
         _check_compatible(saved, config, ckpt_path)
     config = _absolute_root(config)
 
-    dist_info = join(None if config.device == "auto" else config.device.split(":")[0])
-    device = _device(config, dist_info.local_rank, dist_info.world_size)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # NCCL collectives (barrier) use the current device
-    if device.type == "cuda":  # fixed input shapes: let cuDNN time its algorithms once
-        torch.backends.cudnn.benchmark = True
+    dist_info, device = _join_processes(config)
     if task is None:
         task = load_task_for(config)
     model = build_model(
         config, task.in_channels, task.num_classes, task.mean, task.std, task.test.image_shape
     ).to(device, memory_format=_memory_format(config, device))
     optimizer = build_optimizer(config, model)
-    if config.batch_size % dist_info.world_size:  # before config.json is written
-        raise ValueError(
-            f"batch_size must be a positive multiple of the number of processes "
-            f"({dist_info.world_size}), got batch_size={config.batch_size}"
-        )
-    _check_batchnorm_batch(model, config.batch_size, dist_info.world_size)
+    _check_batch_size(config.batch_size, model, len(task.train), dist_info.world_size)
     steps_per_epoch = len(task.train) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"batch_size={config.batch_size} exceeds the {len(task.train)} training "
-            "items (an epoch would have no step)"
-        )
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
     if saved is not None:  # resuming on other data would not continue the same run
         check_task(saved, task, ckpt_path)
@@ -614,6 +599,32 @@ def _train(
         if dist_info.world_size > 1:
             torch.distributed.barrier()
     return ckpt_path
+
+
+def _join_processes(config: TrainConfig) -> tuple[Processes, torch.device]:
+    """Join the process group (if any) and pick this process's device."""
+    dist_info = join(None if config.device == "auto" else config.device.split(":")[0])
+    device = _device(config, dist_info.local_rank, dist_info.world_size)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # NCCL collectives (barrier) use the current device
+    if device.type == "cuda":  # fixed input shapes: let cuDNN time its algorithms once
+        torch.backends.cudnn.benchmark = True
+    return dist_info, device
+
+
+def _check_batch_size(batch_size: int, model: nn.Module, n_train: int, world_size: int) -> None:
+    """Refuse, before config.json is written, a batch the processes or the data cannot take."""
+    if batch_size % world_size:
+        raise ValueError(
+            f"batch_size must be a positive multiple of the number of processes "
+            f"({world_size}), got batch_size={batch_size}"
+        )
+    _check_batchnorm_batch(model, batch_size, world_size)
+    if n_train // batch_size == 0:
+        raise ValueError(
+            f"batch_size={batch_size} exceeds the {n_train} training "
+            "items (an epoch would have no step)"
+        )
 
 
 def _saved_history(saved: dict[str, Any], metrics: Path) -> list[dict[str, Any]]:
