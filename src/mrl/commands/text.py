@@ -70,7 +70,18 @@ def _distill_args(ft: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="text_command", metavar="ACTION")
-    ft = sub.add_parser("finetune", help="Matryoshka fine-tuning on pairs")
+    _finetune_arguments(sub.add_parser("finetune", help="Matryoshka fine-tuning on pairs"))
+    _adapt_arguments(sub.add_parser("adapt", help="post-hoc Matryoshka map for frozen embeddings"))
+    _transform_arguments(sub.add_parser(
+        "transform", help="apply an adaptor to embeddings (corpus and queries alike) -> .npy + "
+        "JSON sidecar with its nesting"))  # fmt: skip
+    _compare_arguments(
+        sub.add_parser("compare", help="truncate / pca / adapt / finetune table on a dataset")
+    )
+    _encode_arguments(sub.add_parser("encode", help="encode a corpus once (.npy + JSON sidecar)"))
+
+
+def _finetune_arguments(ft: argparse.ArgumentParser) -> None:
     ft.add_argument("--model", default="default", help="sentence-transformers folder or 'default'")
     ft.add_argument("--pairs", default=None, help='JSONL of {"query", "positive"[, "negative"]}')
     _corpus_arg(ft)
@@ -152,7 +163,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(0 = the plain --val-fraction split)",
     )
 
-    ad = sub.add_parser("adapt", help="post-hoc Matryoshka map for frozen embeddings")
+
+def _adapt_arguments(ad: argparse.ArgumentParser) -> None:
     src = ad.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", default=None, help="sentence-transformers folder or 'default'")
     src.add_argument("--embeddings", default=None, help=".npy corpus embeddings [N, D]")
@@ -172,8 +184,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ad.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
     ad.add_argument("--seed", type=int, default=0, help="seed of the pseudo-query draws")
 
-    tr = sub.add_parser("transform", help="apply an adaptor to embeddings (corpus and queries "
-                        "alike) -> .npy + JSON sidecar with its nesting")
+
+def _transform_arguments(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--adaptor", required=True,
                     help="an `mrl text adapt --out` folder, or its adaptor.pt / adaptor.npy")
     tr.add_argument("--embeddings", required=True,
@@ -183,7 +195,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace an existing --out file and its sidecar"
     )
 
-    cp = sub.add_parser("compare", help="truncate / pca / adapt / finetune table on a dataset")
+
+def _compare_arguments(cp: argparse.ArgumentParser) -> None:
     cp.add_argument("--dataset", required=True, help="'cranfield', 'bbc' or a BEIR-style folder")
     cp.add_argument(
         "--split", default=None, help="BEIR-style folders: judge by qrels/SPLIT.tsv (default: test)"
@@ -211,7 +224,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "of another dataset or, for truncate/pca/adapt, another --model)",
     )
 
-    en = sub.add_parser("encode", help="encode a corpus once (.npy + JSON sidecar)")
+
+def _encode_arguments(en: argparse.ArgumentParser) -> None:
     en.add_argument("--model", default="default")
     _corpus_arg(en, required=True)
     en.add_argument("--out", required=True, help="output .npy file (+ a .json sidecar beside it)")
