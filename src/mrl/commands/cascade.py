@@ -31,7 +31,16 @@ HELP = "adaptive classification: fit confidence thresholds between prefixes, eva
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    fit = sub.add_parser("fit", help="tune thresholds on a calibration split; write a cascade file")
+    _fit_arguments(
+        sub.add_parser("fit", help="tune thresholds on a calibration split; write a cascade file")
+    )
+    _eval_arguments(sub.add_parser(
+        "eval",
+        help="accuracy vs expected dims, beside FF models; or evaluate a fitted cascade file",
+    ))  # fmt: skip
+
+
+def _fit_arguments(fit: argparse.ArgumentParser) -> None:
     fit.add_argument("source", help="run folder or logits .npz")
     mode = fit.add_mutually_exclusive_group()
     mode.add_argument(
@@ -62,10 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "folder, SOURCE with suffix .cascade.json for a file)",
     )
 
-    ev = sub.add_parser(
-        "eval",
-        help="accuracy vs expected dims, beside FF models; or evaluate a fitted cascade file",
-    )
+
+def _eval_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("source", help="run folder, logits .npz, or a cascade file (.json)")
     ev.add_argument(
         "--logits",
