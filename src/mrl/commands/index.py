@@ -148,7 +148,7 @@ def _check_options(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from mrl.retrieval import MatryoshkaIndex, SearchConfig, funnel_stages
     from mrl.retrieval.funnel.index import check_index_path
-    from mrl.retrieval.loading import load_embeddings
+    from mrl.retrieval.loading import load_embeddings, store_normalized
 
     check_index_path(args.out, "--out")  # before loading and tuning, not after
     _check_options(args)
@@ -182,7 +182,12 @@ def run(args: argparse.Namespace) -> int:
         warnings.warn(f"--tune-queries {args.tune_queries} is more than the {len(x)} rows; "
                       f"tuning with all {len(x)}", stacklevel=2)
     t0 = time.perf_counter()
-    index = MatryoshkaIndex(nesting, cfg, vector_dtype=args.vector_dtype, center=center)
+    # unit rows centred on their mean: raw queries must be made unit vectors before the center
+    # is subtracted (else they lie in another space: recall@10 0.24 at a whole-database
+    # shortlist); a store's own center was subtracted before it normalised, so not there
+    normalize = center is not None and not centered and store_normalized(args.embeddings)
+    index = MatryoshkaIndex(nesting, cfg, vector_dtype=args.vector_dtype, center=center,
+                            normalize=normalize)  # fmt: skip
     index.add(x, ids=ids, centered=centered)
     if args.target_recall is not None:
         from mrl.retrieval.tune import tune

@@ -85,14 +85,26 @@ def run(args: argparse.Namespace) -> int:
 def _queries_centered(queries: str, index) -> bool:
     """Whether the queries are centred already: read from a store created with the index's
     center (a .npy holds raw embeddings, which the index centres itself). A store centred
-    otherwise cannot be searched correctly: refuse it."""
+    otherwise, or normalised where the index centres raw rows, cannot be searched correctly:
+    refuse it."""
     import numpy as np
 
-    from mrl.retrieval.loading import store_center
+    from mrl.retrieval.loading import store_center, store_normalized
 
     own = store_center(queries)
     if own is None:
+        if index.center is not None and not index.normalize and store_normalized(queries):
+            raise ValueError(
+                f"the queries store {queries!r} holds L2-normalised rows, but the index centres "
+                "rows as they were added (not normalised): pass raw query embeddings (.npy) or "
+                "a store created without normalize"
+            )
         return False
+    if index.normalize:  # the store subtracted its center before normalising; the index after
+        raise ValueError(
+            f"the queries store {queries!r} subtracts a center before normalising its rows, but "
+            "the index normalises rows before its center: pass raw query embeddings (.npy)"
+        )
     if own.shape != (index.nesting.dim,):  # before comparing centres (a numpy broadcast error)
         raise ValueError(f"the queries store {queries!r} holds {own.shape[0]}-dim rows; the "
                          f"index holds {index.nesting.dim}-dim rows")

@@ -11,7 +11,7 @@ import numpy as np
 from mrl.io import file_fingerprint, load_npy
 from mrl.nesting import Nesting
 
-__all__ = ["load_embeddings", "store_center"]
+__all__ = ["load_embeddings", "store_center", "store_normalized"]
 
 
 def load_embeddings(
@@ -62,6 +62,16 @@ def store_center(path: str | os.PathLike) -> np.ndarray | None:
     from mrl.retrieval.store import EmbeddingStore
 
     return EmbeddingStore.open(path).center
+
+
+def store_normalized(path: str | os.PathLike) -> bool:
+    """Whether an `EmbeddingStore` folder L2-normalised its rows (False for a .npy file)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    from mrl.retrieval.store import EmbeddingStore
+
+    return EmbeddingStore.open(path).normalized
 
 
 def _sidecar_nesting(side: Path, shape: tuple[int, ...], npy: Path) -> Nesting | None:

@@ -242,6 +242,10 @@ class MatryoshkaIndex:
             it); saved with the index, so a loaded index centres raw queries itself. Rows and
             queries that already had it subtracted (an `EmbeddingStore` created with the same
             ``center``) are passed with ``centered=True``.
+        normalize: L2-normalise every added row and every query (full size) before the
+            ``center`` is subtracted: the space of rows that were unit vectors when their center
+            was taken (an `EmbeddingStore` created with ``normalize=True``, then ``--center``).
+            Saved with the index. Without a center it changes no cosine ranking.
 
     Example:
         >>> index = MatryoshkaIndex(Nesting.doubling(8, 2048), SearchConfig(shortlist_dim=16))
@@ -260,6 +264,7 @@ class MatryoshkaIndex:
         device: str = "cpu",
         threads: int | None = None,
         center: np.ndarray | Sequence[float] | None = None,
+        normalize: bool = False,
     ) -> None:
         if not isinstance(nesting, Nesting):
             raise ValueError(f"nesting must be a mrl.Nesting, got {type(nesting).__name__}")
@@ -289,6 +294,7 @@ class MatryoshkaIndex:
         self.tuned: dict[str, Any] | None = None
         self._check_config(self.config, k=1, n=None)
         self.center = None if center is None else check_center(center, nesting.dim)  # [D]
+        self.normalize = check_flag(normalize, "normalize")
         d, g = nesting.dim, len(nesting)
         self._vectors = np.zeros((0, d), vector_dtype)  # [N, D] full size (raw, or memmap)
         self._col_scale = np.ones(d, np.float32)  # [D] int8 dequantisation scale per column
@@ -610,12 +616,16 @@ class MatryoshkaIndex:
                              "they are (centered=False)")
 
     def _centred(self, x: np.ndarray, centered: bool) -> np.ndarray:
-        """Rows or queries [n, D] float32 in the index's space: minus ``center`` (a new array),
-        unless there is none or ``centered`` says the caller subtracted it already."""
+        """Rows or queries [n, D] float32 in the index's space: L2-normalised if ``normalize``,
+        then minus ``center`` (a new array), unless ``centered`` says the caller did both."""
         self._check_centered(centered)
-        if self.center is None or centered:
+        if centered:
             return x
-        return x - self.center
+        if self.normalize:
+            x = unit_peak(x)  # no float32 overflow in the norm
+            n = np.linalg.norm(x, axis=1, keepdims=True)
+            x = x / np.where(n > 0, n, 1.0)  # zero rows stay zero
+        return x if self.center is None else x - self.center
 
     def _norm_q(self, q: np.ndarray, m: int) -> np.ndarray:
         p = q[:, :m]
@@ -924,6 +934,7 @@ class MatryoshkaIndex:
             "config": self.config.to_dict(),
             "tuned": self.tuned,
             "center": None if self.center is None else self.center.tolist(),
+            "normalize": self.normalize,
             "files": files,
         }
         atomic_write_json(path / SIDECAR, meta)
@@ -955,6 +966,7 @@ class MatryoshkaIndex:
             device=device,
             threads=threads,
             center=meta.get("center"),
+            normalize=meta.get("normalize", False),  # absent in indexes saved before it existed
         )
         index.tuned = meta.get("tuned")
         files = meta["files"]
