@@ -13,7 +13,7 @@ import pytest
 
 from mrl import Nesting
 from mrl.cli import main
-from mrl.retrieval import EmbeddingStore, MatryoshkaIndex, exact_search
+from mrl.retrieval import EmbeddingStore, MatryoshkaIndex, SearchConfig, exact_search
 from mrl.retrieval.synthetic import mrl_like
 
 NEST = Nesting((8, 16, 32))
@@ -123,3 +123,114 @@ def test_an_index_saved_before_normalize_existed_loads_as_raw(tmp_path):
     del meta["normalize"]
     side.write_text(json.dumps(meta))
     assert MatryoshkaIndex.load(tmp_path / "i").normalize is False
+
+
+def test_save_refuses_a_folder_whose_index_json_is_another_programs(tmp_path, capsys):
+    """Any folder holding an index.json was taken for an index and written into (the file
+    replaced, index files mixed in beside the user's)."""
+    db = _positive(40, 8)
+    np.save(tmp_path / "db.npy", db)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "index.json").write_text('{"my": "precious config"}')
+    (other / "weights.bin").write_text("data")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "index.json").write_text("[1, 2]")
+    for folder in (other, lone):
+        before = {p.name: p.read_text() for p in folder.iterdir()}
+        assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(folder)]) == 2
+        assert "holds a index.json that is not a MatryoshkaIndex's" in capsys.readouterr().err
+        assert {p.name: p.read_text() for p in folder.iterdir()} == before
+    out = tmp_path / "idx"  # an index folder is still replaced
+    for _ in range(2):
+        assert main(["index", "build", str(tmp_path / "db.npy"), "--out", str(out)]) == 0
+    assert MatryoshkaIndex.load(out).count == 40
+
+
+@pytest.mark.parametrize("backend", ["flat", "numpy", "ivf"])
+def test_numpy_integer_options_and_list_stages_search_and_save(tmp_path, backend):
+    """np.int64 options (from an array) made FAISS raise a SWIG TypeError and save() write five
+    files but no index.json; list stages failed every search."""
+    db, q = _positive(300, 9), _positive(5, 10)
+    index = MatryoshkaIndex(NEST)
+    index.add(db)
+    want = index.search(q, 5, shortlist=64, nprobe=4, backend=backend).indices
+    got = index.search(q, 5, shortlist=np.int64(64), nprobe=np.int64(4), backend=backend)
+    np.testing.assert_array_equal(got.indices, want)
+    assert type(got.config.shortlist) is int and type(got.config.nprobe) is int
+    cfg = SearchConfig(shortlist_dim=np.int64(8), shortlist=np.int32(50),
+                       stages=[[np.int64(16), 20], [32, 10]], backend=backend)  # fmt: skip
+    assert cfg.stages == ((16, 20), (32, 10)) and type(cfg.stages[0][0]) is int
+    tuned = MatryoshkaIndex(NEST, cfg)
+    tuned.add(db)
+    res = tuned.search(q, 5, stages=[[16, 20], [32, 10]])
+    assert res.config.stages == ((16, 20), (32, 10))
+    np.testing.assert_array_equal(res.indices, tuned.search(q, 5, stages=((16, 20), (32, 10)))
+                                  .indices)  # fmt: skip
+    tuned.save(tmp_path / "i")
+    assert MatryoshkaIndex.load(tmp_path / "i").config == cfg
+
+
+def test_float_sizes_are_named_not_truncated_or_sliced():
+    with pytest.raises(ValueError, match="shortlist_dim must be an integer, got shortlist_dim=8.0"):
+        MatryoshkaIndex(NEST, SearchConfig(shortlist_dim=8.0))
+    index = MatryoshkaIndex(NEST)
+    index.add(_positive(50, 11))
+    with pytest.raises(ValueError, match=r"stages\[0\] dim must be an integer"):
+        index.search(_positive(2, 12), 5, stages=((8.0, 10), (32, 5)))
+
+
+@pytest.mark.parametrize("n", [999, 1001, 1003, 1007])
+@pytest.mark.parametrize("k", [10, 100])
+def test_blockmax_topk_with_fewer_than_k_finite_scores(n, k):
+    """Masked items scored -inf tied with the padding: the torch pass returned columns >= N
+    (an IndexError through the index), the numpy pass column 0 for the padding."""
+    import torch
+
+    from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch
+
+    rng = np.random.default_rng(n + k)
+    s = np.full((4, n), -np.inf, np.float32)
+    s[0, 5] = 1.0
+    s[1, rng.choice(n, k // 2, replace=False)] = rng.standard_normal(k // 2)
+    s[2] = rng.standard_normal(n)  # all finite: the block path itself
+    s[3, rng.choice(n, k + 3, replace=False)] = rng.standard_normal(k + 3)
+    ref = -np.sort(-s, axis=1)[:, :k]
+    for vals, cols in (blockmax_topk_numpy(s, k, block=8),
+                       [t.numpy() for t in blockmax_topk_torch(torch.from_numpy(s), k, 8)]):
+        np.testing.assert_array_equal(vals, ref)
+        assert ((cols >= 0) & (cols < n)).all()
+        assert all(len(set(row)) == k for row in cols.tolist())  # k distinct columns
+        np.testing.assert_array_equal(np.take_along_axis(s, cols, axis=1), vals)
+
+
+def test_exact_search_takes_rows_of_extreme_magnitude():
+    """The reference took database norms in float32: a row of 1e20 scored 0 against a query
+    pointing at it, one of 1e-22 scored above 1; the index got both right."""
+    rng = np.random.default_rng(13)
+    db = rng.standard_normal((6, 32)).astype(np.float32)
+    q = db[:2].copy()
+    db[0] *= 1e-22
+    db[1] *= 1e20
+    scores, idx = exact_search(db, q, 3)
+    np.testing.assert_array_equal(idx[:, 0], [0, 1])
+    np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-5)
+    assert (scores <= 1.0 + 1e-5).all()
+    index = MatryoshkaIndex(NEST)
+    index.add(db)
+    np.testing.assert_array_equal(index.search(q, 3, shortlist=6).indices, idx)
+
+
+def test_shortlist_below_k_names_the_flags(tmp_path, capsys):
+    np.save(tmp_path / "db.npy", _positive(100, 14))
+    np.save(tmp_path / "q.npy", _positive(3, 15))
+    out = str(tmp_path / "idx")
+    assert main(["index", "build", str(tmp_path / "db.npy"), "--out", out, "--funnel",
+                 "--shortlist", "5", "--k", "10"]) == 2  # fmt: skip
+    assert "--shortlist must be >= --k (10) with --funnel, got --shortlist 5" in (
+        capsys.readouterr().err)
+    assert main(["index", "build", str(tmp_path / "db.npy"), "--out", out]) == 0
+    capsys.readouterr()
+    assert main(["search", out, str(tmp_path / "q.npy"), "--k", "10", "--shortlist", "3"]) == 2
+    assert "--shortlist must be >= --k (10), got --shortlist 3" in capsys.readouterr().err

@@ -128,6 +128,10 @@ def _check_options(args: argparse.Namespace) -> None:
     args.tune_queries = 200 if args.tune_queries is None else args.tune_queries
     # --k sizes the funnel's last keep: "stages[1] keep must be >= 1" named no flag
     check_minimums(args, (("k", 1), ("tune_queries", 1)))
+    if args.funnel and args.shortlist is not None and args.shortlist < args.k:
+        # the stages' keeps came out below k: saved, then silently widened by every search
+        raise ValueError(f"--shortlist must be >= --k ({args.k}) with --funnel, got --shortlist "
+                         f"{args.shortlist}")
     if args.max_memory is not None and args.target_recall is None:
         raise ValueError("--max-memory needs --target-recall (it bounds the tuner's choice)")
     if args.target_recall is not None:

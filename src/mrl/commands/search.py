@@ -123,6 +123,9 @@ def _check_numbers(args, index) -> None:
     if not 1 <= args.k <= index.count:
         raise ValueError(f"--k must be in [1, {index.count}] (the index's rows), got --k {args.k}")
     check_minimums(args, (("shortlist", 1), ("nprobe", 1)))
+    if args.shortlist is not None and args.shortlist < args.k:
+        raise ValueError(f"--shortlist must be >= --k ({args.k}), got --shortlist "
+                         f"{args.shortlist}")
     if args.shortlist_dim is not None and args.shortlist_dim not in index.nesting:
         raise ValueError(f"--shortlist-dim must be a prefix size of the index "
                          f"{list(index.nesting.sizes)}, got --shortlist-dim {args.shortlist_dim}")

@@ -26,9 +26,12 @@ METRICS = ("cosine", "dot")
 
 
 def normalize_prefix(x: np.ndarray, m: int, metric: str = "cosine") -> np.ndarray:
-    """``x[:, :m]`` as float32, divided by its row norm for cosine (zero rows stay zero)."""
+    """``x[:, :m]`` as float32, divided by its row norm for cosine (zero rows stay zero; each
+    row is first divided by its peak, so that no float32 norm overflows or underflows: a row of
+    1e20 scored 0 against itself, one of 1e-22 above 1)."""
     p = np.ascontiguousarray(x[:, :m], dtype=np.float32)
     if metric == "cosine":
+        p = unit_peak(p)
         norms = np.linalg.norm(p, axis=1, keepdims=True)
         p = p / np.where(norms > 0, norms, 1.0)
     return p
@@ -164,7 +167,7 @@ def exact_search(
         if column_scale.shape != (d,) or not np.isfinite(column_scale).all():
             raise ValueError(f"column_scale must be a finite [D={d}] vector, got shape "
                              f"{column_scale.shape}")
-    q = normalize_prefix(unit_peak(q[:, :m]) if metric == "cosine" else q, m, metric)  # [Q, m]
+    q = normalize_prefix(q, m, metric)  # [Q, m]
     best_s = np.full((len(q), 0), -np.inf, np.float32)
     best_i = np.zeros((len(q), 0), np.int64)
     for start in range(0, n, block):

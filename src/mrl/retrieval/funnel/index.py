@@ -24,6 +24,7 @@ against `mrl.retrieval.exact.exact_search`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -47,7 +48,7 @@ from mrl.io import (
     read_json_sidecar,
 )
 from mrl.nesting import Nesting
-from mrl.params import check_flag, check_int
+from mrl.params import check_flag, check_int, is_int
 from mrl.retrieval.exact import METRICS, check_queries, topk_sorted, unit_peak
 from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
 from mrl.retrieval.store import (
@@ -143,6 +144,20 @@ class SearchConfig:
     ef_construction: int = 80
     nlist: int | None = None
     nprobe: int = 16
+
+    def __post_init__(self) -> None:
+        # numpy integers (np.int64 from an array) made FAISS raise a SWIG TypeError and the
+        # saved index.json unwritable; list stages (to_dict's own form) failed every search
+        for name in ("shortlist_dim", "shortlist", "ef_search", "hnsw_m", "ef_construction",
+                     "nlist", "nprobe"):  # fmt: skip
+            value = getattr(self, name)
+            if is_int(value):
+                object.__setattr__(self, name, int(value))
+        if isinstance(self.stages, (list, tuple)):
+            object.__setattr__(self, "stages", tuple(
+                tuple(int(v) if is_int(v) else v for v in st) if isinstance(st, (list, tuple))
+                else st for st in self.stages
+            ))  # fmt: skip  (a non-pair is named by MatryoshkaIndex's check)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -566,6 +581,7 @@ class MatryoshkaIndex:
             raise ValueError(
                 f"backend must be one of {list(BACKENDS)}, got backend={cfg.backend!r}"
             )
+        check_int(cfg.shortlist_dim, "shortlist_dim", 1)  # 8.0 passed `in` and broke slicing
         if cfg.shortlist_dim not in nest:
             raise ValueError(
                 f"shortlist_dim must be a prefix size in the nesting {list(nest.sizes)}, "
@@ -581,6 +597,7 @@ class MatryoshkaIndex:
             if not isinstance(stage, (tuple, list)) or len(stage) != 2:  # an int: a len() error
                 raise ValueError(f"stages[{i}] must be a (dim, keep) pair, got {stage!r}")
             m, keep = stage
+            check_int(m, f"stages[{i}] dim", 1)
             check_int(keep, f"stages[{i}] keep", 1)  # 10.5 failed inside torch.topk
             if m not in nest:
                 raise ValueError(
@@ -663,11 +680,7 @@ class MatryoshkaIndex:
             raise ValueError(f"unknown search options {sorted(unknown)}")
         # An option passed as None means "the index's own setting" (callers forward optional args).
         overrides = {name: v for name, v in overrides.items() if v is not None}
-        cfg = replace(self.config, **overrides)
-        if "stages" in overrides:
-            cfg = replace(cfg, stages=tuple(
-                tuple(s) if isinstance(s, (tuple, list)) else s for s in overrides["stages"]
-            ))  # fmt: skip  (a non-pair is named by the check below)
+        cfg = replace(self.config, **overrides)  # list stages made tuples by SearchConfig
         k = check_int(k, "k", 1)
         n = self.count
         if n == 0:
@@ -1205,16 +1218,33 @@ def check_index_path(path: str | os.PathLike, param: str = "path") -> Path:
     it nor removes any; the error names ``param`` (e.g. ``--out``) and the value.
     """
     path = check_output_path(path, param, "dir")
-    if (
-        path.is_dir()
-        and not (path / SIDECAR).exists()
-        and not all(p.is_file() and _is_own_file(p.name) for p in path.iterdir())
-    ):
+    if not path.is_dir():
+        return path
+    side = _read_sidecar_json(path / SIDECAR)  # None: missing or damaged
+    if isinstance(side, dict) and side.get("format") == INDEX_FORMAT:
+        return path  # an index (any version): replaced
+    ours = all(p.is_file() and (_is_own_file(p.name) or p.name == SIDECAR)
+               for p in path.iterdir())  # fmt: skip
+    if (path / SIDECAR).exists() and (side is not None or not ours):
+        # another program's index.json was replaced before, and files mixed in beside its own
+        raise FileExistsError(
+            f"{param} {str(path)!r} holds a {SIDECAR} that is not a MatryoshkaIndex's (not an "
+            "index to replace); save the index to a new folder"
+        )
+    if not ours:
         raise FileExistsError(
             f"{param} {str(path)!r} is a non-empty folder without {SIDECAR} (not an index to "
             "replace); save the index to a new folder"
         )
-    return path
+    return path  # new, empty, a killed save's files, or an index whose index.json is damaged
+
+
+def _read_sidecar_json(side: Path) -> Any:
+    """The parsed index.json, or None where it is missing or not readable JSON."""
+    try:
+        return json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not JSON or not UTF-8
+        return None
 
 
 def _faiss():

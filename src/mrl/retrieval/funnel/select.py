@@ -43,14 +43,20 @@ def blockmax_topk_torch(scores, k: int, block: int | None = None):
     if nb <= k or b <= 1:  # too few blocks for the trick to pay off
         return torch.topk(scores, k, dim=1)
     pad = nb * b - n
-    if pad:
-        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
-    blocks = scores.view(q, nb, b)  # [Q, nb, b]
+    padded = torch.nn.functional.pad(scores, (0, pad), value=float("-inf")) if pad else scores
+    blocks = padded.view(q, nb, b)  # [Q, nb, b]
     bmax = blocks.amax(dim=2)  # [Q, nb]
     _, top_blocks = torch.topk(bmax, k, dim=1)  # [Q, k] block ids
     cand = torch.gather(blocks, 1, top_blocks.unsqueeze(2).expand(q, k, b))  # [Q, k, b]
     vals, pos = torch.topk(cand.reshape(q, k * b), k, dim=1)  # [Q, k]
     cols = torch.gather(top_blocks, 1, pos // b) * b + pos % b  # back to columns of the row
+    # A row whose k-th best is -inf (fewer than k finite scores: masked items) ties with the
+    # padding, which topk may pick (columns >= N), and its -inf columns may lie outside the k
+    # blocks: such rows take the plain top-k (rare; one host sync per call)
+    short = torch.isneginf(vals[:, -1])
+    if bool(short.any()):
+        rows = short.nonzero().squeeze(1)
+        vals[rows], cols[rows] = torch.topk(scores[rows], k, dim=1)
     return vals, cols
 
 
@@ -91,4 +97,10 @@ def blockmax_topk_numpy(scores: np.ndarray, k: int, block: int | None = None):
     cand = np.take_along_axis(scores, cols, axis=1)
     cand = np.where(valid, cand, -np.inf).astype(scores.dtype)
     vals, pos = topk_numpy(cand, k)
-    return vals, np.take_along_axis(cols, pos, axis=1)
+    cols = np.take_along_axis(cols, pos, axis=1)
+    # fewer than k scores above -inf (NaN ranks last): the padding ties with them (column 0
+    # was returned for it) and such scores may lie outside the k blocks: the plain top-k
+    short = np.flatnonzero(~(vals[:, -1] > -np.inf))
+    if len(short):
+        vals[short], cols[short] = topk_numpy(scores[short], k)
+    return vals, cols
