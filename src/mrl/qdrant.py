@@ -183,6 +183,7 @@ class EdgeTarget:
     def __init__(self, path: str | os.PathLike) -> None:
         self.qe = require("qdrant_edge", "qdrant")
         self.path = Path(path)
+        self.location = str(self.path.resolve())  # which collection: in export markers
         self.shard = None
         if (self.path / "shard").is_dir() and self._layout_file.is_file():
             self.shard = self._load(self.path / "shard")
@@ -321,6 +322,8 @@ class ClientTarget:
             client = qc.QdrantClient(url=url, timeout=int(timeout_s), check_compatibility=False)
             _check_reachable(client, url)
         self.client = client
+        # which server: in export markers (None for a client passed in: unknown)
+        self.location = None if url is None else target_location(url)
 
     def layout(self) -> QdrantLayout | None:
         if not self.client.collection_exists(self.collection):
@@ -516,16 +519,26 @@ def _with_retries(fn: Callable[[], None], retries: int, backoff_s: float) -> int
 _SAMPLE_ROWS = 16  # rows whose vectors (and ids) the marker's fingerprint hashes
 
 
-def _fingerprint(store, layout: QdrantLayout, collection: str) -> dict[str, Any]:
-    """What identifies an export: the collection, the layout, the store's shape and ids, and a
-    hash of the vectors (and ids) of up to 16 evenly spaced rows. Without the vectors, a store
-    re-embedded by another model (same count, same ids) matched the marker of the old export,
-    and the collection silently kept the old vectors."""
+def target_location(url: str) -> str:
+    """A server URL as export markers record it (no trailing slash)."""
+    return url.rstrip("/")
+
+
+def _fingerprint(
+    store, layout: QdrantLayout, collection: str, location: str | None = None
+) -> dict[str, Any]:
+    """What identifies an export: the target (server URL or Edge folder), the collection, the
+    layout, the store's shape and ids, and a hash of the vectors (and ids) of up to 16 evenly
+    spaced rows. Without the vectors, a store re-embedded by another model (same count, same
+    ids) matched the marker of the old export, and the collection silently kept the old
+    vectors; without the target, an export to a second server skipped every row there."""
     ids = store.ids
     first = ids[:1].tolist()
     last = ids[-1:].tolist()
     fp = {"collection": collection, "count": int(store.count), "dim": int(store.dim),
           "layout": layout.to_dict(), "first_id": first, "last_id": last}
+    if location is not None:
+        fp["target"] = location
     n = int(store.count)
     if n:
         rows = np.unique(np.linspace(0, n - 1, min(n, _SAMPLE_ROWS)).round().astype(np.int64))
@@ -537,10 +550,11 @@ def _fingerprint(store, layout: QdrantLayout, collection: str) -> dict[str, Any]
 
 
 def _same_export(recorded: Any, fingerprint: dict[str, Any]) -> bool:
-    """The marker's fingerprint is this export's (a marker written before the vector sample
-    was recorded is compared on the rest)."""
-    if isinstance(recorded, dict) and "sample" not in recorded:
-        fingerprint = {k: v for k, v in fingerprint.items() if k != "sample"}
+    """The marker's fingerprint is this export's (a marker written before the vector sample or
+    the target was recorded is compared on the rest)."""
+    if isinstance(recorded, dict):
+        fingerprint = {k: v for k, v in fingerprint.items()
+                       if k in recorded or k not in ("sample", "target")}  # fmt: skip
     return recorded == fingerprint
 
 
@@ -628,7 +642,7 @@ def export_qdrant(
                          f"dimension {store.dim}")
     t0 = time.perf_counter()
     progress_path = Path(progress_path)
-    fingerprint = _fingerprint(store, layout, collection)
+    fingerprint = _fingerprint(store, layout, collection, getattr(target, "location", None))
     done, finished = _read_marker(progress_path, fingerprint, "progress_path")
     target.ensure(layout)
     if target.count() < done:  # marker ahead of the data: trust the data, start over

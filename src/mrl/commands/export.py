@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 
 from mrl.commands._options import check_minimums
 
@@ -113,7 +114,14 @@ def _distance(rows, distance: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mrl.qdrant import QdrantLayout, export_qdrant, open_rows, open_target, refuse_centred
+    from mrl.qdrant import (
+        QdrantLayout,
+        export_qdrant,
+        open_rows,
+        open_target,
+        refuse_centred,
+        target_location,
+    )
 
     check_numbers(args)
     rows = open_rows(args.index)
@@ -136,7 +144,11 @@ def run(args: argparse.Namespace) -> int:
         check_progress(progress)
         target = open_target(args.collection, path=args.path)
     else:
-        progress = args.progress or f"{str(args.index).rstrip('/')}.qdrant-{args.collection}.json"
+        # one marker per server: another server's marker skipped every row there
+        server = hashlib.blake2b(target_location(args.url).encode(), digest_size=4).hexdigest()
+        progress = args.progress or (
+            f"{str(args.index).rstrip('/')}.qdrant-{args.collection}-{server}.json"
+        )
         check_progress(progress)
         target = open_target(
             args.collection,
