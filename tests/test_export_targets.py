@@ -72,3 +72,47 @@ def test_a_marker_written_before_the_target_was_recorded_still_resumes():
     assert mq._same_export({"collection": "c", "count": 3, "sample": "ab"}, fp)
     assert mq._same_export({"collection": "c", "count": 3}, fp)
     assert not mq._same_export({**fp, "target": "http://y:6333"}, fp)
+
+
+def test_serve_uses_qdrants_hnsw_only_when_asked(tmp_path, monkeypatch):
+    """`mrl serve --qdrant-path` always scanned exactly: the HNSW graph the export spends most
+    of its time on was never used. `--qdrant-hnsw` turns it on; elsewhere it is refused."""
+    import mrl.serve
+    from mrl.cli import build_parser
+    from mrl.commands.serve import build_app
+    from mrl.qdrant import QdrantLayout, export_qdrant, open_rows, open_target
+
+    db = np.random.default_rng(1).standard_normal((50, 32)).astype(np.float32)
+    EmbeddingStore.from_array(tmp_path / "s", db, NEST)
+    target = open_target("docs", path=tmp_path / "q")
+    export_qdrant(open_rows(tmp_path / "s"), target, QdrantLayout((8, 32)), tmp_path / "p.json",
+                  collection="docs")  # fmt: skip
+    target.close()
+    seen = []
+    monkeypatch.setattr(mrl.serve, "create_app", lambda enc, backend, cfg: seen.append(backend))
+    base = ["serve", "--model", "none", "--qdrant-path", str(tmp_path / "q"), "--collection",
+            "docs"]  # fmt: skip
+    for extra, exact in (([], True), (["--qdrant-hnsw"], False)):
+        build_app(build_parser().parse_args([*base, *extra]))
+        assert seen[-1].index.exact is exact
+        seen[-1].index.target.close()
+    with pytest.raises(ValueError, match="--qdrant-hnsw is for --qdrant-path/--qdrant-url"):
+        build_app(build_parser().parse_args(["serve", "--model", "none", "--qdrant-hnsw"]))
+
+
+def test_an_edge_collection_folder_of_other_files_is_not_written_into(tmp_path, capsys):
+    """`--path P --collection C` mixed the shard and layout.json into an existing P/C of user
+    files; a file at P/C was a bare "[Errno 17] File exists"."""
+    EmbeddingStore.from_array(tmp_path / "s", np.eye(32, dtype=np.float32)[:20] + 0.1, NEST)
+    notes = tmp_path / "qg" / "notes"
+    notes.mkdir(parents=True)
+    (notes / "todo.txt").write_text("mine")
+    (tmp_path / "qf").mkdir()
+    (tmp_path / "qf" / "docs").write_text("a file")
+    for root, name, says in (("qg", "notes", "holds other files and no layout.json"),
+                             ("qf", "docs", "is a file")):
+        assert main(["export", "qdrant", str(tmp_path / "s"), "--collection", name, "--path",
+                     str(tmp_path / root), "--quiet"]) == 2  # fmt: skip
+        assert says in capsys.readouterr().err
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+    assert (tmp_path / "qf" / "docs").read_text() == "a file"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,9 +201,11 @@ def test_marker_ahead_of_collection_restarts(tmp_path, store_path):
     rows = open_rows(store_path)
     layout = QdrantLayout((8, 32))
     marker = tmp_path / "m.json"
-    t1 = open_target("c", url=":memory:") if _has_client() else open_target("c", path=tmp_path)
+    t1 = open_target("c", path=tmp_path / "q")
     export_qdrant(rows, t1, layout, marker, collection="c", batch_size=300)
-    t2 = open_target("c", path=tmp_path / "fresh")  # the data is gone, the marker says done
+    t1.close()
+    shutil.rmtree(tmp_path / "q" / "c")  # the data is gone, the marker says done
+    t2 = open_target("c", path=tmp_path / "q")  # the same target (the marker records it)
     report = export_qdrant(rows, t2, layout, marker, collection="c", batch_size=300)
     assert report.resumed_from == 0 and t2.count() == N
     t2.close()

@@ -17,8 +17,11 @@ No process group is needed: rank 0 waits for every marker, then merges; ``merge=
 
 from __future__ import annotations
 
+import glob
 import json
+import numbers
 import os
+import secrets
 import shutil
 import time
 import warnings
@@ -32,6 +35,7 @@ import numpy as np
 
 from mrl._optional import require
 from mrl.io import atomic_open, atomic_write_json, exclusive_lock, file_digest
+from mrl.params import check_int
 
 __all__ = ["EmbedReport", "embed_corpus", "merge_shards", "read_corpus", "shard_plan"]
 
@@ -168,7 +172,21 @@ def _parse_jsonl(line: str, lineno: int, field: str, id_field: str, path: Path,
                          "string id, or leave the field out on every line")
     if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (int, str))):
         raise ValueError(f"{path.name} line {lineno}: {id_field!r} must be an int or a string")
+    # a JSON "\ud800" escape is a str no encoder or Qdrant can take: it failed shards later,
+    # in a tokenizer's TypeError, or in the export after the collection was set up
+    for name, value in ((field, text), (id_field, ident)):
+        if isinstance(value, str) and _has_surrogate(value):
+            raise ValueError(f"{path.name} line {lineno}: {name!r} holds an unpaired UTF-16 "
+                             "surrogate (a \\ud800-\\udfff escape), which is not text")
     return text, ident
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _joined_text(obj: dict, field: str, lineno: int, path: Path) -> str:
@@ -243,8 +261,24 @@ def _shard_done(parts: Path, s: int, expected_rows: int) -> bool:
     vec, ids, marker = _shard_paths(parts, s)
     if not marker.is_file():
         return False
-    meta = json.loads(marker.read_text())
-    return meta.get("count") == expected_rows and vec.is_file() and ids.is_file()
+    try:  # the commit point; one that cannot be read (a disk error) means: encode it again
+        meta = json.loads(marker.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return False
+    return (isinstance(meta, dict) and meta.get("count") == expected_rows and vec.is_file()
+            and ids.is_file())  # fmt: skip
+
+
+def _read_manifest(parts: Path) -> dict[str, Any]:
+    """PARTS/manifest.json; a damaged one is an error naming it (not a bare JSON message)."""
+    path = parts / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged ({exc}); remove {parts} to encode again") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is damaged (not a JSON object); remove {parts} to encode again")
+    return manifest
 
 
 def _write_shard(parts: Path, s: int, emb: np.ndarray, ids: list[Any]) -> None:
@@ -270,7 +304,7 @@ def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
     """Write the manifest, or refuse parts written for another corpus/model/shard size."""
     path = parts / "manifest.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = _read_manifest(parts)
         later = [k for k in _LATER_KEYS if k not in old]
         if later:  # parts from before these keys were recorded: compare the rest
             if old == {k: v for k, v in manifest.items() if k not in later}:
@@ -380,8 +414,12 @@ def embed_corpus(
         env_rank, env_world = _rank_from_env()
         rank = env_rank if rank is None else rank
         world_size = env_world if world_size is None else world_size
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got batch_size={batch_size}")
+    # 2.5 failed in range() (for batch_size after the manifest was written), "10" in a compare
+    batch_size = check_int(batch_size, "batch_size", 1)
+    shard_size = check_int(shard_size, "shard_size", 1)
+    if isinstance(wait_timeout_s, bool) or not isinstance(wait_timeout_s, numbers.Real):
+        raise ValueError(f"wait_timeout_s must be a number of seconds, got "
+                         f"wait_timeout_s={wait_timeout_s!r}")
     from mrl.retrieval.store import DTYPES
 
     if dtype is not None and dtype not in DTYPES:  # was checked at the merge, after the encoding
@@ -511,6 +549,7 @@ def merge_shards(out: str | os.PathLike, *, dtype: str | None = None, keep_parts
     with _merge_lock(parts):  # one merger at a time; the others then find the work done
         if not (parts / "manifest.json").is_file():
             if (out / "store.json").is_file():
+                _remove_trash(parts)  # of a removal killed midway
                 return EmbeddingStore.open(out)  # merged earlier and the parts were removed
             raise FileNotFoundError(f"no shards to merge at {parts}")
         return _merge_locked(out, parts, dtype, keep_parts)
@@ -528,7 +567,7 @@ def _merge_locked(out: Path, parts: Path, dtype: str, keep_parts: bool):
     from mrl.nesting import Nesting
     from mrl.retrieval import EmbeddingStore
 
-    manifest = json.loads((parts / "manifest.json").read_text())
+    manifest = _read_manifest(parts)
     rows, shard_size = manifest["rows"], manifest["shard_size"]
     _wait_for_shards(parts, rows, shard_size, 0.0)
     if (out / "store.json").is_file():
@@ -549,8 +588,23 @@ def _merge_locked(out: Path, parts: Path, dtype: str, keep_parts: bool):
         store.append(np.load(vec), ids=np.load(ids))
     store = _check_merged(out, parts, rows, shard_size)
     if not keep_parts:  # only once the store on disk is whole: the shards are its only source
-        shutil.rmtree(parts)
+        _remove_parts(parts)
     return store
+
+
+def _remove_parts(parts: Path) -> None:
+    """Remove the parts folder: renamed first (one atomic step), then deleted. rmtree deletes
+    file by file, and a kill midway left a complete store beside a parts folder missing some
+    shards, which the next run could neither merge nor skip: it encoded them again."""
+    trash = parts.with_name(f"{parts.name}.removing-{secrets.token_hex(4)}")
+    os.replace(parts, trash)
+    _remove_trash(parts)
+
+
+def _remove_trash(parts: Path) -> None:
+    """Delete ``PARTS.removing-*`` folders (this removal's, and those of removals killed)."""
+    for trash in parts.parent.glob(f"{glob.escape(parts.name)}.removing-*"):
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _check_merged(out: Path, parts: Path, rows: int, shard_size: int):

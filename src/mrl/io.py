@@ -36,7 +36,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     try:
         # mkstemp creates 0600; give the file what a plain open() would (0666 minus umask).
         os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, mode) as f:
+        # text as UTF-8 whatever the locale (a "±" failed under LC_ALL=C; cp1252 on Windows)
+        with os.fdopen(fd, mode, encoding="utf-8" if mode == "w" else None) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -420,8 +421,9 @@ def read_json_sidecar(folder: str | os.PathLike, name: str, what: str) -> dict[s
     if not sidecar.exists():
         raise FileNotFoundError(f"no {what} at {folder} (missing {name})")
     try:
-        meta = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # bytes of another file: the
+        # decode error named no file
         raise ValueError(f"{sidecar} is truncated or not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{sidecar} must hold a JSON object, got {type(meta).__name__}")

@@ -129,11 +129,13 @@ class FunnelPlan:
               stages: Sequence[Sequence[int]] | None = None) -> FunnelPlan:
         """Fill defaults and validate against ``layout`` (errors name the parameter)."""
         k = check_int(k, "k", minimum=1)
-        ds = layout.prefixes[0] if shortlist_dim is None else int(shortlist_dim)
+        # int() made 16.7 into 16 and "abc" a bare int() error
+        ds = layout.prefixes[0] if shortlist_dim is None else check_int(shortlist_dim,
+                                                                         "shortlist_dim")
         if ds not in layout.prefixes:
             raise ValueError(f"shortlist_dim={ds} is not stored in the collection; stored "
                              f"prefixes: {list(layout.prefixes)}")
-        K = max(10 * k, 200) if shortlist is None else int(shortlist)
+        K = max(10 * k, 200) if shortlist is None else check_int(shortlist, "shortlist")
         if K < k:
             raise ValueError(f"shortlist must be >= k ({k}), got shortlist={K}")
         if stages is None or len(stages) == 0:  # [] returned the shortlist's own scores
@@ -217,6 +219,7 @@ class EdgeTarget:
             raise ValueError(f"collection at {self.path} has layout {existing.to_dict()}, "
                              f"not {layout.to_dict()}")
         if existing is None:  # the layout first: a crash before the shard exists is harmless
+            self._check_new_folder()
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self._layout_file, layout.to_dict())
         if self.shard is not None:
@@ -232,6 +235,17 @@ class EdgeTarget:
             m, dist, hnsw_config=None if m in layout.indexed else no_graph)
             for m in layout.prefixes}
         self.shard = qe.EdgeShard.create(str(shard_dir), qe.EdgeConfig(vectors=vectors))
+
+    def _check_new_folder(self) -> None:
+        """The collection's folder (PATH/COLLECTION) is new or empty: a file there was a bare
+        "File exists" error, and a folder of other files got the shard mixed in."""
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"the collection's folder {str(self.path)!r} (--path/"
+                                  "--collection) is a file; give another --collection or --path")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            raise FileExistsError(f"the collection's folder {str(self.path)!r} (--path/"
+                                  "--collection) holds other files and no layout.json (not a "
+                                  "Qdrant Edge collection); give another --collection or --path")
 
     def count(self) -> int:
         return 0 if self.shard is None else int(self.shard.count(self.qe.CountRequest(exact=True)))
@@ -642,6 +656,7 @@ def export_qdrant(
                          f"dimension {store.dim}")
     t0 = time.perf_counter()
     progress_path = Path(progress_path)
+    check_progress_file(progress_path, "progress_path")  # before the target is touched
     fingerprint = _fingerprint(store, layout, collection, getattr(target, "location", None))
     done, finished = _read_marker(progress_path, fingerprint, "progress_path")
     target.ensure(layout)
@@ -708,7 +723,12 @@ class QdrantIndex:
         if self.layout is None:
             self.layout = self.target.layout()
             if self.layout is None:
-                raise FileNotFoundError("the Qdrant collection does not exist (export it first)")
+                where = getattr(self.target, "location", None)
+                name = getattr(self.target, "collection", None)
+                what = (f"collection {name!r} at {where}" if name else
+                        f"collection at {where}" if where else "collection")  # fmt: skip
+                raise FileNotFoundError(f"the Qdrant {what} does not exist (export it first, or "
+                                        "check --collection)")
 
     def __len__(self) -> int:
         return self.target.count()

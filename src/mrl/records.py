@@ -28,8 +28,13 @@ def make_record(
     method: str, prefix: int | None, metric: str, value: float, **context: Any
 ) -> Record:
     """One tidy record. ``prefix`` is the prefix size in dims (None where it does not apply)."""
-    value = float(value)
-    if prefix is not None and (isinstance(prefix, bool) or int(prefix) != prefix or prefix < 1):
+    try:
+        value = float(value)  # numbers, numpy/torch scalars
+    except (TypeError, ValueError):  # "abc", None: a bare float() error named nothing
+        raise ValueError(f"value must be a number, got value={value!r} (metric={metric!r})"
+                         ) from None
+    whole = isinstance(prefix, numbers.Real) and math.isfinite(prefix) and int(prefix) == prefix
+    if prefix is not None and (isinstance(prefix, bool) or not whole or prefix < 1):
         raise ValueError(f"prefix must be a positive whole number of dims or None, got "
                          f"prefix={prefix!r}")
     return {

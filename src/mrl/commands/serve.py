@@ -40,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serve /v1/search from a Qdrant server/cluster (with --collection)",
     )
     p.add_argument("--collection", default=None, help="Qdrant collection name")
+    p.add_argument(
+        "--qdrant-hnsw",
+        action="store_true",
+        help="let Qdrant search the shortlist prefix with its HNSW graph (approximate; built by "
+        "the export for --indexed prefixes); default: exact scans at every stage",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -119,7 +125,9 @@ def build_app(args: argparse.Namespace):
         if not args.collection:
             raise ValueError("--collection is needed with --qdrant-path/--qdrant-url")
         target = open_target(args.collection, url=args.qdrant_url, path=args.qdrant_path)
-        backend = QdrantBackend(QdrantIndex(target))
+        backend = QdrantBackend(QdrantIndex(target, exact=not args.qdrant_hnsw))
+    elif args.qdrant_hnsw:  # set but unused, silently, otherwise
+        raise ValueError("--qdrant-hnsw is for --qdrant-path/--qdrant-url")
     # the model loads last: a wrong index path or an unreachable server fails in a second
     encoder = None if args.model == "none" else load_encoder(args.model, args.nesting, args.name)
     config = ServeConfig(
