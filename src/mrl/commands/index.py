@@ -150,7 +150,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mrl.retrieval import MatryoshkaIndex, SearchConfig, funnel_stages
+    from mrl.retrieval import MatryoshkaIndex
     from mrl.retrieval.funnel.index import check_index_path
     from mrl.retrieval.loading import load_embeddings, store_normalized
 
@@ -158,27 +158,8 @@ def run(args: argparse.Namespace) -> int:
     _check_options(args)
     x, nesting, ids = load_embeddings(args.embeddings, args.nesting)
     center, centered = _center(args, x)
-    shortlist = 200 if args.shortlist is None else args.shortlist
-    backend = "flat" if args.backend is None else args.backend
-    ds = args.shortlist_dim
-    if ds is None:
-        ds = 16 if 16 in nesting else nesting.sizes[0]
-    if ds not in nesting:
-        raise ValueError(
-            f"--shortlist-dim must be a prefix size in the nesting {list(nesting.sizes)}, got {ds}"
-        )
-    stages = funnel_stages(ds, shortlist, nesting.dim, args.k, nesting) if args.funnel else ()
-    if args.funnel and backend == "ivfpq":  # approximate codes: re-score exactly at D_s
-        keep = max(args.k, shortlist // 2)
-        stages = ((ds, keep), *funnel_stages(ds, keep, nesting.dim, args.k, nesting))
-    cfg = SearchConfig(
-        shortlist_dim=ds,
-        shortlist=shortlist,
-        backend=backend,
-        stages=stages,
-        nlist=args.nlist,
-        nprobe=16 if args.nprobe is None else args.nprobe,
-    )
+    cfg = _search_config(args, nesting)
+    backend = cfg.backend
     if args.target_recall is not None and not 1 <= args.k < len(x):  # before building anything
         raise ValueError(f"--k {args.k} (recall@k of the tuning; default 10) must be in [1, "
                          f"{len(x)}): {args.embeddings!r} has {len(x)} rows")
@@ -227,6 +208,33 @@ def run(args: argparse.Namespace) -> int:
         f"{_nesting_source(args)}, built in {build_s:.2f}s{tuning}, saved to {args.out}"
     )
     return 0
+
+
+def _search_config(args: argparse.Namespace, nesting):
+    """The index's saved `SearchConfig` from the options (the tuner may replace it)."""
+    from mrl.retrieval import SearchConfig, funnel_stages
+
+    shortlist = 200 if args.shortlist is None else args.shortlist
+    backend = "flat" if args.backend is None else args.backend
+    ds = args.shortlist_dim
+    if ds is None:
+        ds = 16 if 16 in nesting else nesting.sizes[0]
+    if ds not in nesting:
+        raise ValueError(
+            f"--shortlist-dim must be a prefix size in the nesting {list(nesting.sizes)}, got {ds}"
+        )
+    stages = funnel_stages(ds, shortlist, nesting.dim, args.k, nesting) if args.funnel else ()
+    if args.funnel and backend == "ivfpq":  # approximate codes: re-score exactly at D_s
+        keep = max(args.k, shortlist // 2)
+        stages = ((ds, keep), *funnel_stages(ds, keep, nesting.dim, args.k, nesting))
+    return SearchConfig(
+        shortlist_dim=ds,
+        shortlist=shortlist,
+        backend=backend,
+        stages=stages,
+        nlist=args.nlist,
+        nprobe=16 if args.nprobe is None else args.nprobe,
+    )
 
 
 def _center(args: argparse.Namespace, x: np.ndarray) -> tuple[np.ndarray | None, bool]:
