@@ -433,7 +433,8 @@ def _encode(args: argparse.Namespace) -> int:
 
     _check_encode_out(args.out, args.overwrite)  # before loading and encoding, not after
     check_minimums(args, (("batch_size", 1),))
-    documents = _documents(args.corpus).documents  # a bad --corpus fails before the model load
+    corpus = _documents(args.corpus)  # a bad --corpus fails before the model load
+    documents = corpus.documents
     encoder = load_encoder(args.model)
     emb = encode(encoder, documents, batch_size=args.batch_size, name="documents")
     from mrl.text.encoders import save_embeddings
@@ -446,9 +447,21 @@ def _encode(args: argparse.Namespace) -> int:
         corpus=str(args.corpus),
         normalized=_unit_rows(emb),
         nesting=None if nesting is None else nesting.to_dict(),
+        **_row_identity(corpus),
     )
     print(f"wrote {args.out} {emb.shape}")
     return 0
+
+
+def _row_identity(corpus) -> dict:
+    """What each row is, for the sidecar: the documents' ids (`mrl index build` takes them:
+    Cranfield drops two empty documents, so row i is not document i + 1), or a labelled
+    corpus's class per row."""
+    from mrl.text.corpus import LabelledCorpus
+
+    if isinstance(corpus, LabelledCorpus):
+        return {"labels": [int(v) for v in corpus.labels], "classes": list(corpus.classes)}
+    return {"ids": list(corpus.doc_ids)}
 
 
 def _unit_rows(emb: np.ndarray) -> bool:
@@ -492,7 +505,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     # loaded once: its name checks --append before any encoding
     ds = load_text_dataset(args.dataset, args.split)
-    kept = _appended_records(args, ds.name, methods) if args.append else []
+    kept = _appended_records(args, ds, methods) if args.append else []
     records = compare_methods(
         ds,
         base=args.model,
@@ -532,7 +545,7 @@ def _check_models(args: argparse.Namespace, methods: list[str]) -> None:
         resolve_model_path(args.finetuned, "--finetuned")
 
 
-def _appended_records(args: argparse.Namespace, dataset: str, methods: list[str]) -> list:
+def _appended_records(args: argparse.Namespace, ds, methods: list[str]) -> list:
     """``--append``: OUT/results.json's records of the methods not run now.
 
     One table compares one dataset and one base model: records of another dataset, or base-model
@@ -545,11 +558,15 @@ def _appended_records(args: argparse.Namespace, dataset: str, methods: list[str]
     if not previous.is_file():
         return []
     old = load_records(previous)
+    dataset, digest = ds.name, ds.digest()
     for r in old:
-        if r.get("dataset") != dataset:
+        # records written before the digest are compared by name only
+        other = r.get("dataset_digest", digest) != digest
+        if r.get("dataset") != dataset or other:
             raise ValueError(
-                f"--append: {str(previous)!r} holds results on dataset {r.get('dataset')!r}, "
-                f"not on --dataset {args.dataset!r} ({dataset!r}); use another --out"
+                f"--append: {str(previous)!r} holds results on dataset {r.get('dataset')!r}"
+                f"{' (other documents, queries or judgments)' if other else ''}, not on "
+                f"--dataset {args.dataset!r} ({dataset!r}); use another --out"
             )
         if r["method"] in BASE_METHODS and r.get("model") != str(args.model):
             raise ValueError(

@@ -214,4 +214,4 @@ def _check_root(root: str | os.PathLike) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"root={str(root)!r} is not a folder")
-    return root
+    return root.resolve()  # its name names the data set ("." named it "")

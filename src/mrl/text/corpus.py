@@ -7,6 +7,8 @@ Both keep titles apart from bodies, so label-free training pairs (title -> body)
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +69,27 @@ class RetrievalDataset:
             )
         if len(set(self.doc_ids)) != n:
             raise ValueError(f"doc_ids must be unique in dataset {self.name!r}")
+        self._check_qrels()
+
+    def _check_qrels(self) -> None:
+        """Judgments name known queries and documents: an unknown one was dropped in silence
+        (a relevant document left the ideal DCG and recall's denominator, a query vanished)."""
+        docs, queries = set(self.doc_ids), set(self.query_ids)
+        for q, judged in self.qrels.items():
+            if q not in queries:
+                raise ValueError(f"qrels of dataset {self.name!r} judge query {q!r}, which is "
+                                 "not in query_ids")
+            unknown = [d for d in judged if d not in docs]
+            if unknown:
+                raise ValueError(f"qrels of dataset {self.name!r}: query {q!r} judges documents "
+                                 f"{unknown[:5]} that are not in doc_ids")
+
+    def digest(self) -> str:
+        """A short hash of the documents, queries and judgments: records carry it, so that two
+        data sets of one name (two folders called data) are told apart."""
+        qrels = sorted((q, sorted(j.items())) for q, j in self.qrels.items())
+        return _digest([self.doc_ids, self.titles, self.bodies, self.query_ids, self.queries,
+                        qrels])  # fmt: skip
 
     @property
     def documents(self) -> list[str]:
@@ -136,6 +159,15 @@ class LabelledCorpus:
                 f"{len(self.titles)}, {len(self.bodies)}, {len(self.labels)}"
             )
 
+    def digest(self) -> str:
+        """A short hash of the documents and labels (see `RetrievalDataset.digest`)."""
+        return _digest([self.titles, self.bodies, np.asarray(self.labels).tolist(),
+                        self.classes])  # fmt: skip
+
     @property
     def documents(self) -> list[str]:
         return [join_title(t, b) for t, b in zip(self.titles, self.bodies)]
+
+
+def _digest(parts: list) -> str:
+    return hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).hexdigest()

@@ -9,7 +9,7 @@ File format (see the data folder's README): ``cran.all.1400`` has records ``.I i
 
 The documents 471 and 995 are empty in the official files and are dropped, as is the stray
 ``.`` line that ends ``cran.all.1400``. One judgment names a dropped document (query 125,
-document 995, grade 3): the evaluation leaves it out (it cannot be retrieved), so query 125 has
+document 995, grade 3): the loader leaves it out (it cannot be retrieved), so query 125 has
 16 relevant documents, not 17. trec_eval would count it: nDCG@10 is the same either way;
 nDCG@100 and recall@k of the collection move by at most 3e-4 (one query of 225;
 recall by at most 1/17 / 225 = 2.6e-4).
@@ -192,6 +192,8 @@ def load_cranfield(
     queries = parse_queries(_read(folder / "cran.qry"))
     qrels = parse_qrels(_read(folder / "cranqrel"), len(queries))
     _check_judged_documents(folder, qrels, {r["I"] for r in records})
+    kept = set(doc_ids)  # the judgment of dropped document 995 (it cannot be retrieved)
+    qrels = {q: {d: g for d, g in judged.items() if d in kept} for q, judged in qrels.items()}
     query_ids = [str(i + 1) for i in range(len(queries))]
     return RetrievalDataset("cranfield", doc_ids, titles, bodies, query_ids, queries, qrels)
 

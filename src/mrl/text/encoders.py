@@ -273,11 +273,15 @@ def _model_files(path: Path) -> list[Path]:
     return sorted(files)
 
 
-def _cache_key(model: str | os.PathLike, texts: list[str], max_seq_length: int | None) -> str:
+def _cache_key(model: str | os.PathLike, texts: list[str], max_seq_length: int | None,
+               variant: str = "") -> str:
     """The model (its folder, its top-level files and every file of the module folders
     ``modules.json`` names, by size, modification time and `file_fingerprint`: a model card
-    edited counts too), ``max_seq_length`` and the texts."""
+    edited counts too), ``max_seq_length``, the texts, and ``variant`` (settings of an encoder
+    passed in that differ from the model's own)."""
     h = hashlib.sha256()
+    if variant:
+        h.update(f"variant:{variant}\0".encode())
     path = resolve_model_path(model)
     h.update(str(path.resolve()).encode())
     for f in _model_files(path):
@@ -306,7 +310,8 @@ def encode_cached(
     path = None
     if cache_dir is not None:
         check_output_path(cache_dir, "cache_dir", "dir", writable=False)
-        path = Path(cache_dir) / f"{_cache_key(model, texts, max_seq_length)}.npy"
+        variant = _encoder_variant(model, encoder, max_seq_length)
+        path = Path(cache_dir) / f"{_cache_key(model, texts, max_seq_length, variant)}.npy"
         if path.is_file():
             return np.load(path)  # a read-only cache that holds the entry serves it
         path = _writable_cache_entry(path, cache_dir)
@@ -316,6 +321,33 @@ def encode_cached(
     if path is not None:
         save_embeddings(path, emb, model=str(model), name=name)
     return emb
+
+
+def _encoder_variant(model: str | os.PathLike, encoder: Any, max_seq_length: int | None) -> str:
+    """How a passed ``encoder`` differs from ``load_encoder(model, max_seq_length)`` ("" when
+    it does not): its output truncated, or another token length. Such an encoder's embeddings
+    were cached under the plain model's key and served to later calls for the full model."""
+    if encoder is None:
+        return ""
+    parts = []
+    truncate = getattr(encoder, "truncate_dim", None)
+    if truncate is not None:
+        parts.append(f"truncate_dim={truncate}")
+    length = getattr(encoder, "max_seq_length", None)
+    expected = max_seq_length if max_seq_length is not None else _configured_length(model)
+    if length is not None and length != expected:
+        parts.append(f"max_seq_length={length}")
+    return ",".join(parts)
+
+
+def _configured_length(model: str | os.PathLike) -> int | None:
+    """The ``max_seq_length`` a model folder loads with (sentence_bert_config.json), or None."""
+    try:
+        path = resolve_model_path(model) / "sentence_bert_config.json"
+        value = json.loads(path.read_text()).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def _writable_cache_entry(path: Path, cache_dir: str | os.PathLike) -> Path | None:

@@ -89,7 +89,7 @@ def evaluate_retrieval(
         ks=tuple(sorted(set(ks))),
         center=center,
         baselines=("pca_uncentered",) if pca else (),
-        context={"dataset": ds.name, **(context or {})},
+        context={"dataset": ds.name, "dataset_digest": ds.digest(), **(context or {})},
     )
     return rename_method(records)
 
@@ -145,7 +145,7 @@ def evaluate_corpus(
         center=center,
         baselines=("pca_uncentered",) if pca else (),
         exclude_self=True,
-        context={"dataset": corpus.name, **(context or {})},
+        context={"dataset": corpus.name, "dataset_digest": corpus.digest(), **(context or {})},
     )
     return rename_method(records)
 
@@ -213,7 +213,7 @@ def _built_in(text: str) -> bool:
 
 def evaluate_model(
     model: str | os.PathLike,
-    dataset: str | os.PathLike,
+    dataset: str | os.PathLike | RetrievalDataset | LabelledCorpus,
     nesting: Nesting | str | None = None,
     *,
     method: str | None = None,
@@ -233,7 +233,8 @@ def evaluate_model(
     """
     from mrl.text.encoders import embedding_dim, encode_cached, load_encoder, model_nesting
 
-    ds = load_text_dataset(dataset, split)  # data errors before the model's loading
+    loaded = isinstance(dataset, (RetrievalDataset, LabelledCorpus))
+    ds = dataset if loaded else load_text_dataset(dataset, split)  # before the model loads
     encoder = load_encoder(model, device=device)
     dim = embedding_dim(encoder)
     recorded = model_nesting(model)
@@ -293,7 +294,9 @@ def eval_command(args: Any) -> int:
     dataset = getattr(args, "dataset", None) or "cranfield"
     split = getattr(args, "split", None)
     named = split not in (None, "test")  # records name the dataset FOLDER:SPLIT then
-    report = Path(str(dataset)).name + (f"-{split}" if named else "")  # DATASET[-SPLIT]
+    # DATASET[-SPLIT]; a folder by its real name ("." was "eval-")
+    base = Path(str(dataset)).resolve().name if Path(str(dataset)).is_dir() else str(dataset)
+    report = base + (f"-{split}" if named else "")
     model: str | Path = args.run_dir
     if Path(args.run_dir).is_dir():
         if str(args.run_dir) == "default":  # a folder called default, not the packaged model
@@ -304,11 +307,14 @@ def eval_command(args: Any) -> int:
     # before encoding, not when writing the report
     out = check_output_dir_of(out, "--out", REPORT_FILES, "a report folder",
                               foreign=WORKFLOW_FILES)
+    ds = load_text_dataset(dataset, split)
+    if getattr(args, "out", None) is None:
+        _check_default_report(out, ds)
     center = bool(getattr(args, "center", False))
     pca = not getattr(args, "no_baselines", False)
     records, nesting = evaluate_model(
         model,
-        dataset,
+        ds,
         getattr(args, "nesting", None),
         pca=pca,
         center=center,
@@ -330,6 +336,25 @@ def eval_command(args: Any) -> int:
         print(summary_table(records, metric))
     print(f"report: {out / 'report.html'}")
     return 0
+
+
+def _check_default_report(out: Path, ds: RetrievalDataset | LabelledCorpus) -> None:
+    """The default report folder (named after the data set) holds another data set's report:
+    two folders called data both wrote MODEL/eval-data, the second replacing the first."""
+    from mrl.records import load_records
+
+    previous = out / "results.json"
+    if not previous.is_file():
+        return
+    try:
+        digests = {r.get("dataset_digest") for r in load_records(previous)} - {None}
+    except ValueError:  # not records: check_output_dir_of has judged the folder
+        return
+    if digests and digests != {ds.digest()}:
+        raise FileExistsError(
+            f"{str(out)!r} holds the report of another data set named {ds.name!r} (other "
+            "documents, queries or judgments); pass --out to choose the report folder"
+        )
 
 
 def headline_metrics(records: Sequence[Record]) -> list[str]:
@@ -477,7 +502,13 @@ def frozen_head(finetuned: str | os.PathLike, base: str | os.PathLike) -> np.nda
     config = info.get("config") or {}
     if info.get("kind") != "finetune" or config.get("train_encoder", True):
         return None
-    if str(info.get("base_model")) != str(base):
+    if "base_fingerprint" in info:  # the base's bytes: a folder replaced at the same path (or
+        # another spelling of the same one) was taken by name
+        from mrl.text.checkpoint import folder_fingerprint
+
+        if info["base_fingerprint"] != folder_fingerprint(resolve_model_path(base)):
+            return None
+    elif str(info.get("base_model")) != str(base):  # a folder saved before the fingerprint
         return None
     last = load_encoder(finetuned)[-1]
     linear = getattr(last, "linear", None)

@@ -581,7 +581,10 @@ def _finetune(
         validation = _validate(model, encoder, pairs, val_idx, feats, nesting, config, cache_dir)
     encoder.max_seq_length = inference_length
     info = {"base_model": str(model), "pairs": len(train_idx), "held_out_pairs": len(val_idx),
-            "steps": step, "config": asdict(config)}  # fmt: skip
+            "steps": step, "config": asdict(config),
+            # what the base model is (its bytes), not its path: `mrl text compare` reuses the
+            # base's embeddings for a frozen-encoder fine-tune only when they are this model's
+            "base_fingerprint": folder_fingerprint(resolve_model_path(model))}  # fmt: skip
     if reorder is not None:
         info["reorder"] = reorder
     if run.d.on:
