@@ -75,7 +75,9 @@ def test_curve_matched_point_and_oracle_match_an_independent_loop():
     for s in summaries:
         tst = _held_out(len(y), 0.5, s["seed"])
         for p in [*s["curve"], s["matched"]]:
-            acc, dims, head_dims = _loop(mrl[:, tst], y[tst], sizes, p["thresholds"])
+            th = p["thresholds"]  # None: the curve's full-size end, every sample at the last
+            th = [2.0] * (len(sizes) - 1) if th is None else th
+            acc, dims, head_dims = _loop(mrl[:, tst], y[tst], sizes, th)
             assert p["accuracy"] == pytest.approx(acc, abs=1e-12)
             assert p["expected_dims"] == pytest.approx(dims, abs=1e-9)
             assert p["expected_head_dims"] == pytest.approx(head_dims, abs=1e-9)

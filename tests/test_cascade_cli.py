@@ -243,7 +243,7 @@ def test_ff_runs_must_be_distinct_and_not_above_full_size(files, capsys):
     assert main(["cascade", "eval", str(tmp / "mrl.npz"), "--ff", ff[0], ff[0]]) == 2
     assert "are both of size 2; give one FF model per size" in capsys.readouterr().err
     mrl, y, f, emb = synthetic()
-    save_logits(tmp / "ff32.npz", LogitsSet(f[16][None], y, Nesting((32,)), emb,
+    save_logits(tmp / "ff32.npz", LogitsSet(f[16][None], y, Nesting((32,)), None,
                                             {"mode": "ff", "ff_dim": 32}))  # fmt: skip
     assert main(["cascade", "eval", str(tmp / "mrl.npz"), "--ff", str(tmp / "ff32.npz")]) == 2
     assert "has size 32, above" in capsys.readouterr().err

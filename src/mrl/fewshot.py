@@ -33,7 +33,7 @@ import numpy as np
 
 from mrl.arrays import as_numpy
 from mrl.nesting import Nesting
-from mrl.params import check_int
+from mrl.params import check_flag, check_int, is_int
 from mrl.records import Record, make_record
 from mrl.similarity import prefix_scores
 
@@ -57,23 +57,26 @@ def _as_array(x: Any, name: str, ndim: int) -> np.ndarray:
     return arr
 
 
-def _check_xy(x: Any, y: Any, nesting: Nesting, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings ``[N, D]`` (float64) and integer labels ``[N]``."""
+def _check_xy(x: Any, y: Any, nesting: Nesting, name: str,
+              labels_name: str | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Embeddings ``[N, D]`` (float64) and integer labels ``[N]`` (named ``labels_name``,
+    default NAME_labels)."""
+    lname = labels_name or f"{name}_labels"
     xs = _as_array(x, name, 2).astype(np.float64, copy=False)
     nesting.check_dim(xs.shape[1], name)
     bad = np.flatnonzero(~np.isfinite(xs).all(axis=1))
     if bad.size:
         raise ValueError(f"{name} must be finite, row {bad[0]} has NaN or inf")
-    ys = _as_array(y, f"{name}_labels", 1)
+    ys = _as_array(y, lname, 1)
     if ys.shape[0] != xs.shape[0]:
         raise ValueError(
-            f"{name}_labels must have one label per row of {name} ({xs.shape[0]}), "
+            f"{lname} must have one label per row of {name} ({xs.shape[0]}), "
             f"got {ys.shape[0]}"
         )
     if not np.issubdtype(ys.dtype, np.integer):
-        raise ValueError(f"{name}_labels must be non-negative integers, got dtype {ys.dtype}")
+        raise ValueError(f"{lname} must be non-negative integers, got dtype {ys.dtype}")
     if len(ys) and ys.min() < 0:  # the value, not the (integer) dtype
-        raise ValueError(f"{name}_labels must be non-negative integers, got {int(ys.min())} "
+        raise ValueError(f"{lname} must be non-negative integers, got {int(ys.min())} "
                          f"(row {int(np.argmin(ys))})")
     return xs, ys.astype(np.int64, copy=False)
 
@@ -104,7 +107,8 @@ def ncm_scores(
     xs, ys = _check_xy(support, support_labels, nesting, "support")
     q = _as_array(queries, "queries", 2).astype(np.float64, copy=False)
     nesting.check_dim(q.shape[1], "queries")
-    C = int(ys.max()) + 1 if num_classes is None else int(num_classes)
+    # 2.5 was truncated to 2, then a misleading label error
+    C = int(ys.max()) + 1 if num_classes is None else check_int(num_classes, "num_classes", 1)
     if len(ys) and ys.max() >= C:
         raise ValueError(f"support_labels must be < num_classes={C}, got label {int(ys.max())}")
     if center:
@@ -173,11 +177,17 @@ def _head(head_shots: int | None, available: int) -> int | None:
     return None if head_shots is None or head_shots >= available else int(head_shots)
 
 
-def _check_shots(shots: Sequence[int], draws: int, seed: int) -> None:
-    if not shots or any(isinstance(n, bool) or int(n) != n or n < 1 for n in shots):
-        raise ValueError(f"shots must be positive integers, got {list(shots)}")
+def _check_shots(shots: Any, draws: int, seed: int, name: str = "shots") -> tuple[int, ...]:
+    """``shots`` as a tuple of positive ints (5.0 named its records ncm_5.0shot; 5 and NaN
+    were bare TypeErrors); ``draws`` and ``seed`` (numpy's "expected non-negative integer"
+    named nothing)."""
+    if isinstance(shots, (str, bytes)) or not isinstance(shots, Sequence):
+        raise ValueError(f"{name} must be a sequence of positive integers, got {name}={shots!r}")
+    if not shots or any(not is_int(n) or n < 1 for n in shots):
+        raise ValueError(f"{name} must be positive integers, got {list(shots)}")
     check_int(draws, "draws", minimum=1)  # 2.5 ran 2 draws and recorded 2
-    check_int(seed, "seed")
+    check_int(seed, "seed", minimum=0)
+    return tuple(int(n) for n in shots)
 
 
 def _stat(accs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -201,9 +211,10 @@ def few_shot_eval(
     **context: Any,
 ) -> list[Record]:
     """NCM accuracy with n support examples per class, mean over ``draws`` seeded draws."""
-    _check_shots(shots, draws, seed)
+    shots = _check_shots(shots, draws, seed)
+    center = check_flag(center, "center")  # "no" centred the data
     px, py = _check_xy(pool, pool_labels, nesting, "pool")
-    qx, qy = _check_xy(queries, query_labels, nesting, "queries")
+    qx, qy = _check_xy(queries, query_labels, nesting, "queries", "query_labels")
     absent = np.setdiff1d(qy, py)
     if absent.size:  # no support could ever be drawn for them
         raise ValueError(f"query_labels hold classes with no example in pool_labels: "
@@ -267,9 +278,10 @@ def long_tail_eval(
     """NCM with ``num_tail`` random tail classes (default half) of n examples each, the others
     up to ``head_shots`` (all they have when fewer; None: all). Accuracy over all, head and tail
     queries. Every class needs pool examples and a query; a tail class needs n pool examples."""
-    _check_shots(tail_shots, draws, seed)
+    tail_shots = _check_shots(tail_shots, draws, seed, "tail_shots")
+    center = check_flag(center, "center")
     px, py = _check_xy(pool, pool_labels, nesting, "pool")
-    qx, qy = _check_xy(queries, query_labels, nesting, "queries")
+    qx, qy = _check_xy(queries, query_labels, nesting, "queries", "query_labels")
     classes, py, qy = _dense_labels(py, qy)
     C = len(classes)
     k = C // 2 if num_tail is None else check_int(num_tail, "num_tail")  # 1.5 became 1

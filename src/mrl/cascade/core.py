@@ -194,14 +194,24 @@ class Cascade:
         object.__setattr__(self, "thresholds", check_thresholds(self.thresholds, self.nesting))
 
     # -------------------------------------------------------------- prediction
+    def _confidence(self, scores: Any, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """`confidence`, after checking the class count the cascade was fitted on (when its
+        info records one): max-softmax thresholds mean other things with other C."""
+        out = confidence(scores, self.nesting, kind)
+        fitted, c = self.info.get("num_classes"), np.shape(scores)[-1]
+        if fitted is not None and fitted != c:
+            raise ValueError(f"this cascade was fitted on logits of {fitted} classes; these have "
+                             f"{c}")
+        return out
+
     def stop_index(self, scores: Any, kind: str = "logits") -> np.ndarray:
         """Index g of the prefix that answers each sample: [N] ints in [0, G)."""
-        conf, _ = confidence(scores, self.nesting, kind)
+        conf, _ = self._confidence(scores, kind)
         return _stop_index(conf, self.thresholds)
 
     def predict(self, scores: Any, kind: str = "logits") -> tuple[np.ndarray, np.ndarray]:
         """``(labels [N], prefix_used [N])``: the answer and the size (dims) of the prefix used."""
-        conf, pred = confidence(scores, self.nesting, kind)
+        conf, pred = self._confidence(scores, kind)
         stop = _stop_index(conf, self.thresholds)
         labels = pred[stop, np.arange(pred.shape[1])]
         return labels, np.asarray(self.nesting.sizes, dtype=np.int64)[stop]
@@ -209,7 +219,7 @@ class Cascade:
     def evaluate(self, scores: Any, labels: Any, kind: str = "logits") -> dict[str, float]:
         """Accuracy and costs on labelled data: keys ``accuracy``, ``expected_dims``,
         ``expected_heads``, ``expected_head_dims``, ``max_prefix`` (largest prefix used)."""
-        conf, pred = confidence(scores, self.nesting, kind)
+        conf, pred = self._confidence(scores, kind)
         y = check_labels(labels, pred.shape[1], as_numpy(scores).shape[2])
         stop = _stop_index(conf, self.thresholds)
         answer = pred[stop, np.arange(pred.shape[1])]

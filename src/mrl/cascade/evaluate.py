@@ -17,7 +17,7 @@ otherwise the MRL model's own full-size prefix. Shapes: G prefixes, N samples, C
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,7 +80,9 @@ def cascade_curve(
     tolerances: Sequence[float] = DEFAULT_TOLERANCES,
     kind: str = "logits",
 ) -> list[dict[str, Any]]:
-    """One point per tolerance: fitted on calibration, measured on test (sorted by dims)."""
+    """One point per tolerance: fitted on calibration, measured on test; and the full-size end
+    (tolerance None: every sample answered by the largest prefix), which a fitted cascade can
+    miss by a hair, so that "matches the full size" had no point at all (sorted by dims)."""
     points = []
     for tol in tolerances:
         cascade = fit_cascade(calib_scores, calib_labels, nesting, tolerance=tol, kind=kind)
@@ -88,7 +90,25 @@ def cascade_curve(
         point.update(cascade.evaluate(test_scores, test_labels, kind=kind))
         point["calib_accuracy"] = cascade.info["calib_accuracy"]
         points.append(point)
+    points.append(_full_size_point(calib_scores, calib_labels, test_scores, test_labels, nesting))
     return sorted(points, key=lambda p: (p["expected_dims"], -p["accuracy"]))
+
+
+def _full_size_point(calib_scores: Any, calib_labels: Any, test_scores: Any, test_labels: Any,
+                     nesting: Nesting) -> dict[str, Any]:  # fmt: skip
+    """The curve's end: the largest prefix answers every sample (all G heads run)."""
+    nesting = Nesting.coerce(nesting)
+    test = np.asarray(as_numpy(test_scores))
+    calib = np.asarray(as_numpy(calib_scores))
+    last = len(nesting) - 1
+    return {
+        "tolerance": None,
+        "thresholds": None,
+        "accuracy": _accuracy(test[-1], np.asarray(as_numpy(test_labels))),
+        **cascade_costs(np.full(test.shape[1], last), nesting),
+        "max_prefix": nesting.dim,
+        "calib_accuracy": _accuracy(calib[-1], np.asarray(as_numpy(calib_labels))),
+    }
 
 
 def _accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -314,6 +334,8 @@ def evaluate_cascade(
         raise ValueError(f"match must be in [0, 1) (an accuracy fraction), got {match}")
     if not 0.0 < _number("calib_fraction", calib_fraction) < 1.0:
         raise ValueError(f"calib_fraction must be in (0, 1), got {calib_fraction}")
+    _check_context(context)
+    tolerances = _check_tolerances(tolerances)  # a generator gave seeds 1.. an empty curve
     seeds = tuple(seeds)  # an iterator is read once (len() and the loop below)
     if calib_index is not None:
         calib_index = _check_calib_index(calib_index, arr.shape[1])
@@ -350,6 +372,33 @@ def evaluate_cascade(
         records += _mean_curve_records(summary["mean_curve_headline_own"], summary, context,
                                        f"mrl-{nesting.dim}")  # fmt: skip
     return records, summaries
+
+
+# keys the evaluation writes itself: in ``context`` they were overwritten per seed (seed=5 read
+# as one seed, records labelled 5 beside seeds [0, 1, 2]) or a make_record TypeError
+_RESERVED = ("seed", "seeds", "tolerance", "point", "method", "prefix", "metric", "value",
+             "match", "reference", "compared_to", "test_accuracy", "calib_fraction", "n_calib",
+             "n_test", "expected_heads", "expected_head_dims")  # fmt: skip
+
+
+def _check_context(context: dict[str, Any]) -> None:
+    taken = sorted(set(context) & set(_RESERVED))
+    if taken:
+        raise ValueError(f"evaluate_cascade sets {taken} itself; pass seeds=(...) for the "
+                         "splits, tolerances=(...) for the curve, and other keys as context")
+
+
+def _check_tolerances(tolerances: Any) -> tuple[float, ...]:
+    """The curve's tolerances as a tuple (read once per seed), non-empty and distinct."""
+    if isinstance(tolerances, (str, bytes)) or not isinstance(tolerances, Iterable):
+        raise ValueError(f"tolerances must be a sequence of accuracy fractions, got "
+                         f"tolerances={tolerances!r}")
+    out = tuple(_number("tolerances", t) for t in tolerances)
+    if not out:
+        raise ValueError("tolerances must not be empty (the curve would have no fitted point)")
+    if len(set(out)) != len(out):  # averaged as if they were seeds
+        raise ValueError(f"tolerances must be distinct, got {list(out)}")
+    return out
 
 
 def _mean_curve_records(

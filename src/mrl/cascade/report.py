@@ -35,8 +35,9 @@ def _headline_sentence(h: dict[str, Any], ref_name: str, fixed: str, pts: float)
                   else f"± {h['cascade_dims_std']:.1f} over seeds; ")  # no "± 0.0" of one seed
         cas = (
             f"{h['cascade_dims']:.1f} expected dims ({spread}"
-            f"test accuracy {100 * h['cascade_accuracy']:.2f} %, tolerance "
-            f"{100 * h['tolerance']:g} points)"
+            f"test accuracy {100 * h['cascade_accuracy']:.2f} %, "
+            + ("the full size: no fitted point reaches it)" if h["tolerance"] is None
+               else f"tolerance {100 * h['tolerance']:g} points)")
         )
     m = h["fixed_dims"]
     fix = (
@@ -103,9 +104,11 @@ def curve_table(summary_seed: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for p in summary_seed["curve"]:
-        th = ", ".join(f"{t:.3f}" for t in p["thresholds"])
+        full = p["tolerance"] is None  # the curve's end: the largest prefix for every sample
+        th = "none (full size)" if full else ", ".join(f"{t:.3f}" for t in p["thresholds"])
+        tol = "full size" if full else f"{100 * p['tolerance']:g}"
         lines.append(
-            f"| {100 * p['tolerance']:g} | {_pct(p['calib_accuracy'])} | {_pct(p['accuracy'])} | "
+            f"| {tol} | {_pct(p['calib_accuracy'])} | {_pct(p['accuracy'])} | "
             f"{p['expected_dims']:.1f} | {p['expected_heads']:.2f} | "
             f"{p['expected_head_dims']:.1f} | {th} |"
         )

@@ -23,6 +23,7 @@ import numpy as np
 
 from mrl.io import atomic_open
 from mrl.nesting import Nesting
+from mrl.params import is_int
 
 __all__ = ["LogitsSet", "fingerprint", "load_logits", "load_source", "save_logits"]
 
@@ -52,6 +53,15 @@ class LogitsSet:
             raise ValueError(
                 f"labels must be [N]=({self.logits.shape[1]},), got {self.labels.shape}"
             )
+        ff = self.meta.get("ff_dim")
+        if ff is not None and (not is_int(ff) or ff < 1):  # 8.7 was used as FF-8
+            raise ValueError(f"meta 'ff_dim' must be a positive int (the FF model's size) or "
+                             f"null, got {ff!r}")
+        if self.embeddings is not None:  # rows of other samples gave wrong few-shot numbers
+            shape = np.shape(self.embeddings)
+            if len(shape) != 2 or shape[0] != self.logits.shape[1] or shape[1] < self.nesting.dim:
+                raise ValueError(f"embeddings must be [N={self.logits.shape[1]}, D >= "
+                                 f"{self.nesting.dim}] (one row per sample), got shape {shape}")
 
     @property
     def mode(self) -> str:

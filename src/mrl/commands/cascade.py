@@ -60,7 +60,8 @@ def _fit_arguments(fit: argparse.ArgumentParser) -> None:
         "--budget",
         type=float,
         default=None,
-        help="expected dims to spend at most (most accurate cascade within it)",
+        help="expected dims to spend at most on the calibration part (most accurate cascade "
+        "within it; the held-out part may spend a little more)",
     )
     _common(fit)
     fit.add_argument("--seed", type=int, default=0, help="seed of the calibration/held-out split")
