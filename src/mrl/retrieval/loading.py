@@ -21,7 +21,7 @@ def load_embeddings(
 
     A store folder brings its nesting and ids; a ``.npy`` file takes ``nesting`` (a spec for
     `Nesting.parse`, e.g. "doubling:8" or "8,16,32"), else a JSON sidecar ``<file>.json`` with a
-    "nesting" entry, else ``doubling:8``.
+    "nesting" entry, else ``doubling:8``; its ids come from the sidecar's "ids" list, if any.
     """
     path = Path(path)
     if path.is_dir():
@@ -44,13 +44,36 @@ def load_embeddings(
                          "or search")
     if not np.issubdtype(x.dtype, np.floating):  # ints or bools are token ids or labels, not
         raise ValueError(f"embeddings in {path} must be floating point, got dtype {x.dtype}")
+    side = path.with_suffix(".json")
     if nesting is None:
-        side = path.with_suffix(".json")
         found = _sidecar_nesting(side, x.shape, path) if side.exists() else None
         if found is not None:
-            return np.asarray(x, np.float32), found, None
+            return np.asarray(x, np.float32), found, _sidecar_ids(side, x.shape, path)
         nesting = "doubling:8" if x.shape[1] >= 8 else "full"
-    return np.asarray(x, np.float32), Nesting.parse(nesting, dim=x.shape[1]), None
+    ids = _sidecar_ids(side, x.shape, path)
+    return np.asarray(x, np.float32), Nesting.parse(nesting, dim=x.shape[1]), ids
+
+
+def _sidecar_ids(side: Path, shape: tuple[int, ...], npy: Path) -> np.ndarray | None:
+    """The row ids a ``<file>.json`` sidecar lists (`mrl text encode` writes the documents'
+    ids: Cranfield's row 469 is document 470), or None: no sidecar, no ids, or a sidecar that
+    is not these vectors' (its shape or fingerprint differs)."""
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    ids = meta.get("ids") if isinstance(meta, dict) else None
+    if not isinstance(ids, list) or len(ids) != shape[0] or meta.get("shape") != list(shape):
+        return None
+    if meta.get("fingerprint") != file_fingerprint(npy):
+        return None
+    if all(isinstance(i, str) for i in ids):
+        return np.asarray(ids, dtype=str)
+    if all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return np.asarray(ids, dtype=np.int64)
+    return None
 
 
 def store_center(path: str | os.PathLike) -> np.ndarray | None:
