@@ -215,7 +215,8 @@ def test_make_head_accepts_a_sequence():
     [
         (dict(mode="mrle"), r"mode must be one of \[.*'plain'\], got mode='mrle'"),
         (dict(mode="ff"), "mode='ff' needs ff_dim"),
-        (dict(mode="ff", ff_dim=13), r"dim must be <= in_dim \(12\), got dim=13"),
+        (dict(mode="ff", ff_dim=13),
+         r"ff_dim must be <= the nesting.s full size \(12\), got ff_dim=13"),
         (dict(mode="ff", ff_dim=0), "dim must be >= 1, got dim=0"),
         (dict(mode="mrl", ff_dim=4), "ff_dim is only used with mode='ff', got ff_dim=4"),
         (dict(mode="mrl", num_classes=0), "num_classes must be >= 1, got num_classes=0"),

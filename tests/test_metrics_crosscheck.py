@@ -353,13 +353,13 @@ def test_evaluate_ranking_matches_brute_force(dtype, center):
 
 
 def test_text_evaluate_retrieval_matches_brute_force():
-    """Text ids -> positions (index_qrels drops gains <= 0, unknown docs and queries with nothing
-    relevant), ks clamped to a corpus of fewer than 100 documents."""
+    """Text ids -> positions (index_qrels drops gains <= 0 and queries with nothing relevant;
+    unknown ids are refused by RetrievalDataset), ks clamped to a corpus of < 100 documents."""
     rng = np.random.default_rng(41)
     N, D = 14, 6
     doc_ids = [f"d{j}" for j in range(N)]
     query_ids = ["q0", "q1", "q2", "q3"]
-    qrels_text = {"q0": {"d2": 3.0, "d9": 1.0, "gone": 4.0}, "q1": {"d4": -1.0},
+    qrels_text = {"q0": {"d2": 3.0, "d9": 1.0}, "q1": {"d4": -1.0},
                   "q3": {"d13": 2.0, "d0": 4.0, "d1": 0.0}}  # fmt: skip
     ds = RetrievalDataset("tiny", doc_ids, [""] * N, [f"text {j}" for j in range(N)], query_ids,
                           [f"query {i}" for i in range(4)], qrels_text)  # fmt: skip

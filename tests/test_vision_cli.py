@@ -254,7 +254,7 @@ def test_demo_rejects_bad_epochs(tmp_path, capsys):
     with pytest.raises(ValueError, match="epochs must be positive, got epochs=0"):
         demo(tmp_path, epochs=0)
     assert main(["demo", "--out", str(tmp_path / "d"), "--train-size", "-5"]) == 2
-    assert "--train-size must be positive, got --train-size -5" in capsys.readouterr().err
+    assert "--train-size must be >= 1, got --train-size -5" in capsys.readouterr().err
 
 
 def test_reproduce_only_some_runs(tmp_path, task):

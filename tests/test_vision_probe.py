@@ -41,7 +41,7 @@ def test_probe_errors():
     x, y = _blobs()
     with pytest.raises(ValueError, match="num_classes=2 but labels go up to 2"):
         fit_linear_probe(x, y, 2)
-    with pytest.raises(ValueError, match="l2 must be >= 0"):
+    with pytest.raises(ValueError, match="l2 must be a number >= 0"):
         fit_linear_probe(x, y, 3, l2=-1)
     with pytest.raises(ValueError, match="kind must be 'pca' or 'random'"):
         baseline_features(x, x, "svd")

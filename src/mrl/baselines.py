@@ -104,6 +104,7 @@ class PCA:
 def random_permutation(dim: int, seed: int = 0) -> np.ndarray:
     """A seeded random order of the ``dim`` coordinates (int64 [dim])."""
     dim = check_int(dim, "dim", minimum=1)
+    seed = check_int(seed, "seed", minimum=0)  # "a" was numpy's TypeError
     return np.random.default_rng(seed).permutation(dim)
 
 

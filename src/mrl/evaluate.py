@@ -43,7 +43,7 @@ from mrl.metrics import (
     recall_at_k,
 )
 from mrl.nesting import Nesting
-from mrl.params import is_int
+from mrl.params import check_flag, is_int
 from mrl.records import Record, make_record
 from mrl.similarity import as_nesting, check_finite, prefix_topk
 
@@ -119,7 +119,7 @@ def _center_vector(center: Any, db: torch.Tensor) -> torch.Tensor | None:
             f"center must be a [{db.shape[1]}] vector, True or None, got center={center!r}"
         )
     c = torch.as_tensor(np.asarray(center) if not isinstance(center, torch.Tensor) else center)
-    c = c.to(_center_dtype(db)).reshape(-1)
+    c = c.detach().to(_center_dtype(db)).reshape(-1)  # a model output's mean: not tracked
     if c.shape[0] != db.shape[1]:
         raise ValueError(
             f"center must have one entry per dimension ({db.shape[1]}), got {c.shape[0]}"
@@ -207,7 +207,7 @@ def evaluate_labelled(
     check_label_kinds(ydb, yq, "db_labels", "query_labels")  # before the search, not after
     n = as_nesting(nesting, x.shape[1])
     exclude = None
-    if exclude_self:
+    if check_flag(exclude_self, "exclude_self"):  # "no" was truthy
         if qs.shape != x.shape:
             raise ValueError(
                 f"exclude_self needs the queries to be the database rows, got queries "

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrl.nesting import Nesting
-from mrl.params import check_int
+from mrl.params import check_flag, check_int, is_int
 
 __all__ = [
     "FixedFeatureHead",
@@ -191,6 +191,9 @@ def nested_linear(
     """
     nesting = Nesting.coerce(nesting)  # a list or "8,16,32" too
     _check_input(z, nesting.dim, "z")
+    for name, t in (("weight", weight), ("bias", bias)):  # numpy: an AttributeError below
+        if t is not None and not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if weight.dim() != 2 or weight.shape[1] != nesting.dim:
         raise ValueError(f"weight must be [C, {nesting.dim}], got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
@@ -230,6 +233,7 @@ class MRLEHead(nn.Module):
         self.num_classes = _check_positive_int("num_classes", num_classes)
         self.in_dim = self.nesting.dim
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_dim))
+        bias = check_flag(bias, "bias")  # "no" was truthy
         self.bias = nn.Parameter(torch.empty(self.num_classes)) if bias else None
         _init_linear_(self.weight, self.bias, self.in_dim)
 
@@ -332,7 +336,8 @@ class MRLHead(nn.Module):
         self.nesting = Nesting.coerce(nesting)
         self.num_classes = _check_positive_int("num_classes", num_classes)
         self.in_dim = self.nesting.dim
-        self.fused = fused
+        self.fused = check_flag(fused, "fused")  # "no" was truthy
+        bias = check_flag(bias, "bias")
         self.weights = nn.ParameterList(
             [nn.Parameter(torch.empty(self.num_classes, m)) for m in self.nesting.sizes]
         )
@@ -380,7 +385,7 @@ class FixedFeatureHead(nn.Module):
         if dim > in_dim:
             raise ValueError(f"dim must be <= in_dim ({in_dim}), got dim={dim}")
         self.nesting = Nesting((dim,))
-        self.linear = nn.Linear(dim, self.num_classes, bias=bias)
+        self.linear = nn.Linear(dim, self.num_classes, bias=check_flag(bias, "bias"))
 
     def forward(self, z: Tensor) -> Tensor:
         _check_input(z, self.in_dim)
@@ -424,4 +429,7 @@ def make_head(
         return FixedFeatureHead(nesting.dim, num_classes, nesting.dim, bias=bias)
     if ff_dim is None:
         raise ValueError("mode='ff' needs ff_dim (the number of features the classifier reads)")
+    if is_int(ff_dim) and ff_dim > nesting.dim:  # FixedFeatureHead's error named "dim"
+        raise ValueError(f"ff_dim must be <= the nesting's full size ({nesting.dim}), got "
+                         f"ff_dim={ff_dim}")
     return FixedFeatureHead(ff_dim, num_classes, nesting.dim, bias=bias)

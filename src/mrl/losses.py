@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from mrl.heads import _autocast_dtype, _functorch_active, nested_linear
 from mrl.nesting import Nesting
+from mrl.params import check_flag
 
 __all__ = [
     "MatryoshkaLoss",
@@ -62,6 +63,8 @@ def prefix_weights(
         return torch.ones(G, dtype=like.dtype, device=like.device)
     if isinstance(weights, Nesting):
         weights = weights.weights
+    if isinstance(weights, (str, bytes)):  # "12" was read as weights (1, 2), b"12" as (49, 50)
+        raise ValueError(f"weights must be a sequence of numbers, got weights={weights!r}")
     if isinstance(weights, Tensor):
         w = weights.to(dtype=like.dtype, device=like.device).reshape(-1)
         if w.numel() != G or w.device.type == "cpu":
@@ -93,6 +96,25 @@ def _check_weight_values(values: Sequence[float], G: int) -> None:
         raise ValueError(f"weights must be finite and non-negative, got {list(values)}")
     if not any(v > 0 for v in values):  # the loss would be 0 and nothing would train
         raise ValueError(f"weights must not all be zero, got {list(values)}")
+
+
+def _flags(**flags: Any) -> tuple[bool, ...]:
+    """True/False options as bools ("no" and "False" were truthy: symmetric="no" was on)."""
+    return tuple(check_flag(v, k) for k, v in flags.items())
+
+
+def _check_soft_targets(targets: Tensor) -> None:
+    """Class probabilities: finite, >= 0, rows summing to 1 (on the CPU; an accelerator check
+    would sync every step). Rows summing to 2 doubled the loss in silence."""
+    if targets.device.type != "cpu" or _functorch_active():
+        return
+    t = targets.detach()
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise ValueError("targets (class probabilities) must be finite and non-negative")
+    sums = t.double().sum(-1)
+    if not bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
+        raise ValueError(f"targets (class probabilities) must sum to 1 per row, got sums "
+                         f"{sums[(sums - 1).abs() > 1e-3][:3].tolist()}")
 
 
 def _check_targets(targets: Any, C: int) -> Tensor:
@@ -148,6 +170,8 @@ def _check_embeddings(
     if dim is not None and x.shape[-1] != dim:
         raise ValueError(f"{name} have dimension {x.shape[-1]} (shape {tuple(x.shape)}), but "
                          f"{source} expects {dim}")
+    if not x.is_floating_point():  # ints: the fused loss ran, its reference failed in norm()
+        raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
     if check_finite and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contain NaN or inf values (shape {tuple(x.shape)})")
 
@@ -192,13 +216,16 @@ def nested_cross_entropy(
     _check_label_smoothing(label_smoothing)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
-    w = prefix_weights(weights, G, logits)
+    if soft:
+        _check_soft_targets(targets)
     # One CE call over all prefixes: [G*B, C] rows, targets repeated G times.
     # soft targets follow the logits' dtype (float64 targets made a float64 loss of float32 logits)
     rep = targets.to(logits.dtype).repeat(G, 1) if soft else targets.repeat(G)
     per_sample = F.cross_entropy(
         logits.reshape(G * B, C), rep, reduction="none", label_smoothing=label_smoothing
     ).view(G, B)
+    # in the loss's dtype (float32 under autocast), not bf16 logits': 2.6 was 2.594 there
+    w = prefix_weights(weights, G, per_sample)
     per_sample = (w[:, None] * per_sample).sum(0)  # [B]
     if reduction == "none":
         return per_sample
@@ -233,9 +260,8 @@ class MatryoshkaLoss(nn.Module):
         if not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
         self.loss_fn = loss_fn
-        self.nesting = nesting if isinstance(nesting, Nesting) else Nesting.parse(nesting)
-        self.normalize = normalize
-        self.check_finite = check_finite
+        self.nesting = Nesting.coerce(nesting)  # 5 was "'int' object is not iterable"
+        self.normalize, self.check_finite = _flags(normalize=normalize, check_finite=check_finite)
 
     def per_prefix(self, embeddings: Tensor | Sequence[Tensor], *targets, **kwargs) -> Tensor:
         """The unweighted loss at every prefix, ``[G]``."""
@@ -349,6 +375,7 @@ def contrastive_loss(
         check_finite: raise ValueError on NaN/inf embeddings (one pass over the inputs).
     """
     _check_temperature(temperature)
+    symmetric, check_finite = _flags(symmetric=symmetric, check_finite=check_finite)
     cands = _candidates(queries, positives, negatives, None, check_finite)
     cos = _cosine(queries, cands)  # [B, B + extra]
     return _infonce(cos, queries.shape[0], temperature, symmetric)
@@ -415,8 +442,9 @@ def matryoshka_contrastive_loss(
     from partial dot products per chunk plus running squared norms (cost about one full-size
     score matrix, not G); see `contrastive_loss` for the arguments.
     """
-    nesting = nesting if isinstance(nesting, Nesting) else Nesting.parse(nesting)
+    nesting = Nesting.coerce(nesting)
     _check_temperature(temperature)
+    symmetric, check_finite = _flags(symmetric=symmetric, check_finite=check_finite)
     cands = _candidates(queries, positives, negatives, nesting.dim, check_finite)
     cos = _prefix_cosine(queries, cands, nesting)  # [G, B, B + extra]
     per_prefix = _infonce(cos, queries.shape[0], temperature, symmetric)  # [G]
@@ -432,7 +460,7 @@ def matryoshka_contrastive_loss_reference(
     symmetric: bool = False,
 ) -> Tensor:
     """Per-prefix loop of `contrastive_loss` on truncated inputs (for tests and benchmarks)."""
-    nesting = nesting if isinstance(nesting, Nesting) else Nesting.parse(nesting)
+    nesting = Nesting.coerce(nesting)
     total = queries.new_zeros(())
     for m, w in zip(nesting.sizes, nesting.weights):
         neg = None if negatives is None else negatives[..., :m]

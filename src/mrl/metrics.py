@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mrl.arrays import as_numpy
 from mrl.params import check_int, is_int
 
 __all__ = [
@@ -46,7 +47,7 @@ AP_NORMALIZE = ("min(k,R)", "k")
 
 # ----------------------------------------------------------------------------- checks
 def _array(x: Any, name: str, ndim: int) -> np.ndarray:
-    a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
+    a = as_numpy(x)  # a bfloat16 tensor too (numpy has no bfloat16: a TypeError)
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
     if a.size == 0:

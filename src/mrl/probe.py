@@ -17,10 +17,12 @@ both from `mrl.baselines`, the same transforms `mrl.evaluate` uses for its retri
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 
+from mrl.arrays import as_numpy
 from mrl.devices import default_device
 from mrl.nesting import Nesting
 from mrl.params import check_int
@@ -55,11 +57,15 @@ def fit_linear_probe(
     device: str | torch.device | None = None,
 ) -> LinearProbe:
     """Multinomial logistic regression on ``x`` [N, m] with labels ``y`` [N]."""
+    # numpy too (an AttributeError); tensors stay where they are (a GPU's are not copied)
+    x = x if isinstance(x, torch.Tensor) else torch.as_tensor(as_numpy(x))
+    y = y if isinstance(y, torch.Tensor) else torch.as_tensor(as_numpy(y))
     if x.dim() != 2 or y.shape != (x.shape[0],):
         raise ValueError(f"x must be [N, m] and y [N], got {tuple(x.shape)} and {tuple(y.shape)}")
     num_classes = check_int(num_classes, "num_classes", minimum=1)
-    if l2 < 0:
-        raise ValueError(f"l2 must be >= 0, got l2={l2}")
+    if isinstance(l2, (bool, str)) or not isinstance(l2, numbers.Real) or not l2 >= 0:
+        # "0.1" was a TypeError, NaN an L-BFGS error
+        raise ValueError(f"l2 must be a number >= 0, got l2={l2!r}")
     if x.shape[0] == 0:
         raise ValueError("x must hold at least one row, got shape (0, ...)")
     if y.is_floating_point() or y.dtype == torch.bool:
@@ -72,7 +78,7 @@ def fit_linear_probe(
     if not torch.isfinite(x).all():
         raise ValueError("x must be finite, got NaN or inf features")
     dev = torch.device(default_device(device))
-    x, y = x.float().to(dev), y.to(dev)
+    x, y = x.float().to(dev), y.long().to(dev)  # int32 labels: cross_entropy wants int64
     mean = x.mean(0)
     # one row has no spread: its sample std (n - 1) was NaN, and so was every prediction
     std = x.std(0).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones_like(mean)
@@ -104,6 +110,7 @@ def probe_top1(
     **probe_options,
 ) -> torch.Tensor:
     """Top-1 accuracy (%) of a linear probe fit on ``train_x[:, :m]``, for every m: ``[G]``."""
+    nesting = Nesting.coerce(nesting)  # [2, 4] was an AttributeError
     nesting.check_dim(train_x.shape[1], "train features")
     if test_x.dim() != 2 or test_x.shape[1] != train_x.shape[1]:
         raise ValueError(f"test_x must be [Q, {train_x.shape[1]}] (as train_x), got shape "

@@ -138,7 +138,9 @@ def _center(
         return x.sum(0, dtype=dtype) / x.shape[0]
     if isinstance(center, (bool, np.bool_, str, bytes)):  # "mean" was a torch dtype error
         raise ValueError(f"center must be a [{d}] vector, True or None, got center={center!r}")
-    c = torch.as_tensor(center).to(dtype=dtype, device=x.device).reshape(-1)
+    # detached: a center computed from a model's output (db.mean(0)) made cosine scoring fail
+    # ("out= arguments don't support automatic differentiation") and dot scores tracked
+    c = torch.as_tensor(center).detach().to(dtype=dtype, device=x.device).reshape(-1)
     if c.shape[0] != d:
         raise ValueError(
             f"center must have one entry per dimension ({d}), got shape {tuple(c.shape)}"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mrl.commands._options import check_minimums
 from mrl.io import check_output_dir_of
 
 NAME = "demo"
@@ -244,9 +245,7 @@ def _short_table(records: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     check_output_dir_of(args.out, "--out", ("runs", "demo.md"), "a demo folder",
                         foreign=("claims.md", "recipe.json"))  # not an eval's report files
-    for flag, value in (("--epochs", args.epochs), ("--train-size", args.train_size)):
-        if value is not None and value < 1:  # named as the user typed them
-            raise ValueError(f"{flag} must be positive, got {flag} {value}")
+    check_minimums(args, (("epochs", 1), ("train_size", 1)))  # named as the user typed them
     records, _ = demo(
         args.out,
         epochs=args.epochs,
