@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -106,6 +107,9 @@ class DataConfig:
         # an empty root became the working folder (downloads went into it)
         _check(self.root is None or self.root.strip() != "", "data.root", self.root,
                "a folder (or unset: search the default places)")
+        if self.root is not None and self.root.startswith("~"):  # --set data.root=~/x: the
+            # shell leaves that ~ alone, and a folder called "~" appeared in the working folder
+            object.__setattr__(self, "root", os.path.expanduser(self.root))
         _check(
             self.train_size is None or self.train_size > 0,
             "data.train_size",

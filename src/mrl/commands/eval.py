@@ -159,6 +159,10 @@ def evaluate_embeddings(
     from mrl.records import make_record
 
     method = method or e.mode
+    if "seed" not in context and getattr(e.config, "seed", None) is not None:
+        # the run's own seed on every record: the retrieval records said seed 0 for any run
+        # (and two seeds' appended records replaced each other), the heads' said none
+        context = {**context, "seed": int(e.config.seed)}
     records: list[dict[str, Any]] = []
     if e.mode == "ff":
         sizes = e.head_nesting  # FF-m: the classifier and the retrieval read z[:, :m]
@@ -302,7 +306,7 @@ def evaluate_run(
     )
     out = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     notes = (
-        f"Run {run_dir} ({trained}): mode {e.mode}, model {e.config.model.name}, "
+        f"Run `{run_dir}` ({trained}): mode {e.mode}, model {e.config.model.name}, "
         f"D={e.nesting.dim}, "
         f"nesting {list(e.nesting.sizes)}, dataset {e.config.data.dataset}. "
         f"Values in percent. Retrieval: database {len(e.db)} items, {len(e.test)} queries, "
@@ -310,7 +314,8 @@ def evaluate_run(
         "top1 from the trained heads, or (plain/pca/random) a linear probe: "
         + probe_recipe(probe_iter)
     )
-    write_report(records, out, title=f"mrl eval: {Path(run_dir).name}", notes=notes)
+    # the folder's real name ("." gave an empty title)
+    write_report(records, out, title=f"mrl eval: {Path(run_dir).resolve().name}", notes=notes)
     say(f"eval: done in {time.perf_counter() - t0:.0f} s")
     return records
 

@@ -67,7 +67,7 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 def cache_dir() -> Path:
     """``$MRL_CACHE/fashion-mnist`` or ``~/.cache/mrl/fashion-mnist``."""
     base = os.environ.get("MRL_CACHE") or Path.home() / ".cache" / "mrl"
-    return Path(base) / "fashion-mnist"
+    return Path(base).expanduser() / "fashion-mnist"
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -135,7 +135,8 @@ def find_fashion_mnist(
     if root is not None:
         return _explicit_root(Path(root), download)
     if os.environ.get("MRL_FASHION_MNIST"):
-        return _explicit_root(Path(os.environ["MRL_FASHION_MNIST"]), download, "MRL_FASHION_MNIST")
+        return _explicit_root(Path(os.environ["MRL_FASHION_MNIST"]).expanduser(), download,
+                              "MRL_FASHION_MNIST")
     searched = _candidate_dirs()
     for folder in searched:
         if _has_all(folder):
@@ -161,12 +162,13 @@ def _explicit_root(folder: Path, download: bool, name: str = "data.root") -> Pat
     if _has_all(folder):
         return folder
     if download and not folder.is_file():
-        created = not folder.exists()
+        created = _missing_folders(folder)  # [folder, its parent, ...] that do not exist yet
         try:
             return _download(folder)
         except (OSError, ValueError) as exc:  # ValueError: an MD5 mismatch, raised as it is
-            if created and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()  # leave no empty folder behind a failed download
+            for made in created:  # leave no empty folder behind a failed download (the
+                if made.is_dir() and not any(made.iterdir()):  # parents it made too)
+                    made.rmdir()
             if isinstance(exc, ValueError):
                 raise
             reason = f"downloading into it failed ({exc})"
@@ -178,6 +180,16 @@ def _explicit_root(folder: Path, download: bool, name: str = "data.root") -> Pat
         f"{reason}. Point {name} at the folder that holds them, or leave it unset to use "
         + (others if name != "data.root" else f"$MRL_FASHION_MNIST, {others}") + "."
     )
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist, innermost first."""
+    out = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        out.append(p)
+    return out
 
 
 def _download(folder: Path) -> Path:

@@ -255,8 +255,8 @@ class ImageFolder(torch.utils.data.Dataset):
         empty, skipped = [], []
         for label, name in enumerate(self.classes):
             # hidden files and folders (macOS ``._x.jpg``, .ipynb_checkpoints) are not data
-            found = sorted(p for p in (self.root / name).rglob("*")
-                           if p.is_file() and not _hidden(p, self.root))  # fmt: skip
+            found = sorted(p for p in _walk_files(self.root / name)
+                           if not _hidden(p, self.root))  # fmt: skip
             files = [p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
             skipped += [p for p in found if p.suffix.lower() not in IMAGE_EXTENSIONS]
             self.samples += [(p, label) for p in files]
@@ -332,10 +332,36 @@ class ImageFolder(torch.utils.data.Dataset):
         )
 
 
+def _walk_files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, following links to folders (``rglob`` on Python 3.11 does
+    not: a class's linked subfolder was dropped without a word), each real folder once."""
+    out, seen = [], set()
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a link back up the tree: walked already
+            dirs[:] = []
+            continue
+        seen.add(real)
+        out += [Path(here) / f for f in files if (Path(here) / f).is_file()]
+    return out
+
+
 def pixel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std (at least 1e-3) of uint8 images ``[N, C, H, W]``, in [0, 1].
 
-    A task's input statistics come from its training images only (never its test split)."""
+    A task's input statistics come from its training images only (never its test split).
+    Summed in float64 chunks of images: a float copy of the whole set (and its transposed
+    copy) needed about 8x the uint8 data in extra memory."""
     channels = images.shape[1]
-    pixels = images.float().div_(255).transpose(0, 1).reshape(channels, -1)  # [C, N*H*W]
-    return tuple(pixels.mean(1).tolist()), tuple(max(s, 1e-3) for s in pixels.std(1).tolist())
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    per_image = images[0].numel() // channels if len(images) else 1
+    step = max(1, (1 << 24) // max(1, images[0].numel())) if len(images) else 1
+    for start in range(0, len(images), step):
+        x = images[start : start + step].to(torch.float64).div_(255)  # [b, C, H, W]
+        total += x.sum(dim=(0, 2, 3))
+        squares += (x * x).sum(dim=(0, 2, 3))
+    n = len(images) * per_image
+    mean = total / n
+    var = (squares - n * mean * mean).clamp_min(0) / max(1, n - 1)  # sample variance, as std()
+    return tuple(mean.tolist()), tuple(max(s, 1e-3) for s in var.sqrt().tolist())

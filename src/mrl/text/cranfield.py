@@ -47,7 +47,7 @@ def _candidates() -> list[Path]:
     repo = Path(__file__).resolve().parents[3]
     out = []
     if os.environ.get("MRL_CRANFIELD"):
-        out.append(Path(os.environ["MRL_CRANFIELD"]))
+        out.append(Path(os.environ["MRL_CRANFIELD"]).expanduser())
     out += [
         repo.parent / "shared" / "data" / "cranfield",
         Path.cwd().parent / "shared" / "data" / "cranfield",
