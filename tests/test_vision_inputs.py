@@ -96,3 +96,14 @@ def test_the_1k_database_is_not_a_training_epoch():
     streams = {int(epoch_generator(s, e).initial_seed()) for s in range(3) for e in range(50)}
     assert not {database_seed(s) for s in range(3)} & streams
     assert len({database_seed(s) for s in range(100)}) == 100  # one database per seed
+
+
+def test_config_errors_name_the_key_and_suggest_inside_sections():
+    from mrl.config import config_from_dict, load_config
+
+    with pytest.raises(ValueError, match=r"model.nesting_weights=\[1.0, 2.0, 3.0\]: weights"):
+        load_config(None, ["model.nesting_weights=[1,2,3]"]).model.get_nesting()
+    with pytest.raises(ValueError, match=r"'optim.lrr' \(did you mean 'optim.lr'\?\)"):
+        config_from_dict({"optim": {"lrr": 0.1}})  # a file's section: no hint before
+    with pytest.raises(ValueError, match=r"'optim.lrr' \(did you mean 'optim.lr'\?\)"):
+        load_config(None, ["optim.lrr=0.1"])

@@ -176,11 +176,15 @@ class ModelConfig:
         """The embedding's nesting (its last size is ``dim``); weights applied when given."""
         try:
             nesting = Nesting.parse(self.nesting, dim=self.dim)
-            if self.nesting_weights is not None:
-                nesting = nesting.with_weights(self.nesting_weights)
         except ValueError as exc:
             raise ValueError(f"model.nesting={self.nesting!r}: {exc}") from None
-        return nesting
+        if self.nesting_weights is None:
+            return nesting
+        try:  # named as itself (it was reported as a bad model.nesting)
+            return nesting.with_weights(self.nesting_weights)
+        except ValueError as exc:
+            raise ValueError(f"model.nesting_weights={list(self.nesting_weights)!r}: {exc}"
+                             ) from None
 
     def encoder_options(self, image_shape: tuple[int, int] | None = None) -> dict[str, Any]:
         """Keyword options for `mrl.models.build_encoder` of the built-in encoders.
@@ -346,8 +350,13 @@ def _coerce(value: Any, hint: Any, key: str, from_text: bool) -> Any:
 
 
 def _unknown(key: str, known: list[str]) -> ValueError:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    # matched by the last part ("lrr" against "lr"): the known keys are bare inside a file's
+    # section and prefixed for --set, and "optim.lrr" against "lr" found nothing
+    section, _, name = key.rpartition(".")
+    full = {k.rpartition(".")[2]: k if "." in k else (f"{section}.{k}" if section else k)
+            for k in known}  # fmt: skip
+    close = difflib.get_close_matches(name, list(full), n=1, cutoff=0.75)
+    hint = f" (did you mean {full[close[0]]!r}?)" if close else ""
     return ValueError(f"unknown config key {key!r}{hint}; known keys: {', '.join(known)}")
 
 
