@@ -107,3 +107,20 @@ def test_config_errors_name_the_key_and_suggest_inside_sections():
         config_from_dict({"optim": {"lrr": 0.1}})  # a file's section: no hint before
     with pytest.raises(ValueError, match=r"'optim.lrr' \(did you mean 'optim.lr'\?\)"):
         load_config(None, ["optim.lrr=0.1"])
+
+
+def test_report_files_and_tables_keep_unusual_names(tmp_path):
+    """Metrics p@10 and p_at_10 wrote one PNG (the second over the first); a line break in a
+    method name split its table row, and the HTML report lost the name."""
+    pytest.importorskip("matplotlib")
+    from mrl.records import make_record, to_markdown
+    from mrl.report import write_report
+
+    recs = [make_record(m, p, met, 0.5 + p / 100) for m in ("mrl", "two\nlines")
+            for met in ("p@10", "p_at_10") for p in (8, 16)]  # fmt: skip
+    paths = write_report(recs, tmp_path / "r", title="t")
+    assert paths["p@10"] != paths["p_at_10"] and paths["p@10"].is_file()
+    assert paths["p_at_10"].is_file()
+    table = to_markdown(recs, "p@10")
+    assert "| two lines | p@10 |" in table and len(table.splitlines()) == 4
+    assert "two lines" in paths["html"].read_text()

@@ -177,8 +177,9 @@ def table_cells(records: Iterable[Record], metric: str | None = None) -> dict[tu
 
 
 def _escape(name: Any) -> str:
-    """A name in a pipe table: a ``|`` in it would start a new column."""
-    return str(name).replace("|", "\\|")
+    """A name in a pipe table: a ``|`` in it would start a new column, a line break a new row
+    (the HTML report then lost the name)."""
+    return " ".join(str(name).splitlines()).replace("|", "\\|")
 
 
 def warn_pooled(cells: dict[tuple, list[Record]], caller: str, stacklevel: int = 3) -> None:

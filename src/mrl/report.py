@@ -252,11 +252,16 @@ def write_report(
         warnings.warn("matplotlib is not installed: the report has no plots (pip install "
                       "'mrl[vision]' for them)", stacklevel=2)
         plots = False
+    taken: set[str] = set()
     for metric in metrics if plots else []:
         png = plot_metric(shown, metric)
         if png is not None:
             pngs[metric] = png
-            paths[metric] = out / f"{_safe_name(metric)}.png"
+            name = _safe_name(metric)
+            while name in taken:  # "p@10" and "p_at_10" wrote one file, the second over the first
+                name += "_"
+            taken.add(name)
+            paths[metric] = out / f"{name}.png"
             with atomic_open(paths[metric], "wb") as f:
                 f.write(png)
     atomic_write_text(paths["html"], _html(title, notes, shown, metrics, pngs, sections, out))
