@@ -124,3 +124,28 @@ def test_report_files_and_tables_keep_unusual_names(tmp_path):
     table = to_markdown(recs, "p@10")
     assert "| two lines | p@10 |" in table and len(table.splitlines()) == 4
     assert "two lines" in paths["html"].read_text()
+
+
+def test_reproduce_refuses_1k_records_of_the_earlier_database(tmp_path):
+    """Records scored against the old fashion-mnist-1k database (seed 0's second epoch) must
+    not be averaged with new ones in one results file: they carry db_draw now."""
+    import json
+
+    from mrl.commands.reproduce import reproduce
+    from mrl.data import load_task
+    from mrl.records import load_records, make_record, save_records
+
+    tiny = ("data.dataset=synthetic", "model.dim=16", "model.width=4", "model.nesting=2,4,8,16",
+            "batch_size=64", "eval_batch_size=256", "data.train_size=256", "epochs=1")  # fmt: skip
+    kw = dict(overrides=tiny, progress=False, data_task=load_task("synthetic", train_size=256),
+              log=lambda s: None, only=("mrl",))  # fmt: skip
+    recs = reproduce("fashion-mnist-1k", "small", tmp_path / "a", **kw)
+    assert {r.get("db_draw") for r in recs} == {2}
+    assert {r.get("db_draw") for r in load_records(tmp_path / "a" / "results.json")} == {2}
+    old = tmp_path / "b"
+    old.mkdir()
+    save_records(old / "results.json", [make_record("mrl", 8, "1nn", 40.0, seed=0,
+                                                    dataset="fashion-mnist-1k")])  # fmt: skip
+    with pytest.raises(ValueError, match="scored against the earlier database"):
+        reproduce("fashion-mnist-1k", "small", old, **kw)
+    assert json.loads((old / "results.json").read_text())  # left as it was

@@ -241,6 +241,7 @@ def reproduce(
     _check_task(recorded, out / "results.json", task, budget)
     _check_centring(recorded, out / "results.json", center)
     _check_probe_iter(recorded, out / "results.json", probe_iter)
+    _check_database(recorded, out / "results.json", task)
     refuse_overrides(overrides, {
         "seed": "use --seed (it names the run folder seedN and labels the records)",
         "model.mode": "reproduce trains every mode itself (choose runs with --only)",
@@ -325,7 +326,9 @@ def _run_one(job: _Job, name: str, extra: tuple[str, ...]) -> list[dict[str, Any
         for stale in run_dir.glob("records*.json"):  # evaluations of the shorter model
             stale.unlink()
     recs = json.loads(cached.read_text()) if cached.is_file() else None
-    if recs is not None and not _stale_random_rows(recs, job.seed):
+    if recs is not None and not _stale_random_rows(recs, job.seed) and not _stale_database(
+        recs, job.task
+    ):
         job.log(f"[{name}] seed {job.seed}: evaluated before, reusing {cached}")
     else:
         e = compute_embeddings(run_dir, task=job.data_task)
@@ -341,12 +344,14 @@ def _run_one(job: _Job, name: str, extra: tuple[str, ...]) -> list[dict[str, Any
             probe_iter=job.probe_iter,
             probe_max_dim=job.recipe.probe_max_dim,
             **({"mrl_weights": job.weights} if name == "mrl-w" else {}),
+            **_database_tag(job.task),
         )
         save_records(cached, _tag_probes(recs, job.probe_iter))
     recs = _tag_probes(recs, job.probe_iter)  # also a cache written before the tag
     if name == "plain":
         recs = [*recs, _plain_as_ff(run_dir, config.model.dim, job.data_task, dataset=job.task,
-                                    seed=job.seed, budget=job.budget)]  # fmt: skip
+                                    seed=job.seed, budget=job.budget,
+                                    **_database_tag(job.task))]  # fmt: skip
     return recs
 
 
@@ -570,6 +575,30 @@ def _check_probe_iter(recorded: list[dict[str, Any]], results: Path, probe_iter:
             f"{results} holds probes fitted with --probe-iter {other}, "
             f"but this call fits them with {probe_iter}: write to another --out (add --runs "
             f"{results.parent / 'runs'} to reuse the trained models)"
+        )
+
+
+def _database_tag(task: str) -> dict[str, Any]:
+    """``db_draw`` on fashion-mnist-1k records: which database they were scored against (2: its
+    own stream; the records before 2026-11-30 used seed 0's second training epoch)."""
+    from mrl.data.fashion_mnist_1k import DB_DRAW
+
+    return {"db_draw": DB_DRAW} if task == "fashion-mnist-1k" else {}
+
+
+def _stale_database(recs: list[dict[str, Any]], task: str) -> bool:
+    """Cached records of a run scored against the earlier fashion-mnist-1k database."""
+    tag = _database_tag(task)
+    return bool(tag) and any(r.get("db_draw") != tag["db_draw"] for r in recs)
+
+
+def _check_database(recorded: list[dict[str, Any]], results: Path, task: str) -> None:
+    """Refuse to merge records scored against another fashion-mnist-1k database."""
+    if _stale_database([r for r in recorded if r.get("dataset") == task], task):
+        raise ValueError(
+            f"{results} holds fashion-mnist-1k records scored against the earlier database (seed "
+            "0's second training epoch, before 2026-11-30); this version draws it apart: write "
+            "to another --out (add --runs to reuse the trained models)"
         )
 
 
