@@ -501,7 +501,9 @@ class MatryoshkaIndex:
             else:
                 idx = faiss.IndexIVFFlat(quantizer, m, cells, ip)
             idx.cp.niter = 20
-            idx.cp.min_points_per_centroid = 5  # small databases: no FAISS warning spam
+            # FAISS warns below min_points_per_centroid rows per cell: with the default nlist
+            # (4 sqrt(N)) a database under ~400 rows has fewer than 5 per cell (N=300: 4.3)
+            idx.cp.min_points_per_centroid = 1
             ntrain = min(self.count, 32 * cells)
             rows = np.sort(np.random.default_rng(0).choice(self.count, ntrain, replace=False))
             idx.train(np.ascontiguousarray(xs[rows]))
