@@ -260,14 +260,24 @@ class _Service:
     @asynccontextmanager
     async def lifespan(self, app):
         if self.encoder is not None:
-            cfg, encode = self.config, self.encoder.encode
-            runner = (MicroBatcher(encode, cfg.max_batch_size, cfg.max_wait_ms)
-                      if cfg.batching else DirectRunner(encode))
-            await runner.start()
-            self.state["runner"] = runner
+            await self._runner()
         yield
         if "runner" in self.state:
             await self.state.pop("runner").stop()
+
+    async def _runner(self):
+        """The encoder's runner, started at the app's startup, or at the first request where
+        startup never ran (an app mounted in another: every embeddings request was a 500)."""
+        if "runner" not in self.state:
+            lock = self.state.setdefault("runner_lock", asyncio.Lock())
+            async with lock:
+                if "runner" not in self.state:
+                    cfg, encode = self.config, self.encoder.encode
+                    runner = (MicroBatcher(encode, cfg.max_batch_size, cfg.max_wait_ms)
+                              if cfg.batching else DirectRunner(encode))  # fmt: skip
+                    await runner.start()
+                    self.state["runner"] = runner
+        return self.state["runner"]
 
     def require_encoder(self) -> Encoder:
         if self.encoder is None:
@@ -291,7 +301,7 @@ class _Service:
         if not self.config.truncate:
             _check_tokens(counts, enc.max_tokens, param)
         try:
-            emb = await self.state["runner"].submit(texts)
+            emb = await (await self._runner()).submit(texts)
         except RunnerStopped:
             raise APIError(503, "the server is shutting down; the request was not served",
                            None, "service_unavailable", "server_error") from None

@@ -117,7 +117,9 @@ class SentenceTransformerEncoder:
         if nesting is None:
             nesting = text_encoders.model_nesting(folder) or Nesting.full(dim)
         self.nesting = Nesting.parse(nesting, dim=dim)
-        self.name = name or ("all-MiniLM-L6-v2" if str(path) == "default" else folder.name)
+        # the folder's real name: "." served a model whose id was ""
+        self.name = name or ("all-MiniLM-L6-v2" if str(path) == "default"
+                             else folder.resolve().name)  # fmt: skip
         self.max_tokens = int(self.model.max_seq_length)
         self.batch_size = batch_size
         self.path = folder
@@ -178,7 +180,7 @@ class VisionEncoder:
             data = config.data
             image_size = _TASK_SHAPES.get(data.dataset, (data.image_size, data.image_size))
         self.shape = (int(image_size[0]), int(image_size[1]))
-        self.name = name or Path(run_dir).name
+        self.name = name or Path(run_dir).resolve().name
         self.run_dir = Path(run_dir)
         self.max_tokens = 1  # one "token" per image
         self.input_kind = "image"  # base64 images: not held to the text character cap
@@ -247,7 +249,9 @@ def load_encoder(model: str, nesting: str | None = None, name: str | None = None
         try:
             dim = int(model.split(":", 1)[1])
         except ValueError:
-            raise ValueError(f"model 'hash:DIM' needs an integer DIM, got {model!r}") from None
+            dim = 0
+        if dim < 1:  # hash:0 said "start must be positive", naming no option
+            raise ValueError(f"model 'hash:DIM' needs a positive integer DIM, got {model!r}")
         nest = Nesting.parse(nesting, dim=dim) if nesting is not None else None  # "" is an error
         return HashEncoder(dim, nest, name=name or model)
     if os.path.isfile(os.path.join(model, "checkpoint.pt")):

@@ -35,8 +35,9 @@ class EmbeddingRequest(BaseModel):
         description="A text or a list of texts (token arrays are refused)."
     )
     model: str = Field(description="The served model's id (see GET /v1/models).")
-    encoding_format: Literal["float", "base64"] = Field(
-        "float", description="'float' lists, or 'base64' of little-endian float32."
+    # null too: clients such as LiteLLM send it for "not set"
+    encoding_format: Literal["float", "base64"] | None = Field(
+        "float", description="'float' lists (also for null), or 'base64' of little-endian float32."
     )
     dimensions: int | None = Field(
         None, description="Return the first `dimensions` values, re-normalised; a nesting size."

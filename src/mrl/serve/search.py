@@ -18,6 +18,9 @@ from mrl.retrieval.funnel.index import fit_saved_stages, hit_lists
 
 __all__ = ["IndexBackend", "QdrantBackend", "SearchBackend", "SearchOutcome"]
 
+# bytes of candidate rows one rerank batch of a request may gather ([batch, K, D] float32)
+RERANK_BYTES = 256 << 20
+
 
 @dataclass
 class SearchOutcome:
@@ -103,6 +106,14 @@ class IndexBackend:
     def size(self) -> int:
         return int(self.index.count)
 
+    def _batch(self, params: dict[str, Any], k: int) -> int:
+        """Queries per rerank batch: the rerank gathers [batch, K, D] float32 rows, so one
+        in-limits request (256 queries, K = 10,000, D = 384) took 3.9 GB; kept near
+        ``RERANK_BYTES``."""
+        shortlist = min(max(params.get("shortlist") or self.index.config.shortlist, k), self.size)
+        per_query = max(1, shortlist * self.index.nesting.dim * 4)
+        return max(1, min(1024, RERANK_BYTES // per_query))
+
     def search(self, queries: np.ndarray, k: int, *, shortlist_dim: int | None = None,
                shortlist: int | None = None, stages: Sequence[Sequence[int]] | None = None,
                config: str | None = None) -> SearchOutcome:
@@ -119,14 +130,19 @@ class IndexBackend:
         # a named configuration's funnel is widened for a larger k, like the index's own; a
         # request's explicit shortlist/stages are run (and validated) as given
         widen = shortlist is None and stages is None
-        res = self.index.search(queries, k, widen=widen, **params)
+        res = self.index.search(queries, k, widen=widen, batch_size=self._batch(params, k),
+                                **params)  # fmt: skip
         total = (time.perf_counter() - t) * 1e3
         timings = {name: v * 1e3 for name, v in res.timings.items()}  # s -> ms
         timings["search"] = total
         used = {**self.defaults, **params}
         ran = res.config
-        used.update(shortlist_dim=ran.shortlist_dim, shortlist=ran.shortlist, stages=ran.stages)
-        used["stages"] = [list(s) for s in used.get("stages") or ()]
+        # what ran: an empty stages list is one rerank at D keeping k (it was reported as no
+        # rerank), the last stage keeps k, and no shortlist is longer than the index
+        stages = ran.stages or ((self.index.nesting.dim, k),)
+        stages = (*stages[:-1], (stages[-1][0], min(k, self.size)))
+        used.update(shortlist_dim=ran.shortlist_dim, shortlist=min(ran.shortlist, self.size),
+                    stages=[list(s) for s in stages])  # fmt: skip
         return SearchOutcome(*hit_lists(res.ids, res.scores, res.indices), used, timings)
 
 
