@@ -234,3 +234,57 @@ def test_shortlist_below_k_names_the_flags(tmp_path, capsys):
     capsys.readouterr()
     assert main(["search", out, str(tmp_path / "q.npy"), "--k", "10", "--shortlist", "3"]) == 2
     assert "--shortlist must be >= --k (10), got --shortlist 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["flat", "hnsw", "ivf"])
+def test_memory_estimate_matches_what_the_saved_index_holds(tmp_path, backend):
+    """The HNSW estimate left out the graph's own copy of the prefix (the saved index was
+    1.2x the estimate), so a tuned max_memory budget could be exceeded."""
+    db = _positive(3000, 16)
+    index = MatryoshkaIndex(NEST, SearchConfig(shortlist_dim=16, backend=backend))
+    index.add(db)
+    index.build()
+    index.save(tmp_path / "i")
+    held = sum(p.stat().st_size for p in (tmp_path / "i").iterdir() if p.suffix != ".json")
+    assert 0.9 * held <= index.memory_bytes() <= 1.1 * held
+
+
+def test_a_failed_or_unapplied_tuning_leaves_no_candidate_structures(tmp_path):
+    """A MemoryBudgetError kept 4 shortlist matrices, 2 graphs, 3 IVFs and 3 IVF-PQs: a save
+    grew from 5.3 to 13.2 MB while memory_bytes() reported 5.6."""
+    from mrl.retrieval.tune import MemoryBudgetError, tune
+
+    db, _ = mrl_like(3000, 32, clusters=30, seed=3)
+    index = MatryoshkaIndex(NEST)
+    index.add(db)
+    before = index._built()
+    with pytest.raises(MemoryBudgetError):
+        tune(index, 0.9, k=5, n_queries=50, max_memory=1000)
+    assert index._built() == before
+    res = tune(index, 0.9, k=5, n_queries=50, apply=False)
+    assert index._built() == before and res.config is not None
+    tune(index, 0.9, k=5, n_queries=50)  # applied: only the choice's structures stay
+    built = index._built()
+    assert sum(len(v) for v in built.values()) <= 2
+
+
+def test_tune_names_its_options_and_warns_on_small_samples():
+    from mrl.retrieval.tune import tune
+
+    db, _ = mrl_like(1500, 32, clusters=15, seed=4)
+    index = MatryoshkaIndex(NEST)
+    index.add(db)
+    for kw, says in (({"backends": "ivfpq"}, "backends must be a non-empty sequence"),
+                     ({"backends": ("hnws",)}, "backends must be a non-empty sequence"),
+                     ({"backends": ("ivfpq",), "nprobes": ()}, "nprobes must be a non-empty"),
+                     ({"margin": -0.5}, "margin must be a recall in"),
+                     ({"margin": float("nan")}, "margin must be a recall in"),
+                     ({"max_hnsw": -1}, "max_hnsw must be >= 0"),
+                     ({"n_queries": 2.5}, "n_queries must be an integer"),
+                     ({"seed": -1}, "seed must be >= 0"),
+                     ({"max_memory": "2G"}, "max_memory must be a positive number")):  # fmt: skip
+        with pytest.raises(ValueError, match=says):
+            tune(index, 0.9, k=5, apply=False, **kw)
+    assert tune(index, 0.9, k=np.int64(5), n_queries=100, apply=False).recall >= 0.9
+    with pytest.warns(UserWarning, match="tuning on 20 queries cannot certify recall@10 >= 0.99"):
+        tune(index, 0.99, k=10, n_queries=20, backends=("flat",), apply=False)

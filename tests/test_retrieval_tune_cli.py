@@ -58,7 +58,7 @@ def test_tune_with_user_queries_and_bad_input(data):
     assert res.config.backend == "numpy" and index.tuned is None
     with pytest.raises(ValueError, match="target_recall must be in"):
         tune(index, 1.5)
-    with pytest.raises(ValueError, match="k must be in"):
+    with pytest.raises(ValueError, match="k must be an int in"):
         tune(index, 0.9, k=5000)
     with pytest.raises(ValueError, match="not in the nesting"):
         tune(index, 0.9, shortlist_dims=(12,))

@@ -558,6 +558,19 @@ class MatryoshkaIndex:
             self._short.clear()
         self._torch.clear()
 
+    def _built(self) -> dict[str, set]:
+        """The keys of every cached structure (shortlist matrices, graphs, IVFs)."""
+        return {"short": set(self._short), "hnsw": set(self._hnsw), "ivf": set(self._ivf),
+                "ivfpq": set(self._ivfpq)}  # fmt: skip
+
+    def _drop_built(self, before: dict[str, set]) -> None:
+        """Drop the structures built since ``before`` (`_built`'s keys then)."""
+        for name in ("short", "hnsw", "ivf", "ivfpq"):
+            store = getattr(self, f"_{name}")
+            for key in set(store) - before[name]:
+                del store[key]
+        self._torch.clear()
+
     def build(self, config: SearchConfig | None = None) -> float:
         """Build what ``config`` (default: the index's) needs (shortlist matrix, HNSW graph).
 
@@ -900,8 +913,10 @@ class MatryoshkaIndex:
                 row = m * (2 if self.vector_dtype == "float16" else 4)
             return total + rows * row + self.count * 8 + self.ivf_nlist(cfg) * m * 4
         total += self.count * cfg.shortlist_dim * 4
-        if cfg.backend == "hnsw":  # links: ~ 2 * M int32 per node at level 0 (+ upper levels)
-            total += self.count * (2 * cfg.hnsw_m * 4 + 8)
+        if cfg.backend == "hnsw":  # links: ~ 2 * M int32 per node at level 0 (+ upper levels),
+            # and the graph's own copy of the prefix [N, m] float32 beside the matrix above (it
+            # was left out: a max_memory budget could be exceeded by 1.2x)
+            total += self.count * (2 * cfg.hnsw_m * 4 + 8) + self.count * m * 4
         return total
 
     def save(self, path: str | os.PathLike) -> None:
