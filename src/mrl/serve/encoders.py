@@ -8,6 +8,7 @@ deterministic function of the text, so they run in milliseconds.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import threading
@@ -126,7 +127,11 @@ class SentenceTransformerEncoder:
         # The fast tokenizer keeps its truncation/padding settings as shared state: counting
         # (truncation off) beside encoding (truncation to max_seq_length) in another thread made
         # either run with the other's settings (a 500, or an over-long text counted as 256).
+        # Counting has a copy of its own: behind the encoding's lock it waited a whole forward
+        # pass, and waiting counts filled the worker threads searches need (a 5.5 s search).
         self._tokenizer_lock = threading.Lock()
+        self._counter = copy.deepcopy(self.model.tokenizer)
+        self._counter_lock = threading.Lock()
 
     def fingerprint(self) -> dict[str, str]:
         """The model's files (`mrl.text.checkpoint.folder_fingerprint`): two folders of one name
@@ -142,8 +147,8 @@ class SentenceTransformerEncoder:
         return np.asarray(emb, dtype=np.float32)  # [B, D]
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        with self._tokenizer_lock:
-            enc = self.model.tokenizer(list(texts), add_special_tokens=True, truncation=False)
+        with self._counter_lock:
+            enc = self._counter(list(texts), add_special_tokens=True, truncation=False)
         return [len(ids) for ids in enc["input_ids"]]
 
 
