@@ -288,3 +288,15 @@ def test_tune_names_its_options_and_warns_on_small_samples():
     assert tune(index, 0.9, k=np.int64(5), n_queries=100, apply=False).recall >= 0.9
     with pytest.warns(UserWarning, match="tuning on 20 queries cannot certify recall@10 >= 0.99"):
         tune(index, 0.99, k=10, n_queries=20, backends=("flat",), apply=False)
+
+
+def test_bench_retrieval_checks_its_data_before_the_exact_search():
+    from mrl.retrieval.bench import bench_retrieval
+
+    db = np.random.default_rng(0).standard_normal((300, 32)).astype(np.float32)
+    for data, kw, says in (((db, db[:5, :16]), {}, "with one D"),
+                           ((db, db[0]), {}, "with one D"),
+                           ((db, db[:5]), {"vector_dtype": "int4"}, "vector_dtype must be"),
+                           ((db, db[:5]), {"target_recall": 1.5}, "target_recall must be")):
+        with pytest.raises(ValueError, match=says):
+            bench_retrieval(data=data, log=lambda s: None, **kw)

@@ -245,6 +245,25 @@ def _hnsw_full(
     return best
 
 
+def _check_bench_inputs(data: Any, vector_dtype: str, target_recall: float) -> None:
+    """What the CLI checks, for the Python call too: a wrong-width query set was FAISS's bare
+    AssertionError, a bad dtype or target an error after the exact search had run."""
+    from mrl.retrieval.funnel.index import VECTOR_DTYPES
+
+    if vector_dtype not in VECTOR_DTYPES:
+        raise ValueError(f"vector_dtype must be one of {list(VECTOR_DTYPES)}, got "
+                         f"vector_dtype={vector_dtype!r}")
+    if isinstance(target_recall, bool) or not isinstance(target_recall, (int, float)) or not (
+            0 < target_recall <= 1):
+        raise ValueError(f"target_recall must be in (0, 1], got target_recall={target_recall!r}")
+    if data is None:
+        return
+    db, q = (np.shape(a) for a in data)
+    if len(db) != 2 or len(q) != 2 or db[1] != q[1] or 0 in db or 0 in q:
+        raise ValueError(f"data must be (db [N, D], queries [Q, D]) with one D, got shapes "
+                         f"{db} and {q}")
+
+
 def bench_retrieval(
     n: int = 100_000,
     dim: int = 2048,
@@ -277,6 +296,7 @@ def bench_retrieval(
     for name, v in (("max_hnsw", max_hnsw), ("max_ivf", max_ivf)):
         if int(v) < 0:
             raise ValueError(f"{name} must be >= 0, got {name}={v}")
+    _check_bench_inputs(data, vector_dtype, target_recall)  # before the exact search runs
     # 0 skips the comparison; a smaller N fails in the tuner after the main part has run
     if hnsw_n is not None and hnsw_n != 0 and int(hnsw_n) < min_rows(k):
         raise ValueError(f"hnsw_n must be 0 (skip) or >= {min_rows(k)} (more than k={k}, and "
