@@ -90,3 +90,15 @@ def test_a_search_request_reranks_in_bounded_batches(monkeypatch):
     assert seen == [10]
     want = real(q, 5, shortlist=2000, widen=False)
     assert [row[:5] for row in out.ids] == want.ids.tolist()
+
+
+def test_input_type_errors_and_method_errors_read_plainly():
+    with serving(create_app(HashEncoder(16))) as url:
+        for bad in (["a", 3], None, {}):
+            r = httpx.post(url + "/v1/embeddings", json={"input": bad, "model": "hash-encoder"})
+            assert r.status_code == 400
+            err = r.json()["error"]
+            assert err["message"] == "input must be a string or a list of strings", err
+            assert err["param"] == "input"
+        r = httpx.get(url + "/v1/embeddings")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"

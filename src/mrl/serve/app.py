@@ -371,12 +371,15 @@ def _add_error_handlers(app) -> None:
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = loc[0] if loc else None
         where = ".".join(loc) or "body"
-        return JSONResponse(APIError(400, f"{where}: {first['msg']}", param,
-                                     "invalid_value").body(), status_code=400)
+        msg = f"{where}: {first['msg']}"
+        if param in _TEXT_FIELDS and len(loc) > 1:  # a union's first branch ("input.str:
+            # Input should be a valid string") misled for ["a", 3], null or {}
+            msg = f"{param} must be {_TEXT_FIELDS[param]}"
+        return JSONResponse(APIError(400, msg, param, "invalid_value").body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
-        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
         return JSONResponse(APIError(exc.status_code, str(exc.detail), None, kind).body(),
                             status_code=exc.status_code)
 
@@ -385,6 +388,11 @@ def _add_error_handlers(app) -> None:
         log.exception("internal error on %s", request.url.path)
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", None,
                                      "internal_error", "server_error").body(), status_code=500)
+
+
+# request fields holding text(s), and what they must be (for a readable 400)
+_TEXT_FIELDS = {"input": "a string or a list of strings",
+                "query": "a string or a list of strings"}  # fmt: skip
 
 
 def _add_embeddings_route(app, service: _Service) -> None:
