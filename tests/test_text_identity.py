@@ -126,3 +126,41 @@ def test_encoded_rows_carry_their_document_ids_into_the_index(tiny_model, tmp_pa
     index = MatryoshkaIndex.load(tmp_path / "idx")
     res = index.search(np.load(out)[3:4], 1, shortlist=12)
     assert res.ids[0, 0] == "d3"
+
+
+def test_transform_carries_row_ids_and_refuses_a_second_rotation(tmp_path, capsys):
+    """`mrl text transform` wrote a sidecar without the documents' ids (an index built on its
+    output returned row numbers), and rotated an already-transformed file again."""
+    from mrl.text.adaptor import OrthogonalAdaptor
+    from mrl.text.encoders import save_embeddings
+
+    x = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    ids = [f"doc{i}" for i in range(40)]
+    save_embeddings(tmp_path / "c.npy", x, model="m", ids=ids)
+    q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((16, 16)))
+    OrthogonalAdaptor(q, [8, 16]).save(tmp_path / "a.pt")
+    args = ["text", "transform", "--adaptor", str(tmp_path / "a.pt"), "--out"]
+    assert main([*args, str(tmp_path / "t.npy"), "--embeddings", str(tmp_path / "c.npy")]) == 0
+    side = json.loads((tmp_path / "t.json").read_text())
+    assert side["ids"] == ids and side["model"] == "m"
+    capsys.readouterr()
+    assert main([*args, str(tmp_path / "t2.npy"), "--embeddings", str(tmp_path / "t.npy")]) == 2
+    assert "were transformed already" in capsys.readouterr().err
+
+
+def test_foreign_adaptor_files_are_named_and_near_rotations_cleaned(tmp_path):
+    import torch
+
+    from mrl.text.adaptor import OrthogonalAdaptor
+
+    torch.save({"state_dict": {}}, tmp_path / "x.pt")
+    np.save(tmp_path / "e.npy", np.zeros((5, 8), np.float32))
+    (tmp_path / "a.json").write_text("{}")
+    for name, says in (("x.pt", "is not an adaptor written by mrl"),
+                       ("e.npy", r"not a square rotation \[D, D\]"),
+                       ("a.json", "must be the .pt or .npy")):  # fmt: skip
+        with pytest.raises(ValueError, match=says):
+            OrthogonalAdaptor.load(tmp_path / name)
+    q, _ = np.linalg.qr(np.random.default_rng(2).standard_normal((16, 16)))
+    half = OrthogonalAdaptor(q.astype(np.float16), [8, 16]).rotation.double()  # err ~1e-4
+    assert (half.T @ half - torch.eye(16, dtype=torch.float64)).abs().max() < 1e-6

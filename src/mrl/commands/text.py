@@ -391,11 +391,39 @@ def _transform(args: argparse.Namespace) -> int:
     if x.shape[1] != adaptor.dim:
         raise ValueError(f"--embeddings {args.embeddings!r} are {x.shape[1]}-d, but --adaptor "
                          f"{args.adaptor!r} maps {adaptor.dim}-d vectors")
+    carried = _source_rows(Path(args.embeddings), x)
     y = adaptor.transform(x)  # [N, D] @ R
     save_embeddings(args.out, y, adaptor=str(path), source=str(args.embeddings),
-                    normalized=_unit_rows(y), nesting=adaptor.nesting.to_dict())
+                    normalized=_unit_rows(y), nesting=adaptor.nesting.to_dict(), **carried)
     print(f"wrote {args.out} {y.shape} (nesting {adaptor.nesting})")
     return 0
+
+
+_CARRIED = ("ids", "labels", "classes", "model", "corpus")  # what a row is: unchanged by R
+
+
+def _source_rows(npy: Path, x) -> dict:
+    """The source sidecar's row identity (ids, labels) and model, to carry into the output's
+    sidecar (`mrl index build` then returned row numbers, not the documents' ids); a source
+    whose sidecar says it was transformed already is refused (rotated twice, it no longer
+    matches queries rotated once). A sidecar of other vectors is ignored."""
+    import json
+
+    from mrl.io import file_fingerprint
+
+    side = npy.with_suffix(".json")
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else None
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("shape") != list(x.shape) or meta.get(
+            "fingerprint") != file_fingerprint(npy):
+        return {}
+    if meta.get("adaptor"):
+        raise ValueError(f"--embeddings {str(npy)!r} were transformed already (by "
+                         f"{meta['adaptor']!r}, its sidecar says): pass the untransformed "
+                         "embeddings")
+    return {k: meta[k] for k in _CARRIED if k in meta}
 
 
 def _read_queries(path: str, embeddings: str | None):

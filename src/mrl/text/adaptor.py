@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -265,12 +266,14 @@ def sample_candidates(
     return q, cand, rows, inv
 
 
-def check_orthogonal(r: torch.Tensor) -> None:
+def check_orthogonal(r: torch.Tensor) -> float:
     """ValueError unless the square ``r [D, D]`` is orthogonal within 1e-3 (R^T R = I: full-size
-    cosines unchanged); NaN fails too (a NaN rotation turned everything into NaN)."""
+    cosines unchanged); NaN fails too (a NaN rotation turned everything into NaN). Returns
+    max |R^T R - I|."""
     err = (r.T.double() @ r.double() - torch.eye(r.shape[0], dtype=torch.float64)).abs().max()
     if not err <= 1e-3:
         raise ValueError(f"rotation must be orthogonal, got max |R^T R - I| = {err:.3g}")
+    return float(err)
 
 
 class OrthogonalAdaptor:
@@ -286,7 +289,8 @@ class OrthogonalAdaptor:
         r = torch.as_tensor(as_numpy(rotation), dtype=torch.float32)
         if r.dim() != 2 or r.shape[0] != r.shape[1]:
             raise ValueError(f"rotation must be square [D, D], got shape {tuple(r.shape)}")
-        check_orthogonal(r)
+        if check_orthogonal(r) > 1e-6:  # e.g. a float16 copy (1.2e-4): full-size neighbours
+            r = _reorthogonalise(r)  # moved for 9 of 2000 rows; the nearest rotation keeps them
         nesting.check_dim(r.shape[0], "the rotation's")
         self.rotation = r
         self.nesting = nesting
@@ -358,10 +362,14 @@ class OrthogonalAdaptor:
             loss = listwise_prefix_loss(
                 full, pre, nesting, config.temperature, config.target_temperature, mask
             )
+            loss_value = loss.item()
+            if not np.isfinite(loss_value):  # was noticed after every step, as an SVD error
+                raise ValueError(f"the adaptor's loss is {loss_value} at step {step + 1}: "
+                                 f"temperature={config.temperature} / target_temperature="
+                                 f"{config.target_temperature} are too small for float32")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_value = loss.item()
             if log is not None and (step % 50 == 0 or step == config.steps - 1):
                 secs = time.time() - t0
                 log(f"adapt step {step + 1}/{config.steps} loss {loss_value:.4f} ({secs:.0f}s)")
@@ -392,11 +400,27 @@ class OrthogonalAdaptor:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"adaptor file {str(path)!r} does not exist")
+        if path.suffix not in (".pt", ".npy"):  # a .json or embeddings gave torch's unpickling
+            raise ValueError(f"adaptor file {str(path)!r} must be the .pt or .npy that "
+                             "`OrthogonalAdaptor.save` / `mrl text adapt` writes")
+        try:
+            return cls._load(path)
+        except (KeyError, TypeError, AttributeError, IndexError, pickle.UnpicklingError,
+                RuntimeError) as exc:  # a foreign file: not a bare KeyError 'rotation'
+            raise ValueError(f"{str(path)!r} is not an adaptor written by mrl "
+                             f"({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _load(cls, path: Path) -> OrthogonalAdaptor:
         if path.suffix == ".npy":
-            rot = np.load(path)
+            rot = np.load(path, allow_pickle=False)
+            if rot.ndim != 2 or rot.shape[0] != rot.shape[1]:  # before a default nesting
+                raise ValueError(f"{str(path)!r} holds an array of shape {rot.shape}, not a "
+                                 "square rotation [D, D]")
             meta = path.with_suffix(".json")
             if not meta.is_file():
-                return cls(rot, Nesting.doubling(8, rot.shape[0]))
+                d = rot.shape[0]
+                return cls(rot, Nesting.doubling(8, d) if d >= 8 else Nesting.full(d))
             data = json.loads(meta.read_text())  # {"nesting": ..., **info}, as `save` writes
             nesting = Nesting.from_dict(data.pop("nesting"))
             return cls(rot, nesting, data or None)
