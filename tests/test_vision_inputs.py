@@ -149,3 +149,20 @@ def test_reproduce_refuses_1k_records_of_the_earlier_database(tmp_path):
     with pytest.raises(ValueError, match="scored against the earlier database"):
         reproduce("fashion-mnist-1k", "small", old, **kw)
     assert json.loads((old / "results.json").read_text())  # left as it was
+
+
+def test_join_checks_rank_and_world_size_first(monkeypatch):
+    """RANK=5 of WORLD_SIZE=2 failed inside gloo (rank 0 waited until killed); WORLD_SIZE=abc
+    was "invalid literal for int()" naming nothing."""
+    from mrl.distributed import RankError, join
+
+    for env, says in (({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5 and WORLD_SIZE=2 need"),
+                      ({"RANK": "0", "WORLD_SIZE": "abc"}, "WORLD_SIZE must be an integer"),
+                      ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 and WORLD_SIZE=1 need")):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(RankError, match=says):
+            join("cpu")
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert join("cpu").world_size == 1

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Processes", "join"]
+__all__ = ["Processes", "RankError", "join", "rank_from_env"]
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,35 @@ class Processes:
         return self.world_size > 1
 
 
+class RankError(ValueError):
+    """A bad RANK / WORLD_SIZE: only the process that has it knows, so every process says it
+    (the CLI prints rank 0's one-line errors only, which left rank 1's exit 2 silent)."""
+
+    every_process = True
+
+
+def rank_from_env() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) of the environment (torchrun sets them; default 0 and 1), checked."""
+    values = {}
+    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1")):
+        text = os.environ.get(name, default)
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise RankError(f"environment variable {name} must be an integer, got "
+                            f"{name}={text!r}") from None
+    rank, world = values["RANK"], values["WORLD_SIZE"]
+    if world < 1 or not 0 <= rank < world:
+        raise RankError(f"environment variables RANK={rank} and WORLD_SIZE={world} need "
+                        "0 <= RANK < WORLD_SIZE (torchrun sets both)")
+    return rank, world
+
+
 def join(device_type: str | None = None) -> Processes:
     """Join the process group torchrun describes (WORLD_SIZE > 1), else one process.
-    ``device_type``: "cpu" forces gloo even where CUDA is available."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ``device_type``: "cpu" forces gloo even where CUDA is available. RANK and WORLD_SIZE are
+    checked first: RANK=5 of 2 failed inside gloo and left rank 0 waiting."""
+    world = rank_from_env()[1]
     if world <= 1:
         return Processes()
     import torch.distributed as dist

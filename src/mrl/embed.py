@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from mrl import distributed as _distributed
 from mrl._optional import require
 from mrl.io import atomic_open, atomic_write_json, exclusive_lock, file_digest
 from mrl.params import check_int
@@ -329,28 +330,8 @@ def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- embedding
-class RankError(ValueError):
-    """A bad RANK / WORLD_SIZE: only the process that has it knows, so every process says it
-    (the CLI prints rank 0's one-line errors only, which left rank 1's exit 2 silent)."""
-
-    every_process = True
-
-
-def _rank_from_env() -> tuple[int, int]:
-    """(RANK, WORLD_SIZE) of the environment (torchrun sets them; default 0 and 1), checked."""
-    values = {}
-    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1")):
-        text = os.environ.get(name, default)
-        try:
-            values[name] = int(text)
-        except ValueError:
-            raise RankError(f"environment variable {name} must be an integer, got "
-                            f"{name}={text!r}") from None
-    rank, world = values["RANK"], values["WORLD_SIZE"]
-    if world < 1 or not 0 <= rank < world:
-        raise RankError(f"environment variables RANK={rank} and WORLD_SIZE={world} need "
-                        "0 <= RANK < WORLD_SIZE (torchrun sets both)")
-    return rank, world
+RankError = _distributed.RankError  # where it lived first
+_rank_from_env = _distributed.rank_from_env
 
 
 def already_merged(out: Path) -> bool:
