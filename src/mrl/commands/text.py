@@ -407,17 +407,10 @@ def _source_rows(npy: Path, x) -> dict:
     sidecar (`mrl index build` then returned row numbers, not the documents' ids); a source
     whose sidecar says it was transformed already is refused (rotated twice, it no longer
     matches queries rotated once). A sidecar of other vectors is ignored."""
-    import json
+    from mrl.retrieval.loading import vectors_sidecar
 
-    from mrl.io import file_fingerprint
-
-    side = npy.with_suffix(".json")
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else None
-    except (ValueError, UnicodeDecodeError):
-        meta = None
-    if not isinstance(meta, dict) or meta.get("shape") != list(x.shape) or meta.get(
-            "fingerprint") != file_fingerprint(npy):
+    meta = vectors_sidecar(npy, x.shape)
+    if meta is None:
         return {}
     if meta.get("adaptor"):
         raise ValueError(f"--embeddings {str(npy)!r} were transformed already (by "

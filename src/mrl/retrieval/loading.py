@@ -11,7 +11,7 @@ import numpy as np
 from mrl.io import file_fingerprint, load_npy
 from mrl.nesting import Nesting
 
-__all__ = ["load_embeddings", "store_center", "store_normalized"]
+__all__ = ["load_embeddings", "store_center", "store_normalized", "vectors_sidecar"]
 
 
 def load_embeddings(
@@ -54,20 +54,29 @@ def load_embeddings(
     return np.asarray(x, np.float32), Nesting.parse(nesting, dim=x.shape[1]), ids
 
 
-def _sidecar_ids(side: Path, shape: tuple[int, ...], npy: Path) -> np.ndarray | None:
-    """The row ids a ``<file>.json`` sidecar lists (`mrl text encode` writes the documents'
-    ids: Cranfield's row 469 is document 470), or None: no sidecar, no ids, or a sidecar that
-    is not these vectors' (its shape or fingerprint differs)."""
+def vectors_sidecar(npy: str | os.PathLike, shape: tuple[int, ...]) -> dict | None:
+    """The ``<file>.json`` sidecar of the .npy ``npy`` holding vectors of ``shape``, or None: no
+    sidecar, not readable JSON, or written for other vectors (its shape or fingerprint differs:
+    an interrupted overwrite, or the old file of that name)."""
+    npy = Path(npy)
+    side = npy.with_suffix(".json")
     if not side.is_file():
         return None
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         return None
-    ids = meta.get("ids") if isinstance(meta, dict) else None
-    if not isinstance(ids, list) or len(ids) != shape[0] or meta.get("shape") != list(shape):
+    if not isinstance(meta, dict) or meta.get("shape") != list(shape):
         return None
-    if meta.get("fingerprint") != file_fingerprint(npy):
+    return meta if meta.get("fingerprint") == file_fingerprint(npy) else None
+
+
+def _sidecar_ids(side: Path, shape: tuple[int, ...], npy: Path) -> np.ndarray | None:
+    """The row ids a ``<file>.json`` sidecar lists (`mrl text encode` writes the documents'
+    ids: Cranfield's row 469 is document 470), or None: no sidecar of these vectors, no ids."""
+    meta = vectors_sidecar(npy, shape)
+    ids = None if meta is None else meta.get("ids")
+    if not isinstance(ids, list) or len(ids) != shape[0]:
         return None
     if all(isinstance(i, str) for i in ids):
         return np.asarray(ids, dtype=str)

@@ -49,7 +49,13 @@ from mrl.io import (
 )
 from mrl.nesting import Nesting
 from mrl.params import check_flag, check_int, is_int
-from mrl.retrieval.exact import METRICS, check_queries, topk_sorted, unit_peak
+from mrl.retrieval.exact import (
+    METRICS,
+    check_queries,
+    normalize_prefix,
+    topk_sorted,
+    unit_peak,
+)
 from mrl.retrieval.funnel.select import blockmax_topk_numpy, blockmax_topk_torch, topk_numpy
 from mrl.retrieval.store import (
     check_center,
@@ -653,10 +659,8 @@ class MatryoshkaIndex:
         self._check_centered(centered)
         if centered:
             return x
-        if self.normalize:
-            x = unit_peak(x)  # no float32 overflow in the norm
-            n = np.linalg.norm(x, axis=1, keepdims=True)
-            x = x / np.where(n > 0, n, 1.0)  # zero rows stay zero
+        if self.normalize:  # full size, zero rows kept, no float32 overflow in the norm
+            x = normalize_prefix(x, x.shape[1])
         return x if self.center is None else x - self.center
 
     def _norm_q(self, q: np.ndarray, m: int) -> np.ndarray:
